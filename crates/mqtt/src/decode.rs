@@ -23,7 +23,11 @@ impl Default for Limits {
     /// AWS IoT Core's limits: 128 KB packets; the filter and property counts are generous
     /// bounds on memory, the broker applies AWS's own per-SUBSCRIBE rule with a reason code.
     fn default() -> Self {
-        Limits { max_packet_size: 128 * 1024 + 5, max_filters: 64, max_user_properties: 64 }
+        Limits {
+            max_packet_size: 128 * 1024 + 5,
+            max_filters: 64,
+            max_user_properties: 64,
+        }
     }
 }
 
@@ -60,7 +64,10 @@ pub fn decode(
     }
     let total = header_len + remaining;
     if total > limits.max_packet_size {
-        return Err(DecodeError::PacketTooLarge { size: total, max: limits.max_packet_size });
+        return Err(DecodeError::PacketTooLarge {
+            size: total,
+            max: limits.max_packet_size,
+        });
     }
     if buf.len() < total {
         buf.reserve(total - buf.len());
@@ -162,7 +169,11 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn need(&self, n: usize, what: &'static str) -> Result<(), DecodeError> {
-        if self.buf.len() < n { Err(DecodeError::Truncated(what)) } else { Ok(()) }
+        if self.buf.len() < n {
+            Err(DecodeError::Truncated(what))
+        } else {
+            Ok(())
+        }
     }
 
     fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
@@ -222,7 +233,10 @@ impl Reader<'_> {
     fn properties(&mut self, ctx: Ctx) -> Result<Properties, DecodeError> {
         let len = self.varint("property length")? as usize;
         self.need(len, "properties")?;
-        let mut inner = Reader { buf: self.buf.split_to(len), limits: self.limits };
+        let mut inner = Reader {
+            buf: self.buf.split_to(len),
+            limits: self.limits,
+        };
         let mut p = Properties::default();
         let mut seen: u64 = 0;
         while !inner.buf.is_empty() {
@@ -234,7 +248,10 @@ impl Reader<'_> {
                     || Ctx::Publish.allows(id)
                     || Ctx::Will.allows(id)
                 {
-                    return Err(DecodeError::PropertyNotAllowed { id, packet: ctx.name() });
+                    return Err(DecodeError::PropertyNotAllowed {
+                        id,
+                        packet: ctx.name(),
+                    });
                 }
                 return Err(DecodeError::UnknownProperty(id));
             }
@@ -245,7 +262,13 @@ impl Reader<'_> {
                 }
                 seen |= 1u64 << id;
             }
-            let flag = |v: u8| if v <= 1 { Ok(v) } else { Err(DecodeError::InvalidPropertyValue(id)) };
+            let flag = |v: u8| {
+                if v <= 1 {
+                    Ok(v)
+                } else {
+                    Err(DecodeError::InvalidPropertyValue(id))
+                }
+            };
             match id {
                 0x01 => p.payload_format_indicator = Some(flag(inner.u8("property")?)?),
                 0x02 => p.message_expiry_interval = Some(inner.u32("property")?),
@@ -264,7 +287,9 @@ impl Reader<'_> {
                         return Err(DecodeError::InvalidPropertyValue(id));
                     }
                     if p.subscription_identifiers.len() >= self.limits.max_user_properties {
-                        return Err(DecodeError::TooManyUserProperties(self.limits.max_user_properties));
+                        return Err(DecodeError::TooManyUserProperties(
+                            self.limits.max_user_properties,
+                        ));
                     }
                     p.subscription_identifiers.push(v)
                 }
@@ -298,7 +323,9 @@ impl Reader<'_> {
                 0x25 => p.retain_available = Some(flag(inner.u8("property")?)?),
                 0x26 => {
                     if p.user_properties.len() >= self.limits.max_user_properties {
-                        return Err(DecodeError::TooManyUserProperties(self.limits.max_user_properties));
+                        return Err(DecodeError::TooManyUserProperties(
+                            self.limits.max_user_properties,
+                        ));
                     }
                     let key = inner.arc_string("user property")?;
                     let value = inner.arc_string("user property")?;
@@ -354,30 +381,72 @@ impl Reader<'_> {
             return Err(DecodeError::PasswordWithoutUsername);
         }
         let keep_alive = self.u16("keep alive")?;
-        let properties = if v5 { self.properties(Ctx::Connect)? } else { Properties::default() };
+        let properties = if v5 {
+            self.properties(Ctx::Connect)?
+        } else {
+            Properties::default()
+        };
         let client_id = self.string("client identifier")?;
         let will = if will_flag {
-            let wprops = if v5 { self.properties(Ctx::Will)? } else { Properties::default() };
+            let wprops = if v5 {
+                self.properties(Ctx::Will)?
+            } else {
+                Properties::default()
+            };
             let topic = self.string("will topic")?;
             validate_topic_name(&topic)?;
             let payload = self.binary("will payload")?;
-            Some(Will { topic: topic.into(), payload, qos: will_qos, retain: will_retain, properties: wprops })
+            Some(Will {
+                topic: topic.into(),
+                payload,
+                qos: will_qos,
+                retain: will_retain,
+                properties: wprops,
+            })
         } else {
             None
         };
-        let username = if username_flag { Some(self.string("user name")?) } else { None };
-        let password = if password_flag { Some(self.binary("password")?) } else { None };
-        Ok(Connect { version, clean_start, keep_alive, client_id, will, username, password, properties })
+        let username = if username_flag {
+            Some(self.string("user name")?)
+        } else {
+            None
+        };
+        let password = if password_flag {
+            Some(self.binary("password")?)
+        } else {
+            None
+        };
+        Ok(Connect {
+            version,
+            clean_start,
+            keep_alive,
+            client_id,
+            will,
+            username,
+            password,
+            properties,
+        })
     }
 
     fn connack(&mut self, v5: bool) -> Result<Packet, DecodeError> {
         let ack_flags = self.u8("connack flags")?;
         if ack_flags & 0xfe != 0 {
-            return Err(DecodeError::InvalidHeaderFlags { packet_type: 2, flags: ack_flags });
+            return Err(DecodeError::InvalidHeaderFlags {
+                packet_type: 2,
+                flags: ack_flags,
+            });
         }
         let code = self.u8("connack code")?;
-        let properties = if v5 && !self.buf.is_empty() { self.properties(Ctx::ConnAck)? } else { Properties::default() };
-        Ok(Packet::ConnAck(ConnAck { session_present: ack_flags & 1 != 0, code, properties }))
+        let properties = if v5 && !self.buf.is_empty() {
+            self.properties(Ctx::ConnAck)?
+        } else {
+            Properties::default()
+        };
+        Ok(Packet::ConnAck(ConnAck {
+            session_present: ack_flags & 1 != 0,
+            code,
+            properties,
+        }))
     }
 
     fn publish(&mut self, flags: u8, v5: bool) -> Result<Packet, DecodeError> {
@@ -388,30 +457,57 @@ impl Reader<'_> {
             return Err(DecodeError::DupOnQoS0);
         }
         let topic = self.string("topic name")?;
-        let packet_id = if qos != QoS::AtMostOnce { Some(self.packet_id()?) } else { None };
-        let properties = if v5 { self.properties(Ctx::Publish)? } else { Properties::default() };
+        let packet_id = if qos != QoS::AtMostOnce {
+            Some(self.packet_id()?)
+        } else {
+            None
+        };
+        let properties = if v5 {
+            self.properties(Ctx::Publish)?
+        } else {
+            Properties::default()
+        };
         if !(topic.is_empty() && properties.topic_alias.is_some()) {
             validate_topic_name(&topic)?;
         }
         let payload = std::mem::take(&mut self.buf);
-        Ok(Packet::Publish(Publish { dup, qos, retain, topic: topic.into(), packet_id, properties, payload }))
+        Ok(Packet::Publish(Publish {
+            dup,
+            qos,
+            retain,
+            topic: topic.into(),
+            packet_id,
+            properties,
+            payload,
+        }))
     }
 
     fn ack(&mut self, v5: bool) -> Result<Ack, DecodeError> {
         let packet_id = self.packet_id()?;
         let (reason, properties) = if v5 && !self.buf.is_empty() {
             let reason = self.u8("reason code")?;
-            let props = if self.buf.is_empty() { Properties::default() } else { self.properties(Ctx::Ack)? };
+            let props = if self.buf.is_empty() {
+                Properties::default()
+            } else {
+                self.properties(Ctx::Ack)?
+            };
             (reason, props)
         } else {
             (0, Properties::default())
         };
-        Ok(Ack { packet_id, reason, properties })
+        Ok(Ack {
+            packet_id,
+            reason,
+            properties,
+        })
     }
 
     fn filters_guard(&self, count: usize) -> Result<(), DecodeError> {
         if count >= self.limits.max_filters {
-            Err(DecodeError::TooManyFilters { count: count + 1, max: self.limits.max_filters })
+            Err(DecodeError::TooManyFilters {
+                count: count + 1,
+                max: self.limits.max_filters,
+            })
         } else {
             Ok(())
         }
@@ -419,7 +515,11 @@ impl Reader<'_> {
 
     fn subscribe(&mut self, v5: bool) -> Result<Packet, DecodeError> {
         let packet_id = self.packet_id()?;
-        let properties = if v5 { self.properties(Ctx::Subscribe)? } else { Properties::default() };
+        let properties = if v5 {
+            self.properties(Ctx::Subscribe)?
+        } else {
+            Properties::default()
+        };
         let mut filters = Vec::new();
         while !self.buf.is_empty() {
             self.filters_guard(filters.len())?;
@@ -443,19 +543,35 @@ impl Reader<'_> {
         if filters.is_empty() {
             return Err(DecodeError::NoTopicFilters);
         }
-        Ok(Packet::Subscribe(Subscribe { packet_id, filters, properties }))
+        Ok(Packet::Subscribe(Subscribe {
+            packet_id,
+            filters,
+            properties,
+        }))
     }
 
     fn suback(&mut self, v5: bool) -> Result<Packet, DecodeError> {
         let packet_id = self.packet_id()?;
-        let properties = if v5 { self.properties(Ctx::SubAck)? } else { Properties::default() };
+        let properties = if v5 {
+            self.properties(Ctx::SubAck)?
+        } else {
+            Properties::default()
+        };
         let codes = std::mem::take(&mut self.buf).to_vec();
-        Ok(Packet::SubAck(SubAck { packet_id, codes, properties }))
+        Ok(Packet::SubAck(SubAck {
+            packet_id,
+            codes,
+            properties,
+        }))
     }
 
     fn unsubscribe(&mut self, v5: bool) -> Result<Packet, DecodeError> {
         let packet_id = self.packet_id()?;
-        let properties = if v5 { self.properties(Ctx::Unsubscribe)? } else { Properties::default() };
+        let properties = if v5 {
+            self.properties(Ctx::Unsubscribe)?
+        } else {
+            Properties::default()
+        };
         let mut filters = Vec::new();
         while !self.buf.is_empty() {
             self.filters_guard(filters.len())?;
@@ -466,7 +582,11 @@ impl Reader<'_> {
         if filters.is_empty() {
             return Err(DecodeError::NoTopicFilters);
         }
-        Ok(Packet::Unsubscribe(Unsubscribe { packet_id, filters, properties }))
+        Ok(Packet::Unsubscribe(Unsubscribe {
+            packet_id,
+            filters,
+            properties,
+        }))
     }
 
     fn unsuback(&mut self, v5: bool) -> Result<Packet, DecodeError> {
@@ -477,7 +597,11 @@ impl Reader<'_> {
         } else {
             (Vec::new(), Properties::default())
         };
-        Ok(Packet::UnsubAck(UnsubAck { packet_id, codes, properties }))
+        Ok(Packet::UnsubAck(UnsubAck {
+            packet_id,
+            codes,
+            properties,
+        }))
     }
 
     fn disconnect(&mut self, v5: bool) -> Result<Packet, DecodeError> {
@@ -485,7 +609,11 @@ impl Reader<'_> {
             return Ok(Packet::Disconnect(Disconnect::default()));
         }
         let reason = self.u8("reason code")?;
-        let properties = if self.buf.is_empty() { Properties::default() } else { self.properties(Ctx::Disconnect)? };
+        let properties = if self.buf.is_empty() {
+            Properties::default()
+        } else {
+            self.properties(Ctx::Disconnect)?
+        };
         Ok(Packet::Disconnect(Disconnect { reason, properties }))
     }
 
@@ -495,9 +623,16 @@ impl Reader<'_> {
         }
         let reason = self.u8("reason code")?;
         if !matches!(reason, 0x00 | 0x18 | 0x19) {
-            return Err(DecodeError::InvalidReasonCode { code: reason, packet: "AUTH" });
+            return Err(DecodeError::InvalidReasonCode {
+                code: reason,
+                packet: "AUTH",
+            });
         }
-        let properties = if self.buf.is_empty() { Properties::default() } else { self.properties(Ctx::Auth)? };
+        let properties = if self.buf.is_empty() {
+            Properties::default()
+        } else {
+            self.properties(Ctx::Auth)?
+        };
         Ok(Packet::Auth(Auth { reason, properties }))
     }
 }

@@ -96,7 +96,10 @@ impl<S: Sink> W<'_, S> {
 
     fn props(&mut self, p: &Properties) {
         let mut c = Counter(0);
-        let mut cw = W { s: &mut c, err: None };
+        let mut cw = W {
+            s: &mut c,
+            err: None,
+        };
         cw.props_body(p);
         if let Some(e) = cw.err {
             self.err = Some(e);
@@ -348,9 +351,7 @@ fn first_byte(packet: &Packet) -> u8 {
     match packet {
         Packet::Connect(_) => 0x10,
         Packet::ConnAck(_) => 0x20,
-        Packet::Publish(p) => {
-            0x30 | ((p.dup as u8) << 3) | ((p.qos as u8) << 1) | p.retain as u8
-        }
+        Packet::Publish(p) => 0x30 | ((p.dup as u8) << 3) | ((p.qos as u8) << 1) | p.retain as u8,
         Packet::PubAck(_) => 0x40,
         Packet::PubRec(_) => 0x50,
         Packet::PubRel(_) => 0x62,
@@ -368,13 +369,20 @@ fn first_byte(packet: &Packet) -> u8 {
 
 /// Appends `packet` to `buf` as `version` frames it (CONNECT uses its own version).
 /// On error nothing is written.
-pub fn encode(packet: &Packet, version: ProtocolVersion, buf: &mut BytesMut) -> Result<(), EncodeError> {
+pub fn encode(
+    packet: &Packet,
+    version: ProtocolVersion,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
     let v5 = version == ProtocolVersion::V5;
     if !v5 && matches!(packet, Packet::Auth(_)) {
         return Err(EncodeError::NotInVersion("AUTH"));
     }
     let mut c = Counter(0);
-    let mut cw = W { s: &mut c, err: None };
+    let mut cw = W {
+        s: &mut c,
+        err: None,
+    };
     cw.body(packet, v5);
     if let Some(e) = cw.err {
         return Err(e);

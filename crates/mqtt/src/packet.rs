@@ -157,7 +157,11 @@ pub struct Ack {
 impl Ack {
     /// A success acknowledgement.
     pub fn new(packet_id: u16) -> Ack {
-        Ack { packet_id, reason: 0, properties: Properties::default() }
+        Ack {
+            packet_id,
+            reason: 0,
+            properties: Properties::default(),
+        }
     }
 }
 

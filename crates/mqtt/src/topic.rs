@@ -107,7 +107,17 @@ mod tests {
         for ok in ["a", "#", "+", "a/+/b", "a/#", "/", "$share/g/a/#", "+/+"] {
             assert!(validate_filter(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "a#", "a/#/b", "a+", "a/b+", "$share/g", "$share//a", "$share/g+/a", "$share/g/"] {
+        for bad in [
+            "",
+            "a#",
+            "a/#/b",
+            "a+",
+            "a/b+",
+            "$share/g",
+            "$share//a",
+            "$share/g+/a",
+            "$share/g/",
+        ] {
             assert!(validate_filter(bad).is_err(), "{bad}");
         }
     }

@@ -1,1 +1,238 @@
+//! The AWS policy language, as AWS IoT Core and IAM use it.
+//!
+//! Three steps, all pure:
+//! 1. [`Policy::parse`] checks a JSON document and gives `MalformedPolicy` messages that say
+//!    what is wrong.
+//! 2. [`Policy::bind`] substitutes policy variables from a [`Context`] (for IoT: the
+//!    connection's client id, thing and certificate) and compiles every `Action`, `Resource` and
+//!    condition value into a [`Pattern`]. Unresolved variables stay literal and so fail to match.
+//! 3. [`decide`] / [`explain`] evaluate bound policies for one action on one resource: an
+//!    explicit Deny wins, then any Allow, else the default deny.
+//!
+//! It must never panic on any input, do I/O, or know about MQTT or sockets.
 
+#![warn(missing_docs)]
+
+mod condition;
+mod eval;
+mod parse;
+mod pattern;
+
+use std::collections::HashMap;
+
+pub use condition::{Operator, Qualifier};
+pub use eval::{Decision, Evaluation, decide, explain};
+pub use parse::{Dialect, MAX_IOT_POLICY_CHARS, PolicyError, non_whitespace_len};
+pub use pattern::Pattern;
+
+/// Allow or Deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Allow.
+    Allow,
+    /// Deny.
+    Deny,
+}
+
+/// A parsed (not yet bound) policy document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Whether `${...}` variables are substituted (`Version` 2012-10-17).
+    pub variables: bool,
+    /// Statements in document order.
+    pub statements: Vec<Statement>,
+}
+
+/// A list of patterns as written, or its negation (`NotAction`, `NotResource`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets<T> {
+    /// True for the `Not...` form.
+    pub negated: bool,
+    /// The entries.
+    pub items: Vec<T>,
+}
+
+/// The `Principal` element (IAM dialect: trust and resource policies).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Principals {
+    /// `"Principal": "*"` or `{"AWS": "*"}`.
+    pub any: bool,
+    /// `AWS` entries: account ids, account root ARNs, user or role ARNs.
+    pub aws: Vec<String>,
+    /// `Service` entries, e.g. `credentials.iot.amazonaws.com`.
+    pub service: Vec<String>,
+    /// `Federated` entries.
+    pub federated: Vec<String>,
+}
+
+/// One statement as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    /// `Sid`.
+    pub sid: Option<String>,
+    /// `Effect`.
+    pub effect: Effect,
+    /// `Action` / `NotAction`.
+    pub action: Targets<String>,
+    /// `Resource` / `NotResource` (absent only in IAM trust policies).
+    pub resource: Option<Targets<String>>,
+    /// `Principal` / `NotPrincipal` (IAM dialect only).
+    pub principal: Option<Targets<Principals>>,
+    /// `Condition` blocks.
+    pub conditions: Vec<Condition>,
+}
+
+/// One condition: `"Operator": {"key": [values]}` for one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    /// The operator.
+    pub operator: Operator,
+    /// `ForAnyValue:` / `ForAllValues:`.
+    pub qualifier: Option<Qualifier>,
+    /// The `...IfExists` suffix.
+    pub if_exists: bool,
+    /// The condition key as written.
+    pub key: String,
+    /// The values as written (booleans and numbers as their JSON text).
+    pub values: Vec<String>,
+}
+
+/// A value from the request context.
+#[derive(Debug, Clone, Copy)]
+pub enum Value<'a> {
+    /// A single-valued key.
+    One(&'a str),
+    /// A multi-valued key (for `ForAnyValue` / `ForAllValues`).
+    Many(&'a [String]),
+}
+
+/// The request context: policy variables and condition keys.
+pub trait Context {
+    /// The value of `key`, or `None` when the key is absent.
+    fn get(&self, key: &str) -> Option<Value<'_>>;
+}
+
+/// A context backed by a map; keys compare case-insensitively.
+#[derive(Debug, Clone, Default)]
+pub struct MapContext {
+    values: HashMap<String, Vec<String>>,
+    multi: HashMap<String, bool>,
+}
+
+impl MapContext {
+    /// An empty context.
+    pub fn new() -> MapContext {
+        MapContext::default()
+    }
+
+    /// Sets a single-valued key.
+    pub fn set(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
+        let k = key.to_ascii_lowercase();
+        self.multi.insert(k.clone(), false);
+        self.values.insert(k, vec![value.into()]);
+        self
+    }
+
+    /// Sets a multi-valued key.
+    pub fn set_many(&mut self, key: &str, values: Vec<String>) -> &mut Self {
+        let k = key.to_ascii_lowercase();
+        self.multi.insert(k.clone(), true);
+        self.values.insert(k, values);
+        self
+    }
+}
+
+impl Context for MapContext {
+    fn get(&self, key: &str) -> Option<Value<'_>> {
+        let k = key.to_ascii_lowercase();
+        let v = self.values.get(&k)?;
+        if self.multi.get(&k).copied().unwrap_or(false) {
+            Some(Value::Many(v))
+        } else {
+            v.first().map(|s| Value::One(s))
+        }
+    }
+}
+
+/// A context with nothing in it.
+pub struct EmptyContext;
+
+impl Context for EmptyContext {
+    fn get(&self, _: &str) -> Option<Value<'_>> {
+        None
+    }
+}
+
+/// A policy with its variables bound and its patterns compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundPolicy {
+    pub(crate) statements: Vec<BoundStatement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BoundStatement {
+    pub(crate) effect: Effect,
+    pub(crate) action: Targets<Pattern>,
+    pub(crate) resource: Option<Targets<Pattern>>,
+    pub(crate) conditions: Vec<BoundCondition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BoundCondition {
+    pub(crate) operator: Operator,
+    pub(crate) qualifier: Option<Qualifier>,
+    pub(crate) if_exists: bool,
+    pub(crate) key: String,
+    pub(crate) values: Vec<String>,
+    pub(crate) patterns: Vec<Pattern>,
+}
+
+impl Policy {
+    /// Binds variables from `ctx` and compiles the patterns.
+    pub fn bind(&self, ctx: &dyn Context) -> BoundPolicy {
+        let subst = |s: &str| parse::substitute(s, self.variables, ctx);
+        let statements = self
+            .statements
+            .iter()
+            .map(|st| BoundStatement {
+                effect: st.effect,
+                action: Targets {
+                    negated: st.action.negated,
+                    items: st
+                        .action
+                        .items
+                        .iter()
+                        .map(|a| Pattern::from_toks(subst(a), true))
+                        .collect(),
+                },
+                resource: st.resource.as_ref().map(|r| Targets {
+                    negated: r.negated,
+                    items: r
+                        .items
+                        .iter()
+                        .map(|x| Pattern::from_toks(subst(x), false))
+                        .collect(),
+                }),
+                conditions: st
+                    .conditions
+                    .iter()
+                    .map(|c| {
+                        let toks: Vec<_> = c.values.iter().map(|v| subst(v)).collect();
+                        BoundCondition {
+                            operator: c.operator,
+                            qualifier: c.qualifier,
+                            if_exists: c.if_exists,
+                            key: c.key.clone(),
+                            values: toks.iter().map(|t| parse::literal(t)).collect(),
+                            patterns: toks
+                                .into_iter()
+                                .map(|t| Pattern::from_toks(t, c.operator.case_insensitive()))
+                                .collect(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        BoundPolicy { statements }
+    }
+}

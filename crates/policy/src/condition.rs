@@ -1,0 +1,224 @@
+//! Condition operators and their evaluation against the request context.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::pattern::Pattern;
+use crate::{BoundCondition, Context, Value};
+
+/// A condition operator (without its qualifier or `IfExists` suffix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Operator {
+    StringEquals,
+    StringNotEquals,
+    StringEqualsIgnoreCase,
+    StringNotEqualsIgnoreCase,
+    StringLike,
+    StringNotLike,
+    NumericEquals,
+    NumericNotEquals,
+    NumericLessThan,
+    NumericLessThanEquals,
+    NumericGreaterThan,
+    NumericGreaterThanEquals,
+    Bool,
+    IpAddress,
+    NotIpAddress,
+    ArnEquals,
+    ArnLike,
+    ArnNotEquals,
+    ArnNotLike,
+    Null,
+}
+
+/// `ForAnyValue:` or `ForAllValues:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qualifier {
+    /// True if any request value matches.
+    ForAnyValue,
+    /// True if every request value matches (and when there are none).
+    ForAllValues,
+}
+
+impl Operator {
+    pub(crate) fn from_name(s: &str) -> Option<Operator> {
+        use Operator::*;
+        Some(match s {
+            "StringEquals" => StringEquals,
+            "StringNotEquals" => StringNotEquals,
+            "StringEqualsIgnoreCase" => StringEqualsIgnoreCase,
+            "StringNotEqualsIgnoreCase" => StringNotEqualsIgnoreCase,
+            "StringLike" => StringLike,
+            "StringNotLike" => StringNotLike,
+            "NumericEquals" => NumericEquals,
+            "NumericNotEquals" => NumericNotEquals,
+            "NumericLessThan" => NumericLessThan,
+            "NumericLessThanEquals" => NumericLessThanEquals,
+            "NumericGreaterThan" => NumericGreaterThan,
+            "NumericGreaterThanEquals" => NumericGreaterThanEquals,
+            "Bool" => Bool,
+            "IpAddress" => IpAddress,
+            "NotIpAddress" => NotIpAddress,
+            "ArnEquals" => ArnEquals,
+            "ArnLike" => ArnLike,
+            "ArnNotEquals" => ArnNotEquals,
+            "ArnNotLike" => ArnNotLike,
+            "Null" => Null,
+            _ => return None,
+        })
+    }
+
+    /// Negated operators are true when the key is absent.
+    fn negated(self) -> bool {
+        use Operator::*;
+        matches!(
+            self,
+            StringNotEquals
+                | StringNotEqualsIgnoreCase
+                | StringNotLike
+                | NumericNotEquals
+                | NotIpAddress
+                | ArnNotEquals
+                | ArnNotLike
+        )
+    }
+
+    pub(crate) fn case_insensitive(self) -> bool {
+        matches!(
+            self,
+            Operator::StringEqualsIgnoreCase | Operator::StringNotEqualsIgnoreCase
+        )
+    }
+
+    pub(crate) fn validate_values(self, values: &[String]) -> Result<(), String> {
+        use Operator::*;
+        for v in values {
+            let ok = match self {
+                Bool | Null => v.eq_ignore_ascii_case("true") || v.eq_ignore_ascii_case("false"),
+                IpAddress | NotIpAddress => parse_net(v).is_some() || v.contains("${"),
+                NumericEquals
+                | NumericNotEquals
+                | NumericLessThan
+                | NumericLessThanEquals
+                | NumericGreaterThan
+                | NumericGreaterThanEquals => v.parse::<f64>().is_ok() || v.contains("${"),
+                _ => true,
+            };
+            if !ok {
+                return Err(format!(
+                    "value {v:?} is not valid for condition operator {self:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// One request value against the policy's values (OR over the policy values), before
+    /// negation.
+    fn positive(self, v: &str, c: &BoundCondition) -> bool {
+        use Operator::*;
+        match self {
+            StringEquals | StringNotEquals | ArnEquals | ArnNotEquals => {
+                c.values.iter().any(|p| p == v)
+            }
+            StringEqualsIgnoreCase | StringNotEqualsIgnoreCase => {
+                c.values.iter().any(|p| p.eq_ignore_ascii_case(v))
+            }
+            StringLike | StringNotLike | ArnLike | ArnNotLike => {
+                c.patterns.iter().any(|p: &Pattern| p.matches(v))
+            }
+            NumericEquals
+            | NumericNotEquals
+            | NumericLessThan
+            | NumericLessThanEquals
+            | NumericGreaterThan
+            | NumericGreaterThanEquals => {
+                let Ok(x) = v.trim().parse::<f64>() else {
+                    return false;
+                };
+                c.values
+                    .iter()
+                    .filter_map(|p| p.parse::<f64>().ok())
+                    .any(|p| match self {
+                        NumericEquals | NumericNotEquals => x == p,
+                        NumericLessThan => x < p,
+                        NumericLessThanEquals => x <= p,
+                        NumericGreaterThan => x > p,
+                        _ => x >= p,
+                    })
+            }
+            Bool => c.values.iter().any(|p| p.eq_ignore_ascii_case(v)),
+            IpAddress | NotIpAddress => {
+                let Ok(ip) = v.trim().parse::<IpAddr>() else {
+                    return false;
+                };
+                c.values
+                    .iter()
+                    .filter_map(|p| parse_net(p))
+                    .any(|n| n.contains(&ip))
+            }
+            Null => false,
+        }
+    }
+
+    /// The operator applied to one request value, negation included.
+    fn test(self, v: &str, c: &BoundCondition) -> bool {
+        self.positive(v, c) != self.negated()
+    }
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// Evaluates one bound condition.
+pub(crate) fn holds(c: &BoundCondition, ctx: &dyn Context) -> bool {
+    let value = ctx.get(&c.key);
+    if c.operator == Operator::Null {
+        let want_absent = c.values.iter().any(|v| v.eq_ignore_ascii_case("true"));
+        let absent = match value {
+            None => true,
+            Some(Value::Many(vs)) => vs.is_empty(),
+            Some(Value::One(_)) => false,
+        };
+        return absent == want_absent;
+    }
+    let values: &[String];
+    let single: [&str; 1];
+    let vals: Vec<&str>;
+    let list: &[&str] = match value {
+        None => {
+            return match c.qualifier {
+                Some(Qualifier::ForAllValues) => true,
+                Some(Qualifier::ForAnyValue) => false,
+                None => c.if_exists || c.operator.negated(),
+            };
+        }
+        Some(Value::One(v)) => {
+            single = [v];
+            &single
+        }
+        Some(Value::Many(vs)) => {
+            values = vs;
+            vals = values.iter().map(String::as_str).collect();
+            &vals
+        }
+    };
+    match c.qualifier {
+        Some(Qualifier::ForAllValues) => list.iter().all(|v| c.operator.test(v, c)),
+        Some(Qualifier::ForAnyValue) => list.iter().any(|v| c.operator.test(v, c)),
+        None => {
+            if c.operator.negated() {
+                // No request value may match any policy value.
+                !list.iter().any(|v| c.operator.positive(v, c))
+            } else {
+                list.iter().any(|v| c.operator.positive(v, c))
+            }
+        }
+    }
+}
