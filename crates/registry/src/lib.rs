@@ -1,1 +1,574 @@
+//! The registry: accounts, things, thing types, certificates, policies and their attachments.
+//!
+//! Reads are served from memory (the hot path: certificate lookups and effective policies at
+//! CONNECT). Every write goes through [`Registry::write`], which applies the change in memory and
+//! persists it to SQLite in one transaction, then bumps the policy generation and publishes
+//! [`Change`]s on the change feed so that live connections follow within a second.
+//!
+//! It must never: hold its lock across an `.await`, or leak one account's objects to another
+//! (every operation names its account).
 
+#![warn(missing_docs)]
+
+mod certs;
+mod error;
+pub mod model;
+mod policies;
+mod store;
+mod things;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::broadcast;
+
+pub use certs::NewCertificate;
+pub use error::RegistryError;
+pub use model::*;
+pub use policies::{MAX_POLICIES_PER_TARGET, MAX_POLICY_VERSIONS};
+use store::{Kind, Op, Store};
+pub use things::{ThingQuery, ThingUpdate};
+
+/// Result of registry operations.
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// A change that live connections must follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A certificate's status changed (or it was deleted: `status` is `None`).
+    Certificate {
+        /// Account.
+        account: String,
+        /// Certificate id.
+        certificate_id: String,
+        /// New status.
+        status: Option<CertStatus>,
+    },
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// The marker / token for the next page.
+    pub next: Option<String>,
+}
+
+/// Seconds since the epoch, as AWS's JSON timestamps are.
+pub fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A random string over `alphabet`.
+pub fn random_string(alphabet: &[u8], len: usize) -> String {
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
+        .collect()
+}
+
+const LOWER_ALNUM: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+const UPPER_ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+const SECRET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+#[derive(Default)]
+struct State {
+    accounts: BTreeMap<String, Account>,
+    access_keys: HashMap<String, AccessKey>,
+    /// Endpoint prefix to account id.
+    prefixes: HashMap<String, String>,
+    /// Certificate id to the accounts that registered it.
+    cert_accounts: HashMap<String, BTreeSet<String>>,
+}
+
+/// The batch of writes and events one operation produces.
+pub(crate) struct Tx {
+    account: String,
+    ops: Vec<Op>,
+    changes: Vec<Change>,
+    bump: bool,
+    certs_added: Vec<String>,
+    certs_removed: Vec<String>,
+}
+
+impl Tx {
+    fn new(account: &str) -> Tx {
+        Tx {
+            account: account.to_owned(),
+            ops: Vec::new(),
+            changes: Vec::new(),
+            bump: false,
+            certs_added: Vec::new(),
+            certs_removed: Vec::new(),
+        }
+    }
+
+    pub(crate) fn put(&mut self, kind: Kind, key: &str, value: &impl Serialize) -> Result<()> {
+        let doc =
+            serde_json::to_string(value).map_err(|e| RegistryError::Internal(e.to_string()))?;
+        self.ops.push(Op::Put {
+            kind,
+            account: self.account.clone(),
+            key: key.to_owned(),
+            doc,
+        });
+        Ok(())
+    }
+
+    pub(crate) fn delete(&mut self, kind: Kind, key: &str) {
+        self.ops.push(Op::Delete {
+            kind,
+            account: self.account.clone(),
+            key: key.to_owned(),
+        });
+    }
+
+    /// Marks that effective policies of live connections may have changed.
+    pub(crate) fn bump(&mut self) {
+        self.bump = true;
+    }
+
+    pub(crate) fn change(&mut self, c: Change) {
+        self.changes.push(c);
+    }
+}
+
+/// The registry. Cheap to share behind an `Arc`.
+pub struct Registry {
+    region: String,
+    state: RwLock<State>,
+    store: Mutex<Store>,
+    feed: broadcast::Sender<Change>,
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+fn decode<T: DeserializeOwned>(doc: &str) -> Result<T> {
+    serde_json::from_str(doc).map_err(|e| RegistryError::Internal(format!("stored document: {e}")))
+}
+
+impl Registry {
+    /// Opens (or creates) the registry database at `path`.
+    pub fn open(path: &Path, region: &str) -> Result<Registry> {
+        Registry::with_store(Store::open(path)?, region)
+    }
+
+    /// A registry that lives in memory only (tests).
+    pub fn in_memory(region: &str) -> Result<Registry> {
+        Registry::with_store(Store::in_memory()?, region)
+    }
+
+    fn with_store(store: Store, region: &str) -> Result<Registry> {
+        let mut st = State::default();
+        for row in store.load(Kind::Account)? {
+            let info: AccountInfo = decode(&row.doc)?;
+            st.prefixes
+                .insert(info.endpoint_prefix.clone(), info.id.clone());
+            st.accounts.insert(
+                info.id.clone(),
+                Account {
+                    info: Some(info),
+                    ..Account::default()
+                },
+            );
+        }
+        for row in store.load(Kind::AccessKey)? {
+            let k: AccessKey = decode(&row.doc)?;
+            st.access_keys.insert(k.access_key_id.clone(), k);
+        }
+        for row in store.load(Kind::ThingType)? {
+            let t: ThingType = decode(&row.doc)?;
+            account_mut(&mut st, &row.account)?
+                .thing_types
+                .insert(t.name.clone(), t);
+        }
+        for row in store.load(Kind::Thing)? {
+            let t: Thing = decode(&row.doc)?;
+            account_mut(&mut st, &row.account)?
+                .things
+                .insert(t.name.clone(), t);
+        }
+        for row in store.load(Kind::Certificate)? {
+            let mut c: Certificate = decode(&row.doc)?;
+            c.info = certs::parse_info(&c.pem);
+            st.cert_accounts
+                .entry(c.id.clone())
+                .or_default()
+                .insert(row.account.clone());
+            account_mut(&mut st, &row.account)?
+                .certificates
+                .insert(c.id.clone(), c);
+        }
+        for row in store.load(Kind::Policy)? {
+            let mut p: IotPolicy = decode(&row.doc)?;
+            policies::reparse(&mut p);
+            account_mut(&mut st, &row.account)?
+                .policies
+                .insert(p.name.clone(), p);
+        }
+        for row in store.load(Kind::PolicyAttachment)? {
+            let (policy, target) = row.key.split_once('\n').unwrap_or((&row.key, ""));
+            account_mut(&mut st, &row.account)?
+                .policy_targets
+                .entry(target.to_owned())
+                .or_default()
+                .insert(policy.to_owned());
+        }
+        for row in store.load(Kind::ThingPrincipal)? {
+            let (thing, principal) = row.key.split_once('\n').unwrap_or((&row.key, ""));
+            let kind: ThingPrincipalType = decode(&row.doc)?;
+            account_mut(&mut st, &row.account)?
+                .thing_principals
+                .entry(thing.to_owned())
+                .or_default()
+                .insert(principal.to_owned(), kind);
+        }
+        let (feed, _) = broadcast::channel(1024);
+        Ok(Registry {
+            region: region.to_owned(),
+            state: RwLock::new(st),
+            store: Mutex::new(store),
+            feed,
+            generation: AtomicU64::new(1),
+        })
+    }
+
+    /// The region this registry serves.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// `arn:aws:iot:<region>:<account>:<resource>`.
+    pub fn arn(&self, account: &str, resource: &str) -> String {
+        format!("arn:aws:iot:{}:{account}:{resource}", self.region)
+    }
+
+    /// Subscribes to the change feed.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.feed.subscribe()
+    }
+
+    /// The policy generation: it changes whenever any effective policy may have changed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Flushes the database (at shutdown).
+    pub fn flush(&self) -> Result<()> {
+        self.store
+            .lock()
+            .map_err(|_| RegistryError::Internal("store lock poisoned".into()))?
+            .checkpoint()
+    }
+
+    fn read_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        f(&st)
+    }
+
+    /// Runs `f` on one account's objects for reading.
+    pub fn read<T>(&self, account: &str, f: impl FnOnce(&Account) -> Result<T>) -> Result<T> {
+        self.read_state(|st| match st.accounts.get(account) {
+            Some(a) => f(a),
+            None => Err(RegistryError::NotFound(format!(
+                "Account {account} does not exist"
+            ))),
+        })
+    }
+
+    /// Runs a write on one account: `f` changes memory and records its writes in the
+    /// transaction, which is then persisted; changes are published after the commit.
+    /// `f` must validate before it mutates, so that an error leaves memory unchanged.
+    pub(crate) fn write<T>(
+        &self,
+        account: &str,
+        f: impl FnOnce(&mut Account, &mut Tx) -> Result<T>,
+    ) -> Result<T> {
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let acct = st
+            .accounts
+            .get_mut(account)
+            .ok_or_else(|| RegistryError::NotFound(format!("Account {account} does not exist")))?;
+        let mut tx = Tx::new(account);
+        let out = f(acct, &mut tx)?;
+        for c in &tx.certs_added {
+            st.cert_accounts
+                .entry(c.clone())
+                .or_default()
+                .insert(account.to_owned());
+        }
+        for c in &tx.certs_removed {
+            if let Some(s) = st.cert_accounts.get_mut(c) {
+                s.remove(account);
+                if s.is_empty() {
+                    st.cert_accounts.remove(c);
+                }
+            }
+        }
+        {
+            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = store.apply(&tx.ops) {
+                tracing::error!(error = %e, "registry write failed; memory is ahead of disk until restart");
+                return Err(e);
+            }
+        }
+        drop(st);
+        if tx.bump {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        for c in tx.changes {
+            let _ = self.feed.send(c);
+        }
+        Ok(out)
+    }
+
+    /// Creates an account with a root access key. `name` must be unique.
+    pub fn create_account(&self, name: &str) -> Result<(AccountInfo, AccessKey)> {
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if st
+            .accounts
+            .values()
+            .any(|a| a.info.as_ref().is_some_and(|i| i.name == name))
+        {
+            return Err(RegistryError::AlreadyExists {
+                message: format!("Account {name} already exists"),
+                resource_id: name.to_owned(),
+                resource_arn: String::new(),
+            });
+        }
+        let mut id = random_string(b"0123456789", 12);
+        while id.starts_with('0') || st.accounts.contains_key(&id) {
+            id = random_string(b"0123456789", 12);
+        }
+        let mut prefix = random_string(LOWER_ALNUM, 14);
+        while st.prefixes.contains_key(&prefix) {
+            prefix = random_string(LOWER_ALNUM, 14);
+        }
+        let info = AccountInfo {
+            id: id.clone(),
+            name: name.to_owned(),
+            endpoint_prefix: prefix.clone(),
+            created: now_secs(),
+        };
+        let key = AccessKey {
+            access_key_id: format!("AKIA{}", random_string(UPPER_ALNUM, 16)),
+            secret_access_key: random_string(SECRET, 40),
+            account_id: id.clone(),
+            status: "Active".into(),
+            created: now_secs(),
+        };
+        let mut tx = Tx::new(&id);
+        tx.put(Kind::Account, &id, &info)?;
+        tx.put(Kind::AccessKey, &key.access_key_id, &key)?;
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(&tx.ops)?;
+        st.prefixes.insert(prefix, id.clone());
+        st.access_keys
+            .insert(key.access_key_id.clone(), key.clone());
+        st.accounts.insert(
+            id,
+            Account {
+                info: Some(info.clone()),
+                ..Account::default()
+            },
+        );
+        Ok((info, key))
+    }
+
+    /// All accounts, oldest first.
+    pub fn accounts(&self) -> Vec<AccountInfo> {
+        self.read_state(|st| {
+            let mut v: Vec<_> = st
+                .accounts
+                .values()
+                .filter_map(|a| a.info.clone())
+                .collect();
+            v.sort_by(|a, b| a.created.total_cmp(&b.created).then(a.id.cmp(&b.id)));
+            v
+        })
+    }
+
+    /// The account whose endpoint prefix is `prefix`.
+    pub fn account_by_prefix(&self, prefix: &str) -> Option<AccountInfo> {
+        self.read_state(|st| {
+            st.prefixes
+                .get(prefix)
+                .and_then(|id| st.accounts.get(id))
+                .and_then(|a| a.info.clone())
+        })
+    }
+
+    /// The account named `name`.
+    pub fn account_by_name(&self, name: &str) -> Option<AccountInfo> {
+        self.read_state(|st| {
+            st.accounts
+                .values()
+                .filter_map(|a| a.info.clone())
+                .find(|i| i.name == name)
+        })
+    }
+
+    /// An access key by id.
+    pub fn access_key(&self, access_key_id: &str) -> Option<AccessKey> {
+        self.read_state(|st| st.access_keys.get(access_key_id).cloned())
+    }
+
+    /// The access keys of an account.
+    pub fn access_keys_of(&self, account: &str) -> Vec<AccessKey> {
+        self.read_state(|st| {
+            st.access_keys
+                .values()
+                .filter(|k| k.account_id == account)
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// The accounts in which certificate `id` is registered.
+    pub fn certificate_accounts(&self, id: &str) -> Vec<String> {
+        self.read_state(|st| {
+            st.cert_accounts
+                .get(id)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default()
+        })
+    }
+}
+
+fn account_mut<'a>(st: &'a mut State, id: &str) -> Result<&'a mut Account> {
+    st.accounts
+        .get_mut(id)
+        .ok_or_else(|| RegistryError::Internal(format!("stored object of unknown account {id}")))
+}
+
+/// Pages through `items` (already in order) by an opaque marker: the key of the first item of
+/// the next page.
+pub(crate) fn paginate<T: Clone>(
+    items: Vec<(String, T)>,
+    marker: Option<&str>,
+    page_size: usize,
+) -> Result<Page<T>> {
+    let start = match marker {
+        None => 0,
+        Some(m) => items.iter().position(|(k, _)| k == m).ok_or_else(|| {
+            RegistryError::InvalidRequest("The pagination marker or token is not valid".into())
+        })?,
+    };
+    let page_size = page_size.max(1);
+    let end = (start + page_size).min(items.len());
+    let next = items.get(end).map(|(k, _)| k.clone());
+    Ok(Page {
+        items: items[start..end].iter().map(|(_, v)| v.clone()).collect(),
+        next,
+    })
+}
+
+/// Checks a name against a length range and a character predicate.
+pub(crate) fn check_name(
+    what: &str,
+    name: &str,
+    max: usize,
+    ok: impl Fn(char) -> bool,
+) -> Result<()> {
+    if name.is_empty() || name.len() > max || !name.chars().all(ok) {
+        return Err(RegistryError::InvalidRequest(format!(
+            "{what} {name:?} is not valid: 1-{max} characters of the allowed set"
+        )));
+    }
+    Ok(())
+}
+
+/// A connection's view of its principal: the account, the certificate, the associated thing
+/// and the effective policies. Built at CONNECT and rebuilt when the generation changes.
+#[derive(Debug, Clone)]
+pub struct CertificateIdentity {
+    /// Account id.
+    pub account_id: String,
+    /// Certificate id.
+    pub certificate_id: String,
+    /// Certificate status now.
+    pub status: CertStatus,
+    /// Identity fields.
+    pub info: Option<Arc<sekisho_pki::CertInfo>>,
+    /// The thing associated with the connection, if any.
+    pub thing: Option<Thing>,
+    /// True when the thing is associated through an exclusive attachment.
+    pub thing_exclusive: bool,
+    /// Effective policies: (name, parsed default version).
+    pub policies: Vec<(String, Arc<sekisho_policy::Policy>)>,
+    /// The generation these were read at.
+    pub generation: u64,
+}
+
+impl Registry {
+    /// Resolves a certificate principal in `account` for a client id (AWS's thing association
+    /// rule: the client id names a thing attached to the certificate, else an exclusively
+    /// attached thing).
+    pub fn certificate_identity(
+        &self,
+        account: &str,
+        certificate_id: &str,
+        client_id: Option<&str>,
+    ) -> Result<CertificateIdentity> {
+        let generation = self.generation();
+        self.read(account, |a| {
+            let cert = a.certificates.get(certificate_id).ok_or_else(|| {
+                RegistryError::NotFound(format!("Certificate {certificate_id} does not exist"))
+            })?;
+            let principal = self.arn(account, &format!("cert/{certificate_id}"));
+            let attached = a.things_of_principal(&principal);
+            let by_client = client_id.and_then(|c| attached.iter().find(|(t, _)| *t == c));
+            let chosen = by_client.or_else(|| {
+                attached
+                    .iter()
+                    .find(|(_, k)| *k == ThingPrincipalType::ExclusiveThing)
+            });
+            let thing = chosen.and_then(|(t, _)| a.things.get(*t).cloned());
+            let thing_exclusive =
+                chosen.is_some_and(|(_, k)| *k == ThingPrincipalType::ExclusiveThing);
+            let policies = a
+                .policy_targets
+                .get(&principal)
+                .map(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| {
+                            a.policies
+                                .get(n)
+                                .and_then(|p| p.default_parsed().map(|d| (n.clone(), d)))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(CertificateIdentity {
+                account_id: account.to_owned(),
+                certificate_id: certificate_id.to_owned(),
+                status: cert.status,
+                info: cert.info.clone(),
+                thing,
+                thing_exclusive,
+                policies,
+                generation,
+            })
+        })
+    }
+}

@@ -1,0 +1,179 @@
+//! Device certificates.
+
+use std::sync::Arc;
+
+use crate::store::Kind;
+use crate::*;
+
+pub(crate) fn parse_info(pem: &str) -> Option<Arc<sekisho_pki::CertInfo>> {
+    let der = sekisho_pki::pem_to_der(pem).ok()?;
+    sekisho_pki::CertInfo::parse(&der).ok().map(Arc::new)
+}
+
+/// A certificate to register.
+#[derive(Debug, Clone)]
+pub struct NewCertificate {
+    /// PEM of the certificate.
+    pub pem: String,
+    /// Initial status.
+    pub status: CertStatus,
+    /// Issuing CA registration, if any.
+    pub ca_certificate_id: Option<String>,
+    /// Mode.
+    pub mode: CertMode,
+}
+
+impl Registry {
+    /// Registers a certificate (CreateKeysAndCertificate, CreateCertificateFromCsr,
+    /// RegisterCertificate). Returns its id.
+    pub fn add_certificate(&self, account: &str, new: NewCertificate) -> Result<Certificate> {
+        let der = sekisho_pki::pem_to_der(&new.pem)
+            .map_err(|e| RegistryError::CertificateValidation(e.to_string()))?;
+        let info = sekisho_pki::CertInfo::parse(&der)
+            .map_err(|e| RegistryError::CertificateValidation(e.to_string()))?;
+        let id = sekisho_pki::certificate_id(&der);
+        self.write(account, |a, tx| {
+            if a.certificates.contains_key(&id) {
+                return Err(RegistryError::AlreadyExists {
+                    message: "The certificate is already provisioned or registered".into(),
+                    resource_id: id.clone(),
+                    resource_arn: self.arn(account, &format!("cert/{id}")),
+                });
+            }
+            let now = now_secs();
+            let cert = Certificate {
+                id: id.clone(),
+                pem: sekisho_pki::der_to_pem(&der),
+                status: new.status,
+                ca_certificate_id: new.ca_certificate_id,
+                mode: new.mode,
+                created: now,
+                modified: now,
+                generation: 1,
+                not_before: info.not_before.unix_timestamp() as f64,
+                not_after: info.not_after.unix_timestamp() as f64,
+                info: Some(Arc::new(info)),
+            };
+            tx.put(Kind::Certificate, &id, &cert)?;
+            tx.certs_added.push(id.clone());
+            a.certificates.insert(id.clone(), cert.clone());
+            Ok(cert)
+        })
+    }
+
+    /// DescribeCertificate.
+    pub fn describe_certificate(&self, account: &str, id: &str) -> Result<Certificate> {
+        self.read(account, |a| {
+            a.certificates.get(id).cloned().ok_or_else(|| {
+                RegistryError::NotFound(format!("The certificate {id} does not exist"))
+            })
+        })
+    }
+
+    /// ListCertificates, by creation date (descending unless `ascending`).
+    pub fn list_certificates(
+        &self,
+        account: &str,
+        ca: Option<&str>,
+        ascending: bool,
+        marker: Option<&str>,
+        page_size: usize,
+    ) -> Result<Page<Certificate>> {
+        self.read(account, |a| {
+            let mut v: Vec<&Certificate> = a
+                .certificates
+                .values()
+                .filter(|c| ca.is_none_or(|ca| c.ca_certificate_id.as_deref() == Some(ca)))
+                .collect();
+            v.sort_by(|x, y| x.created.total_cmp(&y.created).then(x.id.cmp(&y.id)));
+            if !ascending {
+                v.reverse();
+            }
+            paginate(
+                v.into_iter().map(|c| (c.id.clone(), c.clone())).collect(),
+                marker,
+                page_size,
+            )
+        })
+    }
+
+    /// UpdateCertificate. PENDING_TRANSFER and PENDING_ACTIVATION cannot be set by callers;
+    /// the change reaches live connections through the change feed.
+    pub fn update_certificate(&self, account: &str, id: &str, status: CertStatus) -> Result<()> {
+        if matches!(
+            status,
+            CertStatus::PendingTransfer | CertStatus::PendingActivation
+        ) {
+            return Err(RegistryError::InvalidRequest(format!(
+                "The status {} cannot be set through UpdateCertificate",
+                status.as_str()
+            )));
+        }
+        self.write(account, |a, tx| {
+            let c = a.certificates.get_mut(id).ok_or_else(|| {
+                RegistryError::NotFound(format!("The certificate {id} does not exist"))
+            })?;
+            if c.status == CertStatus::PendingTransfer {
+                return Err(RegistryError::CertificateState(format!(
+                    "The certificate {id} is pending transfer and cannot be updated"
+                )));
+            }
+            if c.status == status {
+                return Ok(());
+            }
+            let mut next = c.clone();
+            next.status = status;
+            next.modified = now_secs();
+            next.generation += 1;
+            tx.put(Kind::Certificate, id, &next)?;
+            tx.change(Change::Certificate {
+                account: account.to_owned(),
+                certificate_id: id.to_owned(),
+                status: Some(status),
+            });
+            *c = next;
+            Ok(())
+        })
+    }
+
+    /// DeleteCertificate, with AWS's preconditions: not ACTIVE; no thing attached; no policy
+    /// attached unless `force`.
+    pub fn delete_certificate(&self, account: &str, id: &str, force: bool) -> Result<()> {
+        let arn = self.arn(account, &format!("cert/{id}"));
+        self.write(account, |a, tx| {
+            let c = a.certificates.get(id).ok_or_else(|| {
+                RegistryError::NotFound(format!("The certificate {id} does not exist"))
+            })?;
+            if c.status == CertStatus::Active {
+                return Err(RegistryError::CertificateState(format!(
+                    "Certificate must be deactivated (not ACTIVE) before deletion. Id: {id}"
+                )));
+            }
+            if !a.things_of_principal(&arn).is_empty() {
+                return Err(RegistryError::DeleteConflict(format!(
+                    "Things must be detached before deletion (arn: {arn})"
+                )));
+            }
+            let policies = a.policy_targets.get(&arn).cloned().unwrap_or_default();
+            if !policies.is_empty() && !force {
+                return Err(RegistryError::DeleteConflict(format!(
+                    "Certificate policies must be detached before deletion (arn: {arn})"
+                )));
+            }
+            for p in &policies {
+                tx.delete(Kind::PolicyAttachment, &format!("{p}\n{arn}"));
+            }
+            tx.delete(Kind::Certificate, id);
+            tx.certs_removed.push(id.to_owned());
+            tx.bump();
+            tx.change(Change::Certificate {
+                account: account.to_owned(),
+                certificate_id: id.to_owned(),
+                status: None,
+            });
+            a.policy_targets.remove(&arn);
+            a.certificates.remove(id);
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,64 @@
+/// A refused registry operation. Each variant is one AWS IoT exception; the control plane maps
+/// it to the exception's name and HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// `InvalidRequestException` (400).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// `ResourceNotFoundException` (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// `ResourceAlreadyExistsException` (409).
+    #[error("{message}")]
+    AlreadyExists {
+        /// Message.
+        message: String,
+        /// The existing resource's id.
+        resource_id: String,
+        /// The existing resource's ARN.
+        resource_arn: String,
+    },
+    /// `DeleteConflictException` (409).
+    #[error("{0}")]
+    DeleteConflict(String),
+    /// `VersionConflictException` (409).
+    #[error("{0}")]
+    VersionConflict(String),
+    /// `VersionsLimitExceededException` (409).
+    #[error("{0}")]
+    VersionsLimitExceeded(String),
+    /// `CertificateStateException` (406).
+    #[error("{0}")]
+    CertificateState(String),
+    /// `CertificateValidationException` (400).
+    #[error("{0}")]
+    CertificateValidation(String),
+    /// `MalformedPolicyException` (400).
+    #[error("{0}")]
+    MalformedPolicy(String),
+    /// `LimitExceededException` (410).
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// `InternalFailureException` (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RegistryError {
+    /// The AWS exception name and HTTP status.
+    pub fn aws_code(&self) -> (&'static str, u16) {
+        match self {
+            RegistryError::InvalidRequest(_) => ("InvalidRequestException", 400),
+            RegistryError::NotFound(_) => ("ResourceNotFoundException", 404),
+            RegistryError::AlreadyExists { .. } => ("ResourceAlreadyExistsException", 409),
+            RegistryError::DeleteConflict(_) => ("DeleteConflictException", 409),
+            RegistryError::VersionConflict(_) => ("VersionConflictException", 409),
+            RegistryError::VersionsLimitExceeded(_) => ("VersionsLimitExceededException", 409),
+            RegistryError::CertificateState(_) => ("CertificateStateException", 406),
+            RegistryError::CertificateValidation(_) => ("CertificateValidationException", 400),
+            RegistryError::MalformedPolicy(_) => ("MalformedPolicyException", 400),
+            RegistryError::LimitExceeded(_) => ("LimitExceededException", 410),
+            RegistryError::Internal(_) => ("InternalFailureException", 500),
+        }
+    }
+}

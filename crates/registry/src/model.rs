@@ -1,0 +1,257 @@
+//! The registry's domain objects, as stored and as served from memory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// Certificate status (AWS `CertificateStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CertStatus {
+    /// May authenticate.
+    Active,
+    /// Registered but not usable.
+    Inactive,
+    /// Revoked.
+    Revoked,
+    /// Being transferred to another account.
+    PendingTransfer,
+    /// Deprecated status.
+    RegisterInactive,
+    /// Registered by JITR, awaiting activation.
+    PendingActivation,
+}
+
+impl CertStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertStatus::Active => "ACTIVE",
+            CertStatus::Inactive => "INACTIVE",
+            CertStatus::Revoked => "REVOKED",
+            CertStatus::PendingTransfer => "PENDING_TRANSFER",
+            CertStatus::RegisterInactive => "REGISTER_INACTIVE",
+            CertStatus::PendingActivation => "PENDING_ACTIVATION",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<CertStatus> {
+        Some(match s {
+            "ACTIVE" => CertStatus::Active,
+            "INACTIVE" => CertStatus::Inactive,
+            "REVOKED" => CertStatus::Revoked,
+            "PENDING_TRANSFER" => CertStatus::PendingTransfer,
+            "REGISTER_INACTIVE" => CertStatus::RegisterInactive,
+            "PENDING_ACTIVATION" => CertStatus::PendingActivation,
+            _ => return None,
+        })
+    }
+}
+
+/// How a certificate may be used without SNI (AWS `CertificateMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CertMode {
+    /// Identifies its account by itself.
+    Default,
+    /// Needs SNI to choose the account.
+    SniOnly,
+}
+
+impl CertMode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertMode::Default => "DEFAULT",
+            CertMode::SniOnly => "SNI_ONLY",
+        }
+    }
+}
+
+/// An account (tenant).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountInfo {
+    /// 12-digit id.
+    pub id: String,
+    /// Human name (the CLI profile name).
+    pub name: String,
+    /// The endpoint prefix, as in `<prefix>-ats.iot.<region>.<domain>`.
+    pub endpoint_prefix: String,
+    /// Creation time, epoch seconds.
+    pub created: f64,
+}
+
+/// An access key of an account's root (IAM users come with their own issue).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccessKey {
+    /// `AKIA...`.
+    pub access_key_id: String,
+    /// The secret.
+    pub secret_access_key: String,
+    /// Owner account.
+    pub account_id: String,
+    /// `Active` or `Inactive`.
+    pub status: String,
+    /// Creation time, epoch seconds.
+    pub created: f64,
+}
+
+/// A thing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Thing {
+    /// Name.
+    pub name: String,
+    /// Opaque id.
+    pub id: String,
+    /// Thing type.
+    pub thing_type: Option<String>,
+    /// Attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// Version, starts at 1.
+    pub version: i64,
+    /// Creation time, epoch seconds.
+    pub created: f64,
+}
+
+/// A thing type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThingType {
+    /// Name.
+    pub name: String,
+    /// Opaque id.
+    pub id: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Searchable attribute names.
+    pub searchable_attributes: Vec<String>,
+    /// Whether deprecated.
+    pub deprecated: bool,
+    /// When deprecated, epoch seconds.
+    pub deprecation_date: Option<f64>,
+    /// Creation time, epoch seconds.
+    pub created: f64,
+}
+
+/// A device certificate registered in an account.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Certificate {
+    /// SHA-256 of the DER, hex.
+    pub id: String,
+    /// PEM.
+    pub pem: String,
+    /// Status.
+    pub status: CertStatus,
+    /// Issuing CA registration, if any.
+    pub ca_certificate_id: Option<String>,
+    /// Mode.
+    pub mode: CertMode,
+    /// Creation time, epoch seconds.
+    pub created: f64,
+    /// Last modification, epoch seconds.
+    pub modified: f64,
+    /// Bumped on every change.
+    pub generation: i64,
+    /// Validity start, epoch seconds.
+    pub not_before: f64,
+    /// Validity end, epoch seconds.
+    pub not_after: f64,
+    /// Parsed identity fields (not stored; derived from `pem`).
+    #[serde(skip)]
+    pub info: Option<Arc<sekisho_pki::CertInfo>>,
+}
+
+/// One version of a policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    /// The document as given.
+    pub document: String,
+    /// Creation time, epoch seconds.
+    pub created: f64,
+    /// The parsed document (not stored; derived from `document`).
+    #[serde(skip)]
+    pub parsed: Option<Arc<sekisho_policy::Policy>>,
+}
+
+/// A named IoT policy with its versions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IotPolicy {
+    /// Name.
+    pub name: String,
+    /// Versions by number.
+    pub versions: BTreeMap<u32, PolicyVersion>,
+    /// The default version.
+    pub default_version: u32,
+    /// The next version number to hand out.
+    pub next_version: u32,
+    /// Creation time, epoch seconds.
+    pub created: f64,
+    /// Last modification, epoch seconds.
+    pub modified: f64,
+    /// Opaque generation id (changes with every modification).
+    pub generation_id: String,
+}
+
+impl IotPolicy {
+    /// The default version's parsed document.
+    pub fn default_parsed(&self) -> Option<Arc<sekisho_policy::Policy>> {
+        self.versions
+            .get(&self.default_version)
+            .and_then(|v| v.parsed.clone())
+    }
+}
+
+/// How a principal is attached to a thing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ThingPrincipalType {
+    /// The only thing of this principal.
+    ExclusiveThing,
+    /// One of several.
+    NonExclusiveThing,
+}
+
+impl ThingPrincipalType {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThingPrincipalType::ExclusiveThing => "EXCLUSIVE_THING",
+            ThingPrincipalType::NonExclusiveThing => "NON_EXCLUSIVE_THING",
+        }
+    }
+}
+
+/// Everything one account holds.
+#[derive(Debug, Clone, Default)]
+pub struct Account {
+    /// Identity and endpoint.
+    pub info: Option<AccountInfo>,
+    /// Things by name.
+    pub things: BTreeMap<String, Thing>,
+    /// Thing types by name.
+    pub thing_types: BTreeMap<String, ThingType>,
+    /// Certificates by id.
+    pub certificates: BTreeMap<String, Certificate>,
+    /// Policies by name.
+    pub policies: BTreeMap<String, IotPolicy>,
+    /// Policy names attached to each target (certificate ARN, thing group ARN, ...).
+    pub policy_targets: BTreeMap<String, BTreeSet<String>>,
+    /// Principals (ARNs) attached to each thing, with the attachment type.
+    pub thing_principals: BTreeMap<String, BTreeMap<String, ThingPrincipalType>>,
+}
+
+impl Account {
+    /// The account id.
+    pub fn id(&self) -> &str {
+        self.info.as_ref().map(|i| i.id.as_str()).unwrap_or("")
+    }
+
+    /// Things a principal is attached to, with the attachment type.
+    pub fn things_of_principal(&self, principal: &str) -> Vec<(&str, ThingPrincipalType)> {
+        self.thing_principals
+            .iter()
+            .filter_map(|(t, ps)| ps.get(principal).map(|k| (t.as_str(), *k)))
+            .collect()
+    }
+}

@@ -1,0 +1,175 @@
+//! Persistence: one SQLite database in the data directory.
+//!
+//! The schema is a document table keyed by (kind, account, key); see
+//! `docs/decisions/0002-registry-storage.md` for why. Writes arrive as a batch of [`Op`]s and are
+//! applied in one transaction.
+
+use std::path::Path;
+
+use rusqlite::{Connection, params};
+
+use crate::RegistryError;
+
+/// Kinds of stored object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Account,
+    AccessKey,
+    Thing,
+    ThingType,
+    Certificate,
+    Policy,
+    PolicyAttachment,
+    ThingPrincipal,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Account => "account",
+            Kind::AccessKey => "access_key",
+            Kind::Thing => "thing",
+            Kind::ThingType => "thing_type",
+            Kind::Certificate => "certificate",
+            Kind::Policy => "policy",
+            Kind::PolicyAttachment => "policy_attachment",
+            Kind::ThingPrincipal => "thing_principal",
+        }
+    }
+}
+
+/// One write.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    Put {
+        kind: Kind,
+        account: String,
+        key: String,
+        doc: String,
+    },
+    Delete {
+        kind: Kind,
+        account: String,
+        key: String,
+    },
+}
+
+/// A stored row.
+pub(crate) struct Row {
+    pub account: String,
+    pub key: String,
+    pub doc: String,
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the document table.
+    "CREATE TABLE objects (
+        kind TEXT NOT NULL,
+        account_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        doc TEXT NOT NULL,
+        PRIMARY KEY (kind, account_id, key)
+    ) WITHOUT ROWID;",
+];
+
+pub(crate) struct Store {
+    conn: Connection,
+}
+
+fn db_err(e: rusqlite::Error) -> RegistryError {
+    RegistryError::Internal(format!("registry database: {e}"))
+}
+
+impl Store {
+    pub(crate) fn open(path: &Path) -> Result<Store, RegistryError> {
+        let conn = Connection::open(path).map_err(db_err)?;
+        Store::init(conn)
+    }
+
+    pub(crate) fn in_memory() -> Result<Store, RegistryError> {
+        Store::init(Connection::open_in_memory().map_err(db_err)?)
+    }
+
+    fn init(conn: Connection) -> Result<Store, RegistryError> {
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db_err)?;
+        let version = usize::try_from(version).unwrap_or(0);
+        if version > MIGRATIONS.len() {
+            return Err(RegistryError::Internal(format!(
+                "registry database schema {version} is newer than this build understands ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
+            conn.execute_batch(&format!(
+                "BEGIN; {m} PRAGMA user_version = {}; COMMIT;",
+                i + 1
+            ))
+            .map_err(db_err)?;
+        }
+        Ok(Store { conn })
+    }
+
+    pub(crate) fn load(&self, kind: Kind) -> Result<Vec<Row>, RegistryError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT account_id, key, doc FROM objects WHERE kind = ?1 ORDER BY account_id, key",
+            )
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map(params![kind.as_str()], |r| {
+                Ok(Row {
+                    account: r.get(0)?,
+                    key: r.get(1)?,
+                    doc: r.get(2)?,
+                })
+            })
+            .map_err(db_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+    }
+
+    pub(crate) fn apply(&mut self, ops: &[Op]) -> Result<(), RegistryError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction().map_err(db_err)?;
+        for op in ops {
+            match op {
+                Op::Put {
+                    kind,
+                    account,
+                    key,
+                    doc,
+                } => {
+                    tx.execute(
+                        "INSERT INTO objects (kind, account_id, key, doc) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (kind, account_id, key) DO UPDATE SET doc = excluded.doc",
+                        params![kind.as_str(), account, key, doc],
+                    )
+                    .map_err(db_err)?;
+                }
+                Op::Delete { kind, account, key } => {
+                    tx.execute(
+                        "DELETE FROM objects WHERE kind = ?1 AND account_id = ?2 AND key = ?3",
+                        params![kind.as_str(), account, key],
+                    )
+                    .map_err(db_err)?;
+                }
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Flushes the write-ahead log into the database file (at shutdown).
+    pub(crate) fn checkpoint(&self) -> Result<(), RegistryError> {
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(db_err)
+    }
+}

@@ -1,0 +1,279 @@
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+
+use sekisho_pki::{Ca, KeyKind};
+use sekisho_registry::*;
+
+const DOC: &str =
+    r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"iot:*","Resource":"*"}}"#;
+
+fn cert_pem() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let ca = Ca::generate("Test CA", "Test", now).unwrap();
+    ca.issue_device(KeyKind::EcdsaP256, now).unwrap().cert_pem
+}
+
+fn new_cert(r: &Registry, acct: &str) -> Certificate {
+    r.add_certificate(
+        acct,
+        NewCertificate {
+            pem: cert_pem(),
+            status: CertStatus::Active,
+            ca_certificate_id: None,
+            mode: CertMode::Default,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn survives_reopen() {
+    let dir = std::env::temp_dir().join(format!("sekisho-reg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("registry.db");
+    let _ = std::fs::remove_file(&path);
+    let (acct, cert_id) = {
+        let r = Registry::open(&path, "us-east-1").unwrap();
+        let (a, _) = r.create_account("default").unwrap();
+        let mut attrs = BTreeMap::new();
+        attrs.insert("floor".to_string(), "3".to_string());
+        r.create_thing_type(&a.id, "sensor", Some("d".into()), vec![])
+            .unwrap();
+        r.create_thing(&a.id, "t1", Some("sensor"), attrs).unwrap();
+        let c = new_cert(&r, &a.id);
+        let arn = r.arn(&a.id, &format!("cert/{}", c.id));
+        r.create_policy(&a.id, "p", DOC).unwrap();
+        r.create_policy_version(&a.id, "p", DOC, true).unwrap();
+        r.attach_policy(&a.id, "p", &arn).unwrap();
+        r.attach_thing_principal(&a.id, "t1", &arn, ThingPrincipalType::ExclusiveThing)
+            .unwrap();
+        r.flush().unwrap();
+        (a.id, c.id)
+    };
+    let r = Registry::open(&path, "us-east-1").unwrap();
+    assert_eq!(r.accounts().len(), 1);
+    let t = r.describe_thing(&acct, "t1").unwrap();
+    assert_eq!(t.attributes.get("floor").map(String::as_str), Some("3"));
+    let p = r.get_policy(&acct, "p").unwrap();
+    assert_eq!(p.default_version, 2);
+    assert!(
+        p.default_parsed().is_some(),
+        "parsed documents are rebuilt on load"
+    );
+    let id = r
+        .certificate_identity(&acct, &cert_id, Some("other-client"))
+        .unwrap();
+    assert_eq!(
+        id.thing.as_ref().map(|t| t.name.as_str()),
+        Some("t1"),
+        "exclusive thing regardless of client id"
+    );
+    assert_eq!(id.policies.len(), 1);
+    assert_eq!(r.certificate_accounts(&cert_id), vec![acct.clone()]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn thing_association_follows_client_id() {
+    let r = Registry::in_memory("us-east-1").unwrap();
+    let (a, _) = r.create_account("a").unwrap();
+    let c = new_cert(&r, &a.id);
+    let arn = r.arn(&a.id, &format!("cert/{}", c.id));
+    r.create_thing(&a.id, "t1", None, BTreeMap::new()).unwrap();
+    r.create_thing(&a.id, "t2", None, BTreeMap::new()).unwrap();
+    r.attach_thing_principal(&a.id, "t1", &arn, ThingPrincipalType::NonExclusiveThing)
+        .unwrap();
+    r.attach_thing_principal(&a.id, "t2", &arn, ThingPrincipalType::NonExclusiveThing)
+        .unwrap();
+    let id = r.certificate_identity(&a.id, &c.id, Some("t2")).unwrap();
+    assert_eq!(id.thing.unwrap().name, "t2");
+    let id = r.certificate_identity(&a.id, &c.id, Some("nope")).unwrap();
+    assert!(id.thing.is_none());
+    // An exclusive attachment is refused while another thing is attached.
+    assert!(matches!(
+        r.attach_thing_principal(&a.id, "t1", &arn, ThingPrincipalType::ExclusiveThing),
+        Err(RegistryError::InvalidRequest(_))
+    ));
+}
+
+#[test]
+fn delete_preconditions() {
+    let r = Registry::in_memory("us-east-1").unwrap();
+    let (a, _) = r.create_account("a").unwrap();
+    let c = new_cert(&r, &a.id);
+    let arn = r.arn(&a.id, &format!("cert/{}", c.id));
+    r.create_thing(&a.id, "t", None, BTreeMap::new()).unwrap();
+    r.create_policy(&a.id, "p", DOC).unwrap();
+    r.attach_policy(&a.id, "p", &arn).unwrap();
+    r.attach_thing_principal(&a.id, "t", &arn, ThingPrincipalType::NonExclusiveThing)
+        .unwrap();
+
+    assert!(matches!(
+        r.delete_certificate(&a.id, &c.id, false),
+        Err(RegistryError::CertificateState(_))
+    ));
+    r.update_certificate(&a.id, &c.id, CertStatus::Inactive)
+        .unwrap();
+    assert!(
+        matches!(
+            r.delete_certificate(&a.id, &c.id, true),
+            Err(RegistryError::DeleteConflict(_))
+        ),
+        "thing attached"
+    );
+    assert!(
+        matches!(r.delete_thing(&a.id, "t", None), Err(RegistryError::InvalidRequest(m)) if m.contains("still attached"))
+    );
+    r.detach_thing_principal(&a.id, "t", &arn).unwrap();
+    assert!(
+        matches!(
+            r.delete_certificate(&a.id, &c.id, false),
+            Err(RegistryError::DeleteConflict(_))
+        ),
+        "policy attached"
+    );
+    assert!(matches!(
+        r.delete_policy(&a.id, "p"),
+        Err(RegistryError::DeleteConflict(_))
+    ));
+    r.delete_certificate(&a.id, &c.id, true).unwrap();
+    r.delete_policy(&a.id, "p").unwrap();
+    r.delete_thing(&a.id, "t", None).unwrap();
+    r.delete_thing(&a.id, "t", None).unwrap(); // absent: still 200
+}
+
+#[test]
+fn policy_version_limit_at_n_and_n_plus_1() {
+    let r = Registry::in_memory("us-east-1").unwrap();
+    let (a, _) = r.create_account("a").unwrap();
+    r.create_policy(&a.id, "p", DOC).unwrap();
+    for _ in 1..MAX_POLICY_VERSIONS {
+        r.create_policy_version(&a.id, "p", DOC, false).unwrap();
+    }
+    assert_eq!(
+        r.get_policy(&a.id, "p").unwrap().versions.len(),
+        MAX_POLICY_VERSIONS
+    );
+    assert!(matches!(
+        r.create_policy_version(&a.id, "p", DOC, false),
+        Err(RegistryError::VersionsLimitExceeded(_))
+    ));
+    assert!(matches!(
+        r.delete_policy_version(&a.id, "p", "1"),
+        Err(RegistryError::DeleteConflict(_))
+    ));
+    r.delete_policy_version(&a.id, "p", "2").unwrap();
+    let (_, v) = r.create_policy_version(&a.id, "p", DOC, true).unwrap();
+    assert_eq!(v, 6, "version ids keep increasing");
+}
+
+#[test]
+fn policy_size_limit_at_n_and_n_plus_1() {
+    let r = Registry::in_memory("us-east-1").unwrap();
+    let (a, _) = r.create_account("a").unwrap();
+    let base = r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"iot:*","Resource":"arn:"#;
+    let tail = r#""}}"#;
+    let fill = 2048 - base.len() - tail.len();
+    let doc = format!("{base}{}{tail}", "x".repeat(fill));
+    assert_eq!(sekisho_policy::non_whitespace_len(&doc), 2048);
+    r.create_policy(&a.id, "ok", &format!("  {doc}\n")).unwrap();
+    let doc = format!("{base}{}{tail}", "x".repeat(fill + 1));
+    assert!(matches!(
+        r.create_policy(&a.id, "big", &doc),
+        Err(RegistryError::MalformedPolicy(_))
+    ));
+}
+
+#[test]
+fn policies_per_target_limit_at_n_and_n_plus_1() {
+    let r = Registry::in_memory("us-east-1").unwrap();
+    let (a, _) = r.create_account("a").unwrap();
+    let c = new_cert(&r, &a.id);
+    let arn = r.arn(&a.id, &format!("cert/{}", c.id));
+    for i in 0..=MAX_POLICIES_PER_TARGET {
+        r.create_policy(&a.id, &format!("p{i}"), DOC).unwrap();
+    }
+    for i in 0..MAX_POLICIES_PER_TARGET {
+        r.attach_policy(&a.id, &format!("p{i}"), &arn).unwrap();
+    }
+    let last = format!("p{MAX_POLICIES_PER_TARGET}");
+    assert!(matches!(
+        r.attach_policy(&a.id, &last, &arn),
+        Err(RegistryError::LimitExceeded(_))
+    ));
+}
+
+#[test]
+fn changes_reach_the_feed_and_generation() {
+    let r = Registry::in_memory("us-east-1").unwrap();
+    let (a, _) = r.create_account("a").unwrap();
+    let c = new_cert(&r, &a.id);
+    let mut rx = r.subscribe();
+    let g0 = r.generation();
+    r.create_policy(&a.id, "p", DOC).unwrap();
+    r.attach_policy(&a.id, "p", &r.arn(&a.id, &format!("cert/{}", c.id)))
+        .unwrap();
+    assert!(r.generation() > g0);
+    r.update_certificate(&a.id, &c.id, CertStatus::Revoked)
+        .unwrap();
+    assert_eq!(
+        rx.try_recv().unwrap(),
+        Change::Certificate {
+            account: a.id.clone(),
+            certificate_id: c.id.clone(),
+            status: Some(CertStatus::Revoked)
+        }
+    );
+}
+
+#[test]
+fn accounts_are_isolated() {
+    let r = Registry::in_memory("us-east-1").unwrap();
+    let (a, _) = r.create_account("a").unwrap();
+    let (b, _) = r.create_account("b").unwrap();
+    r.create_thing(&a.id, "t", None, BTreeMap::new()).unwrap();
+    assert!(matches!(
+        r.describe_thing(&b.id, "t"),
+        Err(RegistryError::NotFound(_))
+    ));
+    let c = new_cert(&r, &a.id);
+    assert!(r.describe_certificate(&b.id, &c.id).is_err());
+    let arn_in_a = r.arn(&a.id, &format!("cert/{}", c.id));
+    r.create_policy(&b.id, "p", DOC).unwrap();
+    assert!(
+        r.attach_policy(&b.id, "p", &arn_in_a).is_err(),
+        "another account's certificate is not a principal here"
+    );
+}
+
+#[test]
+fn thing_names_and_attributes_validated() {
+    let r = Registry::in_memory("us-east-1").unwrap();
+    let (a, _) = r.create_account("a").unwrap();
+    assert!(
+        r.create_thing(&a.id, &"x".repeat(128), None, BTreeMap::new())
+            .is_ok()
+    );
+    assert!(
+        r.create_thing(&a.id, &"x".repeat(129), None, BTreeMap::new())
+            .is_err()
+    );
+    assert!(
+        r.create_thing(&a.id, "bad name", None, BTreeMap::new())
+            .is_err()
+    );
+    let attrs = |n: usize| {
+        (0..n)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    assert!(r.create_thing(&a.id, "three", None, attrs(3)).is_ok());
+    assert!(r.create_thing(&a.id, "four", None, attrs(4)).is_err());
+    // Idempotent for the same configuration, conflict otherwise.
+    assert!(r.create_thing(&a.id, "three", None, attrs(3)).is_ok());
+    assert!(matches!(
+        r.create_thing(&a.id, "three", None, attrs(2)),
+        Err(RegistryError::AlreadyExists { .. })
+    ));
+}
