@@ -1,1 +1,699 @@
+//! The message broker: sessions, the subscription index, retained messages, and delivery into
+//! bounded per-connection queues.
+//!
+//! The broker routes; it does not authorize. The connection that publishes has already been
+//! allowed `iot:Publish`; the connection that receives checks `iot:Receive` before it writes a
+//! delivery to its socket, with the policies in force at that moment.
+//!
+//! It must never block (all sends are `try_send`), hold its lock across an `.await`, or let one
+//! account's sessions, subscriptions or retained messages be seen from another.
 
+#![warn(missing_docs)]
+
+pub mod aws;
+pub mod trie;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::Rng;
+use sekisho_mqtt::{Properties, QoS, SubscriptionOptions};
+use tokio::sync::{mpsc, oneshot};
+pub use trie::SessionId;
+use trie::{SubEntry, Trie};
+
+/// A published application message, shared by every delivery of it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS it was published with.
+    pub qos: QoS,
+    /// RETAIN flag as published.
+    pub retain: bool,
+    /// Forwarded MQTT 5 properties (payload format, content type, response topic, correlation
+    /// data, user properties). Message expiry is kept in `expires_at`.
+    pub properties: Properties,
+    /// When it expires (MQTT 5 Message Expiry Interval).
+    pub expires_at: Option<Instant>,
+    /// The publishing session (for No Local), if any.
+    pub origin: Option<SessionId>,
+    /// Publication time, epoch milliseconds.
+    pub timestamp_ms: u64,
+}
+
+impl Message {
+    /// True when past its expiry at `now`.
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|e| now >= e)
+    }
+}
+
+/// One message on its way to one session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message.
+    pub message: Arc<Message>,
+    /// QoS granted for this delivery.
+    pub qos: QoS,
+    /// RETAIN flag to send.
+    pub retain: bool,
+}
+
+/// Why the broker ends a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Another connection took the client id.
+    TakenOver,
+    /// The server is shutting down.
+    Shutdown,
+    /// An administrative action (certificate revoked, DeleteConnection).
+    Administrative,
+}
+
+/// What a new connection gets from [`Broker::connect`].
+#[derive(Debug)]
+pub struct Attached {
+    /// The session.
+    pub session: SessionId,
+    /// This connection's epoch within the session.
+    pub epoch: u64,
+    /// Whether an existing session was resumed.
+    pub session_present: bool,
+    /// Deliveries for this connection.
+    pub rx: mpsc::Receiver<Delivery>,
+    /// Fires when the broker ends the connection.
+    pub kick: oneshot::Receiver<Kick>,
+}
+
+/// Broker settings.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerConfig {
+    /// Deliveries buffered per connected client before new ones are dropped.
+    pub queue_capacity: usize,
+    /// QoS 1 messages kept for an offline persistent session (oldest dropped first).
+    pub max_queued_offline: usize,
+    /// Retained messages per account.
+    pub max_retained: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            queue_capacity: 1024,
+            max_queued_offline: 1000,
+            max_retained: 100_000,
+        }
+    }
+}
+
+struct Conn {
+    tx: mpsc::Sender<Delivery>,
+    kick: Option<oneshot::Sender<Kick>>,
+    epoch: u64,
+}
+
+struct Session {
+    client_id: String,
+    subscriptions: HashMap<String, SubscriptionOptions>,
+    conn: Option<Conn>,
+    expiry: Duration,
+    disconnected_at: Option<Instant>,
+    queue: VecDeque<Delivery>,
+}
+
+#[derive(Default)]
+struct AccountState {
+    trie: Trie,
+    sessions: HashMap<SessionId, Session>,
+    by_client: HashMap<String, SessionId>,
+    retained: BTreeMap<String, Arc<Message>>,
+}
+
+impl AccountState {
+    fn drop_session(&mut self, id: SessionId) -> Option<Session> {
+        let s = self.sessions.remove(&id)?;
+        for f in s.subscriptions.keys() {
+            self.trie.remove(id, f);
+        }
+        if self.by_client.get(&s.client_id) == Some(&id) {
+            self.by_client.remove(&s.client_id);
+        }
+        Some(s)
+    }
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Deliveries handed to a connection's queue.
+    pub delivered: AtomicU64,
+    /// Deliveries dropped because a queue was full.
+    pub dropped_full: AtomicU64,
+    /// Deliveries queued for offline persistent sessions.
+    pub queued_offline: AtomicU64,
+}
+
+/// Errors of [`Broker::publish`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The account's retained-message quota is full.
+    #[error("retained message quota exceeded")]
+    RetainedQuota,
+}
+
+/// The broker. Cheap to share behind an `Arc`.
+pub struct Broker {
+    config: BrokerConfig,
+    inner: Mutex<HashMap<String, AccountState>>,
+    next_id: AtomicU64,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// A broker with `config`.
+    pub fn new(config: BrokerConfig) -> Broker {
+        Broker {
+            config,
+            inner: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            stats: Stats::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AccountState>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches a connection to the session of `client_id` in `account`. An existing
+    /// connection with that client id is kicked ([`Kick::TakenOver`]). With `clean_start`, or
+    /// when no session exists, a new session starts; otherwise the stored session resumes and
+    /// its queued messages are delivered first. `expiry` is how long the session outlives
+    /// the connection (zero: a clean session).
+    pub fn connect(
+        &self,
+        account: &str,
+        client_id: &str,
+        clean_start: bool,
+        expiry: Duration,
+    ) -> Attached {
+        let (tx, rx) = mpsc::channel(self.config.queue_capacity);
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let epoch = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        let acct = inner.entry(account.to_owned()).or_default();
+        let existing = acct.by_client.get(client_id).copied();
+        if let Some(id) = existing
+            && let Some(s) = acct.sessions.get_mut(&id)
+            && let Some(mut old) = s.conn.take()
+            && let Some(k) = old.kick.take()
+        {
+            let _ = k.send(Kick::TakenOver);
+        }
+        let resumable = existing.filter(|id| {
+            !clean_start && acct.sessions.get(id).is_some_and(|s| !s.expiry.is_zero())
+        });
+        let conn = Conn {
+            tx,
+            kick: Some(kick_tx),
+            epoch,
+        };
+        match resumable {
+            Some(id) => {
+                let s = acct.sessions.get_mut(&id).expect("checked above");
+                s.expiry = expiry;
+                s.disconnected_at = None;
+                let now = Instant::now();
+                while let Some(d) = s.queue.pop_front() {
+                    if d.message.expired(now) {
+                        continue;
+                    }
+                    if conn.tx.try_send(d).is_err() {
+                        self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                s.conn = Some(conn);
+                Attached {
+                    session: id,
+                    epoch,
+                    session_present: true,
+                    rx,
+                    kick: kick_rx,
+                }
+            }
+            None => {
+                if let Some(id) = existing {
+                    acct.drop_session(id);
+                }
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                acct.sessions.insert(
+                    id,
+                    Session {
+                        client_id: client_id.to_owned(),
+                        subscriptions: HashMap::new(),
+                        conn: Some(conn),
+                        expiry,
+                        disconnected_at: None,
+                        queue: VecDeque::new(),
+                    },
+                );
+                acct.by_client.insert(client_id.to_owned(), id);
+                Attached {
+                    session: id,
+                    epoch,
+                    session_present: false,
+                    rx,
+                    kick: kick_rx,
+                }
+            }
+        }
+    }
+
+    /// Detaches connection `epoch` from its session at `now`. A clean session ends; a
+    /// persistent one waits for its expiry. A connection that was taken over changes nothing.
+    /// `expiry` replaces the session expiry when given (MQTT 5 DISCONNECT).
+    pub fn disconnect(
+        &self,
+        account: &str,
+        session: SessionId,
+        epoch: u64,
+        expiry: Option<Duration>,
+        now: Instant,
+    ) {
+        let mut inner = self.lock();
+        let Some(acct) = inner.get_mut(account) else {
+            return;
+        };
+        let Some(s) = acct.sessions.get_mut(&session) else {
+            return;
+        };
+        if s.conn.as_ref().is_none_or(|c| c.epoch != epoch) {
+            return;
+        }
+        s.conn = None;
+        if let Some(e) = expiry {
+            s.expiry = e;
+        }
+        if s.expiry.is_zero() {
+            acct.drop_session(session);
+        } else {
+            s.disconnected_at = Some(now);
+        }
+    }
+
+    /// Ends every connection (and, with `account`, only those of one account) whose client id
+    /// is in `clients` with `kick`. Returns how many were kicked.
+    pub fn kick(&self, account: &str, clients: &[String], kick: Kick) -> usize {
+        let mut inner = self.lock();
+        let Some(acct) = inner.get_mut(account) else {
+            return 0;
+        };
+        let mut n = 0;
+        for c in clients {
+            if let Some(id) = acct.by_client.get(c).copied()
+                && let Some(s) = acct.sessions.get_mut(&id)
+                && let Some(conn) = s.conn.as_mut()
+                && let Some(k) = conn.kick.take()
+            {
+                let _ = k.send(kick);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Ends every connection with [`Kick::Shutdown`].
+    pub fn shutdown(&self) {
+        let mut inner = self.lock();
+        for acct in inner.values_mut() {
+            for s in acct.sessions.values_mut() {
+                if let Some(conn) = s.conn.as_mut()
+                    && let Some(k) = conn.kick.take()
+                {
+                    let _ = k.send(Kick::Shutdown);
+                }
+            }
+        }
+    }
+
+    /// Removes persistent sessions whose expiry has passed at `now`. Returns how many.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut inner = self.lock();
+        let mut n = 0;
+        for acct in inner.values_mut() {
+            let expired: Vec<SessionId> = acct
+                .sessions
+                .iter()
+                .filter(|(_, s)| {
+                    s.conn.is_none() && s.disconnected_at.is_some_and(|d| now >= d + s.expiry)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                acct.drop_session(id);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Number of subscriptions of a session.
+    pub fn subscription_count(&self, account: &str, session: SessionId) -> usize {
+        self.lock()
+            .get(account)
+            .and_then(|a| a.sessions.get(&session))
+            .map_or(0, |s| s.subscriptions.len())
+    }
+
+    /// Adds (or replaces) a subscription. Returns true when it is new.
+    pub fn subscribe(
+        &self,
+        account: &str,
+        session: SessionId,
+        filter: &str,
+        options: SubscriptionOptions,
+    ) -> bool {
+        let mut inner = self.lock();
+        let acct = inner.entry(account.to_owned()).or_default();
+        let Some(s) = acct.sessions.get_mut(&session) else {
+            return false;
+        };
+        let new = s.subscriptions.insert(filter.to_owned(), options).is_none();
+        acct.trie.insert(session, filter, SubEntry { options });
+        new
+    }
+
+    /// Removes a subscription. Returns true when it existed.
+    pub fn unsubscribe(&self, account: &str, session: SessionId, filter: &str) -> bool {
+        let mut inner = self.lock();
+        let Some(acct) = inner.get_mut(account) else {
+            return false;
+        };
+        let Some(s) = acct.sessions.get_mut(&session) else {
+            return false;
+        };
+        if s.subscriptions.remove(filter).is_some() {
+            acct.trie.remove(session, filter);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The retained message AWS delivers for a new subscription: only for a filter equal to
+    /// the topic (no wildcards, no `$share`).
+    pub fn retained_for(&self, account: &str, filter: &str, now: Instant) -> Option<Arc<Message>> {
+        if filter.contains(['+', '#']) || filter.starts_with("$share/") {
+            return None;
+        }
+        let inner = self.lock();
+        inner
+            .get(account)?
+            .retained
+            .get(filter)
+            .filter(|m| !m.expired(now))
+            .cloned()
+    }
+
+    /// Retained messages of an account (for the HTTP API), by topic.
+    pub fn retained_list(&self, account: &str, now: Instant) -> Vec<Arc<Message>> {
+        let inner = self.lock();
+        inner
+            .get(account)
+            .map(|a| {
+                a.retained
+                    .values()
+                    .filter(|m| !m.expired(now))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Publishes a message: stores or clears the retained copy, then delivers it to every
+    /// matching session (once per session, at the highest granted QoS; one member per shared
+    /// group). Returns the number of sessions it reached.
+    pub fn publish(&self, account: &str, msg: Arc<Message>) -> Result<usize, PublishError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let acct = inner.entry(account.to_owned()).or_default();
+        if msg.retain {
+            if msg.payload.is_empty() {
+                acct.retained.remove(&*msg.topic);
+            } else {
+                if !acct.retained.contains_key(&*msg.topic)
+                    && acct.retained.len() >= self.config.max_retained
+                {
+                    return Err(PublishError::RetainedQuota);
+                }
+                acct.retained.insert(msg.topic.to_string(), msg.clone());
+            }
+        }
+        let mut direct: HashMap<SessionId, (QoS, bool)> = HashMap::new();
+        let mut groups: HashMap<Box<str>, Vec<(SessionId, SubEntry)>> = HashMap::new();
+        acct.trie.matches(&msg.topic, &mut |m| {
+            if m.entry.options.no_local && msg.origin == Some(m.session) {
+                return;
+            }
+            match m.group {
+                Some(g) => groups.entry(g).or_default().push((m.session, m.entry)),
+                None => {
+                    let e = direct.entry(m.session).or_insert((QoS::AtMostOnce, false));
+                    e.0 = e.0.max(m.entry.options.qos);
+                    e.1 |= m.entry.options.retain_as_published;
+                }
+            }
+        });
+        let mut rng = rand::rng();
+        for (_, members) in groups {
+            let online: Vec<_> = members
+                .iter()
+                .filter(|(id, _)| acct.sessions.get(id).is_some_and(|s| s.conn.is_some()))
+                .collect();
+            let pool: Vec<_> = if online.is_empty() {
+                members.iter().collect()
+            } else {
+                online
+            };
+            let (id, entry) = pool[rng.random_range(0..pool.len())];
+            let e = direct.entry(*id).or_insert((QoS::AtMostOnce, false));
+            e.0 = e.0.max(entry.options.qos);
+        }
+        let mut reached = 0;
+        for (id, (sub_qos, rap)) in direct {
+            let Some(s) = acct.sessions.get_mut(&id) else {
+                continue;
+            };
+            let qos = msg.qos.min(sub_qos);
+            let d = Delivery {
+                message: msg.clone(),
+                qos,
+                retain: rap && msg.retain,
+            };
+            match &s.conn {
+                Some(c) => {
+                    if c.tx.try_send(d).is_ok() {
+                        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                        reached += 1;
+                    } else {
+                        self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                None if qos == QoS::AtLeastOnce && !s.expiry.is_zero() && !msg.expired(now) => {
+                    if s.queue.len() >= self.config.max_queued_offline {
+                        s.queue.pop_front();
+                    }
+                    s.queue.push_back(d);
+                    self.stats.queued_offline.fetch_add(1, Ordering::Relaxed);
+                    reached += 1;
+                }
+                None => {}
+            }
+        }
+        Ok(reached)
+    }
+
+    /// Whether a session (connected or persisted) exists for a client id.
+    pub fn has_session(&self, account: &str, client_id: &str) -> bool {
+        self.lock()
+            .get(account)
+            .is_some_and(|a| a.by_client.contains_key(client_id))
+    }
+
+    /// Whether a client id is connected now.
+    pub fn is_connected(&self, account: &str, client_id: &str) -> bool {
+        self.lock().get(account).is_some_and(|a| {
+            a.by_client
+                .get(client_id)
+                .and_then(|id| a.sessions.get(id))
+                .is_some_and(|s| s.conn.is_some())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str, qos: QoS, retain: bool, payload: &'static [u8]) -> Arc<Message> {
+        Arc::new(Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(payload),
+            qos,
+            retain,
+            properties: Properties::default(),
+            expires_at: None,
+            origin: None,
+            timestamp_ms: 0,
+        })
+    }
+
+    fn opts(qos: QoS) -> SubscriptionOptions {
+        SubscriptionOptions {
+            qos,
+            ..SubscriptionOptions::default()
+        }
+    }
+
+    #[test]
+    fn routes_once_per_session_at_max_qos() {
+        let b = Broker::new(BrokerConfig::default());
+        let mut a = b.connect("acct", "c1", true, Duration::ZERO);
+        b.subscribe("acct", a.session, "t/#", opts(QoS::AtMostOnce));
+        b.subscribe("acct", a.session, "t/x", opts(QoS::AtLeastOnce));
+        assert_eq!(
+            b.publish("acct", msg("t/x", QoS::AtLeastOnce, false, b"1")),
+            Ok(1)
+        );
+        let d = a.rx.try_recv().unwrap();
+        assert_eq!(d.qos, QoS::AtLeastOnce);
+        assert!(a.rx.try_recv().is_err(), "one delivery per session");
+        // Another account sees nothing.
+        let mut other = b.connect("other", "c1", true, Duration::ZERO);
+        b.subscribe("other", other.session, "#", opts(QoS::AtMostOnce));
+        b.publish("acct", msg("t/x", QoS::AtMostOnce, false, b"2"))
+            .unwrap();
+        assert!(other.rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn takeover_kicks_and_persistent_sessions_queue() {
+        let b = Broker::new(BrokerConfig::default());
+        let a = b.connect("acct", "c1", false, Duration::from_secs(3600));
+        b.subscribe("acct", a.session, "q", opts(QoS::AtLeastOnce));
+        let mut a2 = b.connect("acct", "c1", false, Duration::from_secs(3600));
+        assert!(a2.session_present);
+        assert_eq!(a.kick.blocking_recv(), Ok(Kick::TakenOver));
+        // The old connection's disconnect changes nothing.
+        b.disconnect("acct", a.session, a.epoch, None, Instant::now());
+        assert!(b.is_connected("acct", "c1"));
+        b.disconnect("acct", a2.session, a2.epoch, None, Instant::now());
+        b.publish("acct", msg("q", QoS::AtLeastOnce, false, b"queued"))
+            .unwrap();
+        b.publish("acct", msg("q", QoS::AtMostOnce, false, b"lost"))
+            .unwrap();
+        let mut a3 = b.connect("acct", "c1", false, Duration::from_secs(3600));
+        assert!(a3.session_present);
+        assert_eq!(&a3.rx.try_recv().unwrap().message.payload[..], b"queued");
+        assert!(a3.rx.try_recv().is_err(), "QoS 0 is not queued offline");
+        let _ = a2.rx.try_recv();
+        // Clean start discards the session.
+        let a4 = b.connect("acct", "c1", true, Duration::ZERO);
+        assert!(!a4.session_present);
+        assert_eq!(b.subscription_count("acct", a4.session), 0);
+    }
+
+    #[test]
+    fn sessions_expire() {
+        let b = Broker::new(BrokerConfig::default());
+        let a = b.connect("acct", "c1", false, Duration::from_secs(10));
+        let t0 = Instant::now();
+        b.disconnect("acct", a.session, a.epoch, None, t0);
+        assert_eq!(b.sweep(t0 + Duration::from_secs(9)), 0);
+        assert!(b.has_session("acct", "c1"));
+        assert_eq!(b.sweep(t0 + Duration::from_secs(10)), 1);
+        assert!(!b.has_session("acct", "c1"));
+    }
+
+    #[test]
+    fn retained_semantics() {
+        let b = Broker::new(BrokerConfig {
+            max_retained: 2,
+            ..BrokerConfig::default()
+        });
+        let now = Instant::now();
+        b.publish("a", msg("r/1", QoS::AtMostOnce, true, b"x"))
+            .unwrap();
+        assert!(b.retained_for("a", "r/1", now).is_some());
+        assert!(
+            b.retained_for("a", "r/+", now).is_none(),
+            "only exact filters get retained messages"
+        );
+        assert!(b.retained_for("b", "r/1", now).is_none());
+        b.publish("a", msg("r/2", QoS::AtMostOnce, true, b"x"))
+            .unwrap();
+        assert_eq!(
+            b.publish("a", msg("r/3", QoS::AtMostOnce, true, b"x")),
+            Err(PublishError::RetainedQuota)
+        );
+        b.publish("a", msg("r/2", QoS::AtMostOnce, true, b"y"))
+            .unwrap();
+        b.publish("a", msg("r/1", QoS::AtMostOnce, true, b""))
+            .unwrap();
+        assert!(
+            b.retained_for("a", "r/1", now).is_none(),
+            "an empty retained payload clears"
+        );
+    }
+
+    #[test]
+    fn full_queue_drops_by_rule() {
+        let b = Broker::new(BrokerConfig {
+            queue_capacity: 2,
+            ..BrokerConfig::default()
+        });
+        let a = b.connect("acct", "c", true, Duration::ZERO);
+        b.subscribe("acct", a.session, "t", opts(QoS::AtMostOnce));
+        for _ in 0..5 {
+            b.publish("acct", msg("t", QoS::AtMostOnce, false, b"x"))
+                .unwrap();
+        }
+        assert_eq!(b.stats.delivered.load(Ordering::Relaxed), 2);
+        assert_eq!(b.stats.dropped_full.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn shared_subscriptions_deliver_once_per_group() {
+        let b = Broker::new(BrokerConfig::default());
+        let mut x = b.connect("acct", "x", true, Duration::ZERO);
+        let mut y = b.connect("acct", "y", true, Duration::ZERO);
+        b.subscribe("acct", x.session, "$share/g/t", opts(QoS::AtMostOnce));
+        b.subscribe("acct", y.session, "$share/g/t", opts(QoS::AtMostOnce));
+        for _ in 0..10 {
+            b.publish("acct", msg("t", QoS::AtMostOnce, false, b"x"))
+                .unwrap();
+        }
+        let mut n = 0;
+        while x.rx.try_recv().is_ok() {
+            n += 1;
+        }
+        while y.rx.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 10);
+    }
+}
