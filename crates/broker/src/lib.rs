@@ -315,6 +315,27 @@ impl Broker {
         }
     }
 
+    /// Puts unacknowledged deliveries back at the front of a persistent session's queue (called
+    /// before [`Broker::disconnect`]); a clean session drops them.
+    pub fn requeue(&self, account: &str, session: SessionId, deliveries: Vec<Delivery>) {
+        let mut inner = self.lock();
+        let Some(s) = inner
+            .get_mut(account)
+            .and_then(|a| a.sessions.get_mut(&session))
+        else {
+            return;
+        };
+        if s.expiry.is_zero() {
+            return;
+        }
+        for d in deliveries.into_iter().rev() {
+            if s.queue.len() >= self.config.max_queued_offline {
+                break;
+            }
+            s.queue.push_front(d);
+        }
+    }
+
     /// Ends every connection (and, with `account`, only those of one account) whose client id
     /// is in `clients` with `kick`. Returns how many were kicked.
     pub fn kick(&self, account: &str, clients: &[String], kick: Kick) -> usize {

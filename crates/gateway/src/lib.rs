@@ -1,1 +1,239 @@
+//! The Device Gateway: listeners, the authenticator (TLS client certificates against the
+//! registry), the authorizer (policies per connection) and the MQTT connection driver that
+//! feeds the broker.
+//!
+//! Data flow of one connection: TCP accept → ClientHello (SNI chooses the account) →
+//! handshake with [`tls::RegistryVerifier`] (registered and ACTIVE, or `certificate_unknown`)
+//! → CONNECT → [`authz::Principal`] (thing association, policies bound) → `iot:Connect` →
+//! broker session → every PUBLISH/SUBSCRIBE/delivery checked.
 
+#![warn(missing_docs)]
+
+pub mod authz;
+pub mod conn;
+pub mod events;
+pub mod tls;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sekisho_broker::aws::AwsLimits;
+use sekisho_broker::{Broker, Kick};
+use sekisho_mqtt::Limits;
+use sekisho_registry::{CertStatus, Change, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// AWS IoT quotas.
+    pub aws: AwsLimits,
+    /// Codec limits.
+    pub codec_limits: Limits,
+    /// SNI routing.
+    pub sni: tls::SniRouter,
+    /// Most concurrent device connections.
+    pub max_connections: usize,
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    /// The registry.
+    pub registry: Arc<Registry>,
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// Settings.
+    pub config: GatewayConfig,
+    /// Flips to true at shutdown.
+    pub shutdown: watch::Receiver<bool>,
+    /// (account, certificate id) → client ids connected with it.
+    by_cert: Mutex<HashMap<(String, String), HashSet<String>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// New shared state.
+    pub fn new(
+        registry: Arc<Registry>,
+        broker: Arc<Broker>,
+        config: GatewayConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            registry,
+            broker,
+            config,
+            shutdown,
+            by_cert: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub(crate) fn index_add(&self, account: &str, cert: &str, client: &str) {
+        let mut m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry((account.to_owned(), cert.to_owned()))
+            .or_default()
+            .insert(client.to_owned());
+    }
+
+    pub(crate) fn index_remove(&self, account: &str, cert: &str, client: &str) {
+        let mut m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (account.to_owned(), cert.to_owned());
+        if let Some(s) = m.get_mut(&key) {
+            // Only if this client is not connected again under a newer connection.
+            if !self.broker.is_connected(account, client) {
+                s.remove(client);
+            }
+            if s.is_empty() {
+                m.remove(&key);
+            }
+        }
+    }
+
+    /// Client ids connected with a certificate.
+    pub fn clients_of(&self, account: &str, cert: &str) -> Vec<String> {
+        let m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(account.to_owned(), cert.to_owned()))
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Follows the registry's change feed: a certificate that leaves ACTIVE (or is deleted) has
+/// its connections cut at once.
+pub async fn follow_changes(shared: Arc<Shared>) {
+    let mut rx = shared.registry.subscribe();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let change = tokio::select! {
+            c = rx.recv() => c,
+            _ = shutdown.changed() => return,
+        };
+        match change {
+            Ok(Change::Certificate {
+                account,
+                certificate_id,
+                status,
+            }) => {
+                if status != Some(CertStatus::Active) {
+                    let clients = shared.clients_of(&account, &certificate_id);
+                    let n = shared.broker.kick(&account, &clients, Kick::Administrative);
+                    if n > 0 {
+                        tracing::info!(%account, certificate = %certificate_id, connections = n, "certificate no longer active; connections closed");
+                    }
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                // Missed changes: connections re-check on their next operation anyway.
+                tracing::warn!(missed = n, "change feed lagged");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Removes expired persistent sessions every few seconds.
+pub async fn sweep_sessions(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let n = shared.broker.sweep(Instant::now());
+                if n > 0 {
+                    tracing::debug!(sessions = n, "expired persistent sessions removed");
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Accepts MQTT over mutual TLS on `listener` until shutdown.
+pub async fn serve_mqtt_tls(shared: Arc<Shared>, listener: TcpListener, tls: Arc<tls::TlsConfigs>) {
+    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; refusing");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let deadline = shared.config.handshake_timeout;
+            let handshake = async {
+                let start =
+                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+                        .await
+                        .ok()?;
+                let sni = start.client_hello().server_name().map(str::to_owned);
+                let Some(target) = shared.config.sni.route(&shared.registry, sni.as_deref()) else {
+                    tracing::info!(%peer, sni = ?sni, "unknown server name; refusing");
+                    return None;
+                };
+                let cfg = shared_cfg(&tls, &target)?;
+                let stream = match start.into_stream(cfg).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return None;
+                    }
+                };
+                let der = stream.get_ref().1.peer_certificates()?.first()?.to_vec();
+                let (account, certificate_id) =
+                    tls::resolve_certificate(&shared.registry, &target, &der).ok()?;
+                Some((stream, account, certificate_id))
+            };
+            let Ok(Some((stream, account, certificate_id))) =
+                tokio::time::timeout(deadline, handshake).await
+            else {
+                return;
+            };
+            conn::serve(
+                shared,
+                stream,
+                conn::ConnInfo {
+                    peer,
+                    account,
+                    certificate_id,
+                },
+            )
+            .await;
+        });
+    }
+}
+
+fn shared_cfg(tls: &tls::TlsConfigs, target: &tls::Target) -> Option<Arc<rustls::ServerConfig>> {
+    match tls.mtls(target) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(error = %e, "TLS configuration failed");
+            None
+        }
+    }
+}

@@ -126,6 +126,7 @@ impl Registry {
             next.modified = now_secs();
             next.generation += 1;
             tx.put(Kind::Certificate, id, &next)?;
+            tx.bump();
             tx.change(Change::Certificate {
                 account: account.to_owned(),
                 certificate_id: id.to_owned(),

@@ -1,0 +1,258 @@
+//! The Authorizer: a connection's principal, its policy variables, and the decisions.
+//!
+//! Policies are bound once per registry generation (not per message): a change of policy,
+//! attachment, thing or certificate status bumps the generation, and the next check rebinds.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use sekisho_policy::{BoundPolicy, Context, Decision, Value, decide};
+use sekisho_registry::{CertStatus, CertificateIdentity, Registry, RegistryError};
+
+/// The variables and condition keys of one connection.
+#[derive(Debug, Clone, Default)]
+pub struct ConnContext {
+    /// `iot:ClientId` (absent over HTTPS).
+    pub client_id: Option<String>,
+    /// `aws:SourceIp`.
+    pub source_ip: Option<String>,
+    /// `iot:ConnectAttributes`.
+    pub connect_attributes: Vec<String>,
+    /// `iot:CertificateId`.
+    pub certificate_id: Option<String>,
+    thing_name: Option<String>,
+    thing_type: Option<String>,
+    is_attached: &'static str,
+    attributes: HashMap<String, String>,
+    /// Lower-cased `iot:certificate.*` keys to values.
+    cert_vars: HashMap<String, Vec<String>>,
+    cert_multi: HashMap<String, bool>,
+}
+
+fn strip_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    if s.len() >= prefix.len()
+        && s.is_char_boundary(prefix.len())
+        && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+    {
+        Some(&s[prefix.len()..])
+    } else {
+        None
+    }
+}
+
+impl ConnContext {
+    /// Fills the thing and certificate parts from an identity.
+    pub fn set_identity(&mut self, id: &CertificateIdentity) {
+        self.certificate_id = Some(id.certificate_id.clone());
+        self.thing_name = id.thing.as_ref().map(|t| t.name.clone());
+        self.thing_type = id.thing.as_ref().and_then(|t| t.thing_type.clone());
+        self.is_attached = if id.thing.is_some() { "true" } else { "false" };
+        self.attributes = id
+            .thing
+            .as_ref()
+            .map(|t| t.attributes.clone().into_iter().collect())
+            .unwrap_or_default();
+        self.cert_vars.clear();
+        self.cert_multi.clear();
+        if let Some(info) = &id.info {
+            let mut add = |key: String, vals: Vec<String>, multi: bool| {
+                let k = format!("iot:certificate.{key}").to_ascii_lowercase();
+                self.cert_multi.insert(k.clone(), multi);
+                self.cert_vars.insert(k, vals);
+            };
+            add("SerialNumber".into(), vec![info.serial.clone()], false);
+            add("AvailableKeys".into(), info.available_keys(), true);
+            for (prefix, fields) in [
+                ("Subject", &info.subject),
+                ("Issuer", &info.issuer),
+                ("Subject.AlternativeName", &info.subject_alt),
+                ("Issuer.AlternativeName", &info.issuer_alt),
+            ] {
+                for name in fields.keys() {
+                    let base = format!("{prefix}.{name}");
+                    if let Some((v, _)) = info.lookup(&base) {
+                        add(
+                            base.clone(),
+                            v.iter().map(|s| s.to_string()).collect(),
+                            false,
+                        );
+                    }
+                    if let Some((v, _)) = info.lookup(&format!("{base}.List")) {
+                        add(
+                            format!("{base}.List"),
+                            v.iter().map(|s| s.to_string()).collect(),
+                            true,
+                        );
+                    }
+                    for i in 1..=5 {
+                        if let Some((v, _)) = info.lookup(&format!("{base}.{i}")) {
+                            add(
+                                format!("{base}.{i}"),
+                                v.iter().map(|s| s.to_string()).collect(),
+                                false,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The thing associated with the connection.
+    pub fn thing_name(&self) -> Option<&str> {
+        self.thing_name.as_deref()
+    }
+}
+
+impl Context for ConnContext {
+    fn get(&self, key: &str) -> Option<Value<'_>> {
+        fn one(v: &Option<String>) -> Option<Value<'_>> {
+            v.as_deref().map(Value::One)
+        }
+        if key.eq_ignore_ascii_case("iot:ClientId") {
+            return one(&self.client_id);
+        }
+        if key.eq_ignore_ascii_case("aws:SourceIp") {
+            return one(&self.source_ip);
+        }
+        if key.eq_ignore_ascii_case("iot:CertificateId") {
+            return one(&self.certificate_id);
+        }
+        if key.eq_ignore_ascii_case("iot:ConnectAttributes") {
+            return Some(Value::Many(&self.connect_attributes));
+        }
+        if let Some(rest) = strip_ci(key, "iot:Connection.Thing.") {
+            if rest.eq_ignore_ascii_case("ThingName") {
+                return one(&self.thing_name);
+            }
+            if rest.eq_ignore_ascii_case("ThingTypeName") {
+                return one(&self.thing_type);
+            }
+            if rest.eq_ignore_ascii_case("IsAttached") {
+                return Some(Value::One(self.is_attached)).filter(|_| !self.is_attached.is_empty());
+            }
+            if let Some(attr) = strip_ci(rest, "Attributes[").and_then(|a| a.strip_suffix(']')) {
+                return self.attributes.get(attr).map(|v| Value::One(v));
+            }
+            return None;
+        }
+        if strip_ci(key, "iot:Certificate.").is_some() {
+            let k = key.to_ascii_lowercase();
+            let v = self.cert_vars.get(&k)?;
+            return if self.cert_multi.get(&k).copied().unwrap_or(false) {
+                Some(Value::Many(v))
+            } else {
+                v.first().map(|s| Value::One(s))
+            };
+        }
+        None
+    }
+}
+
+/// Why a principal can no longer act.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revoked {
+    /// The certificate is no longer ACTIVE (or was deleted).
+    Certificate(String),
+}
+
+/// A certificate principal with its bound policies.
+pub struct Principal {
+    registry: Arc<Registry>,
+    /// Account id.
+    pub account: String,
+    /// Resolved identity.
+    pub identity: CertificateIdentity,
+    /// The variables and condition keys.
+    pub ctx: ConnContext,
+    bound: Vec<BoundPolicy>,
+    arn_prefix: String,
+}
+
+impl std::fmt::Debug for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Principal")
+            .field("account", &self.account)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Principal {
+    /// Resolves the certificate principal and binds its policies.
+    pub fn certificate(
+        registry: Arc<Registry>,
+        account: &str,
+        certificate_id: &str,
+        client_id: Option<&str>,
+        source_ip: Option<IpAddr>,
+    ) -> Result<Principal, RegistryError> {
+        let identity = registry.certificate_identity(account, certificate_id, client_id)?;
+        let ctx = ConnContext {
+            client_id: client_id.map(str::to_owned),
+            source_ip: source_ip.map(|i| i.to_string()),
+            ..ConnContext::default()
+        };
+        let arn_prefix = registry.arn(account, "");
+        let mut p = Principal {
+            registry,
+            account: account.to_owned(),
+            identity,
+            ctx,
+            bound: Vec::new(),
+            arn_prefix,
+        };
+        p.bind();
+        Ok(p)
+    }
+
+    fn bind(&mut self) {
+        self.ctx.set_identity(&self.identity);
+        self.bound = self
+            .identity
+            .policies
+            .iter()
+            .map(|(_, p)| p.bind(&self.ctx))
+            .collect();
+    }
+
+    /// Re-reads the identity if the registry changed since it was bound (every change of
+    /// policy, attachment, thing or certificate status moves the generation), and fails once
+    /// the certificate is no longer ACTIVE. Costs one atomic load when nothing changed.
+    pub fn refresh(&mut self) -> Result<(), Revoked> {
+        if self.registry.generation() != self.identity.generation {
+            let client = self.ctx.client_id.clone();
+            match self.registry.certificate_identity(
+                &self.account,
+                &self.identity.certificate_id,
+                client.as_deref(),
+            ) {
+                Ok(id) => {
+                    self.identity = id;
+                    self.bind();
+                }
+                Err(_) => return Err(Revoked::Certificate("certificate deleted".into())),
+            }
+        }
+        match self.identity.status {
+            CertStatus::Active => Ok(()),
+            s => Err(Revoked::Certificate(format!(
+                "certificate is {}",
+                s.as_str()
+            ))),
+        }
+    }
+
+    /// Decides `action` (e.g. `iot:publish`) on resource `kind/name` (e.g. `topic/a/b`).
+    pub fn decide(&self, action: &str, resource: &str) -> Decision {
+        let mut arn = String::with_capacity(self.arn_prefix.len() + resource.len());
+        arn.push_str(&self.arn_prefix);
+        arn.push_str(resource);
+        decide(self.bound.iter(), action, &arn, &self.ctx)
+    }
+
+    /// Shorthand: whether `action` on `resource` is allowed.
+    pub fn allowed(&self, action: &str, resource: &str) -> bool {
+        self.decide(action, resource).is_allowed()
+    }
+}

@@ -1,0 +1,980 @@
+//! One MQTT connection, from CONNECT to close: authentication result in, packets through the
+//! Authorizer and the Broker, deliveries out.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use sekisho_broker::aws::{self, AwsReject};
+use sekisho_broker::{Attached, Delivery, Kick, Message, PublishError};
+use sekisho_mqtt::{
+    Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion, Publish,
+    QoS, SubAck, Subscribe, UnsubAck, Unsubscribe, Will, decode, encode, reason,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::Shared;
+use crate::authz::Principal;
+use crate::events::{self, EventSource};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_MESSAGE_EXPIRY: u32 = 604_800;
+
+/// Who is on the other end, as the listener established it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Remote address.
+    pub peer: SocketAddr,
+    /// Account the certificate authenticated in.
+    pub account: String,
+    /// Certificate id.
+    pub certificate_id: String,
+}
+
+/// Why a connection ends, as the lifecycle event names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    ClientDisconnect { will: bool },
+    ConnectionLost,
+    KeepAlive,
+    TakenOver,
+    Shutdown,
+    Administrative,
+    AuthError,
+    Forbidden,
+    ClientError(u8),
+}
+
+impl End {
+    fn lifecycle(self) -> &'static str {
+        match self {
+            End::ClientDisconnect { .. } => "CLIENT_INITIATED_DISCONNECT",
+            End::ConnectionLost => "CONNECTION_LOST",
+            End::KeepAlive => "MQTT_KEEP_ALIVE_TIMEOUT",
+            End::TakenOver => "DUPLICATE_CLIENTID",
+            End::Shutdown => "SERVER_INITIATED_DISCONNECT",
+            End::Administrative => "API_INITIATED_DISCONNECT",
+            End::AuthError => "AUTH_ERROR",
+            End::Forbidden => "FORBIDDEN_ACCESS",
+            End::ClientError(_) => "CLIENT_ERROR",
+        }
+    }
+
+    /// The reason code of the server's MQTT 5 DISCONNECT, if one is sent.
+    fn disconnect_code(self) -> Option<u8> {
+        match self {
+            End::ClientDisconnect { .. } | End::ConnectionLost => None,
+            End::KeepAlive => Some(reason::KEEP_ALIVE_TIMEOUT),
+            End::TakenOver => Some(reason::SESSION_TAKEN_OVER),
+            End::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
+            End::Administrative => Some(reason::ADMINISTRATIVE_ACTION),
+            End::AuthError | End::Forbidden => Some(reason::NOT_AUTHORIZED),
+            End::ClientError(c) => Some(c),
+        }
+    }
+
+    fn sends_will(self) -> bool {
+        match self {
+            End::ClientDisconnect { will } => will,
+            _ => true,
+        }
+    }
+}
+
+async fn read_more<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(4096);
+    }
+    stream.read_buf(buf).await
+}
+
+async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, buf: &mut BytesMut) -> bool {
+    if buf.is_empty() {
+        return true;
+    }
+    let ok = matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(buf)).await,
+        Ok(Ok(()))
+    );
+    buf.clear();
+    ok
+}
+
+fn connack(
+    version: ProtocolVersion,
+    code_v5: u8,
+    session_present: bool,
+    properties: Properties,
+) -> Packet {
+    let code = if version == ProtocolVersion::V5 {
+        code_v5
+    } else {
+        reason::connack_v3_from_v5(code_v5)
+    };
+    Packet::ConnAck(ConnAck {
+        session_present,
+        code,
+        properties,
+    })
+}
+
+/// Serves one MQTT connection until it ends.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    mut stream: S,
+    info: ConnInfo,
+) {
+    let limits = shared.config.codec_limits;
+    let mut rbuf = BytesMut::with_capacity(4096);
+    let mut wbuf = BytesMut::with_capacity(4096);
+
+    // CONNECT first, within a deadline.
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            match decode(&mut rbuf, ProtocolVersion::V311, &limits) {
+                Ok(Some(p)) => return Ok(Some(p)),
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+            match read_more(&mut stream, &mut rbuf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let connect = match first {
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Err(DecodeError::UnsupportedProtocolVersion(level))) => {
+            tracing::info!(peer = %info.peer, level, "unsupported MQTT protocol level");
+            let _ = encode(
+                &connack(
+                    ProtocolVersion::V311,
+                    reason::UNSUPPORTED_PROTOCOL_VERSION,
+                    false,
+                    Properties::default(),
+                ),
+                ProtocolVersion::V311,
+                &mut wbuf,
+            );
+            write_all(&mut stream, &mut wbuf).await;
+            return;
+        }
+        Ok(Ok(Some(p))) => {
+            tracing::info!(peer = %info.peer, packet = p.name(), "[MQTT-3.1.0-1] first packet is not CONNECT");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(peer = %info.peer, error = %e, "malformed CONNECT");
+            return;
+        }
+        Ok(Ok(None)) | Err(_) => return,
+    };
+    let mut conn = match Connection::accept(shared.clone(), *connect, &info, &mut wbuf) {
+        Ok(c) => c,
+        Err(()) => {
+            write_all(&mut stream, &mut wbuf).await;
+            return;
+        }
+    };
+    let mut attached = conn.attach(&mut wbuf);
+    let end = conn
+        .run(&mut stream, &mut rbuf, &mut wbuf, &mut attached)
+        .await;
+    conn.finish(end, &mut stream, &mut wbuf, attached).await;
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    version: ProtocolVersion,
+    client_id: String,
+    assigned_id: bool,
+    clean_start: bool,
+    session_expiry: Duration,
+    session_expiry_zero_at_connect: bool,
+    keep_alive: Duration,
+    keep_alive_changed: bool,
+    will: Option<Will>,
+    principal: Principal,
+    account: String,
+    peer: SocketAddr,
+    session: u64,
+    epoch: u64,
+    session_identifier: String,
+    inflight: HashMap<u16, Delivery>,
+    next_pid: u16,
+    client_receive_max: usize,
+    client_max_packet: usize,
+    aliases: HashMap<u16, Arc<str>>,
+    last_recv: Instant,
+}
+
+enum Flow {
+    Continue,
+    Close(End),
+}
+
+impl Connection {
+    fn v5(&self) -> bool {
+        self.version == ProtocolVersion::V5
+    }
+
+    fn event_source(&self) -> EventSource<'_> {
+        EventSource {
+            account: &self.account,
+            client_id: &self.client_id,
+            thing_name: if self.principal.identity.thing_exclusive {
+                self.principal.ctx.thing_name()
+            } else {
+                None
+            },
+            session_identifier: &self.session_identifier,
+            principal: &self.principal.identity.certificate_id,
+        }
+    }
+
+    /// Checks CONNECT against AWS's rules and the principal's policy. On refusal, the CONNACK
+    /// is in `wbuf`.
+    fn accept(
+        shared: Arc<Shared>,
+        c: Connect,
+        info: &ConnInfo,
+        wbuf: &mut BytesMut,
+    ) -> Result<Connection, ()> {
+        let version = c.version;
+        let v5 = version == ProtocolVersion::V5;
+        let limits = &shared.config.aws;
+        let refuse = |wbuf: &mut BytesMut, code: u8, why: &str| {
+            tracing::info!(peer = %info.peer, client_id = %c.client_id, code, why, "CONNECT refused");
+            let _ = encode(
+                &connack(version, code, false, Properties::default()),
+                version,
+                wbuf,
+            );
+        };
+        let (client_id, assigned_id) = if c.client_id.is_empty() {
+            if !c.clean_start && !v5 {
+                refuse(
+                    wbuf,
+                    reason::CLIENT_IDENTIFIER_NOT_VALID,
+                    "[MQTT-3.1.3-8] empty client id needs a clean session",
+                );
+                return Err(());
+            }
+            (format!("sekisho-{}", uuid::Uuid::new_v4().simple()), true)
+        } else {
+            (c.client_id.clone(), false)
+        };
+        if let Err(e) = limits.check_client_id(&client_id) {
+            refuse(wbuf, e.reason_code(), &e.to_string());
+            return Err(());
+        }
+        if let Some(w) = &c.will {
+            if w.qos == QoS::ExactlyOnce {
+                refuse(
+                    wbuf,
+                    reason::QOS_NOT_SUPPORTED,
+                    "will QoS 2 is not supported",
+                );
+                return Err(());
+            }
+            if let Err(e) = limits.check_topic(&w.topic) {
+                refuse(wbuf, reason::TOPIC_NAME_INVALID, &e.to_string());
+                return Err(());
+            }
+        }
+        let mut principal = match Principal::certificate(
+            shared.registry.clone(),
+            &info.account,
+            &info.certificate_id,
+            Some(&client_id),
+            Some(info.peer.ip()),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                refuse(wbuf, reason::NOT_AUTHORIZED, &e.to_string());
+                return Err(());
+            }
+        };
+        let requested_expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            limits.default_session_expiry
+        };
+        let session_expiry = requested_expiry.min(limits.max_session_expiry);
+        let mut attrs = Vec::new();
+        if session_expiry > 0 {
+            attrs.push("PersistentConnect".to_string());
+        }
+        if c.will.is_some() {
+            attrs.push("LastWill".to_string());
+        }
+        principal.ctx.connect_attributes = attrs;
+        let session_identifier = uuid::Uuid::new_v4().to_string();
+        let fail_event = |principal: &Principal| {
+            let src = EventSource {
+                account: &info.account,
+                client_id: &client_id,
+                thing_name: None,
+                session_identifier: &session_identifier,
+                principal: &principal.identity.certificate_id,
+            };
+            events::connect_failed(
+                &shared.broker,
+                &src,
+                &info.peer.ip().to_string(),
+                "AUTHORIZATION_FAILED",
+            );
+        };
+        if !principal.allowed("iot:connect", &format!("client/{client_id}")) {
+            refuse(wbuf, reason::NOT_AUTHORIZED, "iot:Connect denied");
+            fail_event(&principal);
+            return Err(());
+        }
+        if let Some(w) = &c.will {
+            let topic = format!("topic/{}", w.topic);
+            let ok = aws::may_publish(&w.topic)
+                && principal.allowed("iot:publish", &topic)
+                && (!w.retain || principal.allowed("iot:retainpublish", &topic));
+            if !ok {
+                refuse(
+                    wbuf,
+                    reason::NOT_AUTHORIZED,
+                    "not authorized to publish the will",
+                );
+                fail_event(&principal);
+                return Err(());
+            }
+        }
+        let keep_alive = limits.clamp_keep_alive(c.keep_alive);
+        Ok(Connection {
+            version,
+            clean_start: c.clean_start,
+            assigned_id,
+            session_expiry: Duration::from_secs(session_expiry as u64),
+            session_expiry_zero_at_connect: session_expiry == 0,
+            keep_alive: Duration::from_secs(keep_alive as u64),
+            keep_alive_changed: keep_alive != c.keep_alive,
+            will: c.will,
+            account: info.account.clone(),
+            peer: info.peer,
+            session: 0,
+            epoch: 0,
+            session_identifier,
+            inflight: HashMap::new(),
+            next_pid: 1,
+            client_receive_max: c
+                .properties
+                .receive_maximum
+                .map_or(limits.max_inflight, |r| {
+                    (r as usize).min(limits.max_inflight)
+                }),
+            client_max_packet: c
+                .properties
+                .maximum_packet_size
+                .map_or(usize::MAX, |m| m as usize),
+            aliases: HashMap::new(),
+            last_recv: Instant::now(),
+            client_id,
+            principal,
+            shared,
+        })
+    }
+
+    fn attach(&mut self, wbuf: &mut BytesMut) -> Attached {
+        let attached = self.shared.broker.connect(
+            &self.account,
+            &self.client_id,
+            self.clean_start,
+            self.session_expiry,
+        );
+        self.session = attached.session;
+        self.epoch = attached.epoch;
+        self.shared.index_add(
+            &self.account,
+            &self.principal.identity.certificate_id,
+            &self.client_id,
+        );
+        let limits = &self.shared.config.aws;
+        let mut props = Properties::default();
+        if self.v5() {
+            props.maximum_qos = Some(1);
+            props.retain_available = Some(1);
+            props.wildcard_subscription_available = Some(1);
+            props.subscription_identifier_available = Some(0);
+            props.shared_subscription_available = Some(1);
+            props.topic_alias_maximum = Some(limits.topic_alias_max);
+            props.receive_maximum = Some(limits.max_inflight as u16);
+            props.maximum_packet_size =
+                Some(self.shared.config.codec_limits.max_packet_size as u32);
+            if self.keep_alive_changed {
+                props.server_keep_alive = Some(self.keep_alive.as_secs() as u16);
+            }
+            props.session_expiry_interval = Some(self.session_expiry.as_secs() as u32);
+            if self.assigned_id {
+                props.assigned_client_identifier = Some(self.client_id.as_str().into());
+            }
+        }
+        let _ = encode(
+            &connack(
+                self.version,
+                reason::SUCCESS,
+                attached.session_present,
+                props,
+            ),
+            self.version,
+            wbuf,
+        );
+        tracing::debug!(client_id = %self.client_id, account = %self.account, session_present = attached.session_present, "connected");
+        events::connected(
+            &self.shared.broker,
+            &self.event_source(),
+            &self.peer.ip().to_string(),
+        );
+        attached
+    }
+
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        rbuf: &mut BytesMut,
+        wbuf: &mut BytesMut,
+        attached: &mut Attached,
+    ) -> End {
+        let limits = self.shared.config.codec_limits;
+        let mut shutdown = self.shared.shutdown.clone();
+        // Packets already buffered behind CONNECT.
+        if let Flow::Close(e) = self.drain(rbuf, wbuf, &limits) {
+            return e;
+        }
+        loop {
+            if !write_all(stream, wbuf).await {
+                return End::ConnectionLost;
+            }
+            let deadline = self.last_recv + self.keep_alive + self.keep_alive / 2;
+            let can_deliver = self.inflight.len() < self.client_receive_max;
+            tokio::select! {
+                biased;
+                k = &mut attached.kick => {
+                    return match k {
+                        Ok(Kick::TakenOver) => End::TakenOver,
+                        Ok(Kick::Shutdown) => End::Shutdown,
+                        Ok(Kick::Administrative) | Err(_) => End::Administrative,
+                    };
+                }
+                _ = shutdown.changed() => return End::Shutdown,
+                r = read_more(stream, rbuf) => {
+                    match r {
+                        Ok(0) | Err(_) => return End::ConnectionLost,
+                        Ok(_) => {
+                            self.last_recv = Instant::now();
+                            if let Flow::Close(e) = self.drain(rbuf, wbuf, &limits) {
+                                return e;
+                            }
+                        }
+                    }
+                }
+                d = attached.rx.recv(), if can_deliver => {
+                    let Some(d) = d else { return End::Administrative };
+                    if let Flow::Close(e) = self.deliver(d, wbuf) {
+                        return e;
+                    }
+                    // Batch what is already queued, within the in-flight window.
+                    while self.inflight.len() < self.client_receive_max && wbuf.len() < 64 * 1024 {
+                        match attached.rx.try_recv() {
+                            Ok(d) => if let Flow::Close(e) = self.deliver(d, wbuf) { return e; },
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => return End::KeepAlive,
+            }
+        }
+    }
+
+    fn drain(
+        &mut self,
+        rbuf: &mut BytesMut,
+        wbuf: &mut BytesMut,
+        limits: &sekisho_mqtt::Limits,
+    ) -> Flow {
+        loop {
+            match decode(rbuf, self.version, limits) {
+                Ok(Some(p)) => {
+                    if let Flow::Close(e) = self.handle(p, wbuf) {
+                        return Flow::Close(e);
+                    }
+                }
+                Ok(None) => return Flow::Continue,
+                Err(e) => {
+                    tracing::info!(client_id = %self.client_id, error = %e, "malformed packet; closing");
+                    return Flow::Close(End::ClientError(e.reason_code()));
+                }
+            }
+        }
+    }
+
+    fn send(&self, p: &Packet, wbuf: &mut BytesMut) {
+        if let Err(e) = encode(p, self.version, wbuf) {
+            tracing::warn!(error = %e, packet = p.name(), "could not encode");
+        }
+    }
+
+    /// Refreshes the principal; a revoked certificate ends the connection.
+    fn authorized(&mut self) -> Result<(), End> {
+        self.principal.refresh().map_err(|r| {
+            tracing::info!(client_id = %self.client_id, reason = ?r, "principal revoked");
+            End::AuthError
+        })
+    }
+
+    fn handle(&mut self, p: Packet, wbuf: &mut BytesMut) -> Flow {
+        match p {
+            Packet::Publish(p) => self.publish(p, wbuf),
+            Packet::PubAck(a) => {
+                self.inflight.remove(&a.packet_id);
+                Flow::Continue
+            }
+            Packet::Subscribe(s) => self.subscribe(s, wbuf),
+            Packet::Unsubscribe(u) => self.unsubscribe(u, wbuf),
+            Packet::PingReq => {
+                self.send(&Packet::PingResp, wbuf);
+                Flow::Continue
+            }
+            Packet::Disconnect(d) => {
+                if self.v5() {
+                    if let Some(e) = d.properties.session_expiry_interval {
+                        if self.session_expiry_zero_at_connect && e > 0 {
+                            return Flow::Close(End::ClientError(reason::PROTOCOL_ERROR));
+                        }
+                        self.session_expiry = Duration::from_secs(
+                            e.min(self.shared.config.aws.max_session_expiry) as u64,
+                        );
+                    }
+                    return Flow::Close(End::ClientDisconnect {
+                        will: d.reason == reason::DISCONNECT_WITH_WILL,
+                    });
+                }
+                Flow::Close(End::ClientDisconnect { will: false })
+            }
+            Packet::Connect(_) => {
+                tracing::info!(client_id = %self.client_id, "[MQTT-3.1.0-2] second CONNECT");
+                Flow::Close(End::ClientError(reason::PROTOCOL_ERROR))
+            }
+            Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
+                tracing::info!(client_id = %self.client_id, "QoS 2 flow is not supported");
+                Flow::Close(End::ClientError(reason::PROTOCOL_ERROR))
+            }
+            Packet::Auth(_) => Flow::Close(End::ClientError(reason::PROTOCOL_ERROR)),
+            other => {
+                tracing::info!(client_id = %self.client_id, packet = other.name(), "server-to-client packet from a client");
+                Flow::Close(End::ClientError(reason::PROTOCOL_ERROR))
+            }
+        }
+    }
+
+    fn publish(&mut self, mut p: Publish, wbuf: &mut BytesMut) -> Flow {
+        if p.qos == QoS::ExactlyOnce {
+            return Flow::Close(End::ClientError(reason::QOS_NOT_SUPPORTED));
+        }
+        if !p.properties.subscription_identifiers.is_empty() {
+            // [MQTT-3.3.4-6] a client must not send Subscription Identifiers.
+            return Flow::Close(End::ClientError(reason::PROTOCOL_ERROR));
+        }
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if alias > self.shared.config.aws.topic_alias_max {
+                return Flow::Close(End::ClientError(reason::TOPIC_ALIAS_INVALID));
+            }
+            if p.topic.is_empty() {
+                match self.aliases.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => return Flow::Close(End::ClientError(reason::PROTOCOL_ERROR)),
+                }
+            } else {
+                self.aliases.insert(alias, p.topic.clone());
+            }
+        }
+        if let Err(e) = self.shared.config.aws.check_topic(&p.topic) {
+            tracing::info!(client_id = %self.client_id, error = %e, "publish refused");
+            return Flow::Close(End::ClientError(e.reason_code()));
+        }
+        if p.payload.len() > self.shared.config.aws.max_payload {
+            let e = AwsReject::PayloadTooLarge(p.payload.len());
+            return Flow::Close(End::ClientError(e.reason_code()));
+        }
+        if let Err(e) = self.authorized() {
+            return Flow::Close(e);
+        }
+        let resource = format!("topic/{}", p.topic);
+        let reserved_ok = aws::may_publish(&p.topic) && !(p.retain && p.topic.starts_with('$'));
+        let allowed = reserved_ok
+            && self.principal.allowed("iot:publish", &resource)
+            && (!p.retain || self.principal.allowed("iot:retainpublish", &resource));
+        if !allowed {
+            tracing::info!(client_id = %self.client_id, topic = %p.topic, retain = p.retain, "publish not authorized");
+            if !self.v5() {
+                // AWS IoT disconnects an MQTT 3.1.1 client that publishes where it may not.
+                return Flow::Close(End::Forbidden);
+            }
+            if let Some(id) = p.packet_id {
+                self.send(
+                    &Packet::PubAck(Ack {
+                        packet_id: id,
+                        reason: reason::NOT_AUTHORIZED,
+                        properties: Properties::default(),
+                    }),
+                    wbuf,
+                );
+            }
+            return Flow::Continue;
+        }
+        let now = Instant::now();
+        let mut props = Properties::default();
+        let expiry = p
+            .properties
+            .message_expiry_interval
+            .map(|e| e.clamp(1, MAX_MESSAGE_EXPIRY));
+        props.payload_format_indicator = p.properties.payload_format_indicator;
+        props.content_type = p.properties.content_type.take();
+        props.response_topic = p.properties.response_topic.take();
+        props.correlation_data = p.properties.correlation_data.take();
+        props.user_properties = std::mem::take(&mut p.properties.user_properties);
+        if props.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+            if let Some(id) = p.packet_id {
+                self.send(
+                    &Packet::PubAck(Ack {
+                        packet_id: id,
+                        reason: reason::PAYLOAD_FORMAT_INVALID,
+                        properties: Properties::default(),
+                    }),
+                    wbuf,
+                );
+            }
+            return Flow::Continue;
+        }
+        let msg = Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties: props,
+            expires_at: expiry.map(|e| now + Duration::from_secs(e as u64)),
+            origin: Some(self.session),
+            timestamp_ms: events::now_ms(),
+        };
+        let result = self.shared.broker.publish(&self.account, Arc::new(msg));
+        if let Some(id) = p.packet_id {
+            let code = match result {
+                Err(PublishError::RetainedQuota) if self.v5() => reason::QUOTA_EXCEEDED,
+                _ => reason::SUCCESS,
+            };
+            self.send(
+                &Packet::PubAck(Ack {
+                    packet_id: id,
+                    reason: code,
+                    properties: Properties::default(),
+                }),
+                wbuf,
+            );
+        }
+        Flow::Continue
+    }
+
+    fn subscribe(&mut self, s: Subscribe, wbuf: &mut BytesMut) -> Flow {
+        if !s.properties.subscription_identifiers.is_empty() {
+            return Flow::Close(End::ClientError(
+                reason::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
+            ));
+        }
+        if let Err(e) = self.authorized() {
+            return Flow::Close(e);
+        }
+        let limits = self.shared.config.aws;
+        let fail = |code: u8, v5: bool| if v5 { code } else { reason::V3_SUBACK_FAILURE };
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut subscribed = Vec::new();
+        let mut retained = Vec::new();
+        let now = Instant::now();
+        for (i, f) in s.filters.iter().enumerate() {
+            let (_, inner) = sekisho_broker::trie::split_shared(&f.filter);
+            if i >= limits.max_filters_per_subscribe {
+                codes.push(fail(reason::QUOTA_EXCEEDED, self.v5()));
+                continue;
+            }
+            if let Err(e) = limits.check_topic(&f.filter) {
+                tracing::info!(client_id = %self.client_id, error = %e, "subscription refused");
+                codes.push(fail(reason::TOPIC_FILTER_INVALID, self.v5()));
+                continue;
+            }
+            if !aws::may_subscribe(inner)
+                || !self
+                    .principal
+                    .allowed("iot:subscribe", &format!("topicfilter/{}", f.filter))
+            {
+                tracing::info!(client_id = %self.client_id, filter = %f.filter, "subscribe not authorized");
+                codes.push(fail(reason::NOT_AUTHORIZED, self.v5()));
+                continue;
+            }
+            let existing = self
+                .shared
+                .broker
+                .subscription_count(&self.account, self.session);
+            let mut options = f.options;
+            // QoS 2 is granted as QoS 1 (AWS IoT supports QoS 0 and 1).
+            options.qos = options.qos.min(QoS::AtLeastOnce);
+            let fresh =
+                self.shared
+                    .broker
+                    .subscribe(&self.account, self.session, &f.filter, options);
+            if fresh && existing >= limits.max_subscriptions {
+                self.shared
+                    .broker
+                    .unsubscribe(&self.account, self.session, &f.filter);
+                codes.push(fail(reason::QUOTA_EXCEEDED, self.v5()));
+                continue;
+            }
+            codes.push(options.qos as u8);
+            subscribed.push(f.filter.clone());
+            let send_retained = match options.retain_handling {
+                0 => true,
+                1 => fresh,
+                _ => false,
+            };
+            if send_retained
+                && let Some(m) = self
+                    .shared
+                    .broker
+                    .retained_for(&self.account, &f.filter, now)
+            {
+                let qos = m.qos.min(options.qos);
+                retained.push(Delivery {
+                    message: m,
+                    qos,
+                    retain: true,
+                });
+            }
+        }
+        self.send(
+            &Packet::SubAck(SubAck {
+                packet_id: s.packet_id,
+                codes,
+                properties: Properties::default(),
+            }),
+            wbuf,
+        );
+        events::subscriptions(&self.shared.broker, &self.event_source(), true, &subscribed);
+        for d in retained {
+            if let Flow::Close(e) = self.deliver(d, wbuf) {
+                return Flow::Close(e);
+            }
+        }
+        Flow::Continue
+    }
+
+    fn unsubscribe(&mut self, u: Unsubscribe, wbuf: &mut BytesMut) -> Flow {
+        let mut codes = Vec::new();
+        let mut removed = Vec::new();
+        for f in &u.filters {
+            if self
+                .shared
+                .broker
+                .unsubscribe(&self.account, self.session, f)
+            {
+                codes.push(reason::SUCCESS);
+                removed.push(f.clone());
+            } else {
+                codes.push(reason::NO_SUBSCRIPTION_EXISTED);
+            }
+        }
+        let codes = if self.v5() { codes } else { Vec::new() };
+        self.send(
+            &Packet::UnsubAck(UnsubAck {
+                packet_id: u.packet_id,
+                codes,
+                properties: Properties::default(),
+            }),
+            wbuf,
+        );
+        events::subscriptions(&self.shared.broker, &self.event_source(), false, &removed);
+        Flow::Continue
+    }
+
+    fn next_packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_pid;
+            self.next_pid = self.next_pid.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn deliver(&mut self, d: Delivery, wbuf: &mut BytesMut) -> Flow {
+        let now = Instant::now();
+        if d.message.expired(now) {
+            return Flow::Continue;
+        }
+        if let Err(e) = self.authorized() {
+            return Flow::Close(e);
+        }
+        let m = &d.message;
+        if !self
+            .principal
+            .allowed("iot:receive", &format!("topic/{}", m.topic))
+        {
+            return Flow::Continue;
+        }
+        let packet_id = if d.qos == QoS::AtLeastOnce {
+            Some(self.next_packet_id())
+        } else {
+            None
+        };
+        let mut properties = if self.v5() {
+            m.properties.clone()
+        } else {
+            Properties::default()
+        };
+        if self.v5()
+            && let Some(exp) = m.expires_at
+        {
+            properties.message_expiry_interval =
+                Some(exp.saturating_duration_since(now).as_secs() as u32);
+        }
+        let p = Packet::Publish(Publish {
+            dup: false,
+            qos: d.qos,
+            retain: d.retain,
+            topic: m.topic.clone(),
+            packet_id,
+            properties,
+            payload: m.payload.clone(),
+        });
+        let before = wbuf.len();
+        self.send(&p, wbuf);
+        if wbuf.len() - before > self.client_max_packet {
+            // [MQTT-3.1.2-25] never send more than the client's Maximum Packet Size.
+            wbuf.truncate(before);
+            return Flow::Continue;
+        }
+        if let Some(id) = packet_id {
+            self.inflight.insert(id, d);
+        }
+        Flow::Continue
+    }
+
+    async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
+        mut self,
+        end: End,
+        stream: &mut S,
+        wbuf: &mut BytesMut,
+        attached: Attached,
+    ) {
+        if self.v5()
+            && let Some(code) = end.disconnect_code()
+        {
+            self.send(
+                &Packet::Disconnect(Disconnect {
+                    reason: code,
+                    properties: Properties::default(),
+                }),
+                wbuf,
+            );
+        }
+        write_all(stream, wbuf).await;
+        let _ = stream.shutdown().await;
+        drop(attached);
+        let mut unacked: Vec<(u16, Delivery)> = self.inflight.drain().collect();
+        unacked.sort_by_key(|(id, _)| *id);
+        self.shared.broker.requeue(
+            &self.account,
+            self.session,
+            unacked.into_iter().map(|(_, d)| d).collect(),
+        );
+        let expiry = if self.v5() {
+            Some(self.session_expiry)
+        } else {
+            None
+        };
+        self.shared.broker.disconnect(
+            &self.account,
+            self.session,
+            self.epoch,
+            expiry,
+            Instant::now(),
+        );
+        self.shared.index_remove(
+            &self.account,
+            &self.principal.identity.certificate_id,
+            &self.client_id,
+        );
+        tracing::debug!(client_id = %self.client_id, reason = end.lifecycle(), "disconnected");
+        if end.sends_will()
+            && let Some(w) = self.will.take()
+        {
+            self.publish_will(w);
+        }
+        events::disconnected(&self.shared.broker, &self.event_source(), end.lifecycle());
+    }
+
+    fn publish_will(&mut self, w: Will) {
+        // Re-check with the policies in force now; a revoked principal keeps its connect-time grant.
+        let topic = format!("topic/{}", w.topic);
+        if self.principal.refresh().is_ok()
+            && (!self.principal.allowed("iot:publish", &topic)
+                || (w.retain && !self.principal.allowed("iot:retainpublish", &topic)))
+        {
+            tracing::info!(client_id = %self.client_id, "will no longer authorized; not published");
+            return;
+        }
+        let delay = w
+            .properties
+            .will_delay_interval
+            .unwrap_or(0)
+            .min(self.session_expiry.as_secs() as u32);
+        let expiry = w
+            .properties
+            .message_expiry_interval
+            .map(|e| e.clamp(1, MAX_MESSAGE_EXPIRY));
+        let mut props = Properties::default();
+        props.payload_format_indicator = w.properties.payload_format_indicator;
+        props.content_type = w.properties.content_type.clone();
+        props.response_topic = w.properties.response_topic.clone();
+        props.correlation_data = w.properties.correlation_data.clone();
+        props.user_properties = w.properties.user_properties.clone();
+        let broker = self.shared.broker.clone();
+        let account = self.account.clone();
+        let client = self.client_id.clone();
+        let make = move || {
+            let now = Instant::now();
+            Arc::new(Message {
+                topic: w.topic.clone(),
+                payload: w.payload.clone(),
+                qos: w.qos,
+                retain: w.retain,
+                properties: props.clone(),
+                expires_at: expiry.map(|e| now + Duration::from_secs(e as u64)),
+                origin: None,
+                timestamp_ms: events::now_ms(),
+            })
+        };
+        if delay == 0 {
+            let _ = broker.publish(&account, make());
+        } else {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(delay as u64)).await;
+                // [MQTT-3.1.3-9] not sent if the client reconnected in the meantime.
+                if !broker.is_connected(&account, &client) {
+                    let _ = broker.publish(&account, make());
+                }
+            });
+        }
+    }
+}
