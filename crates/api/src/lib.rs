@@ -1,1 +1,401 @@
+//! The control plane: the AWS IoT REST API (restJson1) over HTTPS, every request
+//! authenticated with SigV4 against the account's access keys.
+//!
+//! Only this crate knows the control plane's JSON. Errors go out as AWS sends them: the status
+//! of the exception, `x-amzn-ErrorType: <Exception>`, and `{"message": ...}`.
 
+#![warn(missing_docs)]
+
+mod iot;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use sekisho_broker::Broker;
+use sekisho_pki::Ca;
+use sekisho_registry::{Registry, RegistryError};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// Where the account endpoints live.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// Region, e.g. `us-east-1`.
+    pub region: String,
+    /// Base domain, e.g. `localhost`.
+    pub domain: String,
+}
+
+impl Endpoints {
+    /// The address DescribeEndpoint returns for an account prefix and endpoint type.
+    pub fn address(&self, prefix: &str, endpoint_type: Option<&str>) -> Option<String> {
+        let (r, d) = (&self.region, &self.domain);
+        Some(match endpoint_type {
+            None | Some("iot:Data") => format!("{prefix}.iot.{r}.{d}"),
+            Some("iot:Data-ATS") => format!("{prefix}-ats.iot.{r}.{d}"),
+            Some("iot:CredentialProvider") => format!("{prefix}.credentials.iot.{r}.{d}"),
+            Some("iot:Jobs") => format!("{prefix}.jobs.iot.{r}.{d}"),
+            _ => return None,
+        })
+    }
+}
+
+/// What the control plane works on.
+pub struct ApiState {
+    /// Registry.
+    pub registry: Arc<Registry>,
+    /// Broker.
+    pub broker: Arc<Broker>,
+    /// The built-in CA that issues device certificates.
+    pub device_ca: Arc<Ca>,
+    /// Endpoint naming.
+    pub endpoints: Endpoints,
+}
+
+/// An error in AWS's wire form.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// Exception name.
+    pub code: &'static str,
+    /// Message.
+    pub message: String,
+    /// Extra members (resourceId, resourceArn).
+    pub extra: Vec<(&'static str, String)>,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// `InvalidRequestException`.
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, "InvalidRequestException", message)
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        let (code, status) = e.aws_code();
+        let mut out = ApiError::new(status, code, e.to_string());
+        if let RegistryError::AlreadyExists {
+            resource_id,
+            resource_arn,
+            ..
+        } = e
+        {
+            out.extra.push(("resourceId", resource_id));
+            if !resource_arn.is_empty() {
+                out.extra.push(("resourceArn", resource_arn));
+            }
+        }
+        out
+    }
+}
+
+fn request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+pub(crate) fn json_response(status: u16, body: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = request_id().parse() {
+        h.insert("x-amzn-requestid", v);
+    }
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    let mut body = json!({"message": e.message});
+    for (k, v) in &e.extra {
+        body[*k] = json!(v);
+    }
+    let mut r = json_response(e.status, &body);
+    if let Ok(v) = e.code.parse() {
+        r.headers_mut().insert("x-amzn-errortype", v);
+    }
+    r
+}
+
+/// The parts of a request the operations need.
+pub struct Call {
+    /// Method.
+    pub method: hyper::Method,
+    /// Path labels, percent-decoded.
+    pub segments: Vec<String>,
+    /// Query parameters, decoded.
+    pub query: Vec<(String, String)>,
+    /// Headers, lower-case names.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Bytes,
+    /// The caller's account.
+    pub account: String,
+}
+
+impl Call {
+    /// A query parameter.
+    pub fn q(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A boolean query parameter (`true`/`false`).
+    pub fn q_bool(&self, name: &str) -> Result<bool, ApiError> {
+        match self.q(name) {
+            None => Ok(false),
+            Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
+            Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),
+            Some(v) => Err(ApiError::invalid(format!(
+                "{name} must be true or false, not {v:?}"
+            ))),
+        }
+    }
+
+    /// An integer query parameter within a range.
+    pub fn q_int(&self, name: &str, min: i64, max: i64, default: i64) -> Result<i64, ApiError> {
+        match self.q(name) {
+            None => Ok(default),
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) if (min..=max).contains(&n) => Ok(n),
+                _ => Err(ApiError::invalid(format!(
+                    "{name} must be an integer from {min} to {max}"
+                ))),
+            },
+        }
+    }
+
+    /// A header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as a JSON object (an empty body is `{}`).
+    pub fn json(&self) -> Result<serde_json::Map<String, Value>, ApiError> {
+        if self.body.is_empty() {
+            return Ok(serde_json::Map::new());
+        }
+        match serde_json::from_slice::<Value>(&self.body) {
+            Ok(Value::Object(m)) => Ok(m),
+            Ok(_) => Err(ApiError::invalid("Request body must be a JSON object")),
+            Err(e) => Err(ApiError::invalid(format!(
+                "Request body is not valid JSON: {e}"
+            ))),
+        }
+    }
+}
+
+fn decode_segment(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(q.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+fn sigv4_error(e: &sekisho_sigv4::SigError) -> ApiError {
+    use sekisho_sigv4::SigError::*;
+    let code = match e {
+        Missing => "MissingAuthenticationTokenException",
+        Incomplete(_) => "IncompleteSignatureException",
+        Mismatch | Skewed(_) | PayloadHash => "InvalidSignatureException",
+        Expired => "InvalidSignatureException",
+    };
+    ApiError::new(403, code, e.to_string())
+}
+
+/// Authenticates a request with SigV4; returns the caller's account.
+fn authenticate(
+    state: &ApiState,
+    req: &sekisho_sigv4::Request<'_>,
+    service: &str,
+) -> Result<String, ApiError> {
+    let claim = sekisho_sigv4::parse(req).map_err(|e| sigv4_error(&e))?;
+    let Some(key) = state.registry.access_key(&claim.access_key) else {
+        return Err(ApiError::new(
+            403,
+            "UnrecognizedClientException",
+            "The security token included in the request is invalid.",
+        ));
+    };
+    if key.status != "Active" {
+        return Err(ApiError::new(
+            403,
+            "UnrecognizedClientException",
+            "The security token included in the request is invalid.",
+        ));
+    }
+    if claim.service != service {
+        return Err(ApiError::new(
+            403,
+            "InvalidSignatureException",
+            format!("Credential should be scoped to correct service: '{service}'."),
+        ));
+    }
+    if claim.region != state.endpoints.region {
+        return Err(ApiError::new(
+            403,
+            "InvalidSignatureException",
+            format!(
+                "Credential should be scoped to a valid region, not '{}'.",
+                claim.region
+            ),
+        ));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    sekisho_sigv4::verify(
+        req,
+        &claim,
+        &key.secret_access_key,
+        now,
+        sekisho_sigv4::Options::default(),
+    )
+    .map_err(|e| sigv4_error(&e))?;
+    Ok(key.account_id)
+}
+
+/// Handles one control-plane request.
+pub async fn handle(
+    state: Arc<ApiState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    if parts.method == hyper::Method::GET && parts.uri.path() == "/health" {
+        return Ok(json_response(200, &json!({"status": "ok"})));
+    }
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Ok(error_response(&ApiError::new(
+                413,
+                "RequestEntityTooLargeException",
+                "The request body is too large",
+            )));
+        }
+    };
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_ascii_lowercase(), v.to_owned()))
+        })
+        .collect();
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or("").to_owned();
+    let body_sha = hex::encode(sha256(&body));
+    let sreq = sekisho_sigv4::Request {
+        method: parts.method.as_str(),
+        path: &path,
+        query: &query,
+        headers: &headers,
+        body_sha256: &body_sha,
+    };
+    let account = match authenticate(&state, &sreq, "iot") {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(method = %parts.method, %path, code = e.code, "request not authenticated");
+            return Ok(error_response(&e));
+        }
+    };
+    let call = Call {
+        method: parts.method.clone(),
+        segments: path.split('/').skip(1).map(decode_segment).collect(),
+        query: parse_query(&query),
+        headers,
+        body,
+        account,
+    };
+    let result = iot::dispatch(&state, &call);
+    Ok(match result {
+        Ok(v) => json_response(200, &v),
+        Err(e) => {
+            tracing::debug!(method = %parts.method, %path, code = e.code, message = %e.message, "request refused");
+            error_response(&e)
+        }
+    })
+}
+
+/// SHA-256 of `b`.
+pub fn sha256(b: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b)
+        .as_ref()
+        .to_vec()
+}
+
+/// Serves the control plane over HTTPS on `listener` until shutdown.
+pub async fn serve(
+    state: Arc<ApiState>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                    .await
+            else {
+                tracing::debug!(%peer, "control-plane TLS handshake failed");
+                return;
+            };
+            let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "control-plane connection ended");
+            }
+        });
+    }
+}

@@ -124,6 +124,19 @@ fn connack(
     })
 }
 
+/// The MQTT 5 properties a message carries from its publisher to its receivers (message
+/// expiry travels separately, as a deadline).
+fn forwarded(p: &Properties) -> Properties {
+    Properties {
+        payload_format_indicator: p.payload_format_indicator,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+        ..Properties::default()
+    }
+}
+
 /// Serves one MQTT connection until it ends.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     shared: Arc<Shared>,
@@ -637,16 +650,11 @@ impl Connection {
             return Flow::Continue;
         }
         let now = Instant::now();
-        let mut props = Properties::default();
         let expiry = p
             .properties
             .message_expiry_interval
             .map(|e| e.clamp(1, MAX_MESSAGE_EXPIRY));
-        props.payload_format_indicator = p.properties.payload_format_indicator;
-        props.content_type = p.properties.content_type.take();
-        props.response_topic = p.properties.response_topic.take();
-        props.correlation_data = p.properties.correlation_data.take();
-        props.user_properties = std::mem::take(&mut p.properties.user_properties);
+        let props = forwarded(&p.properties);
         if props.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             if let Some(id) = p.packet_id {
                 self.send(
@@ -943,12 +951,7 @@ impl Connection {
             .properties
             .message_expiry_interval
             .map(|e| e.clamp(1, MAX_MESSAGE_EXPIRY));
-        let mut props = Properties::default();
-        props.payload_format_indicator = w.properties.payload_format_indicator;
-        props.content_type = w.properties.content_type.clone();
-        props.response_topic = w.properties.response_topic.clone();
-        props.correlation_data = w.properties.correlation_data.clone();
-        props.user_properties = w.properties.user_properties.clone();
+        let props = forwarded(&w.properties);
         let broker = self.shared.broker.clone();
         let account = self.account.clone();
         let client = self.client_id.clone();

@@ -1,1 +1,301 @@
-fn main() {}
+//! `sekisho`: a self-hosted, AWS IoT Core-compatible device gateway.
+
+mod config;
+mod init;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use sekisho_broker::{Broker, BrokerConfig};
+use sekisho_gateway::{GatewayConfig, Shared, tls};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sekisho",
+    version,
+    about = "A self-hosted, AWS IoT Core-compatible device gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Common {
+    /// Data directory (registry, CAs, AWS CLI profiles); created on first start.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs the gateway.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on (repeatable); default: loopback.
+        #[arg(long)]
+        bind: Vec<std::net::IpAddr>,
+        /// MQTT over TLS port.
+        #[arg(long)]
+        mqtt_port: Option<u16>,
+        /// Device HTTPS port.
+        #[arg(long)]
+        https_port: Option<u16>,
+        /// Control-plane HTTPS port.
+        #[arg(long)]
+        api_port: Option<u16>,
+    },
+    /// Manages accounts.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AccountCommand {
+    /// Creates an account and its AWS CLI profile.
+    Create {
+        /// Account (and profile) name.
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Lists accounts.
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn load_config(common: &Common) -> anyhow::Result<Config> {
+    let mut c = match &common.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &common.data_dir {
+        c.data_dir = Some(d.clone());
+    }
+    Ok(c)
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sekisho: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            common,
+            bind,
+            mqtt_port,
+            https_port,
+            api_port,
+        } => {
+            let mut config = load_config(&common)?;
+            if !bind.is_empty() {
+                config.bind = bind;
+            }
+            if let Some(p) = mqtt_port {
+                config.ports.mqtt = p;
+            }
+            if let Some(p) = https_port {
+                config.ports.https = p;
+            }
+            if let Some(p) = api_port {
+                config.ports.api = p;
+            }
+            config.validate()?;
+            init_logging(&config.log);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(serve(config))
+        }
+        Command::Account { command } => match command {
+            AccountCommand::Create { name, common } => {
+                let config = load_config(&common)?;
+                init_logging("warn");
+                let (layout, material) = init::open(&config)?;
+                let (info, key) = material.registry.create_account(&name)?;
+                init::write_profile(&layout, &config, &info, &key)?;
+                println!(
+                    "account {} ({}) created; profile {name} added to {}",
+                    info.id,
+                    name,
+                    layout.path("aws/config").display()
+                );
+                Ok(())
+            }
+            AccountCommand::List { common } => {
+                let config = load_config(&common)?;
+                init_logging("warn");
+                let (_, material) = init::open(&config)?;
+                for a in material.registry.accounts() {
+                    println!(
+                        "{}\t{}\t{}-ats.{}",
+                        a.id,
+                        a.name,
+                        a.endpoint_prefix,
+                        config.data_suffix()
+                    );
+                }
+                Ok(())
+            }
+        },
+    }
+}
+
+async fn bind_all(config: &Config, port: u16, what: &str) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for ip in &config.bind {
+        let addr = SocketAddr::new(*ip, port);
+        match TcpListener::bind(addr).await {
+            Ok(l) => out.push(l),
+            // IPv6 loopback may be missing on some hosts; the default list tolerates that.
+            Err(e) if ip.is_ipv6() && ip.is_loopback() && config.bind.len() > 1 => {
+                tracing::warn!(%addr, error = %e, "{what}: IPv6 loopback unavailable; skipped");
+            }
+            Err(e) => return Err(e).with_context(|| format!("{what}: binding {addr}")),
+        }
+    }
+    Ok(out)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let (layout, material) = init::open(&config)?;
+    let registry = Arc::new(material.registry);
+    let broker = Arc::new(Broker::new(BrokerConfig::default()));
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let tls = Arc::new(tls::TlsConfigs::new(
+        registry.clone(),
+        &material.server_chain,
+        &material.server_key,
+    )?);
+    let gateway_config = GatewayConfig {
+        aws: Default::default(),
+        codec_limits: Default::default(),
+        sni: tls::SniRouter {
+            data_suffix: config.data_suffix(),
+            default_names: config.default_server_names.clone(),
+        },
+        max_connections: config.max_connections,
+        handshake_timeout: Duration::from_secs(10),
+    };
+    let shared = Shared::new(
+        registry.clone(),
+        broker.clone(),
+        gateway_config,
+        shutdown_rx.clone(),
+    );
+    let api_state = Arc::new(sekisho_api::ApiState {
+        registry: registry.clone(),
+        broker: broker.clone(),
+        device_ca: Arc::new(material.device_ca),
+        endpoints: sekisho_api::Endpoints {
+            region: config.region.clone(),
+            domain: config.domain.clone(),
+        },
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in bind_all(&config, config.ports.mqtt, "MQTT").await? {
+        tasks.spawn(sekisho_gateway::serve_mqtt_tls(
+            shared.clone(),
+            l,
+            tls.clone(),
+        ));
+    }
+    for l in bind_all(&config, config.ports.api, "control plane").await? {
+        tasks.spawn(sekisho_api::serve(
+            api_state.clone(),
+            l,
+            tls.plain(),
+            shutdown_rx.clone(),
+        ));
+    }
+    tasks.spawn(sekisho_gateway::follow_changes(shared.clone()));
+    tasks.spawn(sekisho_gateway::sweep_sessions(shared.clone()));
+
+    let default = registry.accounts().into_iter().next();
+    let endpoint = default
+        .as_ref()
+        .map(|a| format!("{}-ats.{}", a.endpoint_prefix, config.data_suffix()))
+        .unwrap_or_default();
+    let dir = layout.dir.display();
+    println!("Sekisho is running (data directory {dir})");
+    println!(
+        "  MQTT over TLS   {endpoint}:{}  (trust {dir}/ca.pem)",
+        config.ports.mqtt
+    );
+    println!(
+        "  Control plane   https://localhost:{}  (GET /health)",
+        config.ports.api
+    );
+    if let Some(a) = &default {
+        println!("  Default account {}", a.id);
+    }
+    println!(
+        "  AWS CLI:        AWS_CONFIG_FILE={dir}/aws/config AWS_SHARED_CREDENTIALS_FILE={dir}/aws/credentials aws --profile sekisho iot list-things"
+    );
+    tracing::info!(mqtt = config.ports.mqtt, api = config.ports.api, %endpoint, "ready");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    broker.shutdown();
+    // Give connections a moment to send their DISCONNECT and close.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tasks.abort_all();
+    registry.flush()?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

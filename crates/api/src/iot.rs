@@ -1,0 +1,803 @@
+//! AWS IoT control-plane operations (botocore model `iot/2015-05-28`).
+
+use std::collections::BTreeMap;
+
+use hyper::Method;
+use sekisho_gateway::authz::ConnContext;
+use sekisho_pki::KeyKind;
+use sekisho_policy::{Decision, explain};
+use sekisho_registry::*;
+use serde_json::{Map, Value, json};
+
+use crate::{ApiError, ApiState, Call};
+
+type Out = Result<Value, ApiError>;
+
+fn str_field<'a>(m: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match m.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::invalid(format!("{name} must be a string"))),
+    }
+}
+
+fn required<'a>(m: &'a Map<String, Value>, name: &str) -> Result<&'a str, ApiError> {
+    str_field(m, name)?.ok_or_else(|| ApiError::invalid(format!("{name} is required")))
+}
+
+fn bool_field(m: &Map<String, Value>, name: &str) -> Result<bool, ApiError> {
+    match m.get(name) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::invalid(format!("{name} must be a boolean"))),
+    }
+}
+
+fn attributes(
+    m: &Map<String, Value>,
+) -> Result<(Option<BTreeMap<String, String>>, bool), ApiError> {
+    let Some(p) = m.get("attributePayload") else {
+        return Ok((None, false));
+    };
+    let Value::Object(p) = p else {
+        return Err(ApiError::invalid("attributePayload must be an object"));
+    };
+    let merge = bool_field(p, "merge")?;
+    let attrs = match p.get("attributes") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(a)) => Some(
+            a.iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => Ok((k.clone(), s.clone())),
+                    _ => Err(ApiError::invalid(format!("attribute {k} must be a string"))),
+                })
+                .collect::<Result<BTreeMap<_, _>, _>>()?,
+        ),
+        Some(_) => return Err(ApiError::invalid("attributes must be an object")),
+    };
+    Ok((attrs, merge))
+}
+
+fn seg(call: &Call, i: usize) -> &str {
+    call.segments.get(i).map(String::as_str).unwrap_or("")
+}
+
+/// Routes a call to its operation.
+pub(crate) fn dispatch(state: &ApiState, call: &Call) -> Out {
+    let segs: Vec<&str> = call.segments.iter().map(String::as_str).collect();
+    let m = &call.method;
+    match (m, segs.as_slice()) {
+        (&Method::POST, ["things", _]) => create_thing(state, call),
+        (&Method::GET, ["things", _]) => describe_thing(state, call),
+        (&Method::PATCH, ["things", _]) => update_thing(state, call),
+        (&Method::DELETE, ["things", _]) => delete_thing(state, call),
+        (&Method::GET, ["things"]) => list_things(state, call),
+        (&Method::PUT, ["things", _, "principals"]) => attach_thing_principal(state, call),
+        (&Method::DELETE, ["things", _, "principals"]) => detach_thing_principal(state, call),
+        (&Method::GET, ["things", _, "principals"]) => list_thing_principals(state, call, false),
+        (&Method::GET, ["things", _, "principals-v2"]) => list_thing_principals(state, call, true),
+        (&Method::GET, ["principals", "things"]) => list_principal_things(state, call, false),
+        (&Method::GET, ["principals", "things-v2"]) => list_principal_things(state, call, true),
+        (&Method::POST, ["thing-types", _]) => create_thing_type(state, call),
+        (&Method::GET, ["thing-types", _]) => describe_thing_type(state, call),
+        (&Method::POST, ["thing-types", _, "deprecate"]) => deprecate_thing_type(state, call),
+        (&Method::DELETE, ["thing-types", _]) => {
+            state
+                .registry
+                .delete_thing_type(&call.account, seg(call, 1))?;
+            Ok(json!({}))
+        }
+        (&Method::GET, ["thing-types"]) => list_thing_types(state, call),
+        (&Method::POST, ["keys-and-certificate"]) => create_keys_and_certificate(state, call),
+        (&Method::POST, ["certificates"]) => create_certificate_from_csr(state, call),
+        (&Method::GET, ["certificates", _]) => describe_certificate(state, call),
+        (&Method::GET, ["certificates"]) => list_certificates(state, call),
+        (&Method::PUT, ["certificates", _]) => update_certificate(state, call),
+        (&Method::DELETE, ["certificates", _]) => {
+            state.registry.delete_certificate(
+                &call.account,
+                seg(call, 1),
+                call.q_bool("forceDelete")?,
+            )?;
+            Ok(json!({}))
+        }
+        (&Method::POST, ["policies", _]) => create_policy(state, call),
+        (&Method::GET, ["policies", _]) => get_policy(state, call),
+        (&Method::GET, ["policies"]) => list_policies(state, call),
+        (&Method::DELETE, ["policies", _]) => {
+            state.registry.delete_policy(&call.account, seg(call, 1))?;
+            Ok(json!({}))
+        }
+        (&Method::POST, ["policies", _, "version"]) => create_policy_version(state, call),
+        (&Method::GET, ["policies", _, "version"]) => list_policy_versions(state, call),
+        (&Method::GET, ["policies", _, "version", _]) => get_policy_version(state, call),
+        (&Method::PATCH, ["policies", _, "version", _]) => {
+            state
+                .registry
+                .set_default_policy_version(&call.account, seg(call, 1), seg(call, 3))?;
+            Ok(json!({}))
+        }
+        (&Method::DELETE, ["policies", _, "version", _]) => {
+            state
+                .registry
+                .delete_policy_version(&call.account, seg(call, 1), seg(call, 3))?;
+            Ok(json!({}))
+        }
+        (&Method::PUT, ["target-policies", _]) => {
+            let b = call.json()?;
+            state
+                .registry
+                .attach_policy(&call.account, seg(call, 1), required(&b, "target")?)?;
+            Ok(json!({}))
+        }
+        (&Method::POST, ["target-policies", _]) => {
+            let b = call.json()?;
+            state
+                .registry
+                .detach_policy(&call.account, seg(call, 1), required(&b, "target")?)?;
+            Ok(json!({}))
+        }
+        (&Method::PUT, ["principal-policies", _]) => {
+            let p = principal_header(call, "x-amzn-iot-principal")?;
+            state
+                .registry
+                .attach_policy(&call.account, seg(call, 1), p)?;
+            Ok(json!({}))
+        }
+        (&Method::DELETE, ["principal-policies", _]) => {
+            let p = principal_header(call, "x-amzn-iot-principal")?;
+            state
+                .registry
+                .detach_policy(&call.account, seg(call, 1), p)?;
+            Ok(json!({}))
+        }
+        (&Method::POST, ["attached-policies", _]) => {
+            let target = seg(call, 1).to_owned();
+            list_attached(state, call, &target)
+        }
+        (&Method::GET, ["principal-policies"]) => {
+            let p = principal_header(call, "x-amzn-iot-principal")?.to_owned();
+            list_attached(state, call, &p)
+        }
+        (&Method::POST, ["policy-targets", _]) => list_targets(state, call, "targets"),
+        (&Method::GET, ["policy-principals"]) => {
+            let name = principal_header(call, "x-amzn-iot-policy")?.to_owned();
+            let (marker, size) = (
+                call.q("marker"),
+                call.q_int("pageSize", 1, 250, 250)? as usize,
+            );
+            let page =
+                state
+                    .registry
+                    .list_targets_for_policy(&call.account, &name, marker, size)?;
+            Ok(json!({"principals": page.items, "nextMarker": page.next}))
+        }
+        (&Method::POST, ["effective-policies"]) => effective_policies(state, call),
+        (&Method::GET, ["endpoint"]) => describe_endpoint(state, call),
+        (&Method::POST, ["test-authorization"]) => test_authorization(state, call),
+        _ => Err(ApiError::new(
+            404,
+            "UnknownOperationException",
+            format!(
+                "No operation matches {} /{}",
+                call.method,
+                call.segments.join("/")
+            ),
+        )),
+    }
+}
+
+fn principal_header<'a>(call: &'a Call, name: &str) -> Result<&'a str, ApiError> {
+    call.header(name)
+        .ok_or_else(|| ApiError::invalid(format!("The {name} header is required")))
+}
+
+fn thing_arn(state: &ApiState, account: &str, name: &str) -> String {
+    state.registry.arn(account, &format!("thing/{name}"))
+}
+
+fn create_thing(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let (attrs, _) = attributes(&b)?;
+    if str_field(&b, "billingGroupName")?.is_some() {
+        return Err(ApiError::new(
+            404,
+            "ResourceNotFoundException",
+            "Billing groups are not supported",
+        ));
+    }
+    let name = seg(call, 1);
+    let t = state.registry.create_thing(
+        &call.account,
+        name,
+        str_field(&b, "thingTypeName")?,
+        attrs.unwrap_or_default(),
+    )?;
+    Ok(
+        json!({"thingName": t.name, "thingArn": thing_arn(state, &call.account, &t.name), "thingId": t.id}),
+    )
+}
+
+fn describe_thing(state: &ApiState, call: &Call) -> Out {
+    let t = state.registry.describe_thing(&call.account, seg(call, 1))?;
+    let mut v = json!({"defaultClientId": t.name, "thingName": t.name, "thingId": t.id,
+        "thingArn": thing_arn(state, &call.account, &t.name), "attributes": t.attributes, "version": t.version});
+    if let Some(tt) = t.thing_type {
+        v["thingTypeName"] = json!(tt);
+    }
+    Ok(v)
+}
+
+fn update_thing(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let (attributes, merge) = attributes(&b)?;
+    let expected_version = match b.get("expectedVersion") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_i64()
+                .ok_or_else(|| ApiError::invalid("expectedVersion must be an integer"))?,
+        ),
+    };
+    let u = ThingUpdate {
+        thing_type: str_field(&b, "thingTypeName")?.map(str::to_owned),
+        remove_thing_type: bool_field(&b, "removeThingType")?,
+        attributes,
+        merge,
+        expected_version,
+    };
+    state
+        .registry
+        .update_thing(&call.account, seg(call, 1), u)?;
+    Ok(json!({}))
+}
+
+fn delete_thing(state: &ApiState, call: &Call) -> Out {
+    let v = match call.q("expectedVersion") {
+        None => None,
+        Some(s) => Some(
+            s.parse::<i64>()
+                .map_err(|_| ApiError::invalid("expectedVersion must be an integer"))?,
+        ),
+    };
+    state
+        .registry
+        .delete_thing(&call.account, seg(call, 1), v)?;
+    Ok(json!({}))
+}
+
+fn list_things(state: &ApiState, call: &Call) -> Out {
+    let q = ThingQuery {
+        attribute_name: call.q("attributeName").map(str::to_owned),
+        attribute_value: call.q("attributeValue").map(str::to_owned),
+        use_prefix_attribute_value: call.q_bool("usePrefixAttributeValue")?,
+        thing_type: call.q("thingTypeName").map(str::to_owned),
+        next_token: call.q("nextToken").map(str::to_owned),
+        max_results: call.q_int("maxResults", 1, 250, 50)? as usize,
+    };
+    if q.attribute_value.is_some() && q.attribute_name.is_none() {
+        return Err(ApiError::invalid("attributeValue requires attributeName"));
+    }
+    let page = state.registry.list_things(&call.account, &q)?;
+    let things: Vec<Value> = page
+        .items
+        .iter()
+        .map(|t| {
+            let mut v = json!({"thingName": t.name, "thingArn": thing_arn(state, &call.account, &t.name),
+                "attributes": t.attributes, "version": t.version});
+            if let Some(tt) = &t.thing_type {
+                v["thingTypeName"] = json!(tt);
+            }
+            v
+        })
+        .collect();
+    Ok(json!({"things": things, "nextToken": page.next}))
+}
+
+fn thing_type_json(state: &ApiState, account: &str, t: &ThingType) -> Value {
+    let mut props = json!({"searchableAttributes": t.searchable_attributes});
+    if let Some(d) = &t.description {
+        props["thingTypeDescription"] = json!(d);
+    }
+    let mut meta = json!({"deprecated": t.deprecated, "creationDate": t.created});
+    if let Some(d) = t.deprecation_date {
+        meta["deprecationDate"] = json!(d);
+    }
+    json!({"thingTypeName": t.name, "thingTypeId": t.id,
+        "thingTypeArn": state.registry.arn(account, &format!("thingtype/{}", t.name)),
+        "thingTypeProperties": props, "thingTypeMetadata": meta})
+}
+
+fn create_thing_type(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let (desc, searchable) = match b.get("thingTypeProperties") {
+        Some(Value::Object(p)) => {
+            let s = match p.get("searchableAttributes") {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            (str_field(p, "thingTypeDescription")?.map(str::to_owned), s)
+        }
+        _ => (None, Vec::new()),
+    };
+    let t = state
+        .registry
+        .create_thing_type(&call.account, seg(call, 1), desc, searchable)?;
+    Ok(json!({"thingTypeName": t.name, "thingTypeId": t.id,
+        "thingTypeArn": state.registry.arn(&call.account, &format!("thingtype/{}", t.name))}))
+}
+
+fn describe_thing_type(state: &ApiState, call: &Call) -> Out {
+    let t = state
+        .registry
+        .describe_thing_type(&call.account, seg(call, 1))?;
+    Ok(thing_type_json(state, &call.account, &t))
+}
+
+fn deprecate_thing_type(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    state.registry.deprecate_thing_type(
+        &call.account,
+        seg(call, 1),
+        bool_field(&b, "undoDeprecate")?,
+    )?;
+    Ok(json!({}))
+}
+
+fn list_thing_types(state: &ApiState, call: &Call) -> Out {
+    let page = state.registry.list_thing_types(
+        &call.account,
+        call.q("thingTypeName"),
+        call.q("nextToken"),
+        call.q_int("maxResults", 1, 250, 50)? as usize,
+    )?;
+    let v: Vec<Value> = page
+        .items
+        .iter()
+        .map(|t| thing_type_json(state, &call.account, t))
+        .collect();
+    Ok(json!({"thingTypes": v, "nextToken": page.next}))
+}
+
+fn cert_arn(state: &ApiState, account: &str, id: &str) -> String {
+    state.registry.arn(account, &format!("cert/{id}"))
+}
+
+fn status_from(set_as_active: bool) -> CertStatus {
+    if set_as_active {
+        CertStatus::Active
+    } else {
+        CertStatus::Inactive
+    }
+}
+
+fn create_keys_and_certificate(state: &ApiState, call: &Call) -> Out {
+    let active = call.q_bool("setAsActive")?;
+    let now = time::OffsetDateTime::now_utc();
+    let issued = state
+        .device_ca
+        .issue_device(KeyKind::Rsa2048, now)
+        .map_err(|e| ApiError::new(500, "InternalFailureException", e.to_string()))?;
+    let c = state.registry.add_certificate(
+        &call.account,
+        NewCertificate {
+            pem: issued.cert_pem,
+            status: status_from(active),
+            ca_certificate_id: None,
+            mode: CertMode::Default,
+        },
+    )?;
+    Ok(
+        json!({"certificateArn": cert_arn(state, &call.account, &c.id), "certificateId": c.id, "certificatePem": c.pem,
+        "keyPair": {"PublicKey": issued.public_key_pem, "PrivateKey": issued.private_key_pem}}),
+    )
+}
+
+fn create_certificate_from_csr(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let csr = required(&b, "certificateSigningRequest")?;
+    let now = time::OffsetDateTime::now_utc();
+    let (pem, _) = state
+        .device_ca
+        .sign_csr(csr, now)
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let c = state.registry.add_certificate(
+        &call.account,
+        NewCertificate {
+            pem,
+            status: status_from(call.q_bool("setAsActive")?),
+            ca_certificate_id: None,
+            mode: CertMode::Default,
+        },
+    )?;
+    Ok(
+        json!({"certificateArn": cert_arn(state, &call.account, &c.id), "certificateId": c.id, "certificatePem": c.pem}),
+    )
+}
+
+fn describe_certificate(state: &ApiState, call: &Call) -> Out {
+    let c = state
+        .registry
+        .describe_certificate(&call.account, seg(call, 1))?;
+    let mut d = json!({"certificateArn": cert_arn(state, &call.account, &c.id), "certificateId": c.id,
+        "status": c.status.as_str(), "certificatePem": c.pem, "ownedBy": call.account,
+        "creationDate": c.created, "lastModifiedDate": c.modified, "customerVersion": c.generation,
+        "generationId": c.generation.to_string(), "validity": {"notBefore": c.not_before, "notAfter": c.not_after},
+        "certificateMode": c.mode.as_str(), "transferData": {}});
+    if let Some(ca) = &c.ca_certificate_id {
+        d["caCertificateId"] = json!(ca);
+    }
+    Ok(json!({"certificateDescription": d}))
+}
+
+fn list_certificates(state: &ApiState, call: &Call) -> Out {
+    let page = state.registry.list_certificates(
+        &call.account,
+        None,
+        call.q_bool("isAscendingOrder")?,
+        call.q("marker"),
+        call.q_int("pageSize", 1, 250, 25)? as usize,
+    )?;
+    let v: Vec<Value> = page
+        .items
+        .iter()
+        .map(|c| {
+            json!({"certificateArn": cert_arn(state, &call.account, &c.id), "certificateId": c.id,
+                "status": c.status.as_str(), "certificateMode": c.mode.as_str(), "creationDate": c.created})
+        })
+        .collect();
+    Ok(json!({"certificates": v, "nextMarker": page.next}))
+}
+
+fn update_certificate(state: &ApiState, call: &Call) -> Out {
+    let s = call
+        .q("newStatus")
+        .ok_or_else(|| ApiError::invalid("newStatus is required"))?;
+    let status = CertStatus::parse(s)
+        .ok_or_else(|| ApiError::invalid(format!("newStatus {s:?} is not valid")))?;
+    state
+        .registry
+        .update_certificate(&call.account, seg(call, 1), status)?;
+    Ok(json!({}))
+}
+
+fn policy_arn(state: &ApiState, account: &str, name: &str) -> String {
+    state.registry.arn(account, &format!("policy/{name}"))
+}
+
+fn create_policy(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let doc = required(&b, "policyDocument")?;
+    let p = state
+        .registry
+        .create_policy(&call.account, seg(call, 1), doc)?;
+    Ok(
+        json!({"policyName": p.name, "policyArn": policy_arn(state, &call.account, &p.name),
+        "policyDocument": doc, "policyVersionId": "1"}),
+    )
+}
+
+fn get_policy(state: &ApiState, call: &Call) -> Out {
+    let p = state.registry.get_policy(&call.account, seg(call, 1))?;
+    let doc = p
+        .versions
+        .get(&p.default_version)
+        .map(|v| v.document.clone())
+        .unwrap_or_default();
+    Ok(
+        json!({"policyName": p.name, "policyArn": policy_arn(state, &call.account, &p.name), "policyDocument": doc,
+        "defaultVersionId": p.default_version.to_string(), "creationDate": p.created,
+        "lastModifiedDate": p.modified, "generationId": p.generation_id}),
+    )
+}
+
+fn list_policies(state: &ApiState, call: &Call) -> Out {
+    let page = state.registry.list_policies(
+        &call.account,
+        call.q("isAscendingOrder").is_none() || call.q_bool("isAscendingOrder")?,
+        call.q("marker"),
+        call.q_int("pageSize", 1, 250, 250)? as usize,
+    )?;
+    let v: Vec<Value> =
+        page.items.iter().map(|p| json!({"policyName": p.name, "policyArn": policy_arn(state, &call.account, &p.name)})).collect();
+    Ok(json!({"policies": v, "nextMarker": page.next}))
+}
+
+fn create_policy_version(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let doc = required(&b, "policyDocument")?;
+    let name = seg(call, 1);
+    let (p, v) = state.registry.create_policy_version(
+        &call.account,
+        name,
+        doc,
+        call.q_bool("setAsDefault")?,
+    )?;
+    Ok(
+        json!({"policyArn": policy_arn(state, &call.account, name), "policyDocument": doc,
+        "policyVersionId": v.to_string(), "isDefaultVersion": p.default_version == v}),
+    )
+}
+
+fn list_policy_versions(state: &ApiState, call: &Call) -> Out {
+    let p = state.registry.get_policy(&call.account, seg(call, 1))?;
+    let v: Vec<Value> = p
+        .versions
+        .iter()
+        .rev()
+        .map(|(n, v)| json!({"versionId": n.to_string(), "isDefaultVersion": *n == p.default_version, "createDate": v.created}))
+        .collect();
+    Ok(json!({"policyVersions": v}))
+}
+
+fn get_policy_version(state: &ApiState, call: &Call) -> Out {
+    let name = seg(call, 1);
+    let p = state.registry.get_policy(&call.account, name)?;
+    let id = seg(call, 3);
+    let (n, v) = id
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| p.versions.get(&n).map(|v| (n, v)))
+        .ok_or_else(|| {
+            ApiError::new(
+                404,
+                "ResourceNotFoundException",
+                format!("Policy version {id} of policy {name} does not exist"),
+            )
+        })?;
+    Ok(
+        json!({"policyArn": policy_arn(state, &call.account, name), "policyName": name, "policyDocument": v.document,
+        "policyVersionId": n.to_string(), "isDefaultVersion": n == p.default_version, "creationDate": v.created,
+        "lastModifiedDate": p.modified, "generationId": p.generation_id}),
+    )
+}
+
+fn list_attached(state: &ApiState, call: &Call, target: &str) -> Out {
+    let page = state.registry.list_attached_policies(
+        &call.account,
+        target,
+        call.q("marker"),
+        call.q_int("pageSize", 1, 250, 250)? as usize,
+    )?;
+    let v: Vec<Value> =
+        page.items.iter().map(|p| json!({"policyName": p.name, "policyArn": policy_arn(state, &call.account, &p.name)})).collect();
+    Ok(json!({"policies": v, "nextMarker": page.next}))
+}
+
+fn list_targets(state: &ApiState, call: &Call, member: &str) -> Out {
+    let page = state.registry.list_targets_for_policy(
+        &call.account,
+        seg(call, 1),
+        call.q("marker"),
+        call.q_int("pageSize", 1, 250, 250)? as usize,
+    )?;
+    let mut out = Map::new();
+    out.insert(member.into(), json!(page.items));
+    out.insert("nextMarker".into(), json!(page.next));
+    Ok(Value::Object(out))
+}
+
+fn attach_thing_principal(state: &ApiState, call: &Call) -> Out {
+    let p = principal_header(call, "x-amzn-principal")?;
+    let kind = match call.q("thingPrincipalType") {
+        None | Some("NON_EXCLUSIVE_THING") => ThingPrincipalType::NonExclusiveThing,
+        Some("EXCLUSIVE_THING") => ThingPrincipalType::ExclusiveThing,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "thingPrincipalType {other:?} is not valid"
+            )));
+        }
+    };
+    state
+        .registry
+        .attach_thing_principal(&call.account, seg(call, 1), p, kind)?;
+    Ok(json!({}))
+}
+
+fn detach_thing_principal(state: &ApiState, call: &Call) -> Out {
+    let p = principal_header(call, "x-amzn-principal")?;
+    state
+        .registry
+        .detach_thing_principal(&call.account, seg(call, 1), p)?;
+    Ok(json!({}))
+}
+
+fn list_thing_principals(state: &ApiState, call: &Call, v2: bool) -> Out {
+    let page = state.registry.list_thing_principals(
+        &call.account,
+        seg(call, 1),
+        call.q("nextToken"),
+        call.q_int("maxResults", 1, 250, 50)? as usize,
+    )?;
+    let want = call.q("thingPrincipalType");
+    if v2 {
+        let v: Vec<Value> = page
+            .items
+            .iter()
+            .filter(|(_, k)| want.is_none_or(|w| w == k.as_str()))
+            .map(|(p, k)| json!({"principal": p, "thingPrincipalType": k.as_str()}))
+            .collect();
+        Ok(json!({"thingPrincipalObjects": v, "nextToken": page.next}))
+    } else {
+        let v: Vec<&String> = page.items.iter().map(|(p, _)| p).collect();
+        Ok(json!({"principals": v, "nextToken": page.next}))
+    }
+}
+
+fn list_principal_things(state: &ApiState, call: &Call, v2: bool) -> Out {
+    let p = principal_header(call, "x-amzn-principal")?;
+    let page = state.registry.list_principal_things(
+        &call.account,
+        p,
+        call.q("nextToken"),
+        call.q_int("maxResults", 1, 250, 50)? as usize,
+    )?;
+    let want = call.q("thingPrincipalType");
+    if v2 {
+        let v: Vec<Value> = page
+            .items
+            .iter()
+            .filter(|(_, k)| want.is_none_or(|w| w == k.as_str()))
+            .map(|(t, k)| json!({"thingName": t, "thingPrincipalType": k.as_str()}))
+            .collect();
+        Ok(json!({"principalThingObjects": v, "nextToken": page.next}))
+    } else {
+        let v: Vec<&String> = page.items.iter().map(|(t, _)| t).collect();
+        Ok(json!({"things": v, "nextToken": page.next}))
+    }
+}
+
+fn effective_policies(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let principal =
+        str_field(&b, "principal")?.ok_or_else(|| ApiError::invalid("principal is required"))?;
+    if let Some(t) = call.q("thingName") {
+        state.registry.describe_thing(&call.account, t)?;
+    }
+    let ps = state
+        .registry
+        .effective_policies(&call.account, principal)?;
+    let v: Vec<Value> = ps
+        .iter()
+        .map(|p| {
+            let doc = p.versions.get(&p.default_version).map(|v| v.document.clone()).unwrap_or_default();
+            json!({"policyName": p.name, "policyArn": policy_arn(state, &call.account, &p.name), "policyDocument": doc})
+        })
+        .collect();
+    Ok(json!({"effectivePolicies": v}))
+}
+
+fn describe_endpoint(state: &ApiState, call: &Call) -> Out {
+    let info = state
+        .registry
+        .accounts()
+        .into_iter()
+        .find(|a| a.id == call.account)
+        .ok_or_else(|| ApiError::new(500, "InternalFailureException", "account vanished"))?;
+    let t = call.q("endpointType");
+    let addr = state
+        .endpoints
+        .address(&info.endpoint_prefix, t)
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "Endpoint type {} is not supported",
+                t.unwrap_or("")
+            ))
+        })?;
+    Ok(json!({"endpointAddress": addr}))
+}
+
+/// TestAuthorization: evaluates the principal's policies (plus `policyNamesToAdd`, minus
+/// `policyNamesToSkip`) for each action and resource, with the connection variables a device
+/// with `clientId` would have.
+fn test_authorization(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let principal = required(&b, "principal")?;
+    let cert_prefix = state.registry.arn(&call.account, "cert/");
+    let cert_id = principal
+        .strip_prefix(&cert_prefix)
+        .ok_or_else(|| ApiError::invalid("principal must be a certificate ARN of this account"))?;
+    let client_id = call.q("clientId");
+    let identity = state
+        .registry
+        .certificate_identity(&call.account, cert_id, client_id)?;
+    let names = |k: &str| -> Result<Vec<String>, ApiError> {
+        match b.get(k) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(a)) => Ok(a
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()),
+            Some(_) => Err(ApiError::invalid(format!("{k} must be a list"))),
+        }
+    };
+    let skip = names("policyNamesToSkip")?;
+    let mut policies: Vec<(String, std::sync::Arc<sekisho_policy::Policy>)> = identity
+        .policies
+        .iter()
+        .filter(|(n, _)| !skip.contains(n))
+        .cloned()
+        .collect();
+    for n in names("policyNamesToAdd")? {
+        let p = state.registry.get_policy(&call.account, &n)?;
+        if let Some(d) = p.default_parsed() {
+            policies.push((n, d));
+        }
+    }
+    let mut ctx = ConnContext::default();
+    ctx.client_id = client_id.map(str::to_owned);
+    ctx.set_identity(&identity);
+    let bound: Vec<_> = policies.iter().map(|(_, p)| p.bind(&ctx)).collect();
+    let Some(Value::Array(infos)) = b.get("authInfos") else {
+        return Err(ApiError::invalid("authInfos is required"));
+    };
+    if infos.is_empty() || infos.len() > 10 {
+        return Err(ApiError::invalid("authInfos must have 1 to 10 entries"));
+    }
+    let mut results = Vec::new();
+    for info in infos {
+        let action_type = info.get("actionType").and_then(Value::as_str).unwrap_or("");
+        let action = match action_type {
+            "PUBLISH" => "iot:publish",
+            "SUBSCRIBE" => "iot:subscribe",
+            "RECEIVE" => "iot:receive",
+            "CONNECT" => "iot:connect",
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "actionType {other:?} is not valid"
+                )));
+            }
+        };
+        let resources: Vec<&str> = info
+            .get("resources")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if resources.is_empty() {
+            return Err(ApiError::invalid(
+                "each authInfo needs at least one resource",
+            ));
+        }
+        let mut decision = Decision::Allowed;
+        let (mut allow, mut deny) = (Vec::new(), Vec::new());
+        for r in &resources {
+            let e = explain(bound.iter(), action, r, &ctx);
+            allow.extend(e.allowed_by);
+            deny.extend(e.denied_by);
+            decision = match (decision, e.decision) {
+                (Decision::ExplicitDeny, _) | (_, Decision::ExplicitDeny) => Decision::ExplicitDeny,
+                (Decision::ImplicitDeny, _) | (_, Decision::ImplicitDeny) => Decision::ImplicitDeny,
+                _ => Decision::Allowed,
+            };
+        }
+        allow.sort();
+        allow.dedup();
+        deny.sort();
+        deny.dedup();
+        let pol = |idx: &[usize]| -> Vec<Value> {
+            idx.iter()
+                .filter_map(|i| policies.get(*i))
+                .map(|(n, _)| json!({"policyName": n, "policyArn": policy_arn(state, &call.account, n)}))
+                .collect()
+        };
+        let implicit: Vec<Value> = if decision == Decision::ImplicitDeny {
+            policies.iter().map(|(n, _)| json!({"policyName": n, "policyArn": policy_arn(state, &call.account, n)})).collect()
+        } else {
+            Vec::new()
+        };
+        results.push(json!({
+            "authInfo": {"actionType": action_type, "resources": resources},
+            "allowed": {"policies": pol(&allow)},
+            "denied": {"implicitDeny": {"policies": implicit}, "explicitDeny": {"policies": pol(&deny)}},
+            "authDecision": match decision {
+                Decision::Allowed => "ALLOWED",
+                Decision::ExplicitDeny => "EXPLICIT_DENY",
+                Decision::ImplicitDeny => "IMPLICIT_DENY",
+            },
+            "missingContextValues": [],
+        }));
+    }
+    Ok(json!({"authResults": results}))
+}

@@ -1,0 +1,188 @@
+//! The data directory: created on first start with a default account, its root access key,
+//! the CAs, the endpoint certificate, and an AWS CLI profile.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use sekisho_pki::Ca;
+use sekisho_registry::{AccessKey, AccountInfo, Registry};
+
+use crate::config::Config;
+
+/// Paths inside the data directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    /// `DIR/<name>`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// Writes a file readable by its owner only.
+fn write_secret(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+fn write_public(path: &Path, contents: &str) -> anyhow::Result<()> {
+    fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Loads a CA from `<name>.pem`/`<name>.key`, creating it if absent.
+fn ca(layout: &Layout, name: &str, cn: &str) -> anyhow::Result<Ca> {
+    let (cert, key) = (
+        layout.path(&format!("{name}.pem")),
+        layout.path(&format!("{name}.key")),
+    );
+    if cert.exists() && key.exists() {
+        return Ok(Ca::from_pem(
+            &fs::read_to_string(&cert)?,
+            &fs::read_to_string(&key)?,
+        )?);
+    }
+    let ca = Ca::generate(cn, "Sekisho", time::OffsetDateTime::now_utc())?;
+    write_secret(&key, &ca.key_pem())?;
+    write_public(&cert, ca.cert_pem())?;
+    Ok(ca)
+}
+
+/// Everything start-up needs from the data directory.
+pub struct Material {
+    /// The registry.
+    pub registry: Registry,
+    /// The CA that issues device certificates.
+    pub device_ca: Ca,
+    /// Endpoint certificate chain, PEM.
+    pub server_chain: String,
+    /// Endpoint key, PEM.
+    pub server_key: String,
+}
+
+/// Opens (and on first start, initializes) the data directory.
+pub fn open(config: &Config) -> anyhow::Result<(Layout, Material)> {
+    let dir = config.data_dir();
+    if !dir.exists() {
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+    }
+    let layout = Layout { dir };
+    let registry = Registry::open(&layout.path("registry.db"), &config.region)?;
+    let root = ca(&layout, "ca", "Sekisho Root CA")?;
+    let device_ca = ca(&layout, "device-ca", "Sekisho Device CA")?;
+    // The endpoint certificate covers every account's endpoints under the configured domain.
+    let names = vec![
+        format!("*.{}", config.data_suffix()),
+        format!("*.credentials.{}", config.data_suffix()),
+        format!("*.jobs.{}", config.data_suffix()),
+        config.data_suffix(),
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let (chain_path, key_path, names_path) = (
+        layout.path("server.pem"),
+        layout.path("server.key"),
+        layout.path("server.names"),
+    );
+    let wanted = names.join("\n");
+    let current = fs::read_to_string(&names_path).unwrap_or_default();
+    if !(chain_path.exists() && key_path.exists()) || current != wanted {
+        let issued = root.issue_server(&names, time::OffsetDateTime::now_utc())?;
+        write_secret(&key_path, &issued.private_key_pem)?;
+        write_public(&chain_path, &issued.cert_pem)?;
+        write_public(&names_path, &wanted)?;
+    }
+    if registry.accounts().is_empty() {
+        let (info, key) = registry.create_account("default")?;
+        write_profile(&layout, config, &info, &key)?;
+        tracing::info!(account = %info.id, "created the default account");
+    }
+    let material = Material {
+        registry,
+        device_ca,
+        server_chain: fs::read_to_string(&chain_path)?,
+        server_key: fs::read_to_string(&key_path)?,
+    };
+    Ok((layout, material))
+}
+
+/// Adds (or replaces) profile `info.name` in `DIR/aws/config` and `DIR/aws/credentials`.
+pub fn write_profile(
+    layout: &Layout,
+    config: &Config,
+    info: &AccountInfo,
+    key: &AccessKey,
+) -> anyhow::Result<()> {
+    let aws = layout.path("aws");
+    fs::create_dir_all(&aws)?;
+    let profile = if info.name == "default" {
+        "sekisho".to_string()
+    } else {
+        info.name.clone()
+    };
+    let api = format!("https://localhost:{}", config.ports.api);
+    let config_section = format!(
+        "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\n",
+        region = config.region,
+        ca = layout.path("ca.pem").display(),
+    );
+    let creds_section = format!(
+        "[{profile}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+        key.access_key_id, key.secret_access_key
+    );
+    replace_section(
+        &aws.join("config"),
+        &[
+            &format!("profile {profile}"),
+            &format!("services {profile}-services"),
+        ],
+        &config_section,
+        false,
+    )?;
+    replace_section(&aws.join("credentials"), &[&profile], &creds_section, true)?;
+    Ok(())
+}
+
+/// Rewrites an INI file with the named sections replaced by `text`.
+fn replace_section(path: &Path, names: &[&str], text: &str, secret: bool) -> anyhow::Result<()> {
+    let old = fs::read_to_string(path).unwrap_or_default();
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in old.lines() {
+        let t = line.trim();
+        if t.starts_with('[') && t.ends_with(']') {
+            skipping = names.iter().any(|n| t[1..t.len() - 1].trim() == *n);
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !out.is_empty() && !out.ends_with("\n\n") {
+        out.push('\n');
+    }
+    out.push_str(text);
+    if secret {
+        write_secret(path, &out)
+    } else {
+        write_public(path, &out)
+    }
+}
