@@ -20,11 +20,13 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// AWS IoT Core's limits: 128 KB packets; the filter and property counts are generous
-    /// bounds on memory, the broker applies AWS's own per-SUBSCRIBE rule with a reason code.
+    /// Room for AWS IoT Core's 128 KiB payloads plus their header, topic and properties
+    /// (AWS's limit is on the payload, which the broker checks with its own reason code). The
+    /// filter and property counts are generous bounds on memory; the broker applies AWS's
+    /// per-SUBSCRIBE rule with a reason code.
     fn default() -> Self {
         Limits {
-            max_packet_size: 128 * 1024 + 5,
+            max_packet_size: 128 * 1024 + 4096,
             max_filters: 64,
             max_user_properties: 64,
         }
