@@ -315,8 +315,9 @@ impl Broker {
         }
     }
 
-    /// Puts unacknowledged deliveries back at the front of a persistent session's queue (called
-    /// before [`Broker::disconnect`]); a clean session drops them.
+    /// Hands unacknowledged deliveries of an ending connection back to its session: to the
+    /// connection that took the session over, if there is one, else to the front of the offline
+    /// queue of a persistent session. A clean session drops them.
     pub fn requeue(&self, account: &str, session: SessionId, deliveries: Vec<Delivery>) {
         let mut inner = self.lock();
         let Some(s) = inner
@@ -325,6 +326,14 @@ impl Broker {
         else {
             return;
         };
+        if let Some(c) = &s.conn {
+            for d in deliveries {
+                if c.tx.try_send(d).is_err() {
+                    self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
         if s.expiry.is_zero() {
             return;
         }
@@ -334,6 +343,28 @@ impl Broker {
             }
             s.queue.push_front(d);
         }
+    }
+
+    /// Ends one specific connection (client id and epoch), if it is still the session's
+    /// current connection. Returns whether it was.
+    pub fn kick_connection(&self, account: &str, client_id: &str, epoch: u64, kick: Kick) -> bool {
+        let mut inner = self.lock();
+        let Some(acct) = inner.get_mut(account) else {
+            return false;
+        };
+        let Some(id) = acct.by_client.get(client_id).copied() else {
+            return false;
+        };
+        let Some(conn) = acct.sessions.get_mut(&id).and_then(|s| s.conn.as_mut()) else {
+            return false;
+        };
+        if conn.epoch != epoch {
+            return false;
+        }
+        conn.kick
+            .take()
+            .map(|k| k.send(kick).is_ok())
+            .unwrap_or(false)
     }
 
     /// Ends every connection (and, with `account`, only those of one account) whose client id
@@ -636,6 +667,35 @@ mod tests {
         let a4 = b.connect("acct", "c1", true, Duration::ZERO);
         assert!(!a4.session_present);
         assert_eq!(b.subscription_count("acct", a4.session), 0);
+    }
+
+    #[test]
+    fn kick_connection_spares_a_newer_connection() {
+        let b = Broker::new(BrokerConfig::default());
+        let old = b.connect("acct", "c1", true, Duration::ZERO);
+        let mut new = b.connect("acct", "c1", true, Duration::ZERO);
+        assert!(!b.kick_connection("acct", "c1", old.epoch, Kick::Administrative));
+        assert!(
+            new.kick.try_recv().is_err(),
+            "the newer connection is untouched"
+        );
+        assert!(b.kick_connection("acct", "c1", new.epoch, Kick::Administrative));
+        assert_eq!(new.kick.try_recv(), Ok(Kick::Administrative));
+    }
+
+    #[test]
+    fn takeover_hands_unacked_to_the_new_connection() {
+        let b = Broker::new(BrokerConfig::default());
+        let a = b.connect("acct", "c1", false, Duration::from_secs(60));
+        let mut a2 = b.connect("acct", "c1", false, Duration::from_secs(60));
+        let d = Delivery {
+            message: msg("t", QoS::AtLeastOnce, false, b"unacked"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        };
+        b.requeue("acct", a.session, vec![d]);
+        b.disconnect("acct", a.session, a.epoch, None, Instant::now());
+        assert_eq!(&a2.rx.try_recv().unwrap().message.payload[..], b"unacked");
     }
 
     #[test]

@@ -415,6 +415,7 @@ impl Connection {
             &self.account,
             &self.principal.identity.certificate_id,
             &self.client_id,
+            self.epoch,
         );
         let limits = &self.shared.config.aws;
         let mut props = Properties::default();
@@ -922,6 +923,7 @@ impl Connection {
             &self.account,
             &self.principal.identity.certificate_id,
             &self.client_id,
+            self.epoch,
         );
         tracing::debug!(client_id = %self.client_id, reason = end.lifecycle(), "disconnected");
         if end.sends_will()

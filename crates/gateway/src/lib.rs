@@ -50,8 +50,8 @@ pub struct Shared {
     pub config: GatewayConfig,
     /// Flips to true at shutdown.
     pub shutdown: watch::Receiver<bool>,
-    /// (account, certificate id) → client ids connected with it.
-    by_cert: Mutex<HashMap<(String, String), HashSet<String>>>,
+    /// (account, certificate id) → the connections (client id, epoch) authenticated with it.
+    by_cert: Mutex<HashMap<(String, String), HashSet<(String, u64)>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -79,29 +79,26 @@ impl Shared {
         })
     }
 
-    pub(crate) fn index_add(&self, account: &str, cert: &str, client: &str) {
+    pub(crate) fn index_add(&self, account: &str, cert: &str, client: &str, epoch: u64) {
         let mut m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
         m.entry((account.to_owned(), cert.to_owned()))
             .or_default()
-            .insert(client.to_owned());
+            .insert((client.to_owned(), epoch));
     }
 
-    pub(crate) fn index_remove(&self, account: &str, cert: &str, client: &str) {
+    pub(crate) fn index_remove(&self, account: &str, cert: &str, client: &str, epoch: u64) {
         let mut m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
         let key = (account.to_owned(), cert.to_owned());
         if let Some(s) = m.get_mut(&key) {
-            // Only if this client is not connected again under a newer connection.
-            if !self.broker.is_connected(account, client) {
-                s.remove(client);
-            }
+            s.remove(&(client.to_owned(), epoch));
             if s.is_empty() {
                 m.remove(&key);
             }
         }
     }
 
-    /// Client ids connected with a certificate.
-    pub fn clients_of(&self, account: &str, cert: &str) -> Vec<String> {
+    /// The connections (client id, epoch) authenticated with a certificate.
+    pub fn connections_of(&self, account: &str, cert: &str) -> Vec<(String, u64)> {
         let m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
         m.get(&(account.to_owned(), cert.to_owned()))
             .map(|s| s.iter().cloned().collect())
@@ -126,8 +123,18 @@ pub async fn follow_changes(shared: Arc<Shared>) {
                 status,
             }) => {
                 if status != Some(CertStatus::Active) {
-                    let clients = shared.clients_of(&account, &certificate_id);
-                    let n = shared.broker.kick(&account, &clients, Kick::Administrative);
+                    let n = shared
+                        .connections_of(&account, &certificate_id)
+                        .into_iter()
+                        .filter(|(client, epoch)| {
+                            shared.broker.kick_connection(
+                                &account,
+                                client,
+                                *epoch,
+                                Kick::Administrative,
+                            )
+                        })
+                        .count();
                     if n > 0 {
                         tracing::info!(%account, certificate = %certificate_id, connections = n, "certificate no longer active; connections closed");
                     }

@@ -1,0 +1,302 @@
+"""Broker behaviour with real clients: retained messages, wills, persistent sessions, takeover,
+lifecycle events, shared subscriptions, cross-version delivery, policy variables and conditions,
+reserved topics."""
+
+import json
+import queue
+import time
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from conftest import ALLOW_ALL, Device, Paho, unique
+from test_limits_and_robustness import Raw, packet, s16
+
+
+def drain(q, timeout=0.5):
+    out = []
+    while True:
+        try:
+            out.append(q.get(timeout=timeout))
+        except queue.Empty:
+            return out
+
+
+def v5(server, dev, cid=None, **kw):
+    p = Paho(server, server.endpoint(), dev, cid or dev.name, v5=True, **kw)
+    rc = p.connect()[0]
+    assert rc == 0, rc
+    return p
+
+
+def test_retained_messages(server, workdir):
+    dev = Device(server, server.boto(), unique("ret"), ALLOW_ALL, workdir)
+    topic = f"ret/{dev.name}"
+    p = v5(server, dev)
+    p.c.publish(topic, b"stored", qos=1, retain=True).wait_for_publish(5)
+    # An exact subscription gets it, flagged RETAIN.
+    s1 = v5(server, dev, unique("s1"))
+    s1.subscribe(topic, qos=1)
+    m = s1.messages.get(timeout=5)
+    assert (m.payload, m.retain) == (b"stored", True)
+    # A wildcard subscription does not (AWS's rule), but sees live messages without RETAIN.
+    s2 = v5(server, dev, unique("s2"))
+    s2.subscribe(f"ret/{dev.name[:3]}#" if False else "ret/#", qos=1)
+    assert drain(s2.messages) == []
+    p.c.publish(topic, b"live", qos=1).wait_for_publish(5)
+    m = s2.messages.get(timeout=5)
+    assert (m.payload, m.retain) == (b"live", False)
+    # An empty retained payload clears it.
+    p.c.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+    s3 = v5(server, dev, unique("s3"))
+    s3.subscribe(topic, qos=1)
+    assert drain(s3.messages) == []
+    for c in (p, s1, s2, s3):
+        c.close()
+
+
+def test_retain_needs_retain_publish_permission(server, workdir):
+    account = server.account_id()
+    doc = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["iot:Connect", "iot:Publish", "iot:Subscribe", "iot:Receive"], "Resource": "*"}]}
+    dev = Device(server, server.boto(), unique("noret"), doc, workdir)
+    p = v5(server, dev)
+    topic = f"noret/{dev.name}"
+    p.c.publish(topic, b"x", qos=1, retain=True)
+    mid, rc = p.pubacks.get(timeout=5)
+    assert rc.value == 0x87
+    p.c.publish(topic, b"x", qos=1, retain=False)
+    mid, rc = p.pubacks.get(timeout=5)
+    assert rc.value == 0
+    assert account
+    p.close()
+
+
+def connect_with_will(server, dev, will_topic, v5_proto=True, retain=False):
+    """A raw client with a will, so that the connection can be dropped without DISCONNECT."""
+    r = Raw(server, dev)
+    flags = 0x02 | 0x04 | (0x20 if retain else 0)
+    if v5_proto:
+        body = (s16(b"MQTT") + bytes([5, flags]) + (60).to_bytes(2, "big") + b"\x00" + s16(dev.name.encode())
+                + b"\x00" + s16(will_topic.encode()) + s16(b"gone"))
+    else:
+        body = s16(b"MQTT") + bytes([4, flags]) + (60).to_bytes(2, "big") + s16(dev.name.encode()) + s16(will_topic.encode()) + s16(b"gone")
+    r.send(packet(0x10, body))
+    r.s.settimeout(5)
+    connack = r.s.recv(64)
+    return r, connack
+
+
+def test_last_will(server, workdir):
+    iot = server.boto()
+    dev = Device(server, iot, unique("will"), ALLOW_ALL, workdir)
+    mon = v5(server, Device(server, iot, unique("willmon"), ALLOW_ALL, workdir))
+    will_topic = f"will/{dev.name}"
+    mon.subscribe(will_topic, qos=1)
+    # Dropped connection: the will is published.
+    r, connack = connect_with_will(server, dev, will_topic)
+    assert connack[0] == 0x20 and connack[3] == 0
+    r.close()
+    m = mon.messages.get(timeout=5)
+    assert (m.topic, m.payload) == (will_topic, b"gone")
+    # A clean DISCONNECT: no will.
+    r, connack = connect_with_will(server, dev, will_topic, v5_proto=False)
+    assert connack == b"\x20\x02\x00\x00"
+    r.send(b"\xe0\x00")
+    r.read_all(timeout=1)
+    r.close()
+    assert drain(mon.messages, 1.0) == []
+    mon.close()
+
+
+def test_will_must_be_authorized(server, workdir):
+    account = server.account_id()
+    arn = f"arn:aws:iot:us-east-1:{account}"
+    doc = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+        {"Effect": "Allow", "Action": "iot:Publish", "Resource": f"{arn}:topic/allowed/*"}]}
+    dev = Device(server, server.boto(), unique("willauth"), doc, workdir)
+    _, connack = connect_with_will(server, dev, "forbidden/will")
+    assert connack[0] == 0x20 and connack[3] == 0x87, connack.hex()
+    _, connack = connect_with_will(server, dev, "allowed/will")
+    assert connack[3] == 0
+    # A retained will also needs iot:RetainPublish.
+    _, connack = connect_with_will(server, dev, "allowed/will", retain=True)
+    assert connack[3] == 0x87
+
+
+def test_persistent_session_queues_qos1(server, workdir):
+    iot = server.boto()
+    dev = Device(server, iot, unique("persist"), ALLOW_ALL, workdir)
+    pub = v5(server, Device(server, iot, unique("ppub"), ALLOW_ALL, workdir))
+    topic = f"persist/{dev.name}"
+    s = Paho(server, server.endpoint(), dev, dev.name, clean=False)
+    rc, flags, _ = s.connect()
+    assert rc == 0 and not flags.session_present
+    s.subscribe(topic, qos=1)
+    s.close()
+    time.sleep(0.3)
+    for i in range(3):
+        pub.c.publish(topic, f"m{i}".encode(), qos=1).wait_for_publish(5)
+    pub.c.publish(topic, b"qos0-lost", qos=0).wait_for_publish(5)
+    s = Paho(server, server.endpoint(), dev, dev.name, clean=False)
+    rc, flags, _ = s.connect()
+    assert rc == 0 and flags.session_present
+    got = [m.payload for m in drain(s.messages, 1.5)]
+    assert got == [b"m0", b"m1", b"m2"]
+    s.close()
+    # A clean session discards it.
+    s = Paho(server, server.endpoint(), dev, dev.name, clean=True)
+    rc, flags, _ = s.connect()
+    assert not flags.session_present
+    s.close()
+    pub.close()
+
+
+def test_connect_attributes_gate_persistent_sessions(server, workdir):
+    doc = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*",
+         "Condition": {"ForAllValues:StringEquals": {"iot:ConnectAttributes": []}}}]}
+    dev = Device(server, server.boto(), unique("attrs"), doc, workdir)
+    clean = Paho(server, server.endpoint(), dev, dev.name, clean=True)
+    assert clean.connect()[0] == 0
+    clean.close()
+    persistent = Paho(server, server.endpoint(), dev, dev.name, clean=False)
+    assert persistent.connect()[0] != 0, "a persistent session needs PersistentConnect"
+    persistent.close()
+
+
+def test_takeover_disconnects_the_old_connection(server, workdir):
+    dev = Device(server, server.boto(), unique("take"), ALLOW_ALL, workdir)
+    a = v5(server, dev)
+    b = v5(server, dev)
+    rc = a.disconnects.get(timeout=5)
+    assert rc.value == 0x8E, f"Session taken over, got {rc}"
+    b.subscribe(f"take/{dev.name}", qos=1)
+    b.c.publish(f"take/{dev.name}", b"still here", qos=1)
+    assert b.messages.get(timeout=5).payload == b"still here"
+    a.close()
+    b.close()
+
+
+def test_lifecycle_events(server, workdir):
+    iot = server.boto()
+    mon = v5(server, Device(server, iot, unique("evmon"), ALLOW_ALL, workdir))
+    dev = Device(server, iot, unique("ev"), ALLOW_ALL, workdir, exclusive=True)
+    mon.subscribe(f"$aws/events/presence/+/{dev.name}", qos=1)
+    mon.subscribe(f"$aws/events/subscriptions/+/{dev.name}", qos=1)
+    d = v5(server, dev)
+    d.subscribe("ev/topic", qos=0)
+    d.close()
+    events = {m.topic.split("/")[3]: json.loads(m.payload) for m in drain(mon.messages, 1.5)}
+    assert events["connected"]["clientId"] == dev.name
+    assert events["connected"]["principalIdentifier"] == dev.cert_id
+    assert events["connected"]["thingName"] == dev.name, "exclusive association names the thing"
+    assert events["connected"]["ipAddress"] in ("127.0.0.1", "::1")
+    assert events["subscribed"]["topics"] == ["ev/topic"]
+    assert events["disconnected"]["disconnectReason"] == "CLIENT_INITIATED_DISCONNECT"
+    assert events["disconnected"]["clientInitiatedDisconnect"] is True
+    mon.close()
+
+
+def test_shared_subscriptions_split_the_load(server, workdir):
+    iot = server.boto()
+    dev = Device(server, iot, unique("share"), ALLOW_ALL, workdir)
+    a, b = v5(server, dev, unique("a")), v5(server, dev, unique("b"))
+    group = f"$share/g1/shared/{dev.name}"
+    assert a.subscribe(group, qos=1)[0].value == 1
+    assert b.subscribe(group, qos=1)[0].value == 1
+    p = v5(server, dev)
+    for i in range(30):
+        p.c.publish(f"shared/{dev.name}", str(i).encode(), qos=1)
+    got_a, got_b = drain(a.messages, 1.5), drain(b.messages, 0.5)
+    assert len(got_a) + len(got_b) == 30
+    assert sorted(int(m.payload) for m in got_a + got_b) == list(range(30))
+    for c in (a, b, p):
+        c.close()
+
+
+def test_cross_version_delivery_and_properties(server, workdir):
+    iot = server.boto()
+    dev = Device(server, iot, unique("xv"), ALLOW_ALL, workdir)
+    topic = f"xv/{dev.name}"
+    s5 = v5(server, dev, unique("s5"))
+    s5.subscribe(topic, qos=1)
+    s3 = Paho(server, server.endpoint(), dev, unique("s3"))
+    assert s3.connect()[0] == 0
+    s3.subscribe(topic, qos=1)
+    p5 = v5(server, dev)
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("deviceName", "alpha"), ("deviceCnt", "45")]
+    props.ContentType = "text/plain"
+    props.ResponseTopic = "reply/here"
+    p5.c.publish(topic, b"from v5", qos=1, properties=props)
+    m5 = s5.messages.get(timeout=5)
+    assert m5.payload == b"from v5"
+    assert m5.properties.UserProperty == [("deviceName", "alpha"), ("deviceCnt", "45")], "order preserved"
+    assert m5.properties.ContentType == "text/plain" and m5.properties.ResponseTopic == "reply/here"
+    m3 = s3.messages.get(timeout=5)
+    assert m3.payload == b"from v5"
+    p3 = Paho(server, server.endpoint(), dev, unique("p3"))
+    assert p3.connect()[0] == 0
+    p3.c.publish(topic, b"from v311", qos=1)
+    assert s5.messages.get(timeout=5).payload == b"from v311"
+    for c in (s5, s3, p5, p3):
+        c.close()
+
+
+def test_policy_variables_and_conditions(server, workdir):
+    iot = server.boto()
+    account = server.account_id()
+    arn = f"arn:aws:iot:us-east-1:{account}"
+    doc = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/${{iot:Connection.Thing.ThingName}}",
+         "Condition": {"Bool": {"iot:Connection.Thing.IsAttached": "true"},
+                       "IpAddress": {"aws:SourceIp": ["127.0.0.0/8", "::1/128"]}}},
+        {"Effect": "Allow", "Action": ["iot:Publish", "iot:Subscribe", "iot:Receive"],
+         "Resource": [f"{arn}:topic/room/${{iot:Connection.Thing.Attributes[room]}}/*",
+                      f"{arn}:topicfilter/room/${{iot:Connection.Thing.Attributes[room]}}/*",
+                      f"{arn}:topic/cert/${{iot:CertificateId}}",
+                      f"{arn}:topicfilter/cert/${{iot:CertificateId}}"]}]}
+    dev = Device(server, iot, unique("vars"), doc, workdir)
+    iot.update_thing(thingName=dev.name, attributePayload={"attributes": {"room": "r42"}})
+    p = v5(server, dev)
+    assert p.subscribe("room/r42/#", qos=1)[0].value == 1
+    assert p.subscribe("room/r43/#", qos=1)[0].value == 0x87
+    assert p.subscribe(f"cert/{dev.cert_id}", qos=1)[0].value == 1
+    p.c.publish("room/r42/temp", b"21", qos=1)
+    assert p.messages.get(timeout=5).payload == b"21"
+    p.c.publish(f"cert/{dev.cert_id}", b"mine", qos=1)
+    assert p.messages.get(timeout=5).payload == b"mine"
+    # Changing the attribute moves the permission on the live connection.
+    iot.update_thing(thingName=dev.name, attributePayload={"attributes": {"room": "r43"}, "merge": True})
+    time.sleep(0.5)
+    p.c.publish("room/r42/temp", b"x", qos=1)
+    _ = p.pubacks.get(timeout=5)
+    _ = p.pubacks.get(timeout=5)
+    mid, rc = p.pubacks.get(timeout=5)
+    assert rc.value == 0x87
+    p.close()
+    # A source-address condition that does not match refuses the connection.
+    far = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*",
+                                                   "Condition": {"IpAddress": {"aws:SourceIp": "10.0.0.0/8"}}}]}
+    d2 = Device(server, iot, unique("far"), far, workdir)
+    q = Paho(server, server.endpoint(), d2, d2.name, v5=True)
+    assert q.connect()[0] == 135
+    q.close()
+
+
+def test_reserved_topics(server, workdir):
+    dev = Device(server, server.boto(), unique("rsv"), ALLOW_ALL, workdir)
+    p = v5(server, dev)
+    assert p.subscribe("$SYS/#", qos=1)[0].value == 0x87
+    assert p.subscribe("$aws/events/presence/connected/+", qos=1)[0].value == 1
+    p.c.publish("$aws/events/presence/connected/fake", b"spoof", qos=1)
+    mid, rc = p.pubacks.get(timeout=5)
+    assert rc.value == 0x87
+    assert drain(p.messages, 0.5) == []
+    p.c.publish(f"$aws/things/{dev.name}/shadow/update", b"{}", qos=1)
+    mid, rc = p.pubacks.get(timeout=5)
+    assert rc.value == 0
+    p.close()
