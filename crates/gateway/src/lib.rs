@@ -40,6 +40,9 @@ pub struct GatewayConfig {
     pub handshake_timeout: Duration,
 }
 
+/// (account, certificate id) → the connections (client id, epoch) authenticated with it.
+type ConnIndex = HashMap<(String, String), HashSet<(String, u64)>>;
+
 /// State shared by every connection.
 pub struct Shared {
     /// The registry.
@@ -50,8 +53,7 @@ pub struct Shared {
     pub config: GatewayConfig,
     /// Flips to true at shutdown.
     pub shutdown: watch::Receiver<bool>,
-    /// (account, certificate id) → the connections (client id, epoch) authenticated with it.
-    by_cert: Mutex<HashMap<(String, String), HashSet<(String, u64)>>>,
+    by_cert: Mutex<ConnIndex>,
 }
 
 impl std::fmt::Debug for Shared {
