@@ -300,3 +300,52 @@ def test_reserved_topics(server, workdir):
     mid, rc = p.pubacks.get(timeout=5)
     assert rc.value == 0
     p.close()
+
+
+def test_device_https_publish_with_curl(server, workdir):
+    """POST /topics/{topic} on the device HTTPS port with a client certificate (curl)."""
+    import subprocess
+    iot = server.boto()
+    account = server.account_id()
+    arn = f"arn:aws:iot:us-east-1:{account}"
+    doc = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Publish", "Resource": f"{arn}:topic/http/*"},
+        # Thing variables are not available over HTTPS: this statement never matches there.
+        {"Effect": "Allow", "Action": "iot:Publish", "Resource": f"{arn}:topic/thing/${{iot:Connection.Thing.ThingName}}"}]}
+    dev = Device(server, iot, unique("http"), doc, workdir, exclusive=True)
+    mon = v5(server, Device(server, iot, unique("httpmon"), ALLOW_ALL, workdir))
+    mon.subscribe("http/#", qos=1)
+    mon.subscribe(f"thing/{dev.name}", qos=1)
+    base = f"https://{server.endpoint()}:{server.https_port}"
+
+    def curl(path, *extra):
+        cp = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "--cacert", server.ca, "--cert", str(dev.cert),
+                             "--key", str(dev.key), "-X", "POST", *extra, base + path],
+                            capture_output=True, text=True, timeout=15)
+        body, code = cp.stdout.rsplit("\n", 1)
+        return int(code), json.loads(body) if body else None
+
+    code, body = curl("/topics/http/a%2Fb?qos=1", "--data-binary", "hello over https")
+    assert code == 200 and body["message"] == "OK" and body["traceId"]
+    m = mon.messages.get(timeout=5)
+    assert (m.topic, m.payload) == ("http/a/b", b"hello over https")
+    code, body = curl("/topics/denied/x", "--data-binary", "no")
+    assert code == 403 and body["message"] == "Forbidden"
+    code, _ = curl(f"/topics/thing/{dev.name}", "--data-binary", "no thing variables over https")
+    assert code == 403
+    code, _ = curl("/topics/http/x?qos=2", "--data-binary", "x")
+    assert code == 400
+    big = workdir / "big.bin"
+    big.write_bytes(b"x" * 131073)
+    code, _ = curl("/topics/http/big", "--data-binary", f"@{big}")
+    assert code == 413
+    big.write_bytes(b"x" * 131072)
+    code, _ = curl("/topics/http/big", "--data-binary", f"@{big}")
+    assert code == 200
+    assert len(mon.messages.get(timeout=5).payload) == 131072
+    assert drain(mon.messages, 0.5) == []
+    # Without a client certificate the handshake fails.
+    cp = subprocess.run(["curl", "-s", "--cacert", server.ca, "-X", "POST", base + "/topics/http/x"],
+                        capture_output=True, text=True, timeout=15)
+    assert cp.returncode != 0
+    mon.close()

@@ -207,6 +207,11 @@ impl Principal {
     }
 
     fn bind(&mut self) {
+        // Thing variables exist only for MQTT connections (AWS: not over HTTPS, which has no
+        // client id).
+        if self.ctx.client_id.is_none() {
+            self.identity.thing = None;
+        }
         self.ctx.set_identity(&self.identity);
         self.bound = self
             .identity

@@ -12,6 +12,7 @@
 pub mod authz;
 pub mod conn;
 pub mod events;
+pub mod https;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet};
@@ -168,8 +169,37 @@ pub async fn sweep_sessions(shared: Arc<Shared>) {
     }
 }
 
+/// A device connection after its mutual-TLS handshake.
+pub type DeviceStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
 /// Accepts MQTT over mutual TLS on `listener` until shutdown.
 pub async fn serve_mqtt_tls(shared: Arc<Shared>, listener: TcpListener, tls: Arc<tls::TlsConfigs>) {
+    accept_loop(shared, listener, tls, |shared, stream, info| {
+        conn::serve(shared, stream, info)
+    })
+    .await
+}
+
+/// Accepts device HTTPS (mutual TLS) on `listener` until shutdown.
+pub async fn serve_device_https(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Arc<tls::TlsConfigs>,
+) {
+    accept_loop(shared, listener, tls, https::serve).await
+}
+
+/// The accept loop of a device listener: connection limit, SNI routing, the mutual-TLS
+/// handshake within a deadline, then `handler` with the authenticated connection.
+async fn accept_loop<F, Fut>(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Arc<tls::TlsConfigs>,
+    handler: F,
+) where
+    F: Fn(Arc<Shared>, DeviceStream, conn::ConnInfo) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let permits = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut shutdown = shared.shutdown.clone();
     loop {
@@ -190,40 +220,16 @@ pub async fn serve_mqtt_tls(shared: Arc<Shared>, listener: TcpListener, tls: Arc
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
-        let tls = tls.clone();
+        let (shared, tls, handler) = (shared.clone(), tls.clone(), handler.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let deadline = shared.config.handshake_timeout;
-            let handshake = async {
-                let start =
-                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
-                        .await
-                        .ok()?;
-                let sni = start.client_hello().server_name().map(str::to_owned);
-                let Some(target) = shared.config.sni.route(&shared.registry, sni.as_deref()) else {
-                    tracing::info!(%peer, sni = ?sni, "unknown server name; refusing");
-                    return None;
-                };
-                let cfg = shared_cfg(&tls, &target)?;
-                let stream = match start.into_stream(cfg).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return None;
-                    }
-                };
-                let der = stream.get_ref().1.peer_certificates()?.first()?.to_vec();
-                let (account, certificate_id) =
-                    tls::resolve_certificate(&shared.registry, &target, &der).ok()?;
-                Some((stream, account, certificate_id))
-            };
             let Ok(Some((stream, account, certificate_id))) =
-                tokio::time::timeout(deadline, handshake).await
+                tokio::time::timeout(deadline, handshake(&shared, &tls, tcp, peer)).await
             else {
                 return;
             };
-            conn::serve(
+            handler(
                 shared,
                 stream,
                 conn::ConnInfo {
@@ -235,6 +241,34 @@ pub async fn serve_mqtt_tls(shared: Arc<Shared>, listener: TcpListener, tls: Arc
             .await;
         });
     }
+}
+
+async fn handshake(
+    shared: &Shared,
+    tls: &tls::TlsConfigs,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<(DeviceStream, String, String)> {
+    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+        .await
+        .ok()?;
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let Some(target) = shared.config.sni.route(&shared.registry, sni.as_deref()) else {
+        tracing::info!(%peer, sni = ?sni, "unknown server name; refusing");
+        return None;
+    };
+    let cfg = shared_cfg(tls, &target)?;
+    let stream = match start.into_stream(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return None;
+        }
+    };
+    let der = stream.get_ref().1.peer_certificates()?.first()?.to_vec();
+    let (account, certificate_id) =
+        tls::resolve_certificate(&shared.registry, &target, &der).ok()?;
+    Some((stream, account, certificate_id))
 }
 
 fn shared_cfg(tls: &tls::TlsConfigs, target: &tls::Target) -> Option<Arc<rustls::ServerConfig>> {

@@ -233,6 +233,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             tls.clone(),
         ));
     }
+    for l in bind_all(&config, config.ports.https, "device HTTPS").await? {
+        tasks.spawn(sekisho_gateway::serve_device_https(
+            shared.clone(),
+            l,
+            tls.clone(),
+        ));
+    }
     for l in bind_all(&config, config.ports.api, "control plane").await? {
         tasks.spawn(sekisho_api::serve(
             api_state.clone(),
