@@ -191,6 +191,17 @@ async fn bind_all(config: &Config, port: u16, what: &str) -> anyhow::Result<Vec<
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let (layout, material) = init::open(&config)?;
+    // Profiles follow the ports this run listens on.
+    for account in material.registry.accounts() {
+        if let Some(key) = material
+            .registry
+            .access_keys_of(&account.id)
+            .into_iter()
+            .find(|k| k.status == "Active")
+        {
+            init::write_profile(&layout, &config, &account, &key)?;
+        }
+    }
     let registry = Arc::new(material.registry);
     let broker = Arc::new(Broker::new(BrokerConfig::default()));
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

@@ -1,0 +1,93 @@
+"""The binary's own contract: data directory, secrets, configuration, accounts."""
+
+import os
+import stat
+import subprocess
+
+from conftest import BIN, Server, free_port, unique
+
+
+def mode(p):
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_first_start_layout_and_secret_permissions(workdir):
+    s = Server(workdir / unique("layout")).start()
+    try:
+        d = s.data_dir
+        assert mode(d) == 0o700
+        for secret in ["ca.key", "device-ca.key", "server.key", "aws/credentials"]:
+            assert mode(d / secret) == 0o600, secret
+        for public in ["ca.pem", "device-ca.pem", "server.pem", "aws/config"]:
+            assert (d / public).exists(), public
+        config = (d / "aws" / "config").read_text()
+        assert "[profile sekisho]" in config and "region = us-east-1" in config
+        assert f"ca_bundle = {d / 'ca.pem'}" in config and f"https://localhost:{s.api_port}" in config
+        assert s.aws("iot", "list-things")["things"] == []
+        # Restarted on another port, the profile follows.
+        s.stop()
+        s.api_port = free_port()
+        s.start()
+        assert f"https://localhost:{s.api_port}" in (d / "aws" / "config").read_text()
+        assert s.aws("iot", "list-things")["things"] == []
+    finally:
+        s.stop()
+
+
+def test_default_data_directory(workdir):
+    home = workdir / unique("home")
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("XDG_DATA_HOME", None)
+    cp = subprocess.run([str(BIN), "account", "list"], env=env, capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    assert (home / ".local/share/sekisho/registry.db").exists()
+    assert "default" in cp.stdout
+
+
+def test_config_file_sets_ports_and_unknown_keys_are_errors(workdir):
+    d = workdir / unique("cfg")
+    d.mkdir()
+    mqtt, api, https = free_port(), free_port(), free_port()
+    cfg = d / "sekisho.toml"
+    cfg.write_text(f'data_dir = "{d / "data"}"\nbind = ["127.0.0.1"]\n[ports]\nmqtt = {mqtt}\napi = {api}\nhttps = {https}\n')
+    p = subprocess.Popen([str(BIN), "serve", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = ""
+        for _ in range(20):
+            line = p.stdout.readline()
+            out += line
+            if "Control plane" in line:
+                break
+        assert f"https://localhost:{api}" in out, out
+        assert f":{mqtt}" in out
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+    bad = d / "bad.toml"
+    bad.write_text("[ports]\nmqtt = 1\nwebsocket = 2\n")
+    cp = subprocess.run([str(BIN), "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert cp.returncode != 0
+    assert "websocket" in cp.stderr and str(bad) in cp.stderr, cp.stderr
+
+
+def test_account_create_adds_a_profile(workdir):
+    s = Server(workdir / unique("accounts")).start()
+    try:
+        cp = subprocess.run([str(BIN), "account", "create", "tenant-b", "--data-dir", str(s.data_dir)],
+                            capture_output=True, text=True, timeout=30)
+        assert cp.returncode == 0, cp.stderr
+        assert "[profile tenant-b]" in (s.data_dir / "aws" / "config").read_text()
+        assert "[tenant-b]" in (s.data_dir / "aws" / "credentials").read_text()
+        # The new account is a separate namespace (the running server loads it at its next start).
+        s.stop()
+        s.start()
+        a, b = s.boto(), s.boto(profile="tenant-b")
+        a.create_thing(thingName="only-in-a")
+        assert [t["thingName"] for t in b.list_things()["things"]] == []
+        assert s.endpoint() != s.endpoint(profile="tenant-b")
+        cp = subprocess.run([str(BIN), "account", "create", "tenant-b", "--data-dir", str(s.data_dir)],
+                            capture_output=True, text=True, timeout=30)
+        assert cp.returncode != 0 and "already exists" in cp.stderr
+    finally:
+        s.stop()
