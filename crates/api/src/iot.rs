@@ -604,6 +604,34 @@ fn detach_thing_principal(state: &ApiState, call: &Call) -> Out {
     Ok(json!({}))
 }
 
+/// The V1 (names only) or V2 (with the attachment type) form of a principal/thing listing.
+/// `members` is (V1 list member, V2 list member, V2 item key).
+fn attachment_page(
+    call: &Call,
+    page: Page<(String, ThingPrincipalType)>,
+    v2: bool,
+    members: (&str, &str, &str),
+) -> Out {
+    let (v1_list, v2_list, key) = members;
+    let want = call.q("thingPrincipalType");
+    let items: Vec<Value> = if v2 {
+        page.items
+            .iter()
+            .filter(|(_, k)| want.is_none_or(|w| w == k.as_str()))
+            .map(|(n, k)| json!({key: n, "thingPrincipalType": k.as_str()}))
+            .collect()
+    } else {
+        page.items.iter().map(|(n, _)| json!(n)).collect()
+    };
+    let mut out = Map::new();
+    out.insert(
+        if v2 { v2_list } else { v1_list }.into(),
+        Value::Array(items),
+    );
+    out.insert("nextToken".into(), json!(page.next));
+    Ok(Value::Object(out))
+}
+
 fn list_thing_principals(state: &ApiState, call: &Call, v2: bool) -> Out {
     let page = state.registry.list_thing_principals(
         &call.account,
@@ -611,19 +639,12 @@ fn list_thing_principals(state: &ApiState, call: &Call, v2: bool) -> Out {
         call.q("nextToken"),
         call.q_int("maxResults", 1, 250, 50)? as usize,
     )?;
-    let want = call.q("thingPrincipalType");
-    if v2 {
-        let v: Vec<Value> = page
-            .items
-            .iter()
-            .filter(|(_, k)| want.is_none_or(|w| w == k.as_str()))
-            .map(|(p, k)| json!({"principal": p, "thingPrincipalType": k.as_str()}))
-            .collect();
-        Ok(json!({"thingPrincipalObjects": v, "nextToken": page.next}))
-    } else {
-        let v: Vec<&String> = page.items.iter().map(|(p, _)| p).collect();
-        Ok(json!({"principals": v, "nextToken": page.next}))
-    }
+    attachment_page(
+        call,
+        page,
+        v2,
+        ("principals", "thingPrincipalObjects", "principal"),
+    )
 }
 
 fn list_principal_things(state: &ApiState, call: &Call, v2: bool) -> Out {
@@ -634,19 +655,12 @@ fn list_principal_things(state: &ApiState, call: &Call, v2: bool) -> Out {
         call.q("nextToken"),
         call.q_int("maxResults", 1, 250, 50)? as usize,
     )?;
-    let want = call.q("thingPrincipalType");
-    if v2 {
-        let v: Vec<Value> = page
-            .items
-            .iter()
-            .filter(|(_, k)| want.is_none_or(|w| w == k.as_str()))
-            .map(|(t, k)| json!({"thingName": t, "thingPrincipalType": k.as_str()}))
-            .collect();
-        Ok(json!({"principalThingObjects": v, "nextToken": page.next}))
-    } else {
-        let v: Vec<&String> = page.items.iter().map(|(t, _)| t).collect();
-        Ok(json!({"things": v, "nextToken": page.next}))
-    }
+    attachment_page(
+        call,
+        page,
+        v2,
+        ("things", "principalThingObjects", "thingName"),
+    )
 }
 
 fn effective_policies(state: &ApiState, call: &Call) -> Out {

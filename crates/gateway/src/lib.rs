@@ -169,6 +169,26 @@ pub async fn sweep_sessions(shared: Arc<Shared>) {
     }
 }
 
+/// The next connection on `listener`, or `None` at shutdown. Accept errors (such as running
+/// out of file descriptors) are logged and retried after a short pause.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return None,
+        }
+    }
+}
+
 /// A device connection after its mutual-TLS handshake.
 pub type DeviceStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
@@ -202,18 +222,7 @@ async fn accept_loop<F, Fut>(
 {
     let permits = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut shutdown = shared.shutdown.clone();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
+    while let Some((tcp, peer)) = accept(&listener, &mut shutdown).await {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; refusing");
             drop(tcp);
