@@ -349,3 +349,88 @@ def test_device_https_publish_with_curl(server, workdir):
                         capture_output=True, text=True, timeout=15)
     assert cp.returncode != 0
     mon.close()
+
+
+def test_certificate_variables_from_a_csr(server, workdir):
+    """A CSR made with openssl keeps its subject; ${iot:Certificate.Subject.*} policies use it."""
+    import subprocess
+    iot = server.boto()
+    account = server.account_id()
+    arn = f"arn:aws:iot:us-east-1:{account}"
+    cn = unique("sensor")
+    key, csr = workdir / f"{cn}.key", workdir / f"{cn}.csr"
+    subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                    "-subj", f"/CN={cn}/O=Acme/OU=Line2"], check=True, capture_output=True)
+    c = iot.create_certificate_from_csr(certificateSigningRequest=csr.read_text(), setAsActive=True)
+    doc = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/${{iot:Certificate.Subject.CommonName}}"},
+        {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"],
+         "Resource": f"{arn}:topic/${{iot:Certificate.Subject.Organization}}/${{iot:Certificate.Subject.OrganizationalUnit.1}}/*",
+         "Condition": {"ForAnyValue:StringEquals": {"iot:Certificate.Subject.OrganizationalUnit.List": ["Line2"]}}},
+        {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": f"{arn}:topicfilter/Acme/*"}]}
+    pol = unique("certvars")
+    iot.create_policy(policyName=pol, policyDocument=json.dumps(doc))
+    iot.attach_policy(policyName=pol, target=c["certificateArn"])
+    dev = Device.__new__(Device)
+    dev.cert, dev.key = workdir / f"{cn}.crt", key
+    dev.cert.write_text(c["certificatePem"])
+    p = Paho(server, server.endpoint(), dev, cn, v5=True)
+    assert p.connect()[0] == 0, "client id = the certificate's CN"
+    assert p.subscribe("Acme/Line2/#", qos=1)[0].value == 1
+    p.c.publish("Acme/Line2/x", b"ok", qos=1)
+    assert p.messages.get(timeout=5).payload == b"ok"
+    p.c.publish("Acme/Line1/x", b"no", qos=1)
+    _ = p.pubacks.get(timeout=5)
+    mid, rc = p.pubacks.get(timeout=5)
+    assert rc.value == 0x87
+    p.close()
+    other = Paho(server, server.endpoint(), dev, unique("not-cn"), v5=True)
+    assert other.connect()[0] == 135
+    other.close()
+
+
+def test_inflight_window_100_then_101(server, workdir):
+    """At most 100 unacknowledged QoS 1 deliveries per connection; one PUBACK frees one slot."""
+    iot = server.boto()
+    dev = Device(server, iot, unique("inflight"), ALLOW_ALL, workdir)
+    topic = f"inflight/{dev.name}"
+    r = Raw(server, dev)
+    body = s16(b"MQTT") + bytes([4, 0x02]) + (60).to_bytes(2, "big") + s16(dev.name.encode())
+    r.send(packet(0x10, body))
+    r.send(packet(0x82, (1).to_bytes(2, "big") + s16(topic.encode()) + b"\x01"))
+    r.s.settimeout(5)
+    buf = bytearray()
+    while len(buf) < 4 + 5:
+        buf += r.s.recv(4096)
+    assert buf[:4] == b"\x20\x02\x00\x00" and buf[4] == 0x90, buf.hex()
+    pub = v5(server, Device(server, iot, unique("inflightpub"), ALLOW_ALL, workdir))
+    for i in range(150):
+        pub.c.publish(topic, f"{i}".encode(), qos=1)
+
+    def publishes(data):
+        ids, i = [], 0
+        while i < len(data):
+            t = data[i]
+            n, mult, j = 0, 1, i + 1
+            while True:
+                b = data[j]
+                n += (b & 0x7F) * mult
+                mult *= 128
+                j += 1
+                if not b & 0x80:
+                    break
+            if t >> 4 == 3:
+                tl = int.from_bytes(data[j:j + 2], "big")
+                ids.append(int.from_bytes(data[j + 2 + tl:j + 4 + tl], "big"))
+            i = j + n
+        return ids
+
+    data, _ = r.read_all(timeout=2.0)
+    data = bytes(buf[9:]) + data
+    ids = publishes(data)
+    assert len(ids) == 100, f"{len(ids)} deliveries without PUBACK"
+    r.send(packet(0x40, ids[0].to_bytes(2, "big")))
+    more, _ = r.read_all(timeout=1.0)
+    assert len(publishes(more)) == 1, "one PUBACK, one more delivery"
+    r.close()
+    pub.close()

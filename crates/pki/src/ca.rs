@@ -199,9 +199,10 @@ impl Ca {
         Ok(Ca::finish(cert, &key))
     }
 
-    /// CreateCertificateFromCsr: signs the CSR's public key. The CSR's signature must verify
-    /// and its key must be RSA of at least 2048 bits or ECDSA P-256/P-384/P-521. As AWS does,
-    /// the subject is not copied from the CSR.
+    /// CreateCertificateFromCsr: signs the CSR's public key under the CSR's subject. The CSR's
+    /// signature must verify and its key must be RSA of at least 2048 bits or ECDSA
+    /// P-256/P-384/P-521. Extensions in the request are ignored; an empty subject becomes
+    /// `CN=AWS IoT Certificate`.
     pub fn sign_csr(
         &self,
         csr_pem: &str,
@@ -239,9 +240,25 @@ impl Ca {
         }
         let pk = rcgen::SubjectPublicKeyInfo::from_der(spki.raw)
             .map_err(|e| PkiError::InvalidCsr(e.to_string()))?;
-        let cert = Ca::device_params("AWS IoT Certificate", now)
-            .signed_by(&pk, &self.issuer()?)
-            .map_err(sign_err)?;
+        let mut params = Ca::device_params("AWS IoT Certificate", now);
+        // The subject comes from the request (so that `${iot:Certificate.Subject.*}` policies
+        // work with CSR-issued certificates); extensions never do.
+        let mut dn = DistinguishedName::new();
+        for attr in csr.certification_request_info.subject.iter_attributes() {
+            let (Some(oid), Ok(value)) = (attr.attr_type().iter(), attr.as_str()) else {
+                continue;
+            };
+            let oid: Vec<u64> = oid.collect();
+            let ty = DnType::from_oid(&oid);
+            // rcgen holds one value per attribute type: a repeated attribute keeps its first value.
+            if dn.get(&ty).is_none() {
+                dn.push(ty, value);
+            }
+        }
+        if dn.iter().next().is_some() {
+            params.distinguished_name = dn;
+        }
+        let cert = params.signed_by(&pk, &self.issuer()?).map_err(sign_err)?;
         Ok((cert.pem(), cert.der().to_vec()))
     }
 
@@ -304,6 +321,11 @@ mod tests {
         let (pem, der) = ca.sign_csr(&csr, now).unwrap();
         assert!(pem.contains("BEGIN CERTIFICATE"));
         assert!(signed_by(&der, ca.cert_der()));
+        let info = CertInfo::parse(&der).unwrap();
+        assert_eq!(
+            info.subject.get("CommonName"),
+            Some(&vec!["from-csr".to_string()])
+        );
         assert!(ca.sign_csr("garbage", now).is_err());
         // Tampered request: flip a byte inside the signed part.
         let mut bad = rustls_pki_types::pem::PemObject::from_pem_slice(csr.as_bytes())
