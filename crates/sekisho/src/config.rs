@@ -55,8 +55,8 @@ impl Default for Config {
         Config {
             data_dir: None,
             bind: vec![
-                "127.0.0.1".parse().expect("literal"),
-                "::1".parse().expect("literal"),
+                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
             ],
             ports: Ports::default(),
             region: "us-east-1".into(),
