@@ -25,7 +25,7 @@ step "cargo test (unit, property and integration tests)"
 cargo test --workspace --locked
 
 step "building sekisho"
-cargo build --locked -p sekisho
+cargo build --locked -p sekisho -p sekisho-bench
 
 step "end-to-end tests (AWS CLI, boto3, awsiotsdk, paho-mqtt, mosquitto)"
 # Our profile's ca_bundle must win: AWS_CA_BUNDLE in the environment would override it.

@@ -159,6 +159,26 @@ pub struct Stats {
     pub queued_offline: AtomicU64,
 }
 
+/// A delivery that did not fit into its connection's queue.
+#[derive(Debug)]
+pub struct Blocked {
+    /// The receiving session.
+    pub session: SessionId,
+    /// Its queue.
+    pub tx: mpsc::Sender<Delivery>,
+    /// The delivery.
+    pub delivery: Delivery,
+}
+
+/// The result of [`Broker::publish`].
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// Sessions that got the message (queued, or stored offline).
+    pub reached: usize,
+    /// Deliveries waiting for room in a full queue.
+    pub blocked: Vec<Blocked>,
+}
+
 /// Errors of [`Broker::publish`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
@@ -498,8 +518,9 @@ impl Broker {
 
     /// Publishes a message: stores or clears the retained copy, then delivers it to every
     /// matching session (once per session, at the highest granted QoS; one member per shared
-    /// group). Returns the number of sessions it reached.
-    pub fn publish(&self, account: &str, msg: Arc<Message>) -> Result<usize, PublishError> {
+    /// group). Deliveries whose connection queue is full come back in [`Routed::blocked`]:
+    /// the publisher waits for room (backpressure) or drops them by its own rule. Never blocks.
+    pub fn publish(&self, account: &str, msg: Arc<Message>) -> Result<Routed, PublishError> {
         let now = Instant::now();
         let mut inner = self.lock();
         let acct = inner.entry(account.to_owned()).or_default();
@@ -546,6 +567,7 @@ impl Broker {
             e.0 = e.0.max(entry.options.qos);
         }
         let mut reached = 0;
+        let mut blocked = Vec::new();
         for (id, (sub_qos, rap)) in direct {
             let Some(s) = acct.sessions.get_mut(&id) else {
                 continue;
@@ -557,14 +579,20 @@ impl Broker {
                 retain: rap && msg.retain,
             };
             match &s.conn {
-                Some(c) => {
-                    if c.tx.try_send(d).is_ok() {
+                Some(c) => match c.tx.try_send(d) {
+                    Ok(()) => {
                         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                         reached += 1;
-                    } else {
-                        self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
                     }
-                }
+                    Err(mpsc::error::TrySendError::Full(d)) => {
+                        blocked.push(Blocked {
+                            session: id,
+                            tx: c.tx.clone(),
+                            delivery: d,
+                        });
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                },
                 None if qos == QoS::AtLeastOnce && !s.expiry.is_zero() && !msg.expired(now) => {
                     if s.queue.len() >= self.config.max_queued_offline {
                         s.queue.pop_front();
@@ -576,7 +604,18 @@ impl Broker {
                 None => {}
             }
         }
-        Ok(reached)
+        Ok(Routed { reached, blocked })
+    }
+
+    /// Records the fate of a delivery that was blocked: it got through after waiting, or it was
+    /// given up (counted in [`Stats::dropped_full`]).
+    pub fn note_blocked(&self, delivered: bool) {
+        let c = if delivered {
+            &self.stats.delivered
+        } else {
+            &self.stats.dropped_full
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether a session (connected or persisted) exists for a client id.
@@ -628,8 +667,10 @@ mod tests {
         b.subscribe("acct", a.session, "t/#", opts(QoS::AtMostOnce));
         b.subscribe("acct", a.session, "t/x", opts(QoS::AtLeastOnce));
         assert_eq!(
-            b.publish("acct", msg("t/x", QoS::AtLeastOnce, false, b"1")),
-            Ok(1)
+            b.publish("acct", msg("t/x", QoS::AtLeastOnce, false, b"1"))
+                .map(|r| r.reached)
+                .ok(),
+            Some(1)
         );
         let d = a.rx.try_recv().unwrap();
         assert_eq!(d.qos, QoS::AtLeastOnce);
@@ -727,10 +768,10 @@ mod tests {
         assert!(b.retained_for("b", "r/1", now).is_none());
         b.publish("a", msg("r/2", QoS::AtMostOnce, true, b"x"))
             .unwrap();
-        assert_eq!(
+        assert!(matches!(
             b.publish("a", msg("r/3", QoS::AtMostOnce, true, b"x")),
             Err(PublishError::RetainedQuota)
-        );
+        ));
         b.publish("a", msg("r/2", QoS::AtMostOnce, true, b"y"))
             .unwrap();
         b.publish("a", msg("r/1", QoS::AtMostOnce, true, b""))
@@ -742,19 +783,32 @@ mod tests {
     }
 
     #[test]
-    fn full_queue_drops_by_rule() {
+    fn full_queue_hands_back_blocked_deliveries() {
         let b = Broker::new(BrokerConfig {
             queue_capacity: 2,
             ..BrokerConfig::default()
         });
-        let a = b.connect("acct", "c", true, Duration::ZERO);
+        let mut a = b.connect("acct", "c", true, Duration::ZERO);
         b.subscribe("acct", a.session, "t", opts(QoS::AtMostOnce));
+        let mut blocked = Vec::new();
         for _ in 0..5 {
-            b.publish("acct", msg("t", QoS::AtMostOnce, false, b"x"))
-                .unwrap();
+            blocked.extend(
+                b.publish("acct", msg("t", QoS::AtMostOnce, false, b"x"))
+                    .unwrap()
+                    .blocked,
+            );
         }
         assert_eq!(b.stats.delivered.load(Ordering::Relaxed), 2);
-        assert_eq!(b.stats.dropped_full.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            blocked.len(),
+            3,
+            "the publisher decides: wait for room or drop"
+        );
+        assert!(blocked.iter().all(|x| x.session == a.session));
+        // Room again: a blocked delivery goes through.
+        a.rx.try_recv().unwrap();
+        let first = blocked.remove(0);
+        first.tx.try_send(first.delivery).unwrap();
     }
 
     #[test]

@@ -112,11 +112,10 @@ impl Trie {
         removed
     }
 
-    /// Calls `out` for every subscription matching `topic`.
+    /// Calls `out` for every subscription matching `topic`. Allocates nothing.
     pub fn matches(&self, topic: &str, out: &mut impl FnMut(Match)) {
-        let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
-        match_rec(&self.root, &levels, 0, dollar, out);
+        match_rec(&self.root, topic.split('/'), 0, dollar, out);
     }
 }
 
@@ -166,24 +165,24 @@ fn emit(map: &HashMap<(SessionId, Option<Box<str>>), SubEntry>, out: &mut impl F
 
 fn match_rec(
     node: &Node,
-    levels: &[&str],
+    mut levels: std::str::Split<'_, char>,
     depth: usize,
     dollar: bool,
     out: &mut impl FnMut(Match),
 ) {
     let wild_ok = !(depth == 0 && dollar);
-    match levels {
-        [] => emit(&node.here, out),
-        [first, rest @ ..] => {
+    match levels.next() {
+        None => emit(&node.here, out),
+        Some(first) => {
             if wild_ok {
                 // `#` here matches one or more remaining levels (AWS: not zero).
                 emit(&node.hash, out);
                 if let Some(p) = node.plus.as_deref() {
-                    match_rec(p, rest, depth + 1, dollar, out);
+                    match_rec(p, levels.clone(), depth + 1, dollar, out);
                 }
             }
-            if let Some(c) = node.children.get(*first) {
-                match_rec(c, rest, depth + 1, dollar, out);
+            if let Some(c) = node.children.get(first) {
+                match_rec(c, levels, depth + 1, dollar, out);
             }
         }
     }

@@ -168,6 +168,7 @@ pub struct Principal {
     pub ctx: ConnContext,
     bound: Vec<BoundPolicy>,
     arn_prefix: String,
+    scratch: String,
 }
 
 impl std::fmt::Debug for Principal {
@@ -201,6 +202,7 @@ impl Principal {
             ctx,
             bound: Vec::new(),
             arn_prefix,
+            scratch: String::with_capacity(128),
         };
         p.bind();
         Ok(p)
@@ -248,16 +250,22 @@ impl Principal {
         }
     }
 
-    /// Decides `action` (e.g. `iot:publish`) on resource `kind/name` (e.g. `topic/a/b`).
-    pub fn decide(&self, action: &str, resource: &str) -> Decision {
-        let mut arn = String::with_capacity(self.arn_prefix.len() + resource.len());
+    /// Decides `action` (e.g. `iot:publish`) on the resource `kind/name` (e.g. `topic`,
+    /// `a/b`). The ARN is built in a reused buffer: no allocation per check.
+    pub fn decide(&mut self, action: &str, kind: &str, name: &str) -> Decision {
+        let mut arn = std::mem::take(&mut self.scratch);
+        arn.clear();
         arn.push_str(&self.arn_prefix);
-        arn.push_str(resource);
-        decide(self.bound.iter(), action, &arn, &self.ctx)
+        arn.push_str(kind);
+        arn.push('/');
+        arn.push_str(name);
+        let d = decide(self.bound.iter(), action, &arn, &self.ctx);
+        self.scratch = arn;
+        d
     }
 
-    /// Shorthand: whether `action` on `resource` is allowed.
-    pub fn allowed(&self, action: &str, resource: &str) -> bool {
-        self.decide(action, resource).is_allowed()
+    /// Shorthand: whether `action` on `kind/name` is allowed.
+    pub fn allowed(&mut self, action: &str, kind: &str, name: &str) -> bool {
+        self.decide(action, kind, name).is_allowed()
     }
 }

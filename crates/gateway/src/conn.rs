@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use sekisho_broker::aws::{self, AwsReject};
-use sekisho_broker::{Attached, Delivery, Kick, Message, PublishError};
+use sekisho_broker::{Attached, Blocked, Delivery, Kick, Message, PublishError};
 use sekisho_mqtt::{
     Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion, Publish,
     QoS, SubAck, Subscribe, UnsubAck, Unsubscribe, Will, decode, encode, reason,
@@ -22,6 +22,27 @@ use crate::events::{self, EventSource};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_MESSAGE_EXPIRY: u32 = 604_800;
+/// How long a publisher waits for room in full subscriber queues before the deliveries are
+/// dropped: QoS 0 briefly, QoS 1 longer. While it waits it reads nothing more, so TCP slows the
+/// publisher down (backpressure) instead of the broker buffering without bound.
+const QOS0_WAIT: Duration = Duration::from_millis(50);
+const QOS1_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits (until one deadline) for room for blocked deliveries; drops what does not fit.
+pub(crate) async fn wait_for_room(broker: &sekisho_broker::Broker, blocked: Vec<Blocked>) {
+    if blocked.is_empty() {
+        return;
+    }
+    let qos1 = blocked.iter().any(|b| b.delivery.qos == QoS::AtLeastOnce);
+    let deadline = tokio::time::Instant::now() + if qos1 { QOS1_WAIT } else { QOS0_WAIT };
+    for b in blocked {
+        let ok = matches!(
+            tokio::time::timeout_at(deadline, b.tx.send(b.delivery)).await,
+            Ok(Ok(()))
+        );
+        broker.note_blocked(ok);
+    }
+}
 
 /// Who is on the other end, as the listener established it.
 #[derive(Debug, Clone)]
@@ -226,6 +247,8 @@ struct Connection {
     client_max_packet: usize,
     aliases: HashMap<u16, Arc<str>>,
     last_recv: Instant,
+    /// Deliveries of our publishes that wait for room in full queues.
+    pending: Vec<Blocked>,
 }
 
 enum Flow {
@@ -347,16 +370,15 @@ impl Connection {
                 "AUTHORIZATION_FAILED",
             );
         };
-        if !principal.allowed("iot:connect", &format!("client/{client_id}")) {
+        if !principal.allowed("iot:connect", "client", &client_id) {
             refuse(wbuf, reason::NOT_AUTHORIZED, "iot:Connect denied");
             fail_event(&principal);
             return Err(());
         }
         if let Some(w) = &c.will {
-            let topic = format!("topic/{}", w.topic);
             let ok = aws::may_publish(&w.topic)
-                && principal.allowed("iot:publish", &topic)
-                && (!w.retain || principal.allowed("iot:retainpublish", &topic));
+                && principal.allowed("iot:publish", "topic", &w.topic)
+                && (!w.retain || principal.allowed("iot:retainpublish", "topic", &w.topic));
             if !ok {
                 refuse(
                     wbuf,
@@ -396,6 +418,7 @@ impl Connection {
                 .map_or(usize::MAX, |m| m as usize),
             aliases: HashMap::new(),
             last_recv: Instant::now(),
+            pending: Vec::new(),
             client_id,
             principal,
             shared,
@@ -469,6 +492,7 @@ impl Connection {
         if let Flow::Close(e) = self.drain(rbuf, wbuf, &limits) {
             return e;
         }
+        wait_for_room(&self.shared.broker, std::mem::take(&mut self.pending)).await;
         loop {
             if !write_all(stream, wbuf).await {
                 return End::ConnectionLost;
@@ -493,6 +517,8 @@ impl Connection {
                             if let Flow::Close(e) = self.drain(rbuf, wbuf, &limits) {
                                 return e;
                             }
+                            // Backpressure: no further reading until our deliveries found room.
+                            wait_for_room(&self.shared.broker, std::mem::take(&mut self.pending)).await;
                         }
                     }
                 }
@@ -627,11 +653,13 @@ impl Connection {
         if let Err(e) = self.authorized() {
             return Flow::Close(e);
         }
-        let resource = format!("topic/{}", p.topic);
         let reserved_ok = aws::may_publish(&p.topic) && !(p.retain && p.topic.starts_with('$'));
         let allowed = reserved_ok
-            && self.principal.allowed("iot:publish", &resource)
-            && (!p.retain || self.principal.allowed("iot:retainpublish", &resource));
+            && self.principal.allowed("iot:publish", "topic", &p.topic)
+            && (!p.retain
+                || self
+                    .principal
+                    .allowed("iot:retainpublish", "topic", &p.topic));
         if !allowed {
             tracing::info!(client_id = %self.client_id, topic = %p.topic, retain = p.retain, "publish not authorized");
             if !self.v5() {
@@ -680,11 +708,25 @@ impl Connection {
             timestamp_ms: events::now_ms(),
         };
         let result = self.shared.broker.publish(&self.account, Arc::new(msg));
+        let code = match &result {
+            Err(PublishError::RetainedQuota) if self.v5() => reason::QUOTA_EXCEEDED,
+            _ => reason::SUCCESS,
+        };
+        if let Ok(routed) = result {
+            for b in routed.blocked {
+                if b.session == self.session {
+                    // Our own subscription: write it now rather than wait on ourselves.
+                    self.shared.broker.note_blocked(true);
+                    if let Flow::Close(e) = self.deliver(b.delivery, wbuf) {
+                        return Flow::Close(e);
+                    }
+                } else {
+                    self.pending.push(b);
+                }
+            }
+        }
+        // The PUBACK goes out after blocked deliveries found room (or were given up): see `run`.
         if let Some(id) = p.packet_id {
-            let code = match result {
-                Err(PublishError::RetainedQuota) if self.v5() => reason::QUOTA_EXCEEDED,
-                _ => reason::SUCCESS,
-            };
             self.send(
                 &Packet::PubAck(Ack {
                     packet_id: id,
@@ -726,7 +768,7 @@ impl Connection {
             if !aws::may_subscribe(inner)
                 || !self
                     .principal
-                    .allowed("iot:subscribe", &format!("topicfilter/{}", f.filter))
+                    .allowed("iot:subscribe", "topicfilter", &f.filter)
             {
                 tracing::info!(client_id = %self.client_id, filter = %f.filter, "subscribe not authorized");
                 codes.push(fail(reason::NOT_AUTHORIZED, self.v5()));
@@ -835,10 +877,7 @@ impl Connection {
             return Flow::Close(e);
         }
         let m = &d.message;
-        if !self
-            .principal
-            .allowed("iot:receive", &format!("topic/{}", m.topic))
-        {
+        if !self.principal.allowed("iot:receive", "topic", &m.topic) {
             return Flow::Continue;
         }
         let packet_id = if d.qos == QoS::AtLeastOnce {
@@ -936,10 +975,12 @@ impl Connection {
 
     fn publish_will(&mut self, w: Will) {
         // Re-check with the policies in force now; a revoked principal keeps its connect-time grant.
-        let topic = format!("topic/{}", w.topic);
         if self.principal.refresh().is_ok()
-            && (!self.principal.allowed("iot:publish", &topic)
-                || (w.retain && !self.principal.allowed("iot:retainpublish", &topic)))
+            && (!self.principal.allowed("iot:publish", "topic", &w.topic)
+                || (w.retain
+                    && !self
+                        .principal
+                        .allowed("iot:retainpublish", "topic", &w.topic)))
         {
             tracing::info!(client_id = %self.client_id, "will no longer authorized; not published");
             return;
@@ -971,13 +1012,19 @@ impl Connection {
             })
         };
         if delay == 0 {
-            let _ = broker.publish(&account, make());
+            tokio::spawn(async move {
+                if let Ok(routed) = broker.publish(&account, make()) {
+                    wait_for_room(&broker, routed.blocked).await;
+                }
+            });
         } else {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(delay as u64)).await;
                 // [MQTT-3.1.3-9] not sent if the client reconnected in the meantime.
-                if !broker.is_connected(&account, &client) {
-                    let _ = broker.publish(&account, make());
+                if !broker.is_connected(&account, &client)
+                    && let Ok(routed) = broker.publish(&account, make())
+                {
+                    wait_for_room(&broker, routed.blocked).await;
                 }
             });
         }

@@ -48,7 +48,12 @@ fn emit(broker: &Broker, src: &EventSource<'_>, topic: String, mut body: Value) 
         origin: None,
         timestamp_ms: now_ms(),
     };
-    let _ = broker.publish(src.account, Arc::new(msg));
+    if let Ok(routed) = broker.publish(src.account, Arc::new(msg)) {
+        // Lifecycle events never wait for slow subscribers.
+        for _ in routed.blocked {
+            broker.note_blocked(false);
+        }
+    }
 }
 
 /// `$aws/events/presence/connected/{clientId}`.

@@ -86,11 +86,10 @@ async fn handle(
     if principal.refresh().is_err() {
         return Ok(reply(403, "Forbidden"));
     }
-    let resource = format!("topic/{topic}");
     let allowed = aws::may_publish(&topic)
         && !(retain && topic.starts_with('$'))
-        && principal.allowed("iot:publish", &resource)
-        && (!retain || principal.allowed("iot:retainpublish", &resource));
+        && principal.allowed("iot:publish", "topic", &topic)
+        && (!retain || principal.allowed("iot:retainpublish", "topic", &topic));
     if !allowed {
         tracing::info!(certificate = %info.certificate_id, %topic, "HTTPS publish not authorized");
         return Ok(reply(403, "Forbidden"));
@@ -106,7 +105,10 @@ async fn handle(
         timestamp_ms: events::now_ms(),
     };
     match shared.broker.publish(&info.account, Arc::new(msg)) {
-        Ok(_) => Ok(reply(200, "OK")),
+        Ok(routed) => {
+            crate::conn::wait_for_room(&shared.broker, routed.blocked).await;
+            Ok(reply(200, "OK"))
+        }
         Err(PublishError::RetainedQuota) => Ok(reply(429, "Too Many Requests")),
     }
 }

@@ -278,6 +278,22 @@ impl Ca {
     }
 }
 
+/// A new key of `kind` and a certificate signing request for `common_name` (PEM key, PEM CSR).
+/// Used by the load tool and tests to provision devices through CreateCertificateFromCsr.
+pub fn new_csr(common_name: &str, kind: KeyKind) -> Result<(String, String), PkiError> {
+    let key = new_key(kind)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    let csr = params
+        .serialize_request(&key)
+        .map_err(sign_err)?
+        .pem()
+        .map_err(sign_err)?;
+    Ok((key.serialize_pem(), csr))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of Sekisho and Mosquitto on this machine, with the same load tool
+# (sekisho-bench) and the same scenarios. Run by hand; writes bench/results/<date>/*.json and
+# the results table in BENCHMARKS.md.
+#
+#   bench/compare.sh              full run (about 10 minutes)
+#   SCALE=small bench/compare.sh  quick pass with small counts
+#
+# Both brokers do TLS with required client certificates and authorize every message:
+# Sekisho with one IoT policy using ${iot:Connection.Thing.ThingName}; Mosquitto with
+# use_identity_as_username and a pattern ACL (write bench/%u, read bench/#).
+# Everything listens on 127.0.0.1 only. One broker runs at a time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SCALE=${SCALE:-full}
+if [ "$SCALE" = small ]; then STORM=500; IDLE=(1000); DUR=3; else STORM=5000; IDLE=(10000 50000); DUR=10; fi
+OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
+WORK=$(mktemp -d /tmp/sekisho-compare.XXXXXX)
+mkdir -p "$OUT"
+trap 'pkill -f "$WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FDS=$(ulimit -n)
+echo "open files limit: $FDS"
+# A broker needs one descriptor per connection (plus some): skip idle sizes this host cannot hold.
+KEEP=(); for n in "${IDLE[@]}"; do if [ $((n + 1000)) -le "$FDS" ]; then KEEP+=($n); else echo "skipping idle $n: open files limit $FDS" | tee -a "$OUT/skipped.txt"; fi; done
+IDLE=("${KEEP[@]}")
+MAXDEV=$STORM; for n in "${IDLE[@]}"; do [ $n -gt $MAXDEV ] && MAXDEV=$n; done; [ $MAXDEV -lt 120 ] && MAXDEV=120
+
+command -v mosquitto >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+systemctl stop mosquitto 2>/dev/null || true
+cargo build --release -q -p sekisho -p sekisho-bench
+BIN=$ROOT/target/release
+BENCH=$BIN/sekisho-bench
+
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+
+scenarios() { # name pid certs-dir ca host
+  local name=$1 pid=$2 certs=$3 ca=$4 host=$5 port=$6
+  local common=(--addr 127.0.0.1:$port --host "$host" --ca "$ca" --certs "$certs")
+  echo "== $name: connection storm ($STORM)"
+  $BENCH conn "${common[@]}" --spread-sources --count $STORM --concurrency 128 --hold 2 --broker-pid $pid > "$OUT/$name-storm.json"
+  for n in "${IDLE[@]}"; do
+    echo "== $name: idle $n connections"
+    $BENCH conn "${common[@]}" --spread-sources --count $n --concurrency 128 --hold 5 --keep-alive 300 --broker-pid $pid > "$OUT/$name-idle-$n.json"
+  done
+  echo "== $name: point-to-point QoS 0 / QoS 1, fan-out, latency"
+  $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 0 --duration $DUR --broker-pid $pid > "$OUT/$name-p2p-qos0.json"
+  $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 1 --duration $DUR --broker-pid $pid > "$OUT/$name-p2p-qos1.json"
+  $BENCH pubsub "${common[@]}" --publishers 1 --subscribers 100 --topics shared --qos 0 --duration $DUR --rate 2000 --broker-pid $pid > "$OUT/$name-fanout.json"
+  $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 0 --duration $DUR --rate 10000 --broker-pid $pid > "$OUT/$name-latency.json"
+}
+
+# --- Sekisho ---------------------------------------------------------------------------
+SK=$WORK/sekisho
+"$BIN/sekisho" serve --data-dir "$SK" --mqtt-port 18883 --api-port 19443 --https-port 18443 --bind 127.0.0.1 > "$WORK/sekisho.log" 2>&1 &
+SKPID=$!
+wait_port 19443 || { echo "sekisho did not start:"; cat "$WORK/sekisho.log"; exit 1; }
+ACCOUNT=$(awk '/Default account/ {print $3}' "$WORK/sekisho.log")
+cat > "$WORK/policy.json" <<JSON
+{"Version":"2012-10-17","Statement":[
+ {"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:us-east-1:$ACCOUNT:client/\${iot:Connection.Thing.ThingName}"},
+ {"Effect":"Allow","Action":"iot:Publish","Resource":"arn:aws:iot:us-east-1:$ACCOUNT:topic/bench/\${iot:Connection.Thing.ThingName}"},
+ {"Effect":"Allow","Action":"iot:Subscribe","Resource":"arn:aws:iot:us-east-1:$ACCOUNT:topicfilter/bench/*"},
+ {"Effect":"Allow","Action":"iot:Receive","Resource":"arn:aws:iot:us-east-1:$ACCOUNT:topic/bench/*"}]}
+JSON
+echo "== provisioning $MAXDEV devices in Sekisho"
+$BENCH provision --data-dir "$SK" --api 127.0.0.1:19443 --out "$WORK/sk-certs" --count $MAXDEV --policy "$WORK/policy.json" > "$OUT/sekisho-provision.json"
+scenarios sekisho $SKPID "$WORK/sk-certs" "$SK/ca.pem" localhost 18883
+kill -TERM $SKPID; wait $SKPID || true
+
+# --- Mosquitto -------------------------------------------------------------------------
+MQ=$WORK/mosquitto; mkdir -p "$MQ"
+$BENCH gen-certs --out "$WORK/mq-certs" --count $MAXDEV > /dev/null
+cp "$SK/server.pem" "$SK/server.key" "$SK/ca.pem" "$MQ/"
+cat > "$MQ/acl" <<ACL
+pattern write bench/%u
+pattern read bench/#
+ACL
+cat > "$MQ/mosquitto.conf" <<CONF
+user root
+per_listener_settings false
+allow_anonymous false
+acl_file $MQ/acl
+max_inflight_messages 100
+max_queued_messages 1000
+persistence false
+log_type error
+listener 18884 127.0.0.1
+cafile $WORK/mq-certs/ca.pem
+certfile $MQ/server.pem
+keyfile $MQ/server.key
+require_certificate true
+use_identity_as_username true
+CONF
+mosquitto -c "$MQ/mosquitto.conf" > "$WORK/mosquitto.log" 2>&1 &
+MQPID=$!
+wait_port 18884 || { echo "mosquitto did not start:"; cat "$WORK/mosquitto.log"; exit 1; }
+scenarios mosquitto $MQPID "$WORK/mq-certs" "$MQ/ca.pem" localhost 18884
+kill -TERM $MQPID; wait $MQPID || true
+
+MOSQ_VERSION=$( (mosquitto -h 2>/dev/null || true) | head -1 | awk "{print \$3}")
+python3 bench/report.py "$OUT" "$MOSQ_VERSION" "$SCALE"
+echo "results in $OUT; table written to BENCHMARKS.md"

@@ -1,0 +1,194 @@
+//! `sekisho-bench`: a load generator for MQTT brokers with mutual TLS, on Sekisho's own codec.
+//!
+//! - `provision`: creates N devices in Sekisho through its API (thing, certificate from a CSR,
+//!   one policy, attachments) and writes `DIR/dev-<i>.crt|key`.
+//! - `gen-certs`: makes a local CA and N device certificates (CN `dev-<i>`) for other brokers.
+//! - `conn`: opens N connections, holds them, reports connects/s and CONNACK latency.
+//! - `pubsub`: P publishers and S subscribers; reports delivered msg/s, losses, latency.
+//!
+//! It talks only to the address it is given (loopback in the project's scripts), and every
+//! run is bounded in count and time. A progress line goes to stderr every second; the result
+//! is one JSON object on stdout.
+
+mod api;
+mod client;
+mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use sekisho_mqtt::ProtocolVersion;
+
+#[derive(Parser)]
+#[command(
+    name = "sekisho-bench",
+    about = "Load generator for MQTT over mutual TLS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone, Debug)]
+struct Common {
+    /// Broker address (loopback).
+    #[arg(long, default_value = "127.0.0.1:8883")]
+    addr: SocketAddr,
+    /// Server name for SNI and certificate checks.
+    #[arg(long, default_value = "localhost")]
+    host: String,
+    /// CA certificate that signs the broker's certificate.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Directory with `dev-<i>.crt` and `dev-<i>.key`.
+    #[arg(long)]
+    certs: PathBuf,
+    /// MQTT version: 4 (3.1.1) or 5.
+    #[arg(long, default_value_t = 4)]
+    mqtt: u8,
+    /// Spread connections over 127.0.0.1-127.0.0.250 as source addresses.
+    #[arg(long)]
+    spread_sources: bool,
+}
+
+impl Common {
+    fn version(&self) -> ProtocolVersion {
+        if self.mqtt == 5 {
+            ProtocolVersion::V5
+        } else {
+            ProtocolVersion::V311
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Creates devices in Sekisho through its API.
+    Provision {
+        /// Sekisho's data directory (for the profile's credentials and ca.pem).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Control-plane address.
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        api: SocketAddr,
+        /// Output directory for certificates and keys.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of devices.
+        #[arg(long)]
+        count: usize,
+        /// Policy document (JSON file) attached to every certificate.
+        #[arg(long)]
+        policy: PathBuf,
+    },
+    /// Makes a local CA (`ca.pem`, `ca.key`) and N device certificates.
+    GenCerts {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of devices.
+        #[arg(long)]
+        count: usize,
+    },
+    /// Connection storm and idle hold.
+    Conn {
+        #[command(flatten)]
+        common: Common,
+        /// Connections.
+        #[arg(long)]
+        count: usize,
+        /// Connection attempts in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Seconds to hold the connections after the last one connected.
+        #[arg(long, default_value_t = 5)]
+        hold: u64,
+        /// Keep-alive in seconds.
+        #[arg(long, default_value_t = 60)]
+        keep_alive: u16,
+        /// Process id of the broker, to report its RSS while the connections are held.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+    },
+    /// Publishers and subscribers.
+    Pubsub {
+        #[command(flatten)]
+        common: Common,
+        /// Publishers (devices dev-0 .. dev-(P-1)).
+        #[arg(long, default_value_t = 10)]
+        publishers: usize,
+        /// Subscribers (the next S devices).
+        #[arg(long, default_value_t = 10)]
+        subscribers: usize,
+        /// `own`: subscriber i listens to publisher i mod P; `shared`: everyone listens to publisher 0.
+        #[arg(long, default_value = "own")]
+        topics: String,
+        /// QoS 0 or 1.
+        #[arg(long, default_value_t = 0)]
+        qos: u8,
+        /// Payload bytes (at least 16: a timestamp and a sequence number).
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Total publish rate in messages/s (0: as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Process id of the broker, to report its CPU time and RSS.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Provision {
+                data_dir,
+                api,
+                out,
+                count,
+                policy,
+            } => api::provision(&data_dir, api, &out, count, &policy).await,
+            Cmd::GenCerts { out, count } => api::gen_certs(&out, count),
+            Cmd::Conn {
+                common,
+                count,
+                concurrency,
+                hold,
+                keep_alive,
+                broker_pid,
+            } => run::conn(&common, count, concurrency, hold, keep_alive, broker_pid).await,
+            Cmd::Pubsub {
+                common,
+                publishers,
+                subscribers,
+                topics,
+                qos,
+                payload,
+                duration,
+                rate,
+                broker_pid,
+            } => {
+                let spec = run::PubSub {
+                    publishers,
+                    subscribers,
+                    shared: topics == "shared",
+                    qos,
+                    payload: payload.max(16),
+                    duration,
+                    rate,
+                };
+                run::pubsub(&common, spec, broker_pid).await
+            }
+        }
+    })?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
