@@ -47,7 +47,7 @@ scenarios() { # name pid certs-dir ca host
   echo "== $name: point-to-point QoS 0 / QoS 1, fan-out, latency"
   $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 0 --duration $DUR --broker-pid $pid > "$OUT/$name-p2p-qos0.json"
   $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 1 --duration $DUR --broker-pid $pid > "$OUT/$name-p2p-qos1.json"
-  $BENCH pubsub "${common[@]}" --publishers 1 --subscribers 100 --topics shared --qos 0 --duration $DUR --rate 2000 --broker-pid $pid > "$OUT/$name-fanout.json"
+  $BENCH pubsub "${common[@]}" --publishers 1 --subscribers 100 --topics shared --qos 0 --duration $DUR --broker-pid $pid > "$OUT/$name-fanout.json"
   $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 0 --duration $DUR --rate 10000 --broker-pid $pid > "$OUT/$name-latency.json"
 }
 
@@ -98,6 +98,14 @@ MQPID=$!
 wait_port 18884 || { echo "mosquitto did not start:"; cat "$WORK/mosquitto.log"; exit 1; }
 scenarios mosquitto $MQPID "$WORK/mq-certs" "$MQ/ca.pem" localhost 18884
 kill -TERM $MQPID; wait $MQPID || true
+
+# --- The handshake ceiling: a bare rustls mTLS server on the same machine ----------------
+"$BENCH" bare-server --addr 127.0.0.1:18885 --cert "$MQ/server.pem" --key "$MQ/server.key" --client-ca "$WORK/mq-certs/ca.pem" > "$WORK/bare.log" 2>&1 &
+BAREPID=$!
+wait_port 18885 || { echo "bare server did not start:"; cat "$WORK/bare.log"; exit 1; }
+echo "== bare rustls: connection storm ($STORM)"
+$BENCH conn --addr 127.0.0.1:18885 --host localhost --ca "$MQ/ca.pem" --certs "$WORK/mq-certs" --spread-sources --count $STORM --concurrency 128 --hold 2 --broker-pid $BAREPID > "$OUT/bare-storm.json"
+kill -TERM $BAREPID; wait $BAREPID || true
 
 MOSQ_VERSION=$( (mosquitto -h 2>/dev/null || true) | head -1 | awk "{print \$3}")
 python3 bench/report.py "$OUT" "$MOSQ_VERSION" "$SCALE"

@@ -47,6 +47,11 @@ def row(label, key, path, digits=0, higher=True):
 
 row("mTLS connection storm: connects/s", "storm", ["connects_per_s"])
 row("storm: broker CPU ms per connect", "storm", ["broker_cpu_ms_per_connect"], 2, higher=False)
+bare = load("bare-storm")
+s_storm = load("sekisho-storm")
+if bare and s_storm:
+    rows.append(f"| storm: bare rustls mTLS ceiling, connects/s (Sekisho = {100 * s_storm['connects_per_s'] / bare['connects_per_s']:.0f} % of it) "
+                f"| {fmt(bare['connects_per_s'])} | | |")
 row("storm: CONNACK p99 ms", "storm", ["connack_ms", "p99"], 1, higher=False)
 for n in sorted({int(p.stem.split("-")[-1]) for p in out.glob("sekisho-idle-*.json")}):
     row(f"idle {n:,} mTLS connections: KiB per connection", f"idle-{n}", ["broker_rss_kib_per_connection"], 1, higher=False)
@@ -57,7 +62,7 @@ row("10→10 QoS 0: lost (dropped by rule under overload)", "p2p-qos0", ["lost"]
 row("10→10 QoS 1: delivered msg/s", "p2p-qos1", ["delivered_per_s"])
 row("10→10 QoS 1: broker CPU s per million delivered", "p2p-qos1", ["broker_cpu_s_per_million_delivered"], 2, higher=False)
 row("10→10 QoS 1: lost", "p2p-qos1", ["lost"], higher=False)
-row("1→100 fan-out QoS 0 (2,000 msg/s in): delivered msg/s", "fanout", ["delivered_per_s"])
+row("1→100 fan-out QoS 0: delivered msg/s", "fanout", ["delivered_per_s"])
 row("fan-out: broker CPU s per million delivered", "fanout", ["broker_cpu_s_per_million_delivered"], 2, higher=False)
 row("latency at 10,000 msg/s: p50 µs", "latency", ["latency_us", "p50"], higher=False)
 row("latency at 10,000 msg/s: p99 µs", "latency", ["latency_us", "p99"], higher=False)

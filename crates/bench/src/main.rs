@@ -11,6 +11,7 @@
 //! is one JSON object on stdout.
 
 mod api;
+mod bare;
 mod client;
 mod run;
 
@@ -91,6 +92,21 @@ enum Cmd {
         #[arg(long)]
         count: usize,
     },
+    /// A bare rustls mutual-TLS server answering CONNECT with CONNACK (the handshake ceiling).
+    BareServer {
+        /// Listen address (loopback).
+        #[arg(long, default_value = "127.0.0.1:18885")]
+        addr: SocketAddr,
+        /// Server certificate chain (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Server key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// CA that signs the client certificates.
+        #[arg(long)]
+        client_ca: PathBuf,
+    },
     /// Connection storm and idle hold.
     Conn {
         #[command(flatten)]
@@ -157,6 +173,12 @@ fn main() -> anyhow::Result<()> {
                 policy,
             } => api::provision(&data_dir, api, &out, count, &policy).await,
             Cmd::GenCerts { out, count } => api::gen_certs(&out, count),
+            Cmd::BareServer {
+                addr,
+                cert,
+                key,
+                client_ca,
+            } => bare::serve(addr, &cert, &key, &client_ca).await,
             Cmd::Conn {
                 common,
                 count,

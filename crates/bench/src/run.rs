@@ -377,12 +377,15 @@ pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<V
         let _ = p.await;
     }
     let publish_seconds = t0.elapsed().as_secs_f64();
-    // Let in-flight deliveries land.
+    // Let in-flight deliveries land: stop after 1 s without a new delivery (a broker may hold a
+    // QoS 1 delivery up to 2 s for a full queue), at most 5 s.
     let mut last = delivered.load(Ordering::Relaxed);
+    let mut quiet = 0;
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let now = delivered.load(Ordering::Relaxed);
-        if now == last {
+        quiet = if now == last { quiet + 1 } else { 0 };
+        if quiet >= 4 {
             break;
         }
         last = now;

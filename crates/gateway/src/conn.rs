@@ -105,12 +105,17 @@ impl End {
     }
 }
 
+/// Buffers of idle connections are this small; they grow while traffic needs it (the decoder
+/// reserves room for a whole packet) and shrink back after `SHRINK_AFTER` without traffic.
+const IDLE_BUF: usize = 256;
+const SHRINK_AFTER: Duration = Duration::from_secs(1);
+
 async fn read_more<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
 ) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < 1024 {
-        buf.reserve(4096);
+    if buf.capacity() == buf.len() {
+        buf.reserve(buf.len().clamp(4096, 64 * 1024));
     }
     stream.read_buf(buf).await
 }
@@ -165,8 +170,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     info: ConnInfo,
 ) {
     let limits = shared.config.codec_limits;
-    let mut rbuf = BytesMut::with_capacity(4096);
-    let mut wbuf = BytesMut::with_capacity(4096);
+    let mut rbuf = BytesMut::with_capacity(IDLE_BUF);
+    let mut wbuf = BytesMut::new();
 
     // CONNECT first, within a deadline.
     let first = tokio::time::timeout(CONNECT_TIMEOUT, async {
@@ -247,6 +252,8 @@ struct Connection {
     client_max_packet: usize,
     aliases: HashMap<u16, Arc<str>>,
     last_recv: Instant,
+    /// Last traffic in either direction (for shrinking idle buffers).
+    last_io: Instant,
     /// Deliveries of our publishes that wait for room in full queues.
     pending: Vec<Blocked>,
 }
@@ -418,6 +425,7 @@ impl Connection {
                 .map_or(usize::MAX, |m| m as usize),
             aliases: HashMap::new(),
             last_recv: Instant::now(),
+            last_io: Instant::now(),
             pending: Vec::new(),
             client_id,
             principal,
@@ -514,6 +522,7 @@ impl Connection {
                         Ok(0) | Err(_) => return End::ConnectionLost,
                         Ok(_) => {
                             self.last_recv = Instant::now();
+                            self.last_io = self.last_recv;
                             if let Flow::Close(e) = self.drain(rbuf, wbuf, &limits) {
                                 return e;
                             }
@@ -524,6 +533,7 @@ impl Connection {
                 }
                 d = attached.rx.recv(), if can_deliver => {
                     let Some(d) = d else { return End::Administrative };
+                    self.last_io = Instant::now();
                     if let Flow::Close(e) = self.deliver(d, wbuf) {
                         return e;
                     }
@@ -533,6 +543,16 @@ impl Connection {
                             Ok(d) => if let Flow::Close(e) = self.deliver(d, wbuf) { return e; },
                             Err(_) => break,
                         }
+                    }
+                }
+                _ = tokio::time::sleep_until((self.last_io + SHRINK_AFTER).into()),
+                    if rbuf.capacity() > IDLE_BUF || wbuf.capacity() > 0 =>
+                {
+                    if rbuf.is_empty() {
+                        *rbuf = BytesMut::with_capacity(IDLE_BUF);
+                    }
+                    if wbuf.is_empty() {
+                        *wbuf = BytesMut::new();
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => return End::KeepAlive,
