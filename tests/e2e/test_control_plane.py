@@ -261,3 +261,33 @@ def test_sigv4_refusals(server):
     env = {**server.env, "AWS_SHARED_CREDENTIALS_FILE": str(bad_creds)}
     cp = subprocess.run(["aws", "--profile", "sekisho", "iot", "list-things"], env=env, capture_output=True, text=True)
     assert cp.returncode != 0 and "InvalidSignatureException" in cp.stderr, cp.stderr
+
+
+def test_health_and_metrics_need_no_signature(server, workdir):
+    import ssl
+    import urllib.request
+    ctx = ssl.create_default_context(cafile=server.ca)
+
+    def get(path):
+        with urllib.request.urlopen(f"https://localhost:{server.api_port}{path}", context=ctx) as r:
+            return r.status, r.headers.get("content-type"), r.read().decode()
+
+    assert get("/health")[0] == 200
+
+    def metric(text, name):
+        return int(next(l.split()[1] for l in text.splitlines() if l.startswith(name + " ")))
+
+    status, ctype, before = get("/metrics")
+    assert status == 200 and ctype.startswith("text/plain")
+    from conftest import ALLOW_ALL, Device, Paho, unique
+    dev = Device(server, server.boto(), unique("metrics"), ALLOW_ALL, workdir)
+    p = Paho(server, server.endpoint(), dev, dev.name, v5=True)
+    assert p.connect()[0] == 0
+    p.subscribe("metrics/t", qos=1)
+    p.c.publish("metrics/t", b"x", qos=1)
+    assert p.messages.get(timeout=5).payload == b"x"
+    _, _, during = get("/metrics")
+    assert metric(during, "sekisho_deliveries_total") > metric(before, "sekisho_deliveries_total")
+    assert metric(during, "sekisho_connections") >= 1
+    assert metric(during, "sekisho_subscriptions") >= 1
+    p.close()

@@ -297,6 +297,9 @@ pub async fn handle(
     if parts.method == hyper::Method::GET && parts.uri.path() == "/health" {
         return Ok(json_response(200, &json!({"status": "ok"})));
     }
+    if parts.method == hyper::Method::GET && parts.uri.path() == "/metrics" {
+        return Ok(metrics(&state));
+    }
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
@@ -349,6 +352,75 @@ pub async fn handle(
             error_response(&e)
         }
     })
+}
+
+/// Prometheus text exposition of the broker's and registry's counters and sizes.
+fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let st = &state.broker.stats;
+    let (sessions, connected, subscriptions, retained) = state.broker.sizes();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        );
+    };
+    metric(
+        "sekisho_deliveries_total",
+        "counter",
+        "Deliveries handed to a connection's queue.",
+        st.delivered.load(Relaxed),
+    );
+    metric(
+        "sekisho_deliveries_dropped_total",
+        "counter",
+        "Deliveries given up because a connection's queue stayed full.",
+        st.dropped_full.load(Relaxed),
+    );
+    metric(
+        "sekisho_deliveries_queued_offline_total",
+        "counter",
+        "QoS 1 deliveries stored for offline sessions.",
+        st.queued_offline.load(Relaxed),
+    );
+    metric(
+        "sekisho_sessions",
+        "gauge",
+        "Sessions, connected or persisted.",
+        sessions as u64,
+    );
+    metric(
+        "sekisho_connections",
+        "gauge",
+        "Connected MQTT sessions.",
+        connected as u64,
+    );
+    metric(
+        "sekisho_subscriptions",
+        "gauge",
+        "Subscriptions.",
+        subscriptions as u64,
+    );
+    metric(
+        "sekisho_retained_messages",
+        "gauge",
+        "Retained messages.",
+        retained as u64,
+    );
+    metric(
+        "sekisho_registry_generation",
+        "counter",
+        "Registry changes that may affect policies.",
+        state.registry.generation(),
+    );
+    let mut r = Response::new(Full::new(Bytes::from(out)));
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
 }
 
 /// SHA-256 of `b`.

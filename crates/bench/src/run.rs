@@ -295,7 +295,7 @@ pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<V
             let (mut rd, mut wr) = tokio::io::split(conn.stream);
             let mut rbuf = std::mem::take(&mut conn.rbuf);
             let w2 = window.clone();
-            let reader = tokio::spawn(async move {
+            let mut reader = tokio::spawn(async move {
                 while let Ok(Some(p)) = client::read_packet(&mut rd, &mut rbuf, version).await {
                     if matches!(p, Packet::PubAck(_)) {
                         w2.add_permits(1);
@@ -359,8 +359,16 @@ pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<V
                 out.clear();
             }
             sent.fetch_add(seq, Ordering::Relaxed);
+            // Close gracefully: send close_notify, then read (acknowledgements) until the broker
+            // closes. Dropping a socket with unread data makes the kernel send a RST, which
+            // would discard the last publishes still in flight.
             let _ = wr.shutdown().await;
-            reader.abort();
+            if tokio::time::timeout(Duration::from_secs(10), &mut reader)
+                .await
+                .is_err()
+            {
+                reader.abort();
+            }
         }));
     }
     // Progress.

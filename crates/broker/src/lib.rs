@@ -618,6 +618,20 @@ impl Broker {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Current sizes: (sessions, connected sessions, subscriptions, retained messages), summed
+    /// over accounts. O(sessions): for metrics, not for the hot path.
+    pub fn sizes(&self) -> (usize, usize, usize, usize) {
+        let inner = self.lock();
+        inner.values().fold((0, 0, 0, 0), |(s, c, sub, r), a| {
+            (
+                s + a.sessions.len(),
+                c + a.sessions.values().filter(|x| x.conn.is_some()).count(),
+                sub + a.trie.len(),
+                r + a.retained.len(),
+            )
+        })
+    }
+
     /// Whether a session (connected or persisted) exists for a client id.
     pub fn has_session(&self, account: &str, client_id: &str) -> bool {
         self.lock()
