@@ -99,6 +99,41 @@ wait_port 18884 || { echo "mosquitto did not start:"; cat "$WORK/mosquitto.log";
 scenarios mosquitto $MQPID "$WORK/mq-certs" "$MQ/ca.pem" localhost 18884
 kill -TERM $MQPID; wait $MQPID || true
 
+# --- rumqttd, where it builds (it has no topic authorization at all) ----------------------
+RUMQTTD=$(command -v rumqttd || echo "$HOME/.cargo/bin/rumqttd")
+if [ ! -x "$RUMQTTD" ] && [ -z "${SKIP_RUMQTTD:-}" ]; then
+  cargo install rumqttd --version 0.20.0 -q || echo "rumqttd 0.20.0 did not build here; skipped" | tee -a "$OUT/skipped.txt"
+fi
+if [ -x "$RUMQTTD" ] && [ -z "${SKIP_RUMQTTD:-}" ]; then
+  cat > "$WORK/rumqttd.toml" <<TOML
+id = 0
+[router]
+id = 0
+max_connections = 20010
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:18886"
+next_connection_delay_ms = 0
+  [v4.1.tls]
+  capath = "$WORK/mq-certs/ca.pem"
+  certpath = "$MQ/server.pem"
+  keypath = "$MQ/server.key"
+  [v4.1.connections]
+  connection_timeout_ms = 60000
+  max_payload_size = 131072
+  max_inflight_count = 100
+  dynamic_filters = true
+TOML
+  RUST_LOG=error "$RUMQTTD" -c "$WORK/rumqttd.toml" > "$WORK/rumqttd.log" 2>&1 &
+  RQPID=$!
+  wait_port 18886 || { echo "rumqttd did not start:"; cat "$WORK/rumqttd.log"; exit 1; }
+  scenarios rumqttd $RQPID "$WORK/mq-certs" "$MQ/ca.pem" localhost 18886
+  kill -TERM $RQPID; wait $RQPID || true
+fi
+
 # --- The handshake ceiling: a bare rustls mTLS server on the same machine ----------------
 "$BENCH" bare-server --addr 127.0.0.1:18885 --cert "$MQ/server.pem" --key "$MQ/server.key" --client-ca "$WORK/mq-certs/ca.pem" > "$WORK/bare.log" 2>&1 &
 BAREPID=$!

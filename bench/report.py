@@ -31,18 +31,19 @@ def fmt(v, digits=0):
 rows = []
 
 
-def row(label, key, path, digits=0, higher=True):
-    s, m = load(f"sekisho-{key}"), load(f"mosquitto-{key}")
-    def get(d):
+def get(d, path):
+    for k in path:
+        d = d.get(k) if isinstance(d, dict) else None
         if d is None:
             return None
-        for k in path:
-            d = d.get(k) if isinstance(d, dict) else None
-            if d is None:
-                return None
-        return d
-    sv, mv = get(s), get(m)
-    rows.append(f"| {label} | {fmt(sv, digits)} | {fmt(mv, digits)} | {ratio(sv, mv, higher)} |")
+    return d
+
+
+def row(label, key, path, digits=0, higher=True):
+    s, m, r = (load(f"{b}-{key}") for b in ("sekisho", "mosquitto", "rumqttd"))
+    sv, mv, rv = get(s, path), get(m, path), get(r, path)
+    rows.append(f"| {label} | {fmt(sv, digits)} | {fmt(mv, digits)} | {fmt(rv, digits)} "
+                f"| {ratio(sv, mv, higher)} | {ratio(sv, rv, higher)} |")
 
 
 row("mTLS connection storm: connects/s", "storm", ["connects_per_s"])
@@ -51,7 +52,7 @@ bare = load("bare-storm")
 s_storm = load("sekisho-storm")
 if bare and s_storm:
     rows.append(f"| storm: bare rustls mTLS ceiling, connects/s (Sekisho = {100 * s_storm['connects_per_s'] / bare['connects_per_s']:.0f} % of it) "
-                f"| {fmt(bare['connects_per_s'])} | | |")
+                f"| {fmt(bare['connects_per_s'])} | | | | |")
 row("storm: CONNACK p99 ms", "storm", ["connack_ms", "p99"], 1, higher=False)
 for n in sorted({int(p.stem.split("-")[-1]) for p in out.glob("sekisho-idle-*.json")}):
     row(f"idle {n:,} mTLS connections: KiB per connection", f"idle-{n}", ["broker_rss_kib_per_connection"], 1, higher=False)
@@ -77,12 +78,12 @@ cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
 mem = sh("free -g | awk '/Mem:/ {print $2}'")
 table = "\n".join([
     f"Run {out.name} (`SCALE={scale} bench/compare.sh`), Sekisho {sh('git -C ' + str(root) + ' rev-parse --short HEAD')}, "
-    f"Mosquitto {mosq_version}, {sh('rustc --version')}; {os.cpu_count()} cores ({cpu}), {mem} GiB, Linux {platform.release()}. "
+    f"Mosquitto {mosq_version}, rumqttd {'0.20.0' if (out / 'rumqttd-storm.json').exists() else 'not run'}, {sh('rustc --version')}; {os.cpu_count()} cores ({cpu}), {mem} GiB, Linux {platform.release()}. "
     "The load tool runs on the same two cores as the broker. Raw JSON: `"
     + (str(out.relative_to(root)) if out.is_relative_to(root) else str(out)) + "`.",
     "",
-    "| scenario | Sekisho | Mosquitto | Sekisho vs Mosquitto |",
-    "|---|---:|---:|---:|",
+    "| scenario | Sekisho | Mosquitto | rumqttd | Sekisho vs Mosquitto | Sekisho vs rumqttd |",
+    "|---|---:|---:|---:|---:|---:|",
     *rows,
 ])
 bm = root / "BENCHMARKS.md"
