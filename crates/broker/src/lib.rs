@@ -127,10 +127,31 @@ struct Session {
     queue: VecDeque<Delivery>,
 }
 
+/// Hashes the broker's own sequential session ids with one multiplication (Fibonacci hashing).
+/// Only for keys the server assigns; client-chosen strings keep SipHash.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap<V> = HashMap<SessionId, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 #[derive(Default)]
 struct AccountState {
     trie: Trie,
-    sessions: HashMap<SessionId, Session>,
+    sessions: IdMap<Session>,
     by_client: HashMap<String, SessionId>,
     retained: BTreeMap<String, Arc<Message>>,
 }
@@ -536,7 +557,9 @@ impl Broker {
                 acct.retained.insert(msg.topic.to_string(), msg.clone());
             }
         }
-        let mut direct: HashMap<SessionId, (QoS, bool)> = HashMap::new();
+        // Matches, then one delivery per session at the highest granted QoS: a sorted Vec
+        // (no hashing on the fan-out path).
+        let mut direct: Vec<(SessionId, QoS, bool)> = Vec::new();
         let mut groups: HashMap<Box<str>, Vec<(SessionId, SubEntry)>> = HashMap::new();
         acct.trie.matches(&msg.topic, &mut |m| {
             if m.entry.options.no_local && msg.origin == Some(m.session) {
@@ -544,31 +567,42 @@ impl Broker {
             }
             match m.group {
                 Some(g) => groups.entry(g).or_default().push((m.session, m.entry)),
-                None => {
-                    let e = direct.entry(m.session).or_insert((QoS::AtMostOnce, false));
-                    e.0 = e.0.max(m.entry.options.qos);
-                    e.1 |= m.entry.options.retain_as_published;
-                }
+                None => direct.push((
+                    m.session,
+                    m.entry.options.qos,
+                    m.entry.options.retain_as_published,
+                )),
             }
         });
-        let mut rng = rand::rng();
-        for (_, members) in groups {
-            let online: Vec<_> = members
-                .iter()
-                .filter(|(id, _)| acct.sessions.get(id).is_some_and(|s| s.conn.is_some()))
-                .collect();
-            let pool: Vec<_> = if online.is_empty() {
-                members.iter().collect()
-            } else {
-                online
-            };
-            let (id, entry) = pool[rng.random_range(0..pool.len())];
-            let e = direct.entry(*id).or_insert((QoS::AtMostOnce, false));
-            e.0 = e.0.max(entry.options.qos);
+        if !groups.is_empty() {
+            let mut rng = rand::rng();
+            for (_, members) in groups {
+                let online: Vec<_> = members
+                    .iter()
+                    .filter(|(id, _)| acct.sessions.get(id).is_some_and(|s| s.conn.is_some()))
+                    .collect();
+                let pool: Vec<_> = if online.is_empty() {
+                    members.iter().collect()
+                } else {
+                    online
+                };
+                let (id, entry) = pool[rng.random_range(0..pool.len())];
+                direct.push((*id, entry.options.qos, false));
+            }
         }
+        direct.sort_unstable_by_key(|e| e.0);
+        direct.dedup_by(|later, kept| {
+            if later.0 == kept.0 {
+                kept.1 = kept.1.max(later.1);
+                kept.2 |= later.2;
+                true
+            } else {
+                false
+            }
+        });
         let mut reached = 0;
         let mut blocked = Vec::new();
-        for (id, (sub_qos, rap)) in direct {
+        for (id, sub_qos, rap) in direct {
             let Some(s) = acct.sessions.get_mut(&id) else {
                 continue;
             };

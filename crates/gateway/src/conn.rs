@@ -501,11 +501,14 @@ impl Connection {
             return e;
         }
         wait_for_room(&self.shared.broker, std::mem::take(&mut self.pending)).await;
+        // One lazy timer for keep-alive and buffer shrinking: armed for the earliest event,
+        // re-checked and re-armed when it fires, never touched per packet.
+        let timer = tokio::time::sleep_until(self.next_timer(rbuf, wbuf).into());
+        tokio::pin!(timer);
         loop {
             if !write_all(stream, wbuf).await {
                 return End::ConnectionLost;
             }
-            let deadline = self.last_recv + self.keep_alive + self.keep_alive / 2;
             let can_deliver = self.inflight.len() < self.client_receive_max;
             tokio::select! {
                 biased;
@@ -545,18 +548,40 @@ impl Connection {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until((self.last_io + SHRINK_AFTER).into()),
-                    if rbuf.capacity() > IDLE_BUF || wbuf.capacity() > 0 =>
-                {
-                    if rbuf.is_empty() {
-                        *rbuf = BytesMut::with_capacity(IDLE_BUF);
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if now >= self.keep_alive_deadline() {
+                        return End::KeepAlive;
                     }
-                    if wbuf.is_empty() {
-                        *wbuf = BytesMut::new();
+                    if now >= self.last_io + SHRINK_AFTER {
+                        if rbuf.is_empty() && rbuf.capacity() > IDLE_BUF {
+                            *rbuf = BytesMut::with_capacity(IDLE_BUF);
+                        }
+                        if wbuf.is_empty() {
+                            *wbuf = BytesMut::new();
+                        }
                     }
+                    timer.as_mut().reset(self.next_timer(rbuf, wbuf).into());
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => return End::KeepAlive,
             }
+        }
+    }
+
+    /// When a silent client has exceeded 1.5 times its keep-alive.
+    fn keep_alive_deadline(&self) -> Instant {
+        self.last_recv + self.keep_alive + self.keep_alive / 2
+    }
+
+    /// The next time the connection's timer must look: the keep-alive deadline, or the moment
+    /// the buffers of a connection gone quiet can shrink.
+    fn next_timer(&self, rbuf: &BytesMut, wbuf: &BytesMut) -> Instant {
+        let ka = self.keep_alive_deadline();
+        let shrink = self.last_io + SHRINK_AFTER;
+        let big = rbuf.capacity() > IDLE_BUF || wbuf.capacity() > 0;
+        if big && shrink > Instant::now() {
+            ka.min(shrink)
+        } else {
+            ka
         }
     }
 
@@ -889,8 +914,11 @@ impl Connection {
     }
 
     fn deliver(&mut self, d: Delivery, wbuf: &mut BytesMut) -> Flow {
-        let now = Instant::now();
-        if d.message.expired(now) {
+        // The clock is read only for messages that can expire.
+        let now = d.message.expires_at.map(|_| Instant::now());
+        if let Some(now) = now
+            && d.message.expired(now)
+        {
             return Flow::Continue;
         }
         if let Err(e) = self.authorized() {
@@ -911,7 +939,7 @@ impl Connection {
             Properties::default()
         };
         if self.v5()
-            && let Some(exp) = m.expires_at
+            && let (Some(exp), Some(now)) = (m.expires_at, now)
         {
             properties.message_expiry_interval =
                 Some(exp.saturating_duration_since(now).as_secs() as u32);
