@@ -11,7 +11,8 @@ use sekisho_broker::aws::{self, AwsReject};
 use sekisho_broker::{Attached, Blocked, Delivery, Kick, Message, PublishError};
 use sekisho_mqtt::{
     Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion, Publish,
-    QoS, SubAck, Subscribe, UnsubAck, Unsubscribe, Will, decode, encode, reason,
+    PublishRef, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe, Will, decode, encode,
+    encode_publish, reason,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -933,28 +934,34 @@ impl Connection {
         } else {
             None
         };
-        let mut properties = if self.v5() {
-            m.properties.clone()
-        } else {
-            Properties::default()
+        // Borrow the shared message's properties; copy them only when the remaining expiry
+        // must be written (MQTT 5).
+        let with_expiry;
+        let properties = match (self.v5(), m.expires_at, now) {
+            (false, _, _) => &Properties::EMPTY,
+            (true, Some(exp), Some(now)) => {
+                let mut p = m.properties.clone();
+                p.message_expiry_interval =
+                    Some(exp.saturating_duration_since(now).as_secs() as u32);
+                with_expiry = p;
+                &with_expiry
+            }
+            (true, _, _) => &m.properties,
         };
-        if self.v5()
-            && let (Some(exp), Some(now)) = (m.expires_at, now)
-        {
-            properties.message_expiry_interval =
-                Some(exp.saturating_duration_since(now).as_secs() as u32);
-        }
-        let p = Packet::Publish(Publish {
+        let p = PublishRef {
             dup: false,
             qos: d.qos,
             retain: d.retain,
-            topic: m.topic.clone(),
+            topic: &m.topic,
             packet_id,
             properties,
-            payload: m.payload.clone(),
-        });
+            payload: &m.payload,
+        };
         let before = wbuf.len();
-        self.send(&p, wbuf);
+        if let Err(e) = encode_publish(&p, self.version, wbuf) {
+            tracing::warn!(error = %e, "could not encode a delivery");
+            return Flow::Continue;
+        }
         if wbuf.len() - before > self.client_max_packet {
             // [MQTT-3.1.2-25] never send more than the client's Maximum Packet Size.
             wbuf.truncate(before);

@@ -220,6 +220,17 @@ impl<S: Sink> W<'_, S> {
         }
     }
 
+    fn publish_body(&mut self, p: &PublishRef<'_>, v5: bool) {
+        self.str("topic name", p.topic);
+        if let Some(id) = p.packet_id {
+            self.u16(id);
+        }
+        if v5 {
+            self.props(p.properties);
+        }
+        self.raw(p.payload);
+    }
+
     fn body(&mut self, packet: &Packet, v5: bool) {
         match packet {
             Packet::Connect(c) => {
@@ -269,16 +280,7 @@ impl<S: Sink> W<'_, S> {
                     self.props(&a.properties);
                 }
             }
-            Packet::Publish(p) => {
-                self.str("topic name", &p.topic);
-                if let Some(id) = p.packet_id {
-                    self.u16(id);
-                }
-                if v5 {
-                    self.props(&p.properties);
-                }
-                self.raw(&p.payload);
-            }
+            Packet::Publish(p) => self.publish_body(&PublishRef::from(p), v5),
             Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
                 self.u16(a.packet_id);
                 if v5 && (a.reason != 0 || !a.properties.is_empty()) {
@@ -365,6 +367,68 @@ fn first_byte(packet: &Packet) -> u8 {
         Packet::Disconnect(_) => 0xE0,
         Packet::Auth(_) => 0xF0,
     }
+}
+
+/// A PUBLISH made of borrowed parts, so that a message shared by many receivers is encoded
+/// without building an owned [`Packet`] per delivery.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishRef<'a> {
+    /// DUP flag.
+    pub dup: bool,
+    /// QoS.
+    pub qos: QoS,
+    /// RETAIN flag.
+    pub retain: bool,
+    /// Topic name.
+    pub topic: &'a str,
+    /// Packet identifier (QoS > 0).
+    pub packet_id: Option<u16>,
+    /// Properties (MQTT 5; ignored on 3.1.1).
+    pub properties: &'a Properties,
+    /// Payload.
+    pub payload: &'a [u8],
+}
+
+impl<'a> From<&'a Publish> for PublishRef<'a> {
+    fn from(p: &'a Publish) -> Self {
+        PublishRef {
+            dup: p.dup,
+            qos: p.qos,
+            retain: p.retain,
+            topic: &p.topic,
+            packet_id: p.packet_id,
+            properties: &p.properties,
+            payload: &p.payload,
+        }
+    }
+}
+
+/// Appends a PUBLISH given by reference; the same bytes as [`encode`] of the owned packet.
+pub fn encode_publish(
+    p: &PublishRef<'_>,
+    version: ProtocolVersion,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let v5 = version == ProtocolVersion::V5;
+    let mut c = Counter(0);
+    let mut cw = W {
+        s: &mut c,
+        err: None,
+    };
+    cw.publish_body(p, v5);
+    if let Some(e) = cw.err {
+        return Err(e);
+    }
+    let len = c.0;
+    if len > 268_435_455 {
+        return Err(EncodeError::PacketTooLarge);
+    }
+    buf.reserve(1 + varint_len(len) + len);
+    buf.put_u8(0x30 | ((p.dup as u8) << 3) | ((p.qos as u8) << 1) | p.retain as u8);
+    varint(buf, len);
+    let mut w = W { s: buf, err: None };
+    w.publish_body(p, v5);
+    Ok(())
 }
 
 /// Appends `packet` to `buf` as `version` frames it (CONNECT uses its own version).

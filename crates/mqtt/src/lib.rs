@@ -19,7 +19,7 @@ pub mod reason;
 pub mod topic;
 
 pub use decode::{Limits, decode};
-pub use encode::{EncodeError, encode};
+pub use encode::{EncodeError, PublishRef, encode, encode_publish};
 pub use error::DecodeError;
 pub use packet::*;
 pub use properties::{Properties, UserProperty};

@@ -355,6 +355,18 @@ proptest! {
         prop_assert_eq!(roundtrip(&p, V5), p);
     }
 
+    /// The borrowed PUBLISH encoder writes exactly the bytes of the owned one.
+    #[test]
+    fn encode_publish_matches_encode(p in arb_publish(true), v5 in any::<bool>()) {
+        let v = if v5 { V5 } else { V3 };
+        let Packet::Publish(publish) = &p else { unreachable!() };
+        let mut a = BytesMut::new();
+        encode(&p, v, &mut a).unwrap();
+        let mut b = BytesMut::new();
+        encode_publish(&PublishRef::from(publish), v, &mut b).unwrap();
+        prop_assert_eq!(a, b);
+    }
+
     /// Total: arbitrary bytes never panic, and never consume more than they hold.
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), v5 in any::<bool>()) {
