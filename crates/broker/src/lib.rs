@@ -408,27 +408,6 @@ impl Broker {
             .unwrap_or(false)
     }
 
-    /// Ends every connection (and, with `account`, only those of one account) whose client id
-    /// is in `clients` with `kick`. Returns how many were kicked.
-    pub fn kick(&self, account: &str, clients: &[String], kick: Kick) -> usize {
-        let mut inner = self.lock();
-        let Some(acct) = inner.get_mut(account) else {
-            return 0;
-        };
-        let mut n = 0;
-        for c in clients {
-            if let Some(id) = acct.by_client.get(c).copied()
-                && let Some(s) = acct.sessions.get_mut(&id)
-                && let Some(conn) = s.conn.as_mut()
-                && let Some(k) = conn.kick.take()
-            {
-                let _ = k.send(kick);
-                n += 1;
-            }
-        }
-        n
-    }
-
     /// Ends every connection with [`Kick::Shutdown`].
     pub fn shutdown(&self) {
         let mut inner = self.lock();
@@ -520,21 +499,6 @@ impl Broker {
             .get(filter)
             .filter(|m| !m.expired(now))
             .cloned()
-    }
-
-    /// Retained messages of an account (for the HTTP API), by topic.
-    pub fn retained_list(&self, account: &str, now: Instant) -> Vec<Arc<Message>> {
-        let inner = self.lock();
-        inner
-            .get(account)
-            .map(|a| {
-                a.retained
-                    .values()
-                    .filter(|m| !m.expired(now))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default()
     }
 
     /// Publishes a message: stores or clears the retained copy, then delivers it to every

@@ -409,13 +409,34 @@ pub fn encode_publish(
     version: ProtocolVersion,
     buf: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    let v5 = version == ProtocolVersion::V5;
+    let first = 0x30 | ((p.dup as u8) << 3) | ((p.qos as u8) << 1) | p.retain as u8;
+    frame(first, Body::Publish(p), version == ProtocolVersion::V5, buf)
+}
+
+/// What a packet body is written from.
+enum Body<'a> {
+    Packet(&'a Packet),
+    Publish(&'a PublishRef<'a>),
+}
+
+impl Body<'_> {
+    fn write<S: Sink>(&self, w: &mut W<'_, S>, v5: bool) {
+        match self {
+            Body::Packet(p) => w.body(p, v5),
+            Body::Publish(p) => w.publish_body(p, v5),
+        }
+    }
+}
+
+/// Writes one packet: the body runs once over a byte counter to learn its length, then after
+/// the fixed header into `buf`. On error nothing is written.
+fn frame(first: u8, body: Body<'_>, v5: bool, buf: &mut BytesMut) -> Result<(), EncodeError> {
     let mut c = Counter(0);
     let mut cw = W {
         s: &mut c,
         err: None,
     };
-    cw.publish_body(p, v5);
+    body.write(&mut cw, v5);
     if let Some(e) = cw.err {
         return Err(e);
     }
@@ -424,10 +445,9 @@ pub fn encode_publish(
         return Err(EncodeError::PacketTooLarge);
     }
     buf.reserve(1 + varint_len(len) + len);
-    buf.put_u8(0x30 | ((p.dup as u8) << 3) | ((p.qos as u8) << 1) | p.retain as u8);
+    buf.put_u8(first);
     varint(buf, len);
-    let mut w = W { s: buf, err: None };
-    w.publish_body(p, v5);
+    body.write(&mut W { s: buf, err: None }, v5);
     Ok(())
 }
 
@@ -442,23 +462,5 @@ pub fn encode(
     if !v5 && matches!(packet, Packet::Auth(_)) {
         return Err(EncodeError::NotInVersion("AUTH"));
     }
-    let mut c = Counter(0);
-    let mut cw = W {
-        s: &mut c,
-        err: None,
-    };
-    cw.body(packet, v5);
-    if let Some(e) = cw.err {
-        return Err(e);
-    }
-    let len = c.0;
-    if len > 268_435_455 {
-        return Err(EncodeError::PacketTooLarge);
-    }
-    buf.reserve(1 + varint_len(len) + len);
-    buf.put_u8(first_byte(packet));
-    varint(buf, len);
-    let mut w = W { s: buf, err: None };
-    w.body(packet, v5);
-    Ok(())
+    frame(first_byte(packet), Body::Packet(packet), v5, buf)
 }

@@ -43,11 +43,6 @@ pub fn validate_filter(filter: &str) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// True when `filter` contains a wildcard level.
-pub fn has_wildcards(filter: &str) -> bool {
-    filter.contains(['+', '#'])
-}
-
 /// How `#` treats its parent level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HashRule {

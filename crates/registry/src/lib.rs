@@ -417,16 +417,6 @@ impl Registry {
         })
     }
 
-    /// The account named `name`.
-    pub fn account_by_name(&self, name: &str) -> Option<AccountInfo> {
-        self.read_state(|st| {
-            st.accounts
-                .values()
-                .filter_map(|a| a.info.clone())
-                .find(|i| i.name == name)
-        })
-    }
-
     /// An access key by id.
     pub fn access_key(&self, access_key_id: &str) -> Option<AccessKey> {
         self.read_state(|st| st.access_keys.get(access_key_id).cloned())
