@@ -236,12 +236,3 @@ class Paho:
         except Exception:
             pass
         self.c.loop_stop()
-
-
-def wait_until(pred, timeout=5.0, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
