@@ -91,3 +91,13 @@ def test_account_create_adds_a_profile(workdir):
         assert cp.returncode != 0 and "already exists" in cp.stderr
     finally:
         s.stop()
+
+
+def test_relative_data_dir_gives_absolute_profile_paths(workdir):
+    """The profile written for `--data-dir ./x` must work from any directory."""
+    cwd = workdir / unique("rel")
+    cwd.mkdir()
+    cp = subprocess.run([str(BIN), "account", "list", "--data-dir", "./data"], cwd=cwd, capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    config = (cwd / "data" / "aws" / "config").read_text()
+    assert f"ca_bundle = {cwd.resolve() / 'data' / 'ca.pem'}" in config, config

@@ -83,6 +83,8 @@ pub fn open(config: &Config) -> anyhow::Result<(Layout, Material)> {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
     }
+    // Absolute, so that the profile's ca_bundle and the printed paths work from anywhere.
+    let dir = fs::canonicalize(&dir).with_context(|| format!("resolving {}", dir.display()))?;
     let layout = Layout { dir };
     let registry = Registry::open(&layout.path("registry.db"), &config.region)?;
     let root = ca(&layout, "ca", "Sekisho Root CA")?;

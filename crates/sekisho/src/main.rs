@@ -274,7 +274,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.ports.mqtt
     );
     println!(
-        "  Control plane   https://localhost:{}  (GET /health)",
+        "  Device HTTPS    https://{endpoint}:{}/topics/<topic>  (client certificate)",
+        config.ports.https
+    );
+    println!(
+        "  Control plane   https://localhost:{}  (GET /health, /metrics)",
         config.ports.api
     );
     if let Some(a) = &default {
