@@ -30,7 +30,7 @@ MAXDEV=$STORM; for n in "${IDLE[@]}"; do [ $n -gt $MAXDEV ] && MAXDEV=$n; done; 
 command -v mosquitto >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
 systemctl stop mosquitto 2>/dev/null || true
 cargo build --release -q -p sekisho -p sekisho-bench
-BIN=$ROOT/target/release
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 BENCH=$BIN/sekisho-bench
 
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }

@@ -30,5 +30,5 @@ cargo build --locked -p sekisho -p sekisho-bench
 step "end-to-end tests (AWS CLI, boto3, awsiotsdk, paho-mqtt, mosquitto)"
 # Our profile's ca_bundle must win: AWS_CA_BUNDLE in the environment would override it.
 unset AWS_CA_BUNDLE
-export SEKISHO_BIN="$PWD/target/debug/sekisho"
+export SEKISHO_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/sekisho"
 python3 -m pytest -q -p no:cacheprovider tests/e2e "$@"
