@@ -42,19 +42,30 @@ def clean_env(data_dir):
 
 
 class Server:
-    def __init__(self, data_dir):
+    def __init__(self, data_dir, config=None, accounts=()):
+        """`config`: TOML text for --config; `accounts`: names created (with profiles) before
+        the first start."""
         self.data_dir = Path(data_dir)
         self.mqtt_port = free_port()
         self.api_port = free_port()
         self.https_port = free_port()
         self.proc = None
         self.log = None
+        self.config = None
+        if config is not None:
+            self.config = self.data_dir.parent / f"{self.data_dir.name}.toml"
+            self.config.write_text(config)
+        for name in accounts:
+            cp = subprocess.run([str(BIN), "account", "create", name, "--data-dir", str(self.data_dir)],
+                                capture_output=True, text=True, timeout=30)
+            assert cp.returncode == 0, cp.stderr
 
     def start(self):
         self.log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")
+        extra = ["--config", str(self.config)] if self.config else []
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--data-dir", str(self.data_dir), "--mqtt-port", str(self.mqtt_port),
-             "--api-port", str(self.api_port), "--https-port", str(self.https_port)],
+             "--api-port", str(self.api_port), "--https-port", str(self.https_port), *extra],
             stdout=self.log, stderr=self.log, env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info")},
         )
         deadline = time.time() + 30
@@ -197,11 +208,18 @@ ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action"
 class Paho:
     """A paho-mqtt client over mutual TLS that records what happens to it."""
 
-    def __init__(self, server, host, device, client_id, v5=False, clean=True, keepalive=60, will=None):
+    def __init__(self, server, host, device, client_id, v5=False, clean=True, keepalive=60, will=None, port=None,
+                 tls_version=None):
         proto = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
         kwargs = {} if v5 else {"clean_session": clean}
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kwargs)
-        self.c.tls_set(ca_certs=server.ca, certfile=str(device.cert), keyfile=str(device.key))
+        if tls_version is None:
+            self.c.tls_set(ca_certs=server.ca, certfile=str(device.cert), keyfile=str(device.key))
+        else:
+            ctx = ssl.create_default_context(cafile=server.ca)
+            ctx.minimum_version = ctx.maximum_version = tls_version
+            ctx.load_cert_chain(str(device.cert), str(device.key))
+            self.c.tls_set_context(ctx)
         self.messages = queue.Queue()
         self.connack = queue.Queue()
         self.disconnects = queue.Queue()
@@ -215,7 +233,7 @@ class Paho:
         if will:
             self.c.will_set(*will)
         self.v5 = v5
-        self.host, self.port, self.keepalive, self.clean = host, server.mqtt_port, keepalive, clean
+        self.host, self.port, self.keepalive, self.clean = host, port or server.mqtt_port, keepalive, clean
 
     def connect(self, timeout=10, properties=None):
         if self.v5:
@@ -236,3 +254,41 @@ class Paho:
         except Exception:
             pass
         self.c.loop_stop()
+
+
+class Openssl:
+    """Certificates made with the openssl command line, as a factory's own CA (Easy-RSA) makes them."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def run(self, *args):
+        cp = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60)
+        assert cp.returncode == 0, f"openssl {' '.join(args)}: {cp.stderr}"
+
+    def ca(self, name, cn=None):
+        """A self-signed CA: returns (cert path, key path)."""
+        cert, key = self.dir / f"{name}.pem", self.dir / f"{name}.key"
+        self.run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                 "-days", "365", "-subj", f"/O=Factory/CN={cn or name}",
+                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        return cert, key
+
+    def leaf(self, name, cn, ca, ca_key=None, days=30):
+        """A certificate for `cn` signed by `ca` (a (cert, key) pair): returns (cert path, key path)."""
+        cert, key, csr = self.dir / f"{name}.pem", self.dir / f"{name}.key", self.dir / f"{name}.csr"
+        self.run("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                 "-subj", f"/CN={cn}")
+        ca_cert, ca_key = ca
+        self.run("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
+                 "-out", str(cert), "-days", str(days), "-sha256")
+        key.chmod(0o600)
+        return cert, key
+
+
+class FileDevice:
+    """Certificate and key files, for `Paho`."""
+
+    def __init__(self, cert, key):
+        self.cert, self.key = cert, key

@@ -101,6 +101,28 @@ pub(crate) fn dispatch(state: &ApiState, call: &Call) -> Out {
             )?;
             Ok(json!({}))
         }
+        (&Method::GET, ["registrationcode"]) => {
+            Ok(json!({"registrationCode": state.registry.registration_code(&call.account)?}))
+        }
+        (&Method::DELETE, ["registrationcode"]) => {
+            state.registry.delete_registration_code(&call.account)?;
+            Ok(json!({}))
+        }
+        (&Method::POST, ["cacertificate"]) => register_ca_certificate(state, call),
+        (&Method::GET, ["cacertificate", _]) => describe_ca_certificate(state, call),
+        (&Method::PUT, ["cacertificate", _]) => update_ca_certificate(state, call),
+        (&Method::DELETE, ["cacertificate", _]) => {
+            state
+                .registry
+                .delete_ca_certificate(&call.account, seg(call, 1))?;
+            Ok(json!({}))
+        }
+        (&Method::GET, ["cacertificates"]) => list_ca_certificates(state, call),
+        (&Method::POST, ["certificate", "register"]) => register_certificate(state, call, true),
+        (&Method::POST, ["certificate", "register-no-ca"]) => {
+            register_certificate(state, call, false)
+        }
+        (&Method::GET, ["certificates-by-ca", _]) => list_certificates(state, call),
         (&Method::POST, ["policies", _]) => create_policy(state, call),
         (&Method::GET, ["policies", _]) => get_policy(state, call),
         (&Method::GET, ["policies"]) => list_policies(state, call),
@@ -432,10 +454,13 @@ fn describe_certificate(state: &ApiState, call: &Call) -> Out {
     Ok(json!({"certificateDescription": d}))
 }
 
+/// ListCertificates, and ListCertificatesByCA (`/certificates-by-ca/{caCertificateId}`).
 fn list_certificates(state: &ApiState, call: &Call) -> Out {
+    let by_ca = (call.segments.first().map(String::as_str) == Some("certificates-by-ca"))
+        .then(|| seg(call, 1));
     let page = state.registry.list_certificates(
         &call.account,
-        None,
+        by_ca,
         call.q_bool("isAscendingOrder")?,
         call.q("marker"),
         call.q_int("pageSize", 1, 250, 25)? as usize,
@@ -449,6 +474,171 @@ fn list_certificates(state: &ApiState, call: &Call) -> Out {
         })
         .collect();
     Ok(json!({"certificates": v, "nextMarker": page.next}))
+}
+
+fn ca_arn(state: &ApiState, account: &str, id: &str) -> String {
+    state.registry.arn(account, &format!("cacert/{id}"))
+}
+
+fn registration_config(b: &Map<String, Value>) -> Result<Option<RegistrationConfig>, ApiError> {
+    match b.get("registrationConfig") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(c)) => {
+            let body = str_field(c, "templateBody")?;
+            if body.is_some_and(|t| t.len() > 10240) {
+                return Err(ApiError::invalid(
+                    "registrationConfig.templateBody is longer than 10240 characters",
+                ));
+            }
+            Ok(Some(RegistrationConfig {
+                template_body: body.map(str::to_owned),
+                role_arn: str_field(c, "roleArn")?.map(str::to_owned),
+                template_name: str_field(c, "templateName")?.map(str::to_owned),
+            }))
+        }
+        Some(_) => Err(ApiError::invalid("registrationConfig must be an object")),
+    }
+}
+
+fn registration_config_json(c: &RegistrationConfig) -> Value {
+    let mut v = json!({});
+    if let Some(t) = &c.template_body {
+        v["templateBody"] = json!(t);
+    }
+    if let Some(t) = &c.role_arn {
+        v["roleArn"] = json!(t);
+    }
+    if let Some(t) = &c.template_name {
+        v["templateName"] = json!(t);
+    }
+    v
+}
+
+fn register_ca_certificate(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let mode = match str_field(&b, "certificateMode")? {
+        None | Some("DEFAULT") => CertMode::Default,
+        Some("SNI_ONLY") => CertMode::SniOnly,
+        Some(m) => {
+            return Err(ApiError::invalid(format!(
+                "certificateMode {m:?} is not valid: DEFAULT or SNI_ONLY"
+            )));
+        }
+    };
+    let ca = state.registry.register_ca_certificate(
+        &call.account,
+        NewCaCertificate {
+            pem: required(&b, "caCertificate")?.to_owned(),
+            verification_pem: str_field(&b, "verificationCertificate")?.map(str::to_owned),
+            mode,
+            active: call.q_bool("setAsActive")?,
+            auto_registration: call.q_bool("allowAutoRegistration")?,
+            registration_config: registration_config(&b)?,
+        },
+        time::OffsetDateTime::now_utc(),
+    )?;
+    Ok(json!({"certificateArn": ca_arn(state, &call.account, &ca.id), "certificateId": ca.id}))
+}
+
+fn describe_ca_certificate(state: &ApiState, call: &Call) -> Out {
+    let c = state
+        .registry
+        .describe_ca_certificate(&call.account, seg(call, 1))?;
+    let d = json!({"certificateArn": ca_arn(state, &call.account, &c.id), "certificateId": c.id,
+        "status": c.status.as_str(), "certificatePem": c.pem, "ownedBy": call.account,
+        "creationDate": c.created, "lastModifiedDate": c.modified, "customerVersion": c.generation,
+        "generationId": c.generation.to_string(),
+        "autoRegistrationStatus": if c.auto_registration { "ENABLE" } else { "DISABLE" },
+        "validity": {"notBefore": c.not_before, "notAfter": c.not_after},
+        "certificateMode": c.mode.as_str()});
+    let mut out = json!({"certificateDescription": d});
+    if let Some(r) = &c.registration_config {
+        out["registrationConfig"] = registration_config_json(r);
+    }
+    Ok(out)
+}
+
+fn update_ca_certificate(state: &ApiState, call: &Call) -> Out {
+    let status = match call.q("newStatus") {
+        None => None,
+        Some(s) => Some(CaStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!("newStatus {s:?} is not valid: ACTIVE or INACTIVE"))
+        })?),
+    };
+    let auto_registration = match call.q("newAutoRegistrationStatus") {
+        None => None,
+        Some("ENABLE") => Some(true),
+        Some("DISABLE") => Some(false),
+        Some(s) => {
+            return Err(ApiError::invalid(format!(
+                "newAutoRegistrationStatus {s:?} is not valid: ENABLE or DISABLE"
+            )));
+        }
+    };
+    let b = call.json()?;
+    state.registry.update_ca_certificate(
+        &call.account,
+        seg(call, 1),
+        CaUpdate {
+            status,
+            auto_registration,
+            registration_config: registration_config(&b)?,
+            remove_auto_registration: bool_field(&b, "removeAutoRegistration")?,
+        },
+    )?;
+    Ok(json!({}))
+}
+
+fn list_ca_certificates(state: &ApiState, call: &Call) -> Out {
+    let page = state.registry.list_ca_certificates(
+        &call.account,
+        call.q_bool("isAscendingOrder")?,
+        call.q("marker"),
+        call.q_int("pageSize", 1, 250, 25)? as usize,
+    )?;
+    let v: Vec<Value> = page
+        .items
+        .iter()
+        .map(|c| {
+            json!({"certificateArn": ca_arn(state, &call.account, &c.id), "certificateId": c.id,
+                "status": c.status.as_str(), "creationDate": c.created})
+        })
+        .collect();
+    Ok(json!({"certificates": v, "nextMarker": page.next}))
+}
+
+/// RegisterCertificate (`with_ca`) and RegisterCertificateWithoutCA. The status comes from
+/// `status`, else from the deprecated `setAsActive`; only ACTIVE, INACTIVE and REVOKED can be
+/// asked for.
+fn register_certificate(state: &ApiState, call: &Call, with_ca: bool) -> Out {
+    let b = call.json()?;
+    let pem = required(&b, "certificatePem")?;
+    let status = match str_field(&b, "status")? {
+        None => status_from(with_ca && call.q_bool("setAsActive")?),
+        Some(s) => match CertStatus::parse(s) {
+            Some(st @ (CertStatus::Active | CertStatus::Inactive | CertStatus::Revoked)) => st,
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "status {s:?} is not valid: ACTIVE, INACTIVE or REVOKED"
+                )));
+            }
+        },
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let c = if with_ca {
+        state.registry.register_certificate(
+            &call.account,
+            pem,
+            str_field(&b, "caCertificatePem")?,
+            status,
+            now,
+        )?
+    } else {
+        state
+            .registry
+            .register_certificate_without_ca(&call.account, pem, status, now)?
+    };
+    Ok(json!({"certificateArn": cert_arn(state, &call.account, &c.id), "certificateId": c.id}))
 }
 
 fn update_certificate(state: &ApiState, call: &Call) -> Out {

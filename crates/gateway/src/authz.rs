@@ -15,8 +15,10 @@ use sekisho_registry::{CertStatus, CertificateIdentity, Registry, RegistryError}
 pub struct ConnContext {
     /// `iot:ClientId` (absent over HTTPS).
     pub client_id: Option<String>,
-    /// `aws:SourceIp`.
+    /// `aws:SourceIp` (public endpoints only).
     pub source_ip: Option<String>,
+    /// `aws:SourceVpce`, `aws:SourceVpc` and `aws:VpcSourceIp` (private endpoints only).
+    pub vpc: Option<(String, String, String)>,
     /// `iot:ConnectAttributes`.
     pub connect_attributes: Vec<String>,
     /// `iot:CertificateId`.
@@ -116,6 +118,17 @@ impl Context for ConnContext {
         if key.eq_ignore_ascii_case("aws:SourceIp") {
             return one(&self.source_ip);
         }
+        if let Some((vpce, vpc, ip)) = &self.vpc {
+            if key.eq_ignore_ascii_case("aws:SourceVpce") {
+                return Some(Value::One(vpce));
+            }
+            if key.eq_ignore_ascii_case("aws:SourceVpc") {
+                return Some(Value::One(vpc));
+            }
+            if key.eq_ignore_ascii_case("aws:VpcSourceIp") {
+                return Some(Value::One(ip));
+            }
+        }
         if key.eq_ignore_ascii_case("iot:CertificateId") {
             return one(&self.certificate_id);
         }
@@ -187,11 +200,22 @@ impl Principal {
         certificate_id: &str,
         client_id: Option<&str>,
         source_ip: Option<IpAddr>,
+        private: Option<&crate::PrivateEndpoint>,
     ) -> Result<Principal, RegistryError> {
         let identity = registry.certificate_identity(account, certificate_id, client_id)?;
+        // Through a private endpoint AWS gives the VPC keys and no aws:SourceIp.
+        let ip = source_ip.map(|i| i.to_string());
+        let (source_ip, vpc) = match (private, ip) {
+            (Some(p), ip) => (
+                None,
+                Some((p.vpce_id.clone(), p.vpc_id.clone(), ip.unwrap_or_default())),
+            ),
+            (None, ip) => (ip, None),
+        };
         let ctx = ConnContext {
             client_id: client_id.map(str::to_owned),
-            source_ip: source_ip.map(|i| i.to_string()),
+            source_ip,
+            vpc,
             ..ConnContext::default()
         };
         let arn_prefix = registry.arn(account, "");

@@ -54,6 +54,8 @@ pub struct ConnInfo {
     pub account: String,
     /// Certificate id.
     pub certificate_id: String,
+    /// The listener it came through.
+    pub endpoint: Arc<crate::Endpoint>,
 }
 
 /// Why a connection ends, as the lifecycle event names it.
@@ -339,6 +341,7 @@ impl Connection {
             &info.certificate_id,
             Some(&client_id),
             Some(info.peer.ip()),
+            info.endpoint.private.as_ref(),
         ) {
             Ok(p) => p,
             Err(e) => {
@@ -397,7 +400,10 @@ impl Connection {
                 return Err(());
             }
         }
-        let keep_alive = limits.clamp_keep_alive(c.keep_alive);
+        let mut keep_alive = limits.clamp_keep_alive(c.keep_alive);
+        if info.endpoint.private.is_some() {
+            keep_alive = keep_alive.min(crate::PRIVATE_KEEP_ALIVE_MAX);
+        }
         Ok(Connection {
             version,
             clean_start: c.clean_start,

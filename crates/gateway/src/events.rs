@@ -115,3 +115,33 @@ pub fn subscriptions(broker: &Broker, src: &EventSource<'_>, subscribed: bool, t
         body,
     );
 }
+
+/// `$aws/events/certificates/registered/{caCertificateId}`: just-in-time registration put a
+/// certificate in PENDING_ACTIVATION (sent again whenever such a certificate is presented).
+/// Timestamps are epoch milliseconds; `registered` is the registration time in epoch seconds.
+pub fn certificate_registered(
+    broker: &Broker,
+    account: &str,
+    certificate_id: &str,
+    ca_certificate_id: &str,
+    registered: f64,
+) {
+    let body = json!({"certificateId": certificate_id, "caCertificateId": ca_certificate_id,
+        "timestamp": now_ms(), "certificateStatus": "PENDING_ACTIVATION", "awsAccountId": account,
+        "certificateRegistrationTimestamp": (registered * 1000.0) as u64});
+    let msg = Message {
+        topic: format!("$aws/events/certificates/registered/{ca_certificate_id}").into(),
+        payload: Bytes::from(body.to_string()),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+        expires_at: None,
+        origin: None,
+        timestamp_ms: now_ms(),
+    };
+    if let Ok(routed) = broker.publish(account, Arc::new(msg)) {
+        for _ in routed.blocked {
+            broker.note_blocked(false);
+        }
+    }
+}

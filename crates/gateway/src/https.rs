@@ -79,6 +79,7 @@ async fn handle(
         &info.certificate_id,
         None,
         Some(info.peer.ip()),
+        info.endpoint.private.as_ref(),
     ) {
         Ok(p) => p,
         Err(_) => return Ok(reply(403, "Forbidden")),

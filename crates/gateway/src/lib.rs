@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use sekisho_broker::aws::AwsLimits;
 use sekisho_broker::{Broker, Kick};
 use sekisho_mqtt::Limits;
-use sekisho_registry::{CertStatus, Change, Registry};
+use sekisho_registry::{CaStatus, CertStatus, Change, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
@@ -40,6 +40,45 @@ pub struct GatewayConfig {
     /// TLS handshake deadline.
     pub handshake_timeout: Duration,
 }
+
+/// A private (VPC interface) endpoint's identity, as AWS's condition keys name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivateEndpoint {
+    /// `aws:SourceVpce`, e.g. `vpce-0a1b2c3d4e5f67890`.
+    pub vpce_id: String,
+    /// `aws:SourceVpc`, e.g. `vpc-0123456789abcdef0`.
+    pub vpc_id: String,
+}
+
+/// What a device listener is: its TLS security policy, whether it is a private endpoint, and
+/// its connection cap.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// A name for logs.
+    pub name: String,
+    /// TLS versions offered.
+    pub tls_policy: tls::TlsPolicy,
+    /// Set for a private endpoint: connections carry `aws:SourceVpce`, `aws:SourceVpc` and
+    /// `aws:VpcSourceIp` instead of `aws:SourceIp`, and keep-alive is capped at 230 s.
+    pub private: Option<PrivateEndpoint>,
+    /// Most concurrent connections through this endpoint (AWS: 100,000 per VPC endpoint).
+    pub max_connections: usize,
+}
+
+impl Endpoint {
+    /// A public endpoint with the default TLS policy.
+    pub fn public(name: &str, max_connections: usize) -> Endpoint {
+        Endpoint {
+            name: name.to_owned(),
+            tls_policy: tls::TlsPolicy::default(),
+            private: None,
+            max_connections,
+        }
+    }
+}
+
+/// Keep-alive ceiling on private endpoints (AWS: 230 s on VPC endpoints).
+pub const PRIVATE_KEEP_ALIVE_MAX: u16 = 230;
 
 /// (account, certificate id) → the connections (client id, epoch) authenticated with it.
 type ConnIndex = HashMap<(String, String), HashSet<(String, u64)>>;
@@ -100,6 +139,17 @@ impl Shared {
         }
     }
 
+    /// Closes every connection authenticated with a certificate; returns how many.
+    pub fn kick_certificate(&self, account: &str, cert: &str) -> usize {
+        self.connections_of(account, cert)
+            .into_iter()
+            .filter(|(client, epoch)| {
+                self.broker
+                    .kick_connection(account, client, *epoch, Kick::Administrative)
+            })
+            .count()
+    }
+
     /// The connections (client id, epoch) authenticated with a certificate.
     pub fn connections_of(&self, account: &str, cert: &str) -> Vec<(String, u64)> {
         let m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
@@ -126,20 +176,26 @@ pub async fn follow_changes(shared: Arc<Shared>) {
                 status,
             }) => {
                 if status != Some(CertStatus::Active) {
-                    let n = shared
-                        .connections_of(&account, &certificate_id)
-                        .into_iter()
-                        .filter(|(client, epoch)| {
-                            shared.broker.kick_connection(
-                                &account,
-                                client,
-                                *epoch,
-                                Kick::Administrative,
-                            )
-                        })
-                        .count();
+                    let n = shared.kick_certificate(&account, &certificate_id);
                     if n > 0 {
                         tracing::info!(%account, certificate = %certificate_id, connections = n, "certificate no longer active; connections closed");
+                    }
+                }
+            }
+            Ok(Change::CaCertificate {
+                account,
+                ca_certificate_id,
+                status,
+            }) => {
+                if status != Some(CaStatus::Active) {
+                    let n: usize = shared
+                        .registry
+                        .certificates_of_ca(&account, &ca_certificate_id)
+                        .iter()
+                        .map(|cert| shared.kick_certificate(&account, cert))
+                        .sum();
+                    if n > 0 {
+                        tracing::info!(%account, ca = %ca_certificate_id, connections = n, "CA certificate no longer active; connections closed");
                     }
                 }
             }
@@ -193,8 +249,13 @@ pub async fn accept(
 pub type DeviceStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
 /// Accepts MQTT over mutual TLS on `listener` until shutdown.
-pub async fn serve_mqtt_tls(shared: Arc<Shared>, listener: TcpListener, tls: Arc<tls::TlsConfigs>) {
-    accept_loop(shared, listener, tls, |shared, stream, info| {
+pub async fn serve_mqtt_tls(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Arc<tls::TlsConfigs>,
+    endpoint: Arc<Endpoint>,
+) {
+    accept_loop(shared, listener, tls, endpoint, |shared, stream, info| {
         conn::serve(shared, stream, info)
     })
     .await
@@ -205,8 +266,9 @@ pub async fn serve_device_https(
     shared: Arc<Shared>,
     listener: TcpListener,
     tls: Arc<tls::TlsConfigs>,
+    endpoint: Arc<Endpoint>,
 ) {
-    accept_loop(shared, listener, tls, https::serve).await
+    accept_loop(shared, listener, tls, endpoint, https::serve).await
 }
 
 /// The accept loop of a device listener: connection limit, SNI routing, the mutual-TLS
@@ -215,26 +277,33 @@ async fn accept_loop<F, Fut>(
     shared: Arc<Shared>,
     listener: TcpListener,
     tls: Arc<tls::TlsConfigs>,
+    endpoint: Arc<Endpoint>,
     handler: F,
 ) where
     F: Fn(Arc<Shared>, DeviceStream, conn::ConnInfo) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
+    let permits = Arc::new(Semaphore::new(endpoint.max_connections));
     let mut shutdown = shared.shutdown.clone();
     while let Some((tcp, peer)) = accept(&listener, &mut shutdown).await {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; refusing");
+            tracing::warn!(%peer, endpoint = %endpoint.name, limit = endpoint.max_connections, "connection limit reached; refusing");
             drop(tcp);
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (shared, tls, handler) = (shared.clone(), tls.clone(), handler.clone());
+        let (shared, tls, handler, endpoint) = (
+            shared.clone(),
+            tls.clone(),
+            handler.clone(),
+            endpoint.clone(),
+        );
         tokio::spawn(async move {
             let _permit = permit;
             let deadline = shared.config.handshake_timeout;
             let Ok(Some((stream, account, certificate_id))) =
-                tokio::time::timeout(deadline, handshake(&shared, &tls, tcp, peer)).await
+                tokio::time::timeout(deadline, handshake(&shared, &tls, &endpoint, tcp, peer))
+                    .await
             else {
                 return;
             };
@@ -245,6 +314,7 @@ async fn accept_loop<F, Fut>(
                     peer,
                     account,
                     certificate_id,
+                    endpoint,
                 },
             )
             .await;
@@ -255,6 +325,7 @@ async fn accept_loop<F, Fut>(
 async fn handshake(
     shared: &Shared,
     tls: &tls::TlsConfigs,
+    endpoint: &Endpoint,
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
 ) -> Option<(DeviceStream, String, String)> {
@@ -266,7 +337,7 @@ async fn handshake(
         tracing::info!(%peer, sni = ?sni, "unknown server name; refusing");
         return None;
     };
-    let cfg = shared_cfg(tls, &target)?;
+    let cfg = shared_cfg(tls, &target, endpoint.tls_policy)?;
     let stream = match start.into_stream(cfg).await {
         Ok(s) => s,
         Err(e) => {
@@ -280,8 +351,12 @@ async fn handshake(
     Some((stream, account, certificate_id))
 }
 
-fn shared_cfg(tls: &tls::TlsConfigs, target: &tls::Target) -> Option<Arc<rustls::ServerConfig>> {
-    match tls.mtls(target) {
+fn shared_cfg(
+    tls: &tls::TlsConfigs,
+    target: &tls::Target,
+    policy: tls::TlsPolicy,
+) -> Option<Arc<rustls::ServerConfig>> {
+    match tls.mtls(target, policy) {
         Ok(c) => Some(c),
         Err(e) => {
             tracing::error!(error = %e, "TLS configuration failed");

@@ -1,9 +1,16 @@
 //! TLS for device listeners: the ClientHello's server name chooses the account, and a
-//! per-account verifier accepts only client certificates registered ACTIVE there.
+//! per-account verifier accepts only client certificates registered ACTIVE there (and whose
+//! registered CA, if any, is ACTIVE).
 //!
 //! Key possession is proven by rustls (the CertificateVerify signature); registration and
 //! status are decided by [`RegistryVerifier`] from memory. A refused certificate ends the
 //! handshake with the `certificate_unknown` alert, as AWS IoT does.
+//!
+//! Just-in-time registration happens only after the CertificateVerify signature has proven that
+//! the client holds the key: an unknown certificate signed by an ACTIVE, auto-registering CA
+//! passes the first step provisionally, is registered PENDING_ACTIVATION once the signature
+//! checks, announced on `$aws/events/certificates/registered/<caCertificateId>`, and the
+//! handshake still fails (AWS: the first connection fails; the device retries once activated).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +23,8 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, ServerConfig,
     SignatureScheme,
 };
-use sekisho_registry::{CertMode, CertStatus, Registry};
+use sekisho_broker::Broker;
+use sekisho_registry::{Authentication, Registry, Route};
 
 /// The crypto provider every config uses (aws-lc-rs only; see decision 0001).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -31,6 +39,64 @@ pub enum Target {
     /// No SNI, or one of the default names: the certificate must identify its account
     /// (DEFAULT mode).
     ByCertificate,
+}
+
+impl Target {
+    /// As the registry takes it.
+    pub fn route(&self) -> Route<'_> {
+        match self {
+            Target::Account(a) => Route::Account(a),
+            Target::ByCertificate => Route::ByCertificate,
+        }
+    }
+}
+
+/// A TLS security policy, named as AWS names them (domain configurations' `tlsConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TlsPolicy {
+    /// `IoTSecurityPolicy_TLS13_1_2_2022_10`: TLS 1.2 and 1.3 (the default).
+    #[default]
+    Tls13Tls12,
+    /// `IoTSecurityPolicy_TLS13_1_3_2022_10`: TLS 1.3 only.
+    Tls13Only,
+    /// `IoTSecurityPolicy_TLS12_1_2_2022_10`: TLS 1.2 only.
+    Tls12Only,
+}
+
+impl TlsPolicy {
+    /// The policies there are, by AWS name.
+    pub const ALL: [(&'static str, TlsPolicy); 3] = [
+        ("IoTSecurityPolicy_TLS13_1_2_2022_10", TlsPolicy::Tls13Tls12),
+        ("IoTSecurityPolicy_TLS13_1_3_2022_10", TlsPolicy::Tls13Only),
+        ("IoTSecurityPolicy_TLS12_1_2_2022_10", TlsPolicy::Tls12Only),
+    ];
+
+    /// Parses an AWS policy name. The TLS 1.0/1.1 policies (`..._TLS12_1_0_...`) are not
+    /// offered: rustls does not speak those versions.
+    pub fn parse(name: &str) -> Option<TlsPolicy> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
+    }
+
+    /// The AWS name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map(|(n, _)| *n)
+            .unwrap_or_default()
+    }
+
+    fn versions(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        static BOTH: [&rustls::SupportedProtocolVersion; 2] =
+            [&rustls::version::TLS13, &rustls::version::TLS12];
+        static TLS13: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+        static TLS12: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS12];
+        match self {
+            TlsPolicy::Tls13Tls12 => &BOTH,
+            TlsPolicy::Tls13Only => &TLS13,
+            TlsPolicy::Tls12Only => &TLS12,
+        }
+    }
 }
 
 /// Maps server names to accounts.
@@ -57,7 +123,13 @@ impl SniRouter {
             return Some(Target::ByCertificate);
         }
         let host = name.strip_suffix(&format!(".{}", self.data_suffix))?;
-        let prefix = host.strip_suffix("-ats").unwrap_or(host);
+        // `<prefix>-ats.iot…` (iot:Data-ATS), `<prefix>.iot…` (iot:Data),
+        // `<prefix>.credentials.iot…` (iot:CredentialProvider), `<prefix>.jobs.iot…` (iot:Jobs).
+        let prefix = host
+            .strip_suffix("-ats")
+            .or_else(|| host.strip_suffix(".credentials"))
+            .or_else(|| host.strip_suffix(".jobs"))
+            .unwrap_or(host);
         registry
             .account_by_prefix(prefix)
             .map(|a| Target::Account(a.id))
@@ -80,40 +152,128 @@ fn refuse(msg: String) -> Error {
 }
 
 /// Finds the account a certificate authenticates in: the SNI's account, or with no SNI the
-/// account of its DEFAULT-mode registration. Returns (account, certificate id, status).
+/// account of its DEFAULT-mode registration. Returns (account, certificate id).
 pub fn resolve_certificate(
     registry: &Registry,
     target: &Target,
     der: &[u8],
 ) -> Result<(String, String), String> {
-    let id = sekisho_pki::certificate_id(der);
-    let accounts = registry.certificate_accounts(&id);
-    let account = match target {
-        Target::Account(a) => accounts.into_iter().find(|x| x == a),
-        Target::ByCertificate => accounts.into_iter().find(|a| {
-            registry
-                .describe_certificate(a, &id)
-                .is_ok_and(|c| c.mode == CertMode::Default)
-        }),
-    };
-    let Some(account) = account else {
-        return Err(format!(
-            "certificate {id} is not registered for this endpoint"
-        ));
-    };
-    match registry.describe_certificate(&account, &id) {
-        Ok(c) if c.status == CertStatus::Active => Ok((account, id)),
-        Ok(c) => Err(format!("certificate {id} is {}", c.status.as_str())),
-        Err(e) => Err(e.to_string()),
+    match registry.authenticate(target.route(), der) {
+        Authentication::Active {
+            account,
+            certificate_id,
+        } => Ok((account, certificate_id)),
+        Authentication::PendingActivation { certificate_id, .. } => Err(format!(
+            "certificate {certificate_id} is PENDING_ACTIVATION"
+        )),
+        Authentication::AutoRegister { .. } => Err("certificate is not registered".into()),
+        Authentication::Refused(m) => Err(m),
     }
+}
+
+/// Checks the handshake signature with the certificate's public key. Unlike rustls's own
+/// helpers (webpki's `EndEntityCert`), this accepts X.509 v1 certificates, which AWS IoT
+/// accepts and which `openssl x509 -req` makes by default (the developer guide's own recipe).
+/// The certificate's trust is decided by the registry, not by a chain.
+fn verify_signature(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+    provider: &CryptoProvider,
+    tls13: bool,
+) -> Result<HandshakeSignatureValid, Error> {
+    let algs = &provider.signature_verification_algorithms;
+    let spki = sekisho_pki::spki_der(cert)
+        .ok_or(Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let spki = rustls::pki_types::SubjectPublicKeyInfoDer::from(spki.as_slice());
+    if tls13 {
+        return rustls::crypto::verify_tls13_signature_with_raw_key(message, &spki, dss, algs);
+    }
+    let key = webpki::RawPublicKeyEntity::try_from(&spki)
+        .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let candidates = algs
+        .mapping
+        .iter()
+        .find(|(scheme, _)| *scheme == dss.scheme)
+        .map(|(_, a)| *a)
+        .ok_or(Error::PeerMisbehaved(
+            rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
+        ))?;
+    for alg in candidates {
+        match key.verify_signature(*alg, message, dss.signature()) {
+            Ok(()) => return Ok(HandshakeSignatureValid::assertion()),
+            Err(webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_)) => continue,
+            Err(_) => break,
+        }
+    }
+    Err(Error::InvalidCertificate(CertificateError::BadSignature))
 }
 
 /// The client-certificate verifier of one route.
 #[derive(Debug)]
 pub struct RegistryVerifier {
     registry: Arc<Registry>,
+    broker: Arc<Broker>,
     target: Target,
     provider: Arc<CryptoProvider>,
+}
+
+impl RegistryVerifier {
+    /// The decision once the client has proven possession of the certificate's key: ACTIVE
+    /// passes; a JITR candidate is registered PENDING_ACTIVATION and announced, and refused.
+    fn after_proof(&self, der: &[u8]) -> Result<(), Error> {
+        match self.registry.authenticate(self.target.route(), der) {
+            Authentication::Active { .. } => Ok(()),
+            Authentication::PendingActivation {
+                account,
+                certificate_id,
+                ca_certificate_id,
+            } => {
+                let registered = self
+                    .registry
+                    .describe_certificate(&account, &certificate_id)
+                    .map(|c| c.created)
+                    .unwrap_or_default();
+                crate::events::certificate_registered(
+                    &self.broker,
+                    &account,
+                    &certificate_id,
+                    &ca_certificate_id,
+                    registered,
+                );
+                Err(refuse(format!(
+                    "certificate {certificate_id} is PENDING_ACTIVATION"
+                )))
+            }
+            Authentication::AutoRegister {
+                account,
+                ca_certificate_id,
+            } => match self
+                .registry
+                .auto_register(&account, der, &ca_certificate_id)
+            {
+                Ok(c) => {
+                    tracing::info!(%account, certificate = %c.id, ca = %ca_certificate_id, "just-in-time registration: certificate registered PENDING_ACTIVATION");
+                    crate::events::certificate_registered(
+                        &self.broker,
+                        &account,
+                        &c.id,
+                        &ca_certificate_id,
+                        c.created,
+                    );
+                    Err(refuse(format!(
+                        "certificate {} registered PENDING_ACTIVATION; activate it to connect",
+                        c.id
+                    )))
+                }
+                Err(e) => {
+                    tracing::warn!(%account, error = %e, "just-in-time registration failed");
+                    Err(refuse(e.to_string()))
+                }
+            },
+            Authentication::Refused(m) => Err(refuse(m)),
+        }
+    }
 }
 
 impl ClientCertVerifier for RegistryVerifier {
@@ -134,9 +294,12 @@ impl ClientCertVerifier for RegistryVerifier {
         if !info.valid_at(now) {
             return Err(Error::InvalidCertificate(CertificateError::Expired));
         }
-        match resolve_certificate(&self.registry, &self.target, end_entity) {
-            Ok(_) => Ok(ClientCertVerified::assertion()),
-            Err(msg) => {
+        match self.registry.authenticate(self.target.route(), end_entity) {
+            // JITR candidates pass provisionally: decided in `after_proof`.
+            Authentication::Active { .. }
+            | Authentication::PendingActivation { .. }
+            | Authentication::AutoRegister { .. } => Ok(ClientCertVerified::assertion()),
+            Authentication::Refused(msg) => {
                 tracing::info!(reason = %msg, "client certificate refused");
                 Err(refuse(msg))
             }
@@ -149,12 +312,9 @@ impl ClientCertVerifier for RegistryVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        let ok = verify_signature(message, cert, dss, &self.provider, false)?;
+        self.after_proof(cert)?;
+        Ok(ok)
     }
 
     fn verify_tls13_signature(
@@ -163,12 +323,9 @@ impl ClientCertVerifier for RegistryVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        let ok = verify_signature(message, cert, dss, &self.provider, true)?;
+        self.after_proof(cert)?;
+        Ok(ok)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -181,10 +338,11 @@ impl ClientCertVerifier for RegistryVerifier {
 /// Server configs per route, built once and reused.
 pub struct TlsConfigs {
     registry: Arc<Registry>,
+    broker: Arc<Broker>,
     provider: Arc<CryptoProvider>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    cache: Mutex<HashMap<Target, Arc<ServerConfig>>>,
+    cache: Mutex<HashMap<(Target, TlsPolicy), Arc<ServerConfig>>>,
     plain: Arc<ServerConfig>,
 }
 
@@ -198,6 +356,7 @@ impl TlsConfigs {
     /// From the endpoint certificate chain and key (PEM).
     pub fn new(
         registry: Arc<Registry>,
+        broker: Arc<Broker>,
         chain_pem: &str,
         key_pem: &str,
     ) -> anyhow::Result<TlsConfigs> {
@@ -214,6 +373,7 @@ impl TlsConfigs {
         );
         Ok(TlsConfigs {
             registry,
+            broker,
             provider,
             chain,
             key,
@@ -222,26 +382,28 @@ impl TlsConfigs {
         })
     }
 
-    /// The mutual-TLS config of a route.
-    pub fn mtls(&self, target: &Target) -> anyhow::Result<Arc<ServerConfig>> {
+    /// The mutual-TLS config of a route under a TLS security policy.
+    pub fn mtls(&self, target: &Target, policy: TlsPolicy) -> anyhow::Result<Arc<ServerConfig>> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(target) {
+        let key = (target.clone(), policy);
+        if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
         let verifier = Arc::new(RegistryVerifier {
             registry: self.registry.clone(),
+            broker: self.broker.clone(),
             target: target.clone(),
             provider: self.provider.clone(),
         });
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
-            .with_safe_default_protocol_versions()?
+            .with_protocol_versions(policy.versions())?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         // No resumption: every connection's certificate is checked in full.
         cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         cfg.send_tls13_tickets = 0;
         let cfg = Arc::new(cfg);
-        cache.insert(target.clone(), cfg.clone());
+        cache.insert(key, cfg.clone());
         Ok(cfg)
     }
 

@@ -75,3 +75,10 @@ pub fn signed_by(cert_der: &[u8], issuer_der: &[u8]) -> bool {
     };
     cert.verify_signature(Some(issuer.public_key())).is_ok()
 }
+
+/// The DER SubjectPublicKeyInfo of a certificate (any X.509 version, v1 included).
+pub fn spki_der(cert_der: &[u8]) -> Option<Vec<u8>> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
+    Some(cert.public_key().raw.to_vec())
+}

@@ -32,7 +32,28 @@ impl Registry {
         let info = sekisho_pki::CertInfo::parse(&der)
             .map_err(|e| RegistryError::CertificateValidation(e.to_string()))?;
         let id = sekisho_pki::certificate_id(&der);
-        self.write(account, |a, tx| {
+        let default_mode = new.mode == CertMode::Default;
+        let check = |st: &State| {
+            // A DEFAULT-mode certificate identifies its account without SNI: one account only.
+            if default_mode
+                && st.cert_accounts.get(&id).is_some_and(|accts| {
+                    accts.iter().any(|other| {
+                        other != account
+                            && st.accounts.get(other).is_some_and(|a| {
+                                a.certificates
+                                    .get(&id)
+                                    .is_some_and(|c| c.mode == CertMode::Default)
+                            })
+                    })
+                })
+            {
+                return Err(RegistryError::InvalidRequest(
+                    "This request is not valid: the certificate is registered in DEFAULT mode in another account".into(),
+                ));
+            }
+            Ok(())
+        };
+        self.write_checked(account, check, |a, tx| {
             if a.certificates.contains_key(&id) {
                 return Err(RegistryError::AlreadyExists {
                     message: "The certificate is already provisioned or registered".into(),

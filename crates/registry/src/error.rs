@@ -39,6 +39,12 @@ pub enum RegistryError {
     /// `LimitExceededException` (410).
     #[error("{0}")]
     LimitExceeded(String),
+    /// `RegistrationCodeValidationException` (400).
+    #[error("{0}")]
+    RegistrationCodeValidation(String),
+    /// `CertificateConflictException` (409).
+    #[error("{0}")]
+    CertificateConflict(String),
     /// `InternalFailureException` (500).
     #[error("{0}")]
     Internal(String),
@@ -58,6 +64,10 @@ impl RegistryError {
             RegistryError::CertificateValidation(_) => ("CertificateValidationException", 400),
             RegistryError::MalformedPolicy(_) => ("MalformedPolicyException", 400),
             RegistryError::LimitExceeded(_) => ("LimitExceededException", 410),
+            RegistryError::RegistrationCodeValidation(_) => {
+                ("RegistrationCodeValidationException", 400)
+            }
+            RegistryError::CertificateConflict(_) => ("CertificateConflictException", 409),
             RegistryError::Internal(_) => ("InternalFailureException", 500),
         }
     }

@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+mod cas;
 mod certs;
 mod error;
 pub mod model;
@@ -28,6 +29,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
 
+pub use cas::{Authentication, CaUpdate, MAX_CAS_PER_SUBJECT, NewCaCertificate, Route};
 pub use certs::NewCertificate;
 pub use error::RegistryError;
 pub use model::*;
@@ -49,6 +51,15 @@ pub enum Change {
         certificate_id: String,
         /// New status.
         status: Option<CertStatus>,
+    },
+    /// A CA certificate's status changed (or it was deleted: `status` is `None`).
+    CaCertificate {
+        /// Account.
+        account: String,
+        /// CA certificate id.
+        ca_certificate_id: String,
+        /// New status.
+        status: Option<CaStatus>,
     },
 }
 
@@ -82,13 +93,15 @@ const UPPER_ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 const SECRET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 #[derive(Default)]
-struct State {
+pub(crate) struct State {
     accounts: BTreeMap<String, Account>,
     access_keys: HashMap<String, AccessKey>,
     /// Endpoint prefix to account id.
     prefixes: HashMap<String, String>,
     /// Certificate id to the accounts that registered it.
     cert_accounts: HashMap<String, BTreeSet<String>>,
+    /// CA certificate id to the accounts that registered it.
+    ca_accounts: HashMap<String, BTreeSet<String>>,
 }
 
 /// The batch of writes and events one operation produces.
@@ -99,6 +112,8 @@ pub(crate) struct Tx {
     bump: bool,
     certs_added: Vec<String>,
     certs_removed: Vec<String>,
+    cas_added: Vec<String>,
+    cas_removed: Vec<String>,
 }
 
 impl Tx {
@@ -110,6 +125,8 @@ impl Tx {
             bump: false,
             certs_added: Vec::new(),
             certs_removed: Vec::new(),
+            cas_added: Vec::new(),
+            cas_removed: Vec::new(),
         }
     }
 
@@ -216,6 +233,20 @@ impl Registry {
                 .certificates
                 .insert(c.id.clone(), c);
         }
+        for row in store.load(Kind::CaCertificate)? {
+            let mut c: CaCertificate = decode(&row.doc)?;
+            c.rehydrate();
+            st.ca_accounts
+                .entry(c.id.clone())
+                .or_default()
+                .insert(row.account.clone());
+            account_mut(&mut st, &row.account)?
+                .ca_certificates
+                .insert(c.id.clone(), c);
+        }
+        for row in store.load(Kind::RegistrationCode)? {
+            account_mut(&mut st, &row.account)?.registration_code = Some(decode(&row.doc)?);
+        }
         for row in store.load(Kind::Policy)? {
             let mut p: IotPolicy = decode(&row.doc)?;
             policies::reparse(&mut p);
@@ -234,11 +265,7 @@ impl Registry {
         for row in store.load(Kind::ThingPrincipal)? {
             let (thing, principal) = row.key.split_once('\n').unwrap_or((&row.key, ""));
             let kind: ThingPrincipalType = decode(&row.doc)?;
-            account_mut(&mut st, &row.account)?
-                .thing_principals
-                .entry(thing.to_owned())
-                .or_default()
-                .insert(principal.to_owned(), kind);
+            account_mut(&mut st, &row.account)?.link(thing, principal, kind);
         }
         let (feed, _) = broadcast::channel(1024);
         Ok(Registry {
@@ -301,7 +328,19 @@ impl Registry {
         account: &str,
         f: impl FnOnce(&mut Account, &mut Tx) -> Result<T>,
     ) -> Result<T> {
+        self.write_checked(account, |_| Ok(()), f)
+    }
+
+    /// [`Registry::write`] after `check` has looked at every account under the same lock (for
+    /// rules across accounts, such as DEFAULT-mode uniqueness).
+    pub(crate) fn write_checked<T>(
+        &self,
+        account: &str,
+        check: impl FnOnce(&State) -> Result<()>,
+        f: impl FnOnce(&mut Account, &mut Tx) -> Result<T>,
+    ) -> Result<T> {
         let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        check(&st)?;
         let acct = st
             .accounts
             .get_mut(account)
@@ -319,6 +358,20 @@ impl Registry {
                 s.remove(account);
                 if s.is_empty() {
                     st.cert_accounts.remove(c);
+                }
+            }
+        }
+        for c in &tx.cas_added {
+            st.ca_accounts
+                .entry(c.clone())
+                .or_default()
+                .insert(account.to_owned());
+        }
+        for c in &tx.cas_removed {
+            if let Some(s) = st.ca_accounts.get_mut(c) {
+                s.remove(account);
+                if s.is_empty() {
+                    st.ca_accounts.remove(c);
                 }
             }
         }

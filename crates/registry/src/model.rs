@@ -162,6 +162,79 @@ pub struct Certificate {
     pub info: Option<Arc<sekisho_pki::CertInfo>>,
 }
 
+/// Status of a registered CA certificate (AWS `CACertificateStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CaStatus {
+    /// Its certificates may be registered and may connect.
+    Active,
+    /// Its certificates may neither register nor connect.
+    Inactive,
+}
+
+impl CaStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaStatus::Active => "ACTIVE",
+            CaStatus::Inactive => "INACTIVE",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<CaStatus> {
+        match s {
+            "ACTIVE" => Some(CaStatus::Active),
+            "INACTIVE" => Some(CaStatus::Inactive),
+            _ => None,
+        }
+    }
+}
+
+/// Just-in-time provisioning settings of a CA (`RegistrationConfig`), kept as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationConfig {
+    /// `templateBody`.
+    pub template_body: Option<String>,
+    /// `roleArn`.
+    pub role_arn: Option<String>,
+    /// `templateName`.
+    pub template_name: Option<String>,
+}
+
+/// A CA certificate registered in an account (RegisterCACertificate).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaCertificate {
+    /// SHA-256 of the DER, hex.
+    pub id: String,
+    /// PEM.
+    pub pem: String,
+    /// Status.
+    pub status: CaStatus,
+    /// Just-in-time registration of the certificates it signed.
+    pub auto_registration: bool,
+    /// DEFAULT (one account per region) or SNI_ONLY.
+    pub mode: CertMode,
+    /// JITP settings.
+    pub registration_config: Option<RegistrationConfig>,
+    /// Creation time, epoch seconds.
+    pub created: f64,
+    /// Last modification, epoch seconds.
+    pub modified: f64,
+    /// Bumped on every change.
+    pub generation: i64,
+    /// Validity start, epoch seconds.
+    pub not_before: f64,
+    /// Validity end, epoch seconds.
+    pub not_after: f64,
+    /// Parsed fields (not stored; derived from `pem`).
+    #[serde(skip)]
+    pub info: Option<Arc<sekisho_pki::CertInfo>>,
+    /// The DER (not stored; derived from `pem`), for signature checks.
+    #[serde(skip)]
+    pub der: Arc<[u8]>,
+}
+
 /// One version of a policy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PolicyVersion {
@@ -233,12 +306,19 @@ pub struct Account {
     pub thing_types: BTreeMap<String, ThingType>,
     /// Certificates by id.
     pub certificates: BTreeMap<String, Certificate>,
+    /// CA certificates by id.
+    pub ca_certificates: BTreeMap<String, CaCertificate>,
+    /// The registration code (GetRegistrationCode), once asked for.
+    pub registration_code: Option<String>,
     /// Policies by name.
     pub policies: BTreeMap<String, IotPolicy>,
     /// Policy names attached to each target (certificate ARN, thing group ARN, ...).
     pub policy_targets: BTreeMap<String, BTreeSet<String>>,
     /// Principals (ARNs) attached to each thing, with the attachment type.
     pub thing_principals: BTreeMap<String, BTreeMap<String, ThingPrincipalType>>,
+    /// The reverse of `thing_principals`: things of each principal (looked up at every
+    /// CONNECT, so it must not scan all things). Kept in step by `link`/`unlink`.
+    pub principal_things: BTreeMap<String, BTreeMap<String, ThingPrincipalType>>,
 }
 
 impl Account {
@@ -249,9 +329,37 @@ impl Account {
 
     /// Things a principal is attached to, with the attachment type.
     pub fn things_of_principal(&self, principal: &str) -> Vec<(&str, ThingPrincipalType)> {
+        self.principal_things
+            .get(principal)
+            .map(|ts| ts.iter().map(|(t, k)| (t.as_str(), *k)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Records that `principal` is attached to `thing`.
+    pub fn link(&mut self, thing: &str, principal: &str, kind: ThingPrincipalType) {
         self.thing_principals
-            .iter()
-            .filter_map(|(t, ps)| ps.get(principal).map(|k| (t.as_str(), *k)))
-            .collect()
+            .entry(thing.to_owned())
+            .or_default()
+            .insert(principal.to_owned(), kind);
+        self.principal_things
+            .entry(principal.to_owned())
+            .or_default()
+            .insert(thing.to_owned(), kind);
+    }
+
+    /// Removes the attachment of `principal` to `thing`.
+    pub fn unlink(&mut self, thing: &str, principal: &str) {
+        if let Some(ps) = self.thing_principals.get_mut(thing) {
+            ps.remove(principal);
+            if ps.is_empty() {
+                self.thing_principals.remove(thing);
+            }
+        }
+        if let Some(ts) = self.principal_things.get_mut(principal) {
+            ts.remove(thing);
+            if ts.is_empty() {
+                self.principal_things.remove(principal);
+            }
+        }
     }
 }

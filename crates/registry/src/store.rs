@@ -21,6 +21,8 @@ pub(crate) enum Kind {
     Policy,
     PolicyAttachment,
     ThingPrincipal,
+    CaCertificate,
+    RegistrationCode,
 }
 
 impl Kind {
@@ -34,6 +36,8 @@ impl Kind {
             Kind::Policy => "policy",
             Kind::PolicyAttachment => "policy_attachment",
             Kind::ThingPrincipal => "thing_principal",
+            Kind::CaCertificate => "ca_certificate",
+            Kind::RegistrationCode => "registration_code",
         }
     }
 }

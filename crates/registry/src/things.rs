@@ -207,7 +207,6 @@ impl Registry {
             tx.delete(Kind::Thing, name);
             tx.bump();
             a.things.remove(name);
-            a.thing_principals.remove(name);
             Ok(())
         })
     }
@@ -377,7 +376,7 @@ impl Registry {
             }
             tx.put(Kind::ThingPrincipal, &format!("{thing}\n{principal}"), &kind)?;
             tx.bump();
-            a.thing_principals.entry(thing.to_owned()).or_default().insert(principal.to_owned(), kind);
+            a.link(thing, principal, kind);
             Ok(())
         })
     }
@@ -397,12 +396,7 @@ impl Registry {
             }
             tx.delete(Kind::ThingPrincipal, &format!("{thing}\n{principal}"));
             tx.bump();
-            if let Some(ps) = a.thing_principals.get_mut(thing) {
-                ps.remove(principal);
-                if ps.is_empty() {
-                    a.thing_principals.remove(thing);
-                }
-            }
+            a.unlink(thing, principal);
             Ok(())
         })
     }

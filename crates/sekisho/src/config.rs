@@ -28,6 +28,45 @@ impl Default for Ports {
     }
 }
 
+/// What an extra device listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// MQTT over mutual TLS.
+    Mqtt,
+    /// Device HTTPS (mutual TLS).
+    Https,
+}
+
+/// An extra device listener (`[[endpoints]]`): its own port, TLS security policy, and for a
+/// private endpoint (AWS's VPC interface endpoint) the ids its connections carry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// A name for logs.
+    pub name: String,
+    /// Port.
+    pub port: u16,
+    /// Addresses; default: the top-level `bind`.
+    #[serde(default)]
+    pub bind: Vec<IpAddr>,
+    /// `mqtt` (default) or `https`.
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// AWS TLS security policy name; default `IoTSecurityPolicy_TLS13_1_2_2022_10`.
+    pub tls_policy: Option<String>,
+    /// Makes the endpoint private: the `aws:SourceVpce` value (`vpce-...`).
+    pub vpc_endpoint_id: Option<String>,
+    /// The `aws:SourceVpc` value (`vpc-...`); required with `vpc_endpoint_id`.
+    pub vpc_id: Option<String>,
+    /// Most concurrent connections (default 100,000, AWS's per-endpoint cap).
+    pub max_connections: Option<usize>,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Mqtt
+}
+
 /// Everything `sekisho serve` needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -48,6 +87,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
     pub log: String,
+    /// TLS security policy of the default device listeners (AWS name).
+    pub tls_policy: Option<String>,
+    /// Extra device listeners (private endpoints, other TLS policies).
+    pub endpoints: Vec<EndpointConfig>,
 }
 
 impl Default for Config {
@@ -64,6 +107,8 @@ impl Default for Config {
             default_server_names: vec!["localhost".into()],
             max_connections: 100_000,
             log: "info".into(),
+            tls_policy: None,
+            endpoints: Vec::new(),
         }
     }
 }
@@ -119,7 +164,77 @@ impl Config {
             "domain {:?} is not a valid DNS name",
             self.domain
         );
+        let policy_ok = |p: &Option<String>, what: &str| -> anyhow::Result<()> {
+            if let Some(p) = p {
+                anyhow::ensure!(
+                    sekisho_gateway::tls::TlsPolicy::parse(p).is_some(),
+                    "{what}: TLS policy {p:?} is not one of {}",
+                    sekisho_gateway::tls::TlsPolicy::ALL
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            Ok(())
+        };
+        policy_ok(&self.tls_policy, "tls_policy")?;
+        let mut names = std::collections::HashSet::new();
+        for e in &self.endpoints {
+            let what = format!("endpoint {:?}", e.name);
+            anyhow::ensure!(names.insert(&e.name), "{what}: duplicate name");
+            policy_ok(&e.tls_policy, &what)?;
+            anyhow::ensure!(
+                e.max_connections != Some(0),
+                "{what}: max_connections must be positive"
+            );
+            match (&e.vpc_endpoint_id, &e.vpc_id) {
+                (None, None) => {}
+                (Some(vpce), Some(vpc)) => {
+                    anyhow::ensure!(
+                        vpce.starts_with("vpce-") && vpce.len() > 5,
+                        "{what}: vpc_endpoint_id {vpce:?} must look like vpce-..."
+                    );
+                    anyhow::ensure!(
+                        vpc.starts_with("vpc-") && vpc.len() > 4,
+                        "{what}: vpc_id {vpc:?} must look like vpc-..."
+                    );
+                }
+                _ => anyhow::bail!("{what}: vpc_endpoint_id and vpc_id go together"),
+            }
+        }
         Ok(())
+    }
+
+    /// The endpoint settings of an extra listener.
+    pub fn endpoint(&self, e: &EndpointConfig) -> sekisho_gateway::Endpoint {
+        sekisho_gateway::Endpoint {
+            name: e.name.clone(),
+            tls_policy: e
+                .tls_policy
+                .as_deref()
+                .and_then(sekisho_gateway::tls::TlsPolicy::parse)
+                .unwrap_or_default(),
+            private: match (&e.vpc_endpoint_id, &e.vpc_id) {
+                (Some(vpce), Some(vpc)) => Some(sekisho_gateway::PrivateEndpoint {
+                    vpce_id: vpce.clone(),
+                    vpc_id: vpc.clone(),
+                }),
+                _ => None,
+            },
+            max_connections: e.max_connections.unwrap_or(100_000),
+        }
+    }
+
+    /// The endpoint settings of the default device listeners.
+    pub fn default_endpoint(&self, name: &str) -> sekisho_gateway::Endpoint {
+        let mut e = sekisho_gateway::Endpoint::public(name, self.max_connections);
+        e.tls_policy = self
+            .tls_policy
+            .as_deref()
+            .and_then(sekisho_gateway::tls::TlsPolicy::parse)
+            .unwrap_or_default();
+        e
     }
 }
 
@@ -136,5 +251,32 @@ mod tests {
         assert_eq!(c.ports.api, 9443);
         assert_eq!(c.data_suffix(), "iot.eu-west-1.localhost");
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn endpoints_are_checked() {
+        let ok: Config = toml::from_str(
+            "[[endpoints]]\nname = \"plant\"\nport = 18884\nvpc_endpoint_id = \"vpce-0a1\"\nvpc_id = \"vpc-0b2\"\ntls_policy = \"IoTSecurityPolicy_TLS13_1_3_2022_10\"",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        let e = ok.endpoint(&ok.endpoints[0]);
+        assert_eq!(e.tls_policy, sekisho_gateway::tls::TlsPolicy::Tls13Only);
+        assert_eq!(e.private.unwrap().vpce_id, "vpce-0a1");
+        assert_eq!(e.max_connections, 100_000);
+        for bad in [
+            "[[endpoints]]\nname = \"p\"\nport = 1\nvpc_endpoint_id = \"vpce-1\"",
+            "[[endpoints]]\nname = \"p\"\nport = 1\nvpc_endpoint_id = \"x\"\nvpc_id = \"vpc-1\"",
+            "[[endpoints]]\nname = \"p\"\nport = 1\ntls_policy = \"IoTSecurityPolicy_TLS12_1_0_2016_01\"",
+            "tls_policy = \"TLS13\"",
+            "[[endpoints]]\nname = \"p\"\nport = 1\n[[endpoints]]\nname = \"p\"\nport = 2",
+        ] {
+            let c: Config = toml::from_str(bad).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        assert!(
+            toml::from_str::<Config>("[[endpoints]]\nname = \"p\"\nport = 1\nvpce = \"x\"")
+                .is_err()
+        );
     }
 }

@@ -173,14 +173,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn bind_all(config: &Config, port: u16, what: &str) -> anyhow::Result<Vec<TcpListener>> {
+async fn bind_all(
+    bind: &[std::net::IpAddr],
+    port: u16,
+    what: &str,
+) -> anyhow::Result<Vec<TcpListener>> {
     let mut out = Vec::new();
-    for ip in &config.bind {
+    for ip in bind {
         let addr = SocketAddr::new(*ip, port);
         match TcpListener::bind(addr).await {
             Ok(l) => out.push(l),
             // IPv6 loopback may be missing on some hosts; the default list tolerates that.
-            Err(e) if ip.is_ipv6() && ip.is_loopback() && config.bind.len() > 1 => {
+            Err(e) if ip.is_ipv6() && ip.is_loopback() && bind.len() > 1 => {
                 tracing::warn!(%addr, error = %e, "{what}: IPv6 loopback unavailable; skipped");
             }
             Err(e) => return Err(e).with_context(|| format!("{what}: binding {addr}")),
@@ -207,6 +211,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let tls = Arc::new(tls::TlsConfigs::new(
         registry.clone(),
+        broker.clone(),
         &material.server_chain,
         &material.server_key,
     )?);
@@ -237,21 +242,50 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
 
     let mut tasks = tokio::task::JoinSet::new();
-    for l in bind_all(&config, config.ports.mqtt, "MQTT").await? {
+    let mqtt = Arc::new(config.default_endpoint("mqtt"));
+    for l in bind_all(&config.bind, config.ports.mqtt, "MQTT").await? {
         tasks.spawn(sekisho_gateway::serve_mqtt_tls(
             shared.clone(),
             l,
             tls.clone(),
+            mqtt.clone(),
         ));
     }
-    for l in bind_all(&config, config.ports.https, "device HTTPS").await? {
+    let https = Arc::new(config.default_endpoint("https"));
+    for l in bind_all(&config.bind, config.ports.https, "device HTTPS").await? {
         tasks.spawn(sekisho_gateway::serve_device_https(
             shared.clone(),
             l,
             tls.clone(),
+            https.clone(),
         ));
     }
-    for l in bind_all(&config, config.ports.api, "control plane").await? {
+    for e in &config.endpoints {
+        let endpoint = Arc::new(config.endpoint(e));
+        let bind = if e.bind.is_empty() {
+            &config.bind
+        } else {
+            &e.bind
+        };
+        for l in bind_all(bind, e.port, &format!("endpoint {}", e.name)).await? {
+            match e.protocol {
+                config::Protocol::Mqtt => tasks.spawn(sekisho_gateway::serve_mqtt_tls(
+                    shared.clone(),
+                    l,
+                    tls.clone(),
+                    endpoint.clone(),
+                )),
+                config::Protocol::Https => tasks.spawn(sekisho_gateway::serve_device_https(
+                    shared.clone(),
+                    l,
+                    tls.clone(),
+                    endpoint.clone(),
+                )),
+            };
+        }
+        tracing::info!(endpoint = %e.name, port = e.port, private = endpoint.private.is_some(), tls_policy = endpoint.tls_policy.name(), "extra device endpoint");
+    }
+    for l in bind_all(&config.bind, config.ports.api, "control plane").await? {
         tasks.spawn(sekisho_api::serve(
             api_state.clone(),
             l,
