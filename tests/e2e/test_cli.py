@@ -3,6 +3,7 @@
 import os
 import stat
 import subprocess
+import time
 
 from conftest import BIN, Server, free_port, unique
 
@@ -79,16 +80,26 @@ def test_account_create_adds_a_profile(workdir):
         assert cp.returncode == 0, cp.stderr
         assert "[profile tenant-b]" in (s.data_dir / "aws" / "config").read_text()
         assert "[tenant-b]" in (s.data_dir / "aws" / "credentials").read_text()
-        # The new account is a separate namespace (the running server loads it at its next start).
-        s.stop()
-        s.start()
-        a, b = s.boto(), s.boto(profile="tenant-b")
+        # The running server serves the new account within seconds, no restart; its profile
+        # points at this server's control-plane port. The account is a separate namespace.
+        b = s.boto(profile="tenant-b")
+        for _ in range(100):
+            try:
+                b.list_things()
+                break
+            except Exception:
+                time.sleep(0.1)
+        a = s.boto()
         a.create_thing(thingName="only-in-a")
         assert [t["thingName"] for t in b.list_things()["things"]] == []
         assert s.endpoint() != s.endpoint(profile="tenant-b")
         cp = subprocess.run([str(BIN), "account", "create", "tenant-b", "--data-dir", str(s.data_dir)],
                             capture_output=True, text=True, timeout=30)
         assert cp.returncode != 0 and "already exists" in cp.stderr
+        # And after a restart it is still there.
+        s.stop()
+        s.start()
+        assert [t["thingName"] for t in s.boto(profile="tenant-b").list_things()["things"]] == []
     finally:
         s.stop()
 

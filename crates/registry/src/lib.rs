@@ -447,6 +447,45 @@ impl Registry {
         Ok((info, key))
     }
 
+    /// Loads accounts (and their root keys) that another process (`sekisho account create`)
+    /// added to the database since this one started. Returns them with their first key.
+    /// New accounts are empty, so nothing else needs loading.
+    pub fn load_new_accounts(&self) -> Result<Vec<(AccountInfo, AccessKey)>> {
+        let (accounts, keys) = {
+            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            (store.load(Kind::Account)?, store.load(Kind::AccessKey)?)
+        };
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for row in accounts {
+            let info: AccountInfo = decode(&row.doc)?;
+            if st.accounts.contains_key(&info.id) {
+                continue;
+            }
+            let mut first = None;
+            for k in &keys {
+                let key: AccessKey = decode(&k.doc)?;
+                if key.account_id == info.id && !st.access_keys.contains_key(&key.access_key_id) {
+                    first.get_or_insert_with(|| key.clone());
+                    st.access_keys.insert(key.access_key_id.clone(), key);
+                }
+            }
+            st.prefixes
+                .insert(info.endpoint_prefix.clone(), info.id.clone());
+            st.accounts.insert(
+                info.id.clone(),
+                Account {
+                    info: Some(info.clone()),
+                    ..Account::default()
+                },
+            );
+            if let Some(k) = first {
+                out.push((info, k));
+            }
+        }
+        Ok(out)
+    }
+
     /// All accounts, oldest first.
     pub fn accounts(&self) -> Vec<AccountInfo> {
         self.read_state(|st| {

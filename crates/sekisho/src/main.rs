@@ -141,9 +141,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Account { command } => match command {
             AccountCommand::Create { name, common } => {
-                let config = load_config(&common)?;
+                let mut config = load_config(&common)?;
                 init_logging("warn");
                 let (layout, material) = init::open(&config)?;
+                // The profile points at the control plane of the server using this directory
+                // (it records its port at start), else at the configured one.
+                if let Some(port) = std::fs::read_to_string(layout.path("api.port"))
+                    .ok()
+                    .and_then(|p| p.trim().parse().ok())
+                {
+                    config.ports.api = port;
+                }
                 let (info, key) = material.registry.create_account(&name)?;
                 init::write_profile(&layout, &config, &info, &key)?;
                 println!(
@@ -206,6 +214,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             init::write_profile(&layout, &config, &account, &key)?;
         }
     }
+    std::fs::write(layout.path("api.port"), config.ports.api.to_string())
+        .context("recording the control-plane port")?;
     let registry = Arc::new(material.registry);
     let broker = Arc::new(Broker::new(BrokerConfig::default()));
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -292,6 +302,36 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             tls.plain(),
             shutdown_rx.clone(),
         ));
+    }
+    {
+        // Accounts made by `sekisho account create` while this server runs are served within
+        // a couple of seconds, with profiles pointing at this run's ports.
+        let (registry, layout, config, mut shutdown) = (
+            registry.clone(),
+            layout.clone(),
+            config.clone(),
+            shutdown_rx.clone(),
+        );
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                match registry.load_new_accounts() {
+                    Ok(new) => {
+                        for (info, key) in new {
+                            tracing::info!(account = %info.id, name = %info.name, "account created by another process; now served");
+                            if let Err(e) = init::write_profile(&layout, &config, &info, &key) {
+                                tracing::warn!(error = %e, "writing the profile failed");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "checking for new accounts failed"),
+                }
+            }
+        });
     }
     tasks.spawn(sekisho_gateway::follow_changes(shared.clone()));
     tasks.spawn(sekisho_gateway::sweep_sessions(shared.clone()));
