@@ -176,8 +176,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut rbuf = BytesMut::with_capacity(IDLE_BUF);
     let mut wbuf = BytesMut::new();
 
-    // CONNECT first, within a deadline.
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, async {
+    // CONNECT first, within a deadline. Transient states are boxed so that they do not
+    // inflate the connection task, which lives (and holds its size) as long as the connection.
+    let first = Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, async {
         loop {
             match decode(&mut rbuf, ProtocolVersion::V311, &limits) {
                 Ok(Some(p)) => return Ok(Some(p)),
@@ -189,7 +190,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(_) => {}
             }
         }
-    })
+    }))
     .await;
     let connect = match first {
         Ok(Ok(Some(Packet::Connect(c)))) => c,
@@ -229,7 +230,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let end = conn
         .run(&mut stream, &mut rbuf, &mut wbuf, &mut attached)
         .await;
-    conn.finish(end, &mut stream, &mut wbuf, attached).await;
+    Box::pin(conn.finish(end, &mut stream, &mut wbuf, attached)).await;
 }
 
 struct Connection {
@@ -507,7 +508,13 @@ impl Connection {
         if let Flow::Close(e) = self.drain(rbuf, wbuf, &limits) {
             return e;
         }
-        wait_for_room(&self.shared.broker, std::mem::take(&mut self.pending)).await;
+        if !self.pending.is_empty() {
+            Box::pin(wait_for_room(
+                &self.shared.broker,
+                std::mem::take(&mut self.pending),
+            ))
+            .await;
+        }
         // One lazy timer for keep-alive and buffer shrinking: armed for the earliest event,
         // re-checked and re-armed when it fires, never touched per packet.
         let timer = tokio::time::sleep_until(self.next_timer(rbuf, wbuf).into());
@@ -537,7 +544,9 @@ impl Connection {
                                 return e;
                             }
                             // Backpressure: no further reading until our deliveries found room.
-                            wait_for_room(&self.shared.broker, std::mem::take(&mut self.pending)).await;
+                            if !self.pending.is_empty() {
+                                Box::pin(wait_for_room(&self.shared.broker, std::mem::take(&mut self.pending))).await;
+                            }
                         }
                     }
                 }
