@@ -27,9 +27,48 @@ pub struct ConnContext {
     thing_type: Option<String>,
     is_attached: &'static str,
     attributes: HashMap<String, String>,
-    /// Lower-cased `iot:certificate.*` keys to values.
-    cert_vars: HashMap<String, Vec<String>>,
-    cert_multi: HashMap<String, bool>,
+    /// The certificate's identity fields.
+    cert: Option<Arc<sekisho_pki::CertInfo>>,
+    /// Lower-cased `iot:certificate.*` keys to (values, multi-valued), built on first use.
+    cert_vars: std::sync::OnceLock<CertVars>,
+}
+
+type CertVars = HashMap<String, (Vec<String>, bool)>;
+
+/// Every `iot:Certificate.*` variable of a certificate, by lower-cased key.
+fn cert_vars(info: &sekisho_pki::CertInfo) -> CertVars {
+    let mut out = CertVars::new();
+    let mut add = |key: String, vals: Vec<String>, multi: bool| {
+        out.insert(
+            format!("iot:certificate.{key}").to_ascii_lowercase(),
+            (vals, multi),
+        );
+    };
+    add("SerialNumber".into(), vec![info.serial.clone()], false);
+    add("AvailableKeys".into(), info.available_keys(), true);
+    for (prefix, fields) in [
+        ("Subject", &info.subject),
+        ("Issuer", &info.issuer),
+        ("Subject.AlternativeName", &info.subject_alt),
+        ("Issuer.AlternativeName", &info.issuer_alt),
+    ] {
+        for name in fields.keys() {
+            let base = format!("{prefix}.{name}");
+            let owned = |v: Vec<&str>| v.iter().map(|s| s.to_string()).collect();
+            if let Some((v, _)) = info.lookup(&base) {
+                add(base.clone(), owned(v), false);
+            }
+            if let Some((v, _)) = info.lookup(&format!("{base}.List")) {
+                add(format!("{base}.List"), owned(v), true);
+            }
+            for i in 1..=5 {
+                if let Some((v, _)) = info.lookup(&format!("{base}.{i}")) {
+                    add(format!("{base}.{i}"), owned(v), false);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn strip_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
@@ -55,50 +94,10 @@ impl ConnContext {
             .as_ref()
             .map(|t| t.attributes.clone().into_iter().collect())
             .unwrap_or_default();
-        self.cert_vars.clear();
-        self.cert_multi.clear();
-        if let Some(info) = &id.info {
-            let mut add = |key: String, vals: Vec<String>, multi: bool| {
-                let k = format!("iot:certificate.{key}").to_ascii_lowercase();
-                self.cert_multi.insert(k.clone(), multi);
-                self.cert_vars.insert(k, vals);
-            };
-            add("SerialNumber".into(), vec![info.serial.clone()], false);
-            add("AvailableKeys".into(), info.available_keys(), true);
-            for (prefix, fields) in [
-                ("Subject", &info.subject),
-                ("Issuer", &info.issuer),
-                ("Subject.AlternativeName", &info.subject_alt),
-                ("Issuer.AlternativeName", &info.issuer_alt),
-            ] {
-                for name in fields.keys() {
-                    let base = format!("{prefix}.{name}");
-                    if let Some((v, _)) = info.lookup(&base) {
-                        add(
-                            base.clone(),
-                            v.iter().map(|s| s.to_string()).collect(),
-                            false,
-                        );
-                    }
-                    if let Some((v, _)) = info.lookup(&format!("{base}.List")) {
-                        add(
-                            format!("{base}.List"),
-                            v.iter().map(|s| s.to_string()).collect(),
-                            true,
-                        );
-                    }
-                    for i in 1..=5 {
-                        if let Some((v, _)) = info.lookup(&format!("{base}.{i}")) {
-                            add(
-                                format!("{base}.{i}"),
-                                v.iter().map(|s| s.to_string()).collect(),
-                                false,
-                            );
-                        }
-                    }
-                }
-            }
-        }
+        // Certificate variables are tabulated on first use only: most policies never name
+        // them, and a table per connection would cost about 2 KB of every idle connection.
+        self.cert = id.info.clone();
+        self.cert_vars = std::sync::OnceLock::new();
     }
 
     /// The thing associated with the connection.
@@ -151,9 +150,12 @@ impl Context for ConnContext {
             return None;
         }
         if strip_ci(key, "iot:Certificate.").is_some() {
-            let k = key.to_ascii_lowercase();
-            let v = self.cert_vars.get(&k)?;
-            return if self.cert_multi.get(&k).copied().unwrap_or(false) {
+            let info = self.cert.as_ref()?;
+            let (v, multi) = self
+                .cert_vars
+                .get_or_init(|| cert_vars(info))
+                .get(&key.to_ascii_lowercase())?;
+            return if *multi {
                 Some(Value::Many(v))
             } else {
                 v.first().map(|s| Value::One(s))

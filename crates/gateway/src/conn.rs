@@ -219,7 +219,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Ok(Ok(None)) | Err(_) => return,
     };
-    let mut conn = match Connection::accept(shared.clone(), *connect, &info, &mut wbuf) {
+    // Moving out of the box does not free it; the block does (else its ~700 bytes would stay
+    // for the connection's life).
+    let accepted = {
+        let connect = connect;
+        Connection::accept(shared.clone(), *connect, &info, &mut wbuf)
+    };
+    let mut conn = match accepted {
         Ok(c) => c,
         Err(()) => {
             write_all(&mut stream, &mut wbuf).await;
