@@ -347,3 +347,57 @@ def expired_ca(pki):
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_retained_messages_and_sessions_stay_in_their_account(tenants, workdir):
+    s = tenants
+    a, b = s.boto(), s.boto(profile="tenant-b")
+    host_a, host_b = s.endpoint(), s.endpoint(profile="tenant-b")
+    da = Device(s, a, unique("iso"), ALLOW_ALL, workdir)
+    db = Device(s, b, unique("iso"), ALLOW_ALL, workdir)
+    topic = f"iso/{unique('t')}"
+    # A retained message in A is not retained in B under the same topic.
+    pa = Paho(s, host_a, da, "same-client", v5=True)
+    assert pa.connect()[0] == 0
+    pa.c.publish(topic, b"only-in-a", qos=1, retain=True).wait_for_publish(5)
+    pb = Paho(s, host_b, db, "same-client", v5=True)
+    assert pb.connect()[0] == 0, "the same client id in another account is not a takeover"
+    pb.subscribe(topic, qos=1)
+    with pytest.raises(queue.Empty):
+        pb.messages.get(timeout=0.5)
+    with pytest.raises(queue.Empty):
+        pa.disconnects.get(timeout=0.2)
+    # B's persistent session does not receive A's messages, and A's session survives B's.
+    pa.subscribe(topic, qos=1)
+    assert pa.messages.get(timeout=5).payload == b"only-in-a"
+    pb.c.publish(topic, b"only-in-b", qos=1).wait_for_publish(5)
+    assert pb.messages.get(timeout=5).payload == b"only-in-b"
+    with pytest.raises(queue.Empty):
+        pa.messages.get(timeout=0.5)
+    pa.close()
+    pb.close()
+
+
+def test_two_registered_cas_with_the_same_key_need_the_ca_pem(tenants, workdir):
+    """Two CA certificates with the same subject and key (a re-issued CA): a device certificate
+    verifies under both, so RegisterCertificate needs caCertificatePem (AWS's
+    CertificateConflictException)."""
+    s = tenants
+    iot = s.boto(profile="tenant-b")
+    pki = Openssl(workdir / unique("conflict"))
+    ca = pki.ca("conflict-ca", "Reissued CA")
+    again = pki.dir / "conflict-ca-2.pem"
+    pki.run("req", "-x509", "-key", str(ca[1]), "-out", str(again), "-days", "400", "-subj", "/O=Factory/CN=Reissued CA",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    ids = [iot.register_ca_certificate(caCertificate=p.read_text(), certificateMode="SNI_ONLY",
+                                       setAsActive=True)["certificateId"] for p in (ca[0], again)]
+    assert ids[0] != ids[1]
+    dev = pki.leaf("conflict-dev", "conflict-dev", ca)
+    with pytest.raises(ClientError) as e:
+        iot.register_certificate(certificatePem=dev[0].read_text(), setAsActive=True)
+    assert code_of(e.value)[0] == "CertificateConflictException"
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 409
+    got = iot.register_certificate(certificatePem=dev[0].read_text(), caCertificatePem=again.read_text(),
+                                   setAsActive=True)
+    desc = iot.describe_certificate(certificateId=got["certificateId"])["certificateDescription"]
+    assert desc["caCertificateId"] == ids[1]
