@@ -113,3 +113,174 @@ pub fn explain<'a>(
         denied_by,
     }
 }
+
+/// Who is asking, for the `Principal` element of a trust (resource) policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller<'a> {
+    /// An IAM identity: the account root, a user, or a role session.
+    Aws {
+        /// Its account id.
+        account: &'a str,
+        /// Its ARN (`arn:aws:iam::A:root`, `arn:aws:iam::A:user/N`,
+        /// `arn:aws:sts::A:assumed-role/R/S`).
+        arn: &'a str,
+        /// For a role session, the role's ARN (`arn:aws:iam::A:role/R`).
+        role_arn: Option<&'a str>,
+    },
+    /// An AWS service principal, e.g. `credentials.iot.amazonaws.com`.
+    Service(&'a str),
+}
+
+fn aws_principal_matches(entry: &str, caller: &Caller<'_>) -> bool {
+    let Caller::Aws {
+        account,
+        arn,
+        role_arn,
+    } = *caller
+    else {
+        return false;
+    };
+    if entry == "*" {
+        return true;
+    }
+    // An account id, or its root ARN, names every identity of the account (whose own
+    // policies must then allow the action too).
+    if entry == account || entry == format!("arn:aws:iam::{account}:root") {
+        return true;
+    }
+    entry == arn || role_arn == Some(entry)
+}
+
+fn principal_matches(p: &crate::Principals, caller: &Caller<'_>) -> bool {
+    if p.any {
+        return true;
+    }
+    match caller {
+        Caller::Aws { .. } => p.aws.iter().any(|e| aws_principal_matches(e, caller)),
+        Caller::Service(s) => p.service.iter().any(|e| e == s),
+    }
+}
+
+/// Evaluates a trust policy (IAM dialect, parsed with `Dialect::IamTrust`) for `caller` doing
+/// `action` (lower case, e.g. `sts:assumerole`): statements apply when their `Principal` (or
+/// `NotPrincipal`) matches the caller. Explicit Deny wins, then Allow, else the default deny.
+pub fn decide_trust(
+    policy: &crate::Policy,
+    caller: &Caller<'_>,
+    action: &str,
+    ctx: &dyn Context,
+) -> Decision {
+    let bound = policy.bind(ctx);
+    let mut allowed = false;
+    for (st, b) in policy.statements.iter().zip(&bound.statements) {
+        let names_caller = st
+            .principal
+            .as_ref()
+            .is_some_and(|t| t.items.iter().any(|p| principal_matches(p, caller)) != t.negated);
+        if names_caller
+            && targets_match(&b.action, action)
+            && b.conditions.iter().all(|c| holds(c, ctx))
+        {
+            match b.effect {
+                Effect::Deny => return Decision::ExplicitDeny,
+                Effect::Allow => allowed = true,
+            }
+        }
+    }
+    if allowed {
+        Decision::Allowed
+    } else {
+        Decision::ImplicitDeny
+    }
+}
+
+#[cfg(test)]
+mod trust_tests {
+    use super::*;
+    use crate::{Dialect, EmptyContext, Policy};
+
+    fn trust(principal: &str) -> Policy {
+        let doc = format!(
+            r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Principal":{principal},"Action":"sts:AssumeRole"}}]}}"#
+        );
+        Policy::parse(&doc, Dialect::IamTrust).unwrap()
+    }
+
+    const USER: Caller<'static> = Caller::Aws {
+        account: "111111111111",
+        arn: "arn:aws:iam::111111111111:user/alice",
+        role_arn: None,
+    };
+    const SESSION: Caller<'static> = Caller::Aws {
+        account: "111111111111",
+        arn: "arn:aws:sts::111111111111:assumed-role/ops/s1",
+        role_arn: Some("arn:aws:iam::111111111111:role/ops"),
+    };
+
+    #[test]
+    fn principals_by_account_user_role_and_service() {
+        let ctx = EmptyContext;
+        let d = |p: &str, c: &Caller<'_>| decide_trust(&trust(p), c, "sts:assumerole", &ctx);
+        for p in [
+            r#"{"AWS":"111111111111"}"#,
+            r#"{"AWS":"arn:aws:iam::111111111111:root"}"#,
+            r#"{"AWS":"arn:aws:iam::111111111111:user/alice"}"#,
+            r#"{"AWS":["arn:aws:iam::222222222222:root","arn:aws:iam::111111111111:user/alice"]}"#,
+            r#""*""#,
+        ] {
+            assert_eq!(d(p, &USER), Decision::Allowed, "{p}");
+        }
+        for p in [
+            r#"{"AWS":"222222222222"}"#,
+            r#"{"AWS":"arn:aws:iam::111111111111:user/bob"}"#,
+            r#"{"AWS":"arn:aws:iam::111111111111:role/ops"}"#,
+            r#"{"Service":"credentials.iot.amazonaws.com"}"#,
+        ] {
+            assert_eq!(d(p, &USER), Decision::ImplicitDeny, "{p}");
+        }
+        assert_eq!(
+            d(r#"{"AWS":"arn:aws:iam::111111111111:role/ops"}"#, &SESSION),
+            Decision::Allowed
+        );
+        let svc = Caller::Service("credentials.iot.amazonaws.com");
+        assert_eq!(
+            d(r#"{"Service":"credentials.iot.amazonaws.com"}"#, &svc),
+            Decision::Allowed
+        );
+        assert_eq!(d(r#"{"AWS":"111111111111"}"#, &svc), Decision::ImplicitDeny);
+    }
+
+    #[test]
+    fn deny_wins_and_actions_and_conditions_count() {
+        let ctx = EmptyContext;
+        let doc = r#"{"Version":"2012-10-17","Statement":[
+            {"Effect":"Allow","Principal":{"AWS":"111111111111"},"Action":"sts:AssumeRole"},
+            {"Effect":"Deny","Principal":{"AWS":"arn:aws:iam::111111111111:user/alice"},"Action":"sts:*"}]}"#;
+        let p = Policy::parse(doc, Dialect::IamTrust).unwrap();
+        assert_eq!(
+            decide_trust(&p, &USER, "sts:assumerole", &ctx),
+            Decision::ExplicitDeny
+        );
+        assert_eq!(
+            decide_trust(&p, &SESSION, "sts:assumerole", &ctx),
+            Decision::Allowed
+        );
+        assert_eq!(
+            decide_trust(&p, &SESSION, "sts:tagsession", &ctx),
+            Decision::ImplicitDeny
+        );
+        let cond = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"*"},
+            "Action":"sts:AssumeRole","Condition":{"StringEquals":{"sts:ExternalId":"x"}}}]}"#;
+        let p = Policy::parse(cond, Dialect::IamTrust).unwrap();
+        assert_eq!(
+            decide_trust(&p, &USER, "sts:assumerole", &ctx),
+            Decision::ImplicitDeny
+        );
+        let mut m = crate::MapContext::new();
+        m.set("sts:ExternalId", "x");
+        assert_eq!(
+            decide_trust(&p, &USER, "sts:assumerole", &m),
+            Decision::Allowed
+        );
+    }
+}

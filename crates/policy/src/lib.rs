@@ -21,7 +21,7 @@ mod pattern;
 use std::collections::HashMap;
 
 pub use condition::{Operator, Qualifier};
-pub use eval::{Decision, Evaluation, decide, explain};
+pub use eval::{Caller, Decision, Evaluation, decide, decide_trust, explain};
 pub use parse::{Dialect, MAX_IOT_POLICY_CHARS, PolicyError, non_whitespace_len};
 pub use pattern::Pattern;
 
