@@ -63,6 +63,79 @@ fn seg(call: &Call, i: usize) -> &str {
 }
 
 /// Routes a call to its operation.
+/// The IAM action (`iot:` + operation name) a request performs and the resource it names,
+/// for authorizing IAM users and roles (AWS's service authorization reference: list and
+/// account-wide operations take `*`).
+pub(crate) fn operation(state: &ApiState, call: &Call) -> (&'static str, String) {
+    let segs: Vec<&str> = call.segments.iter().map(String::as_str).collect();
+    let arn = |kind: &str, name: &str| state.registry.arn(&call.account, &format!("{kind}/{name}"));
+    let any = || "*".to_string();
+    let m = &call.method;
+    match (m, segs.as_slice()) {
+        (&Method::POST, ["things", n]) => ("CreateThing", arn("thing", n)),
+        (&Method::GET, ["things", n]) => ("DescribeThing", arn("thing", n)),
+        (&Method::PATCH, ["things", n]) => ("UpdateThing", arn("thing", n)),
+        (&Method::DELETE, ["things", n]) => ("DeleteThing", arn("thing", n)),
+        (&Method::GET, ["things"]) => ("ListThings", any()),
+        (&Method::PUT, ["things", n, "principals"]) => ("AttachThingPrincipal", arn("thing", n)),
+        (&Method::DELETE, ["things", n, "principals"]) => ("DetachThingPrincipal", arn("thing", n)),
+        (&Method::GET, ["things", n, "principals" | "principals-v2"]) => {
+            ("ListThingPrincipals", arn("thing", n))
+        }
+        (&Method::GET, ["principals", "things" | "things-v2"]) => ("ListPrincipalThings", any()),
+        (&Method::POST, ["thing-types", n]) => ("CreateThingType", arn("thingtype", n)),
+        (&Method::GET, ["thing-types", n]) => ("DescribeThingType", arn("thingtype", n)),
+        (&Method::POST, ["thing-types", n, "deprecate"]) => {
+            ("DeprecateThingType", arn("thingtype", n))
+        }
+        (&Method::DELETE, ["thing-types", n]) => ("DeleteThingType", arn("thingtype", n)),
+        (&Method::GET, ["thing-types"]) => ("ListThingTypes", any()),
+        (&Method::POST, ["keys-and-certificate"]) => ("CreateKeysAndCertificate", any()),
+        (&Method::POST, ["certificates"]) => ("CreateCertificateFromCsr", any()),
+        (&Method::GET, ["certificates", id]) => ("DescribeCertificate", arn("cert", id)),
+        (&Method::GET, ["certificates"]) => ("ListCertificates", any()),
+        (&Method::PUT, ["certificates", id]) => ("UpdateCertificate", arn("cert", id)),
+        (&Method::DELETE, ["certificates", id]) => ("DeleteCertificate", arn("cert", id)),
+        (&Method::GET, ["registrationcode"]) => ("GetRegistrationCode", any()),
+        (&Method::DELETE, ["registrationcode"]) => ("DeleteRegistrationCode", any()),
+        (&Method::POST, ["cacertificate"]) => ("RegisterCACertificate", any()),
+        (&Method::GET, ["cacertificate", id]) => ("DescribeCACertificate", arn("cacert", id)),
+        (&Method::PUT, ["cacertificate", id]) => ("UpdateCACertificate", arn("cacert", id)),
+        (&Method::DELETE, ["cacertificate", id]) => ("DeleteCACertificate", arn("cacert", id)),
+        (&Method::GET, ["cacertificates"]) => ("ListCACertificates", any()),
+        (&Method::POST, ["certificate", "register"]) => ("RegisterCertificate", any()),
+        (&Method::POST, ["certificate", "register-no-ca"]) => {
+            ("RegisterCertificateWithoutCA", any())
+        }
+        (&Method::GET, ["certificates-by-ca", _]) => ("ListCertificatesByCA", any()),
+        (&Method::POST, ["policies", n]) => ("CreatePolicy", arn("policy", n)),
+        (&Method::GET, ["policies", n]) => ("GetPolicy", arn("policy", n)),
+        (&Method::GET, ["policies"]) => ("ListPolicies", any()),
+        (&Method::DELETE, ["policies", n]) => ("DeletePolicy", arn("policy", n)),
+        (&Method::POST, ["policies", n, "version"]) => ("CreatePolicyVersion", arn("policy", n)),
+        (&Method::GET, ["policies", n, "version"]) => ("ListPolicyVersions", arn("policy", n)),
+        (&Method::GET, ["policies", n, "version", _]) => ("GetPolicyVersion", arn("policy", n)),
+        (&Method::PATCH, ["policies", n, "version", _]) => {
+            ("SetDefaultPolicyVersion", arn("policy", n))
+        }
+        (&Method::DELETE, ["policies", n, "version", _]) => {
+            ("DeletePolicyVersion", arn("policy", n))
+        }
+        (&Method::PUT, ["target-policies", n]) => ("AttachPolicy", arn("policy", n)),
+        (&Method::POST, ["target-policies", n]) => ("DetachPolicy", arn("policy", n)),
+        (&Method::PUT, ["principal-policies", n]) => ("AttachPrincipalPolicy", arn("policy", n)),
+        (&Method::DELETE, ["principal-policies", n]) => ("DetachPrincipalPolicy", arn("policy", n)),
+        (&Method::POST, ["attached-policies", _]) => ("ListAttachedPolicies", any()),
+        (&Method::GET, ["principal-policies"]) => ("ListPrincipalPolicies", any()),
+        (&Method::POST, ["policy-targets", n]) => ("ListTargetsForPolicy", arn("policy", n)),
+        (&Method::GET, ["policy-principals"]) => ("ListPolicyPrincipals", any()),
+        (&Method::POST, ["effective-policies"]) => ("GetEffectivePolicies", any()),
+        (&Method::GET, ["endpoint"]) => ("DescribeEndpoint", any()),
+        (&Method::POST, ["test-authorization"]) => ("TestAuthorization", any()),
+        _ => ("Unknown", any()),
+    }
+}
+
 pub(crate) fn dispatch(state: &ApiState, call: &Call) -> Out {
     let segs: Vec<&str> = call.segments.iter().map(String::as_str).collect();
     let m = &call.method;

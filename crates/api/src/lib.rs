@@ -6,7 +6,9 @@
 
 #![warn(missing_docs)]
 
+mod iam;
 mod iot;
+mod xml;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use sekisho_broker::Broker;
 use sekisho_pki::Ca;
-use sekisho_registry::{Registry, RegistryError};
+use sekisho_registry::{IamPrincipal, Registry, RegistryError};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -218,7 +220,18 @@ fn decode_segment(s: &str) -> String {
         .into_owned()
 }
 
-fn parse_query(q: &str) -> Vec<(String, String)> {
+/// The XML namespace of a query-protocol request (IAM, STS), from its credential scope, so
+/// that even authentication errors come in the protocol's own form.
+fn query_service(req: &sekisho_sigv4::Request<'_>) -> Option<&'static str> {
+    let claim = sekisho_sigv4::parse(req).ok()?;
+    match claim.service.as_str() {
+        "iam" => Some(xml::IAM_NS),
+        "sts" => Some(xml::STS_NS),
+        _ => None,
+    }
+}
+
+pub(crate) fn parse_query(q: &str) -> Vec<(String, String)> {
     form_urlencoded::parse(q.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
@@ -235,35 +248,88 @@ fn sigv4_error(e: &sekisho_sigv4::SigError) -> ApiError {
     ApiError::new(403, code, e.to_string())
 }
 
-/// Authenticates a request with SigV4; returns the caller's account.
+/// A verified caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Account.
+    pub account: String,
+    /// Who the credentials stand for.
+    pub principal: IamPrincipal,
+    /// The session policy of AssumeRole credentials.
+    pub session_policy: Option<String>,
+    /// True for temporary (STS) credentials.
+    pub temporary: bool,
+    /// The access key id used.
+    pub access_key_id: String,
+}
+
+impl Caller {
+    /// The caller's ARN as IAM and STS show it.
+    pub fn arn(&self) -> String {
+        match &self.principal {
+            IamPrincipal::Root => format!("arn:aws:iam::{}:root", self.account),
+            IamPrincipal::User(u) => format!("arn:aws:iam::{}:user/{u}", self.account),
+            IamPrincipal::Role { role, session } => {
+                format!(
+                    "arn:aws:sts::{}:assumed-role/{role}/{session}",
+                    self.account
+                )
+            }
+        }
+    }
+}
+
+/// The wording of authentication errors differs between the restJson services (IoT) and the
+/// query services (IAM, STS).
+fn auth_error(service: &str, kind: AuthFailure) -> ApiError {
+    let query = service != "iot";
+    match kind {
+        AuthFailure::UnknownKey => ApiError::new(
+            403,
+            if query {
+                "InvalidClientTokenId"
+            } else {
+                "UnrecognizedClientException"
+            },
+            "The security token included in the request is invalid.",
+        ),
+        AuthFailure::Expired => ApiError::new(
+            if query { 400 } else { 403 },
+            "ExpiredToken",
+            "The security token included in the request is expired",
+        ),
+    }
+}
+
+enum AuthFailure {
+    UnknownKey,
+    Expired,
+}
+
+/// Authenticates a request with SigV4 (long-term keys of the root or a user, or STS
+/// credentials with their session token). `services` are the signing names accepted.
 fn authenticate(
     state: &ApiState,
     req: &sekisho_sigv4::Request<'_>,
-    service: &str,
-) -> Result<String, ApiError> {
+) -> Result<(Caller, String), ApiError> {
     let claim = sekisho_sigv4::parse(req).map_err(|e| sigv4_error(&e))?;
-    let Some(key) = state.registry.access_key(&claim.access_key) else {
-        return Err(ApiError::new(
-            403,
-            "UnrecognizedClientException",
-            "The security token included in the request is invalid.",
-        ));
-    };
-    if key.status != "Active" {
-        return Err(ApiError::new(
-            403,
-            "UnrecognizedClientException",
-            "The security token included in the request is invalid.",
-        ));
-    }
-    if claim.service != service {
+    let service = claim.service.clone();
+    if !["iot", "iam", "sts"].contains(&service.as_str()) {
         return Err(ApiError::new(
             403,
             "InvalidSignatureException",
-            format!("Credential should be scoped to correct service: '{service}'."),
+            format!(
+                "Credential should be scoped to correct service: '{service}' is not served here."
+            ),
         ));
     }
-    if claim.region != state.endpoints.region {
+    let Some(cred) = state.registry.credential(&claim.access_key) else {
+        return Err(auth_error(&service, AuthFailure::UnknownKey));
+    };
+    // IAM is global: botocore signs it for us-east-1 whatever the profile's region.
+    let region_ok =
+        claim.region == state.endpoints.region || (service == "iam" && claim.region == "us-east-1");
+    if !region_ok {
         return Err(ApiError::new(
             403,
             "InvalidSignatureException",
@@ -280,12 +346,91 @@ fn authenticate(
     sekisho_sigv4::verify(
         req,
         &claim,
-        &key.secret_access_key,
+        &cred.secret_access_key,
         now,
         sekisho_sigv4::Options::default(),
     )
-    .map_err(|e| sigv4_error(&e))?;
-    Ok(key.account_id)
+    .map_err(|e| {
+        let mut err = sigv4_error(&e);
+        if service != "iot" && err.code == "InvalidSignatureException" {
+            err.code = "SignatureDoesNotMatch";
+        }
+        err
+    })?;
+    // Temporary credentials: the token must be presented, and they must not have expired.
+    if let Some(token) = &cred.token {
+        if claim.security_token.as_deref() != Some(token.as_str()) {
+            return Err(auth_error(&service, AuthFailure::UnknownKey));
+        }
+        if cred
+            .expiration
+            .is_some_and(|e| sekisho_registry::now_secs() >= e)
+        {
+            return Err(auth_error(&service, AuthFailure::Expired));
+        }
+    }
+    Ok((
+        Caller {
+            account: cred.account_id,
+            temporary: cred.token.is_some(),
+            principal: cred.principal,
+            session_policy: cred.session_policy,
+            access_key_id: claim.access_key,
+        },
+        service,
+    ))
+}
+
+/// Authorizes a caller for `action` (e.g. `iot:CreateThing`) on `resource` with its IAM
+/// policies: the account root may do everything in its account; users and role sessions need
+/// an Allow in their identity policies (and in the session policy, if any), and no Deny.
+pub fn authorize(
+    state: &ApiState,
+    caller: &Caller,
+    action: &str,
+    resource: &str,
+) -> Result<(), ApiError> {
+    if caller.principal == IamPrincipal::Root {
+        return Ok(());
+    }
+    let denied = || {
+        ApiError::new(
+            403,
+            "AccessDeniedException",
+            format!(
+                "User: {} is not authorized to perform: {action} on resource: {resource}",
+                caller.arn()
+            ),
+        )
+    };
+    let Some(policies) = state
+        .registry
+        .identity_policies(&caller.account, &caller.principal)
+    else {
+        return Err(denied());
+    };
+    let mut ctx = sekisho_policy::MapContext::new();
+    ctx.set("aws:PrincipalAccount", caller.account.clone());
+    ctx.set("aws:PrincipalArn", caller.arn());
+    if let IamPrincipal::User(u) = &caller.principal {
+        ctx.set("aws:username", u.clone());
+    }
+    let action_lc = action.to_ascii_lowercase();
+    let bound: Vec<_> = policies.iter().map(|p| p.bind(&ctx)).collect();
+    let identity = sekisho_policy::decide(&bound, &action_lc, resource, &ctx);
+    let session = match &caller.session_policy {
+        None => sekisho_policy::Decision::Allowed,
+        Some(doc) => match sekisho_policy::Policy::parse(doc, sekisho_policy::Dialect::IamIdentity)
+        {
+            Ok(p) => sekisho_policy::decide([&p.bind(&ctx)], &action_lc, resource, &ctx),
+            Err(_) => sekisho_policy::Decision::ImplicitDeny,
+        },
+    };
+    if identity.is_allowed() && session.is_allowed() {
+        Ok(())
+    } else {
+        Err(denied())
+    }
 }
 
 /// Handles one control-plane request.
@@ -329,11 +474,14 @@ pub async fn handle(
         headers: &headers,
         body_sha256: &body_sha,
     };
-    let account = match authenticate(&state, &sreq, "iot") {
+    let (caller, service) = match authenticate(&state, &sreq) {
         Ok(a) => a,
         Err(e) => {
             tracing::info!(method = %parts.method, %path, code = e.code, "request not authenticated");
-            return Ok(error_response(&e));
+            return Ok(match query_service(&sreq) {
+                Some(ns) => xml::error_response(ns, &e),
+                None => error_response(&e),
+            });
         }
     };
     let call = Call {
@@ -342,9 +490,14 @@ pub async fn handle(
         query: parse_query(&query),
         headers,
         body,
-        account,
+        account: caller.account.clone(),
     };
-    let result = iot::dispatch(&state, &call);
+    if service == "iam" || service == "sts" {
+        return Ok(iam::dispatch(&state, &caller, &service, &call));
+    }
+    let (operation, resource) = iot::operation(&state, &call);
+    let result = authorize(&state, &caller, &format!("iot:{operation}"), &resource)
+        .and_then(|()| iot::dispatch(&state, &call));
     Ok(match result {
         Ok(v) => json_response(200, &v),
         Err(e) => {
@@ -458,5 +611,87 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "control-plane connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> (ApiState, String) {
+        let registry = Registry::in_memory("us-east-1").unwrap();
+        let (info, _) = registry.create_account("a").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let st = ApiState {
+            registry: Arc::new(registry),
+            broker: Arc::new(Broker::new(Default::default())),
+            device_ca: Arc::new(Ca::generate("t", "t", now).unwrap()),
+            endpoints: Endpoints {
+                region: "us-east-1".into(),
+                domain: "localhost".into(),
+            },
+        };
+        (st, info.id)
+    }
+
+    /// A signed STS request with temporary credentials, as boto3 sends it.
+    fn signed(s: &sekisho_registry::Session, token: &str) -> (Vec<(String, String)>, String) {
+        let amz_date = time::OffsetDateTime::now_utc()
+            .format(time::macros::format_description!(
+                "[year][month][day]T[hour][minute][second]Z"
+            ))
+            .unwrap();
+        let body = "Action=GetCallerIdentity&Version=2011-06-15";
+        let sha = hex::encode(sha256(body.as_bytes()));
+        let mut headers = vec![
+            ("host".to_string(), "localhost".to_string()),
+            ("x-amz-date".to_string(), amz_date.clone()),
+            ("x-amz-security-token".to_string(), token.to_string()),
+        ];
+        let auth = {
+            let req = sekisho_sigv4::Request {
+                method: "POST",
+                path: "/",
+                query: "",
+                headers: &headers,
+                body_sha256: &sha,
+            };
+            sekisho_sigv4::sign_header(
+                &req,
+                &s.access_key_id,
+                &s.secret_access_key,
+                "us-east-1",
+                "sts",
+                &amz_date,
+                &["host", "x-amz-date", "x-amz-security-token"],
+            )
+        };
+        headers.push(("authorization".to_string(), auth));
+        (headers, sha)
+    }
+
+    #[test]
+    fn temporary_credentials_need_their_token_and_expire() {
+        let (st, acct) = state();
+        let s = st
+            .registry
+            .create_session(&acct, IamPrincipal::Root, 1, None)
+            .unwrap();
+        let check = |token: &str| {
+            let (headers, sha) = signed(&s, token);
+            let req = sekisho_sigv4::Request {
+                method: "POST",
+                path: "/",
+                query: "",
+                headers: &headers,
+                body_sha256: &sha,
+            };
+            authenticate(&st, &req).map(|(c, _)| c).map_err(|e| e.code)
+        };
+        let ok = check(&s.token).unwrap();
+        assert!(ok.temporary && ok.account == acct);
+        assert_eq!(check("forged").unwrap_err(), "InvalidClientTokenId");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(check(&s.token).unwrap_err(), "ExpiredToken");
     }
 }

@@ -13,6 +13,7 @@
 mod cas;
 mod certs;
 mod error;
+mod iam;
 pub mod model;
 mod policies;
 mod store;
@@ -32,6 +33,9 @@ use tokio::sync::broadcast;
 pub use cas::{Authentication, CaUpdate, MAX_CAS_PER_SUBJECT, NewCaCertificate, Route};
 pub use certs::NewCertificate;
 pub use error::RegistryError;
+pub use iam::{
+    Credential, IamPrincipal, IamRole, IamUser, MAX_SESSION_TOKEN_SECONDS, ManagedPolicy, Session,
+};
 pub use model::*;
 pub use policies::{MAX_POLICIES_PER_TARGET, MAX_POLICY_VERSIONS};
 use store::{Kind, Op, Store};
@@ -102,6 +106,8 @@ pub(crate) struct State {
     cert_accounts: HashMap<String, BTreeSet<String>>,
     /// CA certificate id to the accounts that registered it.
     ca_accounts: HashMap<String, BTreeSet<String>>,
+    /// STS temporary credentials by access key id.
+    sessions: HashMap<String, Session>,
 }
 
 /// The batch of writes and events one operation produces.
@@ -246,6 +252,28 @@ impl Registry {
         }
         for row in store.load(Kind::RegistrationCode)? {
             account_mut(&mut st, &row.account)?.registration_code = Some(decode(&row.doc)?);
+        }
+        for row in store.load(Kind::IamUser)? {
+            let u: IamUser = decode(&row.doc)?;
+            account_mut(&mut st, &row.account)?
+                .users
+                .insert(u.name.clone(), u);
+        }
+        for row in store.load(Kind::IamRole)? {
+            let r: IamRole = decode(&row.doc)?;
+            account_mut(&mut st, &row.account)?
+                .roles
+                .insert(r.name.clone(), r);
+        }
+        for row in store.load(Kind::ManagedPolicy)? {
+            let p: ManagedPolicy = decode(&row.doc)?;
+            account_mut(&mut st, &row.account)?
+                .managed_policies
+                .insert(p.name.clone(), p);
+        }
+        for row in store.load(Kind::Session)? {
+            let s: Session = decode(&row.doc)?;
+            st.sessions.insert(s.access_key_id.clone(), s);
         }
         for row in store.load(Kind::Policy)? {
             let mut p: IotPolicy = decode(&row.doc)?;
@@ -426,6 +454,7 @@ impl Registry {
             account_id: id.clone(),
             status: "Active".into(),
             created: now_secs(),
+            user: None,
         };
         let mut tx = Tx::new(&id);
         tx.put(Kind::Account, &id, &info)?;
@@ -445,6 +474,32 @@ impl Registry {
             },
         );
         Ok((info, key))
+    }
+
+    /// A write that may touch state outside one account (access keys, sessions): `f` gets the
+    /// whole state and a transaction for `account`, which is then persisted.
+    pub(crate) fn write_global<T>(
+        &self,
+        account: &str,
+        f: impl FnOnce(&mut State, &mut Tx) -> Result<T>,
+    ) -> Result<T> {
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if !st.accounts.contains_key(account) {
+            return Err(RegistryError::NotFound(format!(
+                "Account {account} does not exist"
+            )));
+        }
+        let mut tx = Tx::new(account);
+        let out = f(&mut st, &mut tx)?;
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(&tx.ops)?;
+        drop(st);
+        if tx.bump {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(out)
     }
 
     /// Loads accounts (and their root keys) that another process (`sekisho account create`)
@@ -514,12 +569,12 @@ impl Registry {
         self.read_state(|st| st.access_keys.get(access_key_id).cloned())
     }
 
-    /// The access keys of an account.
+    /// The root access keys of an account (not its IAM users').
     pub fn access_keys_of(&self, account: &str) -> Vec<AccessKey> {
         self.read_state(|st| {
             st.access_keys
                 .values()
-                .filter(|k| k.account_id == account)
+                .filter(|k| k.account_id == account && k.user.is_none())
                 .cloned()
                 .collect()
         })

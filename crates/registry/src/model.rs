@@ -96,6 +96,9 @@ pub struct AccessKey {
     pub status: String,
     /// Creation time, epoch seconds.
     pub created: f64,
+    /// The IAM user it belongs to; `None` for the account's root.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// A thing.
@@ -310,6 +313,12 @@ pub struct Account {
     pub ca_certificates: BTreeMap<String, CaCertificate>,
     /// The registration code (GetRegistrationCode), once asked for.
     pub registration_code: Option<String>,
+    /// IAM users by name.
+    pub users: BTreeMap<String, crate::iam::IamUser>,
+    /// IAM roles by name.
+    pub roles: BTreeMap<String, crate::iam::IamRole>,
+    /// Customer managed IAM policies by name.
+    pub managed_policies: BTreeMap<String, crate::iam::ManagedPolicy>,
     /// Policies by name.
     pub policies: BTreeMap<String, IotPolicy>,
     /// Policy names attached to each target (certificate ARN, thing group ARN, ...).

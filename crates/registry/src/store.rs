@@ -23,6 +23,10 @@ pub(crate) enum Kind {
     ThingPrincipal,
     CaCertificate,
     RegistrationCode,
+    IamUser,
+    IamRole,
+    ManagedPolicy,
+    Session,
 }
 
 impl Kind {
@@ -38,6 +42,10 @@ impl Kind {
             Kind::ThingPrincipal => "thing_principal",
             Kind::CaCertificate => "ca_certificate",
             Kind::RegistrationCode => "registration_code",
+            Kind::IamUser => "iam_user",
+            Kind::IamRole => "iam_role",
+            Kind::ManagedPolicy => "iam_managed_policy",
+            Kind::Session => "sts_session",
         }
     }
 }

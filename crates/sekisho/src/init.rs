@@ -142,7 +142,7 @@ pub fn write_profile(
     };
     let api = format!("https://localhost:{}", config.ports.api);
     let config_section = format!(
-        "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\n",
+        "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\niam =\n  endpoint_url = {api}\nsts =\n  endpoint_url = {api}\n",
         region = config.region,
         ca = layout.path("ca.pem").display(),
     );

@@ -1,0 +1,618 @@
+//! IAM (`iam/2010-05-08`) and STS (`sts/2011-06-15`) over the query protocol: form-encoded
+//! `Action=...` requests, XML responses. Every IAM call by a user or role session is
+//! authorized with its IAM policies (`iam:<Action>`); GetCallerIdentity needs no permission.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Response;
+use sekisho_policy::{Caller as TrustCaller, Decision, Dialect, Policy, decide_trust};
+use sekisho_registry::{
+    AccessKey, IamPrincipal, IamRole, IamUser, ManagedPolicy, Registry, RegistryError,
+};
+
+use crate::xml::{self, el, esc};
+use crate::{ApiError, ApiState, Call, Caller, authorize};
+
+/// Most seconds of an assumed-role session when the caller is itself a role session (role
+/// chaining), as AWS limits it.
+const CHAINED_MAX: u32 = 3600;
+
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+    }
+
+    fn req(&self, k: &str) -> Result<&str, ApiError> {
+        self.get(k).filter(|v| !v.is_empty()).ok_or_else(|| {
+            ApiError::new(400, "ValidationError", format!("1 validation error detected: Value null at '{k}' failed to satisfy constraint: Member must not be null"))
+        })
+    }
+
+    fn int(&self, k: &str) -> Result<Option<u32>, ApiError> {
+        self.get(k)
+            .map(|v| {
+                v.parse::<u32>().map_err(|_| {
+                    ApiError::new(400, "ValidationError", format!("{k} must be an integer"))
+                })
+            })
+            .transpose()
+    }
+}
+
+/// IAM's names for registry refusals.
+fn iam_error(e: RegistryError) -> ApiError {
+    let (status, code) = match &e {
+        RegistryError::NotFound(_) => (404, "NoSuchEntity"),
+        RegistryError::AlreadyExists { .. } => (409, "EntityAlreadyExists"),
+        RegistryError::MalformedPolicy(_) => (400, "MalformedPolicyDocument"),
+        RegistryError::DeleteConflict(_) => (409, "DeleteConflict"),
+        RegistryError::LimitExceeded(_) => (409, "LimitExceeded"),
+        RegistryError::Internal(_) => (500, "ServiceFailure"),
+        _ => (400, "ValidationError"),
+    };
+    ApiError::new(status, code, e.to_string())
+}
+
+/// Handles one IAM or STS request.
+pub(crate) fn dispatch(
+    state: &ApiState,
+    caller: &Caller,
+    service: &str,
+    call: &Call,
+) -> Response<Full<Bytes>> {
+    let mut params = crate::parse_query(&String::from_utf8_lossy(&call.body));
+    params.extend(call.query.iter().cloned());
+    let params = Params(params);
+    let ns = if service == "sts" {
+        xml::STS_NS
+    } else {
+        xml::IAM_NS
+    };
+    let Some(action) = params.get("Action").map(str::to_owned) else {
+        return xml::error_response(ns, &ApiError::new(400, "MissingAction", "Missing Action"));
+    };
+    let out = if service == "sts" {
+        sts(state, caller, &action, &params)
+    } else {
+        iam(state, caller, &action, &params)
+    };
+    match out {
+        Ok(inner) => xml::ok(ns, &action, &inner),
+        Err(e) => {
+            tracing::debug!(%service, %action, code = e.code, message = %e.message, "request refused");
+            xml::error_response(ns, &e)
+        }
+    }
+}
+
+fn user_xml(account: &str, u: &IamUser) -> String {
+    format!(
+        "{}{}{}{}{}",
+        el("Path", &u.path),
+        el("UserName", &u.name),
+        el("UserId", &u.id),
+        el(
+            "Arn",
+            &Registry::iam_arn(account, &format!("user{}{}", u.path, u.name))
+        ),
+        el("CreateDate", &xml::time(u.created))
+    )
+}
+
+fn role_xml(account: &str, r: &IamRole) -> String {
+    let mut s = format!(
+        "{}{}{}{}{}{}{}",
+        el("Path", &r.path),
+        el("RoleName", &r.name),
+        el("RoleId", &r.id),
+        el("Arn", &role_arn(account, r)),
+        el("CreateDate", &xml::time(r.created)),
+        el("AssumeRolePolicyDocument", &xml::policy_doc(&r.trust)),
+        el("MaxSessionDuration", &r.max_session.to_string())
+    );
+    if let Some(d) = &r.description {
+        s.push_str(&el("Description", d));
+    }
+    s
+}
+
+fn role_arn(account: &str, r: &IamRole) -> String {
+    Registry::iam_arn(account, &format!("role{}{}", r.path, r.name))
+}
+
+fn policy_arn(account: &str, p: &ManagedPolicy) -> String {
+    Registry::iam_arn(account, &format!("policy{}{}", p.path, p.name))
+}
+
+fn policy_xml(account: &str, p: &ManagedPolicy, attachments: usize) -> String {
+    format!(
+        "{}{}{}{}{}{}{}{}{}",
+        el("PolicyName", &p.name),
+        el("PolicyId", &p.id),
+        el("Arn", &policy_arn(account, p)),
+        el("Path", &p.path),
+        el("DefaultVersionId", "v1"),
+        el("AttachmentCount", &attachments.to_string()),
+        el("IsAttachable", "true"),
+        el("CreateDate", &xml::time(p.created)),
+        el("UpdateDate", &xml::time(p.created))
+    )
+}
+
+fn key_xml(k: &AccessKey, owner: &str, secret: bool) -> String {
+    let mut s = format!(
+        "{}{}{}",
+        el("UserName", owner),
+        el("AccessKeyId", &k.access_key_id),
+        el("Status", &k.status)
+    );
+    if secret {
+        s.push_str(&el("SecretAccessKey", &k.secret_access_key));
+    }
+    s.push_str(&el("CreateDate", &xml::time(k.created)));
+    s
+}
+
+fn members(items: impl IntoIterator<Item = String>) -> String {
+    items
+        .into_iter()
+        .map(|i| format!("<member>{i}</member>"))
+        .collect()
+}
+
+/// The user an access-key operation is about: `UserName`, else the caller itself.
+fn key_owner<'a>(caller: &'a Caller, params: &'a Params) -> Result<Option<&'a str>, ApiError> {
+    Ok(match (params.get("UserName"), &caller.principal) {
+        (Some(u), _) => Some(u),
+        (None, IamPrincipal::User(u)) => Some(u.as_str()),
+        (None, IamPrincipal::Root) => None,
+        (None, IamPrincipal::Role { .. }) => {
+            return Err(ApiError::new(
+                400,
+                "ValidationError",
+                "Must specify userName when calling with non-User credentials",
+            ));
+        }
+    })
+}
+
+fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<String, ApiError> {
+    let acct = caller.account.as_str();
+    let reg = &state.registry;
+    let resource = match p.get("UserName").or(p.get("RoleName")) {
+        Some(n) if p.get("RoleName").is_some() => Registry::iam_arn(acct, &format!("role/{n}")),
+        Some(n) => Registry::iam_arn(acct, &format!("user/{n}")),
+        None => p
+            .get("PolicyArn")
+            .map_or_else(|| "*".to_string(), str::to_owned),
+    };
+    authorize(state, caller, &format!("iam:{action}"), &resource)?;
+    let e = iam_error;
+    Ok(match action {
+        "CreateUser" => {
+            let u = reg
+                .create_user(acct, p.req("UserName")?, p.get("Path"))
+                .map_err(e)?;
+            format!("<User>{}</User>", user_xml(acct, &u))
+        }
+        "GetUser" => {
+            let name = match (p.get("UserName"), &caller.principal) {
+                (Some(n), _) => n.to_owned(),
+                (None, IamPrincipal::User(u)) => u.clone(),
+                _ => {
+                    return Err(ApiError::new(
+                        400,
+                        "ValidationError",
+                        "Must specify userName when calling with non-User credentials",
+                    ));
+                }
+            };
+            let u = reg.get_user(acct, &name).map_err(e)?;
+            format!("<User>{}</User>", user_xml(acct, &u))
+        }
+        "ListUsers" => {
+            let v = reg.list_users(acct).map_err(e)?;
+            format!(
+                "<Users>{}</Users><IsTruncated>false</IsTruncated>",
+                members(v.iter().map(|u| user_xml(acct, u)))
+            )
+        }
+        "DeleteUser" => {
+            reg.delete_user(acct, p.req("UserName")?).map_err(e)?;
+            String::new()
+        }
+        "CreateAccessKey" => {
+            let owner = key_owner(caller, p)?;
+            let k = reg.create_access_key(acct, owner).map_err(e)?;
+            format!(
+                "<AccessKey>{}</AccessKey>",
+                key_xml(&k, owner.unwrap_or("root"), true)
+            )
+        }
+        "ListAccessKeys" => {
+            let owner = key_owner(caller, p)?;
+            let v = reg.list_access_keys(acct, owner).map_err(e)?;
+            format!(
+                "<AccessKeyMetadata>{}</AccessKeyMetadata><IsTruncated>false</IsTruncated>",
+                members(v.iter().map(|k| key_xml(k, owner.unwrap_or("root"), false)))
+            )
+        }
+        "UpdateAccessKey" => {
+            let owner = key_owner(caller, p)?;
+            reg.update_access_key(acct, owner, p.req("AccessKeyId")?, p.req("Status")?)
+                .map_err(e)?;
+            String::new()
+        }
+        "DeleteAccessKey" => {
+            let owner = key_owner(caller, p)?;
+            reg.delete_access_key(acct, owner, p.req("AccessKeyId")?)
+                .map_err(e)?;
+            String::new()
+        }
+        "CreateRole" => {
+            let r = reg
+                .create_role(
+                    acct,
+                    p.req("RoleName")?,
+                    p.get("Path"),
+                    p.req("AssumeRolePolicyDocument")?,
+                    p.get("Description"),
+                    p.int("MaxSessionDuration")?,
+                )
+                .map_err(e)?;
+            format!("<Role>{}</Role>", role_xml(acct, &r))
+        }
+        "GetRole" => {
+            let r = reg.get_role(acct, p.req("RoleName")?).map_err(e)?;
+            format!("<Role>{}</Role>", role_xml(acct, &r))
+        }
+        "ListRoles" => {
+            let v = reg.list_roles(acct).map_err(e)?;
+            format!(
+                "<Roles>{}</Roles><IsTruncated>false</IsTruncated>",
+                members(v.iter().map(|r| role_xml(acct, r)))
+            )
+        }
+        "DeleteRole" => {
+            reg.delete_role(acct, p.req("RoleName")?).map_err(e)?;
+            String::new()
+        }
+        "UpdateAssumeRolePolicy" => {
+            reg.update_role(
+                acct,
+                p.req("RoleName")?,
+                Some(p.req("PolicyDocument")?),
+                None,
+                None,
+            )
+            .map_err(e)?;
+            String::new()
+        }
+        "UpdateRole" => {
+            reg.update_role(
+                acct,
+                p.req("RoleName")?,
+                None,
+                p.get("Description"),
+                p.int("MaxSessionDuration")?,
+            )
+            .map_err(e)?;
+            String::new()
+        }
+        "PutUserPolicy" | "PutRolePolicy" => {
+            let role = action == "PutRolePolicy";
+            let owner = p.req(if role { "RoleName" } else { "UserName" })?;
+            reg.put_inline_policy(
+                acct,
+                role,
+                owner,
+                p.req("PolicyName")?,
+                p.req("PolicyDocument")?,
+            )
+            .map_err(e)?;
+            String::new()
+        }
+        "GetUserPolicy" | "GetRolePolicy" => {
+            let role = action == "GetRolePolicy";
+            let (owner_key, owner) = if role {
+                ("RoleName", p.req("RoleName")?)
+            } else {
+                ("UserName", p.req("UserName")?)
+            };
+            let name = p.req("PolicyName")?;
+            let doc = reg.get_inline_policy(acct, role, owner, name).map_err(e)?;
+            format!(
+                "{}{}{}",
+                el(owner_key, owner),
+                el("PolicyName", name),
+                el("PolicyDocument", &xml::policy_doc(&doc))
+            )
+        }
+        "DeleteUserPolicy" | "DeleteRolePolicy" => {
+            let role = action == "DeleteRolePolicy";
+            let owner = p.req(if role { "RoleName" } else { "UserName" })?;
+            reg.delete_inline_policy(acct, role, owner, p.req("PolicyName")?)
+                .map_err(e)?;
+            String::new()
+        }
+        "ListRolePolicies" | "ListUserPolicies" => {
+            let role = action == "ListRolePolicies";
+            let names: Vec<String> = if role {
+                reg.get_role(acct, p.req("RoleName")?)
+                    .map_err(e)?
+                    .inline
+                    .into_keys()
+                    .collect()
+            } else {
+                reg.get_user(acct, p.req("UserName")?)
+                    .map_err(e)?
+                    .inline
+                    .into_keys()
+                    .collect()
+            };
+            format!(
+                "<PolicyNames>{}</PolicyNames><IsTruncated>false</IsTruncated>",
+                members(names.iter().map(|n| esc(n)))
+            )
+        }
+        "CreatePolicy" => {
+            let pol = reg
+                .create_managed_policy(
+                    acct,
+                    p.req("PolicyName")?,
+                    p.get("Path"),
+                    p.req("PolicyDocument")?,
+                    p.get("Description"),
+                )
+                .map_err(e)?;
+            format!("<Policy>{}</Policy>", policy_xml(acct, &pol, 0))
+        }
+        "GetPolicy" => {
+            let (pol, n) = reg
+                .get_managed_policy(acct, p.req("PolicyArn")?)
+                .map_err(e)?;
+            format!("<Policy>{}</Policy>", policy_xml(acct, &pol, n))
+        }
+        "DeletePolicy" => {
+            reg.delete_managed_policy(acct, p.req("PolicyArn")?)
+                .map_err(e)?;
+            String::new()
+        }
+        "AttachUserPolicy" | "AttachRolePolicy" | "DetachRolePolicy" | "DetachUserPolicy" => {
+            let role = action.ends_with("RolePolicy");
+            let owner = p.req(if role { "RoleName" } else { "UserName" })?;
+            reg.set_attached(
+                acct,
+                role,
+                owner,
+                p.req("PolicyArn")?,
+                action.starts_with("Attach"),
+            )
+            .map_err(e)?;
+            String::new()
+        }
+        "ListAttachedRolePolicies" | "ListAttachedUserPolicies" => {
+            let arns: Vec<String> = if action == "ListAttachedRolePolicies" {
+                reg.get_role(acct, p.req("RoleName")?)
+                    .map_err(e)?
+                    .attached
+                    .into_iter()
+                    .collect()
+            } else {
+                reg.get_user(acct, p.req("UserName")?)
+                    .map_err(e)?
+                    .attached
+                    .into_iter()
+                    .collect()
+            };
+            format!(
+                "<AttachedPolicies>{}</AttachedPolicies><IsTruncated>false</IsTruncated>",
+                members(arns.iter().map(|a| {
+                    let name = a.rsplit('/').next().unwrap_or_default();
+                    format!("{}{}", el("PolicyName", name), el("PolicyArn", a))
+                }))
+            )
+        }
+        other => {
+            return Err(ApiError::new(
+                400,
+                "InvalidAction",
+                format!("Could not find operation {other} for version 2010-05-08"),
+            ));
+        }
+    })
+}
+
+fn credentials_xml(s: &sekisho_registry::Session) -> String {
+    format!(
+        "<Credentials>{}{}{}{}</Credentials>",
+        el("AccessKeyId", &s.access_key_id),
+        el("SecretAccessKey", &s.secret_access_key),
+        el("SessionToken", &s.token),
+        el("Expiration", &xml::time(s.expiration))
+    )
+}
+
+fn sts(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<String, ApiError> {
+    let reg = &state.registry;
+    match action {
+        "GetCallerIdentity" => {
+            let user_id = match &caller.principal {
+                IamPrincipal::Root => caller.account.clone(),
+                IamPrincipal::User(u) => reg
+                    .get_user(&caller.account, u)
+                    .map(|u| u.id)
+                    .unwrap_or_default(),
+                IamPrincipal::Role { role, session } => {
+                    let id = reg
+                        .get_role(&caller.account, role)
+                        .map(|r| r.id)
+                        .unwrap_or_default();
+                    format!("{id}:{session}")
+                }
+            };
+            Ok(format!(
+                "{}{}{}",
+                el("Arn", &caller.arn()),
+                el("UserId", &user_id),
+                el("Account", &caller.account)
+            ))
+        }
+        "GetSessionToken" => {
+            if caller.temporary {
+                return Err(ApiError::new(
+                    403,
+                    "AccessDenied",
+                    "Cannot call GetSessionToken with session credentials",
+                ));
+            }
+            let secs = p.int("DurationSeconds")?.unwrap_or(43_200);
+            let max = if caller.principal == IamPrincipal::Root {
+                3600
+            } else {
+                sekisho_registry::MAX_SESSION_TOKEN_SECONDS
+            };
+            if !(900..=max).contains(&secs) {
+                return Err(ApiError::new(
+                    400,
+                    "ValidationError",
+                    format!("The requested DurationSeconds exceeds the allowed range 900 to {max}"),
+                ));
+            }
+            let s = reg
+                .create_session(&caller.account, caller.principal.clone(), secs, None)
+                .map_err(iam_error)?;
+            Ok(credentials_xml(&s))
+        }
+        "AssumeRole" => assume_role(state, caller, p),
+        other => Err(ApiError::new(
+            400,
+            "InvalidAction",
+            format!("Could not find operation {other} for version 2011-06-15"),
+        )),
+    }
+}
+
+fn assume_role(state: &ApiState, caller: &Caller, p: &Params) -> Result<String, ApiError> {
+    let reg = &state.registry;
+    let role_arn = p.req("RoleArn")?;
+    let session = p.req("RoleSessionName")?;
+    if !(2..=64).contains(&session.len())
+        || !session
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
+    {
+        return Err(ApiError::new(
+            400,
+            "ValidationError",
+            "RoleSessionName must be 2 to 64 characters of [\\w+=,.@-]",
+        ));
+    }
+    let denied = || {
+        ApiError::new(
+            403,
+            "AccessDenied",
+            format!(
+                "User: {} is not authorized to perform: sts:AssumeRole on resource: {role_arn}",
+                caller.arn()
+            ),
+        )
+    };
+    // arn:aws:iam::<account>:role[/path]/<name>
+    let (target_account, role_name) = role_arn
+        .strip_prefix("arn:aws:iam::")
+        .and_then(|r| r.split_once(":role/"))
+        .map(|(a, rest)| (a, rest.rsplit('/').next().unwrap_or(rest)))
+        .ok_or_else(|| {
+            ApiError::new(
+                400,
+                "ValidationError",
+                format!("{role_arn} is not a role ARN"),
+            )
+        })?;
+    // An unknown account or role is refused like a denial: nothing leaks across accounts.
+    let role = reg
+        .get_role(target_account, role_name)
+        .map_err(|_| denied())?;
+    if role_arn != self::role_arn(target_account, &role) {
+        return Err(denied());
+    }
+    let caller_arn = caller.arn();
+    let caller_role_arn = match &caller.principal {
+        IamPrincipal::Role { role, .. } => reg
+            .get_role(&caller.account, role)
+            .ok()
+            .map(|r| self::role_arn(&caller.account, &r)),
+        _ => None,
+    };
+    let who = TrustCaller::Aws {
+        account: &caller.account,
+        arn: &caller_arn,
+        role_arn: caller_role_arn.as_deref(),
+    };
+    let trust = Policy::parse(&role.trust, Dialect::IamTrust).map_err(|_| denied())?;
+    let mut ctx = sekisho_policy::MapContext::new();
+    ctx.set("aws:PrincipalAccount", caller.account.clone());
+    ctx.set("aws:PrincipalArn", caller_arn.clone());
+    if let Some(x) = p.get("ExternalId") {
+        ctx.set("sts:ExternalId", x);
+    }
+    if decide_trust(&trust, &who, "sts:assumerole", &ctx) != Decision::Allowed {
+        return Err(denied());
+    }
+    // The caller's own policies must allow it too, unless the trust policy names this very
+    // caller in its own account (a resource policy grants to a same-account principal directly).
+    let named_directly = caller.account == target_account && {
+        let exact = TrustCaller::Aws {
+            account: "-",
+            arn: &caller_arn,
+            role_arn: caller_role_arn.as_deref(),
+        };
+        decide_trust(&trust, &exact, "sts:assumerole", &ctx) == Decision::Allowed
+    };
+    if !named_directly {
+        authorize(state, caller, "sts:AssumeRole", role_arn).map_err(|_| denied())?;
+    }
+    let max = if caller.temporary && matches!(caller.principal, IamPrincipal::Role { .. }) {
+        CHAINED_MAX.min(role.max_session)
+    } else {
+        role.max_session
+    };
+    let secs = p.int("DurationSeconds")?.unwrap_or(3600);
+    if !(900..=max).contains(&secs) {
+        return Err(ApiError::new(
+            400,
+            "ValidationError",
+            "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.",
+        ));
+    }
+    let s = reg
+        .create_session(
+            target_account,
+            IamPrincipal::Role {
+                role: role.name.clone(),
+                session: session.to_owned(),
+            },
+            secs,
+            p.get("Policy"),
+        )
+        .map_err(|e| match e {
+            RegistryError::MalformedPolicy(m) => ApiError::new(400, "MalformedPolicyDocument", m),
+            other => iam_error(other),
+        })?;
+    Ok(format!(
+        "{}<AssumedRoleUser>{}{}</AssumedRoleUser><PackedPolicySize>{}</PackedPolicySize>",
+        credentials_xml(&s),
+        el("AssumedRoleId", &format!("{}:{session}", role.id)),
+        el(
+            "Arn",
+            &format!(
+                "arn:aws:sts::{target_account}:assumed-role/{}/{session}",
+                role.name
+            )
+        ),
+        p.get("Policy").map_or(0, |d| d.len() * 100 / 2048)
+    ))
+}

@@ -1,0 +1,745 @@
+//! IAM identities of an account: users, roles (with trust policies), managed policies, user
+//! access keys, and the temporary credentials STS issues.
+//!
+//! Policies are stored as given and parsed when read (identity policies with the IAM identity
+//! dialect, trust policies with the trust dialect); a document that does not parse is refused
+//! at write time, so reads cannot fail on it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use sekisho_policy::{Dialect, Policy};
+use serde::{Deserialize, Serialize};
+
+use crate::store::Kind;
+use crate::*;
+
+/// An IAM user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IamUser {
+    /// Name.
+    pub name: String,
+    /// `AIDA...`.
+    pub id: String,
+    /// Path, `/` by default.
+    pub path: String,
+    /// Creation time, epoch seconds.
+    pub created: f64,
+    /// Inline policies by name.
+    pub inline: BTreeMap<String, String>,
+    /// Attached managed policy ARNs.
+    pub attached: BTreeSet<String>,
+}
+
+/// An IAM role.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IamRole {
+    /// Name.
+    pub name: String,
+    /// `AROA...`.
+    pub id: String,
+    /// Path, `/` by default.
+    pub path: String,
+    /// Description.
+    pub description: Option<String>,
+    /// The trust policy (AssumeRolePolicyDocument).
+    pub trust: String,
+    /// Most seconds a session may last (3600 to 43200).
+    pub max_session: u32,
+    /// Creation time, epoch seconds.
+    pub created: f64,
+    /// Inline policies by name.
+    pub inline: BTreeMap<String, String>,
+    /// Attached managed policy ARNs.
+    pub attached: BTreeSet<String>,
+}
+
+/// A customer managed policy (one version, `v1`, is kept).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManagedPolicy {
+    /// Name.
+    pub name: String,
+    /// `ANPA...`.
+    pub id: String,
+    /// Path.
+    pub path: String,
+    /// Description.
+    pub description: Option<String>,
+    /// The document.
+    pub document: String,
+    /// Creation time, epoch seconds.
+    pub created: f64,
+}
+
+/// Who a set of credentials stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IamPrincipal {
+    /// The account's root.
+    Root,
+    /// An IAM user, by name.
+    User(String),
+    /// A session of a role (STS AssumeRole).
+    Role {
+        /// Role name.
+        role: String,
+        /// `RoleSessionName`.
+        session: String,
+    },
+}
+
+/// Temporary credentials issued by STS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session {
+    /// `ASIA...`.
+    pub access_key_id: String,
+    /// The secret.
+    pub secret_access_key: String,
+    /// The session token the caller must present.
+    pub token: String,
+    /// Account.
+    pub account_id: String,
+    /// Expiry, epoch seconds.
+    pub expiration: f64,
+    /// Who they stand for.
+    pub principal: IamPrincipal,
+    /// The session policy given to AssumeRole, if any.
+    pub session_policy: Option<String>,
+}
+
+/// A verified caller's long-term or temporary credentials.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// Account.
+    pub account_id: String,
+    /// Secret for SigV4.
+    pub secret_access_key: String,
+    /// The session token that must accompany temporary credentials.
+    pub token: Option<String>,
+    /// Expiry of temporary credentials, epoch seconds.
+    pub expiration: Option<f64>,
+    /// Who they stand for.
+    pub principal: IamPrincipal,
+    /// Session policy (temporary credentials of AssumeRole).
+    pub session_policy: Option<String>,
+}
+
+/// Most seconds STS credentials may last without a role (GetSessionToken).
+pub const MAX_SESSION_TOKEN_SECONDS: u32 = 129_600;
+
+fn check_policy(doc: &str, dialect: Dialect) -> Result<()> {
+    Policy::parse(doc, dialect)
+        .map(|_| ())
+        .map_err(|e| RegistryError::MalformedPolicy(e.to_string()))
+}
+
+fn iam_name(what: &str, name: &str, max: usize) -> Result<()> {
+    check_name(what, name, max, |c| {
+        c.is_ascii_alphanumeric() || "+=,.@_-".contains(c)
+    })
+}
+
+fn no_such(what: &str, name: &str) -> RegistryError {
+    RegistryError::NotFound(format!("The {what} with name {name} cannot be found."))
+}
+
+fn exists(what: &str, name: &str) -> RegistryError {
+    RegistryError::AlreadyExists {
+        message: format!("{what} with name {name} already exists."),
+        resource_id: name.to_owned(),
+        resource_arn: String::new(),
+    }
+}
+
+const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
+impl Registry {
+    /// `arn:aws:iam::<account>:<resource>`.
+    pub fn iam_arn(account: &str, resource: &str) -> String {
+        format!("arn:aws:iam::{account}:{resource}")
+    }
+
+    /// CreateUser.
+    pub fn create_user(&self, account: &str, name: &str, path: Option<&str>) -> Result<IamUser> {
+        iam_name("UserName", name, 64)?;
+        self.write(account, |a, tx| {
+            if a.users.contains_key(name) {
+                return Err(exists("User", name));
+            }
+            let u = IamUser {
+                name: name.to_owned(),
+                id: format!("AIDA{}", random_string(ID_ALPHABET, 17)),
+                path: path.unwrap_or("/").to_owned(),
+                created: now_secs(),
+                inline: BTreeMap::new(),
+                attached: BTreeSet::new(),
+            };
+            tx.put(Kind::IamUser, name, &u)?;
+            a.users.insert(name.to_owned(), u.clone());
+            Ok(u)
+        })
+    }
+
+    /// GetUser.
+    pub fn get_user(&self, account: &str, name: &str) -> Result<IamUser> {
+        self.read(account, |a| {
+            a.users
+                .get(name)
+                .cloned()
+                .ok_or_else(|| no_such("user", name))
+        })
+    }
+
+    /// ListUsers.
+    pub fn list_users(&self, account: &str) -> Result<Vec<IamUser>> {
+        self.read(account, |a| Ok(a.users.values().cloned().collect()))
+    }
+
+    /// DeleteUser: refused while it has access keys or policies (AWS's DeleteConflict).
+    pub fn delete_user(&self, account: &str, name: &str) -> Result<()> {
+        let has_keys = self.read_state(|st| {
+            st.access_keys
+                .values()
+                .any(|k| k.account_id == account && k.user.as_deref() == Some(name))
+        });
+        self.write(account, |a, tx| {
+            let u = a.users.get(name).ok_or_else(|| no_such("user", name))?;
+            if has_keys || !u.inline.is_empty() || !u.attached.is_empty() {
+                return Err(RegistryError::DeleteConflict(
+                    "Cannot delete entity, must delete access keys and policies first.".into(),
+                ));
+            }
+            tx.delete(Kind::IamUser, name);
+            tx.bump();
+            a.users.remove(name);
+            Ok(())
+        })
+    }
+
+    /// CreateAccessKey for a user (or the root when `user` is `None`).
+    pub fn create_access_key(&self, account: &str, user: Option<&str>) -> Result<AccessKey> {
+        if let Some(u) = user {
+            self.get_user(account, u)?;
+            let n = self.read_state(|st| {
+                st.access_keys
+                    .values()
+                    .filter(|k| k.account_id == account && k.user.as_deref() == Some(u))
+                    .count()
+            });
+            if n >= 2 {
+                return Err(RegistryError::LimitExceeded(
+                    "Cannot exceed quota for AccessKeysPerUser: 2".into(),
+                ));
+            }
+        }
+        let key = AccessKey {
+            access_key_id: format!("AKIA{}", random_string(UPPER_ALNUM, 16)),
+            secret_access_key: random_string(SECRET, 40),
+            account_id: account.to_owned(),
+            status: "Active".into(),
+            created: now_secs(),
+            user: user.map(str::to_owned),
+        };
+        self.write_global(account, |st, tx| {
+            tx.put(Kind::AccessKey, &key.access_key_id, &key)?;
+            st.access_keys
+                .insert(key.access_key_id.clone(), key.clone());
+            Ok(key.clone())
+        })
+    }
+
+    /// The access keys of a user (or the root).
+    pub fn list_access_keys(&self, account: &str, user: Option<&str>) -> Result<Vec<AccessKey>> {
+        if let Some(u) = user {
+            self.get_user(account, u)?;
+        }
+        Ok(self.read_state(|st| {
+            let mut v: Vec<AccessKey> = st
+                .access_keys
+                .values()
+                .filter(|k| k.account_id == account && k.user.as_deref() == user)
+                .cloned()
+                .collect();
+            v.sort_by(|a, b| a.created.total_cmp(&b.created));
+            v
+        }))
+    }
+
+    fn own_key<'a>(
+        st: &'a mut State,
+        account: &str,
+        user: Option<&str>,
+        id: &str,
+    ) -> Result<&'a mut AccessKey> {
+        match st.access_keys.get_mut(id) {
+            Some(k) if k.account_id == account && k.user.as_deref() == user => Ok(k),
+            _ => Err(RegistryError::NotFound(format!(
+                "The Access Key with id {id} cannot be found."
+            ))),
+        }
+    }
+
+    /// UpdateAccessKey (`Active` / `Inactive`).
+    pub fn update_access_key(
+        &self,
+        account: &str,
+        user: Option<&str>,
+        id: &str,
+        status: &str,
+    ) -> Result<()> {
+        if status != "Active" && status != "Inactive" {
+            return Err(RegistryError::InvalidRequest(format!(
+                "Status {status:?} is not valid: Active or Inactive"
+            )));
+        }
+        self.write_global(account, |st, tx| {
+            let k = Self::own_key(st, account, user, id)?;
+            k.status = status.to_owned();
+            let k = k.clone();
+            tx.put(Kind::AccessKey, id, &k)?;
+            Ok(())
+        })
+    }
+
+    /// DeleteAccessKey.
+    pub fn delete_access_key(&self, account: &str, user: Option<&str>, id: &str) -> Result<()> {
+        self.write_global(account, |st, tx| {
+            Self::own_key(st, account, user, id)?;
+            tx.delete(Kind::AccessKey, id);
+            st.access_keys.remove(id);
+            Ok(())
+        })
+    }
+
+    /// CreateRole.
+    pub fn create_role(
+        &self,
+        account: &str,
+        name: &str,
+        path: Option<&str>,
+        trust: &str,
+        description: Option<&str>,
+        max_session: Option<u32>,
+    ) -> Result<IamRole> {
+        iam_name("RoleName", name, 64)?;
+        check_policy(trust, Dialect::IamTrust)?;
+        let max_session = check_max_session(max_session.unwrap_or(3600))?;
+        self.write(account, |a, tx| {
+            if a.roles.contains_key(name) {
+                return Err(exists("Role", name));
+            }
+            let r = IamRole {
+                name: name.to_owned(),
+                id: format!("AROA{}", random_string(ID_ALPHABET, 17)),
+                path: path.unwrap_or("/").to_owned(),
+                description: description.map(str::to_owned),
+                trust: trust.to_owned(),
+                max_session,
+                created: now_secs(),
+                inline: BTreeMap::new(),
+                attached: BTreeSet::new(),
+            };
+            tx.put(Kind::IamRole, name, &r)?;
+            a.roles.insert(name.to_owned(), r.clone());
+            Ok(r)
+        })
+    }
+
+    /// GetRole.
+    pub fn get_role(&self, account: &str, name: &str) -> Result<IamRole> {
+        self.read(account, |a| {
+            a.roles
+                .get(name)
+                .cloned()
+                .ok_or_else(|| no_such("role", name))
+        })
+    }
+
+    /// ListRoles.
+    pub fn list_roles(&self, account: &str) -> Result<Vec<IamRole>> {
+        self.read(account, |a| Ok(a.roles.values().cloned().collect()))
+    }
+
+    /// Changes a role (UpdateAssumeRolePolicy, UpdateRole).
+    pub fn update_role(
+        &self,
+        account: &str,
+        name: &str,
+        trust: Option<&str>,
+        description: Option<&str>,
+        max_session: Option<u32>,
+    ) -> Result<()> {
+        if let Some(t) = trust {
+            check_policy(t, Dialect::IamTrust)?;
+        }
+        let max_session = max_session.map(check_max_session).transpose()?;
+        self.write(account, |a, tx| {
+            let r = a.roles.get_mut(name).ok_or_else(|| no_such("role", name))?;
+            let mut next = r.clone();
+            if let Some(t) = trust {
+                next.trust = t.to_owned();
+            }
+            if let Some(d) = description {
+                next.description = Some(d.to_owned());
+            }
+            if let Some(m) = max_session {
+                next.max_session = m;
+            }
+            tx.put(Kind::IamRole, name, &next)?;
+            tx.bump();
+            *r = next;
+            Ok(())
+        })
+    }
+
+    /// DeleteRole: refused while policies are attached or embedded.
+    pub fn delete_role(&self, account: &str, name: &str) -> Result<()> {
+        self.write(account, |a, tx| {
+            let r = a.roles.get(name).ok_or_else(|| no_such("role", name))?;
+            if !r.inline.is_empty() || !r.attached.is_empty() {
+                return Err(RegistryError::DeleteConflict(
+                    "Cannot delete entity, must delete policies first.".into(),
+                ));
+            }
+            tx.delete(Kind::IamRole, name);
+            tx.bump();
+            a.roles.remove(name);
+            Ok(())
+        })
+    }
+
+    /// PutUserPolicy / PutRolePolicy (`role` selects which).
+    pub fn put_inline_policy(
+        &self,
+        account: &str,
+        role: bool,
+        owner: &str,
+        policy: &str,
+        document: &str,
+    ) -> Result<()> {
+        iam_name("PolicyName", policy, 128)?;
+        check_policy(document, Dialect::IamIdentity)?;
+        self.write(account, |a, tx| {
+            if role {
+                let r = a
+                    .roles
+                    .get_mut(owner)
+                    .ok_or_else(|| no_such("role", owner))?;
+                let mut next = r.clone();
+                next.inline.insert(policy.to_owned(), document.to_owned());
+                tx.put(Kind::IamRole, owner, &next)?;
+                *r = next;
+            } else {
+                let u = a
+                    .users
+                    .get_mut(owner)
+                    .ok_or_else(|| no_such("user", owner))?;
+                let mut next = u.clone();
+                next.inline.insert(policy.to_owned(), document.to_owned());
+                tx.put(Kind::IamUser, owner, &next)?;
+                *u = next;
+            }
+            tx.bump();
+            Ok(())
+        })
+    }
+
+    /// GetRolePolicy / GetUserPolicy.
+    pub fn get_inline_policy(
+        &self,
+        account: &str,
+        role: bool,
+        owner: &str,
+        policy: &str,
+    ) -> Result<String> {
+        self.read(account, |a| {
+            let inline = if role {
+                &a.roles
+                    .get(owner)
+                    .ok_or_else(|| no_such("role", owner))?
+                    .inline
+            } else {
+                &a.users
+                    .get(owner)
+                    .ok_or_else(|| no_such("user", owner))?
+                    .inline
+            };
+            inline.get(policy).cloned().ok_or_else(|| {
+                RegistryError::NotFound(format!(
+                    "The {} policy with name {policy} cannot be found.",
+                    if role { "role" } else { "user" }
+                ))
+            })
+        })
+    }
+
+    /// DeleteRolePolicy / DeleteUserPolicy.
+    pub fn delete_inline_policy(
+        &self,
+        account: &str,
+        role: bool,
+        owner: &str,
+        policy: &str,
+    ) -> Result<()> {
+        self.get_inline_policy(account, role, owner, policy)?;
+        self.write(account, |a, tx| {
+            if role {
+                if let Some(r) = a.roles.get_mut(owner) {
+                    r.inline.remove(policy);
+                    tx.put(Kind::IamRole, owner, &*r)?;
+                }
+            } else if let Some(u) = a.users.get_mut(owner) {
+                u.inline.remove(policy);
+                tx.put(Kind::IamUser, owner, &*u)?;
+            }
+            tx.bump();
+            Ok(())
+        })
+    }
+
+    /// CreatePolicy (customer managed).
+    pub fn create_managed_policy(
+        &self,
+        account: &str,
+        name: &str,
+        path: Option<&str>,
+        document: &str,
+        description: Option<&str>,
+    ) -> Result<ManagedPolicy> {
+        iam_name("PolicyName", name, 128)?;
+        check_policy(document, Dialect::IamIdentity)?;
+        self.write(account, |a, tx| {
+            if a.managed_policies.contains_key(name) {
+                return Err(exists("A policy", name));
+            }
+            let p = ManagedPolicy {
+                name: name.to_owned(),
+                id: format!("ANPA{}", random_string(ID_ALPHABET, 17)),
+                path: path.unwrap_or("/").to_owned(),
+                description: description.map(str::to_owned),
+                document: document.to_owned(),
+                created: now_secs(),
+            };
+            tx.put(Kind::ManagedPolicy, name, &p)?;
+            a.managed_policies.insert(name.to_owned(), p.clone());
+            Ok(p)
+        })
+    }
+
+    /// The managed policy of this account with `arn`, and how many identities it is attached to.
+    pub fn get_managed_policy(&self, account: &str, arn: &str) -> Result<(ManagedPolicy, usize)> {
+        self.read(account, |a| {
+            let p = managed_by_arn(a, account, arn)?;
+            let n = a
+                .users
+                .values()
+                .filter(|u| u.attached.contains(arn))
+                .count()
+                + a.roles
+                    .values()
+                    .filter(|r| r.attached.contains(arn))
+                    .count();
+            Ok((p.clone(), n))
+        })
+    }
+
+    /// DeletePolicy: refused while attached.
+    pub fn delete_managed_policy(&self, account: &str, arn: &str) -> Result<()> {
+        let (p, n) = self.get_managed_policy(account, arn)?;
+        if n > 0 {
+            return Err(RegistryError::DeleteConflict(
+                "Cannot delete a policy attached to entities.".into(),
+            ));
+        }
+        self.write(account, |a, tx| {
+            tx.delete(Kind::ManagedPolicy, &p.name);
+            a.managed_policies.remove(&p.name);
+            Ok(())
+        })
+    }
+
+    /// AttachUserPolicy / AttachRolePolicy / DetachRolePolicy.
+    pub fn set_attached(
+        &self,
+        account: &str,
+        role: bool,
+        owner: &str,
+        arn: &str,
+        attach: bool,
+    ) -> Result<()> {
+        self.write(account, |a, tx| {
+            managed_by_arn(a, account, arn)?;
+            if role {
+                let r = a
+                    .roles
+                    .get_mut(owner)
+                    .ok_or_else(|| no_such("role", owner))?;
+                if !attach && !r.attached.contains(arn) {
+                    return Err(RegistryError::NotFound(format!(
+                        "Policy {arn} was not found."
+                    )));
+                }
+                let mut next = r.clone();
+                if attach {
+                    next.attached.insert(arn.to_owned());
+                } else {
+                    next.attached.remove(arn);
+                }
+                tx.put(Kind::IamRole, owner, &next)?;
+                *r = next;
+            } else {
+                let u = a
+                    .users
+                    .get_mut(owner)
+                    .ok_or_else(|| no_such("user", owner))?;
+                if !attach && !u.attached.contains(arn) {
+                    return Err(RegistryError::NotFound(format!(
+                        "Policy {arn} was not found."
+                    )));
+                }
+                let mut next = u.clone();
+                if attach {
+                    next.attached.insert(arn.to_owned());
+                } else {
+                    next.attached.remove(arn);
+                }
+                tx.put(Kind::IamUser, owner, &next)?;
+                *u = next;
+            }
+            tx.bump();
+            Ok(())
+        })
+    }
+
+    /// Issues temporary credentials (STS).
+    pub fn create_session(
+        &self,
+        account: &str,
+        principal: IamPrincipal,
+        seconds: u32,
+        session_policy: Option<&str>,
+    ) -> Result<Session> {
+        if let Some(p) = session_policy {
+            check_policy(p, Dialect::IamIdentity)?;
+        }
+        let s = Session {
+            access_key_id: format!("ASIA{}", random_string(UPPER_ALNUM, 16)),
+            secret_access_key: random_string(SECRET, 40),
+            token: random_string(SECRET, 356),
+            account_id: account.to_owned(),
+            expiration: now_secs() + f64::from(seconds),
+            principal,
+            session_policy: session_policy.map(str::to_owned),
+        };
+        self.write_global(account, |st, tx| {
+            // Expired sessions are swept as new ones are issued.
+            let now = now_secs();
+            let expired: Vec<String> = st
+                .sessions
+                .values()
+                .filter(|x| x.expiration < now)
+                .map(|x| x.access_key_id.clone())
+                .collect();
+            for k in expired {
+                if let Some(old) = st.sessions.remove(&k) {
+                    tx.ops.push(crate::store::Op::Delete {
+                        kind: Kind::Session,
+                        account: old.account_id,
+                        key: k,
+                    });
+                }
+            }
+            tx.put(Kind::Session, &s.access_key_id, &s)?;
+            st.sessions.insert(s.access_key_id.clone(), s.clone());
+            Ok(s.clone())
+        })
+    }
+
+    /// The credentials behind an access key id: long-term keys (root or user) or an STS
+    /// session (with its token and expiry; expired sessions are still returned, so that the
+    /// caller can say `ExpiredToken`).
+    pub fn credential(&self, access_key_id: &str) -> Option<Credential> {
+        self.read_state(|st| {
+            if let Some(k) = st.access_keys.get(access_key_id) {
+                if k.status != "Active" {
+                    return None;
+                }
+                return Some(Credential {
+                    account_id: k.account_id.clone(),
+                    secret_access_key: k.secret_access_key.clone(),
+                    token: None,
+                    expiration: None,
+                    principal: match &k.user {
+                        Some(u) => IamPrincipal::User(u.clone()),
+                        None => IamPrincipal::Root,
+                    },
+                    session_policy: None,
+                });
+            }
+            st.sessions.get(access_key_id).map(|s| Credential {
+                account_id: s.account_id.clone(),
+                secret_access_key: s.secret_access_key.clone(),
+                token: Some(s.token.clone()),
+                expiration: Some(s.expiration),
+                principal: s.principal.clone(),
+                session_policy: s.session_policy.clone(),
+            })
+        })
+    }
+
+    /// The identity policies of a principal (inline, then attached), parsed. `None` when the
+    /// principal no longer exists (a deleted user or role: its credentials are worthless).
+    pub fn identity_policies(
+        &self,
+        account: &str,
+        principal: &IamPrincipal,
+    ) -> Option<Vec<Arc<Policy>>> {
+        self.read(account, |a| {
+            let (inline, attached) = match principal {
+                IamPrincipal::Root => return Ok(Some(Vec::new())),
+                IamPrincipal::User(u) => match a.users.get(u) {
+                    Some(u) => (&u.inline, &u.attached),
+                    None => return Ok(None),
+                },
+                IamPrincipal::Role { role, .. } => match a.roles.get(role) {
+                    Some(r) => (&r.inline, &r.attached),
+                    None => return Ok(None),
+                },
+            };
+            let docs = inline
+                .values()
+                .cloned()
+                .chain(attached.iter().filter_map(|arn| {
+                    managed_by_arn(a, account, arn)
+                        .ok()
+                        .map(|p| p.document.clone())
+                }));
+            Ok(Some(
+                docs.filter_map(|d| Policy::parse(&d, Dialect::IamIdentity).ok().map(Arc::new))
+                    .collect(),
+            ))
+        })
+        .ok()
+        .flatten()
+    }
+}
+
+fn managed_by_arn<'a>(a: &'a Account, account: &str, arn: &str) -> Result<&'a ManagedPolicy> {
+    let prefix = format!("arn:aws:iam::{account}:policy/");
+    arn.strip_prefix(&prefix)
+        .and_then(|rest| rest.rsplit('/').next())
+        .and_then(|name| a.managed_policies.get(name))
+        .filter(|p| Registry::iam_arn(account, &format!("policy{}{}", p.path, p.name)) == arn)
+        .ok_or_else(|| {
+            RegistryError::NotFound(format!("Policy {arn} does not exist or is not attachable."))
+        })
+}
+
+fn check_max_session(s: u32) -> Result<u32> {
+    if (3600..=43200).contains(&s) {
+        Ok(s)
+    } else {
+        Err(RegistryError::InvalidRequest(format!(
+            "The MaxSessionDuration {s} must be between 3600 and 43200 seconds"
+        )))
+    }
+}

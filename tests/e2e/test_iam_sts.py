@@ -1,0 +1,232 @@
+"""IAM users, roles and policies, STS AssumeRole across accounts, and IAM authorization of the
+IoT control plane, with boto3 and the stock AWS CLI (issue 5, first part)."""
+
+import json
+import subprocess
+import time
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from conftest import Server, unique
+
+
+@pytest.fixture(scope="module")
+def two(workdir):
+    s = Server(workdir / unique("iam"), accounts=["tenant-b"]).start()
+    yield s
+    s.stop()
+
+
+def code(e):
+    return e.response["Error"]["Code"]
+
+
+def client(server, service, creds):
+    """A boto3 client with explicit credentials against the server's control plane."""
+    return boto3.client(service, region_name="us-east-1", endpoint_url=f"https://localhost:{server.api_port}",
+                        verify=server.ca, config=Config(retries={"max_attempts": 1}), **creds)
+
+
+def keys(k):
+    return {"aws_access_key_id": k["AccessKeyId"], "aws_secret_access_key": k["SecretAccessKey"]}
+
+
+def temp(c):
+    return {"aws_access_key_id": c["AccessKeyId"], "aws_secret_access_key": c["SecretAccessKey"],
+            "aws_session_token": c["SessionToken"]}
+
+
+PUBLISHER = {"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": ["iot:CreateThing", "iot:DescribeThing"], "Resource": "*"}]}
+
+
+def test_cross_account_assume_role(two, workdir):
+    s = two
+    a_iam, b_iam = s.boto("iam"), s.boto("iam", profile="tenant-b")
+    a_id = s.boto("sts").get_caller_identity()["Account"]
+    b_id = s.boto("sts", profile="tenant-b").get_caller_identity()["Account"]
+    assert a_id != b_id
+
+    # In B: a role that trusts account A and may create things.
+    trust = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{a_id}:root"}, "Action": "sts:AssumeRole"}]}
+    role = b_iam.create_role(RoleName="fleet-operator", AssumeRolePolicyDocument=json.dumps(trust),
+                             MaxSessionDuration=7200)["Role"]
+    assert role["Arn"] == f"arn:aws:iam::{b_id}:role/fleet-operator"
+    assert role["AssumeRolePolicyDocument"] == trust, "boto3 decodes the URL-encoded document"
+    b_iam.put_role_policy(RoleName="fleet-operator", PolicyName="things", PolicyDocument=json.dumps(PUBLISHER))
+    assert b_iam.list_role_policies(RoleName="fleet-operator")["PolicyNames"] == ["things"]
+    assert b_iam.get_role_policy(RoleName="fleet-operator", PolicyName="things")["PolicyDocument"] == PUBLISHER
+
+    # In A: a user who may assume it, and one who may not.
+    a_iam.create_user(UserName="alice")
+    a_iam.put_user_policy(UserName="alice", PolicyName="assume", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": role["Arn"]}]}))
+    alice = keys(a_iam.create_access_key(UserName="alice")["AccessKey"])
+    a_iam.create_user(UserName="mallory")
+    mallory = keys(a_iam.create_access_key(UserName="mallory")["AccessKey"])
+
+    sts_alice = client(s, "sts", alice)
+    me = sts_alice.get_caller_identity()
+    assert me["Arn"] == f"arn:aws:iam::{a_id}:user/alice" and me["Account"] == a_id
+    got = sts_alice.assume_role(RoleArn=role["Arn"], RoleSessionName="deploy", DurationSeconds=1800)
+    assert got["AssumedRoleUser"]["Arn"] == f"arn:aws:sts::{b_id}:assumed-role/fleet-operator/deploy"
+    creds = temp(got["Credentials"])
+    assert creds["aws_access_key_id"].startswith("ASIA")
+    who = client(s, "sts", creds).get_caller_identity()
+    assert who["Account"] == b_id and who["Arn"].endswith(":assumed-role/fleet-operator/deploy")
+
+    # With the role's credentials: B's control plane, as far as the role's policy goes.
+    iot_b = client(s, "iot", creds)
+    iot_b.create_thing(thingName="made-by-role")
+    assert s.boto(profile="tenant-b").describe_thing(thingName="made-by-role")["thingName"] == "made-by-role"
+    with pytest.raises(ClientError) as e:
+        iot_b.delete_thing(thingName="made-by-role")
+    assert code(e.value) == "AccessDeniedException"
+    assert "iot:DeleteThing" in e.value.response["Error"]["Message"]
+
+    # Denials: the user without sts:AssumeRole; a trust policy that does not name A; too long.
+    with pytest.raises(ClientError) as e:
+        client(s, "sts", mallory).assume_role(RoleArn=role["Arn"], RoleSessionName="x1")
+    assert code(e.value) == "AccessDenied"
+    b_iam.update_assume_role_policy(RoleName="fleet-operator", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::999999999999:root"}, "Action": "sts:AssumeRole"}]}))
+    with pytest.raises(ClientError) as e:
+        sts_alice.assume_role(RoleArn=role["Arn"], RoleSessionName="x2")
+    assert code(e.value) == "AccessDenied"
+    b_iam.update_assume_role_policy(RoleName="fleet-operator", PolicyDocument=json.dumps(trust))
+    with pytest.raises(ClientError) as e:
+        sts_alice.assume_role(RoleArn=role["Arn"], RoleSessionName="x3", DurationSeconds=7201)
+    assert code(e.value) == "ValidationError"
+    sts_alice.assume_role(RoleArn=role["Arn"], RoleSessionName="x4", DurationSeconds=7200)
+    # An unknown role looks the same as a denied one.
+    with pytest.raises(ClientError) as e:
+        sts_alice.assume_role(RoleArn=f"arn:aws:iam::{b_id}:role/nope", RoleSessionName="x5")
+    assert code(e.value) == "AccessDenied"
+
+    # A session policy narrows the role: DescribeThing only.
+    narrowed = temp(sts_alice.assume_role(RoleArn=role["Arn"], RoleSessionName="narrow", Policy=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:DescribeThing", "Resource": "*"}]}))[
+        "Credentials"])
+    client(s, "iot", narrowed).describe_thing(thingName="made-by-role")
+    with pytest.raises(ClientError) as e:
+        client(s, "iot", narrowed).create_thing(thingName="not-allowed")
+    assert code(e.value) == "AccessDeniedException"
+
+    # Tampered token, wrong secret: refused with AWS's codes.
+    bad = dict(creds, aws_session_token=creds["aws_session_token"][:-4] + "AAAA")
+    with pytest.raises(ClientError) as e:
+        client(s, "sts", bad).get_caller_identity()
+    assert code(e.value) == "InvalidClientTokenId"
+    with pytest.raises(ClientError) as e:
+        client(s, "sts", dict(alice, aws_secret_access_key="x" * 40)).get_caller_identity()
+    assert code(e.value) == "SignatureDoesNotMatch"
+    with pytest.raises(ClientError) as e:
+        client(s, "iot", dict(alice, aws_secret_access_key="x" * 40)).list_things()
+    assert code(e.value) == "InvalidSignatureException"
+
+    # The stock CLI with a role profile (role_arn + source_profile) does the same.
+    cfg = s.data_dir / "aws" / "config"
+    cfg.write_text(cfg.read_text() + f"\n[profile alice]\nregion = us-east-1\nca_bundle = {s.ca}\n"
+                   "services = sekisho-services\n"
+                   f"\n[profile target]\nregion = us-east-1\nca_bundle = {s.ca}\nservices = sekisho-services\n"
+                   f"role_arn = {role['Arn']}\nsource_profile = alice\n")
+    cred_file = s.data_dir / "aws" / "credentials"
+    cred_file.write_text(cred_file.read_text() + f"\n[alice]\naws_access_key_id = {alice['aws_access_key_id']}\n"
+                         f"aws_secret_access_key = {alice['aws_secret_access_key']}\n")
+    out = s.aws("sts", "get-caller-identity", profile="target")
+    assert out["Arn"].startswith(f"arn:aws:sts::{b_id}:assumed-role/fleet-operator/")
+    out = s.aws("iot", "describe-thing", "--thing-name", "made-by-role", profile="target")
+    assert out["thingName"] == "made-by-role"
+    cp = s.aws("iot", "delete-thing", "--thing-name", "made-by-role", profile="target", check=False)
+    assert cp.returncode != 0 and "AccessDeniedException" in cp.stderr
+
+
+def test_users_keys_and_managed_policies(two, workdir):
+    s = two
+    iam = s.boto("iam")
+    account = s.boto("sts").get_caller_identity()["Account"]
+    u = iam.create_user(UserName="bob")["User"]
+    assert u["Arn"] == f"arn:aws:iam::{account}:user/bob" and u["UserId"].startswith("AIDA")
+    with pytest.raises(ClientError) as e:
+        iam.create_user(UserName="bob")
+    assert code(e.value) == "EntityAlreadyExists"
+    assert "bob" in [x["UserName"] for x in iam.list_users()["Users"]]
+    k1 = iam.create_access_key(UserName="bob")["AccessKey"]
+    iam.create_access_key(UserName="bob")
+    with pytest.raises(ClientError) as e:  # 2 keys per user, the third is refused
+        iam.create_access_key(UserName="bob")
+    assert code(e.value) == "LimitExceeded"
+    bob = keys(k1)
+    # No policy: bob can only ask who he is.
+    assert client(s, "sts", bob).get_caller_identity()["Arn"].endswith(":user/bob")
+    with pytest.raises(ClientError) as e:
+        client(s, "iot", bob).list_things()
+    assert code(e.value) == "AccessDeniedException"
+    with pytest.raises(ClientError) as e:
+        client(s, "iam", bob).list_users()
+    assert code(e.value) == "AccessDenied" or code(e.value) == "AccessDeniedException"
+
+    # A managed policy attached to bob lets him list things; a Deny wins over it.
+    pol = iam.create_policy(PolicyName="reader", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:List*", "Resource": "*"}]}))["Policy"]
+    assert pol["Arn"] == f"arn:aws:iam::{account}:policy/reader"
+    iam.attach_user_policy(UserName="bob", PolicyArn=pol["Arn"])
+    assert iam.get_policy(PolicyArn=pol["Arn"])["Policy"]["AttachmentCount"] == 1
+    client(s, "iot", bob).list_things()
+    iam.put_user_policy(UserName="bob", PolicyName="deny", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Action": "iot:ListThings", "Resource": "*"}]}))
+    with pytest.raises(ClientError) as e:
+        client(s, "iot", bob).list_things()
+    assert code(e.value) == "AccessDeniedException"
+    client(s, "iot", bob).list_policies()
+
+    # Deactivated key: refused; deletion preconditions.
+    iam.update_access_key(UserName="bob", AccessKeyId=k1["AccessKeyId"], Status="Inactive")
+    with pytest.raises(ClientError) as e:
+        client(s, "sts", bob).get_caller_identity()
+    assert code(e.value) == "InvalidClientTokenId"
+    with pytest.raises(ClientError) as e:
+        iam.delete_user(UserName="bob")
+    assert code(e.value) == "DeleteConflict"
+    with pytest.raises(ClientError) as e:
+        iam.delete_policy(PolicyArn=pol["Arn"])
+    assert code(e.value) == "DeleteConflict"
+    with pytest.raises(ClientError) as e:
+        iam.create_role(RoleName="broken", AssumeRolePolicyDocument="{not json")
+    assert code(e.value) == "MalformedPolicyDocument"
+    with pytest.raises(ClientError) as e:
+        iam.get_role(RoleName="nope")
+    assert code(e.value) == "NoSuchEntity"
+
+    # Another account sees none of it.
+    b = s.boto("iam", profile="tenant-b")
+    assert "bob" not in [x["UserName"] for x in b.list_users()["Users"]]
+    with pytest.raises(ClientError) as e:
+        b.get_user(UserName="bob")
+    assert code(e.value) == "NoSuchEntity"
+
+
+def test_session_token_expiry(two):
+    s = two
+    iam = s.boto("iam")
+    iam.create_user(UserName="carol")
+    carol = keys(iam.create_access_key(UserName="carol")["AccessKey"])
+    tok = client(s, "sts", carol).get_session_token(DurationSeconds=900)["Credentials"]
+    assert client(s, "sts", temp(tok)).get_caller_identity()["Arn"].endswith(":user/carol")
+    with pytest.raises(ClientError) as e:
+        client(s, "sts", temp(tok)).get_session_token()
+    assert code(e.value) == "AccessDenied"
+    # The root's limit is an hour: N and N+1 (the client's own model allows 129,600).
+    s.boto("sts").get_session_token(DurationSeconds=3600)
+    with pytest.raises(ClientError) as e:
+        s.boto("sts").get_session_token(DurationSeconds=3601)
+    assert code(e.value) == "ValidationError"
+    # Without the token, the temporary key id is unknown.
+    with pytest.raises(ClientError) as e:
+        client(s, "sts", {k: v for k, v in temp(tok).items() if k != "aws_session_token"}).get_caller_identity()
+    assert code(e.value) == "InvalidClientTokenId"
