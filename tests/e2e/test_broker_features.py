@@ -343,10 +343,12 @@ def test_device_https_publish_with_curl(server, workdir):
     assert code == 200
     assert len(mon.messages.get(timeout=5).payload) == 131072
     assert drain(mon.messages, 0.5) == []
-    # Without a client certificate the handshake fails.
-    cp = subprocess.run(["curl", "-s", "--cacert", server.ca, "-X", "POST", base + "/topics/http/x"],
-                        capture_output=True, text=True, timeout=15)
-    assert cp.returncode != 0
+    # Without a client certificate a request must be signed (SigV4): unsigned is 401.
+    cp = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "--cacert", server.ca, "-X", "POST",
+                         base + "/topics/http/x", "--data-binary", "x"], capture_output=True, text=True, timeout=15)
+    body, status = cp.stdout.rsplit("\n", 1)
+    assert status == "401" and "Missing" in json.loads(body)["message"], cp.stdout
+    assert drain(mon.messages, 0.5) == []
     mon.close()
 
 

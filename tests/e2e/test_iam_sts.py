@@ -10,7 +10,9 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from conftest import Server, unique
+import queue
+
+from conftest import ALLOW_ALL, Device, Paho, Server, unique
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +147,26 @@ def test_cross_account_assume_role(two, workdir):
     cp = s.aws("iot", "delete-thing", "--thing-name", "made-by-role", profile="target", check=False)
     assert cp.returncode != 0 and "AccessDeniedException" in cp.stderr
 
+    # The issue's walkthrough: `aws --profile target iot-data publish` reaches B's subscriber.
+    b_iam.put_role_policy(RoleName="fleet-operator", PolicyName="publish", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Publish",
+                                                "Resource": f"arn:aws:iot:us-east-1:{b_id}:topic/topic/test"}]}))
+    cfg.write_text(cfg.read_text().replace(
+        f"services = sekisho-services\nrole_arn = {role['Arn']}", f"services = tenant-b-services\nrole_arn = {role['Arn']}"))
+    iot_b_root = s.boto(profile="tenant-b")
+    sub_dev = Device(s, iot_b_root, unique("b-sub"), ALLOW_ALL, workdir)
+    sub = Paho(s, s.endpoint(profile="tenant-b"), sub_dev, sub_dev.name)
+    assert sub.connect()[0] == 0
+    sub.subscribe("topic/#", qos=1)
+    s.aws("iot-data", "publish", "--topic", "topic/test", "--qos", "1", "--payload", "hello from A", profile="target")
+    m = sub.messages.get(timeout=5)
+    assert (m.topic, m.payload, m.qos) == ("topic/test", b"hello from A", 1)
+    cp = s.aws("iot-data", "publish", "--topic", "topic/other", "--payload", "x", profile="target", check=False)
+    assert cp.returncode != 0 and "ForbiddenException" in cp.stderr
+    with pytest.raises(queue.Empty):
+        sub.messages.get(timeout=0.5)
+    sub.close()
+
 
 def test_users_keys_and_managed_policies(two, workdir):
     s = two
@@ -230,3 +252,79 @@ def test_session_token_expiry(two):
     with pytest.raises(ClientError) as e:
         client(s, "sts", {k: v for k, v in temp(tok).items() if k != "aws_session_token"}).get_caller_identity()
     assert code(e.value) == "InvalidClientTokenId"
+
+
+def test_iot_data_plane_with_sigv4(two, workdir):
+    """boto3's iot-data client over HTTPS with SigV4: Publish with MQTT 5 properties, retained
+    messages, DeleteConnection, each authorized by IAM; other accounts' credentials refused."""
+    s = two
+    iam = s.boto("iam")
+    account = s.boto("sts").get_caller_identity()["Account"]
+    arn = f"arn:aws:iot:us-east-1:{account}"
+    iam.create_user(UserName="dash")
+    iam.put_user_policy(UserName="dash", PolicyName="data", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": ["iot:Publish", "iot:RetainPublish", "iot:GetRetainedMessage"],
+             "Resource": f"{arn}:topic/dash/*"},
+            {"Effect": "Allow", "Action": "iot:ListRetainedMessages", "Resource": "*"},
+            {"Effect": "Allow", "Action": "iot:DeleteConnection", "Resource": f"{arn}:client/kick-*"}]}))
+    dash = keys(iam.create_access_key(UserName="dash")["AccessKey"])
+    endpoint = f"https://{s.endpoint()}:{s.https_port}"
+    data = boto3.client("iot-data", region_name="us-east-1", endpoint_url=endpoint, verify=s.ca,
+                        config=Config(retries={"max_attempts": 1}), **dash)
+
+    dev = Device(s, s.boto(), unique("dash-sub"), ALLOW_ALL, workdir)
+    sub = Paho(s, s.endpoint(), dev, dev.name, v5=True)
+    assert sub.connect()[0] == 0
+    sub.subscribe("dash/#", qos=1)
+    data.publish(topic="dash/a", qos=1, payload=b"\x00\x01bin", contentType="application/octet-stream",
+                 responseTopic="dash/reply", userProperties=json.dumps([{"k": "v"}]), messageExpiry=60)
+    m = sub.messages.get(timeout=5)
+    assert (m.topic, m.payload) == ("dash/a", b"\x00\x01bin")
+    assert m.properties.ContentType == "application/octet-stream"
+    assert m.properties.ResponseTopic == "dash/reply"
+    assert m.properties.UserProperty == [("k", "v")]
+
+    # Retained: publish, get, list; a topic outside the policy is forbidden.
+    data.publish(topic="dash/state", qos=1, retain=True, payload=b"on")
+    got = data.get_retained_message(topic="dash/state")
+    assert (got["topic"], got["payload"], got["qos"]) == ("dash/state", b"on", 1)
+    listed = data.list_retained_messages()["retainedTopics"]
+    assert {"topic": "dash/state", "payloadSize": 2, "qos": 1} == {k: v for k, v in listed[0].items()
+                                                                  if k != "lastModifiedTime"}
+    with pytest.raises(ClientError) as e:
+        data.get_retained_message(topic="dash/none")
+    assert code(e.value) == "ResourceNotFoundException"
+    for call in (lambda: data.publish(topic="other/x", payload=b"x"),
+                 lambda: data.get_retained_message(topic="other/x")):
+        with pytest.raises(ClientError) as e:
+            call()
+        assert code(e.value) == "ForbiddenException"
+    sub.close()
+
+    # DeleteConnection closes a live MQTT connection (allowed for kick-* only).
+    victim = Device(s, s.boto(), unique("victim"), ALLOW_ALL, workdir)
+    p = Paho(s, s.endpoint(), victim, "kick-me", v5=True)
+    assert p.connect()[0] == 0
+    data.delete_connection(clientId="kick-me")
+    assert p.disconnects.get(timeout=5).value == 0x98
+    p.close()
+    with pytest.raises(ClientError) as e:
+        data.delete_connection(clientId="kick-me")
+    assert code(e.value) == "ResourceNotFoundException"
+    with pytest.raises(ClientError) as e:
+        data.delete_connection(clientId="someone-else")
+    assert code(e.value) == "ForbiddenException"
+
+    # Account B's root credentials on A's endpoint, and a wrong secret: refused.
+    b_creds = s.boto("sts", profile="tenant-b")._request_signer._credentials
+    other = boto3.client("iot-data", region_name="us-east-1", endpoint_url=endpoint, verify=s.ca,
+                         aws_access_key_id=b_creds.access_key, aws_secret_access_key=b_creds.secret_key)
+    with pytest.raises(ClientError) as e:
+        other.publish(topic="dash/a", payload=b"x")
+    assert code(e.value) == "ForbiddenException"
+    wrong = boto3.client("iot-data", region_name="us-east-1", endpoint_url=endpoint, verify=s.ca,
+                         aws_access_key_id=dash["aws_access_key_id"], aws_secret_access_key="x" * 40)
+    with pytest.raises(ClientError) as e:
+        wrong.publish(topic="dash/a", payload=b"x")
+    assert code(e.value) == "UnauthorizedException"

@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use sekisho_broker::Broker;
 use sekisho_pki::Ca;
-use sekisho_registry::{IamPrincipal, Registry, RegistryError};
+use sekisho_registry::{Registry, RegistryError};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -248,42 +248,33 @@ fn sigv4_error(e: &sekisho_sigv4::SigError) -> ApiError {
     ApiError::new(403, code, e.to_string())
 }
 
-/// A verified caller.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// Account.
-    pub account: String,
-    /// Who the credentials stand for.
-    pub principal: IamPrincipal,
-    /// The session policy of AssumeRole credentials.
-    pub session_policy: Option<String>,
-    /// True for temporary (STS) credentials.
-    pub temporary: bool,
-    /// The access key id used.
-    pub access_key_id: String,
-}
+use sekisho_gateway::authn::AuthFailure;
+pub use sekisho_gateway::authn::Caller;
 
-impl Caller {
-    /// The caller's ARN as IAM and STS show it.
-    pub fn arn(&self) -> String {
-        match &self.principal {
-            IamPrincipal::Root => format!("arn:aws:iam::{}:root", self.account),
-            IamPrincipal::User(u) => format!("arn:aws:iam::{}:user/{u}", self.account),
-            IamPrincipal::Role { role, session } => {
-                format!(
-                    "arn:aws:sts::{}:assumed-role/{role}/{session}",
-                    self.account
-                )
+/// Authenticates a control-plane request (services `iot`, `iam`, `sts`), with each protocol's
+/// error wording.
+fn authenticate(
+    state: &ApiState,
+    req: &sekisho_sigv4::Request<'_>,
+) -> Result<(Caller, String), ApiError> {
+    let service = sekisho_sigv4::parse(req)
+        .map(|c| c.service)
+        .unwrap_or_default();
+    let query = service == "iam" || service == "sts";
+    sekisho_gateway::authn::authenticate(
+        &state.registry,
+        &state.endpoints.region,
+        req,
+        &["iot", "iam", "sts"],
+    )
+    .map_err(|f| match f {
+        AuthFailure::Signature(e) => {
+            let mut err = sigv4_error(&e);
+            if query && err.code == "InvalidSignatureException" {
+                err.code = "SignatureDoesNotMatch";
             }
+            err
         }
-    }
-}
-
-/// The wording of authentication errors differs between the restJson services (IoT) and the
-/// query services (IAM, STS).
-fn auth_error(service: &str, kind: AuthFailure) -> ApiError {
-    let query = service != "iot";
-    match kind {
         AuthFailure::UnknownKey => ApiError::new(
             403,
             if query {
@@ -298,138 +289,38 @@ fn auth_error(service: &str, kind: AuthFailure) -> ApiError {
             "ExpiredToken",
             "The security token included in the request is expired",
         ),
-    }
-}
-
-enum AuthFailure {
-    UnknownKey,
-    Expired,
-}
-
-/// Authenticates a request with SigV4 (long-term keys of the root or a user, or STS
-/// credentials with their session token). `services` are the signing names accepted.
-fn authenticate(
-    state: &ApiState,
-    req: &sekisho_sigv4::Request<'_>,
-) -> Result<(Caller, String), ApiError> {
-    let claim = sekisho_sigv4::parse(req).map_err(|e| sigv4_error(&e))?;
-    let service = claim.service.clone();
-    if !["iot", "iam", "sts"].contains(&service.as_str()) {
-        return Err(ApiError::new(
+        AuthFailure::Service(s) => ApiError::new(
             403,
             "InvalidSignatureException",
-            format!(
-                "Credential should be scoped to correct service: '{service}' is not served here."
-            ),
-        ));
-    }
-    let Some(cred) = state.registry.credential(&claim.access_key) else {
-        return Err(auth_error(&service, AuthFailure::UnknownKey));
-    };
-    // IAM is global: botocore signs it for us-east-1 whatever the profile's region.
-    let region_ok =
-        claim.region == state.endpoints.region || (service == "iam" && claim.region == "us-east-1");
-    if !region_ok {
-        return Err(ApiError::new(
+            format!("Credential should be scoped to correct service: '{s}' is not served here."),
+        ),
+        AuthFailure::Region(r) => ApiError::new(
             403,
             "InvalidSignatureException",
-            format!(
-                "Credential should be scoped to a valid region, not '{}'.",
-                claim.region
-            ),
-        ));
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    sekisho_sigv4::verify(
-        req,
-        &claim,
-        &cred.secret_access_key,
-        now,
-        sekisho_sigv4::Options::default(),
-    )
-    .map_err(|e| {
-        let mut err = sigv4_error(&e);
-        if service != "iot" && err.code == "InvalidSignatureException" {
-            err.code = "SignatureDoesNotMatch";
-        }
-        err
-    })?;
-    // Temporary credentials: the token must be presented, and they must not have expired.
-    if let Some(token) = &cred.token {
-        if claim.security_token.as_deref() != Some(token.as_str()) {
-            return Err(auth_error(&service, AuthFailure::UnknownKey));
-        }
-        if cred
-            .expiration
-            .is_some_and(|e| sekisho_registry::now_secs() >= e)
-        {
-            return Err(auth_error(&service, AuthFailure::Expired));
-        }
-    }
-    Ok((
-        Caller {
-            account: cred.account_id,
-            temporary: cred.token.is_some(),
-            principal: cred.principal,
-            session_policy: cred.session_policy,
-            access_key_id: claim.access_key,
-        },
-        service,
-    ))
+            format!("Credential should be scoped to a valid region, not '{r}'."),
+        ),
+    })
 }
 
-/// Authorizes a caller for `action` (e.g. `iot:CreateThing`) on `resource` with its IAM
-/// policies: the account root may do everything in its account; users and role sessions need
-/// an Allow in their identity policies (and in the session policy, if any), and no Deny.
+/// Authorizes a caller for `action` on `resource` with its IAM policies, or says
+/// AccessDeniedException as AWS does.
 pub fn authorize(
     state: &ApiState,
     caller: &Caller,
     action: &str,
     resource: &str,
 ) -> Result<(), ApiError> {
-    if caller.principal == IamPrincipal::Root {
-        return Ok(());
-    }
-    let denied = || {
-        ApiError::new(
+    if sekisho_gateway::authn::is_authorized(&state.registry, caller, action, resource) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
             403,
             "AccessDeniedException",
             format!(
                 "User: {} is not authorized to perform: {action} on resource: {resource}",
                 caller.arn()
             ),
-        )
-    };
-    let Some(policies) = state
-        .registry
-        .identity_policies(&caller.account, &caller.principal)
-    else {
-        return Err(denied());
-    };
-    let mut ctx = sekisho_policy::MapContext::new();
-    ctx.set("aws:PrincipalAccount", caller.account.clone());
-    ctx.set("aws:PrincipalArn", caller.arn());
-    if let IamPrincipal::User(u) = &caller.principal {
-        ctx.set("aws:username", u.clone());
-    }
-    let action_lc = action.to_ascii_lowercase();
-    let bound: Vec<_> = policies.iter().map(|p| p.bind(&ctx)).collect();
-    let identity = sekisho_policy::decide(&bound, &action_lc, resource, &ctx);
-    let session = match &caller.session_policy {
-        None => sekisho_policy::Decision::Allowed,
-        Some(doc) => match sekisho_policy::Policy::parse(doc, sekisho_policy::Dialect::IamIdentity)
-        {
-            Ok(p) => sekisho_policy::decide([&p.bind(&ctx)], &action_lc, resource, &ctx),
-            Err(_) => sekisho_policy::Decision::ImplicitDeny,
-        },
-    };
-    if identity.is_allowed() && session.is_allowed() {
-        Ok(())
-    } else {
-        Err(denied())
+        ))
     }
 }
 
@@ -675,7 +566,7 @@ mod tests {
         let (st, acct) = state();
         let s = st
             .registry
-            .create_session(&acct, IamPrincipal::Root, 1, None)
+            .create_session(&acct, sekisho_registry::IamPrincipal::Root, 1, None)
             .unwrap();
         let check = |token: &str| {
             let (headers, sha) = signed(&s, token);

@@ -408,6 +408,50 @@ impl Broker {
             .unwrap_or(false)
     }
 
+    /// Ends the current connection of a client id, whatever its epoch (iot-data
+    /// DeleteConnection). Returns whether there was one.
+    pub fn kick_client(&self, account: &str, client_id: &str, kick: Kick) -> bool {
+        let mut inner = self.lock();
+        let Some(acct) = inner.get_mut(account) else {
+            return false;
+        };
+        let Some(id) = acct.by_client.get(client_id).copied() else {
+            return false;
+        };
+        acct.sessions
+            .get_mut(&id)
+            .and_then(|s| s.conn.as_mut())
+            .and_then(|c| c.kick.take())
+            .is_some_and(|k| k.send(kick).is_ok())
+    }
+
+    /// One page of an account's retained messages in topic order, starting after `after`;
+    /// returns the page and the last topic when more follow (iot-data ListRetainedMessages).
+    pub fn retained_page(
+        &self,
+        account: &str,
+        after: Option<&str>,
+        max: usize,
+        now: Instant,
+    ) -> (Vec<Arc<Message>>, Option<String>) {
+        let inner = self.lock();
+        let Some(acct) = inner.get(account) else {
+            return (Vec::new(), None);
+        };
+        let mut live = acct
+            .retained
+            .iter()
+            .filter(|(t, _)| after.is_none_or(|a| t.as_str() > a))
+            .filter(|(_, m)| !m.expired(now));
+        let page: Vec<Arc<Message>> = live.by_ref().take(max).map(|(_, m)| m.clone()).collect();
+        let next = if live.next().is_some() {
+            page.last().map(|m| m.topic.to_string())
+        } else {
+            None
+        };
+        (page, next)
+    }
+
     /// Ends every connection with [`Kick::Shutdown`].
     pub fn shutdown(&self) {
         let mut inner = self.lock();

@@ -52,7 +52,7 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Account the certificate authenticated in.
     pub account: String,
-    /// Certificate id.
+    /// Certificate id; empty on device HTTPS without a client certificate (SigV4 requests).
     pub certificate_id: String,
     /// The listener it came through.
     pub endpoint: Arc<crate::Endpoint>,

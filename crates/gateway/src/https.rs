@@ -1,6 +1,12 @@
-//! Device HTTPS (port 8443): `POST /topics/{topic}?qos=&retain=` with a client certificate,
-//! authorized by the certificate's IoT policies. As AWS documents, HTTPS has no client id, so
-//! `iot:ClientId` and the thing variables are not available here.
+//! Device HTTPS (port 8443), the iot-data plane.
+//!
+//! - With a client certificate: `POST /topics/{topic}?qos=&retain=`, authorized by the
+//!   certificate's IoT policies. As AWS documents, HTTPS has no client id, so `iot:ClientId`
+//!   and the thing variables are not available here.
+//! - Without one, every request is signed (SigV4, signing name `iotdata` or
+//!   `iotdevicegateway`) and authorized by the caller's IAM policies: Publish (with MQTT 5
+//!   properties), GetRetainedMessage, ListRetainedMessages, DeleteConnection. The server name
+//!   chooses the account; credentials of another account are refused.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,6 +34,25 @@ fn reply(status: u16, message: &str) -> Response<Full<Bytes>> {
     r
 }
 
+/// An error as the iot-data REST protocol carries it (the type in `x-amzn-ErrorType`).
+fn error(status: u16, kind: &'static str, message: &str) -> Response<Full<Bytes>> {
+    let mut r = reply(status, message);
+    r.headers_mut().insert(
+        "x-amzn-errortype",
+        hyper::header::HeaderValue::from_static(kind),
+    );
+    r
+}
+
+fn json_reply(body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query
         .split('&')
@@ -42,6 +67,9 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
+    if info.certificate_id.is_empty() {
+        return Ok(signed_request(&shared, &info, parts, body).await);
+    }
     let path = parts.uri.path();
     let Some(raw_topic) = path.strip_prefix("/topics/") else {
         return Ok(reply(404, "Not Found"));
@@ -126,4 +154,312 @@ pub async fn serve(shared: Arc<Shared>, stream: DeviceStream, info: ConnInfo) {
     if let Err(e) = conn.await {
         tracing::debug!(%peer, error = %e, "device HTTPS connection ended");
     }
+}
+
+/// One SigV4-signed iot-data request (no client certificate).
+async fn signed_request(
+    shared: &Shared,
+    info: &ConnInfo,
+    parts: hyper::http::request::Parts,
+    body: Incoming,
+) -> Response<Full<Bytes>> {
+    let limits = &shared.config.aws;
+    let body = match Limited::new(body, limits.max_payload).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                413,
+                "RequestEntityTooLargeException",
+                "The payload exceeds the maximum size allowed",
+            );
+        }
+    };
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_ascii_lowercase(), v.to_owned()))
+        })
+        .collect();
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or("").to_owned();
+    let sha = {
+        use aws_lc_rs::digest;
+        hex::encode(digest::digest(&digest::SHA256, &body))
+    };
+    let sreq = sekisho_sigv4::Request {
+        method: parts.method.as_str(),
+        path: &path,
+        query: &query,
+        headers: &headers,
+        body_sha256: &sha,
+    };
+    let region = shared.registry.region().to_owned();
+    let caller = match crate::authn::authenticate(
+        &shared.registry,
+        &region,
+        &sreq,
+        &["iotdata", "iotdevicegateway"],
+    ) {
+        Ok((c, _)) => c,
+        Err(f) => {
+            tracing::info!(peer = %info.peer, failure = ?f, "iot-data request not authenticated");
+            let msg = match f {
+                crate::authn::AuthFailure::Expired => {
+                    "The security token included in the request is expired".to_string()
+                }
+                crate::authn::AuthFailure::UnknownKey => {
+                    "The security token included in the request is invalid".to_string()
+                }
+                crate::authn::AuthFailure::Signature(e) => e.to_string(),
+                crate::authn::AuthFailure::Service(s) => {
+                    format!("Credential should be scoped to correct service, not '{s}'")
+                }
+                crate::authn::AuthFailure::Region(r) => {
+                    format!("Credential should be scoped to a valid region, not '{r}'")
+                }
+            };
+            return error(401, "UnauthorizedException", &msg);
+        }
+    };
+    // The endpoint's account: credentials of another account do not reach it.
+    if !info.account.is_empty() && info.account != caller.account {
+        return error(403, "ForbiddenException", "Forbidden");
+    }
+    let account = caller.account.clone();
+    let arn = |kind: &str, name: &str| shared.registry.arn(&account, &format!("{kind}/{name}"));
+    let allowed = |action: &str, resource: &str| {
+        crate::authn::is_authorized(&shared.registry, &caller, action, resource)
+    };
+    let denied = |action: &str, resource: &str| {
+        tracing::info!(caller = %caller.arn(), %action, %resource, "iot-data request not authorized");
+        error(
+            403,
+            "ForbiddenException",
+            &format!(
+                "User: {} is not authorized to perform: {action} on resource: {resource}",
+                caller.arn()
+            ),
+        )
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let q = |name: &str| query_value(&query, name).map(decode);
+    let segs: Vec<&str> = path.split('/').skip(1).collect();
+    match (&parts.method, segs.as_slice()) {
+        (&Method::POST, ["topics", raw]) => {
+            let topic = decode(raw);
+            let qos = match q("qos").as_deref() {
+                None | Some("0") => QoS::AtMostOnce,
+                Some("1") => QoS::AtLeastOnce,
+                Some(_) => return error(400, "InvalidRequestException", "qos must be 0 or 1"),
+            };
+            let retain = match q("retain").as_deref() {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(_) => {
+                    return error(
+                        400,
+                        "InvalidRequestException",
+                        "retain must be true or false",
+                    );
+                }
+            };
+            if sekisho_mqtt::topic::validate_topic_name(&topic).is_err()
+                || limits.check_topic(&topic).is_err()
+                || !aws::may_publish(&topic)
+                || (retain && topic.starts_with('$'))
+            {
+                return error(400, "InvalidRequestException", "Invalid topic name");
+            }
+            let resource = arn("topic", &topic);
+            if !allowed("iot:Publish", &resource) {
+                return denied("iot:Publish", &resource);
+            }
+            if retain && !allowed("iot:RetainPublish", &resource) {
+                return denied("iot:RetainPublish", &resource);
+            }
+            let props = match mqtt5_properties(&headers, &q) {
+                Ok(p) => p,
+                Err(m) => return error(400, "InvalidRequestException", &m),
+            };
+            let expiry = props.message_expiry_interval;
+            let msg = Message {
+                topic: topic.into(),
+                payload: body,
+                qos,
+                retain,
+                properties: props,
+                expires_at: expiry.map(|e| {
+                    std::time::Instant::now() + std::time::Duration::from_secs(u64::from(e))
+                }),
+                origin: None,
+                timestamp_ms: events::now_ms(),
+            };
+            match shared.broker.publish(&account, Arc::new(msg)) {
+                Ok(routed) => {
+                    crate::conn::wait_for_room(&shared.broker, routed.blocked).await;
+                    json_reply(json!({}))
+                }
+                Err(PublishError::RetainedQuota) => error(
+                    429,
+                    "ThrottlingException",
+                    "Retained message quota exceeded",
+                ),
+            }
+        }
+        (&Method::GET, ["retainedMessage", raw]) => {
+            let topic = decode(raw);
+            let resource = arn("topic", &topic);
+            if !allowed("iot:GetRetainedMessage", &resource) {
+                return denied("iot:GetRetainedMessage", &resource);
+            }
+            match shared
+                .broker
+                .retained_for(&account, &topic, std::time::Instant::now())
+            {
+                Some(m) => {
+                    use base64::Engine as _;
+                    json_reply(json!({"topic": &*m.topic,
+                        "payload": base64::engine::general_purpose::STANDARD.encode(&m.payload),
+                        "qos": m.qos as u8, "lastModifiedTime": m.timestamp_ms}))
+                }
+                None => error(
+                    404,
+                    "ResourceNotFoundException",
+                    "No retained message exists for the topic",
+                ),
+            }
+        }
+        (&Method::GET, ["retainedMessage"]) => {
+            if !allowed("iot:ListRetainedMessages", "*") {
+                return denied("iot:ListRetainedMessages", "*");
+            }
+            let max = match q("maxResults").map(|v| v.parse::<usize>()) {
+                None => 200,
+                Some(Ok(n)) if (1..=200).contains(&n) => n,
+                Some(_) => {
+                    return error(
+                        400,
+                        "InvalidRequestException",
+                        "maxResults must be 1 to 200",
+                    );
+                }
+            };
+            let token = q("nextToken");
+            let (page, next) = shared.broker.retained_page(
+                &account,
+                token.as_deref(),
+                max,
+                std::time::Instant::now(),
+            );
+            let topics: Vec<serde_json::Value> = page
+                .iter()
+                .map(|m| {
+                    json!({"topic": &*m.topic, "payloadSize": m.payload.len(),
+                    "qos": m.qos as u8, "lastModifiedTime": m.timestamp_ms})
+                })
+                .collect();
+            json_reply(json!({"retainedTopics": topics, "nextToken": next}))
+        }
+        (&Method::DELETE, ["connections", raw]) => {
+            let client = decode(raw);
+            let resource = arn("client", &client);
+            if !allowed("iot:DeleteConnection", &resource) {
+                return denied("iot:DeleteConnection", &resource);
+            }
+            if client.starts_with('$') || client.is_empty() {
+                return error(400, "InvalidRequestException", "Invalid client id");
+            }
+            if shared
+                .broker
+                .kick_client(&account, &client, sekisho_broker::Kick::Administrative)
+            {
+                json_reply(json!({}))
+            } else {
+                error(
+                    404,
+                    "ResourceNotFoundException",
+                    "No connection with this client id",
+                )
+            }
+        }
+        _ => error(405, "MethodNotAllowedException", "Method Not Allowed"),
+    }
+}
+
+/// The MQTT 5 properties iot-data Publish carries in headers and query parameters.
+fn mqtt5_properties(
+    headers: &[(String, String)],
+    q: &dyn Fn(&str) -> Option<String>,
+) -> Result<Properties, String> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let header = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    };
+    let mut p = Properties::default();
+    if let Some(v) = header("x-amz-mqtt5-user-properties") {
+        let raw = b64
+            .decode(v)
+            .map_err(|_| "x-amz-mqtt5-user-properties is not base64".to_string())?;
+        let bad = || "x-amz-mqtt5-user-properties must be a JSON list of objects".to_string();
+        // A JSON list, or (as some clients double-encode) a JSON string holding one.
+        let mut value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+        if let serde_json::Value::String(inner) = &value {
+            value = serde_json::from_str(inner).map_err(|_| bad())?;
+        }
+        let list: Vec<serde_json::Map<String, serde_json::Value>> =
+            serde_json::from_value(value).map_err(|_| bad())?;
+        for obj in list {
+            for (k, v) in obj {
+                let v = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                p.user_properties.push(sekisho_mqtt::UserProperty {
+                    key: k.into(),
+                    value: v.into(),
+                });
+            }
+        }
+    }
+    match header("x-amz-mqtt5-payload-format-indicator") {
+        None => {}
+        Some("UNSPECIFIED_BYTES") => p.payload_format_indicator = Some(0),
+        Some("UTF8_DATA") => p.payload_format_indicator = Some(1),
+        Some(other) => return Err(format!("payloadFormatIndicator {other:?} is not valid")),
+    }
+    if let Some(v) = header("x-amz-mqtt5-correlation-data") {
+        p.correlation_data =
+            Some(Bytes::from(b64.decode(v).map_err(|_| {
+                "x-amz-mqtt5-correlation-data is not base64".to_string()
+            })?));
+    }
+    if let Some(v) = q("contentType") {
+        p.content_type = Some(v.into());
+    }
+    if let Some(v) = q("responseTopic") {
+        if sekisho_mqtt::topic::validate_topic_name(&v).is_err() {
+            return Err("responseTopic is not a valid topic".into());
+        }
+        p.response_topic = Some(v.into());
+    }
+    if let Some(v) = q("messageExpiry") {
+        let secs: u32 = v
+            .parse()
+            .ok()
+            .filter(|s| (1..=604_800).contains(s))
+            .ok_or_else(|| "messageExpiry must be 1 to 604800 seconds".to_string())?;
+        p.message_expiry_interval = Some(secs);
+    }
+    Ok(p)
 }

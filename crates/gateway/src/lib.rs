@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod authn;
 pub mod authz;
 pub mod conn;
 pub mod events;
@@ -63,6 +64,9 @@ pub struct Endpoint {
     pub private: Option<PrivateEndpoint>,
     /// Most concurrent connections through this endpoint (AWS: 100,000 per VPC endpoint).
     pub max_connections: usize,
+    /// Device HTTPS: clients without a certificate may connect and sign their requests with
+    /// SigV4 (`aws iot-data`). Never set for MQTT listeners.
+    pub client_cert_optional: bool,
 }
 
 impl Endpoint {
@@ -73,6 +77,7 @@ impl Endpoint {
             tls_policy: tls::TlsPolicy::default(),
             private: None,
             max_connections,
+            client_cert_optional: false,
         }
     }
 }
@@ -340,7 +345,12 @@ async fn handshake(
         tracing::info!(%peer, sni = ?sni, "unknown server name; refusing");
         return None;
     };
-    let cfg = shared_cfg(tls, &target, endpoint.tls_policy)?;
+    let cfg = shared_cfg(
+        tls,
+        &target,
+        endpoint.tls_policy,
+        endpoint.client_cert_optional,
+    )?;
     let stream = match start.into_stream(cfg).await {
         Ok(s) => s,
         Err(e) => {
@@ -348,7 +358,23 @@ async fn handshake(
             return None;
         }
     };
-    let der = stream.get_ref().1.peer_certificates()?.first()?.to_vec();
+    let Some(der) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+    else {
+        // Only on listeners where the certificate is optional: the requests authenticate
+        // themselves (SigV4). The account is the server name's, if it named one.
+        let account = match &target {
+            tls::Target::Account(a) => a.clone(),
+            tls::Target::ByCertificate => String::new(),
+        };
+        return endpoint
+            .client_cert_optional
+            .then(|| (Box::new(stream), account, String::new()));
+    };
     let (account, certificate_id) =
         tls::resolve_certificate(&shared.registry, &target, &der).ok()?;
     Some((Box::new(stream), account, certificate_id))
@@ -358,8 +384,9 @@ fn shared_cfg(
     tls: &tls::TlsConfigs,
     target: &tls::Target,
     policy: tls::TlsPolicy,
+    optional: bool,
 ) -> Option<Arc<rustls::ServerConfig>> {
-    match tls.mtls(target, policy) {
+    match tls.mtls(target, policy, optional) {
         Ok(c) => Some(c),
         Err(e) => {
             tracing::error!(error = %e, "TLS configuration failed");

@@ -216,6 +216,8 @@ pub struct RegistryVerifier {
     broker: Arc<Broker>,
     target: Target,
     provider: Arc<CryptoProvider>,
+    /// Device HTTPS: a client without a certificate may go on and sign its requests (SigV4).
+    optional: bool,
 }
 
 impl RegistryVerifier {
@@ -281,6 +283,10 @@ impl ClientCertVerifier for RegistryVerifier {
         &[]
     }
 
+    fn client_auth_mandatory(&self) -> bool {
+        !self.optional
+    }
+
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -342,7 +348,7 @@ pub struct TlsConfigs {
     provider: Arc<CryptoProvider>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    cache: Mutex<HashMap<(Target, TlsPolicy), Arc<ServerConfig>>>,
+    cache: Mutex<HashMap<(Target, TlsPolicy, bool), Arc<ServerConfig>>>,
     plain: Arc<ServerConfig>,
 }
 
@@ -382,10 +388,16 @@ impl TlsConfigs {
         })
     }
 
-    /// The mutual-TLS config of a route under a TLS security policy.
-    pub fn mtls(&self, target: &Target, policy: TlsPolicy) -> anyhow::Result<Arc<ServerConfig>> {
+    /// The mutual-TLS config of a route under a TLS security policy; with `optional`, a client
+    /// may also connect without a certificate (device HTTPS with SigV4).
+    pub fn mtls(
+        &self,
+        target: &Target,
+        policy: TlsPolicy,
+        optional: bool,
+    ) -> anyhow::Result<Arc<ServerConfig>> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (target.clone(), policy);
+        let key = (target.clone(), policy, optional);
         if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
@@ -394,6 +406,7 @@ impl TlsConfigs {
             broker: self.broker.clone(),
             target: target.clone(),
             provider: self.provider.clone(),
+            optional,
         });
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(policy.versions())?

@@ -277,3 +277,65 @@ fn thing_names_and_attributes_validated() {
         Err(RegistryError::AlreadyExists { .. })
     ));
 }
+
+#[test]
+fn iam_identities_and_sessions_survive_reopen() {
+    let dir = std::env::temp_dir().join(format!("sekisho-iam-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("registry.db");
+    let _ = std::fs::remove_file(&path);
+    let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"111111111111"},"Action":"sts:AssumeRole"}]}"#;
+    let (acct, key, session) = {
+        let r = Registry::open(&path, "us-east-1").unwrap();
+        let (a, _) = r.create_account("default").unwrap();
+        r.create_user(&a.id, "alice", None).unwrap();
+        r.put_inline_policy(&a.id, false, "alice", "p", DOC)
+            .unwrap();
+        let key = r.create_access_key(&a.id, Some("alice")).unwrap();
+        r.create_role(&a.id, "ops", None, trust, None, Some(7200))
+            .unwrap();
+        let s = r
+            .create_session(
+                &a.id,
+                IamPrincipal::Role {
+                    role: "ops".into(),
+                    session: "s".into(),
+                },
+                900,
+                None,
+            )
+            .unwrap();
+        r.flush().unwrap();
+        (a.id, key, s)
+    };
+    let r = Registry::open(&path, "us-east-1").unwrap();
+    let c = r.credential(&key.access_key_id).unwrap();
+    assert_eq!(c.principal, IamPrincipal::User("alice".into()));
+    assert_eq!(c.account_id, acct);
+    assert_eq!(r.identity_policies(&acct, &c.principal).unwrap().len(), 1);
+    assert_eq!(r.get_role(&acct, "ops").unwrap().max_session, 7200);
+    let s = r.credential(&session.access_key_id).unwrap();
+    assert_eq!(s.token.as_deref(), Some(session.token.as_str()));
+    // Root keys are not the user's: the profile writer must never pick a user key.
+    assert!(r.access_keys_of(&acct).iter().all(|k| k.user.is_none()));
+    // Refusals: bad trust document, out-of-range session length, a third key.
+    assert!(matches!(
+        r.create_role(&acct, "bad", None, "{", None, None),
+        Err(RegistryError::MalformedPolicy(_))
+    ));
+    assert!(matches!(
+        r.create_role(&acct, "short", None, trust, None, Some(3599)),
+        Err(RegistryError::InvalidRequest(_))
+    ));
+    r.create_role(&acct, "long", None, trust, None, Some(43200))
+        .unwrap();
+    assert!(matches!(
+        r.create_role(&acct, "longer", None, trust, None, Some(43201)),
+        Err(RegistryError::InvalidRequest(_))
+    ));
+    r.create_access_key(&acct, Some("alice")).unwrap();
+    assert!(matches!(
+        r.create_access_key(&acct, Some("alice")),
+        Err(RegistryError::LimitExceeded(_))
+    ));
+}

@@ -223,6 +223,7 @@ impl Config {
                 _ => None,
             },
             max_connections: e.max_connections.unwrap_or(100_000),
+            client_cert_optional: e.protocol == Protocol::Https,
         }
     }
 

@@ -141,8 +141,15 @@ pub fn write_profile(
         info.name.clone()
     };
     let api = format!("https://localhost:{}", config.ports.api);
+    // `aws iot-data` goes to the account's data endpoint on the device HTTPS port.
+    let data = format!(
+        "https://{}-ats.{}:{}",
+        info.endpoint_prefix,
+        config.data_suffix(),
+        config.ports.https
+    );
     let config_section = format!(
-        "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\niam =\n  endpoint_url = {api}\nsts =\n  endpoint_url = {api}\n",
+        "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\niam =\n  endpoint_url = {api}\nsts =\n  endpoint_url = {api}\niot_data_plane =\n  endpoint_url = {data}\n",
         region = config.region,
         ca = layout.path("ca.pem").display(),
     );

@@ -146,11 +146,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let (layout, material) = init::open(&config)?;
                 // The profile points at the control plane of the server using this directory
                 // (it records its port at start), else at the configured one.
-                if let Some(port) = std::fs::read_to_string(layout.path("api.port"))
-                    .ok()
-                    .and_then(|p| p.trim().parse().ok())
-                {
+                let recorded = |name: &str| {
+                    std::fs::read_to_string(layout.path(name))
+                        .ok()
+                        .and_then(|p| p.trim().parse().ok())
+                };
+                if let Some(port) = recorded("api.port") {
                     config.ports.api = port;
+                }
+                if let Some(port) = recorded("https.port") {
+                    config.ports.https = port;
                 }
                 let (info, key) = material.registry.create_account(&name)?;
                 init::write_profile(&layout, &config, &info, &key)?;
@@ -216,6 +221,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     std::fs::write(layout.path("api.port"), config.ports.api.to_string())
         .context("recording the control-plane port")?;
+    std::fs::write(layout.path("https.port"), config.ports.https.to_string())
+        .context("recording the device HTTPS port")?;
     let registry = Arc::new(material.registry);
     let broker = Arc::new(Broker::new(BrokerConfig::default()));
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -261,7 +268,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             mqtt.clone(),
         ));
     }
-    let https = Arc::new(config.default_endpoint("https"));
+    let https = Arc::new(sekisho_gateway::Endpoint {
+        client_cert_optional: true,
+        ..config.default_endpoint("https")
+    });
     for l in bind_all(&config.bind, config.ports.https, "device HTTPS").await? {
         tasks.spawn(sekisho_gateway::serve_device_https(
             shared.clone(),

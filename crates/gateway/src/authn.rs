@@ -1,0 +1,136 @@
+//! The Authenticator for IAM callers: SigV4 over long-term keys (an account's root or its IAM
+//! users) and STS temporary credentials (with their session token and expiry), and the
+//! authorization of such callers by their IAM policies. Used by the control plane and by the
+//! device HTTPS data plane; the protocols map [`AuthFailure`] to their own error shapes.
+
+use sekisho_policy::{Decision, Dialect, MapContext, Policy, decide};
+use sekisho_registry::{IamPrincipal, Registry, now_secs};
+use sekisho_sigv4::{Request, SigError};
+
+/// A verified IAM caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Account.
+    pub account: String,
+    /// Who the credentials stand for.
+    pub principal: IamPrincipal,
+    /// The session policy of AssumeRole credentials.
+    pub session_policy: Option<String>,
+    /// True for temporary (STS) credentials.
+    pub temporary: bool,
+    /// Expiry of temporary credentials, epoch seconds.
+    pub expiration: Option<f64>,
+    /// The access key id used.
+    pub access_key_id: String,
+}
+
+impl Caller {
+    /// The caller's ARN as IAM and STS show it.
+    pub fn arn(&self) -> String {
+        match &self.principal {
+            IamPrincipal::Root => format!("arn:aws:iam::{}:root", self.account),
+            IamPrincipal::User(u) => format!("arn:aws:iam::{}:user/{u}", self.account),
+            IamPrincipal::Role { role, session } => {
+                format!(
+                    "arn:aws:sts::{}:assumed-role/{role}/{session}",
+                    self.account
+                )
+            }
+        }
+    }
+}
+
+/// Why a request was not authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// The signature is missing, malformed, stale or wrong.
+    Signature(SigError),
+    /// Unknown or inactive access key, or a temporary key without its token.
+    UnknownKey,
+    /// Temporary credentials past their expiry.
+    Expired,
+    /// Signed for a service not served here.
+    Service(String),
+    /// Signed for another region.
+    Region(String),
+}
+
+/// Authenticates a SigV4 request. `services` are the signing names accepted; the one used is
+/// returned with the caller. IAM (`iam`) is global: botocore signs it for us-east-1.
+pub fn authenticate(
+    registry: &Registry,
+    region: &str,
+    req: &Request<'_>,
+    services: &[&str],
+) -> Result<(Caller, String), AuthFailure> {
+    let claim = sekisho_sigv4::parse(req).map_err(AuthFailure::Signature)?;
+    if !services.contains(&claim.service.as_str()) {
+        return Err(AuthFailure::Service(claim.service));
+    }
+    let Some(cred) = registry.credential(&claim.access_key) else {
+        return Err(AuthFailure::UnknownKey);
+    };
+    if !(claim.region == region || (claim.service == "iam" && claim.region == "us-east-1")) {
+        return Err(AuthFailure::Region(claim.region));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    sekisho_sigv4::verify(
+        req,
+        &claim,
+        &cred.secret_access_key,
+        now,
+        sekisho_sigv4::Options::default(),
+    )
+    .map_err(AuthFailure::Signature)?;
+    if let Some(token) = &cred.token {
+        if claim.security_token.as_deref() != Some(token.as_str()) {
+            return Err(AuthFailure::UnknownKey);
+        }
+        if cred.expiration.is_some_and(|e| now_secs() >= e) {
+            return Err(AuthFailure::Expired);
+        }
+    }
+    Ok((
+        Caller {
+            account: cred.account_id,
+            temporary: cred.token.is_some(),
+            expiration: cred.expiration,
+            principal: cred.principal,
+            session_policy: cred.session_policy,
+            access_key_id: claim.access_key,
+        },
+        claim.service,
+    ))
+}
+
+/// Whether the caller's IAM policies allow `action` on `resource`: the account root may do
+/// everything in its account; users and role sessions need an Allow in their identity
+/// policies (and in the session policy, if any) and no Deny.
+pub fn is_authorized(registry: &Registry, caller: &Caller, action: &str, resource: &str) -> bool {
+    if caller.principal == IamPrincipal::Root {
+        return true;
+    }
+    let Some(policies) = registry.identity_policies(&caller.account, &caller.principal) else {
+        return false;
+    };
+    let mut ctx = MapContext::new();
+    ctx.set("aws:PrincipalAccount", caller.account.clone());
+    ctx.set("aws:PrincipalArn", caller.arn());
+    if let IamPrincipal::User(u) = &caller.principal {
+        ctx.set("aws:username", u.clone());
+    }
+    let action = action.to_ascii_lowercase();
+    let bound: Vec<_> = policies.iter().map(|p| p.bind(&ctx)).collect();
+    let identity = decide(&bound, &action, resource, &ctx);
+    let session = match &caller.session_policy {
+        None => Decision::Allowed,
+        Some(doc) => match Policy::parse(doc, Dialect::IamIdentity) {
+            Ok(p) => decide([&p.bind(&ctx)], &action, resource, &ctx),
+            Err(_) => Decision::ImplicitDeny,
+        },
+    };
+    identity.is_allowed() && session.is_allowed()
+}
