@@ -328,3 +328,61 @@ def test_iot_data_plane_with_sigv4(two, workdir):
     with pytest.raises(ClientError) as e:
         wrong.publish(topic="dash/a", payload=b"x")
     assert code(e.value) == "UnauthorizedException"
+
+
+def test_mqtt_over_websocket_with_sigv4(two, workdir):
+    """awsiotsdk's WebSocket SigV4 builder with temporary credentials of a role in account B."""
+    from awscrt import auth, io as crt_io, mqtt as crt_mqtt
+    from awsiot import mqtt_connection_builder
+
+    s = two
+    b_iam = s.boto("iam", profile="tenant-b")
+    a_iam = s.boto("iam")
+    a_id = s.boto("sts").get_caller_identity()["Account"]
+    b_id = s.boto("sts", profile="tenant-b").get_caller_identity()["Account"]
+    arn = f"arn:aws:iot:us-east-1:{b_id}"
+    trust = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"AWS": a_id}, "Action": "sts:AssumeRole"}]}
+    role = b_iam.create_role(RoleName="ws-client", AssumeRolePolicyDocument=json.dumps(trust))["Role"]
+    b_iam.put_role_policy(RoleName="ws-client", PolicyName="mqtt", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/dashboard-*"},
+            {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": f"{arn}:topic/ws/*"},
+            {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": f"{arn}:topicfilter/ws/*"}]}))
+    a_iam.create_user(UserName="ws-user")
+    a_iam.put_user_policy(UserName="ws-user", PolicyName="assume", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}]}))
+    user = keys(a_iam.create_access_key(UserName="ws-user")["AccessKey"])
+    c = client(s, "sts", user).assume_role(RoleArn=role["Arn"], RoleSessionName="dash")["Credentials"]
+
+    dev = Device(s, s.boto(profile="tenant-b"), unique("ws-mon"), ALLOW_ALL, workdir)
+    host_b = s.endpoint(profile="tenant-b")
+    mon = Paho(s, host_b, dev, dev.name)
+    assert mon.connect()[0] == 0
+    mon.subscribe("ws/#", qos=1)
+
+    def connect(client_id, creds=c):
+        provider = auth.AwsCredentialsProvider.new_static(creds["AccessKeyId"], creds["SecretAccessKey"],
+                                                         creds.get("SessionToken"))
+        return mqtt_connection_builder.websockets_with_default_aws_signing(
+            endpoint=host_b, port=s.https_port, region="us-east-1", credentials_provider=provider,
+            ca_filepath=s.ca, client_id=client_id, clean_session=True, keep_alive_secs=30)
+
+    conn = connect("dashboard-1")
+    conn.connect().result(10)
+    got = queue.Queue()
+    conn.subscribe("ws/echo", crt_mqtt.QoS.AT_LEAST_ONCE,
+                   callback=lambda topic, payload, **kw: got.put((topic, payload)))[0].result(10)
+    conn.publish("ws/echo", b"over websocket", crt_mqtt.QoS.AT_LEAST_ONCE)[0].result(10)
+    assert got.get(timeout=5) == ("ws/echo", b"over websocket")
+    m = mon.messages.get(timeout=5)
+    assert (m.topic, m.payload) == ("ws/echo", b"over websocket")
+    conn.disconnect().result(10)
+
+    # A client id outside the role's iot:Connect grant is refused; so is a tampered token.
+    with pytest.raises(Exception):
+        connect("intruder").connect().result(10)
+    bad = dict(c, SessionToken=c["SessionToken"][:-4] + "AAAA")
+    with pytest.raises(Exception):
+        connect("dashboard-2", bad).connect().result(10)
+    mon.close()

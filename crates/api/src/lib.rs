@@ -266,6 +266,7 @@ fn authenticate(
         &state.endpoints.region,
         req,
         &["iot", "iam", "sts"],
+        sekisho_sigv4::Options::default(),
     )
     .map_err(|f| match f {
         AuthFailure::Signature(e) => {

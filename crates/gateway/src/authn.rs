@@ -62,6 +62,7 @@ pub fn authenticate(
     region: &str,
     req: &Request<'_>,
     services: &[&str],
+    opts: sekisho_sigv4::Options,
 ) -> Result<(Caller, String), AuthFailure> {
     let claim = sekisho_sigv4::parse(req).map_err(AuthFailure::Signature)?;
     if !services.contains(&claim.service.as_str()) {
@@ -77,14 +78,8 @@ pub fn authenticate(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    sekisho_sigv4::verify(
-        req,
-        &claim,
-        &cred.secret_access_key,
-        now,
-        sekisho_sigv4::Options::default(),
-    )
-    .map_err(AuthFailure::Signature)?;
+    sekisho_sigv4::verify(req, &claim, &cred.secret_access_key, now, opts)
+        .map_err(AuthFailure::Signature)?;
     if let Some(token) = &cred.token {
         if claim.security_token.as_deref() != Some(token.as_str()) {
             return Err(AuthFailure::UnknownKey);

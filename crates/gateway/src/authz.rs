@@ -170,6 +170,15 @@ impl Context for ConnContext {
 pub enum Revoked {
     /// The certificate is no longer ACTIVE (or was deleted).
     Certificate(String),
+    /// IAM credentials expired, or their user or role was deleted.
+    Credentials(String),
+}
+
+/// The IAM side of a principal connected with SigV4 (MQTT over WebSocket).
+struct IamParts {
+    caller: crate::authn::Caller,
+    /// The session policy, bound: decisions must be allowed by it too.
+    session: Option<(Arc<sekisho_policy::Policy>, BoundPolicy)>,
 }
 
 /// A certificate principal with its bound policies.
@@ -184,6 +193,7 @@ pub struct Principal {
     bound: Vec<BoundPolicy>,
     arn_prefix: String,
     scratch: String,
+    iam: Option<IamParts>,
 }
 
 impl std::fmt::Debug for Principal {
@@ -229,6 +239,49 @@ impl Principal {
             bound: Vec::new(),
             arn_prefix,
             scratch: String::with_capacity(128),
+            iam: None,
+        };
+        p.bind();
+        Ok(p)
+    }
+
+    /// An IAM caller (SigV4) as an MQTT principal: its identity policies (and session policy)
+    /// decide `iot:Connect`, `iot:Publish`, `iot:Subscribe` and `iot:Receive` on IoT ARNs.
+    pub fn iam(
+        registry: Arc<Registry>,
+        caller: crate::authn::Caller,
+        client_id: Option<&str>,
+        source_ip: Option<IpAddr>,
+    ) -> Result<Principal, RegistryError> {
+        let account = caller.account.clone();
+        let identity = iam_identity(&registry, &caller).ok_or_else(|| {
+            RegistryError::NotFound("the caller's user or role no longer exists".into())
+        })?;
+        let session = caller
+            .session_policy
+            .as_deref()
+            .and_then(|d| {
+                sekisho_policy::Policy::parse(d, sekisho_policy::Dialect::IamIdentity).ok()
+            })
+            .map(|p| {
+                let p = Arc::new(p);
+                (p.clone(), p.bind(&ConnContext::default()))
+            });
+        let ctx = ConnContext {
+            client_id: client_id.map(str::to_owned),
+            source_ip: source_ip.map(|i| i.to_string()),
+            ..ConnContext::default()
+        };
+        let arn_prefix = registry.arn(&account, "");
+        let mut p = Principal {
+            registry,
+            account,
+            identity,
+            ctx,
+            bound: Vec::new(),
+            arn_prefix,
+            scratch: String::with_capacity(128),
+            iam: Some(IamParts { caller, session }),
         };
         p.bind();
         Ok(p)
@@ -247,12 +300,36 @@ impl Principal {
             .iter()
             .map(|(_, p)| p.bind(&self.ctx))
             .collect();
+        if let Some(IamParts {
+            session: Some((doc, bound)),
+            ..
+        }) = &mut self.iam
+        {
+            *bound = doc.bind(&self.ctx);
+        }
     }
 
     /// Re-reads the identity if the registry changed since it was bound (every change of
     /// policy, attachment, thing or certificate status moves the generation), and fails once
     /// the certificate is no longer ACTIVE. Costs one atomic load when nothing changed.
     pub fn refresh(&mut self) -> Result<(), Revoked> {
+        if let Some(iam) = &self.iam {
+            if iam
+                .caller
+                .expiration
+                .is_some_and(|e| sekisho_registry::now_secs() >= e)
+            {
+                return Err(Revoked::Credentials("credentials expired".into()));
+            }
+            if self.registry.generation() != self.identity.generation {
+                let Some(id) = iam_identity(&self.registry, &iam.caller) else {
+                    return Err(Revoked::Credentials("user or role deleted".into()));
+                };
+                self.identity = id;
+                self.bind();
+            }
+            return Ok(());
+        }
         if self.registry.generation() != self.identity.generation {
             let client = self.ctx.client_id.clone();
             match self.registry.certificate_identity(
@@ -285,13 +362,59 @@ impl Principal {
         arn.push_str(kind);
         arn.push('/');
         arn.push_str(name);
-        let d = decide(self.bound.iter(), action, &arn, &self.ctx);
+        let mut d = decide(self.bound.iter(), action, &arn, &self.ctx);
+        if d.is_allowed()
+            && let Some(IamParts {
+                session: Some((_, bound)),
+                ..
+            }) = &self.iam
+        {
+            d = decide([bound], action, &arn, &self.ctx);
+        }
         self.scratch = arn;
         d
+    }
+
+    /// When IAM credentials of this principal expire (MQTT over WebSocket).
+    pub fn expiration(&self) -> Option<f64> {
+        self.iam.as_ref().and_then(|i| i.caller.expiration)
     }
 
     /// Shorthand: whether `action` on `kind/name` is allowed.
     pub fn allowed(&mut self, action: &str, kind: &str, name: &str) -> bool {
         self.decide(action, kind, name).is_allowed()
     }
+}
+
+/// A principal identity for an IAM caller: its identity policies; the "certificate id" slot
+/// names the caller (lifecycle events' principalIdentifier). `None` once the user or role is
+/// gone.
+fn iam_identity(registry: &Registry, caller: &crate::authn::Caller) -> Option<CertificateIdentity> {
+    let generation = registry.generation();
+    let policies = registry.identity_policies(&caller.account, &caller.principal)?;
+    // The root may do everything in its account.
+    let policies = if caller.principal == sekisho_registry::IamPrincipal::Root {
+        let all = sekisho_policy::Policy::parse(
+            r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}"#,
+            sekisho_policy::Dialect::IamIdentity,
+        )
+        .ok()?;
+        vec![("root".to_string(), Arc::new(all))]
+    } else {
+        policies
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (format!("iam-{i}"), p))
+            .collect()
+    };
+    Some(CertificateIdentity {
+        account_id: caller.account.clone(),
+        certificate_id: caller.access_key_id.clone(),
+        status: CertStatus::Active,
+        info: None,
+        thing: None,
+        thing_exclusive: false,
+        policies,
+        generation,
+    })
 }

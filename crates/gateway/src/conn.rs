@@ -56,12 +56,20 @@ pub struct ConnInfo {
     pub certificate_id: String,
     /// The listener it came through.
     pub endpoint: Arc<crate::Endpoint>,
+    /// For MQTT over WebSocket: the IAM caller that signed the upgrade (then there is no
+    /// certificate, and `certificate_id` names the access key).
+    pub caller: Option<crate::authn::Caller>,
 }
+
+/// Longest life of a WebSocket connection (AWS: 24 hours).
+const WEBSOCKET_MAX: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a connection ends, as the lifecycle event names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
-    ClientDisconnect { will: bool },
+    ClientDisconnect {
+        will: bool,
+    },
     ConnectionLost,
     KeepAlive,
     TakenOver,
@@ -70,6 +78,8 @@ enum End {
     AuthError,
     Forbidden,
     ClientError(u8),
+    /// WebSocket lifetime or the credentials behind it ran out.
+    Expired,
 }
 
 impl End {
@@ -84,6 +94,7 @@ impl End {
             End::AuthError => "AUTH_ERROR",
             End::Forbidden => "FORBIDDEN_ACCESS",
             End::ClientError(_) => "CLIENT_ERROR",
+            End::Expired => "WEBSOCKET_TTL_EXPIRATION",
         }
     }
 
@@ -96,6 +107,7 @@ impl End {
             End::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
             End::Administrative => Some(reason::ADMINISTRATIVE_ACTION),
             End::AuthError | End::Forbidden => Some(reason::NOT_AUTHORIZED),
+            End::Expired => Some(reason::ADMINISTRATIVE_ACTION),
             End::ClientError(c) => Some(c),
         }
     }
@@ -127,8 +139,13 @@ async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, buf: &mut BytesMut) ->
     if buf.is_empty() {
         return true;
     }
+    // Flushed too: a WebSocket stream sends its frames only on flush.
     let ok = matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(buf)).await,
+        tokio::time::timeout(WRITE_TIMEOUT, async {
+            stream.write_all(buf).await?;
+            stream.flush().await
+        })
+        .await,
         Ok(Ok(()))
     );
     buf.clear();
@@ -256,6 +273,8 @@ struct Connection {
     session: u64,
     epoch: u64,
     session_identifier: String,
+    /// When the connection must end regardless (WebSocket: 24 h, or its credentials' expiry).
+    deadline: Option<Instant>,
     inflight: HashMap<u16, Delivery>,
     next_pid: u16,
     client_receive_max: usize,
@@ -342,14 +361,23 @@ impl Connection {
                 return Err(());
             }
         }
-        let mut principal = match Principal::certificate(
-            shared.registry.clone(),
-            &info.account,
-            &info.certificate_id,
-            Some(&client_id),
-            Some(info.peer.ip()),
-            info.endpoint.private.as_ref(),
-        ) {
+        let made = match &info.caller {
+            Some(caller) => Principal::iam(
+                shared.registry.clone(),
+                caller.clone(),
+                Some(&client_id),
+                Some(info.peer.ip()),
+            ),
+            None => Principal::certificate(
+                shared.registry.clone(),
+                &info.account,
+                &info.certificate_id,
+                Some(&client_id),
+                Some(info.peer.ip()),
+                info.endpoint.private.as_ref(),
+            ),
+        };
+        let mut principal = match made {
             Ok(p) => p,
             Err(e) => {
                 refuse(wbuf, reason::NOT_AUTHORIZED, &e.to_string());
@@ -425,6 +453,15 @@ impl Connection {
             session: 0,
             epoch: 0,
             session_identifier,
+            deadline: info.caller.as_ref().map(|c| {
+                let max = Instant::now() + WEBSOCKET_MAX;
+                c.expiration
+                    .map(|e| {
+                        let left = (e - sekisho_registry::now_secs()).max(0.0);
+                        Instant::now() + Duration::from_secs_f64(left)
+                    })
+                    .map_or(max, |e| e.min(max))
+            }),
             inflight: HashMap::new(),
             next_pid: 1,
             client_receive_max: c
@@ -575,6 +612,9 @@ impl Connection {
                     if now >= self.keep_alive_deadline() {
                         return End::KeepAlive;
                     }
+                    if self.deadline.is_some_and(|d| now >= d) {
+                        return End::Expired;
+                    }
                     if now >= self.last_io + SHRINK_AFTER {
                         if rbuf.is_empty() && rbuf.capacity() > IDLE_BUF {
                             *rbuf = BytesMut::with_capacity(IDLE_BUF);
@@ -598,6 +638,7 @@ impl Connection {
     /// the buffers of a connection gone quiet can shrink.
     fn next_timer(&self, rbuf: &BytesMut, wbuf: &BytesMut) -> Instant {
         let ka = self.keep_alive_deadline();
+        let ka = self.deadline.map_or(ka, |d| ka.min(d));
         let shrink = self.last_io + SHRINK_AFTER;
         let big = rbuf.capacity() > IDLE_BUF || wbuf.capacity() > 0;
         if big && shrink > Instant::now() {

@@ -64,8 +64,11 @@ fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 async fn handle(
     shared: Arc<Shared>,
     info: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/mqtt" && crate::ws::is_mqtt_upgrade(req.headers()) {
+        return Ok(websocket(shared, info, &mut req));
+    }
     let (parts, body) = req.into_parts();
     if info.certificate_id.is_empty() {
         return Ok(signed_request(&shared, &info, parts, body).await);
@@ -150,7 +153,8 @@ pub async fn serve(shared: Arc<Shared>, stream: DeviceStream, info: ConnInfo) {
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(30))
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+        .with_upgrades();
     if let Err(e) = conn.await {
         tracing::debug!(%peer, error = %e, "device HTTPS connection ended");
     }
@@ -202,6 +206,7 @@ async fn signed_request(
         &region,
         &sreq,
         &["iotdata", "iotdevicegateway"],
+        sekisho_sigv4::Options::default(),
     ) {
         Ok((c, _)) => c,
         Err(f) => {
@@ -462,4 +467,104 @@ fn mqtt5_properties(
         p.message_expiry_interval = Some(secs);
     }
     Ok(p)
+}
+
+/// MQTT over WebSocket: `GET /mqtt` with `Upgrade: websocket` and subprotocol `mqtt`, signed
+/// with a SigV4 presigned URL (signing name `iotdevicegateway`; the session token may be
+/// appended after signing, as AWS's SDKs do). The MQTT connection is then authorized by the
+/// caller's IAM policies and ends when its credentials expire (at most 24 h).
+fn websocket(
+    shared: Arc<Shared>,
+    info: Arc<ConnInfo>,
+    req: &mut Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_ascii_lowercase(), v.to_owned()))
+        })
+        .collect();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let empty = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b""));
+    let sreq = sekisho_sigv4::Request {
+        method: req.method().as_str(),
+        path: &path,
+        query: &query,
+        headers: &headers,
+        body_sha256: &empty,
+    };
+    let region = shared.registry.region().to_owned();
+    let caller = match crate::authn::authenticate(
+        &shared.registry,
+        &region,
+        &sreq,
+        &["iotdevicegateway", "iotdata"],
+        sekisho_sigv4::Options {
+            s3: false,
+            token_outside_signature: true,
+        },
+    ) {
+        Ok((c, _)) => c,
+        Err(f) => {
+            tracing::info!(peer = %info.peer, failure = ?f, "WebSocket upgrade not authenticated");
+            return error(403, "ForbiddenException", "Forbidden");
+        }
+    };
+    if !info.account.is_empty() && info.account != caller.account {
+        return error(403, "ForbiddenException", "Forbidden");
+    }
+    let Some(accept) = crate::ws::accept_key(req.headers()) else {
+        return error(
+            400,
+            "InvalidRequestException",
+            "Sec-WebSocket-Key is missing",
+        );
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    let conn_info = ConnInfo {
+        peer: info.peer,
+        account: caller.account.clone(),
+        certificate_id: caller.access_key_id.clone(),
+        endpoint: info.endpoint.clone(),
+        caller: Some(caller),
+    };
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        crate::conn::serve(shared, crate::ws::WsIo::new(ws), conn_info).await;
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        "upgrade",
+        hyper::header::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        "connection",
+        hyper::header::HeaderValue::from_static("Upgrade"),
+    );
+    h.insert(
+        "sec-websocket-protocol",
+        hyper::header::HeaderValue::from_static("mqtt"),
+    );
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
 }

@@ -15,6 +15,7 @@ pub mod conn;
 pub mod events;
 pub mod https;
 pub mod tls;
+pub mod ws;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -323,6 +324,7 @@ async fn accept_loop<F, Fut>(
                     account,
                     certificate_id,
                     endpoint,
+                    caller: None,
                 },
             )
             .await;
