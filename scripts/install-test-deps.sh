@@ -20,3 +20,10 @@ fi
 getent hosts probe-ats.iot.us-east-1.localhost >/dev/null
 
 python3 -m pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+
+# Node.js clients (aws-sdk v2, aws-iot-device-sdk v1), pinned by package-lock.json.
+command -v node >/dev/null || {
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+}
+npm ci --prefix tests/e2e/node --no-audit --no-fund --loglevel=error >/dev/null

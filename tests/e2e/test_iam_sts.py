@@ -2,8 +2,10 @@
 IoT control plane, with boto3 and the stock AWS CLI (issue 5, first part)."""
 
 import json
+import os
 import subprocess
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -386,3 +388,98 @@ def test_mqtt_over_websocket_with_sigv4(two, workdir):
     with pytest.raises(Exception):
         connect("dashboard-2", bad).connect().result(10)
     mon.close()
+
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+
+
+def test_node_aws_sdk_and_aws_iot_device_sdk_over_wss(two, workdir):
+    """The issue's Node.js path: aws-sdk (v2) STS assumeRole across accounts, then
+    aws-iot-device-sdk (v1) over wss with the temporary credentials."""
+    s = two
+    a_iam, b_iam = s.boto("iam"), s.boto("iam", profile="tenant-b")
+    a_id = s.boto("sts").get_caller_identity()["Account"]
+    b_id = s.boto("sts", profile="tenant-b").get_caller_identity()["Account"]
+    arn = f"arn:aws:iot:us-east-1:{b_id}"
+    role = b_iam.create_role(RoleName="node-client", AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{a_id}:root"}, "Action": "sts:AssumeRole"}]}))["Role"]
+    b_iam.put_role_policy(RoleName="node-client", PolicyName="mqtt", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/node-*"},
+            {"Effect": "Allow", "Action": "iot:Publish", "Resource": f"{arn}:topic/topic/test"}]}))
+    a_iam.create_user(UserName="node-user")
+    a_iam.put_user_policy(UserName="node-user", PolicyName="assume", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": role["Arn"]}]}))
+    user = a_iam.create_access_key(UserName="node-user")["AccessKey"]
+
+    dev = Device(s, s.boto(profile="tenant-b"), unique("node-mon"), ALLOW_ALL, workdir)
+    host_b = s.endpoint(profile="tenant-b")
+    mon = Paho(s, host_b, dev, dev.name)
+    assert mon.connect()[0] == 0
+    mon.subscribe("topic/#", qos=1)
+
+    def run(client_id, access_key=user["AccessKeyId"], role_arn=role["Arn"]):
+        env = dict(os.environ, NODE_EXTRA_CA_CERTS=s.ca, SEKISHO_API=f"https://localhost:{s.api_port}",
+                   REGION="us-east-1", ACCESS_KEY=access_key, SECRET_KEY=user["SecretAccessKey"],
+                   ROLE_ARN=role_arn, DATA_HOST=host_b, DATA_PORT=str(s.https_port), CLIENT_ID=client_id,
+                   TOPIC="topic/test", PAYLOAD="hello from node")
+        cp = subprocess.run(["node", str(NODE_DIR / "assume_and_publish.js")], env=env, capture_output=True,
+                            text=True, timeout=60)
+        assert cp.returncode == 0, cp.stderr
+        return json.loads(cp.stdout.strip().splitlines()[-1])
+
+    out = run("node-dashboard")
+    assert out == {"step": "published", "arn": f"arn:aws:sts::{b_id}:assumed-role/node-client/node-dashboard"}, out
+    m = mon.messages.get(timeout=5)
+    assert (m.topic, m.payload) == ("topic/test", b"hello from node")
+    # Denied: a client id outside the grant; a role that does not exist.
+    assert run("intruder")["step"] == "connect"
+    assert run("node-x", role_arn=f"arn:aws:iam::{b_id}:role/none") == {
+        "step": "assumeRole", "error": "AccessDenied",
+        "message": f"User: arn:aws:iam::{a_id}:user/node-user is not authorized to perform: sts:AssumeRole "
+                   f"on resource: arn:aws:iam::{b_id}:role/none"}
+    mon.close()
+
+
+def test_signature_over_a_different_payload_is_rejected(two):
+    """A request signed for one body and sent with another: AWS's codes on each protocol."""
+    import urllib.request
+
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    s = two
+    iam = s.boto("iam")
+    iam.create_user(UserName="signer")
+    iam.put_user_policy(UserName="signer", PolicyName="pub", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Publish", "Resource": "*"}]}))
+    k = iam.create_access_key(UserName="signer")["AccessKey"]
+    creds = Credentials(k["AccessKeyId"], k["SecretAccessKey"])
+    ctx = __import__("ssl").create_default_context(cafile=s.ca)
+
+    def send(url, service, signed_body, sent_body, headers=None):
+        req = AWSRequest(method="POST", url=url, data=signed_body, headers=headers or {})
+        SigV4Auth(creds, service, "us-east-1").add_auth(req)
+        raw = urllib.request.Request(url, data=sent_body, method="POST", headers=dict(req.headers.items()))
+        try:
+            with urllib.request.urlopen(raw, context=ctx, timeout=10) as r:
+                return r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    data_url = f"https://{s.endpoint()}:{s.https_port}/topics/signed%2Ftopic?qos=1"
+    status, _, _ = send(data_url, "iotdata", b"original", b"original")
+    assert status == 200
+    status, headers, body = send(data_url, "iotdata", b"original", b"tampered")
+    assert status == 401 and headers["x-amzn-ErrorType"] == "UnauthorizedException", body
+
+    sts_url = f"https://localhost:{s.api_port}/"
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, _, body = send(sts_url, "sts", b"Action=GetCallerIdentity&Version=2011-06-15",
+                           b"Action=GetCallerIdentity&Version=2011-06-15", form)
+    assert status == 200 and b"user/signer" in body
+    status, _, body = send(sts_url, "sts", b"Action=GetCallerIdentity&Version=2011-06-15",
+                           b"Action=GetSessionToken&Version=2011-06-15", form)
+    assert status == 403 and b"<Code>SignatureDoesNotMatch</Code>" in body, body

@@ -66,7 +66,7 @@ async fn handle(
     info: Arc<ConnInfo>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if req.uri().path() == "/mqtt" && crate::ws::is_mqtt_upgrade(req.headers()) {
+    if req.uri().path() == "/mqtt" && crate::ws::is_upgrade(req.headers()) {
         return Ok(websocket(shared, info, &mut req));
     }
     let (parts, body) = req.into_parts();
@@ -524,6 +524,13 @@ fn websocket(
             "Sec-WebSocket-Key is missing",
         );
     };
+    let Some(subprotocol) = crate::ws::mqtt_subprotocol(req.headers()) else {
+        return error(
+            400,
+            "InvalidRequestException",
+            "The WebSocket subprotocol must be mqtt",
+        );
+    };
     let on_upgrade = hyper::upgrade::on(req);
     let conn_info = ConnInfo {
         peer: info.peer,
@@ -561,7 +568,7 @@ fn websocket(
     );
     h.insert(
         "sec-websocket-protocol",
-        hyper::header::HeaderValue::from_static("mqtt"),
+        hyper::header::HeaderValue::from_static(subprotocol),
     );
     if let Ok(v) = hyper::header::HeaderValue::from_str(&accept) {
         h.insert("sec-websocket-accept", v);

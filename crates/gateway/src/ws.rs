@@ -90,16 +90,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     }
 }
 
-/// Whether a request asks to upgrade to a WebSocket speaking the `mqtt` subprotocol.
-pub fn is_mqtt_upgrade(headers: &hyper::HeaderMap) -> bool {
-    let has = |name: &str, want: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(want)))
-                .unwrap_or(false)
-        })
-    };
-    has("upgrade", "websocket") && has("sec-websocket-protocol", "mqtt")
+/// Whether a request asks to upgrade to a WebSocket (on `/mqtt`, that is MQTT).
+pub fn is_upgrade(headers: &hyper::HeaderMap) -> bool {
+    headers.get_all("upgrade").iter().any(|v| {
+        v.to_str()
+            .map(|s| {
+                s.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// The MQTT subprotocol to answer with: `mqtt` (AWS's), or `mqttv3.1` for clients of MQTT
+/// 3.1-era libraries that offer only that; `None` when the client offered neither, which is
+/// refused.
+pub fn mqtt_subprotocol(headers: &hyper::HeaderMap) -> Option<&'static str> {
+    let offered: Vec<String> = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(',').map(|p| p.trim().to_ascii_lowercase()))
+        .collect();
+    ["mqtt", "mqttv3.1"]
+        .into_iter()
+        .find(|p| offered.iter().any(|o| o == p))
 }
 
 /// The `Sec-WebSocket-Accept` value for a request's key.
