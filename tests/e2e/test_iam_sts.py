@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 
 import queue
 
-from conftest import ALLOW_ALL, Device, Paho, Server, unique
+from conftest import ALLOW_ALL, Device, Paho, Server, free_port, unique
 
 
 @pytest.fixture(scope="module")
@@ -483,3 +483,40 @@ def test_signature_over_a_different_payload_is_rejected(two):
     status, _, body = send(sts_url, "sts", b"Action=GetCallerIdentity&Version=2011-06-15",
                            b"Action=GetSessionToken&Version=2011-06-15", form)
     assert status == 403 and b"<Code>SignatureDoesNotMatch</Code>" in body, body
+
+
+def test_websocket_connection_holds_its_listener_slot(workdir):
+    """An upgraded WebSocket keeps the HTTPS connection's slot: with max_connections = 1 a
+    second client is refused while the WebSocket lives (N = 1 held, N + 1 refused)."""
+    from awscrt import auth
+    from awsiot import mqtt_connection_builder
+
+    port = free_port()
+    s = Server(workdir / unique("wscap"), config=f"""
+[[endpoints]]
+name = "wss-small"
+port = {port}
+protocol = "https"
+max_connections = 1
+""").start()
+    try:
+        creds = s.boto("sts")._request_signer._credentials
+        provider = auth.AwsCredentialsProvider.new_static(creds.access_key, creds.secret_key)
+        host = s.endpoint()
+        conn = mqtt_connection_builder.websockets_with_default_aws_signing(
+            endpoint=host, port=port, region="us-east-1", credentials_provider=provider, ca_filepath=s.ca,
+            client_id="held", clean_session=True, keep_alive_secs=30)
+        conn.connect().result(10)
+        probe = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", s.ca,
+                 f"https://{host}:{port}/retainedMessage"]
+        cp = subprocess.run(probe, capture_output=True, text=True, timeout=20)
+        assert cp.stdout != "401", "a second connection got through while the WebSocket holds the slot"
+        conn.disconnect().result(10)
+        for _ in range(50):  # the slot frees when the WebSocket ends
+            if subprocess.run(probe, capture_output=True, text=True, timeout=20).stdout == "401":
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the slot was not freed")
+    finally:
+        s.stop()

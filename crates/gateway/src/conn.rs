@@ -59,6 +59,9 @@ pub struct ConnInfo {
     /// For MQTT over WebSocket: the IAM caller that signed the upgrade (then there is no
     /// certificate, and `certificate_id` names the access key).
     pub caller: Option<crate::authn::Caller>,
+    /// The listener's connection slot, held while anything serves this connection (also by
+    /// a WebSocket upgraded from it).
+    pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 /// Longest life of a WebSocket connection (AWS: 24 hours).

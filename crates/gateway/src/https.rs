@@ -538,6 +538,7 @@ fn websocket(
         certificate_id: caller.access_key_id.clone(),
         endpoint: info.endpoint.clone(),
         caller: Some(caller),
+        slot: info.slot.clone(),
     };
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {

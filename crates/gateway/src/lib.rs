@@ -68,6 +68,9 @@ pub struct Endpoint {
     /// Device HTTPS: clients without a certificate may connect and sign their requests with
     /// SigV4 (`aws iot-data`). Never set for MQTT listeners.
     pub client_cert_optional: bool,
+    /// The connection slots, shared by all of the endpoint's listeners (one per bound
+    /// address), `max_connections` of them.
+    pub slots: Arc<Semaphore>,
 }
 
 impl Endpoint {
@@ -79,6 +82,7 @@ impl Endpoint {
             private: None,
             max_connections,
             client_cert_optional: false,
+            slots: Arc::new(Semaphore::new(max_connections)),
         }
     }
 }
@@ -290,7 +294,7 @@ async fn accept_loop<F, Fut>(
     F: Fn(Arc<Shared>, DeviceStream, conn::ConnInfo) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(endpoint.max_connections));
+    let permits = endpoint.slots.clone();
     let mut shutdown = shared.shutdown.clone();
     while let Some((tcp, peer)) = accept(&listener, &mut shutdown).await {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
@@ -306,7 +310,7 @@ async fn accept_loop<F, Fut>(
             endpoint.clone(),
         );
         tokio::spawn(async move {
-            let _permit = permit;
+            let slot = Arc::new(permit);
             let deadline = shared.config.handshake_timeout;
             // The task keeps its size for the connection's life: the handshake's state (about
             // 2.8 KB) lives in its own allocation, freed when the handshake ends.
@@ -325,6 +329,7 @@ async fn accept_loop<F, Fut>(
                     certificate_id,
                     endpoint,
                     caller: None,
+                    slot: Some(slot),
                 },
             )
             .await;

@@ -224,6 +224,9 @@ impl Config {
             },
             max_connections: e.max_connections.unwrap_or(100_000),
             client_cert_optional: e.protocol == Protocol::Https,
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                e.max_connections.unwrap_or(100_000),
+            )),
         }
     }
 
