@@ -130,6 +130,11 @@ pub(crate) fn operation(state: &ApiState, call: &Call) -> (&'static str, String)
         (&Method::POST, ["policy-targets", n]) => ("ListTargetsForPolicy", arn("policy", n)),
         (&Method::GET, ["policy-principals"]) => ("ListPolicyPrincipals", any()),
         (&Method::POST, ["effective-policies"]) => ("GetEffectivePolicies", any()),
+        (&Method::POST, ["role-aliases", n]) => ("CreateRoleAlias", arn("rolealias", n)),
+        (&Method::GET, ["role-aliases", n]) => ("DescribeRoleAlias", arn("rolealias", n)),
+        (&Method::PUT, ["role-aliases", n]) => ("UpdateRoleAlias", arn("rolealias", n)),
+        (&Method::DELETE, ["role-aliases", n]) => ("DeleteRoleAlias", arn("rolealias", n)),
+        (&Method::GET, ["role-aliases"]) => ("ListRoleAliases", any()),
         (&Method::GET, ["endpoint"]) => ("DescribeEndpoint", any()),
         (&Method::POST, ["test-authorization"]) => ("TestAuthorization", any()),
         _ => ("Unknown", any()),
@@ -268,6 +273,31 @@ pub(crate) fn dispatch(state: &ApiState, call: &Call) -> Out {
             Ok(json!({"principals": page.items, "nextMarker": page.next}))
         }
         (&Method::POST, ["effective-policies"]) => effective_policies(state, call),
+        (&Method::POST | &Method::PUT, ["role-aliases", _]) => put_role_alias(state, call),
+        (&Method::GET, ["role-aliases", _]) => {
+            let r = state
+                .registry
+                .describe_role_alias(&call.account, seg(call, 1))?;
+            Ok(json!({"roleAliasDescription": {"roleAlias": r.name,
+                "roleAliasArn": state.registry.arn(&call.account, &format!("rolealias/{}", r.name)),
+                "roleArn": r.role_arn, "owner": call.account, "credentialDurationSeconds": r.duration,
+                "creationDate": r.created, "lastModifiedDate": r.modified}}))
+        }
+        (&Method::DELETE, ["role-aliases", _]) => {
+            state
+                .registry
+                .delete_role_alias(&call.account, seg(call, 1))?;
+            Ok(json!({}))
+        }
+        (&Method::GET, ["role-aliases"]) => {
+            let page = state.registry.list_role_aliases(
+                &call.account,
+                call.q_bool("isAscendingOrder")?,
+                call.q("marker"),
+                call.q_int("pageSize", 1, 250, 250)? as usize,
+            )?;
+            Ok(json!({"roleAliases": page.items, "nextMarker": page.next}))
+        }
         (&Method::GET, ["endpoint"]) => describe_endpoint(state, call),
         (&Method::POST, ["test-authorization"]) => test_authorization(state, call),
         _ => Err(ApiError::new(
@@ -547,6 +577,37 @@ fn list_certificates(state: &ApiState, call: &Call) -> Out {
         })
         .collect();
     Ok(json!({"certificates": v, "nextMarker": page.next}))
+}
+
+/// CreateRoleAlias (POST) and UpdateRoleAlias (PUT). The caller must be allowed to pass the
+/// role (`iam:PassRole`), as on AWS.
+fn put_role_alias(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let duration = match b.get("credentialDurationSeconds") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| ApiError::invalid("credentialDurationSeconds must be an integer"))?,
+        ),
+    };
+    let name = seg(call, 1);
+    let role_arn = str_field(&b, "roleArn")?;
+    if let Some(role) = role_arn {
+        crate::authorize(state, &call.caller, "iam:PassRole", role)?;
+    }
+    let r = if call.method == Method::POST {
+        let role = role_arn.ok_or_else(|| ApiError::invalid("roleArn is required"))?;
+        state
+            .registry
+            .create_role_alias(&call.account, name, role, duration)?
+    } else {
+        state
+            .registry
+            .update_role_alias(&call.account, name, role_arn, duration)?
+    };
+    Ok(json!({"roleAlias": r.name,
+        "roleAliasArn": state.registry.arn(&call.account, &format!("rolealias/{}", r.name))}))
 }
 
 fn ca_arn(state: &ApiState, account: &str, id: &str) -> String {

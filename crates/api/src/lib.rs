@@ -155,6 +155,8 @@ pub struct Call {
     pub body: Bytes,
     /// The caller's account.
     pub account: String,
+    /// The caller.
+    pub caller: Caller,
 }
 
 impl Call {
@@ -383,6 +385,7 @@ pub async fn handle(
         headers,
         body,
         account: caller.account.clone(),
+        caller: caller.clone(),
     };
     if service == "iam" || service == "sts" {
         return Ok(iam::dispatch(&state, &caller, &service, &call));

@@ -22,6 +22,8 @@ pub struct Caller {
     pub expiration: Option<f64>,
     /// The access key id used.
     pub access_key_id: String,
+    /// Condition keys carried by the credentials (credential provider sessions).
+    pub context: std::collections::BTreeMap<String, String>,
 }
 
 impl Caller {
@@ -96,6 +98,7 @@ pub fn authenticate(
             principal: cred.principal,
             session_policy: cred.session_policy,
             access_key_id: claim.access_key,
+            context: cred.context,
         },
         claim.service,
     ))
@@ -116,6 +119,9 @@ pub fn is_authorized(registry: &Registry, caller: &Caller, action: &str, resourc
     ctx.set("aws:PrincipalArn", caller.arn());
     if let IamPrincipal::User(u) = &caller.principal {
         ctx.set("aws:username", u.clone());
+    }
+    for (k, v) in &caller.context {
+        ctx.set(k, v.clone());
     }
     let action = action.to_ascii_lowercase();
     let bound: Vec<_> = policies.iter().map(|p| p.bind(&ctx)).collect();

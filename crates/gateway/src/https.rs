@@ -74,6 +74,23 @@ async fn handle(
         return Ok(signed_request(&shared, &info, parts, body).await);
     }
     let path = parts.uri.path();
+    if let Some(alias) = path
+        .strip_prefix("/role-aliases/")
+        .and_then(|r| r.strip_suffix("/credentials"))
+    {
+        if parts.method != Method::GET {
+            return Ok(reply(405, "Method Not Allowed"));
+        }
+        let alias = percent_encoding::percent_decode_str(alias)
+            .decode_utf8_lossy()
+            .into_owned();
+        let thing = parts
+            .headers
+            .get("x-amzn-iot-thingname")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        return Ok(credentials(&shared, &info, &alias, thing.as_deref()));
+    }
     let Some(raw_topic) = path.strip_prefix("/topics/") else {
         return Ok(reply(404, "Not Found"));
     };
@@ -575,4 +592,138 @@ fn websocket(
         h.insert("sec-websocket-accept", v);
     }
     r
+}
+
+/// The credential provider's error: `{"message": ...}` only, as it answers.
+fn cred_error(status: u16, kind: &'static str, message: &str) -> Response<Full<Bytes>> {
+    let mut r = json_reply(json!({ "message": message }));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        "x-amzn-errortype",
+        hyper::header::HeaderValue::from_static(kind),
+    );
+    r
+}
+
+/// The credential provider: `GET /role-aliases/{alias}/credentials` with a client certificate
+/// (on the account's `iot:CredentialProvider` endpoint, or any of its names). The certificate's
+/// IoT policy must allow `iot:AssumeRoleWithCertificate` on the role alias, a thing named in
+/// `x-amzn-iot-thingname` must be attached to the certificate, and the role must trust the
+/// service principal `credentials.iot.amazonaws.com`. Errors as AWS's credential provider
+/// answers them.
+fn credentials(
+    shared: &Shared,
+    info: &ConnInfo,
+    alias: &str,
+    thing: Option<&str>,
+) -> Response<Full<Bytes>> {
+    let reg = &shared.registry;
+    let account = info.account.as_str();
+    let identity = match reg.certificate_identity(account, &info.certificate_id, thing) {
+        Ok(i) => i,
+        Err(_) => return cred_error(403, "AccessDeniedException", "Access Denied"),
+    };
+    if let Some(t) = thing
+        && identity.thing.as_ref().is_none_or(|x| x.name != t)
+    {
+        return cred_error(403, "AccessDeniedException", "Invalid thing name passed");
+    }
+    // The IoT policy, with the thing's variables when a thing was named.
+    let mut principal = match Principal::certificate(
+        shared.registry.clone(),
+        account,
+        &info.certificate_id,
+        thing,
+        Some(info.peer.ip()),
+        info.endpoint.private.as_ref(),
+    ) {
+        Ok(p) => p,
+        Err(_) => return cred_error(403, "AccessDeniedException", "Access Denied"),
+    };
+    if principal.refresh().is_err()
+        || !principal.allowed("iot:assumerolewithcertificate", "rolealias", alias)
+    {
+        tracing::info!(certificate = %info.certificate_id, %alias, "credential provider: not authorized");
+        return cred_error(403, "AccessDeniedException", "Access Denied");
+    }
+    let Ok(ra) = reg.describe_role_alias(account, alias) else {
+        return cred_error(
+            404,
+            "ResourceNotFoundException",
+            "Role alias does not exist",
+        );
+    };
+    let unable = || {
+        cred_error(
+            400,
+            "InvalidRequestException",
+            "Unable to assume the role, or the role to assume does not exist",
+        )
+    };
+    let Some(role) = reg.role_by_arn(account, &ra.role_arn) else {
+        return unable();
+    };
+    let alias_arn = reg.arn(account, &format!("rolealias/{alias}"));
+    let mut ctx = sekisho_policy::MapContext::new();
+    ctx.set("aws:SourceAccount", account);
+    ctx.set("aws:SourceArn", alias_arn);
+    let trusted = sekisho_policy::Policy::parse(&role.trust, sekisho_policy::Dialect::IamTrust)
+        .map(|t| {
+            sekisho_policy::decide_trust(
+                &t,
+                &sekisho_policy::Caller::Service("credentials.iot.amazonaws.com"),
+                "sts:assumerole",
+                &ctx,
+            )
+            .is_allowed()
+        })
+        .unwrap_or(false);
+    if !trusted {
+        return unable();
+    }
+    if ra.duration > role.max_session {
+        return cred_error(
+            400,
+            "InvalidRequestException",
+            "The requested CredentialDurationSeconds exceeds the MaxSessionDuration set for the role",
+        );
+    }
+    let mut keys = std::collections::BTreeMap::new();
+    keys.insert(
+        "credentials-iot:AwsCertificateId".to_string(),
+        info.certificate_id.clone(),
+    );
+    if let Some(t) = &identity.thing
+        && thing.is_some()
+    {
+        keys.insert("credentials-iot:ThingName".to_string(), t.name.clone());
+        if let Some(tt) = &t.thing_type {
+            keys.insert("credentials-iot:ThingTypeName".to_string(), tt.clone());
+        }
+    }
+    let session = match reg.create_session_with(
+        account,
+        sekisho_registry::IamPrincipal::Role {
+            role: role.name.clone(),
+            session: info.certificate_id.clone(),
+        },
+        ra.duration,
+        None,
+        keys,
+    ) {
+        Ok(s) => s,
+        Err(_) => return unable(),
+    };
+    let expiration = time::OffsetDateTime::from_unix_timestamp(session.expiration as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+            ))
+            .ok()
+        })
+        .unwrap_or_default();
+    json_reply(json!({"credentials": {"accessKeyId": session.access_key_id,
+        "secretAccessKey": session.secret_access_key, "sessionToken": session.token,
+        "expiration": expiration}}))
 }

@@ -87,6 +87,7 @@ async fn connection_ends_when_temporary_credentials_expire() {
         temporary: true,
         expiration: Some(session.expiration),
         access_key_id: session.access_key_id.clone(),
+        context: Default::default(),
     };
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let task = tokio::spawn(sekisho_gateway::conn::serve(
@@ -141,6 +142,7 @@ async fn iam_policies_decide_connect() {
             temporary: false,
             expiration: None,
             access_key_id: key.access_key_id.clone(),
+            context: Default::default(),
         };
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(sekisho_gateway::conn::serve(

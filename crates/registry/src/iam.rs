@@ -104,6 +104,11 @@ pub struct Session {
     pub principal: IamPrincipal,
     /// The session policy given to AssumeRole, if any.
     pub session_policy: Option<String>,
+    /// Condition keys the session carries into policy evaluation (the credential provider's
+    /// `credentials-iot:ThingName`, `credentials-iot:ThingTypeName`,
+    /// `credentials-iot:AwsCertificateId`).
+    #[serde(default)]
+    pub context: BTreeMap<String, String>,
 }
 
 /// A verified caller's long-term or temporary credentials.
@@ -121,6 +126,8 @@ pub struct Credential {
     pub principal: IamPrincipal,
     /// Session policy (temporary credentials of AssumeRole).
     pub session_policy: Option<String>,
+    /// Condition keys carried by the session.
+    pub context: BTreeMap<String, String>,
 }
 
 /// Most seconds STS credentials may last without a role (GetSessionToken).
@@ -618,6 +625,18 @@ impl Registry {
         seconds: u32,
         session_policy: Option<&str>,
     ) -> Result<Session> {
+        self.create_session_with(account, principal, seconds, session_policy, BTreeMap::new())
+    }
+
+    /// Issues temporary credentials that carry condition keys (the credential provider).
+    pub fn create_session_with(
+        &self,
+        account: &str,
+        principal: IamPrincipal,
+        seconds: u32,
+        session_policy: Option<&str>,
+        context: BTreeMap<String, String>,
+    ) -> Result<Session> {
         if let Some(p) = session_policy {
             check_policy(p, Dialect::IamIdentity)?;
         }
@@ -629,6 +648,7 @@ impl Registry {
             expiration: now_secs() + f64::from(seconds),
             principal,
             session_policy: session_policy.map(str::to_owned),
+            context,
         };
         self.write_global(account, |st, tx| {
             // Expired sessions are swept as new ones are issued.
@@ -673,6 +693,7 @@ impl Registry {
                         None => IamPrincipal::Root,
                     },
                     session_policy: None,
+                    context: BTreeMap::new(),
                 });
             }
             st.sessions.get(access_key_id).map(|s| Credential {
@@ -682,6 +703,7 @@ impl Registry {
                 expiration: Some(s.expiration),
                 principal: s.principal.clone(),
                 session_policy: s.session_policy.clone(),
+                context: s.context.clone(),
             })
         })
     }

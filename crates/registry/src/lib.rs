@@ -16,6 +16,7 @@ mod error;
 mod iam;
 pub mod model;
 mod policies;
+mod rolealias;
 mod store;
 mod things;
 
@@ -38,6 +39,7 @@ pub use iam::{
 };
 pub use model::*;
 pub use policies::{MAX_POLICIES_PER_TARGET, MAX_POLICY_VERSIONS};
+pub use rolealias::{MAX_ROLE_ALIASES, RoleAlias};
 use store::{Kind, Op, Store};
 pub use things::{ThingQuery, ThingUpdate};
 
@@ -270,6 +272,12 @@ impl Registry {
             account_mut(&mut st, &row.account)?
                 .managed_policies
                 .insert(p.name.clone(), p);
+        }
+        for row in store.load(Kind::RoleAlias)? {
+            let r: RoleAlias = decode(&row.doc)?;
+            account_mut(&mut st, &row.account)?
+                .role_aliases
+                .insert(r.name.clone(), r);
         }
         for row in store.load(Kind::Session)? {
             let s: Session = decode(&row.doc)?;

@@ -319,6 +319,8 @@ pub struct Account {
     pub roles: BTreeMap<String, crate::iam::IamRole>,
     /// Customer managed IAM policies by name.
     pub managed_policies: BTreeMap<String, crate::iam::ManagedPolicy>,
+    /// Role aliases by name.
+    pub role_aliases: BTreeMap<String, crate::rolealias::RoleAlias>,
     /// Policies by name.
     pub policies: BTreeMap<String, IotPolicy>,
     /// Policy names attached to each target (certificate ARN, thing group ARN, ...).

@@ -27,6 +27,7 @@ pub(crate) enum Kind {
     IamRole,
     ManagedPolicy,
     Session,
+    RoleAlias,
 }
 
 impl Kind {
@@ -46,6 +47,7 @@ impl Kind {
             Kind::IamRole => "iam_role",
             Kind::ManagedPolicy => "iam_managed_policy",
             Kind::Session => "sts_session",
+            Kind::RoleAlias => "role_alias",
         }
     }
 }
