@@ -349,15 +349,7 @@ pub async fn handle(
             )));
         }
     };
-    let headers: Vec<(String, String)> = parts
-        .headers
-        .iter()
-        .filter_map(|(k, v)| {
-            v.to_str()
-                .ok()
-                .map(|v| (k.as_str().to_ascii_lowercase(), v.to_owned()))
-        })
-        .collect();
+    let headers = sekisho_gateway::authn::header_pairs(&parts.headers);
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or("").to_owned();
     let body_sha = hex::encode(sha256(&body));

@@ -42,6 +42,18 @@ impl Caller {
     }
 }
 
+/// A request's headers as SigV4 reads them: lower-case names, values that are text.
+pub fn header_pairs(headers: &hyper::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_ascii_lowercase(), v.to_owned()))
+        })
+        .collect()
+}
+
 /// Why a request was not authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthFailure {

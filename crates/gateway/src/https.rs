@@ -195,15 +195,7 @@ async fn signed_request(
             );
         }
     };
-    let headers: Vec<(String, String)> = parts
-        .headers
-        .iter()
-        .filter_map(|(k, v)| {
-            v.to_str()
-                .ok()
-                .map(|v| (k.as_str().to_ascii_lowercase(), v.to_owned()))
-        })
-        .collect();
+    let headers = crate::authn::header_pairs(&parts.headers);
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or("").to_owned();
     let sha = {
@@ -495,15 +487,7 @@ fn websocket(
     info: Arc<ConnInfo>,
     req: &mut Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    let headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .filter_map(|(k, v)| {
-            v.to_str()
-                .ok()
-                .map(|v| (k.as_str().to_ascii_lowercase(), v.to_owned()))
-        })
-        .collect();
+    let headers = crate::authn::header_pairs(req.headers());
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let empty = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b""));
