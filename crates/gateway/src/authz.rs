@@ -193,7 +193,7 @@ pub struct Principal {
     bound: Vec<BoundPolicy>,
     arn_prefix: String,
     scratch: String,
-    iam: Option<IamParts>,
+    iam: Option<Box<IamParts>>,
 }
 
 impl std::fmt::Debug for Principal {
@@ -281,7 +281,7 @@ impl Principal {
             bound: Vec::new(),
             arn_prefix,
             scratch: String::with_capacity(128),
-            iam: Some(IamParts { caller, session }),
+            iam: Some(Box::new(IamParts { caller, session })),
         };
         p.bind();
         Ok(p)
@@ -300,10 +300,8 @@ impl Principal {
             .iter()
             .map(|(_, p)| p.bind(&self.ctx))
             .collect();
-        if let Some(IamParts {
-            session: Some((doc, bound)),
-            ..
-        }) = &mut self.iam
+        if let Some(iam) = &mut self.iam
+            && let Some((doc, bound)) = &mut iam.session
         {
             *bound = doc.bind(&self.ctx);
         }
@@ -364,10 +362,8 @@ impl Principal {
         arn.push_str(name);
         let mut d = decide(self.bound.iter(), action, &arn, &self.ctx);
         if d.is_allowed()
-            && let Some(IamParts {
-                session: Some((_, bound)),
-                ..
-            }) = &self.iam
+            && let Some(iam) = &self.iam
+            && let Some((_, bound)) = &iam.session
         {
             d = decide([bound], action, &arn, &self.ctx);
         }

@@ -58,7 +58,7 @@ pub struct ConnInfo {
     pub endpoint: Arc<crate::Endpoint>,
     /// For MQTT over WebSocket: the IAM caller that signed the upgrade (then there is no
     /// certificate, and `certificate_id` names the access key).
-    pub caller: Option<crate::authn::Caller>,
+    pub caller: Option<Box<crate::authn::Caller>>,
     /// The listener's connection slot, held while anything serves this connection (also by
     /// a WebSocket upgraded from it).
     pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
@@ -367,7 +367,7 @@ impl Connection {
         let made = match &info.caller {
             Some(caller) => Principal::iam(
                 shared.registry.clone(),
-                caller.clone(),
+                (**caller).clone(),
                 Some(&client_id),
                 Some(info.peer.ip()),
             ),

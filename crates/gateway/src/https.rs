@@ -538,7 +538,7 @@ fn websocket(
         account: caller.account.clone(),
         certificate_id: caller.access_key_id.clone(),
         endpoint: info.endpoint.clone(),
-        caller: Some(caller),
+        caller: Some(Box::new(caller)),
         slot: info.slot.clone(),
     };
     tokio::spawn(async move {

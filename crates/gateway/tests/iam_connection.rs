@@ -68,7 +68,7 @@ fn info(caller: Caller) -> ConnInfo {
         account: caller.account.clone(),
         certificate_id: caller.access_key_id.clone(),
         endpoint: Arc::new(Endpoint::public("test", 10)),
-        caller: Some(caller),
+        caller: Some(Box::new(caller)),
         slot: None,
     }
 }
