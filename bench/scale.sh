@@ -25,19 +25,9 @@ fi
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p sekisho -p sekisho-bench
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 BENCH=$BIN/sekisho-bench
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+source bench/lib.sh
 
-SK=$WORK/sekisho
-"$BIN/sekisho" serve --data-dir "$SK" --mqtt-port 18883 --api-port 19443 --https-port 18443 --bind 127.0.0.1 > "$WORK/sekisho.log" 2>&1 &
-SKPID=$!
-wait_port 19443 || { echo "sekisho did not start:"; cat "$WORK/sekisho.log"; exit 1; }
-ACCOUNT=$(awk '/Default account/ {print $3}' "$WORK/sekisho.log")
-cat > "$WORK/policy.json" <<JSON
-{"Version":"2012-10-17","Statement":[
- {"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:us-east-1:$ACCOUNT:client/\${iot:Connection.Thing.ThingName}"},
- {"Effect":"Allow","Action":"iot:Publish","Resource":"arn:aws:iot:us-east-1:$ACCOUNT:topic/bench/\${iot:Connection.Thing.ThingName}"},
- {"Effect":"Allow","Action":["iot:Subscribe","iot:Receive"],"Resource":["arn:aws:iot:us-east-1:$ACCOUNT:topicfilter/bench/*","arn:aws:iot:us-east-1:$ACCOUNT:topic/bench/*"]}]}
-JSON
+start_sekisho
 echo "== provisioning $N devices"
 $BENCH provision --data-dir "$SK" --api 127.0.0.1:19443 --out "$WORK/certs" --count "$N" --policy "$WORK/policy.json" > "$OUT/provision.json"
 echo "== holding $N connections"

@@ -603,16 +603,8 @@ fn credentials(
 ) -> Response<Full<Bytes>> {
     let reg = &shared.registry;
     let account = info.account.as_str();
-    let identity = match reg.certificate_identity(account, &info.certificate_id, thing) {
-        Ok(i) => i,
-        Err(_) => return cred_error(403, "AccessDeniedException", "Access Denied"),
-    };
-    if let Some(t) = thing
-        && identity.thing.as_ref().is_none_or(|x| x.name != t)
-    {
-        return cred_error(403, "AccessDeniedException", "Invalid thing name passed");
-    }
-    // The IoT policy, with the thing's variables when a thing was named.
+    // The IoT policy, with the thing's variables when a thing was named (the header plays the
+    // client id's part in choosing the thing).
     let mut principal = match Principal::certificate(
         shared.registry.clone(),
         account,
@@ -624,6 +616,15 @@ fn credentials(
         Ok(p) => p,
         Err(_) => return cred_error(403, "AccessDeniedException", "Access Denied"),
     };
+    if let Some(t) = thing
+        && principal
+            .identity
+            .thing
+            .as_ref()
+            .is_none_or(|x| x.name != t)
+    {
+        return cred_error(403, "AccessDeniedException", "Invalid thing name passed");
+    }
     if principal.refresh().is_err()
         || !principal.allowed("iot:assumerolewithcertificate", "rolealias", alias)
     {
@@ -677,7 +678,7 @@ fn credentials(
         "credentials-iot:AwsCertificateId".to_string(),
         info.certificate_id.clone(),
     );
-    if let Some(t) = &identity.thing
+    if let Some(t) = &principal.identity.thing
         && thing.is_some()
     {
         keys.insert("credentials-iot:ThingName".to_string(), t.name.clone());

@@ -37,8 +37,6 @@ pub struct GatewayConfig {
     pub codec_limits: Limits,
     /// SNI routing.
     pub sni: tls::SniRouter,
-    /// Most concurrent device connections.
-    pub max_connections: usize,
     /// TLS handshake deadline.
     pub handshake_timeout: Duration,
 }

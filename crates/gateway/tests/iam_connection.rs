@@ -25,7 +25,6 @@ fn shared() -> (Arc<Shared>, String, tokio::sync::watch::Sender<bool>) {
             data_suffix: "iot.us-east-1.localhost".into(),
             default_names: vec!["localhost".into()],
         },
-        max_connections: 10,
         handshake_timeout: Duration::from_secs(10),
     };
     let broker = Arc::new(Broker::new(BrokerConfig::default()));

@@ -53,16 +53,28 @@ pub fn decide<'a>(
     resource: &str,
     ctx: &dyn Context,
 ) -> Decision {
+    first_decision(
+        policies.into_iter().flat_map(|p| p.statements.iter()),
+        action,
+        resource,
+        ctx,
+    )
+}
+
+/// Explicit Deny wins (and stops), then any Allow, else the default deny. Allow statements are
+/// not evaluated once one has matched.
+fn first_decision<'a>(
+    statements: impl Iterator<Item = &'a BoundStatement>,
+    action: &str,
+    resource: &str,
+    ctx: &dyn Context,
+) -> Decision {
     let mut allowed = false;
-    for p in policies {
-        for st in &p.statements {
-            if (st.effect == Effect::Deny || !allowed)
-                && statement_matches(st, action, resource, ctx)
-            {
-                match st.effect {
-                    Effect::Deny => return Decision::ExplicitDeny,
-                    Effect::Allow => allowed = true,
-                }
+    for st in statements {
+        if (st.effect == Effect::Deny || !allowed) && statement_matches(st, action, resource, ctx) {
+            match st.effect {
+                Effect::Deny => return Decision::ExplicitDeny,
+                Effect::Allow => allowed = true,
             }
         }
     }
@@ -171,27 +183,18 @@ pub fn decide_trust(
     ctx: &dyn Context,
 ) -> Decision {
     let bound = policy.bind(ctx);
-    let mut allowed = false;
-    for (st, b) in policy.statements.iter().zip(&bound.statements) {
-        let names_caller = st
-            .principal
-            .as_ref()
-            .is_some_and(|t| t.items.iter().any(|p| principal_matches(p, caller)) != t.negated);
-        if names_caller
-            && targets_match(&b.action, action)
-            && b.conditions.iter().all(|c| holds(c, ctx))
-        {
-            match b.effect {
-                Effect::Deny => return Decision::ExplicitDeny,
-                Effect::Allow => allowed = true,
-            }
-        }
-    }
-    if allowed {
-        Decision::Allowed
-    } else {
-        Decision::ImplicitDeny
-    }
+    // Trust statements have no Resource; one that has one matches nothing.
+    let naming_caller = policy
+        .statements
+        .iter()
+        .zip(&bound.statements)
+        .filter(|(st, _)| {
+            st.principal
+                .as_ref()
+                .is_some_and(|t| t.items.iter().any(|p| principal_matches(p, caller)) != t.negated)
+        })
+        .map(|(_, b)| b);
+    first_decision(naming_caller, action, "", ctx)
 }
 
 #[cfg(test)]

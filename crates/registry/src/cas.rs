@@ -311,13 +311,11 @@ impl Registry {
         page_size: usize,
     ) -> Result<Page<CaCertificate>> {
         self.read(account, |a| {
-            let mut v: Vec<&CaCertificate> = a.ca_certificates.values().collect();
-            v.sort_by(|x, y| x.created.total_cmp(&y.created).then(x.id.cmp(&y.id)));
-            if !ascending {
-                v.reverse();
-            }
-            paginate(
-                v.into_iter().map(|c| (c.id.clone(), c.clone())).collect(),
+            page_by_creation(
+                a.ca_certificates.values(),
+                |c| (c.created, c.id.as_str()),
+                CaCertificate::clone,
+                ascending,
                 marker,
                 page_size,
             )

@@ -101,17 +101,13 @@ impl Registry {
         page_size: usize,
     ) -> Result<Page<Certificate>> {
         self.read(account, |a| {
-            let mut v: Vec<&Certificate> = a
-                .certificates
-                .values()
-                .filter(|c| ca.is_none_or(|ca| c.ca_certificate_id.as_deref() == Some(ca)))
-                .collect();
-            v.sort_by(|x, y| x.created.total_cmp(&y.created).then(x.id.cmp(&y.id)));
-            if !ascending {
-                v.reverse();
-            }
-            paginate(
-                v.into_iter().map(|c| (c.id.clone(), c.clone())).collect(),
+            page_by_creation(
+                a.certificates
+                    .values()
+                    .filter(|c| ca.is_none_or(|ca| c.ca_certificate_id.as_deref() == Some(ca))),
+                |c| (c.created, c.id.as_str()),
+                Certificate::clone,
+                ascending,
                 marker,
                 page_size,
             )

@@ -426,27 +426,10 @@ impl Registry {
         iam_name("PolicyName", policy, 128)?;
         check_policy(document, Dialect::IamIdentity)?;
         self.write(account, |a, tx| {
-            if role {
-                let r = a
-                    .roles
-                    .get_mut(owner)
-                    .ok_or_else(|| no_such("role", owner))?;
-                let mut next = r.clone();
-                next.inline.insert(policy.to_owned(), document.to_owned());
-                tx.put(Kind::IamRole, owner, &next)?;
-                *r = next;
-            } else {
-                let u = a
-                    .users
-                    .get_mut(owner)
-                    .ok_or_else(|| no_such("user", owner))?;
-                let mut next = u.clone();
-                next.inline.insert(policy.to_owned(), document.to_owned());
-                tx.put(Kind::IamUser, owner, &next)?;
-                *u = next;
-            }
-            tx.bump();
-            Ok(())
+            update_owner(a, tx, role, owner, |inline, _| {
+                inline.insert(policy.to_owned(), document.to_owned());
+                Ok(())
+            })
         })
     }
 
@@ -487,19 +470,15 @@ impl Registry {
         owner: &str,
         policy: &str,
     ) -> Result<()> {
-        self.get_inline_policy(account, role, owner, policy)?;
         self.write(account, |a, tx| {
-            if role {
-                if let Some(r) = a.roles.get_mut(owner) {
-                    r.inline.remove(policy);
-                    tx.put(Kind::IamRole, owner, &*r)?;
-                }
-            } else if let Some(u) = a.users.get_mut(owner) {
-                u.inline.remove(policy);
-                tx.put(Kind::IamUser, owner, &*u)?;
-            }
-            tx.bump();
-            Ok(())
+            update_owner(a, tx, role, owner, |inline, _| {
+                inline.remove(policy).map(|_| ()).ok_or_else(|| {
+                    RegistryError::NotFound(format!(
+                        "The {} policy with name {policy} cannot be found.",
+                        if role { "role" } else { "user" }
+                    ))
+                })
+            })
         })
     }
 
@@ -575,45 +554,18 @@ impl Registry {
     ) -> Result<()> {
         self.write(account, |a, tx| {
             managed_by_arn(a, account, arn)?;
-            if role {
-                let r = a
-                    .roles
-                    .get_mut(owner)
-                    .ok_or_else(|| no_such("role", owner))?;
-                if !attach && !r.attached.contains(arn) {
-                    return Err(RegistryError::NotFound(format!(
-                        "Policy {arn} was not found."
-                    )));
-                }
-                let mut next = r.clone();
+            update_owner(a, tx, role, owner, |_, attached| {
                 if attach {
-                    next.attached.insert(arn.to_owned());
+                    attached.insert(arn.to_owned());
+                    Ok(())
+                } else if attached.remove(arn) {
+                    Ok(())
                 } else {
-                    next.attached.remove(arn);
-                }
-                tx.put(Kind::IamRole, owner, &next)?;
-                *r = next;
-            } else {
-                let u = a
-                    .users
-                    .get_mut(owner)
-                    .ok_or_else(|| no_such("user", owner))?;
-                if !attach && !u.attached.contains(arn) {
-                    return Err(RegistryError::NotFound(format!(
+                    Err(RegistryError::NotFound(format!(
                         "Policy {arn} was not found."
-                    )));
+                    )))
                 }
-                let mut next = u.clone();
-                if attach {
-                    next.attached.insert(arn.to_owned());
-                } else {
-                    next.attached.remove(arn);
-                }
-                tx.put(Kind::IamUser, owner, &next)?;
-                *u = next;
-            }
-            tx.bump();
-            Ok(())
+            })
         })
     }
 
@@ -743,6 +695,39 @@ impl Registry {
         .ok()
         .flatten()
     }
+}
+
+/// Changes the inline policies or attachments of a user or role (`role` selects which): `f`
+/// works on a copy, which is persisted and then replaces the original, so that a refusal
+/// leaves memory unchanged.
+fn update_owner(
+    a: &mut Account,
+    tx: &mut Tx,
+    role: bool,
+    owner: &str,
+    f: impl FnOnce(&mut BTreeMap<String, String>, &mut BTreeSet<String>) -> Result<()>,
+) -> Result<()> {
+    if role {
+        let r = a
+            .roles
+            .get_mut(owner)
+            .ok_or_else(|| no_such("role", owner))?;
+        let mut next = r.clone();
+        f(&mut next.inline, &mut next.attached)?;
+        tx.put(Kind::IamRole, owner, &next)?;
+        *r = next;
+    } else {
+        let u = a
+            .users
+            .get_mut(owner)
+            .ok_or_else(|| no_such("user", owner))?;
+        let mut next = u.clone();
+        f(&mut next.inline, &mut next.attached)?;
+        tx.put(Kind::IamUser, owner, &next)?;
+        *u = next;
+    }
+    tx.bump();
+    Ok(())
 }
 
 fn managed_by_arn<'a>(a: &'a Account, account: &str, arn: &str) -> Result<&'a ManagedPolicy> {

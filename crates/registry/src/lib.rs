@@ -605,6 +605,34 @@ fn account_mut<'a>(st: &'a mut State, id: &str) -> Result<&'a mut Account> {
         .ok_or_else(|| RegistryError::Internal(format!("stored object of unknown account {id}")))
 }
 
+/// One page of `items` in creation order (newest first unless `ascending`; ties by key), as
+/// AWS's `List*` with `isAscendingOrder` pages them. `created_key` gives each item's creation
+/// time and its key (the marker); `out` what the page carries.
+pub(crate) fn page_by_creation<'a, T: 'a, O: Clone>(
+    items: impl Iterator<Item = &'a T>,
+    created_key: impl Fn(&T) -> (f64, &str),
+    out: impl Fn(&T) -> O,
+    ascending: bool,
+    marker: Option<&str>,
+    page_size: usize,
+) -> Result<Page<O>> {
+    let mut v: Vec<&T> = items.collect();
+    v.sort_by(|x, y| {
+        let ((cx, kx), (cy, ky)) = (created_key(x), created_key(y));
+        cx.total_cmp(&cy).then(kx.cmp(ky))
+    });
+    if !ascending {
+        v.reverse();
+    }
+    paginate(
+        v.into_iter()
+            .map(|x| (created_key(x).1.to_owned(), out(x)))
+            .collect(),
+        marker,
+        page_size,
+    )
+}
+
 /// Pages through `items` (already in order) by an opaque marker: the key of the first item of
 /// the next page.
 pub(crate) fn paginate<T: Clone>(

@@ -159,15 +159,11 @@ impl Registry {
         page_size: usize,
     ) -> Result<Page<String>> {
         self.read(account, |a| {
-            let mut v: Vec<&RoleAlias> = a.role_aliases.values().collect();
-            v.sort_by(|x, y| x.created.total_cmp(&y.created).then(x.name.cmp(&y.name)));
-            if !ascending {
-                v.reverse();
-            }
-            paginate(
-                v.into_iter()
-                    .map(|r| (r.name.clone(), r.name.clone()))
-                    .collect(),
+            page_by_creation(
+                a.role_aliases.values(),
+                |r| (r.created, r.name.as_str()),
+                |r| r.name.clone(),
+                ascending,
                 marker,
                 page_size,
             )

@@ -239,7 +239,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             data_suffix: config.data_suffix(),
             default_names: config.default_server_names.clone(),
         },
-        max_connections: config.max_connections,
         handshake_timeout: Duration::from_secs(10),
     };
     let shared = Shared::new(
