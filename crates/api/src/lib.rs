@@ -8,6 +8,7 @@
 
 mod iam;
 mod iot;
+pub mod s3;
 mod xml;
 
 use std::convert::Infallible;
@@ -475,27 +476,60 @@ pub async fn serve(
     state: Arc<ApiState>,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    serve_https(listener, tls, shutdown, "control plane", move |_, req| {
+        handle(state.clone(), req)
+    })
+    .await
+}
+
+/// Serves the S3-compatible object store over HTTPS on `listener` until shutdown.
+pub async fn serve_s3(
+    state: Arc<s3::S3State>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_https(listener, tls, shutdown, "S3", move |peer, req| {
+        s3::handle(state.clone(), peer, req)
+    })
+    .await
+}
+
+/// Accepts TLS connections and serves HTTP/1.1 on each with `service(peer, request)`.
+async fn serve_https<F, Fut, B>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+    what: &'static str,
+    service: F,
+) where
+    F: Fn(std::net::SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     while let Some((tcp, peer)) = sekisho_gateway::accept(&listener, &mut shutdown).await {
         let acceptor = acceptor.clone();
-        let state = state.clone();
+        let service = service.clone();
         tokio::spawn(async move {
             let Ok(Ok(tls)) =
                 tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
                     .await
             else {
-                tracing::debug!(%peer, "control-plane TLS handshake failed");
+                tracing::debug!(%peer, "{what}: TLS handshake failed");
                 return;
             };
-            let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+            let svc = hyper::service::service_fn(move |req| service(peer, req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(30))
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
             if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "control-plane connection ended");
+                tracing::debug!(%peer, error = %e, "{what}: connection ended");
             }
         });
     }

@@ -120,6 +120,17 @@ pub fn authenticate(
 /// everything in its account; users and role sessions need an Allow in their identity
 /// policies (and in the session policy, if any) and no Deny.
 pub fn is_authorized(registry: &Registry, caller: &Caller, action: &str, resource: &str) -> bool {
+    is_authorized_in(registry, caller, action, resource, &[])
+}
+
+/// [`is_authorized`] with request condition keys (`s3:prefix`, `aws:SourceIp`, ...).
+pub fn is_authorized_in(
+    registry: &Registry,
+    caller: &Caller,
+    action: &str,
+    resource: &str,
+    request: &[(&str, String)],
+) -> bool {
     if caller.principal == IamPrincipal::Root {
         return true;
     }
@@ -133,6 +144,9 @@ pub fn is_authorized(registry: &Registry, caller: &Caller, action: &str, resourc
         ctx.set("aws:username", u.clone());
     }
     for (k, v) in &caller.context {
+        ctx.set(k, v.clone());
+    }
+    for (k, v) in request {
         ctx.set(k, v.clone());
     }
     let action = action.to_ascii_lowercase();

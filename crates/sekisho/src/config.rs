@@ -16,6 +16,8 @@ pub struct Ports {
     pub https: u16,
     /// Control plane (AWS APIs) and `/health`.
     pub api: u16,
+    /// The S3-compatible object store.
+    pub s3: u16,
 }
 
 impl Default for Ports {
@@ -24,6 +26,7 @@ impl Default for Ports {
             mqtt: 8883,
             https: 8443,
             api: 9443,
+            s3: 9444,
         }
     }
 }
@@ -139,6 +142,11 @@ impl Config {
     /// `iot.<region>.<domain>`.
     pub fn data_suffix(&self) -> String {
         format!("iot.{}.{}", self.region, self.domain)
+    }
+
+    /// `s3.<region>.<domain>`: the object store's name; buckets are its subdomains.
+    pub fn s3_host(&self) -> String {
+        format!("s3.{}.{}", self.region, self.domain)
     }
 
     /// Checks values that serde cannot.

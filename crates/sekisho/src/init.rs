@@ -95,6 +95,8 @@ pub fn open(config: &Config) -> anyhow::Result<(Layout, Material)> {
         format!("*.credentials.{}", config.data_suffix()),
         format!("*.jobs.{}", config.data_suffix()),
         config.data_suffix(),
+        config.s3_host(),
+        format!("*.{}", config.s3_host()),
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         "::1".to_string(),
@@ -148,8 +150,12 @@ pub fn write_profile(
         config.data_suffix(),
         config.ports.https
     );
+    // S3 goes path-style to localhost (`<bucket>.s3.<region>.<domain>` needs DNS that a fresh
+    // machine does not have), and presigns with SigV4 (botocore's default for S3 presigned URLs
+    // is still SigV2, which is not served here).
+    let s3 = format!("https://localhost:{}", config.ports.s3);
     let config_section = format!(
-        "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\niam =\n  endpoint_url = {api}\nsts =\n  endpoint_url = {api}\niot_data_plane =\n  endpoint_url = {data}\n",
+        "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\ns3 =\n  addressing_style = path\n  signature_version = s3v4\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\niam =\n  endpoint_url = {api}\nsts =\n  endpoint_url = {api}\niot_data_plane =\n  endpoint_url = {data}\ns3 =\n  endpoint_url = {s3}\n",
         region = config.region,
         ca = layout.path("ca.pem").display(),
     );

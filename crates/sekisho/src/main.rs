@@ -55,6 +55,9 @@ enum Command {
         /// Control-plane HTTPS port.
         #[arg(long)]
         api_port: Option<u16>,
+        /// S3-compatible object store HTTPS port.
+        #[arg(long)]
+        s3_port: Option<u16>,
     },
     /// Manages accounts.
     Account {
@@ -118,6 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mqtt_port,
             https_port,
             api_port,
+            s3_port,
         } => {
             let mut config = load_config(&common)?;
             if !bind.is_empty() {
@@ -131,6 +135,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(p) = api_port {
                 config.ports.api = p;
+            }
+            if let Some(p) = s3_port {
+                config.ports.s3 = p;
             }
             config.validate()?;
             init_logging(&config.log);
@@ -223,6 +230,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("recording the control-plane port")?;
     std::fs::write(layout.path("https.port"), config.ports.https.to_string())
         .context("recording the device HTTPS port")?;
+    std::fs::write(layout.path("s3.port"), config.ports.s3.to_string())
+        .context("recording the S3 port")?;
+    let store = sekisho_api::s3::store::Store::open(&layout.path("s3"))
+        .context("opening the object store")?;
     let registry = Arc::new(material.registry);
     let broker = Arc::new(Broker::new(BrokerConfig::default()));
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -255,6 +266,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             region: config.region.clone(),
             domain: config.domain.clone(),
         },
+    });
+
+    let s3_state = Arc::new(sekisho_api::s3::S3State {
+        registry: registry.clone(),
+        store: Arc::new(store),
+        endpoints: api_state.endpoints.clone(),
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -312,6 +329,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             shutdown_rx.clone(),
         ));
     }
+    for l in bind_all(&config.bind, config.ports.s3, "S3").await? {
+        tasks.spawn(sekisho_api::serve_s3(
+            s3_state.clone(),
+            l,
+            tls.plain(),
+            shutdown_rx.clone(),
+        ));
+    }
     {
         // Accounts made by `sekisho account create` while this server runs are served within
         // a couple of seconds, with profiles pointing at this run's ports.
@@ -363,6 +388,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     println!(
         "  Control plane   https://localhost:{}  (GET /health, /metrics)",
         config.ports.api
+    );
+    println!(
+        "  S3              https://localhost:{}  (path style; virtual-hosted: <bucket>.{})",
+        config.ports.s3,
+        config.s3_host()
     );
     if let Some(a) = &default {
         println!("  Default account {}", a.id);

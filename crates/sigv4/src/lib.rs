@@ -391,6 +391,50 @@ pub fn verify(
     }
 }
 
+impl Claim {
+    /// The credential scope, `date/region/service/aws4_request`.
+    pub fn scope(&self) -> String {
+        format!(
+            "{}/{}/{}/aws4_request",
+            self.date, self.region, self.service
+        )
+    }
+}
+
+/// The signature of one chunk of a `STREAMING-AWS4-HMAC-SHA256-PAYLOAD` body: each chunk is
+/// chained to the one before it (the first to the request's own signature).
+pub fn chunk_signature(
+    key: &[u8],
+    amz_date: &str,
+    scope: &str,
+    previous: &str,
+    chunk_sha256_hex: &str,
+) -> String {
+    let sts = format!(
+        "AWS4-HMAC-SHA256-PAYLOAD\n{amz_date}\n{scope}\n{previous}\n{EMPTY_SHA256}\n{chunk_sha256_hex}"
+    );
+    hex::encode(hmac(key, sts.as_bytes()))
+}
+
+/// The signature of the trailing headers of a `STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER`
+/// body; `trailer_sha256_hex` hashes the trailers as `name:value\n` lines.
+pub fn trailer_signature(
+    key: &[u8],
+    amz_date: &str,
+    scope: &str,
+    previous: &str,
+    trailer_sha256_hex: &str,
+) -> String {
+    let sts =
+        format!("AWS4-HMAC-SHA256-TRAILER\n{amz_date}\n{scope}\n{previous}\n{trailer_sha256_hex}");
+    hex::encode(hmac(key, sts.as_bytes()))
+}
+
+/// Compares two signatures in constant time.
+pub fn signatures_equal(a: &str, b: &str) -> bool {
+    aws_lc_rs::constant_time::verify_slices_are_equal(a.as_bytes(), b.as_bytes()).is_ok()
+}
+
 /// Signs a request (for tests and for our own clients): returns the `Authorization` header.
 pub fn sign_header(
     req: &Request<'_>,
@@ -428,6 +472,38 @@ pub fn sign_header(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chunk signatures of AWS's streaming PutObject example (S3 API reference,
+    /// "Signature Calculations for the Authorization Header: Transferring Payload in Multiple
+    /// Chunks").
+    #[test]
+    fn aws_streaming_example_chunks() {
+        let key = signing_key(
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            "20130524",
+            "us-east-1",
+            "s3",
+        );
+        let scope = "20130524/us-east-1/s3/aws4_request";
+        let date = "20130524T000000Z";
+        let seed = "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9";
+        let c1 = chunk_signature(&key, date, scope, seed, &sha256_hex(&[b'a'; 65536]));
+        assert_eq!(
+            c1,
+            "ad80c730a21e5b8d04586a2213dd63b9a0e99e0e2307b0ade35a65485a288648"
+        );
+        let c2 = chunk_signature(&key, date, scope, &c1, &sha256_hex(&[b'a'; 1024]));
+        assert_eq!(
+            c2,
+            "0055627c9e194cb4542bae2aa5492e3c1575bbb81b612b7d234b86a503ef5497"
+        );
+        let c3 = chunk_signature(&key, date, scope, &c2, EMPTY_SHA256);
+        assert_eq!(
+            c3,
+            "b6c6ea8a5354eaf15b3cb7646744f4275b71ea724fed81ceb9323e279d449df9"
+        );
+        assert!(signatures_equal(&c3, &c3.clone()) && !signatures_equal(&c3, &c2));
+    }
 
     /// The AWS SigV4 test suite's "get-vanilla" case.
     #[test]
