@@ -49,6 +49,7 @@ class Server:
         self.mqtt_port = free_port()
         self.api_port = free_port()
         self.https_port = free_port()
+        self.s3_port = free_port()
         self.proc = None
         self.log = None
         self.config = None
@@ -65,7 +66,7 @@ class Server:
         extra = ["--config", str(self.config)] if self.config else []
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--data-dir", str(self.data_dir), "--mqtt-port", str(self.mqtt_port),
-             "--api-port", str(self.api_port), "--https-port", str(self.https_port), *extra],
+             "--api-port", str(self.api_port), "--https-port", str(self.https_port), "--s3-port", str(self.s3_port), *extra],
             stdout=self.log, stderr=self.log, env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info")},
         )
         deadline = time.time() + 30

@@ -49,19 +49,21 @@ def test_default_data_directory(workdir):
 def test_config_file_sets_ports_and_unknown_keys_are_errors(workdir):
     d = workdir / unique("cfg")
     d.mkdir()
-    mqtt, api, https = free_port(), free_port(), free_port()
+    mqtt, api, https, s3 = free_port(), free_port(), free_port(), free_port()
     cfg = d / "sekisho.toml"
-    cfg.write_text(f'data_dir = "{d / "data"}"\nbind = ["127.0.0.1"]\n[ports]\nmqtt = {mqtt}\napi = {api}\nhttps = {https}\n')
+    cfg.write_text(f'data_dir = "{d / "data"}"\nbind = ["127.0.0.1"]\n[ports]\nmqtt = {mqtt}\napi = {api}\nhttps = {https}\n'
+                   f's3 = {s3}\n')
     p = subprocess.Popen([str(BIN), "serve", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = ""
         for _ in range(20):
             line = p.stdout.readline()
             out += line
-            if "Control plane" in line:
+            if "S3 " in line:
                 break
         assert f"https://localhost:{api}" in out, out
         assert f":{mqtt}" in out
+        assert f"https://localhost:{s3}" in out
     finally:
         p.terminate()
         p.wait(timeout=10)

@@ -94,26 +94,52 @@ pub fn authenticate(
         .unwrap_or(0);
     sekisho_sigv4::verify(req, &claim, &cred.secret_access_key, now, opts)
         .map_err(AuthFailure::Signature)?;
-    if let Some(token) = &cred.token {
-        if claim.security_token.as_deref() != Some(token.as_str()) {
+    let caller = caller_of(cred, claim.access_key, claim.security_token.as_deref())?;
+    Ok((caller, claim.service))
+}
+
+/// Authenticates an S3 presigned URL of Signature Version 2 (what botocore presigns for S3 by
+/// default). `resource` is `/<bucket>/<key>` as encoded on the wire.
+pub fn authenticate_v2_presigned(
+    registry: &Registry,
+    req: &Request<'_>,
+    resource: &str,
+) -> Result<Caller, AuthFailure> {
+    let claim = sekisho_sigv4::parse_v2_query(req.query)
+        .ok_or(AuthFailure::Signature(SigError::Missing))?;
+    let Some(cred) = registry.credential(&claim.access_key) else {
+        return Err(AuthFailure::UnknownKey);
+    };
+    let now = now_secs() as i64;
+    sekisho_sigv4::verify_v2_query(req, resource, &claim, &cred.secret_access_key, now)
+        .map_err(AuthFailure::Signature)?;
+    caller_of(cred, claim.access_key, claim.security_token.as_deref())
+}
+
+/// The caller a verified signature stands for; temporary credentials need their session token
+/// and must not have expired.
+fn caller_of(
+    cred: sekisho_registry::Credential,
+    access_key_id: String,
+    token: Option<&str>,
+) -> Result<Caller, AuthFailure> {
+    if let Some(t) = &cred.token {
+        if token != Some(t.as_str()) {
             return Err(AuthFailure::UnknownKey);
         }
         if cred.expiration.is_some_and(|e| now_secs() >= e) {
             return Err(AuthFailure::Expired);
         }
     }
-    Ok((
-        Caller {
-            account: cred.account_id,
-            temporary: cred.token.is_some(),
-            expiration: cred.expiration,
-            principal: cred.principal,
-            session_policy: cred.session_policy,
-            access_key_id: claim.access_key,
-            context: cred.context,
-        },
-        claim.service,
-    ))
+    Ok(Caller {
+        account: cred.account_id,
+        temporary: cred.token.is_some(),
+        expiration: cred.expiration,
+        principal: cred.principal,
+        session_policy: cred.session_policy,
+        access_key_id,
+        context: cred.context,
+    })
 }
 
 /// Whether the caller's IAM policies allow `action` on `resource`: the account root may do

@@ -391,6 +391,155 @@ pub fn verify(
     }
 }
 
+/// A legacy S3 presigned URL (Signature Version 2 query authentication), which botocore
+/// still makes by default for S3: `AWSAccessKeyId`, `Signature` (base64 HMAC-SHA1), `Expires`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V2Claim {
+    /// Access key id.
+    pub access_key: String,
+    /// The signature, base64.
+    pub signature: String,
+    /// Expiry, epoch seconds.
+    pub expires: i64,
+    /// `x-amz-security-token`, when given.
+    pub security_token: Option<String>,
+}
+
+/// Query parameters that S3 signs as sub-resources in a SigV2 canonical resource.
+const V2_SUBRESOURCES: &[&str] = &[
+    "accelerate",
+    "acl",
+    "analytics",
+    "cors",
+    "defaultObjectAcl",
+    "delete",
+    "inventory",
+    "lifecycle",
+    "location",
+    "logging",
+    "metrics",
+    "notification",
+    "object-lock",
+    "partNumber",
+    "policy",
+    "replication",
+    "requestPayment",
+    "response-cache-control",
+    "response-content-disposition",
+    "response-content-encoding",
+    "response-content-language",
+    "response-content-type",
+    "response-expires",
+    "restore",
+    "select",
+    "select-type",
+    "storageClass",
+    "tagging",
+    "torrent",
+    "uploadId",
+    "uploads",
+    "versionId",
+    "versioning",
+    "versions",
+    "website",
+];
+
+/// Parses a SigV2 presigned query; `None` when the query is not one.
+pub fn parse_v2_query(query: &str) -> Option<V2Claim> {
+    let pairs = query_pairs(query);
+    let get = |n: &str| pairs.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    Some(V2Claim {
+        access_key: get("AWSAccessKeyId")?,
+        signature: get("Signature")?,
+        expires: get("Expires")?.parse().ok()?,
+        security_token: get("x-amz-security-token"),
+    })
+}
+
+/// Verifies a SigV2 presigned request. `resource` is `/<bucket>/<key>` as encoded on the wire
+/// (for a virtual-hosted request, the bucket prepended to the path). URLs that live longer than
+/// [`MAX_PRESIGN_EXPIRES`] from now are refused, as SigV4's are.
+pub fn verify_v2_query(
+    req: &Request<'_>,
+    resource: &str,
+    claim: &V2Claim,
+    secret: &str,
+    now: i64,
+) -> Result<(), SigError> {
+    if now > claim.expires {
+        return Err(SigError::Expired);
+    }
+    if claim.expires > now + MAX_PRESIGN_EXPIRES {
+        return Err(SigError::Incomplete(
+            "Expires must be at most 604800 seconds from now".into(),
+        ));
+    }
+    let pairs = query_pairs(req.query);
+    let value = |name: &str| {
+        header(req, name)
+            .map(|v| v.trim().to_owned())
+            .or_else(|| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.clone())
+            })
+            .unwrap_or_default()
+    };
+    let mut amz: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .filter(|(k, _)| k.to_ascii_lowercase().starts_with("x-amz-"))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_owned()))
+        .chain(
+            pairs
+                .iter()
+                .filter(|(k, _)| k.to_ascii_lowercase().starts_with("x-amz-"))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+        )
+        .collect();
+    amz.sort();
+    amz.dedup_by(|a, b| a.0 == b.0);
+    let mut subs: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| V2_SUBRESOURCES.contains(&k.as_str()))
+        .map(|(k, v)| {
+            if v.is_empty() {
+                k.clone()
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect();
+    subs.sort();
+    let mut sts = format!(
+        "{}\n{}\n{}\n{}\n",
+        req.method,
+        value("content-md5"),
+        value("content-type"),
+        claim.expires
+    );
+    for (k, v) in &amz {
+        sts.push_str(&format!("{k}:{v}\n"));
+    }
+    sts.push_str(resource);
+    if !subs.is_empty() {
+        sts.push('?');
+        sts.push_str(&subs.join("&"));
+    }
+    let tag = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes()),
+        sts.as_bytes(),
+    );
+    use base64::Engine as _;
+    let expected = base64::engine::general_purpose::STANDARD.encode(tag.as_ref());
+    if signatures_equal(&expected, &claim.signature) {
+        Ok(())
+    } else {
+        Err(SigError::Mismatch)
+    }
+}
+
 impl Claim {
     /// The credential scope, `date/region/service/aws4_request`.
     pub fn scope(&self) -> String {
@@ -503,6 +652,42 @@ mod tests {
             "b6c6ea8a5354eaf15b3cb7646744f4275b71ea724fed81ceb9323e279d449df9"
         );
         assert!(signatures_equal(&c3, &c3.clone()) && !signatures_equal(&c3, &c2));
+    }
+
+    /// The S3 developer guide's SigV2 query-string example (a presigned GET of
+    /// `/johnsmith/photos/puppy.jpg`, expiring at 1175139620).
+    #[test]
+    fn s3_v2_presigned_example() {
+        let q = "AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE&Expires=1175139620&Signature=NpgCjnDzrM%2BWFzoENXmpNDUsSn8%3D";
+        let claim = parse_v2_query(q).unwrap();
+        let req = Request {
+            method: "GET",
+            path: "/photos/puppy.jpg",
+            query: q,
+            headers: &[],
+            body_sha256: EMPTY_SHA256,
+        };
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+        let at = 1175139620 - 10;
+        assert_eq!(
+            verify_v2_query(&req, "/johnsmith/photos/puppy.jpg", &claim, secret, at),
+            Ok(())
+        );
+        assert_eq!(
+            verify_v2_query(&req, "/johnsmith/photos/kitten.jpg", &claim, secret, at),
+            Err(SigError::Mismatch)
+        );
+        assert_eq!(
+            verify_v2_query(
+                &req,
+                "/johnsmith/photos/puppy.jpg",
+                &claim,
+                secret,
+                1175139621
+            ),
+            Err(SigError::Expired)
+        );
+        assert!(parse_v2_query("X-Amz-Credential=x").is_none());
     }
 
     /// The AWS SigV4 test suite's "get-vanilla" case.

@@ -416,11 +416,7 @@ pub async fn handle(
 
 /// The bucket and key a request addresses: virtual-hosted (`<bucket>.s3.<region>.<domain>`)
 /// or path-style (`/<bucket>/<key>`).
-fn address(
-    ep: &Endpoints,
-    host: &str,
-    path: &str,
-) -> Result<(Option<String>, Option<String>), S3Error> {
+fn address(ep: &Endpoints, host: &str, path: &str) -> Result<Address, S3Error> {
     let host = match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => host.rsplit_once(':').map_or(host, |(h, _)| h),
@@ -440,14 +436,35 @@ fn address(
         } else {
             Some(decode(rest)?)
         };
-        return Ok((Some(b.to_owned()), key));
+        return Ok(Address {
+            bucket: Some(b.to_owned()),
+            key,
+            resource: format!("/{b}{path}"),
+        });
     }
     if rest.is_empty() {
-        return Ok((None, None));
+        return Ok(Address {
+            bucket: None,
+            key: None,
+            resource: path.to_owned(),
+        });
     }
     let (b, k) = rest.split_once('/').unwrap_or((rest, ""));
     let key = if k.is_empty() { None } else { Some(decode(k)?) };
-    Ok((Some(decode(b)?), key))
+    Ok(Address {
+        bucket: Some(decode(b)?),
+        key,
+        resource: path.to_owned(),
+    })
+}
+
+/// What a request addresses.
+#[derive(Debug, PartialEq)]
+struct Address {
+    bucket: Option<String>,
+    key: Option<String>,
+    /// `/<bucket>/<key>` as encoded on the wire, whatever the addressing (SigV2 signs it).
+    resource: String,
 }
 
 /// Authenticates with SigV4 (header or presigned) and says how the body is protected.
@@ -596,17 +613,37 @@ async fn serve_one(
         .or(parts.uri.host())
         .unwrap_or("")
         .to_owned();
-    let (bucket, key) = address(&state.endpoints, &host, &raw_path)?;
+    let Address {
+        bucket,
+        key,
+        resource,
+    } = address(&state.endpoints, &host, &raw_path)?;
     let headers = authn::header_pairs(&parts.headers);
     let presigned = query.iter().any(|(k, _)| k == "X-Amz-Credential");
-    let (caller, payload) = authenticate(
-        state,
-        parts.method.as_str(),
-        &raw_path,
-        &raw_query,
-        &headers,
-        presigned,
-    )?;
+    let v2 = !presigned
+        && query.iter().any(|(k, _)| k == "AWSAccessKeyId")
+        && !parts.headers.contains_key("authorization");
+    let (caller, payload) = if v2 {
+        let sreq = sekisho_sigv4::Request {
+            method: parts.method.as_str(),
+            path: &raw_path,
+            query: &raw_query,
+            headers: &headers,
+            body_sha256: "UNSIGNED-PAYLOAD",
+        };
+        let caller = authn::authenticate_v2_presigned(&state.registry, &sreq, &resource)
+            .map_err(|f| auth_error(f, &state.endpoints.region, true))?;
+        (caller, Payload::Unsigned)
+    } else {
+        authenticate(
+            state,
+            parts.method.as_str(),
+            &raw_path,
+            &raw_query,
+            &headers,
+            presigned,
+        )?
+    };
     let mut subs: Vec<&str> = query
         .iter()
         .map(|(k, _)| k.as_str())
@@ -1786,7 +1823,10 @@ mod tests {
             region: "us-east-1".into(),
             domain: "localhost".into(),
         };
-        let a = |h: &str, p: &str| address(&ep, h, p).unwrap();
+        let a = |h: &str, p: &str| {
+            let a = address(&ep, h, p).unwrap();
+            (a.bucket, a.key)
+        };
         assert_eq!(a("localhost:9444", "/"), (None, None));
         assert_eq!(a("localhost:9444", "/b"), (Some("b".into()), None));
         assert_eq!(a("localhost", "/b/"), (Some("b".into()), None));
@@ -1804,6 +1844,83 @@ mod tests {
             (Some("b".into()), Some("k".into()))
         );
         assert!(address(&ep, "localhost", "/b/%ff").is_err());
+        assert_eq!(
+            address(&ep, "b.s3.us-east-1.localhost", "/k%20x")
+                .unwrap()
+                .resource,
+            "/b/k%20x"
+        );
+        assert_eq!(
+            address(&ep, "localhost", "/b/k%20x").unwrap().resource,
+            "/b/k%20x"
+        );
+    }
+
+    /// Temporary credentials (as the credential provider hands out) stop working at their
+    /// expiry, with S3's ExpiredToken; before it, they need their session token.
+    #[test]
+    fn expired_credentials_are_refused() {
+        let registry = Registry::in_memory("us-east-1").unwrap();
+        let (info, _) = registry.create_account("a").unwrap();
+        let dir = std::env::temp_dir().join(format!("sekisho-s3-auth-{}", uuid::Uuid::new_v4()));
+        let state = S3State {
+            registry: Arc::new(registry),
+            store: Arc::new(Store::open(&dir).unwrap()),
+            endpoints: Endpoints {
+                region: "us-east-1".into(),
+                domain: "localhost".into(),
+            },
+        };
+        let session = state
+            .registry
+            .create_session(&info.id, sekisho_registry::IamPrincipal::Root, 1, None)
+            .unwrap();
+        let check = |token: &str| {
+            let amz_date = time::OffsetDateTime::now_utc()
+                .format(time::macros::format_description!(
+                    "[year][month][day]T[hour][minute][second]Z"
+                ))
+                .unwrap();
+            let mut headers = vec![
+                ("host".to_string(), "localhost".to_string()),
+                ("x-amz-date".to_string(), amz_date.clone()),
+                (
+                    "x-amz-content-sha256".to_string(),
+                    "UNSIGNED-PAYLOAD".to_string(),
+                ),
+                ("x-amz-security-token".to_string(), token.to_string()),
+            ];
+            let req = sekisho_sigv4::Request {
+                method: "GET",
+                path: "/b/k",
+                query: "",
+                headers: &headers,
+                body_sha256: "UNSIGNED-PAYLOAD",
+            };
+            let auth = sekisho_sigv4::sign_header(
+                &req,
+                &session.access_key_id,
+                &session.secret_access_key,
+                "us-east-1",
+                "s3",
+                &amz_date,
+                &[
+                    "host",
+                    "x-amz-content-sha256",
+                    "x-amz-date",
+                    "x-amz-security-token",
+                ],
+            );
+            headers.push(("authorization".to_string(), auth));
+            authenticate(&state, "GET", "/b/k", "", &headers, false)
+                .map(|(c, _)| c.account)
+                .map_err(|e| (e.status, e.code))
+        };
+        assert_eq!(check(&session.token), Ok(info.id.clone()));
+        assert_eq!(check("forged"), Err((403, "InvalidAccessKeyId")));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(check(&session.token), Err((400, "ExpiredToken")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
