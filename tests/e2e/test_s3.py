@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -227,6 +228,8 @@ def test_objects_metadata_ranges_and_keys(srv, bucket):
     with pytest.raises(ClientError) as e:
         c.put_object(Bucket=bucket, Key="x" * 1025, Body=b"")
     assert code(e.value) == "KeyTooLongError"
+    # 5 GiB is the most one PUT may declare; one byte more is refused before any is read.
+    assert declared_put(srv, c, bucket, "too-big", 5 * 1024 * MIB + 1) == (400, "EntityTooLarge")
     # User metadata: 2 KB at most.
     c.put_object(Bucket=bucket, Key="meta-ok", Body=b"", Metadata={"m": "v" * 2047})
     with pytest.raises(ClientError) as e:
@@ -236,6 +239,51 @@ def test_objects_metadata_ranges_and_keys(srv, bucket):
         c.get_object(Bucket=bucket, Key="missing")
     assert code(e.value) == "NoSuchKey"
     c.delete_object(Bucket=bucket, Key="missing")  # deleting a missing key succeeds
+    # Server-side copies keep the metadata unless told to replace it.
+    copied = c.copy_object(Bucket=bucket, Key="dir/copy.bin", CopySource={"Bucket": bucket, "Key": "dir/blob.bin"})
+    assert copied["CopyObjectResult"]["ETag"] == put["ETag"]
+    got = c.get_object(Bucket=bucket, Key="dir/copy.bin")
+    assert got["Body"].read() == body and got["Metadata"] == {"firmware-version": "1.2.3"}
+    c.copy_object(Bucket=bucket, Key="dir/copy.bin", CopySource=f"{bucket}/dir/copy.bin",
+                  MetadataDirective="REPLACE", Metadata={"v": "2"}, ContentType="text/plain")
+    head = c.head_object(Bucket=bucket, Key="dir/copy.bin")
+    assert head["Metadata"] == {"v": "2"} and head["ContentType"] == "text/plain"
+    with pytest.raises(ClientError) as e:
+        c.copy_object(Bucket=bucket, Key="dir/copy.bin", CopySource=f"{bucket}/dir/copy.bin")
+    assert code(e.value) == "InvalidRequest"
+    with pytest.raises(ClientError) as e:
+        c.copy_object(Bucket=bucket, Key="dir/x", CopySource=f"{bucket}/dir/nothing")
+    assert code(e.value) == "NoSuchKey"
+    cp = cli(srv, "--profile", "sekisho", "s3", "mv", f"s3://{bucket}/dir/copy.bin", f"s3://{bucket}/dir/moved.bin",
+             "--only-show-errors")
+    assert cp.returncode == 0, cp.stderr
+    assert c.head_object(Bucket=bucket, Key="dir/moved.bin")["ContentLength"] == len(body)
+    # A download link may say how the file is to be saved.
+    url = c.generate_presigned_url("get_object", ExpiresIn=60, Params={
+        "Bucket": bucket, "Key": "dir/moved.bin", "ResponseContentDisposition": 'attachment; filename="fw.bin"'})
+    r = requests.get(url, verify=srv.ca, timeout=10)
+    assert r.status_code == 200 and r.headers["content-disposition"] == 'attachment; filename="fw.bin"'
+
+
+def declared_put(srv, c, bucket, key, length):
+    """A signed PUT that declares `length` bytes and sends none, over a raw TLS socket."""
+    url = f"https://localhost:{srv.s3_port}/{bucket}/{key}"
+    req = AWSRequest(method="PUT", url=url, headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD",
+                                                     "Content-Length": str(length)})
+    SigV4Auth(c._request_signer._credentials, "s3", "us-east-1").add_auth(req)
+    ctx = ssl.create_default_context(cafile=srv.ca)
+    with socket.create_connection(("127.0.0.1", srv.s3_port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as t:
+            head = "".join(f"{k}: {v}\r\n" for k, v in req.headers.items())
+            t.sendall(f"PUT /{bucket}/{key} HTTP/1.1\r\nHost: localhost:{srv.s3_port}\r\n{head}\r\n".encode())
+            data = b""
+            while b"</Error>" not in data:
+                chunk = t.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    err = data.split(b"<Code>", 1)[1].split(b"</Code>", 1)[0].decode() if b"<Code>" in data else ""
+    return int(data.split(b" ", 2)[1]), err
 
 
 def test_listing_pages_prefixes_and_cli(srv, bucket, workdir):
@@ -379,6 +427,14 @@ def test_100_mb_with_the_cli(srv, bucket, workdir):
     cp = cli(srv, "--profile", "sekisho", "s3", "cp", f"s3://{bucket}/big/firmware.bin", str(back), "--only-show-errors")
     assert cp.returncode == 0, cp.stderr
     assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
+    # A server-side copy of that size goes part by part (UploadPartCopy with ranges).
+    cp = cli(srv, "--profile", "sekisho", "s3", "cp", f"s3://{bucket}/big/firmware.bin",
+             f"s3://{bucket}/big/copy.bin", "--only-show-errors")
+    assert cp.returncode == 0, cp.stderr
+    h = hashlib.sha256()
+    for chunk in s3_client(srv).get_object(Bucket=bucket, Key="big/copy.bin")["Body"].iter_chunks(MIB):
+        h.update(chunk)
+    assert h.digest() == hashlib.sha256(src.read_bytes()).digest()
     src.unlink()
     back.unlink()
 

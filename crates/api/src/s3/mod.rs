@@ -693,16 +693,12 @@ async fn serve_one(
                 (Method::GET, "") => get_object(&op, &bucket, &key, false).await,
                 (Method::HEAD, "") => get_object(&op, &bucket, &key, true).await,
                 (Method::PUT, "") if op.headers.contains_key("x-amz-copy-source") => {
-                    Err(not_implemented())
+                    copy_object(&op, &bucket, &key).await
                 }
                 (Method::PUT, "") => put_object(&op, &bucket, &key, body).await,
                 (Method::DELETE, "") => delete_object(&op, &bucket, &key),
                 (Method::POST, "uploads") => create_upload(&op, &bucket, &key).await,
-                (Method::PUT, "partNumber,uploadId")
-                    if !op.headers.contains_key("x-amz-copy-source") =>
-                {
-                    upload_part(&op, &bucket, &key, body).await
-                }
+                (Method::PUT, "partNumber,uploadId") => upload_part(&op, &bucket, &key, body).await,
                 (Method::POST, "uploadId") => complete_upload(&op, &bucket, &key, body).await,
                 (Method::DELETE, "uploadId") => abort_upload(&op, &bucket, &key),
                 (Method::GET, "uploadId") => list_parts(&op, &bucket, &key),
@@ -1438,6 +1434,19 @@ async fn get_object(
             r.headers_mut().insert(name, value);
         }
     }
+    // Presigned download links may choose how the browser sees the file.
+    for (param, header) in [
+        ("response-content-type", "content-type"),
+        ("response-content-language", "content-language"),
+        ("response-expires", "expires"),
+        ("response-cache-control", "cache-control"),
+        ("response-content-disposition", "content-disposition"),
+        ("response-content-encoding", "content-encoding"),
+    ] {
+        if let Some(v) = op.q(param) {
+            set(&mut r, header, v);
+        }
+    }
     if range.is_none()
         && op
             .header("x-amz-checksum-mode")
@@ -1491,6 +1500,164 @@ async fn put_object(
         set(&mut r, a.header(), v);
     }
     Ok(r)
+}
+
+/// Reads the object named by `x-amz-copy-source` (authorized as a GetObject), the range in
+/// `x-amz-copy-source-range` when `ranged`, into a temporary file: (file, size, MD5).
+async fn copy_source(op: &Op<'_>, ranged: bool) -> Result<(store::TempFile, u64, String), S3Error> {
+    let (src_bucket, src_key) = copy_source_name(op)?;
+    let src_owner = op.owner(&src_bucket)?;
+    op.allow(
+        &src_owner,
+        "s3:GetObject",
+        &object_arn(&src_bucket, &src_key),
+        &[],
+    )?;
+    let missing = || {
+        if op.permits(&src_owner, "s3:ListBucket", &bucket_arn(&src_bucket), &[]) {
+            S3Error::new(404, "NoSuchKey", "The specified key does not exist.")
+                .with("Key", src_key.clone())
+        } else {
+            access_denied()
+        }
+    };
+    let size = op
+        .state
+        .store
+        .head(&src_bucket, &src_key)
+        .map_err(|e| store_error(e, &src_bucket))?
+        .ok_or_else(missing)?
+        .size;
+    let range = match op.header("x-amz-copy-source-range").filter(|_| ranged) {
+        None => None,
+        Some(h) => {
+            let parsed = h
+                .trim()
+                .strip_prefix("bytes=")
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(a, b)| {
+                    Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?))
+                });
+            match parsed {
+                Some((a, b)) if a <= b && b < size => Some((a, b)),
+                Some(_) => {
+                    return Err(S3Error::new(
+                        400,
+                        "InvalidRange",
+                        format!("Range specified is not valid for source object of size: {size}"),
+                    ));
+                }
+                None => {
+                    return Err(S3Error::new(
+                        400,
+                        "InvalidArgument",
+                        "The x-amz-copy-source-range value must be of the form bytes=first-last where first and last are the zero-based offsets of the first and last bytes to copy",
+                    ));
+                }
+            }
+        }
+    };
+    let copied = range.map_or(size, |(a, b)| b - a + 1);
+    if copied > MAX_PUT_SIZE {
+        return Err(S3Error::new(
+            400,
+            "InvalidRequest",
+            format!(
+                "The specified copy source is larger than the maximum allowable size for a copy source: {MAX_PUT_SIZE}"
+            ),
+        ));
+    }
+    let store = op.state.store.clone();
+    let (b, k) = (src_bucket.clone(), src_key.clone());
+    let (tmp, _, md5) = tokio::task::spawn_blocking(move || store.copy_out(&b, &k, range))
+        .await
+        .map_err(internal)?
+        .map_err(|e| store_error(e, &src_bucket))?
+        .ok_or_else(missing)?;
+    Ok((tmp, copied, md5))
+}
+
+/// `x-amz-copy-source`: `[/]bucket/key[?versionId=null]`, URL-encoded.
+fn copy_source_name(op: &Op<'_>) -> Result<(String, String), S3Error> {
+    let raw = op.header("x-amz-copy-source").unwrap_or("");
+    let (path, version) = raw.split_once('?').unwrap_or((raw, ""));
+    if !version.is_empty() && version != "versionId=null" {
+        return Err(not_implemented());
+    }
+    let decoded = percent_encoding::percent_decode_str(path.trim_start_matches('/'))
+        .decode_utf8()
+        .map_err(|_| S3Error::new(400, "InvalidArgument", "Invalid copy source encoding"))?;
+    match decoded.split_once('/') {
+        Some((b, k)) if !b.is_empty() && !k.is_empty() && k.len() <= MAX_KEY_LEN => {
+            Ok((b.to_owned(), k.to_owned()))
+        }
+        _ => Err(S3Error::new(
+            400,
+            "InvalidArgument",
+            "Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
+        )
+        .with("ArgumentName", "x-amz-copy-source")
+        .with("ArgumentValue", raw)),
+    }
+}
+
+async fn copy_object(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Body>, S3Error> {
+    let owner = op.owner(bucket)?;
+    op.allow(&owner, "s3:PutObject", &object_arn(bucket, key), &[])?;
+    let replace = match op.header("x-amz-metadata-directive") {
+        None | Some("COPY") => false,
+        Some("REPLACE") => true,
+        Some(v) => {
+            return Err(
+                S3Error::new(400, "InvalidArgument", "Unknown metadata directive.")
+                    .with("ArgumentName", "x-amz-metadata-directive")
+                    .with("ArgumentValue", v),
+            );
+        }
+    };
+    let (src_bucket, src_key) = copy_source_name(op)?;
+    if (src_bucket.as_str(), src_key.as_str()) == (bucket, key) && !replace {
+        return Err(S3Error::new(
+            400,
+            "InvalidRequest",
+            "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata, storage class, website redirect location or encryption attributes.",
+        ));
+    }
+    let source = op
+        .state
+        .store
+        .head(&src_bucket, &src_key)
+        .map_err(|e| store_error(e, &src_bucket))?;
+    let (tmp, size, md5) = copy_source(op, false).await?;
+    let (content_type, headers) = match (replace, source) {
+        (false, Some(src)) => (src.content_type, src.headers),
+        _ => object_headers(op)?,
+    };
+    let meta = ObjectMeta {
+        key: key.to_owned(),
+        size,
+        etag: md5,
+        last_modified: now(),
+        content_type,
+        headers,
+        checksum: None,
+    };
+    let store = op.state.store.clone();
+    let (b, m) = (bucket.to_owned(), meta.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut tmp = tmp;
+        store::seal(tmp.file()?, &m)?;
+        store.commit(&b, tmp, m)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| store_error(e, bucket))?;
+    Ok(xml_ok(format!(
+        "<CopyObjectResult xmlns=\"{}\">{}{}</CopyObjectResult>",
+        xml::NS,
+        el("LastModified", &xml::time(meta.last_modified)),
+        el("ETag", &format!("\"{}\"", meta.etag))
+    )))
 }
 
 fn delete_object(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Body>, S3Error> {
@@ -1621,17 +1788,24 @@ async fn upload_part(
     };
     op.allow(&owner, "s3:PutObject", &object_arn(bucket, key), &[])?;
     let (id, _) = this_upload(op, bucket, key)?;
-    let got = receive(op, body, MAX_PUT_SIZE, true).await?;
+    let copying = op.headers.contains_key("x-amz-copy-source");
+    let (tmp, size, md5, checksum) = if copying {
+        let (tmp, size, md5) = copy_source(op, true).await?;
+        (tmp, size, md5, None)
+    } else {
+        let got = receive(op, body, MAX_PUT_SIZE, true).await?;
+        let tmp = got.tmp.ok_or_else(|| internal("no temporary file"))?;
+        (tmp, got.size, got.md5, got.checksum)
+    };
     let meta = ObjectMeta {
         key: String::new(),
-        size: got.size,
-        etag: got.md5,
+        size,
+        etag: md5,
         last_modified: now(),
         content_type: None,
         headers: Vec::new(),
-        checksum: got.checksum.map(|(a, v)| (a.name().to_owned(), v)),
+        checksum: checksum.map(|(a, v)| (a.name().to_owned(), v)),
     };
-    let tmp = got.tmp.ok_or_else(|| internal("no temporary file"))?;
     let store = op.state.store.clone();
     let (m, upload) = (meta.clone(), id.clone());
     tokio::task::spawn_blocking(move || {
@@ -1645,6 +1819,14 @@ async fn upload_part(
         StoreError::NoSuchUpload => no_such_upload(&id),
         e => store_error(e, bucket),
     })?;
+    if copying {
+        return Ok(xml_ok(format!(
+            "<CopyPartResult xmlns=\"{}\">{}{}</CopyPartResult>",
+            xml::NS,
+            el("LastModified", &xml::time(meta.last_modified)),
+            el("ETag", &format!("\"{}\"", meta.etag))
+        )));
+    }
     let mut r = respond(200, empty());
     set(&mut r, "etag", &format!("\"{}\"", meta.etag));
     if let Some((alg, v)) = &meta.checksum

@@ -405,6 +405,47 @@ impl Store {
         Ok(())
     }
 
+    /// Copies bytes `range` (inclusive; all when `None`) of an object into a new temporary
+    /// file, for CopyObject and UploadPartCopy. Returns the file, the source's metadata, and
+    /// the MD5 of what was copied; `None` if the object is gone or shorter than the range.
+    /// Blocking.
+    pub fn copy_out(
+        &self,
+        bucket: &str,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<Option<(TempFile, ObjectMeta, String)>, StoreError> {
+        let Some((mut src, meta)) = self.open_object(bucket, key)? else {
+            return Ok(None);
+        };
+        let (start, len) = match range {
+            None => (0, meta.size),
+            Some((a, b)) if a <= b && b < meta.size => (a, b - a + 1),
+            Some(_) => return Ok(None),
+        };
+        src.seek(SeekFrom::Start(start))?;
+        let mut tmp = self.temp()?;
+        let mut md5 = md5::Md5::new();
+        let mut buf = vec![0u8; 1024 * 1024];
+        let mut left = len;
+        let out = tmp.file()?;
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = src.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "object file shorter than its size",
+                )
+                .into());
+            }
+            md5.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(Some((tmp, meta, hex::encode(md5.finalize()))))
+    }
+
     /// Deletes an object; deleting a missing key succeeds, as in S3.
     pub fn delete_object(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
         let mut buckets = self.lock();
