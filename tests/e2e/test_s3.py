@@ -93,7 +93,10 @@ def test_walkthrough_device_credentials_download_a_file(srv, workdir):
     role = iam.create_role(RoleName="role-s3-read", AssumeRolePolicyDocument=json.dumps(TRUST_CREDENTIALS))["Role"]
     iam.put_role_policy(RoleName="role-s3-read", PolicyName="read", PolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+            {"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"},
+            # Each device may upload logs into its own folder only.
+            {"Effect": "Allow", "Action": "s3:PutObject",
+             "Resource": f"arn:aws:s3:::{bucket}/logs/${{credentials-iot:ThingName}}/*"}]}))
     alias = iot.create_role_alias(roleAlias="iot-role-alias-s3-read", roleArn=role["Arn"])
     policy = {"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Action": "iot:AssumeRoleWithCertificate", "Resource": alias["roleAliasArn"]}]}
@@ -118,8 +121,12 @@ def test_walkthrough_device_credentials_download_a_file(srv, workdir):
     assert cp.returncode != 0
     assert "AccessDenied" in cp.stderr and "ListObjectsV2" in cp.stderr, cp.stderr
     assert "s3:ListBucket" in cp.stderr
-    # Nor may the role write.
+    # Nor may the role write, but for the device's own log folder.
     cp = cli(s, "s3", "cp", str(src), f"s3://{bucket}/evil.txt", "--only-show-errors", env=env)
+    assert cp.returncode != 0 and "AccessDenied" in cp.stderr
+    cp = cli(s, "s3", "cp", str(src), f"s3://{bucket}/logs/test-thing/boot.log", "--only-show-errors", env=env)
+    assert cp.returncode == 0, cp.stderr
+    cp = cli(s, "s3", "cp", str(src), f"s3://{bucket}/logs/other-thing/boot.log", "--only-show-errors", env=env)
     assert cp.returncode != 0 and "AccessDenied" in cp.stderr
     # A link handed out with the device's temporary credentials (session token in the URL).
     cp = cli(s, "s3", "presign", f"s3://{bucket}/hoge.txt", "--expires-in", "300", env=env)
