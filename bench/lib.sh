@@ -2,12 +2,12 @@
 
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
-# Starts Sekisho on 127.0.0.1 (MQTT 18883, API 19443, HTTPS 18443) with a fresh data directory;
+# Starts Sekisho on 127.0.0.1 (MQTT 18883, API 19443, HTTPS 18443, S3 19444) with a fresh data directory;
 # sets SK (data directory), SKPID and ACCOUNT, and writes $WORK/policy.json: the one
 # thing-name policy every benchmark device gets.
 start_sekisho() {
   SK=$WORK/sekisho
-  "$BIN/sekisho" serve --data-dir "$SK" --mqtt-port 18883 --api-port 19443 --https-port 18443 --bind 127.0.0.1 > "$WORK/sekisho.log" 2>&1 &
+  "$BIN/sekisho" serve --data-dir "$SK" --mqtt-port 18883 --api-port 19443 --https-port 18443 --s3-port 19444 --bind 127.0.0.1 > "$WORK/sekisho.log" 2>&1 &
   SKPID=$!
   wait_port 19443 || { echo "sekisho did not start:"; cat "$WORK/sekisho.log"; exit 1; }
   ACCOUNT=$(awk '/Default account/ {print $3}' "$WORK/sekisho.log")

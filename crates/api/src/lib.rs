@@ -515,6 +515,9 @@ async fn serve_https<F, Fut, B>(
     while let Some((tcp, peer)) = sekisho_gateway::accept(&listener, &mut shutdown).await {
         let acceptor = acceptor.clone();
         let service = service.clone();
+        // Responses go out as headers and body in separate writes; without this, Nagle's
+        // algorithm meets the client's delayed ACK and every small response waits ~40 ms.
+        let _ = tcp.set_nodelay(true);
         tokio::spawn(async move {
             let Ok(Ok(tls)) =
                 tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
