@@ -178,6 +178,14 @@ fn store_error(e: StoreError, bucket: &str) -> S3Error {
     }
 }
 
+/// A store error during a multipart upload: NoSuchUpload names the upload.
+fn upload_error(e: StoreError, id: &str, bucket: &str) -> S3Error {
+    match e {
+        StoreError::NoSuchUpload => no_such_upload(id),
+        e => store_error(e, bucket),
+    }
+}
+
 fn no_such_bucket(bucket: &str) -> S3Error {
     S3Error::new(404, "NoSuchBucket", "The specified bucket does not exist")
         .with("BucketName", bucket)
@@ -285,6 +293,17 @@ impl Op<'_> {
 
     fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Runs blocking store work (file I/O, syncs) off the async threads.
+    async fn on_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.state.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(e))))
     }
 
     /// The bucket's owner, or NoSuchBucket.
@@ -1356,11 +1375,10 @@ async fn get_object(
 ) -> Result<Response<Body>, S3Error> {
     let owner = op.owner(bucket)?;
     op.allow(&owner, "s3:GetObject", &object_arn(bucket, key), &[])?;
-    let store = op.state.store.clone();
     let (b, k) = (bucket.to_owned(), key.to_owned());
-    let found = tokio::task::spawn_blocking(move || store.open_object(&b, &k))
+    let found = op
+        .on_store(move |s| s.open_object(&b, &k))
         .await
-        .map_err(internal)?
         .map_err(|e| store_error(e, bucket))?;
     let Some((mut file, meta)) = found else {
         // As S3: only a caller who may list the bucket learns that the key is absent.
@@ -1480,17 +1498,10 @@ async fn put_object(
         checksum: got.checksum.map(|(a, v)| (a.name().to_owned(), v)),
     };
     let tmp = got.tmp.ok_or_else(|| internal("no temporary file"))?;
-    let store = op.state.store.clone();
-    let b = bucket.to_owned();
-    let m = meta.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut tmp = tmp;
-        store::seal(tmp.file()?, &m)?;
-        store.commit(&b, tmp, m)
-    })
-    .await
-    .map_err(internal)?
-    .map_err(|e| store_error(e, bucket))?;
+    let (b, m) = (bucket.to_owned(), meta.clone());
+    op.on_store(move |s| s.put(&b, tmp, m))
+        .await
+        .map_err(|e| store_error(e, bucket))?;
     tracing::debug!(bucket, key, size = meta.size, "object stored");
     let mut r = respond(200, empty());
     set(&mut r, "etag", &format!("\"{}\"", meta.etag));
@@ -1567,11 +1578,10 @@ async fn copy_source(op: &Op<'_>, ranged: bool) -> Result<(store::TempFile, u64,
             ),
         ));
     }
-    let store = op.state.store.clone();
     let (b, k) = (src_bucket.clone(), src_key.clone());
-    let (tmp, _, md5) = tokio::task::spawn_blocking(move || store.copy_out(&b, &k, range))
+    let (tmp, _, md5) = op
+        .on_store(move |s| s.copy_out(&b, &k, range))
         .await
-        .map_err(internal)?
         .map_err(|e| store_error(e, &src_bucket))?
         .ok_or_else(missing)?;
     Ok((tmp, copied, md5))
@@ -1642,16 +1652,10 @@ async fn copy_object(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Bo
         headers,
         checksum: None,
     };
-    let store = op.state.store.clone();
     let (b, m) = (bucket.to_owned(), meta.clone());
-    tokio::task::spawn_blocking(move || {
-        let mut tmp = tmp;
-        store::seal(tmp.file()?, &m)?;
-        store.commit(&b, tmp, m)
-    })
-    .await
-    .map_err(internal)?
-    .map_err(|e| store_error(e, bucket))?;
+    op.on_store(move |s| s.put(&b, tmp, m))
+        .await
+        .map_err(|e| store_error(e, bucket))?;
     Ok(xml_ok(format!(
         "<CopyObjectResult xmlns=\"{}\">{}{}</CopyObjectResult>",
         xml::NS,
@@ -1752,10 +1756,9 @@ async fn create_upload(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<
             checksum: None,
         },
     };
-    let store = op.state.store.clone();
-    let id = tokio::task::spawn_blocking(move || store.create_upload(&info))
+    let id = op
+        .on_store(move |s| s.create_upload(&info))
         .await
-        .map_err(internal)?
         .map_err(|e| store_error(e, bucket))?;
     Ok(xml_ok(format!(
         "<InitiateMultipartUploadResult xmlns=\"{}\">{}{}{}</InitiateMultipartUploadResult>",
@@ -1806,19 +1809,10 @@ async fn upload_part(
         headers: Vec::new(),
         checksum: checksum.map(|(a, v)| (a.name().to_owned(), v)),
     };
-    let store = op.state.store.clone();
     let (m, upload) = (meta.clone(), id.clone());
-    tokio::task::spawn_blocking(move || {
-        let mut tmp = tmp;
-        store::seal(tmp.file()?, &m)?;
-        store.commit_part(&upload, n, tmp)
-    })
-    .await
-    .map_err(internal)?
-    .map_err(|e| match e {
-        StoreError::NoSuchUpload => no_such_upload(&id),
-        e => store_error(e, bucket),
-    })?;
+    op.on_store(move |s| s.put_part(&upload, n, tmp, &m))
+        .await
+        .map_err(|e| upload_error(e, &id, bucket))?;
     if copying {
         return Ok(xml_ok(format!(
             "<CopyPartResult xmlns=\"{}\">{}{}</CopyPartResult>",
@@ -1867,15 +1861,11 @@ async fn complete_upload(
     if listed.is_empty() || listed.len() > MAX_PART_NUMBER as usize {
         return Err(malformed_xml());
     }
-    let store = op.state.store.clone();
     let upload = id.clone();
-    let meta = tokio::task::spawn_blocking(move || store.complete(&upload, &listed, now()))
+    let meta = op
+        .on_store(move |s| s.complete(&upload, &listed, now()))
         .await
-        .map_err(internal)?
-        .map_err(|e| match e {
-            StoreError::NoSuchUpload => no_such_upload(&id),
-            e => store_error(e, bucket),
-        })?;
+        .map_err(|e| upload_error(e, &id, bucket))?;
     tracing::debug!(bucket, key, size = meta.size, "multipart upload completed");
     Ok(xml_ok(format!(
         "<CompleteMultipartUploadResult xmlns=\"{}\">{}{}{}{}</CompleteMultipartUploadResult>",

@@ -446,6 +446,24 @@ impl Store {
         Ok(Some((tmp, meta, hex::encode(md5.finalize()))))
     }
 
+    /// Seals a temporary file of data with `meta` and makes it the object `meta.key`.
+    pub fn put(&self, bucket: &str, mut tmp: TempFile, meta: ObjectMeta) -> Result<(), StoreError> {
+        seal(tmp.file()?, &meta)?;
+        self.commit(bucket, tmp, meta)
+    }
+
+    /// Seals a temporary file of data with `meta` and makes it part `n` of upload `id`.
+    pub fn put_part(
+        &self,
+        id: &str,
+        n: u32,
+        mut tmp: TempFile,
+        meta: &ObjectMeta,
+    ) -> Result<(), StoreError> {
+        seal(tmp.file()?, meta)?;
+        self.commit_part(id, n, tmp)
+    }
+
     /// Deletes an object; deleting a missing key succeeds, as in S3.
     pub fn delete_object(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
         let mut buckets = self.lock();
