@@ -306,6 +306,13 @@ impl Op<'_> {
             .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(e))))
     }
 
+    /// The bucket's owner, once `action` on `resource` in it is authorized.
+    fn authorize(&self, bucket: &str, action: &str, resource: &str) -> Result<String, S3Error> {
+        let owner = self.owner(bucket)?;
+        self.allow(&owner, action, resource, &[])?;
+        Ok(owner)
+    }
+
     /// The bucket's owner, or NoSuchBucket.
     fn owner(&self, bucket: &str) -> Result<String, S3Error> {
         self.state
@@ -1127,8 +1134,7 @@ async fn create_bucket(
 }
 
 fn delete_bucket(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(&owner, "s3:DeleteBucket", &bucket_arn(bucket), &[])?;
+    op.authorize(bucket, "s3:DeleteBucket", &bucket_arn(bucket))?;
     op.state
         .store
         .delete_bucket(bucket)
@@ -1138,16 +1144,14 @@ fn delete_bucket(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
 }
 
 fn head_bucket(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(&owner, "s3:ListBucket", &bucket_arn(bucket), &[])?;
+    op.authorize(bucket, "s3:ListBucket", &bucket_arn(bucket))?;
     let mut r = respond(200, empty());
     set(&mut r, "x-amz-bucket-region", &op.state.endpoints.region);
     Ok(r)
 }
 
 fn bucket_location(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(&owner, "s3:GetBucketLocation", &bucket_arn(bucket), &[])?;
+    op.authorize(bucket, "s3:GetBucketLocation", &bucket_arn(bucket))?;
     let region = &op.state.endpoints.region;
     let shown = if region == "us-east-1" { "" } else { region };
     Ok(xml_ok(format!(
@@ -1373,8 +1377,7 @@ async fn get_object(
     key: &str,
     head: bool,
 ) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(&owner, "s3:GetObject", &object_arn(bucket, key), &[])?;
+    let owner = op.authorize(bucket, "s3:GetObject", &object_arn(bucket, key))?;
     let (b, k) = (bucket.to_owned(), key.to_owned());
     let found = op
         .on_store(move |s| s.open_object(&b, &k))
@@ -1484,8 +1487,7 @@ async fn put_object(
     key: &str,
     body: Incoming,
 ) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(&owner, "s3:PutObject", &object_arn(bucket, key), &[])?;
+    op.authorize(bucket, "s3:PutObject", &object_arn(bucket, key))?;
     let (content_type, headers) = object_headers(op)?;
     let got = receive(op, body, MAX_PUT_SIZE, true).await?;
     let meta = ObjectMeta {
@@ -1612,8 +1614,7 @@ fn copy_source_name(op: &Op<'_>) -> Result<(String, String), S3Error> {
 }
 
 async fn copy_object(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(&owner, "s3:PutObject", &object_arn(bucket, key), &[])?;
+    op.authorize(bucket, "s3:PutObject", &object_arn(bucket, key))?;
     let replace = match op.header("x-amz-metadata-directive") {
         None | Some("COPY") => false,
         Some("REPLACE") => true,
@@ -1665,8 +1666,7 @@ async fn copy_object(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Bo
 }
 
 fn delete_object(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(&owner, "s3:DeleteObject", &object_arn(bucket, key), &[])?;
+    op.authorize(bucket, "s3:DeleteObject", &object_arn(bucket, key))?;
     op.state
         .store
         .delete_object(bucket, key)
@@ -1738,8 +1738,7 @@ fn this_upload(
 }
 
 async fn create_upload(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(&owner, "s3:PutObject", &object_arn(bucket, key), &[])?;
+    op.authorize(bucket, "s3:PutObject", &object_arn(bucket, key))?;
     let (content_type, headers) = object_headers(op)?;
     let info = store::UploadInfo {
         bucket: bucket.to_owned(),
@@ -1837,8 +1836,7 @@ async fn complete_upload(
     key: &str,
     body: Incoming,
 ) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(&owner, "s3:PutObject", &object_arn(bucket, key), &[])?;
+    op.authorize(bucket, "s3:PutObject", &object_arn(bucket, key))?;
     let (id, _) = this_upload(op, bucket, key)?;
     let got = receive(op, body, MAX_XML_BODY, false).await?;
     let doc = xml::parse(&got.data).map_err(|_| malformed_xml())?;
@@ -1878,25 +1876,17 @@ async fn complete_upload(
 }
 
 fn abort_upload(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(
-        &owner,
-        "s3:AbortMultipartUpload",
-        &object_arn(bucket, key),
-        &[],
-    )?;
+    op.authorize(bucket, "s3:AbortMultipartUpload", &object_arn(bucket, key))?;
     let (id, _) = this_upload(op, bucket, key)?;
     op.state.store.abort(&id).map_err(|_| no_such_upload(&id))?;
     Ok(respond(204, empty()))
 }
 
 fn list_parts(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(
-        &owner,
+    op.authorize(
+        bucket,
         "s3:ListMultipartUploadParts",
         &object_arn(bucket, key),
-        &[],
     )?;
     let (id, _) = this_upload(op, bucket, key)?;
     let marker = op
@@ -1936,13 +1926,7 @@ fn list_parts(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Body>, S3
 }
 
 fn list_uploads(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
-    op.allow(
-        &owner,
-        "s3:ListBucketMultipartUploads",
-        &bucket_arn(bucket),
-        &[],
-    )?;
+    op.authorize(bucket, "s3:ListBucketMultipartUploads", &bucket_arn(bucket))?;
     let prefix = op.q("prefix").unwrap_or("");
     let uploads: String = op
         .state
