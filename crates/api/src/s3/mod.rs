@@ -118,6 +118,13 @@ fn malformed_xml() -> S3Error {
     )
 }
 
+/// `InvalidArgument` naming the argument and its value.
+fn invalid_argument(message: &str, name: &str, value: &str) -> S3Error {
+    S3Error::new(400, "InvalidArgument", message)
+        .with("ArgumentName", name)
+        .with("ArgumentValue", value)
+}
+
 fn no_such_upload(id: &str) -> S3Error {
     S3Error::new(
         404,
@@ -570,13 +577,11 @@ fn authenticate(
             Payload::Sha256(h.to_ascii_lowercase())
         }
         _ => {
-            return Err(S3Error::new(
-                400,
-                "InvalidArgument",
+            return Err(invalid_argument(
                 "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, STREAMING-UNSIGNED-PAYLOAD-TRAILER, STREAMING-AWS4-HMAC-SHA256-PAYLOAD, STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER or a valid sha256 value.",
-            )
-            .with("ArgumentName", "x-amz-content-sha256")
-            .with("ArgumentValue", claimed));
+                "x-amz-content-sha256",
+                claimed,
+            ));
         }
     };
     Ok((caller, payload))
@@ -1182,11 +1187,11 @@ fn list_objects(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
         None => false,
         Some("2") => true,
         Some(v) => {
-            return Err(
-                S3Error::new(400, "InvalidArgument", "Invalid List Type specified")
-                    .with("ArgumentName", "list-type")
-                    .with("ArgumentValue", v),
-            );
+            return Err(invalid_argument(
+                "Invalid List Type specified",
+                "list-type",
+                v,
+            ));
         }
     };
     let prefix = op.q("prefix").unwrap_or("");
@@ -1196,13 +1201,11 @@ fn list_objects(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
         Some(v) => match v.parse::<i64>() {
             Ok(n) if n >= 0 => n.min(1000) as usize,
             _ => {
-                return Err(S3Error::new(
-                    400,
-                    "InvalidArgument",
+                return Err(invalid_argument(
                     "Provided max-keys not an integer or within integer range",
-                )
-                .with("ArgumentName", "max-keys")
-                .with("ArgumentValue", v));
+                    "max-keys",
+                    v,
+                ));
             }
         },
     };
@@ -1210,13 +1213,11 @@ fn list_objects(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
         None => false,
         Some("url") => true,
         Some(v) => {
-            return Err(S3Error::new(
-                400,
-                "InvalidArgument",
+            return Err(invalid_argument(
                 "Invalid Encoding Method specified in Request",
-            )
-            .with("ArgumentName", "encoding-type")
-            .with("ArgumentValue", v));
+                "encoding-type",
+                v,
+            ));
         }
     };
     let mut ctx = vec![
@@ -1603,13 +1604,11 @@ fn copy_source_name(op: &Op<'_>) -> Result<(String, String), S3Error> {
         Some((b, k)) if !b.is_empty() && !k.is_empty() && k.len() <= MAX_KEY_LEN => {
             Ok((b.to_owned(), k.to_owned()))
         }
-        _ => Err(S3Error::new(
-            400,
-            "InvalidArgument",
+        _ => Err(invalid_argument(
             "Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
-        )
-        .with("ArgumentName", "x-amz-copy-source")
-        .with("ArgumentValue", raw)),
+            "x-amz-copy-source",
+            raw,
+        )),
     }
 }
 
@@ -1619,11 +1618,11 @@ async fn copy_object(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Bo
         None | Some("COPY") => false,
         Some("REPLACE") => true,
         Some(v) => {
-            return Err(
-                S3Error::new(400, "InvalidArgument", "Unknown metadata directive.")
-                    .with("ArgumentName", "x-amz-metadata-directive")
-                    .with("ArgumentValue", v),
-            );
+            return Err(invalid_argument(
+                "Unknown metadata directive.",
+                "x-amz-metadata-directive",
+                v,
+            ));
         }
     };
     let (src_bucket, src_key) = copy_source_name(op)?;
@@ -1779,13 +1778,11 @@ async fn upload_part(
     let n = match raw.parse::<u32>() {
         Ok(n) if (1..=MAX_PART_NUMBER).contains(&n) => n,
         _ => {
-            return Err(S3Error::new(
-                400,
-                "InvalidArgument",
+            return Err(invalid_argument(
                 "Part number must be an integer between 1 and 10000, inclusive",
-            )
-            .with("ArgumentName", "partNumber")
-            .with("ArgumentValue", raw));
+                "partNumber",
+                raw,
+            ));
         }
     };
     op.allow(&owner, "s3:PutObject", &object_arn(bucket, key), &[])?;
