@@ -1506,6 +1506,21 @@ async fn put_object(
         .await
         .map_err(|e| store_error(e, bucket))?;
     tracing::debug!(bucket, key, size = meta.size, "object stored");
+    Ok(stored(&meta))
+}
+
+/// The answer to a copy (CopyObject, UploadPartCopy): `<element>` with the new ETag.
+fn copied(element: &str, meta: &ObjectMeta) -> Response<Body> {
+    xml_ok(format!(
+        "<{element} xmlns=\"{}\">{}{}</{element}>",
+        xml::NS,
+        el("LastModified", &xml::time(meta.last_modified)),
+        el("ETag", &format!("\"{}\"", meta.etag))
+    ))
+}
+
+/// The answer to an upload (PutObject, UploadPart): its ETag and checksum.
+fn stored(meta: &ObjectMeta) -> Response<Body> {
     let mut r = respond(200, empty());
     set(&mut r, "etag", &format!("\"{}\"", meta.etag));
     if let Some((alg, v)) = &meta.checksum
@@ -1513,7 +1528,7 @@ async fn put_object(
     {
         set(&mut r, a.header(), v);
     }
-    Ok(r)
+    r
 }
 
 /// Reads the object named by `x-amz-copy-source` (authorized as a GetObject), the range in
@@ -1656,12 +1671,7 @@ async fn copy_object(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Bo
     op.on_store(move |s| s.put(&b, tmp, m))
         .await
         .map_err(|e| store_error(e, bucket))?;
-    Ok(xml_ok(format!(
-        "<CopyObjectResult xmlns=\"{}\">{}{}</CopyObjectResult>",
-        xml::NS,
-        el("LastModified", &xml::time(meta.last_modified)),
-        el("ETag", &format!("\"{}\"", meta.etag))
-    )))
+    Ok(copied("CopyObjectResult", &meta))
 }
 
 fn delete_object(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Body>, S3Error> {
@@ -1810,21 +1820,9 @@ async fn upload_part(
         .await
         .map_err(|e| upload_error(e, &id, bucket))?;
     if copying {
-        return Ok(xml_ok(format!(
-            "<CopyPartResult xmlns=\"{}\">{}{}</CopyPartResult>",
-            xml::NS,
-            el("LastModified", &xml::time(meta.last_modified)),
-            el("ETag", &format!("\"{}\"", meta.etag))
-        )));
+        return Ok(copied("CopyPartResult", &meta));
     }
-    let mut r = respond(200, empty());
-    set(&mut r, "etag", &format!("\"{}\"", meta.etag));
-    if let Some((alg, v)) = &meta.checksum
-        && let Some(a) = Algorithm::from_name(alg)
-    {
-        set(&mut r, a.header(), v);
-    }
-    Ok(r)
+    Ok(stored(&meta))
 }
 
 async fn complete_upload(
