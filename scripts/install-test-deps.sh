@@ -7,6 +7,8 @@ SUDO=""
 need_apt=()
 command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
 command -v openssl >/dev/null || need_apt+=(openssl)
+# Runs the server and a client in the future, to test what happens when credentials expire.
+command -v faketime >/dev/null || need_apt+=(faketime)
 # *.localhost names resolve to loopback through nss-myhostname (the endpoints are <prefix>-ats.iot.<region>.localhost).
 getent hosts probe-ats.iot.us-east-1.localhost >/dev/null 2>&1 || need_apt+=(libnss-myhostname)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -61,11 +61,12 @@ class Server:
                                 capture_output=True, text=True, timeout=30)
             assert cp.returncode == 0, cp.stderr
 
-    def start(self):
+    def start(self, wrapper=()):
+        """`wrapper`: a command that runs the server (e.g. `faketime -f +20m`)."""
         self.log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")
         extra = ["--config", str(self.config)] if self.config else []
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--data-dir", str(self.data_dir), "--mqtt-port", str(self.mqtt_port),
+            [*wrapper, str(BIN), "serve", "--data-dir", str(self.data_dir), "--mqtt-port", str(self.mqtt_port),
              "--api-port", str(self.api_port), "--https-port", str(self.https_port), "--s3-port", str(self.s3_port), *extra],
             stdout=self.log, stderr=self.log, env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info")},
         )

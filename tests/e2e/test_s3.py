@@ -604,3 +604,48 @@ def test_crash_mid_upload_leaves_nothing_visible(workdir):
         src.unlink()
     finally:
         s.stop()
+
+
+def test_expired_credentials_are_refused(workdir):
+    """Credential-provider credentials stop working at their expiry (15 minutes at the least).
+    Instead of waiting, the server and the AWS CLI are both moved 20 minutes into the future
+    with libfaketime; the account's long-term key still works there, so the refusal is the
+    expiry, not the clock."""
+    s = Server(workdir / unique("s3expiry")).start()
+    try:
+        iot, iam = s.boto(), s.boto("iam")
+        s3_client(s).create_bucket(Bucket="expiry")
+        s3_client(s).put_object(Bucket="expiry", Key="fw.bin", Body=b"firmware")
+        role = iam.create_role(RoleName="reader", AssumeRolePolicyDocument=json.dumps(TRUST_CREDENTIALS))["Role"]
+        iam.put_role_policy(RoleName="reader", PolicyName="read", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::expiry/*"}]}))
+        alias = iot.create_role_alias(roleAlias="reader", roleArn=role["Arn"], credentialDurationSeconds=900)
+        dev = Device(s, iot, "expiring-thing", {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "iot:AssumeRoleWithCertificate", "Resource": alias["roleAliasArn"]}]},
+            workdir)
+        endpoint = iot.describe_endpoint(endpointType="iot:CredentialProvider")["endpointAddress"]
+        cp = subprocess.run(["curl", "-s", "--fail", "--cacert", s.ca, "--cert", str(dev.cert), "--key",
+                             str(dev.key), f"https://{endpoint}:{s.https_port}/role-aliases/reader/credentials"],
+                            capture_output=True, text=True, timeout=20)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        env = device_env(s, workdir, json.loads(cp.stdout)["credentials"])
+        now = cli(s, "s3", "cp", "s3://expiry/fw.bin", "-", env=env)
+        assert now.returncode == 0 and now.stdout == "firmware", now.stderr
+
+        s.stop()
+        future = ("faketime", "-f", "+20m")
+        s.start(wrapper=future)
+        later = subprocess.run([*future, "aws", "s3api", "get-object", "--bucket", "expiry", "--key", "fw.bin",
+                                str(workdir / unique("expired-get"))], env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert later.returncode != 0 and "(ExpiredToken)" in later.stderr, later.stdout + later.stderr
+        # `aws s3 cp` asks HeadObject first: the same 400, without a body (HEAD), as S3 answers.
+        later = subprocess.run([*future, "aws", "s3", "cp", "s3://expiry/fw.bin", "-"], env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert later.returncode != 0 and "(400)" in later.stderr, later.stdout + later.stderr
+        root = subprocess.run([*future, "aws", "--profile", "sekisho", "s3", "cp", "s3://expiry/fw.bin", "-"],
+                              env=s.env, capture_output=True, text=True, timeout=120)
+        assert root.returncode == 0 and root.stdout == "firmware", root.stderr
+    finally:
+        s.stop()
