@@ -311,6 +311,43 @@ mod tests {
         assert!(decode_in_pieces(&long, None, 7).is_err());
     }
 
+    proptest::proptest! {
+        /// Any data, cut into any chunks, then fed in any pieces, decodes to itself.
+        #[test]
+        fn round_trip(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..3000),
+            chunk in 1usize..700,
+            piece in 1usize..900,
+        ) {
+            let mut body = Vec::new();
+            for c in data.chunks(chunk) {
+                body.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                body.extend_from_slice(c);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"0\r\nx-amz-checksum-crc32:AAAAAA==\r\n\r\n");
+            let (out, trailers) = decode_in_pieces(&body, None, piece).unwrap();
+            proptest::prop_assert_eq!(out, data);
+            proptest::prop_assert_eq!(trailers.len(), 1);
+        }
+
+        /// Arbitrary bytes never panic and never decode more than they hold.
+        #[test]
+        fn arbitrary_input(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            piece in 1usize..64,
+        ) {
+            let mut d = Decoder::new(None);
+            let mut out = Vec::new();
+            for p in body.chunks(piece) {
+                if d.feed(p, &mut out).is_err() {
+                    break;
+                }
+            }
+            proptest::prop_assert!(out.len() <= body.len());
+        }
+    }
+
     /// AWS's streaming example: 65536 + 1024 bytes of `a`, three signed chunks.
     #[test]
     fn signed_chunks_verify_and_tampering_fails() {

@@ -184,6 +184,14 @@ mod tests {
         assert!(parse(b"<a/><b/>").is_err());
     }
 
+    proptest::proptest! {
+        /// Arbitrary documents never panic.
+        #[test]
+        fn arbitrary_documents(doc in "(<[a-zA-Z]{1,3}>|</[a-zA-Z]{1,3}>|<[a-z]/>|&[a-z#0-9x]{0,6};|[a-z ]{0,4}|<!DOCTYPE x>|<\\?xml version=\"1.0\"\\?>){0,40}") {
+            let _ = parse(doc.as_bytes());
+        }
+    }
+
     #[test]
     fn times() {
         assert_eq!(time(784_111_777.5), "1994-11-06T08:49:37.500Z");
