@@ -25,6 +25,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// Most connections open at once on one control-plane or S3 listener; more are closed at once.
+pub const MAX_HTTPS_CONNECTIONS: usize = 10_000;
+
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 1024 * 1024;
 
@@ -512,7 +515,12 @@ async fn serve_https<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HTTPS_CONNECTIONS));
     while let Some((tcp, peer)) = sekisho_gateway::accept(&listener, &mut shutdown).await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "{what}: {MAX_HTTPS_CONNECTIONS} connections open; connection refused");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let service = service.clone();
         // Responses go out as headers and body in separate writes; without this, Nagle's
@@ -534,6 +542,7 @@ async fn serve_https<F, Fut, B>(
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "{what}: connection ended");
             }
+            drop(slot);
         });
     }
 }
