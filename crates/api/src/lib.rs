@@ -481,9 +481,14 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     shutdown: watch::Receiver<bool>,
 ) {
-    serve_https(listener, tls, shutdown, "control plane", move |_, req| {
-        handle(state.clone(), req)
-    })
+    serve_https(
+        listener,
+        tls,
+        shutdown,
+        "control plane",
+        MAX_HTTPS_CONNECTIONS,
+        move |_, req| handle(state.clone(), req),
+    )
     .await
 }
 
@@ -494,18 +499,25 @@ pub async fn serve_s3(
     tls: Arc<rustls::ServerConfig>,
     shutdown: watch::Receiver<bool>,
 ) {
-    serve_https(listener, tls, shutdown, "S3", move |peer, req| {
-        s3::handle(state.clone(), peer, req)
-    })
+    serve_https(
+        listener,
+        tls,
+        shutdown,
+        "S3",
+        MAX_HTTPS_CONNECTIONS,
+        move |peer, req| s3::handle(state.clone(), peer, req),
+    )
     .await
 }
 
-/// Accepts TLS connections and serves HTTP/1.1 on each with `service(peer, request)`.
+/// Accepts TLS connections, at most `cap` at once, and serves HTTP/1.1 on each with
+/// `service(peer, request)`.
 async fn serve_https<F, Fut, B>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     mut shutdown: watch::Receiver<bool>,
     what: &'static str,
+    cap: usize,
     service: F,
 ) where
     F: Fn(std::net::SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -515,10 +527,10 @@ async fn serve_https<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HTTPS_CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
     while let Some((tcp, peer)) = sekisho_gateway::accept(&listener, &mut shutdown).await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "{what}: {MAX_HTTPS_CONNECTIONS} connections open; connection refused");
+            tracing::warn!(%peer, "{what}: {cap} connections open; connection refused");
             continue;
         };
         let acceptor = acceptor.clone();
@@ -601,6 +613,64 @@ mod tests {
         };
         headers.push(("authorization".to_string(), auth));
         (headers, sha)
+    }
+
+    /// A listener holds `cap` connections; the next is closed at accept, and a slot freed is
+    /// usable again.
+    #[tokio::test]
+    async fn connection_cap_at_n_and_n_plus_1() {
+        use tokio::io::AsyncReadExt as _;
+        #[derive(Debug)]
+        struct NoCert;
+        impl rustls::server::ResolvesServerCert for NoCert {
+            fn resolve(
+                &self,
+                _: rustls::server::ClientHello<'_>,
+            ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+                None
+            }
+        }
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCert));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(serve_https(
+            listener,
+            Arc::new(tls),
+            shutdown,
+            "test",
+            2,
+            |_, _req: Request<Incoming>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            },
+        ));
+        let connect = || tokio::net::TcpStream::connect(addr);
+        // Closed by the server: reading gives end of file quickly.
+        async fn closed(s: &mut tokio::net::TcpStream) -> bool {
+            let mut b = [0u8; 1];
+            matches!(
+                tokio::time::timeout(std::time::Duration::from_millis(500), s.read(&mut b)).await,
+                Ok(Ok(0)) | Ok(Err(_))
+            )
+        }
+        let mut a = connect().await.unwrap();
+        let mut b = connect().await.unwrap();
+        let mut c = connect().await.unwrap();
+        assert!(closed(&mut c).await, "connection N+1 must be refused");
+        assert!(
+            !closed(&mut a).await && !closed(&mut b).await,
+            "N connections are held"
+        );
+        drop(a);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut d = connect().await.unwrap();
+        assert!(!closed(&mut d).await, "a freed slot is used again");
     }
 
     #[test]
