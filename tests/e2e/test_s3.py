@@ -272,6 +272,36 @@ def test_objects_metadata_ranges_and_keys(srv, bucket):
     assert r.status_code == 200 and r.headers["content-disposition"] == 'attachment; filename="fw.bin"'
 
 
+def test_conditional_writes_and_expected_owner(srv, bucket):
+    c = s3_client(srv)
+    first = c.put_object(Bucket=bucket, Key="cond/x", Body=b"1", IfNoneMatch="*")
+    with pytest.raises(ClientError) as e:
+        c.put_object(Bucket=bucket, Key="cond/x", Body=b"2", IfNoneMatch="*")
+    assert code(e.value) == "PreconditionFailed" and status(e.value) == 412
+    with pytest.raises(ClientError) as e:
+        c.put_object(Bucket=bucket, Key="cond/x", Body=b"2", IfMatch='"00000000000000000000000000000000"')
+    assert code(e.value) == "PreconditionFailed"
+    c.put_object(Bucket=bucket, Key="cond/x", Body=b"2", IfMatch=first["ETag"])
+    assert c.get_object(Bucket=bucket, Key="cond/x")["Body"].read() == b"2"
+    with pytest.raises(ClientError) as e:
+        c.put_object(Bucket=bucket, Key="cond/none", Body=b"2", IfMatch=first["ETag"])
+    assert code(e.value) == "NoSuchKey"
+    # Multipart completion honours If-None-Match too.
+    up = c.create_multipart_upload(Bucket=bucket, Key="cond/x")["UploadId"]
+    etag = c.upload_part(Bucket=bucket, Key="cond/x", UploadId=up, PartNumber=1, Body=b"p")["ETag"]
+    with pytest.raises(ClientError) as e:
+        c.complete_multipart_upload(Bucket=bucket, Key="cond/x", UploadId=up, IfNoneMatch="*",
+                                    MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
+    assert code(e.value) == "PreconditionFailed"
+    c.abort_multipart_upload(Bucket=bucket, Key="cond/x", UploadId=up)
+    # x-amz-expected-bucket-owner: the request fails unless the bucket is the named account's.
+    me = srv.account_id()
+    assert c.head_object(Bucket=bucket, Key="cond/x", ExpectedBucketOwner=me)["ContentLength"] == 1
+    with pytest.raises(ClientError) as e:
+        c.get_object(Bucket=bucket, Key="cond/x", ExpectedBucketOwner="111122223333")
+    assert code(e.value) == "AccessDenied"
+
+
 def declared_put(srv, c, bucket, key, length):
     """A signed PUT that declares `length` bytes and sends none, over a raw TLS socket."""
     url = f"https://localhost:{srv.s3_port}/{bucket}/{key}"

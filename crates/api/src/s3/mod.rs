@@ -176,6 +176,14 @@ fn store_error(e: StoreError, bucket: &str) -> S3Error {
             "InvalidPartOrder",
             "The list of parts was not in ascending order. Parts must be ordered by part number.",
         ),
+        StoreError::PreconditionFailed => S3Error::new(
+            412,
+            "PreconditionFailed",
+            "At least one of the pre-conditions you specified did not hold",
+        ),
+        StoreError::NoSuchKey => {
+            S3Error::new(404, "NoSuchKey", "The specified key does not exist.")
+        }
         StoreError::EntityTooSmall => S3Error::new(
             400,
             "EntityTooSmall",
@@ -320,12 +328,33 @@ impl Op<'_> {
         Ok(owner)
     }
 
-    /// The bucket's owner, or NoSuchBucket.
+    /// The bucket's owner, or NoSuchBucket; AccessDenied when the caller expects another
+    /// owner (`x-amz-expected-bucket-owner`).
     fn owner(&self, bucket: &str) -> Result<String, S3Error> {
-        self.state
+        let owner = self
+            .state
             .store
             .bucket_owner(bucket)
-            .ok_or_else(|| no_such_bucket(bucket))
+            .ok_or_else(|| no_such_bucket(bucket))?;
+        match self.header("x-amz-expected-bucket-owner") {
+            Some(expected) if expected != owner => Err(access_denied()),
+            _ => Ok(owner),
+        }
+    }
+
+    /// What a write requires of the object it replaces: `If-None-Match: *` (none) or
+    /// `If-Match` (one of these ETags).
+    fn write_condition(&self) -> store::Condition {
+        if self
+            .header("if-none-match")
+            .is_some_and(|v| v.trim() == "*")
+        {
+            store::Condition::Absent
+        } else if let Some(m) = self.header("if-match") {
+            store::Condition::Matches(m.split(',').map(|e| e.trim().to_owned()).collect())
+        } else {
+            store::Condition::None
+        }
     }
 
     fn permits(&self, owner: &str, action: &str, resource: &str, extra: &[(&str, String)]) -> bool {
@@ -1502,7 +1531,8 @@ async fn put_object(
     };
     let tmp = got.tmp.ok_or_else(|| internal("no temporary file"))?;
     let (b, m) = (bucket.to_owned(), meta.clone());
-    op.on_store(move |s| s.put(&b, tmp, m))
+    let condition = op.write_condition();
+    op.on_store(move |s| s.put(&b, tmp, m, &condition))
         .await
         .map_err(|e| store_error(e, bucket))?;
     tracing::debug!(bucket, key, size = meta.size, "object stored");
@@ -1668,7 +1698,7 @@ async fn copy_object(op: &Op<'_>, bucket: &str, key: &str) -> Result<Response<Bo
         checksum: None,
     };
     let (b, m) = (bucket.to_owned(), meta.clone());
-    op.on_store(move |s| s.put(&b, tmp, m))
+    op.on_store(move |s| s.put(&b, tmp, m, &store::Condition::None))
         .await
         .map_err(|e| store_error(e, bucket))?;
     Ok(copied("CopyObjectResult", &meta))
@@ -1856,7 +1886,10 @@ async fn complete_upload(
     }
     let upload = id.clone();
     let meta = op
-        .on_store(move |s| s.complete(&upload, &listed, now()))
+        .on_store({
+            let condition = op.write_condition();
+            move |s| s.complete(&upload, &listed, now(), &condition)
+        })
         .await
         .map_err(|e| upload_error(e, &id, bucket))?;
     tracing::debug!(bucket, key, size = meta.size, "multipart upload completed");

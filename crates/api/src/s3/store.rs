@@ -32,6 +32,18 @@ pub const MAX_KEY_LEN: usize = 1024;
 const MAGIC: &[u8; 8] = b"SKS3OBJ1";
 const MAX_META: u32 = 1024 * 1024;
 
+/// What a write requires of the object it replaces (`If-None-Match: *`, `If-Match`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Condition {
+    /// Nothing.
+    #[default]
+    None,
+    /// That there is none.
+    Absent,
+    /// That it exists with one of these ETags (`*`: any).
+    Matches(Vec<String>),
+}
+
 /// An object's (or a part's) metadata.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ObjectMeta {
@@ -89,6 +101,10 @@ pub enum StoreError {
     InvalidPartOrder,
     /// A part other than the last is under 5 MiB.
     EntityTooSmall,
+    /// A conditional write's condition does not hold.
+    PreconditionFailed,
+    /// A conditional write (If-Match) names an object that does not exist.
+    NoSuchKey,
     /// Disk trouble.
     Io(io::Error),
 }
@@ -389,19 +405,38 @@ impl Store {
         bucket: &str,
         mut tmp: TempFile,
         meta: ObjectMeta,
+        condition: &Condition,
     ) -> Result<(), StoreError> {
         let path = self.object_path(bucket, &meta.key);
-        let mut buckets = self.lock();
-        let b = buckets.get_mut(bucket).ok_or(StoreError::NoSuchBucket)?;
         let dir = path
             .parent()
             .ok_or_else(|| io::Error::other("object path has no parent"))?;
-        fs::create_dir_all(dir)?;
-        fs::rename(&tmp.path, &path)?;
-        tmp.file = None;
-        tmp.path = PathBuf::new();
+        {
+            let mut buckets = self.lock();
+            let b = buckets.get_mut(bucket).ok_or(StoreError::NoSuchBucket)?;
+            // Checked and replaced under one lock, so two conditional writers cannot both win.
+            match (condition, b.objects.get(&meta.key)) {
+                (Condition::None, _) => {}
+                (Condition::Absent, None) => {}
+                (Condition::Absent, Some(_)) => return Err(StoreError::PreconditionFailed),
+                (Condition::Matches(_), None) => return Err(StoreError::NoSuchKey),
+                (Condition::Matches(etags), Some(old)) => {
+                    if !etags
+                        .iter()
+                        .any(|e| e == "*" || e.trim_matches('"') == old.etag)
+                    {
+                        return Err(StoreError::PreconditionFailed);
+                    }
+                }
+            }
+            fs::create_dir_all(dir)?;
+            fs::rename(&tmp.path, &path)?;
+            tmp.file = None;
+            tmp.path = PathBuf::new();
+            b.objects.insert(meta.key.clone(), meta);
+        }
+        // Synced before the write is acknowledged, outside the lock.
         sync_dir(dir)?;
-        b.objects.insert(meta.key.clone(), meta);
         Ok(())
     }
 
@@ -446,10 +481,17 @@ impl Store {
         Ok(Some((tmp, meta, hex::encode(md5.finalize()))))
     }
 
-    /// Seals a temporary file of data with `meta` and makes it the object `meta.key`.
-    pub fn put(&self, bucket: &str, mut tmp: TempFile, meta: ObjectMeta) -> Result<(), StoreError> {
+    /// Seals a temporary file of data with `meta` and makes it the object `meta.key`, if the
+    /// object it replaces meets `condition`.
+    pub fn put(
+        &self,
+        bucket: &str,
+        mut tmp: TempFile,
+        meta: ObjectMeta,
+        condition: &Condition,
+    ) -> Result<(), StoreError> {
         seal(tmp.file()?, &meta)?;
-        self.commit(bucket, tmp, meta)
+        self.commit(bucket, tmp, meta, condition)
     }
 
     /// Seals a temporary file of data with `meta` and makes it part `n` of upload `id`.
@@ -613,6 +655,7 @@ impl Store {
         id: &str,
         listed: &[(u32, String)],
         now: f64,
+        condition: &Condition,
     ) -> Result<ObjectMeta, StoreError> {
         let info = self.upload(id)?;
         let parts = self.parts(id)?;
@@ -654,8 +697,7 @@ impl Store {
             checksum: None,
             ..info.template
         };
-        seal(tmp.file()?, &meta)?;
-        self.commit(&info.bucket, tmp, meta.clone())?;
+        self.put(&info.bucket, tmp, meta.clone(), condition)?;
         let _ = fs::remove_dir_all(&dir);
         Ok(meta)
     }
@@ -716,8 +758,7 @@ mod tests {
             headers: vec![],
             checksum: None,
         };
-        seal(t.file().unwrap(), &meta).unwrap();
-        s.commit(bucket, t, meta.clone()).unwrap();
+        s.put(bucket, t, meta.clone(), &Condition::None).unwrap();
         meta
     }
 
@@ -757,6 +798,40 @@ mod tests {
             Err(StoreError::BucketExists { owned: false })
         ));
         let m = put(&s, "bkt", "a/b.txt", b"hello");
+        // Conditional writes, decided under the lock.
+        let cond = |c: Condition, key: &str| {
+            let mut t = s.temp().unwrap();
+            t.file().unwrap().write_all(b"c").unwrap();
+            let meta = ObjectMeta {
+                key: key.into(),
+                size: 1,
+                etag: "e".into(),
+                last_modified: 1.0,
+                content_type: None,
+                headers: vec![],
+                checksum: None,
+            };
+            s.put("bkt", t, meta, &c)
+        };
+        assert!(matches!(
+            cond(Condition::Absent, "a/b.txt"),
+            Err(StoreError::PreconditionFailed)
+        ));
+        assert!(matches!(
+            cond(Condition::Matches(vec!["\"nope\"".into()]), "a/b.txt"),
+            Err(StoreError::PreconditionFailed)
+        ));
+        assert!(matches!(
+            cond(Condition::Matches(vec!["*".into()]), "new"),
+            Err(StoreError::NoSuchKey)
+        ));
+        cond(
+            Condition::Matches(vec![format!("\"{}\"", m.etag)]),
+            "a/b.txt",
+        )
+        .unwrap();
+        cond(Condition::Absent, "new").unwrap();
+        s.delete_object("bkt", "new").unwrap();
         put(&s, "bkt", "a/b.txt", b"hello2");
         // A write cut off before commit.
         let mut t = s.temp().unwrap();
@@ -862,20 +937,35 @@ mod tests {
         let e1 = part(1, &small);
         let e2 = part(2, b"tail");
         assert!(matches!(
-            s.complete(&id, &[(1, e1.clone()), (2, e2.clone())], 1.0),
+            s.complete(
+                &id,
+                &[(1, e1.clone()), (2, e2.clone())],
+                1.0,
+                &Condition::None
+            ),
             Err(StoreError::EntityTooSmall)
         ));
         let e1 = part(1, &exact);
         assert!(matches!(
-            s.complete(&id, &[(2, e2.clone()), (1, e1.clone())], 1.0),
+            s.complete(
+                &id,
+                &[(2, e2.clone()), (1, e1.clone())],
+                1.0,
+                &Condition::None
+            ),
             Err(StoreError::InvalidPartOrder)
         ));
         assert!(matches!(
-            s.complete(&id, &[(1, e2.clone())], 1.0),
+            s.complete(&id, &[(1, e2.clone())], 1.0, &Condition::None),
             Err(StoreError::InvalidPart(1))
         ));
         let m = s
-            .complete(&id, &[(1, format!("\"{e1}\"")), (2, e2)], 1.0)
+            .complete(
+                &id,
+                &[(1, format!("\"{e1}\"")), (2, e2)],
+                1.0,
+                &Condition::None,
+            )
             .unwrap();
         assert_eq!(m.size, MIN_PART_SIZE + 4);
         assert!(m.etag.ends_with("-2"));
