@@ -246,6 +246,15 @@ def test_objects_metadata_ranges_and_keys(srv, bucket):
         c.get_object(Bucket=bucket, Key="missing")
     assert code(e.value) == "NoSuchKey"
     c.delete_object(Bucket=bucket, Key="missing")  # deleting a missing key succeeds
+    # Objects belong to the bucket's account: no ACLs but the ones that say so.
+    c.put_object(Bucket=bucket, Key="acl", Body=b"", ACL="bucket-owner-full-control")
+    for acl in ("public-read", "authenticated-read"):
+        with pytest.raises(ClientError) as e:
+            c.put_object(Bucket=bucket, Key="acl", Body=b"", ACL=acl)
+        assert code(e.value) == "AccessControlListNotSupported"
+    with pytest.raises(ClientError) as e:
+        c.put_object(Bucket=bucket, Key="acl", Body=b"", GrantRead='uri="http://acs.amazonaws.com/groups/global/AllUsers"')
+    assert code(e.value) == "AccessControlListNotSupported"
     # Server-side copies keep the metadata unless told to replace it.
     copied = c.copy_object(Bucket=bucket, Key="dir/copy.bin", CopySource={"Bucket": bucket, "Key": "dir/blob.bin"})
     assert copied["CopyObjectResult"]["ETag"] == put["ETag"]

@@ -260,7 +260,29 @@ pub(super) async fn receive(
 /// An object's content type and the other headers stored with it.
 pub(super) type StoredHeaders = (Option<String>, Vec<(String, String)>);
 
+/// Buckets here are what S3 calls "bucket owner enforced" (its default since 2023): objects
+/// belong to the bucket's account and ACLs are refused, except the two that say just that.
+pub(super) fn no_acls(op: &Op<'_>) -> Result<(), S3Error> {
+    let acl_ok = op
+        .header("x-amz-acl")
+        .is_none_or(|a| matches!(a.trim(), "private" | "bucket-owner-full-control"));
+    let grants = op
+        .headers
+        .keys()
+        .any(|k| k.as_str().starts_with("x-amz-grant-"));
+    if acl_ok && !grants {
+        Ok(())
+    } else {
+        Err(S3Error::new(
+            400,
+            "AccessControlListNotSupported",
+            "The bucket does not allow ACLs",
+        ))
+    }
+}
+
 pub(super) fn object_headers(op: &Op<'_>) -> Result<StoredHeaders, S3Error> {
+    no_acls(op)?;
     let mut out = Vec::new();
     let mut user = 0usize;
     for (name, value) in op.headers.iter() {

@@ -42,6 +42,7 @@ pub(super) async fn create_bucket(
     bucket: &str,
     body: Incoming,
 ) -> Result<Response<Body>, S3Error> {
+    no_acls(op)?;
     if !store::valid_bucket_name(bucket) {
         return Err(S3Error::new(
             400,

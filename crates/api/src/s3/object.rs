@@ -333,6 +333,7 @@ pub(super) async fn copy_object(
             ));
         }
     };
+    no_acls(op)?;
     let (src_bucket, src_key) = copy_source_name(op)?;
     if (src_bucket.as_str(), src_key.as_str()) == (bucket, key) && !replace {
         return Err(S3Error::new(
