@@ -255,6 +255,11 @@ def test_objects_metadata_ranges_and_keys(srv, bucket):
     with pytest.raises(ClientError) as e:
         c.put_object(Bucket=bucket, Key="acl", Body=b"", GrantRead='uri="http://acs.amazonaws.com/groups/global/AllUsers"')
     assert code(e.value) == "AccessControlListNotSupported"
+    # Encryption: S3's default is accepted; a KMS key is refused rather than ignored.
+    c.put_object(Bucket=bucket, Key="sse", Body=b"", ServerSideEncryption="AES256")
+    with pytest.raises(ClientError) as e:
+        c.put_object(Bucket=bucket, Key="sse", Body=b"", ServerSideEncryption="aws:kms", SSEKMSKeyId="alias/x")
+    assert code(e.value) == "NotImplemented"
     # Server-side copies keep the metadata unless told to replace it.
     copied = c.copy_object(Bucket=bucket, Key="dir/copy.bin", CopySource={"Bucket": bucket, "Key": "dir/blob.bin"})
     assert copied["CopyObjectResult"]["ETag"] == put["ETag"]

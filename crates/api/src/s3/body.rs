@@ -281,8 +281,30 @@ pub(super) fn no_acls(op: &Op<'_>) -> Result<(), S3Error> {
     }
 }
 
+/// Server-side encryption: `AES256` (S3's default, invisible to access control) is accepted;
+/// KMS keys and customer-provided keys are refused rather than ignored, since a client that
+/// names a key relies on its key policy.
+fn no_kms(op: &Op<'_>) -> Result<(), S3Error> {
+    let kms = op
+        .header("x-amz-server-side-encryption")
+        .is_some_and(|v| v.trim() != "AES256");
+    let customer = op.headers.keys().any(|k| {
+        k.as_str()
+            .starts_with("x-amz-server-side-encryption-customer-")
+    });
+    if kms || customer {
+        return Err(S3Error::new(
+            501,
+            "NotImplemented",
+            "Server-side encryption with KMS or customer-provided keys is not available here.",
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn object_headers(op: &Op<'_>) -> Result<StoredHeaders, S3Error> {
     no_acls(op)?;
+    no_kms(op)?;
     let mut out = Vec::new();
     let mut user = 0usize;
     for (name, value) in op.headers.iter() {
