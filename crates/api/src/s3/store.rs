@@ -247,7 +247,11 @@ impl Store {
             let mut objects = BTreeMap::new();
             if let Ok(dirs) = fs::read_dir(e.path().join("o")) {
                 for d in dirs.flatten() {
-                    for f in fs::read_dir(d.path())?.flatten() {
+                    // A stray file where a directory belongs is skipped, not fatal.
+                    let Ok(files) = fs::read_dir(d.path()) else {
+                        continue;
+                    };
+                    for f in files.flatten() {
                         match File::open(f.path()).and_then(|mut f| read_meta(&mut f)) {
                             Ok(m) => {
                                 objects.insert(m.key.clone(), m);
@@ -838,7 +842,14 @@ mod tests {
         t.file().unwrap().write_all(b"partial").unwrap();
         std::mem::forget(t);
         drop(s);
+        // Debris the store did not write: a stray file among the object directories, a torn
+        // object file, an upload directory without its description.
+        fs::write(dir.join("bkt/o/stray"), b"x").unwrap();
+        fs::create_dir_all(dir.join("bkt/o/zz")).unwrap();
+        fs::write(dir.join("bkt/o/zz/torn"), b"no trailer").unwrap();
+        fs::create_dir_all(dir.join(".uploads/abc")).unwrap();
         let s = Store::open(&dir).unwrap();
+        assert!(s.uploads().is_empty());
         assert_eq!(fs::read_dir(dir.join(".tmp")).unwrap().count(), 0);
         let (mut f, meta) = s.open_object("bkt", "a/b.txt").unwrap().unwrap();
         assert_eq!(meta.size, 6);
