@@ -546,6 +546,12 @@ def test_100_mb_with_the_cli(srv, bucket, workdir):
     for chunk in s3_client(srv).get_object(Bucket=bucket, Key="big/copy.bin")["Body"].iter_chunks(MIB):
         h.update(chunk)
     assert h.digest() == hashlib.sha256(src.read_bytes()).digest()
+    # The store's size is on /metrics.
+    metrics = requests.get(f"https://localhost:{srv.api_port}/metrics", verify=srv.ca, timeout=10).text
+    sizes = {line.split()[0]: int(line.split()[1]) for line in metrics.splitlines()
+             if line.startswith("sekisho_s3_")}
+    assert sizes["sekisho_s3_bytes"] >= 200 * MIB and sizes["sekisho_s3_objects"] >= 2, sizes
+    assert sizes["sekisho_s3_buckets"] >= 1
     src.unlink()
     back.unlink()
 

@@ -64,6 +64,8 @@ pub struct ApiState {
     pub device_ca: Arc<Ca>,
     /// Endpoint naming.
     pub endpoints: Endpoints,
+    /// The object store, for its sizes in `/metrics`.
+    pub objects: Option<Arc<s3::store::Store>>,
 }
 
 /// An error in AWS's wire form.
@@ -453,6 +455,12 @@ fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
         "Retained messages.",
         retained as u64,
     );
+    if let Some(store) = &state.objects {
+        let (buckets, objects, bytes) = store.totals();
+        metric("sekisho_s3_buckets", "gauge", "S3 buckets.", buckets as u64);
+        metric("sekisho_s3_objects", "gauge", "S3 objects.", objects as u64);
+        metric("sekisho_s3_bytes", "gauge", "Bytes in S3 objects.", bytes);
+    }
     metric(
         "sekisho_registry_generation",
         "counter",
@@ -575,6 +583,7 @@ mod tests {
                 region: "us-east-1".into(),
                 domain: "localhost".into(),
             },
+            objects: None,
         };
         (st, info.id)
     }

@@ -232,8 +232,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("recording the device HTTPS port")?;
     std::fs::write(layout.path("s3.port"), config.ports.s3.to_string())
         .context("recording the S3 port")?;
-    let store = sekisho_api::s3::store::Store::open(&layout.path("s3"))
-        .context("opening the object store")?;
+    let store = Arc::new(
+        sekisho_api::s3::store::Store::open(&layout.path("s3"))
+            .context("opening the object store")?,
+    );
     let registry = Arc::new(material.registry);
     let broker = Arc::new(Broker::new(BrokerConfig::default()));
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -266,11 +268,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             region: config.region.clone(),
             domain: config.domain.clone(),
         },
+        objects: Some(store.clone()),
     });
 
     let s3_state = Arc::new(sekisho_api::s3::S3State {
         registry: registry.clone(),
-        store: Arc::new(store),
+        store,
         endpoints: api_state.endpoints.clone(),
     });
 

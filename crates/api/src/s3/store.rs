@@ -122,6 +122,8 @@ struct BucketFile {
 }
 
 struct Bucket {
+    /// Bytes in all objects (kept with `objects`).
+    bytes: u64,
     owner: String,
     created: f64,
     objects: BTreeMap<String, ObjectMeta>,
@@ -268,6 +270,7 @@ impl Store {
                 Bucket {
                     owner: b.owner,
                     created: b.created,
+                    bytes: objects.values().map(|m| m.size).sum(),
                     objects,
                 },
             );
@@ -298,6 +301,16 @@ impl Store {
             path,
             file: Some(file),
         })
+    }
+
+    /// Buckets, objects and bytes stored, for `/metrics`.
+    pub fn totals(&self) -> (usize, usize, u64) {
+        let buckets = self.lock();
+        (
+            buckets.len(),
+            buckets.values().map(|b| b.objects.len()).sum(),
+            buckets.values().map(|b| b.bytes).sum(),
+        )
     }
 
     /// The owner account of a bucket.
@@ -344,6 +357,7 @@ impl Store {
             Bucket {
                 owner: owner.to_owned(),
                 created: now,
+                bytes: 0,
                 objects: BTreeMap::new(),
             },
         );
@@ -437,7 +451,10 @@ impl Store {
             fs::rename(&tmp.path, &path)?;
             tmp.file = None;
             tmp.path = PathBuf::new();
-            b.objects.insert(meta.key.clone(), meta);
+            b.bytes += meta.size;
+            if let Some(old) = b.objects.insert(meta.key.clone(), meta) {
+                b.bytes -= old.size;
+            }
         }
         // Synced before the write is acknowledged, outside the lock.
         sync_dir(dir)?;
@@ -514,7 +531,8 @@ impl Store {
     pub fn delete_object(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
         let mut buckets = self.lock();
         let b = buckets.get_mut(bucket).ok_or(StoreError::NoSuchBucket)?;
-        if b.objects.remove(key).is_some() {
+        if let Some(old) = b.objects.remove(key) {
+            b.bytes -= old.size;
             match fs::remove_file(self.object_path(bucket, key)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
                 _ => {}
@@ -850,6 +868,7 @@ mod tests {
         fs::create_dir_all(dir.join(".uploads/abc")).unwrap();
         let s = Store::open(&dir).unwrap();
         assert!(s.uploads().is_empty());
+        assert_eq!(s.totals(), (1, 1, 6));
         assert_eq!(fs::read_dir(dir.join(".tmp")).unwrap().count(), 0);
         let (mut f, meta) = s.open_object("bkt", "a/b.txt").unwrap().unwrap();
         assert_eq!(meta.size, 6);
