@@ -275,6 +275,15 @@ def test_objects_metadata_ranges_and_keys(srv, bucket):
     with pytest.raises(ClientError) as e:
         c.copy_object(Bucket=bucket, Key="dir/x", CopySource=f"{bucket}/dir/nothing")
     assert code(e.value) == "NoSuchKey"
+    # Copies on condition of the source's ETag.
+    with pytest.raises(ClientError) as e:
+        c.copy_object(Bucket=bucket, Key="dir/x", CopySource=f"{bucket}/dir/blob.bin", CopySourceIfMatch='"0"')
+    assert code(e.value) == "PreconditionFailed"
+    with pytest.raises(ClientError) as e:
+        c.copy_object(Bucket=bucket, Key="dir/x", CopySource=f"{bucket}/dir/blob.bin",
+                      CopySourceIfNoneMatch=put["ETag"])
+    assert code(e.value) == "PreconditionFailed"
+    c.copy_object(Bucket=bucket, Key="dir/x", CopySource=f"{bucket}/dir/blob.bin", CopySourceIfMatch=put["ETag"])
     cp = cli(srv, "--profile", "sekisho", "s3", "mv", f"s3://{bucket}/dir/copy.bin", f"s3://{bucket}/dir/moved.bin",
              "--only-show-errors")
     assert cp.returncode == 0, cp.stderr

@@ -241,13 +241,14 @@ pub(super) async fn copy_source(
             access_denied()
         }
     };
-    let size = op
+    let head = op
         .state
         .store
         .head(&src_bucket, &src_key)
         .map_err(|e| store_error(e, &src_bucket))?
-        .ok_or_else(missing)?
-        .size;
+        .ok_or_else(missing)?;
+    copy_conditions(op, &head.etag)?;
+    let size = head.size;
     let range = match op.header("x-amz-copy-source-range").filter(|_| ranged) {
         None => None,
         Some(h) => {
@@ -288,12 +289,37 @@ pub(super) async fn copy_source(
         ));
     }
     let (b, k) = (src_bucket.clone(), src_key.clone());
-    let (tmp, _, md5) = op
+    let (tmp, copied_meta, md5) = op
         .on_store(move |s| s.copy_out(&b, &k, range))
         .await
         .map_err(|e| store_error(e, &src_bucket))?
         .ok_or_else(missing)?;
+    // Again on what was copied, in case the source changed in between.
+    copy_conditions(op, &copied_meta.etag)?;
     Ok((tmp, copied, md5))
+}
+
+/// `x-amz-copy-source-if-match` and `-if-none-match` against the source's ETag.
+fn copy_conditions(op: &Op<'_>, etag: &str) -> Result<(), S3Error> {
+    let failed = |header: &str| {
+        S3Error::new(
+            412,
+            "PreconditionFailed",
+            "At least one of the pre-conditions you specified did not hold",
+        )
+        .with("Condition", header)
+    };
+    if let Some(c) = op.header("x-amz-copy-source-if-match")
+        && !etag_matches(c, etag)
+    {
+        return Err(failed("x-amz-copy-source-If-Match"));
+    }
+    if let Some(c) = op.header("x-amz-copy-source-if-none-match")
+        && etag_matches(c, etag)
+    {
+        return Err(failed("x-amz-copy-source-If-None-Match"));
+    }
+    Ok(())
 }
 
 /// `x-amz-copy-source`: `[/]bucket/key[?versionId=null]`, URL-encoded.
