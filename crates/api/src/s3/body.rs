@@ -18,51 +18,34 @@ pub(super) struct Received {
 pub(super) fn requested_checksum(
     op: &Op<'_>,
 ) -> Result<Option<(Algorithm, Option<String>)>, S3Error> {
-    let mut found = None;
+    let invalid = |m: String| S3Error::new(400, "InvalidRequest", m);
+    let mut found = Vec::new();
     for (name, value) in op.headers.iter() {
         let name = name.as_str();
         if let Some(rest) = name.strip_prefix("x-amz-checksum-") {
             if rest == "algorithm" || rest == "type" || rest == "mode" {
                 continue;
             }
-            let a = Algorithm::from_header(name).ok_or_else(|| {
-                S3Error::new(
-                    400,
-                    "InvalidRequest",
-                    format!("Unsupported checksum header {name}"),
-                )
-            })?;
-            if found.is_some() {
-                return Err(S3Error::new(
-                    400,
-                    "InvalidRequest",
-                    "Expecting a single x-amz-checksum- header. Multiple checksum Types are not allowed.",
-                ));
-            }
-            found = Some((a, Some(value.to_str().unwrap_or("").to_owned())));
+            let a = Algorithm::from_header(name)
+                .ok_or_else(|| invalid(format!("Unsupported checksum header {name}")))?;
+            found.push((a, Some(value.to_str().unwrap_or("").to_owned())));
         }
     }
     if let Some(t) = op.header("x-amz-trailer") {
-        let a = Algorithm::from_header(t.trim()).ok_or_else(|| {
-            S3Error::new(400, "InvalidRequest", format!("Unsupported trailer {t}"))
-        })?;
-        if found.is_some() {
-            return Err(S3Error::new(
-                400,
-                "InvalidRequest",
-                "Expecting a single x-amz-checksum- header. Multiple checksum Types are not allowed.",
-            ));
-        }
+        let a = Algorithm::from_header(t.trim())
+            .ok_or_else(|| invalid(format!("Unsupported trailer {t}")))?;
         if !matches!(op.payload, Payload::Chunked(_)) {
-            return Err(S3Error::new(
-                400,
-                "InvalidRequest",
-                "x-amz-trailer needs an aws-chunked body",
-            ));
+            return Err(invalid("x-amz-trailer needs an aws-chunked body".into()));
         }
-        found = Some((a, None));
+        found.push((a, None));
     }
-    Ok(found)
+    if found.len() > 1 {
+        return Err(invalid(
+            "Expecting a single x-amz-checksum- header. Multiple checksum Types are not allowed."
+                .into(),
+        ));
+    }
+    Ok(found.pop())
 }
 
 /// Reads the request body, to a temporary file (`to_file`) or to memory, at most `max` bytes,

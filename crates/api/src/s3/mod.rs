@@ -167,6 +167,16 @@ impl Op<'_> {
             && authn::is_authorized_in(&self.state.registry, &self.caller, action, resource, &ctx)
     }
 
+    /// The answer for a key that is not there: as S3, only a caller who may list the bucket
+    /// learns that it is absent (NoSuchKey); others get AccessDenied.
+    fn missing_key(&self, owner: &str, bucket: &str, key: &str) -> S3Error {
+        if self.permits(owner, "s3:ListBucket", &bucket_arn(bucket), &[]) {
+            S3Error::new(404, "NoSuchKey", "The specified key does not exist.").with("Key", key)
+        } else {
+            access_denied()
+        }
+    }
+
     /// Authorizes `action` on `resource` in a bucket owned by `owner`, or AccessDenied.
     fn allow(
         &self,

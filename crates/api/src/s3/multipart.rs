@@ -72,8 +72,8 @@ pub(super) async fn upload_part(
     let (id, _) = this_upload(op, bucket, key)?;
     let copying = op.headers.contains_key("x-amz-copy-source");
     let (tmp, size, md5, checksum) = if copying {
-        let (tmp, size, md5) = copy_source(op, true).await?;
-        (tmp, size, md5, None)
+        let c = copy_source(op, true).await?;
+        (c.tmp, c.size, c.md5, None)
     } else {
         let got = receive(op, body, MAX_PUT_SIZE, true).await?;
         let tmp = got.tmp.ok_or_else(|| internal("no temporary file"))?;

@@ -70,14 +70,7 @@ pub(super) async fn get_object(
         .await
         .map_err(|e| store_error(e, bucket))?;
     let Some((mut file, meta)) = found else {
-        // As S3: only a caller who may list the bucket learns that the key is absent.
-        return Err(
-            if op.permits(&owner, "s3:ListBucket", &bucket_arn(bucket), &[]) {
-                S3Error::new(404, "NoSuchKey", "The specified key does not exist.").with("Key", key)
-            } else {
-                access_denied()
-            },
-        );
+        return Err(op.missing_key(&owner, bucket, key));
     };
     let etag = format!("\"{}\"", meta.etag);
     if let Some(c) = op.header("if-match")
@@ -221,10 +214,18 @@ pub(super) fn stored(meta: &ObjectMeta) -> Response<Body> {
 
 /// Reads the object named by `x-amz-copy-source` (authorized as a GetObject), the range in
 /// `x-amz-copy-source-range` when `ranged`, into a temporary file: (file, size, MD5).
-pub(super) async fn copy_source(
-    op: &Op<'_>,
-    ranged: bool,
-) -> Result<(store::TempFile, u64, String), S3Error> {
+/// A copy source read into a temporary file.
+pub(super) struct Copied {
+    pub(super) tmp: store::TempFile,
+    /// Bytes copied.
+    pub(super) size: u64,
+    /// MD5 of what was copied, hex.
+    pub(super) md5: String,
+    /// The source's metadata, read from the same file as the data.
+    pub(super) source: ObjectMeta,
+}
+
+pub(super) async fn copy_source(op: &Op<'_>, ranged: bool) -> Result<Copied, S3Error> {
     let (src_bucket, src_key) = copy_source_name(op)?;
     let src_owner = op.owner(&src_bucket)?;
     op.allow(
@@ -233,14 +234,7 @@ pub(super) async fn copy_source(
         &object_arn(&src_bucket, &src_key),
         &[],
     )?;
-    let missing = || {
-        if op.permits(&src_owner, "s3:ListBucket", &bucket_arn(&src_bucket), &[]) {
-            S3Error::new(404, "NoSuchKey", "The specified key does not exist.")
-                .with("Key", src_key.clone())
-        } else {
-            access_denied()
-        }
-    };
+    let missing = || op.missing_key(&src_owner, &src_bucket, &src_key);
     let head = op
         .state
         .store
@@ -289,14 +283,19 @@ pub(super) async fn copy_source(
         ));
     }
     let (b, k) = (src_bucket.clone(), src_key.clone());
-    let (tmp, copied_meta, md5) = op
+    let (tmp, source, md5) = op
         .on_store(move |s| s.copy_out(&b, &k, range))
         .await
         .map_err(|e| store_error(e, &src_bucket))?
         .ok_or_else(missing)?;
     // Again on what was copied, in case the source changed in between.
-    copy_conditions(op, &copied_meta.etag)?;
-    Ok((tmp, copied, md5))
+    copy_conditions(op, &source.etag)?;
+    Ok(Copied {
+        tmp,
+        size: copied,
+        md5,
+        source,
+    })
 }
 
 /// `x-amz-copy-source-if-match` and `-if-none-match` against the source's ETag.
@@ -370,16 +369,19 @@ pub(super) async fn copy_object(
             "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata, storage class, website redirect location or encryption attributes.",
         ));
     }
-    let source = op
-        .state
-        .store
-        .head(&src_bucket, &src_key)
-        .map_err(|e| store_error(e, &src_bucket))?;
-    let (tmp, size, md5) = copy_source(op, false).await?;
-    let (content_type, headers) = match (replace, source) {
-        (false, Some(src)) => (src.content_type, src.headers),
-        _ => object_headers(op)?,
+    // Checked before any byte is copied.
+    let replaced = if replace {
+        Some(object_headers(op)?)
+    } else {
+        None
     };
+    let Copied {
+        tmp,
+        size,
+        md5,
+        source,
+    } = copy_source(op, false).await?;
+    let (content_type, headers) = replaced.unwrap_or((source.content_type, source.headers));
     let meta = ObjectMeta {
         key: key.to_owned(),
         size,

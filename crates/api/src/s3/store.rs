@@ -768,7 +768,8 @@ impl Drop for TempFile {
 mod tests {
     use super::*;
 
-    fn put(s: &Store, bucket: &str, key: &str, data: &[u8]) -> ObjectMeta {
+    /// A temporary file holding `data`, and metadata for it under `key`.
+    fn data_file(s: &Store, key: &str, data: &[u8]) -> (TempFile, ObjectMeta) {
         let mut t = s.temp().unwrap();
         t.file().unwrap().write_all(data).unwrap();
         let meta = ObjectMeta {
@@ -780,6 +781,11 @@ mod tests {
             headers: vec![],
             checksum: None,
         };
+        (t, meta)
+    }
+
+    fn put(s: &Store, bucket: &str, key: &str, data: &[u8]) -> ObjectMeta {
+        let (t, meta) = data_file(s, key, data);
         s.put(bucket, t, meta.clone(), &Condition::None).unwrap();
         meta
     }
@@ -822,17 +828,7 @@ mod tests {
         let m = put(&s, "bkt", "a/b.txt", b"hello");
         // Conditional writes, decided under the lock.
         let cond = |c: Condition, key: &str| {
-            let mut t = s.temp().unwrap();
-            t.file().unwrap().write_all(b"c").unwrap();
-            let meta = ObjectMeta {
-                key: key.into(),
-                size: 1,
-                etag: "e".into(),
-                last_modified: 1.0,
-                content_type: None,
-                headers: vec![],
-                checksum: None,
-            };
+            let (t, meta) = data_file(&s, key, b"c");
             s.put("bkt", t, meta, &c)
         };
         assert!(matches!(
@@ -947,19 +943,8 @@ mod tests {
             Err(StoreError::NoSuchUpload)
         ));
         let part = |n: u32, data: &[u8]| {
-            let mut t = s.temp().unwrap();
-            t.file().unwrap().write_all(data).unwrap();
-            let m = ObjectMeta {
-                key: String::new(),
-                size: data.len() as u64,
-                etag: hex::encode(md5::Md5::digest(data)),
-                last_modified: 0.0,
-                content_type: None,
-                headers: vec![],
-                checksum: None,
-            };
-            seal(t.file().unwrap(), &m).unwrap();
-            s.commit_part(&id, n, t).unwrap();
+            let (t, m) = data_file(&s, "", data);
+            s.put_part(&id, n, t, &m).unwrap();
             m.etag
         };
         let small = vec![1u8; (MIN_PART_SIZE - 1) as usize];
