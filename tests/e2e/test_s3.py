@@ -176,8 +176,9 @@ def test_buckets(srv):
         c.create_bucket(Bucket=n63 + "x")
     assert code(e.value) == "InvalidBucketName"
     for bad in ("ab", "Upper-case", "192.168.5.4", "a..b"):
-        with pytest.raises(Exception):
+        with pytest.raises(ClientError) as e:
             c.create_bucket(Bucket=bad)
+        assert code(e.value) == "InvalidBucketName", bad
     c.put_object(Bucket=name, Key="k", Body=b"x")
     with pytest.raises(ClientError) as e:
         c.delete_bucket(Bucket=name)
@@ -480,6 +481,13 @@ def test_integrity_checks(srv, bucket):
     with pytest.raises(ClientError) as e:
         c.head_object(Bucket=bucket, Key="ck/tampered")
     assert status(e.value) == 404
+    # One checksum per request.
+    req = AWSRequest(method="PUT", url=f"https://localhost:{srv.s3_port}/{bucket}/ck/two", data=b"x", headers={
+        "x-amz-content-sha256": "UNSIGNED-PAYLOAD", "x-amz-checksum-crc32": "jNwWgw==",
+        "x-amz-checksum-sha256": base64.b64encode(hashlib.sha256(b"x").digest()).decode()})
+    SigV4Auth(creds, "s3", "us-east-1").add_auth(req)
+    r = requests.put(req.url, data=b"x", headers=dict(req.prepare().headers), verify=srv.ca, timeout=10)
+    assert r.status_code == 400 and b"Multiple checksum" in r.content, r.content
     # Anonymous requests are refused in S3's XML.
     r = requests.get(f"https://localhost:{srv.s3_port}/{bucket}/ck/default", verify=srv.ca, timeout=10)
     assert r.status_code == 403 and b"<Code>AccessDenied</Code>" in r.content
@@ -698,7 +706,8 @@ def test_crash_mid_upload_leaves_nothing_visible(workdir):
         slow.stdin.flush()
         while time.time() < deadline and len(list(tmp.iterdir())) < 2:
             time.sleep(0.05)
-        assert len(list(tmp.iterdir())) >= 1, "no upload in flight"
+        # Both uploads in flight: the PUT's file and at least one part's.
+        assert len(list(tmp.iterdir())) >= 2, "the uploads were not both in flight"
         s.proc.send_signal(signal.SIGKILL)
         s.proc.wait()
         for p in (slow, multi):
@@ -717,7 +726,9 @@ def test_crash_mid_upload_leaves_nothing_visible(workdir):
         assert status(e.value) == 404
         assert list(tmp.iterdir()) == []
         # The unfinished multipart upload is still listed, and can be aborted.
-        for u in c.list_multipart_uploads(Bucket="crashme").get("Uploads", []):
+        uploads = c.list_multipart_uploads(Bucket="crashme").get("Uploads", [])
+        assert [u["Key"] for u in uploads] == ["big.bin"], uploads
+        for u in uploads:
             c.abort_multipart_upload(Bucket="crashme", Key=u["Key"], UploadId=u["UploadId"])
         assert not c.list_multipart_uploads(Bucket="crashme").get("Uploads")
         src.unlink()
