@@ -80,7 +80,10 @@ def test_account_create_adds_a_profile(workdir):
         cp = subprocess.run([str(BIN), "account", "create", "tenant-b", "--data-dir", str(s.data_dir)],
                             capture_output=True, text=True, timeout=30)
         assert cp.returncode == 0, cp.stderr
-        assert "[profile tenant-b]" in (s.data_dir / "aws" / "config").read_text()
+        profile = (s.data_dir / "aws" / "config").read_text()
+        assert "[profile tenant-b]" in profile
+        # It points at the ports this server recorded, S3 included.
+        assert profile.count(f"endpoint_url = https://localhost:{s.s3_port}\n") == 2, profile
         assert "[tenant-b]" in (s.data_dir / "aws" / "credentials").read_text()
         # The running server serves the new account within seconds, no restart; its profile
         # points at this server's control-plane port. The account is a separate namespace.
@@ -95,6 +98,7 @@ def test_account_create_adds_a_profile(workdir):
         a.create_thing(thingName="only-in-a")
         assert [t["thingName"] for t in b.list_things()["things"]] == []
         assert s.endpoint() != s.endpoint(profile="tenant-b")
+        assert s.boto("s3", profile="tenant-b").list_buckets()["Buckets"] == []
         cp = subprocess.run([str(BIN), "account", "create", "tenant-b", "--data-dir", str(s.data_dir)],
                             capture_output=True, text=True, timeout=30)
         assert cp.returncode != 0 and "already exists" in cp.stderr

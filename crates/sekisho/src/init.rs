@@ -151,8 +151,8 @@ pub fn write_profile(
         config.ports.https
     );
     // S3 goes path-style to localhost (`<bucket>.s3.<region>.<domain>` needs DNS that a fresh
-    // machine does not have), and presigns with SigV4 (botocore's default for S3 presigned URLs
-    // is still SigV2, which is not served here).
+    // machine does not have), and presigns with SigV4: botocore's default for S3 presigned URLs
+    // is still SigV2, which is served too, but SigV4 links are scoped and limited to 7 days.
     let s3 = format!("https://localhost:{}", config.ports.s3);
     let config_section = format!(
         "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\ns3 =\n  addressing_style = path\n  signature_version = s3v4\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\niam =\n  endpoint_url = {api}\nsts =\n  endpoint_url = {api}\niot_data_plane =\n  endpoint_url = {data}\ns3 =\n  endpoint_url = {s3}\n",

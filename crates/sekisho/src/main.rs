@@ -164,6 +164,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(port) = recorded("https.port") {
                     config.ports.https = port;
                 }
+                if let Some(port) = recorded("s3.port") {
+                    config.ports.s3 = port;
+                }
                 let (info, key) = material.registry.create_account(&name)?;
                 init::write_profile(&layout, &config, &info, &key)?;
                 println!(
