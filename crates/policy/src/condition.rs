@@ -178,6 +178,9 @@ fn parse_net(s: &str) -> Option<IpNet> {
 
 /// Evaluates one bound condition.
 pub(crate) fn holds(c: &BoundCondition, ctx: &dyn Context) -> bool {
+    if let Some(forced) = c.forced {
+        return forced;
+    }
     let value = ctx.get(&c.key);
     if c.operator == Operator::Null {
         let want_absent = c.values.iter().any(|v| v.eq_ignore_ascii_case("true"));

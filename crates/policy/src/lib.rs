@@ -185,52 +185,84 @@ pub(crate) struct BoundCondition {
     pub(crate) key: String,
     pub(crate) values: Vec<String>,
     pub(crate) patterns: Vec<Pattern>,
+    /// The outcome when a value holds an unresolved variable: false in an Allow, true in a
+    /// Deny (the condition cannot be decided, so it never widens access).
+    pub(crate) forced: Option<bool>,
 }
 
 impl Policy {
     /// Binds variables from `ctx` and compiles the patterns.
     pub fn bind(&self, ctx: &dyn Context) -> BoundPolicy {
         let subst = |s: &str| parse::substitute(s, self.variables, ctx);
+        // An element with an unresolved variable never matches (AWS: access denied), and
+        // never widens a grant: a negated list (`NotAction`, `NotResource`) of an Allow that
+        // holds one grants nothing, and a condition value that holds one fails the condition
+        // of an Allow and holds for a Deny.
+        let targets = |t: &Targets<String>, allow: bool, lowercase: bool| {
+            let mut broken = false;
+            let items = t
+                .items
+                .iter()
+                .map(|x| {
+                    let (toks, unresolved) = subst(x);
+                    broken |= unresolved;
+                    if unresolved {
+                        Pattern::Never
+                    } else {
+                        Pattern::from_toks(toks, lowercase)
+                    }
+                })
+                .collect();
+            if broken && t.negated && allow {
+                Targets {
+                    negated: false,
+                    items: Vec::new(),
+                }
+            } else {
+                Targets {
+                    negated: t.negated,
+                    items,
+                }
+            }
+        };
         let statements = self
             .statements
             .iter()
-            .map(|st| BoundStatement {
-                effect: st.effect,
-                action: Targets {
-                    negated: st.action.negated,
-                    items: st
-                        .action
-                        .items
+            .map(|st| {
+                let allow = st.effect == Effect::Allow;
+                BoundStatement {
+                    effect: st.effect,
+                    action: targets(&st.action, allow, true),
+                    resource: st.resource.as_ref().map(|r| targets(r, allow, false)),
+                    conditions: st
+                        .conditions
                         .iter()
-                        .map(|a| Pattern::from_toks(subst(a), true))
+                        .map(|c| {
+                            let mut unresolved = false;
+                            let toks: Vec<_> = c
+                                .values
+                                .iter()
+                                .map(|v| {
+                                    let (t, u) = subst(v);
+                                    unresolved |= u;
+                                    t
+                                })
+                                .collect();
+                            BoundCondition {
+                                operator: c.operator,
+                                qualifier: c.qualifier,
+                                if_exists: c.if_exists,
+                                key: c.key.clone(),
+                                values: toks.iter().map(|t| parse::literal(t)).collect(),
+                                patterns: toks
+                                    .into_iter()
+                                    .map(|t| Pattern::from_toks(t, c.operator.case_insensitive()))
+                                    .collect(),
+                                forced: unresolved.then_some(!allow),
+                            }
+                        })
                         .collect(),
-                },
-                resource: st.resource.as_ref().map(|r| Targets {
-                    negated: r.negated,
-                    items: r
-                        .items
-                        .iter()
-                        .map(|x| Pattern::from_toks(subst(x), false))
-                        .collect(),
-                }),
-                conditions: st
-                    .conditions
-                    .iter()
-                    .map(|c| {
-                        let toks: Vec<_> = c.values.iter().map(|v| subst(v)).collect();
-                        BoundCondition {
-                            operator: c.operator,
-                            qualifier: c.qualifier,
-                            if_exists: c.if_exists,
-                            key: c.key.clone(),
-                            values: toks.iter().map(|t| parse::literal(t)).collect(),
-                            patterns: toks
-                                .into_iter()
-                                .map(|t| Pattern::from_toks(t, c.operator.case_insensitive()))
-                                .collect(),
-                        }
-                    })
-                    .collect(),
+                }
             })
             .collect();
         BoundPolicy { statements }

@@ -346,9 +346,11 @@ fn parse_conditions(n: usize, v: &Json) -> Result<Vec<Condition>, PolicyError> {
     Ok(out)
 }
 
-/// Substitutes `${...}` variables (when `enabled`) and returns wildcard tokens.
-/// `${*}`, `${?}`, `${$}` are literal `*`, `?`, `$`. Unresolved variables stay literal.
-pub(crate) fn substitute(s: &str, enabled: bool, ctx: &dyn Context) -> Vec<Tok> {
+/// Substitutes `${...}` variables (when `enabled`) and returns wildcard tokens, and whether
+/// some variable could not be resolved (its text is kept, but the caller must not let it
+/// match: see [`crate::Pattern::Never`]). `${*}`, `${?}`, `${$}` are literal `*`, `?`, `$`.
+pub(crate) fn substitute(s: &str, enabled: bool, ctx: &dyn Context) -> (Vec<Tok>, bool) {
+    let mut unresolved = false;
     let mut out = Vec::with_capacity(s.len());
     let mut rest = s;
     let push_wild = |out: &mut Vec<Tok>, text: &str| {
@@ -391,13 +393,16 @@ pub(crate) fn substitute(s: &str, enabled: bool, ctx: &dyn Context) -> Vec<Tok> 
                 match (ctx.get(key), default) {
                     (Some(Value::One(v)), _) => out.extend(v.chars().map(Tok::Char)),
                     (None, Some(d)) => out.extend(d.chars().map(Tok::Char)),
-                    _ => out.extend(whole.chars().map(Tok::Char)),
+                    _ => {
+                        unresolved = true;
+                        out.extend(whole.chars().map(Tok::Char));
+                    }
                 }
             }
         }
         rest = &after[end + 1..];
     }
-    out
+    (out, unresolved)
 }
 
 /// The tokens as plain text (`*` and `?` as themselves).

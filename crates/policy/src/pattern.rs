@@ -15,6 +15,9 @@ pub enum Tok {
 /// A compiled pattern, specialised so that the common shapes cost one comparison.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pattern {
+    /// Matches nothing: an element whose policy variable could not be resolved (AWS: an
+    /// unresolved variable results in access denied; it never matches its own text).
+    Never,
     /// `*`: matches everything.
     Any,
     /// No wildcard: equality.
@@ -75,6 +78,7 @@ impl Pattern {
     /// Whether `s` matches.
     pub fn matches(&self, s: &str) -> bool {
         match self {
+            Pattern::Never => false,
             Pattern::Any => true,
             Pattern::Exact(e) => **e == *s,
             Pattern::Prefix(p) => s.starts_with(&**p),

@@ -47,14 +47,15 @@ fn thing_name_variable() {
 }
 
 #[test]
-fn unresolved_variable_stays_literal_and_fails() {
+fn unresolved_variable_matches_nothing_not_even_its_own_text() {
     let ctx = thing_ctx("dev1", None);
     let p = bind(THING_POLICY, &ctx);
     assert_eq!(
         decide([&p], "iot:connect", &format!("{ARN}:client/dev1"), &ctx),
         Decision::ImplicitDeny
     );
-    // The literal text itself is what the pattern holds.
+    // AWS: an unresolved variable results in access denied. Its literal text is not a name
+    // every thing-less client could share.
     assert_eq!(
         decide(
             [&p],
@@ -62,7 +63,48 @@ fn unresolved_variable_stays_literal_and_fails() {
             &format!("{ARN}:client/${{iot:Connection.Thing.ThingName}}"),
             &ctx
         ),
+        Decision::ImplicitDeny
+    );
+}
+
+#[test]
+fn unresolved_variable_never_widens_a_grant() {
+    let ctx = thing_ctx("dev1", None);
+    let d = |doc: &str, resource: &str| {
+        let p = bind(doc, &ctx);
+        decide(
+            [&p],
+            "iot:publish",
+            &format!("{ARN}:topic/{resource}"),
+            &ctx,
+        )
+    };
+    // NotResource naming an unresolved variable in an Allow grants nothing.
+    let not_resource = r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"iot:Publish","NotResource":"arn:aws:iot:us-east-1:123456789012:topic/${iot:Connection.Thing.ThingName}"}}"#;
+    assert_eq!(d(not_resource, "anything"), Decision::ImplicitDeny);
+    // A condition value holding one fails in an Allow ...
+    let cond = r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"iot:Publish","Resource":"*","Condition":{"StringEquals":{"iot:ClientId":"${iot:Connection.Thing.ThingName}"}}}}"#;
+    let lit = thing_ctx("${iot:Connection.Thing.ThingName}", None);
+    let p = bind(cond, &lit);
+    assert_eq!(
+        decide([&p], "iot:publish", &format!("{ARN}:topic/t"), &lit),
+        Decision::ImplicitDeny
+    );
+    let not_eq = r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"iot:Publish","Resource":"*","Condition":{"StringNotEquals":{"iot:ClientId":"${iot:Connection.Thing.ThingName}"}}}}"#;
+    assert_eq!(d(not_eq, "t"), Decision::ImplicitDeny);
+    // ... and holds in a Deny.
+    let deny = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Publish","Resource":"*"},{"Effect":"Deny","Action":"iot:Publish","Resource":"*","Condition":{"StringNotEquals":{"iot:ClientId":"${iot:Connection.Thing.ThingName}"}}}]}"#;
+    assert_eq!(d(deny, "t"), Decision::ExplicitDeny);
+    // Positive control: resolved, the same policies decide on the value.
+    let ctx2 = thing_ctx("dev1", Some("dev1"));
+    let p = bind(not_resource, &ctx2);
+    assert_eq!(
+        decide([&p], "iot:publish", &format!("{ARN}:topic/other"), &ctx2),
         Decision::Allowed
+    );
+    assert_eq!(
+        decide([&p], "iot:publish", &format!("{ARN}:topic/dev1"), &ctx2),
+        Decision::ImplicitDeny
     );
 }
 
