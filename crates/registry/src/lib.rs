@@ -201,108 +201,7 @@ impl Registry {
     }
 
     fn with_store(store: Store, region: &str) -> Result<Registry> {
-        let mut st = State::default();
-        for row in store.load(Kind::Account)? {
-            let info: AccountInfo = decode(&row.doc)?;
-            st.prefixes
-                .insert(info.endpoint_prefix.clone(), info.id.clone());
-            st.accounts.insert(
-                info.id.clone(),
-                Account {
-                    info: Some(info),
-                    ..Account::default()
-                },
-            );
-        }
-        for row in store.load(Kind::AccessKey)? {
-            let k: AccessKey = decode(&row.doc)?;
-            st.access_keys.insert(k.access_key_id.clone(), k);
-        }
-        for row in store.load(Kind::ThingType)? {
-            let t: ThingType = decode(&row.doc)?;
-            account_mut(&mut st, &row.account)?
-                .thing_types
-                .insert(t.name.clone(), t);
-        }
-        for row in store.load(Kind::Thing)? {
-            let t: Thing = decode(&row.doc)?;
-            account_mut(&mut st, &row.account)?
-                .things
-                .insert(t.name.clone(), t);
-        }
-        for row in store.load(Kind::Certificate)? {
-            let mut c: Certificate = decode(&row.doc)?;
-            c.info = certs::parse_info(&c.pem);
-            st.cert_accounts
-                .entry(c.id.clone())
-                .or_default()
-                .insert(row.account.clone());
-            account_mut(&mut st, &row.account)?
-                .certificates
-                .insert(c.id.clone(), c);
-        }
-        for row in store.load(Kind::CaCertificate)? {
-            let mut c: CaCertificate = decode(&row.doc)?;
-            c.rehydrate();
-            st.ca_accounts
-                .entry(c.id.clone())
-                .or_default()
-                .insert(row.account.clone());
-            account_mut(&mut st, &row.account)?
-                .ca_certificates
-                .insert(c.id.clone(), c);
-        }
-        for row in store.load(Kind::RegistrationCode)? {
-            account_mut(&mut st, &row.account)?.registration_code = Some(decode(&row.doc)?);
-        }
-        for row in store.load(Kind::IamUser)? {
-            let u: IamUser = decode(&row.doc)?;
-            account_mut(&mut st, &row.account)?
-                .users
-                .insert(u.name.clone(), u);
-        }
-        for row in store.load(Kind::IamRole)? {
-            let r: IamRole = decode(&row.doc)?;
-            account_mut(&mut st, &row.account)?
-                .roles
-                .insert(r.name.clone(), r);
-        }
-        for row in store.load(Kind::ManagedPolicy)? {
-            let p: ManagedPolicy = decode(&row.doc)?;
-            account_mut(&mut st, &row.account)?
-                .managed_policies
-                .insert(p.name.clone(), p);
-        }
-        for row in store.load(Kind::RoleAlias)? {
-            let r: RoleAlias = decode(&row.doc)?;
-            account_mut(&mut st, &row.account)?
-                .role_aliases
-                .insert(r.name.clone(), r);
-        }
-        for row in store.load(Kind::Session)? {
-            let s: Session = decode(&row.doc)?;
-            st.sessions.insert(s.access_key_id.clone(), s);
-        }
-        for row in store.load(Kind::Policy)? {
-            let mut p: IotPolicy = decode(&row.doc)?;
-            policies::reparse(&mut p);
-            account_mut(&mut st, &row.account)?
-                .policies
-                .insert(p.name.clone(), p);
-        }
-        for row in store.load(Kind::PolicyAttachment)? {
-            let (policy, target) = row.key.split_once('\n').unwrap_or((&row.key, ""));
-            account_mut(&mut st, &row.account)?
-                .policy_targets
-                .entry(target.to_owned())
-                .or_default()
-                .insert(policy.to_owned());
-        }
-        for row in store.load(Kind::ThingPrincipal)? {
-            let (thing, principal) = row.key.split_once('\n').unwrap_or((&row.key, ""));
-            let kind: ThingPrincipalType = decode(&row.doc)?;
-            account_mut(&mut st, &row.account)?.link(thing, principal, kind);
-        }
+        let st = load_state(&store)?;
         let (feed, _) = broadcast::channel(1024);
         Ok(Registry {
             region: region.to_owned(),
@@ -312,7 +211,131 @@ impl Registry {
             generation: AtomicU64::new(1),
         })
     }
+}
 
+/// After a write that memory took but the database refused (and rolled back): memory is put
+/// back to what the database holds, under the same lock, so that nobody ever acts on a change
+/// that was not persisted.
+fn restore(st: &mut State, store: &Store, e: &RegistryError) {
+    match load_state(store) {
+        Ok(fresh) => {
+            *st = fresh;
+            tracing::error!(error = %e, "registry write failed; nothing was changed");
+        }
+        Err(e2) => {
+            tracing::error!(error = %e, reload = %e2, "registry write failed and the registry could not be reloaded; memory may be ahead of disk");
+        }
+    }
+}
+
+/// The registry's memory view, as the database holds it.
+fn load_state(store: &Store) -> Result<State> {
+    let mut st = State::default();
+    for row in store.load(Kind::Account)? {
+        let info: AccountInfo = decode(&row.doc)?;
+        st.prefixes
+            .insert(info.endpoint_prefix.clone(), info.id.clone());
+        st.accounts.insert(
+            info.id.clone(),
+            Account {
+                info: Some(info),
+                ..Account::default()
+            },
+        );
+    }
+    for row in store.load(Kind::AccessKey)? {
+        let k: AccessKey = decode(&row.doc)?;
+        st.access_keys.insert(k.access_key_id.clone(), k);
+    }
+    for row in store.load(Kind::ThingType)? {
+        let t: ThingType = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .thing_types
+            .insert(t.name.clone(), t);
+    }
+    for row in store.load(Kind::Thing)? {
+        let t: Thing = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .things
+            .insert(t.name.clone(), t);
+    }
+    for row in store.load(Kind::Certificate)? {
+        let mut c: Certificate = decode(&row.doc)?;
+        c.info = certs::parse_info(&c.pem);
+        st.cert_accounts
+            .entry(c.id.clone())
+            .or_default()
+            .insert(row.account.clone());
+        account_mut(&mut st, &row.account)?
+            .certificates
+            .insert(c.id.clone(), c);
+    }
+    for row in store.load(Kind::CaCertificate)? {
+        let mut c: CaCertificate = decode(&row.doc)?;
+        c.rehydrate();
+        st.ca_accounts
+            .entry(c.id.clone())
+            .or_default()
+            .insert(row.account.clone());
+        account_mut(&mut st, &row.account)?
+            .ca_certificates
+            .insert(c.id.clone(), c);
+    }
+    for row in store.load(Kind::RegistrationCode)? {
+        account_mut(&mut st, &row.account)?.registration_code = Some(decode(&row.doc)?);
+    }
+    for row in store.load(Kind::IamUser)? {
+        let u: IamUser = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .users
+            .insert(u.name.clone(), u);
+    }
+    for row in store.load(Kind::IamRole)? {
+        let r: IamRole = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .roles
+            .insert(r.name.clone(), r);
+    }
+    for row in store.load(Kind::ManagedPolicy)? {
+        let p: ManagedPolicy = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .managed_policies
+            .insert(p.name.clone(), p);
+    }
+    for row in store.load(Kind::RoleAlias)? {
+        let r: RoleAlias = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .role_aliases
+            .insert(r.name.clone(), r);
+    }
+    for row in store.load(Kind::Session)? {
+        let s: Session = decode(&row.doc)?;
+        st.sessions.insert(s.access_key_id.clone(), s);
+    }
+    for row in store.load(Kind::Policy)? {
+        let mut p: IotPolicy = decode(&row.doc)?;
+        policies::reparse(&mut p);
+        account_mut(&mut st, &row.account)?
+            .policies
+            .insert(p.name.clone(), p);
+    }
+    for row in store.load(Kind::PolicyAttachment)? {
+        let (policy, target) = row.key.split_once('\n').unwrap_or((&row.key, ""));
+        account_mut(&mut st, &row.account)?
+            .policy_targets
+            .entry(target.to_owned())
+            .or_default()
+            .insert(policy.to_owned());
+    }
+    for row in store.load(Kind::ThingPrincipal)? {
+        let (thing, principal) = row.key.split_once('\n').unwrap_or((&row.key, ""));
+        let kind: ThingPrincipalType = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?.link(thing, principal, kind);
+    }
+    Ok(st)
+}
+
+impl Registry {
     /// The region this registry serves.
     pub fn region(&self) -> &str {
         &self.region
@@ -414,7 +437,9 @@ impl Registry {
         {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = store.apply(&tx.ops) {
-                tracing::error!(error = %e, "registry write failed; memory is ahead of disk until restart");
+                restore(&mut st, &store, &e);
+                drop(st);
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 return Err(e);
             }
         }
@@ -499,10 +524,15 @@ impl Registry {
         }
         let mut tx = Tx::new(account);
         let out = f(&mut st, &mut tx)?;
-        self.store
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .apply(&tx.ops)?;
+        {
+            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = store.apply(&tx.ops) {
+                restore(&mut st, &store, &e);
+                drop(st);
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                return Err(e);
+            }
+        }
         drop(st);
         if tx.bump {
             self.generation.fetch_add(1, Ordering::AcqRel);
@@ -743,5 +773,48 @@ impl Registry {
                 generation,
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Acknowledged means on disk: every commit is synced (`synchronous=FULL`), not only
+    /// ordered (`NORMAL` loses the last commits on power failure).
+    #[test]
+    fn commits_are_synced() {
+        let dir = std::env::temp_dir().join(format!("sekisho-sync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("r.db")).unwrap();
+        assert_eq!(store.pragma("synchronous"), 2, "FULL");
+        assert_eq!(store.pragma_text("journal_mode"), "wal");
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A write the database refuses changes nothing in memory: not the object, not the
+    /// generation's meaning, and the registry keeps working afterwards.
+    #[test]
+    fn a_failed_write_changes_nothing() {
+        let reg = Registry::in_memory("us-east-1").unwrap();
+        let (info, _) = reg.create_account("a").unwrap();
+        let acct = info.id;
+        reg.create_thing(&acct, "before", None, Default::default())
+            .unwrap();
+        reg.store.lock().unwrap().fail_writes("disk full").unwrap();
+        let err = reg
+            .create_thing(&acct, "lost", None, Default::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert!(
+            reg.describe_thing(&acct, "lost").is_err(),
+            "memory must not keep a refused write"
+        );
+        assert!(reg.describe_thing(&acct, "before").is_ok());
+        reg.store.lock().unwrap().fail_writes_off().unwrap();
+        reg.create_thing(&acct, "after", None, Default::default())
+            .unwrap();
+        assert!(reg.describe_thing(&acct, "after").is_ok());
     }
 }
