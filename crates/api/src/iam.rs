@@ -162,54 +162,183 @@ fn members(items: impl IntoIterator<Item = String>) -> String {
         .collect()
 }
 
-/// The user an access-key operation is about: `UserName`, else the caller itself.
-fn key_owner<'a>(caller: &'a Caller, params: &'a Params) -> Result<Option<&'a str>, ApiError> {
-    Ok(match (params.get("UserName"), &caller.principal) {
-        (Some(u), _) => Some(u),
-        (None, IamPrincipal::User(u)) => Some(u.as_str()),
-        (None, IamPrincipal::Root) => None,
-        (None, IamPrincipal::Role { .. }) => {
-            return Err(ApiError::new(
-                400,
-                "ValidationError",
-                "Must specify userName when calling with non-User credentials",
-            ));
+/// What an IAM action acts on: the kind of entity and the one request parameter that names
+/// it. The ARN that is authorized and the entity the handler changes are both derived from
+/// that single parsed value ([`Target`]), so no other parameter of the request can steer
+/// either (a request carrying both `UserName` and `RoleName` acts, and is authorized, only on
+/// the one its action names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Names {
+    /// `UserName`, required.
+    User,
+    /// `UserName`, or the calling user itself (access keys, GetUser).
+    UserOrCaller,
+    /// `RoleName`, required.
+    Role,
+    /// `PolicyArn`, required.
+    PolicyArn,
+    /// `PolicyName` (and `Path`) of a policy about to be created.
+    NewPolicy,
+    /// Nothing in particular (`*`): the account's lists.
+    Nothing,
+}
+
+/// Every IAM action served, with what it names. An action not listed is `InvalidAction`.
+const IAM_ACTIONS: &[(&str, Names)] = &[
+    ("CreateUser", Names::User),
+    ("GetUser", Names::UserOrCaller),
+    ("ListUsers", Names::Nothing),
+    ("DeleteUser", Names::User),
+    ("CreateAccessKey", Names::UserOrCaller),
+    ("ListAccessKeys", Names::UserOrCaller),
+    ("UpdateAccessKey", Names::UserOrCaller),
+    ("DeleteAccessKey", Names::UserOrCaller),
+    ("CreateRole", Names::Role),
+    ("GetRole", Names::Role),
+    ("ListRoles", Names::Nothing),
+    ("DeleteRole", Names::Role),
+    ("UpdateAssumeRolePolicy", Names::Role),
+    ("UpdateRole", Names::Role),
+    ("PutUserPolicy", Names::User),
+    ("PutRolePolicy", Names::Role),
+    ("GetUserPolicy", Names::User),
+    ("GetRolePolicy", Names::Role),
+    ("DeleteUserPolicy", Names::User),
+    ("DeleteRolePolicy", Names::Role),
+    ("ListUserPolicies", Names::User),
+    ("ListRolePolicies", Names::Role),
+    ("CreatePolicy", Names::NewPolicy),
+    ("GetPolicy", Names::PolicyArn),
+    ("DeletePolicy", Names::PolicyArn),
+    ("AttachUserPolicy", Names::User),
+    ("DetachUserPolicy", Names::User),
+    ("AttachRolePolicy", Names::Role),
+    ("DetachRolePolicy", Names::Role),
+    ("ListAttachedUserPolicies", Names::User),
+    ("ListAttachedRolePolicies", Names::Role),
+];
+
+/// The entity one IAM request acts on: its name (as the handler uses it) and its ARN (as it is
+/// authorized), from the same parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    /// The user, role or policy ARN acted on; `None` for the account's root keys and lists.
+    name: Option<String>,
+    /// The ARN authorized.
+    arn: String,
+}
+
+/// The path an entity's ARN carries: the existing entity's, else the request's `Path` (for a
+/// create), else `/`.
+fn arn_path(existing: Option<String>, p: &Params) -> String {
+    existing
+        .or_else(|| p.get("Path").map(str::to_owned))
+        .filter(|x| x.starts_with('/') && x.ends_with('/'))
+        .unwrap_or_else(|| "/".to_string())
+}
+
+/// What `action` acts on, derived from the one parameter that names it.
+fn target(reg: &Registry, caller: &Caller, action: &str, p: &Params) -> Result<Target, ApiError> {
+    let acct = caller.account.as_str();
+    let Some(&(_, names)) = IAM_ACTIONS.iter().find(|(a, _)| *a == action) else {
+        return Err(ApiError::new(
+            400,
+            "InvalidAction",
+            format!("Could not find operation {action} for version 2010-05-08"),
+        ));
+    };
+    let user = |name: &str| {
+        let path = arn_path(reg.get_user(acct, name).ok().map(|u| u.path), p);
+        Target {
+            name: Some(name.to_owned()),
+            arn: Registry::iam_arn(acct, &format!("user{path}{name}")),
         }
+    };
+    Ok(match names {
+        Names::User => user(p.req("UserName")?),
+        Names::UserOrCaller => match (p.get("UserName"), &caller.principal) {
+            (Some(u), _) if !u.is_empty() => user(u),
+            (_, IamPrincipal::User(u)) => user(u),
+            (_, IamPrincipal::Root) => Target {
+                name: None,
+                arn: Registry::iam_arn(acct, "root"),
+            },
+            (_, IamPrincipal::Role { .. }) => {
+                return Err(ApiError::new(
+                    400,
+                    "ValidationError",
+                    "Must specify userName when calling with non-User credentials",
+                ));
+            }
+        },
+        Names::Role => {
+            let name = p.req("RoleName")?;
+            let path = arn_path(reg.get_role(acct, name).ok().map(|r| r.path), p);
+            Target {
+                name: Some(name.to_owned()),
+                arn: Registry::iam_arn(acct, &format!("role{path}{name}")),
+            }
+        }
+        Names::PolicyArn => {
+            let arn = p.req("PolicyArn")?;
+            Target {
+                name: Some(arn.to_owned()),
+                arn: arn.to_owned(),
+            }
+        }
+        Names::NewPolicy => {
+            let name = p.req("PolicyName")?;
+            let path = arn_path(None, p);
+            Target {
+                name: Some(name.to_owned()),
+                arn: Registry::iam_arn(acct, &format!("policy{path}{name}")),
+            }
+        }
+        Names::Nothing => Target {
+            name: None,
+            arn: "*".to_string(),
+        },
     })
+}
+
+/// IAM's refusal of an unauthorized call (code `AccessDenied`, as IAM and STS send it).
+fn iam_denied(caller: &Caller, action: &str, resource: &str) -> ApiError {
+    ApiError::new(
+        403,
+        "AccessDenied",
+        format!(
+            "User: {} is not authorized to perform: {action} on resource: {resource}",
+            caller.arn()
+        ),
+    )
 }
 
 fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<String, ApiError> {
     let acct = caller.account.as_str();
     let reg = &state.registry;
-    let resource = match p.get("UserName").or(p.get("RoleName")) {
-        Some(n) if p.get("RoleName").is_some() => Registry::iam_arn(acct, &format!("role/{n}")),
-        Some(n) => Registry::iam_arn(acct, &format!("user/{n}")),
-        None => p
-            .get("PolicyArn")
-            .map_or_else(|| "*".to_string(), str::to_owned),
+    let t = target(reg, caller, action, p)?;
+    let iam_action = format!("iam:{action}");
+    authorize(state, caller, &iam_action, &t.arn)
+        .map_err(|_| iam_denied(caller, &iam_action, &t.arn))?;
+    // The one name this action acts on; present for every action that names something.
+    let name = || {
+        t.name.as_deref().ok_or_else(|| {
+            ApiError::new(
+                400,
+                "ValidationError",
+                "Must specify userName when calling with non-User credentials",
+            )
+        })
     };
-    authorize(state, caller, &format!("iam:{action}"), &resource)?;
+    let owner = t.name.as_deref();
     let e = iam_error;
     Ok(match action {
         "CreateUser" => {
-            let u = reg
-                .create_user(acct, p.req("UserName")?, p.get("Path"))
-                .map_err(e)?;
+            let u = reg.create_user(acct, name()?, p.get("Path")).map_err(e)?;
             format!("<User>{}</User>", user_xml(acct, &u))
         }
         "GetUser" => {
-            let name = match (p.get("UserName"), &caller.principal) {
-                (Some(n), _) => n.to_owned(),
-                (None, IamPrincipal::User(u)) => u.clone(),
-                _ => {
-                    return Err(ApiError::new(
-                        400,
-                        "ValidationError",
-                        "Must specify userName when calling with non-User credentials",
-                    ));
-                }
-            };
-            let u = reg.get_user(acct, &name).map_err(e)?;
+            let u = reg.get_user(acct, name()?).map_err(e)?;
             format!("<User>{}</User>", user_xml(acct, &u))
         }
         "ListUsers" => {
@@ -220,11 +349,10 @@ fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
             )
         }
         "DeleteUser" => {
-            reg.delete_user(acct, p.req("UserName")?).map_err(e)?;
+            reg.delete_user(acct, name()?).map_err(e)?;
             String::new()
         }
         "CreateAccessKey" => {
-            let owner = key_owner(caller, p)?;
             let k = reg.create_access_key(acct, owner).map_err(e)?;
             format!(
                 "<AccessKey>{}</AccessKey>",
@@ -232,7 +360,6 @@ fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
             )
         }
         "ListAccessKeys" => {
-            let owner = key_owner(caller, p)?;
             let v = reg.list_access_keys(acct, owner).map_err(e)?;
             format!(
                 "<AccessKeyMetadata>{}</AccessKeyMetadata><IsTruncated>false</IsTruncated>",
@@ -240,13 +367,11 @@ fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
             )
         }
         "UpdateAccessKey" => {
-            let owner = key_owner(caller, p)?;
             reg.update_access_key(acct, owner, p.req("AccessKeyId")?, p.req("Status")?)
                 .map_err(e)?;
             String::new()
         }
         "DeleteAccessKey" => {
-            let owner = key_owner(caller, p)?;
             reg.delete_access_key(acct, owner, p.req("AccessKeyId")?)
                 .map_err(e)?;
             String::new()
@@ -255,7 +380,7 @@ fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
             let r = reg
                 .create_role(
                     acct,
-                    p.req("RoleName")?,
+                    name()?,
                     p.get("Path"),
                     p.req("AssumeRolePolicyDocument")?,
                     p.get("Description"),
@@ -265,7 +390,7 @@ fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
             format!("<Role>{}</Role>", role_xml(acct, &r))
         }
         "GetRole" => {
-            let r = reg.get_role(acct, p.req("RoleName")?).map_err(e)?;
+            let r = reg.get_role(acct, name()?).map_err(e)?;
             format!("<Role>{}</Role>", role_xml(acct, &r))
         }
         "ListRoles" => {
@@ -276,24 +401,18 @@ fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
             )
         }
         "DeleteRole" => {
-            reg.delete_role(acct, p.req("RoleName")?).map_err(e)?;
+            reg.delete_role(acct, name()?).map_err(e)?;
             String::new()
         }
         "UpdateAssumeRolePolicy" => {
-            reg.update_role(
-                acct,
-                p.req("RoleName")?,
-                Some(p.req("PolicyDocument")?),
-                None,
-                None,
-            )
-            .map_err(e)?;
+            reg.update_role(acct, name()?, Some(p.req("PolicyDocument")?), None, None)
+                .map_err(e)?;
             String::new()
         }
         "UpdateRole" => {
             reg.update_role(
                 acct,
-                p.req("RoleName")?,
+                name()?,
                 None,
                 p.get("Description"),
                 p.int("MaxSessionDuration")?,
@@ -303,11 +422,10 @@ fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
         }
         "PutUserPolicy" | "PutRolePolicy" => {
             let role = action == "PutRolePolicy";
-            let owner = p.req(if role { "RoleName" } else { "UserName" })?;
             reg.put_inline_policy(
                 acct,
                 role,
-                owner,
+                name()?,
                 p.req("PolicyName")?,
                 p.req("PolicyDocument")?,
             )
@@ -316,37 +434,34 @@ fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
         }
         "GetUserPolicy" | "GetRolePolicy" => {
             let role = action == "GetRolePolicy";
-            let (owner_key, owner) = if role {
-                ("RoleName", p.req("RoleName")?)
-            } else {
-                ("UserName", p.req("UserName")?)
-            };
-            let name = p.req("PolicyName")?;
-            let doc = reg.get_inline_policy(acct, role, owner, name).map_err(e)?;
+            let (owner_key, owner) = (if role { "RoleName" } else { "UserName" }, name()?);
+            let policy = p.req("PolicyName")?;
+            let doc = reg
+                .get_inline_policy(acct, role, owner, policy)
+                .map_err(e)?;
             format!(
                 "{}{}{}",
                 el(owner_key, owner),
-                el("PolicyName", name),
+                el("PolicyName", policy),
                 el("PolicyDocument", &xml::policy_doc(&doc))
             )
         }
         "DeleteUserPolicy" | "DeleteRolePolicy" => {
             let role = action == "DeleteRolePolicy";
-            let owner = p.req(if role { "RoleName" } else { "UserName" })?;
-            reg.delete_inline_policy(acct, role, owner, p.req("PolicyName")?)
+            reg.delete_inline_policy(acct, role, name()?, p.req("PolicyName")?)
                 .map_err(e)?;
             String::new()
         }
         "ListRolePolicies" | "ListUserPolicies" => {
             let role = action == "ListRolePolicies";
             let names: Vec<String> = if role {
-                reg.get_role(acct, p.req("RoleName")?)
+                reg.get_role(acct, name()?)
                     .map_err(e)?
                     .inline
                     .into_keys()
                     .collect()
             } else {
-                reg.get_user(acct, p.req("UserName")?)
+                reg.get_user(acct, name()?)
                     .map_err(e)?
                     .inline
                     .into_keys()
@@ -361,7 +476,7 @@ fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
             let pol = reg
                 .create_managed_policy(
                     acct,
-                    p.req("PolicyName")?,
+                    name()?,
                     p.get("Path"),
                     p.req("PolicyDocument")?,
                     p.get("Description"),
@@ -370,23 +485,19 @@ fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
             format!("<Policy>{}</Policy>", policy_xml(acct, &pol, 0))
         }
         "GetPolicy" => {
-            let (pol, n) = reg
-                .get_managed_policy(acct, p.req("PolicyArn")?)
-                .map_err(e)?;
+            let (pol, n) = reg.get_managed_policy(acct, name()?).map_err(e)?;
             format!("<Policy>{}</Policy>", policy_xml(acct, &pol, n))
         }
         "DeletePolicy" => {
-            reg.delete_managed_policy(acct, p.req("PolicyArn")?)
-                .map_err(e)?;
+            reg.delete_managed_policy(acct, name()?).map_err(e)?;
             String::new()
         }
         "AttachUserPolicy" | "AttachRolePolicy" | "DetachRolePolicy" | "DetachUserPolicy" => {
             let role = action.ends_with("RolePolicy");
-            let owner = p.req(if role { "RoleName" } else { "UserName" })?;
             reg.set_attached(
                 acct,
                 role,
-                owner,
+                name()?,
                 p.req("PolicyArn")?,
                 action.starts_with("Attach"),
             )
@@ -395,13 +506,13 @@ fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
         }
         "ListAttachedRolePolicies" | "ListAttachedUserPolicies" => {
             let arns: Vec<String> = if action == "ListAttachedRolePolicies" {
-                reg.get_role(acct, p.req("RoleName")?)
+                reg.get_role(acct, name()?)
                     .map_err(e)?
                     .attached
                     .into_iter()
                     .collect()
             } else {
-                reg.get_user(acct, p.req("UserName")?)
+                reg.get_user(acct, name()?)
                     .map_err(e)?
                     .attached
                     .into_iter()
@@ -615,4 +726,83 @@ fn assume_role(state: &ApiState, caller: &Caller, p: &Params) -> Result<String, 
         ),
         p.get("Policy").map_or(0, |d| d.len() * 100 / 2048)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every declared IAM action is authorized on the very entity it acts on, whatever other
+    /// naming parameters the request carries.
+    #[test]
+    fn every_action_authorizes_what_it_names_despite_conflicting_parameters() {
+        let reg = Registry::in_memory("us-east-1").unwrap();
+        let (info, _) = reg.create_account("a").unwrap();
+        let acct = info.id.clone();
+        reg.create_user(&acct, "alice", Some("/team/")).unwrap();
+        let caller = Caller {
+            account: acct.clone(),
+            principal: IamPrincipal::User("mallory".into()),
+            session_policy: None,
+            temporary: false,
+            expiration: None,
+            access_key_id: "AKIAX".into(),
+            context: Default::default(),
+            principal_id: "AIDAX".into(),
+        };
+        let carol = format!("arn:aws:iam::{acct}:policy/carol");
+        let params = Params(vec![
+            ("UserName".into(), "alice".into()),
+            ("RoleName".into(), "bob".into()),
+            ("PolicyArn".into(), carol.clone()),
+            ("PolicyName".into(), "dave".into()),
+        ]);
+        for (action, names) in IAM_ACTIONS {
+            let t = target(&reg, &caller, action, &params).unwrap();
+            let (name, arn) = match names {
+                Names::User | Names::UserOrCaller => (
+                    "alice".to_string(),
+                    format!("arn:aws:iam::{acct}:user/team/alice"),
+                ),
+                Names::Role => ("bob".to_string(), format!("arn:aws:iam::{acct}:role/bob")),
+                Names::PolicyArn => (carol.clone(), carol.clone()),
+                Names::NewPolicy => (
+                    "dave".to_string(),
+                    format!("arn:aws:iam::{acct}:policy/dave"),
+                ),
+                Names::Nothing => {
+                    assert_eq!(
+                        t,
+                        Target {
+                            name: None,
+                            arn: "*".into()
+                        },
+                        "{action}"
+                    );
+                    continue;
+                }
+            };
+            assert_eq!(
+                t,
+                Target {
+                    name: Some(name),
+                    arn
+                },
+                "{action}"
+            );
+        }
+        // Without UserName, access-key actions act on the calling user, and are authorized so.
+        let t = target(
+            &reg,
+            &caller,
+            "CreateAccessKey",
+            &Params(vec![("RoleName".into(), "bob".into())]),
+        )
+        .unwrap();
+        assert_eq!(t.arn, format!("arn:aws:iam::{acct}:user/mallory"));
+        assert_eq!(t.name.as_deref(), Some("mallory"));
+        // An action not declared is refused before anything is authorized or done.
+        let err = target(&reg, &caller, "CreateLoginProfile", &params).unwrap_err();
+        assert_eq!(err.code, "InvalidAction");
+    }
 }

@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use sekisho_broker::Broker;
@@ -249,7 +249,7 @@ fn sigv4_error(e: &sekisho_sigv4::SigError) -> ApiError {
     use sekisho_sigv4::SigError::*;
     let code = match e {
         Missing => "MissingAuthenticationTokenException",
-        Incomplete(_) => "IncompleteSignatureException",
+        Incomplete(_) | UnsignedHeaders(_) => "IncompleteSignatureException",
         Mismatch | Skewed(_) | PayloadHash => "InvalidSignatureException",
         Expired => "InvalidSignatureException",
     };
@@ -345,19 +345,56 @@ pub async fn handle(
     if parts.method == hyper::Method::GET && parts.uri.path() == "/metrics" {
         return Ok(metrics(&state));
     }
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return Ok(error_response(&ApiError::new(
-                413,
-                "RequestEntityTooLargeException",
-                "The request body is too large",
-            )));
-        }
-    };
     let headers = sekisho_gateway::authn::header_pairs(&parts.headers);
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or("").to_owned();
+    // The claim is looked at before any body byte is read: a request that is not signed, or
+    // signed with a key nobody has, is refused at once and holds nothing.
+    {
+        let head = sekisho_sigv4::Request {
+            method: parts.method.as_str(),
+            path: &path,
+            query: &query,
+            headers: &headers,
+            body_sha256: "",
+        };
+        let known = sekisho_sigv4::parse(&head)
+            .ok()
+            .and_then(|c| state.registry.credential(&c.access_key));
+        if known.is_none() {
+            let e = match authenticate(&state, &head) {
+                Err(e) => e,
+                Ok(_) => ApiError::new(
+                    403,
+                    "UnrecognizedClientException",
+                    "The security token included in the request is invalid.",
+                ),
+            };
+            tracing::info!(method = %parts.method, %path, code = e.code, "request not authenticated");
+            return Ok(match query_service(&head) {
+                Some(ns) => xml::error_response(ns, &e),
+                None => error_response(&e),
+            });
+        }
+    }
+    let body =
+        match sekisho_gateway::read_body(body, MAX_BODY, sekisho_gateway::BODY_DEADLINE).await {
+            Ok(b) => b,
+            Err(sekisho_gateway::BodyError::TooLarge) => {
+                return Ok(error_response(&ApiError::new(
+                    413,
+                    "RequestEntityTooLargeException",
+                    "The request body is too large",
+                )));
+            }
+            Err(_) => {
+                return Ok(error_response(&ApiError::new(
+                    408,
+                    "RequestTimeoutException",
+                    "The request body was not received in time",
+                )));
+            }
+        };
     let body_sha = hex::encode(sha256(&body));
     let sreq = sekisho_sigv4::Request {
         method: parts.method.as_str(),
@@ -557,7 +594,7 @@ async fn serve_https<F, Fut, B>(
             let svc = hyper::service::service_fn(move |req| service(peer, req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
+                .header_read_timeout(sekisho_gateway::HEADER_DEADLINE)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "{what}: connection ended");

@@ -24,6 +24,9 @@ pub struct Caller {
     pub access_key_id: String,
     /// Condition keys carried by the credentials (credential provider sessions).
     pub context: std::collections::BTreeMap<String, String>,
+    /// The unique id of the user or role (the account id for the root) when authenticated:
+    /// a long-lived connection is cut once its credentials stand for anyone else.
+    pub principal_id: String,
 }
 
 impl Caller {
@@ -124,7 +127,11 @@ fn caller_of(
     token: Option<&str>,
 ) -> Result<Caller, AuthFailure> {
     if let Some(t) = &cred.token {
-        if token != Some(t.as_str()) {
+        // Constant-time: the token is a bearer secret.
+        let presented = token.unwrap_or_default().as_bytes();
+        if presented.len() != t.len()
+            || aws_lc_rs::constant_time::verify_slices_are_equal(presented, t.as_bytes()).is_err()
+        {
             return Err(AuthFailure::UnknownKey);
         }
         if cred.expiration.is_some_and(|e| now_secs() >= e) {
@@ -139,7 +146,24 @@ fn caller_of(
         session_policy: cred.session_policy,
         access_key_id,
         context: cred.context,
+        principal_id: cred.principal_id,
     })
+}
+
+/// Whether credentials authenticated earlier (by a long-lived connection) still stand: the
+/// key still exists and is active (a session still has its token and has not expired), and it
+/// still stands for the same user or role (by unique id, not by name). The error says why not.
+pub fn still_valid(registry: &Registry, caller: &Caller) -> Result<(), &'static str> {
+    let Some(cred) = registry.credential(&caller.access_key_id) else {
+        return Err("access key deleted or deactivated, or its user or role deleted");
+    };
+    if cred.principal_id != caller.principal_id || cred.account_id != caller.account {
+        return Err("the user or role was deleted and re-created");
+    }
+    if cred.expiration.is_some_and(|e| now_secs() >= e) {
+        return Err("credentials expired");
+    }
+    Ok(())
 }
 
 /// Whether the caller's IAM policies allow `action` on `resource`: the account root may do

@@ -320,6 +320,8 @@ impl Principal {
                 return Err(Revoked::Credentials("credentials expired".into()));
             }
             if self.registry.generation() != self.identity.generation {
+                crate::authn::still_valid(&self.registry, &iam.caller)
+                    .map_err(|why| Revoked::Credentials(why.into()))?;
                 let Some(id) = iam_identity(&self.registry, &iam.caller) else {
                     return Err(Revoked::Credentials("user or role deleted".into()));
                 };
@@ -329,6 +331,10 @@ impl Principal {
             return Ok(());
         }
         if self.registry.generation() != self.identity.generation {
+            // The certificate and its CA must both still be ACTIVE.
+            self.registry
+                .certificate_usable(&self.account, &self.identity.certificate_id)
+                .map_err(Revoked::Certificate)?;
             let client = self.ctx.client_id.clone();
             match self.registry.certificate_identity(
                 &self.account,
@@ -369,6 +375,11 @@ impl Principal {
         }
         self.scratch = arn;
         d
+    }
+
+    /// The IAM caller of a SigV4 principal (MQTT over WebSocket).
+    pub fn iam_caller(&self) -> Option<&crate::authn::Caller> {
+        self.iam.as_ref().map(|i| &i.caller)
     }
 
     /// When IAM credentials of this principal expire (MQTT over WebSocket).

@@ -425,7 +425,9 @@ impl Connection {
             return Err(());
         }
         if let Some(w) = &c.will {
+            // The same rules as a PUBLISH: no retained message on a reserved topic.
             let ok = aws::may_publish(&w.topic)
+                && !(w.retain && w.topic.starts_with('$'))
                 && principal.allowed("iot:publish", "topic", &w.topic)
                 && (!w.retain || principal.allowed("iot:retainpublish", "topic", &w.topic));
             if !ok {
@@ -501,6 +503,7 @@ impl Connection {
             &self.principal.identity.certificate_id,
             &self.client_id,
             self.epoch,
+            self.principal.iam_caller(),
         );
         let limits = &self.shared.config.aws;
         let mut props = Properties::default();
@@ -1094,13 +1097,17 @@ impl Connection {
     }
 
     fn publish_will(&mut self, w: Will) {
-        // Re-check with the policies in force now; a revoked principal keeps its connect-time grant.
-        if self.principal.refresh().is_ok()
-            && (!self.principal.allowed("iot:publish", "topic", &w.topic)
-                || (w.retain
-                    && !self
-                        .principal
-                        .allowed("iot:retainpublish", "topic", &w.topic)))
+        // Authorized again with what is in force now: a revoked certificate, a deactivated CA
+        // or key, or a changed policy sends no will (docs/compatibility.md).
+        if let Err(why) = self.principal.refresh() {
+            tracing::info!(client_id = %self.client_id, reason = ?why, "principal revoked; will not published");
+            return;
+        }
+        if !self.principal.allowed("iot:publish", "topic", &w.topic)
+            || (w.retain
+                && !self
+                    .principal
+                    .allowed("iot:retainpublish", "topic", &w.topic))
         {
             tracing::info!(client_id = %self.client_id, "will no longer authorized; not published");
             return;

@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use sekisho_broker::{Message, PublishError, aws};
@@ -73,6 +73,19 @@ async fn handle(
     if info.certificate_id.is_empty() {
         return Ok(signed_request(&shared, &info, parts, body).await);
     }
+    // A keep-alive connection outlives its handshake: the certificate and its CA are checked
+    // again on every request, so a revocation or deactivation refuses the very next one.
+    if let Err(why) = shared
+        .registry
+        .certificate_usable(&info.account, &info.certificate_id)
+    {
+        tracing::info!(certificate = %info.certificate_id, %why, "HTTPS request refused: certificate no longer usable");
+        return Ok(if parts.uri.path().starts_with("/role-aliases/") {
+            cred_error(403, "AccessDeniedException", "Access Denied")
+        } else {
+            reply(403, "Forbidden")
+        });
+    }
     let path = parts.uri.path();
     if let Some(alias) = path
         .strip_prefix("/role-aliases/")
@@ -117,9 +130,12 @@ async fn handle(
     {
         return Ok(reply(400, "Invalid topic name"));
     }
-    let payload = match Limited::new(body, limits.max_payload).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return Ok(reply(413, "The payload exceeds the maximum size allowed")),
+    let payload = match crate::read_body(body, limits.max_payload, crate::BODY_DEADLINE).await {
+        Ok(b) => b,
+        Err(crate::BodyError::TooLarge) => {
+            return Ok(reply(413, "The payload exceeds the maximum size allowed"));
+        }
+        Err(_) => return Ok(reply(408, "Request Timeout")),
     };
     let mut principal = match Principal::certificate(
         shared.registry.clone(),
@@ -169,7 +185,7 @@ pub async fn serve(shared: Arc<Shared>, stream: DeviceStream, info: ConnInfo) {
     let svc = hyper::service::service_fn(move |req| handle(shared.clone(), info.clone(), req));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(30))
+        .header_read_timeout(crate::HEADER_DEADLINE)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
         .with_upgrades();
     if let Err(e) = conn.await {
@@ -185,15 +201,34 @@ async fn signed_request(
     body: Incoming,
 ) -> Response<Full<Bytes>> {
     let limits = &shared.config.aws;
-    let body = match Limited::new(body, limits.max_payload).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    // Nothing is read from a client whose key is unknown: the claim is looked at first.
+    let key_known = sekisho_sigv4::parse(&sekisho_sigv4::Request {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        headers: &crate::authn::header_pairs(&parts.headers),
+        body_sha256: "",
+    })
+    .ok()
+    .and_then(|c| shared.registry.credential(&c.access_key));
+    if key_known.is_none() {
+        tracing::info!(peer = %info.peer, "iot-data request without a known access key");
+        return error(
+            401,
+            "UnauthorizedException",
+            "The security token included in the request is invalid",
+        );
+    }
+    let body = match crate::read_body(body, limits.max_payload, crate::BODY_DEADLINE).await {
+        Ok(b) => b,
+        Err(crate::BodyError::TooLarge) => {
             return error(
                 413,
                 "RequestEntityTooLargeException",
                 "The payload exceeds the maximum size allowed",
             );
         }
+        Err(_) => return error(408, "RequestTimeoutException", "Request Timeout"),
     };
     let headers = crate::authn::header_pairs(&parts.headers);
     let path = parts.uri.path().to_owned();
@@ -549,10 +584,17 @@ fn websocket(
                 return;
             }
         };
+        // No frame or message larger than the largest MQTT packet this endpoint accepts: the
+        // library checks a frame's declared length before reading it, and a fragmented
+        // message's total as it grows, so nothing larger is ever buffered.
+        let max = shared.config.codec_limits.max_packet_size;
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_frame_size(Some(max))
+            .max_message_size(Some(max));
         let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
             hyper_util::rt::TokioIo::new(upgraded),
             tokio_tungstenite::tungstenite::protocol::Role::Server,
-            None,
+            Some(config),
         )
         .await;
         crate::conn::serve(shared, crate::ws::WsIo::new(ws), conn_info).await;

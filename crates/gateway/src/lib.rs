@@ -89,7 +89,15 @@ impl Endpoint {
 pub const PRIVATE_KEEP_ALIVE_MAX: u16 = 230;
 
 /// (account, certificate id) → the connections (client id, epoch) authenticated with it.
-type ConnIndex = HashMap<(String, String), HashSet<(String, u64)>>;
+/// Live connections by (account, certificate id or access key id): the IAM caller behind them
+/// (MQTT over WebSocket), and their (client id, epoch).
+type ConnIndex = HashMap<(String, String), IndexEntry>;
+
+#[derive(Default)]
+struct IndexEntry {
+    caller: Option<Arc<authn::Caller>>,
+    conns: HashSet<(String, u64)>,
+}
 
 /// State shared by every connection.
 pub struct Shared {
@@ -129,19 +137,28 @@ impl Shared {
         })
     }
 
-    pub(crate) fn index_add(&self, account: &str, cert: &str, client: &str, epoch: u64) {
+    pub(crate) fn index_add(
+        &self,
+        account: &str,
+        cert: &str,
+        client: &str,
+        epoch: u64,
+        caller: Option<&authn::Caller>,
+    ) {
         let mut m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry((account.to_owned(), cert.to_owned()))
-            .or_default()
-            .insert((client.to_owned(), epoch));
+        let e = m.entry((account.to_owned(), cert.to_owned())).or_default();
+        if e.caller.is_none() {
+            e.caller = caller.map(|c| Arc::new(c.clone()));
+        }
+        e.conns.insert((client.to_owned(), epoch));
     }
 
     pub(crate) fn index_remove(&self, account: &str, cert: &str, client: &str, epoch: u64) {
         let mut m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
         let key = (account.to_owned(), cert.to_owned());
-        if let Some(s) = m.get_mut(&key) {
-            s.remove(&(client.to_owned(), epoch));
-            if s.is_empty() {
+        if let Some(e) = m.get_mut(&key) {
+            e.conns.remove(&(client.to_owned(), epoch));
+            if e.conns.is_empty() {
                 m.remove(&key);
             }
         }
@@ -162,8 +179,67 @@ impl Shared {
     pub fn connections_of(&self, account: &str, cert: &str) -> Vec<(String, u64)> {
         let m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
         m.get(&(account.to_owned(), cert.to_owned()))
-            .map(|s| s.iter().cloned().collect())
+            .map(|e| e.conns.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Re-checks what every live connection was authenticated with: a certificate must still
+    /// be ACTIVE with its CA ACTIVE; IAM credentials must still exist, be active and unexpired,
+    /// and stand for the same user or role (by unique id). Cuts the connections of those that
+    /// no longer hold; returns how many were cut.
+    pub fn recheck(&self) -> usize {
+        type Entry = ((String, String), Option<Arc<authn::Caller>>);
+        let entries: Vec<Entry> = {
+            let m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
+            m.iter()
+                .map(|(k, e)| (k.clone(), e.caller.clone()))
+                .collect()
+        };
+        let mut cut = 0;
+        for ((account, id), caller) in entries {
+            let why = match &caller {
+                Some(c) => authn::still_valid(&self.registry, c)
+                    .err()
+                    .map(str::to_owned),
+                None => self.registry.certificate_usable(&account, &id).err(),
+            };
+            if let Some(why) = why {
+                let n = self.kick_certificate(&account, &id);
+                if n > 0 {
+                    tracing::info!(%account, principal = %id, %why, connections = n, "credentials no longer valid; connections closed");
+                }
+                cut += n;
+            }
+        }
+        cut
+    }
+}
+
+/// How often live connections are re-checked when the registry changed ([`Shared::recheck`]).
+pub const RECHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// Re-checks every live connection's credentials whenever the registry has changed (at most
+/// every [`RECHECK_EVERY`]), and every 30 s regardless, so that neither a lagged change feed
+/// nor a change that has no feed event (an access key deactivated, a role deleted) leaves a
+/// connection open on credentials that no longer hold.
+pub async fn recheck_connections(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut tick = tokio::time::interval(RECHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = shared.registry.generation();
+    let mut last_full = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let generation = shared.registry.generation();
+        if generation == seen && last_full.elapsed() < Duration::from_secs(30) {
+            continue;
+        }
+        seen = generation;
+        last_full = Instant::now();
+        shared.recheck();
     }
 }
 
@@ -208,8 +284,12 @@ pub async fn follow_changes(shared: Arc<Shared>) {
                 }
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                // Missed changes: connections re-check on their next operation anyway.
-                tracing::warn!(missed = n, "change feed lagged");
+                // Missed changes: re-check every connection now.
+                tracing::warn!(
+                    missed = n,
+                    "change feed lagged; re-checking every connection"
+                );
+                shared.recheck();
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
@@ -230,6 +310,44 @@ pub async fn sweep_sessions(shared: Arc<Shared>) {
             }
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// How long a client may take to send a request's headers, on every HTTP listener.
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long a client may take to send a whole request body that is read before its signature
+/// can be checked (control plane up to 1 MiB, device HTTPS up to 128 KiB): a slow or stalled
+/// client cannot hold a connection slot longer than this without authenticating.
+pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why a request body was not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// Larger than allowed.
+    TooLarge,
+    /// Not complete within the deadline.
+    Timeout,
+    /// The connection failed.
+    Failed,
+}
+
+/// Reads a whole request body of at most `max` bytes within `deadline`.
+pub async fn read_body<B>(
+    body: B,
+    max: usize,
+    deadline: Duration,
+) -> Result<bytes::Bytes, BodyError>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt as _;
+    match tokio::time::timeout(deadline, http_body_util::Limited::new(body, max).collect()).await {
+        Err(_) => Err(BodyError::Timeout),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Ok(Err(_)) => Err(BodyError::Failed),
     }
 }
 

@@ -87,6 +87,7 @@ async fn connection_ends_when_temporary_credentials_expire() {
         expiration: Some(session.expiration),
         access_key_id: session.access_key_id.clone(),
         context: Default::default(),
+        principal_id: account.clone(),
     };
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let task = tokio::spawn(sekisho_gateway::conn::serve(
@@ -142,6 +143,7 @@ async fn iam_policies_decide_connect() {
             expiration: None,
             access_key_id: key.access_key_id.clone(),
             context: Default::default(),
+            principal_id: shared.registry.get_user(&account, "u").unwrap().id,
         };
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(sekisho_gateway::conn::serve(

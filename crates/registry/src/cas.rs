@@ -569,6 +569,40 @@ impl Registry {
         })
     }
 
+    /// Whether a registered certificate may still act, as a connection already authenticated
+    /// with it must re-check on every request: it is registered in the account, ACTIVE, and its
+    /// CA (if any) is still registered and ACTIVE. The error says why not.
+    pub fn certificate_usable(
+        &self,
+        account: &str,
+        certificate_id: &str,
+    ) -> std::result::Result<(), String> {
+        self.read_state(|st| {
+            let a = st
+                .accounts
+                .get(account)
+                .ok_or_else(|| format!("account {account} is gone"))?;
+            let cert = a
+                .certificates
+                .get(certificate_id)
+                .ok_or_else(|| format!("certificate {certificate_id} was deleted"))?;
+            if cert.status != CertStatus::Active {
+                return Err(format!(
+                    "certificate {certificate_id} is {}",
+                    cert.status.as_str()
+                ));
+            }
+            if let Some(ca_id) = &cert.ca_certificate_id {
+                match a.ca_certificates.get(ca_id) {
+                    Some(ca) if ca.status == CaStatus::Active => {}
+                    Some(_) => return Err(format!("its CA {ca_id} is INACTIVE")),
+                    None => return Err(format!("its CA {ca_id} is no longer registered")),
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// The ids of the certificates registered under a CA (to cut their connections).
     pub fn certificates_of_ca(&self, account: &str, ca_id: &str) -> Vec<String> {
         self.read(account, |a| {

@@ -109,6 +109,23 @@ pub struct Session {
     /// `credentials-iot:AwsCertificateId`).
     #[serde(default)]
     pub context: BTreeMap<String, String>,
+    /// The unique id of the user or role (or the account id for the root) when the session
+    /// was issued. A session is honoured only while its principal exists with this same id, so
+    /// that deleting a role or user and creating another of the same name does not revive the
+    /// old one's sessions. Sessions stored without it (before it existed) are not honoured.
+    #[serde(default)]
+    pub principal_id: Option<String>,
+}
+
+/// The unique id of a principal as it exists now: the account id for the root, the user's or
+/// role's id; `None` once it no longer exists.
+fn principal_id(st: &State, account: &str, principal: &IamPrincipal) -> Option<String> {
+    let a = st.accounts.get(account)?;
+    match principal {
+        IamPrincipal::Root => Some(account.to_owned()),
+        IamPrincipal::User(u) => a.users.get(u).map(|u| u.id.clone()),
+        IamPrincipal::Role { role, .. } => a.roles.get(role).map(|r| r.id.clone()),
+    }
 }
 
 /// A verified caller's long-term or temporary credentials.
@@ -128,6 +145,9 @@ pub struct Credential {
     pub session_policy: Option<String>,
     /// Condition keys carried by the session.
     pub context: BTreeMap<String, String>,
+    /// The unique id of the principal they stand for (user id, role id, or the account id
+    /// for the root): a long-lived connection compares it to detect a re-created name.
+    pub principal_id: String,
 }
 
 /// Most seconds STS credentials may last without a role (GetSessionToken).
@@ -303,6 +323,8 @@ impl Registry {
             k.status = status.to_owned();
             let k = k.clone();
             tx.put(Kind::AccessKey, id, &k)?;
+            // Connections signed with this key re-check it.
+            tx.bump();
             Ok(())
         })
     }
@@ -313,6 +335,7 @@ impl Registry {
             Self::own_key(st, account, user, id)?;
             tx.delete(Kind::AccessKey, id);
             st.access_keys.remove(id);
+            tx.bump();
             Ok(())
         })
     }
@@ -601,8 +624,13 @@ impl Registry {
             principal,
             session_policy: session_policy.map(str::to_owned),
             context,
+            principal_id: None,
         };
         self.write_global(account, |st, tx| {
+            let mut s = s;
+            s.principal_id = Some(principal_id(st, account, &s.principal).ok_or_else(|| {
+                RegistryError::NotFound("The principal of the session no longer exists".into())
+            })?);
             // Expired sessions are swept as new ones are issued.
             let now = now_secs();
             let expired: Vec<String> = st
@@ -635,20 +663,29 @@ impl Registry {
                 if k.status != "Active" {
                     return None;
                 }
+                let principal = match &k.user {
+                    Some(u) => IamPrincipal::User(u.clone()),
+                    None => IamPrincipal::Root,
+                };
+                let principal_id = principal_id(st, &k.account_id, &principal)?;
                 return Some(Credential {
                     account_id: k.account_id.clone(),
                     secret_access_key: k.secret_access_key.clone(),
                     token: None,
                     expiration: None,
-                    principal: match &k.user {
-                        Some(u) => IamPrincipal::User(u.clone()),
-                        None => IamPrincipal::Root,
-                    },
+                    principal,
                     session_policy: None,
                     context: BTreeMap::new(),
+                    principal_id,
                 });
             }
-            st.sessions.get(access_key_id).map(|s| Credential {
+            let s = st.sessions.get(access_key_id)?;
+            // The principal must still be the one the session was issued to.
+            let now_id = principal_id(st, &s.account_id, &s.principal)?;
+            if s.principal_id.as_deref() != Some(now_id.as_str()) {
+                return None;
+            }
+            Some(Credential {
                 account_id: s.account_id.clone(),
                 secret_access_key: s.secret_access_key.clone(),
                 token: Some(s.token.clone()),
@@ -656,6 +693,7 @@ impl Registry {
                 principal: s.principal.clone(),
                 session_policy: s.session_policy.clone(),
                 context: s.context.clone(),
+                principal_id: now_id,
             })
         })
     }

@@ -374,6 +374,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
     tasks.spawn(sekisho_gateway::follow_changes(shared.clone()));
+    tasks.spawn(sekisho_gateway::recheck_connections(shared.clone()));
     tasks.spawn(sekisho_gateway::sweep_sessions(shared.clone()));
 
     let default = registry.accounts().into_iter().next();
