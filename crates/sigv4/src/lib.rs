@@ -46,6 +46,10 @@ pub enum SigError {
     /// The payload does not match `x-amz-content-sha256`.
     #[error("The provided 'x-amz-content-sha256' header does not match what was computed.")]
     PayloadHash,
+    /// An `x-amz-*` header that the signature does not cover (a presigned URL, or any S3
+    /// request): it would let the holder of a signature change what the request does.
+    #[error("There were headers present in the request which were not signed")]
+    UnsignedHeaders(String),
 }
 
 /// The request as received.
@@ -349,8 +353,29 @@ pub fn verify(
             "'Host' must be a signed header".into(),
         ));
     }
+    // Every `x-amz-*` header must be signed where a signature may be replayed by someone else
+    // (presigned URLs) and everywhere on S3, where such headers change the operation
+    // (`x-amz-copy-source`), what is stored (`x-amz-meta-*`) or who may read it.
+    if claim.presigned || opts.s3 {
+        for (name, _) in req.headers {
+            let name = name.to_ascii_lowercase();
+            if name.starts_with("x-amz-") && !claim.signed_headers.contains(&name) {
+                return Err(SigError::UnsignedHeaders(name));
+            }
+        }
+    }
     if claim.presigned {
-        let exp = claim.expires.unwrap_or(MAX_PRESIGN_EXPIRES);
+        // S3 requires X-Amz-Expires. Elsewhere (AWS IoT's WebSocket URLs, which its SDKs sign
+        // without it) a URL without one is good only within the clock-skew window.
+        let exp = match claim.expires {
+            Some(e) => e,
+            None if opts.s3 => {
+                return Err(SigError::Incomplete(
+                    "Query-string authentication version 4 requires the X-Amz-Algorithm, X-Amz-Credential, X-Amz-Signature, X-Amz-Date, X-Amz-SignedHeaders, and X-Amz-Expires parameters.".into(),
+                ));
+            }
+            None => MAX_SKEW_SECS,
+        };
         if !(1..=MAX_PRESIGN_EXPIRES).contains(&exp) {
             return Err(SigError::Incomplete(
                 "X-Amz-Expires must be between 1 and 604800 seconds".into(),

@@ -170,6 +170,9 @@ pub(super) fn auth_error(f: AuthFailure, region: &str, presigned: bool) -> S3Err
             S3Error::new(403, "AccessDenied", "Request has expired")
         }
         AuthFailure::Signature(SigError::PayloadHash) => sha_mismatch(),
+        AuthFailure::Signature(e @ SigError::UnsignedHeaders(_)) => {
+            S3Error::new(403, "AccessDenied", e.to_string())
+        }
         AuthFailure::UnknownKey => S3Error::new(
             403,
             "InvalidAccessKeyId",

@@ -96,6 +96,8 @@ struct Op<'a> {
     query: Vec<(String, String)>,
     payload: Payload,
     host: String,
+    /// The incarnation of each bucket this request was authorized on, as first looked up.
+    incarnations: std::sync::Mutex<Vec<(String, u64)>>,
 }
 
 impl Op<'_> {
@@ -131,15 +133,32 @@ impl Op<'_> {
     /// The bucket's owner, or NoSuchBucket; AccessDenied when the caller expects another
     /// owner (`x-amz-expected-bucket-owner`).
     fn owner(&self, bucket: &str) -> Result<String, S3Error> {
-        let owner = self
+        let (owner, incarnation) = self
             .state
             .store
-            .bucket_owner(bucket)
+            .bucket_ref(bucket)
             .ok_or_else(|| no_such_bucket(bucket))?;
+        {
+            let mut seen = self.incarnations.lock().unwrap_or_else(|e| e.into_inner());
+            if !seen.iter().any(|(b, _)| b == bucket) {
+                seen.push((bucket.to_owned(), incarnation));
+            }
+        }
         match self.header("x-amz-expected-bucket-owner") {
             Some(expected) if expected != owner => Err(access_denied()),
             _ => Ok(owner),
         }
+    }
+
+    /// The incarnation of `bucket` this request was authorized on: writes commit only into
+    /// it (0, which no bucket has, if the bucket was never looked up).
+    fn incarnation(&self, bucket: &str) -> u64 {
+        self.incarnations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(b, _)| b == bucket)
+            .map_or(0, |(_, i)| *i)
     }
 
     /// What a write requires of the object it replaces: `If-None-Match: *` (none) or
@@ -531,6 +550,7 @@ async fn serve_one(
         query,
         payload,
         host,
+        incarnations: Default::default(),
     };
     let Some(bucket) = bucket else {
         return match (&op.method, subs.as_str()) {

@@ -131,7 +131,8 @@ pub(super) async fn complete_upload(
     let meta = op
         .on_store({
             let condition = op.write_condition();
-            move |s| s.complete(&upload, &listed, now(), &condition)
+            let inc = op.incarnation(bucket);
+            move |s| s.complete(&upload, inc, &listed, now(), &condition)
         })
         .await
         .map_err(|e| upload_error(e, &id, bucket))?;

@@ -183,7 +183,8 @@ pub(super) async fn put_object(
     let tmp = got.tmp.ok_or_else(|| internal("no temporary file"))?;
     let (b, m) = (bucket.to_owned(), meta.clone());
     let condition = op.write_condition();
-    op.on_store(move |s| s.put(&b, tmp, m, &condition))
+    let inc = op.incarnation(bucket);
+    op.on_store(move |s| s.put(&b, inc, tmp, m, &condition))
         .await
         .map_err(|e| store_error(e, bucket))?;
     tracing::debug!(bucket, key, size = meta.size, "object stored");
@@ -392,7 +393,8 @@ pub(super) async fn copy_object(
         checksum: None,
     };
     let (b, m) = (bucket.to_owned(), meta.clone());
-    op.on_store(move |s| s.put(&b, tmp, m, &store::Condition::None))
+    let inc = op.incarnation(bucket);
+    op.on_store(move |s| s.put(&b, inc, tmp, m, &store::Condition::None))
         .await
         .map_err(|e| store_error(e, bucket))?;
     Ok(copied("CopyObjectResult", &meta))

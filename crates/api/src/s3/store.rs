@@ -122,6 +122,10 @@ struct BucketFile {
 }
 
 struct Bucket {
+    /// Which life of this name it is: a new number every time a bucket is created (or
+    /// loaded), so a write authorized on one bucket can never land in a later bucket of the
+    /// same name (deleted and re-created, perhaps by another account).
+    incarnation: u64,
     /// Bytes in all objects (kept with `objects`).
     bytes: u64,
     owner: String,
@@ -146,6 +150,13 @@ pub struct Listing {
 pub struct Store {
     root: PathBuf,
     buckets: Mutex<BTreeMap<String, Bucket>>,
+}
+
+/// The next bucket incarnation.
+static INCARNATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_incarnation() -> u64 {
+    INCARNATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Whether `name` is a valid bucket name (S3's general-purpose bucket rules).
@@ -268,6 +279,7 @@ impl Store {
             buckets.insert(
                 name,
                 Bucket {
+                    incarnation: next_incarnation(),
                     owner: b.owner,
                     created: b.created,
                     bytes: objects.values().map(|m| m.size).sum(),
@@ -318,6 +330,19 @@ impl Store {
         self.lock().get(bucket).map(|b| b.owner.clone())
     }
 
+    #[cfg(test)]
+    fn inc(&self, bucket: &str) -> u64 {
+        self.bucket_ref(bucket).map_or(0, |(_, i)| i)
+    }
+
+    /// The owner account of a bucket and which incarnation of the name it is: writes name
+    /// the incarnation they were authorized on ([`Store::put`]).
+    pub fn bucket_ref(&self, bucket: &str) -> Option<(String, u64)> {
+        self.lock()
+            .get(bucket)
+            .map(|b| (b.owner.clone(), b.incarnation))
+    }
+
     /// An account's buckets with their creation times.
     pub fn buckets_of(&self, account: &str) -> Vec<(String, f64)> {
         self.lock()
@@ -355,6 +380,7 @@ impl Store {
         buckets.insert(
             name.to_owned(),
             Bucket {
+                incarnation: next_incarnation(),
                 owner: owner.to_owned(),
                 created: now,
                 bytes: 0,
@@ -421,6 +447,7 @@ impl Store {
     pub fn commit(
         &self,
         bucket: &str,
+        incarnation: u64,
         mut tmp: TempFile,
         meta: ObjectMeta,
         condition: &Condition,
@@ -431,7 +458,11 @@ impl Store {
             .ok_or_else(|| io::Error::other("object path has no parent"))?;
         {
             let mut buckets = self.lock();
-            let b = buckets.get_mut(bucket).ok_or(StoreError::NoSuchBucket)?;
+            // The very bucket the write was authorized on: not a later one of the same name.
+            let b = buckets
+                .get_mut(bucket)
+                .filter(|b| b.incarnation == incarnation)
+                .ok_or(StoreError::NoSuchBucket)?;
             // Checked and replaced under one lock, so two conditional writers cannot both win.
             match (condition, b.objects.get(&meta.key)) {
                 (Condition::None, _) => {}
@@ -507,12 +538,13 @@ impl Store {
     pub fn put(
         &self,
         bucket: &str,
+        incarnation: u64,
         mut tmp: TempFile,
         meta: ObjectMeta,
         condition: &Condition,
     ) -> Result<(), StoreError> {
         seal(tmp.file()?, &meta)?;
-        self.commit(bucket, tmp, meta, condition)
+        self.commit(bucket, incarnation, tmp, meta, condition)
     }
 
     /// Seals a temporary file of data with `meta` and makes it part `n` of upload `id`.
@@ -675,6 +707,7 @@ impl Store {
     pub fn complete(
         &self,
         id: &str,
+        incarnation: u64,
         listed: &[(u32, String)],
         now: f64,
         condition: &Condition,
@@ -719,7 +752,7 @@ impl Store {
             checksum: None,
             ..info.template
         };
-        self.put(&info.bucket, tmp, meta.clone(), condition)?;
+        self.put(&info.bucket, incarnation, tmp, meta.clone(), condition)?;
         let _ = fs::remove_dir_all(&dir);
         Ok(meta)
     }
@@ -786,7 +819,8 @@ mod tests {
 
     fn put(s: &Store, bucket: &str, key: &str, data: &[u8]) -> ObjectMeta {
         let (t, meta) = data_file(s, key, data);
-        s.put(bucket, t, meta.clone(), &Condition::None).unwrap();
+        s.put(bucket, s.inc(bucket), t, meta.clone(), &Condition::None)
+            .unwrap();
         meta
     }
 
@@ -812,6 +846,50 @@ mod tests {
         }
     }
 
+    /// A write authorized on one bucket never lands in a later bucket of the same name, even
+    /// of the same owner: the name was deleted and re-created while the body was in flight.
+    #[test]
+    fn a_write_commits_only_into_the_bucket_it_was_authorized_on() {
+        let dir = tempfile_dir();
+        let s = Store::open(&dir).unwrap();
+        s.create_bucket("bkt", "111", 5.0).unwrap();
+        let authorized = s.inc("bkt");
+        let (t, meta) = data_file(&s, "k", b"from A");
+        s.delete_bucket("bkt").unwrap();
+        s.create_bucket("bkt", "222", 6.0).unwrap();
+        assert!(matches!(
+            s.put("bkt", authorized, t, meta, &Condition::None),
+            Err(StoreError::NoSuchBucket)
+        ));
+        assert!(s.head("bkt", "k").unwrap().is_none(), "nothing landed");
+        // The same for a multipart completion.
+        let info = UploadInfo {
+            bucket: "bkt".into(),
+            key: "m".into(),
+            account: "222".into(),
+            initiated: 1.0,
+            template: data_file(&s, "m", b"").1,
+        };
+        let id = s.create_upload(&info).unwrap();
+        let (t, m) = data_file(&s, "m", b"part");
+        s.put_part(&id, 1, t, &m).unwrap();
+        assert!(matches!(
+            s.complete(
+                &id,
+                authorized,
+                &[(1, m.etag.clone())],
+                1.0,
+                &Condition::None
+            ),
+            Err(StoreError::NoSuchBucket)
+        ));
+        assert!(s.head("bkt", "m").unwrap().is_none());
+        // Positive control: the current incarnation takes it.
+        s.complete(&id, s.inc("bkt"), &[(1, m.etag)], 1.0, &Condition::None)
+            .unwrap();
+        assert!(s.head("bkt", "m").unwrap().is_some());
+    }
+
     #[test]
     fn objects_survive_a_reopen_and_temp_files_do_not() {
         let dir = tempfile_dir();
@@ -829,7 +907,7 @@ mod tests {
         // Conditional writes, decided under the lock.
         let cond = |c: Condition, key: &str| {
             let (t, meta) = data_file(&s, key, b"c");
-            s.put("bkt", t, meta, &c)
+            s.put("bkt", s.inc("bkt"), t, meta, &c)
         };
         assert!(matches!(
             cond(Condition::Absent, "a/b.txt"),
@@ -954,6 +1032,7 @@ mod tests {
         assert!(matches!(
             s.complete(
                 &id,
+                s.inc("bkt"),
                 &[(1, e1.clone()), (2, e2.clone())],
                 1.0,
                 &Condition::None
@@ -964,6 +1043,7 @@ mod tests {
         assert!(matches!(
             s.complete(
                 &id,
+                s.inc("bkt"),
                 &[(2, e2.clone()), (1, e1.clone())],
                 1.0,
                 &Condition::None
@@ -971,12 +1051,13 @@ mod tests {
             Err(StoreError::InvalidPartOrder)
         ));
         assert!(matches!(
-            s.complete(&id, &[(1, e2.clone())], 1.0, &Condition::None),
+            s.complete(&id, s.inc("bkt"), &[(1, e2.clone())], 1.0, &Condition::None),
             Err(StoreError::InvalidPart(1))
         ));
         let m = s
             .complete(
                 &id,
+                s.inc("bkt"),
                 &[(1, format!("\"{e1}\"")), (2, e2)],
                 1.0,
                 &Condition::None,
