@@ -66,6 +66,17 @@ pub struct ApiState {
     pub endpoints: Endpoints,
     /// The object store, for its sizes in `/metrics`.
     pub objects: Option<Arc<s3::store::Store>>,
+    /// Who may read `/metrics` (unsigned, like Prometheus scrapes): its totals span every
+    /// account, so by default only the machine itself (loopback).
+    pub metrics_allow: Vec<ipnet::IpNet>,
+}
+
+/// The default `/metrics` audience: loopback only.
+pub fn loopback_only() -> Vec<ipnet::IpNet> {
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .collect()
 }
 
 /// An error in AWS's wire form.
@@ -336,6 +347,7 @@ pub fn authorize(
 /// Handles one control-plane request.
 pub async fn handle(
     state: Arc<ApiState>,
+    peer: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
@@ -343,6 +355,21 @@ pub async fn handle(
         return Ok(json_response(200, &json!({"status": "ok"})));
     }
     if parts.method == hyper::Method::GET && parts.uri.path() == "/metrics" {
+        // An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d.
+        let ip = match peer.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        if !state.metrics_allow.iter().any(|n| n.contains(&ip)) {
+            tracing::info!(%peer, "/metrics refused: not in metrics_allow");
+            return Ok(error_response(&ApiError::new(
+                403,
+                "AccessDeniedException",
+                "/metrics is not served to this address",
+            )));
+        }
         return Ok(metrics(&state));
     }
     let headers = sekisho_gateway::authn::header_pairs(&parts.headers);
@@ -532,7 +559,7 @@ pub async fn serve(
         shutdown,
         "control plane",
         MAX_HTTPS_CONNECTIONS,
-        move |_, req| handle(state.clone(), req),
+        move |peer, req| handle(state.clone(), peer, req),
     )
     .await
 }
@@ -621,6 +648,7 @@ mod tests {
                 domain: "localhost".into(),
             },
             objects: None,
+            metrics_allow: loopback_only(),
         };
         (st, info.id)
     }

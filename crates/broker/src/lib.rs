@@ -91,25 +91,70 @@ pub struct Attached {
     pub kick: oneshot::Receiver<Kick>,
 }
 
+/// What one account may keep in the broker, by count and by bytes (a message's bytes are its
+/// topic and payload). Defaults in [`Quotas::default`]; each account may have its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Retained messages.
+    pub retained_messages: usize,
+    /// Bytes of all retained messages.
+    pub retained_bytes: u64,
+    /// Sessions, connected or persisted.
+    pub sessions: usize,
+    /// QoS 1 messages kept for one offline persistent session (oldest dropped first).
+    pub offline_messages: usize,
+    /// Bytes of all offline sessions' queued messages together (oldest of the session
+    /// dropped first; a message that alone does not fit is dropped).
+    pub offline_bytes: u64,
+}
+
+impl Default for Quotas {
+    /// 100,000 retained messages (AWS's documented default) in at most 1 GiB; 100,000 sessions
+    /// (one endpoint's connection cap); 1,000 queued messages per offline session, and 1 GiB
+    /// of queued messages in all the account's offline sessions.
+    fn default() -> Self {
+        Quotas {
+            retained_messages: 100_000,
+            retained_bytes: 1 << 30,
+            sessions: 100_000,
+            offline_messages: 1000,
+            offline_bytes: 1 << 30,
+        }
+    }
+}
+
 /// Broker settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BrokerConfig {
     /// Deliveries buffered per connected client before new ones are dropped.
     pub queue_capacity: usize,
-    /// QoS 1 messages kept for an offline persistent session (oldest dropped first).
-    pub max_queued_offline: usize,
-    /// Retained messages per account.
-    pub max_retained: usize,
+    /// Every account's quotas, unless it has its own.
+    pub quotas: Quotas,
+    /// Accounts with quotas of their own, by account id.
+    pub account_quotas: HashMap<String, Quotas>,
 }
 
 impl Default for BrokerConfig {
+    /// 1,024 deliveries per connection queue, [`Quotas::default`] for every account.
     fn default() -> Self {
         BrokerConfig {
             queue_capacity: 1024,
-            max_queued_offline: 1000,
-            max_retained: 100_000,
+            quotas: Quotas::default(),
+            account_quotas: HashMap::new(),
         }
     }
+}
+
+impl BrokerConfig {
+    /// The quotas of `account`.
+    pub fn quotas(&self, account: &str) -> &Quotas {
+        self.account_quotas.get(account).unwrap_or(&self.quotas)
+    }
+}
+
+/// The bytes a message holds in memory for quota purposes.
+fn weight(m: &Message) -> u64 {
+    (m.topic.len() + m.payload.len()) as u64
 }
 
 struct Conn {
@@ -154,11 +199,18 @@ struct AccountState {
     sessions: IdMap<Session>,
     by_client: HashMap<String, SessionId>,
     retained: BTreeMap<String, Arc<Message>>,
+    /// Bytes of `retained`.
+    retained_bytes: u64,
+    /// Bytes queued in all offline sessions.
+    offline_bytes: u64,
 }
 
 impl AccountState {
     fn drop_session(&mut self, id: SessionId) -> Option<Session> {
         let s = self.sessions.remove(&id)?;
+        self.offline_bytes = self
+            .offline_bytes
+            .saturating_sub(s.queue.iter().map(|d| weight(&d.message)).sum::<u64>());
         for f in s.subscriptions.keys() {
             self.trie.remove(id, f);
         }
@@ -280,6 +332,7 @@ impl Broker {
                 s.disconnected_at = None;
                 let now = Instant::now();
                 while let Some(d) = s.queue.pop_front() {
+                    acct.offline_bytes = acct.offline_bytes.saturating_sub(weight(&d.message));
                     if d.message.expired(now) {
                         continue;
                     }
@@ -360,11 +413,12 @@ impl Broker {
     /// connection that took the session over, if there is one, else to the front of the offline
     /// queue of a persistent session. A clean session drops them.
     pub fn requeue(&self, account: &str, session: SessionId, deliveries: Vec<Delivery>) {
+        let quotas = *self.config.quotas(account);
         let mut inner = self.lock();
-        let Some(s) = inner
-            .get_mut(account)
-            .and_then(|a| a.sessions.get_mut(&session))
-        else {
+        let Some(acct) = inner.get_mut(account) else {
+            return;
+        };
+        let Some(s) = acct.sessions.get_mut(&session) else {
             return;
         };
         if let Some(c) = &s.conn {
@@ -379,9 +433,14 @@ impl Broker {
             return;
         }
         for d in deliveries.into_iter().rev() {
-            if s.queue.len() >= self.config.max_queued_offline {
+            let w = weight(&d.message);
+            if s.queue.len() >= quotas.offline_messages
+                || acct.offline_bytes + w > quotas.offline_bytes
+            {
+                self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
                 break;
             }
+            acct.offline_bytes += w;
             s.queue.push_front(d);
         }
     }
@@ -551,17 +610,23 @@ impl Broker {
     /// the publisher waits for room (backpressure) or drops them by its own rule. Never blocks.
     pub fn publish(&self, account: &str, msg: Arc<Message>) -> Result<Routed, PublishError> {
         let now = Instant::now();
+        let quotas = *self.config.quotas(account);
         let mut inner = self.lock();
         let acct = inner.entry(account.to_owned()).or_default();
         if msg.retain {
             if msg.payload.is_empty() {
-                acct.retained.remove(&*msg.topic);
+                if let Some(old) = acct.retained.remove(&*msg.topic) {
+                    acct.retained_bytes = acct.retained_bytes.saturating_sub(weight(&old));
+                }
             } else {
-                if !acct.retained.contains_key(&*msg.topic)
-                    && acct.retained.len() >= self.config.max_retained
-                {
+                let replaced = acct.retained.get(&*msg.topic).map(|m| weight(m));
+                let count = acct.retained.len() + usize::from(replaced.is_none());
+                let bytes =
+                    acct.retained_bytes.saturating_sub(replaced.unwrap_or(0)) + weight(&msg);
+                if count > quotas.retained_messages || bytes > quotas.retained_bytes {
                     return Err(PublishError::RetainedQuota);
                 }
+                acct.retained_bytes = bytes;
                 acct.retained.insert(msg.topic.to_string(), msg.clone());
             }
         }
@@ -636,12 +701,29 @@ impl Broker {
                     Err(mpsc::error::TrySendError::Closed(_)) => {}
                 },
                 None if qos == QoS::AtLeastOnce && !s.expiry.is_zero() && !msg.expired(now) => {
-                    if s.queue.len() >= self.config.max_queued_offline {
-                        s.queue.pop_front();
+                    // Bounded by count per session and by bytes per account: the session's
+                    // oldest go first; a message that still does not fit is dropped.
+                    let w = weight(&msg);
+                    while !s.queue.is_empty()
+                        && (s.queue.len() >= quotas.offline_messages
+                            || acct.offline_bytes + w > quotas.offline_bytes)
+                    {
+                        if let Some(old) = s.queue.pop_front() {
+                            acct.offline_bytes =
+                                acct.offline_bytes.saturating_sub(weight(&old.message));
+                            self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                    s.queue.push_back(d);
-                    self.stats.queued_offline.fetch_add(1, Ordering::Relaxed);
-                    reached += 1;
+                    if s.queue.len() < quotas.offline_messages
+                        && acct.offline_bytes + w <= quotas.offline_bytes
+                    {
+                        acct.offline_bytes += w;
+                        s.queue.push_back(d);
+                        self.stats.queued_offline.fetch_add(1, Ordering::Relaxed);
+                        reached += 1;
+                    } else {
+                        self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 None => {}
             }
@@ -672,6 +754,15 @@ impl Broker {
                 r + a.retained.len(),
             )
         })
+    }
+
+    /// Whether `client_id` may have a session: it has one already, or the account holds fewer
+    /// sessions (connected or persisted) than its quota.
+    pub fn session_allowed(&self, account: &str, client_id: &str) -> bool {
+        let max = self.config.quotas(account).sessions;
+        self.lock()
+            .get(account)
+            .is_none_or(|a| a.by_client.contains_key(client_id) || a.sessions.len() < max)
     }
 
     /// Whether a session (connected or persisted) exists for a client id.
@@ -810,7 +901,10 @@ mod tests {
     #[test]
     fn retained_semantics() {
         let b = Broker::new(BrokerConfig {
-            max_retained: 2,
+            quotas: Quotas {
+                retained_messages: 2,
+                ..Quotas::default()
+            },
             ..BrokerConfig::default()
         });
         let now = Instant::now();
@@ -886,5 +980,101 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 10);
+    }
+
+    fn quota_broker(q: Quotas) -> Broker {
+        Broker::new(BrokerConfig {
+            quotas: q,
+            ..BrokerConfig::default()
+        })
+    }
+
+    /// Retained messages are bounded in bytes (topic + payload) at N and N+1; replacing or
+    /// clearing one gives its bytes back; other accounts are not affected.
+    #[test]
+    fn retained_bytes_quota() {
+        // "r/1" + 7 bytes = 10; two such fit in 20 bytes.
+        let b = quota_broker(Quotas {
+            retained_bytes: 20,
+            ..Quotas::default()
+        });
+        let m = |t: &str| {
+            Arc::new(Message {
+                topic: t.into(),
+                payload: Bytes::from_static(b"1234567"),
+                qos: QoS::AtMostOnce,
+                retain: true,
+                properties: Properties::default(),
+                expires_at: None,
+                origin: None,
+                timestamp_ms: 0,
+            })
+        };
+        b.publish("a", m("r/1")).unwrap();
+        b.publish("a", m("r/2")).unwrap();
+        assert!(matches!(
+            b.publish("a", m("r/3")),
+            Err(PublishError::RetainedQuota)
+        ));
+        b.publish("a", m("r/2")).unwrap(); // a replacement: same bytes
+        b.publish("b", m("r/3")).unwrap(); // another account has its own quota
+        b.publish("a", msg("r/1", QoS::AtMostOnce, true, b""))
+            .unwrap(); // cleared
+        b.publish("a", m("r/3")).unwrap();
+    }
+
+    /// Offline queues are bounded by bytes across the account's sessions: the session's
+    /// oldest go first, and a message that alone does not fit is dropped.
+    #[test]
+    fn offline_bytes_quota() {
+        // Each "q" + 9-byte payload weighs 10: at most 3 queued in the account.
+        let b = quota_broker(Quotas {
+            offline_bytes: 30,
+            ..Quotas::default()
+        });
+        let t0 = Instant::now();
+        for c in ["c1", "c2"] {
+            let a = b.connect("acct", c, false, Duration::from_secs(60));
+            b.subscribe("acct", a.session, "q", opts(QoS::AtLeastOnce));
+            b.disconnect("acct", a.session, a.epoch, None, t0);
+        }
+        // Two sessions, 2 deliveries each per message: the second message pushes out oldest.
+        b.publish("acct", msg("q", QoS::AtLeastOnce, false, b"111111111"))
+            .unwrap();
+        b.publish("acct", msg("q", QoS::AtLeastOnce, false, b"222222222"))
+            .unwrap();
+        let inner = b.lock();
+        let acct = &inner["acct"];
+        assert!(acct.offline_bytes <= 30, "{}", acct.offline_bytes);
+        assert_eq!(
+            acct.offline_bytes,
+            acct.sessions
+                .values()
+                .flat_map(|s| s.queue.iter())
+                .map(|d| weight(&d.message))
+                .sum::<u64>()
+        );
+        drop(inner);
+        // Resuming a session gives its queue's bytes back.
+        let a = b.connect("acct", "c1", false, Duration::from_secs(60));
+        let left = b.lock()["acct"].offline_bytes;
+        assert!(left <= 10, "{left}");
+        drop(a);
+    }
+
+    /// Sessions per account at N and N+1: a client id that has a session may always return.
+    #[test]
+    fn session_quota() {
+        let b = quota_broker(Quotas {
+            sessions: 2,
+            ..Quotas::default()
+        });
+        assert!(b.session_allowed("acct", "c1"));
+        let _a = b.connect("acct", "c1", true, Duration::ZERO);
+        assert!(b.session_allowed("acct", "c2"));
+        let _b = b.connect("acct", "c2", true, Duration::ZERO);
+        assert!(!b.session_allowed("acct", "c3"), "N+1");
+        assert!(b.session_allowed("acct", "c1"), "an existing session");
+        assert!(b.session_allowed("other", "c3"), "another account");
     }
 }

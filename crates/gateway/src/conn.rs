@@ -440,6 +440,16 @@ impl Connection {
                 return Err(());
             }
         }
+        // The account's session quota (connected and persisted sessions); a client id that
+        // has a session already may always take it back.
+        if !shared.broker.session_allowed(&info.account, &client_id) {
+            refuse(
+                wbuf,
+                reason::QUOTA_EXCEEDED,
+                "the account's session quota is full",
+            );
+            return Err(());
+        }
         let mut keep_alive = limits.clamp_keep_alive(c.keep_alive);
         if info.endpoint.private.is_some() {
             keep_alive = keep_alive.min(crate::PRIVATE_KEEP_ALIVE_MAX);

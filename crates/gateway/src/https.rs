@@ -202,22 +202,23 @@ async fn signed_request(
 ) -> Response<Full<Bytes>> {
     let limits = &shared.config.aws;
     // Nothing is read from a client whose key is unknown: the claim is looked at first.
-    let key_known = sekisho_sigv4::parse(&sekisho_sigv4::Request {
+    let claim = sekisho_sigv4::parse(&sekisho_sigv4::Request {
         method: parts.method.as_str(),
         path: parts.uri.path(),
         query: parts.uri.query().unwrap_or(""),
         headers: &crate::authn::header_pairs(&parts.headers),
         body_sha256: "",
-    })
-    .ok()
-    .and_then(|c| shared.registry.credential(&c.access_key));
-    if key_known.is_none() {
-        tracing::info!(peer = %info.peer, "iot-data request without a known access key");
-        return error(
-            401,
-            "UnauthorizedException",
-            "The security token included in the request is invalid",
-        );
+    });
+    let refused = match &claim {
+        Err(e) => Some(e.to_string()),
+        Ok(c) if shared.registry.credential(&c.access_key).is_none() => {
+            Some("The security token included in the request is invalid".to_string())
+        }
+        Ok(_) => None,
+    };
+    if let Some(msg) = refused {
+        tracing::info!(peer = %info.peer, %msg, "iot-data request refused before its body");
+        return error(401, "UnauthorizedException", &msg);
     }
     let body = match crate::read_body(body, limits.max_payload, crate::BODY_DEADLINE).await {
         Ok(b) => b,

@@ -70,6 +70,106 @@ fn default_protocol() -> Protocol {
     Protocol::Mqtt
 }
 
+/// What one account may keep (`[limits]`), by count and by bytes; `[limits.accounts.<id>]`
+/// overrides any of them for one account. Defaults: `sekisho_broker::Quotas::default()` and
+/// 1,000 multipart uploads in progress per account, which expire after 7 days.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Retained messages per account.
+    pub retained_messages: usize,
+    /// Bytes of an account's retained messages (topic and payload).
+    pub retained_bytes: u64,
+    /// MQTT sessions (connected or persisted) per account.
+    pub sessions: usize,
+    /// QoS 1 messages queued for one offline persistent session.
+    pub offline_messages: usize,
+    /// Bytes queued in all of an account's offline sessions.
+    pub offline_bytes: u64,
+    /// S3 multipart uploads in progress per account.
+    pub multipart_uploads: usize,
+    /// Days after which an unfinished multipart upload is aborted.
+    pub multipart_upload_days: u32,
+    /// Per-account overrides, by account id.
+    pub accounts: std::collections::BTreeMap<String, AccountLimits>,
+}
+
+/// One account's overrides of [`Limits`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountLimits {
+    /// See [`Limits::retained_messages`].
+    pub retained_messages: Option<usize>,
+    /// See [`Limits::retained_bytes`].
+    pub retained_bytes: Option<u64>,
+    /// See [`Limits::sessions`].
+    pub sessions: Option<usize>,
+    /// See [`Limits::offline_messages`].
+    pub offline_messages: Option<usize>,
+    /// See [`Limits::offline_bytes`].
+    pub offline_bytes: Option<u64>,
+    /// See [`Limits::multipart_uploads`].
+    pub multipart_uploads: Option<usize>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let q = sekisho_broker::Quotas::default();
+        Limits {
+            retained_messages: q.retained_messages,
+            retained_bytes: q.retained_bytes,
+            sessions: q.sessions,
+            offline_messages: q.offline_messages,
+            offline_bytes: q.offline_bytes,
+            multipart_uploads: 1000,
+            multipart_upload_days: 7,
+            accounts: Default::default(),
+        }
+    }
+}
+
+impl Limits {
+    /// The broker's quotas: the defaults, and each account's own.
+    pub fn broker(&self) -> sekisho_broker::BrokerConfig {
+        let base = sekisho_broker::Quotas {
+            retained_messages: self.retained_messages,
+            retained_bytes: self.retained_bytes,
+            sessions: self.sessions,
+            offline_messages: self.offline_messages,
+            offline_bytes: self.offline_bytes,
+        };
+        let account_quotas = self
+            .accounts
+            .iter()
+            .map(|(id, a)| {
+                (
+                    id.clone(),
+                    sekisho_broker::Quotas {
+                        retained_messages: a.retained_messages.unwrap_or(base.retained_messages),
+                        retained_bytes: a.retained_bytes.unwrap_or(base.retained_bytes),
+                        sessions: a.sessions.unwrap_or(base.sessions),
+                        offline_messages: a.offline_messages.unwrap_or(base.offline_messages),
+                        offline_bytes: a.offline_bytes.unwrap_or(base.offline_bytes),
+                    },
+                )
+            })
+            .collect();
+        sekisho_broker::BrokerConfig {
+            quotas: base,
+            account_quotas,
+            ..Default::default()
+        }
+    }
+
+    /// Multipart uploads in progress allowed to `account`.
+    pub fn multipart_uploads_of(&self, account: &str) -> usize {
+        self.accounts
+            .get(account)
+            .and_then(|a| a.multipart_uploads)
+            .unwrap_or(self.multipart_uploads)
+    }
+}
+
 /// Everything `sekisho serve` needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -94,6 +194,11 @@ pub struct Config {
     pub tls_policy: Option<String>,
     /// Extra device listeners (private endpoints, other TLS policies).
     pub endpoints: Vec<EndpointConfig>,
+    /// Per-account quotas.
+    pub limits: Limits,
+    /// Networks that may read the unsigned `/metrics` (default: loopback only), whose totals
+    /// span every account.
+    pub metrics_allow: Vec<ipnet::IpNet>,
 }
 
 impl Default for Config {
@@ -112,6 +217,8 @@ impl Default for Config {
             log: "info".into(),
             tls_policy: None,
             endpoints: Vec::new(),
+            limits: Limits::default(),
+            metrics_allow: sekisho_api::loopback_only(),
         }
     }
 }
@@ -263,6 +370,33 @@ mod tests {
         assert_eq!(c.ports.api, 9443);
         assert_eq!(c.data_suffix(), "iot.eu-west-1.localhost");
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn limits_default_and_per_account() {
+        let c: Config = toml::from_str(
+            "metrics_allow = [\"10.0.0.0/8\"]\n[limits]\nretained_bytes = 1000\n[limits.accounts.123456789012]\nsessions = 5\nmultipart_uploads = 2",
+        )
+        .unwrap();
+        let b = c.limits.broker();
+        assert_eq!(b.quotas.retained_bytes, 1000);
+        assert_eq!(b.quotas.sessions, 100_000);
+        let own = b.quotas("123456789012");
+        assert_eq!(
+            (own.sessions, own.retained_bytes),
+            (5, 1000),
+            "inherits what it does not set"
+        );
+        assert_eq!(b.quotas("999999999999").sessions, 100_000);
+        assert_eq!(c.limits.multipart_uploads_of("123456789012"), 2);
+        assert_eq!(c.limits.multipart_uploads_of("999999999999"), 1000);
+        assert_eq!(c.metrics_allow.len(), 1);
+        assert_eq!(
+            Config::default().metrics_allow.len(),
+            2,
+            "loopback by default"
+        );
+        assert!(toml::from_str::<Config>("[limits.accounts.1]\nsesions = 5").is_err());
     }
 
     #[test]

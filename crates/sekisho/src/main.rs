@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use sekisho_broker::{Broker, BrokerConfig};
+use sekisho_broker::Broker;
 use sekisho_gateway::{GatewayConfig, Shared, tls};
 use tokio::net::TcpListener;
 
@@ -240,7 +240,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .context("opening the object store")?,
     );
     let registry = Arc::new(material.registry);
-    let broker = Arc::new(Broker::new(BrokerConfig::default()));
+    let broker = Arc::new(Broker::new(config.limits.broker()));
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let tls = Arc::new(tls::TlsConfigs::new(
         registry.clone(),
@@ -272,12 +272,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             domain: config.domain.clone(),
         },
         objects: Some(store.clone()),
+        metrics_allow: config.metrics_allow.clone(),
     });
 
+    let limits = config.limits.clone();
     let s3_state = Arc::new(sekisho_api::s3::S3State {
         registry: registry.clone(),
-        store,
+        store: store.clone(),
         endpoints: api_state.endpoints.clone(),
+        max_uploads: Box::new(move |account| limits.multipart_uploads_of(account)),
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -375,6 +378,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tasks.spawn(sekisho_gateway::follow_changes(shared.clone()));
     tasks.spawn(sekisho_gateway::recheck_connections(shared.clone()));
+    tasks.spawn(expire_uploads(
+        store.clone(),
+        config.limits.multipart_upload_days,
+        shutdown_rx.clone(),
+    ));
     tasks.spawn(sekisho_gateway::sweep_sessions(shared.clone()));
 
     let default = registry.accounts().into_iter().next();
@@ -440,4 +448,27 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Aborts multipart uploads left unfinished for `days` days, at start and every hour.
+async fn expire_uploads(
+    store: Arc<sekisho_api::s3::store::Store>,
+    days: u32,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let cutoff = sekisho_registry::now_secs() - f64::from(days) * 86_400.0;
+        let store = store.clone();
+        let n = tokio::task::spawn_blocking(move || store.expire_uploads(cutoff))
+            .await
+            .unwrap_or(0);
+        if n > 0 {
+            tracing::info!(uploads = n, days, "unfinished multipart uploads expired");
+        }
+    }
 }

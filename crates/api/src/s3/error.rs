@@ -128,6 +128,13 @@ pub(super) fn store_error(e: StoreError, bucket: &str) -> S3Error {
             "EntityTooSmall",
             "Your proposed upload is smaller than the minimum allowed object size.",
         ),
+        StoreError::TooManyUploads(max) => S3Error::new(
+            400,
+            "InvalidRequest",
+            format!(
+                "This account already has {max} multipart uploads in progress (the most it may have); complete or abort some first."
+            ),
+        ),
         StoreError::Io(e) => internal(e),
     }
 }

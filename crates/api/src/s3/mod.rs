@@ -74,6 +74,8 @@ pub struct S3State {
     pub store: Arc<Store>,
     /// Region and domain: virtual-hosted requests name `<bucket>.s3.<region>.<domain>`.
     pub endpoints: Endpoints,
+    /// How many multipart uploads an account may have in progress.
+    pub max_uploads: Box<dyn Fn(&str) -> usize + Send + Sync>,
 }
 
 /// How the request body is protected.
@@ -655,6 +657,7 @@ mod tests {
                 region: "us-east-1".into(),
                 domain: "localhost".into(),
             },
+            max_uploads: Box::new(|_| 1000),
         };
         let session = state
             .registry

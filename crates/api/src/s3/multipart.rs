@@ -38,7 +38,10 @@ pub(super) async fn create_upload(
         },
     };
     let id = op
-        .on_store(move |s| s.create_upload(&info))
+        .on_store({
+            let max = (op.state.max_uploads)(&op.caller.account);
+            move |s| s.create_upload(&info, max)
+        })
         .await
         .map_err(|e| store_error(e, bucket))?;
     Ok(xml_ok(format!(
@@ -207,9 +210,8 @@ pub(super) fn list_uploads(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, 
     let uploads: String = op
         .state
         .store
-        .uploads()
+        .uploads_in(bucket, prefix)
         .into_iter()
-        .filter(|(_, u)| u.bucket == bucket && u.key.starts_with(prefix))
         .take(1000)
         .map(|(id, u)| {
             format!(

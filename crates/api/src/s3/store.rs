@@ -105,6 +105,8 @@ pub enum StoreError {
     PreconditionFailed,
     /// A conditional write (If-Match) names an object that does not exist.
     NoSuchKey,
+    /// The account has as many multipart uploads in progress as it may.
+    TooManyUploads(usize),
     /// Disk trouble.
     Io(io::Error),
 }
@@ -150,6 +152,9 @@ pub struct Listing {
 pub struct Store {
     root: PathBuf,
     buckets: Mutex<BTreeMap<String, Bucket>>,
+    /// Multipart uploads in progress, by id (their `upload.json`, indexed at open): listings
+    /// and quotas never scan the disk, nor another account's uploads.
+    uploads: Mutex<BTreeMap<String, UploadInfo>>,
 }
 
 /// The next bucket incarnation.
@@ -287,10 +292,31 @@ impl Store {
                 },
             );
         }
+        let mut uploads = BTreeMap::new();
+        for e in fs::read_dir(root.join(".uploads"))?.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let info = fs::read(e.path().join("upload.json"))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<UploadInfo>(&t).ok());
+            match info {
+                Some(u) if valid_upload_id(&id) && buckets.contains_key(&u.bucket) => {
+                    uploads.insert(id, u);
+                }
+                _ => {
+                    // Unreadable, or its bucket is gone: nothing can complete it.
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
         Ok(Store {
             root: root.to_owned(),
             buckets: Mutex::new(buckets),
+            uploads: Mutex::new(uploads),
         })
+    }
+
+    fn uploads_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, UploadInfo>> {
+        self.uploads.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Bucket>> {
@@ -404,12 +430,24 @@ impl Store {
             .join(uuid::Uuid::new_v4().simple().to_string());
         fs::rename(self.root.join(name), &gone)?;
         buckets.remove(name);
+        // Its uploads go with it, taken out of the index under the bucket lock: no upload can
+        // be started in it meanwhile (create_upload checks the bucket under the same lock).
+        let ids: Vec<String> = {
+            let mut uploads = self.uploads_lock();
+            let ids: Vec<String> = uploads
+                .iter()
+                .filter(|(_, u)| u.bucket == name)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &ids {
+                uploads.remove(id);
+            }
+            ids
+        };
         drop(buckets);
         let _ = fs::remove_dir_all(&gone);
-        for (id, u) in self.uploads() {
-            if u.bucket == name {
-                let _ = self.abort(&id);
-            }
+        for id in ids {
+            let _ = self.remove_upload_dir(&id);
         }
         Ok(())
     }
@@ -628,43 +666,71 @@ impl Store {
         valid_upload_id(id).then(|| self.root.join(".uploads").join(id))
     }
 
-    /// Starts a multipart upload; returns its id.
-    pub fn create_upload(&self, info: &UploadInfo) -> Result<String, StoreError> {
-        if !self.lock().contains_key(&info.bucket) {
-            return Err(StoreError::NoSuchBucket);
-        }
+    /// Starts a multipart upload, unless its account already has `max` in progress; returns
+    /// its id.
+    pub fn create_upload(&self, info: &UploadInfo, max: usize) -> Result<String, StoreError> {
         let id = format!(
             "{}{}",
             uuid::Uuid::new_v4().simple(),
             uuid::Uuid::new_v4().simple()
         );
-        let staging = self.root.join(".tmp").join(&id);
-        fs::create_dir_all(&staging)?;
-        let mut f = File::create(staging.join("upload.json"))?;
-        f.write_all(&serde_json::to_vec(info).map_err(io::Error::other)?)?;
-        f.sync_all()?;
-        fs::rename(&staging, self.root.join(".uploads").join(&id))?;
+        {
+            // Reserved under the bucket lock, so DeleteBucket either sees it or comes first.
+            let buckets = self.lock();
+            if !buckets.contains_key(&info.bucket) {
+                return Err(StoreError::NoSuchBucket);
+            }
+            let mut uploads = self.uploads_lock();
+            if uploads
+                .values()
+                .filter(|u| u.account == info.account)
+                .count()
+                >= max
+            {
+                return Err(StoreError::TooManyUploads(max));
+            }
+            uploads.insert(id.clone(), info.clone());
+        }
+        let written = (|| -> io::Result<()> {
+            let staging = self.root.join(".tmp").join(&id);
+            fs::create_dir_all(&staging)?;
+            let mut f = File::create(staging.join("upload.json"))?;
+            f.write_all(&serde_json::to_vec(info).map_err(io::Error::other)?)?;
+            f.sync_all()?;
+            fs::rename(&staging, self.root.join(".uploads").join(&id))?;
+            sync_dir(&self.root.join(".uploads"))
+        })();
+        // The bucket may have been deleted while the file was written: then it took the
+        // reservation with it, and the upload must not exist.
+        let still = self.uploads_lock().contains_key(&id);
+        if let Err(e) = written {
+            self.uploads_lock().remove(&id);
+            let _ = self.remove_upload_dir(&id);
+            return Err(e.into());
+        }
+        if !still {
+            let _ = self.remove_upload_dir(&id);
+            return Err(StoreError::NoSuchBucket);
+        }
         Ok(id)
     }
 
     /// An upload's description.
     pub fn upload(&self, id: &str) -> Result<UploadInfo, StoreError> {
-        let dir = self.upload_dir(id).ok_or(StoreError::NoSuchUpload)?;
-        let text = fs::read(dir.join("upload.json")).map_err(|_| StoreError::NoSuchUpload)?;
-        serde_json::from_slice(&text).map_err(|_| StoreError::NoSuchUpload)
+        self.uploads_lock()
+            .get(id)
+            .cloned()
+            .ok_or(StoreError::NoSuchUpload)
     }
 
-    /// Every upload in progress.
-    pub fn uploads(&self) -> Vec<(String, UploadInfo)> {
-        let Ok(dirs) = fs::read_dir(self.root.join(".uploads")) else {
-            return Vec::new();
-        };
-        let mut out: Vec<_> = dirs
-            .flatten()
-            .filter_map(|d| {
-                let id = d.file_name().to_string_lossy().into_owned();
-                self.upload(&id).ok().map(|u| (id, u))
-            })
+    /// The uploads in progress in `bucket` whose key starts with `prefix`, by key then
+    /// initiation time.
+    pub fn uploads_in(&self, bucket: &str, prefix: &str) -> Vec<(String, UploadInfo)> {
+        let mut out: Vec<_> = self
+            .uploads_lock()
+            .iter()
+            .filter(|(_, u)| u.bucket == bucket && u.key.starts_with(prefix))
+            .map(|(id, u)| (id.clone(), u.clone()))
             .collect();
         out.sort_by(|a, b| {
             (&a.1.key, a.1.initiated)
@@ -674,10 +740,21 @@ impl Store {
         out
     }
 
+    /// Aborts every upload initiated before `cutoff` (epoch seconds); returns how many.
+    pub fn expire_uploads(&self, cutoff: f64) -> usize {
+        let old: Vec<String> = self
+            .uploads_lock()
+            .iter()
+            .filter(|(_, u)| u.initiated < cutoff)
+            .map(|(id, _)| id.clone())
+            .collect();
+        old.iter().filter(|id| self.abort(id).is_ok()).count()
+    }
+
     /// Makes a sealed temporary file part `n` of upload `id` (replacing an earlier one).
     pub fn commit_part(&self, id: &str, n: u32, mut tmp: TempFile) -> Result<(), StoreError> {
         let dir = self.upload_dir(id).ok_or(StoreError::NoSuchUpload)?;
-        if !dir.join("upload.json").exists() {
+        if !self.uploads_lock().contains_key(id) || !dir.join("upload.json").exists() {
             return Err(StoreError::NoSuchUpload);
         }
         fs::rename(&tmp.path, dir.join(n.to_string()))?;
@@ -753,22 +830,36 @@ impl Store {
             ..info.template
         };
         self.put(&info.bucket, incarnation, tmp, meta.clone(), condition)?;
-        let _ = fs::remove_dir_all(&dir);
+        self.uploads_lock().remove(id);
+        let _ = self.remove_upload_dir(id);
         Ok(meta)
     }
 
     /// Aborts an upload and frees its parts.
     pub fn abort(&self, id: &str) -> Result<(), StoreError> {
-        let dir = self.upload_dir(id).ok_or(StoreError::NoSuchUpload)?;
-        if !dir.join("upload.json").exists() {
+        if self.uploads_lock().remove(id).is_none() {
             return Err(StoreError::NoSuchUpload);
         }
-        // Renamed away first, so a crash never leaves a half-deleted upload.
+        self.remove_upload_dir(id)?;
+        Ok(())
+    }
+
+    /// Removes an upload's directory (renamed away first, so a crash never leaves a
+    /// half-deleted upload).
+    fn remove_upload_dir(&self, id: &str) -> io::Result<()> {
+        let Some(dir) = self.upload_dir(id) else {
+            return Ok(());
+        };
         let gone = self
             .root
             .join(".tmp")
             .join(uuid::Uuid::new_v4().simple().to_string());
-        fs::rename(&dir, &gone)?;
+        match fs::rename(&dir, &gone) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        sync_dir(&self.root.join(".uploads"))?;
         let _ = fs::remove_dir_all(&gone);
         Ok(())
     }
@@ -870,7 +961,7 @@ mod tests {
             initiated: 1.0,
             template: data_file(&s, "m", b"").1,
         };
-        let id = s.create_upload(&info).unwrap();
+        let id = s.create_upload(&info, 1000).unwrap();
         let (t, m) = data_file(&s, "m", b"part");
         s.put_part(&id, 1, t, &m).unwrap();
         assert!(matches!(
@@ -941,7 +1032,7 @@ mod tests {
         fs::write(dir.join("bkt/o/zz/torn"), b"no trailer").unwrap();
         fs::create_dir_all(dir.join(".uploads/abc")).unwrap();
         let s = Store::open(&dir).unwrap();
-        assert!(s.uploads().is_empty());
+        assert!(s.uploads_in("bkt", "").is_empty());
         assert_eq!(s.totals(), (1, 1, 6));
         assert_eq!(fs::read_dir(dir.join(".tmp")).unwrap().count(), 0);
         let (mut f, meta) = s.open_object("bkt", "a/b.txt").unwrap().unwrap();
@@ -1015,7 +1106,7 @@ mod tests {
                 checksum: None,
             },
         };
-        let id = s.create_upload(&info).unwrap();
+        let id = s.create_upload(&info, 1000).unwrap();
         assert!(matches!(
             s.upload("../../etc"),
             Err(StoreError::NoSuchUpload)
@@ -1080,5 +1171,39 @@ mod tests {
         let d = std::env::temp_dir().join(format!("sekisho-s3-{}", uuid::Uuid::new_v4().simple()));
         fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// Multipart uploads: at most N per account (N+1 refused, others unaffected), indexed in
+    /// memory across a reopen, expired by age, and gone with their bucket.
+    #[test]
+    fn upload_quota_index_and_expiry() {
+        let dir = tempfile_dir();
+        let s = Store::open(&dir).unwrap();
+        s.create_bucket("bkt", "111", 5.0).unwrap();
+        let info = |account: &str, key: &str, initiated: f64| UploadInfo {
+            bucket: "bkt".into(),
+            key: key.into(),
+            account: account.into(),
+            initiated,
+            template: data_file(&s, key, b"").1,
+        };
+        let old = s.create_upload(&info("111", "a", 1.0), 2).unwrap();
+        let new = s.create_upload(&info("111", "b", 100.0), 2).unwrap();
+        assert!(matches!(
+            s.create_upload(&info("111", "c", 100.0), 2),
+            Err(StoreError::TooManyUploads(2))
+        ));
+        s.create_upload(&info("222", "c", 100.0), 2).unwrap();
+        assert_eq!(s.uploads_in("bkt", "").len(), 3);
+        assert_eq!(s.uploads_in("bkt", "a").len(), 1);
+        drop(s);
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(s.uploads_in("bkt", "").len(), 3, "indexed again at open");
+        assert_eq!(s.expire_uploads(50.0), 1);
+        assert!(matches!(s.upload(&old), Err(StoreError::NoSuchUpload)));
+        assert!(s.upload(&new).is_ok());
+        s.delete_bucket("bkt").unwrap();
+        assert!(matches!(s.upload(&new), Err(StoreError::NoSuchUpload)));
+        assert!(fs::read_dir(dir.join(".uploads")).unwrap().next().is_none());
     }
 }
