@@ -1,9 +1,11 @@
 """End-to-end fixtures: a real `sekisho serve` process on free loopback ports, and helpers that
 drive it with clients nobody here wrote (AWS CLI, boto3, paho-mqtt, awsiotsdk, mosquitto)."""
 
+import atexit
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +23,62 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("SEKISHO_BIN", ROOT / "target" / "debug" / "sekisho"))
+
+# What Rust's panic hook prints (`thread '...' panicked at src/...:`). A panic in a connection
+# task does not stop the server, so a client may never notice it: every server's log is read
+# after each test and when the server stops, and a panic fails the test.
+PANIC = "panicked at"
+
+
+def panic_excerpt(text, context=6):
+    """The lines around each panic in `text`, or None when there is none."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()
+    hits = [i for i, line in enumerate(lines) if PANIC in line]
+    if not hits:
+        return None
+    out, last = [], -1
+    for i in hits:
+        lo, hi = max(i - 1, last + 1), min(i + context, len(lines))
+        if lo > last + 1 and out:
+            out.append("...")
+        out.extend(lines[lo:hi])
+        last = hi - 1
+    return "\n".join(out)
+
+
+def assert_no_panic(text, what="sekisho"):
+    """Fails the test if `text` (a process's output) has a Rust panic in it."""
+    excerpt = panic_excerpt(text or "")
+    if excerpt is not None:
+        pytest.fail(f"{what} panicked:\n{excerpt}", pytrace=False)
+
+
+def _live_members(pgid):
+    """Processes (not zombies) in process group `pgid`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# Every Server started in this run, to check their logs after each test and to kill any left
+# running when the run ends (they run in their own sessions, so a terminal's ^C does not reach them).
+_SERVERS = []
 
 
 def free_port():
@@ -52,6 +110,8 @@ class Server:
         self.s3_port = free_port()
         self.proc = None
         self.log = None
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self._checked = 0  # bytes of the log already searched for panics
         self.config = None
         if config is not None:
             self.config = self.data_dir.parent / f"{self.data_dir.name}.toml"
@@ -60,22 +120,31 @@ class Server:
             cp = subprocess.run([str(BIN), "account", "create", name, "--data-dir", str(self.data_dir)],
                                 capture_output=True, text=True, timeout=30)
             assert cp.returncode == 0, cp.stderr
+            assert_no_panic(cp.stderr, f"sekisho account create {name}")
 
     def start(self, wrapper=()):
-        """`wrapper`: a command that runs the server (e.g. `faketime -f +20m`)."""
-        self.log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")
+        """`wrapper`: a command that runs the server (e.g. `faketime -f +20m`). The server (and its
+        wrapper) run in a process group of their own, which `stop` ends whole."""
+        if self.log:
+            self.log.close()
+        self.log = open(self.log_path, "ab")
         extra = ["--config", str(self.config)] if self.config else []
         self.proc = subprocess.Popen(
             [*wrapper, str(BIN), "serve", "--data-dir", str(self.data_dir), "--mqtt-port", str(self.mqtt_port),
              "--api-port", str(self.api_port), "--https-port", str(self.https_port), "--s3-port", str(self.s3_port), *extra],
             stdout=self.log, stderr=self.log, env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info")},
+            start_new_session=True,
         )
+        if self not in _SERVERS:
+            _SERVERS.append(self)
         deadline = time.time() + 30
         ctx = ssl.create_default_context(cafile=None)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         while time.time() < deadline:
-            assert self.proc.poll() is None, f"sekisho exited with {self.proc.returncode}"
+            if self.proc.poll() is not None:
+                self.stop()
+                raise AssertionError(f"sekisho exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.api_port), timeout=1) as s:
                     with ctx.wrap_socket(s, server_hostname="localhost") as t:
@@ -85,19 +154,65 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError("sekisho did not become healthy")
+        self.stop()
+        raise RuntimeError(f"sekisho did not become healthy:\n{self.log_text()[-4000:]}")
 
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
+    def stop(self, sig=signal.SIGTERM, check=True):
+        """Sends `sig` to the server's whole process group (the server and any wrapper), waits for
+        them to exit (SIGKILL after 10 s), and fails the test if the server's log shows a panic
+        (`check=False`: don't look). Returns the exit code of the process started."""
+        if self.proc:
+            pgid = self.proc.pid  # start_new_session: the group's id is the leader's pid
+            if self.proc.poll() is None or _live_members(pgid):
+                _kill_group(pgid, sig)
+            deadline = time.time() + 10
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                pass
+            # A wrapper may exit before the server it started: wait for the whole group.
+            while _live_members(pgid) and time.time() < deadline:
+                time.sleep(0.05)
+            if self.proc.poll() is None or _live_members(pgid):
+                _kill_group(pgid, signal.SIGKILL)
                 self.proc.wait()
+                kill_deadline = time.time() + 5
+                while _live_members(pgid) and time.time() < kill_deadline:
+                    time.sleep(0.05)
         if self.log:
             self.log.close()
+            self.log = None
+        if check:
+            self.check_panics()
         return self.proc.returncode if self.proc else None
+
+    def log_text(self):
+        """Everything the server has written (stdout and stderr, all its starts)."""
+        try:
+            return self.log_path.read_bytes().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def new_panics(self):
+        """The panics written to the log since the last look (an excerpt), or None."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._checked)
+                new = f.read()
+        except FileNotFoundError:
+            return None
+        if not self.alive():
+            end = len(new)
+        else:  # a line still being written is read next time
+            end = new.rfind(b"\n") + 1
+        self._checked += end
+        return panic_excerpt(new[:end].decode("utf-8", "replace"))
+
+    def check_panics(self):
+        """Fails the test if the log shows a panic written since the last check."""
+        excerpt = self.new_panics()
+        if excerpt is not None:
+            pytest.fail(f"sekisho panicked (log: {self.log_path}):\n{excerpt}", pytrace=False)
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
@@ -154,14 +269,99 @@ def server(workdir):
     assert BIN.exists(), f"build sekisho first: {BIN}"
     s = Server(workdir / "shared").start()
     yield s
-    s.stop()
+    s.stop()  # fails on a panic not yet reported
 
 
 @pytest.fixture
 def fresh_server(workdir):
     s = Server(workdir / f"fresh-{uuid.uuid4().hex[:8]}").start()
     yield s
-    s.stop()
+    s.stop()  # fails on a panic
+
+
+@pytest.fixture(autouse=True)
+def _no_server_panics():
+    """After each test, every server's log (shared, module-scoped and the test's own) is read for
+    panics written during the test: a panic in a connection task leaves the server running, and
+    the test that caused it fails."""
+    yield
+    reports = []
+    for s in list(_SERVERS):
+        try:
+            s.check_panics()
+        except pytest.fail.Exception as e:
+            reports.append(str(e))
+    if reports:
+        pytest.fail("\n\n".join(reports), pytrace=False)
+
+
+def _kill_leftover_servers():
+    for s in list(_SERVERS):
+        if s.proc is not None:
+            pgid = s.proc.pid
+            if s.proc.poll() is None or _live_members(pgid):
+                _kill_group(pgid, signal.SIGKILL)
+                try:
+                    s.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+
+
+atexit.register(_kill_leftover_servers)
+
+
+def _strict():
+    """SEKISHO_STRICT=1 (scripts/test.sh) or CI=true: a skipped test fails the run."""
+    return any(os.environ.get(k, "").lower() not in ("", "0", "false", "no") for k in ("SEKISHO_STRICT", "CI"))
+
+
+def _skip_reason(report):
+    lr = report.longrepr
+    if isinstance(lr, tuple) and len(lr) == 3:
+        return f"{lr[0]}:{lr[1]}: {lr[2]}"
+    return str(lr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and _strict():
+        report.outcome = "failed"
+        report.longrepr = f"skipped, which fails the run when SEKISHO_STRICT or CI is set: {_skip_reason(report)}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _strict():
+        report.outcome = "failed"
+        report.longrepr = f"skipped, which fails the run when SEKISHO_STRICT or CI is set: {_skip_reason(report)}"
+
+
+def pytest_configure(config):
+    # A CI job ended with SIGTERM: kill the servers (in sessions of their own) before dying of it.
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        def on_term(signum, frame):
+            _kill_leftover_servers()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_term)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leftover = [s for s in _SERVERS if s.alive()]
+    _kill_leftover_servers()
+    if leftover:
+        print(f"\nconftest: killed {len(leftover)} sekisho server(s) a test left running: "
+              + ", ".join(str(s.data_dir) for s in leftover))
+    for s in leftover:
+        excerpt = s.new_panics()
+        if excerpt is not None:
+            print(f"\nconftest: sekisho panicked (log: {s.log_path}):\n{excerpt}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def unique(prefix):

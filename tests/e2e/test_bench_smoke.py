@@ -4,7 +4,7 @@ it asserts that the tool provisions, connects, publishes and counts correctly.""
 import json
 import subprocess
 
-from conftest import BIN
+from conftest import BIN, assert_no_panic
 
 BENCH = BIN.parent / "sekisho-bench"
 
@@ -12,6 +12,7 @@ BENCH = BIN.parent / "sekisho-bench"
 def run(*args, timeout=120):
     cp = subprocess.run([str(BENCH), *args], capture_output=True, text=True, timeout=timeout)
     assert cp.returncode == 0, cp.stderr
+    assert_no_panic(cp.stderr, f"sekisho-bench {args[0]}")
     return json.loads(cp.stdout.strip().splitlines()[-1])
 
 

@@ -5,7 +5,7 @@ import stat
 import subprocess
 import time
 
-from conftest import BIN, Server, free_port, unique
+from conftest import BIN, Server, assert_no_panic, free_port, unique
 
 
 def mode(p):
@@ -66,10 +66,12 @@ def test_config_file_sets_ports_and_unknown_keys_are_errors(workdir):
         assert f"https://localhost:{s3}" in out
     finally:
         p.terminate()
-        p.wait(timeout=10)
+        rest, _ = p.communicate(timeout=10)
+    assert_no_panic(out + rest, "sekisho serve --config")
     bad = d / "bad.toml"
     bad.write_text("[ports]\nmqtt = 1\nwebsocket = 2\n")
     cp = subprocess.run([str(BIN), "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert_no_panic(cp.stderr, "sekisho serve with a bad config")
     assert cp.returncode != 0
     assert "websocket" in cp.stderr and str(bad) in cp.stderr, cp.stderr
 
@@ -101,6 +103,7 @@ def test_account_create_adds_a_profile(workdir):
         assert s.boto("s3", profile="tenant-b").list_buckets()["Buckets"] == []
         cp = subprocess.run([str(BIN), "account", "create", "tenant-b", "--data-dir", str(s.data_dir)],
                             capture_output=True, text=True, timeout=30)
+        assert_no_panic(cp.stderr, "sekisho account create (a second time)")
         assert cp.returncode != 0 and "already exists" in cp.stderr
         # And after a restart it is still there.
         s.stop()
