@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use hyper::Method;
-use sekisho_gateway::authz::ConnContext;
+use sekisho_auth::authz::ConnContext;
 use sekisho_pki::KeyKind;
 use sekisho_policy::{Decision, explain};
 use sekisho_registry::*;

@@ -267,8 +267,8 @@ fn sigv4_error(e: &sekisho_sigv4::SigError) -> ApiError {
     ApiError::new(403, code, e.to_string())
 }
 
-use sekisho_gateway::authn::AuthFailure;
-pub use sekisho_gateway::authn::Caller;
+use sekisho_auth::authn::AuthFailure;
+pub use sekisho_auth::authn::Caller;
 
 /// Authenticates a control-plane request (services `iot`, `iam`, `sts`), with each protocol's
 /// error wording.
@@ -280,7 +280,7 @@ fn authenticate(
         .map(|c| c.service)
         .unwrap_or_default();
     let query = service == "iam" || service == "sts";
-    sekisho_gateway::authn::authenticate(
+    sekisho_auth::authn::authenticate(
         &state.registry,
         &state.endpoints.region,
         req,
@@ -330,7 +330,7 @@ pub fn authorize(
     action: &str,
     resource: &str,
 ) -> Result<(), ApiError> {
-    if sekisho_gateway::authn::is_authorized(&state.registry, caller, action, resource) {
+    if sekisho_auth::authn::is_authorized(&state.registry, caller, action, resource) {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -372,7 +372,7 @@ pub async fn handle(
         }
         return Ok(metrics(&state));
     }
-    let headers = sekisho_gateway::authn::header_pairs(&parts.headers);
+    let headers = sekisho_auth::authn::header_pairs(&parts.headers);
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or("").to_owned();
     // The claim is looked at before any body byte is read: a request that is not signed, or
@@ -404,24 +404,29 @@ pub async fn handle(
             });
         }
     }
-    let body =
-        match sekisho_gateway::read_body(body, MAX_BODY, sekisho_gateway::BODY_DEADLINE).await {
-            Ok(b) => b,
-            Err(sekisho_gateway::BodyError::TooLarge) => {
-                return Ok(error_response(&ApiError::new(
-                    413,
-                    "RequestEntityTooLargeException",
-                    "The request body is too large",
-                )));
-            }
-            Err(_) => {
-                return Ok(error_response(&ApiError::new(
-                    408,
-                    "RequestTimeoutException",
-                    "The request body was not received in time",
-                )));
-            }
-        };
+    let body = match sekisho_auth::http::read_body(
+        body,
+        MAX_BODY,
+        sekisho_auth::http::BODY_DEADLINE,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(sekisho_auth::http::BodyError::TooLarge) => {
+            return Ok(error_response(&ApiError::new(
+                413,
+                "RequestEntityTooLargeException",
+                "The request body is too large",
+            )));
+        }
+        Err(_) => {
+            return Ok(error_response(&ApiError::new(
+                408,
+                "RequestTimeoutException",
+                "The request body was not received in time",
+            )));
+        }
+    };
     let body_sha = hex::encode(sha256(&body));
     let sreq = sekisho_sigv4::Request {
         method: parts.method.as_str(),
@@ -600,7 +605,7 @@ async fn serve_https<F, Fut, B>(
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let slots = Arc::new(tokio::sync::Semaphore::new(cap));
-    while let Some((tcp, peer)) = sekisho_gateway::accept(&listener, &mut shutdown).await {
+    while let Some((tcp, peer)) = sekisho_auth::http::accept(&listener, &mut shutdown).await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "{what}: {cap} connections open; connection refused");
             continue;
@@ -621,7 +626,7 @@ async fn serve_https<F, Fut, B>(
             let svc = hyper::service::service_fn(move |req| service(peer, req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(sekisho_gateway::HEADER_DEADLINE)
+                .header_read_timeout(sekisho_auth::http::HEADER_DEADLINE)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "{what}: connection ended");

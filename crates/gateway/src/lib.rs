@@ -9,8 +9,10 @@
 
 #![warn(missing_docs)]
 
-pub mod authn;
-pub mod authz;
+pub use sekisho_auth::authz::PrivateEndpoint;
+pub use sekisho_auth::http::{BODY_DEADLINE, BodyError, HEADER_DEADLINE, accept, read_body};
+pub use sekisho_auth::{authn, authz};
+
 pub mod conn;
 pub mod events;
 pub mod https;
@@ -39,15 +41,6 @@ pub struct GatewayConfig {
     pub sni: tls::SniRouter,
     /// TLS handshake deadline.
     pub handshake_timeout: Duration,
-}
-
-/// A private (VPC interface) endpoint's identity, as AWS's condition keys name it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PrivateEndpoint {
-    /// `aws:SourceVpce`, e.g. `vpce-0a1b2c3d4e5f67890`.
-    pub vpce_id: String,
-    /// `aws:SourceVpc`, e.g. `vpc-0123456789abcdef0`.
-    pub vpc_id: String,
 }
 
 /// What a device listener is: its TLS security policy, whether it is a private endpoint, and
@@ -309,64 +302,6 @@ pub async fn sweep_sessions(shared: Arc<Shared>) {
                 }
             }
             _ = shutdown.changed() => return,
-        }
-    }
-}
-
-/// How long a client may take to send a request's headers, on every HTTP listener.
-pub const HEADER_DEADLINE: Duration = Duration::from_secs(10);
-
-/// How long a client may take to send a whole request body that is read before its signature
-/// can be checked (control plane up to 1 MiB, device HTTPS up to 128 KiB): a slow or stalled
-/// client cannot hold a connection slot longer than this without authenticating.
-pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
-
-/// Why a request body was not read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyError {
-    /// Larger than allowed.
-    TooLarge,
-    /// Not complete within the deadline.
-    Timeout,
-    /// The connection failed.
-    Failed,
-}
-
-/// Reads a whole request body of at most `max` bytes within `deadline`.
-pub async fn read_body<B>(
-    body: B,
-    max: usize,
-    deadline: Duration,
-) -> Result<bytes::Bytes, BodyError>
-where
-    B: hyper::body::Body,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    use http_body_util::BodyExt as _;
-    match tokio::time::timeout(deadline, http_body_util::Limited::new(body, max).collect()).await {
-        Err(_) => Err(BodyError::Timeout),
-        Ok(Ok(b)) => Ok(b.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
-        Ok(Err(_)) => Err(BodyError::Failed),
-    }
-}
-
-/// The next connection on `listener`, or `None` at shutdown. Accept errors (such as running
-/// out of file descriptors) are logged and retried after a short pause.
-pub async fn accept(
-    listener: &TcpListener,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => return Some(x),
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = shutdown.changed() => return None,
         }
     }
 }

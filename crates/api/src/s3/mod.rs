@@ -43,7 +43,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use md5::Digest as _;
-use sekisho_gateway::authn::{self, AuthFailure, Caller};
+use sekisho_auth::authn::{self, AuthFailure, Caller};
 use sekisho_registry::Registry;
 use sekisho_sigv4::SigError;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

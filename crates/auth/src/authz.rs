@@ -165,6 +165,15 @@ impl Context for ConnContext {
     }
 }
 
+/// A private (VPC interface) endpoint's identity, as AWS's condition keys name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivateEndpoint {
+    /// `aws:SourceVpce`, e.g. `vpce-0a1b2c3d4e5f67890`.
+    pub vpce_id: String,
+    /// `aws:SourceVpc`, e.g. `vpc-0123456789abcdef0`.
+    pub vpc_id: String,
+}
+
 /// Why a principal can no longer act.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoked {
@@ -212,7 +221,7 @@ impl Principal {
         certificate_id: &str,
         client_id: Option<&str>,
         source_ip: Option<IpAddr>,
-        private: Option<&crate::PrivateEndpoint>,
+        private: Option<&PrivateEndpoint>,
     ) -> Result<Principal, RegistryError> {
         let identity = registry.certificate_identity(account, certificate_id, client_id)?;
         // Through a private endpoint AWS gives the VPC keys and no aws:SourceIp.
