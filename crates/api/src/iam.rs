@@ -11,7 +11,7 @@ use sekisho_registry::{
 };
 
 use crate::xml::{self, el, esc};
-use crate::{ApiError, ApiState, Call, Caller, authorize};
+use crate::{ApiError, ApiState, Call, Caller, RequestContext, authorize};
 
 /// Most seconds of an assumed-role session when the caller is itself a role session (role
 /// chaining), as AWS limits it.
@@ -73,10 +73,11 @@ pub(crate) fn dispatch(
     let Some(action) = params.get("Action").map(str::to_owned) else {
         return xml::error_response(ns, &ApiError::new(400, "MissingAction", "Missing Action"));
     };
+    let req = &call.request;
     let out = if service == "sts" {
-        sts(state, caller, &action, &params)
+        sts(state, caller, req, &action, &params)
     } else {
-        iam(state, caller, &action, &params)
+        iam(state, caller, req, &action, &params)
     };
     match out {
         Ok(inner) => xml::ok(ns, &action, &inner),
@@ -313,12 +314,25 @@ fn iam_denied(caller: &Caller, action: &str, resource: &str) -> ApiError {
     )
 }
 
-fn iam(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<String, ApiError> {
+fn iam(
+    state: &ApiState,
+    caller: &Caller,
+    req: &RequestContext,
+    action: &str,
+    p: &Params,
+) -> Result<String, ApiError> {
     let acct = caller.account.as_str();
     let reg = &state.registry;
     let t = target(reg, caller, action, p)?;
     let iam_action = format!("iam:{action}");
-    authorize(state, caller, &iam_action, &t.arn)
+    // The action's own condition keys: which managed policy is attached or detached.
+    let mut extra = Vec::new();
+    if (action.starts_with("Attach") || action.starts_with("Detach"))
+        && let Some(arn) = p.get("PolicyArn")
+    {
+        extra.push(("iam:PolicyARN", arn.to_owned()));
+    }
+    crate::authorize_with(state, caller, req, &iam_action, &t.arn, &extra)
         .map_err(|_| iam_denied(caller, &iam_action, &t.arn))?;
     // The one name this action acts on; present for every action that names something.
     let name = || {
@@ -546,7 +560,13 @@ fn credentials_xml(s: &sekisho_registry::Session) -> String {
     )
 }
 
-fn sts(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<String, ApiError> {
+fn sts(
+    state: &ApiState,
+    caller: &Caller,
+    req: &RequestContext,
+    action: &str,
+    p: &Params,
+) -> Result<String, ApiError> {
     let reg = &state.registry;
     match action {
         "GetCallerIdentity" => {
@@ -597,7 +617,7 @@ fn sts(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
                 .map_err(iam_error)?;
             Ok(credentials_xml(&s))
         }
-        "AssumeRole" => assume_role(state, caller, p),
+        "AssumeRole" => assume_role(state, caller, req, p),
         other => Err(ApiError::new(
             400,
             "InvalidAction",
@@ -606,7 +626,12 @@ fn sts(state: &ApiState, caller: &Caller, action: &str, p: &Params) -> Result<St
     }
 }
 
-fn assume_role(state: &ApiState, caller: &Caller, p: &Params) -> Result<String, ApiError> {
+fn assume_role(
+    state: &ApiState,
+    caller: &Caller,
+    req: &RequestContext,
+    p: &Params,
+) -> Result<String, ApiError> {
     let reg = &state.registry;
     let role_arn = p.req("RoleArn")?;
     let session = p.req("RoleSessionName")?;
@@ -658,15 +683,34 @@ fn assume_role(state: &ApiState, caller: &Caller, p: &Params) -> Result<String, 
             .map(|r| self::role_arn(&caller.account, &r)),
         _ => None,
     };
+    // A trust policy that names this user or role by ARN names the entity that had that name
+    // when the policy was written (its unique id), not a later one of the same name.
+    let entity = &caller.principal_arn;
+    let pinned = caller.principal == IamPrincipal::Root
+        || match role.trust_ids.get(entity) {
+            Some(id) => *id == caller.principal_id,
+            None => !role.trust.contains(&format!("\"{entity}\"")),
+        };
+    let (caller_arn, caller_role_arn) = if pinned {
+        (caller_arn, caller_role_arn)
+    } else {
+        tracing::info!(caller = %caller_arn, role = %role_arn, "trust names a deleted or later principal of this name");
+        (
+            "arn:aws:iam::000000000000:deleted-principal".to_string(),
+            None,
+        )
+    };
     let who = TrustCaller::Aws {
         account: &caller.account,
         arn: &caller_arn,
         role_arn: caller_role_arn.as_deref(),
     };
     let trust = Policy::parse(&role.trust, Dialect::IamTrust).map_err(|_| denied())?;
+    // The trust policy sees the same condition keys as any other decision.
     let mut ctx = sekisho_policy::MapContext::new();
-    ctx.set("aws:PrincipalAccount", caller.account.clone());
-    ctx.set("aws:PrincipalArn", caller_arn.clone());
+    for (k, v) in sekisho_auth::authn::context_keys(caller, req) {
+        ctx.set(&k, v);
+    }
     if let Some(x) = p.get("ExternalId") {
         ctx.set("sts:ExternalId", x);
     }
@@ -684,7 +728,7 @@ fn assume_role(state: &ApiState, caller: &Caller, p: &Params) -> Result<String, 
         decide_trust(&trust, &exact, "sts:assumerole", &ctx) == Decision::Allowed
     };
     if !named_directly {
-        authorize(state, caller, "sts:AssumeRole", role_arn).map_err(|_| denied())?;
+        authorize(state, caller, req, "sts:AssumeRole", role_arn).map_err(|_| denied())?;
     }
     let max = if caller.temporary && matches!(caller.principal, IamPrincipal::Role { .. }) {
         CHAINED_MAX.min(role.max_session)
@@ -749,6 +793,7 @@ mod tests {
             access_key_id: "AKIAX".into(),
             context: Default::default(),
             principal_id: "AIDAX".into(),
+            principal_arn: String::new(),
         };
         let carol = format!("arn:aws:iam::{acct}:policy/carol");
         let params = Params(vec![

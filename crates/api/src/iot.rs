@@ -594,7 +594,18 @@ fn put_role_alias(state: &ApiState, call: &Call) -> Out {
     let name = seg(call, 1);
     let role_arn = str_field(&b, "roleArn")?;
     if let Some(role) = role_arn {
-        crate::authorize(state, &call.caller, "iam:PassRole", role)?;
+        // The role is passed to the credential provider.
+        crate::authorize_with(
+            state,
+            &call.caller,
+            &call.request,
+            "iam:PassRole",
+            role,
+            &[(
+                "iam:PassedToService",
+                "credentials.iot.amazonaws.com".to_string(),
+            )],
+        )?;
     }
     let r = if call.method == Method::POST {
         let role = role_arn.ok_or_else(|| ApiError::invalid("roleArn is required"))?;

@@ -174,6 +174,8 @@ pub struct Call {
     pub account: String,
     /// The caller.
     pub caller: Caller,
+    /// Where and how the request arrived (condition keys).
+    pub request: RequestContext,
 }
 
 impl Call {
@@ -268,7 +270,7 @@ fn sigv4_error(e: &sekisho_sigv4::SigError) -> ApiError {
 }
 
 use sekisho_auth::authn::AuthFailure;
-pub use sekisho_auth::authn::Caller;
+pub use sekisho_auth::authn::{Caller, RequestContext};
 
 /// Authenticates a control-plane request (services `iot`, `iam`, `sts`), with each protocol's
 /// error wording.
@@ -311,12 +313,20 @@ fn authenticate(
         ),
         AuthFailure::Service(s) => ApiError::new(
             403,
-            "InvalidSignatureException",
+            if query {
+                "SignatureDoesNotMatch"
+            } else {
+                "InvalidSignatureException"
+            },
             format!("Credential should be scoped to correct service: '{s}' is not served here."),
         ),
         AuthFailure::Region(r) => ApiError::new(
             403,
-            "InvalidSignatureException",
+            if query {
+                "SignatureDoesNotMatch"
+            } else {
+                "InvalidSignatureException"
+            },
             format!("Credential should be scoped to a valid region, not '{r}'."),
         ),
     })
@@ -327,10 +337,24 @@ fn authenticate(
 pub fn authorize(
     state: &ApiState,
     caller: &Caller,
+    request: &RequestContext,
     action: &str,
     resource: &str,
 ) -> Result<(), ApiError> {
-    if sekisho_auth::authn::is_authorized(&state.registry, caller, action, resource) {
+    authorize_with(state, caller, request, action, resource, &[])
+}
+
+/// [`authorize`] with the action's own condition keys (`iam:PolicyARN`, ...).
+pub fn authorize_with(
+    state: &ApiState,
+    caller: &Caller,
+    request: &RequestContext,
+    action: &str,
+    resource: &str,
+    extra: &[(&str, String)],
+) -> Result<(), ApiError> {
+    if sekisho_auth::authn::is_authorized(&state.registry, caller, request, action, resource, extra)
+    {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -453,13 +477,23 @@ pub async fn handle(
         body,
         account: caller.account.clone(),
         caller: caller.clone(),
+        request: RequestContext {
+            region: Some(state.endpoints.region.clone()),
+            ..RequestContext::tls(peer.ip(), None, sekisho_registry::now_secs() as i64)
+        },
     };
     if service == "iam" || service == "sts" {
         return Ok(iam::dispatch(&state, &caller, &service, &call));
     }
     let (operation, resource) = iot::operation(&state, &call);
-    let result = authorize(&state, &caller, &format!("iot:{operation}"), &resource)
-        .and_then(|()| iot::dispatch(&state, &call));
+    let result = authorize(
+        &state,
+        &caller,
+        &call.request,
+        &format!("iot:{operation}"),
+        &resource,
+    )
+    .and_then(|()| iot::dispatch(&state, &call));
     Ok(match result {
         Ok(v) => json_response(200, &v),
         Err(e) => {

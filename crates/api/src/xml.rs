@@ -65,11 +65,9 @@ fn respond(status: u16, body: String) -> Response<Full<Bytes>> {
 /// `<{action}Response><{action}Result>inner</...><ResponseMetadata/></...>`.
 pub fn ok(ns: &str, action: &str, inner: &str) -> Response<Full<Bytes>> {
     let id = uuid::Uuid::new_v4();
-    let result = if inner.is_empty() {
-        String::new()
-    } else {
-        format!("<{action}Result>{inner}</{action}Result>")
-    };
+    // Always present, even empty: botocore requires the result element of every operation
+    // that declares an output (UpdateRole's is empty), and ignores it for the others.
+    let result = format!("<{action}Result>{inner}</{action}Result>");
     respond(
         200,
         format!(

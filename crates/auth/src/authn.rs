@@ -27,20 +27,25 @@ pub struct Caller {
     /// The unique id of the user or role (the account id for the root) when authenticated:
     /// a long-lived connection is cut once its credentials stand for anyone else.
     pub principal_id: String,
+    /// The IAM ARN of the user, role or root, with its path (for a role session, the role's
+    /// ARN, as `aws:PrincipalArn` is on AWS).
+    pub principal_arn: String,
 }
 
 impl Caller {
-    /// The caller's ARN as IAM and STS show it.
+    /// The caller's ARN as IAM and STS show it (GetCallerIdentity): the user's (with its
+    /// path), the root's, or the role session's `assumed-role/<role>/<session>`.
     pub fn arn(&self) -> String {
         match &self.principal {
-            IamPrincipal::Root => format!("arn:aws:iam::{}:root", self.account),
-            IamPrincipal::User(u) => format!("arn:aws:iam::{}:user/{u}", self.account),
             IamPrincipal::Role { role, session } => {
                 format!(
                     "arn:aws:sts::{}:assumed-role/{role}/{session}",
                     self.account
                 )
             }
+            _ if !self.principal_arn.is_empty() => self.principal_arn.clone(),
+            IamPrincipal::Root => format!("arn:aws:iam::{}:root", self.account),
+            IamPrincipal::User(u) => format!("arn:aws:iam::{}:user/{u}", self.account),
         }
     }
 }
@@ -147,6 +152,7 @@ fn caller_of(
         access_key_id,
         context: cred.context,
         principal_id: cred.principal_id,
+        principal_arn: cred.principal_arn,
     })
 }
 
@@ -166,20 +172,125 @@ pub fn still_valid(registry: &Registry, caller: &Caller) -> Result<(), &'static 
     Ok(())
 }
 
-/// Whether the caller's IAM policies allow `action` on `resource`: the account root may do
-/// everything in its account; users and role sessions need an Allow in their identity
-/// policies (and in the session policy, if any) and no Deny.
-pub fn is_authorized(registry: &Registry, caller: &Caller, action: &str, resource: &str) -> bool {
-    is_authorized_in(registry, caller, action, resource, &[])
+/// Where and how a request arrived: the request's half of the condition keys, the same for
+/// every protocol (control plane, iot-data, MQTT over WebSocket, S3).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestContext {
+    /// The client's address: `aws:SourceIp` on a public endpoint, `aws:VpcSourceIp` on a
+    /// private one.
+    pub source_ip: Option<std::net::IpAddr>,
+    /// A private endpoint's `aws:SourceVpce` and `aws:SourceVpc`.
+    pub vpc: Option<(String, String)>,
+    /// `aws:SecureTransport`: whether the request came over TLS (every Sekisho listener).
+    pub secure_transport: bool,
+    /// The time of the request, epoch seconds: `aws:CurrentTime` and `aws:EpochTime`.
+    pub now: i64,
+    /// `aws:RequestedRegion`, where the service knows it.
+    pub region: Option<String>,
 }
 
-/// [`is_authorized`] with request condition keys (`s3:prefix`, `aws:SourceIp`, ...).
-pub fn is_authorized_in(
+impl RequestContext {
+    /// A request over TLS from `peer` at `now` (epoch seconds), through a private endpoint
+    /// when `vpc` is set.
+    pub fn tls(peer: std::net::IpAddr, vpc: Option<(&str, &str)>, now: i64) -> RequestContext {
+        RequestContext {
+            source_ip: Some(peer),
+            vpc: vpc.map(|(e, v)| (e.to_owned(), v.to_owned())),
+            secure_transport: true,
+            now,
+            region: None,
+        }
+    }
+
+    /// The request's condition keys.
+    pub fn keys(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::with_capacity(6);
+        match (&self.vpc, self.source_ip) {
+            (Some((vpce, vpc)), ip) => {
+                out.push(("aws:SourceVpce", vpce.clone()));
+                out.push(("aws:SourceVpc", vpc.clone()));
+                if let Some(ip) = ip {
+                    out.push(("aws:VpcSourceIp", ip.to_string()));
+                }
+            }
+            (None, Some(ip)) => out.push(("aws:SourceIp", unmapped(ip).to_string())),
+            (None, None) => {}
+        }
+        out.push(("aws:SecureTransport", self.secure_transport.to_string()));
+        if let Some(r) = &self.region {
+            out.push(("aws:RequestedRegion", r.clone()));
+        }
+        out.push(("aws:EpochTime", self.now.to_string()));
+        if let Ok(t) = time::OffsetDateTime::from_unix_timestamp(self.now)
+            && let Ok(s) = t.format(&time::format_description::well_known::Rfc3339)
+        {
+            out.push(("aws:CurrentTime", s));
+        }
+        out
+    }
+}
+
+/// An IPv4 client on a dual-stack socket shows as `::ffff:a.b.c.d`; policies name it as IPv4.
+fn unmapped(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The caller's half of the condition keys: `aws:PrincipalAccount`, `aws:PrincipalArn`,
+/// `aws:PrincipalType`, `aws:userid`, `aws:username` (users), and the keys its credentials
+/// carry (the credential provider's `credentials-iot:*`).
+pub fn principal_keys(caller: &Caller) -> Vec<(String, String)> {
+    let (kind, userid) = match &caller.principal {
+        IamPrincipal::Root => ("Account", caller.account.clone()),
+        IamPrincipal::User(_) => ("User", caller.principal_id.clone()),
+        IamPrincipal::Role { session, .. } => {
+            ("AssumedRole", format!("{}:{session}", caller.principal_id))
+        }
+    };
+    let mut out = vec![
+        ("aws:PrincipalAccount".to_string(), caller.account.clone()),
+        (
+            "aws:PrincipalArn".to_string(),
+            if caller.principal_arn.is_empty() {
+                caller.arn()
+            } else {
+                caller.principal_arn.clone()
+            },
+        ),
+        ("aws:PrincipalType".to_string(), kind.to_string()),
+        ("aws:userid".to_string(), userid),
+    ];
+    if let IamPrincipal::User(u) = &caller.principal {
+        out.push(("aws:username".to_string(), u.clone()));
+    }
+    out.extend(caller.context.iter().map(|(k, v)| (k.clone(), v.clone())));
+    out
+}
+
+/// Every condition key of one request by `caller`: [`principal_keys`] and
+/// [`RequestContext::keys`]. The one set used by every protocol.
+pub fn context_keys(caller: &Caller, request: &RequestContext) -> Vec<(String, String)> {
+    let mut out = principal_keys(caller);
+    out.extend(request.keys().into_iter().map(|(k, v)| (k.to_string(), v)));
+    out
+}
+
+/// The one IAM decision, for every kind of caller and every protocol: whether the caller's
+/// IAM policies allow `action` on `resource` for this request. The account root may do
+/// everything in its account; users and role sessions need an Allow in their identity policies
+/// (and in the session policy, if any) and no Deny. `extra` adds the service's own keys
+/// (`s3:prefix`, ...).
+pub fn is_authorized(
     registry: &Registry,
     caller: &Caller,
+    request: &RequestContext,
     action: &str,
     resource: &str,
-    request: &[(&str, String)],
+    extra: &[(&str, String)],
 ) -> bool {
     if caller.principal == IamPrincipal::Root {
         return true;
@@ -188,15 +299,10 @@ pub fn is_authorized_in(
         return false;
     };
     let mut ctx = MapContext::new();
-    ctx.set("aws:PrincipalAccount", caller.account.clone());
-    ctx.set("aws:PrincipalArn", caller.arn());
-    if let IamPrincipal::User(u) = &caller.principal {
-        ctx.set("aws:username", u.clone());
+    for (k, v) in context_keys(caller, request) {
+        ctx.set(&k, v);
     }
-    for (k, v) in &caller.context {
-        ctx.set(k, v.clone());
-    }
-    for (k, v) in request {
+    for (k, v) in extra {
         ctx.set(k, v.clone());
     }
     let action = action.to_ascii_lowercase();

@@ -29,6 +29,12 @@ pub struct ConnContext {
     attributes: HashMap<String, String>,
     /// The certificate's identity fields.
     cert: Option<Arc<sekisho_pki::CertInfo>>,
+    /// An IAM caller's keys ([`crate::authn::principal_keys`]), by lower-cased name.
+    iam_keys: Option<Arc<HashMap<String, String>>>,
+    /// `aws:EpochTime` and `aws:CurrentTime` as of the last [`ConnContext::set_time`].
+    now: i64,
+    epoch_text: String,
+    iso_text: String,
     /// Lower-cased `iot:certificate.*` keys to (values, multi-valued), built on first use.
     cert_vars: std::sync::OnceLock<CertVars>,
 }
@@ -100,6 +106,22 @@ impl ConnContext {
         self.cert_vars = std::sync::OnceLock::new();
     }
 
+    /// Sets `aws:EpochTime` and `aws:CurrentTime` (text rebuilt only when the second changes).
+    pub fn set_time(&mut self, now: i64) {
+        if now == self.now && !self.epoch_text.is_empty() {
+            return;
+        }
+        self.now = now;
+        self.epoch_text = now.to_string();
+        self.iso_text = time::OffsetDateTime::from_unix_timestamp(now)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+    }
+
     /// The thing associated with the connection.
     pub fn thing_name(&self) -> Option<&str> {
         self.thing_name.as_deref()
@@ -116,6 +138,21 @@ impl Context for ConnContext {
         }
         if key.eq_ignore_ascii_case("aws:SourceIp") {
             return one(&self.source_ip);
+        }
+        // The same request keys as every other protocol (authn::RequestContext::keys).
+        if key.eq_ignore_ascii_case("aws:SecureTransport") {
+            return Some(Value::One("true"));
+        }
+        if key.eq_ignore_ascii_case("aws:EpochTime") {
+            return Some(Value::One(&self.epoch_text)).filter(|_| !self.epoch_text.is_empty());
+        }
+        if key.eq_ignore_ascii_case("aws:CurrentTime") {
+            return Some(Value::One(&self.iso_text)).filter(|_| !self.iso_text.is_empty());
+        }
+        if let Some(keys) = &self.iam_keys
+            && let Some(v) = keys.get(&key.to_ascii_lowercase())
+        {
+            return Some(Value::One(v));
         }
         if let Some((vpce, vpc, ip)) = &self.vpc {
             if key.eq_ignore_ascii_case("aws:SourceVpce") {
@@ -223,6 +260,10 @@ impl Principal {
         source_ip: Option<IpAddr>,
         private: Option<&PrivateEndpoint>,
     ) -> Result<Principal, RegistryError> {
+        // The certificate (and its CA) may have left ACTIVE since the handshake.
+        registry
+            .certificate_usable(account, certificate_id)
+            .map_err(RegistryError::NotFound)?;
         let identity = registry.certificate_identity(account, certificate_id, client_id)?;
         // Through a private endpoint AWS gives the VPC keys and no aws:SourceIp.
         let ip = source_ip.map(|i| i.to_string());
@@ -233,12 +274,13 @@ impl Principal {
             ),
             (None, ip) => (ip, None),
         };
-        let ctx = ConnContext {
+        let mut ctx = ConnContext {
             client_id: client_id.map(str::to_owned),
             source_ip,
             vpc,
             ..ConnContext::default()
         };
+        ctx.set_time(sekisho_registry::now_secs() as i64);
         let arn_prefix = registry.arn(account, "");
         let mut p = Principal {
             registry,
@@ -262,6 +304,9 @@ impl Principal {
         client_id: Option<&str>,
         source_ip: Option<IpAddr>,
     ) -> Result<Principal, RegistryError> {
+        // Credentials may have been revoked since the upgrade was authenticated.
+        crate::authn::still_valid(&registry, &caller)
+            .map_err(|why| RegistryError::NotFound(why.into()))?;
         let account = caller.account.clone();
         let identity = iam_identity(&registry, &caller).ok_or_else(|| {
             RegistryError::NotFound("the caller's user or role no longer exists".into())
@@ -276,11 +321,21 @@ impl Principal {
                 let p = Arc::new(p);
                 (p.clone(), p.bind(&ConnContext::default()))
             });
-        let ctx = ConnContext {
+        let mut iam_keys: HashMap<String, String> = crate::authn::principal_keys(&caller)
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        iam_keys.insert(
+            "aws:requestedregion".to_string(),
+            registry.region().to_owned(),
+        );
+        let mut ctx = ConnContext {
             client_id: client_id.map(str::to_owned),
             source_ip: source_ip.map(|i| i.to_string()),
+            iam_keys: Some(Arc::new(iam_keys)),
             ..ConnContext::default()
         };
+        ctx.set_time(sekisho_registry::now_secs() as i64);
         let arn_prefix = registry.arn(&account, "");
         let mut p = Principal {
             registry,
@@ -292,6 +347,46 @@ impl Principal {
             scratch: String::with_capacity(128),
             iam: Some(Box::new(IamParts { caller, session })),
         };
+        p.bind();
+        Ok(p)
+    }
+
+    /// A principal built afresh from the same inputs (certificate or IAM caller, client id,
+    /// address, endpoint, connect attributes), for a decision taken later and elsewhere (a
+    /// delayed will): it fails if the certificate or credentials no longer hold, and its
+    /// [`Principal::refresh`] re-checks them as the registry changes.
+    pub fn fresh(&self) -> Result<Principal, RegistryError> {
+        let client = self.ctx.client_id.as_deref();
+        let parse = |s: &Option<String>| s.as_deref().and_then(|i| i.parse::<IpAddr>().ok());
+        let mut p = match &self.iam {
+            Some(iam) => Principal::iam(
+                self.registry.clone(),
+                iam.caller.clone(),
+                client,
+                parse(&self.ctx.source_ip),
+            )?,
+            None => {
+                let (ip, private) = match &self.ctx.vpc {
+                    Some((vpce, vpc, ip)) => (
+                        ip.parse::<IpAddr>().ok(),
+                        Some(PrivateEndpoint {
+                            vpce_id: vpce.clone(),
+                            vpc_id: vpc.clone(),
+                        }),
+                    ),
+                    None => (parse(&self.ctx.source_ip), None),
+                };
+                Principal::certificate(
+                    self.registry.clone(),
+                    &self.account,
+                    &self.identity.certificate_id,
+                    client,
+                    ip,
+                    private.as_ref(),
+                )?
+            }
+        };
+        p.ctx.connect_attributes = self.ctx.connect_attributes.clone();
         p.bind();
         Ok(p)
     }
@@ -320,6 +415,7 @@ impl Principal {
     /// policy, attachment, thing or certificate status moves the generation), and fails once
     /// the certificate is no longer ACTIVE. Costs one atomic load when nothing changed.
     pub fn refresh(&mut self) -> Result<(), Revoked> {
+        self.ctx.set_time(sekisho_registry::now_secs() as i64);
         if let Some(iam) = &self.iam {
             if iam
                 .caller

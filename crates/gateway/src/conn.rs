@@ -1132,6 +1132,7 @@ impl Connection {
             .message_expiry_interval
             .map(|e| e.clamp(1, MAX_MESSAGE_EXPIRY));
         let props = forwarded(&w.properties);
+        let (topic, retain) = (w.topic.clone(), w.retain);
         let broker = self.shared.broker.clone();
         let account = self.account.clone();
         let client = self.client_id.clone();
@@ -1155,8 +1156,20 @@ impl Connection {
                 }
             });
         } else {
+            // Authorized again when it is sent: the certificate, CA or credentials may be
+            // revoked, or the policy changed, during the delay.
+            let Ok(mut later) = self.principal.fresh() else {
+                return;
+            };
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(delay as u64)).await;
+                let allowed = later.refresh().is_ok()
+                    && later.allowed("iot:publish", "topic", &topic)
+                    && (!retain || later.allowed("iot:retainpublish", "topic", &topic));
+                if !allowed {
+                    tracing::info!(client_id = %client, "delayed will no longer authorized; not published");
+                    return;
+                }
                 // [MQTT-3.1.3-9] not sent if the client reconnected in the meantime.
                 if !broker.is_connected(&account, &client)
                     && let Ok(routed) = broker.publish(&account, make())

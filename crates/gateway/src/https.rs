@@ -279,9 +279,20 @@ async fn signed_request(
         return error(403, "ForbiddenException", "Forbidden");
     }
     let account = caller.account.clone();
+    let request = crate::authn::RequestContext {
+        region: Some(shared.registry.region().to_owned()),
+        ..crate::authn::RequestContext::tls(
+            info.peer.ip(),
+            info.endpoint
+                .private
+                .as_ref()
+                .map(|p| (p.vpce_id.as_str(), p.vpc_id.as_str())),
+            sekisho_registry::now_secs() as i64,
+        )
+    };
     let arn = |kind: &str, name: &str| shared.registry.arn(&account, &format!("{kind}/{name}"));
     let allowed = |action: &str, resource: &str| {
-        crate::authn::is_authorized(&shared.registry, &caller, action, resource)
+        crate::authn::is_authorized(&shared.registry, &caller, &request, action, resource, &[])
     };
     let denied = |action: &str, resource: &str| {
         tracing::info!(caller = %caller.arn(), %action, %resource, "iot-data request not authorized");

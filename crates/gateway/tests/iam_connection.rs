@@ -88,6 +88,7 @@ async fn connection_ends_when_temporary_credentials_expire() {
         access_key_id: session.access_key_id.clone(),
         context: Default::default(),
         principal_id: account.clone(),
+        principal_arn: String::new(),
     };
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let task = tokio::spawn(sekisho_gateway::conn::serve(
@@ -144,6 +145,7 @@ async fn iam_policies_decide_connect() {
             access_key_id: key.access_key_id.clone(),
             context: Default::default(),
             principal_id: shared.registry.get_user(&account, "u").unwrap().id,
+            principal_arn: String::new(),
         };
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(sekisho_gateway::conn::serve(

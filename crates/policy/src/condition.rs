@@ -23,6 +23,12 @@ pub enum Operator {
     NumericLessThanEquals,
     NumericGreaterThan,
     NumericGreaterThanEquals,
+    DateEquals,
+    DateNotEquals,
+    DateLessThan,
+    DateLessThanEquals,
+    DateGreaterThan,
+    DateGreaterThanEquals,
     Bool,
     IpAddress,
     NotIpAddress,
@@ -58,6 +64,12 @@ impl Operator {
             "NumericLessThanEquals" => NumericLessThanEquals,
             "NumericGreaterThan" => NumericGreaterThan,
             "NumericGreaterThanEquals" => NumericGreaterThanEquals,
+            "DateEquals" => DateEquals,
+            "DateNotEquals" => DateNotEquals,
+            "DateLessThan" => DateLessThan,
+            "DateLessThanEquals" => DateLessThanEquals,
+            "DateGreaterThan" => DateGreaterThan,
+            "DateGreaterThanEquals" => DateGreaterThanEquals,
             "Bool" => Bool,
             "IpAddress" => IpAddress,
             "NotIpAddress" => NotIpAddress,
@@ -79,6 +91,7 @@ impl Operator {
                 | StringNotEqualsIgnoreCase
                 | StringNotLike
                 | NumericNotEquals
+                | DateNotEquals
                 | NotIpAddress
                 | ArnNotEquals
                 | ArnNotLike
@@ -104,6 +117,12 @@ impl Operator {
                 | NumericLessThanEquals
                 | NumericGreaterThan
                 | NumericGreaterThanEquals => v.parse::<f64>().is_ok() || v.contains("${"),
+                DateEquals
+                | DateNotEquals
+                | DateLessThan
+                | DateLessThanEquals
+                | DateGreaterThan
+                | DateGreaterThanEquals => parse_date(v).is_some() || v.contains("${"),
                 _ => true,
             };
             if !ok {
@@ -149,6 +168,26 @@ impl Operator {
                         _ => x >= p,
                     })
             }
+            DateEquals
+            | DateNotEquals
+            | DateLessThan
+            | DateLessThanEquals
+            | DateGreaterThan
+            | DateGreaterThanEquals => {
+                let Some(x) = parse_date(v) else {
+                    return false;
+                };
+                c.values
+                    .iter()
+                    .filter_map(|p| parse_date(p))
+                    .any(|p| match self {
+                        DateEquals | DateNotEquals => x == p,
+                        DateLessThan => x < p,
+                        DateLessThanEquals => x <= p,
+                        DateGreaterThan => x > p,
+                        _ => x >= p,
+                    })
+            }
             Bool => c.values.iter().any(|p| p.eq_ignore_ascii_case(v)),
             IpAddress | NotIpAddress => {
                 let Ok(ip) = v.trim().parse::<IpAddr>() else {
@@ -167,6 +206,73 @@ impl Operator {
     fn test(self, v: &str, c: &BoundCondition) -> bool {
         self.positive(v, c) != self.negated()
     }
+}
+
+/// A date as IAM's Date operators take it, in seconds since the epoch: ISO 8601
+/// (`2026-11-30`, `2026-11-30T12:00:00Z`, with fractions of a second or a `+hh:mm` offset) or
+/// epoch seconds.
+pub fn parse_date(s: &str) -> Option<f64> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<f64>()
+        && !s.contains('-')
+    {
+        return Some(n);
+    }
+    let num = |t: &str| -> Option<i64> {
+        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse().ok())
+            .flatten()
+    };
+    let (date, rest) = s.split_at(s.find('T').unwrap_or(s.len()));
+    let mut d = date.split('-');
+    let (y, m, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    if d.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let yy = if m <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut secs = (days * 86_400) as f64;
+    let Some(time) = rest.strip_prefix('T') else {
+        return rest.is_empty().then_some(secs);
+    };
+    let (clock, offset) = match time.find(['Z', 'z', '+', '-']) {
+        Some(i) => time.split_at(i),
+        None => return None,
+    };
+    let mut parts = clock.split(':');
+    let h = num(parts.next()?)?;
+    let mi = num(parts.next()?)?;
+    let sec: f64 = match parts.next() {
+        Some(x) => {
+            let (whole, frac) = x.split_once('.').unwrap_or((x, ""));
+            num(whole)? as f64
+                + if frac.is_empty() {
+                    0.0
+                } else {
+                    format!("0.{frac}").parse::<f64>().ok()?
+                }
+        }
+        None => 0.0,
+    };
+    if parts.next().is_some() || h > 23 || mi > 59 || sec >= 61.0 {
+        return None;
+    }
+    secs += (h * 3600 + mi * 60) as f64 + sec;
+    match offset {
+        "Z" | "z" => {}
+        o => {
+            let sign = if o.starts_with('-') { 1.0 } else { -1.0 };
+            let (oh, om) = o[1..].split_once(':').unwrap_or((&o[1..], "0"));
+            secs += sign * ((num(oh)? * 3600 + num(om)? * 60) as f64);
+        }
+    }
+    Some(secs)
 }
 
 fn parse_net(s: &str) -> Option<IpNet> {

@@ -403,3 +403,48 @@ proptest! {
         prop_assert_eq!(with_deny.is_allowed(), base.is_allowed() && !Pattern::new(&format!("arn:{pat}")).matches(&r));
     }
 }
+
+#[test]
+fn dates_parse_as_iam_takes_them() {
+    assert_eq!(parse_date("1970-01-01"), Some(0.0));
+    assert_eq!(parse_date("2026-11-30T12:00:00Z"), Some(1_796_040_000.0));
+    assert_eq!(
+        parse_date("2026-11-30T13:00:00+01:00"),
+        Some(1_796_040_000.0)
+    );
+    assert_eq!(parse_date("2026-11-30T12:00:00.5Z"), Some(1_796_040_000.5));
+    assert_eq!(parse_date("1796040000"), Some(1_796_040_000.0));
+    for bad in [
+        "",
+        "2026-13-01",
+        "2026-11-30T25:00:00Z",
+        "2026-11-30T12:00:00",
+        "tomorrow",
+        "2026-11-30T12:00:00+x",
+    ] {
+        assert_eq!(parse_date(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn date_conditions_compare_times() {
+    let doc = |op: &str| {
+        format!(
+            r#"{{"Version":"2012-10-17","Statement":{{"Effect":"Allow","Action":"s3:GetObject","Resource":"*","Condition":{{"{op}":{{"aws:CurrentTime":"2026-01-01T00:00:00Z"}}}}}}}}"#
+        )
+    };
+    let at = |now: &str, op: &str| {
+        let mut c = MapContext::new();
+        c.set("aws:CurrentTime", now);
+        let p = bind(&doc(op), &c);
+        decide([&p], "s3:getobject", "arn:aws:s3:::b/k", &c) == Decision::Allowed
+    };
+    assert!(at("2026-11-30T12:00:00Z", "DateGreaterThan"));
+    assert!(!at("2025-11-30T12:00:00Z", "DateGreaterThan"));
+    assert!(at("2025-11-30T12:00:00Z", "DateLessThan"));
+    assert!(at("2026-01-01T00:00:00Z", "DateEquals"));
+    assert!(at("2026-01-01T00:00:00Z", "DateGreaterThanEquals"));
+    assert!(!at("2026-01-01T00:00:00Z", "DateNotEquals"));
+    // A malformed date in a policy is refused when the policy is written.
+    assert!(Policy::parse(r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"DateLessThan":{"aws:CurrentTime":"soon"}}}}"#, Dialect::IamIdentity).is_err());
+}

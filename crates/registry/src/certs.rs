@@ -138,6 +138,13 @@ impl Registry {
             if c.status == status {
                 return Ok(());
             }
+            // Revocation is final: a revoked certificate (a leaked key) never authenticates
+            // again, whoever holds UpdateCertificate.
+            if c.status == CertStatus::Revoked {
+                return Err(RegistryError::CertificateState(format!(
+                    "The certificate {id} is REVOKED; its status cannot be changed"
+                )));
+            }
             let mut next = c.clone();
             next.status = status;
             next.modified = now_secs();

@@ -44,6 +44,11 @@ pub struct IamRole {
     pub description: Option<String>,
     /// The trust policy (AssumeRolePolicyDocument).
     pub trust: String,
+    /// The unique ids of the users and roles the trust policy named, as they were when it was
+    /// written: as on AWS, a named principal that is deleted and re-created is not trusted
+    /// (a name written before its entity existed trusts nobody).
+    #[serde(default)]
+    pub trust_ids: BTreeMap<String, String>,
     /// Most seconds a session may last (3600 to 43200).
     pub max_session: u32,
     /// Creation time, epoch seconds.
@@ -120,11 +125,31 @@ pub struct Session {
 /// The unique id of a principal as it exists now: the account id for the root, the user's or
 /// role's id; `None` once it no longer exists.
 fn principal_id(st: &State, account: &str, principal: &IamPrincipal) -> Option<String> {
+    principal_entity(st, account, principal).map(|(id, _)| id)
+}
+
+/// The unique id and the IAM ARN (with its path) of the entity behind a principal: the
+/// account root, the user, or the role of a role session.
+fn principal_entity(
+    st: &State,
+    account: &str,
+    principal: &IamPrincipal,
+) -> Option<(String, String)> {
     let a = st.accounts.get(account)?;
     match principal {
-        IamPrincipal::Root => Some(account.to_owned()),
-        IamPrincipal::User(u) => a.users.get(u).map(|u| u.id.clone()),
-        IamPrincipal::Role { role, .. } => a.roles.get(role).map(|r| r.id.clone()),
+        IamPrincipal::Root => Some((account.to_owned(), Registry::iam_arn(account, "root"))),
+        IamPrincipal::User(u) => a.users.get(u).map(|u| {
+            (
+                u.id.clone(),
+                Registry::iam_arn(account, &format!("user{}{}", u.path, u.name)),
+            )
+        }),
+        IamPrincipal::Role { role, .. } => a.roles.get(role).map(|r| {
+            (
+                r.id.clone(),
+                Registry::iam_arn(account, &format!("role{}{}", r.path, r.name)),
+            )
+        }),
     }
 }
 
@@ -148,6 +173,9 @@ pub struct Credential {
     /// The unique id of the principal they stand for (user id, role id, or the account id
     /// for the root): a long-lived connection compares it to detect a re-created name.
     pub principal_id: String,
+    /// The IAM ARN of that entity, with its path (for a role session, the role's ARN):
+    /// `aws:PrincipalArn`.
+    pub principal_arn: String,
 }
 
 /// Most seconds STS credentials may last without a role (GetSessionToken).
@@ -157,6 +185,23 @@ fn check_policy(doc: &str, dialect: Dialect) -> Result<()> {
     Policy::parse(doc, dialect)
         .map(|_| ())
         .map_err(|e| RegistryError::MalformedPolicy(e.to_string()))
+}
+
+/// An IAM path: `/` by default; otherwise `/.../`, at most 512 characters of printable ASCII
+/// (IAM's rule), so that every ARN built from it is the one IAM would build.
+fn iam_path(path: Option<&str>) -> Result<String> {
+    let p = path.unwrap_or("/");
+    if p.len() <= 512
+        && p.starts_with('/')
+        && p.ends_with('/')
+        && p.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    {
+        Ok(p.to_owned())
+    } else {
+        Err(RegistryError::InvalidRequest(format!(
+            "The specified value for path is invalid: {p:?}. It must begin and end with / and contain only printable ASCII characters."
+        )))
+    }
 }
 
 fn iam_name(what: &str, name: &str, max: usize) -> Result<()> {
@@ -195,7 +240,7 @@ impl Registry {
             let u = IamUser {
                 name: name.to_owned(),
                 id: format!("AIDA{}", random_string(ID_ALPHABET, 17)),
-                path: path.unwrap_or("/").to_owned(),
+                path: iam_path(path)?,
                 created: now_secs(),
                 inline: BTreeMap::new(),
                 attached: BTreeSet::new(),
@@ -353,6 +398,7 @@ impl Registry {
         iam_name("RoleName", name, 64)?;
         check_policy(trust, Dialect::IamTrust)?;
         let max_session = check_max_session(max_session.unwrap_or(3600))?;
+        let trust_ids = self.principal_ids(trust);
         self.write(account, |a, tx| {
             if a.roles.contains_key(name) {
                 return Err(exists("Role", name));
@@ -360,9 +406,10 @@ impl Registry {
             let r = IamRole {
                 name: name.to_owned(),
                 id: format!("AROA{}", random_string(ID_ALPHABET, 17)),
-                path: path.unwrap_or("/").to_owned(),
+                path: iam_path(path)?,
                 description: description.map(str::to_owned),
                 trust: trust.to_owned(),
+                trust_ids,
                 max_session,
                 created: now_secs(),
                 inline: BTreeMap::new(),
@@ -371,6 +418,53 @@ impl Registry {
             tx.put(Kind::IamRole, name, &r)?;
             a.roles.insert(name.to_owned(), r.clone());
             Ok(r)
+        })
+    }
+
+    /// The unique ids of the IAM users and roles a trust policy names by ARN (in any account
+    /// of this registry), as they exist now.
+    fn principal_ids(&self, trust: &str) -> BTreeMap<String, String> {
+        let Ok(doc) = serde_json::from_str::<serde_json::Value>(trust) else {
+            return BTreeMap::new();
+        };
+        let statements = match &doc["Statement"] {
+            serde_json::Value::Array(v) => v.clone(),
+            v => vec![v.clone()],
+        };
+        let mut arns = Vec::new();
+        for st in &statements {
+            match &st["Principal"]["AWS"] {
+                serde_json::Value::String(a) => arns.push(a.clone()),
+                serde_json::Value::Array(v) => {
+                    arns.extend(v.iter().filter_map(|a| a.as_str().map(str::to_owned)))
+                }
+                _ => {}
+            }
+        }
+        self.read_state(|st| {
+            arns.into_iter()
+                .filter_map(|arn| {
+                    let (acct, rest) = arn.strip_prefix("arn:aws:iam::")?.split_once(':')?;
+                    let a = st.accounts.get(acct)?;
+                    let name = rest.rsplit('/').next()?;
+                    let id = if rest.starts_with("user/") {
+                        a.users
+                            .get(name)
+                            .filter(|u| format!("user{}{}", u.path, u.name) == rest)?
+                            .id
+                            .clone()
+                    } else if rest.starts_with("role/") {
+                        a.roles
+                            .get(name)
+                            .filter(|r| format!("role{}{}", r.path, r.name) == rest)?
+                            .id
+                            .clone()
+                    } else {
+                        return None;
+                    };
+                    Some((arn, id))
+                })
+                .collect()
         })
     }
 
@@ -402,11 +496,15 @@ impl Registry {
             check_policy(t, Dialect::IamTrust)?;
         }
         let max_session = max_session.map(check_max_session).transpose()?;
+        let trust_ids = trust.map(|t| self.principal_ids(t));
         self.write(account, |a, tx| {
             let r = a.roles.get_mut(name).ok_or_else(|| no_such("role", name))?;
             let mut next = r.clone();
             if let Some(t) = trust {
                 next.trust = t.to_owned();
+            }
+            if let Some(ids) = trust_ids {
+                next.trust_ids = ids;
             }
             if let Some(d) = description {
                 next.description = Some(d.to_owned());
@@ -523,7 +621,7 @@ impl Registry {
             let p = ManagedPolicy {
                 name: name.to_owned(),
                 id: format!("ANPA{}", random_string(ID_ALPHABET, 17)),
-                path: path.unwrap_or("/").to_owned(),
+                path: iam_path(path)?,
                 description: description.map(str::to_owned),
                 document: document.to_owned(),
                 created: now_secs(),
@@ -667,7 +765,8 @@ impl Registry {
                     Some(u) => IamPrincipal::User(u.clone()),
                     None => IamPrincipal::Root,
                 };
-                let principal_id = principal_id(st, &k.account_id, &principal)?;
+                let (principal_id, principal_arn) =
+                    principal_entity(st, &k.account_id, &principal)?;
                 return Some(Credential {
                     account_id: k.account_id.clone(),
                     secret_access_key: k.secret_access_key.clone(),
@@ -677,11 +776,12 @@ impl Registry {
                     session_policy: None,
                     context: BTreeMap::new(),
                     principal_id,
+                    principal_arn,
                 });
             }
             let s = st.sessions.get(access_key_id)?;
             // The principal must still be the one the session was issued to.
-            let now_id = principal_id(st, &s.account_id, &s.principal)?;
+            let (now_id, principal_arn) = principal_entity(st, &s.account_id, &s.principal)?;
             if s.principal_id.as_deref() != Some(now_id.as_str()) {
                 return None;
             }
@@ -694,6 +794,7 @@ impl Registry {
                 session_policy: s.session_policy.clone(),
                 context: s.context.clone(),
                 principal_id: now_id,
+                principal_arn,
             })
         })
     }

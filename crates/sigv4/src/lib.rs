@@ -523,8 +523,18 @@ pub fn verify_v2_query(
                 .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
         )
         .collect();
-    amz.sort();
-    amz.dedup_by(|a, b| a.0 == b.0);
+    // Every value of a name counts, joined with commas in order (headers, then query), as
+    // S3 signs them: a second value the signer never saw changes the string to sign.
+    let amz: Vec<(String, String)> = {
+        let mut by_name: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (k, v) in amz.drain(..) {
+            by_name.entry(k).or_default().push(v);
+        }
+        by_name
+            .into_iter()
+            .map(|(k, vs)| (k, vs.join(",")))
+            .collect()
+    };
     let mut subs: Vec<String> = pairs
         .iter()
         .filter(|(k, _)| V2_SUBRESOURCES.contains(&k.as_str()))

@@ -179,13 +179,19 @@ impl Op<'_> {
     }
 
     fn permits(&self, owner: &str, action: &str, resource: &str, extra: &[(&str, String)]) -> bool {
-        let mut ctx = vec![
-            ("aws:SourceIp", self.peer.ip().to_string()),
-            ("aws:SecureTransport", "true".to_string()),
-        ];
-        ctx.extend(extra.iter().cloned());
+        let request = authn::RequestContext {
+            region: Some(self.state.endpoints.region.clone()),
+            ..authn::RequestContext::tls(self.peer.ip(), None, now() as i64)
+        };
         self.caller.account == owner
-            && authn::is_authorized_in(&self.state.registry, &self.caller, action, resource, &ctx)
+            && authn::is_authorized(
+                &self.state.registry,
+                &self.caller,
+                &request,
+                action,
+                resource,
+                extra,
+            )
     }
 
     /// The answer for a key that is not there: as S3, only a caller who may list the bucket
@@ -543,12 +549,31 @@ async fn serve_one(
     subs.sort_unstable();
     subs.dedup();
     let subs = subs.join(",");
+    let mut headers = parts.headers;
+    if v2 {
+        // A SigV2 presigned URL carries signed x-amz-* values in its query (botocore moves
+        // them there): S3 acts on them as headers. The signature covered every value of each
+        // name, so a name sent both ways was refused above unless signed so.
+        for (k, v) in &query {
+            let name = k.to_ascii_lowercase();
+            if name.starts_with("x-amz-")
+                && name != "x-amz-security-token"
+                && !headers.contains_key(name.as_str())
+                && let (Ok(n), Ok(v)) = (
+                    hyper::header::HeaderName::from_bytes(name.as_bytes()),
+                    hyper::header::HeaderValue::from_str(v),
+                )
+            {
+                headers.insert(n, v);
+            }
+        }
+    }
     let op = Op {
         state,
         caller,
         peer,
         method: parts.method,
-        headers: parts.headers,
+        headers,
         query,
         payload,
         host,

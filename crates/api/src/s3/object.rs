@@ -419,6 +419,11 @@ pub(super) async fn delete_objects(
     body: Incoming,
 ) -> Result<Response<Body>, S3Error> {
     let owner = op.owner(bucket)?;
+    // Each key is authorized below, but nobody outside the bucket's account may make us read
+    // a body at all (there are no bucket policies, so another account can delete nothing).
+    if op.caller.account != owner {
+        return Err(access_denied());
+    }
     let got = receive(op, body, MAX_XML_BODY, false).await?;
     let doc = xml::parse(&got.data).map_err(|_| malformed_xml())?;
     if doc.name != "Delete" {
