@@ -22,6 +22,25 @@ step "toolchain: $(rustc --version)"
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "docs/compatibility.md: every row names tests that exist"
+python3 scripts/check-compatibility-map.py
+
+# One crypto provider (aws-lc-rs). ring stays in Cargo.lock as an optional dependency of
+# rustls-webpki; `cargo tree -i ring` prints nothing (exit 0) while no feature pulls it in,
+# and fails with "did not match any packages" once it is not in the lock file at all.
+step "ring is not in the dependency graph"
+ring_err=$(mktemp)
+if ring_tree=$(cargo tree -i ring --workspace --locked 2>"$ring_err"); then
+  if [ -n "$ring_tree" ]; then
+    printf 'ring is linked (one crypto provider: aws-lc-rs):\n%s\n' "$ring_tree" >&2
+    exit 1
+  fi
+elif ! grep -q 'did not match any packages' "$ring_err"; then
+  cat "$ring_err" >&2
+  exit 1
+fi
+rm -f "$ring_err"
+
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
@@ -30,6 +49,11 @@ cargo test --workspace --locked
 
 step "building sekisho"
 cargo build --locked -p sekisho -p sekisho-bench
+
+# The fuzz crate (fuzz/, outside the workspace, its own Cargo.lock) builds on the stable
+# toolchain without instrumentation; fuzzing itself is `cargo +nightly fuzz run <target>`.
+step "fuzz targets compile"
+cargo build --manifest-path fuzz/Cargo.toml --locked
 
 step "end-to-end tests (AWS CLI, boto3, awsiotsdk, paho-mqtt, mosquitto)"
 # Our profile's ca_bundle must win: AWS_CA_BUNDLE in the environment would override it.

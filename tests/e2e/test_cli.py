@@ -79,6 +79,7 @@ def test_config_file_sets_ports_and_unknown_keys_are_errors(workdir):
 def test_account_create_adds_a_profile(workdir):
     s = Server(workdir / unique("accounts")).start()
     try:
+        created = time.monotonic()
         cp = subprocess.run([str(BIN), "account", "create", "tenant-b", "--data-dir", str(s.data_dir)],
                             capture_output=True, text=True, timeout=30)
         assert cp.returncode == 0, cp.stderr
@@ -90,12 +91,16 @@ def test_account_create_adds_a_profile(workdir):
         # The running server serves the new account within seconds, no restart; its profile
         # points at this server's control-plane port. The account is a separate namespace.
         b = s.boto(profile="tenant-b")
+        served = None
         for _ in range(100):
             try:
                 b.list_things()
+                served = time.monotonic() - created
                 break
             except Exception:
                 time.sleep(0.1)
+        # The server looks for new accounts every 2 s; a little more for the look itself.
+        assert served is not None and served < 3.0, f"the new account was served after {served} s"
         a = s.boto()
         a.create_thing(thingName="only-in-a")
         assert [t["thingName"] for t in b.list_things()["things"]] == []

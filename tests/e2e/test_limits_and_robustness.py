@@ -181,6 +181,8 @@ def test_topic_length_256_and_257(server, workdir):
     p.subscribe(ok, qos=1)
     p.c.publish(ok, b"x", qos=1)
     assert p.messages.get(timeout=5).topic == ok
+    # A filter of 257 bytes: refused in the SUBACK (0x8F), the connection kept.
+    assert p.subscribe("t" * 257, qos=1)[0].value == 0x8F
     p.c.publish("t" * 257, b"x", qos=1)
     rc = p.disconnects.get(timeout=5)
     assert rc.value == 0x90, f"Topic Name invalid, got {rc}"

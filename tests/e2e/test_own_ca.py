@@ -169,7 +169,9 @@ def test_just_in_time_registration(tenants, workdir):
     before = time.time() * 1000
     # The first connection registers the certificate and fails.
     assert mosquitto_pub(s, host, dev, "jitr-dev").returncode != 0
-    event = json.loads(w.messages.get(timeout=5).payload)
+    message = w.messages.get(timeout=5)
+    assert message.qos == 1, "the event is published at QoS 1"
+    event = json.loads(message.payload)
     assert set(event) == {"certificateId", "caCertificateId", "timestamp", "certificateStatus", "awsAccountId",
                           "certificateRegistrationTimestamp"}
     assert event["certificateId"] == cert_id(dev.cert)
