@@ -241,11 +241,10 @@ fn decode_segment(s: &str) -> String {
         .into_owned()
 }
 
-/// The XML namespace of a query-protocol request (IAM, STS), from its credential scope, so
-/// that even authentication errors come in the protocol's own form.
-fn query_service(req: &sekisho_sigv4::Request<'_>) -> Option<&'static str> {
-    let claim = sekisho_sigv4::parse(req).ok()?;
-    match claim.service.as_str() {
+/// The XML namespace of a query-protocol service (IAM, STS), from the claim's credential
+/// scope, so that even authentication errors come in the protocol's own form.
+fn query_namespace(service: &str) -> Option<&'static str> {
+    match service {
         "iam" => Some(xml::IAM_NS),
         "sts" => Some(xml::STS_NS),
         _ => None,
@@ -272,8 +271,12 @@ fn sigv4_error(e: &sekisho_sigv4::SigError) -> ApiError {
 use sekisho_auth::authn::AuthFailure;
 pub use sekisho_auth::authn::{Caller, RequestContext};
 
+/// Services the control plane serves.
+const SERVICES: &[&str] = &["iot", "iam", "sts"];
+
 /// Authenticates a control-plane request (services `iot`, `iam`, `sts`), with each protocol's
 /// error wording.
+#[cfg(test)]
 fn authenticate(
     state: &ApiState,
     req: &sekisho_sigv4::Request<'_>,
@@ -281,15 +284,19 @@ fn authenticate(
     let service = sekisho_sigv4::parse(req)
         .map(|c| c.service)
         .unwrap_or_default();
-    let query = service == "iam" || service == "sts";
     sekisho_auth::authn::authenticate(
         &state.registry,
         &state.endpoints.region,
         req,
-        &["iot", "iam", "sts"],
+        SERVICES,
         sekisho_sigv4::Options::default(),
     )
-    .map_err(|f| match f {
+    .map_err(|f| auth_error(f, query_namespace(&service).is_some()))
+}
+
+/// An authentication failure in the control plane's words (`query`: IAM and STS's).
+fn auth_error(f: AuthFailure, query: bool) -> ApiError {
+    match f {
         AuthFailure::Signature(e) => {
             let mut err = sigv4_error(&e);
             if query && err.code == "InvalidSignatureException" {
@@ -329,7 +336,7 @@ fn authenticate(
             },
             format!("Credential should be scoped to a valid region, not '{r}'."),
         ),
-    })
+    }
 }
 
 /// Authorizes a caller for `action` on `resource` with its IAM policies, or says
@@ -399,34 +406,35 @@ pub async fn handle(
     let headers = sekisho_auth::authn::header_pairs(&parts.headers);
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or("").to_owned();
-    // The claim is looked at before any body byte is read: a request that is not signed, or
-    // signed with a key nobody has, is refused at once and holds nothing.
-    {
-        let head = sekisho_sigv4::Request {
-            method: parts.method.as_str(),
-            path: &path,
-            query: &query,
-            headers: &headers,
-            body_sha256: "",
-        };
-        let known = sekisho_sigv4::parse(&head)
-            .ok()
-            .and_then(|c| state.registry.credential(&c.access_key));
-        if known.is_none() {
-            let e = match authenticate(&state, &head) {
-                Err(e) => e,
-                Ok(_) => ApiError::new(
-                    403,
-                    "UnrecognizedClientException",
-                    "The security token included in the request is invalid.",
-                ),
-            };
-            tracing::info!(method = %parts.method, %path, code = e.code, "request not authenticated");
-            return Ok(match query_service(&head) {
-                Some(ns) => xml::error_response(ns, &e),
-                None => error_response(&e),
-            });
+    // The claim is parsed once, and looked at before any body byte is read: a request that is
+    // not signed, or signed for another service or with a key nobody has, is refused at once
+    // and holds nothing.
+    let head = sekisho_sigv4::Request {
+        method: parts.method.as_str(),
+        path: &path,
+        query: &query,
+        headers: &headers,
+        body_sha256: "",
+    };
+    let claim = sekisho_sigv4::parse(&head);
+    let ns = claim
+        .as_ref()
+        .ok()
+        .and_then(|c| query_namespace(&c.service));
+    let refuse = |f: AuthFailure| {
+        let e = auth_error(f, ns.is_some());
+        tracing::info!(method = %parts.method, %path, code = e.code, "request not authenticated");
+        match ns {
+            Some(ns) => xml::error_response(ns, &e),
+            None => error_response(&e),
         }
+    };
+    let claim = match claim {
+        Ok(c) => c,
+        Err(e) => return Ok(refuse(AuthFailure::Signature(e))),
+    };
+    if let Err(f) = sekisho_auth::authn::precheck(&state.registry, &claim, SERVICES) {
+        return Ok(refuse(f));
     }
     let body = match sekisho_auth::http::read_body(
         body,
@@ -459,15 +467,16 @@ pub async fn handle(
         headers: &headers,
         body_sha256: &body_sha,
     };
-    let (caller, service) = match authenticate(&state, &sreq) {
+    let verified = sekisho_auth::authn::verify_claim(
+        &state.registry,
+        &state.endpoints.region,
+        &sreq,
+        claim,
+        sekisho_sigv4::Options::default(),
+    );
+    let (caller, service) = match verified {
         Ok(a) => a,
-        Err(e) => {
-            tracing::info!(method = %parts.method, %path, code = e.code, "request not authenticated");
-            return Ok(match query_service(&sreq) {
-                Some(ns) => xml::error_response(ns, &e),
-                None => error_response(&e),
-            });
-        }
+        Err(f) => return Ok(refuse(f)),
     };
     let call = Call {
         method: parts.method.clone(),

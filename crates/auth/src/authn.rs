@@ -87,19 +87,42 @@ pub fn authenticate(
     opts: sekisho_sigv4::Options,
 ) -> Result<(Caller, String), AuthFailure> {
     let claim = sekisho_sigv4::parse(req).map_err(AuthFailure::Signature)?;
+    precheck(registry, &claim, services)?;
+    verify_claim(registry, region, req, claim, opts)
+}
+
+/// What can be decided from a claim before the body is read: a service served here and a key
+/// that exists. A request that fails this is refused without reading its body.
+pub fn precheck(
+    registry: &Registry,
+    claim: &sekisho_sigv4::Claim,
+    services: &[&str],
+) -> Result<(), AuthFailure> {
     if !services.contains(&claim.service.as_str()) {
-        return Err(AuthFailure::Service(claim.service));
+        return Err(AuthFailure::Service(claim.service.clone()));
     }
+    if registry.credential(&claim.access_key).is_none() {
+        return Err(AuthFailure::UnknownKey);
+    }
+    Ok(())
+}
+
+/// Verifies a claim already parsed (and [`precheck`]ed) against the whole request: region,
+/// signature, and the credentials' token and expiry.
+pub fn verify_claim(
+    registry: &Registry,
+    region: &str,
+    req: &Request<'_>,
+    claim: sekisho_sigv4::Claim,
+    opts: sekisho_sigv4::Options,
+) -> Result<(Caller, String), AuthFailure> {
     let Some(cred) = registry.credential(&claim.access_key) else {
         return Err(AuthFailure::UnknownKey);
     };
     if !(claim.region == region || (claim.service == "iam" && claim.region == "us-east-1")) {
         return Err(AuthFailure::Region(claim.region));
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = now_secs() as i64;
     sekisho_sigv4::verify(req, &claim, &cred.secret_access_key, now, opts)
         .map_err(AuthFailure::Signature)?;
     let caller = caller_of(cred, claim.access_key, claim.security_token.as_deref())?;

@@ -201,24 +201,43 @@ async fn signed_request(
     body: Incoming,
 ) -> Response<Full<Bytes>> {
     let limits = &shared.config.aws;
-    // Nothing is read from a client whose key is unknown: the claim is looked at first.
-    let claim = sekisho_sigv4::parse(&sekisho_sigv4::Request {
-        method: parts.method.as_str(),
-        path: parts.uri.path(),
-        query: parts.uri.query().unwrap_or(""),
-        headers: &crate::authn::header_pairs(&parts.headers),
-        body_sha256: "",
-    });
-    let refused = match &claim {
-        Err(e) => Some(e.to_string()),
-        Ok(c) if shared.registry.credential(&c.access_key).is_none() => {
-            Some("The security token included in the request is invalid".to_string())
-        }
-        Ok(_) => None,
+    const SERVICES: &[&str] = &["iotdata", "iotdevicegateway"];
+    let refuse = |f: crate::authn::AuthFailure| {
+        tracing::info!(peer = %info.peer, failure = ?f, "iot-data request not authenticated");
+        let msg = match f {
+            crate::authn::AuthFailure::Expired => {
+                "The security token included in the request is expired".to_string()
+            }
+            crate::authn::AuthFailure::UnknownKey => {
+                "The security token included in the request is invalid".to_string()
+            }
+            crate::authn::AuthFailure::Signature(e) => e.to_string(),
+            crate::authn::AuthFailure::Service(s) => {
+                format!("Credential should be scoped to correct service, not '{s}'")
+            }
+            crate::authn::AuthFailure::Region(r) => {
+                format!("Credential should be scoped to a valid region, not '{r}'")
+            }
+        };
+        error(401, "UnauthorizedException", &msg)
     };
-    if let Some(msg) = refused {
-        tracing::info!(peer = %info.peer, %msg, "iot-data request refused before its body");
-        return error(401, "UnauthorizedException", &msg);
+    let headers = crate::authn::header_pairs(&parts.headers);
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or("").to_owned();
+    // The claim is parsed once, and looked at before the body is read: nothing is read from a
+    // client that did not sign, or signed with a key nobody has.
+    let claim = match sekisho_sigv4::parse(&sekisho_sigv4::Request {
+        method: parts.method.as_str(),
+        path: &path,
+        query: &query,
+        headers: &headers,
+        body_sha256: "",
+    }) {
+        Ok(c) => c,
+        Err(e) => return refuse(crate::authn::AuthFailure::Signature(e)),
+    };
+    if let Err(f) = crate::authn::precheck(&shared.registry, &claim, SERVICES) {
+        return refuse(f);
     }
     let body = match crate::read_body(body, limits.max_payload, crate::BODY_DEADLINE).await {
         Ok(b) => b,
@@ -231,9 +250,6 @@ async fn signed_request(
         }
         Err(_) => return error(408, "RequestTimeoutException", "Request Timeout"),
     };
-    let headers = crate::authn::header_pairs(&parts.headers);
-    let path = parts.uri.path().to_owned();
-    let query = parts.uri.query().unwrap_or("").to_owned();
     let sha = {
         use aws_lc_rs::digest;
         hex::encode(digest::digest(&digest::SHA256, &body))
@@ -245,34 +261,15 @@ async fn signed_request(
         headers: &headers,
         body_sha256: &sha,
     };
-    let region = shared.registry.region().to_owned();
-    let caller = match crate::authn::authenticate(
+    let caller = match crate::authn::verify_claim(
         &shared.registry,
-        &region,
+        shared.registry.region(),
         &sreq,
-        &["iotdata", "iotdevicegateway"],
+        claim,
         sekisho_sigv4::Options::default(),
     ) {
         Ok((c, _)) => c,
-        Err(f) => {
-            tracing::info!(peer = %info.peer, failure = ?f, "iot-data request not authenticated");
-            let msg = match f {
-                crate::authn::AuthFailure::Expired => {
-                    "The security token included in the request is expired".to_string()
-                }
-                crate::authn::AuthFailure::UnknownKey => {
-                    "The security token included in the request is invalid".to_string()
-                }
-                crate::authn::AuthFailure::Signature(e) => e.to_string(),
-                crate::authn::AuthFailure::Service(s) => {
-                    format!("Credential should be scoped to correct service, not '{s}'")
-                }
-                crate::authn::AuthFailure::Region(r) => {
-                    format!("Credential should be scoped to a valid region, not '{r}'")
-                }
-            };
-            return error(401, "UnauthorizedException", &msg);
-        }
+        Err(f) => return refuse(f),
     };
     // The endpoint's account: credentials of another account do not reach it.
     if !info.account.is_empty() && info.account != caller.account {

@@ -404,19 +404,23 @@ fn authenticate(
         // The signature covers the claimed hash; the body is checked against it as it arrives.
         body_sha256: claimed,
     };
-    let (caller, _) = authn::authenticate(
+    // Parsed once: the claim is verified, then (aws-chunked) seeds the chunk signer.
+    let fail = |f| auth_error(f, &state.endpoints.region, presigned);
+    let claim = sekisho_sigv4::parse(&sreq).map_err(|e| fail(AuthFailure::Signature(e)))?;
+    authn::precheck(&state.registry, &claim, &["s3"]).map_err(fail)?;
+    let (caller, _) = authn::verify_claim(
         &state.registry,
         &state.endpoints.region,
         &sreq,
-        &["s3"],
+        claim.clone(),
         sekisho_sigv4::Options {
             s3: true,
             token_outside_signature: false,
         },
     )
-    .map_err(|f| auth_error(f, &state.endpoints.region, presigned))?;
+    .map_err(fail)?;
     let signer = || -> Result<ChunkSigner, S3Error> {
-        let claim = sekisho_sigv4::parse(&sreq).map_err(|_| access_denied())?;
+        let claim = claim.clone();
         let cred = state
             .registry
             .credential(&claim.access_key)
