@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{ApiError, ApiState, Call};
 
-type Out = Result<Value, ApiError>;
+pub(crate) type Out = Result<Value, ApiError>;
 
 fn str_field<'a>(m: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, ApiError> {
     match m.get(name) {
@@ -62,254 +62,549 @@ fn seg(call: &Call, i: usize) -> &str {
     call.segments.get(i).map(String::as_str).unwrap_or("")
 }
 
-/// Routes a call to its operation.
-/// The IAM action (`iot:` + operation name) a request performs and the resource it names,
-/// for authorizing IAM users and roles (AWS's service authorization reference: list and
+/// What a route's IAM resource is (AWS's service authorization reference: list and
 /// account-wide operations take `*`).
-pub(crate) fn operation(state: &ApiState, call: &Call) -> (&'static str, String) {
-    let segs: Vec<&str> = call.segments.iter().map(String::as_str).collect();
-    let arn = |kind: &str, name: &str| state.registry.arn(&call.account, &format!("{kind}/{name}"));
-    let any = || "*".to_string();
-    let m = &call.method;
-    match (m, segs.as_slice()) {
-        (&Method::POST, ["things", n]) => ("CreateThing", arn("thing", n)),
-        (&Method::GET, ["things", n]) => ("DescribeThing", arn("thing", n)),
-        (&Method::PATCH, ["things", n]) => ("UpdateThing", arn("thing", n)),
-        (&Method::DELETE, ["things", n]) => ("DeleteThing", arn("thing", n)),
-        (&Method::GET, ["things"]) => ("ListThings", any()),
-        (&Method::PUT, ["things", n, "principals"]) => ("AttachThingPrincipal", arn("thing", n)),
-        (&Method::DELETE, ["things", n, "principals"]) => ("DetachThingPrincipal", arn("thing", n)),
-        (&Method::GET, ["things", n, "principals" | "principals-v2"]) => {
-            ("ListThingPrincipals", arn("thing", n))
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Res {
+    /// `*`.
+    Any,
+    /// `arn:aws:iot:<region>:<account>:<kind>/<path label at this index>`.
+    Label(&'static str, usize),
+}
+
+type Run = fn(&ApiState, &Call) -> Out;
+
+/// One control-plane operation, declared once: its route, the IAM action it is
+/// (`iot:<operation>`), the resource that action is authorized on (from the same path label
+/// the handler acts on), and the handler.
+pub(crate) struct Route {
+    method: Method,
+    path: &'static [&'static str],
+    /// The operation name, as botocore names it (and the IAM action's).
+    pub(crate) operation: &'static str,
+    pub(crate) resource: Res,
+    run: Run,
+}
+
+/// A path label in [`Route::path`].
+const L: &str = "{}";
+
+macro_rules! route {
+    ($m:ident, [$($p:expr),*], $op:literal, $res:expr, $run:expr) => {
+        Route {
+            method: Method::$m,
+            path: &[$($p),*],
+            operation: $op,
+            resource: $res,
+            run: $run,
         }
-        (&Method::GET, ["principals", "things" | "things-v2"]) => ("ListPrincipalThings", any()),
-        (&Method::POST, ["thing-types", n]) => ("CreateThingType", arn("thingtype", n)),
-        (&Method::GET, ["thing-types", n]) => ("DescribeThingType", arn("thingtype", n)),
-        (&Method::POST, ["thing-types", n, "deprecate"]) => {
-            ("DeprecateThingType", arn("thingtype", n))
+    };
+}
+
+const fn label(kind: &'static str) -> Res {
+    Res::Label(kind, 1)
+}
+
+const ANY: Res = Res::Any;
+
+/// Every IoT control-plane operation served.
+static ROUTES: &[Route] = &[
+    route!(
+        POST,
+        ["things", L],
+        "CreateThing",
+        label("thing"),
+        create_thing
+    ),
+    route!(
+        GET,
+        ["things", L],
+        "DescribeThing",
+        label("thing"),
+        describe_thing
+    ),
+    route!(
+        PATCH,
+        ["things", L],
+        "UpdateThing",
+        label("thing"),
+        update_thing
+    ),
+    route!(
+        DELETE,
+        ["things", L],
+        "DeleteThing",
+        label("thing"),
+        delete_thing
+    ),
+    route!(GET, ["things"], "ListThings", ANY, list_things),
+    route!(
+        PUT,
+        ["things", L, "principals"],
+        "AttachThingPrincipal",
+        label("thing"),
+        attach_thing_principal
+    ),
+    route!(
+        DELETE,
+        ["things", L, "principals"],
+        "DetachThingPrincipal",
+        label("thing"),
+        detach_thing_principal
+    ),
+    route!(
+        GET,
+        ["things", L, "principals"],
+        "ListThingPrincipals",
+        label("thing"),
+        |s, c| list_thing_principals(s, c, false)
+    ),
+    route!(
+        GET,
+        ["things", L, "principals-v2"],
+        "ListThingPrincipals",
+        label("thing"),
+        |s, c| list_thing_principals(s, c, true)
+    ),
+    route!(
+        GET,
+        ["principals", "things"],
+        "ListPrincipalThings",
+        ANY,
+        |s, c| list_principal_things(s, c, false)
+    ),
+    route!(
+        GET,
+        ["principals", "things-v2"],
+        "ListPrincipalThings",
+        ANY,
+        |s, c| list_principal_things(s, c, true)
+    ),
+    route!(
+        POST,
+        ["thing-types", L],
+        "CreateThingType",
+        label("thingtype"),
+        create_thing_type
+    ),
+    route!(
+        GET,
+        ["thing-types", L],
+        "DescribeThingType",
+        label("thingtype"),
+        describe_thing_type
+    ),
+    route!(
+        POST,
+        ["thing-types", L, "deprecate"],
+        "DeprecateThingType",
+        label("thingtype"),
+        deprecate_thing_type
+    ),
+    route!(
+        DELETE,
+        ["thing-types", L],
+        "DeleteThingType",
+        label("thingtype"),
+        |s, c| {
+            s.registry.delete_thing_type(&c.account, seg(c, 1))?;
+            Ok(json!({}))
         }
-        (&Method::DELETE, ["thing-types", n]) => ("DeleteThingType", arn("thingtype", n)),
-        (&Method::GET, ["thing-types"]) => ("ListThingTypes", any()),
-        (&Method::POST, ["keys-and-certificate"]) => ("CreateKeysAndCertificate", any()),
-        (&Method::POST, ["certificates"]) => ("CreateCertificateFromCsr", any()),
-        (&Method::GET, ["certificates", id]) => ("DescribeCertificate", arn("cert", id)),
-        (&Method::GET, ["certificates"]) => ("ListCertificates", any()),
-        (&Method::PUT, ["certificates", id]) => ("UpdateCertificate", arn("cert", id)),
-        (&Method::DELETE, ["certificates", id]) => ("DeleteCertificate", arn("cert", id)),
-        (&Method::GET, ["registrationcode"]) => ("GetRegistrationCode", any()),
-        (&Method::DELETE, ["registrationcode"]) => ("DeleteRegistrationCode", any()),
-        (&Method::POST, ["cacertificate"]) => ("RegisterCACertificate", any()),
-        (&Method::GET, ["cacertificate", id]) => ("DescribeCACertificate", arn("cacert", id)),
-        (&Method::PUT, ["cacertificate", id]) => ("UpdateCACertificate", arn("cacert", id)),
-        (&Method::DELETE, ["cacertificate", id]) => ("DeleteCACertificate", arn("cacert", id)),
-        (&Method::GET, ["cacertificates"]) => ("ListCACertificates", any()),
-        (&Method::POST, ["certificate", "register"]) => ("RegisterCertificate", any()),
-        (&Method::POST, ["certificate", "register-no-ca"]) => {
-            ("RegisterCertificateWithoutCA", any())
+    ),
+    route!(
+        GET,
+        ["thing-types"],
+        "ListThingTypes",
+        ANY,
+        list_thing_types
+    ),
+    route!(
+        POST,
+        ["keys-and-certificate"],
+        "CreateKeysAndCertificate",
+        ANY,
+        create_keys_and_certificate
+    ),
+    route!(
+        POST,
+        ["certificates"],
+        "CreateCertificateFromCsr",
+        ANY,
+        create_certificate_from_csr
+    ),
+    route!(
+        GET,
+        ["certificates", L],
+        "DescribeCertificate",
+        label("cert"),
+        describe_certificate
+    ),
+    route!(
+        GET,
+        ["certificates"],
+        "ListCertificates",
+        ANY,
+        list_certificates
+    ),
+    route!(
+        PUT,
+        ["certificates", L],
+        "UpdateCertificate",
+        label("cert"),
+        update_certificate
+    ),
+    route!(
+        DELETE,
+        ["certificates", L],
+        "DeleteCertificate",
+        label("cert"),
+        |s, c| {
+            s.registry
+                .delete_certificate(&c.account, seg(c, 1), c.q_bool("forceDelete")?)?;
+            Ok(json!({}))
         }
-        (&Method::GET, ["certificates-by-ca", _]) => ("ListCertificatesByCA", any()),
-        (&Method::POST, ["policies", n]) => ("CreatePolicy", arn("policy", n)),
-        (&Method::GET, ["policies", n]) => ("GetPolicy", arn("policy", n)),
-        (&Method::GET, ["policies"]) => ("ListPolicies", any()),
-        (&Method::DELETE, ["policies", n]) => ("DeletePolicy", arn("policy", n)),
-        (&Method::POST, ["policies", n, "version"]) => ("CreatePolicyVersion", arn("policy", n)),
-        (&Method::GET, ["policies", n, "version"]) => ("ListPolicyVersions", arn("policy", n)),
-        (&Method::GET, ["policies", n, "version", _]) => ("GetPolicyVersion", arn("policy", n)),
-        (&Method::PATCH, ["policies", n, "version", _]) => {
-            ("SetDefaultPolicyVersion", arn("policy", n))
+    ),
+    route!(
+        GET,
+        ["registrationcode"],
+        "GetRegistrationCode",
+        ANY,
+        |s, c| { Ok(json!({"registrationCode": s.registry.registration_code(&c.account)?})) }
+    ),
+    route!(
+        DELETE,
+        ["registrationcode"],
+        "DeleteRegistrationCode",
+        ANY,
+        |s, c| {
+            s.registry.delete_registration_code(&c.account)?;
+            Ok(json!({}))
         }
-        (&Method::DELETE, ["policies", n, "version", _]) => {
-            ("DeletePolicyVersion", arn("policy", n))
+    ),
+    route!(
+        POST,
+        ["cacertificate"],
+        "RegisterCACertificate",
+        ANY,
+        register_ca_certificate
+    ),
+    route!(
+        GET,
+        ["cacertificate", L],
+        "DescribeCACertificate",
+        label("cacert"),
+        describe_ca_certificate
+    ),
+    route!(
+        PUT,
+        ["cacertificate", L],
+        "UpdateCACertificate",
+        label("cacert"),
+        update_ca_certificate
+    ),
+    route!(
+        DELETE,
+        ["cacertificate", L],
+        "DeleteCACertificate",
+        label("cacert"),
+        |s, c| {
+            s.registry.delete_ca_certificate(&c.account, seg(c, 1))?;
+            Ok(json!({}))
         }
-        (&Method::PUT, ["target-policies", n]) => ("AttachPolicy", arn("policy", n)),
-        (&Method::POST, ["target-policies", n]) => ("DetachPolicy", arn("policy", n)),
-        (&Method::PUT, ["principal-policies", n]) => ("AttachPrincipalPolicy", arn("policy", n)),
-        (&Method::DELETE, ["principal-policies", n]) => ("DetachPrincipalPolicy", arn("policy", n)),
-        (&Method::POST, ["attached-policies", _]) => ("ListAttachedPolicies", any()),
-        (&Method::GET, ["principal-policies"]) => ("ListPrincipalPolicies", any()),
-        (&Method::POST, ["policy-targets", n]) => ("ListTargetsForPolicy", arn("policy", n)),
-        (&Method::GET, ["policy-principals"]) => ("ListPolicyPrincipals", any()),
-        (&Method::POST, ["effective-policies"]) => ("GetEffectivePolicies", any()),
-        (&Method::POST, ["role-aliases", n]) => ("CreateRoleAlias", arn("rolealias", n)),
-        (&Method::GET, ["role-aliases", n]) => ("DescribeRoleAlias", arn("rolealias", n)),
-        (&Method::PUT, ["role-aliases", n]) => ("UpdateRoleAlias", arn("rolealias", n)),
-        (&Method::DELETE, ["role-aliases", n]) => ("DeleteRoleAlias", arn("rolealias", n)),
-        (&Method::GET, ["role-aliases"]) => ("ListRoleAliases", any()),
-        (&Method::GET, ["endpoint"]) => ("DescribeEndpoint", any()),
-        (&Method::POST, ["test-authorization"]) => ("TestAuthorization", any()),
-        _ => ("Unknown", any()),
+    ),
+    route!(
+        GET,
+        ["cacertificates"],
+        "ListCACertificates",
+        ANY,
+        list_ca_certificates
+    ),
+    route!(
+        POST,
+        ["certificate", "register"],
+        "RegisterCertificate",
+        ANY,
+        |s, c| register_certificate(s, c, true)
+    ),
+    route!(
+        POST,
+        ["certificate", "register-no-ca"],
+        "RegisterCertificateWithoutCA",
+        ANY,
+        |s, c| register_certificate(s, c, false)
+    ),
+    route!(
+        GET,
+        ["certificates-by-ca", L],
+        "ListCertificatesByCA",
+        ANY,
+        list_certificates
+    ),
+    route!(
+        POST,
+        ["policies", L],
+        "CreatePolicy",
+        label("policy"),
+        create_policy
+    ),
+    route!(
+        GET,
+        ["policies", L],
+        "GetPolicy",
+        label("policy"),
+        get_policy
+    ),
+    route!(GET, ["policies"], "ListPolicies", ANY, list_policies),
+    route!(
+        DELETE,
+        ["policies", L],
+        "DeletePolicy",
+        label("policy"),
+        |s, c| {
+            s.registry.delete_policy(&c.account, seg(c, 1))?;
+            Ok(json!({}))
+        }
+    ),
+    route!(
+        POST,
+        ["policies", L, "version"],
+        "CreatePolicyVersion",
+        label("policy"),
+        create_policy_version
+    ),
+    route!(
+        GET,
+        ["policies", L, "version"],
+        "ListPolicyVersions",
+        label("policy"),
+        list_policy_versions
+    ),
+    route!(
+        GET,
+        ["policies", L, "version", L],
+        "GetPolicyVersion",
+        label("policy"),
+        get_policy_version
+    ),
+    route!(
+        PATCH,
+        ["policies", L, "version", L],
+        "SetDefaultPolicyVersion",
+        label("policy"),
+        |s, c| {
+            s.registry
+                .set_default_policy_version(&c.account, seg(c, 1), seg(c, 3))?;
+            Ok(json!({}))
+        }
+    ),
+    route!(
+        DELETE,
+        ["policies", L, "version", L],
+        "DeletePolicyVersion",
+        label("policy"),
+        |s, c| {
+            s.registry
+                .delete_policy_version(&c.account, seg(c, 1), seg(c, 3))?;
+            Ok(json!({}))
+        }
+    ),
+    route!(
+        PUT,
+        ["target-policies", L],
+        "AttachPolicy",
+        label("policy"),
+        |s, c| {
+            let b = c.json()?;
+            s.registry
+                .attach_policy(&c.account, seg(c, 1), required(&b, "target")?)?;
+            Ok(json!({}))
+        }
+    ),
+    route!(
+        POST,
+        ["target-policies", L],
+        "DetachPolicy",
+        label("policy"),
+        |s, c| {
+            let b = c.json()?;
+            s.registry
+                .detach_policy(&c.account, seg(c, 1), required(&b, "target")?)?;
+            Ok(json!({}))
+        }
+    ),
+    route!(
+        PUT,
+        ["principal-policies", L],
+        "AttachPrincipalPolicy",
+        label("policy"),
+        |s, c| {
+            let p = principal_header(c, "x-amzn-iot-principal")?;
+            s.registry.attach_policy(&c.account, seg(c, 1), p)?;
+            Ok(json!({}))
+        }
+    ),
+    route!(
+        DELETE,
+        ["principal-policies", L],
+        "DetachPrincipalPolicy",
+        label("policy"),
+        |s, c| {
+            let p = principal_header(c, "x-amzn-iot-principal")?;
+            s.registry.detach_policy(&c.account, seg(c, 1), p)?;
+            Ok(json!({}))
+        }
+    ),
+    route!(
+        POST,
+        ["attached-policies", L],
+        "ListAttachedPolicies",
+        ANY,
+        |s, c| {
+            let target = seg(c, 1).to_owned();
+            list_attached(s, c, &target)
+        }
+    ),
+    route!(
+        GET,
+        ["principal-policies"],
+        "ListPrincipalPolicies",
+        ANY,
+        |s, c| {
+            let p = principal_header(c, "x-amzn-iot-principal")?.to_owned();
+            list_attached(s, c, &p)
+        }
+    ),
+    route!(
+        POST,
+        ["policy-targets", L],
+        "ListTargetsForPolicy",
+        label("policy"),
+        |s, c| list_targets(s, c, "targets")
+    ),
+    route!(
+        GET,
+        ["policy-principals"],
+        "ListPolicyPrincipals",
+        ANY,
+        |s, c| {
+            let name = principal_header(c, "x-amzn-iot-policy")?.to_owned();
+            let (marker, size) = (c.q("marker"), c.q_int("pageSize", 1, 250, 250)? as usize);
+            let page = s
+                .registry
+                .list_targets_for_policy(&c.account, &name, marker, size)?;
+            Ok(json!({"principals": page.items, "nextMarker": page.next}))
+        }
+    ),
+    route!(
+        POST,
+        ["effective-policies"],
+        "GetEffectivePolicies",
+        ANY,
+        effective_policies
+    ),
+    route!(
+        POST,
+        ["role-aliases", L],
+        "CreateRoleAlias",
+        label("rolealias"),
+        put_role_alias
+    ),
+    route!(
+        GET,
+        ["role-aliases", L],
+        "DescribeRoleAlias",
+        label("rolealias"),
+        |s, c| {
+            let r = s.registry.describe_role_alias(&c.account, seg(c, 1))?;
+            Ok(json!({"roleAliasDescription": {"roleAlias": r.name,
+            "roleAliasArn": s.registry.arn(&c.account, &format!("rolealias/{}", r.name)),
+            "roleArn": r.role_arn, "owner": c.account, "credentialDurationSeconds": r.duration,
+            "creationDate": r.created, "lastModifiedDate": r.modified}}))
+        }
+    ),
+    route!(
+        PUT,
+        ["role-aliases", L],
+        "UpdateRoleAlias",
+        label("rolealias"),
+        put_role_alias
+    ),
+    route!(
+        DELETE,
+        ["role-aliases", L],
+        "DeleteRoleAlias",
+        label("rolealias"),
+        |s, c| {
+            s.registry.delete_role_alias(&c.account, seg(c, 1))?;
+            Ok(json!({}))
+        }
+    ),
+    route!(GET, ["role-aliases"], "ListRoleAliases", ANY, |s, c| {
+        let page = s.registry.list_role_aliases(
+            &c.account,
+            c.q_bool("isAscendingOrder")?,
+            c.q("marker"),
+            c.q_int("pageSize", 1, 250, 250)? as usize,
+        )?;
+        Ok(json!({"roleAliases": page.items, "nextMarker": page.next}))
+    }),
+    route!(
+        GET,
+        ["endpoint"],
+        "DescribeEndpoint",
+        ANY,
+        describe_endpoint
+    ),
+    route!(
+        POST,
+        ["test-authorization"],
+        "TestAuthorization",
+        ANY,
+        test_authorization
+    ),
+];
+
+impl Route {
+    /// The ARN this route's IAM action is authorized on, from the same path label its
+    /// handler acts on.
+    pub(crate) fn resource_arn(&self, state: &ApiState, call: &Call) -> String {
+        match self.resource {
+            Res::Any => "*".to_string(),
+            Res::Label(kind, i) => state
+                .registry
+                .arn(&call.account, &format!("{kind}/{}", seg(call, i))),
+        }
+    }
+
+    /// Runs the operation (once it is authorized).
+    pub(crate) fn run(&self, state: &ApiState, call: &Call) -> Out {
+        (self.run)(state, call)
     }
 }
 
-pub(crate) fn dispatch(state: &ApiState, call: &Call) -> Out {
-    let segs: Vec<&str> = call.segments.iter().map(String::as_str).collect();
-    let m = &call.method;
-    match (m, segs.as_slice()) {
-        (&Method::POST, ["things", _]) => create_thing(state, call),
-        (&Method::GET, ["things", _]) => describe_thing(state, call),
-        (&Method::PATCH, ["things", _]) => update_thing(state, call),
-        (&Method::DELETE, ["things", _]) => delete_thing(state, call),
-        (&Method::GET, ["things"]) => list_things(state, call),
-        (&Method::PUT, ["things", _, "principals"]) => attach_thing_principal(state, call),
-        (&Method::DELETE, ["things", _, "principals"]) => detach_thing_principal(state, call),
-        (&Method::GET, ["things", _, "principals"]) => list_thing_principals(state, call, false),
-        (&Method::GET, ["things", _, "principals-v2"]) => list_thing_principals(state, call, true),
-        (&Method::GET, ["principals", "things"]) => list_principal_things(state, call, false),
-        (&Method::GET, ["principals", "things-v2"]) => list_principal_things(state, call, true),
-        (&Method::POST, ["thing-types", _]) => create_thing_type(state, call),
-        (&Method::GET, ["thing-types", _]) => describe_thing_type(state, call),
-        (&Method::POST, ["thing-types", _, "deprecate"]) => deprecate_thing_type(state, call),
-        (&Method::DELETE, ["thing-types", _]) => {
-            state
-                .registry
-                .delete_thing_type(&call.account, seg(call, 1))?;
-            Ok(json!({}))
-        }
-        (&Method::GET, ["thing-types"]) => list_thing_types(state, call),
-        (&Method::POST, ["keys-and-certificate"]) => create_keys_and_certificate(state, call),
-        (&Method::POST, ["certificates"]) => create_certificate_from_csr(state, call),
-        (&Method::GET, ["certificates", _]) => describe_certificate(state, call),
-        (&Method::GET, ["certificates"]) => list_certificates(state, call),
-        (&Method::PUT, ["certificates", _]) => update_certificate(state, call),
-        (&Method::DELETE, ["certificates", _]) => {
-            state.registry.delete_certificate(
-                &call.account,
-                seg(call, 1),
-                call.q_bool("forceDelete")?,
-            )?;
-            Ok(json!({}))
-        }
-        (&Method::GET, ["registrationcode"]) => {
-            Ok(json!({"registrationCode": state.registry.registration_code(&call.account)?}))
-        }
-        (&Method::DELETE, ["registrationcode"]) => {
-            state.registry.delete_registration_code(&call.account)?;
-            Ok(json!({}))
-        }
-        (&Method::POST, ["cacertificate"]) => register_ca_certificate(state, call),
-        (&Method::GET, ["cacertificate", _]) => describe_ca_certificate(state, call),
-        (&Method::PUT, ["cacertificate", _]) => update_ca_certificate(state, call),
-        (&Method::DELETE, ["cacertificate", _]) => {
-            state
-                .registry
-                .delete_ca_certificate(&call.account, seg(call, 1))?;
-            Ok(json!({}))
-        }
-        (&Method::GET, ["cacertificates"]) => list_ca_certificates(state, call),
-        (&Method::POST, ["certificate", "register"]) => register_certificate(state, call, true),
-        (&Method::POST, ["certificate", "register-no-ca"]) => {
-            register_certificate(state, call, false)
-        }
-        (&Method::GET, ["certificates-by-ca", _]) => list_certificates(state, call),
-        (&Method::POST, ["policies", _]) => create_policy(state, call),
-        (&Method::GET, ["policies", _]) => get_policy(state, call),
-        (&Method::GET, ["policies"]) => list_policies(state, call),
-        (&Method::DELETE, ["policies", _]) => {
-            state.registry.delete_policy(&call.account, seg(call, 1))?;
-            Ok(json!({}))
-        }
-        (&Method::POST, ["policies", _, "version"]) => create_policy_version(state, call),
-        (&Method::GET, ["policies", _, "version"]) => list_policy_versions(state, call),
-        (&Method::GET, ["policies", _, "version", _]) => get_policy_version(state, call),
-        (&Method::PATCH, ["policies", _, "version", _]) => {
-            state
-                .registry
-                .set_default_policy_version(&call.account, seg(call, 1), seg(call, 3))?;
-            Ok(json!({}))
-        }
-        (&Method::DELETE, ["policies", _, "version", _]) => {
-            state
-                .registry
-                .delete_policy_version(&call.account, seg(call, 1), seg(call, 3))?;
-            Ok(json!({}))
-        }
-        (&Method::PUT, ["target-policies", _]) => {
-            let b = call.json()?;
-            state
-                .registry
-                .attach_policy(&call.account, seg(call, 1), required(&b, "target")?)?;
-            Ok(json!({}))
-        }
-        (&Method::POST, ["target-policies", _]) => {
-            let b = call.json()?;
-            state
-                .registry
-                .detach_policy(&call.account, seg(call, 1), required(&b, "target")?)?;
-            Ok(json!({}))
-        }
-        (&Method::PUT, ["principal-policies", _]) => {
-            let p = principal_header(call, "x-amzn-iot-principal")?;
-            state
-                .registry
-                .attach_policy(&call.account, seg(call, 1), p)?;
-            Ok(json!({}))
-        }
-        (&Method::DELETE, ["principal-policies", _]) => {
-            let p = principal_header(call, "x-amzn-iot-principal")?;
-            state
-                .registry
-                .detach_policy(&call.account, seg(call, 1), p)?;
-            Ok(json!({}))
-        }
-        (&Method::POST, ["attached-policies", _]) => {
-            let target = seg(call, 1).to_owned();
-            list_attached(state, call, &target)
-        }
-        (&Method::GET, ["principal-policies"]) => {
-            let p = principal_header(call, "x-amzn-iot-principal")?.to_owned();
-            list_attached(state, call, &p)
-        }
-        (&Method::POST, ["policy-targets", _]) => list_targets(state, call, "targets"),
-        (&Method::GET, ["policy-principals"]) => {
-            let name = principal_header(call, "x-amzn-iot-policy")?.to_owned();
-            let (marker, size) = (
-                call.q("marker"),
-                call.q_int("pageSize", 1, 250, 250)? as usize,
-            );
-            let page =
-                state
-                    .registry
-                    .list_targets_for_policy(&call.account, &name, marker, size)?;
-            Ok(json!({"principals": page.items, "nextMarker": page.next}))
-        }
-        (&Method::POST, ["effective-policies"]) => effective_policies(state, call),
-        (&Method::POST | &Method::PUT, ["role-aliases", _]) => put_role_alias(state, call),
-        (&Method::GET, ["role-aliases", _]) => {
-            let r = state
-                .registry
-                .describe_role_alias(&call.account, seg(call, 1))?;
-            Ok(json!({"roleAliasDescription": {"roleAlias": r.name,
-                "roleAliasArn": state.registry.arn(&call.account, &format!("rolealias/{}", r.name)),
-                "roleArn": r.role_arn, "owner": call.account, "credentialDurationSeconds": r.duration,
-                "creationDate": r.created, "lastModifiedDate": r.modified}}))
-        }
-        (&Method::DELETE, ["role-aliases", _]) => {
-            state
-                .registry
-                .delete_role_alias(&call.account, seg(call, 1))?;
-            Ok(json!({}))
-        }
-        (&Method::GET, ["role-aliases"]) => {
-            let page = state.registry.list_role_aliases(
-                &call.account,
-                call.q_bool("isAscendingOrder")?,
-                call.q("marker"),
-                call.q_int("pageSize", 1, 250, 250)? as usize,
-            )?;
-            Ok(json!({"roleAliases": page.items, "nextMarker": page.next}))
-        }
-        (&Method::GET, ["endpoint"]) => describe_endpoint(state, call),
-        (&Method::POST, ["test-authorization"]) => test_authorization(state, call),
-        _ => Err(ApiError::new(
-            404,
-            "UnknownOperationException",
-            format!(
-                "No operation matches {} /{}",
-                call.method,
-                call.segments.join("/")
-            ),
-        )),
-    }
+/// The operation a request names, if any.
+pub(crate) fn route(call: &Call) -> Option<&'static Route> {
+    ROUTES.iter().find(|r| {
+        r.method == call.method
+            && r.path.len() == call.segments.len()
+            && r.path
+                .iter()
+                .zip(&call.segments)
+                .all(|(p, s)| *p == L || p == s)
+    })
+}
+
+/// The error for a request that names no operation.
+pub(crate) fn unknown(call: &Call) -> ApiError {
+    ApiError::new(
+        404,
+        "UnknownOperationException",
+        format!(
+            "No operation matches {} /{}",
+            call.method,
+            call.segments.join("/")
+        ),
+    )
 }
 
 fn principal_header<'a>(call: &'a Call, name: &str) -> Result<&'a str, ApiError> {
@@ -1149,4 +1444,104 @@ fn test_authorization(state: &ApiState, call: &Call) -> Out {
         }));
     }
     Ok(json!({"authResults": results}))
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    fn call(method: Method, segments: Vec<String>) -> Call {
+        Call {
+            method,
+            segments,
+            query: vec![],
+            headers: vec![],
+            body: bytes::Bytes::new(),
+            account: "123456789012".into(),
+            caller: crate::Caller {
+                account: "123456789012".into(),
+                principal: IamPrincipal::Root,
+                session_policy: None,
+                temporary: false,
+                expiration: None,
+                access_key_id: "AKIA".into(),
+                context: Default::default(),
+                principal_id: "123456789012".into(),
+                principal_arn: String::new(),
+            },
+            request: Default::default(),
+        }
+    }
+
+    /// Every declared operation: its request finds exactly it (no two routes overlap), and the
+    /// ARN it is authorized on names the very path label its handler reads (`seg(call, 1)`),
+    /// whatever other labels say.
+    #[test]
+    fn every_route_authorizes_the_label_it_acts_on() {
+        let registry = Registry::in_memory("us-east-1").unwrap();
+        let state = ApiState {
+            registry: std::sync::Arc::new(registry),
+            broker: std::sync::Arc::new(sekisho_broker::Broker::new(Default::default())),
+            device_ca: std::sync::Arc::new(
+                sekisho_pki::Ca::generate("t", "t", time::OffsetDateTime::now_utc()).unwrap(),
+            ),
+            endpoints: crate::Endpoints {
+                region: "us-east-1".into(),
+                domain: "localhost".into(),
+            },
+            objects: None,
+            metrics_allow: vec![],
+        };
+        let mut names = std::collections::BTreeSet::new();
+        for r in ROUTES {
+            let segments: Vec<String> = r
+                .path
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    if *p == L {
+                        format!("name{i}")
+                    } else {
+                        (*p).to_string()
+                    }
+                })
+                .collect();
+            let c = call(r.method.clone(), segments);
+            let found = route(&c).unwrap();
+            assert!(
+                std::ptr::eq(found, r),
+                "{} is shadowed by {}",
+                r.operation,
+                found.operation
+            );
+            match r.resource {
+                Res::Any => assert_eq!(r.resource_arn(&state, &c), "*"),
+                Res::Label(kind, i) => {
+                    assert_eq!(
+                        r.path[i], L,
+                        "{}: the resource must come from a label",
+                        r.operation
+                    );
+                    assert_eq!(i, 1, "{}: handlers act on seg(call, 1)", r.operation);
+                    assert_eq!(
+                        r.resource_arn(&state, &c),
+                        format!("arn:aws:iot:us-east-1:123456789012:{kind}/name1"),
+                        "{}",
+                        r.operation
+                    );
+                }
+            }
+            names.insert(r.operation);
+        }
+        assert!(names.len() >= 55, "{} operations declared", names.len());
+        // Nothing else is served.
+        assert!(
+            route(&call(
+                Method::GET,
+                vec!["things".into(), "a".into(), "b".into()]
+            ))
+            .is_none()
+        );
+        assert!(route(&call(Method::PATCH, vec!["things".into()])).is_none());
+    }
 }

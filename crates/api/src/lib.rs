@@ -494,15 +494,19 @@ pub async fn handle(
     if service == "iam" || service == "sts" {
         return Ok(iam::dispatch(&state, &caller, &service, &call));
     }
-    let (operation, resource) = iot::operation(&state, &call);
-    let result = authorize(
-        &state,
-        &caller,
-        &call.request,
-        &format!("iot:{operation}"),
-        &resource,
-    )
-    .and_then(|()| iot::dispatch(&state, &call));
+    // One declaration per operation (iot::ROUTES): the IAM action, the resource derived from
+    // the path label the handler acts on, and the handler.
+    let result = match iot::route(&call) {
+        None => Err(iot::unknown(&call)),
+        Some(route) => authorize(
+            &state,
+            &caller,
+            &call.request,
+            &format!("iot:{}", route.operation),
+            &route.resource_arn(&state, &call),
+        )
+        .and_then(|()| route.run(&state, &call)),
+    };
     Ok(match result {
         Ok(v) => json_response(200, &v),
         Err(e) => {
