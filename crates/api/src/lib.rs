@@ -8,7 +8,6 @@
 
 mod iam;
 mod iot;
-pub mod s3;
 mod xml;
 
 use std::convert::Infallible;
@@ -25,8 +24,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Most connections open at once on one control-plane or S3 listener; more are closed at once.
-pub const MAX_HTTPS_CONNECTIONS: usize = 10_000;
+pub use sekisho_auth::http::MAX_HTTPS_CONNECTIONS;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -65,7 +63,7 @@ pub struct ApiState {
     /// Endpoint naming.
     pub endpoints: Endpoints,
     /// The object store, for its sizes in `/metrics`.
-    pub objects: Option<Arc<s3::store::Store>>,
+    pub objects: Option<Arc<sekisho_s3::store::Store>>,
     /// Who may read `/metrics` (unsigned, like Prometheus scrapes): its totals span every
     /// account, so by default only the machine itself (loopback).
     pub metrics_allow: Vec<ipnet::IpNet>,
@@ -605,7 +603,7 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     shutdown: watch::Receiver<bool>,
 ) {
-    serve_https(
+    sekisho_auth::http::serve_https(
         listener,
         tls,
         shutdown,
@@ -614,73 +612,6 @@ pub async fn serve(
         move |peer, req| handle(state.clone(), peer, req),
     )
     .await
-}
-
-/// Serves the S3-compatible object store over HTTPS on `listener` until shutdown.
-pub async fn serve_s3(
-    state: Arc<s3::S3State>,
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    shutdown: watch::Receiver<bool>,
-) {
-    serve_https(
-        listener,
-        tls,
-        shutdown,
-        "S3",
-        MAX_HTTPS_CONNECTIONS,
-        move |peer, req| s3::handle(state.clone(), peer, req),
-    )
-    .await
-}
-
-/// Accepts TLS connections, at most `cap` at once, and serves HTTP/1.1 on each with
-/// `service(peer, request)`.
-async fn serve_https<F, Fut, B>(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    mut shutdown: watch::Receiver<bool>,
-    what: &'static str,
-    cap: usize,
-    service: F,
-) where
-    F: Fn(std::net::SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
-    while let Some((tcp, peer)) = sekisho_auth::http::accept(&listener, &mut shutdown).await {
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "{what}: {cap} connections open; connection refused");
-            continue;
-        };
-        let acceptor = acceptor.clone();
-        let service = service.clone();
-        // Responses go out as headers and body in separate writes; without this, Nagle's
-        // algorithm meets the client's delayed ACK and every small response waits ~40 ms.
-        let _ = tcp.set_nodelay(true);
-        tokio::spawn(async move {
-            let Ok(Ok(tls)) =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
-            else {
-                tracing::debug!(%peer, "{what}: TLS handshake failed");
-                return;
-            };
-            let svc = hyper::service::service_fn(move |req| service(peer, req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(sekisho_auth::http::HEADER_DEADLINE)
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "{what}: connection ended");
-            }
-            drop(slot);
-        });
-    }
 }
 
 #[cfg(test)]
@@ -739,73 +670,6 @@ mod tests {
         };
         headers.push(("authorization".to_string(), auth));
         (headers, sha)
-    }
-
-    /// A listener holds `cap` connections; the next is closed at accept, and a slot freed is
-    /// usable again.
-    #[tokio::test]
-    async fn connection_cap_at_n_and_n_plus_1() {
-        use tokio::io::AsyncReadExt as _;
-        #[derive(Debug)]
-        struct NoCert;
-        impl rustls::server::ResolvesServerCert for NoCert {
-            fn resolve(
-                &self,
-                _: rustls::server::ClientHello<'_>,
-            ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-                None
-            }
-        }
-        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(NoCert));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_stop, shutdown) = watch::channel(false);
-        tokio::spawn(serve_https(
-            listener,
-            Arc::new(tls),
-            shutdown,
-            "test",
-            2,
-            |_, _req: Request<Incoming>| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-            },
-        ));
-        let connect = || tokio::net::TcpStream::connect(addr);
-        // Closed by the server: reading gives end of file quickly.
-        async fn closed(s: &mut tokio::net::TcpStream) -> bool {
-            let mut b = [0u8; 1];
-            matches!(
-                tokio::time::timeout(std::time::Duration::from_millis(500), s.read(&mut b)).await,
-                Ok(Ok(0)) | Ok(Err(_))
-            )
-        }
-        let mut a = connect().await.unwrap();
-        let mut b = connect().await.unwrap();
-        let mut c = connect().await.unwrap();
-        assert!(closed(&mut c).await, "connection N+1 must be refused");
-        assert!(
-            !closed(&mut a).await && !closed(&mut b).await,
-            "N connections are held"
-        );
-        // The slot is freed once the server has seen the client go; until then, newcomers are
-        // still refused. Within a few tries one must be held.
-        drop(a);
-        let mut held = false;
-        for _ in 0..20 {
-            let mut d = connect().await.unwrap();
-            if !closed(&mut d).await {
-                held = true;
-                break;
-            }
-        }
-        assert!(held, "a freed slot is used again");
-        assert!(!closed(&mut b).await, "the other connection is still held");
     }
 
     #[test]

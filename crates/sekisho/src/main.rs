@@ -236,8 +236,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::write(layout.path("s3.port"), config.ports.s3.to_string())
         .context("recording the S3 port")?;
     let store = Arc::new(
-        sekisho_api::s3::store::Store::open(&layout.path("s3"))
-            .context("opening the object store")?,
+        sekisho_s3::store::Store::open(&layout.path("s3")).context("opening the object store")?,
     );
     let registry = Arc::new(material.registry);
     let broker = Arc::new(Broker::new(config.limits.broker()));
@@ -276,10 +275,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
 
     let limits = config.limits.clone();
-    let s3_state = Arc::new(sekisho_api::s3::S3State {
+    let s3_state = Arc::new(sekisho_s3::S3State {
         registry: registry.clone(),
         store: store.clone(),
-        endpoints: api_state.endpoints.clone(),
+        endpoints: sekisho_s3::Endpoints {
+            region: config.region.clone(),
+            domain: config.domain.clone(),
+        },
         max_uploads: Box::new(move |account| limits.multipart_uploads_of(account)),
     });
 
@@ -339,7 +341,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ));
     }
     for l in bind_all(&config.bind, config.ports.s3, "S3").await? {
-        tasks.spawn(sekisho_api::serve_s3(
+        tasks.spawn(sekisho_s3::serve(
             s3_state.clone(),
             l,
             tls.plain(),
@@ -452,7 +454,7 @@ async fn wait_for_signal() {
 
 /// Aborts multipart uploads left unfinished for `days` days, at start and every hour.
 async fn expire_uploads(
-    store: Arc<sekisho_api::s3::store::Store>,
+    store: Arc<sekisho_s3::store::Store>,
     days: u32,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {

@@ -113,10 +113,25 @@ fn attach(stack: &mut [Node], root: &mut Option<Node>, node: Node) {
 }
 
 /// Escapes text for an XML element.
-pub use crate::xml::esc;
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
 
 /// `<name>escaped text</name>`.
-pub use crate::xml::el;
+pub fn el(name: &str, text: &str) -> String {
+    format!("<{name}>{}</{name}>", esc(text))
+}
 
 /// S3's timestamp: ISO 8601 with milliseconds.
 pub fn time(epoch: f64) -> String {

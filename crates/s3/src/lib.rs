@@ -52,7 +52,40 @@ use self::checksum::{Algorithm, Hasher};
 use self::chunked::{ChunkError, ChunkSigner, Decoder};
 use self::store::{MAX_KEY_LEN, MAX_PART_NUMBER, MAX_PUT_SIZE, ObjectMeta, Store, StoreError};
 use self::xml::{el, esc};
-use crate::Endpoints;
+
+/// Where the store is reached: virtual-hosted requests name `<bucket>.s3.<region>.<domain>`.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// Region, e.g. `us-east-1`.
+    pub region: String,
+    /// Base domain, e.g. `localhost`.
+    pub domain: String,
+}
+
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(q.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// Serves the object store over HTTPS on `listener` until shutdown (at most
+/// [`sekisho_auth::http::MAX_HTTPS_CONNECTIONS`] connections at once).
+pub async fn serve(
+    state: Arc<S3State>,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    sekisho_auth::http::serve_https(
+        listener,
+        tls,
+        shutdown,
+        "S3",
+        sekisho_auth::http::MAX_HTTPS_CONNECTIONS,
+        move |peer, req| handle(state.clone(), peer, req),
+    )
+    .await
+}
 
 /// Largest XML request body (DeleteObjects, CompleteMultipartUpload, CreateBucket).
 pub const MAX_XML_BODY: u64 = 4 * 1024 * 1024;
@@ -506,7 +539,7 @@ async fn serve_one(
     let (parts, body) = req.into_parts();
     let raw_path = parts.uri.path().to_owned();
     let raw_query = parts.uri.query().unwrap_or("").to_owned();
-    let query = crate::parse_query(&raw_query);
+    let query = parse_query(&raw_query);
     let host = parts
         .headers
         .get("host")
