@@ -179,18 +179,41 @@ fn caller_of(
     })
 }
 
+/// Why credentials authenticated earlier no longer stand ([`still_valid`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    /// The key was deleted or deactivated, or its user or role was deleted.
+    Gone,
+    /// The user or role was deleted and another of the same name created.
+    Replaced,
+    /// Temporary credentials past their expiry.
+    Expired,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Invalid::Gone => "access key deleted or deactivated, or its user or role deleted",
+            Invalid::Replaced => "the user or role was deleted and re-created",
+            Invalid::Expired => "credentials expired",
+        })
+    }
+}
+
+impl std::error::Error for Invalid {}
+
 /// Whether credentials authenticated earlier (by a long-lived connection) still stand: the
 /// key still exists and is active (a session still has its token and has not expired), and it
-/// still stands for the same user or role (by unique id, not by name). The error says why not.
-pub fn still_valid(registry: &Registry, caller: &Caller) -> Result<(), &'static str> {
+/// still stands for the same user or role (by unique id, not by name).
+pub fn still_valid(registry: &Registry, caller: &Caller) -> Result<(), Invalid> {
     let Some(cred) = registry.credential(&caller.access_key_id) else {
-        return Err("access key deleted or deactivated, or its user or role deleted");
+        return Err(Invalid::Gone);
     };
     if cred.principal_id != caller.principal_id || cred.account_id != caller.account {
-        return Err("the user or role was deleted and re-created");
+        return Err(Invalid::Replaced);
     }
     if cred.expiration.is_some_and(|e| now_secs() >= e) {
-        return Err("credentials expired");
+        return Err(Invalid::Expired);
     }
     Ok(())
 }

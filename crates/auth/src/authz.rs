@@ -214,10 +214,10 @@ pub struct PrivateEndpoint {
 /// Why a principal can no longer act.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoked {
-    /// The certificate is no longer ACTIVE (or was deleted).
-    Certificate(String),
-    /// IAM credentials expired, or their user or role was deleted.
-    Credentials(String),
+    /// The certificate is no longer ACTIVE, was deleted, or its CA was.
+    Certificate(sekisho_registry::Unusable),
+    /// IAM credentials expired, were deleted or deactivated, or their user or role was.
+    Credentials(crate::authn::Invalid),
 }
 
 /// The IAM side of a principal connected with SigV4 (MQTT over WebSocket).
@@ -263,7 +263,7 @@ impl Principal {
         // The certificate (and its CA) may have left ACTIVE since the handshake.
         registry
             .certificate_usable(account, certificate_id)
-            .map_err(RegistryError::NotFound)?;
+            .map_err(|why| RegistryError::NotFound(why.to_string()))?;
         let identity = registry.certificate_identity(account, certificate_id, client_id)?;
         // Through a private endpoint AWS gives the VPC keys and no aws:SourceIp.
         let ip = source_ip.map(|i| i.to_string());
@@ -306,7 +306,7 @@ impl Principal {
     ) -> Result<Principal, RegistryError> {
         // Credentials may have been revoked since the upgrade was authenticated.
         crate::authn::still_valid(&registry, &caller)
-            .map_err(|why| RegistryError::NotFound(why.into()))?;
+            .map_err(|why| RegistryError::NotFound(why.to_string()))?;
         let account = caller.account.clone();
         let identity = iam_identity(&registry, &caller).ok_or_else(|| {
             RegistryError::NotFound("the caller's user or role no longer exists".into())
@@ -422,13 +422,13 @@ impl Principal {
                 .expiration
                 .is_some_and(|e| sekisho_registry::now_secs() >= e)
             {
-                return Err(Revoked::Credentials("credentials expired".into()));
+                return Err(Revoked::Credentials(crate::authn::Invalid::Expired));
             }
             if self.registry.generation() != self.identity.generation {
                 crate::authn::still_valid(&self.registry, &iam.caller)
-                    .map_err(|why| Revoked::Credentials(why.into()))?;
+                    .map_err(Revoked::Credentials)?;
                 let Some(id) = iam_identity(&self.registry, &iam.caller) else {
-                    return Err(Revoked::Credentials("user or role deleted".into()));
+                    return Err(Revoked::Credentials(crate::authn::Invalid::Gone));
                 };
                 self.identity = id;
                 self.bind();
@@ -450,14 +450,15 @@ impl Principal {
                     self.identity = id;
                     self.bind();
                 }
-                Err(_) => return Err(Revoked::Certificate("certificate deleted".into())),
+                Err(_) => {
+                    return Err(Revoked::Certificate(sekisho_registry::Unusable::Deleted));
+                }
             }
         }
         match self.identity.status {
             CertStatus::Active => Ok(()),
-            s => Err(Revoked::Certificate(format!(
-                "certificate is {}",
-                s.as_str()
+            s => Err(Revoked::Certificate(sekisho_registry::Unusable::NotActive(
+                s,
             ))),
         }
     }

@@ -193,8 +193,12 @@ impl Shared {
             let why = match &caller {
                 Some(c) => authn::still_valid(&self.registry, c)
                     .err()
-                    .map(str::to_owned),
-                None => self.registry.certificate_usable(&account, &id).err(),
+                    .map(|e| e.to_string()),
+                None => self
+                    .registry
+                    .certificate_usable(&account, &id)
+                    .err()
+                    .map(|e| e.to_string()),
             };
             if let Some(why) = why {
                 let n = self.kick_certificate(&account, &id);

@@ -571,32 +571,26 @@ impl Registry {
 
     /// Whether a registered certificate may still act, as a connection already authenticated
     /// with it must re-check on every request: it is registered in the account, ACTIVE, and its
-    /// CA (if any) is still registered and ACTIVE. The error says why not.
+    /// CA (if any) is still registered and ACTIVE.
     pub fn certificate_usable(
         &self,
         account: &str,
         certificate_id: &str,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), Unusable> {
         self.read_state(|st| {
-            let a = st
-                .accounts
-                .get(account)
-                .ok_or_else(|| format!("account {account} is gone"))?;
+            let a = st.accounts.get(account).ok_or(Unusable::AccountGone)?;
             let cert = a
                 .certificates
                 .get(certificate_id)
-                .ok_or_else(|| format!("certificate {certificate_id} was deleted"))?;
+                .ok_or(Unusable::Deleted)?;
             if cert.status != CertStatus::Active {
-                return Err(format!(
-                    "certificate {certificate_id} is {}",
-                    cert.status.as_str()
-                ));
+                return Err(Unusable::NotActive(cert.status));
             }
             if let Some(ca_id) = &cert.ca_certificate_id {
                 match a.ca_certificates.get(ca_id) {
                     Some(ca) if ca.status == CaStatus::Active => {}
-                    Some(_) => return Err(format!("its CA {ca_id} is INACTIVE")),
-                    None => return Err(format!("its CA {ca_id} is no longer registered")),
+                    Some(_) => return Err(Unusable::CaInactive(ca_id.clone())),
+                    None => return Err(Unusable::CaDeleted(ca_id.clone())),
                 }
             }
             Ok(())
@@ -614,4 +608,24 @@ impl Registry {
         })
         .unwrap_or_default()
     }
+}
+
+/// Why a registered certificate can no longer act ([`Registry::certificate_usable`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unusable {
+    /// Its account no longer exists.
+    #[error("the account is gone")]
+    AccountGone,
+    /// The certificate was deleted.
+    #[error("the certificate was deleted")]
+    Deleted,
+    /// The certificate left ACTIVE.
+    #[error("the certificate is {}", .0.as_str())]
+    NotActive(CertStatus),
+    /// Its CA was deactivated.
+    #[error("its CA {0} is INACTIVE")]
+    CaInactive(String),
+    /// Its CA was deleted.
+    #[error("its CA {0} is no longer registered")]
+    CaDeleted(String),
 }
