@@ -22,8 +22,9 @@ step "toolchain: $(rustc --version)"
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "docs/compatibility.md: every row names tests that exist"
-python3 scripts/check-compatibility-map.py
+step "docs/compatibility.md and docs/security.md: every row names tests that exist"
+python3 scripts/check-compatibility-map.py docs/compatibility.md
+python3 scripts/check-compatibility-map.py docs/security.md
 
 # One crypto provider (aws-lc-rs). ring stays in Cargo.lock as an optional dependency of
 # rustls-webpki; `cargo tree -i ring` prints nothing (exit 0) while no feature pulls it in,
