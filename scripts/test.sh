@@ -53,8 +53,11 @@ cargo build --locked -p sekisho -p sekisho-bench
 
 # The fuzz crate (fuzz/, outside the workspace, its own Cargo.lock) builds on the stable
 # toolchain without instrumentation; fuzzing itself is `cargo +nightly fuzz run <target>`.
+# In the workspace's target directory it reuses most of the dependencies just built (same
+# versions and profile; a separate directory would build them all again), and neither build
+# invalidates the other's.
 step "fuzz targets compile"
-cargo build --manifest-path fuzz/Cargo.toml --locked
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" cargo build --manifest-path fuzz/Cargo.toml --locked
 
 step "end-to-end tests (AWS CLI, boto3, awsiotsdk, paho-mqtt, mosquitto)"
 # Our profile's ca_bundle must win: AWS_CA_BUNDLE in the environment would override it.
