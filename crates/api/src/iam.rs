@@ -74,6 +74,17 @@ pub(crate) fn dispatch(
         return xml::error_response(ns, &ApiError::new(400, "MissingAction", "Missing Action"));
     };
     let req = &call.request;
+    // GetSessionToken credentials without MFA may not call IAM (AWS answers so).
+    if service == "iam" && caller.from_get_session_token {
+        return xml::error_response(
+            ns,
+            &ApiError::new(
+                403,
+                "InvalidClientTokenId",
+                "The security token included in the request is invalid: GetSessionToken credentials cannot call IAM without MFA",
+            ),
+        );
+    }
     let out = if service == "sts" {
         sts(state, caller, req, &action, &params)
     } else {
@@ -248,6 +259,32 @@ fn target(reg: &Registry, caller: &Caller, action: &str, p: &Params) -> Result<T
             format!("Could not find operation {action} for version 2010-05-08"),
         ));
     };
+    // Names are bounded before anything is authorized (IAM's limits): the authorized ARN is
+    // built from them.
+    let bounded = |what: &str, v: &str, max: usize| {
+        if v.chars().count() > max {
+            Err(ApiError::new(
+                400,
+                "ValidationError",
+                format!(
+                    "1 validation error detected: Value at '{what}' failed to satisfy constraint: Member must have length less than or equal to {max}"
+                ),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    for (what, max) in [
+        ("UserName", 64),
+        ("RoleName", 64),
+        ("PolicyName", 128),
+        ("PolicyArn", 2048),
+        ("Path", 512),
+    ] {
+        if let Some(v) = p.get(what) {
+            bounded(what, v, max)?;
+        }
+    }
     let user = |name: &str| {
         let path = arn_path(reg.get_user(acct, name).ok().map(|u| u.path), p);
         Target {
@@ -613,7 +650,7 @@ fn sts(
                 ));
             }
             let s = reg
-                .create_session(&caller.account, caller.principal.clone(), secs, None)
+                .create_session_token(&caller.account, caller.principal.clone(), secs)
                 .map_err(iam_error)?;
             Ok(credentials_xml(&s))
         }
@@ -689,7 +726,7 @@ fn assume_role(
     let pinned = caller.principal == IamPrincipal::Root
         || match role.trust_ids.get(entity) {
             Some(id) => *id == caller.principal_id,
-            None => !role.trust.contains(&format!("\"{entity}\"")),
+            None => !sekisho_registry::trust_principal_arns(&role.trust).contains(entity),
         };
     let (caller_arn, caller_role_arn) = if pinned {
         (caller_arn, caller_role_arn)
@@ -794,6 +831,7 @@ mod tests {
             context: Default::default(),
             principal_id: "AIDAX".into(),
             principal_arn: String::new(),
+            from_get_session_token: false,
         };
         let carol = format!("arn:aws:iam::{acct}:policy/carol");
         let params = Params(vec![

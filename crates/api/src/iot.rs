@@ -954,6 +954,13 @@ fn registration_config_json(c: &RegistrationConfig) -> Value {
     v
 }
 
+/// The certificate id (SHA-256 of the DER) of the first certificate in a PEM text.
+fn pem_certificate_id(pem: &str) -> Option<String> {
+    sekisho_pki::pem_to_der(pem)
+        .ok()
+        .map(|der| sekisho_pki::certificate_id(&der))
+}
+
 fn register_ca_certificate(state: &ApiState, call: &Call) -> Out {
     let b = call.json()?;
     let mode = match str_field(&b, "certificateMode")? {
@@ -965,10 +972,23 @@ fn register_ca_certificate(state: &ApiState, call: &Call) -> Out {
             )));
         }
     };
+    let pem = required(&b, "caCertificate")?;
+    // Sekisho's own device CA (it signs every account's CreateKeysAndCertificate and CSRs)
+    // is no account's to register: with auto-registration, one tenant would claim the
+    // certificates issued to all others.
+    if pem_certificate_id(pem).as_deref()
+        == Some(sekisho_pki::certificate_id(state.device_ca.cert_der()).as_str())
+    {
+        return Err(ApiError::new(
+            400,
+            "CertificateValidationException",
+            "This CA certificate is Sekisho's own device CA and cannot be registered",
+        ));
+    }
     let ca = state.registry.register_ca_certificate(
         &call.account,
         NewCaCertificate {
-            pem: required(&b, "caCertificate")?.to_owned(),
+            pem: pem.to_owned(),
             verification_pem: str_field(&b, "verificationCertificate")?.map(str::to_owned),
             mode,
             active: call.q_bool("setAsActive")?,
@@ -1468,6 +1488,7 @@ mod route_tests {
                 context: Default::default(),
                 principal_id: "123456789012".into(),
                 principal_arn: String::new(),
+                from_get_session_token: false,
             },
             request: Default::default(),
         }

@@ -30,6 +30,8 @@ pub struct Caller {
     /// The IAM ARN of the user, role or root, with its path (for a role session, the role's
     /// ARN, as `aws:PrincipalArn` is on AWS).
     pub principal_arn: String,
+    /// Credentials from GetSessionToken (no MFA here): refused by IAM, as on AWS.
+    pub from_get_session_token: bool,
 }
 
 impl Caller {
@@ -176,6 +178,7 @@ fn caller_of(
         context: cred.context,
         principal_id: cred.principal_id,
         principal_arn: cred.principal_arn,
+        from_get_session_token: cred.from_get_session_token,
     })
 }
 
@@ -277,7 +280,7 @@ impl RequestContext {
 }
 
 /// An IPv4 client on a dual-stack socket shows as `::ffff:a.b.c.d`; policies name it as IPv4.
-fn unmapped(ip: std::net::IpAddr) -> std::net::IpAddr {
+pub fn unmapped(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {
         std::net::IpAddr::V6(v6) => v6
             .to_ipv4_mapped()

@@ -211,6 +211,23 @@ pub struct PrivateEndpoint {
     pub vpc_id: String,
 }
 
+/// The network keys of a connection, as [`crate::authn::RequestContext::keys`] gives them:
+/// `aws:SourceIp` on a public endpoint; through a private one `aws:SourceVpce`,
+/// `aws:SourceVpc` and `aws:VpcSourceIp` and no `aws:SourceIp`. IPv4 clients of a dual-stack
+/// socket are named as IPv4.
+type NetworkKeys = (Option<String>, Option<(String, String, String)>);
+
+fn network_keys(source_ip: Option<IpAddr>, private: Option<&PrivateEndpoint>) -> NetworkKeys {
+    let ip = source_ip.map(|i| crate::authn::unmapped(i).to_string());
+    match private {
+        Some(p) => (
+            None,
+            Some((p.vpce_id.clone(), p.vpc_id.clone(), ip.unwrap_or_default())),
+        ),
+        None => (ip, None),
+    }
+}
+
 /// Why a principal can no longer act.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoked {
@@ -265,15 +282,7 @@ impl Principal {
             .certificate_usable(account, certificate_id)
             .map_err(|why| RegistryError::NotFound(why.to_string()))?;
         let identity = registry.certificate_identity(account, certificate_id, client_id)?;
-        // Through a private endpoint AWS gives the VPC keys and no aws:SourceIp.
-        let ip = source_ip.map(|i| i.to_string());
-        let (source_ip, vpc) = match (private, ip) {
-            (Some(p), ip) => (
-                None,
-                Some((p.vpce_id.clone(), p.vpc_id.clone(), ip.unwrap_or_default())),
-            ),
-            (None, ip) => (ip, None),
-        };
+        let (source_ip, vpc) = network_keys(source_ip, private);
         let mut ctx = ConnContext {
             client_id: client_id.map(str::to_owned),
             source_ip,
@@ -303,6 +312,7 @@ impl Principal {
         caller: crate::authn::Caller,
         client_id: Option<&str>,
         source_ip: Option<IpAddr>,
+        private: Option<&PrivateEndpoint>,
     ) -> Result<Principal, RegistryError> {
         // Credentials may have been revoked since the upgrade was authenticated.
         crate::authn::still_valid(&registry, &caller)
@@ -329,9 +339,11 @@ impl Principal {
             "aws:requestedregion".to_string(),
             registry.region().to_owned(),
         );
+        let (source_ip, vpc) = network_keys(source_ip, private);
         let mut ctx = ConnContext {
             client_id: client_id.map(str::to_owned),
-            source_ip: source_ip.map(|i| i.to_string()),
+            source_ip,
+            vpc,
             iam_keys: Some(Arc::new(iam_keys)),
             ..ConnContext::default()
         };
@@ -358,33 +370,32 @@ impl Principal {
     pub fn fresh(&self) -> Result<Principal, RegistryError> {
         let client = self.ctx.client_id.as_deref();
         let parse = |s: &Option<String>| s.as_deref().and_then(|i| i.parse::<IpAddr>().ok());
+        let (ip, private) = match &self.ctx.vpc {
+            Some((vpce, vpc, ip)) => (
+                ip.parse::<IpAddr>().ok(),
+                Some(PrivateEndpoint {
+                    vpce_id: vpce.clone(),
+                    vpc_id: vpc.clone(),
+                }),
+            ),
+            None => (parse(&self.ctx.source_ip), None),
+        };
         let mut p = match &self.iam {
             Some(iam) => Principal::iam(
                 self.registry.clone(),
                 iam.caller.clone(),
                 client,
-                parse(&self.ctx.source_ip),
+                ip,
+                private.as_ref(),
             )?,
-            None => {
-                let (ip, private) = match &self.ctx.vpc {
-                    Some((vpce, vpc, ip)) => (
-                        ip.parse::<IpAddr>().ok(),
-                        Some(PrivateEndpoint {
-                            vpce_id: vpce.clone(),
-                            vpc_id: vpc.clone(),
-                        }),
-                    ),
-                    None => (parse(&self.ctx.source_ip), None),
-                };
-                Principal::certificate(
-                    self.registry.clone(),
-                    &self.account,
-                    &self.identity.certificate_id,
-                    client,
-                    ip,
-                    private.as_ref(),
-                )?
-            }
+            None => Principal::certificate(
+                self.registry.clone(),
+                &self.account,
+                &self.identity.certificate_id,
+                client,
+                ip,
+                private.as_ref(),
+            )?,
         };
         p.ctx.connect_attributes = self.ctx.connect_attributes.clone();
         p.bind();
@@ -530,4 +541,30 @@ fn iam_identity(registry: &Registry, caller: &crate::authn::Caller) -> Option<Ce
         policies,
         generation,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections name their network as requests do: IPv4 clients of a dual-stack socket as
+    /// IPv4, and through a private endpoint the VPC keys instead of aws:SourceIp.
+    #[test]
+    fn network_keys_match_request_keys() {
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(network_keys(Some(mapped), None), (Some("127.0.0.1".into()), None));
+        let private = PrivateEndpoint {
+            vpce_id: "vpce-1".into(),
+            vpc_id: "vpc-1".into(),
+        };
+        assert_eq!(
+            network_keys(Some(mapped), Some(&private)),
+            (
+                None,
+                Some(("vpce-1".into(), "vpc-1".into(), "127.0.0.1".into()))
+            )
+        );
+        let request = crate::authn::RequestContext::tls(mapped, None, 0);
+        assert!(request.keys().contains(&("aws:SourceIp", "127.0.0.1".to_string())));
+    }
 }

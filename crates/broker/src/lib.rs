@@ -123,6 +123,23 @@ impl Default for Quotas {
     }
 }
 
+/// Bytes of an account's offline quota held by something outside the broker's queues (a
+/// delayed will); given back when dropped.
+pub struct OfflineReservation {
+    broker: Arc<Broker>,
+    account: String,
+    bytes: u64,
+}
+
+impl Drop for OfflineReservation {
+    fn drop(&mut self) {
+        let mut inner = self.broker.lock();
+        if let Some(acct) = inner.get_mut(&self.account) {
+            acct.offline_bytes = acct.offline_bytes.saturating_sub(self.bytes);
+        }
+    }
+}
+
 /// Broker settings.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -756,6 +773,28 @@ impl Broker {
         })
     }
 
+    /// Reserves `bytes` of the account's offline quota for something held for a disconnected
+    /// client (a delayed will); `None` when the quota cannot take them. The bytes return when
+    /// the reservation is dropped.
+    pub fn reserve_offline(
+        self: &Arc<Self>,
+        account: &str,
+        bytes: u64,
+    ) -> Option<OfflineReservation> {
+        let max = self.config.quotas(account).offline_bytes;
+        let mut inner = self.lock();
+        let acct = inner.entry(account.to_owned()).or_default();
+        if acct.offline_bytes + bytes > max {
+            return None;
+        }
+        acct.offline_bytes += bytes;
+        Some(OfflineReservation {
+            broker: self.clone(),
+            account: account.to_owned(),
+            bytes,
+        })
+    }
+
     /// Whether `client_id` may have a session: it has one already, or the account holds fewer
     /// sessions (connected or persisted) than its quota.
     pub fn session_allowed(&self, account: &str, client_id: &str) -> bool {
@@ -1076,5 +1115,21 @@ mod tests {
         assert!(!b.session_allowed("acct", "c3"), "N+1");
         assert!(b.session_allowed("acct", "c1"), "an existing session");
         assert!(b.session_allowed("other", "c3"), "another account");
+    }
+
+    /// Delayed wills hold their bytes against the offline quota until they are sent or dropped.
+    #[test]
+    fn offline_reservations_count_and_return() {
+        let b = Arc::new(quota_broker(Quotas {
+            offline_bytes: 100,
+            ..Quotas::default()
+        }));
+        let r1 = b.reserve_offline("acct", 60).unwrap();
+        assert!(b.reserve_offline("acct", 41).is_none(), "N+1");
+        let r2 = b.reserve_offline("acct", 40).unwrap();
+        assert!(b.reserve_offline("other", 100).is_some(), "per account");
+        drop(r1);
+        assert!(b.reserve_offline("acct", 60).is_some());
+        drop(r2);
     }
 }

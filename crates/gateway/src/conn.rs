@@ -370,6 +370,7 @@ impl Connection {
                 (**caller).clone(),
                 Some(&client_id),
                 Some(info.peer.ip()),
+                info.endpoint.private.as_ref(),
             ),
             None => Principal::certificate(
                 shared.registry.clone(),
@@ -1133,6 +1134,7 @@ impl Connection {
             .map(|e| e.clamp(1, MAX_MESSAGE_EXPIRY));
         let props = forwarded(&w.properties);
         let (topic, retain) = (w.topic.clone(), w.retain);
+        let weight = (w.topic.len() + w.payload.len()) as u64;
         let broker = self.shared.broker.clone();
         let account = self.account.clone();
         let client = self.client_id.clone();
@@ -1161,7 +1163,15 @@ impl Connection {
             let Ok(mut later) = self.principal.fresh() else {
                 return;
             };
+            // Held for up to the session expiry: its bytes count against the account's
+            // offline quota meanwhile, as queued messages do.
+            let Some(reservation) = self.shared.broker.reserve_offline(&self.account, weight)
+            else {
+                tracing::info!(client_id = %self.client_id, "offline quota full; delayed will dropped");
+                return;
+            };
             tokio::spawn(async move {
+                let _reservation = reservation;
                 tokio::time::sleep(Duration::from_secs(delay as u64)).await;
                 let allowed = later.refresh().is_ok()
                     && later.allowed("iot:publish", "topic", &topic)

@@ -89,6 +89,7 @@ async fn connection_ends_when_temporary_credentials_expire() {
         context: Default::default(),
         principal_id: account.clone(),
         principal_arn: String::new(),
+        from_get_session_token: false,
     };
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let task = tokio::spawn(sekisho_gateway::conn::serve(
@@ -146,6 +147,7 @@ async fn iam_policies_decide_connect() {
             context: Default::default(),
             principal_id: shared.registry.get_user(&account, "u").unwrap().id,
             principal_arn: String::new(),
+            from_get_session_token: false,
         };
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(sekisho_gateway::conn::serve(

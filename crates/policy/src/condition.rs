@@ -216,17 +216,18 @@ pub fn parse_date(s: &str) -> Option<f64> {
     if let Ok(n) = s.parse::<f64>()
         && !s.contains('-')
     {
-        return Some(n);
+        return n.is_finite().then_some(n);
     }
     let num = |t: &str| -> Option<i64> {
-        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+        (!t.is_empty() && t.len() <= 9 && t.bytes().all(|b| b.is_ascii_digit()))
             .then(|| t.parse().ok())
             .flatten()
     };
     let (date, rest) = s.split_at(s.find('T').unwrap_or(s.len()));
     let mut d = date.split('-');
     let (y, m, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
-    if d.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+    // Years 0 to 9999 (ISO 8601 without expansion): the arithmetic below cannot overflow.
+    if d.next().is_some() || y > 9999 || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
         return None;
     }
     // Days from the civil date (Howard Hinnant's algorithm).
@@ -260,7 +261,7 @@ pub fn parse_date(s: &str) -> Option<f64> {
         }
         None => 0.0,
     };
-    if parts.next().is_some() || h > 23 || mi > 59 || sec >= 61.0 {
+    if parts.next().is_some() || h > 23 || mi > 59 || !(0.0..61.0).contains(&sec) {
         return None;
     }
     secs += (h * 3600 + mi * 60) as f64 + sec;
@@ -269,7 +270,11 @@ pub fn parse_date(s: &str) -> Option<f64> {
         o => {
             let sign = if o.starts_with('-') { 1.0 } else { -1.0 };
             let (oh, om) = o[1..].split_once(':').unwrap_or((&o[1..], "0"));
-            secs += sign * ((num(oh)? * 3600 + num(om)? * 60) as f64);
+            let (oh, om) = (num(oh)?, num(om)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            secs += sign * ((oh * 3600 + om * 60) as f64);
         }
     }
     Some(secs)

@@ -61,6 +61,11 @@ pub fn decide<'a>(
     )
 }
 
+/// Longest resource (an ARN, at most 2048 characters on AWS) and action a decision looks at: a
+/// longer one is denied outright, so that no request can make matching cost more than a
+/// bounded amount (wildcard matching is O(pattern x input)).
+pub const MAX_DECIDED_LEN: usize = 4096;
+
 /// Explicit Deny wins (and stops), then any Allow, else the default deny. Allow statements are
 /// not evaluated once one has matched.
 fn first_decision<'a>(
@@ -69,6 +74,9 @@ fn first_decision<'a>(
     resource: &str,
     ctx: &dyn Context,
 ) -> Decision {
+    if resource.len() > MAX_DECIDED_LEN || action.len() > MAX_DECIDED_LEN {
+        return Decision::ImplicitDeny;
+    }
     let mut allowed = false;
     for st in statements {
         if (st.effect == Effect::Deny || !allowed) && statement_matches(st, action, resource, ctx) {
@@ -94,6 +102,13 @@ pub fn explain<'a>(
 ) -> Evaluation {
     let mut allowed_by = Vec::new();
     let mut denied_by = Vec::new();
+    if resource.len() > MAX_DECIDED_LEN || action.len() > MAX_DECIDED_LEN {
+        return Evaluation {
+            decision: Decision::ImplicitDeny,
+            allowed_by,
+            denied_by,
+        };
+    }
     for (i, p) in policies.into_iter().enumerate() {
         let mut allow = false;
         let mut deny = false;

@@ -21,7 +21,7 @@ mod pattern;
 use std::collections::HashMap;
 
 pub use condition::{Operator, Qualifier, parse_date};
-pub use eval::{Caller, Decision, Evaluation, decide, decide_trust, explain};
+pub use eval::{Caller, Decision, Evaluation, MAX_DECIDED_LEN, decide, decide_trust, explain};
 pub use parse::{Dialect, MAX_IOT_POLICY_CHARS, PolicyError, non_whitespace_len};
 pub use pattern::Pattern;
 

@@ -89,12 +89,12 @@ impl Pattern {
 
 /// Iterative wildcard match with single-star backtracking: O(len(p) * len(s)) worst case,
 /// no recursion, no allocation.
-fn glob(p: &[Tok], s: &str) -> bool {
-    let s: &[u8] = s.as_bytes();
-    // Work on chars without allocating: walk UTF-8 boundaries by hand.
+fn glob(p: &[Tok], text: &str) -> bool {
+    let s: &[u8] = text.as_bytes();
+    // The char at byte `i` (always a boundary here) in O(1): no re-validation of the rest,
+    // which made every step linear and the match quadratic in the input.
     let next_char = |i: usize| -> Option<(char, usize)> {
-        let rest = std::str::from_utf8(&s[i..]).ok()?;
-        let c = rest.chars().next()?;
+        let c = text.get(i..)?.chars().next()?;
         Some((c, i + c.len_utf8()))
     };
     let (mut pi, mut si) = (0usize, 0usize);

@@ -448,3 +448,28 @@ fn date_conditions_compare_times() {
     // A malformed date in a policy is refused when the policy is written.
     assert!(Policy::parse(r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"DateLessThan":{"aws:CurrentTime":"soon"}}}}"#, Dialect::IamIdentity).is_err());
 }
+
+/// Matching cost is bounded: a resource over MAX_DECIDED_LEN is denied outright (wildcard
+/// matching is O(pattern x input); it was quadratic in the input, re-validating the rest of the
+/// string per step).
+#[test]
+fn huge_inputs_cost_little_and_are_denied() {
+    let doc = r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"iam:*","Resource":"arn:aws:iam::*:user/${aws:username}"}}"#;
+    let mut c = MapContext::new();
+    c.set("aws:username", "alice");
+    let p = bind(doc, &c);
+    let huge = format!("arn:aws:iam::1:user/{}", "a".repeat(900_000));
+    assert_eq!(
+        decide([&p], "iam:listaccesskeys", &huge, &c),
+        Decision::ImplicitDeny
+    );
+    assert_eq!(MAX_DECIDED_LEN, 4096);
+    // Under the bound, a long input is matched in linear time.
+    let long = format!("arn:aws:iam::1:user/{}", "a".repeat(4000));
+    assert!(Pattern::new("arn:aws:iam::*:user/*b").matches(&format!("{long}b")));
+    assert!(!Pattern::new("arn:aws:iam::*:user/*b").matches(&long));
+    assert_eq!(
+        decide([&p], "iam:listaccesskeys", "arn:aws:iam::1:user/alice", &c),
+        Decision::Allowed
+    );
+}

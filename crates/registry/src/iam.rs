@@ -120,6 +120,42 @@ pub struct Session {
     /// old one's sessions. Sessions stored without it (before it existed) are not honoured.
     #[serde(default)]
     pub principal_id: Option<String>,
+    /// Issued by GetSessionToken (without MFA): as on AWS, such credentials may not call IAM.
+    #[serde(default)]
+    pub from_get_session_token: bool,
+}
+
+/// Most unexpired STS sessions one account may hold (every session is kept in memory and on
+/// disk); beyond it AssumeRole, GetSessionToken and the credential provider answer
+/// LimitExceeded until some expire.
+pub const MAX_SESSIONS_PER_ACCOUNT: usize = 200_000;
+
+/// Longest session policy (AWS: 2,048 characters of plaintext).
+pub const MAX_SESSION_POLICY_CHARS: usize = 2048;
+
+/// The ARNs a trust policy names in `Principal` or `NotPrincipal` `AWS` entries, as parsed
+/// (JSON escapes resolved).
+pub fn trust_principal_arns(trust: &str) -> Vec<String> {
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(trust) else {
+        return Vec::new();
+    };
+    let statements = match &doc["Statement"] {
+        serde_json::Value::Array(v) => v.clone(),
+        v => vec![v.clone()],
+    };
+    let mut arns = Vec::new();
+    for st in &statements {
+        for element in ["Principal", "NotPrincipal"] {
+            match &st[element]["AWS"] {
+                serde_json::Value::String(a) => arns.push(a.clone()),
+                serde_json::Value::Array(v) => {
+                    arns.extend(v.iter().filter_map(|a| a.as_str().map(str::to_owned)))
+                }
+                _ => {}
+            }
+        }
+    }
+    arns
 }
 
 /// The unique id of a principal as it exists now: the account id for the root, the user's or
@@ -176,6 +212,8 @@ pub struct Credential {
     /// The IAM ARN of that entity, with its path (for a role session, the role's ARN):
     /// `aws:PrincipalArn`.
     pub principal_arn: String,
+    /// Issued by GetSessionToken: may not call IAM.
+    pub from_get_session_token: bool,
 }
 
 /// Most seconds STS credentials may last without a role (GetSessionToken).
@@ -424,23 +462,7 @@ impl Registry {
     /// The unique ids of the IAM users and roles a trust policy names by ARN (in any account
     /// of this registry), as they exist now.
     fn principal_ids(&self, trust: &str) -> BTreeMap<String, String> {
-        let Ok(doc) = serde_json::from_str::<serde_json::Value>(trust) else {
-            return BTreeMap::new();
-        };
-        let statements = match &doc["Statement"] {
-            serde_json::Value::Array(v) => v.clone(),
-            v => vec![v.clone()],
-        };
-        let mut arns = Vec::new();
-        for st in &statements {
-            match &st["Principal"]["AWS"] {
-                serde_json::Value::String(a) => arns.push(a.clone()),
-                serde_json::Value::Array(v) => {
-                    arns.extend(v.iter().filter_map(|a| a.as_str().map(str::to_owned)))
-                }
-                _ => {}
-            }
-        }
+        let arns = trust_principal_arns(trust);
         self.read_state(|st| {
             arns.into_iter()
                 .filter_map(|arn| {
@@ -701,6 +723,16 @@ impl Registry {
         self.create_session_with(account, principal, seconds, session_policy, BTreeMap::new())
     }
 
+    /// GetSessionToken: temporary credentials of a user or the root, which may not call IAM.
+    pub fn create_session_token(
+        &self,
+        account: &str,
+        principal: IamPrincipal,
+        seconds: u32,
+    ) -> Result<Session> {
+        self.create_session_inner(account, principal, seconds, None, BTreeMap::new(), true)
+    }
+
     /// Issues temporary credentials that carry condition keys (the credential provider).
     pub fn create_session_with(
         &self,
@@ -709,6 +741,18 @@ impl Registry {
         seconds: u32,
         session_policy: Option<&str>,
         context: BTreeMap<String, String>,
+    ) -> Result<Session> {
+        self.create_session_inner(account, principal, seconds, session_policy, context, false)
+    }
+
+    fn create_session_inner(
+        &self,
+        account: &str,
+        principal: IamPrincipal,
+        seconds: u32,
+        session_policy: Option<&str>,
+        context: BTreeMap<String, String>,
+        from_get_session_token: bool,
     ) -> Result<Session> {
         if let Some(p) = session_policy {
             check_policy(p, Dialect::IamIdentity)?;
@@ -723,7 +767,13 @@ impl Registry {
             session_policy: session_policy.map(str::to_owned),
             context,
             principal_id: None,
+            from_get_session_token,
         };
+        if session_policy.is_some_and(|p| p.chars().count() > MAX_SESSION_POLICY_CHARS) {
+            return Err(RegistryError::InvalidRequest(format!(
+                "1 validation error detected: Value at 'policy' failed to satisfy constraint: Member must have length less than or equal to {MAX_SESSION_POLICY_CHARS}"
+            )));
+        }
         self.write_global(account, |st, tx| {
             let mut s = s;
             s.principal_id = Some(principal_id(st, account, &s.principal).ok_or_else(|| {
@@ -745,6 +795,17 @@ impl Registry {
                         key: k,
                     });
                 }
+            }
+            if st
+                .sessions
+                .values()
+                .filter(|x| x.account_id == account)
+                .count()
+                >= MAX_SESSIONS_PER_ACCOUNT
+            {
+                return Err(RegistryError::LimitExceeded(format!(
+                    "The account holds {MAX_SESSIONS_PER_ACCOUNT} unexpired sessions, the most it may"
+                )));
             }
             tx.put(Kind::Session, &s.access_key_id, &s)?;
             st.sessions.insert(s.access_key_id.clone(), s.clone());
@@ -777,6 +838,7 @@ impl Registry {
                     context: BTreeMap::new(),
                     principal_id,
                     principal_arn,
+                    from_get_session_token: false,
                 });
             }
             let s = st.sessions.get(access_key_id)?;
@@ -795,6 +857,7 @@ impl Registry {
                 context: s.context.clone(),
                 principal_id: now_id,
                 principal_arn,
+                from_get_session_token: s.from_get_session_token,
             })
         })
     }

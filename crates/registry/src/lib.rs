@@ -35,7 +35,9 @@ pub use cas::{Authentication, CaUpdate, MAX_CAS_PER_SUBJECT, NewCaCertificate, R
 pub use certs::NewCertificate;
 pub use error::RegistryError;
 pub use iam::{
-    Credential, IamPrincipal, IamRole, IamUser, MAX_SESSION_TOKEN_SECONDS, ManagedPolicy, Session,
+    Credential, IamPrincipal, IamRole, IamUser, MAX_SESSION_POLICY_CHARS,
+    MAX_SESSION_TOKEN_SECONDS, MAX_SESSIONS_PER_ACCOUNT, ManagedPolicy, Session,
+    trust_principal_arns,
 };
 pub use model::*;
 pub use policies::{MAX_POLICIES_PER_TARGET, MAX_POLICY_VERSIONS};
