@@ -257,6 +257,8 @@ pub struct Principal {
     arn_prefix: String,
     scratch: String,
     iam: Option<Box<IamParts>>,
+    /// Whether a bound policy reads `aws:CurrentTime` or `aws:EpochTime`.
+    reads_time: bool,
 }
 
 impl std::fmt::Debug for Principal {
@@ -300,6 +302,7 @@ impl Principal {
             arn_prefix,
             scratch: String::with_capacity(128),
             iam: None,
+            reads_time: false,
         };
         p.bind();
         Ok(p)
@@ -358,6 +361,7 @@ impl Principal {
             arn_prefix,
             scratch: String::with_capacity(128),
             iam: Some(Box::new(IamParts { caller, session })),
+            reads_time: false,
         };
         p.bind();
         Ok(p)
@@ -420,13 +424,24 @@ impl Principal {
         {
             *bound = doc.bind(&self.ctx);
         }
+        let reads_time =
+            |b: &BoundPolicy| b.reads_key("aws:CurrentTime") || b.reads_key("aws:EpochTime");
+        self.reads_time = self.bound.iter().any(reads_time)
+            || self
+                .iam
+                .as_ref()
+                .and_then(|i| i.session.as_ref())
+                .is_some_and(|(_, b)| reads_time(b));
     }
 
     /// Re-reads the identity if the registry changed since it was bound (every change of
     /// policy, attachment, thing or certificate status moves the generation), and fails once
     /// the certificate is no longer ACTIVE. Costs one atomic load when nothing changed.
     pub fn refresh(&mut self) -> Result<(), Revoked> {
-        self.ctx.set_time(sekisho_registry::now_secs() as i64);
+        // The clock is read only for policies that decide on it (hot path: one flag).
+        if self.reads_time {
+            self.ctx.set_time(sekisho_registry::now_secs() as i64);
+        }
         if let Some(iam) = &self.iam {
             if iam
                 .caller
@@ -552,7 +567,10 @@ mod tests {
     #[test]
     fn network_keys_match_request_keys() {
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
-        assert_eq!(network_keys(Some(mapped), None), (Some("127.0.0.1".into()), None));
+        assert_eq!(
+            network_keys(Some(mapped), None),
+            (Some("127.0.0.1".into()), None)
+        );
         let private = PrivateEndpoint {
             vpce_id: "vpce-1".into(),
             vpc_id: "vpc-1".into(),
@@ -565,6 +583,10 @@ mod tests {
             )
         );
         let request = crate::authn::RequestContext::tls(mapped, None, 0);
-        assert!(request.keys().contains(&("aws:SourceIp", "127.0.0.1".to_string())));
+        assert!(
+            request
+                .keys()
+                .contains(&("aws:SourceIp", "127.0.0.1".to_string()))
+        );
     }
 }

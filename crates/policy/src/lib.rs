@@ -169,6 +169,17 @@ pub struct BoundPolicy {
     pub(crate) statements: Vec<BoundStatement>,
 }
 
+impl BoundPolicy {
+    /// Whether any condition of the policy reads `key` (case-insensitive): lets a caller
+    /// supply costly keys (the time) only to policies that use them.
+    pub fn reads_key(&self, key: &str) -> bool {
+        self.statements
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .any(|c| c.key.eq_ignore_ascii_case(key))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BoundStatement {
     pub(crate) effect: Effect,
