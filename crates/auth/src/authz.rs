@@ -31,10 +31,9 @@ pub struct ConnContext {
     cert: Option<Arc<sekisho_pki::CertInfo>>,
     /// An IAM caller's keys ([`crate::authn::principal_keys`]), by lower-cased name.
     iam_keys: Option<Arc<HashMap<String, String>>>,
-    /// `aws:EpochTime` and `aws:CurrentTime` as of the last [`ConnContext::set_time`].
-    now: i64,
-    epoch_text: String,
-    iso_text: String,
+    /// `aws:EpochTime` and `aws:CurrentTime` as of the last [`ConnContext::set_time`] (boxed:
+    /// only connections whose policies read the time pay for it).
+    time: Option<Box<(i64, String, String)>>,
     /// Lower-cased `iot:certificate.*` keys to (values, multi-valued), built on first use.
     cert_vars: std::sync::OnceLock<CertVars>,
 }
@@ -108,18 +107,17 @@ impl ConnContext {
 
     /// Sets `aws:EpochTime` and `aws:CurrentTime` (text rebuilt only when the second changes).
     pub fn set_time(&mut self, now: i64) {
-        if now == self.now && !self.epoch_text.is_empty() {
+        if self.time.as_ref().is_some_and(|t| t.0 == now) {
             return;
         }
-        self.now = now;
-        self.epoch_text = now.to_string();
-        self.iso_text = time::OffsetDateTime::from_unix_timestamp(now)
+        let iso = time::OffsetDateTime::from_unix_timestamp(now)
             .ok()
             .and_then(|t| {
                 t.format(&time::format_description::well_known::Rfc3339)
                     .ok()
             })
             .unwrap_or_default();
+        self.time = Some(Box::new((now, now.to_string(), iso)));
     }
 
     /// The thing associated with the connection.
@@ -144,10 +142,14 @@ impl Context for ConnContext {
             return Some(Value::One("true"));
         }
         if key.eq_ignore_ascii_case("aws:EpochTime") {
-            return Some(Value::One(&self.epoch_text)).filter(|_| !self.epoch_text.is_empty());
+            return self.time.as_ref().map(|t| Value::One(t.1.as_str()));
         }
         if key.eq_ignore_ascii_case("aws:CurrentTime") {
-            return Some(Value::One(&self.iso_text)).filter(|_| !self.iso_text.is_empty());
+            return self
+                .time
+                .as_ref()
+                .map(|t| Value::One(t.2.as_str()))
+                .filter(|v| !matches!(v, Value::One("")));
         }
         if let Some(keys) = &self.iam_keys
             && let Some(v) = keys.get(&key.to_ascii_lowercase())
@@ -285,13 +287,12 @@ impl Principal {
             .map_err(|why| RegistryError::NotFound(why.to_string()))?;
         let identity = registry.certificate_identity(account, certificate_id, client_id)?;
         let (source_ip, vpc) = network_keys(source_ip, private);
-        let mut ctx = ConnContext {
+        let ctx = ConnContext {
             client_id: client_id.map(str::to_owned),
             source_ip,
             vpc,
             ..ConnContext::default()
         };
-        ctx.set_time(sekisho_registry::now_secs() as i64);
         let arn_prefix = registry.arn(account, "");
         let mut p = Principal {
             registry,
@@ -343,14 +344,13 @@ impl Principal {
             registry.region().to_owned(),
         );
         let (source_ip, vpc) = network_keys(source_ip, private);
-        let mut ctx = ConnContext {
+        let ctx = ConnContext {
             client_id: client_id.map(str::to_owned),
             source_ip,
             vpc,
             iam_keys: Some(Arc::new(iam_keys)),
             ..ConnContext::default()
         };
-        ctx.set_time(sekisho_registry::now_secs() as i64);
         let arn_prefix = registry.arn(&account, "");
         let mut p = Principal {
             registry,
@@ -432,6 +432,11 @@ impl Principal {
                 .as_ref()
                 .and_then(|i| i.session.as_ref())
                 .is_some_and(|(_, b)| reads_time(b));
+        if self.reads_time {
+            self.ctx.set_time(sekisho_registry::now_secs() as i64);
+        } else {
+            self.ctx.time = None;
+        }
     }
 
     /// Re-reads the identity if the registry changed since it was bound (every change of
