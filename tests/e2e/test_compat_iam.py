@@ -26,6 +26,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from conftest import ALLOW_ALL, Device, Openssl, Paho, Server, unique
+from helpers import allow, code, doc, keys, temp
 from test_limits_and_robustness import connect_v311
 
 REGION = "us-east-1"
@@ -40,30 +41,9 @@ def two(workdir):
     s.stop()
 
 
-def code(e):
-    return e.response["Error"]["Code"]
-
-
 def client(s, service, creds, validate=True):
     return boto3.client(service, region_name=REGION, endpoint_url=f"https://localhost:{s.api_port}", verify=s.ca,
                         config=Config(retries={"max_attempts": 1}, parameter_validation=validate), **creds)
-
-
-def keys(k):
-    return {"aws_access_key_id": k["AccessKeyId"], "aws_secret_access_key": k["SecretAccessKey"]}
-
-
-def temp(c):
-    return {"aws_access_key_id": c["AccessKeyId"], "aws_secret_access_key": c["SecretAccessKey"],
-            "aws_session_token": c["SessionToken"]}
-
-
-def doc(*statements):
-    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
-
-
-def allow(action, resource="*", **extra):
-    return {"Effect": "Allow", "Action": action, "Resource": resource, **extra}
 
 
 def account_of(s, profile="sekisho"):
@@ -437,7 +417,6 @@ def test_websocket_signing_names_subprotocols_token_and_principal(two, workdir):
     signature for another service (401, no upgrade); a connection whose client id the IAM policy
     does not allow (CONNACK return code 5)."""
     s = two
-    iam = s.boto("iam")
     acct = account_of(s)
     host = s.endpoint()
     name, creds = user(s, doc(allow("iot:Connect", f"arn:aws:iot:{REGION}:{acct}:client/ws-*"),

@@ -17,6 +17,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from conftest import ALLOW_ALL, Device, Paho, Server, unique
+from helpers import arn_of
 from test_limits_and_robustness import Raw, connect_v311, connect_v5, packet, s16
 
 
@@ -25,10 +26,6 @@ def srv(workdir):
     s = Server(workdir / unique("compat-mqtt")).start()
     yield s
     s.stop()
-
-
-def arn_of(s):
-    return f"arn:aws:iot:us-east-1:{s.account_id()}"
 
 
 def drain(q, timeout=0.5):

@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from conftest import Device, Openssl, Paho, Server, unique
+from helpers import allow, arn_of
 from test_compat_tls import ec_certificate, give_policy, sni_only_ca
 
 
@@ -21,10 +22,6 @@ def srv(workdir):
     s = Server(workdir / unique("compat-pol")).start()
     yield s
     s.stop()
-
-
-def arn_of(s):
-    return f"arn:aws:iot:us-east-1:{s.account_id()}"
 
 
 def decisions(iot, cert_arn, infos, client_id=None, **kw):
@@ -41,10 +38,6 @@ def doc(*statements, version="2012-10-17"):
     if version is not None:
         d = {"Version": version, **d}
     return d
-
-
-def allow(action, resource="*", **extra):
-    return {"Effect": "Allow", "Action": action, "Resource": resource, **extra}
 
 
 def test_test_authorization_with_thing_attributes(srv, workdir):

@@ -17,6 +17,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from conftest import Server, unique
+from helpers import bucket_name, code
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +30,6 @@ def srv(workdir):
 def root(s):
     c = s.boto("s3")
     return c, c._request_signer._credentials
-
-
-def bucket_name(prefix):
-    return unique(prefix).lower().replace("_", "-")
-
-
-def code(e):
-    return e.response["Error"]["Code"]
 
 
 def signed(s, method, path, creds, region="us-east-1", data=b""):

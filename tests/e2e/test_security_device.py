@@ -18,11 +18,11 @@ import struct
 import threading
 import time
 import urllib.parse
-import uuid
 
 import pytest
 
 from conftest import ALLOW_ALL, Device, FileDevice, Openssl, Paho, Server, unique
+from helpers import s16, varint
 
 TRUST_CREDENTIALS = {"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Principal": {"Service": "credentials.iot.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
@@ -197,20 +197,6 @@ def status_of(response):
 
 
 # raw MQTT over TLS with a client certificate
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n % 128
-        n //= 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def s16(b):
-    return struct.pack(">H", len(b)) + b
-
 
 def packet(first, body):
     return bytes([first]) + varint(len(body)) + body

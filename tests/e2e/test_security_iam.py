@@ -17,27 +17,14 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
-from botocore.exceptions import ClientError
 
 from conftest import ALLOW_ALL, Device, FileDevice, Paho, unique
+from helpers import doc, keys, outcome, temp, wait_for
 
 REGION = "us-east-1"
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-def code(e):
-    return e.response["Error"]["Code"]
-
-
-def outcome(call):
-    """Runs a boto3 call: ("ok", 200) if it succeeded, else (error code, HTTP status)."""
-    try:
-        call()
-        return "ok", 200
-    except ClientError as e:
-        return code(e), e.response["ResponseMetadata"]["HTTPStatusCode"]
-
 
 def client(server, service, creds):
     """A boto3 client with explicit credentials against the server's control plane."""
@@ -45,21 +32,8 @@ def client(server, service, creds):
                         verify=server.ca, config=Config(retries={"max_attempts": 1}), **creds)
 
 
-def keys(k):
-    return {"aws_access_key_id": k["AccessKeyId"], "aws_secret_access_key": k["SecretAccessKey"]}
-
-
-def temp(c):
-    return {"aws_access_key_id": c["AccessKeyId"], "aws_secret_access_key": c["SecretAccessKey"],
-            "aws_session_token": c["SessionToken"]}
-
-
 def account_of(server):
     return server.boto("sts").get_caller_identity()["Account"]
-
-
-def doc(*statements):
-    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
 
 
 def allow(action, resource="*"):
@@ -113,21 +87,6 @@ def drain(q, timeout):
             out.append(q.get(timeout=left))
         except queue.Empty:
             return out
-
-
-def wait_for(q, pred, timeout):
-    """The first item of `q` satisfying `pred` within `timeout` seconds, else None."""
-    end = time.monotonic() + timeout
-    while True:
-        left = end - time.monotonic()
-        if left <= 0:
-            return None
-        try:
-            item = q.get(timeout=left)
-        except queue.Empty:
-            return None
-        if pred(item):
-            return item
 
 
 def first_of(waits, timeout):

@@ -29,7 +29,6 @@ import ssl
 import struct
 import time
 import uuid
-import xml.etree.ElementTree as ET
 
 import boto3
 import pytest
@@ -42,6 +41,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from conftest import ALLOW_ALL, Device, Paho, Server, unique
+from helpers import allow, code, doc, keys, outcome, s16, s3_error, varint, wait_for
 
 REGION = "us-east-1"
 
@@ -55,19 +55,6 @@ def rv(workdir):
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-def code(e):
-    return e.response["Error"]["Code"]
-
-
-def outcome(call):
-    """Runs a boto3 call: ("ok", 200) if it succeeded, else (error code, HTTP status)."""
-    try:
-        call()
-        return "ok", 200
-    except ClientError as e:
-        return code(e), e.response["ResponseMetadata"]["HTTPStatusCode"]
-
 
 def client(server, service, creds, endpoint_url=None):
     """boto3 with explicit credentials: control plane (iot, iam, sts), or `endpoint_url`."""
@@ -84,10 +71,6 @@ def data_client(server, creds):
     return client(server, "iot-data", creds, f"https://{server.endpoint()}:{server.https_port}")
 
 
-def keys(k):
-    return {"aws_access_key_id": k["AccessKeyId"], "aws_secret_access_key": k["SecretAccessKey"]}
-
-
 def root_creds(server, profile="sekisho"):
     c = server.boto("sts", profile=profile)._request_signer._credentials
     return {"aws_access_key_id": c.access_key, "aws_secret_access_key": c.secret_key}
@@ -95,14 +78,6 @@ def root_creds(server, profile="sekisho"):
 
 def account_of(server, profile="sekisho"):
     return server.boto("sts", profile=profile).get_caller_identity()["Account"]
-
-
-def doc(*statements):
-    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
-
-
-def allow(action, resource="*", **extra):
-    return {"Effect": "Allow", "Action": action, "Resource": resource, **extra}
 
 
 def deny(action, resource="*", **extra):
@@ -129,34 +104,12 @@ def delete_user(server, name, profile="sekisho"):
     iam.delete_user(UserName=name)
 
 
-def s3_error(body):
-    """(Code, Message) of an S3 XML error body."""
-    assert body, "expected an S3 error body, got an empty one"
-    root = ET.fromstring(body)
-    return root.findtext("Code"), root.findtext("Message")
-
-
 def tls_socket(server, port, host, cert=None, key=None, timeout=10):
     ctx = ssl.create_default_context(cafile=server.ca)
     if cert is not None:
         ctx.load_cert_chain(str(cert), str(key))
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     return ctx.wrap_socket(sock, server_hostname=host)
-
-
-def wait_for(q, pred, timeout):
-    """The first item of `q` satisfying `pred` within `timeout` seconds, else None."""
-    end = time.monotonic() + timeout
-    while True:
-        left = end - time.monotonic()
-        if left <= 0:
-            return None
-        try:
-            item = q.get(timeout=left)
-        except queue.Empty:
-            return None
-        if pred(item):
-            return item
 
 
 def drain(q, timeout):
@@ -173,20 +126,6 @@ def drain(q, timeout):
 
 
 # --- raw MQTT ---------------------------------------------------------------------------------
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n % 128
-        n //= 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def s16(b):
-    return struct.pack(">H", len(b)) + b
-
 
 def mqtt_connect(client_id, v5, keepalive=60):
     """A clean CONNECT, MQTT 5 (no properties) or 3.1.1."""

@@ -22,7 +22,6 @@ import socket
 import ssl
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from urllib.parse import quote
 
 import boto3
@@ -34,6 +33,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from conftest import Server, unique
+from helpers import bucket_name, code, s3_error
 
 MIB = 1024 * 1024
 REGION = "us-east-1"
@@ -56,23 +56,8 @@ def creds_of(client):
     return client._request_signer._credentials
 
 
-def bucket_name(prefix):
-    return unique(prefix).lower().replace("_", "-")
-
-
-def code(e):
-    return e.response["Error"]["Code"]
-
-
 def status(e):
     return e.response["ResponseMetadata"]["HTTPStatusCode"]
-
-
-def s3_error(body):
-    """(Code, Message) of an S3 XML error body."""
-    assert body, "expected an S3 error body, got an empty one"
-    root = ET.fromstring(body)
-    return root.findtext("Code"), root.findtext("Message")
 
 
 def get_body(client, bucket, key):

@@ -249,11 +249,7 @@ fn query_namespace(service: &str) -> Option<&'static str> {
     }
 }
 
-pub(crate) fn parse_query(q: &str) -> Vec<(String, String)> {
-    form_urlencoded::parse(q.as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
-}
+pub(crate) use sekisho_auth::http::parse_query;
 
 fn sigv4_error(e: &sekisho_sigv4::SigError) -> ApiError {
     use sekisho_sigv4::SigError::*;

@@ -11,26 +11,8 @@ pub const IAM_NS: &str = "https://iam.amazonaws.com/doc/2010-05-08/";
 /// STS's namespace.
 pub const STS_NS: &str = "https://sts.amazonaws.com/doc/2011-06-15/";
 
-/// Escapes text for an XML element.
-pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// `<name>escaped text</name>`.
-pub fn el(name: &str, text: &str) -> String {
-    format!("<{name}>{}</{name}>", esc(text))
-}
+/// Escaping and elements: the same XML writers as the object store's.
+pub use sekisho_s3::xml::{el, esc};
 
 /// An ISO 8601 timestamp (`2026-11-23T01:02:03Z`) from epoch seconds.
 pub fn time(epoch: f64) -> String {

@@ -10,6 +10,13 @@ use hyper::{Request, Response};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// A query string or form body as decoded name/value pairs, in order (repeated names kept).
+pub fn parse_query(q: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(q.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
 /// Most connections open at once on one control-plane or S3 listener; more are closed at once.
 pub const MAX_HTTPS_CONNECTIONS: usize = 10_000;
 

@@ -62,11 +62,7 @@ pub struct Endpoints {
     pub domain: String,
 }
 
-fn parse_query(q: &str) -> Vec<(String, String)> {
-    form_urlencoded::parse(q.as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
-}
+use sekisho_auth::http::parse_query;
 
 /// Serves the object store over HTTPS on `listener` until shutdown (at most
 /// [`sekisho_auth::http::MAX_HTTPS_CONNECTIONS`] connections at once).
