@@ -407,12 +407,14 @@ async fn handshake(
         tracing::info!(%peer, sni = ?sni, "unknown server name; refusing");
         return None;
     };
-    let cfg = shared_cfg(
-        tls,
-        &target,
-        endpoint.tls_policy,
-        endpoint.client_cert_optional,
-    )?;
+    let (cfg, verifier) =
+        match tls.mtls(&target, endpoint.tls_policy, endpoint.client_cert_optional) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "TLS configuration failed");
+                return None;
+            }
+        };
     let stream = match start.into_stream(cfg).await {
         Ok(s) => s,
         Err(e) => {
@@ -420,13 +422,7 @@ async fn handshake(
             return None;
         }
     };
-    let Some(der) = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.to_vec())
-    else {
+    if stream.get_ref().1.peer_certificates().is_none() {
         // Only on listeners where the certificate is optional: the requests authenticate
         // themselves (SigV4). The account is the server name's, if it named one.
         let account = match &target {
@@ -437,22 +433,7 @@ async fn handshake(
             .client_cert_optional
             .then(|| (Box::new(stream), account, String::new()));
     };
-    let (account, certificate_id) =
-        tls::resolve_certificate(&shared.registry, &target, &der).ok()?;
+    // The verifier asked the registry once, when the certificate arrived.
+    let (account, certificate_id) = verifier.authenticated()?;
     Some((Box::new(stream), account, certificate_id))
-}
-
-fn shared_cfg(
-    tls: &tls::TlsConfigs,
-    target: &tls::Target,
-    policy: tls::TlsPolicy,
-    optional: bool,
-) -> Option<Arc<rustls::ServerConfig>> {
-    match tls.mtls(target, policy, optional) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            tracing::error!(error = %e, "TLS configuration failed");
-            None
-        }
-    }
 }

@@ -12,7 +12,6 @@
 //! checks, announced on `$aws/events/certificates/registered/<caCertificateId>`, and the
 //! handshake still fails (AWS: the first connection fails; the device retries once activated).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::HandshakeSignatureValid;
@@ -151,26 +150,6 @@ fn refuse(msg: String) -> Error {
     Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(msg)))))
 }
 
-/// Finds the account a certificate authenticates in: the SNI's account, or with no SNI the
-/// account of its DEFAULT-mode registration. Returns (account, certificate id).
-pub fn resolve_certificate(
-    registry: &Registry,
-    target: &Target,
-    der: &[u8],
-) -> Result<(String, String), String> {
-    match registry.authenticate(target.route(), der) {
-        Authentication::Active {
-            account,
-            certificate_id,
-        } => Ok((account, certificate_id)),
-        Authentication::PendingActivation { certificate_id, .. } => Err(format!(
-            "certificate {certificate_id} is PENDING_ACTIVATION"
-        )),
-        Authentication::AutoRegister { .. } => Err("certificate is not registered".into()),
-        Authentication::Refused(m) => Err(m),
-    }
-}
-
 /// Checks the handshake signature with the certificate's public key. Unlike rustls's own
 /// helpers (webpki's `EndEntityCert`), this accepts X.509 v1 certificates, which AWS IoT
 /// accepts and which `openssl x509 -req` makes by default (the developer guide's own recipe).
@@ -209,35 +188,64 @@ fn verify_signature(
     Err(Error::InvalidCertificate(CertificateError::BadSignature))
 }
 
-/// The client-certificate verifier of one route.
+/// What every verifier shares.
 #[derive(Debug)]
-pub struct RegistryVerifier {
+struct VerifierContext {
     registry: Arc<Registry>,
     broker: Arc<Broker>,
-    target: Target,
     provider: Arc<CryptoProvider>,
+}
+
+/// The client-certificate verifier of one handshake. The registry is asked once, when the
+/// certificate arrives; the answer is kept for the signature step (which only acts on it) and
+/// for the gateway, which reads the authenticated account and certificate id from
+/// [`RegistryVerifier::authenticated`] once the handshake is done.
+#[derive(Debug)]
+pub struct RegistryVerifier {
+    context: Arc<VerifierContext>,
+    target: Target,
     /// Device HTTPS: a client without a certificate may go on and sign its requests (SigV4).
     optional: bool,
+    /// The registry's answer for this handshake's certificate.
+    decided: Mutex<Option<Authentication>>,
 }
 
 impl RegistryVerifier {
+    /// The account and certificate id this handshake authenticated, if the client presented an
+    /// ACTIVE certificate and proved possession of its key.
+    pub fn authenticated(&self) -> Option<(String, String)> {
+        match &*self.decided.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(Authentication::Active {
+                account,
+                certificate_id,
+            }) => Some((account.clone(), certificate_id.clone())),
+            _ => None,
+        }
+    }
+
     /// The decision once the client has proven possession of the certificate's key: ACTIVE
     /// passes; a JITR candidate is registered PENDING_ACTIVATION and announced, and refused.
     fn after_proof(&self, der: &[u8]) -> Result<(), Error> {
-        match self.registry.authenticate(self.target.route(), der) {
-            Authentication::Active { .. } => Ok(()),
-            Authentication::PendingActivation {
+        let decided = self
+            .decided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let registry = &self.context.registry;
+        let broker = &self.context.broker;
+        match decided {
+            Some(Authentication::Active { .. }) => Ok(()),
+            Some(Authentication::PendingActivation {
                 account,
                 certificate_id,
                 ca_certificate_id,
-            } => {
-                let registered = self
-                    .registry
+            }) => {
+                let registered = registry
                     .describe_certificate(&account, &certificate_id)
                     .map(|c| c.created)
                     .unwrap_or_default();
                 crate::events::certificate_registered(
-                    &self.broker,
+                    broker,
                     &account,
                     &certificate_id,
                     &ca_certificate_id,
@@ -247,17 +255,14 @@ impl RegistryVerifier {
                     "certificate {certificate_id} is PENDING_ACTIVATION"
                 )))
             }
-            Authentication::AutoRegister {
+            Some(Authentication::AutoRegister {
                 account,
                 ca_certificate_id,
-            } => match self
-                .registry
-                .auto_register(&account, der, &ca_certificate_id)
-            {
+            }) => match registry.auto_register(&account, der, &ca_certificate_id) {
                 Ok(c) => {
                     tracing::info!(%account, certificate = %c.id, ca = %ca_certificate_id, "just-in-time registration: certificate registered PENDING_ACTIVATION");
                     crate::events::certificate_registered(
-                        &self.broker,
+                        broker,
                         &account,
                         &c.id,
                         &ca_certificate_id,
@@ -273,7 +278,9 @@ impl RegistryVerifier {
                     Err(refuse(e.to_string()))
                 }
             },
-            Authentication::Refused(m) => Err(refuse(m)),
+            Some(Authentication::Refused(m)) => Err(refuse(m)),
+            // rustls asks for the signature only after the certificate was accepted.
+            None => Err(refuse("no certificate was verified".into())),
         }
     }
 }
@@ -300,16 +307,22 @@ impl ClientCertVerifier for RegistryVerifier {
         if !info.valid_at(now) {
             return Err(Error::InvalidCertificate(CertificateError::Expired));
         }
-        match self.registry.authenticate(self.target.route(), end_entity) {
+        let decision = self
+            .context
+            .registry
+            .authenticate(self.target.route(), end_entity);
+        let verdict = match &decision {
             // JITR candidates pass provisionally: decided in `after_proof`.
             Authentication::Active { .. }
             | Authentication::PendingActivation { .. }
             | Authentication::AutoRegister { .. } => Ok(ClientCertVerified::assertion()),
             Authentication::Refused(msg) => {
                 tracing::info!(reason = %msg, "client certificate refused");
-                Err(refuse(msg))
+                Err(refuse(msg.clone()))
             }
-        }
+        };
+        *self.decided.lock().unwrap_or_else(|p| p.into_inner()) = Some(decision);
+        verdict
     }
 
     fn verify_tls12_signature(
@@ -318,7 +331,7 @@ impl ClientCertVerifier for RegistryVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let ok = verify_signature(message, cert, dss, &self.provider, false)?;
+        let ok = verify_signature(message, cert, dss, &self.context.provider, false)?;
         self.after_proof(cert)?;
         Ok(ok)
     }
@@ -329,26 +342,39 @@ impl ClientCertVerifier for RegistryVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let ok = verify_signature(message, cert, dss, &self.provider, true)?;
+        let ok = verify_signature(message, cert, dss, &self.context.provider, true)?;
         self.after_proof(cert)?;
         Ok(ok)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
+        self.context
+            .provider
             .signature_verification_algorithms
             .supported_schemes()
     }
 }
 
-/// Server configs per route, built once and reused.
+/// Why the endpoint's TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// The certificate chain's PEM.
+    #[error("endpoint certificate chain: {0}")]
+    Chain(rustls::pki_types::pem::Error),
+    /// The private key's PEM.
+    #[error("endpoint private key: {0}")]
+    Key(rustls::pki_types::pem::Error),
+    /// rustls refused the key, the chain or the protocol versions.
+    #[error("endpoint TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Server configs: the control plane's one, and a fresh mutual-TLS config per device
+/// handshake (its verifier holds that handshake's registry answer). The endpoint's key is
+/// parsed once; a per-handshake config is a few reference counts.
 pub struct TlsConfigs {
-    registry: Arc<Registry>,
-    broker: Arc<Broker>,
-    provider: Arc<CryptoProvider>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    cache: Mutex<HashMap<(Target, TlsPolicy, bool), Arc<ServerConfig>>>,
+    context: Arc<VerifierContext>,
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
     plain: Arc<ServerConfig>,
 }
 
@@ -365,59 +391,57 @@ impl TlsConfigs {
         broker: Arc<Broker>,
         chain_pem: &str,
         key_pem: &str,
-    ) -> anyhow::Result<TlsConfigs> {
+    ) -> Result<TlsConfigs, TlsSetupError> {
         use rustls::pki_types::pem::PemObject;
         let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>()?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(TlsSetupError::Chain)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(TlsSetupError::Key)?;
         let provider = provider();
+        let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider)?;
+        let resolver: Arc<dyn rustls::server::ResolvesServerCert> =
+            Arc::new(rustls::sign::SingleCertAndKey::from(certified));
         let plain = Arc::new(
             ServerConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()?
                 .with_no_client_auth()
-                .with_single_cert(chain.clone(), key.clone_key())?,
+                .with_cert_resolver(resolver.clone()),
         );
         Ok(TlsConfigs {
-            registry,
-            broker,
-            provider,
-            chain,
-            key,
-            cache: Mutex::new(HashMap::new()),
+            context: Arc::new(VerifierContext {
+                registry,
+                broker,
+                provider,
+            }),
+            resolver,
             plain,
         })
     }
 
-    /// The mutual-TLS config of a route under a TLS security policy; with `optional`, a client
-    /// may also connect without a certificate (device HTTPS with SigV4).
+    /// The mutual-TLS config of one handshake on a route under a TLS security policy, and its
+    /// verifier; with `optional`, a client may also connect without a certificate (device
+    /// HTTPS with SigV4).
     pub fn mtls(
         &self,
         target: &Target,
         policy: TlsPolicy,
         optional: bool,
-    ) -> anyhow::Result<Arc<ServerConfig>> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (target.clone(), policy, optional);
-        if let Some(c) = cache.get(&key) {
-            return Ok(c.clone());
-        }
+    ) -> Result<(Arc<ServerConfig>, Arc<RegistryVerifier>), rustls::Error> {
         let verifier = Arc::new(RegistryVerifier {
-            registry: self.registry.clone(),
-            broker: self.broker.clone(),
+            context: self.context.clone(),
             target: target.clone(),
-            provider: self.provider.clone(),
             optional,
+            decided: Mutex::new(None),
         });
-        let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+        let mut cfg = ServerConfig::builder_with_provider(self.context.provider.clone())
             .with_protocol_versions(policy.versions())?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_client_cert_verifier(verifier.clone())
+            .with_cert_resolver(self.resolver.clone());
         // No resumption: every connection's certificate is checked in full.
         cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         cfg.send_tls13_tickets = 0;
-        let cfg = Arc::new(cfg);
-        cache.insert(key, cfg.clone());
-        Ok(cfg)
+        Ok((Arc::new(cfg), verifier))
     }
 
     /// A config without client authentication (control plane).
