@@ -3,12 +3,6 @@
 use super::*;
 
 pub(super) fn list_buckets(op: &Op<'_>) -> Result<Response<Body>, S3Error> {
-    op.allow(
-        &op.caller.account,
-        "s3:ListAllMyBuckets",
-        "arn:aws:s3:::*",
-        &[],
-    )?;
     let region = &op.state.endpoints.region;
     let buckets: String = op
         .state
@@ -51,12 +45,6 @@ pub(super) async fn create_bucket(
         )
         .with("BucketName", bucket));
     }
-    op.allow(
-        &op.caller.account,
-        "s3:CreateBucket",
-        &bucket_arn(bucket),
-        &[],
-    )?;
     let got = receive(op, body, MAX_XML_BODY, false).await?;
     let region = op.state.endpoints.region.as_str();
     let constraint = if got.data.iter().all(u8::is_ascii_whitespace) {
@@ -105,7 +93,6 @@ pub(super) async fn create_bucket(
 }
 
 pub(super) fn delete_bucket(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
-    op.authorize(bucket, "s3:DeleteBucket", &bucket_arn(bucket))?;
     op.state
         .store
         .delete_bucket(bucket)
@@ -114,15 +101,13 @@ pub(super) fn delete_bucket(op: &Op<'_>, bucket: &str) -> Result<Response<Body>,
     Ok(respond(204, empty()))
 }
 
-pub(super) fn head_bucket(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
-    op.authorize(bucket, "s3:ListBucket", &bucket_arn(bucket))?;
+pub(super) fn head_bucket(op: &Op<'_>) -> Result<Response<Body>, S3Error> {
     let mut r = respond(200, empty());
     set(&mut r, "x-amz-bucket-region", &op.state.endpoints.region);
     Ok(r)
 }
 
-pub(super) fn bucket_location(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
-    op.authorize(bucket, "s3:GetBucketLocation", &bucket_arn(bucket))?;
+pub(super) fn bucket_location(op: &Op<'_>) -> Result<Response<Body>, S3Error> {
     let region = &op.state.endpoints.region;
     let shown = if region == "us-east-1" { "" } else { region };
     Ok(xml_ok(format!(
@@ -147,8 +132,11 @@ pub(super) fn listed(name: &str, url: bool) -> String {
     }
 }
 
-pub(super) fn list_objects(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, S3Error> {
-    let owner = op.owner(bucket)?;
+pub(super) fn list_objects(
+    op: &Op<'_>,
+    bucket: &str,
+    owner: &str,
+) -> Result<Response<Body>, S3Error> {
     let v2 = match op.q("list-type") {
         None => false,
         Some("2") => true,
@@ -186,14 +174,6 @@ pub(super) fn list_objects(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, 
             ));
         }
     };
-    let mut ctx = vec![
-        ("s3:prefix", prefix.to_owned()),
-        ("s3:max-keys", max_keys.to_string()),
-    ];
-    if let Some(d) = delimiter {
-        ctx.push(("s3:delimiter", d.to_owned()));
-    }
-    op.allow(&owner, "s3:ListBucket", &bucket_arn(bucket), &ctx)?;
     let token = op.q("continuation-token");
     let after = if v2 {
         match token {
@@ -260,8 +240,8 @@ pub(super) fn list_objects(op: &Op<'_>, bucket: &str) -> Result<Response<Body>, 
     }
     let owner_xml = format!(
         "<Owner>{}{}</Owner>",
-        el("ID", &canonical_id(&owner)),
-        el("DisplayName", &owner)
+        el("ID", &canonical_id(owner)),
+        el("DisplayName", owner)
     );
     for m in &page.objects {
         out.push_str(&format!(

@@ -18,6 +18,7 @@ pub mod chunked;
 mod error;
 mod multipart;
 mod object;
+mod ops;
 pub mod store;
 pub mod xml;
 
@@ -26,6 +27,7 @@ use self::bucket::*;
 use self::error::*;
 use self::multipart::*;
 use self::object::*;
+use self::ops::{Grant, Kind};
 
 use std::convert::Infallible;
 use std::io::{Seek, SeekFrom};
@@ -152,13 +154,6 @@ impl Op<'_> {
         tokio::task::spawn_blocking(move || f(&store))
             .await
             .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(e))))
-    }
-
-    /// The bucket's owner, once `action` on `resource` in it is authorized.
-    fn authorize(&self, bucket: &str, action: &str, resource: &str) -> Result<String, S3Error> {
-        let owner = self.owner(bucket)?;
-        self.allow(&owner, action, resource, &[])?;
-        Ok(owner)
     }
 
     /// The bucket's owner, or NoSuchBucket; AccessDenied when the caller expects another
@@ -543,11 +538,8 @@ async fn serve_one(
         .or(parts.uri.host())
         .unwrap_or("")
         .to_owned();
-    let Address {
-        bucket,
-        key,
-        resource,
-    } = address(&state.endpoints, &host, &raw_path)?;
+    let addressed = address(&state.endpoints, &host, &raw_path)?;
+    let resource = addressed.resource.clone();
     let headers = authn::header_pairs(&parts.headers);
     let presigned = query.iter().any(|(k, _)| k == "X-Amz-Credential");
     let v2 = !presigned
@@ -574,14 +566,7 @@ async fn serve_one(
             presigned,
         )?
     };
-    let mut subs: Vec<&str> = query
-        .iter()
-        .map(|(k, _)| k.as_str())
-        .filter(|k| SUBRESOURCES.contains(k))
-        .collect();
-    subs.sort_unstable();
-    subs.dedup();
-    let subs = subs.join(",");
+    let subs = ops::subresources(&query)?;
     let mut headers = parts.headers;
     if v2 {
         // A SigV2 presigned URL carries signed x-amz-* values in its query (botocore moves
@@ -612,49 +597,57 @@ async fn serve_one(
         host,
         incarnations: Default::default(),
     };
-    let Some(bucket) = bucket else {
-        return match (&op.method, subs.as_str()) {
-            (&Method::GET, "") => list_buckets(&op),
-            _ => Err(S3Error::new(
-                405,
-                "MethodNotAllowed",
-                "The specified method is not allowed against this resource.",
-            )),
-        };
-    };
-    match key {
-        None => match (op.method.clone(), subs.as_str()) {
-            (Method::GET, "") => list_objects(&op, &bucket),
-            (Method::GET, "location") => bucket_location(&op, &bucket),
-            (Method::GET, "uploads") => list_uploads(&op, &bucket),
-            (Method::PUT, "") => create_bucket(&op, &bucket, body).await,
-            (Method::DELETE, "") => delete_bucket(&op, &bucket),
-            (Method::HEAD, "") => head_bucket(&op, &bucket),
-            (Method::POST, "delete") => delete_objects(&op, &bucket, body).await,
-            _ => Err(not_implemented()),
-        },
-        Some(key) => {
-            if key.len() > MAX_KEY_LEN {
-                return Err(S3Error::new(400, "KeyTooLongError", "Your key is too long")
-                    .with("MaxSizeAllowed", MAX_KEY_LEN.to_string())
-                    .with("Size", key.len().to_string()));
-            }
-            match (op.method.clone(), subs.as_str()) {
-                (Method::GET, "") => get_object(&op, &bucket, &key, false).await,
-                (Method::HEAD, "") => get_object(&op, &bucket, &key, true).await,
-                (Method::PUT, "") if op.headers.contains_key("x-amz-copy-source") => {
-                    copy_object(&op, &bucket, &key).await
-                }
-                (Method::PUT, "") => put_object(&op, &bucket, &key, body).await,
-                (Method::DELETE, "") => delete_object(&op, &bucket, &key),
-                (Method::POST, "uploads") => create_upload(&op, &bucket, &key).await,
-                (Method::PUT, "partNumber,uploadId") => upload_part(&op, &bucket, &key, body).await,
-                (Method::POST, "uploadId") => complete_upload(&op, &bucket, &key, body).await,
-                (Method::DELETE, "uploadId") => abort_upload(&op, &bucket, &key),
-                (Method::GET, "uploadId") => list_parts(&op, &bucket, &key),
-                _ => Err(not_implemented()),
-            }
+    let planned = ops::plan(
+        &op.method,
+        addressed,
+        &subs,
+        op.headers.contains_key("x-amz-copy-source"),
+    )?;
+    // The resource authorized is built from the bucket and key the handler receives.
+    let operation = planned.operation;
+    let resource = planned.resource();
+    let extra = (operation.context)(&op.query);
+    let (bucket, key) = (planned.bucket.as_str(), planned.key.as_str());
+    tracing::trace!(operation = operation.name, %resource, "S3 operation");
+    let owner = match operation.grant {
+        Grant::Owned => {
+            let owner = op.owner(bucket)?;
+            op.allow(&owner, operation.action, &resource, &extra)?;
+            owner
         }
+        Grant::OwnAccount => {
+            op.allow(&op.caller.account, operation.action, &resource, &extra)?;
+            op.caller.account.clone()
+        }
+        Grant::PerElement => {
+            let owner = op.owner(bucket)?;
+            // Nobody outside the bucket's account may make us read a body at all (there are
+            // no bucket policies, so another account can act on nothing in it).
+            if op.caller.account != owner {
+                return Err(access_denied());
+            }
+            owner
+        }
+    };
+    match operation.kind {
+        Kind::ListBuckets => list_buckets(&op),
+        Kind::CreateBucket => create_bucket(&op, bucket, body).await,
+        Kind::DeleteBucket => delete_bucket(&op, bucket),
+        Kind::HeadBucket => head_bucket(&op),
+        Kind::GetBucketLocation => bucket_location(&op),
+        Kind::ListObjects => list_objects(&op, bucket, &owner),
+        Kind::ListMultipartUploads => list_uploads(&op, bucket),
+        Kind::DeleteObjects => delete_objects(&op, bucket, &owner, body).await,
+        Kind::GetObject => get_object(&op, bucket, key, &owner, false).await,
+        Kind::HeadObject => get_object(&op, bucket, key, &owner, true).await,
+        Kind::PutObject => put_object(&op, bucket, key, body).await,
+        Kind::CopyObject => copy_object(&op, bucket, key).await,
+        Kind::DeleteObject => delete_object(&op, bucket, key),
+        Kind::CreateMultipartUpload => create_upload(&op, bucket, key).await,
+        Kind::UploadPart => upload_part(&op, bucket, key, body).await,
+        Kind::CompleteMultipartUpload => complete_upload(&op, bucket, key, body).await,
+        Kind::AbortMultipartUpload => abort_upload(&op, bucket, key),
+        Kind::ListParts => list_parts(&op, bucket, key),
     }
 }
 

@@ -37,22 +37,59 @@ impl Node {
     }
 }
 
+/// Why a request body is not a document S3 reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XmlError {
+    /// Not well-formed XML (the parser's reason).
+    Syntax(String),
+    /// A second root element.
+    SecondRoot,
+    /// More than [`MAX_NODES`] elements or nesting deeper than the bodies S3 reads.
+    TooLarge,
+    /// An entity other than XML's five.
+    UnknownEntity,
+    /// A document type declaration (refused: no entity expansion).
+    Dtd,
+    /// The document ended inside an element, or an end tag closed nothing.
+    Unbalanced,
+    /// No element at all.
+    Empty,
+}
+
+impl std::fmt::Display for XmlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            XmlError::Syntax(why) => write!(f, "not well-formed: {why}"),
+            XmlError::SecondRoot => f.write_str("more than one root element"),
+            XmlError::TooLarge => f.write_str("the document is too large or too deep"),
+            XmlError::UnknownEntity => f.write_str("unknown entity"),
+            XmlError::Dtd => f.write_str("DTDs are not accepted"),
+            XmlError::Unbalanced => f.write_str("unbalanced elements"),
+            XmlError::Empty => f.write_str("the document is empty"),
+        }
+    }
+}
+
+impl std::error::Error for XmlError {}
+
 /// Parses a document into its root element. Refuses DTDs, deep nesting and huge documents.
-pub fn parse(body: &[u8]) -> Result<Node, String> {
+pub fn parse(body: &[u8]) -> Result<Node, XmlError> {
     let mut reader = quick_xml::Reader::from_reader(body);
     let mut stack: Vec<Node> = Vec::new();
     let mut nodes = 0usize;
     let mut root = None;
     loop {
-        let ev = reader.read_event().map_err(|e| e.to_string())?;
+        let ev = reader
+            .read_event()
+            .map_err(|e| XmlError::Syntax(e.to_string()))?;
         match ev {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 if root.is_some() {
-                    return Err("more than one root element".into());
+                    return Err(XmlError::SecondRoot);
                 }
                 nodes += 1;
                 if nodes > MAX_NODES || stack.len() >= MAX_DEPTH {
-                    return Err("the document is too large or too deep".into());
+                    return Err(XmlError::TooLarge);
                 }
                 let node = Node {
                     name: e.local_name().as_ref().to_owned(),
@@ -65,7 +102,7 @@ pub fn parse(body: &[u8]) -> Result<Node, String> {
                 }
             }
             Event::End(_) => {
-                let node = stack.pop().ok_or("unbalanced end tag")?;
+                let node = stack.pop().ok_or(XmlError::Unbalanced)?;
                 attach(&mut stack, &mut root, node);
             }
             Event::Text(t) => {
@@ -79,7 +116,10 @@ pub fn parse(body: &[u8]) -> Result<Node, String> {
                 }
             }
             Event::GeneralRef(r) => {
-                let c = match r.resolve_char_ref().map_err(|e| e.to_string())? {
+                let c = match r
+                    .resolve_char_ref()
+                    .map_err(|e| XmlError::Syntax(e.to_string()))?
+                {
                     Some(c) => c,
                     None => match &*r {
                         "amp" => '&',
@@ -87,22 +127,22 @@ pub fn parse(body: &[u8]) -> Result<Node, String> {
                         "gt" => '>',
                         "quot" => '"',
                         "apos" => '\'',
-                        _ => return Err("unknown entity".into()),
+                        _ => return Err(XmlError::UnknownEntity),
                     },
                 };
                 if let Some(n) = stack.last_mut() {
                     n.text.push(c);
                 }
             }
-            Event::DocType(_) => return Err("DTDs are not accepted".into()),
+            Event::DocType(_) => return Err(XmlError::Dtd),
             Event::Eof => break,
             Event::Comment(_) | Event::Decl(_) | Event::PI(_) => {}
         }
     }
     if !stack.is_empty() {
-        return Err("the document ended inside an element".into());
+        return Err(XmlError::Unbalanced);
     }
-    root.ok_or_else(|| "the document is empty".into())
+    root.ok_or(XmlError::Empty)
 }
 
 fn attach(stack: &mut [Node], root: &mut Option<Node>, node: Node) {
