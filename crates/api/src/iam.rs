@@ -597,6 +597,36 @@ fn credentials_xml(s: &sekisho_registry::Session) -> String {
     )
 }
 
+/// What an STS action acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StsNames {
+    /// The caller's own identity or credentials (no IAM permission is needed, as on AWS).
+    Caller,
+    /// The role `RoleArn` names, exactly: `sts:AssumeRole` is authorized on that ARN, and the
+    /// role whose ARN it is is the one assumed.
+    RoleArn,
+}
+
+/// Every STS action served. An action not listed is `InvalidAction`.
+const STS_ACTIONS: &[(&str, StsNames)] = &[
+    ("GetCallerIdentity", StsNames::Caller),
+    ("GetSessionToken", StsNames::Caller),
+    ("AssumeRole", StsNames::RoleArn),
+];
+
+/// The account and role a `RoleArn` (`arn:aws:iam::<account>:role[/path]/<name>`) names:
+/// only a role whose ARN is exactly this one, so the ARN authorized is the ARN of the role
+/// assumed. `None` for a malformed ARN or one that names no role (answered as a denial:
+/// nothing leaks across accounts).
+fn assumed_role(reg: &Registry, role_arn: &str) -> Option<(String, IamRole)> {
+    let (account, rest) = role_arn
+        .strip_prefix("arn:aws:iam::")
+        .and_then(|r| r.split_once(":role/"))?;
+    let name = rest.rsplit('/').next().unwrap_or(rest);
+    let role = reg.get_role(account, name).ok()?;
+    (role_arn == self::role_arn(account, &role)).then(|| (account.to_owned(), role))
+}
+
 fn sts(
     state: &ApiState,
     caller: &Caller,
@@ -605,6 +635,13 @@ fn sts(
     p: &Params,
 ) -> Result<String, ApiError> {
     let reg = &state.registry;
+    if !STS_ACTIONS.iter().any(|(a, _)| *a == action) {
+        return Err(ApiError::new(
+            400,
+            "InvalidAction",
+            format!("Could not find operation {action} for version 2011-06-15"),
+        ));
+    }
     match action {
         "GetCallerIdentity" => {
             let user_id = match &caller.principal {
@@ -693,25 +730,19 @@ fn assume_role(
             ),
         )
     };
-    // arn:aws:iam::<account>:role[/path]/<name>
-    let (target_account, role_name) = role_arn
+    if role_arn
         .strip_prefix("arn:aws:iam::")
         .and_then(|r| r.split_once(":role/"))
-        .map(|(a, rest)| (a, rest.rsplit('/').next().unwrap_or(rest)))
-        .ok_or_else(|| {
-            ApiError::new(
-                400,
-                "ValidationError",
-                format!("{role_arn} is not a role ARN"),
-            )
-        })?;
-    // An unknown account or role is refused like a denial: nothing leaks across accounts.
-    let role = reg
-        .get_role(target_account, role_name)
-        .map_err(|_| denied())?;
-    if role_arn != self::role_arn(target_account, &role) {
-        return Err(denied());
+        .is_none()
+    {
+        return Err(ApiError::new(
+            400,
+            "ValidationError",
+            format!("{role_arn} is not a role ARN"),
+        ));
     }
+    let (target_account, role) = assumed_role(reg, role_arn).ok_or_else(denied)?;
+    let target_account = target_account.as_str();
     let caller_arn = caller.arn();
     let caller_role_arn = match &caller.principal {
         IamPrincipal::Role { role, .. } => reg
@@ -887,5 +918,45 @@ mod tests {
         // An action not declared is refused before anything is authorized or done.
         let err = target(&reg, &caller, "CreateLoginProfile", &params).unwrap_err();
         assert_eq!(err.code, "InvalidAction");
+    }
+
+    /// AssumeRole authorizes the ARN of exactly the role it assumes: a `RoleArn` with another
+    /// path, account or name assumes nothing, and `RoleName` plays no part.
+    #[test]
+    fn assume_role_acts_on_the_role_its_arn_names() {
+        let reg = Registry::in_memory("us-east-1").unwrap();
+        let (a, _) = reg.create_account("a").unwrap();
+        let (b, _) = reg.create_account("b").unwrap();
+        let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"*"},"Action":"sts:AssumeRole"}]}"#;
+        reg.create_role(&a.id, "ops", Some("/team/"), trust, None, None)
+            .unwrap();
+        reg.create_role(&b.id, "ops", None, trust, None, None)
+            .unwrap();
+        let declared: Vec<&str> = STS_ACTIONS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            declared,
+            ["GetCallerIdentity", "GetSessionToken", "AssumeRole"]
+        );
+        let arn_a = format!("arn:aws:iam::{}:role/team/ops", a.id);
+        let (acct, role) = assumed_role(&reg, &arn_a).unwrap();
+        assert_eq!(
+            (acct.as_str(), role_arn(&acct, &role)),
+            (a.id.as_str(), arn_a)
+        );
+        let arn_b = format!("arn:aws:iam::{}:role/ops", b.id);
+        let (acct, role) = assumed_role(&reg, &arn_b).unwrap();
+        assert_eq!(
+            (acct.as_str(), role_arn(&acct, &role)),
+            (b.id.as_str(), arn_b)
+        );
+        for wrong in [
+            format!("arn:aws:iam::{}:role/ops", a.id),
+            format!("arn:aws:iam::{}:role/other/ops", a.id),
+            format!("arn:aws:iam::{}:role/team/ops", b.id),
+            format!("arn:aws:iam::{}:role/team/ops2", a.id),
+            format!("arn:aws:iam::{}:user/team/ops", a.id),
+        ] {
+            assert!(assumed_role(&reg, &wrong).is_none(), "{wrong}");
+        }
     }
 }
