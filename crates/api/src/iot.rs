@@ -1363,10 +1363,12 @@ fn test_authorization(state: &ApiState, call: &Call) -> Out {
     let cert_id = principal
         .strip_prefix(&cert_prefix)
         .ok_or_else(|| ApiError::invalid("principal must be a certificate ARN of this account"))?;
-    let client_id = call.q("clientId");
-    let identity = state
-        .registry
-        .certificate_identity(&call.account, cert_id, client_id)?;
+    let client_id = call.q("clientId").map(sekisho_registry::ClientId::new);
+    let identity = state.registry.certificate_identity(
+        &sekisho_registry::AccountId::new(call.account.clone()),
+        &sekisho_registry::CertificateId::new(cert_id),
+        client_id.as_ref(),
+    )?;
     let names = |k: &str| -> Result<Vec<String>, ApiError> {
         match b.get(k) {
             None | Some(Value::Null) => Ok(Vec::new()),
@@ -1391,7 +1393,7 @@ fn test_authorization(state: &ApiState, call: &Call) -> Out {
         }
     }
     let mut ctx = ConnContext::default();
-    ctx.client_id = client_id.map(str::to_owned);
+    ctx.client_id = client_id.map(sekisho_registry::ClientId::into_string);
     ctx.set_identity(&identity);
     let bound: Vec<_> = policies.iter().map(|(_, p)| p.bind(&ctx)).collect();
     let Some(Value::Array(infos)) = b.get("authInfos") else {

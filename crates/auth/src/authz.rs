@@ -8,7 +8,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use sekisho_policy::{BoundPolicy, Context, Decision, Value, decide};
-use sekisho_registry::{CertStatus, CertificateIdentity, Registry, RegistryError};
+use sekisho_registry::{
+    AccountId, CertStatus, CertificateId, CertificateIdentity, ClientId, PrincipalId, Registry,
+    RegistryError,
+};
 
 /// The variables and condition keys of one connection.
 #[derive(Debug, Clone, Default)]
@@ -90,7 +93,8 @@ fn strip_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 impl ConnContext {
     /// Fills the thing and certificate parts from an identity.
     pub fn set_identity(&mut self, id: &CertificateIdentity) {
-        self.certificate_id = Some(id.certificate_id.clone());
+        // `iot:CertificateId` names a certificate only: an IAM principal has none.
+        self.certificate_id = id.principal.certificate().map(|c| c.as_str().to_owned());
         self.thing_name = id.thing.as_ref().map(|t| t.name.clone());
         self.thing_type = id.thing.as_ref().and_then(|t| t.thing_type.clone());
         self.is_attached = if id.thing.is_some() { "true" } else { "false" };
@@ -250,7 +254,7 @@ struct IamParts {
 pub struct Principal {
     registry: Arc<Registry>,
     /// Account id.
-    pub account: String,
+    pub account: AccountId,
     /// Resolved identity.
     pub identity: CertificateIdentity,
     /// The variables and condition keys.
@@ -275,9 +279,9 @@ impl Principal {
     /// Resolves the certificate principal and binds its policies.
     pub fn certificate(
         registry: Arc<Registry>,
-        account: &str,
-        certificate_id: &str,
-        client_id: Option<&str>,
+        account: &AccountId,
+        certificate_id: &CertificateId,
+        client_id: Option<&ClientId>,
         source_ip: Option<IpAddr>,
         private: Option<&PrivateEndpoint>,
     ) -> Result<Principal, RegistryError> {
@@ -288,7 +292,7 @@ impl Principal {
         let identity = registry.certificate_identity(account, certificate_id, client_id)?;
         let (source_ip, vpc) = network_keys(source_ip, private);
         let ctx = ConnContext {
-            client_id: client_id.map(str::to_owned),
+            client_id: client_id.map(|c| c.as_str().to_owned()),
             source_ip,
             vpc,
             ..ConnContext::default()
@@ -296,7 +300,7 @@ impl Principal {
         let arn_prefix = registry.arn(account, "");
         let mut p = Principal {
             registry,
-            account: account.to_owned(),
+            account: account.clone(),
             identity,
             ctx,
             bound: Vec::new(),
@@ -314,14 +318,14 @@ impl Principal {
     pub fn iam(
         registry: Arc<Registry>,
         caller: crate::authn::Caller,
-        client_id: Option<&str>,
+        client_id: Option<&ClientId>,
         source_ip: Option<IpAddr>,
         private: Option<&PrivateEndpoint>,
     ) -> Result<Principal, RegistryError> {
         // Credentials may have been revoked since the upgrade was authenticated.
         crate::authn::still_valid(&registry, &caller)
             .map_err(|why| RegistryError::NotFound(why.to_string()))?;
-        let account = caller.account.clone();
+        let account = AccountId::new(caller.account.clone());
         let identity = iam_identity(&registry, &caller).ok_or_else(|| {
             RegistryError::NotFound("the caller's user or role no longer exists".into())
         })?;
@@ -345,7 +349,7 @@ impl Principal {
         );
         let (source_ip, vpc) = network_keys(source_ip, private);
         let ctx = ConnContext {
-            client_id: client_id.map(str::to_owned),
+            client_id: client_id.map(|c| c.as_str().to_owned()),
             source_ip,
             vpc,
             iam_keys: Some(Arc::new(iam_keys)),
@@ -372,7 +376,8 @@ impl Principal {
     /// delayed will): it fails if the certificate or credentials no longer hold, and its
     /// [`Principal::refresh`] re-checks them as the registry changes.
     pub fn fresh(&self) -> Result<Principal, RegistryError> {
-        let client = self.ctx.client_id.as_deref();
+        let client = self.ctx.client_id.clone().map(ClientId::new);
+        let client = client.as_ref();
         let parse = |s: &Option<String>| s.as_deref().and_then(|i| i.parse::<IpAddr>().ok());
         let (ip, private) = match &self.ctx.vpc {
             Some((vpce, vpc, ip)) => (
@@ -395,7 +400,9 @@ impl Principal {
             None => Principal::certificate(
                 self.registry.clone(),
                 &self.account,
-                &self.identity.certificate_id,
+                self.identity.principal.certificate().ok_or_else(|| {
+                    RegistryError::NotFound("the principal has no certificate".into())
+                })?,
                 client,
                 ip,
                 private.as_ref(),
@@ -467,16 +474,18 @@ impl Principal {
             return Ok(());
         }
         if self.registry.generation() != self.identity.generation {
+            let Some(certificate) = self.identity.principal.certificate().cloned() else {
+                return Err(Revoked::Certificate(sekisho_registry::Unusable::Deleted));
+            };
             // The certificate and its CA must both still be ACTIVE.
             self.registry
-                .certificate_usable(&self.account, &self.identity.certificate_id)
+                .certificate_usable(&self.account, &certificate)
                 .map_err(Revoked::Certificate)?;
-            let client = self.ctx.client_id.clone();
-            match self.registry.certificate_identity(
-                &self.account,
-                &self.identity.certificate_id,
-                client.as_deref(),
-            ) {
+            let client = self.ctx.client_id.clone().map(ClientId::new);
+            match self
+                .registry
+                .certificate_identity(&self.account, &certificate, client.as_ref())
+            {
                 Ok(id) => {
                     self.identity = id;
                     self.bind();
@@ -552,8 +561,8 @@ fn iam_identity(registry: &Registry, caller: &crate::authn::Caller) -> Option<Ce
             .collect()
     };
     Some(CertificateIdentity {
-        account_id: caller.account.clone(),
-        certificate_id: caller.access_key_id.clone(),
+        account_id: AccountId::new(caller.account.clone()),
+        principal: PrincipalId::AccessKey(caller.access_key_id.clone()),
         status: CertStatus::Active,
         info: None,
         thing: None,

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::Shared;
 use crate::authz::Principal;
 use crate::events::{self, EventSource};
+use sekisho_registry::{AccountId, CertificateId, ClientId};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,14 +51,15 @@ pub(crate) async fn wait_for_room(broker: &sekisho_broker::Broker, blocked: Vec<
 pub struct ConnInfo {
     /// Remote address.
     pub peer: SocketAddr,
-    /// Account the certificate authenticated in.
-    pub account: String,
-    /// Certificate id; empty on device HTTPS without a client certificate (SigV4 requests).
-    pub certificate_id: String,
+    /// Account the certificate (or, over WebSocket, the signature) authenticated in; empty on
+    /// device HTTPS without a certificate and a server name (each request signs for itself).
+    pub account: AccountId,
+    /// The client certificate; `None` on device HTTPS without one (SigV4 requests) and over
+    /// WebSocket (the IAM caller is in `caller`).
+    pub certificate: Option<CertificateId>,
     /// The listener it came through.
     pub endpoint: Arc<crate::Endpoint>,
-    /// For MQTT over WebSocket: the IAM caller that signed the upgrade (then there is no
-    /// certificate, and `certificate_id` names the access key).
+    /// For MQTT over WebSocket: the IAM caller that signed the upgrade.
     pub caller: Option<Box<crate::authn::Caller>>,
     /// The listener's connection slot, held while anything serves this connection (also by
     /// a WebSocket upgraded from it).
@@ -262,7 +264,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 struct Connection {
     shared: Arc<Shared>,
     version: ProtocolVersion,
-    client_id: String,
+    client_id: ClientId,
     assigned_id: bool,
     clean_start: bool,
     session_expiry: Duration,
@@ -271,7 +273,7 @@ struct Connection {
     keep_alive_changed: bool,
     will: Option<Will>,
     principal: Principal,
-    account: String,
+    account: AccountId,
     peer: SocketAddr,
     session: u64,
     epoch: u64,
@@ -310,7 +312,7 @@ impl Connection {
                 None
             },
             session_identifier: &self.session_identifier,
-            principal: &self.principal.identity.certificate_id,
+            principal: self.principal.identity.principal.as_str(),
         }
     }
 
@@ -342,9 +344,12 @@ impl Connection {
                 );
                 return Err(());
             }
-            (format!("sekisho-{}", uuid::Uuid::new_v4().simple()), true)
+            (
+                ClientId::new(format!("sekisho-{}", uuid::Uuid::new_v4().simple())),
+                true,
+            )
         } else {
-            (c.client_id.clone(), false)
+            (ClientId::new(c.client_id.clone()), false)
         };
         if let Err(e) = limits.check_client_id(&client_id) {
             refuse(wbuf, e.reason_code(), &e.to_string());
@@ -372,14 +377,19 @@ impl Connection {
                 Some(info.peer.ip()),
                 info.endpoint.private.as_ref(),
             ),
-            None => Principal::certificate(
-                shared.registry.clone(),
-                &info.account,
-                &info.certificate_id,
-                Some(&client_id),
-                Some(info.peer.ip()),
-                info.endpoint.private.as_ref(),
-            ),
+            None => match &info.certificate {
+                Some(certificate) => Principal::certificate(
+                    shared.registry.clone(),
+                    &info.account,
+                    certificate,
+                    Some(&client_id),
+                    Some(info.peer.ip()),
+                    info.endpoint.private.as_ref(),
+                ),
+                None => Err(sekisho_registry::RegistryError::NotFound(
+                    "no certificate and no signature".into(),
+                )),
+            },
         };
         let mut principal = match made {
             Ok(p) => p,
@@ -411,7 +421,7 @@ impl Connection {
                 client_id: &client_id,
                 thing_name: None,
                 session_identifier: &session_identifier,
-                principal: &principal.identity.certificate_id,
+                principal: principal.identity.principal.as_str(),
             };
             events::connect_failed(
                 &shared.broker,
@@ -511,7 +521,7 @@ impl Connection {
         self.epoch = attached.epoch;
         self.shared.index_add(
             &self.account,
-            &self.principal.identity.certificate_id,
+            self.principal.identity.principal.as_str(),
             &self.client_id,
             self.epoch,
             self.principal.iam_caller(),
@@ -1094,7 +1104,7 @@ impl Connection {
         );
         self.shared.index_remove(
             &self.account,
-            &self.principal.identity.certificate_id,
+            self.principal.identity.principal.as_str(),
             &self.client_id,
             self.epoch,
         );

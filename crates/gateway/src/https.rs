@@ -22,6 +22,7 @@ use serde_json::json;
 use crate::authz::Principal;
 use crate::conn::ConnInfo;
 use crate::{DeviceStream, Shared, events};
+use sekisho_registry::{AccountId, ClientId};
 
 fn reply(status: u16, message: &str) -> Response<Full<Bytes>> {
     let body = json!({"message": message, "traceId": uuid::Uuid::new_v4().to_string()});
@@ -70,16 +71,16 @@ async fn handle(
         return Ok(websocket(shared, info, &mut req));
     }
     let (parts, body) = req.into_parts();
-    if info.certificate_id.is_empty() {
+    let Some(certificate) = &info.certificate else {
         return Ok(signed_request(&shared, &info, parts, body).await);
-    }
+    };
     // A keep-alive connection outlives its handshake: the certificate and its CA are checked
     // again on every request, so a revocation or deactivation refuses the very next one.
     if let Err(why) = shared
         .registry
-        .certificate_usable(&info.account, &info.certificate_id)
+        .certificate_usable(&info.account, certificate)
     {
-        tracing::info!(certificate = %info.certificate_id, %why, "HTTPS request refused: certificate no longer usable");
+        tracing::info!(%certificate, %why, "HTTPS request refused: certificate no longer usable");
         return Ok(if parts.uri.path().starts_with("/role-aliases/") {
             cred_error(403, "AccessDeniedException", "Access Denied")
         } else {
@@ -137,10 +138,13 @@ async fn handle(
         }
         Err(_) => return Ok(reply(408, "Request Timeout")),
     };
+    let Some(certificate) = &info.certificate else {
+        return Ok(reply(403, "Forbidden"));
+    };
     let mut principal = match Principal::certificate(
         shared.registry.clone(),
         &info.account,
-        &info.certificate_id,
+        certificate,
         None,
         Some(info.peer.ip()),
         info.endpoint.private.as_ref(),
@@ -156,7 +160,7 @@ async fn handle(
         && principal.allowed("iot:publish", "topic", &topic)
         && (!retain || principal.allowed("iot:retainpublish", "topic", &topic));
     if !allowed {
-        tracing::info!(certificate = %info.certificate_id, %topic, "HTTPS publish not authorized");
+        tracing::info!(%certificate, %topic, "HTTPS publish not authorized");
         return Ok(reply(403, "Forbidden"));
     }
     let msg = Message {
@@ -579,8 +583,8 @@ fn websocket(
     let on_upgrade = hyper::upgrade::on(req);
     let conn_info = ConnInfo {
         peer: info.peer,
-        account: caller.account.clone(),
-        certificate_id: caller.access_key_id.clone(),
+        account: AccountId::new(caller.account.clone()),
+        certificate: None,
         endpoint: info.endpoint.clone(),
         caller: Some(Box::new(caller)),
         slot: info.slot.clone(),
@@ -656,11 +660,16 @@ fn credentials(
     let account = info.account.as_str();
     // The IoT policy, with the thing's variables when a thing was named (the header plays the
     // client id's part in choosing the thing).
+    let Some(certificate) = &info.certificate else {
+        return cred_error(403, "AccessDeniedException", "Access Denied");
+    };
+    // As AWS: the thing-name header chooses among the certificate's things as a client id would.
+    let as_client = thing.map(ClientId::new);
     let mut principal = match Principal::certificate(
         shared.registry.clone(),
-        account,
-        &info.certificate_id,
-        thing,
+        &info.account,
+        certificate,
+        as_client.as_ref(),
         Some(info.peer.ip()),
         info.endpoint.private.as_ref(),
     ) {
@@ -679,7 +688,7 @@ fn credentials(
     if principal.refresh().is_err()
         || !principal.allowed("iot:assumerolewithcertificate", "rolealias", alias)
     {
-        tracing::info!(certificate = %info.certificate_id, %alias, "credential provider: not authorized");
+        tracing::info!(%certificate, %alias, "credential provider: not authorized");
         return cred_error(403, "AccessDeniedException", "Access Denied");
     }
     let Ok(ra) = reg.describe_role_alias(account, alias) else {
@@ -727,7 +736,7 @@ fn credentials(
     let mut keys = std::collections::BTreeMap::new();
     keys.insert(
         "credentials-iot:AwsCertificateId".to_string(),
-        info.certificate_id.clone(),
+        certificate.to_string(),
     );
     if let Some(t) = &principal.identity.thing
         && thing.is_some()
@@ -741,7 +750,7 @@ fn credentials(
         account,
         sekisho_registry::IamPrincipal::Role {
             role: role.name.clone(),
-            session: info.certificate_id.clone(),
+            session: certificate.to_string(),
         },
         ra.duration,
         None,

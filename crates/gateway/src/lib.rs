@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use sekisho_broker::aws::AwsLimits;
 use sekisho_broker::{Broker, Kick};
 use sekisho_mqtt::Limits;
-use sekisho_registry::{CaStatus, CertStatus, Change, Registry};
+use sekisho_registry::{AccountId, CaStatus, CertStatus, CertificateId, Change, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
@@ -196,7 +196,10 @@ impl Shared {
                     .map(|e| e.to_string()),
                 None => self
                     .registry
-                    .certificate_usable(&account, &id)
+                    .certificate_usable(
+                        &AccountId::new(account.clone()),
+                        &CertificateId::new(id.clone()),
+                    )
                     .err()
                     .map(|e| e.to_string()),
             };
@@ -370,8 +373,7 @@ async fn accept_loop<F, Fut>(
             // The task keeps its size for the connection's life: the handshake's state (about
             // 2.8 KB) lives in its own allocation, freed when the handshake ends.
             let hs = Box::pin(handshake(&shared, &tls, &endpoint, tcp, peer));
-            let Ok(Some((stream, account, certificate_id))) =
-                tokio::time::timeout(deadline, hs).await
+            let Ok(Some((stream, account, certificate))) = tokio::time::timeout(deadline, hs).await
             else {
                 return;
             };
@@ -381,7 +383,7 @@ async fn accept_loop<F, Fut>(
                 conn::ConnInfo {
                     peer,
                     account,
-                    certificate_id,
+                    certificate,
                     endpoint,
                     caller: None,
                     slot: Some(slot),
@@ -398,7 +400,7 @@ async fn handshake(
     endpoint: &Endpoint,
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-) -> Option<(DeviceStream, String, String)> {
+) -> Option<(DeviceStream, AccountId, Option<CertificateId>)> {
     let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
         .await
         .ok()?;
@@ -426,14 +428,14 @@ async fn handshake(
         // Only on listeners where the certificate is optional: the requests authenticate
         // themselves (SigV4). The account is the server name's, if it named one.
         let account = match &target {
-            tls::Target::Account(a) => a.clone(),
-            tls::Target::ByCertificate => String::new(),
+            tls::Target::Account(a) => AccountId::new(a.clone()),
+            tls::Target::ByCertificate => AccountId::default(),
         };
         return endpoint
             .client_cert_optional
-            .then(|| (Box::new(stream), account, String::new()));
+            .then(|| (Box::new(stream), account, None));
     };
     // The verifier asked the registry once, when the certificate arrived.
-    let (account, certificate_id) = verifier.authenticated()?;
-    Some((Box::new(stream), account, certificate_id))
+    let (account, certificate) = verifier.authenticated()?;
+    Some((Box::new(stream), account, Some(certificate)))
 }

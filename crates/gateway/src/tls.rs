@@ -23,7 +23,7 @@ use rustls::{
     SignatureScheme,
 };
 use sekisho_broker::Broker;
-use sekisho_registry::{Authentication, Registry, Route};
+use sekisho_registry::{AccountId, Authentication, CertificateId, Registry, Route};
 
 /// The crypto provider every config uses (aws-lc-rs only; see decision 0001).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -213,7 +213,7 @@ pub struct RegistryVerifier {
 impl RegistryVerifier {
     /// The account and certificate id this handshake authenticated, if the client presented an
     /// ACTIVE certificate and proved possession of its key.
-    pub fn authenticated(&self) -> Option<(String, String)> {
+    pub fn authenticated(&self) -> Option<(AccountId, CertificateId)> {
         match &*self.decided.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(Authentication::Active {
                 account,
@@ -234,7 +234,18 @@ impl RegistryVerifier {
         let registry = &self.context.registry;
         let broker = &self.context.broker;
         match decided {
-            Some(Authentication::Active { .. }) => Ok(()),
+            // The client chose how long to wait between sending its certificate and proving
+            // its key: the status is read again (by id, no second resolution), so a certificate
+            // revoked meanwhile fails the handshake.
+            Some(Authentication::Active {
+                account,
+                certificate_id,
+            }) => registry
+                .certificate_usable(&account, &certificate_id)
+                .map_err(|why| {
+                    *self.decided.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    refuse(format!("certificate {certificate_id}: {why}"))
+                }),
             Some(Authentication::PendingActivation {
                 account,
                 certificate_id,

@@ -64,8 +64,8 @@ async fn next_packet(stream: &mut tokio::io::DuplexStream, buf: &mut BytesMut) -
 fn info(caller: Caller) -> ConnInfo {
     ConnInfo {
         peer: "127.0.0.1:1".parse().unwrap(),
-        account: caller.account.clone(),
-        certificate_id: caller.access_key_id.clone(),
+        account: sekisho_registry::AccountId::new(caller.account.clone()),
+        certificate: None,
         endpoint: Arc::new(Endpoint::public("test", 10)),
         caller: Some(Box::new(caller)),
         slot: None,
@@ -159,6 +159,73 @@ async fn iam_policies_decide_connect() {
         let mut buf = BytesMut::new();
         match next_packet(&mut client, &mut buf).await {
             Some(Packet::ConnAck(c)) => assert_eq!(c.code, code, "{client_id}"),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        drop(client);
+        task.await.unwrap();
+    }
+}
+
+/// `iot:CertificateId` names a certificate: an IAM connection has none, so a condition on it
+/// cannot be met with the caller's access key id (it once resolved to it).
+#[tokio::test]
+async fn an_iam_connection_has_no_certificate_id() {
+    let (shared, account, _stop) = shared();
+    shared.registry.create_user(&account, "u", None).unwrap();
+    let key = shared
+        .registry
+        .create_access_key(&account, Some("u"))
+        .unwrap();
+    let user_id = shared.registry.get_user(&account, "u").unwrap().id;
+    for (condition, code) in [
+        // Control: the same grant without the condition connects.
+        ("", 0u8),
+        (
+            r#","Condition":{"StringLike":{"iot:CertificateId":"*"}}"#,
+            0x87,
+        ),
+        (
+            &*format!(
+                r#","Condition":{{"StringEquals":{{"iot:CertificateId":"{}"}}}}"#,
+                key.access_key_id
+            ),
+            0x87,
+        ),
+    ] {
+        shared
+            .registry
+            .put_inline_policy(
+                &account,
+                false,
+                "u",
+                "p",
+                &format!(
+                    r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"iot:Connect","Resource":"*"{condition}}}]}}"#
+                ),
+            )
+            .unwrap();
+        let caller = Caller {
+            account: account.clone(),
+            principal: IamPrincipal::User("u".into()),
+            session_policy: None,
+            temporary: false,
+            expiration: None,
+            access_key_id: key.access_key_id.clone(),
+            context: Default::default(),
+            principal_id: user_id.clone(),
+            principal_arn: String::new(),
+            from_get_session_token: false,
+        };
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(sekisho_gateway::conn::serve(
+            shared.clone(),
+            server,
+            info(caller),
+        ));
+        client.write_all(&connect("c1")).await.unwrap();
+        let mut buf = BytesMut::new();
+        match next_packet(&mut client, &mut buf).await {
+            Some(Packet::ConnAck(c)) => assert_eq!(c.code, code, "{condition}"),
             other => panic!("expected CONNACK, got {other:?}"),
         }
         drop(client);

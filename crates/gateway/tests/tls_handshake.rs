@@ -11,7 +11,9 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
 use sekisho_broker::{Broker, BrokerConfig};
 use sekisho_gateway::tls::{Target, TlsConfigs, TlsPolicy};
 use sekisho_pki::{Ca, IssuedKeys, KeyKind};
-use sekisho_registry::{CertMode, CertStatus, NewCaCertificate, Registry};
+use sekisho_registry::{
+    AccountId, CertMode, CertStatus, CertificateId, NewCaCertificate, Registry,
+};
 use time::OffsetDateTime;
 
 struct Setup {
@@ -62,8 +64,22 @@ fn setup() -> Setup {
     }
 }
 
+/// What the gateway takes from a finished handshake.
+type Authenticated = Option<(AccountId, CertificateId)>;
+
 /// Runs one handshake to its end; `Ok` when both sides finished it.
-fn handshake(s: &Setup, device: &IssuedKeys) -> (Result<(), String>, Option<(String, String)>) {
+fn handshake(s: &Setup, device: &IssuedKeys) -> (Result<(), String>, Authenticated) {
+    handshake_with(s, device, false, |_| {})
+}
+
+/// Runs one handshake, feeding the server one TLS record at a time; `between` runs once, as
+/// soon as the server has accepted the client's certificate and before it has read the rest.
+fn handshake_with(
+    s: &Setup,
+    device: &IssuedKeys,
+    tls12: bool,
+    between: impl FnOnce(&Setup),
+) -> (Result<(), String>, Authenticated) {
     let (cfg, verifier) = s
         .configs
         .mtls(
@@ -77,8 +93,13 @@ fn handshake(s: &Setup, device: &IssuedKeys) -> (Result<(), String>, Option<(Str
     roots
         .add(CertificateDer::from(s.endpoint_ca.cert_der().to_vec()))
         .unwrap();
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
     let client_cfg = ClientConfig::builder_with_provider(sekisho_gateway::tls::provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_client_auth_cert(
@@ -92,14 +113,24 @@ fn handshake(s: &Setup, device: &IssuedKeys) -> (Result<(), String>, Option<(Str
     )
     .unwrap();
     let mut result = Ok(());
-    for _ in 0..20 {
+    let mut between = Some(between);
+    'pump: for _ in 0..20 {
         let mut buf = Vec::new();
         client.write_tls(&mut buf).unwrap();
-        if !buf.is_empty() {
-            server.read_tls(&mut buf.as_slice()).unwrap();
+        let mut rest = buf.as_slice();
+        while rest.len() >= 5 {
+            let len = 5 + u16::from_be_bytes([rest[3], rest[4]]) as usize;
+            let (record, tail) = rest.split_at(len.min(rest.len()));
+            rest = tail;
+            server.read_tls(&mut &record[..]).unwrap();
             if let Err(e) = server.process_new_packets() {
                 result = Err(e.to_string());
-                break;
+                break 'pump;
+            }
+            if verifier.authenticated().is_some()
+                && let Some(f) = between.take()
+            {
+                f(s);
             }
         }
         let mut buf = Vec::new();
@@ -150,7 +181,13 @@ fn jitr_registers_once_the_key_is_proven_and_an_active_certificate_is_authentica
         .unwrap();
     let (result, authenticated) = handshake(&s, &device);
     result.unwrap();
-    assert_eq!(authenticated, Some((s.account.clone(), id.clone())));
+    assert_eq!(
+        authenticated,
+        Some((
+            AccountId::new(s.account.clone()),
+            CertificateId::new(id.clone())
+        ))
+    );
 
     // Revoked: refused with the registry's reason, and nothing authenticated.
     s.registry
@@ -174,4 +211,41 @@ fn a_certificate_from_an_unknown_issuer_is_refused_and_not_registered() {
     assert_eq!(authenticated, None);
     let id = sekisho_pki::certificate_id(&device.cert_der);
     assert!(s.registry.describe_certificate(&s.account, &id).is_err());
+}
+
+/// A certificate revoked while its handshake is under way (the client holds back the proof of
+/// its key) fails that handshake: the status is read again at the proof.
+#[test]
+fn a_certificate_revoked_mid_handshake_fails_it() {
+    let s = setup();
+    let now = OffsetDateTime::now_utc();
+    let device = s
+        .device_ca
+        .issue_named("dev-2", KeyKind::EcdsaP256, now)
+        .unwrap();
+    let id = sekisho_pki::certificate_id(&device.cert_der);
+    let _ = handshake(&s, &device); // registered PENDING_ACTIVATION
+    s.registry
+        .update_certificate(&s.account, &id, CertStatus::Active)
+        .unwrap();
+    // Control: untouched, the same stepwise handshake succeeds.
+    let (result, authenticated) = handshake_with(&s, &device, true, |_| {});
+    result.unwrap();
+    assert!(authenticated.is_some());
+    for status in [CertStatus::Inactive, CertStatus::Revoked] {
+        s.registry
+            .update_certificate(&s.account, &id, CertStatus::Active)
+            .ok();
+        let (result, authenticated) = handshake_with(&s, &device, true, |s| {
+            s.registry
+                .update_certificate(&s.account, &id, status)
+                .unwrap();
+        });
+        let err = result.unwrap_err();
+        assert!(
+            err.contains("not ACTIVE") || err.contains(status.as_str()),
+            "{err}"
+        );
+        assert_eq!(authenticated, None);
+    }
 }

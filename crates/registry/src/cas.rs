@@ -11,6 +11,7 @@
 //! - a device certificate registered against a CA takes the CA's mode, and authenticates only
 //!   while both it and the CA are ACTIVE.
 
+use sekisho_ids::{AccountId, CertificateId};
 use std::sync::Arc;
 
 use time::OffsetDateTime;
@@ -67,17 +68,17 @@ pub enum Authentication {
     /// Registered and ACTIVE (and so is its CA, if any).
     Active {
         /// Account.
-        account: String,
+        account: AccountId,
         /// Certificate id.
-        certificate_id: String,
+        certificate_id: CertificateId,
     },
     /// Registered by just-in-time registration and not yet activated: refused, and the
     /// registration event is published again.
     PendingActivation {
         /// Account.
-        account: String,
+        account: AccountId,
         /// Certificate id.
-        certificate_id: String,
+        certificate_id: CertificateId,
         /// The CA it was registered under.
         ca_certificate_id: String,
     },
@@ -85,7 +86,7 @@ pub enum Authentication {
     /// register it PENDING_ACTIVATION once the client has proven possession of its key.
     AutoRegister {
         /// Account.
-        account: String,
+        account: AccountId,
         /// The signing CA.
         ca_certificate_id: String,
     },
@@ -518,7 +519,7 @@ impl Registry {
                         .find(|c| c.status == CaStatus::Active && c.auto_registration)
                 {
                     return Authentication::AutoRegister {
-                        account: acct.to_owned(),
+                        account: AccountId::new(acct),
                         ca_certificate_id: ca.id.clone(),
                     };
                 }
@@ -554,14 +555,14 @@ impl Registry {
             }
             match cert.status {
                 CertStatus::Active => Authentication::Active {
-                    account: account.to_owned(),
-                    certificate_id: id,
+                    account: AccountId::new(account),
+                    certificate_id: CertificateId::new(id),
                 },
                 CertStatus::PendingActivation if cert.ca_certificate_id.is_some() => {
                     Authentication::PendingActivation {
-                        account: account.to_owned(),
+                        account: AccountId::new(account),
                         ca_certificate_id: cert.ca_certificate_id.clone().unwrap_or_default(),
-                        certificate_id: id,
+                        certificate_id: CertificateId::new(id),
                     }
                 }
                 s => Authentication::Refused(format!("certificate {id} is {}", s.as_str())),
@@ -574,14 +575,17 @@ impl Registry {
     /// CA (if any) is still registered and ACTIVE.
     pub fn certificate_usable(
         &self,
-        account: &str,
-        certificate_id: &str,
+        account: &AccountId,
+        certificate_id: &CertificateId,
     ) -> std::result::Result<(), Unusable> {
         self.read_state(|st| {
-            let a = st.accounts.get(account).ok_or(Unusable::AccountGone)?;
+            let a = st
+                .accounts
+                .get(account.as_str())
+                .ok_or(Unusable::AccountGone)?;
             let cert = a
                 .certificates
-                .get(certificate_id)
+                .get(certificate_id.as_str())
                 .ok_or(Unusable::Deleted)?;
             if cert.status != CertStatus::Active {
                 return Err(Unusable::NotActive(cert.status));

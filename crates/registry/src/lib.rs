@@ -42,6 +42,7 @@ pub use iam::{
 pub use model::*;
 pub use policies::{MAX_POLICIES_PER_TARGET, MAX_POLICY_VERSIONS};
 pub use rolealias::{MAX_ROLE_ALIASES, RoleAlias};
+pub use sekisho_ids::{AccountId, CertificateId, ClientId};
 use store::{Kind, Op, Store};
 pub use things::{ThingQuery, ThingUpdate};
 
@@ -702,14 +703,41 @@ pub(crate) fn check_name(
     Ok(())
 }
 
+/// Who a connection's identity is, as lifecycle events name it (`principalIdentifier`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrincipalId {
+    /// A registered certificate.
+    Certificate(CertificateId),
+    /// IAM credentials: their access key id.
+    AccessKey(String),
+}
+
+impl PrincipalId {
+    /// As text.
+    pub fn as_str(&self) -> &str {
+        match self {
+            PrincipalId::Certificate(c) => c.as_str(),
+            PrincipalId::AccessKey(k) => k,
+        }
+    }
+
+    /// The certificate, for a certificate principal.
+    pub fn certificate(&self) -> Option<&CertificateId> {
+        match self {
+            PrincipalId::Certificate(c) => Some(c),
+            PrincipalId::AccessKey(_) => None,
+        }
+    }
+}
+
 /// A connection's view of its principal: the account, the certificate, the associated thing
 /// and the effective policies. Built at CONNECT and rebuilt when the generation changes.
 #[derive(Debug, Clone)]
 pub struct CertificateIdentity {
     /// Account id.
-    pub account_id: String,
-    /// Certificate id.
-    pub certificate_id: String,
+    pub account_id: AccountId,
+    /// Who: the certificate, or (for an IAM principal) the access key.
+    pub principal: PrincipalId,
     /// Certificate status now.
     pub status: CertStatus,
     /// Identity fields.
@@ -730,10 +758,12 @@ impl Registry {
     /// attached thing).
     pub fn certificate_identity(
         &self,
-        account: &str,
-        certificate_id: &str,
-        client_id: Option<&str>,
+        account: &AccountId,
+        certificate_id: &CertificateId,
+        client_id: Option<&ClientId>,
     ) -> Result<CertificateIdentity> {
+        let (account, certificate_id) = (account.as_str(), certificate_id.as_str());
+        let client_id = client_id.map(ClientId::as_str);
         let generation = self.generation();
         self.read(account, |a| {
             let cert = a.certificates.get(certificate_id).ok_or_else(|| {
@@ -765,8 +795,8 @@ impl Registry {
                 })
                 .unwrap_or_default();
             Ok(CertificateIdentity {
-                account_id: account.to_owned(),
-                certificate_id: certificate_id.to_owned(),
+                account_id: AccountId::new(account),
+                principal: PrincipalId::Certificate(CertificateId::new(certificate_id)),
                 status: cert.status,
                 info: cert.info.clone(),
                 thing,

@@ -62,7 +62,11 @@ fn survives_reopen() {
         "parsed documents are rebuilt on load"
     );
     let id = r
-        .certificate_identity(&acct, &cert_id, Some("other-client"))
+        .certificate_identity(
+            &AccountId::new(acct.clone()),
+            &CertificateId::new(cert_id.clone()),
+            Some(&ClientId::new("other-client")),
+        )
         .unwrap();
     assert_eq!(
         id.thing.as_ref().map(|t| t.name.as_str()),
@@ -86,9 +90,21 @@ fn thing_association_follows_client_id() {
         .unwrap();
     r.attach_thing_principal(&a.id, "t2", &arn, ThingPrincipalType::NonExclusiveThing)
         .unwrap();
-    let id = r.certificate_identity(&a.id, &c.id, Some("t2")).unwrap();
+    let id = r
+        .certificate_identity(
+            &AccountId::new(a.id.clone()),
+            &CertificateId::new(c.id.clone()),
+            Some(&ClientId::new("t2")),
+        )
+        .unwrap();
     assert_eq!(id.thing.unwrap().name, "t2");
-    let id = r.certificate_identity(&a.id, &c.id, Some("nope")).unwrap();
+    let id = r
+        .certificate_identity(
+            &AccountId::new(a.id.clone()),
+            &CertificateId::new(c.id.clone()),
+            Some(&ClientId::new("nope")),
+        )
+        .unwrap();
     assert!(id.thing.is_none());
     // An exclusive attachment is refused while another thing is attached.
     assert!(matches!(
