@@ -15,8 +15,8 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
   scripts/install-test-deps.sh
 fi
 
-# The toolchain is the machine's own (none can be downloaded here, so no rust-toolchain.toml
-# pins one that would have to be fetched); Cargo.toml's rust-version is the floor.
+# The toolchain is the machine's own (decision 0007: none can be downloaded here, so no
+# rust-toolchain.toml pins one that would have to be fetched); Cargo.toml's rust-version is the floor.
 step "toolchain: $(rustc --version)"
 
 step "cargo fmt --check"
