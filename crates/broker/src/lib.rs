@@ -63,6 +63,9 @@ pub struct Delivery {
     pub qos: QoS,
     /// RETAIN flag to send.
     pub retain: bool,
+    /// The packet identifier of an earlier send that was not acknowledged: the session sends
+    /// it again with this identifier and DUP set ([MQTT-4.4.0-1]), if the identifier is free.
+    pub resend: Option<u16>,
 }
 
 /// Why the broker ends a connection.
@@ -313,13 +316,15 @@ impl Broker {
     /// connection with that client id is kicked ([`Kick::TakenOver`]). With `clean_start`, or
     /// when no session exists, a new session starts; otherwise the stored session resumes and
     /// its queued messages are delivered first. `expiry` is how long the session outlives
-    /// the connection (zero: a clean session).
+    /// the connection (zero: a clean session). A session whose expiry has passed at `now` is
+    /// not resumed, whether or not a sweep has removed it yet ([MQTT-3.1.2-23]).
     pub fn connect(
         &self,
         account: &str,
         client_id: &str,
         clean_start: bool,
         expiry: Duration,
+        now: Instant,
     ) -> Attached {
         let (tx, rx) = mpsc::channel(self.config.queue_capacity);
         let (kick_tx, kick_rx) = oneshot::channel();
@@ -335,7 +340,10 @@ impl Broker {
             let _ = k.send(Kick::TakenOver);
         }
         let resumable = existing.filter(|id| {
-            !clean_start && acct.sessions.get(id).is_some_and(|s| !s.expiry.is_zero())
+            !clean_start
+                && acct.sessions.get(id).is_some_and(|s| {
+                    !s.expiry.is_zero() && s.disconnected_at.is_none_or(|d| now < d + s.expiry)
+                })
         });
         let conn = Conn {
             tx,
@@ -347,7 +355,6 @@ impl Broker {
                 let s = acct.sessions.get_mut(&id).expect("checked above");
                 s.expiry = expiry;
                 s.disconnected_at = None;
-                let now = Instant::now();
                 while let Some(d) = s.queue.pop_front() {
                     acct.offline_bytes = acct.offline_bytes.saturating_sub(weight(&d.message));
                     if d.message.expired(now) {
@@ -394,42 +401,21 @@ impl Broker {
         }
     }
 
-    /// Detaches connection `epoch` from its session at `now`. A clean session ends; a
-    /// persistent one waits for its expiry. A connection that was taken over changes nothing.
-    /// `expiry` replaces the session expiry when given (MQTT 5 DISCONNECT).
+    /// Detaches connection `epoch` from its session at `now`, with the QoS 1 deliveries it
+    /// sent or held but that were not acknowledged (oldest first). A connection that was taken
+    /// over hands them to the connection that took the session; otherwise a persistent session
+    /// keeps them at the front of its offline queue, to be sent again on resumption, and a
+    /// clean session ends with them. `expiry` replaces the session expiry when given (MQTT 5
+    /// DISCONNECT).
     pub fn disconnect(
         &self,
         account: &str,
         session: SessionId,
         epoch: u64,
         expiry: Option<Duration>,
+        unacked: Vec<Delivery>,
         now: Instant,
     ) {
-        let mut inner = self.lock();
-        let Some(acct) = inner.get_mut(account) else {
-            return;
-        };
-        let Some(s) = acct.sessions.get_mut(&session) else {
-            return;
-        };
-        if s.conn.as_ref().is_none_or(|c| c.epoch != epoch) {
-            return;
-        }
-        s.conn = None;
-        if let Some(e) = expiry {
-            s.expiry = e;
-        }
-        if s.expiry.is_zero() {
-            acct.drop_session(session);
-        } else {
-            s.disconnected_at = Some(now);
-        }
-    }
-
-    /// Hands unacknowledged deliveries of an ending connection back to its session: to the
-    /// connection that took the session over, if there is one, else to the front of the offline
-    /// queue of a persistent session. A clean session drops them.
-    pub fn requeue(&self, account: &str, session: SessionId, deliveries: Vec<Delivery>) {
         let quotas = *self.config.quotas(account);
         let mut inner = self.lock();
         let Some(acct) = inner.get_mut(account) else {
@@ -438,18 +424,32 @@ impl Broker {
         let Some(s) = acct.sessions.get_mut(&session) else {
             return;
         };
-        if let Some(c) = &s.conn {
-            for d in deliveries {
-                if c.tx.try_send(d).is_err() {
-                    self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+        match &s.conn {
+            Some(c) if c.epoch != epoch => {
+                // Taken over: the new connection sends them.
+                for d in unacked {
+                    if c.tx.try_send(d).is_err() {
+                        self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
+                return;
             }
-            return;
+            None => return,
+            Some(_) => {}
+        }
+        s.conn = None;
+        if let Some(e) = expiry {
+            s.expiry = e;
         }
         if s.expiry.is_zero() {
+            acct.drop_session(session);
             return;
         }
-        for d in deliveries.into_iter().rev() {
+        s.disconnected_at = Some(now);
+        for d in unacked.into_iter().rev() {
+            if d.message.expired(now) {
+                continue;
+            }
             let w = weight(&d.message);
             if s.queue.len() >= quotas.offline_messages
                 || acct.offline_bytes + w > quotas.offline_bytes
@@ -701,6 +701,7 @@ impl Broker {
                 message: msg.clone(),
                 qos,
                 retain: rap && msg.retain,
+                resend: None,
             };
             match &s.conn {
                 Some(c) => match c.tx.try_send(d) {
@@ -849,7 +850,7 @@ mod tests {
     #[test]
     fn routes_once_per_session_at_max_qos() {
         let b = Broker::new(BrokerConfig::default());
-        let mut a = b.connect("acct", "c1", true, Duration::ZERO);
+        let mut a = b.connect("acct", "c1", true, Duration::ZERO, Instant::now());
         b.subscribe("acct", a.session, "t/#", opts(QoS::AtMostOnce));
         b.subscribe("acct", a.session, "t/x", opts(QoS::AtLeastOnce));
         assert_eq!(
@@ -862,7 +863,7 @@ mod tests {
         assert_eq!(d.qos, QoS::AtLeastOnce);
         assert!(a.rx.try_recv().is_err(), "one delivery per session");
         // Another account sees nothing.
-        let mut other = b.connect("other", "c1", true, Duration::ZERO);
+        let mut other = b.connect("other", "c1", true, Duration::ZERO, Instant::now());
         b.subscribe("other", other.session, "#", opts(QoS::AtMostOnce));
         b.publish("acct", msg("t/x", QoS::AtMostOnce, false, b"2"))
             .unwrap();
@@ -872,26 +873,51 @@ mod tests {
     #[test]
     fn takeover_kicks_and_persistent_sessions_queue() {
         let b = Broker::new(BrokerConfig::default());
-        let a = b.connect("acct", "c1", false, Duration::from_secs(3600));
+        let a = b.connect(
+            "acct",
+            "c1",
+            false,
+            Duration::from_secs(3600),
+            Instant::now(),
+        );
         b.subscribe("acct", a.session, "q", opts(QoS::AtLeastOnce));
-        let mut a2 = b.connect("acct", "c1", false, Duration::from_secs(3600));
+        let mut a2 = b.connect(
+            "acct",
+            "c1",
+            false,
+            Duration::from_secs(3600),
+            Instant::now(),
+        );
         assert!(a2.session_present);
         assert_eq!(a.kick.blocking_recv(), Ok(Kick::TakenOver));
         // The old connection's disconnect changes nothing.
-        b.disconnect("acct", a.session, a.epoch, None, Instant::now());
+        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), Instant::now());
         assert!(b.is_connected("acct", "c1"));
-        b.disconnect("acct", a2.session, a2.epoch, None, Instant::now());
+        b.disconnect(
+            "acct",
+            a2.session,
+            a2.epoch,
+            None,
+            Vec::new(),
+            Instant::now(),
+        );
         b.publish("acct", msg("q", QoS::AtLeastOnce, false, b"queued"))
             .unwrap();
         b.publish("acct", msg("q", QoS::AtMostOnce, false, b"lost"))
             .unwrap();
-        let mut a3 = b.connect("acct", "c1", false, Duration::from_secs(3600));
+        let mut a3 = b.connect(
+            "acct",
+            "c1",
+            false,
+            Duration::from_secs(3600),
+            Instant::now(),
+        );
         assert!(a3.session_present);
         assert_eq!(&a3.rx.try_recv().unwrap().message.payload[..], b"queued");
         assert!(a3.rx.try_recv().is_err(), "QoS 0 is not queued offline");
         let _ = a2.rx.try_recv();
         // Clean start discards the session.
-        let a4 = b.connect("acct", "c1", true, Duration::ZERO);
+        let a4 = b.connect("acct", "c1", true, Duration::ZERO, Instant::now());
         assert!(!a4.session_present);
         assert_eq!(b.subscription_count("acct", a4.session), 0);
     }
@@ -899,8 +925,8 @@ mod tests {
     #[test]
     fn kick_connection_spares_a_newer_connection() {
         let b = Broker::new(BrokerConfig::default());
-        let old = b.connect("acct", "c1", true, Duration::ZERO);
-        let mut new = b.connect("acct", "c1", true, Duration::ZERO);
+        let old = b.connect("acct", "c1", true, Duration::ZERO, Instant::now());
+        let mut new = b.connect("acct", "c1", true, Duration::ZERO, Instant::now());
         assert!(!b.kick_connection("acct", "c1", old.epoch, Kick::Administrative));
         assert!(
             new.kick.try_recv().is_err(),
@@ -913,28 +939,112 @@ mod tests {
     #[test]
     fn takeover_hands_unacked_to_the_new_connection() {
         let b = Broker::new(BrokerConfig::default());
-        let a = b.connect("acct", "c1", false, Duration::from_secs(60));
-        let mut a2 = b.connect("acct", "c1", false, Duration::from_secs(60));
+        let a = b.connect("acct", "c1", false, Duration::from_secs(60), Instant::now());
+        let mut a2 = b.connect("acct", "c1", false, Duration::from_secs(60), Instant::now());
         let d = Delivery {
             message: msg("t", QoS::AtLeastOnce, false, b"unacked"),
             qos: QoS::AtLeastOnce,
             retain: false,
+            resend: Some(7),
         };
-        b.requeue("acct", a.session, vec![d]);
-        b.disconnect("acct", a.session, a.epoch, None, Instant::now());
+        b.disconnect("acct", a.session, a.epoch, None, vec![d], Instant::now());
         assert_eq!(&a2.rx.try_recv().unwrap().message.payload[..], b"unacked");
     }
 
     #[test]
     fn sessions_expire() {
         let b = Broker::new(BrokerConfig::default());
-        let a = b.connect("acct", "c1", false, Duration::from_secs(10));
+        let a = b.connect("acct", "c1", false, Duration::from_secs(10), Instant::now());
         let t0 = Instant::now();
-        b.disconnect("acct", a.session, a.epoch, None, t0);
+        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), t0);
         assert_eq!(b.sweep(t0 + Duration::from_secs(9)), 0);
         assert!(b.has_session("acct", "c1"));
         assert_eq!(b.sweep(t0 + Duration::from_secs(10)), 1);
         assert!(!b.has_session("acct", "c1"));
+    }
+
+    /// [MQTT-3.1.2-23]: a session whose expiry has passed is gone at that instant, not at the
+    /// next sweep.
+    #[test]
+    fn an_expired_session_is_not_resumed_before_the_sweep() {
+        let b = Broker::new(BrokerConfig::default());
+        let t0 = Instant::now();
+        let a = b.connect("acct", "c1", false, Duration::from_secs(10), t0);
+        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), t0);
+        let early = b.connect(
+            "acct",
+            "c1",
+            false,
+            Duration::from_secs(10),
+            t0 + Duration::from_secs(9),
+        );
+        assert!(early.session_present, "within the expiry: resumed");
+        b.disconnect(
+            "acct",
+            early.session,
+            early.epoch,
+            None,
+            Vec::new(),
+            t0 + Duration::from_secs(9),
+        );
+        let late = b.connect(
+            "acct",
+            "c1",
+            false,
+            Duration::from_secs(10),
+            t0 + Duration::from_secs(19),
+        );
+        assert!(
+            !late.session_present,
+            "expired at 19 s, though no sweep ran"
+        );
+    }
+
+    /// [MQTT-4.4.0-1]: QoS 1 messages a persistent session's connection had not acknowledged
+    /// when it ended are sent again, oldest first and with their packet ids, when the session
+    /// resumes.
+    #[test]
+    fn unacknowledged_deliveries_are_sent_again_on_resumption() {
+        let b = Broker::new(BrokerConfig::default());
+        let t0 = Instant::now();
+        let a = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
+        let unacked = |payload: &'static [u8], id| Delivery {
+            message: msg("t", QoS::AtLeastOnce, false, payload),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            resend: Some(id),
+        };
+        b.disconnect(
+            "acct",
+            a.session,
+            a.epoch,
+            None,
+            vec![unacked(b"one", 1), unacked(b"two", 2)],
+            t0,
+        );
+        let mut again = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
+        assert!(again.session_present);
+        let first = again.rx.try_recv().unwrap();
+        assert_eq!(
+            (&first.message.payload[..], first.resend),
+            (&b"one"[..], Some(1))
+        );
+        let second = again.rx.try_recv().unwrap();
+        assert_eq!(
+            (&second.message.payload[..], second.resend),
+            (&b"two"[..], Some(2))
+        );
+        // A clean session ends with its unacknowledged messages.
+        b.disconnect(
+            "acct",
+            again.session,
+            again.epoch,
+            Some(Duration::ZERO),
+            vec![unacked(b"x", 3)],
+            t0,
+        );
+        let clean = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
+        assert!(!clean.session_present);
     }
 
     #[test]
@@ -977,7 +1087,7 @@ mod tests {
             queue_capacity: 2,
             ..BrokerConfig::default()
         });
-        let mut a = b.connect("acct", "c", true, Duration::ZERO);
+        let mut a = b.connect("acct", "c", true, Duration::ZERO, Instant::now());
         b.subscribe("acct", a.session, "t", opts(QoS::AtMostOnce));
         let mut blocked = Vec::new();
         for _ in 0..5 {
@@ -1003,8 +1113,8 @@ mod tests {
     #[test]
     fn shared_subscriptions_deliver_once_per_group() {
         let b = Broker::new(BrokerConfig::default());
-        let mut x = b.connect("acct", "x", true, Duration::ZERO);
-        let mut y = b.connect("acct", "y", true, Duration::ZERO);
+        let mut x = b.connect("acct", "x", true, Duration::ZERO, Instant::now());
+        let mut y = b.connect("acct", "y", true, Duration::ZERO, Instant::now());
         b.subscribe("acct", x.session, "$share/g/t", opts(QoS::AtMostOnce));
         b.subscribe("acct", y.session, "$share/g/t", opts(QoS::AtMostOnce));
         for _ in 0..10 {
@@ -1073,9 +1183,9 @@ mod tests {
         });
         let t0 = Instant::now();
         for c in ["c1", "c2"] {
-            let a = b.connect("acct", c, false, Duration::from_secs(60));
+            let a = b.connect("acct", c, false, Duration::from_secs(60), Instant::now());
             b.subscribe("acct", a.session, "q", opts(QoS::AtLeastOnce));
-            b.disconnect("acct", a.session, a.epoch, None, t0);
+            b.disconnect("acct", a.session, a.epoch, None, Vec::new(), t0);
         }
         // Two sessions, 2 deliveries each per message: the second message pushes out oldest.
         b.publish("acct", msg("q", QoS::AtLeastOnce, false, b"111111111"))
@@ -1095,7 +1205,7 @@ mod tests {
         );
         drop(inner);
         // Resuming a session gives its queue's bytes back.
-        let a = b.connect("acct", "c1", false, Duration::from_secs(60));
+        let a = b.connect("acct", "c1", false, Duration::from_secs(60), Instant::now());
         let left = b.lock()["acct"].offline_bytes;
         assert!(left <= 10, "{left}");
         drop(a);
@@ -1109,9 +1219,9 @@ mod tests {
             ..Quotas::default()
         });
         assert!(b.session_allowed("acct", "c1"));
-        let _a = b.connect("acct", "c1", true, Duration::ZERO);
+        let _a = b.connect("acct", "c1", true, Duration::ZERO, Instant::now());
         assert!(b.session_allowed("acct", "c2"));
-        let _b = b.connect("acct", "c2", true, Duration::ZERO);
+        let _b = b.connect("acct", "c2", true, Duration::ZERO, Instant::now());
         assert!(!b.session_allowed("acct", "c3"), "N+1");
         assert!(b.session_allowed("acct", "c1"), "an existing session");
         assert!(b.session_allowed("other", "c3"), "another account");

@@ -516,6 +516,7 @@ impl Connection {
             &self.client_id,
             self.clean_start,
             self.session_expiry,
+            Instant::now(),
         );
         self.session = attached.session;
         self.epoch = attached.epoch;
@@ -945,6 +946,7 @@ impl Connection {
                     message: m,
                     qos,
                     retain: true,
+                    resend: None,
                 });
             }
         }
@@ -1018,10 +1020,14 @@ impl Connection {
         if !self.principal.allowed("iot:receive", "topic", &m.topic) {
             return Flow::Continue;
         }
-        let packet_id = if d.qos == QoS::AtLeastOnce {
-            Some(self.next_packet_id())
-        } else {
-            None
+        // A message sent before and not acknowledged goes again with its packet id and DUP
+        // set, unless that id is taken meanwhile (then it is a new send).
+        let (packet_id, dup) = match (d.qos, d.resend) {
+            (QoS::AtLeastOnce, Some(id)) if id != 0 && !self.inflight.contains_key(&id) => {
+                (Some(id), true)
+            }
+            (QoS::AtLeastOnce, _) => (Some(self.next_packet_id()), false),
+            _ => (None, false),
         };
         // Borrow the shared message's properties; copy them only when the remaining expiry
         // must be written (MQTT 5).
@@ -1038,7 +1044,7 @@ impl Connection {
             (true, _, _) => &m.properties,
         };
         let p = PublishRef {
-            dup: false,
+            dup,
             qos: d.qos,
             retain: d.retain,
             topic: &m.topic,
@@ -1082,14 +1088,25 @@ impl Connection {
         }
         write_all(stream, wbuf).await;
         let _ = stream.shutdown().await;
+        // Unacknowledged QoS 1 deliveries, sent (oldest packet id first, to be sent again with
+        // it) or still waiting in the queue, go back to the session under the same lock that
+        // detaches this connection ([MQTT-4.4.0-1]).
+        let mut attached = attached;
+        let mut sent: Vec<(u16, Delivery)> = self.inflight.drain().collect();
+        sent.sort_by_key(|(id, _)| *id);
+        let mut unacked: Vec<Delivery> = sent
+            .into_iter()
+            .map(|(id, mut d)| {
+                d.resend = Some(id);
+                d
+            })
+            .collect();
+        while let Ok(d) = attached.rx.try_recv() {
+            if d.qos == QoS::AtLeastOnce {
+                unacked.push(d);
+            }
+        }
         drop(attached);
-        let mut unacked: Vec<(u16, Delivery)> = self.inflight.drain().collect();
-        unacked.sort_by_key(|(id, _)| *id);
-        self.shared.broker.requeue(
-            &self.account,
-            self.session,
-            unacked.into_iter().map(|(_, d)| d).collect(),
-        );
         let expiry = if self.v5() {
             Some(self.session_expiry)
         } else {
@@ -1100,6 +1117,7 @@ impl Connection {
             self.session,
             self.epoch,
             expiry,
+            unacked,
             Instant::now(),
         );
         self.shared.index_remove(
