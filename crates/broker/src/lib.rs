@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod aws;
+pub mod durable;
 pub mod trie;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -26,7 +27,7 @@ pub use trie::SessionId;
 use trie::{SubEntry, Trie};
 
 /// A published application message, shared by every delivery of it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     /// Topic.
     pub topic: Arc<str>,
@@ -66,6 +67,9 @@ pub struct Delivery {
     /// The packet identifier of an earlier send that was not acknowledged: the session sends
     /// it again with this identifier and DUP set ([MQTT-4.4.0-1]), if the identifier is free.
     pub resend: Option<u16>,
+    /// Its sequence number in durable storage (0: not stored). The receiving connection
+    /// acknowledges it with [`Broker::acked`] once the client has.
+    pub seq: u64,
 }
 
 /// Why the broker ends a connection.
@@ -92,6 +96,8 @@ pub struct Attached {
     pub rx: mpsc::Receiver<Delivery>,
     /// Fires when the broker ends the connection.
     pub kick: oneshot::Receiver<Kick>,
+    /// The journal ticket to wait for before CONNACK (0: none).
+    pub ticket: u64,
 }
 
 /// What one account may keep in the broker, by count and by bytes (a message's bytes are its
@@ -184,7 +190,9 @@ struct Conn {
 }
 
 struct Session {
-    client_id: String,
+    client_id: Arc<str>,
+    /// Whether durable storage holds it (a persistent session, on a durable broker).
+    stored: bool,
     subscriptions: HashMap<String, SubscriptionOptions>,
     conn: Option<Conn>,
     expiry: Duration,
@@ -215,6 +223,8 @@ type IdMap<V> = HashMap<SessionId, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 #[derive(Default)]
 struct AccountState {
+    /// The account id, shared by the changes journaled for it.
+    name: Arc<str>,
     trie: Trie,
     sessions: IdMap<Session>,
     by_client: HashMap<String, SessionId>,
@@ -226,6 +236,39 @@ struct AccountState {
 }
 
 impl AccountState {
+    fn new(name: &str) -> AccountState {
+        AccountState {
+            name: Arc::from(name),
+            ..AccountState::default()
+        }
+    }
+
+    /// The session as stored.
+    fn stored(s: &Session) -> durable::StoredSession {
+        durable::StoredSession {
+            expiry: s.expiry,
+            subscriptions: s
+                .subscriptions
+                .iter()
+                .map(|(f, o)| (f.clone(), *o))
+                .collect(),
+            connected: s.conn.is_some(),
+        }
+    }
+
+    /// Ends a session: dropped from memory, and from storage if it was stored.
+    fn end_session(&mut self, id: SessionId, journal: Option<&durable::Journal>) {
+        if let Some(s) = self.drop_session(id)
+            && s.stored
+            && let Some(j) = journal
+        {
+            j.record_quietly(durable::Change::DeleteSession {
+                account: self.name.clone(),
+                client_id: s.client_id.clone(),
+            });
+        }
+    }
+
     fn drop_session(&mut self, id: SessionId) -> Option<Session> {
         let s = self.sessions.remove(&id)?;
         self.offline_bytes = self
@@ -234,8 +277,8 @@ impl AccountState {
         for f in s.subscriptions.keys() {
             self.trie.remove(id, f);
         }
-        if self.by_client.get(&s.client_id) == Some(&id) {
-            self.by_client.remove(&s.client_id);
+        if self.by_client.get(&*s.client_id) == Some(&id) {
+            self.by_client.remove(&*s.client_id);
         }
         Some(s)
     }
@@ -270,6 +313,8 @@ pub struct Routed {
     pub reached: usize,
     /// Deliveries waiting for room in a full queue.
     pub blocked: Vec<Blocked>,
+    /// The journal ticket to wait for before acknowledging the publish (0: none).
+    pub ticket: u64,
 }
 
 /// Errors of [`Broker::publish`].
@@ -285,6 +330,8 @@ pub struct Broker {
     config: BrokerConfig,
     inner: Mutex<HashMap<String, AccountState>>,
     next_id: AtomicU64,
+    /// Durable state, when the broker keeps any.
+    journal: Option<Arc<durable::Journal>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -304,7 +351,149 @@ impl Broker {
             config,
             inner: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            journal: None,
             stats: Stats::default(),
+        }
+    }
+
+    /// A broker that keeps persistent sessions, their queued and unacknowledged QoS 1 messages
+    /// and retained messages in `journal`'s storage, starting from what it held (`snapshot`,
+    /// loaded at `clock`). Sessions that were connected when the server stopped are taken as
+    /// left at `clock` (their expiry never comes early); expired sessions and messages, and
+    /// messages older than [`durable::REDELIVERY_WINDOW`], are dropped (and from storage too).
+    pub fn durable(
+        config: BrokerConfig,
+        journal: durable::Journal,
+        snapshot: durable::Snapshot,
+        clock: durable::WallClock,
+    ) -> Broker {
+        let mut b = Broker::new(config);
+        let journal = Arc::new(journal);
+        b.journal = Some(journal.clone());
+        let mut max_seq = 0;
+        let oldest_ms = clock
+            .now_ms
+            .saturating_sub(durable::REDELIVERY_WINDOW.as_millis() as u64);
+        let message = |m: durable::LoadedMessage| -> Option<Arc<Message>> {
+            let expires_at = m.expires_at_ms.map(|ms| clock.instant(ms));
+            if m.expires_at_ms.is_some_and(|ms| ms <= clock.now_ms) {
+                return None;
+            }
+            Some(Arc::new(Message {
+                expires_at,
+                origin: None,
+                ..m.message
+            }))
+        };
+        {
+            let mut inner = b.lock();
+            for (account, m) in snapshot.retained {
+                let topic: Arc<str> = m.message.topic.clone();
+                let acct = inner
+                    .entry(account.clone())
+                    .or_insert_with(|| AccountState::new(&account));
+                match message(m) {
+                    Some(m) => {
+                        acct.retained_bytes += weight(&m);
+                        acct.retained.insert(topic.to_string(), m);
+                    }
+                    None => journal.record_quietly(durable::Change::SetRetained {
+                        account: acct.name.clone(),
+                        topic,
+                        message: None,
+                    }),
+                }
+            }
+            for l in snapshot.sessions {
+                let acct = inner
+                    .entry(l.account.clone())
+                    .or_insert_with(|| AccountState::new(&l.account));
+                let client_id: Arc<str> = Arc::from(l.client_id.as_str());
+                let left_ms = l.disconnected_at_ms.unwrap_or(clock.now_ms);
+                let expired =
+                    left_ms.saturating_add(l.session.expiry.as_millis() as u64) <= clock.now_ms;
+                if expired || l.session.expiry.is_zero() {
+                    journal.record_quietly(durable::Change::DeleteSession {
+                        account: acct.name.clone(),
+                        client_id,
+                    });
+                    continue;
+                }
+                let id = b.next_id.fetch_add(1, Ordering::Relaxed);
+                let mut queue = VecDeque::new();
+                for (seq, retain, m) in l.queue {
+                    max_seq = max_seq.max(seq);
+                    let too_old = m.message.timestamp_ms < oldest_ms;
+                    match message(m).filter(|_| !too_old) {
+                        Some(message) => {
+                            acct.offline_bytes += weight(&message);
+                            queue.push_back(Delivery {
+                                message,
+                                qos: QoS::AtLeastOnce,
+                                retain,
+                                resend: None,
+                                seq,
+                            });
+                        }
+                        None => journal.record_quietly(durable::Change::Ack {
+                            account: acct.name.clone(),
+                            client_id: client_id.clone(),
+                            seq,
+                        }),
+                    }
+                }
+                let mut subscriptions = HashMap::new();
+                for (filter, options) in l.session.subscriptions {
+                    acct.trie.insert(id, &filter, SubEntry { options });
+                    subscriptions.insert(filter, options);
+                }
+                // The clock restarts: left now if it was connected, else when it was left.
+                let left = clock.instant(left_ms);
+                acct.by_client.insert(l.client_id, id);
+                acct.sessions.insert(
+                    id,
+                    Session {
+                        client_id,
+                        stored: true,
+                        subscriptions,
+                        conn: None,
+                        expiry: l.session.expiry,
+                        disconnected_at: Some(left),
+                        queue,
+                    },
+                );
+            }
+        }
+        b.next_id.fetch_max(max_seq + 1, Ordering::Relaxed);
+        b
+    }
+
+    /// The journal of a durable broker.
+    pub fn journal(&self) -> Option<&Arc<durable::Journal>> {
+        self.journal.as_ref()
+    }
+
+    /// Waits until the changes up to `ticket` are durable (at once without a journal). False
+    /// when storage failed: the caller must not acknowledge.
+    pub async fn durable_until(&self, ticket: u64) -> bool {
+        match &self.journal {
+            Some(j) => j.wait(ticket).await,
+            None => true,
+        }
+    }
+
+    /// The client acknowledged a stored delivery (or the connection dropped it for good):
+    /// storage forgets it. Needs no lock; the message was appended before it was delivered.
+    pub fn acked(&self, account: &str, client_id: &str, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        if let Some(j) = &self.journal {
+            j.record_quietly(durable::Change::Ack {
+                account: Arc::from(account),
+                client_id: Arc::from(client_id),
+                seq,
+            });
         }
     }
 
@@ -330,7 +519,9 @@ impl Broker {
         let (kick_tx, kick_rx) = oneshot::channel();
         let epoch = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
-        let acct = inner.entry(account.to_owned()).or_default();
+        let acct = inner
+            .entry(account.to_owned())
+            .or_insert_with(|| AccountState::new(account));
         let existing = acct.by_client.get(client_id).copied();
         if let Some(id) = existing
             && let Some(s) = acct.sessions.get_mut(&id)
@@ -358,6 +549,15 @@ impl Broker {
                 while let Some(d) = s.queue.pop_front() {
                     acct.offline_bytes = acct.offline_bytes.saturating_sub(weight(&d.message));
                     if d.message.expired(now) {
+                        if let Some(j) = &self.journal
+                            && d.seq != 0
+                        {
+                            j.record_quietly(durable::Change::Ack {
+                                account: acct.name.clone(),
+                                client_id: s.client_id.clone(),
+                                seq: d.seq,
+                            });
+                        }
                         continue;
                     }
                     if conn.tx.try_send(d).is_err() {
@@ -365,30 +565,46 @@ impl Broker {
                     }
                 }
                 s.conn = Some(conn);
+                let ticket = match &self.journal {
+                    Some(j) if s.stored => j.record(durable::Change::PutSession {
+                        account: acct.name.clone(),
+                        client_id: s.client_id.clone(),
+                        session: AccountState::stored(s),
+                    }),
+                    _ => 0,
+                };
                 Attached {
                     session: id,
                     epoch,
                     session_present: true,
                     rx,
                     kick: kick_rx,
+                    ticket,
                 }
             }
             None => {
                 if let Some(id) = existing {
-                    acct.drop_session(id);
+                    acct.end_session(id, self.journal.as_deref());
                 }
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                acct.sessions.insert(
-                    id,
-                    Session {
-                        client_id: client_id.to_owned(),
-                        subscriptions: HashMap::new(),
-                        conn: Some(conn),
-                        expiry,
-                        disconnected_at: None,
-                        queue: VecDeque::new(),
-                    },
-                );
+                let session = Session {
+                    client_id: Arc::from(client_id),
+                    stored: self.journal.is_some() && !expiry.is_zero(),
+                    subscriptions: HashMap::new(),
+                    conn: Some(conn),
+                    expiry,
+                    disconnected_at: None,
+                    queue: VecDeque::new(),
+                };
+                let ticket = match &self.journal {
+                    Some(j) if session.stored => j.record(durable::Change::PutSession {
+                        account: acct.name.clone(),
+                        client_id: session.client_id.clone(),
+                        session: AccountState::stored(&session),
+                    }),
+                    _ => 0,
+                };
+                acct.sessions.insert(id, session);
                 acct.by_client.insert(client_id.to_owned(), id);
                 Attached {
                     session: id,
@@ -396,6 +612,7 @@ impl Broker {
                     session_present: false,
                     rx,
                     kick: kick_rx,
+                    ticket,
                 }
             }
         }
@@ -442,23 +659,47 @@ impl Broker {
             s.expiry = e;
         }
         if s.expiry.is_zero() {
-            acct.drop_session(session);
+            acct.end_session(session, self.journal.as_deref());
             return;
         }
         s.disconnected_at = Some(now);
-        for d in unacked.into_iter().rev() {
-            if d.message.expired(now) {
-                continue;
+        let forget = |d: &Delivery| {
+            if let Some(j) = &self.journal
+                && d.seq != 0
+            {
+                j.record_quietly(durable::Change::Ack {
+                    account: acct.name.clone(),
+                    client_id: s.client_id.clone(),
+                    seq: d.seq,
+                });
             }
+        };
+        let mut full = false;
+        for d in unacked.into_iter().rev() {
             let w = weight(&d.message);
-            if s.queue.len() >= quotas.offline_messages
+            if full
+                || d.message.expired(now)
+                || s.queue.len() >= quotas.offline_messages
                 || acct.offline_bytes + w > quotas.offline_bytes
             {
-                self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
-                break;
+                if !d.message.expired(now) {
+                    full = true;
+                    self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                }
+                forget(&d);
+                continue;
             }
             acct.offline_bytes += w;
             s.queue.push_front(d);
+        }
+        if let Some(j) = &self.journal
+            && s.stored
+        {
+            j.record_quietly(durable::Change::PutSession {
+                account: acct.name.clone(),
+                client_id: s.client_id.clone(),
+                session: AccountState::stored(s),
+            });
         }
     }
 
@@ -556,7 +797,7 @@ impl Broker {
                 .map(|(id, _)| *id)
                 .collect();
             for id in expired {
-                acct.drop_session(id);
+                acct.end_session(id, self.journal.as_deref());
                 n += 1;
             }
         }
@@ -571,22 +812,33 @@ impl Broker {
             .map_or(0, |s| s.subscriptions.len())
     }
 
-    /// Adds (or replaces) a subscription. Returns true when it is new.
+    /// Adds (or replaces) a subscription. Returns whether it is new, and the journal ticket to
+    /// wait for before SUBACK (0: none).
     pub fn subscribe(
         &self,
         account: &str,
         session: SessionId,
         filter: &str,
         options: SubscriptionOptions,
-    ) -> bool {
+    ) -> (bool, u64) {
         let mut inner = self.lock();
-        let acct = inner.entry(account.to_owned()).or_default();
+        let acct = inner
+            .entry(account.to_owned())
+            .or_insert_with(|| AccountState::new(account));
         let Some(s) = acct.sessions.get_mut(&session) else {
-            return false;
+            return (false, 0);
         };
         let new = s.subscriptions.insert(filter.to_owned(), options).is_none();
         acct.trie.insert(session, filter, SubEntry { options });
-        new
+        let ticket = match &self.journal {
+            Some(j) if s.stored => j.record(durable::Change::PutSession {
+                account: acct.name.clone(),
+                client_id: s.client_id.clone(),
+                session: AccountState::stored(s),
+            }),
+            _ => 0,
+        };
+        (new, ticket)
     }
 
     /// Removes a subscription. Returns true when it existed.
@@ -600,6 +852,15 @@ impl Broker {
         };
         if s.subscriptions.remove(filter).is_some() {
             acct.trie.remove(session, filter);
+            if let Some(j) = &self.journal
+                && s.stored
+            {
+                j.record_quietly(durable::Change::PutSession {
+                    account: acct.name.clone(),
+                    client_id: s.client_id.clone(),
+                    session: AccountState::stored(s),
+                });
+            }
             true
         } else {
             false
@@ -629,11 +890,21 @@ impl Broker {
         let now = Instant::now();
         let quotas = *self.config.quotas(account);
         let mut inner = self.lock();
-        let acct = inner.entry(account.to_owned()).or_default();
+        let acct = inner
+            .entry(account.to_owned())
+            .or_insert_with(|| AccountState::new(account));
+        let mut ticket = 0;
         if msg.retain {
             if msg.payload.is_empty() {
                 if let Some(old) = acct.retained.remove(&*msg.topic) {
                     acct.retained_bytes = acct.retained_bytes.saturating_sub(weight(&old));
+                    if let Some(j) = &self.journal {
+                        ticket = j.record(durable::Change::SetRetained {
+                            account: acct.name.clone(),
+                            topic: msg.topic.clone(),
+                            message: None,
+                        });
+                    }
                 }
             } else {
                 let replaced = acct.retained.get(&*msg.topic).map(|m| weight(m));
@@ -645,6 +916,13 @@ impl Broker {
                 }
                 acct.retained_bytes = bytes;
                 acct.retained.insert(msg.topic.to_string(), msg.clone());
+                if let Some(j) = &self.journal {
+                    ticket = j.record(durable::Change::SetRetained {
+                        account: acct.name.clone(),
+                        topic: msg.topic.clone(),
+                        message: Some(msg.clone()),
+                    });
+                }
             }
         }
         // Matches, then one delivery per session at the highest granted QoS: a sorted Vec
@@ -697,12 +975,27 @@ impl Broker {
                 continue;
             };
             let qos = msg.qos.min(sub_qos);
-            let d = Delivery {
+            let mut d = Delivery {
                 message: msg.clone(),
                 qos,
                 retain: rap && msg.retain,
                 resend: None,
+                seq: 0,
             };
+            // A QoS 1 delivery to a persistent session is stored before anyone acknowledges
+            // it: online or not, it survives a crash until the client acknowledges it.
+            let store =
+                s.stored && qos == QoS::AtLeastOnce && (s.conn.is_some() || !msg.expired(now));
+            if store && let Some(j) = &self.journal {
+                d.seq = self.next_id.fetch_add(1, Ordering::Relaxed);
+                ticket = j.record(durable::Change::Append {
+                    account: acct.name.clone(),
+                    client_id: s.client_id.clone(),
+                    seq: d.seq,
+                    retain: d.retain,
+                    message: msg.clone(),
+                });
+            }
             match &s.conn {
                 Some(c) => match c.tx.try_send(d) {
                     Ok(()) => {
@@ -722,6 +1015,17 @@ impl Broker {
                     // Bounded by count per session and by bytes per account: the session's
                     // oldest go first; a message that still does not fit is dropped.
                     let w = weight(&msg);
+                    let forget = |seq: u64| {
+                        if let Some(j) = &self.journal
+                            && seq != 0
+                        {
+                            j.record_quietly(durable::Change::Ack {
+                                account: acct.name.clone(),
+                                client_id: s.client_id.clone(),
+                                seq,
+                            });
+                        }
+                    };
                     while !s.queue.is_empty()
                         && (s.queue.len() >= quotas.offline_messages
                             || acct.offline_bytes + w > quotas.offline_bytes)
@@ -730,6 +1034,7 @@ impl Broker {
                             acct.offline_bytes =
                                 acct.offline_bytes.saturating_sub(weight(&old.message));
                             self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                            forget(old.seq);
                         }
                     }
                     if s.queue.len() < quotas.offline_messages
@@ -741,12 +1046,17 @@ impl Broker {
                         reached += 1;
                     } else {
                         self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                        forget(d.seq);
                     }
                 }
                 None => {}
             }
         }
-        Ok(Routed { reached, blocked })
+        Ok(Routed {
+            reached,
+            blocked,
+            ticket,
+        })
     }
 
     /// Records the fate of a delivery that was blocked: it got through after waiting, or it was
@@ -784,7 +1094,9 @@ impl Broker {
     ) -> Option<OfflineReservation> {
         let max = self.config.quotas(account).offline_bytes;
         let mut inner = self.lock();
-        let acct = inner.entry(account.to_owned()).or_default();
+        let acct = inner
+            .entry(account.to_owned())
+            .or_insert_with(|| AccountState::new(account));
         if acct.offline_bytes + bytes > max {
             return None;
         }
@@ -946,6 +1258,7 @@ mod tests {
             qos: QoS::AtLeastOnce,
             retain: false,
             resend: Some(7),
+            seq: 0,
         };
         b.disconnect("acct", a.session, a.epoch, None, vec![d], Instant::now());
         assert_eq!(&a2.rx.try_recv().unwrap().message.payload[..], b"unacked");
@@ -1013,6 +1326,7 @@ mod tests {
             qos: QoS::AtLeastOnce,
             retain: false,
             resend: Some(id),
+            seq: 0,
         };
         b.disconnect(
             "acct",
@@ -1045,6 +1359,226 @@ mod tests {
         );
         let clean = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
         assert!(!clean.session_present);
+    }
+
+    /// A storage that keeps the changes it is given, for the tests of what the broker records.
+    struct Recording(Arc<Mutex<Vec<durable::Change>>>);
+
+    impl durable::Storage for Recording {
+        fn load(&mut self) -> Result<durable::Snapshot, durable::StorageError> {
+            Ok(durable::Snapshot::default())
+        }
+        fn commit(
+            &mut self,
+            changes: &[durable::Change],
+            _: durable::WallClock,
+        ) -> Result<(), durable::StorageError> {
+            self.0.lock().unwrap().extend(changes.iter().cloned());
+            Ok(())
+        }
+    }
+
+    fn durable_broker(
+        snapshot: durable::Snapshot,
+        clock: durable::WallClock,
+    ) -> (Broker, Arc<Mutex<Vec<durable::Change>>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let journal = durable::Journal::start(Recording(log.clone()));
+        (
+            Broker::durable(BrokerConfig::default(), journal, snapshot, clock),
+            log,
+        )
+    }
+
+    fn kinds(log: &Mutex<Vec<durable::Change>>) -> Vec<String> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .map(|c| match c {
+                durable::Change::PutSession {
+                    client_id, session, ..
+                } => {
+                    format!(
+                        "put {client_id} {}",
+                        if session.connected { "on" } else { "off" }
+                    )
+                }
+                durable::Change::DeleteSession { client_id, .. } => format!("delete {client_id}"),
+                durable::Change::Append { client_id, seq, .. } => {
+                    format!("append {client_id} {seq}")
+                }
+                durable::Change::Ack { client_id, seq, .. } => format!("ack {client_id} {seq}"),
+                durable::Change::SetRetained { topic, message, .. } => {
+                    format!("retained {topic} {}", message.is_some())
+                }
+            })
+            .collect()
+    }
+
+    /// What must survive is recorded, with a ticket for what a client waits on; clean
+    /// sessions and QoS 0 record nothing.
+    #[tokio::test]
+    async fn a_durable_broker_records_what_must_survive() {
+        let (b, log) = durable_broker(durable::Snapshot::default(), durable::WallClock::read());
+        let t0 = Instant::now();
+        let clean = b.connect("acct", "clean", true, Duration::ZERO, t0);
+        assert_eq!(clean.ticket, 0);
+        let (_, t) = b.subscribe("acct", clean.session, "t", opts(QoS::AtLeastOnce));
+        assert_eq!(t, 0);
+        let mut p = b.connect("acct", "p", false, Duration::from_secs(60), t0);
+        assert!(p.ticket > 0);
+        let (_, t) = b.subscribe("acct", p.session, "t", opts(QoS::AtLeastOnce));
+        assert!(t > 0);
+        let routed = b
+            .publish("acct", msg("t", QoS::AtMostOnce, false, b"q0"))
+            .unwrap();
+        assert_eq!(routed.ticket, 0, "QoS 0 is not stored");
+        let routed = b
+            .publish("acct", msg("t", QoS::AtLeastOnce, false, b"q1"))
+            .unwrap();
+        assert!(routed.ticket > 0);
+        assert!(b.durable_until(routed.ticket).await);
+        let d = p.rx.try_recv().unwrap();
+        let d = if d.seq == 0 {
+            p.rx.try_recv().unwrap()
+        } else {
+            d
+        };
+        assert!(d.seq > 0);
+        b.acked("acct", "p", d.seq);
+        let routed = b
+            .publish("acct", msg("r", QoS::AtLeastOnce, true, b"kept"))
+            .unwrap();
+        assert!(b.durable_until(routed.ticket).await);
+        b.disconnect("acct", p.session, p.epoch, None, Vec::new(), t0);
+        b.disconnect("acct", clean.session, clean.epoch, None, Vec::new(), t0);
+        let late = b.connect("acct", "p", true, Duration::ZERO, t0);
+        b.disconnect("acct", late.session, late.epoch, None, Vec::new(), t0);
+        b.journal().unwrap().close();
+        let seq = d.seq;
+        assert_eq!(
+            kinds(&log),
+            [
+                "put p on".to_string(),
+                "put p on".into(),
+                format!("append p {seq}"),
+                format!("ack p {seq}"),
+                "retained r true".into(),
+                "put p off".into(),
+                "delete p".into(),
+            ]
+        );
+    }
+
+    struct Failing;
+
+    impl durable::Storage for Failing {
+        fn load(&mut self) -> Result<durable::Snapshot, durable::StorageError> {
+            Ok(durable::Snapshot::default())
+        }
+        fn commit(
+            &mut self,
+            _: &[durable::Change],
+            _: durable::WallClock,
+        ) -> Result<(), durable::StorageError> {
+            Err(durable::StorageError("disk full".into()))
+        }
+    }
+
+    /// When storage fails, nothing that needs it is acknowledged, then or later.
+    #[tokio::test]
+    async fn a_failed_commit_is_never_acknowledged() {
+        let b = Broker::durable(
+            BrokerConfig::default(),
+            durable::Journal::start(Failing),
+            durable::Snapshot::default(),
+            durable::WallClock::read(),
+        );
+        let a = b.connect("acct", "p", false, Duration::from_secs(60), Instant::now());
+        assert!(!b.durable_until(a.ticket).await);
+        let routed = b
+            .publish("acct", msg("r", QoS::AtLeastOnce, true, b"x"))
+            .unwrap();
+        assert!(!b.durable_until(routed.ticket).await);
+        assert!(b.journal().unwrap().failed());
+        // A broker without storage acknowledges at once.
+        assert!(Broker::new(BrokerConfig::default()).durable_until(7).await);
+    }
+
+    /// At start-up: sessions come back left (never expiring early), expired ones and messages
+    /// past their expiry or the redelivery window are dropped from storage too, and sequence
+    /// numbers continue above the stored ones.
+    #[tokio::test]
+    async fn a_durable_broker_starts_from_what_was_stored() {
+        let clock = durable::WallClock::read();
+        let loaded = |topic: &str, ts: u64, exp: Option<u64>| durable::LoadedMessage {
+            message: Message {
+                timestamp_ms: ts,
+                ..(*msg(topic, QoS::AtLeastOnce, false, b"x")).clone()
+            },
+            expires_at_ms: exp,
+        };
+        let now = clock.now_ms;
+        let session = |id: &str, left: Option<u64>, queue| durable::Loaded {
+            account: "acct".into(),
+            client_id: id.into(),
+            session: durable::StoredSession {
+                expiry: Duration::from_secs(60),
+                subscriptions: vec![("t".into(), opts(QoS::AtLeastOnce))],
+                connected: left.is_none(),
+            },
+            disconnected_at_ms: left,
+            queue,
+        };
+        let snapshot = durable::Snapshot {
+            sessions: vec![
+                session(
+                    "live",
+                    None,
+                    vec![
+                        (40, false, loaded("t", now - 1000, None)),
+                        (41, false, loaded("t", now - 2 * 3600 * 1000, None)),
+                        (42, true, loaded("t", now - 1000, Some(now - 1))),
+                        (43, false, loaded("t", now - 1000, Some(now + 60_000))),
+                    ],
+                ),
+                session("gone", Some(now - 61_000), vec![]),
+                session("left", Some(now - 30_000), vec![]),
+            ],
+            retained: vec![
+                ("acct".into(), loaded("r/1", now, None)),
+                ("acct".into(), loaded("r/2", now, Some(now - 1))),
+            ],
+        };
+        let (b, log) = durable_broker(snapshot, clock);
+        assert!(b.has_session("acct", "live") && b.has_session("acct", "left"));
+        assert!(!b.has_session("acct", "gone"));
+        assert!(b.retained_for("acct", "r/1", clock.now).is_some());
+        assert!(b.retained_for("acct", "r/2", clock.now).is_none());
+        // `left` expires 60 s after it was left, `live` 60 s after the restart.
+        assert_eq!(b.sweep(clock.now + Duration::from_secs(31)), 1);
+        assert!(b.has_session("acct", "live"));
+        let mut a = b.connect("acct", "live", false, Duration::from_secs(60), clock.now);
+        assert!(a.session_present);
+        let seqs: Vec<u64> = std::iter::from_fn(|| a.rx.try_recv().ok())
+            .map(|d| d.seq)
+            .collect();
+        assert_eq!(seqs, [40, 43]);
+        // New messages get numbers above the stored ones.
+        b.publish("acct", msg("t", QoS::AtLeastOnce, false, b"new"))
+            .unwrap();
+        assert!(a.rx.try_recv().unwrap().seq > 43);
+        b.journal().unwrap().close();
+        let k = kinds(&log);
+        for expected in [
+            "retained r/2 false",
+            "delete gone",
+            "ack live 41",
+            "ack live 42",
+            "delete left",
+        ] {
+            assert!(k.contains(&expected.to_string()), "{expected} in {k:?}");
+        }
     }
 
     #[test]

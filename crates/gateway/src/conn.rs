@@ -290,6 +290,9 @@ struct Connection {
     last_io: Instant,
     /// Deliveries of our publishes that wait for room in full queues.
     pending: Vec<Blocked>,
+    /// The journal ticket that must be durable before what is in the write buffer goes out
+    /// (PUBACK, SUBACK, CONNACK of a persistent session); 0: none.
+    durable: u64,
 }
 
 enum Flow {
@@ -504,6 +507,7 @@ impl Connection {
             last_recv: Instant::now(),
             last_io: Instant::now(),
             pending: Vec::new(),
+            durable: 0,
             client_id,
             principal,
             shared,
@@ -519,6 +523,7 @@ impl Connection {
             Instant::now(),
         );
         self.session = attached.session;
+        self.durable = self.durable.max(attached.ticket);
         self.epoch = attached.epoch;
         self.shared.index_add(
             &self.account,
@@ -586,6 +591,9 @@ impl Connection {
             ))
             .await;
         }
+        if let Err(e) = self.until_durable(wbuf).await {
+            return e;
+        }
         // One lazy timer for keep-alive and buffer shrinking: armed for the earliest event,
         // re-checked and re-armed when it fires, never touched per packet.
         let timer = tokio::time::sleep_until(self.next_timer(rbuf, wbuf).into());
@@ -617,6 +625,10 @@ impl Connection {
                             // Backpressure: no further reading until our deliveries found room.
                             if !self.pending.is_empty() {
                                 Box::pin(wait_for_room(&self.shared.broker, std::mem::take(&mut self.pending))).await;
+                            }
+                            // Nothing is acknowledged before it is durable.
+                            if let Err(e) = self.until_durable(wbuf).await {
+                                return e;
                             }
                         }
                     }
@@ -655,6 +667,18 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Waits until the changes the write buffer acknowledges are durable. If storage failed,
+    /// nothing in the buffer goes out and the connection ends (the client sends again).
+    async fn until_durable(&mut self, wbuf: &mut BytesMut) -> Result<(), End> {
+        let ticket = std::mem::take(&mut self.durable);
+        if ticket == 0 || self.shared.broker.durable_until(ticket).await {
+            return Ok(());
+        }
+        tracing::error!(client_id = %self.client_id, "storage failed; acknowledgements withheld");
+        wbuf.clear();
+        Err(End::Shutdown)
     }
 
     /// When a silent client has exceeded 1.5 times its keep-alive.
@@ -716,7 +740,11 @@ impl Connection {
         match p {
             Packet::Publish(p) => self.publish(p, wbuf),
             Packet::PubAck(a) => {
-                self.inflight.remove(&a.packet_id);
+                if let Some(d) = self.inflight.remove(&a.packet_id) {
+                    self.shared
+                        .broker
+                        .acked(&self.account, &self.client_id, d.seq);
+                }
                 Flow::Continue
             }
             Packet::Subscribe(s) => self.subscribe(s, wbuf),
@@ -849,6 +877,9 @@ impl Connection {
             _ => reason::SUCCESS,
         };
         if let Ok(routed) = result {
+            if p.qos == QoS::AtLeastOnce {
+                self.durable = self.durable.max(routed.ticket);
+            }
             for b in routed.blocked {
                 if b.session == self.session {
                     // Our own subscription: write it now rather than wait on ourselves.
@@ -917,10 +948,11 @@ impl Connection {
             let mut options = f.options;
             // QoS 2 is granted as QoS 1 (AWS IoT supports QoS 0 and 1).
             options.qos = options.qos.min(QoS::AtLeastOnce);
-            let fresh =
+            let (fresh, ticket) =
                 self.shared
                     .broker
                     .subscribe(&self.account, self.session, &f.filter, options);
+            self.durable = self.durable.max(ticket);
             if fresh && existing >= limits.max_subscriptions {
                 self.shared
                     .broker
@@ -947,6 +979,7 @@ impl Connection {
                     qos,
                     retain: true,
                     resend: None,
+                    seq: 0,
                 });
             }
         }
@@ -1005,12 +1038,21 @@ impl Connection {
         }
     }
 
+    /// A stored delivery this connection drops for good (expired, not to be received, too
+    /// large for the client): storage forgets it too.
+    fn forget(&self, d: &Delivery) {
+        self.shared
+            .broker
+            .acked(&self.account, &self.client_id, d.seq);
+    }
+
     fn deliver(&mut self, d: Delivery, wbuf: &mut BytesMut) -> Flow {
         // The clock is read only for messages that can expire.
         let now = d.message.expires_at.map(|_| Instant::now());
         if let Some(now) = now
             && d.message.expired(now)
         {
+            self.forget(&d);
             return Flow::Continue;
         }
         if let Err(e) = self.authorized() {
@@ -1018,6 +1060,7 @@ impl Connection {
         }
         let m = &d.message;
         if !self.principal.allowed("iot:receive", "topic", &m.topic) {
+            self.forget(&d);
             return Flow::Continue;
         }
         // A message sent before and not acknowledged goes again with its packet id and DUP
@@ -1055,11 +1098,13 @@ impl Connection {
         let before = wbuf.len();
         if let Err(e) = encode_publish(&p, self.version, wbuf) {
             tracing::warn!(error = %e, "could not encode a delivery");
+            self.forget(&d);
             return Flow::Continue;
         }
         if wbuf.len() - before > self.client_max_packet {
             // [MQTT-3.1.2-25] never send more than the client's Maximum Packet Size.
             wbuf.truncate(before);
+            self.forget(&d);
             return Flow::Continue;
         }
         if let Some(id) = packet_id {

@@ -176,6 +176,10 @@ async fn handle(
     match shared.broker.publish(&info.account, Arc::new(msg)) {
         Ok(routed) => {
             crate::conn::wait_for_room(&shared.broker, routed.blocked).await;
+            // Acknowledged only once durable (stored for persistent sessions, retained).
+            if !shared.broker.durable_until(routed.ticket).await {
+                return Ok(reply(503, "Service Unavailable"));
+            }
             Ok(reply(200, "OK"))
         }
         Err(PublishError::RetainedQuota) => Ok(reply(429, "Too Many Requests")),
@@ -366,6 +370,9 @@ async fn signed_request(
             match shared.broker.publish(&account, Arc::new(msg)) {
                 Ok(routed) => {
                     crate::conn::wait_for_room(&shared.broker, routed.blocked).await;
+                    if !shared.broker.durable_until(routed.ticket).await {
+                        return error(503, "ServiceUnavailableException", "Storage is unavailable");
+                    }
                     json_reply(json!({}))
                 }
                 Err(PublishError::RetainedQuota) => error(

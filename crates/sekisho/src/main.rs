@@ -239,7 +239,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         sekisho_s3::store::Store::open(&layout.path("s3")).context("opening the object store")?,
     );
     let registry = Arc::new(material.registry);
-    let broker = Arc::new(Broker::new(config.limits.broker()));
+    // Persistent sessions, their QoS 1 messages and retained messages survive a restart.
+    let broker = {
+        let mut storage = sekisho_store::SqliteStorage::open(&layout.path("broker.db"))
+            .context("opening the broker's storage")?;
+        let snapshot = {
+            use sekisho_broker::durable::Storage as _;
+            storage.load().context("loading the broker's storage")?
+        };
+        let (sessions, retained) = (snapshot.sessions.len(), snapshot.retained.len());
+        let journal = sekisho_broker::durable::Journal::start(storage);
+        let broker = Broker::durable(
+            config.limits.broker(),
+            journal,
+            snapshot,
+            sekisho_broker::durable::WallClock::read(),
+        );
+        tracing::info!(sessions, retained, "broker state loaded");
+        Arc::new(broker)
+    };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let tls = Arc::new(tls::TlsConfigs::new(
         registry.clone(),
@@ -426,6 +444,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Give connections a moment to send their DISCONNECT and close.
     tokio::time::sleep(Duration::from_millis(300)).await;
     tasks.abort_all();
+    // What the connections recorded as they closed is committed before the process ends.
+    if let Some(j) = broker.journal() {
+        j.close();
+    }
     registry.flush()?;
     tracing::info!("stopped");
     Ok(())

@@ -1,0 +1,329 @@
+//! Durable broker state: the storage seam and the journal that commits to it in groups.
+//!
+//! The broker records every change to what must survive a crash (persistent sessions and their
+//! subscriptions, the QoS 1 messages queued or in flight for them, retained messages) as a
+//! [`Change`], in order, under its lock. A writer thread takes what has accumulated, commits it
+//! to the [`Storage`] in one transaction and advances the durable watermark. A connection that
+//! must not acknowledge before its changes are durable (PUBACK of a QoS 1 publish that reached
+//! a persistent session or set a retained message, SUBACK of a persistent session, CONNACK of a
+//! new persistent session) waits for its ticket with [`Journal::wait`]. Everything else
+//! (acknowledgements, disconnects, drops) is recorded without waiting.
+//!
+//! The seam names what a distributed engine must provide: claim a client id (single node: the
+//! broker's own map), append to a session queue ([`Change::Append`]), read and acknowledge
+//! ([`Storage::load`], [`Change::Ack`]), set and scan retained messages
+//! ([`Change::SetRetained`], [`Storage::load`]), and watch changes (single node: none, the
+//! broker is the only writer).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sekisho_mqtt::{QoS, SubscriptionOptions};
+use tokio::sync::watch;
+
+use crate::Message;
+
+/// How long a stored QoS 1 message is kept for redelivery (AWS: up to an hour).
+pub const REDELIVERY_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Most changes committed in one transaction.
+const MAX_BATCH: usize = 8192;
+
+/// A persistent session as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSession {
+    /// Session expiry interval.
+    pub expiry: Duration,
+    /// Subscriptions, by filter.
+    pub subscriptions: Vec<(String, SubscriptionOptions)>,
+    /// Whether a connection holds it. A stored session that is not connected records when it
+    /// was left ([`Loaded::disconnected_at_ms`]).
+    pub connected: bool,
+}
+
+/// One change to durable state.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Creates or replaces a persistent session.
+    PutSession {
+        /// Account.
+        account: Arc<str>,
+        /// Client id.
+        client_id: Arc<str>,
+        /// The session.
+        session: StoredSession,
+    },
+    /// Ends a session and drops its queue.
+    DeleteSession {
+        /// Account.
+        account: Arc<str>,
+        /// Client id.
+        client_id: Arc<str>,
+    },
+    /// A QoS 1 message for a persistent session, under a sequence number unique across the
+    /// broker's life (so an acknowledgement for a session that ended never matches a later
+    /// one's message).
+    Append {
+        /// Account.
+        account: Arc<str>,
+        /// Client id.
+        client_id: Arc<str>,
+        /// Sequence number.
+        seq: u64,
+        /// RETAIN flag to deliver with.
+        retain: bool,
+        /// The message.
+        message: Arc<Message>,
+    },
+    /// A stored message was acknowledged by the client, expired or was dropped.
+    Ack {
+        /// Account.
+        account: Arc<str>,
+        /// Client id.
+        client_id: Arc<str>,
+        /// Sequence number.
+        seq: u64,
+    },
+    /// Sets (`Some`) or clears (`None`) a topic's retained message.
+    SetRetained {
+        /// Account.
+        account: Arc<str>,
+        /// Topic.
+        topic: Arc<str>,
+        /// The message.
+        message: Option<Arc<Message>>,
+    },
+}
+
+/// A message as loaded: its wall-clock expiry instead of an `Instant`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedMessage {
+    /// The message; `expires_at` and `origin` are unset.
+    pub message: Message,
+    /// When it expires, epoch milliseconds.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// A stored session with its queue, as loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// Account.
+    pub account: String,
+    /// Client id.
+    pub client_id: String,
+    /// The session.
+    pub session: StoredSession,
+    /// When it was left, epoch milliseconds (`None`: it was connected when the server stopped).
+    pub disconnected_at_ms: Option<u64>,
+    /// Queued and unacknowledged messages: (sequence number, RETAIN flag, message), in order.
+    pub queue: Vec<(u64, bool, LoadedMessage)>,
+}
+
+/// Everything stored, as loaded at start-up.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Persistent sessions.
+    pub sessions: Vec<Loaded>,
+    /// Retained messages: (account, message).
+    pub retained: Vec<(String, LoadedMessage)>,
+}
+
+/// Why storage failed.
+#[derive(Debug, thiserror::Error)]
+#[error("broker storage: {0}")]
+pub struct StorageError(pub String);
+
+/// Wall-clock time and the monotonic instant it corresponds to, read once per commit by the
+/// journal's writer (the only place this module reads a clock), so stored expiries are wall
+/// times.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    /// Now, monotonic.
+    pub now: Instant,
+    /// Now, epoch milliseconds.
+    pub now_ms: u64,
+}
+
+impl WallClock {
+    /// The epoch milliseconds of `at`.
+    pub fn ms(&self, at: Instant) -> u64 {
+        match at.checked_duration_since(self.now) {
+            Some(ahead) => self.now_ms.saturating_add(ahead.as_millis() as u64),
+            None => self
+                .now_ms
+                .saturating_sub(self.now.duration_since(at).as_millis() as u64),
+        }
+    }
+
+    /// The instant of epoch milliseconds `ms`.
+    pub fn instant(&self, ms: u64) -> Instant {
+        if ms >= self.now_ms {
+            self.now + Duration::from_millis(ms - self.now_ms)
+        } else {
+            self.now
+                .checked_sub(Duration::from_millis(self.now_ms - ms))
+                .unwrap_or(self.now)
+        }
+    }
+
+    /// Reads the clocks.
+    pub fn read() -> WallClock {
+        WallClock {
+            now: Instant::now(),
+            now_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+}
+
+/// Where durable broker state lives. Implementations: `sekisho-store` (SQLite under the data
+/// directory); a distributed engine later.
+pub trait Storage: Send + 'static {
+    /// Everything stored.
+    fn load(&mut self) -> Result<Snapshot, StorageError>;
+    /// Applies `changes` in order, atomically and durably (on disk, not just in a cache,
+    /// before it returns). `clock` stamps disconnections and converts expiries.
+    fn commit(&mut self, changes: &[Change], clock: WallClock) -> Result<(), StorageError>;
+}
+
+/// The ordered, group-committed log of changes in front of a [`Storage`].
+pub struct Journal {
+    tx: Mutex<Option<mpsc::Sender<(u64, Change)>>>,
+    next: AtomicU64,
+    durable: watch::Receiver<u64>,
+    failed: Arc<AtomicBool>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Commits made (for metrics and benchmarks).
+    pub commits: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Journal {
+    /// Starts the writer thread over `storage`.
+    pub fn start(mut storage: impl Storage) -> Journal {
+        let (tx, rx) = mpsc::channel::<(u64, Change)>();
+        let (durable_tx, durable) = watch::channel(0u64);
+        let failed = Arc::new(AtomicBool::new(false));
+        let commits = Arc::new(AtomicU64::new(0));
+        let (f, c) = (failed.clone(), commits.clone());
+        let writer = std::thread::Builder::new()
+            .name("broker-journal".into())
+            .spawn(move || {
+                let mut batch: Vec<Change> = Vec::new();
+                while let Ok((ticket, change)) = rx.recv() {
+                    let mut last = ticket;
+                    batch.push(change);
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok((t, change)) => {
+                                last = last.max(t);
+                                batch.push(change);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = storage.commit(&batch, WallClock::read()) {
+                        // Nothing more is acknowledged as durable: waiters are told so.
+                        tracing::error!(error = %e, "broker storage failed; acknowledgements that need it are refused from now on");
+                        f.store(true, Ordering::SeqCst);
+                    }
+                    c.fetch_add(1, Ordering::Relaxed);
+                    batch.clear();
+                    durable_tx.send_if_modified(|d| {
+                        if last > *d {
+                            *d = last;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                }
+            })
+            .ok();
+        Journal {
+            tx: Mutex::new(Some(tx)),
+            next: AtomicU64::new(1),
+            durable,
+            failed,
+            writer: Mutex::new(writer),
+            commits,
+        }
+    }
+
+    /// Records a change that something will wait for; returns its ticket. Callers record under
+    /// the broker's lock, so tickets are in the order the changes were made.
+    pub fn record(&self, change: Change) -> u64 {
+        let ticket = self.next.fetch_add(1, Ordering::SeqCst);
+        self.send(ticket, change);
+        ticket
+    }
+
+    /// Records a change nobody waits for (ticket 0: it does not move the watermark).
+    pub fn record_quietly(&self, change: Change) {
+        self.send(0, change);
+    }
+
+    fn send(&self, ticket: u64, change: Change) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = tx
+            .as_ref()
+            .is_some_and(|tx| tx.send((ticket, change)).is_ok());
+        if !sent {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits until every change up to `ticket` is durable. False when storage failed.
+    pub async fn wait(&self, ticket: u64) -> bool {
+        if ticket == 0 {
+            return !self.failed.load(Ordering::SeqCst);
+        }
+        let mut rx = self.durable.clone();
+        let reached = rx.wait_for(|d| *d >= ticket).await.is_ok();
+        reached && !self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Whether storage has failed.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Commits what is recorded and stops the writer (at shutdown). Later records fail.
+    pub fn close(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The storage of a broker that keeps nothing (tests, benchmarks of the memory-only path).
+#[derive(Debug, Default)]
+pub struct NoStorage;
+
+impl Storage for NoStorage {
+    fn load(&mut self) -> Result<Snapshot, StorageError> {
+        Ok(Snapshot::default())
+    }
+    fn commit(&mut self, _: &[Change], _: WallClock) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+/// The QoS a stored queue entry is delivered at: always 1 (only QoS 1 is stored).
+pub const STORED_QOS: QoS = QoS::AtLeastOnce;
