@@ -57,6 +57,8 @@ scenarios() { # name pid certs-dir ca host
   $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 1 --duration $DUR --broker-pid $pid > "$OUT/$name-p2p-qos1.json"
   $BENCH pubsub "${common[@]}" --publishers 1 --subscribers 100 --topics shared --qos 0 --duration $DUR --broker-pid $pid > "$OUT/$name-fanout.json"
   $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 0 --duration $DUR --rate 10000 --broker-pid $pid > "$OUT/$name-latency.json"
+  echo "== $name: QoS 1 to persistent sessions"
+  $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 1 --persistent --duration $DUR --broker-pid $pid > "$OUT/$name-persistent-qos1.json"
 }
 
 # --- Sekisho ---------------------------------------------------------------------------
@@ -81,7 +83,11 @@ allow_anonymous false
 acl_file $MQ/acl
 max_inflight_messages 100
 max_queued_messages 1000
-persistence false
+# Persistent sessions are kept and saved (at shutdown and every autosave_interval seconds;
+# Mosquitto does not write each message to disk before acknowledging it, Sekisho does).
+persistence true
+persistence_location $MQ/
+autosave_interval 60
 log_type error
 listener 18884 127.0.0.1
 cafile $WORK/mq-certs/ca.pem

@@ -33,6 +33,8 @@ def test_load_tool_smoke(server, workdir):
     r = run("conn", *common, "--count", "4", "--hold", "0", "--broker-pid", str(server.proc.pid))
     assert r["connected"] == 4 and r["failures"] == {}
     for mqtt in ("4", "5"):
-        r = run("pubsub", *common, "--mqtt", mqtt, "--publishers", "2", "--subscribers", "2", "--qos", "1",
-                "--duration", "1", "--rate", "200")
-        assert r["delivered"] > 0 and r["lost"] == 0, r
+        # Clean sessions, then subscribers with persistent sessions (stored before PUBACK).
+        for persistent in ([], ["--persistent"]):
+            r = run("pubsub", *common, "--mqtt", mqtt, "--publishers", "2", "--subscribers", "2", "--qos", "1",
+                    "--duration", "1", "--rate", "200", *persistent)
+            assert r["delivered"] > 0 and r["lost"] == 0, (persistent, r)

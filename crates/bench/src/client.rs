@@ -23,6 +23,8 @@ pub struct Target {
     pub version: ProtocolVersion,
     /// Keep-alive in seconds.
     pub keep_alive: u16,
+    /// Whether the client starts a clean session (false: a persistent session, one hour).
+    pub clean_start: bool,
 }
 
 /// The TLS client config for one device: server CA plus the device's certificate and key.
@@ -86,15 +88,19 @@ pub async fn connect(
         .await
         .map_err(|e| format!("tls: {e}"))?;
     let mut wbuf = BytesMut::new();
+    let mut properties = Properties::default();
+    if !target.clean_start && target.version == ProtocolVersion::V5 {
+        properties.session_expiry_interval = Some(3600);
+    }
     let c = Connect {
         version: target.version,
-        clean_start: true,
+        clean_start: target.clean_start,
         keep_alive: target.keep_alive,
         client_id: client_id.to_owned(),
         will: None,
         username: None,
         password: None,
-        properties: Properties::default(),
+        properties,
     };
     encode(&Packet::Connect(Box::new(c)), target.version, &mut wbuf).map_err(|e| e.to_string())?;
     stream

@@ -152,6 +152,9 @@ enum Cmd {
         /// Total publish rate in messages/s (0: as fast as possible).
         #[arg(long, default_value_t = 0)]
         rate: u64,
+        /// Subscribers keep persistent sessions.
+        #[arg(long)]
+        persistent: bool,
         /// Process id of the broker, to report its CPU time and RSS.
         #[arg(long)]
         broker_pid: Option<u32>,
@@ -196,6 +199,7 @@ fn main() -> anyhow::Result<()> {
                 payload,
                 duration,
                 rate,
+                persistent,
                 broker_pid,
             } => {
                 let spec = run::PubSub {
@@ -206,6 +210,7 @@ fn main() -> anyhow::Result<()> {
                     payload: payload.max(16),
                     duration,
                     rate,
+                    persistent,
                 };
                 run::pubsub(&common, spec, broker_pid).await
             }

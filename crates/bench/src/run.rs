@@ -23,6 +23,7 @@ fn target(c: &Common, keep_alive: u16) -> Target {
         addr: c.addr,
         version: c.version(),
         keep_alive,
+        clean_start: true,
     }
 }
 
@@ -194,6 +195,9 @@ pub struct PubSub {
     pub duration: u64,
     /// Total messages/s (0: unlimited).
     pub rate: u64,
+    /// Subscribers keep persistent sessions (their QoS 1 messages are stored until
+    /// acknowledged, on a broker that persists them).
+    pub persistent: bool,
 }
 
 fn topic_of(i: usize) -> String {
@@ -208,6 +212,10 @@ pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<V
         QoS::AtMostOnce
     };
     let t = Arc::new(target(c, 60));
+    let sub_target = Arc::new(Target {
+        clean_start: !s.persistent,
+        ..target(c, 60)
+    });
     let epoch = Instant::now();
     let delivered = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
@@ -220,9 +228,14 @@ pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<V
         let dev = s.publishers + j;
         let follows = if s.shared { 0 } else { j % s.publishers.max(1) };
         listeners[follows] += 1;
-        let mut conn = client::connect(&t, tls_for(c, dev)?, &format!("dev-{dev}"), source(c, dev))
-            .await
-            .map_err(|e| anyhow::anyhow!("subscriber dev-{dev}: {e}"))?;
+        let mut conn = client::connect(
+            &sub_target,
+            tls_for(c, dev)?,
+            &format!("dev-{dev}"),
+            source(c, dev),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("subscriber dev-{dev}: {e}"))?;
         let mut buf = BytesMut::new();
         let sub = Subscribe {
             packet_id: 1,
