@@ -7,7 +7,18 @@ wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/nul
 # thing-name policy every benchmark device gets.
 start_sekisho() {
   SK=$WORK/sekisho
-  "$BIN/sekisho" serve --data-dir "$SK" --mqtt-port 18883 --api-port 19443 --https-port 18443 --s3-port 19444 --bind 127.0.0.1 > "$WORK/sekisho.log" 2>&1 &
+  # AWS's rate limits (100 publishes/s per connection, 500 CONNECTs/s per account...) are off:
+  # the benchmarks measure the broker, and Mosquitto has no such limits.
+  cat > "$WORK/sekisho.toml" <<TOML
+[limits]
+publishes_per_connection = 0
+bytes_per_connection = 0
+connects_per_client_id = 0
+connects_per_account = 0
+subscriptions_per_account = 0
+publishes_per_account = 0
+TOML
+  "$BIN/sekisho" serve --config "$WORK/sekisho.toml" --data-dir "$SK" --mqtt-port 18883 --api-port 19443 --https-port 18443 --s3-port 19444 --bind 127.0.0.1 > "$WORK/sekisho.log" 2>&1 &
   SKPID=$!
   wait_port 19443 || { echo "sekisho did not start:"; cat "$WORK/sekisho.log"; exit 1; }
   ACCOUNT=$(awk '/Default account/ {print $3}' "$WORK/sekisho.log")

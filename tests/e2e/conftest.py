@@ -99,10 +99,39 @@ def clean_env(data_dir):
     return env
 
 
+# Most tests connect, reconnect and publish faster than AWS's rate limits allow (AWS would
+# throttle them too): their servers run without the limits. Tests of the limits themselves
+# start a server with `throttles=True`, which keeps AWS's defaults.
+NO_THROTTLES = {
+    "publishes_per_connection": 0,
+    "bytes_per_connection": 0,
+    "connects_per_client_id": 0,
+    "connects_per_account": 0,
+    "subscriptions_per_account": 0,
+    "publishes_per_account": 0,
+}
+
+
+def with_limits(config, limits):
+    """`config` (TOML text) with `limits` added to its `[limits]` table (made if absent)."""
+    lines = [f"{k} = {v}" for k, v in limits.items()]
+    text = config or ""
+    if "\n[limits]\n" in "\n" + text:
+        head, _, tail = ("\n" + text).partition("\n[limits]\n")
+        return (head + "\n[limits]\n" + "\n".join(lines) + "\n" + tail).lstrip("\n")
+    return text + ("\n" if text and not text.endswith("\n") else "") + "[limits]\n" + "\n".join(lines) + "\n"
+
+
+class PortTaken(Exception):
+    """The server could not bind a port chosen for it."""
+
+
 class Server:
-    def __init__(self, data_dir, config=None, accounts=()):
+    def __init__(self, data_dir, config=None, accounts=(), throttles=False):
         """`config`: TOML text for --config; `accounts`: names created (with profiles) before
-        the first start."""
+        the first start; `throttles`: keep AWS's rate limits (default: none, see NO_THROTTLES)."""
+        if not throttles:
+            config = with_limits(config, NO_THROTTLES)
         self.data_dir = Path(data_dir)
         self.mqtt_port = free_port()
         self.api_port = free_port()
@@ -122,9 +151,22 @@ class Server:
             assert cp.returncode == 0, cp.stderr
             assert_no_panic(cp.stderr, f"sekisho account create {name}")
 
-    def start(self, wrapper=()):
+    def start(self, wrapper=(), attempts=3):
         """`wrapper`: a command that runs the server (e.g. `faketime -f +20m`). The server (and its
-        wrapper) run in a process group of their own, which `stop` ends whole."""
+        wrapper) run in a process group of their own, which `stop` ends whole. A port taken
+        between `free_port` and the server's bind (by another process's ephemeral port) is not
+        the server's fault: the ports are chosen again, up to `attempts` times."""
+        for attempt in range(attempts):
+            try:
+                return self._start(wrapper)
+            except PortTaken:
+                if attempt == attempts - 1:
+                    raise
+                self.mqtt_port, self.api_port = free_port(), free_port()
+                self.https_port, self.s3_port = free_port(), free_port()
+
+    def _start(self, wrapper):
+        seen = len(self.log_text())
         if self.log:
             self.log.close()
         self.log = open(self.log_path, "ab")
@@ -144,6 +186,8 @@ class Server:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
+                if "Address already in use" in self.log_text()[seen:]:
+                    raise PortTaken()
                 raise AssertionError(f"sekisho exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.api_port), timeout=1) as s:

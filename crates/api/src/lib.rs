@@ -577,6 +577,21 @@ fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
         "Registry changes that may affect policies.",
         state.registry.generation(),
     );
+    {
+        let name = "sekisho_throttled_total";
+        let _ = write!(
+            out,
+            "# HELP {name} Operations refused or discarded by a rate limit, by reason.\n# TYPE {name} counter\n"
+        );
+        for (i, why) in sekisho_broker::throttle::Throttled::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                why.label(),
+                st.throttled[i].load(Relaxed)
+            );
+        }
+    }
     let mut r = Response::new(Full::new(Bytes::from(out)));
     r.headers_mut().insert(
         "content-type",

@@ -231,9 +231,13 @@ impl Journal {
                             Err(_) => break,
                         }
                     }
-                    if let Err(e) = storage.commit(&batch, WallClock::read()) {
-                        // Nothing more is acknowledged as durable: waiters are told so.
-                        tracing::error!(error = %e, "broker storage failed; acknowledgements that need it are refused from now on");
+                    // Fail-stop: after one failed commit nothing more is written (a later commit
+                    // would apply changes whose predecessors were lost), and nothing more is
+                    // acknowledged as durable.
+                    if !f.load(Ordering::SeqCst)
+                        && let Err(e) = storage.commit(&batch, WallClock::read())
+                    {
+                        tracing::error!(error = %e, "broker storage failed; nothing more is stored or acknowledged as durable until a restart");
                         f.store(true, Ordering::SeqCst);
                     }
                     c.fetch_add(1, Ordering::Relaxed);

@@ -12,6 +12,7 @@
 
 pub mod aws;
 pub mod durable;
+pub mod throttle;
 pub mod trie;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -158,6 +159,10 @@ pub struct BrokerConfig {
     pub quotas: Quotas,
     /// Accounts with quotas of their own, by account id.
     pub account_quotas: HashMap<String, Quotas>,
+    /// Every account's rate limits, unless it has its own.
+    pub throttles: throttle::Throttles,
+    /// Accounts with rate limits of their own, by account id.
+    pub account_throttles: HashMap<String, throttle::Throttles>,
 }
 
 impl Default for BrokerConfig {
@@ -167,6 +172,8 @@ impl Default for BrokerConfig {
             queue_capacity: 1024,
             quotas: Quotas::default(),
             account_quotas: HashMap::new(),
+            throttles: throttle::Throttles::default(),
+            account_throttles: HashMap::new(),
         }
     }
 }
@@ -175,6 +182,13 @@ impl BrokerConfig {
     /// The quotas of `account`.
     pub fn quotas(&self, account: &str) -> &Quotas {
         self.account_quotas.get(account).unwrap_or(&self.quotas)
+    }
+
+    /// The rate limits of `account`.
+    pub fn throttles(&self, account: &str) -> &throttle::Throttles {
+        self.account_throttles
+            .get(account)
+            .unwrap_or(&self.throttles)
     }
 }
 
@@ -233,6 +247,25 @@ struct AccountState {
     retained_bytes: u64,
     /// Bytes queued in all offline sessions.
     offline_bytes: u64,
+    /// Rate limits: CONNECTs, subscriptions and inbound publishes of the account, and CONNECTs
+    /// per client id (entries pruned once they are full again).
+    connects: Option<throttle::Bucket>,
+    subscribes: Option<throttle::Bucket>,
+    publishes: Option<throttle::Bucket>,
+    client_connects: HashMap<String, throttle::Bucket>,
+}
+
+/// Storage forgets a stored delivery (acknowledged, expired or given up).
+fn forget(journal: Option<&durable::Journal>, account: &Arc<str>, client_id: &Arc<str>, seq: u64) {
+    if let Some(j) = journal
+        && seq != 0
+    {
+        j.record_quietly(durable::Change::Ack {
+            account: account.clone(),
+            client_id: client_id.clone(),
+            seq,
+        });
+    }
 }
 
 impl AccountState {
@@ -256,16 +289,15 @@ impl AccountState {
         }
     }
 
-    /// Ends a session: dropped from memory, and from storage if it was stored.
-    fn end_session(&mut self, id: SessionId, journal: Option<&durable::Journal>) {
-        if let Some(s) = self.drop_session(id)
-            && s.stored
-            && let Some(j) = journal
-        {
-            j.record_quietly(durable::Change::DeleteSession {
+    /// Ends a session: dropped from memory, and from storage if it was stored. Returns the
+    /// journal ticket of the deletion (0: nothing stored).
+    fn end_session(&mut self, id: SessionId, journal: Option<&durable::Journal>) -> u64 {
+        match (self.drop_session(id), journal) {
+            (Some(s), Some(j)) if s.stored => j.record(durable::Change::DeleteSession {
                 account: self.name.clone(),
                 client_id: s.client_id.clone(),
-            });
+            }),
+            _ => 0,
         }
     }
 
@@ -293,6 +325,17 @@ pub struct Stats {
     pub dropped_full: AtomicU64,
     /// Deliveries queued for offline persistent sessions.
     pub queued_offline: AtomicU64,
+    /// Operations refused by a rate limit, by [`throttle::Throttled::ALL`] order.
+    pub throttled: [AtomicU64; 5],
+}
+
+impl Stats {
+    /// Counts one throttled operation.
+    pub fn throttled(&self, why: throttle::Throttled) {
+        if let Some(i) = throttle::Throttled::ALL.iter().position(|t| *t == why) {
+            self.throttled[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A delivery that did not fit into its connection's queue.
@@ -323,6 +366,9 @@ pub enum PublishError {
     /// The account's retained-message quota is full.
     #[error("retained message quota exceeded")]
     RetainedQuota,
+    /// The account's inbound publish rate is exceeded.
+    #[error("publish rate exceeded")]
+    Throttled,
 }
 
 /// The broker. Cheap to share behind an `Arc`.
@@ -443,12 +489,23 @@ impl Broker {
                     }
                 }
                 let mut subscriptions = HashMap::new();
-                for (filter, options) in l.session.subscriptions {
+                for (filter, options) in l.session.subscriptions.iter().cloned() {
                     acct.trie.insert(id, &filter, SubEntry { options });
                     subscriptions.insert(filter, options);
                 }
-                // The clock restarts: left now if it was connected, else when it was left.
+                // The clock restarts: left now if it was connected (and stored so, or every
+                // restart would start it again), else when it was left.
                 let left = clock.instant(left_ms);
+                if l.disconnected_at_ms.is_none() {
+                    journal.record_quietly(durable::Change::PutSession {
+                        account: acct.name.clone(),
+                        client_id: client_id.clone(),
+                        session: durable::StoredSession {
+                            connected: false,
+                            ..l.session.clone()
+                        },
+                    });
+                }
                 acct.by_client.insert(l.client_id, id);
                 acct.sessions.insert(
                     id,
@@ -466,6 +523,76 @@ impl Broker {
         }
         b.next_id.fetch_max(max_seq + 1, Ordering::Relaxed);
         b
+    }
+
+    /// Admits a CONNECT of `client_id` at `now`, or says which rate it exceeds (the account's,
+    /// or the client id's: AWS allows one a second).
+    pub fn admit_connect(
+        &self,
+        account: &str,
+        client_id: &str,
+        now: Instant,
+    ) -> Result<(), throttle::Throttled> {
+        let t = *self.config.throttles(account);
+        let mut inner = self.lock();
+        let acct = inner
+            .entry(account.to_owned())
+            .or_insert_with(|| AccountState::new(account));
+        let why = if !acct
+            .connects
+            .get_or_insert_with(|| {
+                throttle::Bucket::new(t.connects_per_account, t.connects_per_account)
+            })
+            .take(now, 1)
+        {
+            Some(throttle::Throttled::AccountConnectRate)
+        } else {
+            if acct.client_connects.len() >= 10_000 {
+                // Forget client ids whose bucket has refilled: they are no longer limited.
+                acct.client_connects
+                    .retain(|_, b| !b.clone().take(now, t.connects_per_client_id.max(1)));
+            }
+            let ok = acct
+                .client_connects
+                .entry(client_id.to_owned())
+                .or_insert_with(|| {
+                    throttle::Bucket::new(t.connects_per_client_id, t.connects_per_client_id)
+                })
+                .take(now, 1);
+            (!ok).then_some(throttle::Throttled::ClientConnectRate)
+        };
+        match why {
+            Some(w) => {
+                self.stats.throttled(w);
+                Err(w)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Admits `n` subscriptions of the account at `now` (AWS: 500 a second per account).
+    pub fn admit_subscriptions(&self, account: &str, n: u32, now: Instant) -> bool {
+        let t = *self.config.throttles(account);
+        let mut inner = self.lock();
+        let acct = inner
+            .entry(account.to_owned())
+            .or_insert_with(|| AccountState::new(account));
+        let ok = acct
+            .subscribes
+            .get_or_insert_with(|| {
+                throttle::Bucket::new(t.subscriptions_per_account, t.subscriptions_per_account)
+            })
+            .take(now, n);
+        if !ok {
+            self.stats
+                .throttled(throttle::Throttled::AccountSubscribeRate);
+        }
+        ok
+    }
+
+    /// The rate limits of `account`.
+    pub fn throttles(&self, account: &str) -> throttle::Throttles {
+        *self.config.throttles(account)
     }
 
     /// The journal of a durable broker.
@@ -560,8 +687,10 @@ impl Broker {
                         }
                         continue;
                     }
-                    if conn.tx.try_send(d).is_err() {
+                    if let Err(e) = conn.tx.try_send(d) {
                         self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                        let d = e.into_inner();
+                        forget(self.journal.as_deref(), &acct.name, &s.client_id, d.seq);
                     }
                 }
                 s.conn = Some(conn);
@@ -583,9 +712,8 @@ impl Broker {
                 }
             }
             None => {
-                if let Some(id) = existing {
-                    acct.end_session(id, self.journal.as_deref());
-                }
+                // A clean start ends the stored session: its CONNACK waits for that too.
+                let ended = existing.map_or(0, |id| acct.end_session(id, self.journal.as_deref()));
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let session = Session {
                     client_id: Arc::from(client_id),
@@ -602,7 +730,7 @@ impl Broker {
                         client_id: session.client_id.clone(),
                         session: AccountState::stored(&session),
                     }),
-                    _ => 0,
+                    _ => ended,
                 };
                 acct.sessions.insert(id, session);
                 acct.by_client.insert(client_id.to_owned(), id);
@@ -619,61 +747,63 @@ impl Broker {
     }
 
     /// Detaches connection `epoch` from its session at `now`, with the QoS 1 deliveries it
-    /// sent or held but that were not acknowledged (oldest first). A connection that was taken
-    /// over hands them to the connection that took the session; otherwise a persistent session
-    /// keeps them at the front of its offline queue, to be sent again on resumption, and a
-    /// clean session ends with them. `expiry` replaces the session expiry when given (MQTT 5
-    /// DISCONNECT).
+    /// sent but that were not acknowledged (oldest first) and its delivery queue `rx`, which is
+    /// closed and emptied under the broker's lock (so no delivery falls between the two). A
+    /// connection that was taken over hands its QoS 1 deliveries to the connection that took
+    /// the session; otherwise a persistent session keeps them at the front of its offline
+    /// queue, to be sent again on resumption, and a clean session ends with them. `expiry`
+    /// replaces the session expiry when given (MQTT 5 DISCONNECT). Returns the journal ticket
+    /// of a session that ended (0: none).
+    #[allow(clippy::too_many_arguments)]
     pub fn disconnect(
         &self,
         account: &str,
         session: SessionId,
         epoch: u64,
         expiry: Option<Duration>,
-        unacked: Vec<Delivery>,
+        mut unacked: Vec<Delivery>,
+        rx: Option<mpsc::Receiver<Delivery>>,
         now: Instant,
-    ) {
+    ) -> u64 {
         let quotas = *self.config.quotas(account);
+        let journal = self.journal.as_deref();
         let mut inner = self.lock();
         let Some(acct) = inner.get_mut(account) else {
-            return;
+            return 0;
         };
         let Some(s) = acct.sessions.get_mut(&session) else {
-            return;
+            return 0;
         };
-        match &s.conn {
-            Some(c) if c.epoch != epoch => {
-                // Taken over: the new connection sends them.
-                for d in unacked {
-                    if c.tx.try_send(d).is_err() {
-                        self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
-                    }
+        if let Some(mut rx) = rx {
+            rx.close();
+            while let Ok(d) = rx.try_recv() {
+                if d.qos == QoS::AtLeastOnce {
+                    unacked.push(d);
                 }
-                return;
             }
-            None => return,
-            Some(_) => {}
         }
-        s.conn = None;
+        if let Some(c) = &s.conn
+            && c.epoch != epoch
+        {
+            // Taken over: the new connection sends them.
+            for d in unacked {
+                if let Err(e) = c.tx.try_send(d) {
+                    self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                    forget(journal, &acct.name, &s.client_id, e.into_inner().seq);
+                }
+            }
+            return 0;
+        }
+        let was_connected = s.conn.take().is_some();
         if let Some(e) = expiry {
             s.expiry = e;
         }
         if s.expiry.is_zero() {
-            acct.end_session(session, self.journal.as_deref());
-            return;
+            return acct.end_session(session, journal);
         }
-        s.disconnected_at = Some(now);
-        let forget = |d: &Delivery| {
-            if let Some(j) = &self.journal
-                && d.seq != 0
-            {
-                j.record_quietly(durable::Change::Ack {
-                    account: acct.name.clone(),
-                    client_id: s.client_id.clone(),
-                    seq: d.seq,
-                });
-            }
-        };
+        if was_connected || s.disconnected_at.is_none() {
+            s.disconnected_at = Some(now);
+        }
         let mut full = false;
         for d in unacked.into_iter().rev() {
             let w = weight(&d.message);
@@ -686,13 +816,13 @@ impl Broker {
                     full = true;
                     self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
                 }
-                forget(&d);
+                forget(journal, &acct.name, &s.client_id, d.seq);
                 continue;
             }
             acct.offline_bytes += w;
             s.queue.push_front(d);
         }
-        if let Some(j) = &self.journal
+        if let Some(j) = journal
             && s.stored
         {
             j.record_quietly(durable::Change::PutSession {
@@ -700,6 +830,35 @@ impl Broker {
                 client_id: s.client_id.clone(),
                 session: AccountState::stored(s),
             });
+        }
+        0
+    }
+
+    /// A delivery that waited for room in a connection's queue and got none: a stored one goes
+    /// back to its session if the session has gone offline meanwhile (sent on resumption),
+    /// else storage forgets it too; counted in [`Stats::dropped_full`].
+    pub fn give_up(&self, account: &str, session: SessionId, d: Delivery) {
+        self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+        if d.seq == 0 {
+            return;
+        }
+        let quotas = *self.config.quotas(account);
+        let mut inner = self.lock();
+        let Some(acct) = inner.get_mut(account) else {
+            return;
+        };
+        let Some(s) = acct.sessions.get_mut(&session) else {
+            return;
+        };
+        let w = weight(&d.message);
+        if s.conn.is_none()
+            && s.queue.len() < quotas.offline_messages
+            && acct.offline_bytes + w <= quotas.offline_bytes
+        {
+            acct.offline_bytes += w;
+            s.queue.push_back(d);
+        } else {
+            forget(self.journal.as_deref(), &acct.name, &s.client_id, d.seq);
         }
     }
 
@@ -797,7 +956,7 @@ impl Broker {
                 .map(|(id, _)| *id)
                 .collect();
             for id in expired {
-                acct.end_session(id, self.journal.as_deref());
+                let _ = acct.end_session(id, self.journal.as_deref());
                 n += 1;
             }
         }
@@ -841,29 +1000,29 @@ impl Broker {
         (new, ticket)
     }
 
-    /// Removes a subscription. Returns true when it existed.
-    pub fn unsubscribe(&self, account: &str, session: SessionId, filter: &str) -> bool {
+    /// Removes a subscription. Returns whether it existed, and the journal ticket to wait for
+    /// before UNSUBACK (0: none).
+    pub fn unsubscribe(&self, account: &str, session: SessionId, filter: &str) -> (bool, u64) {
         let mut inner = self.lock();
         let Some(acct) = inner.get_mut(account) else {
-            return false;
+            return (false, 0);
         };
         let Some(s) = acct.sessions.get_mut(&session) else {
-            return false;
+            return (false, 0);
         };
         if s.subscriptions.remove(filter).is_some() {
             acct.trie.remove(session, filter);
-            if let Some(j) = &self.journal
-                && s.stored
-            {
-                j.record_quietly(durable::Change::PutSession {
+            let ticket = match &self.journal {
+                Some(j) if s.stored => j.record(durable::Change::PutSession {
                     account: acct.name.clone(),
                     client_id: s.client_id.clone(),
                     session: AccountState::stored(s),
-                });
-            }
-            true
+                }),
+                _ => 0,
+            };
+            (true, ticket)
         } else {
-            false
+            (false, 0)
         }
     }
 
@@ -887,12 +1046,42 @@ impl Broker {
     /// group). Deliveries whose connection queue is full come back in [`Routed::blocked`]:
     /// the publisher waits for room (backpressure) or drops them by its own rule. Never blocks.
     pub fn publish(&self, account: &str, msg: Arc<Message>) -> Result<Routed, PublishError> {
+        self.route(account, msg, false)
+    }
+
+    /// [`Broker::publish`] for a message a client sent: counted against the account's inbound
+    /// publish rate first ([`PublishError::Throttled`] when over it, nothing routed).
+    pub fn publish_from_client(
+        &self,
+        account: &str,
+        msg: Arc<Message>,
+    ) -> Result<Routed, PublishError> {
+        self.route(account, msg, true)
+    }
+
+    fn route(
+        &self,
+        account: &str,
+        msg: Arc<Message>,
+        client: bool,
+    ) -> Result<Routed, PublishError> {
         let now = Instant::now();
         let quotas = *self.config.quotas(account);
+        let rate = self.config.throttles(account).publishes_per_account;
         let mut inner = self.lock();
         let acct = inner
             .entry(account.to_owned())
             .or_insert_with(|| AccountState::new(account));
+        if client
+            && !acct
+                .publishes
+                .get_or_insert_with(|| throttle::Bucket::new(rate, rate))
+                .take(now, 1)
+        {
+            self.stats
+                .throttled(throttle::Throttled::AccountPublishRate);
+            return Err(PublishError::Throttled);
+        }
         let mut ticket = 0;
         if msg.retain {
             if msg.payload.is_empty() {
@@ -996,11 +1185,13 @@ impl Broker {
                     message: msg.clone(),
                 });
             }
-            match &s.conn {
+            // A connection whose queue is closed (it is ending) counts as offline.
+            let offline = match &s.conn {
                 Some(c) => match c.tx.try_send(d) {
                     Ok(()) => {
                         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                         reached += 1;
+                        None
                     }
                     Err(mpsc::error::TrySendError::Full(d)) => {
                         blocked.push(Blocked {
@@ -1008,24 +1199,20 @@ impl Broker {
                             tx: c.tx.clone(),
                             delivery: d,
                         });
+                        None
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(mpsc::error::TrySendError::Closed(d)) => Some(d),
                 },
-                None if qos == QoS::AtLeastOnce && !s.expiry.is_zero() && !msg.expired(now) => {
+                None => Some(d),
+            };
+            match offline {
+                Some(d) if qos == QoS::AtLeastOnce && !s.expiry.is_zero() && !msg.expired(now) => {
                     // Bounded by count per session and by bytes per account: the session's
                     // oldest go first; a message that still does not fit is dropped.
                     let w = weight(&msg);
-                    let forget = |seq: u64| {
-                        if let Some(j) = &self.journal
-                            && seq != 0
-                        {
-                            j.record_quietly(durable::Change::Ack {
-                                account: acct.name.clone(),
-                                client_id: s.client_id.clone(),
-                                seq,
-                            });
-                        }
-                    };
+                    let journal = self.journal.as_deref();
+                    let (name, client) = (acct.name.clone(), s.client_id.clone());
+                    let forget = |seq: u64| forget(journal, &name, &client, seq);
                     while !s.queue.is_empty()
                         && (s.queue.len() >= quotas.offline_messages
                             || acct.offline_bytes + w > quotas.offline_bytes)
@@ -1049,6 +1236,7 @@ impl Broker {
                         forget(d.seq);
                     }
                 }
+                Some(d) => forget(self.journal.as_deref(), &acct.name, &s.client_id, d.seq),
                 None => {}
             }
         }
@@ -1203,7 +1391,15 @@ mod tests {
         assert!(a2.session_present);
         assert_eq!(a.kick.blocking_recv(), Ok(Kick::TakenOver));
         // The old connection's disconnect changes nothing.
-        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), Instant::now());
+        b.disconnect(
+            "acct",
+            a.session,
+            a.epoch,
+            None,
+            Vec::new(),
+            None,
+            Instant::now(),
+        );
         assert!(b.is_connected("acct", "c1"));
         b.disconnect(
             "acct",
@@ -1211,6 +1407,7 @@ mod tests {
             a2.epoch,
             None,
             Vec::new(),
+            None,
             Instant::now(),
         );
         b.publish("acct", msg("q", QoS::AtLeastOnce, false, b"queued"))
@@ -1260,7 +1457,15 @@ mod tests {
             resend: Some(7),
             seq: 0,
         };
-        b.disconnect("acct", a.session, a.epoch, None, vec![d], Instant::now());
+        b.disconnect(
+            "acct",
+            a.session,
+            a.epoch,
+            None,
+            vec![d],
+            None,
+            Instant::now(),
+        );
         assert_eq!(&a2.rx.try_recv().unwrap().message.payload[..], b"unacked");
     }
 
@@ -1269,7 +1474,7 @@ mod tests {
         let b = Broker::new(BrokerConfig::default());
         let a = b.connect("acct", "c1", false, Duration::from_secs(10), Instant::now());
         let t0 = Instant::now();
-        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), t0);
+        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, t0);
         assert_eq!(b.sweep(t0 + Duration::from_secs(9)), 0);
         assert!(b.has_session("acct", "c1"));
         assert_eq!(b.sweep(t0 + Duration::from_secs(10)), 1);
@@ -1283,7 +1488,7 @@ mod tests {
         let b = Broker::new(BrokerConfig::default());
         let t0 = Instant::now();
         let a = b.connect("acct", "c1", false, Duration::from_secs(10), t0);
-        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), t0);
+        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, t0);
         let early = b.connect(
             "acct",
             "c1",
@@ -1298,6 +1503,7 @@ mod tests {
             early.epoch,
             None,
             Vec::new(),
+            None,
             t0 + Duration::from_secs(9),
         );
         let late = b.connect(
@@ -1334,6 +1540,7 @@ mod tests {
             a.epoch,
             None,
             vec![unacked(b"one", 1), unacked(b"two", 2)],
+            None,
             t0,
         );
         let mut again = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
@@ -1355,10 +1562,37 @@ mod tests {
             again.epoch,
             Some(Duration::ZERO),
             vec![unacked(b"x", 3)],
+            None,
             t0,
         );
         let clean = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
         assert!(!clean.session_present);
+    }
+
+    /// Deliveries still queued for an ending connection, and messages published while it
+    /// ends, stay with its persistent session: the queue is closed and emptied under the lock
+    /// that detaches the connection, and a closed queue counts as offline.
+    #[test]
+    fn nothing_falls_between_an_ending_connection_and_its_session() {
+        let b = Broker::new(BrokerConfig::default());
+        let t0 = Instant::now();
+        let a = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
+        let _ = b.subscribe("acct", a.session, "t", opts(QoS::AtLeastOnce));
+        b.publish("acct", msg("t", QoS::AtLeastOnce, false, b"queued"))
+            .unwrap();
+        b.publish("acct", msg("t", QoS::AtMostOnce, false, b"q0"))
+            .unwrap();
+        let mut rx = a.rx;
+        rx.close();
+        // Published after the queue closed, before the connection is detached.
+        b.publish("acct", msg("t", QoS::AtLeastOnce, false, b"late"))
+            .unwrap();
+        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), Some(rx), t0);
+        let mut again = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
+        let got: Vec<_> = std::iter::from_fn(|| again.rx.try_recv().ok())
+            .map(|d| d.message.payload.clone())
+            .collect();
+        assert_eq!(got, [&b"queued"[..], &b"late"[..]], "QoS 0 is not kept");
     }
 
     /// A storage that keeps the changes it is given, for the tests of what the broker records.
@@ -1450,10 +1684,18 @@ mod tests {
             .publish("acct", msg("r", QoS::AtLeastOnce, true, b"kept"))
             .unwrap();
         assert!(b.durable_until(routed.ticket).await);
-        b.disconnect("acct", p.session, p.epoch, None, Vec::new(), t0);
-        b.disconnect("acct", clean.session, clean.epoch, None, Vec::new(), t0);
+        b.disconnect("acct", p.session, p.epoch, None, Vec::new(), None, t0);
+        b.disconnect(
+            "acct",
+            clean.session,
+            clean.epoch,
+            None,
+            Vec::new(),
+            None,
+            t0,
+        );
         let late = b.connect("acct", "p", true, Duration::ZERO, t0);
-        b.disconnect("acct", late.session, late.epoch, None, Vec::new(), t0);
+        b.disconnect("acct", late.session, late.epoch, None, Vec::new(), None, t0);
         b.journal().unwrap().close();
         let seq = d.seq;
         assert_eq!(
@@ -1719,7 +1961,7 @@ mod tests {
         for c in ["c1", "c2"] {
             let a = b.connect("acct", c, false, Duration::from_secs(60), Instant::now());
             b.subscribe("acct", a.session, "q", opts(QoS::AtLeastOnce));
-            b.disconnect("acct", a.session, a.epoch, None, Vec::new(), t0);
+            b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, t0);
         }
         // Two sessions, 2 deliveries each per message: the second message pushes out oldest.
         b.publish("acct", msg("q", QoS::AtLeastOnce, false, b"111111111"))

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use sekisho_broker::aws::{self, AwsReject};
+use sekisho_broker::throttle::{Bucket, Throttled};
 use sekisho_broker::{Attached, Blocked, Delivery, Kick, Message, PublishError};
 use sekisho_mqtt::{
     Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion, Publish,
@@ -31,18 +32,25 @@ const QOS0_WAIT: Duration = Duration::from_millis(50);
 const QOS1_WAIT: Duration = Duration::from_secs(2);
 
 /// Waits (until one deadline) for room for blocked deliveries; drops what does not fit.
-pub(crate) async fn wait_for_room(broker: &sekisho_broker::Broker, blocked: Vec<Blocked>) {
+pub(crate) async fn wait_for_room(
+    broker: &sekisho_broker::Broker,
+    account: &str,
+    blocked: Vec<Blocked>,
+) {
     if blocked.is_empty() {
         return;
     }
     let qos1 = blocked.iter().any(|b| b.delivery.qos == QoS::AtLeastOnce);
     let deadline = tokio::time::Instant::now() + if qos1 { QOS1_WAIT } else { QOS0_WAIT };
     for b in blocked {
-        let ok = matches!(
-            tokio::time::timeout_at(deadline, b.tx.send(b.delivery)).await,
-            Ok(Ok(()))
-        );
-        broker.note_blocked(ok);
+        match tokio::time::timeout_at(deadline, b.tx.reserve()).await {
+            Ok(Ok(permit)) => {
+                permit.send(b.delivery);
+                broker.note_blocked(true);
+            }
+            // Given up: a stored delivery goes back to its session or is forgotten.
+            _ => broker.give_up(account, b.session, b.delivery),
+        }
     }
 }
 
@@ -293,6 +301,12 @@ struct Connection {
     /// The journal ticket that must be durable before what is in the write buffer goes out
     /// (PUBACK, SUBACK, CONNACK of a persistent session); 0: none.
     durable: u64,
+    /// AWS's per-connection rates: PUBLISH packets and bytes received per second.
+    publish_rate: Bucket,
+    byte_rate: Bucket,
+    /// A delivery taken from the queue but not sent because the connection is ending (its
+    /// credentials no longer hold): handed back to the session with the unacknowledged ones.
+    held: Vec<Delivery>,
 }
 
 enum Flow {
@@ -438,6 +452,16 @@ impl Connection {
             fail_event(&principal);
             return Err(());
         }
+        // AWS's CONNECT rates (1 a second per client id, 500 per account), counted only for
+        // clients allowed to use the client id, so nobody can spend another's.
+        let throttles = shared.broker.throttles(&info.account);
+        if let Err(why) = shared
+            .broker
+            .admit_connect(&info.account, &client_id, Instant::now())
+        {
+            refuse(wbuf, reason::CONNECTION_RATE_EXCEEDED, why.label());
+            return Err(());
+        }
         if let Some(w) = &c.will {
             // The same rules as a PUBLISH: no retained message on a reserved topic.
             let ok = aws::may_publish(&w.topic)
@@ -508,6 +532,15 @@ impl Connection {
             last_io: Instant::now(),
             pending: Vec::new(),
             durable: 0,
+            publish_rate: Bucket::new(
+                throttles.publishes_per_connection,
+                throttles.publishes_per_connection,
+            ),
+            byte_rate: Bucket::new(
+                throttles.bytes_per_connection,
+                throttles.bytes_per_connection,
+            ),
+            held: Vec::new(),
             client_id,
             principal,
             shared,
@@ -587,6 +620,7 @@ impl Connection {
         if !self.pending.is_empty() {
             Box::pin(wait_for_room(
                 &self.shared.broker,
+                &self.account,
                 std::mem::take(&mut self.pending),
             ))
             .await;
@@ -616,15 +650,20 @@ impl Connection {
                 r = read_more(stream, rbuf) => {
                     match r {
                         Ok(0) | Err(_) => return End::ConnectionLost,
-                        Ok(_) => {
+                        Ok(n) => {
                             self.last_recv = Instant::now();
                             self.last_io = self.last_recv;
+                            // AWS's 512 KiB/s per connection: past it, reading waits.
+                            let wait = self.byte_rate.spend(self.last_recv, n as u64);
+                            if !wait.is_zero() {
+                                tokio::time::sleep(wait).await;
+                            }
                             if let Flow::Close(e) = self.drain(rbuf, wbuf, &limits) {
                                 return e;
                             }
                             // Backpressure: no further reading until our deliveries found room.
                             if !self.pending.is_empty() {
-                                Box::pin(wait_for_room(&self.shared.broker, std::mem::take(&mut self.pending))).await;
+                                Box::pin(wait_for_room(&self.shared.broker, &self.account, std::mem::take(&mut self.pending))).await;
                             }
                             // Nothing is acknowledged before it is durable.
                             if let Err(e) = self.until_durable(wbuf).await {
@@ -810,6 +849,15 @@ impl Connection {
             tracing::info!(client_id = %self.client_id, error = %e, "publish refused");
             return Flow::Close(End::ClientError(e.reason_code()));
         }
+        // AWS's 100 publishes a second per connection: the excess is discarded (after its
+        // topic alias was taken, so later packets still resolve).
+        if !self.publish_rate.take(Instant::now(), 1) {
+            self.shared
+                .broker
+                .stats
+                .throttled(Throttled::ConnectionPublishRate);
+            return self.throttled_publish(p.packet_id, wbuf);
+        }
         if p.payload.len() > self.shared.config.aws.max_payload {
             let e = AwsReject::PayloadTooLarge(p.payload.len());
             return Flow::Close(End::ClientError(e.reason_code()));
@@ -871,13 +919,21 @@ impl Connection {
             origin: Some(self.session),
             timestamp_ms: events::now_ms(),
         };
-        let result = self.shared.broker.publish(&self.account, Arc::new(msg));
+        let result = self
+            .shared
+            .broker
+            .publish_from_client(&self.account, Arc::new(msg));
+        if let Err(PublishError::Throttled) = result {
+            return self.throttled_publish(p.packet_id, wbuf);
+        }
         let code = match &result {
             Err(PublishError::RetainedQuota) if self.v5() => reason::QUOTA_EXCEEDED,
             _ => reason::SUCCESS,
         };
         if let Ok(routed) = result {
-            if p.qos == QoS::AtLeastOnce {
+            // QoS 1 waits before its PUBACK; a retained QoS 0 publish waits too before this
+            // connection reads on, so storage paces it rather than buffering without bound.
+            if p.qos == QoS::AtLeastOnce || p.retain {
                 self.durable = self.durable.max(routed.ticket);
             }
             for b in routed.blocked {
@@ -906,6 +962,25 @@ impl Connection {
         Flow::Continue
     }
 
+    /// A publish over a rate is discarded: MQTT 5 QoS 1 hears so (PUBACK 0x96); MQTT 3.1.1
+    /// has no way to say it, and gets no PUBACK (AWS: discarded).
+    fn throttled_publish(&mut self, packet_id: Option<u16>, wbuf: &mut BytesMut) -> Flow {
+        tracing::debug!(client_id = %self.client_id, "publish rate exceeded; discarded");
+        if let Some(id) = packet_id
+            && self.v5()
+        {
+            self.send(
+                &Packet::PubAck(Ack {
+                    packet_id: id,
+                    reason: reason::MESSAGE_RATE_TOO_HIGH,
+                    properties: Properties::default(),
+                }),
+                wbuf,
+            );
+        }
+        Flow::Continue
+    }
+
     fn subscribe(&mut self, s: Subscribe, wbuf: &mut BytesMut) -> Flow {
         if !s.properties.subscription_identifiers.is_empty() {
             return Flow::Close(End::ClientError(
@@ -917,6 +992,24 @@ impl Connection {
         }
         let limits = self.shared.config.aws;
         let fail = |code: u8, v5: bool| if v5 { code } else { reason::V3_SUBACK_FAILURE };
+        // AWS's 500 subscriptions a second per account: over it, the whole SUBSCRIBE fails.
+        let n = s.filters.len().min(limits.max_filters_per_subscribe) as u32;
+        if !self
+            .shared
+            .broker
+            .admit_subscriptions(&self.account, n, Instant::now())
+        {
+            let codes = vec![fail(reason::QUOTA_EXCEEDED, self.v5()); s.filters.len()];
+            self.send(
+                &Packet::SubAck(SubAck {
+                    packet_id: s.packet_id,
+                    codes,
+                    properties: Properties::default(),
+                }),
+                wbuf,
+            );
+            return Flow::Continue;
+        }
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut subscribed = Vec::new();
         let mut retained = Vec::new();
@@ -1004,11 +1097,12 @@ impl Connection {
         let mut codes = Vec::new();
         let mut removed = Vec::new();
         for f in &u.filters {
-            if self
+            let (existed, ticket) = self
                 .shared
                 .broker
-                .unsubscribe(&self.account, self.session, f)
-            {
+                .unsubscribe(&self.account, self.session, f);
+            self.durable = self.durable.max(ticket);
+            if existed {
                 codes.push(reason::SUCCESS);
                 removed.push(f.clone());
             } else {
@@ -1056,6 +1150,7 @@ impl Connection {
             return Flow::Continue;
         }
         if let Err(e) = self.authorized() {
+            self.held.push(d);
             return Flow::Close(e);
         }
         let m = &d.message;
@@ -1131,12 +1226,24 @@ impl Connection {
                 wbuf,
             );
         }
-        write_all(stream, wbuf).await;
+        // Whatever the buffer acknowledges (a PUBACK read in the same packet burst as the
+        // error that ends the connection) goes out only once durable, after the publisher's
+        // blocked deliveries found room or were given up.
+        if !self.pending.is_empty() {
+            Box::pin(wait_for_room(
+                &self.shared.broker,
+                &self.account,
+                std::mem::take(&mut self.pending),
+            ))
+            .await;
+        }
+        if self.until_durable(wbuf).await.is_ok() {
+            write_all(stream, wbuf).await;
+        }
         let _ = stream.shutdown().await;
         // Unacknowledged QoS 1 deliveries, sent (oldest packet id first, to be sent again with
         // it) or still waiting in the queue, go back to the session under the same lock that
         // detaches this connection ([MQTT-4.4.0-1]).
-        let mut attached = attached;
         let mut sent: Vec<(u16, Delivery)> = self.inflight.drain().collect();
         sent.sort_by_key(|(id, _)| *id);
         let mut unacked: Vec<Delivery> = sent
@@ -1146,23 +1253,24 @@ impl Connection {
                 d
             })
             .collect();
-        while let Ok(d) = attached.rx.try_recv() {
-            if d.qos == QoS::AtLeastOnce {
-                unacked.push(d);
-            }
-        }
-        drop(attached);
+        unacked.extend(
+            std::mem::take(&mut self.held)
+                .into_iter()
+                .filter(|d| d.qos == QoS::AtLeastOnce),
+        );
         let expiry = if self.v5() {
             Some(self.session_expiry)
         } else {
             None
         };
+        // The queue is closed and emptied under the broker's lock, with the rest.
         self.shared.broker.disconnect(
             &self.account,
             self.session,
             self.epoch,
             expiry,
             unacked,
+            Some(attached.rx),
             Instant::now(),
         );
         self.shared.index_remove(
@@ -1227,7 +1335,7 @@ impl Connection {
         if delay == 0 {
             tokio::spawn(async move {
                 if let Ok(routed) = broker.publish(&account, make()) {
-                    wait_for_room(&broker, routed.blocked).await;
+                    wait_for_room(&broker, &account, routed.blocked).await;
                 }
             });
         } else {
@@ -1257,7 +1365,7 @@ impl Connection {
                 if !broker.is_connected(&account, &client)
                     && let Ok(routed) = broker.publish(&account, make())
                 {
-                    wait_for_room(&broker, routed.blocked).await;
+                    wait_for_room(&broker, &account, routed.blocked).await;
                 }
             });
         }

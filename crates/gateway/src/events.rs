@@ -50,8 +50,8 @@ fn emit(broker: &Broker, src: &EventSource<'_>, topic: String, mut body: Value) 
     };
     if let Ok(routed) = broker.publish(src.account, Arc::new(msg)) {
         // Lifecycle events never wait for slow subscribers.
-        for _ in routed.blocked {
-            broker.note_blocked(false);
+        for b in routed.blocked {
+            broker.give_up(src.account, b.session, b.delivery);
         }
     }
 }
@@ -140,8 +140,8 @@ pub fn certificate_registered(
         timestamp_ms: now_ms(),
     };
     if let Ok(routed) = broker.publish(account, Arc::new(msg)) {
-        for _ in routed.blocked {
-            broker.note_blocked(false);
+        for b in routed.blocked {
+            broker.give_up(account, b.session, b.delivery);
         }
     }
 }

@@ -173,16 +173,21 @@ async fn handle(
         origin: None,
         timestamp_ms: events::now_ms(),
     };
-    match shared.broker.publish(&info.account, Arc::new(msg)) {
+    match shared
+        .broker
+        .publish_from_client(&info.account, Arc::new(msg))
+    {
         Ok(routed) => {
-            crate::conn::wait_for_room(&shared.broker, routed.blocked).await;
+            crate::conn::wait_for_room(&shared.broker, &info.account, routed.blocked).await;
             // Acknowledged only once durable (stored for persistent sessions, retained).
             if !shared.broker.durable_until(routed.ticket).await {
                 return Ok(reply(503, "Service Unavailable"));
             }
             Ok(reply(200, "OK"))
         }
-        Err(PublishError::RetainedQuota) => Ok(reply(429, "Too Many Requests")),
+        Err(PublishError::RetainedQuota | PublishError::Throttled) => {
+            Ok(reply(429, "Too Many Requests"))
+        }
     }
 }
 
@@ -367,9 +372,9 @@ async fn signed_request(
                 origin: None,
                 timestamp_ms: events::now_ms(),
             };
-            match shared.broker.publish(&account, Arc::new(msg)) {
+            match shared.broker.publish_from_client(&account, Arc::new(msg)) {
                 Ok(routed) => {
-                    crate::conn::wait_for_room(&shared.broker, routed.blocked).await;
+                    crate::conn::wait_for_room(&shared.broker, &info.account, routed.blocked).await;
                     if !shared.broker.durable_until(routed.ticket).await {
                         return error(503, "ServiceUnavailableException", "Storage is unavailable");
                     }
@@ -380,6 +385,7 @@ async fn signed_request(
                     "ThrottlingException",
                     "Retained message quota exceeded",
                 ),
+                Err(PublishError::Throttled) => error(429, "ThrottlingException", "Rate exceeded"),
             }
         }
         (&Method::GET, ["retainedMessage", raw]) => {
@@ -529,6 +535,19 @@ fn mqtt5_properties(
             .filter(|s| (1..=604_800).contains(s))
             .ok_or_else(|| "messageExpiry must be 1 to 604800 seconds".to_string())?;
         p.message_expiry_interval = Some(secs);
+    }
+    // What MQTT can carry: every string and binary property at most 65,535 bytes (a larger
+    // one could be neither delivered nor stored).
+    const MAX: usize = u16::MAX as usize;
+    let too_long = p
+        .user_properties
+        .iter()
+        .any(|u| u.key.len() > MAX || u.value.len() > MAX)
+        || p.correlation_data.as_ref().is_some_and(|c| c.len() > MAX)
+        || p.content_type.as_ref().is_some_and(|c| c.len() > MAX)
+        || p.response_topic.as_ref().is_some_and(|c| c.len() > MAX);
+    if too_long {
+        return Err("an MQTT 5 property is longer than 65,535 bytes".into());
     }
     Ok(p)
 }

@@ -66,6 +66,8 @@ pub const RETAIN_NOT_SUPPORTED: u8 = 0x9A;
 pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
 /// Shared subscriptions not supported.
 pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
+/// Connection rate exceeded.
+pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
 /// Maximum connect time.
 pub const MAXIMUM_CONNECT_TIME: u8 = 0xA0;
 /// Subscription identifiers not supported.

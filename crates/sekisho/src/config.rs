@@ -90,6 +90,18 @@ pub struct Limits {
     pub multipart_uploads: usize,
     /// Days after which an unfinished multipart upload is aborted.
     pub multipart_upload_days: u32,
+    /// PUBLISH packets a connection may send per second (AWS: 100; 0: no limit).
+    pub publishes_per_connection: u32,
+    /// Bytes a connection may send per second; beyond, reading waits (AWS: 512 KiB).
+    pub bytes_per_connection: u32,
+    /// CONNECT attempts per second per client id (AWS: 1).
+    pub connects_per_client_id: u32,
+    /// CONNECT attempts per second per account (AWS: 500).
+    pub connects_per_account: u32,
+    /// Subscriptions per second per account (AWS: 500).
+    pub subscriptions_per_account: u32,
+    /// Inbound publishes per second per account (AWS: 20,000).
+    pub publishes_per_account: u32,
     /// Per-account overrides, by account id.
     pub accounts: std::collections::BTreeMap<String, AccountLimits>,
 }
@@ -110,12 +122,31 @@ pub struct AccountLimits {
     pub offline_bytes: Option<u64>,
     /// See [`Limits::multipart_uploads`].
     pub multipart_uploads: Option<usize>,
+    /// See [`Limits::publishes_per_connection`].
+    pub publishes_per_connection: Option<u32>,
+    /// See [`Limits::bytes_per_connection`].
+    pub bytes_per_connection: Option<u32>,
+    /// See [`Limits::connects_per_client_id`].
+    pub connects_per_client_id: Option<u32>,
+    /// See [`Limits::connects_per_account`].
+    pub connects_per_account: Option<u32>,
+    /// See [`Limits::subscriptions_per_account`].
+    pub subscriptions_per_account: Option<u32>,
+    /// See [`Limits::publishes_per_account`].
+    pub publishes_per_account: Option<u32>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         let q = sekisho_broker::Quotas::default();
+        let t = sekisho_broker::throttle::Throttles::default();
         Limits {
+            publishes_per_connection: t.publishes_per_connection,
+            bytes_per_connection: t.bytes_per_connection,
+            connects_per_client_id: t.connects_per_client_id,
+            connects_per_account: t.connects_per_account,
+            subscriptions_per_account: t.subscriptions_per_account,
+            publishes_per_account: t.publishes_per_account,
             retained_messages: q.retained_messages,
             retained_bytes: q.retained_bytes,
             sessions: q.sessions,
@@ -154,9 +185,48 @@ impl Limits {
                 )
             })
             .collect();
+        let rates = sekisho_broker::throttle::Throttles {
+            publishes_per_connection: self.publishes_per_connection,
+            bytes_per_connection: self.bytes_per_connection,
+            connects_per_client_id: self.connects_per_client_id,
+            connects_per_account: self.connects_per_account,
+            subscriptions_per_account: self.subscriptions_per_account,
+            publishes_per_account: self.publishes_per_account,
+        };
+        let account_throttles = self
+            .accounts
+            .iter()
+            .map(|(id, a)| {
+                (
+                    id.clone(),
+                    sekisho_broker::throttle::Throttles {
+                        publishes_per_connection: a
+                            .publishes_per_connection
+                            .unwrap_or(rates.publishes_per_connection),
+                        bytes_per_connection: a
+                            .bytes_per_connection
+                            .unwrap_or(rates.bytes_per_connection),
+                        connects_per_client_id: a
+                            .connects_per_client_id
+                            .unwrap_or(rates.connects_per_client_id),
+                        connects_per_account: a
+                            .connects_per_account
+                            .unwrap_or(rates.connects_per_account),
+                        subscriptions_per_account: a
+                            .subscriptions_per_account
+                            .unwrap_or(rates.subscriptions_per_account),
+                        publishes_per_account: a
+                            .publishes_per_account
+                            .unwrap_or(rates.publishes_per_account),
+                    },
+                )
+            })
+            .collect();
         sekisho_broker::BrokerConfig {
             quotas: base,
             account_quotas,
+            throttles: rates,
+            account_throttles,
             ..Default::default()
         }
     }

@@ -176,6 +176,10 @@ fn decode_subscriptions(mut b: &[u8]) -> Result<Vec<(String, SubscriptionOptions
     Ok(out)
 }
 
+fn skipped(c: &Change) {
+    tracing::warn!(change = ?std::mem::discriminant(c), "a message that cannot be encoded was not stored");
+}
+
 fn ms(v: Option<i64>) -> Option<u64> {
     v.map(|x| x.max(0) as u64)
 }
@@ -202,7 +206,11 @@ impl Storage for SqliteStorage {
                 .map_err(err)?;
             for row in rows {
                 let (account, bytes, expires, ts) = row.map_err(err)?;
-                let message = decode_message(&bytes, ts.max(0) as u64)?;
+                // A row this build cannot read is left out (and logged), not fatal.
+                let Ok(message) = decode_message(&bytes, ts.max(0) as u64) else {
+                    tracing::warn!(%account, "a stored retained message cannot be read; skipped");
+                    continue;
+                };
                 snapshot.retained.push((
                     account,
                     LoadedMessage {
@@ -250,21 +258,29 @@ impl Storage for SqliteStorage {
                 .map_err(err)?;
             for e in entries {
                 let (seq, retain, bytes, expires, ts) = e.map_err(err)?;
+                let Ok(message) = decode_message(&bytes, ts.max(0) as u64) else {
+                    tracing::warn!(%account, %client_id, seq, "a stored message cannot be read; skipped");
+                    continue;
+                };
                 queue.push((
                     seq.max(0) as u64,
                     retain != 0,
                     LoadedMessage {
-                        message: decode_message(&bytes, ts.max(0) as u64)?,
+                        message,
                         expires_at_ms: ms(expires),
                     },
                 ));
             }
+            let Ok(subscriptions) = decode_subscriptions(&subs) else {
+                tracing::warn!(%account, %client_id, "a stored session cannot be read; skipped");
+                continue;
+            };
             snapshot.sessions.push(Loaded {
                 account,
                 client_id,
                 session: StoredSession {
                     expiry: std::time::Duration::from_millis(expiry_ms.max(0) as u64),
-                    subscriptions: decode_subscriptions(&subs)?,
+                    subscriptions,
                     connected: left.is_none(),
                 },
                 disconnected_at_ms: ms(left),
@@ -329,7 +345,12 @@ impl Storage for SqliteStorage {
                     retain,
                     message,
                 } => {
-                    let bytes = encode_message(message)?;
+                    // A message our codec cannot write (a property over 64 KiB, say) is not
+                    // stored; it must not fail the other changes of the batch.
+                    let Ok(bytes) = encode_message(message) else {
+                        skipped(c);
+                        continue;
+                    };
                     let expires = message.expires_at.map(|e| clock.ms(e) as i64);
                     tx.prepare_cached(
                         "INSERT OR REPLACE INTO queue VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -364,7 +385,10 @@ impl Storage for SqliteStorage {
                     message,
                 } => match message {
                     Some(m) => {
-                        let bytes = encode_message(m)?;
+                        let Ok(bytes) = encode_message(m) else {
+                            skipped(c);
+                            continue;
+                        };
                         let expires = m.expires_at.map(|e| clock.ms(e) as i64);
                         tx.prepare_cached(
                             "INSERT OR REPLACE INTO retained VALUES (?1, ?2, ?3, ?4, ?5)",
