@@ -4,6 +4,7 @@ reserved topics."""
 
 import json
 import queue
+import time
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
@@ -435,3 +436,54 @@ def test_inflight_window_100_then_101(server, workdir):
     assert len(publishes(more)) == 1, "one PUBACK, one more delivery"
     r.close()
     pub.close()
+
+
+def test_lifecycle_connect_failed_unsubscribed_and_duplicate_client_id(server, workdir):
+    """The lifecycle events the first test does not see: `connect_failed` with
+    AUTHORIZATION_FAILED (a client id the policy does not allow), `unsubscribed`, and
+    `disconnected` with DUPLICATE_CLIENTID for the connection a second one took over."""
+    iot = server.boto()
+    account = server.account_id()
+    mon = v5(server, Device(server, iot, unique("lcmon"), ALLOW_ALL, workdir))
+    only_own = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect",
+         "Resource": f"arn:aws:iot:us-east-1:{account}:client/${{iot:Connection.Thing.ThingName}}"},
+        {"Effect": "Allow", "Action": ["iot:Subscribe", "iot:Receive", "iot:Publish"], "Resource": "*"}]}
+    dev = Device(server, iot, unique("lc"), only_own, workdir)
+    stranger = unique("stranger")
+    for f in (f"$aws/events/presence/+/{dev.name}", f"$aws/events/subscriptions/+/{dev.name}",
+              f"$aws/events/presence/connect_failed/{stranger}"):
+        assert mon.subscribe(f, qos=1)[0].value == 1
+
+    # A client id its policy does not allow: refused, and announced.
+    bad = Paho(server, server.endpoint(), dev, stranger, v5=True)
+    assert bad.connect()[0] != 0
+    bad.close()
+    # Subscribe, unsubscribe, then a second connection with the same client id.
+    first = v5(server, dev)
+    # paho reconnects on its own: not within this test, or the two would take turns.
+    first.c.reconnect_delay_set(min_delay=120, max_delay=120)
+    first.subscribe("lc/topic", qos=1)
+    first.c.unsubscribe("lc/topic")
+    time.sleep(0.3)
+    second = v5(server, dev)
+    assert first.disconnects.get(timeout=5) is not None
+    first.c.loop_stop()
+    events = {}
+    for m in drain(mon.messages, 1.5):
+        events.setdefault(m.topic.split("/")[3], []).append(json.loads(m.payload))
+    failed = events["connect_failed"][0]
+    assert failed["clientId"] == stranger
+    assert failed["connectFailureReason"] == "AUTHORIZATION_FAILED"
+    assert failed["principalIdentifier"] == dev.cert_id
+    assert failed["eventType"] == "connect_failed" and "ipAddress" in failed
+    assert events["unsubscribed"][0]["topics"] == ["lc/topic"]
+    assert events["unsubscribed"][0]["clientId"] == dev.name
+    reasons = [e["disconnectReason"] for e in events["disconnected"]]
+    assert reasons == ["DUPLICATE_CLIENTID"], reasons
+    assert events["disconnected"][0]["clientInitiatedDisconnect"] is False
+    # Each connection has its own session identifier.
+    connected = [e["sessionIdentifier"] for e in events["connected"]]
+    assert len(connected) == 2 and connected[0] != connected[1]
+    for c in (mon, second):
+        c.close()

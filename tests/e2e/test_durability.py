@@ -191,3 +191,62 @@ def test_sigkill_mid_flood_loses_nothing_acknowledged(workdir):
 
 def test_sigterm_mid_flood_loses_nothing_acknowledged(workdir):
     crash_and_recover(workdir, signal.SIGTERM)
+
+
+def test_aws_iot_device_sdk_persistent_session_survives_sigkill(workdir):
+    """The AWS IoT Device SDK (awscrt MQTT 3.1.1) on both sides: its QoS 1 publishes that
+    completed (PUBACK) before a SIGKILL reach its persistent-session subscriber, offline across
+    the crash, after the restart; the session is present."""
+    from awscrt import mqtt as crt_mqtt
+    from awsiot import mqtt_connection_builder
+
+    server = Server(workdir / f"durable-{unique('sdk')}").start()
+    try:
+        dev = Device(server, server.boto(), unique("sdk"), ALLOW_ALL, workdir)
+        topic, sub_id = f"sdk/{dev.name}", unique("sdk-sub")
+
+        def connection(client_id, clean):
+            return mqtt_connection_builder.mtls_from_path(
+                endpoint=server.endpoint(), port=server.mqtt_port, cert_filepath=str(dev.cert),
+                pri_key_filepath=str(dev.key), ca_filepath=server.ca, client_id=client_id,
+                clean_session=clean, keep_alive_secs=30)
+
+        received = queue.Queue()
+        sub = connection(sub_id, False)
+        assert sub.connect().result(10)["session_present"] is False
+        fut, _ = sub.subscribe(topic, crt_mqtt.QoS.AT_LEAST_ONCE,
+                               callback=lambda topic, payload, **kw: received.put(payload))
+        fut.result(10)
+        sub.disconnect().result(10)
+
+        pub = connection(unique("sdk-pub"), True)
+        pub.connect().result(10)
+        acked = set()
+        for i in range(50):
+            payload = f"m{i}".encode()
+            f, _ = pub.publish(topic, payload, crt_mqtt.QoS.AT_LEAST_ONCE)
+            f.result(10)  # completes on PUBACK
+            acked.add(payload)
+        server.stop(signal.SIGKILL)
+        try:
+            pub.disconnect().result(5)
+        except Exception:
+            pass
+
+        server.start()
+        sub = connection(sub_id, False)
+        # The stored subscription is the server's: this connection object never subscribed, so
+        # its messages come to the connection-wide handler.
+        sub.on_message(lambda topic, payload, **kw: received.put(payload))
+        assert sub.connect().result(15)["session_present"] is True
+        got = set()
+        deadline = time.time() + 15
+        while got != acked and time.time() < deadline:
+            try:
+                got.add(received.get(timeout=1))
+            except queue.Empty:
+                pass
+        assert got == acked, f"lost {sorted(acked - got)[:5]}"
+        sub.disconnect().result(10)
+    finally:
+        server.stop()
