@@ -17,6 +17,7 @@ connects_per_client_id = 0
 connects_per_account = 0
 subscriptions_per_account = 0
 publishes_per_account = 0
+replay_per_second = 0
 TOML
   "$BIN/sekisho" serve --config "$WORK/sekisho.toml" --data-dir "$SK" --mqtt-port 18883 --api-port 19443 --https-port 18443 --s3-port 19444 --bind 127.0.0.1 > "$WORK/sekisho.log" 2>&1 &
   SKPID=$!

@@ -109,6 +109,7 @@ NO_THROTTLES = {
     "connects_per_account": 0,
     "subscriptions_per_account": 0,
     "publishes_per_account": 0,
+    "replay_per_second": 0,
 }
 
 

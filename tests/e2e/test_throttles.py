@@ -78,8 +78,8 @@ class Wire:
             pass
 
 
-def publish(topic, pid, v5):
-    body = s16(topic.encode()) + struct.pack(">H", pid) + (b"\x00" if v5 else b"") + b"x"
+def publish(topic, pid, v5, payload=b"x"):
+    body = s16(topic.encode()) + struct.pack(">H", pid) + (b"\x00" if v5 else b"") + payload
     return packet(0x32, body)
 
 
@@ -230,3 +230,42 @@ publishes_per_account = 5
         b.close()
     finally:
         s.stop()
+
+
+def test_stored_messages_replay_at_10_a_second_besides_live_traffic(aws_server, workdir):
+    """AWS: a resumed session's stored messages go out at 10 a second, and live messages are
+    not held behind them."""
+    s = aws_server
+    dev = Device(s, s.boto(), unique("replay"), ALLOW_ALL, workdir)
+    cid = unique("sub")
+    # A persistent 3.1.1 session (clean session 0) subscribed at QoS 1, then offline.
+    w = Wire(s, dev)
+    w.send(packet(0x10, s16(b"MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + s16(cid.encode())))
+    (t, body), = w.packets(1, quiet=5)
+    assert t == 0x20 and body[1] == 0
+    w.send(subscribe(1, [f"replay/{dev.name}"], False))
+    w.packets(1, quiet=5)
+    w.send(b"\xe0\x00")
+    w.close()
+    pub, _ = connected(s, dev, unique("pub"))
+    pub.send(b"".join(publish(f"replay/{dev.name}", i, True) for i in range(1, 16)))
+    assert len(pubacks(pub.packets(15, quiet=5), True)) == 15
+    time.sleep(1.1)  # one CONNECT a second per client id
+    w = Wire(s, dev)
+    w.send(packet(0x10, s16(b"MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + s16(cid.encode())))
+    start = time.time()
+    (t, body), = w.packets(1, quiet=5)
+    assert t == 0x20 and body[0] == 1, "session present"
+    stored = w.packets(10, quiet=2)
+    first_ten = time.time() - start
+    # A live message is not held behind the five stored ones still waiting.
+    pub.send(publish(f"replay/{dev.name}", 99, True, payload=b"live"))
+    rest = w.packets(6, quiet=3)
+    elapsed = time.time() - start
+    assert [p[0] & 0xF0 for p in stored + rest] == [0x30] * 16
+    assert first_ten < 0.5, f"the first ten (the bucket's burst) at once: {first_ten:.2f} s"
+    assert elapsed >= 0.4, f"five more at 10 a second take about half a second: {elapsed:.2f} s"
+    live = [i for i, (_, body) in enumerate(rest) if body.endswith(b"live")]
+    assert live and live[0] < 5, "the live message is not held behind the stored ones"
+    w.close()
+    pub.close()

@@ -99,6 +99,9 @@ pub struct Attached {
     pub kick: oneshot::Receiver<Kick>,
     /// The journal ticket to wait for before CONNACK (0: none).
     pub ticket: u64,
+    /// A resumed session's stored messages, oldest first: the connection sends them at the
+    /// account's replay rate besides its live traffic, and hands back what it has not sent.
+    pub replay: VecDeque<Delivery>,
 }
 
 /// What one account may keep in the broker, by count and by bytes (a message's bytes are its
@@ -673,6 +676,7 @@ impl Broker {
                 let s = acct.sessions.get_mut(&id).expect("checked above");
                 s.expiry = expiry;
                 s.disconnected_at = None;
+                let mut replay = VecDeque::with_capacity(s.queue.len());
                 while let Some(d) = s.queue.pop_front() {
                     acct.offline_bytes = acct.offline_bytes.saturating_sub(weight(&d.message));
                     if d.message.expired(now) {
@@ -687,11 +691,7 @@ impl Broker {
                         }
                         continue;
                     }
-                    if let Err(e) = conn.tx.try_send(d) {
-                        self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
-                        let d = e.into_inner();
-                        forget(self.journal.as_deref(), &acct.name, &s.client_id, d.seq);
-                    }
+                    replay.push_back(d);
                 }
                 s.conn = Some(conn);
                 let ticket = match &self.journal {
@@ -709,6 +709,7 @@ impl Broker {
                     rx,
                     kick: kick_rx,
                     ticket,
+                    replay,
                 }
             }
             None => {
@@ -741,6 +742,7 @@ impl Broker {
                     rx,
                     kick: kick_rx,
                     ticket,
+                    replay: VecDeque::new(),
                 }
             }
         }
@@ -1422,8 +1424,11 @@ mod tests {
             Instant::now(),
         );
         assert!(a3.session_present);
-        assert_eq!(&a3.rx.try_recv().unwrap().message.payload[..], b"queued");
-        assert!(a3.rx.try_recv().is_err(), "QoS 0 is not queued offline");
+        assert_eq!(
+            &a3.replay.pop_front().unwrap().message.payload[..],
+            b"queued"
+        );
+        assert!(a3.replay.is_empty(), "QoS 0 is not queued offline");
         let _ = a2.rx.try_recv();
         // Clean start discards the session.
         let a4 = b.connect("acct", "c1", true, Duration::ZERO, Instant::now());
@@ -1545,12 +1550,12 @@ mod tests {
         );
         let mut again = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
         assert!(again.session_present);
-        let first = again.rx.try_recv().unwrap();
+        let first = again.replay.pop_front().unwrap();
         assert_eq!(
             (&first.message.payload[..], first.resend),
             (&b"one"[..], Some(1))
         );
-        let second = again.rx.try_recv().unwrap();
+        let second = again.replay.pop_front().unwrap();
         assert_eq!(
             (&second.message.payload[..], second.resend),
             (&b"two"[..], Some(2))
@@ -1588,8 +1593,10 @@ mod tests {
         b.publish("acct", msg("t", QoS::AtLeastOnce, false, b"late"))
             .unwrap();
         b.disconnect("acct", a.session, a.epoch, None, Vec::new(), Some(rx), t0);
-        let mut again = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
-        let got: Vec<_> = std::iter::from_fn(|| again.rx.try_recv().ok())
+        let again = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
+        let got: Vec<_> = again
+            .replay
+            .iter()
             .map(|d| d.message.payload.clone())
             .collect();
         assert_eq!(got, [&b"queued"[..], &b"late"[..]], "QoS 0 is not kept");
@@ -1802,9 +1809,7 @@ mod tests {
         assert!(b.has_session("acct", "live"));
         let mut a = b.connect("acct", "live", false, Duration::from_secs(60), clock.now);
         assert!(a.session_present);
-        let seqs: Vec<u64> = std::iter::from_fn(|| a.rx.try_recv().ok())
-            .map(|d| d.seq)
-            .collect();
+        let seqs: Vec<u64> = a.replay.iter().map(|d| d.seq).collect();
         assert_eq!(seqs, [40, 43]);
         // New messages get numbers above the stored ones.
         b.publish("acct", msg("t", QoS::AtLeastOnce, false, b"new"))

@@ -56,6 +56,19 @@ impl Bucket {
         }
     }
 
+    /// How long from `now` until one token is there (zero if one is).
+    pub fn until_next(&mut self, now: Instant) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        self.refill(now);
+        if self.micro >= MICRO {
+            Duration::ZERO
+        } else {
+            Duration::from_micros(((MICRO - self.micro) / i64::from(self.rate)).max(1) as u64)
+        }
+    }
+
     /// Takes `n` tokens even if that runs into debt; returns how long until the debt is paid
     /// (how long the caller waits before it takes more). For byte rates.
     pub fn spend(&mut self, now: Instant, n: u64) -> Duration {
@@ -90,6 +103,8 @@ pub struct Throttles {
     pub subscriptions_per_account: u32,
     /// Inbound publishes per second per account (AWS: 20,000).
     pub publishes_per_account: u32,
+    /// Stored messages sent per second to a resumed session, besides live traffic (AWS: 10).
+    pub replay_per_second: u32,
 }
 
 impl Default for Throttles {
@@ -101,6 +116,7 @@ impl Default for Throttles {
             connects_per_account: 500,
             subscriptions_per_account: 500,
             publishes_per_account: 20_000,
+            replay_per_second: 10,
         }
     }
 }
@@ -175,6 +191,22 @@ mod tests {
         assert!(b.take(t0, 1));
         assert!(!b.take(t0 + Duration::from_millis(999), 1));
         assert!(b.take(t0 + Duration::from_millis(1000), 1));
+    }
+
+    #[test]
+    fn the_next_token_is_announced() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10, 10);
+        assert!(b.take(t0, 10));
+        assert_eq!(b.until_next(t0), Duration::from_millis(100));
+        assert_eq!(
+            b.until_next(t0 + Duration::from_millis(60)),
+            Duration::from_millis(40)
+        );
+        assert_eq!(
+            b.until_next(t0 + Duration::from_millis(100)),
+            Duration::ZERO
+        );
     }
 
     #[test]

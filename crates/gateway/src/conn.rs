@@ -307,6 +307,10 @@ struct Connection {
     /// A delivery taken from the queue but not sent because the connection is ending (its
     /// credentials no longer hold): handed back to the session with the unacknowledged ones.
     held: Vec<Delivery>,
+    /// A resumed session's stored messages not yet sent, and AWS's rate for them (10 a second,
+    /// besides live traffic).
+    replay: std::collections::VecDeque<Delivery>,
+    replay_rate: Bucket,
 }
 
 enum Flow {
@@ -541,6 +545,8 @@ impl Connection {
                 throttles.bytes_per_connection,
             ),
             held: Vec::new(),
+            replay: Default::default(),
+            replay_rate: Bucket::new(throttles.replay_per_second, throttles.replay_per_second),
             client_id,
             principal,
             shared,
@@ -548,13 +554,14 @@ impl Connection {
     }
 
     fn attach(&mut self, wbuf: &mut BytesMut) -> Attached {
-        let attached = self.shared.broker.connect(
+        let mut attached = self.shared.broker.connect(
             &self.account,
             &self.client_id,
             self.clean_start,
             self.session_expiry,
             Instant::now(),
         );
+        self.replay = std::mem::take(&mut attached.replay);
         self.session = attached.session;
         self.durable = self.durable.max(attached.ticket);
         self.epoch = attached.epoch;
@@ -633,6 +640,15 @@ impl Connection {
         let timer = tokio::time::sleep_until(self.next_timer(rbuf, wbuf).into());
         tokio::pin!(timer);
         loop {
+            // Stored messages of a resumed session, as the replay rate and the window allow;
+            // the timer wakes the loop for the next one.
+            match self.replay_some(wbuf) {
+                Err(e) => return e,
+                Ok(Some(next)) if tokio::time::Instant::from(next) < timer.deadline() => {
+                    timer.as_mut().reset(next.into());
+                }
+                Ok(_) => {}
+            }
             if !write_all(stream, wbuf).await {
                 return End::ConnectionLost;
             }
@@ -727,6 +743,26 @@ impl Connection {
 
     /// The next time the connection's timer must look: the keep-alive deadline, or the moment
     /// the buffers of a connection gone quiet can shrink.
+    /// Sends what the replay rate allows of the resumed session's stored messages; returns
+    /// when the next one may go, if some wait.
+    fn replay_some(&mut self, wbuf: &mut BytesMut) -> Result<Option<Instant>, End> {
+        if self.replay.is_empty() {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        while self.inflight.len() < self.client_receive_max && !self.replay.is_empty() {
+            if !self.replay_rate.take(now, 1) {
+                return Ok(Some(now + self.replay_rate.until_next(now)));
+            }
+            if let Some(d) = self.replay.pop_front()
+                && let Flow::Close(e) = self.deliver(d, wbuf)
+            {
+                return Err(e);
+            }
+        }
+        Ok(None)
+    }
+
     fn next_timer(&self, rbuf: &BytesMut, wbuf: &BytesMut) -> Instant {
         let ka = self.keep_alive_deadline();
         let ka = self.deadline.map_or(ka, |d| ka.min(d));
@@ -1256,6 +1292,7 @@ impl Connection {
         unacked.extend(
             std::mem::take(&mut self.held)
                 .into_iter()
+                .chain(std::mem::take(&mut self.replay))
                 .filter(|d| d.qos == QoS::AtLeastOnce),
         );
         let expiry = if self.v5() {

@@ -102,6 +102,9 @@ pub struct Limits {
     pub subscriptions_per_account: u32,
     /// Inbound publishes per second per account (AWS: 20,000).
     pub publishes_per_account: u32,
+    /// Stored messages sent per second to a resumed persistent session, besides live traffic
+    /// (AWS: 10).
+    pub replay_per_second: u32,
     /// Per-account overrides, by account id.
     pub accounts: std::collections::BTreeMap<String, AccountLimits>,
 }
@@ -134,6 +137,8 @@ pub struct AccountLimits {
     pub subscriptions_per_account: Option<u32>,
     /// See [`Limits::publishes_per_account`].
     pub publishes_per_account: Option<u32>,
+    /// See [`Limits::replay_per_second`].
+    pub replay_per_second: Option<u32>,
 }
 
 impl Default for Limits {
@@ -147,6 +152,7 @@ impl Default for Limits {
             connects_per_account: t.connects_per_account,
             subscriptions_per_account: t.subscriptions_per_account,
             publishes_per_account: t.publishes_per_account,
+            replay_per_second: t.replay_per_second,
             retained_messages: q.retained_messages,
             retained_bytes: q.retained_bytes,
             sessions: q.sessions,
@@ -192,6 +198,7 @@ impl Limits {
             connects_per_account: self.connects_per_account,
             subscriptions_per_account: self.subscriptions_per_account,
             publishes_per_account: self.publishes_per_account,
+            replay_per_second: self.replay_per_second,
         };
         let account_throttles = self
             .accounts
@@ -218,6 +225,7 @@ impl Limits {
                         publishes_per_account: a
                             .publishes_per_account
                             .unwrap_or(rates.publishes_per_account),
+                        replay_per_second: a.replay_per_second.unwrap_or(rates.replay_per_second),
                     },
                 )
             })
