@@ -1047,8 +1047,13 @@ impl Broker {
     /// matching session (once per session, at the highest granted QoS; one member per shared
     /// group). Deliveries whose connection queue is full come back in [`Routed::blocked`]:
     /// the publisher waits for room (backpressure) or drops them by its own rule. Never blocks.
-    pub fn publish(&self, account: &str, msg: Arc<Message>) -> Result<Routed, PublishError> {
-        self.route(account, msg, false)
+    pub fn publish(
+        &self,
+        account: &str,
+        msg: Arc<Message>,
+        now: Instant,
+    ) -> Result<Routed, PublishError> {
+        self.route(account, msg, false, now)
     }
 
     /// [`Broker::publish`] for a message a client sent: counted against the account's inbound
@@ -1057,8 +1062,9 @@ impl Broker {
         &self,
         account: &str,
         msg: Arc<Message>,
+        now: Instant,
     ) -> Result<Routed, PublishError> {
-        self.route(account, msg, true)
+        self.route(account, msg, true, now)
     }
 
     fn route(
@@ -1066,8 +1072,8 @@ impl Broker {
         account: &str,
         msg: Arc<Message>,
         client: bool,
+        now: Instant,
     ) -> Result<Routed, PublishError> {
-        let now = Instant::now();
         let quotas = *self.config.quotas(account);
         let rate = self.config.throttles(account).publishes_per_account;
         let mut inner = self.lock();
@@ -1326,6 +1332,7 @@ impl Broker {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests read the clock; the broker does not
 mod tests {
     use super::*;
 
@@ -1356,9 +1363,13 @@ mod tests {
         b.subscribe("acct", a.session, "t/#", opts(QoS::AtMostOnce));
         b.subscribe("acct", a.session, "t/x", opts(QoS::AtLeastOnce));
         assert_eq!(
-            b.publish("acct", msg("t/x", QoS::AtLeastOnce, false, b"1"))
-                .map(|r| r.reached)
-                .ok(),
+            b.publish(
+                "acct",
+                msg("t/x", QoS::AtLeastOnce, false, b"1"),
+                Instant::now()
+            )
+            .map(|r| r.reached)
+            .ok(),
             Some(1)
         );
         let d = a.rx.try_recv().unwrap();
@@ -1367,8 +1378,12 @@ mod tests {
         // Another account sees nothing.
         let mut other = b.connect("other", "c1", true, Duration::ZERO, Instant::now());
         b.subscribe("other", other.session, "#", opts(QoS::AtMostOnce));
-        b.publish("acct", msg("t/x", QoS::AtMostOnce, false, b"2"))
-            .unwrap();
+        b.publish(
+            "acct",
+            msg("t/x", QoS::AtMostOnce, false, b"2"),
+            Instant::now(),
+        )
+        .unwrap();
         assert!(other.rx.try_recv().is_err());
     }
 
@@ -1412,10 +1427,18 @@ mod tests {
             None,
             Instant::now(),
         );
-        b.publish("acct", msg("q", QoS::AtLeastOnce, false, b"queued"))
-            .unwrap();
-        b.publish("acct", msg("q", QoS::AtMostOnce, false, b"lost"))
-            .unwrap();
+        b.publish(
+            "acct",
+            msg("q", QoS::AtLeastOnce, false, b"queued"),
+            Instant::now(),
+        )
+        .unwrap();
+        b.publish(
+            "acct",
+            msg("q", QoS::AtMostOnce, false, b"lost"),
+            Instant::now(),
+        )
+        .unwrap();
         let mut a3 = b.connect(
             "acct",
             "c1",
@@ -1583,15 +1606,27 @@ mod tests {
         let t0 = Instant::now();
         let a = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
         let _ = b.subscribe("acct", a.session, "t", opts(QoS::AtLeastOnce));
-        b.publish("acct", msg("t", QoS::AtLeastOnce, false, b"queued"))
-            .unwrap();
-        b.publish("acct", msg("t", QoS::AtMostOnce, false, b"q0"))
-            .unwrap();
+        b.publish(
+            "acct",
+            msg("t", QoS::AtLeastOnce, false, b"queued"),
+            Instant::now(),
+        )
+        .unwrap();
+        b.publish(
+            "acct",
+            msg("t", QoS::AtMostOnce, false, b"q0"),
+            Instant::now(),
+        )
+        .unwrap();
         let mut rx = a.rx;
         rx.close();
         // Published after the queue closed, before the connection is detached.
-        b.publish("acct", msg("t", QoS::AtLeastOnce, false, b"late"))
-            .unwrap();
+        b.publish(
+            "acct",
+            msg("t", QoS::AtLeastOnce, false, b"late"),
+            Instant::now(),
+        )
+        .unwrap();
         b.disconnect("acct", a.session, a.epoch, None, Vec::new(), Some(rx), t0);
         let again = b.connect("acct", "c1", false, Duration::from_secs(60), t0);
         let got: Vec<_> = again
@@ -1671,11 +1706,19 @@ mod tests {
         let (_, t) = b.subscribe("acct", p.session, "t", opts(QoS::AtLeastOnce));
         assert!(t > 0);
         let routed = b
-            .publish("acct", msg("t", QoS::AtMostOnce, false, b"q0"))
+            .publish(
+                "acct",
+                msg("t", QoS::AtMostOnce, false, b"q0"),
+                Instant::now(),
+            )
             .unwrap();
         assert_eq!(routed.ticket, 0, "QoS 0 is not stored");
         let routed = b
-            .publish("acct", msg("t", QoS::AtLeastOnce, false, b"q1"))
+            .publish(
+                "acct",
+                msg("t", QoS::AtLeastOnce, false, b"q1"),
+                Instant::now(),
+            )
             .unwrap();
         assert!(routed.ticket > 0);
         assert!(b.durable_until(routed.ticket).await);
@@ -1688,7 +1731,11 @@ mod tests {
         assert!(d.seq > 0);
         b.acked("acct", "p", d.seq);
         let routed = b
-            .publish("acct", msg("r", QoS::AtLeastOnce, true, b"kept"))
+            .publish(
+                "acct",
+                msg("r", QoS::AtLeastOnce, true, b"kept"),
+                Instant::now(),
+            )
             .unwrap();
         assert!(b.durable_until(routed.ticket).await);
         b.disconnect("acct", p.session, p.epoch, None, Vec::new(), None, t0);
@@ -1746,7 +1793,11 @@ mod tests {
         let a = b.connect("acct", "p", false, Duration::from_secs(60), Instant::now());
         assert!(!b.durable_until(a.ticket).await);
         let routed = b
-            .publish("acct", msg("r", QoS::AtLeastOnce, true, b"x"))
+            .publish(
+                "acct",
+                msg("r", QoS::AtLeastOnce, true, b"x"),
+                Instant::now(),
+            )
             .unwrap();
         assert!(!b.durable_until(routed.ticket).await);
         assert!(b.journal().unwrap().failed());
@@ -1812,8 +1863,12 @@ mod tests {
         let seqs: Vec<u64> = a.replay.iter().map(|d| d.seq).collect();
         assert_eq!(seqs, [40, 43]);
         // New messages get numbers above the stored ones.
-        b.publish("acct", msg("t", QoS::AtLeastOnce, false, b"new"))
-            .unwrap();
+        b.publish(
+            "acct",
+            msg("t", QoS::AtLeastOnce, false, b"new"),
+            Instant::now(),
+        )
+        .unwrap();
         assert!(a.rx.try_recv().unwrap().seq > 43);
         b.journal().unwrap().close();
         let k = kinds(&log);
@@ -1838,7 +1893,7 @@ mod tests {
             ..BrokerConfig::default()
         });
         let now = Instant::now();
-        b.publish("a", msg("r/1", QoS::AtMostOnce, true, b"x"))
+        b.publish("a", msg("r/1", QoS::AtMostOnce, true, b"x"), Instant::now())
             .unwrap();
         assert!(b.retained_for("a", "r/1", now).is_some());
         assert!(
@@ -1846,15 +1901,15 @@ mod tests {
             "only exact filters get retained messages"
         );
         assert!(b.retained_for("b", "r/1", now).is_none());
-        b.publish("a", msg("r/2", QoS::AtMostOnce, true, b"x"))
+        b.publish("a", msg("r/2", QoS::AtMostOnce, true, b"x"), Instant::now())
             .unwrap();
         assert!(matches!(
-            b.publish("a", msg("r/3", QoS::AtMostOnce, true, b"x")),
+            b.publish("a", msg("r/3", QoS::AtMostOnce, true, b"x"), Instant::now()),
             Err(PublishError::RetainedQuota)
         ));
-        b.publish("a", msg("r/2", QoS::AtMostOnce, true, b"y"))
+        b.publish("a", msg("r/2", QoS::AtMostOnce, true, b"y"), Instant::now())
             .unwrap();
-        b.publish("a", msg("r/1", QoS::AtMostOnce, true, b""))
+        b.publish("a", msg("r/1", QoS::AtMostOnce, true, b""), Instant::now())
             .unwrap();
         assert!(
             b.retained_for("a", "r/1", now).is_none(),
@@ -1873,9 +1928,13 @@ mod tests {
         let mut blocked = Vec::new();
         for _ in 0..5 {
             blocked.extend(
-                b.publish("acct", msg("t", QoS::AtMostOnce, false, b"x"))
-                    .unwrap()
-                    .blocked,
+                b.publish(
+                    "acct",
+                    msg("t", QoS::AtMostOnce, false, b"x"),
+                    Instant::now(),
+                )
+                .unwrap()
+                .blocked,
             );
         }
         assert_eq!(b.stats.delivered.load(Ordering::Relaxed), 2);
@@ -1899,8 +1958,12 @@ mod tests {
         b.subscribe("acct", x.session, "$share/g/t", opts(QoS::AtMostOnce));
         b.subscribe("acct", y.session, "$share/g/t", opts(QoS::AtMostOnce));
         for _ in 0..10 {
-            b.publish("acct", msg("t", QoS::AtMostOnce, false, b"x"))
-                .unwrap();
+            b.publish(
+                "acct",
+                msg("t", QoS::AtMostOnce, false, b"x"),
+                Instant::now(),
+            )
+            .unwrap();
         }
         let mut n = 0;
         while x.rx.try_recv().is_ok() {
@@ -1940,17 +2003,17 @@ mod tests {
                 timestamp_ms: 0,
             })
         };
-        b.publish("a", m("r/1")).unwrap();
-        b.publish("a", m("r/2")).unwrap();
+        b.publish("a", m("r/1"), Instant::now()).unwrap();
+        b.publish("a", m("r/2"), Instant::now()).unwrap();
         assert!(matches!(
-            b.publish("a", m("r/3")),
+            b.publish("a", m("r/3"), Instant::now()),
             Err(PublishError::RetainedQuota)
         ));
-        b.publish("a", m("r/2")).unwrap(); // a replacement: same bytes
-        b.publish("b", m("r/3")).unwrap(); // another account has its own quota
-        b.publish("a", msg("r/1", QoS::AtMostOnce, true, b""))
+        b.publish("a", m("r/2"), Instant::now()).unwrap(); // a replacement: same bytes
+        b.publish("b", m("r/3"), Instant::now()).unwrap(); // another account has its own quota
+        b.publish("a", msg("r/1", QoS::AtMostOnce, true, b""), Instant::now())
             .unwrap(); // cleared
-        b.publish("a", m("r/3")).unwrap();
+        b.publish("a", m("r/3"), Instant::now()).unwrap();
     }
 
     /// Offline queues are bounded by bytes across the account's sessions: the session's
@@ -1969,10 +2032,18 @@ mod tests {
             b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, t0);
         }
         // Two sessions, 2 deliveries each per message: the second message pushes out oldest.
-        b.publish("acct", msg("q", QoS::AtLeastOnce, false, b"111111111"))
-            .unwrap();
-        b.publish("acct", msg("q", QoS::AtLeastOnce, false, b"222222222"))
-            .unwrap();
+        b.publish(
+            "acct",
+            msg("q", QoS::AtLeastOnce, false, b"111111111"),
+            Instant::now(),
+        )
+        .unwrap();
+        b.publish(
+            "acct",
+            msg("q", QoS::AtLeastOnce, false, b"222222222"),
+            Instant::now(),
+        )
+        .unwrap();
         let inner = b.lock();
         let acct = &inner["acct"];
         assert!(acct.offline_bytes <= 30, "{}", acct.offline_bytes);

@@ -159,6 +159,7 @@ impl Throttled {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // a base instant for the virtual clock
 mod tests {
     use super::*;
 

@@ -958,7 +958,7 @@ impl Connection {
         let result = self
             .shared
             .broker
-            .publish_from_client(&self.account, Arc::new(msg));
+            .publish_from_client(&self.account, Arc::new(msg), now);
         if let Err(PublishError::Throttled) = result {
             return self.throttled_publish(p.packet_id, wbuf);
         }
@@ -1371,7 +1371,7 @@ impl Connection {
         };
         if delay == 0 {
             tokio::spawn(async move {
-                if let Ok(routed) = broker.publish(&account, make()) {
+                if let Ok(routed) = broker.publish(&account, make(), Instant::now()) {
                     wait_for_room(&broker, &account, routed.blocked).await;
                 }
             });
@@ -1400,7 +1400,7 @@ impl Connection {
                 }
                 // [MQTT-3.1.3-9] not sent if the client reconnected in the meantime.
                 if !broker.is_connected(&account, &client)
-                    && let Ok(routed) = broker.publish(&account, make())
+                    && let Ok(routed) = broker.publish(&account, make(), Instant::now())
                 {
                     wait_for_room(&broker, &account, routed.blocked).await;
                 }

@@ -48,7 +48,7 @@ fn emit(broker: &Broker, src: &EventSource<'_>, topic: String, mut body: Value) 
         origin: None,
         timestamp_ms: now_ms(),
     };
-    if let Ok(routed) = broker.publish(src.account, Arc::new(msg)) {
+    if let Ok(routed) = broker.publish(src.account, Arc::new(msg), std::time::Instant::now()) {
         // Lifecycle events never wait for slow subscribers.
         for b in routed.blocked {
             broker.give_up(src.account, b.session, b.delivery);
@@ -139,7 +139,7 @@ pub fn certificate_registered(
         origin: None,
         timestamp_ms: now_ms(),
     };
-    if let Ok(routed) = broker.publish(account, Arc::new(msg)) {
+    if let Ok(routed) = broker.publish(account, Arc::new(msg), std::time::Instant::now()) {
         for b in routed.blocked {
             broker.give_up(account, b.session, b.delivery);
         }

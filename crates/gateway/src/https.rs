@@ -175,7 +175,7 @@ async fn handle(
     };
     match shared
         .broker
-        .publish_from_client(&info.account, Arc::new(msg))
+        .publish_from_client(&info.account, Arc::new(msg), std::time::Instant::now())
     {
         Ok(routed) => {
             crate::conn::wait_for_room(&shared.broker, &info.account, routed.blocked).await;
@@ -372,7 +372,11 @@ async fn signed_request(
                 origin: None,
                 timestamp_ms: events::now_ms(),
             };
-            match shared.broker.publish_from_client(&account, Arc::new(msg)) {
+            match shared.broker.publish_from_client(
+                &account,
+                Arc::new(msg),
+                std::time::Instant::now(),
+            ) {
                 Ok(routed) => {
                     crate::conn::wait_for_room(&shared.broker, &info.account, routed.blocked).await;
                     if !shared.broker.durable_until(routed.ticket).await {
