@@ -2,14 +2,11 @@
 
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
-# Starts Sekisho on 127.0.0.1 (MQTT 18883, API 19443, HTTPS 18443, S3 19444) with a fresh data directory;
-# sets SK (data directory), SKPID and ACCOUNT, and writes $WORK/policy.json: the one
-# thing-name policy every benchmark device gets.
-start_sekisho() {
-  SK=$WORK/sekisho
-  # AWS's rate limits (100 publishes/s per connection, 500 CONNECTs/s per account...) are off:
-  # the benchmarks measure the broker, and Mosquitto has no such limits.
-  cat > "$WORK/sekisho.toml" <<TOML
+# Writes a Sekisho config with AWS's rate limits (100 publishes/s per connection, 500
+# CONNECTs/s per account...) off: the benchmarks measure the broker, and Mosquitto has no
+# such limits.
+unthrottled_config() {
+  cat > "$1" <<TOML
 [limits]
 publishes_per_connection = 0
 bytes_per_connection = 0
@@ -19,6 +16,14 @@ subscriptions_per_account = 0
 publishes_per_account = 0
 replay_per_second = 0
 TOML
+}
+
+# Starts Sekisho on 127.0.0.1 (MQTT 18883, API 19443, HTTPS 18443, S3 19444) with a fresh data directory;
+# sets SK (data directory), SKPID and ACCOUNT, and writes $WORK/policy.json: the one
+# thing-name policy every benchmark device gets.
+start_sekisho() {
+  SK=$WORK/sekisho
+  unthrottled_config "$WORK/sekisho.toml"
   "$BIN/sekisho" serve --config "$WORK/sekisho.toml" --data-dir "$SK" --mqtt-port 18883 --api-port 19443 --https-port 18443 --s3-port 19444 --bind 127.0.0.1 > "$WORK/sekisho.log" 2>&1 &
   SKPID=$!
   wait_port 19443 || { echo "sekisho did not start:"; cat "$WORK/sekisho.log"; exit 1; }

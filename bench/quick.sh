@@ -12,20 +12,11 @@ cargo build --release -q -p sekisho-bench
 BENCH=${CARGO_TARGET_DIR:-$ROOT/target}/release/sekisho-bench
 WORK=$(mktemp -d /tmp/sekisho-quick.XXXXXX)
 trap 'pkill -f "$WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
-cat > "$WORK/sekisho.toml" <<TOML
-[limits]
-publishes_per_connection = 0
-bytes_per_connection = 0
-connects_per_client_id = 0
-connects_per_account = 0
-subscriptions_per_account = 0
-publishes_per_account = 0
-replay_per_second = 0
-TOML
+source bench/lib.sh
+unthrottled_config "$WORK/sekisho.toml"
 "$BIN" serve --config "$WORK/sekisho.toml" --data-dir "$WORK/sk" --mqtt-port 18883 --api-port 19443 \
   --https-port 18443 --s3-port 19444 --bind 127.0.0.1 > "$WORK/sk.log" 2>&1 &
 PID=$!
-source bench/lib.sh
 wait_port 19443
 echo '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:*","Resource":"*"}]}' > "$WORK/policy.json"
 $BENCH provision --data-dir "$WORK/sk" --api 127.0.0.1:19443 --out "$WORK/certs" --count 120 --policy "$WORK/policy.json" > /dev/null

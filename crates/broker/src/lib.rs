@@ -271,6 +271,30 @@ fn forget(journal: Option<&durable::Journal>, account: &Arc<str>, client_id: &Ar
     }
 }
 
+/// Storage keeps a persistent session as it now is (nothing for a session that is not
+/// stored). With `wait`, returns the journal ticket to wait for; else 0.
+fn record_session(
+    journal: Option<&durable::Journal>,
+    account: &Arc<str>,
+    s: &Session,
+    wait: bool,
+) -> u64 {
+    let Some(j) = journal.filter(|_| s.stored) else {
+        return 0;
+    };
+    let change = durable::Change::PutSession {
+        account: account.clone(),
+        client_id: s.client_id.clone(),
+        session: AccountState::stored(s),
+    };
+    if wait {
+        j.record(change)
+    } else {
+        j.record_quietly(change);
+        0
+    }
+}
+
 impl AccountState {
     fn new(name: &str) -> AccountState {
         AccountState {
@@ -694,14 +718,7 @@ impl Broker {
                     replay.push_back(d);
                 }
                 s.conn = Some(conn);
-                let ticket = match &self.journal {
-                    Some(j) if s.stored => j.record(durable::Change::PutSession {
-                        account: acct.name.clone(),
-                        client_id: s.client_id.clone(),
-                        session: AccountState::stored(s),
-                    }),
-                    _ => 0,
-                };
+                let ticket = record_session(self.journal.as_deref(), &acct.name, s, true);
                 Attached {
                     session: id,
                     epoch,
@@ -725,14 +742,9 @@ impl Broker {
                     disconnected_at: None,
                     queue: VecDeque::new(),
                 };
-                let ticket = match &self.journal {
-                    Some(j) if session.stored => j.record(durable::Change::PutSession {
-                        account: acct.name.clone(),
-                        client_id: session.client_id.clone(),
-                        session: AccountState::stored(&session),
-                    }),
-                    _ => ended,
-                };
+                // Waiting for the new session's write waits for the deletion before it too.
+                let ticket =
+                    record_session(self.journal.as_deref(), &acct.name, &session, true).max(ended);
                 acct.sessions.insert(id, session);
                 acct.by_client.insert(client_id.to_owned(), id);
                 Attached {
@@ -824,15 +836,7 @@ impl Broker {
             acct.offline_bytes += w;
             s.queue.push_front(d);
         }
-        if let Some(j) = journal
-            && s.stored
-        {
-            j.record_quietly(durable::Change::PutSession {
-                account: acct.name.clone(),
-                client_id: s.client_id.clone(),
-                session: AccountState::stored(s),
-            });
-        }
+        record_session(journal, &acct.name, s, false);
         0
     }
 
@@ -991,14 +995,7 @@ impl Broker {
         };
         let new = s.subscriptions.insert(filter.to_owned(), options).is_none();
         acct.trie.insert(session, filter, SubEntry { options });
-        let ticket = match &self.journal {
-            Some(j) if s.stored => j.record(durable::Change::PutSession {
-                account: acct.name.clone(),
-                client_id: s.client_id.clone(),
-                session: AccountState::stored(s),
-            }),
-            _ => 0,
-        };
+        let ticket = record_session(self.journal.as_deref(), &acct.name, s, true);
         (new, ticket)
     }
 
@@ -1014,14 +1011,7 @@ impl Broker {
         };
         if s.subscriptions.remove(filter).is_some() {
             acct.trie.remove(session, filter);
-            let ticket = match &self.journal {
-                Some(j) if s.stored => j.record(durable::Change::PutSession {
-                    account: acct.name.clone(),
-                    client_id: s.client_id.clone(),
-                    session: AccountState::stored(s),
-                }),
-                _ => 0,
-            };
+            let ticket = record_session(self.journal.as_deref(), &acct.name, s, true);
             (true, ticket)
         } else {
             (false, 0)

@@ -1030,32 +1030,20 @@ impl Connection {
         let fail = |code: u8, v5: bool| if v5 { code } else { reason::V3_SUBACK_FAILURE };
         // AWS's 500 subscriptions a second per account: over it, the whole SUBSCRIBE fails.
         let n = s.filters.len().min(limits.max_filters_per_subscribe) as u32;
-        if !self
+        let throttled = !self
             .shared
             .broker
-            .admit_subscriptions(&self.account, n, Instant::now())
-        {
-            let codes = vec![fail(reason::QUOTA_EXCEEDED, self.v5()); s.filters.len()];
-            self.send(
-                &Packet::SubAck(SubAck {
-                    packet_id: s.packet_id,
-                    codes,
-                    properties: Properties::default(),
-                }),
-                wbuf,
-            );
-            return Flow::Continue;
-        }
+            .admit_subscriptions(&self.account, n, Instant::now());
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut subscribed = Vec::new();
         let mut retained = Vec::new();
         let now = Instant::now();
         for (i, f) in s.filters.iter().enumerate() {
-            let (_, inner) = sekisho_broker::trie::split_shared(&f.filter);
-            if i >= limits.max_filters_per_subscribe {
+            if throttled || i >= limits.max_filters_per_subscribe {
                 codes.push(fail(reason::QUOTA_EXCEEDED, self.v5()));
                 continue;
             }
+            let (_, inner) = sekisho_broker::trie::split_shared(&f.filter);
             if let Err(e) = limits.check_topic(&f.filter) {
                 tracing::info!(client_id = %self.client_id, error = %e, "subscription refused");
                 codes.push(fail(reason::TOPIC_FILTER_INVALID, self.v5()));
