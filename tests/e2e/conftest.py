@@ -20,6 +20,8 @@ import boto3
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("SEKISHO_BIN", ROOT / "target" / "debug" / "sekisho"))
@@ -501,6 +503,23 @@ class Paho:
         except Exception:
             pass
         self.c.loop_stop()
+
+    def drop(self):
+        """Closes the TCP connection without DISCONNECT (as a device that loses its network)."""
+        self.c.loop_stop()
+        self.c.socket().close()
+
+
+def connect_with_delayed_will(server, dev, client_id, topic, delay, session_expiry=600):
+    """An MQTT 5 client connected with a persistent session and a QoS 1 will on `topic` delayed
+    `delay` seconds (`.drop()` it to leave the will pending)."""
+    wp = Properties(PacketTypes.WILLMESSAGE)
+    wp.WillDelayInterval = delay
+    cp = Properties(PacketTypes.CONNECT)
+    cp.SessionExpiryInterval = session_expiry
+    p = Paho(server, server.endpoint(), dev, client_id, v5=True, clean=False, will=(topic, b"gone", 1, False, wp))
+    assert p.connect(properties=cp)[0] == 0
+    return p
 
 
 class Openssl:

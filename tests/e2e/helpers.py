@@ -55,6 +55,30 @@ def outcome(call):
         return code(e), e.response["ResponseMetadata"]["HTTPStatusCode"]
 
 
+def drain(q, timeout=0.5):
+    """Items of `q` until none has come for `timeout` seconds."""
+    out = []
+    while True:
+        try:
+            out.append(q.get(timeout=timeout))
+        except queue.Empty:
+            return out
+
+
+def drain_for(q, seconds):
+    """Items of `q` that come within `seconds`."""
+    out = []
+    end = time.monotonic() + seconds
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            return out
+        try:
+            out.append(q.get(timeout=left))
+        except queue.Empty:
+            return out
+
+
 def wait_for(q, pred, timeout):
     """The first item of `q` satisfying `pred` within `timeout` seconds, else None."""
     end = time.monotonic() + timeout

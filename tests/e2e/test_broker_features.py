@@ -3,24 +3,15 @@ lifecycle events, shared subscriptions, cross-version delivery, policy variables
 reserved topics."""
 
 import json
-import queue
 import time
 
-import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from conftest import ALLOW_ALL, Device, Paho, unique
+from helpers import drain
 from test_limits_and_robustness import Raw, packet, s16
 
-
-def drain(q, timeout=0.5):
-    out = []
-    while True:
-        try:
-            out.append(q.get(timeout=timeout))
-        except queue.Empty:
-            return out
 
 
 def v5(server, dev, cid=None, **kw):

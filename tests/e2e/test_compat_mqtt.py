@@ -4,7 +4,6 @@ positive control. paho-mqtt where a client library can say it, raw packets (buil
 a library would refuse to send them or would hide the answer."""
 
 import json
-import queue
 import re
 import ssl
 import struct
@@ -17,7 +16,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from conftest import ALLOW_ALL, Device, Paho, Server, unique
-from helpers import arn_of
+from helpers import arn_of, drain
 from test_limits_and_robustness import Raw, connect_v311, connect_v5, packet, s16
 
 
@@ -27,14 +26,6 @@ def srv(workdir):
     yield s
     s.stop()
 
-
-def drain(q, timeout=0.5):
-    out = []
-    while True:
-        try:
-            out.append(q.get(timeout=timeout))
-        except queue.Empty:
-            return out
 
 
 def v5(s, dev, cid=None, **kw):

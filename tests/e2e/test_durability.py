@@ -14,12 +14,12 @@ import threading
 import time
 
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import ALLOW_ALL, Device, Server, unique
+from conftest import ALLOW_ALL, Device, Paho, Server, connect_with_delayed_will, unique
+from helpers import drain_for, wait_for
 
 
 class Client:
@@ -248,5 +248,52 @@ def test_aws_iot_device_sdk_persistent_session_survives_sigkill(workdir):
                 pass
         assert got == acked, f"lost {sorted(acked - got)[:5]}"
         sub.disconnect().result(10)
+    finally:
+        server.stop()
+
+
+def test_delayed_wills_survive_sigkill(workdir):
+    """Three MQTT 5 devices leave a will delayed WILL_DELAY s (session expiry 600 s) and drop
+    their TCP connections. `back` connects again (and leaves) before the server is killed with
+    SIGKILL; `late` connects again after the restart, before the delay is over. After the
+    restart, `gone`'s will arrives when its delay is over (never before); the other two never
+    do (a connection of the client id cancels its delayed will, across the restart too)."""
+    will_delay = 8
+    server = Server(workdir / f"wills-{unique('w')}").start()
+    try:
+        dev = Device(server, server.boto(), unique("wdur"), ALLOW_ALL, workdir)
+        host = server.endpoint()
+        names = {k: unique(k) for k in ("gone", "back", "late")}
+
+        clients = [connect_with_delayed_will(server, dev, cid, f"wills/{dev.name}/{cid}", will_delay)
+                   for cid in names.values()]
+        for p in clients:
+            p.drop()
+        dropped = time.monotonic()
+        time.sleep(0.3)
+        back = Client(server, dev, names["back"])
+        assert back.connect() is True
+        back.stop()
+        time.sleep(0.5)
+        server.stop(signal.SIGKILL)
+
+        server.start()
+        watcher = Paho(server, host, dev, unique("watch"), v5=True)
+        assert watcher.connect()[0] == 0
+        assert watcher.subscribe(f"wills/{dev.name}/#", qos=1)[0].value == 1
+        late = Client(server, dev, names["late"])
+        assert late.connect() is True
+        late.stop()
+        assert time.monotonic() - dropped < will_delay - 1, "too slow: the restart took the whole delay"
+
+        topics = []
+        got = wait_for(watcher.messages, lambda m: topics.append(m.topic) or m.topic.endswith(names["gone"]),
+                       will_delay + 10)
+        assert got is not None, f"the delayed will did not survive the crash ({topics})"
+        assert time.monotonic() - dropped >= will_delay - 0.5, "the will came before its delay"
+        topics += [m.topic for m in drain_for(watcher.messages, 1.5)]
+        for k in ("back", "late"):
+            assert f"wills/{dev.name}/{names[k]}" not in topics, f"{k}: a cancelled will was published"
+        watcher.close()
     finally:
         server.stop()

@@ -334,7 +334,7 @@ def test_iot_data_plane_with_sigv4(two, workdir):
 
 def test_mqtt_over_websocket_with_sigv4(two, workdir):
     """awsiotsdk's WebSocket SigV4 builder with temporary credentials of a role in account B."""
-    from awscrt import auth, io as crt_io, mqtt as crt_mqtt
+    from awscrt import auth, mqtt as crt_mqtt
     from awsiot import mqtt_connection_builder
 
     s = two

@@ -1,14 +1,12 @@
 """AWS IoT's limits at N and N+1 on the wire, and hostile input that must never crash the
 server. Raw packets are built by hand here, independently of our own codec."""
 
-import os
 import random
 import socket
 import ssl
 import struct
 import time
 
-import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 

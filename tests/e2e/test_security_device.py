@@ -22,7 +22,7 @@ import urllib.parse
 import pytest
 
 from conftest import ALLOW_ALL, Device, FileDevice, Openssl, Paho, Server, unique
-from helpers import s16, varint
+from helpers import drain, s16, varint
 
 TRUST_CREDENTIALS = {"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Principal": {"Service": "credentials.iot.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
@@ -277,14 +277,6 @@ class RawMqtt:
         except OSError:
             pass
 
-
-def drain(q, timeout):
-    out = []
-    while True:
-        try:
-            out.append(q.get(timeout=timeout))
-        except queue.Empty:
-            return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 
 from conftest import ALLOW_ALL, Device, FileDevice, Paho, unique
-from helpers import doc, keys, outcome, temp, wait_for
+from helpers import doc, drain_for, keys, outcome, temp, wait_for
 
 REGION = "us-east-1"
 
@@ -75,18 +75,6 @@ def query_call(server, creds, service, params):
     m = re.search(r"<Code>(.*?)</Code>", text)
     return status, (m.group(1) if m else None), text
 
-
-def drain(q, timeout):
-    out = []
-    end = time.monotonic() + timeout
-    while True:
-        left = end - time.monotonic()
-        if left <= 0:
-            return out
-        try:
-            out.append(q.get(timeout=left))
-        except queue.Empty:
-            return out
 
 
 def first_of(waits, timeout):
@@ -442,7 +430,7 @@ def test_unresolved_thing_variable_matches_nothing(server, workdir, v5):
         owner.c.publish(f"dev/{thing.name}/cmd", b"owner-2", qos=1)
         seen = []
         assert wait_for(mon.messages, lambda m: seen.append(m.payload) or m.payload == b"owner-2", 5) is not None
-        seen += [m.payload for m in drain(mon.messages, 0.3)]
+        seen += [m.payload for m in drain_for(mon.messages, 0.3)]
         assert b"injected" not in seen, f"the injected command was delivered: {seen}"
         if v5:
             rcs = p.subscribe(literal, qos=1)

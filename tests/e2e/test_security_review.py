@@ -41,7 +41,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from conftest import ALLOW_ALL, Device, Paho, Server, unique
-from helpers import allow, code, doc, keys, outcome, s16, s3_error, varint, wait_for
+from helpers import allow, code, doc, drain_for, keys, outcome, s16, s3_error, varint, wait_for
 
 REGION = "us-east-1"
 
@@ -111,18 +111,6 @@ def tls_socket(server, port, host, cert=None, key=None, timeout=10):
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     return ctx.wrap_socket(sock, server_hostname=host)
 
-
-def drain(q, timeout):
-    out = []
-    end = time.monotonic() + timeout
-    while True:
-        left = end - time.monotonic()
-        if left <= 0:
-            return out
-        try:
-            out.append(q.get(timeout=left))
-        except queue.Empty:
-            return out
 
 
 # --- raw MQTT ---------------------------------------------------------------------------------
@@ -595,8 +583,7 @@ def test_delayed_will_not_published_after_certificate_revoked(rv, workdir):
 
     pd, pe = will_device(d, b"D died"), will_device(e, b"E died")
     for p in (pd, pe):  # TCP dropped, no DISCONNECT
-        p.c.loop_stop()
-        p.c.socket().close()
+        p.drop()
     dropped = time.monotonic()
     time.sleep(0.5)  # the revocation comes during the will delay
     iot.update_certificate(certificateId=d.cert_id, newStatus="REVOKED")
@@ -607,7 +594,7 @@ def test_delayed_will_not_published_after_certificate_revoked(rv, workdir):
     e_will = wait_for(watcher.messages, lambda m: got.append(m) or m.topic == f"wills/{e.name}", WILL_DELAY + 5)
     assert e_will is not None, f"control: E's delayed will did not arrive ({[m.topic for m in got]})"
     assert time.monotonic() - dropped >= WILL_DELAY - 0.5, "E's will came before its delay"
-    got += drain(watcher.messages, max(0.0, WILL_DELAY + 1.5 - (time.monotonic() - dropped)))
+    got += drain_for(watcher.messages, max(0.0, WILL_DELAY + 1.5 - (time.monotonic() - dropped)))
     topics = [m.topic for m in got]
     assert f"wills/{d.name}" not in topics, "the delayed will of a certificate REVOKED during the delay was published"
 

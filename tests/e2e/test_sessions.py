@@ -17,7 +17,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import ALLOW_ALL, Device, Paho, unique
+from conftest import ALLOW_ALL, Device, Paho, connect_with_delayed_will, unique
+from helpers import drain_for, wait_for
 
 
 class Subscriber:
@@ -131,3 +132,32 @@ def test_an_expired_session_is_not_resumed_before_the_sweep(server, workdir):
     late = Subscriber(server, dev, cid, True, manual_ack=False, expiry=1)
     assert late.connect() is False
     late.close()
+
+
+def test_a_delayed_will_is_cancelled_by_a_reconnection_that_has_ended_too(server, workdir):
+    """[MQTT-3.1.3-9] a client that connects again within the Will Delay Interval cancels its
+    will, even if that second connection has ended before the delay is over. Positive control:
+    a device that does not come back has its will published after the delay."""
+    delay = 3
+    dev = Device(server, server.boto(), unique("dwc"), ALLOW_ALL, workdir)
+    host = server.endpoint()
+    watcher = Paho(server, host, dev, unique("watch"), v5=True)
+    assert watcher.connect()[0] == 0
+    assert watcher.subscribe(f"dwc/{dev.name}/#", qos=1)[0].value == 1
+
+    back, gone = unique("back"), unique("gone")
+    clients = [connect_with_delayed_will(server, dev, cid, f"dwc/{dev.name}/{cid}", delay) for cid in (back, gone)]
+    for p in clients:
+        p.drop()
+    dropped = time.monotonic()
+    time.sleep(0.5)
+    again = Subscriber(server, dev, back, True, manual_ack=False, expiry=600)
+    assert again.connect() is True
+    again.close()  # a normal DISCONNECT, well before the delay is over
+    topics = []
+    wait_for(watcher.messages, lambda m: topics.append(m.topic) or m.topic.endswith(gone), delay + 5)
+    assert f"dwc/{dev.name}/{gone}" in topics, f"control: the will did not come ({topics})"
+    assert time.monotonic() - dropped >= delay - 0.5, "the will came before its delay"
+    topics += [m.topic for m in drain_for(watcher.messages, 1.5)]
+    assert f"dwc/{dev.name}/{back}" not in topics, "a will cancelled by a reconnection was published"
+    watcher.close()

@@ -1,7 +1,7 @@
 //! Durable broker state: the storage seam and the journal that commits to it in groups.
 //!
 //! The broker records every change to what must survive a crash (persistent sessions and their
-//! subscriptions, the QoS 1 messages queued or in flight for them, retained messages) as a
+//! subscriptions, the QoS 1 messages queued or in flight for them, retained messages, delayed wills) as a
 //! [`Change`], in order, under its lock. A writer thread takes what has accumulated, commits it
 //! to the [`Storage`] in one transaction and advances the durable watermark. A connection that
 //! must not acknowledge before its changes are durable (PUBACK of a QoS 1 publish that reached
@@ -12,8 +12,8 @@
 //! The seam names what a distributed engine must provide: claim a client id (single node: the
 //! broker's own map), append to a session queue ([`Change::Append`]), read and acknowledge
 //! ([`Storage::load`], [`Change::Ack`]), set and scan retained messages
-//! ([`Change::SetRetained`], [`Storage::load`]), and watch changes (single node: none, the
-//! broker is the only writer).
+//! ([`Change::SetRetained`], [`Storage::load`]), keep delayed wills ([`Change::PutWill`]), and
+//! watch changes (single node: none, the broker is the only writer).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -85,6 +85,24 @@ pub enum Change {
         /// Sequence number.
         seq: u64,
     },
+    /// A will that waits for its Will Delay Interval, until `at`.
+    PutWill {
+        /// Account.
+        account: Arc<str>,
+        /// Its id, unique across the broker's life.
+        id: u64,
+        /// When it is due.
+        at: Instant,
+        /// The will.
+        will: StoredWill,
+    },
+    /// A delayed will was sent or cancelled.
+    DeleteWill {
+        /// Account.
+        account: Arc<str>,
+        /// Its id.
+        id: u64,
+    },
     /// Sets (`Some`) or clears (`None`) a topic's retained message.
     SetRetained {
         /// Account.
@@ -94,6 +112,33 @@ pub enum Change {
         /// The message.
         message: Option<Arc<Message>>,
     },
+}
+
+/// A delayed will as stored: who left it, and its message. It is authorized again with the
+/// certificate's policies when it is sent, so only wills of certificate principals are stored
+/// (an IAM principal's credentials are not kept).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredWill {
+    /// Client id of the connection that left it.
+    pub client_id: Arc<str>,
+    /// The certificate that connection authenticated with.
+    pub certificate: Arc<str>,
+    /// The message; `expires_at` unset, its Message Expiry Interval (counted from publication)
+    /// in its properties.
+    pub message: Arc<Message>,
+}
+
+/// A delayed will as loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedWill {
+    /// Account.
+    pub account: String,
+    /// Its id.
+    pub id: u64,
+    /// When it is due, epoch milliseconds.
+    pub at_ms: u64,
+    /// The will.
+    pub will: StoredWill,
 }
 
 /// A message as loaded: its wall-clock expiry instead of an `Instant`.
@@ -127,6 +172,8 @@ pub struct Snapshot {
     pub sessions: Vec<Loaded>,
     /// Retained messages: (account, message).
     pub retained: Vec<(String, LoadedMessage)>,
+    /// Delayed wills.
+    pub wills: Vec<LoadedWill>,
 }
 
 /// Why storage failed.

@@ -256,6 +256,8 @@ struct AccountState {
     subscribes: Option<throttle::Bucket>,
     publishes: Option<throttle::Bucket>,
     client_connects: HashMap<String, throttle::Bucket>,
+    /// Delayed wills waiting, by client id: a connection of the client id cancels them.
+    wills: HashMap<String, Vec<u64>>,
 }
 
 /// Storage forgets a stored delivery (acknowledged, expired or given up).
@@ -405,8 +407,40 @@ pub struct Broker {
     next_id: AtomicU64,
     /// Durable state, when the broker keeps any.
     journal: Option<Arc<durable::Journal>>,
+    /// Delayed wills loaded from storage, until the gateway takes them.
+    restored_wills: Mutex<Vec<DelayedWill>>,
     /// Counters.
     pub stats: Stats,
+}
+
+/// A will that waits for its Will Delay Interval (or its session's end, if sooner). Any
+/// connection of its client id before it is due cancels it ([`Broker::claim_will`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DelayedWill {
+    /// Its id (for [`Broker::will_done`]).
+    pub id: u64,
+    /// Account.
+    pub account: String,
+    /// Client id of the connection that left it.
+    pub client_id: String,
+    /// The certificate that connection authenticated with (`None`: an IAM principal; such a
+    /// will is not stored, as its credentials are not).
+    pub certificate: Option<String>,
+    /// When it is due.
+    pub at: Instant,
+    /// The message: `expires_at` unset, its Message Expiry Interval (from publication) in its
+    /// properties. [`DelayedWill::message`] makes the message to publish.
+    pub template: Message,
+}
+
+impl DelayedWill {
+    /// The message, published at `now` (its expiry counts from then).
+    pub fn message(&self, now: Instant) -> Message {
+        let mut m = self.template.clone();
+        let expiry = m.properties.message_expiry_interval.take();
+        m.expires_at = expiry.map(|e| now + Duration::from_secs(u64::from(e)));
+        m
+    }
 }
 
 impl std::fmt::Debug for Broker {
@@ -425,8 +459,72 @@ impl Broker {
             inner: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             journal: None,
+            restored_wills: Mutex::new(Vec::new()),
             stats: Stats::default(),
         }
+    }
+
+    /// Holds a delayed will until it is due: stored, for a certificate principal on a durable
+    /// broker, so that it survives a restart. Returns its id (set in `will.id`).
+    pub fn defer_will(&self, will: &mut DelayedWill) -> u64 {
+        will.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        inner
+            .entry(will.account.clone())
+            .or_insert_with(|| AccountState::new(&will.account))
+            .wills
+            .entry(will.client_id.clone())
+            .or_default()
+            .push(will.id);
+        if let (Some(j), Some(cert)) = (&self.journal, &will.certificate) {
+            j.record_quietly(durable::Change::PutWill {
+                account: Arc::from(will.account.as_str()),
+                id: will.id,
+                at: will.at,
+                will: durable::StoredWill {
+                    client_id: Arc::from(will.client_id.as_str()),
+                    certificate: Arc::from(cert.as_str()),
+                    message: Arc::new(will.template.clone()),
+                },
+            });
+        }
+        will.id
+    }
+
+    /// A delayed will is due: true if it is still to be sent, false if a connection of its
+    /// client id cancelled it meanwhile ([MQTT-3.1.3-9]). Either way storage forgets it.
+    pub fn claim_will(&self, will: &DelayedWill) -> bool {
+        let mut inner = self.lock();
+        let Some(acct) = inner.get_mut(&will.account) else {
+            return false;
+        };
+        let Some(ids) = acct.wills.get_mut(&will.client_id) else {
+            return false;
+        };
+        let Some(i) = ids.iter().position(|id| *id == will.id) else {
+            return false;
+        };
+        ids.swap_remove(i);
+        if ids.is_empty() {
+            acct.wills.remove(&will.client_id);
+        }
+        if let (Some(j), Some(_)) = (&self.journal, &will.certificate) {
+            j.record_quietly(durable::Change::DeleteWill {
+                account: acct.name.clone(),
+                id: will.id,
+            });
+        }
+        true
+    }
+
+    /// The delayed wills loaded from storage at start-up (once: the caller schedules them).
+    pub fn take_restored_wills(&self) -> Vec<DelayedWill> {
+        std::mem::take(
+            &mut *self
+                .restored_wills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     /// A broker that keeps persistent sessions, their queued and unacknowledged QoS 1 messages
@@ -548,6 +646,26 @@ impl Broker {
                 );
             }
         }
+        let mut wills = Vec::with_capacity(snapshot.wills.len());
+        for w in snapshot.wills {
+            max_seq = max_seq.max(w.id);
+            b.lock()
+                .entry(w.account.clone())
+                .or_insert_with(|| AccountState::new(&w.account))
+                .wills
+                .entry(w.will.client_id.to_string())
+                .or_default()
+                .push(w.id);
+            wills.push(DelayedWill {
+                id: w.id,
+                account: w.account,
+                client_id: w.will.client_id.to_string(),
+                certificate: Some(w.will.certificate.to_string()),
+                at: clock.instant(w.at_ms),
+                template: (*w.will.message).clone(),
+            });
+        }
+        b.restored_wills = Mutex::new(wills);
         b.next_id.fetch_max(max_seq + 1, Ordering::Relaxed);
         b
     }
@@ -676,6 +794,17 @@ impl Broker {
         let acct = inner
             .entry(account.to_owned())
             .or_insert_with(|| AccountState::new(account));
+        // A connection of the client id cancels its delayed wills ([MQTT-3.1.3-9]).
+        if let Some(ids) = acct.wills.remove(client_id)
+            && let Some(j) = &self.journal
+        {
+            for id in ids {
+                j.record_quietly(durable::Change::DeleteWill {
+                    account: acct.name.clone(),
+                    id,
+                });
+            }
+        }
         let existing = acct.by_client.get(client_id).copied();
         if let Some(id) = existing
             && let Some(s) = acct.sessions.get_mut(&id)
@@ -1499,6 +1628,51 @@ mod tests {
         assert!(!b.has_session("acct", "c1"));
     }
 
+    fn will(b: &Broker, client_id: &str, at: Instant) -> DelayedWill {
+        let mut w = DelayedWill {
+            id: 0,
+            account: "acct".into(),
+            client_id: client_id.into(),
+            certificate: Some("cert".into()),
+            at,
+            template: (*msg("last/will", QoS::AtLeastOnce, false, b"gone")).clone(),
+        };
+        b.defer_will(&mut w);
+        w
+    }
+
+    /// [MQTT-3.1.3-9]: a delayed will is cancelled by any later connection of its client id,
+    /// even one that has ended again before the will is due.
+    #[test]
+    fn a_later_connection_cancels_a_delayed_will() {
+        let b = Broker::new(BrokerConfig::default());
+        let t0 = Instant::now();
+        let ten = Duration::from_secs(10);
+        let a = b.connect("acct", "c1", false, ten, t0);
+        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, t0);
+        let (kept, cancelled) = (will(&b, "c2", t0 + ten), will(&b, "c1", t0 + ten));
+        let again = b.connect("acct", "c1", false, ten, t0);
+        b.disconnect(
+            "acct",
+            again.session,
+            again.epoch,
+            None,
+            Vec::new(),
+            None,
+            t0,
+        );
+        assert!(
+            !b.claim_will(&cancelled),
+            "came back and left again: cancelled"
+        );
+        assert!(b.claim_will(&kept), "nobody came back: sent");
+        assert!(!b.claim_will(&kept), "claimed once");
+        // Two wills of one client id (left by two connections): a connection cancels both.
+        let (w1, w2) = (will(&b, "c3", t0 + ten), will(&b, "c3", t0 + ten));
+        b.connect("acct", "c3", true, Duration::ZERO, t0);
+        assert!(!b.claim_will(&w1) && !b.claim_will(&w2));
+    }
+
     /// [MQTT-3.1.2-23]: a session whose expiry has passed is gone at that instant, not at the
     /// next sweep.
     #[test]
@@ -1677,6 +1851,10 @@ mod tests {
                 durable::Change::SetRetained { topic, message, .. } => {
                     format!("retained {topic} {}", message.is_some())
                 }
+                durable::Change::PutWill { id, will, .. } => {
+                    format!("will {} {id}", will.client_id)
+                }
+                durable::Change::DeleteWill { id, .. } => format!("will done {id}"),
             })
             .collect()
     }
@@ -1839,8 +2017,27 @@ mod tests {
                 ("acct".into(), loaded("r/1", now, None)),
                 ("acct".into(), loaded("r/2", now, Some(now - 1))),
             ],
+            wills: ["left", "live"]
+                .iter()
+                .enumerate()
+                .map(|(i, c)| durable::LoadedWill {
+                    account: "acct".into(),
+                    id: 50 + i as u64,
+                    at_ms: now + 10_000,
+                    will: durable::StoredWill {
+                        client_id: Arc::from(*c),
+                        certificate: Arc::from("cert"),
+                        message: msg("last/will", QoS::AtLeastOnce, false, b"gone"),
+                    },
+                })
+                .collect(),
         };
         let (b, log) = durable_broker(snapshot, clock);
+        let wills = b.take_restored_wills();
+        assert_eq!(wills.len(), 2);
+        assert!(b.take_restored_wills().is_empty(), "taken once");
+        assert_eq!(wills[0].at, clock.instant(now + 10_000));
+        assert_eq!(wills[0].certificate.as_deref(), Some("cert"));
         assert!(b.has_session("acct", "live") && b.has_session("acct", "left"));
         assert!(!b.has_session("acct", "gone"));
         assert!(b.retained_for("acct", "r/1", clock.now).is_some());
@@ -1860,6 +2057,10 @@ mod tests {
         )
         .unwrap();
         assert!(a.rx.try_recv().unwrap().seq > 43);
+        // `live` connected: its stored will is cancelled (and storage forgets it); `left`'s
+        // is still due.
+        assert!(!b.claim_will(&wills[1]));
+        assert!(b.claim_will(&wills[0]));
         b.journal().unwrap().close();
         let k = kinds(&log);
         for expected in [
@@ -1868,6 +2069,8 @@ mod tests {
             "ack live 41",
             "ack live 42",
             "delete left",
+            "will done 51",
+            "will done 50",
         ] {
             assert!(k.contains(&expected.to_string()), "{expected} in {k:?}");
         }

@@ -79,7 +79,7 @@ impl Endpoint {
 }
 
 /// Keep-alive ceiling on private endpoints (AWS: 230 s on VPC endpoints).
-pub const PRIVATE_KEEP_ALIVE_MAX: u16 = 230;
+pub use sekisho_session::PRIVATE_KEEP_ALIVE_MAX;
 
 /// (account, certificate id) → the connections (client id, epoch) authenticated with it.
 /// Live connections by (account, certificate id or access key id): the IAM caller behind them
@@ -102,6 +102,8 @@ pub struct Shared {
     pub config: GatewayConfig,
     /// Flips to true at shutdown.
     pub shutdown: watch::Receiver<bool>,
+    /// What every MQTT session is configured with (from `config`).
+    pub session: Arc<sekisho_session::Config>,
     by_cert: Mutex<ConnIndex>,
 }
 
@@ -121,9 +123,15 @@ impl Shared {
         config: GatewayConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Shared> {
+        let session = Arc::new(sekisho_session::Config {
+            aws: config.aws,
+            codec: config.codec_limits,
+            ..sekisho_session::Config::default()
+        });
         Arc::new(Shared {
             registry,
             broker,
+            session,
             config,
             shutdown,
             by_cert: Mutex::new(HashMap::new()),
@@ -296,8 +304,11 @@ pub async fn follow_changes(shared: Arc<Shared>) {
     }
 }
 
-/// Removes expired persistent sessions every few seconds.
+/// Schedules the delayed wills stored before a restart, then removes expired persistent
+/// sessions every few seconds.
 pub async fn sweep_sessions(shared: Arc<Shared>) {
+    // Delayed wills stored before a restart are due again.
+    conn::resume_wills(&shared);
     let mut shutdown = shared.shutdown.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {

@@ -15,7 +15,8 @@ use bytes::BytesMut;
 use rusqlite::{Connection, OptionalExtension, params};
 use sekisho_broker::Message;
 use sekisho_broker::durable::{
-    Change, Loaded, LoadedMessage, Snapshot, Storage, StorageError, StoredSession, WallClock,
+    Change, Loaded, LoadedMessage, LoadedWill, Snapshot, Storage, StorageError, StoredSession,
+    StoredWill, WallClock,
 };
 use sekisho_mqtt::{Packet, ProtocolVersion, PublishRef, QoS, SubscriptionOptions};
 
@@ -48,6 +49,16 @@ CREATE TABLE IF NOT EXISTS retained (
     expires_at_ms INTEGER,
     timestamp_ms INTEGER NOT NULL,
     PRIMARY KEY (account, topic)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS wills (
+    account TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    certificate TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    message BLOB NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    PRIMARY KEY (account, id)
 ) WITHOUT ROWID;
 ";
 
@@ -220,6 +231,45 @@ impl Storage for SqliteStorage {
                 ));
             }
         }
+        {
+            let mut st = self
+                .conn
+                .prepare(
+                    "SELECT account, id, client_id, certificate, at_ms, message, timestamp_ms \
+                     FROM wills ORDER BY id",
+                )
+                .map_err(err)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, Vec<u8>>(5)?,
+                        r.get::<_, i64>(6)?,
+                    ))
+                })
+                .map_err(err)?;
+            for row in rows {
+                let (account, id, client_id, certificate, at_ms, bytes, ts) = row.map_err(err)?;
+                let Ok(message) = decode_message(&bytes, ts.max(0) as u64) else {
+                    tracing::warn!(%account, %client_id, "a stored will cannot be read; skipped");
+                    continue;
+                };
+                snapshot.wills.push(LoadedWill {
+                    account,
+                    id: id.max(0) as u64,
+                    at_ms: at_ms.max(0) as u64,
+                    will: StoredWill {
+                        client_id: client_id.into(),
+                        certificate: certificate.into(),
+                        message: std::sync::Arc::new(message),
+                    },
+                });
+            }
+        }
         let mut st = self
             .conn
             .prepare("SELECT account, client_id, expiry_ms, subscriptions, disconnected_at_ms FROM sessions")
@@ -379,6 +429,37 @@ impl Storage for SqliteStorage {
                     .and_then(|mut s| s.execute(params![&**account, &**client_id, *seq as i64]))
                     .map_err(err)?;
                 }
+                Change::PutWill {
+                    account,
+                    id,
+                    at,
+                    will,
+                } => {
+                    let Ok(bytes) = encode_message(&will.message) else {
+                        skipped(c);
+                        continue;
+                    };
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO wills VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            &**account,
+                            *id as i64,
+                            &*will.client_id,
+                            &*will.certificate,
+                            clock.ms(*at) as i64,
+                            bytes,
+                            will.message.timestamp_ms as i64
+                        ])
+                    })
+                    .map_err(err)?;
+                }
+                Change::DeleteWill { account, id } => {
+                    tx.prepare_cached("DELETE FROM wills WHERE account = ?1 AND id = ?2")
+                        .and_then(|mut s| s.execute(params![&**account, *id as i64]))
+                        .map_err(err)?;
+                }
                 Change::SetRetained {
                     account,
                     topic,
@@ -470,6 +551,9 @@ mod tests {
                 retain_handling: 2,
             },
         )];
+        let mut will_message = (*message("last/will", b"gone", None)).clone();
+        will_message.properties.message_expiry_interval = Some(90);
+        let will_message = Arc::new(will_message);
         {
             let mut s = SqliteStorage::open(&path).unwrap();
             let expiring = message("t/2", b"two", Some(clock.now + Duration::from_secs(60)));
@@ -525,6 +609,30 @@ mod tests {
                         topic: Arc::from("r/2"),
                         message: None,
                     },
+                    Change::PutWill {
+                        account: a.clone(),
+                        id: 11,
+                        at: clock.now + Duration::from_secs(30),
+                        will: StoredWill {
+                            client_id: c.clone(),
+                            certificate: Arc::from("ab12"),
+                            message: will_message.clone(),
+                        },
+                    },
+                    Change::PutWill {
+                        account: a.clone(),
+                        id: 12,
+                        at: clock.now,
+                        will: StoredWill {
+                            client_id: c.clone(),
+                            certificate: Arc::from("ab12"),
+                            message: will_message.clone(),
+                        },
+                    },
+                    Change::DeleteWill {
+                        account: a.clone(),
+                        id: 12,
+                    },
                 ],
                 clock,
             )
@@ -556,6 +664,16 @@ mod tests {
         assert!(exp.abs_diff(clock.now_ms + 60_000) < 5, "{exp}");
         assert_eq!(snap.retained.len(), 1);
         assert_eq!(&snap.retained[0].1.message.payload[..], b"kept");
+        assert_eq!(snap.wills.len(), 1, "the deleted will is gone");
+        let w = &snap.wills[0];
+        assert_eq!((w.account.as_str(), w.id), ("111111111111", 11));
+        assert_eq!(
+            (&*w.will.client_id, &*w.will.certificate),
+            ("dev-1", "ab12")
+        );
+        assert!(w.at_ms.abs_diff(clock.now_ms + 30_000) < 5, "{}", w.at_ms);
+        assert_eq!(&w.will.message.payload[..], b"gone");
+        assert_eq!(w.will.message.properties.message_expiry_interval, Some(90));
 
         // Left: the time it was left is recorded, and kept when the session is written again.
         let later = WallClock {
