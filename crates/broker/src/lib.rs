@@ -195,9 +195,18 @@ impl BrokerConfig {
     }
 }
 
-/// The bytes a message holds in memory for quota purposes.
-fn weight(m: &Message) -> u64 {
-    (m.topic.len() + m.payload.len()) as u64
+/// The bytes a message holds for quota purposes: its topic, payload and the properties it
+/// carries (so that user properties and correlation data do not ride free).
+pub fn weight(m: &Message) -> u64 {
+    let p = &m.properties;
+    let props = p.content_type.as_ref().map_or(0, |s| s.len())
+        + p.response_topic.as_ref().map_or(0, |s| s.len())
+        + p.correlation_data.as_ref().map_or(0, |b| b.len())
+        + p.user_properties
+            .iter()
+            .map(|u| u.key.len() + u.value.len())
+            .sum::<usize>();
+    (m.topic.len() + m.payload.len() + props) as u64
 }
 
 struct Conn {
@@ -212,6 +221,8 @@ struct Session {
     stored: bool,
     subscriptions: HashMap<String, SubscriptionOptions>,
     conn: Option<Conn>,
+    /// The epoch of the last connection attached to it.
+    epoch: u64,
     expiry: Duration,
     disconnected_at: Option<Instant>,
     queue: VecDeque<Delivery>,
@@ -256,8 +267,9 @@ struct AccountState {
     subscribes: Option<throttle::Bucket>,
     publishes: Option<throttle::Bucket>,
     client_connects: HashMap<String, throttle::Bucket>,
-    /// Delayed wills waiting, by client id: a connection of the client id cancels them.
-    wills: HashMap<String, Vec<u64>>,
+    /// Delayed wills waiting, by client id: (id, whether stored, the sender whose drop tells
+    /// the waiting task it was cancelled). A connection of the client id cancels them.
+    wills: HashMap<String, Vec<(u64, bool, oneshot::Sender<()>)>>,
 }
 
 /// Storage forgets a stored delivery (acknowledged, expired or given up).
@@ -415,7 +427,7 @@ pub struct Broker {
 
 /// A will that waits for its Will Delay Interval (or its session's end, if sooner). Any
 /// connection of its client id before it is due cancels it ([`Broker::claim_will`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct DelayedWill {
     /// Its id (for [`Broker::will_done`]).
     pub id: u64,
@@ -426,19 +438,25 @@ pub struct DelayedWill {
     /// The certificate that connection authenticated with (`None`: an IAM principal; such a
     /// will is not stored, as its credentials are not).
     pub certificate: Option<String>,
+    /// The connection that left it (0 for a will loaded from storage).
+    pub epoch: u64,
     /// When it is due.
     pub at: Instant,
     /// The message: `expires_at` unset, its Message Expiry Interval (from publication) in its
     /// properties. [`DelayedWill::message`] makes the message to publish.
     pub template: Message,
+    /// For a will loaded from storage: resolves when a connection of its client id cancels it
+    /// (a deferred will gets its own from [`Broker::defer_will`]).
+    pub cancelled: Option<oneshot::Receiver<()>>,
 }
 
 impl DelayedWill {
-    /// The message, published at `now` (its expiry counts from then).
-    pub fn message(&self, now: Instant) -> Message {
+    /// The message, published at `now` (its expiry counts from then), stamped `timestamp_ms`.
+    pub fn message(&self, now: Instant, timestamp_ms: u64) -> Message {
         let mut m = self.template.clone();
         let expiry = m.properties.message_expiry_interval.take();
         m.expires_at = expiry.map(|e| now + Duration::from_secs(u64::from(e)));
+        m.timestamp_ms = timestamp_ms;
         m
     }
 }
@@ -465,20 +483,27 @@ impl Broker {
     }
 
     /// Holds a delayed will until it is due: stored, for a certificate principal on a durable
-    /// broker, so that it survives a restart. Returns its id (set in `will.id`).
-    pub fn defer_will(&self, will: &mut DelayedWill) -> u64 {
+    /// broker, so that it survives a restart. Sets `will.id`; returns what resolves when a
+    /// connection of the client id cancels it, or `None` if one already has (a connection
+    /// newer than `will.epoch`, such as the one that took the session over).
+    pub fn defer_will(&self, will: &mut DelayedWill) -> Option<oneshot::Receiver<()>> {
         will.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
-        inner
+        let acct = inner
             .entry(will.account.clone())
-            .or_insert_with(|| AccountState::new(&will.account))
-            .wills
-            .entry(will.client_id.clone())
-            .or_default()
-            .push(will.id);
+            .or_insert_with(|| AccountState::new(&will.account));
+        let newer = acct
+            .by_client
+            .get(&will.client_id)
+            .and_then(|id| acct.sessions.get(id))
+            .is_some_and(|s| s.epoch > will.epoch);
+        if newer {
+            return None;
+        }
+        let stored = self.journal.is_some() && will.certificate.is_some();
         if let (Some(j), Some(cert)) = (&self.journal, &will.certificate) {
             j.record_quietly(durable::Change::PutWill {
-                account: Arc::from(will.account.as_str()),
+                account: acct.name.clone(),
                 id: will.id,
                 at: will.at,
                 will: durable::StoredWill {
@@ -488,33 +513,44 @@ impl Broker {
                 },
             });
         }
-        will.id
+        let (wake, cancelled) = oneshot::channel();
+        acct.wills
+            .entry(will.client_id.clone())
+            .or_default()
+            .push((will.id, stored, wake));
+        Some(cancelled)
     }
 
     /// A delayed will is due: true if it is still to be sent, false if a connection of its
-    /// client id cancelled it meanwhile ([MQTT-3.1.3-9]). Either way storage forgets it.
+    /// client id cancelled it meanwhile, or the client id is connected now ([MQTT-3.1.3-9]).
+    /// Either way storage forgets it.
     pub fn claim_will(&self, will: &DelayedWill) -> bool {
         let mut inner = self.lock();
         let Some(acct) = inner.get_mut(&will.account) else {
             return false;
         };
-        let Some(ids) = acct.wills.get_mut(&will.client_id) else {
+        let Some(wills) = acct.wills.get_mut(&will.client_id) else {
             return false;
         };
-        let Some(i) = ids.iter().position(|id| *id == will.id) else {
+        let Some(i) = wills.iter().position(|(id, _, _)| *id == will.id) else {
             return false;
         };
-        ids.swap_remove(i);
-        if ids.is_empty() {
+        let (_, stored, _) = wills.swap_remove(i);
+        if wills.is_empty() {
             acct.wills.remove(&will.client_id);
         }
-        if let (Some(j), Some(_)) = (&self.journal, &will.certificate) {
+        if let Some(j) = self.journal.as_deref().filter(|_| stored) {
             j.record_quietly(durable::Change::DeleteWill {
                 account: acct.name.clone(),
                 id: will.id,
             });
         }
-        true
+        let connected = acct
+            .by_client
+            .get(&will.client_id)
+            .and_then(|id| acct.sessions.get(id))
+            .is_some_and(|s| s.conn.is_some());
+        !connected
     }
 
     /// The delayed wills loaded from storage at start-up (once: the caller schedules them).
@@ -639,6 +675,7 @@ impl Broker {
                         stored: true,
                         subscriptions,
                         conn: None,
+                        epoch: 0,
                         expiry: l.session.expiry,
                         disconnected_at: Some(left),
                         queue,
@@ -649,20 +686,23 @@ impl Broker {
         let mut wills = Vec::with_capacity(snapshot.wills.len());
         for w in snapshot.wills {
             max_seq = max_seq.max(w.id);
+            let (wake, cancelled) = oneshot::channel();
             b.lock()
                 .entry(w.account.clone())
                 .or_insert_with(|| AccountState::new(&w.account))
                 .wills
                 .entry(w.will.client_id.to_string())
                 .or_default()
-                .push(w.id);
+                .push((w.id, true, wake));
             wills.push(DelayedWill {
                 id: w.id,
                 account: w.account,
                 client_id: w.will.client_id.to_string(),
                 certificate: Some(w.will.certificate.to_string()),
+                epoch: 0,
                 at: clock.instant(w.at_ms),
                 template: (*w.will.message).clone(),
+                cancelled: Some(cancelled),
             });
         }
         b.restored_wills = Mutex::new(wills);
@@ -794,15 +834,18 @@ impl Broker {
         let acct = inner
             .entry(account.to_owned())
             .or_insert_with(|| AccountState::new(account));
-        // A connection of the client id cancels its delayed wills ([MQTT-3.1.3-9]).
-        if let Some(ids) = acct.wills.remove(client_id)
-            && let Some(j) = &self.journal
-        {
-            for id in ids {
-                j.record_quietly(durable::Change::DeleteWill {
-                    account: acct.name.clone(),
-                    id,
-                });
+        // A connection of the client id cancels its delayed wills ([MQTT-3.1.3-9]), durably
+        // before its CONNACK (else a crash could bring a cancelled will back). Dropping their
+        // senders wakes the tasks that hold them.
+        let mut cancelled = 0;
+        if let Some(wills) = acct.wills.remove(client_id) {
+            for (id, stored, _wake) in wills {
+                if let Some(j) = self.journal.as_deref().filter(|_| stored) {
+                    cancelled = j.record(durable::Change::DeleteWill {
+                        account: acct.name.clone(),
+                        id,
+                    });
+                }
             }
         }
         let existing = acct.by_client.get(client_id).copied();
@@ -847,7 +890,9 @@ impl Broker {
                     replay.push_back(d);
                 }
                 s.conn = Some(conn);
-                let ticket = record_session(self.journal.as_deref(), &acct.name, s, true);
+                s.epoch = epoch;
+                let ticket =
+                    record_session(self.journal.as_deref(), &acct.name, s, true).max(cancelled);
                 Attached {
                     session: id,
                     epoch,
@@ -867,13 +912,15 @@ impl Broker {
                     stored: self.journal.is_some() && !expiry.is_zero(),
                     subscriptions: HashMap::new(),
                     conn: Some(conn),
+                    epoch,
                     expiry,
                     disconnected_at: None,
                     queue: VecDeque::new(),
                 };
                 // Waiting for the new session's write waits for the deletion before it too.
-                let ticket =
-                    record_session(self.journal.as_deref(), &acct.name, &session, true).max(ended);
+                let ticket = record_session(self.journal.as_deref(), &acct.name, &session, true)
+                    .max(ended)
+                    .max(cancelled);
                 acct.sessions.insert(id, session);
                 acct.by_client.insert(client_id.to_owned(), id);
                 Attached {
@@ -1634,10 +1681,12 @@ mod tests {
             account: "acct".into(),
             client_id: client_id.into(),
             certificate: Some("cert".into()),
+            epoch: 0,
             at,
             template: (*msg("last/will", QoS::AtLeastOnce, false, b"gone")).clone(),
+            cancelled: None,
         };
-        b.defer_will(&mut w);
+        w.cancelled = b.defer_will(&mut w);
         w
     }
 
@@ -1667,10 +1716,45 @@ mod tests {
         );
         assert!(b.claim_will(&kept), "nobody came back: sent");
         assert!(!b.claim_will(&kept), "claimed once");
-        // Two wills of one client id (left by two connections): a connection cancels both.
-        let (w1, w2) = (will(&b, "c3", t0 + ten), will(&b, "c3", t0 + ten));
-        b.connect("acct", "c3", true, Duration::ZERO, t0);
+        // Two wills of one client id (left by two connections): a connection cancels both,
+        // and the tasks holding them hear it at once.
+        let (mut w1, w2) = (will(&b, "c3", t0 + ten), will(&b, "c3", t0 + ten));
+        assert!(
+            w1.cancelled
+                .as_mut()
+                .unwrap()
+                .try_recv()
+                .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Empty)
+        );
+        let c3 = b.connect("acct", "c3", true, Duration::ZERO, t0);
+        assert!(
+            w1.cancelled
+                .as_mut()
+                .unwrap()
+                .try_recv()
+                .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Closed)
+        );
         assert!(!b.claim_will(&w1) && !b.claim_will(&w2));
+        b.disconnect("acct", c3.session, c3.epoch, None, Vec::new(), None, t0);
+
+        // A will deferred after a newer connection took the session over (the old
+        // connection's end is slow) is cancelled at once.
+        let old = b.connect("acct", "c4", false, ten, t0);
+        let new = b.connect("acct", "c4", false, ten, t0);
+        let mut late = DelayedWill {
+            epoch: old.epoch,
+            ..will(&b, "other", t0 + ten)
+        };
+        late.client_id = "c4".into();
+        assert!(b.defer_will(&mut late).is_none(), "taken over: cancelled");
+        // And one due while its client id is connected is not sent.
+        let mut due = DelayedWill {
+            epoch: new.epoch,
+            ..will(&b, "other", t0 + ten)
+        };
+        due.client_id = "c4".into();
+        assert!(b.defer_will(&mut due).is_some());
+        assert!(!b.claim_will(&due), "c4 is connected");
     }
 
     /// [MQTT-3.1.2-23]: a session whose expiry has passed is gone at that instant, not at the

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use sekisho_broker::throttle::Throttled;
-use sekisho_broker::{Attached, Blocked, DelayedWill, Kick, Message, PublishError, SessionId};
+use sekisho_broker::{
+    Attached, Blocked, DelayedWill, Kick, Message, PublishError, SessionId, weight,
+};
 use sekisho_mqtt::{QoS, SubscriptionOptions};
 use sekisho_session::{
     Admission, Attachment, DueWill, End, Env, Handshake, HandshakeStep, Published, Rates, Refusal,
@@ -474,17 +476,14 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(0) | Err(_) => return End::ConnectionLost,
                     Ok(n) => n,
                 };
-                match session.on_read(n, Instant::now(), port) {
-                    Err(e) => return e,
-                    // AWS's 512 KiB/s per connection: past it, reading waits (after what was
-                    // read is acknowledged).
-                    Ok(wait) if !wait.is_zero() => {
-                        if let Err(e) = flush(shared, stream, session, port).await {
-                            return e;
-                        }
-                        tokio::time::sleep(wait).await;
-                    }
-                    Ok(_) => {}
+                // AWS's 512 KiB/s per connection: past it, what was read waits before it is
+                // handled (and acknowledged), and nothing more is read meanwhile.
+                let wait = session.on_read(n, Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                if let Err(e) = session.drain(Instant::now(), port) {
+                    return e;
                 }
             }
             d = attached.rx.recv(), if can_deliver => {
@@ -548,7 +547,7 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
     );
     tracing::debug!(client_id = %port.client_id, reason = end.lifecycle(), "disconnected");
     if let Some(w) = closed.will.take() {
-        publish_will(shared, &port, w);
+        publish_will(shared, &port, w, attached.epoch);
     }
     events::disconnected(&shared.broker, &port.event_source(), end.lifecycle());
 }
@@ -556,7 +555,7 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
 /// Publishes a will the session authorized when the connection ended: now, or when its delay
 /// is over (held by the broker meanwhile, stored for a certificate principal, and cancelled by
 /// a connection of the client id).
-fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill) {
+fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill, epoch: u64) {
     let now = Instant::now();
     if w.at <= now {
         let broker = shared.broker.clone();
@@ -583,21 +582,30 @@ fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill) {
         account: port.account.to_string(),
         client_id: port.client_id.to_string(),
         certificate: port.certificate.as_ref().map(|c| c.to_string()),
+        epoch,
         at: w.at,
         template,
+        cancelled: None,
     };
-    shared.broker.defer_will(&mut will);
-    schedule_will(shared.clone(), will, later);
+    // None: a newer connection of the client id (one that took the session over while this
+    // one was ending) has cancelled it already.
+    will.cancelled = shared.broker.defer_will(&mut will);
+    if will.cancelled.is_some() {
+        schedule_will(shared.clone(), will, later);
+    }
 }
 
 /// Sends a delayed will when it is due, unless a connection of its client id cancelled it
 /// meanwhile ([MQTT-3.1.3-9]) or its principal may no longer publish it. Its bytes count
 /// against the account's offline quota while it waits, as queued messages do.
-fn schedule_will(shared: Arc<Shared>, will: DelayedWill, mut principal: Principal) {
+fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Principal) {
     let broker = shared.broker.clone();
     let Some(reservation) = broker.reserve_offline(&will.account, weight(&will.template)) else {
         tracing::info!(client_id = %will.client_id, "offline quota full; delayed will dropped");
         broker.claim_will(&will);
+        return;
+    };
+    let Some(mut cancelled) = will.cancelled.take() else {
         return;
     };
     tokio::spawn(async move {
@@ -605,6 +613,8 @@ fn schedule_will(shared: Arc<Shared>, will: DelayedWill, mut principal: Principa
         let mut shutdown = shared.shutdown.clone();
         tokio::select! {
             _ = tokio::time::sleep_until(will.at.into()) => {}
+            // A connection of the client id: the will, its bytes and its quota go now.
+            _ = &mut cancelled => return,
             // Kept in storage for the next start.
             _ = shutdown.changed() => return,
         }
@@ -620,14 +630,11 @@ fn schedule_will(shared: Arc<Shared>, will: DelayedWill, mut principal: Principa
             return;
         }
         let now = Instant::now();
-        if let Ok(routed) = broker.publish(&will.account, Arc::new(will.message(now)), now) {
+        let message = Arc::new(will.message(now, events::now_ms()));
+        if let Ok(routed) = broker.publish(&will.account, message, now) {
             wait_for_room(&broker, &will.account, routed.blocked).await;
         }
     });
-}
-
-fn weight(m: &Message) -> u64 {
-    (m.topic.len() + m.payload.len()) as u64
 }
 
 /// Schedules the delayed wills stored before a restart, each authorized with its certificate's
@@ -647,7 +654,12 @@ pub(crate) fn resume_wills(shared: &Arc<Shared>) {
             None,
         );
         match made {
-            Ok(principal) => schedule_will(shared.clone(), will, principal),
+            Ok(mut principal) => {
+                // What its connection declared (a delayed will needs a persistent session).
+                principal.ctx.connect_attributes =
+                    vec!["PersistentConnect".to_string(), "LastWill".to_string()];
+                schedule_will(shared.clone(), will, principal)
+            }
             Err(e) => {
                 tracing::info!(client_id = %will.client_id, error = %e, "stored will's certificate no longer usable; not published");
                 shared.broker.claim_will(&will);

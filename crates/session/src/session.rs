@@ -103,11 +103,6 @@ impl DueWill {
             timestamp_ms,
         }
     }
-
-    /// Bytes it holds (counted against the account's offline quota while it waits).
-    pub fn weight(&self) -> u64 {
-        (self.topic.len() + self.payload.len()) as u64
-    }
 }
 
 /// What is left to do when a session has ended.
@@ -270,18 +265,16 @@ impl Session {
         self.can_deliver() && self.out.len() < BATCH_BYTES
     }
 
-    /// `n` bytes were read into [`Session::read_buf`] at `now`: handles every whole packet.
-    /// Returns how long the driver must wait before reading again (AWS's 512 KiB/s per
+    /// `n` bytes were read into [`Session::read_buf`] at `now`. Returns how long the driver
+    /// must wait before it handles them with [`Session::drain`] (AWS's 512 KiB/s per
     /// connection delays, it does not drop).
-    pub fn on_read(&mut self, n: usize, now: Instant, env: &mut impl Env) -> Result<Duration, End> {
+    pub fn on_read(&mut self, n: usize, now: Instant) -> Duration {
         self.last_recv = now;
         self.last_io = now;
-        let wait = self.byte_rate.spend(now, n as u64);
-        self.drain(now, env)?;
-        Ok(wait)
+        self.byte_rate.spend(now, n as u64)
     }
 
-    /// Handles packets already buffered (those behind CONNECT).
+    /// Handles every whole packet read (and those buffered behind CONNECT).
     pub fn drain(&mut self, now: Instant, env: &mut impl Env) -> Result<(), End> {
         loop {
             match decode(&mut self.rbuf, self.version, &self.config.codec) {
