@@ -5,6 +5,8 @@
 #
 #   bench/compare.sh              full run (about 10 minutes)
 #   SCALE=small bench/compare.sh  quick pass with small counts
+#   ONLY=rate bench/compare.sh    just the fixed 10,000 msg/s runs (QoS 0 and 1), each broker
+#                                 on a fresh process; prints them, leaves BENCHMARKS.md alone
 #
 # Both brokers do TLS with required client certificates and authorize every message:
 # Sekisho with one IoT policy using ${iot:Connection.Thing.ThingName}; Mosquitto with
@@ -32,6 +34,7 @@ if [ ${#KEEP[@]} -lt ${#IDLE[@]} ]; then
 fi
 IDLE=("${KEEP[@]}")
 MAXDEV=$STORM; for n in "${IDLE[@]}"; do [ $n -gt $MAXDEV ] && MAXDEV=$n; done; [ $MAXDEV -lt 120 ] && MAXDEV=120
+[ "${ONLY:-}" = rate ] && MAXDEV=120
 
 command -v mosquitto >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
 systemctl stop mosquitto 2>/dev/null || true
@@ -44,6 +47,13 @@ source bench/lib.sh
 scenarios() { # name pid certs-dir ca host
   local name=$1 pid=$2 certs=$3 ca=$4 host=$5 port=$6
   local common=(--addr 127.0.0.1:$port --host "$host" --ca "$ca" --certs "$certs")
+  # At a fixed, realistic rate (10 publishers to 10 subscribers, 1,000 msg/s each): latency and
+  # broker CPU per delivered message, where per-message cost is not hidden by batching.
+  rate() {
+    $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 0 --duration $DUR --rate 10000 --broker-pid $pid > "$OUT/$name-latency.json"
+    $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 1 --duration $DUR --rate 10000 --broker-pid $pid > "$OUT/$name-latency-qos1.json"
+  }
+  if [ "${ONLY:-}" = rate ]; then echo "== $name: 10,000 msg/s, QoS 0 and 1"; rate; return; fi
   # Idle memory first, on a fresh process: after a storm, freed-but-kept heap would be reused
   # by the idle connections and hide part of their cost (seen in run 20261122T234750Z).
   for n in "${IDLE[@]}"; do
@@ -56,7 +66,7 @@ scenarios() { # name pid certs-dir ca host
   $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 0 --duration $DUR --broker-pid $pid > "$OUT/$name-p2p-qos0.json"
   $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 1 --duration $DUR --broker-pid $pid > "$OUT/$name-p2p-qos1.json"
   $BENCH pubsub "${common[@]}" --publishers 1 --subscribers 100 --topics shared --qos 0 --duration $DUR --broker-pid $pid > "$OUT/$name-fanout.json"
-  $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 0 --duration $DUR --rate 10000 --broker-pid $pid > "$OUT/$name-latency.json"
+  rate
   echo "== $name: QoS 1 to persistent sessions"
   $BENCH pubsub "${common[@]}" --publishers 10 --subscribers 10 --qos 1 --persistent --duration $DUR --broker-pid $pid > "$OUT/$name-persistent-qos1.json"
 }
@@ -101,6 +111,19 @@ MQPID=$!
 wait_port 18884 || { echo "mosquitto did not start:"; cat "$WORK/mosquitto.log"; exit 1; }
 scenarios mosquitto $MQPID "$WORK/mq-certs" "$MQ/ca.pem" localhost 18884
 kill -TERM $MQPID; wait $MQPID || true
+if [ "${ONLY:-}" = rate ]; then
+  python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for q in ("latency", "latency-qos1"):
+    for b in ("sekisho", "mosquitto"):
+        d = json.loads((out / f"{b}-{q}.json").read_text())
+        print(f"{q:13} {b:9} delivered/s {d['delivered_per_s']:8.0f}  CPU s/M {d['broker_cpu_s_per_million_delivered']:6.2f}"
+              f"  p50 {d['latency_us']['p50']:6.0f} us  p99 {d['latency_us']['p99']:6.0f} us  lost {d['lost']}")
+PY
+  exit 0
+fi
 
 # --- rumqttd, where it builds (it has no topic authorization at all) ----------------------
 RUMQTTD=$(command -v rumqttd || echo "$HOME/.cargo/bin/rumqttd")
