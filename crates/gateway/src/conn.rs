@@ -245,53 +245,62 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     info: ConnInfo,
 ) {
-    // CONNECT first, within its deadline. Transient states are boxed so that they do not
-    // inflate the connection task, which lives (and holds its size) as long as the connection.
-    let first = Box::pin(async {
-        let mut hs = Handshake::new(&shared.session, Instant::now());
-        loop {
-            match hs.poll(&shared.session, Instant::now()) {
-                HandshakeStep::Wait => {}
-                other => return other,
-            }
-            let deadline = tokio::time::Instant::from(hs.deadline());
-            match tokio::time::timeout_at(deadline, stream.read_buf(hs.read_buf())).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return HandshakeStep::Drop("closed before CONNECT"),
-                Ok(Ok(_)) | Err(_) => {}
-            }
+    // Everything before the session is active runs in its own allocation, freed when the
+    // session starts: the connection's task keeps its size for the connection's life, so it
+    // holds only what the session needs.
+    let Some((mut session, mut port, mut attached)) =
+        Box::pin(open(&shared, &mut stream, &info)).await
+    else {
+        return;
+    };
+    let end = run(&shared, &mut stream, &mut session, &mut port, &mut attached).await;
+    Box::pin(finish(&shared, end, &mut stream, session, port, attached)).await;
+}
+
+/// CONNECT within its deadline, AWS's rules, the principal and its authorization, and the
+/// broker session: the active session, or `None` when the connection was refused or dropped
+/// (the refusal written).
+async fn open<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    stream: &mut S,
+    info: &ConnInfo,
+) -> Option<(Session, Port, Attached)> {
+    let mut hs = Handshake::new(&shared.session, Instant::now());
+    let step = loop {
+        match hs.poll(&shared.session, Instant::now()) {
+            HandshakeStep::Wait => {}
+            other => break other,
         }
-    })
-    .await;
-    let (connect, rbuf) = match first {
+        let deadline = tokio::time::Instant::from(hs.deadline());
+        match tokio::time::timeout_at(deadline, stream.read_buf(hs.read_buf())).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break HandshakeStep::Drop("closed before CONNECT"),
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    };
+    let (connect, rbuf) = match step {
         HandshakeStep::Connect(c, rest) => (c, rest),
         HandshakeStep::Refuse(mut out) => {
             tracing::info!(peer = %info.peer, "unsupported MQTT protocol level");
-            write_all(&mut stream, &mut out).await;
-            return;
+            write_all(stream, &mut out).await;
+            return None;
         }
         HandshakeStep::Drop(why) => {
             tracing::info!(peer = %info.peer, why, "connection dropped before CONNECT");
-            return;
+            return None;
         }
-        HandshakeStep::Wait => return,
+        HandshakeStep::Wait => return None,
     };
-    // Moving out of the box does not free it; the block does (else its bytes would stay for
-    // the connection's life).
-    let accepted = {
-        let connect = connect;
-        accept(&shared, connect, &info)
-    };
-    let (admission, mut port) = match accepted {
-        Ok(a) => a,
+    match accept(shared, connect, info) {
+        Ok((admission, mut port)) => {
+            let (session, attached) = attach(shared, admission, rbuf, &mut port, info);
+            Some((session, port, attached))
+        }
         Err(refusal) => {
             tracing::info!(peer = %info.peer, code = refusal.code, why = %refusal.why, "CONNECT refused");
-            write_all(&mut stream, &mut refusal.connack()).await;
-            return;
+            write_all(stream, &mut refusal.connack()).await;
+            None
         }
-    };
-    let (mut session, mut attached) = attach(&shared, admission, rbuf, &mut port, &info);
-    let end = run(&shared, &mut stream, &mut session, &mut port, &mut attached).await;
-    Box::pin(finish(&shared, end, &mut stream, session, port, attached)).await;
+    }
 }
 
 /// Applies AWS's CONNECT rules, makes the principal and authorizes the connection.

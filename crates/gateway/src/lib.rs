@@ -104,6 +104,8 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// What every MQTT session is configured with (from `config`).
     pub session: Arc<sekisho_session::Config>,
+    /// The threads device connections run on (unset: the caller's runtime).
+    pub threads: std::sync::OnceLock<Arc<ConnThreads>>,
     by_cert: Mutex<ConnIndex>,
 }
 
@@ -132,6 +134,7 @@ impl Shared {
             registry,
             broker,
             session,
+            threads: std::sync::OnceLock::new(),
             config,
             shutdown,
             by_cert: Mutex::new(HashMap::new()),
@@ -378,7 +381,8 @@ async fn accept_loop<F, Fut>(
             handler.clone(),
             endpoint.clone(),
         );
-        tokio::spawn(async move {
+        let threads = shared.threads.get().cloned();
+        let serve = async move |tcp: tokio::net::TcpStream| {
             let slot = Arc::new(permit);
             let deadline = shared.config.handshake_timeout;
             // The task keeps its size for the connection's life: the handshake's state (about
@@ -401,7 +405,66 @@ async fn accept_loop<F, Fut>(
                 },
             )
             .await;
-        });
+        };
+        match threads {
+            // The socket moves to the reactor of the thread that serves it.
+            Some(t) => match tcp.into_std() {
+                Ok(std) => t.spawn(async move {
+                    if let Ok(tcp) = tokio::net::TcpStream::from_std(std) {
+                        serve(tcp).await;
+                    }
+                }),
+                Err(e) => tracing::warn!(%peer, error = %e, "could not hand the connection over"),
+            },
+            None => {
+                tokio::spawn(serve(tcp));
+            }
+        }
+    }
+}
+
+/// Single-threaded runtimes, one per core, that device connections run on (each connection on
+/// one of them, round robin): a connection's socket, timers and task stay on one thread, and a
+/// delivery wakes another thread only when its subscriber lives there. On a multi-threaded
+/// runtime every wake-up could also wake an idle worker to steal work, which at realistic
+/// rates (a message now and then per connection) cost more CPU than the messages themselves
+/// (BENCHMARKS.md, issue 12).
+pub struct ConnThreads {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for ConnThreads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnThreads")
+            .field("threads", &self.handles.len())
+            .finish()
+    }
+}
+
+impl ConnThreads {
+    /// Starts `n` threads (at least one), each running a single-threaded runtime until the
+    /// process ends.
+    pub fn start(n: usize) -> std::io::Result<Arc<ConnThreads>> {
+        let mut handles = Vec::with_capacity(n.max(1));
+        for i in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("devices-{i}"))
+                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+        }
+        Ok(Arc::new(ConnThreads {
+            handles,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }))
+    }
+
+    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(&self, f: F) {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.handles.len();
+        self.handles[i].spawn(f);
     }
 }
 

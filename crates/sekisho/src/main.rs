@@ -280,6 +280,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         gateway_config,
         shutdown_rx.clone(),
     );
+    // Device connections run on one single-threaded runtime per core (ConnThreads).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let _ = shared
+        .threads
+        .set(sekisho_gateway::ConnThreads::start(cores)?);
     let api_state = Arc::new(sekisho_api::ApiState {
         registry: registry.clone(),
         broker: broker.clone(),

@@ -43,7 +43,8 @@ pub struct Session {
     session_expiry: Duration,
     session_expiry_zero_at_connect: bool,
     keep_alive: Duration,
-    will: Option<sekisho_mqtt::Will>,
+    /// Boxed: most connections have none, and a `Will` is large.
+    will: Option<Box<sekisho_mqtt::Will>>,
     /// When the connection must end regardless (WebSocket: 24 h, or its credentials' expiry).
     deadline: Option<Instant>,
     inflight: HashMap<u16, Delivery>,
@@ -160,7 +161,7 @@ impl Session {
             session_expiry: admission.session_expiry,
             session_expiry_zero_at_connect: admission.session_expiry.is_zero(),
             keep_alive: admission.keep_alive,
-            will: c.will,
+            will: c.will.map(Box::new),
             deadline,
             inflight: HashMap::new(),
             next_pid: 1,
@@ -734,7 +735,7 @@ impl Session {
                 .filter(|d| d.qos == QoS::AtLeastOnce),
         );
         let will = match self.will.take() {
-            Some(w) if end.sends_will() => self.authorize_will(w, now, env),
+            Some(w) if end.sends_will() => self.authorize_will(*w, now, env),
             _ => None,
         };
         Closed {
