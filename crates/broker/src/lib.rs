@@ -483,21 +483,24 @@ impl Broker {
     }
 
     /// Holds a delayed will until it is due: stored, for a certificate principal on a durable
-    /// broker, so that it survives a restart. Sets `will.id`; returns what resolves when a
-    /// connection of the client id cancels it, or `None` if one already has (a connection
-    /// newer than `will.epoch`, such as the one that took the session over).
+    /// broker, so that it survives a restart. Call it after [`Broker::disconnect`] of the
+    /// connection that leaves it (a delayed will needs a persistent session, which outlives
+    /// that). Sets `will.id`; returns what resolves when a connection of the client id
+    /// cancels it, or `None` if one already has: a connection newer than `will.epoch` holds
+    /// the session (it took it over while this one was ending), or the session is gone (a
+    /// clean-start connection ended it).
     pub fn defer_will(&self, will: &mut DelayedWill) -> Option<oneshot::Receiver<()>> {
         will.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
         let acct = inner
             .entry(will.account.clone())
             .or_insert_with(|| AccountState::new(&will.account));
-        let newer = acct
+        let superseded = acct
             .by_client
             .get(&will.client_id)
             .and_then(|id| acct.sessions.get(id))
-            .is_some_and(|s| s.epoch > will.epoch);
-        if newer {
+            .is_none_or(|s| s.epoch > will.epoch);
+        if superseded {
             return None;
         }
         let stored = self.journal.is_some() && will.certificate.is_some();
@@ -829,8 +832,9 @@ impl Broker {
     ) -> Attached {
         let (tx, rx) = mpsc::channel(self.config.queue_capacity);
         let (kick_tx, kick_rx) = oneshot::channel();
-        let epoch = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
+        // Under the lock: a later epoch is a later attachment to the client id.
+        let epoch = self.next_id.fetch_add(1, Ordering::Relaxed);
         let acct = inner
             .entry(account.to_owned())
             .or_insert_with(|| AccountState::new(account));
@@ -1675,18 +1679,24 @@ mod tests {
         assert!(!b.has_session("acct", "c1"));
     }
 
-    fn will(b: &Broker, client_id: &str, at: Instant) -> DelayedWill {
+    /// A persistent session for `client_id` that its connection has left, and the delayed
+    /// will that connection deferred.
+    fn left_with_will(b: &Broker, client_id: &str, at: Instant) -> DelayedWill {
+        let ten = Duration::from_secs(10);
+        let a = b.connect("acct", client_id, false, ten, at);
+        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, at);
         let mut w = DelayedWill {
             id: 0,
             account: "acct".into(),
             client_id: client_id.into(),
             certificate: Some("cert".into()),
-            epoch: 0,
-            at,
+            epoch: a.epoch,
+            at: at + ten,
             template: (*msg("last/will", QoS::AtLeastOnce, false, b"gone")).clone(),
             cancelled: None,
         };
         w.cancelled = b.defer_will(&mut w);
+        assert!(w.cancelled.is_some());
         w
     }
 
@@ -1694,12 +1704,11 @@ mod tests {
     /// even one that has ended again before the will is due.
     #[test]
     fn a_later_connection_cancels_a_delayed_will() {
+        use tokio::sync::oneshot::error::TryRecvError;
         let b = Broker::new(BrokerConfig::default());
         let t0 = Instant::now();
         let ten = Duration::from_secs(10);
-        let a = b.connect("acct", "c1", false, ten, t0);
-        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, t0);
-        let (kept, cancelled) = (will(&b, "c2", t0 + ten), will(&b, "c1", t0 + ten));
+        let (kept, cancelled) = (left_with_will(&b, "c2", t0), left_with_will(&b, "c1", t0));
         let again = b.connect("acct", "c1", false, ten, t0);
         b.disconnect(
             "acct",
@@ -1716,43 +1725,54 @@ mod tests {
         );
         assert!(b.claim_will(&kept), "nobody came back: sent");
         assert!(!b.claim_will(&kept), "claimed once");
-        // Two wills of one client id (left by two connections): a connection cancels both,
-        // and the tasks holding them hear it at once.
-        let (mut w1, w2) = (will(&b, "c3", t0 + ten), will(&b, "c3", t0 + ten));
-        assert!(
-            w1.cancelled
-                .as_mut()
-                .unwrap()
-                .try_recv()
-                .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Empty)
-        );
+
+        // The task holding a will hears of its cancellation at once.
+        let mut w = left_with_will(&b, "c3", t0);
+        let rx = w.cancelled.as_mut().unwrap();
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
         let c3 = b.connect("acct", "c3", true, Duration::ZERO, t0);
-        assert!(
-            w1.cancelled
-                .as_mut()
-                .unwrap()
-                .try_recv()
-                .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Closed)
-        );
-        assert!(!b.claim_will(&w1) && !b.claim_will(&w2));
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Closed));
+        assert!(!b.claim_will(&w));
         b.disconnect("acct", c3.session, c3.epoch, None, Vec::new(), None, t0);
 
         // A will deferred after a newer connection took the session over (the old
-        // connection's end is slow) is cancelled at once.
+        // connection's end is slow) is cancelled at once ...
         let old = b.connect("acct", "c4", false, ten, t0);
         let new = b.connect("acct", "c4", false, ten, t0);
-        let mut late = DelayedWill {
-            epoch: old.epoch,
-            ..will(&b, "other", t0 + ten)
+        let template = w.template.clone();
+        let deferred = |epoch: u64, client_id: &str| DelayedWill {
+            id: 0,
+            account: "acct".into(),
+            client_id: client_id.into(),
+            certificate: None,
+            epoch,
+            at: t0 + ten,
+            template: template.clone(),
+            cancelled: None,
         };
-        late.client_id = "c4".into();
-        assert!(b.defer_will(&mut late).is_none(), "taken over: cancelled");
+        assert!(
+            b.defer_will(&mut deferred(old.epoch, "c4")).is_none(),
+            "taken over"
+        );
+        // ... also when the newer connection was a clean start that has ended the session.
+        let c5 = b.connect("acct", "c5", false, ten, t0);
+        let clean = b.connect("acct", "c5", true, Duration::ZERO, t0);
+        b.disconnect(
+            "acct",
+            clean.session,
+            clean.epoch,
+            None,
+            Vec::new(),
+            None,
+            t0,
+        );
+        assert!(!b.has_session("acct", "c5"));
+        assert!(
+            b.defer_will(&mut deferred(c5.epoch, "c5")).is_none(),
+            "clean start"
+        );
         // And one due while its client id is connected is not sent.
-        let mut due = DelayedWill {
-            epoch: new.epoch,
-            ..will(&b, "other", t0 + ten)
-        };
-        due.client_id = "c4".into();
+        let mut due = deferred(new.epoch, "c4");
         assert!(b.defer_will(&mut due).is_some());
         assert!(!b.claim_will(&due), "c4 is connected");
     }

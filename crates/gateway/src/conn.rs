@@ -609,12 +609,13 @@ fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill, epoch: u64) {
 /// against the account's offline quota while it waits, as queued messages do.
 fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Principal) {
     let broker = shared.broker.clone();
-    let Some(reservation) = broker.reserve_offline(&will.account, weight(&will.template)) else {
-        tracing::info!(client_id = %will.client_id, "offline quota full; delayed will dropped");
+    let Some(mut cancelled) = will.cancelled.take() else {
         broker.claim_will(&will);
         return;
     };
-    let Some(mut cancelled) = will.cancelled.take() else {
+    let Some(reservation) = broker.reserve_offline(&will.account, weight(&will.template)) else {
+        tracing::info!(client_id = %will.client_id, "offline quota full; delayed will dropped");
+        broker.claim_will(&will);
         return;
     };
     tokio::spawn(async move {
@@ -652,6 +653,7 @@ fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Prin
 pub(crate) fn resume_wills(shared: &Arc<Shared>) {
     for will in shared.broker.take_restored_wills() {
         let Some(cert) = will.certificate.clone() else {
+            shared.broker.claim_will(&will);
             continue;
         };
         let made = Principal::certificate(

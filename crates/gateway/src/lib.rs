@@ -338,10 +338,7 @@ pub async fn serve_mqtt_tls(
     tls: Arc<tls::TlsConfigs>,
     endpoint: Arc<Endpoint>,
 ) {
-    accept_loop(shared, listener, tls, endpoint, |shared, stream, info| {
-        conn::serve(shared, stream, info)
-    })
-    .await
+    accept_loop(shared, listener, tls, endpoint, true, conn::serve).await
 }
 
 /// Accepts device HTTPS (mutual TLS) on `listener` until shutdown.
@@ -351,7 +348,9 @@ pub async fn serve_device_https(
     tls: Arc<tls::TlsConfigs>,
     endpoint: Arc<Endpoint>,
 ) {
-    accept_loop(shared, listener, tls, endpoint, https::serve).await
+    // Device HTTPS stays on the main runtime: its requests may write the registry (the
+    // credential provider) and wait for the disk, which would stall a device thread.
+    accept_loop(shared, listener, tls, endpoint, false, https::serve).await
 }
 
 /// The accept loop of a device listener: connection limit, SNI routing, the mutual-TLS
@@ -361,6 +360,7 @@ async fn accept_loop<F, Fut>(
     listener: TcpListener,
     tls: Arc<tls::TlsConfigs>,
     endpoint: Arc<Endpoint>,
+    on_device_threads: bool,
     handler: F,
 ) where
     F: Fn(Arc<Shared>, DeviceStream, conn::ConnInfo) -> Fut + Clone + Send + 'static,
@@ -381,7 +381,7 @@ async fn accept_loop<F, Fut>(
             handler.clone(),
             endpoint.clone(),
         );
-        let threads = shared.threads.get().cloned();
+        let threads = shared.threads.get().filter(|_| on_device_threads).cloned();
         let serve = async move |tcp: tokio::net::TcpStream| {
             let slot = Arc::new(permit);
             let deadline = shared.config.handshake_timeout;
@@ -410,8 +410,11 @@ async fn accept_loop<F, Fut>(
             // The socket moves to the reactor of the thread that serves it.
             Some(t) => match tcp.into_std() {
                 Ok(std) => t.spawn(async move {
-                    if let Ok(tcp) = tokio::net::TcpStream::from_std(std) {
-                        serve(tcp).await;
+                    match tokio::net::TcpStream::from_std(std) {
+                        Ok(tcp) => serve(tcp).await,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "could not take the connection over")
+                        }
                     }
                 }),
                 Err(e) => tracing::warn!(%peer, error = %e, "could not hand the connection over"),
@@ -423,7 +426,7 @@ async fn accept_loop<F, Fut>(
     }
 }
 
-/// Single-threaded runtimes, one per core, that device connections run on (each connection on
+/// Single-threaded runtimes, one per core, that MQTT connections run on (each connection on
 /// one of them, round robin): a connection's socket, timers and task stay on one thread, and a
 /// delivery wakes another thread only when its subscriber lives there. On a multi-threaded
 /// runtime every wake-up could also wake an idle worker to steal work, which at realistic
