@@ -204,6 +204,8 @@ def test_shared_subscriptions_split_the_load(server, workdir):
     got_a, got_b = drain(a.messages, 1.5), drain(b.messages, 0.5)
     assert len(got_a) + len(got_b) == 30
     assert sorted(int(m.payload) for m in got_a + got_b) == list(range(30))
+    # Split between the members (all 30 to one of them: probability 2^-29).
+    assert got_a and got_b, (len(got_a), len(got_b))
     for c in (a, b, p):
         c.close()
 
