@@ -14,6 +14,7 @@ import threading
 import time
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -252,11 +253,12 @@ def test_aws_iot_device_sdk_persistent_session_survives_sigkill(workdir):
         server.stop()
 
 
-def test_delayed_wills_survive_sigkill(workdir):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_delayed_wills_survive_a_restart(workdir, sig):
     """Three MQTT 5 devices leave a will delayed WILL_DELAY s (session expiry 600 s) and drop
     their TCP connections. `back` connects again (and leaves) before the server is killed with
     SIGKILL; `late` connects again after the restart, before the delay is over. After the
-    restart, `gone`'s will arrives when its delay is over (never before); the other two never
+    restart (and the same after SIGTERM), `gone`'s will arrives when its delay is over (never before); the other two never
     do (a connection of the client id cancels its delayed will, across the restart too)."""
     will_delay = 8
     server = Server(workdir / f"wills-{unique('w')}").start()
@@ -275,7 +277,7 @@ def test_delayed_wills_survive_sigkill(workdir):
         assert back.connect() is True
         back.stop()
         time.sleep(0.5)
-        server.stop(signal.SIGKILL)
+        server.stop(sig)
 
         server.start()
         watcher = Paho(server, host, dev, unique("watch"), v5=True)

@@ -245,6 +245,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     info: ConnInfo,
 ) {
+    let _live = shared.serving();
     // Everything before the session is active runs in its own allocation, freed when the
     // session starts: the connection's task keeps its size for the connection's life, so it
     // holds only what the session needs.

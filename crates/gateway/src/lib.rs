@@ -106,6 +106,8 @@ pub struct Shared {
     pub session: Arc<sekisho_session::Config>,
     /// The threads device connections run on (unset: the caller's runtime).
     pub threads: std::sync::OnceLock<Arc<ConnThreads>>,
+    /// MQTT connections being served (from CONNECT to the end of their bookkeeping).
+    live: std::sync::atomic::AtomicUsize,
     by_cert: Mutex<ConnIndex>,
 }
 
@@ -138,7 +140,26 @@ impl Shared {
             config,
             shutdown,
             by_cert: Mutex::new(HashMap::new()),
+            live: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Counts an MQTT connection as served until the guard drops.
+    pub(crate) fn serving(self: &Arc<Self>) -> LiveGuard {
+        self.live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        LiveGuard(self.clone())
+    }
+
+    /// Waits (polling, at shutdown) until no MQTT connection is being served, or `limit` has
+    /// passed: what the connections record as they close (their sessions, unacknowledged
+    /// deliveries, delayed wills) then reaches the journal before it closes.
+    pub async fn wait_idle(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.live.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub(crate) fn index_add(
@@ -423,6 +444,17 @@ async fn accept_loop<F, Fut>(
                 tokio::spawn(serve(tcp));
             }
         }
+    }
+}
+
+/// Counts a connection in [`Shared::wait_idle`] while it lives.
+pub(crate) struct LiveGuard(Arc<Shared>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0
+            .live
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -446,8 +446,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     broker.shutdown();
-    // Give connections a moment to send their DISCONNECT and close.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Connections send their DISCONNECT, close, and record what they leave (their sessions,
+    // unacknowledged deliveries, delayed wills) before the journal closes: at most 5 s (a
+    // connection stuck writing to a dead peer is not waited for longer).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    shared.wait_idle(Duration::from_secs(5)).await;
     tasks.abort_all();
     // What the connections recorded as they closed is committed before the process ends.
     if let Some(j) = broker.journal() {
