@@ -156,6 +156,32 @@ def test_publishes_per_connection_5_and_6(small_server, workdir, v5):
     w.close()
 
 
+def test_outbound_publishes_count_in_the_connection_rate(small_server, workdir):
+    """AWS counts a connection's publishes in and out together: a subscriber whose two
+    publishers (each within its own rate) send it 6 messages at once receives 5 (N) and the
+    sixth (N+1) is discarded; a second later it receives again."""
+    s = small_server
+    dev = Device(s, s.boto(), unique("out"), ALLOW_ALL, workdir)
+    sub, _ = connected(s, dev, unique("sub"))
+    sub.send(subscribe(1, [f"out/{dev.name}"], True))
+    assert [t for t, _ in sub.packets(1, quiet=5)] == [0x90]
+    pubs = [connected(s, dev, unique(f"p{i}"))[0] for i in range(2)]
+    time.sleep(1.1)  # every bucket full
+    before = metric(s, "connection_publish_rate")
+    for n, p in enumerate(pubs):
+        p.send(b"".join(publish(f"out/{dev.name}", i, True, b"m%d" % (3 * n + i)) for i in range(1, 4)))
+    for p in pubs:
+        assert pubacks(p.packets(3, quiet=5), True) == {1: 0, 2: 0, 3: 0}, "each publisher within its rate"
+    got = [body for t, body in sub.packets(quiet=1.0) if t & 0xF0 == 0x30]
+    assert len(got) == 5, f"5 of 6 delivered, got {len(got)}"
+    assert metric(s, "connection_publish_rate") >= before + 1
+    time.sleep(1.1)
+    pubs[0].send(publish(f"out/{dev.name}", 4, True, b"later"))
+    assert [t & 0xF0 for t, _ in sub.packets(1, quiet=5)] == [0x30]
+    for w in (sub, *pubs):
+        w.close()
+
+
 def test_publishes_per_connection_aws_default_100(aws_server, workdir):
     s = aws_server
     dev = Device(s, s.boto(), unique("rate100"), ALLOW_ALL, workdir)

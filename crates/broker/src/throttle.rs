@@ -90,8 +90,9 @@ impl Bucket {
 /// The rate limits of one account, as AWS IoT Core sets them by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Throttles {
-    /// PUBLISH packets a connection may send per second (AWS: 100, inbound and outbound;
-    /// Sekisho counts inbound).
+    /// PUBLISH packets a connection may send or receive per second, together (AWS: 100,
+    /// inbound and outbound; stored messages sent to a resumed session are paced by
+    /// `replay_per_second` instead).
     pub publishes_per_connection: u32,
     /// Bytes a connection may send per second (AWS: 512 KiB; excess is delayed).
     pub bytes_per_connection: u32,

@@ -22,7 +22,8 @@ use crate::{Config, End, Env, IDLE_BUF, MAX_MESSAGE_EXPIRY, SHRINK_AFTER, forwar
 /// AWS's per-connection rates, as the account's settings give them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rates {
-    /// PUBLISH packets a second (AWS: 100).
+    /// PUBLISH packets a second, inbound and outbound together (AWS: 100; the excess is
+    /// discarded).
     pub publishes: u32,
     /// Bytes read a second (AWS: 512 KiB); the excess is delayed.
     pub bytes: u32,
@@ -343,7 +344,9 @@ impl Session {
                 return Ok(());
             }
             if let Some(d) = self.replay.pop_front() {
-                self.deliver(d, now, env)?;
+                // Paced by the replay rate, not counted in the publish rate (a stored
+                // message is never discarded for live traffic's sake).
+                self.send_delivery(d, now, env, false)?;
             }
         }
         Ok(())
@@ -640,9 +643,26 @@ impl Session {
 
     /// Sends one delivery from the broker at `now`: dropped if expired (the remaining expiry
     /// is written for MQTT 5), or if the principal may no longer receive it.
+    /// AWS's 100 publishes a second per connection counts outbound ones too (inbound and
+    /// outbound share the bucket): a delivery over the rate is discarded, as AWS discards it.
     pub fn deliver(&mut self, d: Delivery, now: Instant, env: &mut impl Env) -> Result<(), End> {
+        self.send_delivery(d, now, env, true)
+    }
+
+    fn send_delivery(
+        &mut self,
+        d: Delivery,
+        now: Instant,
+        env: &mut impl Env,
+        counted: bool,
+    ) -> Result<(), End> {
         self.last_io = now;
         if d.message.expired(now) {
+            env.acked(d.seq);
+            return Ok(());
+        }
+        if counted && !self.publish_rate.take(now, 1) {
+            env.throttled(Throttled::ConnectionPublishRate);
             env.acked(d.seq);
             return Ok(());
         }

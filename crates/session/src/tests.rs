@@ -1006,3 +1006,54 @@ fn a_message_to_its_own_full_queue_is_written_directly() {
         "{got:?}"
     );
 }
+
+#[test]
+fn inbound_and_outbound_publishes_share_the_100_a_second() {
+    let mut p = Pair::new(ProtocolVersion::V5);
+    p.connect(60);
+    p.advance_to(secs(1.0)); // the bucket is full
+    for _ in 0..60 {
+        p.send(publish("in", QoS::AtMostOnce, None, b"x"));
+    }
+    for seq in 1..=41 {
+        p.deliver(delivery(message("out", QoS::AtLeastOnce, None), seq));
+    }
+    let out = p
+        .drain_received()
+        .into_iter()
+        .filter(|x| matches!(x, Packet::Publish(_)))
+        .count();
+    assert_eq!(out, 40, "60 in + 40 out = 100; the 41st out is discarded");
+    assert_eq!(p.env.acked, vec![41], "and forgotten by storage");
+    assert_eq!(p.env.throttled, vec![Throttled::ConnectionPublishRate]);
+    assert!(p.is_active());
+    // 10 ms later, one more.
+    p.advance(secs(0.010));
+    p.deliver(delivery(message("out", QoS::AtMostOnce, None), 0));
+    assert!(matches!(p.recv(), Some(Packet::Publish(_))));
+}
+
+#[test]
+fn stored_messages_are_not_discarded_by_the_publish_rate() {
+    let mut p = Pair::new(ProtocolVersion::V311);
+    p.attachment = Some(Attachment {
+        session: 9,
+        session_present: true,
+        replay: (1..=5)
+            .map(|i| delivery(message("stored", QoS::AtLeastOnce, None), i))
+            .collect(),
+        ticket: 0,
+    });
+    p.connect(60);
+    for _ in 0..100 {
+        p.send(publish("in", QoS::AtMostOnce, None, b"x"));
+    }
+    p.advance_to(secs(0.0));
+    let stored = p
+        .drain_received()
+        .into_iter()
+        .filter(|x| matches!(x, Packet::Publish(m) if &*m.topic == "stored"))
+        .count();
+    assert_eq!(stored, 5, "paced by the replay rate only");
+    assert!(p.env.acked.is_empty());
+}
