@@ -50,6 +50,16 @@ pub struct Message {
 }
 
 impl Message {
+    /// A will published at `now` from `template`, whose Message Expiry Interval (in its
+    /// properties, not yet a deadline) counts from then; stamped `timestamp_ms`.
+    pub fn from_will(template: &Message, now: Instant, timestamp_ms: u64) -> Message {
+        let mut m = template.clone();
+        let expiry = m.properties.message_expiry_interval.take();
+        m.expires_at = expiry.map(|e| now + Duration::from_secs(u64::from(e)));
+        m.timestamp_ms = timestamp_ms;
+        m
+    }
+
     /// True when past its expiry at `now`.
     pub fn expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|e| now >= e)
@@ -453,11 +463,7 @@ pub struct DelayedWill {
 impl DelayedWill {
     /// The message, published at `now` (its expiry counts from then), stamped `timestamp_ms`.
     pub fn message(&self, now: Instant, timestamp_ms: u64) -> Message {
-        let mut m = self.template.clone();
-        let expiry = m.properties.message_expiry_interval.take();
-        m.expires_at = expiry.map(|e| now + Duration::from_secs(u64::from(e)));
-        m.timestamp_ms = timestamp_ms;
-        m
+        Message::from_will(&self.template, now, timestamp_ms)
     }
 }
 
@@ -1506,6 +1512,11 @@ impl Broker {
 mod tests {
     use super::*;
 
+    /// Connection `a` leaves at `now`, with nothing unacknowledged and no new expiry.
+    fn leave(b: &Broker, a: &Attached, now: Instant) {
+        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, now);
+    }
+
     fn msg(topic: &str, qos: QoS, retain: bool, payload: &'static [u8]) -> Arc<Message> {
         Arc::new(Message {
             topic: topic.into(),
@@ -1672,7 +1683,7 @@ mod tests {
         let b = Broker::new(BrokerConfig::default());
         let a = b.connect("acct", "c1", false, Duration::from_secs(10), Instant::now());
         let t0 = Instant::now();
-        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, t0);
+        leave(&b, &a, t0);
         assert_eq!(b.sweep(t0 + Duration::from_secs(9)), 0);
         assert!(b.has_session("acct", "c1"));
         assert_eq!(b.sweep(t0 + Duration::from_secs(10)), 1);
@@ -1684,7 +1695,7 @@ mod tests {
     fn left_with_will(b: &Broker, client_id: &str, at: Instant) -> DelayedWill {
         let ten = Duration::from_secs(10);
         let a = b.connect("acct", client_id, false, ten, at);
-        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, at);
+        leave(b, &a, at);
         let mut w = DelayedWill {
             id: 0,
             account: "acct".into(),
@@ -1710,15 +1721,7 @@ mod tests {
         let ten = Duration::from_secs(10);
         let (kept, cancelled) = (left_with_will(&b, "c2", t0), left_with_will(&b, "c1", t0));
         let again = b.connect("acct", "c1", false, ten, t0);
-        b.disconnect(
-            "acct",
-            again.session,
-            again.epoch,
-            None,
-            Vec::new(),
-            None,
-            t0,
-        );
+        leave(&b, &again, t0);
         assert!(
             !b.claim_will(&cancelled),
             "came back and left again: cancelled"
@@ -1733,7 +1736,7 @@ mod tests {
         let c3 = b.connect("acct", "c3", true, Duration::ZERO, t0);
         assert_eq!(rx.try_recv(), Err(TryRecvError::Closed));
         assert!(!b.claim_will(&w));
-        b.disconnect("acct", c3.session, c3.epoch, None, Vec::new(), None, t0);
+        leave(&b, &c3, t0);
 
         // A will deferred after a newer connection took the session over (the old
         // connection's end is slow) is cancelled at once ...
@@ -1757,15 +1760,7 @@ mod tests {
         // ... also when the newer connection was a clean start that has ended the session.
         let c5 = b.connect("acct", "c5", false, ten, t0);
         let clean = b.connect("acct", "c5", true, Duration::ZERO, t0);
-        b.disconnect(
-            "acct",
-            clean.session,
-            clean.epoch,
-            None,
-            Vec::new(),
-            None,
-            t0,
-        );
+        leave(&b, &clean, t0);
         assert!(!b.has_session("acct", "c5"));
         assert!(
             b.defer_will(&mut deferred(c5.epoch, "c5")).is_none(),
@@ -1784,7 +1779,7 @@ mod tests {
         let b = Broker::new(BrokerConfig::default());
         let t0 = Instant::now();
         let a = b.connect("acct", "c1", false, Duration::from_secs(10), t0);
-        b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, t0);
+        leave(&b, &a, t0);
         let early = b.connect(
             "acct",
             "c1",
@@ -2010,18 +2005,10 @@ mod tests {
             )
             .unwrap();
         assert!(b.durable_until(routed.ticket).await);
-        b.disconnect("acct", p.session, p.epoch, None, Vec::new(), None, t0);
-        b.disconnect(
-            "acct",
-            clean.session,
-            clean.epoch,
-            None,
-            Vec::new(),
-            None,
-            t0,
-        );
+        leave(&b, &p, t0);
+        leave(&b, &clean, t0);
         let late = b.connect("acct", "p", true, Duration::ZERO, t0);
-        b.disconnect("acct", late.session, late.epoch, None, Vec::new(), None, t0);
+        leave(&b, &late, t0);
         b.journal().unwrap().close();
         let seq = d.seq;
         assert_eq!(
@@ -2326,7 +2313,7 @@ mod tests {
         for c in ["c1", "c2"] {
             let a = b.connect("acct", c, false, Duration::from_secs(60), Instant::now());
             b.subscribe("acct", a.session, "q", opts(QoS::AtLeastOnce));
-            b.disconnect("acct", a.session, a.epoch, None, Vec::new(), None, t0);
+            leave(&b, &a, t0);
         }
         // Two sessions, 2 deliveries each per message: the second message pushes out oldest.
         b.publish(

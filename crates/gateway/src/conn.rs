@@ -570,7 +570,7 @@ fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill, epoch: u64) {
     if w.at <= now {
         let broker = shared.broker.clone();
         let account = port.account.clone();
-        let m = Arc::new(w.message(now, events::now_ms()));
+        let m = Arc::new(Message::from_will(&w.template, now, events::now_ms()));
         tokio::spawn(async move {
             if let Ok(routed) = broker.publish(&account, m, Instant::now()) {
                 wait_for_room(&broker, &account, routed.blocked).await;
@@ -583,10 +583,6 @@ fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill, epoch: u64) {
     let Ok(later) = port.principal.fresh() else {
         return;
     };
-    // The expiry counts from publication: kept as an interval until then.
-    let mut template = w.message(now, events::now_ms());
-    template.expires_at = None;
-    template.properties.message_expiry_interval = w.expiry;
     let mut will = DelayedWill {
         id: 0,
         account: port.account.to_string(),
@@ -594,7 +590,7 @@ fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill, epoch: u64) {
         certificate: port.certificate.as_ref().map(|c| c.to_string()),
         epoch,
         at: w.at,
-        template,
+        template: w.template,
         cancelled: None,
     };
     // None: a newer connection of the client id (one that took the session over while this

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use sekisho_broker::aws::{self, AwsReject};
 use sekisho_broker::throttle::{Bucket, Throttled};
 use sekisho_broker::{Delivery, Message, PublishError, SessionId};
@@ -77,34 +77,9 @@ pub struct Session {
 pub struct DueWill {
     /// When it is published.
     pub at: Instant,
-    /// Topic.
-    pub topic: Arc<str>,
-    /// Payload.
-    pub payload: Bytes,
-    /// QoS.
-    pub qos: QoS,
-    /// RETAIN.
-    pub retain: bool,
-    /// Forwarded properties.
-    pub properties: Properties,
-    /// Message expiry interval in seconds, counted from publication.
-    pub expiry: Option<u32>,
-}
-
-impl DueWill {
-    /// The message, published at `now` (its expiry counts from then).
-    pub fn message(&self, now: Instant, timestamp_ms: u64) -> Message {
-        Message {
-            topic: self.topic.clone(),
-            payload: self.payload.clone(),
-            qos: self.qos,
-            retain: self.retain,
-            properties: self.properties.clone(),
-            expires_at: self.expiry.map(|e| now + Duration::from_secs(u64::from(e))),
-            origin: None,
-            timestamp_ms,
-        }
-    }
+    /// The message: forwarded properties, `expires_at` unset and its Message Expiry Interval
+    /// (counted from publication) in its properties; [`Message::from_will`] publishes it.
+    pub template: Message,
 }
 
 /// What is left to do when a session has ended.
@@ -790,17 +765,23 @@ impl Session {
             .will_delay_interval
             .unwrap_or(0)
             .min(self.session_expiry.as_secs() as u32);
+        let mut properties = forwarded(&w.properties);
+        properties.message_expiry_interval = w
+            .properties
+            .message_expiry_interval
+            .map(|e| e.clamp(1, MAX_MESSAGE_EXPIRY));
         Some(DueWill {
             at: now + Duration::from_secs(u64::from(delay)),
-            expiry: w
-                .properties
-                .message_expiry_interval
-                .map(|e| e.clamp(1, MAX_MESSAGE_EXPIRY)),
-            properties: forwarded(&w.properties),
-            topic: w.topic,
-            payload: w.payload,
-            qos: w.qos,
-            retain: w.retain,
+            template: Message {
+                topic: w.topic,
+                payload: w.payload,
+                qos: w.qos,
+                retain: w.retain,
+                properties,
+                expires_at: None,
+                origin: None,
+                timestamp_ms: 0,
+            },
         })
     }
 }

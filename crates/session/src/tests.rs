@@ -729,7 +729,7 @@ fn the_will_waits_its_delay_but_never_past_the_session() {
             "{delay:?} {expiry}"
         );
         // Published at `at`, its expiry counts from then.
-        let m = will.message(will.at, 1);
+        let m = Message::from_will(&will.template, will.at, 1);
         assert_eq!(m.expires_at, Some(will.at + Duration::from_secs(60)));
         assert_eq!(&*m.topic, "last/will");
     }
