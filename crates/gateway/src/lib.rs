@@ -17,6 +17,7 @@ pub mod conn;
 pub mod events;
 pub mod https;
 pub mod tls;
+pub mod tls_io;
 pub mod ws;
 
 use std::collections::{HashMap, HashSet};
@@ -350,7 +351,7 @@ pub async fn sweep_sessions(shared: Arc<Shared>) {
 
 /// A device connection after its mutual-TLS handshake. Boxed: the TLS state (about 1.2 KB)
 /// would otherwise be copied into several slots of every connection's task.
-pub type DeviceStream = Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+pub type DeviceStream = Box<tls_io::TlsIo>;
 
 /// Accepts MQTT over mutual TLS on `listener` until shutdown.
 pub async fn serve_mqtt_tls(
@@ -510,30 +511,33 @@ async fn handshake(
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
 ) -> Option<(DeviceStream, AccountId, Option<CertificateId>)> {
-    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
-        .await
-        .ok()?;
-    let sni = start.client_hello().server_name().map(str::to_owned);
-    let Some(target) = shared.config.sni.route(&shared.registry, sni.as_deref()) else {
-        tracing::info!(%peer, sni = ?sni, "unknown server name; refusing");
-        return None;
-    };
-    let (cfg, verifier) =
+    let mut chosen = None;
+    let choose = |hello: &rustls::server::ClientHello<'_>| {
+        let sni = hello.server_name().map(str::to_owned);
+        let Some(target) = shared.config.sni.route(&shared.registry, sni.as_deref()) else {
+            tracing::info!(%peer, sni = ?sni, "unknown server name; refusing");
+            return None;
+        };
         match tls.mtls(&target, endpoint.tls_policy, endpoint.client_cert_optional) {
-            Ok(c) => c,
+            Ok((cfg, verifier)) => {
+                chosen = Some((target, verifier));
+                Some(cfg)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "TLS configuration failed");
-                return None;
+                None
             }
-        };
-    let stream = match start.into_stream(cfg).await {
+        }
+    };
+    let stream = match tls_io::accept(tcp, choose).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             return None;
         }
     };
-    if stream.get_ref().1.peer_certificates().is_none() {
+    let (target, verifier) = chosen?;
+    if stream.peer_certificates().is_none() {
         // Only on listeners where the certificate is optional: the requests authenticate
         // themselves (SigV4). The account is the server name's, if it named one.
         let account = match &target {
