@@ -58,7 +58,7 @@ for i, n in enumerate(sorted({int(p.stem.split("-")[-1]) for p in out.glob("seki
     # Only the first idle run is on a fresh process; later ones reuse the heap the previous
     # run freed, so their per-connection figure is a lower bound.
     note = "" if i == 0 else " (same process after the smaller run: reuses its freed heap)"
-    row(f"idle {n:,} mTLS connections: KiB per connection{note}", f"idle-{n}", ["broker_rss_kib_per_connection"], 1,
+    row(f"idle {n:,} mTLS connections (PINGREQ every 15 s): KiB per connection{note}", f"idle-{n}", ["broker_rss_kib_per_connection"], 1,
         higher=False)
     row(f"idle {n:,}: connected", f"idle-{n}", ["connected"])
 row("10→10 QoS 0: delivered msg/s", "p2p-qos0", ["delivered_per_s"])

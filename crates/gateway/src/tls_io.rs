@@ -14,12 +14,12 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 
 use rustls::ServerConfig;
 use rustls::server::{Acceptor, ClientHello, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The largest TLS record on the wire (16 KiB of plaintext, with the expansion TLS 1.2 allows),
@@ -27,19 +27,22 @@ use tokio::net::TcpStream;
 const MAX_RECORD: usize = 5 + 16_384 + 2_048;
 /// Handshake messages may span records; rustls accepts up to 64 KiB of them.
 const MAX_HANDSHAKE_BUFFER: usize = 0xffff + MAX_RECORD;
-/// Room made before each read from the socket.
+/// Room made before each read from the socket, and about the most read at once.
 const READ_SIZE: usize = 8_192;
 /// Plaintext taken by one `poll_write`: the rest waits for the next call.
-const WRITE_CHUNK: usize = 64 * 1024;
-/// Encrypted bytes queued before `poll_write` waits for the socket.
-const WRITE_QUEUE: usize = 256 * 1024;
+const WRITE_CHUNK: usize = 16 * 1024;
+/// Encrypted bytes queued before `poll_write` waits for the socket (rustls's buffered
+/// connection allows 64 KiB).
+const WRITE_QUEUE: usize = 64 * 1024;
 
-/// A server-side TLS stream over TCP (see the module documentation).
+/// A server-side TLS stream over TCP (see the module documentation). One task drives both its
+/// reads and its writes (as every user here does: the MQTT driver, hyper, the WebSocket layer).
 pub struct TlsIo {
     tcp: TcpStream,
     conn: UnbufferedServerConnection,
-    /// Ciphertext read and not yet processed (a partial record, mostly).
+    /// Ciphertext read, processed up to `at` (compacted before the next read).
     incoming: Vec<u8>,
+    at: usize,
     /// Decrypted application data not yet read, from `plain_at`.
     plain: Vec<u8>,
     plain_at: usize,
@@ -50,17 +53,18 @@ pub struct TlsIo {
     eof: bool,
     /// close_notify queued.
     closing: bool,
-    /// The reader waiting on the socket, woken when the writer's processing found plaintext.
-    reader: Option<Waker>,
+    /// A TLS error ended the connection: only the alert rustls queued for it may still go out.
+    failed: bool,
 }
 
 impl std::fmt::Debug for TlsIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsIo")
-            .field("incoming", &self.incoming.len())
+            .field("incoming", &(self.incoming.len() - self.at))
             .field("plain", &(self.plain.len() - self.plain_at))
             .field("outgoing", &(self.outgoing.len() - self.sent))
             .field("eof", &self.eof)
+            .field("failed", &self.failed)
             .finish()
     }
 }
@@ -114,25 +118,20 @@ fn encrypt_needs(e: &EncryptError) -> Option<usize> {
     }
 }
 
-/// Removes `n` processed bytes from the front of `buf`, freeing it once empty.
-fn discard(buf: &mut Vec<u8>, n: usize) {
-    if n == 0 {
-        return;
-    }
-    if n >= buf.len() {
-        *buf = Vec::new();
-    } else {
-        buf.drain(..n);
-    }
-}
-
 /// What one pass over the received records left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
     /// More bytes from the peer are needed.
     Read,
-    /// The connection may send application data.
+    /// The connection may send application data (and did, if it was given some).
     Write,
 }
+
+/// What to do once rustls may send application data.
+type WriteFn<'a> = &'a mut dyn FnMut(
+    &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
+    &mut Vec<u8>,
+) -> Result<(), EncryptError>;
 
 /// Accepts a TLS connection: reads the ClientHello, asks `choose` for the configuration (None
 /// refuses the connection silently), and completes the handshake. The caller bounds it in time.
@@ -178,32 +177,32 @@ pub async fn accept(
         tcp,
         conn,
         incoming,
+        at: 0,
         plain: Vec::new(),
         plain_at: 0,
         outgoing: Vec::new(),
         sent: 0,
         eof: false,
         closing: false,
-        reader: None,
+        failed: false,
     };
     loop {
-        let next = match io.process() {
-            Ok(next) => next,
-            Err(e) => {
-                // The alert rustls queued for the failure, if any, reaches the peer.
-                let _ = io.send_alert().await;
-                return Err(e);
-            }
-        };
-        io.tcp.write_all(&io.outgoing[io.sent..]).await?;
+        // On failure the alert rustls queued, if any, is in `outgoing` and reaches the peer.
+        let next = io.pump(None);
+        let sent = io.tcp.write_all(&io.outgoing[io.sent..]).await;
         io.outgoing = Vec::new();
         io.sent = 0;
-        if !io.conn.is_handshaking() && matches!(next, Next::Write) {
+        let next = next?;
+        sent?;
+        if !io.conn.is_handshaking() && next == Next::Write {
+            // What the handshake grew (a large certificate chain) is not kept.
+            io.compact();
             return Ok(io);
         }
         if io.eof {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
+        io.compact();
         if io.incoming.len() >= MAX_HANDSHAKE_BUFFER {
             return Err(invalid("handshake message too large"));
         }
@@ -225,125 +224,105 @@ impl TlsIo {
         self.incoming.capacity() + self.plain.capacity() + self.outgoing.capacity()
     }
 
+    /// Drops the processed prefix of `incoming`, and the buffer itself once it holds nothing;
+    /// a buffer much larger than what it holds (after a large handshake) is shrunk.
+    fn compact(&mut self) {
+        if self.at >= self.incoming.len() {
+            self.incoming = Vec::new();
+        } else if self.at > 0 {
+            self.incoming.drain(..self.at);
+        }
+        self.at = 0;
+        if self.incoming.capacity() > self.incoming.len() + 2 * READ_SIZE {
+            self.incoming.shrink_to(self.incoming.len() + READ_SIZE);
+        }
+    }
+
     /// Processes the records received so far: application data goes to `plain`, the records
-    /// rustls has to send go to `outgoing` (written by the caller, in order).
-    fn process(&mut self) -> io::Result<Next> {
-        let next = loop {
-            let status = self.conn.process_tls_records(&mut self.incoming);
+    /// rustls has to send go to `outgoing` (written by the caller, in order, before anything
+    /// encrypted after them). With `write`, stops once it has run, when rustls may send
+    /// application data. On an error, the connection has failed and `outgoing` ends with the
+    /// alert rustls queued for it, if any.
+    fn pump(&mut self, mut write: Option<WriteFn<'_>>) -> io::Result<Next> {
+        if self.failed {
+            return Err(invalid("the TLS connection has failed"));
+        }
+        let result = loop {
+            let status = self.conn.process_tls_records(&mut self.incoming[self.at..]);
             let mut used = status.discard;
-            let state = status.state.map_err(invalid)?;
-            let next = match state {
-                ConnectionState::ReadTraffic(mut records) => {
-                    while let Some(record) = records.next_record() {
-                        let record = record.map_err(invalid)?;
-                        used += record.discard;
-                        self.plain.extend_from_slice(record.payload);
+            let step = match status.state {
+                Err(e) => Err(invalid(e)),
+                Ok(ConnectionState::ReadTraffic(mut records)) => loop {
+                    match records.next_record() {
+                        None => break Ok(None),
+                        Some(Err(e)) => break Err(invalid(e)),
+                        Some(Ok(record)) => {
+                            used += record.discard;
+                            self.plain.extend_from_slice(record.payload);
+                        }
                     }
-                    None
-                }
-                ConnectionState::EncodeTlsData(mut data) => {
+                },
+                Ok(ConnectionState::EncodeTlsData(mut data)) => {
                     append(&mut self.outgoing, 512, |b| data.encode(b), encode_needs)
-                        .map_err(invalid)?;
-                    None
+                        .map(|()| None)
+                        .map_err(invalid)
                 }
                 // Written by the caller before anything encrypted after it.
-                ConnectionState::TransmitTlsData(data) => {
+                Ok(ConnectionState::TransmitTlsData(data)) => {
                     data.done();
-                    None
+                    Ok(None)
                 }
-                ConnectionState::PeerClosed => {
+                Ok(ConnectionState::PeerClosed) => {
                     self.eof = true;
-                    None
+                    Ok(None)
                 }
-                ConnectionState::Closed => {
+                Ok(ConnectionState::Closed) => {
                     self.eof = true;
-                    Some(Next::Read)
+                    match write {
+                        Some(_) => Err(io::ErrorKind::BrokenPipe.into()),
+                        None => Ok(Some(Next::Read)),
+                    }
                 }
-                ConnectionState::BlockedHandshake => Some(Next::Read),
-                ConnectionState::WriteTraffic(_) => Some(Next::Write),
+                Ok(ConnectionState::BlockedHandshake) => match write {
+                    Some(_) => Err(invalid("cannot send before the handshake completes")),
+                    None => Ok(Some(Next::Read)),
+                },
+                Ok(ConnectionState::WriteTraffic(mut w)) => match write.take() {
+                    Some(f) => f(&mut w, &mut self.outgoing)
+                        .map(|()| Some(Next::Write))
+                        .map_err(invalid),
+                    None => Ok(Some(Next::Write)),
+                },
                 // Early data is not enabled; nothing else is expected.
-                _ => return Err(invalid("unexpected TLS state")),
+                Ok(_) => Err(invalid("unexpected TLS state")),
             };
-            discard(&mut self.incoming, used);
-            if let Some(next) = next {
-                break next;
+            // Discarded before anything else, as rustls requires, errors included.
+            self.at += used;
+            match step {
+                Ok(None) => continue,
+                Ok(Some(next)) => break Ok(next),
+                Err(e) => break Err(e),
             }
         };
-        Ok(next)
-    }
-
-    /// Writes the alert rustls queued after a failure, if any.
-    async fn send_alert(&mut self) -> io::Result<()> {
-        let mut out = std::mem::take(&mut self.outgoing);
-        if let Ok(ConnectionState::EncodeTlsData(mut data)) =
-            self.conn.process_tls_records(&mut self.incoming).state
-        {
-            let _ = append(&mut out, 64, |b| data.encode(b), encode_needs);
+        if self.at >= self.incoming.len() {
+            self.incoming = Vec::new();
+            self.at = 0;
         }
-        self.tcp.write_all(&out[self.sent.min(out.len())..]).await
+        if result.is_err() {
+            self.failed = true;
+            self.queue_alert();
+        }
+        result
     }
 
-    /// Encrypts `data` after whatever is queued; `data` must be at most [`WRITE_CHUNK`].
-    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
-        let guess = data.len() + 64 * (1 + data.len() / 16_384);
-        self.with_write(|w, out| append(out, guess, |b| w.encrypt(data, b), encrypt_needs))
-    }
-
-    /// Runs `f` once rustls may send application data (after it has processed what was
-    /// received and queued what it has to send), with the queue of records to write.
-    fn with_write(
-        &mut self,
-        f: impl FnOnce(
-            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
-            &mut Vec<u8>,
-        ) -> Result<(), EncryptError>,
-    ) -> io::Result<()> {
-        let mut f = Some(f);
-        loop {
-            let status = self.conn.process_tls_records(&mut self.incoming);
-            let mut used = status.discard;
-            let had_plain = self.plain.len() > self.plain_at;
-            let done = match status.state.map_err(invalid)? {
-                ConnectionState::WriteTraffic(mut w) => {
-                    if let Some(f) = f.take() {
-                        f(&mut w, &mut self.outgoing).map_err(invalid)?;
-                    }
-                    true
-                }
-                ConnectionState::ReadTraffic(mut records) => {
-                    while let Some(record) = records.next_record() {
-                        let record = record.map_err(invalid)?;
-                        used += record.discard;
-                        self.plain.extend_from_slice(record.payload);
-                    }
-                    false
-                }
-                ConnectionState::EncodeTlsData(mut e) => {
-                    append(&mut self.outgoing, 512, |b| e.encode(b), encode_needs)
-                        .map_err(invalid)?;
-                    false
-                }
-                ConnectionState::TransmitTlsData(t) => {
-                    t.done();
-                    false
-                }
-                ConnectionState::PeerClosed => {
-                    self.eof = true;
-                    false
-                }
-                ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
-                _ => return Err(invalid("cannot send before the handshake completes")),
-            };
-            discard(&mut self.incoming, used);
-            // A reader waiting on the socket learns of what was found here.
-            if ((!had_plain && self.plain.len() > self.plain_at) || self.eof)
-                && let Some(w) = self.reader.take()
-            {
-                w.wake();
-            }
-            if done {
-                return Ok(());
-            }
+    /// Queues the alert rustls prepared after a failure, if any.
+    fn queue_alert(&mut self) {
+        if let Ok(ConnectionState::EncodeTlsData(mut data)) = self
+            .conn
+            .process_tls_records(&mut self.incoming[self.at..])
+            .state
+        {
+            let _ = append(&mut self.outgoing, 64, |b| data.encode(b), encode_needs);
         }
     }
 
@@ -380,24 +359,42 @@ impl AsyncRead for TlsIo {
                 }
                 return Poll::Ready(Ok(()));
             }
+            if this.failed {
+                return Poll::Ready(Err(invalid("the TLS connection has failed")));
+            }
             if this.eof {
+                // Nothing after the end is kept.
+                this.incoming = Vec::new();
+                this.at = 0;
                 return Poll::Ready(Ok(()));
             }
+            this.compact();
             if this.incoming.len() >= MAX_RECORD {
                 return Poll::Ready(Err(invalid("TLS record too large")));
             }
-            // What rustls answers to received records (key updates) waits behind the writes;
-            // writes stop at WRITE_QUEUE, so a peer past twice that sends and never reads.
-            if this.outgoing.len() - this.sent > 2 * WRITE_QUEUE {
-                return Poll::Ready(Err(invalid("the peer does not read what it is sent")));
+            if this.incoming.capacity() - this.incoming.len() < READ_SIZE {
+                this.incoming.reserve_exact(READ_SIZE);
             }
-            this.incoming.reserve(READ_SIZE);
-            match this.tcp.try_read_buf(&mut this.incoming) {
-                Ok(0) => {
+            let offered = this.incoming.capacity() - this.incoming.len();
+            let mut got = 0;
+            // A read shorter than the room offered drained the socket: its readiness is
+            // forgotten at once (as a `WouldBlock` would), which saves the next read, one that
+            // could only answer EAGAIN. The reactor forgets it only if no event arrived since
+            // the read began, so data that came meanwhile is not missed.
+            let read = this.tcp.try_io(Interest::READABLE, || {
+                got = this.tcp.try_read_buf(&mut this.incoming)?;
+                if got > 0 && got < offered {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match read {
+                Ok(()) if got == 0 => {
                     this.eof = true;
                     continue;
                 }
-                Ok(_) => {}
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if this.incoming.is_empty() {
                         this.incoming = Vec::new();
@@ -405,21 +402,14 @@ impl AsyncRead for TlsIo {
                     match this.tcp.poll_read_ready(cx) {
                         Poll::Ready(Ok(())) => continue,
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => {
-                            this.reader = Some(cx.waker().clone());
-                            return Poll::Pending;
-                        }
+                        Poll::Pending => return Poll::Pending,
                     }
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
-            this.process()?;
-            // Records rustls answers with (a key update) go out now, or with the next write.
-            if this.sent < this.outgoing.len()
-                && let Poll::Ready(Err(e)) = this.poll_send(cx)
-            {
-                return Poll::Ready(Err(e));
-            }
+            // rustls holds what it answers to received records (a key update) until the
+            // next write.
+            this.pump(None)?;
         }
     }
 }
@@ -435,7 +425,10 @@ impl AsyncWrite for TlsIo {
             ready!(this.poll_send(cx))?;
         }
         let data = &data[..data.len().min(WRITE_CHUNK)];
-        this.encrypt(data)?;
+        let guess = data.len() + 64;
+        this.pump(Some(&mut |w, out| {
+            append(out, guess, |b| w.encrypt(data, b), encrypt_needs)
+        }))?;
         Poll::Ready(Ok(data.len()))
     }
 
@@ -449,9 +442,13 @@ impl AsyncWrite for TlsIo {
         let this = self.get_mut();
         if !this.closing {
             this.closing = true;
-            // Best effort: a connection that cannot send any more is closed all the same.
-            let _ = this
-                .with_write(|w, out| append(out, 64, |b| w.queue_close_notify(b), encrypt_needs));
+            // Best effort, and not after a failure (its alert is queued already): a
+            // connection that cannot send any more is closed all the same.
+            if !this.failed {
+                let _ = this.pump(Some(&mut |w, out| {
+                    append(out, 64, |b| w.queue_close_notify(b), encrypt_needs)
+                }));
+            }
         }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)

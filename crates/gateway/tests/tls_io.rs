@@ -296,3 +296,36 @@ async fn garbage_and_oversized_hellos_end_in_an_error() {
     task.await.unwrap();
     sender.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_forged_record_fails_the_connection_and_the_client_hears_the_alert() {
+    let s = setup();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (addr, task) = server(&s, |io| async move {
+        let mut io = io.unwrap();
+        let mut buf = [0u8; 64];
+        let err = io.read(&mut buf).await.unwrap_err();
+        // Failed for good: no more reads or writes, only the alert goes out.
+        let again = io.read(&mut buf).await.is_err();
+        let write = io.write_all(b"late").await.is_err();
+        let _ = io.shutdown().await;
+        tx.send((err.kind(), again, write)).unwrap();
+    })
+    .await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(client_config(&s, false))
+        .connect(ServerName::try_from("device.example").unwrap(), tcp)
+        .await
+        .unwrap();
+    // An application-data record no key of this connection sealed.
+    let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+    forged.extend_from_slice(&[0x5a; 32]);
+    stream.get_mut().0.write_all(&forged).await.unwrap();
+    let (kind, again, write) = rx.await.unwrap();
+    assert_eq!(kind, io::ErrorKind::InvalidData);
+    assert!(again && write);
+    let mut rest = Vec::new();
+    let heard = stream.read_to_end(&mut rest).await.unwrap_err().to_string();
+    assert!(heard.to_lowercase().contains("alert"), "{heard}");
+    task.await.unwrap();
+}
