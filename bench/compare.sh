@@ -122,6 +122,7 @@ for q in ("latency", "latency-qos1"):
     for b in ("sekisho", "mosquitto"):
         d = json.loads((out / f"{b}-{q}.json").read_text())
         print(f"{q:13} {b:9} delivered/s {d['delivered_per_s']:8.0f}  CPU s/M {d['broker_cpu_s_per_million_delivered']:6.2f}"
+              f" (kernel {d['broker_kernel_cpu_s_per_million_delivered']:5.2f})"
               f"  p50 {d['latency_us']['p50']:6.0f} us  p99 {d['latency_us']['p99']:6.0f} us  lost {d['lost']}")
 PY
   exit 0

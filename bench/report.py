@@ -75,9 +75,11 @@ row("fan-out: broker CPU s per million delivered", "fanout", ["broker_cpu_s_per_
 row("latency at 10,000 msg/s: p50 µs", "latency", ["latency_us", "p50"], higher=False)
 row("latency at 10,000 msg/s: p99 µs", "latency", ["latency_us", "p99"], higher=False)
 row("10,000 msg/s QoS 0: broker CPU s per million delivered", "latency", ["broker_cpu_s_per_million_delivered"], 2, higher=False)
+row("10,000 msg/s QoS 0: of which in the kernel", "latency", ["broker_kernel_cpu_s_per_million_delivered"], 2, higher=False)
 row("10,000 msg/s QoS 1: p50 µs", "latency-qos1", ["latency_us", "p50"], higher=False)
 row("10,000 msg/s QoS 1: p99 µs", "latency-qos1", ["latency_us", "p99"], higher=False)
 row("10,000 msg/s QoS 1: broker CPU s per million delivered", "latency-qos1", ["broker_cpu_s_per_million_delivered"], 2, higher=False)
+row("10,000 msg/s QoS 1: of which in the kernel", "latency-qos1", ["broker_kernel_cpu_s_per_million_delivered"], 2, higher=False)
 
 def sh(cmd):
     try:

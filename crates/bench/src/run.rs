@@ -41,12 +41,14 @@ fn source(c: &Common, i: usize) -> Option<IpAddr> {
 }
 
 /// (user + system CPU seconds, RSS KiB) of a process, from /proc.
-fn proc_stats(pid: u32) -> Option<(f64, u64)> {
+/// The process's CPU seconds (user and kernel), resident KiB, and kernel CPU seconds alone.
+fn proc_stats(pid: u32) -> Option<(f64, u64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields after the command: state(0) ... utime(11) stime(12); clock ticks of 1/100 s.
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let kernel: f64 = f.get(12)?.parse::<f64>().ok()?;
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + kernel;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss = status
         .lines()
@@ -55,7 +57,7 @@ fn proc_stats(pid: u32) -> Option<(f64, u64)> {
         .nth(1)?
         .parse()
         .ok()?;
-    Some((ticks / 100.0, rss))
+    Some((ticks / 100.0, rss, kernel / 100.0))
 }
 
 fn percentiles(v: &mut [u64], ps: &[f64]) -> Vec<f64> {
@@ -159,11 +161,11 @@ pub async fn conn(
     let p = percentiles(&mut lat, &[50.0, 99.0, 100.0]);
     let ok = connected.load(Ordering::Relaxed);
     let cpu_per_connect_ms = match (before, after_connect) {
-        (Some((a, _)), Some((b, _))) if ok > 0 => Some((b - a) * 1000.0 / ok as f64),
+        (Some((a, _, _)), Some((b, _, _))) if ok > 0 => Some((b - a) * 1000.0 / ok as f64),
         _ => None,
     };
     let rss_idle = match (before, held) {
-        (Some((_, a)), Some((_, b))) if ok > 0 => Some((b as f64 - a as f64) / ok as f64),
+        (Some((_, a, _)), Some((_, b, _))) if ok > 0 => Some((b as f64 - a as f64) / ok as f64),
         _ => None,
     };
     Ok(json!({
@@ -428,7 +430,11 @@ pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<V
     let mut lat = latencies.lock().await.clone();
     let p = percentiles(&mut lat, &[50.0, 99.0, 99.9]);
     let cpu = match (before, after) {
-        (Some((a, _)), Some((b, _))) => Some(b - a),
+        (Some((a, _, _)), Some((b, _, _))) => Some(b - a),
+        _ => None,
+    };
+    let kernel = match (before, after) {
+        (Some((_, _, a)), Some((_, _, b))) => Some(b - a),
         _ => None,
     };
     Ok(json!({
@@ -440,6 +446,7 @@ pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<V
         "latency_us": {"p50": p[0], "p99": p[1], "p999": p[2]},
         "broker_cpu_s": cpu,
         "broker_cpu_s_per_million_delivered": cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
+        "broker_kernel_cpu_s_per_million_delivered": kernel.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
         "broker_rss_kib": after.map(|a| a.1),
     }))
 }
