@@ -299,3 +299,50 @@ def test_delayed_wills_survive_a_restart(workdir, sig):
         watcher.close()
     finally:
         server.stop()
+
+
+def test_an_unacknowledged_message_keeps_its_packet_id_across_a_restart(workdir):
+    """MQTT-4.4.0-1: a QoS 1 message sent to a persistent session and not acknowledged when its
+    connection ended is sent again with its packet id and DUP set, after a restart (SIGTERM)
+    too. Raw MQTT 3.1.1 over mutual TLS, so the packet id and flags are seen as sent."""
+    import struct
+
+    from test_limits_and_robustness import packet, s16
+    from test_throttles import Wire, connected, publish, pubacks, subscribe
+
+    server = Server(workdir / f"dup-{unique('d')}").start()
+    try:
+        dev = Device(server, server.boto(), unique("dup"), ALLOW_ALL, workdir)
+        cid = unique("sub")
+        topic = f"dup/{dev.name}"
+        connect = packet(0x10, s16(b"MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + s16(cid.encode()))
+        w = Wire(server, dev)
+        w.send(connect)
+        (t, body), = w.packets(1, quiet=5)
+        assert t == 0x20 and body[1] == 0
+        w.send(subscribe(1, [topic], False))
+        w.packets(1, quiet=5)
+        pub, _ = connected(server, dev, unique("pub"))
+        pub.send(publish(topic, 1, True, payload=b"once"))
+        assert pubacks(pub.packets(1, quiet=5), True) == {1: 0}
+        (t, body), = w.packets(1, quiet=5)
+        assert t & 0xF0 == 0x30 and not t & 0x08, "first sent without DUP"
+        n = struct.unpack(">H", body[:2])[0]
+        pid = struct.unpack(">H", body[2 + n:4 + n])[0]
+        # Not acknowledged: the connection ends, then the server restarts.
+        w.close()
+        pub.close()
+        time.sleep(1)
+        server.stop(signal.SIGTERM)
+        server.start()
+        w = Wire(server, dev)
+        w.send(connect)
+        (t, body), = w.packets(1, quiet=5)
+        assert t == 0x20 and body[0] == 1, "session present"
+        (t, again), = w.packets(1, quiet=5)
+        assert t & 0xF0 == 0x30 and t & 0x08, "sent again with DUP"
+        assert struct.unpack(">H", again[2 + n:4 + n])[0] == pid, "with its packet id"
+        assert again.endswith(b"once")
+        w.close()
+    finally:
+        server.stop()

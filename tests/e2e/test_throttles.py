@@ -295,3 +295,39 @@ def test_stored_messages_replay_at_10_a_second_besides_live_traffic(aws_server, 
     assert live and live[0] < 5, "the live message is not held behind the stored ones"
     w.close()
     pub.close()
+
+
+def test_a_shared_groups_stored_messages_replay_at_20_a_second(aws_server, workdir):
+    """AWS: what a shared subscription group queued for its offline persistent member is
+    dequeued at up to 20 a second (twice a session's own 10): 20 at once, the 21st later."""
+    s = aws_server
+    dev = Device(s, s.boto(), unique("sreplay"), ALLOW_ALL, workdir)
+    cid = unique("member")
+    topic = f"sreplay/{dev.name}"
+    w = Wire(s, dev)
+    w.send(packet(0x10, s16(b"MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + s16(cid.encode())))
+    (t, body), = w.packets(1, quiet=5)
+    assert t == 0x20 and body[1] == 0
+    w.send(subscribe(1, [f"$share/g/{topic}"], False))
+    w.packets(1, quiet=5)
+    w.send(b"\xe0\x00")
+    w.close()
+    pub, _ = connected(s, dev, unique("pub"))
+    pub.send(b"".join(publish(topic, i, True) for i in range(1, 26)))
+    assert len(pubacks(pub.packets(25, quiet=5), True)) == 25
+    time.sleep(1.1)  # one CONNECT a second per client id
+    w = Wire(s, dev)
+    w.send(packet(0x10, s16(b"MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + s16(cid.encode())))
+    start = time.time()
+    (t, body), = w.packets(1, quiet=5)
+    assert t == 0x20 and body[0] == 1, "session present"
+    first = w.packets(20, quiet=2)
+    first_twenty = time.time() - start
+    rest = w.packets(5, quiet=3)
+    elapsed = time.time() - start
+    assert [p[0] & 0xF0 for p in first + rest] == [0x30] * 25
+    # At a session's 10 a second, 20 would take about a second.
+    assert first_twenty < 0.5, f"the first twenty (the group's burst) at once: {first_twenty:.2f} s"
+    assert elapsed >= 0.2, f"five more at 20 a second take about a quarter second: {elapsed:.2f} s"
+    w.close()
+    pub.close()

@@ -10,7 +10,8 @@
 //! (acknowledgements, disconnects, drops) is recorded without waiting.
 //!
 //! The seam names what a distributed engine must provide: claim a client id (single node: the
-//! broker's own map), append to a session queue ([`Change::Append`]), read and acknowledge
+//! broker's own map), append to a session queue ([`Change::Append`]), note the packet id of a
+//! message sent and not acknowledged ([`Change::Sent`]), read and acknowledge
 //! ([`Storage::load`], [`Change::Ack`]), set and scan retained messages
 //! ([`Change::SetRetained`], [`Storage::load`]), keep delayed wills ([`Change::PutWill`]), and
 //! watch changes (single node: none, the broker is the only writer).
@@ -73,8 +74,22 @@ pub enum Change {
         seq: u64,
         /// RETAIN flag to deliver with.
         retain: bool,
+        /// Queued for a shared subscription group.
+        shared: bool,
         /// The message.
         message: Arc<Message>,
+    },
+    /// A stored message was sent and not acknowledged when its connection ended: it is sent
+    /// again with this packet id and DUP, after a restart too ([MQTT-4.4.0-1]).
+    Sent {
+        /// Account.
+        account: Arc<str>,
+        /// Client id.
+        client_id: Arc<str>,
+        /// Sequence number.
+        seq: u64,
+        /// The packet id it was sent with.
+        packet_id: u16,
     },
     /// A stored message was acknowledged by the client, expired or was dropped.
     Ack {
@@ -150,6 +165,21 @@ pub struct LoadedMessage {
     pub expires_at_ms: Option<u64>,
 }
 
+/// A stored queue entry, as loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedQueued {
+    /// Sequence number.
+    pub seq: u64,
+    /// RETAIN flag to deliver with.
+    pub retain: bool,
+    /// Queued for a shared subscription group (sent at the group's replay rate).
+    pub shared: bool,
+    /// The packet id it was sent with before, not acknowledged (sent again with it and DUP).
+    pub packet_id: Option<u16>,
+    /// The message.
+    pub message: LoadedMessage,
+}
+
 /// A stored session with its queue, as loaded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Loaded {
@@ -161,8 +191,8 @@ pub struct Loaded {
     pub session: StoredSession,
     /// When it was left, epoch milliseconds (`None`: it was connected when the server stopped).
     pub disconnected_at_ms: Option<u64>,
-    /// Queued and unacknowledged messages: (sequence number, RETAIN flag, message), in order.
-    pub queue: Vec<(u64, bool, LoadedMessage)>,
+    /// Queued and unacknowledged messages, in order.
+    pub queue: Vec<LoadedQueued>,
 }
 
 /// Everything stored, as loaded at start-up.

@@ -81,6 +81,10 @@ pub struct Delivery {
     /// Its sequence number in durable storage (0: not stored). The receiving connection
     /// acknowledges it with [`Broker::acked`] once the client has.
     pub seq: u64,
+    /// It reached its session through a shared subscription group only: stored for an offline
+    /// member, it is sent at the group's replay rate (AWS: 20 a second) instead of the
+    /// session's (10).
+    pub shared: bool,
 }
 
 /// Why the broker ends a connection.
@@ -637,18 +641,20 @@ impl Broker {
                 }
                 let id = b.next_id.fetch_add(1, Ordering::Relaxed);
                 let mut queue = VecDeque::new();
-                for (seq, retain, m) in l.queue {
+                for q in l.queue {
+                    let seq = q.seq;
                     max_seq = max_seq.max(seq);
-                    let too_old = m.message.timestamp_ms < oldest_ms;
-                    match message(m).filter(|_| !too_old) {
+                    let too_old = q.message.message.timestamp_ms < oldest_ms;
+                    match message(q.message).filter(|_| !too_old) {
                         Some(message) => {
                             acct.offline_bytes += weight(&message);
                             queue.push_back(Delivery {
                                 message,
                                 qos: QoS::AtLeastOnce,
-                                retain,
-                                resend: None,
+                                retain: q.retain,
+                                resend: q.packet_id,
                                 seq,
+                                shared: q.shared,
                             });
                         }
                         None => journal.record_quietly(durable::Change::Ack {
@@ -1019,6 +1025,16 @@ impl Broker {
                 forget(journal, &acct.name, &s.client_id, d.seq);
                 continue;
             }
+            if let (Some(packet_id), Some(j)) = (d.resend, journal)
+                && d.seq != 0
+            {
+                j.record_quietly(durable::Change::Sent {
+                    account: acct.name.clone(),
+                    client_id: s.client_id.clone(),
+                    seq: d.seq,
+                    packet_id,
+                });
+            }
             acct.offline_bytes += w;
             s.queue.push_front(d);
         }
@@ -1300,7 +1316,8 @@ impl Broker {
         }
         // Matches, then one delivery per session at the highest granted QoS: a sorted Vec
         // (no hashing on the fan-out path).
-        let mut direct: Vec<(SessionId, QoS, bool)> = Vec::new();
+        // (session, QoS, retain as published, through shared groups only)
+        let mut direct: Vec<(SessionId, QoS, bool, bool)> = Vec::new();
         let mut groups: HashMap<Box<str>, Vec<(SessionId, SubEntry)>> = HashMap::new();
         acct.trie.matches(&msg.topic, &mut |m| {
             if m.entry.options.no_local && msg.origin == Some(m.session) {
@@ -1312,6 +1329,7 @@ impl Broker {
                     m.session,
                     m.entry.options.qos,
                     m.entry.options.retain_as_published,
+                    false,
                 )),
             }
         });
@@ -1328,7 +1346,7 @@ impl Broker {
                     online
                 };
                 let (id, entry) = pool[rng.random_range(0..pool.len())];
-                direct.push((*id, entry.options.qos, false));
+                direct.push((*id, entry.options.qos, false, true));
             }
         }
         direct.sort_unstable_by_key(|e| e.0);
@@ -1336,6 +1354,7 @@ impl Broker {
             if later.0 == kept.0 {
                 kept.1 = kept.1.max(later.1);
                 kept.2 |= later.2;
+                kept.3 &= later.3;
                 true
             } else {
                 false
@@ -1343,7 +1362,7 @@ impl Broker {
         });
         let mut reached = 0;
         let mut blocked = Vec::new();
-        for (id, sub_qos, rap) in direct {
+        for (id, sub_qos, rap, shared) in direct {
             let Some(s) = acct.sessions.get_mut(&id) else {
                 continue;
             };
@@ -1354,6 +1373,7 @@ impl Broker {
                 retain: rap && msg.retain,
                 resend: None,
                 seq: 0,
+                shared,
             };
             // A QoS 1 delivery to a persistent session is stored before anyone acknowledges
             // it: online or not, it survives a crash until the client acknowledges it.
@@ -1366,6 +1386,7 @@ impl Broker {
                     client_id: s.client_id.clone(),
                     seq: d.seq,
                     retain: d.retain,
+                    shared,
                     message: msg.clone(),
                 });
             }
@@ -1665,6 +1686,7 @@ mod tests {
             retain: false,
             resend: Some(7),
             seq: 0,
+            shared: false,
         };
         b.disconnect(
             "acct",
@@ -1824,6 +1846,7 @@ mod tests {
             retain: false,
             resend: Some(id),
             seq: 0,
+            shared: false,
         };
         b.disconnect(
             "acct",
@@ -1947,6 +1970,12 @@ mod tests {
                     format!("append {client_id} {seq}")
                 }
                 durable::Change::Ack { client_id, seq, .. } => format!("ack {client_id} {seq}"),
+                durable::Change::Sent {
+                    client_id,
+                    seq,
+                    packet_id,
+                    ..
+                } => format!("sent {client_id} {seq} {packet_id}"),
                 durable::Change::SetRetained { topic, message, .. } => {
                     format!("retained {topic} {}", message.is_some())
                 }
@@ -1997,6 +2026,24 @@ mod tests {
         };
         assert!(d.seq > 0);
         b.acked("acct", "p", d.seq);
+        // Sent with packet id 5 and not acknowledged when the connection ends: the id is
+        // stored with the message.
+        let routed = b
+            .publish(
+                "acct",
+                msg("t", QoS::AtLeastOnce, false, b"unacked"),
+                Instant::now(),
+            )
+            .unwrap();
+        assert!(b.durable_until(routed.ticket).await);
+        let mut unacked = p.rx.try_recv().unwrap();
+        unacked.resend = Some(5);
+        let useq = unacked.seq;
+        b.disconnect("acct", p.session, p.epoch, None, vec![unacked], None, t0);
+        let mut p = b.connect("acct", "p", false, Duration::from_secs(60), t0);
+        let again = p.replay.pop_front().unwrap();
+        assert_eq!((again.seq, again.resend), (useq, Some(5)));
+        b.acked("acct", "p", useq);
         let routed = b
             .publish(
                 "acct",
@@ -2018,6 +2065,11 @@ mod tests {
                 "put p on".into(),
                 format!("append p {seq}"),
                 format!("ack p {seq}"),
+                format!("append p {useq}"),
+                format!("sent p {useq} 5"),
+                "put p off".into(),
+                "put p on".into(),
+                format!("ack p {useq}"),
                 "retained r true".into(),
                 "put p off".into(),
                 "delete p".into(),
@@ -2078,6 +2130,13 @@ mod tests {
             expires_at_ms: exp,
         };
         let now = clock.now_ms;
+        let queued = |seq, retain, packet_id, message| durable::LoadedQueued {
+            seq,
+            retain,
+            shared: false,
+            packet_id,
+            message,
+        };
         let session = |id: &str, left: Option<u64>, queue| durable::Loaded {
             account: "acct".into(),
             client_id: id.into(),
@@ -2095,10 +2154,10 @@ mod tests {
                     "live",
                     None,
                     vec![
-                        (40, false, loaded("t", now - 1000, None)),
-                        (41, false, loaded("t", now - 2 * 3600 * 1000, None)),
-                        (42, true, loaded("t", now - 1000, Some(now - 1))),
-                        (43, false, loaded("t", now - 1000, Some(now + 60_000))),
+                        queued(40, false, Some(7), loaded("t", now - 1000, None)),
+                        queued(41, false, None, loaded("t", now - 2 * 3600 * 1000, None)),
+                        queued(42, true, None, loaded("t", now - 1000, Some(now - 1))),
+                        queued(43, false, None, loaded("t", now - 1000, Some(now + 60_000))),
                     ],
                 ),
                 session("gone", Some(now - 61_000), vec![]),
@@ -2140,6 +2199,9 @@ mod tests {
         assert!(a.session_present);
         let seqs: Vec<u64> = a.replay.iter().map(|d| d.seq).collect();
         assert_eq!(seqs, [40, 43]);
+        // Sent before the restart and not acknowledged: sent again with its packet id.
+        let resend: Vec<Option<u16>> = a.replay.iter().map(|d| d.resend).collect();
+        assert_eq!(resend, [Some(7), None]);
         // New messages get numbers above the stored ones.
         b.publish(
             "acct",
@@ -2257,6 +2319,31 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 10);
+    }
+
+    /// What a shared group stores for an offline member is marked as the group's (sent at the
+    /// group's replay rate); a message the session also takes through its own subscription is
+    /// its own.
+    #[test]
+    fn a_shared_groups_stored_messages_are_marked_as_the_groups() {
+        let b = Broker::new(BrokerConfig::default());
+        let t0 = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let a = b.connect("acct", "m", false, hour, t0);
+        b.subscribe("acct", a.session, "$share/g/t/+", opts(QoS::AtLeastOnce));
+        b.subscribe("acct", a.session, "t/own", opts(QoS::AtLeastOnce));
+        leave(&b, &a, t0);
+        b.publish("acct", msg("t/group", QoS::AtLeastOnce, false, b"g"), t0)
+            .unwrap();
+        b.publish("acct", msg("t/own", QoS::AtLeastOnce, false, b"o"), t0)
+            .unwrap();
+        let again = b.connect("acct", "m", false, hour, t0);
+        let got: Vec<(&[u8], bool)> = again
+            .replay
+            .iter()
+            .map(|d| (&d.message.payload[..], d.shared))
+            .collect();
+        assert_eq!(got, [(&b"g"[..], true), (&b"o"[..], false)]);
     }
 
     fn quota_broker(q: Quotas) -> Broker {

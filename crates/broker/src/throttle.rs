@@ -106,6 +106,8 @@ pub struct Throttles {
     pub publishes_per_account: u32,
     /// Stored messages sent per second to a resumed session, besides live traffic (AWS: 10).
     pub replay_per_second: u32,
+    /// Stored messages of shared subscription groups sent per second to a member (AWS: 20).
+    pub shared_replay_per_second: u32,
 }
 
 impl Default for Throttles {
@@ -118,6 +120,7 @@ impl Default for Throttles {
             subscriptions_per_account: 500,
             publishes_per_account: 20_000,
             replay_per_second: 10,
+            shared_replay_per_second: 20,
         }
     }
 }

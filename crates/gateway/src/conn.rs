@@ -400,6 +400,7 @@ fn attach(
         publishes: t.publishes_per_connection,
         bytes: t.bytes_per_connection,
         replay: t.replay_per_second,
+        shared_replay: t.shared_replay_per_second,
     };
     let attachment = Attachment {
         session: attached.session,

@@ -105,6 +105,9 @@ pub struct Limits {
     /// Stored messages sent per second to a resumed persistent session, besides live traffic
     /// (AWS: 10).
     pub replay_per_second: u32,
+    /// Stored messages of shared subscription groups sent per second to a member that comes
+    /// back (AWS: 20).
+    pub shared_replay_per_second: u32,
     /// Per-account overrides, by account id.
     pub accounts: std::collections::BTreeMap<String, AccountLimits>,
 }
@@ -139,6 +142,8 @@ pub struct AccountLimits {
     pub publishes_per_account: Option<u32>,
     /// See [`Limits::replay_per_second`].
     pub replay_per_second: Option<u32>,
+    /// See [`Limits::shared_replay_per_second`].
+    pub shared_replay_per_second: Option<u32>,
 }
 
 impl Default for Limits {
@@ -153,6 +158,7 @@ impl Default for Limits {
             subscriptions_per_account: t.subscriptions_per_account,
             publishes_per_account: t.publishes_per_account,
             replay_per_second: t.replay_per_second,
+            shared_replay_per_second: t.shared_replay_per_second,
             retained_messages: q.retained_messages,
             retained_bytes: q.retained_bytes,
             sessions: q.sessions,
@@ -199,6 +205,7 @@ impl Limits {
             subscriptions_per_account: self.subscriptions_per_account,
             publishes_per_account: self.publishes_per_account,
             replay_per_second: self.replay_per_second,
+            shared_replay_per_second: self.shared_replay_per_second,
         };
         let account_throttles = self
             .accounts
@@ -226,6 +233,9 @@ impl Limits {
                             .publishes_per_account
                             .unwrap_or(rates.publishes_per_account),
                         replay_per_second: a.replay_per_second.unwrap_or(rates.replay_per_second),
+                        shared_replay_per_second: a
+                            .shared_replay_per_second
+                            .unwrap_or(rates.shared_replay_per_second),
                     },
                 )
             })

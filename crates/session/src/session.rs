@@ -29,6 +29,9 @@ pub struct Rates {
     pub bytes: u32,
     /// A resumed session's stored messages a second (AWS: 10), besides live traffic.
     pub replay: u32,
+    /// Stored messages of shared subscription groups a second (AWS: 20), paced apart from the
+    /// session's own.
+    pub shared_replay: u32,
 }
 
 /// How much output is written in one go before the driver flushes it.
@@ -67,6 +70,7 @@ pub struct Session {
     /// A resumed session's stored messages not yet sent.
     replay: VecDeque<Delivery>,
     replay_rate: Bucket,
+    shared_replay_rate: Bucket,
     rbuf: BytesMut,
     out: BytesMut,
 }
@@ -160,6 +164,7 @@ impl Session {
             held: Vec::new(),
             replay: attachment.replay,
             replay_rate: Bucket::new(rates.replay, rates.replay),
+            shared_replay_rate: Bucket::new(rates.shared_replay, rates.shared_replay),
             rbuf,
             out: BytesMut::new(),
             config,
@@ -271,8 +276,15 @@ impl Session {
         if let Some(d) = self.deadline {
             next = next.min(d);
         }
-        if !self.replay.is_empty() && self.can_deliver() {
-            next = next.min(now + self.replay_rate.clone().until_next(now));
+        if let Some(d) = self.replay.front()
+            && self.can_deliver()
+        {
+            let rate = if d.shared {
+                &self.shared_replay_rate
+            } else {
+                &self.replay_rate
+            };
+            next = next.min(now + rate.clone().until_next(now));
         }
         let big = self.rbuf.capacity() > IDLE_BUF || self.out.capacity() > 0;
         let shrink = self.last_io + SHRINK_AFTER;
@@ -314,8 +326,16 @@ impl Session {
 
     /// Sends what the replay rate allows of the resumed session's stored messages.
     fn replay_some(&mut self, now: Instant, env: &mut impl Env) -> Result<(), End> {
-        while self.can_deliver() && !self.replay.is_empty() {
-            if !self.replay_rate.take(now, 1) {
+        while self.can_deliver()
+            && let Some(front) = self.replay.front()
+        {
+            // In order: the next stored message waits for its own rate.
+            let rate = if front.shared {
+                &mut self.shared_replay_rate
+            } else {
+                &mut self.replay_rate
+            };
+            if !rate.take(now, 1) {
                 return Ok(());
             }
             if let Some(d) = self.replay.pop_front() {
@@ -569,6 +589,7 @@ impl Session {
                     retain: true,
                     resend: None,
                     seq: 0,
+                    shared: false,
                 });
             }
         }

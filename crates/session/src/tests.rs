@@ -68,6 +68,7 @@ impl Env for FakeEnv {
                 retain: false,
                 resend: None,
                 seq: 0,
+                shared: false,
             }]
         } else {
             Vec::new()
@@ -143,6 +144,7 @@ const AWS_RATES: Rates = Rates {
     publishes: 100,
     bytes: 512 * 1024,
     replay: 10,
+    shared_replay: 20,
 };
 
 impl Pair {
@@ -422,6 +424,7 @@ fn delivery(m: Arc<Message>, seq: u64) -> Delivery {
         retain: false,
         resend: None,
         seq,
+        shared: false,
     }
 }
 
@@ -876,6 +879,58 @@ fn stored_messages_replay_at_ten_a_second_besides_live_traffic() {
     assert_eq!(p.drain_received().len(), 9);
     p.advance_to(secs(1.5));
     assert_eq!(p.drain_received().len(), 6, "the rest, as the rate refills");
+    p.advance_to(secs(10.0));
+    assert!(p.drain_received().is_empty());
+}
+
+#[test]
+fn a_shared_groups_stored_messages_replay_at_twenty_a_second_on_their_own_rate() {
+    let mut p = Pair::new(ProtocolVersion::V311);
+    let shared = |i| {
+        let mut d = delivery(message("group", QoS::AtLeastOnce, None), i);
+        d.shared = true;
+        d
+    };
+    // 30 a shared group stored, then 12 of the session's own.
+    let stored: VecDeque<Delivery> = (1..=30)
+        .map(shared)
+        .chain((31..=42).map(|i| delivery(message("own", QoS::AtLeastOnce, None), i)))
+        .collect();
+    p.attachment = Some(Attachment {
+        session: 9,
+        session_present: true,
+        replay: stored,
+        ticket: 0,
+    });
+    p.connect(1200);
+    p.advance_to(secs(0.0));
+    let topics = |got: Vec<Packet>| -> Vec<String> {
+        got.into_iter()
+            .filter_map(|p| match p {
+                Packet::Publish(m) => Some(m.topic.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        topics(p.drain_received()),
+        vec!["group"; 20],
+        "the group's burst of 20"
+    );
+    // One every 50 ms: five by a quarter second, where the session's 10 would give two.
+    p.advance_to(secs(0.27));
+    assert_eq!(topics(p.drain_received()), vec!["group"; 5]);
+    // The last five of the group, then the session's own, at their own rate with its burst.
+    p.advance_to(secs(0.52));
+    let got = topics(p.drain_received());
+    assert_eq!(&got[..5], vec!["group"; 5]);
+    assert_eq!(&got[5..], vec!["own"; 10], "the session's burst of ten");
+    p.advance_to(secs(0.73));
+    assert_eq!(
+        topics(p.drain_received()),
+        vec!["own"; 2],
+        "then ten a second"
+    );
     p.advance_to(secs(10.0));
     assert!(p.drain_received().is_empty());
 }

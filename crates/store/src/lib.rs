@@ -15,13 +15,14 @@ use bytes::BytesMut;
 use rusqlite::{Connection, OptionalExtension, params};
 use sekisho_broker::Message;
 use sekisho_broker::durable::{
-    Change, Loaded, LoadedMessage, LoadedWill, Snapshot, Storage, StorageError, StoredSession,
-    StoredWill, WallClock,
+    Change, Loaded, LoadedMessage, LoadedQueued, LoadedWill, Snapshot, Storage, StorageError,
+    StoredSession, StoredWill, WallClock,
 };
 use sekisho_mqtt::{Packet, ProtocolVersion, PublishRef, QoS, SubscriptionOptions};
 
-/// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA: i64 = 1;
+/// The schema version this build writes (`PRAGMA user_version`). 2: `queue.shared` and
+/// `queue.packet_id`.
+const SCHEMA: i64 = 2;
 
 const CREATE: &str = "
 CREATE TABLE IF NOT EXISTS sessions (
@@ -40,6 +41,8 @@ CREATE TABLE IF NOT EXISTS queue (
     message BLOB NOT NULL,
     expires_at_ms INTEGER,
     timestamp_ms INTEGER NOT NULL,
+    shared INTEGER NOT NULL DEFAULT 0,
+    packet_id INTEGER,
     PRIMARY KEY (account, client_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS retained (
@@ -95,8 +98,16 @@ impl SqliteStorage {
                 path.display()
             )));
         }
+        // Schema 1 (its tables exist) gains `queue.shared` (stored messages of shared groups)
+        // and `queue.packet_id` (the id a message was sent with and not acknowledged).
+        let upgrade = if version == 1 {
+            "ALTER TABLE queue ADD COLUMN shared INTEGER NOT NULL DEFAULT 0; \
+             ALTER TABLE queue ADD COLUMN packet_id INTEGER;"
+        } else {
+            ""
+        };
         conn.execute_batch(&format!(
-            "BEGIN; {CREATE} PRAGMA user_version = {SCHEMA}; COMMIT;"
+            "BEGIN; {upgrade} {CREATE} PRAGMA user_version = {SCHEMA}; COMMIT;"
         ))
         .map_err(err)?;
         Ok(SqliteStorage { conn })
@@ -288,7 +299,8 @@ impl Storage for SqliteStorage {
         let mut q = self
             .conn
             .prepare(
-                "SELECT seq, retain, message, expires_at_ms, timestamp_ms FROM queue \
+                "SELECT seq, retain, message, expires_at_ms, timestamp_ms, shared, packet_id \
+                 FROM queue \
                  WHERE account = ?1 AND client_id = ?2 ORDER BY seq",
             )
             .map_err(err)?;
@@ -303,23 +315,30 @@ impl Storage for SqliteStorage {
                         r.get::<_, Vec<u8>>(2)?,
                         r.get::<_, Option<i64>>(3)?,
                         r.get::<_, i64>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, Option<i64>>(6)?,
                     ))
                 })
                 .map_err(err)?;
             for e in entries {
-                let (seq, retain, bytes, expires, ts) = e.map_err(err)?;
+                let (seq, retain, bytes, expires, ts, shared, packet_id) = e.map_err(err)?;
                 let Ok(message) = decode_message(&bytes, ts.max(0) as u64) else {
                     tracing::warn!(%account, %client_id, seq, "a stored message cannot be read; skipped");
                     continue;
                 };
-                queue.push((
-                    seq.max(0) as u64,
-                    retain != 0,
-                    LoadedMessage {
+                queue.push(LoadedQueued {
+                    seq: seq.max(0) as u64,
+                    retain: retain != 0,
+                    shared: shared != 0,
+                    // Only an id MQTT allows (1 to 65,535) is used again.
+                    packet_id: packet_id
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|p| *p != 0),
+                    message: LoadedMessage {
                         message,
                         expires_at_ms: ms(expires),
                     },
-                ));
+                });
             }
             let Ok(subscriptions) = decode_subscriptions(&subs) else {
                 tracing::warn!(%account, %client_id, "a stored session cannot be read; skipped");
@@ -393,6 +412,7 @@ impl Storage for SqliteStorage {
                     client_id,
                     seq,
                     retain,
+                    shared,
                     message,
                 } => {
                     // A message our codec cannot write (a property over 64 KiB, say) is not
@@ -403,7 +423,8 @@ impl Storage for SqliteStorage {
                     };
                     let expires = message.expires_at.map(|e| clock.ms(e) as i64);
                     tx.prepare_cached(
-                        "INSERT OR REPLACE INTO queue VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        "INSERT OR REPLACE INTO queue (account, client_id, seq, retain, message, \
+                         expires_at_ms, timestamp_ms, shared) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
@@ -413,7 +434,8 @@ impl Storage for SqliteStorage {
                             i64::from(*retain),
                             bytes,
                             expires,
-                            message.timestamp_ms as i64
+                            message.timestamp_ms as i64,
+                            i64::from(*shared)
                         ])
                     })
                     .map_err(err)?;
@@ -427,6 +449,26 @@ impl Storage for SqliteStorage {
                         "DELETE FROM queue WHERE account = ?1 AND client_id = ?2 AND seq = ?3",
                     )
                     .and_then(|mut s| s.execute(params![&**account, &**client_id, *seq as i64]))
+                    .map_err(err)?;
+                }
+                Change::Sent {
+                    account,
+                    client_id,
+                    seq,
+                    packet_id,
+                } => {
+                    tx.prepare_cached(
+                        "UPDATE queue SET packet_id = ?4 \
+                         WHERE account = ?1 AND client_id = ?2 AND seq = ?3",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            &**account,
+                            &**client_id,
+                            *seq as i64,
+                            i64::from(*packet_id)
+                        ])
+                    })
                     .map_err(err)?;
                 }
                 Change::PutWill {
@@ -573,6 +615,7 @@ mod tests {
                         client_id: c.clone(),
                         seq: 7,
                         retain: false,
+                        shared: false,
                         message: message("t/1", b"one", None),
                     },
                     Change::Append {
@@ -580,6 +623,7 @@ mod tests {
                         client_id: c.clone(),
                         seq: 9,
                         retain: true,
+                        shared: true,
                         message: expiring,
                     },
                     Change::Append {
@@ -587,12 +631,19 @@ mod tests {
                         client_id: c.clone(),
                         seq: 8,
                         retain: false,
+                        shared: false,
                         message: message("t/x", b"acked", None),
                     },
                     Change::Ack {
                         account: a.clone(),
                         client_id: c.clone(),
                         seq: 8,
+                    },
+                    Change::Sent {
+                        account: a.clone(),
+                        client_id: c.clone(),
+                        seq: 9,
+                        packet_id: 513,
                     },
                     Change::SetRetained {
                         account: a.clone(),
@@ -649,10 +700,15 @@ mod tests {
         assert_eq!(l.session.subscriptions, subs);
         assert_eq!(l.session.expiry, Duration::from_secs(3600));
         assert_eq!(l.disconnected_at_ms, None, "it was connected");
-        let seqs: Vec<u64> = l.queue.iter().map(|(s, _, _)| *s).collect();
+        let seqs: Vec<u64> = l.queue.iter().map(|q| q.seq).collect();
         assert_eq!(seqs, [7, 9], "in order, the acknowledged one gone");
-        let (_, retain, m) = &l.queue[1];
-        assert!(*retain);
+        assert!(!l.queue[0].retain && !l.queue[0].shared);
+        assert!(l.queue[1].retain && l.queue[1].shared);
+        assert_eq!(
+            (l.queue[0].packet_id, l.queue[1].packet_id),
+            (None, Some(513))
+        );
+        let m = &l.queue[1].message;
         assert_eq!(&m.message.payload[..], b"two");
         assert_eq!(
             m.message.properties.content_type.as_deref(),
@@ -711,6 +767,68 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))
             .unwrap();
         assert_eq!(queued, 0, "the queue goes with its session");
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_schema_1_database_is_upgraded_and_its_queue_kept() {
+        let d = dir("schema1");
+        let path = d.join("broker.db");
+        {
+            // The queue table as schema 1 wrote it, with one stored message.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE sessions (account TEXT NOT NULL, client_id TEXT NOT NULL, \
+                 expiry_ms INTEGER NOT NULL, subscriptions BLOB NOT NULL, \
+                 disconnected_at_ms INTEGER, PRIMARY KEY (account, client_id)) WITHOUT ROWID;
+                 CREATE TABLE queue (account TEXT NOT NULL, client_id TEXT NOT NULL, \
+                 seq INTEGER NOT NULL, retain INTEGER NOT NULL, message BLOB NOT NULL, \
+                 expires_at_ms INTEGER, timestamp_ms INTEGER NOT NULL, \
+                 PRIMARY KEY (account, client_id, seq)) WITHOUT ROWID;
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+            let subs = encode_subscriptions(&[]);
+            c.execute(
+                "INSERT INTO sessions VALUES ('a', 'c', 3600000, ?1, NULL)",
+                params![subs],
+            )
+            .unwrap();
+            let bytes = encode_message(&message("t/1", b"old", None)).unwrap();
+            c.execute(
+                "INSERT INTO queue VALUES ('a', 'c', 3, 1, ?1, NULL, 1)",
+                params![bytes],
+            )
+            .unwrap();
+        }
+        let mut s = SqliteStorage::open(&path).unwrap();
+        let version: i64 = s
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA);
+        let snap = s.load().unwrap();
+        let q = &snap.sessions[0].queue;
+        assert_eq!(q.len(), 1);
+        assert!(q[0].retain && !q[0].shared && q[0].packet_id.is_none());
+        assert_eq!(&q[0].message.message.payload[..], b"old");
+        // And the upgraded table takes new rows.
+        let clock = WallClock::read();
+        s.commit(
+            &[Change::Append {
+                account: Arc::from("a"),
+                client_id: Arc::from("c"),
+                seq: 4,
+                retain: false,
+                shared: true,
+                message: message("t/2", b"new", None),
+            }],
+            clock,
+        )
+        .unwrap();
+        let snap = s.load().unwrap();
+        let shared: Vec<bool> = snap.sessions[0].queue.iter().map(|q| q.shared).collect();
+        assert_eq!(shared, [false, true]);
         let _ = std::fs::remove_dir_all(d);
     }
 
