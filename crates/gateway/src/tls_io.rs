@@ -118,6 +118,47 @@ fn encrypt_needs(e: &EncryptError) -> Option<usize> {
     }
 }
 
+/// Buffers a connection gave back, kept for the next one that needs one on this thread: a
+/// busy connection frees its buffers as soon as they are empty (so an idle one keeps none),
+/// and allocating 8 KiB and more anew for every read and write costs the allocator more than
+/// the rest of the TLS layer (`malloc_consolidate` in profiles of QoS 1 floods).
+mod pool {
+    use std::cell::RefCell;
+
+    /// Most buffers kept per thread, and the largest kept.
+    const KEEP: usize = 32;
+    const LARGEST: usize = 128 * 1024;
+
+    thread_local! {
+        static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// An empty buffer with room for at least `room` bytes.
+    pub(super) fn take(room: usize) -> Vec<u8> {
+        let mut v = POOL
+            .try_with(|p| p.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        v.reserve(room);
+        v
+    }
+
+    /// Gives `v` back (emptied), or frees it.
+    pub(super) fn give(mut v: Vec<u8>) {
+        if v.capacity() == 0 || v.capacity() > LARGEST {
+            return;
+        }
+        v.clear();
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < KEEP {
+                p.push(v);
+            }
+        });
+    }
+}
+
 /// What one pass over the received records left to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
@@ -228,7 +269,7 @@ impl TlsIo {
     /// a buffer much larger than what it holds (after a large handshake) is shrunk.
     fn compact(&mut self) {
         if self.at >= self.incoming.len() {
-            self.incoming = Vec::new();
+            pool::give(std::mem::take(&mut self.incoming));
         } else if self.at > 0 {
             self.incoming.drain(..self.at);
         }
@@ -243,7 +284,16 @@ impl TlsIo {
     /// encrypted after them). With `write`, stops once it has run, when rustls may send
     /// application data. On an error, the connection has failed and `outgoing` ends with the
     /// alert rustls queued for it, if any.
-    fn pump(&mut self, mut write: Option<WriteFn<'_>>) -> io::Result<Next> {
+    fn pump(&mut self, write: Option<WriteFn<'_>>) -> io::Result<Next> {
+        self.pump_into(write, None)
+    }
+
+    /// [`TlsIo::pump`], with application data copied into `sink` first while it has room.
+    fn pump_into(
+        &mut self,
+        mut write: Option<WriteFn<'_>>,
+        mut sink: Option<&mut ReadBuf<'_>>,
+    ) -> io::Result<Next> {
         if self.failed {
             return Err(invalid("the TLS connection has failed"));
         }
@@ -258,7 +308,20 @@ impl TlsIo {
                         Some(Err(e)) => break Err(invalid(e)),
                         Some(Ok(record)) => {
                             used += record.discard;
-                            self.plain.extend_from_slice(record.payload);
+                            let mut data = record.payload;
+                            if self.plain.is_empty()
+                                && let Some(sink) = sink.as_deref_mut()
+                            {
+                                let n = sink.remaining().min(data.len());
+                                sink.put_slice(&data[..n]);
+                                data = &data[n..];
+                            }
+                            if !data.is_empty() {
+                                if self.plain.capacity() == 0 {
+                                    self.plain = pool::take(data.len());
+                                }
+                                self.plain.extend_from_slice(data);
+                            }
                         }
                     }
                 },
@@ -305,7 +368,7 @@ impl TlsIo {
             }
         };
         if self.at >= self.incoming.len() {
-            self.incoming = Vec::new();
+            pool::give(std::mem::take(&mut self.incoming));
             self.at = 0;
         }
         if result.is_err() {
@@ -335,7 +398,7 @@ impl TlsIo {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-        self.outgoing = Vec::new();
+        pool::give(std::mem::take(&mut self.outgoing));
         self.sent = 0;
         Poll::Ready(Ok(()))
     }
@@ -354,7 +417,7 @@ impl AsyncRead for TlsIo {
                 buf.put_slice(&this.plain[this.plain_at..this.plain_at + n]);
                 this.plain_at += n;
                 if this.plain_at == this.plain.len() {
-                    this.plain = Vec::new();
+                    pool::give(std::mem::take(&mut this.plain));
                     this.plain_at = 0;
                 }
                 return Poll::Ready(Ok(()));
@@ -372,7 +435,9 @@ impl AsyncRead for TlsIo {
             if this.incoming.len() >= MAX_RECORD {
                 return Poll::Ready(Err(invalid("TLS record too large")));
             }
-            if this.incoming.capacity() - this.incoming.len() < READ_SIZE {
+            if this.incoming.capacity() == 0 {
+                this.incoming = pool::take(READ_SIZE);
+            } else if this.incoming.capacity() - this.incoming.len() < READ_SIZE {
                 this.incoming.reserve_exact(READ_SIZE);
             }
             let offered = this.incoming.capacity() - this.incoming.len();
@@ -397,7 +462,7 @@ impl AsyncRead for TlsIo {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if this.incoming.is_empty() {
-                        this.incoming = Vec::new();
+                        pool::give(std::mem::take(&mut this.incoming));
                     }
                     match this.tcp.poll_read_ready(cx) {
                         Poll::Ready(Ok(())) => continue,
@@ -408,8 +473,12 @@ impl AsyncRead for TlsIo {
                 Err(e) => return Poll::Ready(Err(e)),
             }
             // rustls holds what it answers to received records (a key update) until the
-            // next write.
-            this.pump(None)?;
+            // next write. Application data goes straight into the reader's buffer.
+            let before = buf.filled().len();
+            this.pump_into(None, Some(buf))?;
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
         }
     }
 }
@@ -426,6 +495,10 @@ impl AsyncWrite for TlsIo {
         }
         let data = &data[..data.len().min(WRITE_CHUNK)];
         let guess = data.len() + 64;
+        if this.outgoing.capacity() == 0 {
+            // Room for all that is queued before waiting: the queue never grows by copying.
+            this.outgoing = pool::take(WRITE_QUEUE + WRITE_CHUNK + 1024);
+        }
         this.pump(Some(&mut |w, out| {
             append(out, guess, |b| w.encrypt(data, b), encrypt_needs)
         }))?;
