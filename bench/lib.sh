@@ -15,6 +15,7 @@ connects_per_account = 0
 subscriptions_per_account = 0
 publishes_per_account = 0
 replay_per_second = 0
+shared_replay_per_second = 0
 TOML
 }
 

@@ -112,6 +112,7 @@ NO_THROTTLES = {
     "subscriptions_per_account": 0,
     "publishes_per_account": 0,
     "replay_per_second": 0,
+    "shared_replay_per_second": 0,
 }
 
 

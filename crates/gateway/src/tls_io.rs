@@ -27,8 +27,10 @@ use tokio::net::TcpStream;
 const MAX_RECORD: usize = 5 + 16_384 + 2_048;
 /// Handshake messages may span records; rustls accepts up to 64 KiB of them.
 const MAX_HANDSHAKE_BUFFER: usize = 0xffff + MAX_RECORD;
-/// Room made before each read from the socket, and about the most read at once.
+/// Room made before each read from the socket.
 const READ_SIZE: usize = 8_192;
+/// The most read from the socket at once.
+const MAX_READ: usize = 16_384;
 /// Plaintext taken by one `poll_write`: the rest waits for the next call.
 const WRITE_CHUNK: usize = 16 * 1024;
 /// Encrypted bytes queued before `poll_write` waits for the socket (rustls's buffered
@@ -129,14 +131,22 @@ mod pool {
     const KEEP: usize = 32;
     const LARGEST: usize = 128 * 1024;
 
+    /// Buffers of reads and of writes are kept apart: a write queue is sized for 80 KiB, a
+    /// read for one or two records, and neither should take the other's.
+    #[derive(Clone, Copy)]
+    pub(super) enum Kind {
+        Read = 0,
+        Write = 1,
+    }
+
     thread_local! {
-        static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+        static POOL: RefCell<[Vec<Vec<u8>>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
     }
 
     /// An empty buffer with room for at least `room` bytes.
-    pub(super) fn take(room: usize) -> Vec<u8> {
+    pub(super) fn take(kind: Kind, room: usize) -> Vec<u8> {
         let mut v = POOL
-            .try_with(|p| p.borrow_mut().pop())
+            .try_with(|p| p.borrow_mut()[kind as usize].pop())
             .ok()
             .flatten()
             .unwrap_or_default();
@@ -145,15 +155,15 @@ mod pool {
     }
 
     /// Gives `v` back (emptied), or frees it.
-    pub(super) fn give(mut v: Vec<u8>) {
+    pub(super) fn give(kind: Kind, mut v: Vec<u8>) {
         if v.capacity() == 0 || v.capacity() > LARGEST {
             return;
         }
         v.clear();
         let _ = POOL.try_with(|p| {
             let mut p = p.borrow_mut();
-            if p.len() < KEEP {
-                p.push(v);
+            if p[kind as usize].len() < KEEP {
+                p[kind as usize].push(v);
             }
         });
     }
@@ -269,7 +279,7 @@ impl TlsIo {
     /// a buffer much larger than what it holds (after a large handshake) is shrunk.
     fn compact(&mut self) {
         if self.at >= self.incoming.len() {
-            pool::give(std::mem::take(&mut self.incoming));
+            pool::give(pool::Kind::Read, std::mem::take(&mut self.incoming));
         } else if self.at > 0 {
             self.incoming.drain(..self.at);
         }
@@ -318,7 +328,7 @@ impl TlsIo {
                             }
                             if !data.is_empty() {
                                 if self.plain.capacity() == 0 {
-                                    self.plain = pool::take(data.len());
+                                    self.plain = pool::take(pool::Kind::Read, data.len());
                                 }
                                 self.plain.extend_from_slice(data);
                             }
@@ -368,7 +378,7 @@ impl TlsIo {
             }
         };
         if self.at >= self.incoming.len() {
-            pool::give(std::mem::take(&mut self.incoming));
+            pool::give(pool::Kind::Read, std::mem::take(&mut self.incoming));
             self.at = 0;
         }
         if result.is_err() {
@@ -398,7 +408,7 @@ impl TlsIo {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-        pool::give(std::mem::take(&mut self.outgoing));
+        pool::give(pool::Kind::Write, std::mem::take(&mut self.outgoing));
         self.sent = 0;
         Poll::Ready(Ok(()))
     }
@@ -417,7 +427,7 @@ impl AsyncRead for TlsIo {
                 buf.put_slice(&this.plain[this.plain_at..this.plain_at + n]);
                 this.plain_at += n;
                 if this.plain_at == this.plain.len() {
-                    pool::give(std::mem::take(&mut this.plain));
+                    pool::give(pool::Kind::Read, std::mem::take(&mut this.plain));
                     this.plain_at = 0;
                 }
                 return Poll::Ready(Ok(()));
@@ -436,18 +446,22 @@ impl AsyncRead for TlsIo {
                 return Poll::Ready(Err(invalid("TLS record too large")));
             }
             if this.incoming.capacity() == 0 {
-                this.incoming = pool::take(READ_SIZE);
+                this.incoming = pool::take(pool::Kind::Read, READ_SIZE);
             } else if this.incoming.capacity() - this.incoming.len() < READ_SIZE {
                 this.incoming.reserve_exact(READ_SIZE);
             }
-            let offered = this.incoming.capacity() - this.incoming.len();
+            // At most MAX_READ at once, whatever room a reused buffer has: what the reader
+            // cannot take yet waits in `plain`, and that stays small.
+            let offered = (this.incoming.capacity() - this.incoming.len()).min(MAX_READ);
             let mut got = 0;
             // A read shorter than the room offered drained the socket: its readiness is
             // forgotten at once (as a `WouldBlock` would), which saves the next read, one that
             // could only answer EAGAIN. The reactor forgets it only if no event arrived since
             // the read began, so data that came meanwhile is not missed.
             let read = this.tcp.try_io(Interest::READABLE, || {
-                got = this.tcp.try_read_buf(&mut this.incoming)?;
+                got = this
+                    .tcp
+                    .try_read_buf(&mut bytes::BufMut::limit(&mut this.incoming, MAX_READ))?;
                 if got > 0 && got < offered {
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
@@ -462,7 +476,7 @@ impl AsyncRead for TlsIo {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if this.incoming.is_empty() {
-                        pool::give(std::mem::take(&mut this.incoming));
+                        pool::give(pool::Kind::Read, std::mem::take(&mut this.incoming));
                     }
                     match this.tcp.poll_read_ready(cx) {
                         Poll::Ready(Ok(())) => continue,
@@ -475,10 +489,13 @@ impl AsyncRead for TlsIo {
             // rustls holds what it answers to received records (a key update) until the
             // next write. Application data goes straight into the reader's buffer.
             let before = buf.filled().len();
-            this.pump_into(None, Some(buf))?;
+            let pumped = this.pump_into(None, Some(buf));
             if buf.filled().len() > before {
+                // What was decrypted before a failure is read first; the failure (kept in
+                // `failed`) ends the next read.
                 return Poll::Ready(Ok(()));
             }
+            pumped?;
         }
     }
 }
@@ -490,14 +507,20 @@ impl AsyncWrite for TlsIo {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.outgoing.len() - this.sent >= WRITE_QUEUE {
+        // What is queued is bounded by its length, sent or not: the buffer is reused only
+        // once all of it is written.
+        if this.outgoing.len() >= WRITE_QUEUE {
             ready!(this.poll_send(cx))?;
         }
         let data = &data[..data.len().min(WRITE_CHUNK)];
         let guess = data.len() + 64;
+        // Room for all that is queued before waiting (the queue grows by copying only when a
+        // key update's answer started it small).
+        let room = WRITE_QUEUE + WRITE_CHUNK + 1024;
         if this.outgoing.capacity() == 0 {
-            // Room for all that is queued before waiting: the queue never grows by copying.
-            this.outgoing = pool::take(WRITE_QUEUE + WRITE_CHUNK + 1024);
+            this.outgoing = pool::take(pool::Kind::Write, room);
+        } else if this.outgoing.capacity() < room {
+            this.outgoing.reserve(room - this.outgoing.len());
         }
         this.pump(Some(&mut |w, out| {
             append(out, guess, |b| w.encrypt(data, b), encrypt_needs)

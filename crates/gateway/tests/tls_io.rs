@@ -304,12 +304,19 @@ async fn a_forged_record_fails_the_connection_and_the_client_hears_the_alert() {
     let (addr, task) = server(&s, |io| async move {
         let mut io = io.unwrap();
         let mut buf = [0u8; 64];
-        let err = io.read(&mut buf).await.unwrap_err();
+        // What arrived before the forged record is read first, then the failure.
+        let mut got = Vec::new();
+        let err = loop {
+            match io.read(&mut buf).await {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break e,
+            }
+        };
         // Failed for good: no more reads or writes, only the alert goes out.
         let again = io.read(&mut buf).await.is_err();
         let write = io.write_all(b"late").await.is_err();
         let _ = io.shutdown().await;
-        tx.send((err.kind(), again, write)).unwrap();
+        tx.send((got, err.kind(), again, write)).unwrap();
     })
     .await;
     let tcp = TcpStream::connect(addr).await.unwrap();
@@ -317,11 +324,23 @@ async fn a_forged_record_fails_the_connection_and_the_client_hears_the_alert() {
         .connect(ServerName::try_from("device.example").unwrap(), tcp)
         .await
         .unwrap();
-    // An application-data record no key of this connection sealed.
-    let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x20];
-    forged.extend_from_slice(&[0x5a; 32]);
-    stream.get_mut().0.write_all(&forged).await.unwrap();
-    let (kind, again, write) = rx.await.unwrap();
+    // A genuine record (a DISCONNECT, say), then one no key of this connection sealed, in one
+    // write so that they arrive together.
+    let mut raw = Vec::new();
+    {
+        use std::io::Write;
+        let (_, conn) = stream.get_mut();
+        conn.writer().write_all(b"\xe0\x00").unwrap();
+        conn.write_tls(&mut raw).unwrap();
+    }
+    raw.extend_from_slice(&[0x17, 0x03, 0x03, 0x00, 0x20]);
+    raw.extend_from_slice(&[0x5a; 32]);
+    stream.get_mut().0.write_all(&raw).await.unwrap();
+    let (got, kind, again, write) = rx.await.unwrap();
+    assert_eq!(
+        got, b"\xe0\x00",
+        "the data before the forged record is not lost"
+    );
     assert_eq!(kind, io::ErrorKind::InvalidData);
     assert!(again && write);
     let mut rest = Vec::new();

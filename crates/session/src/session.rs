@@ -631,7 +631,9 @@ impl Session {
         loop {
             let id = self.next_pid;
             self.next_pid = self.next_pid.checked_add(1).unwrap_or(1);
-            if !self.inflight.contains_key(&id) {
+            // Not one in flight, nor one a stored message waits to be sent again with.
+            if !self.inflight.contains_key(&id) && !self.replay.iter().any(|d| d.resend == Some(id))
+            {
                 return id;
             }
         }

@@ -1012,6 +1012,46 @@ fn a_resent_delivery_keeps_its_packet_id_and_sets_dup() {
 }
 
 #[test]
+fn new_packet_ids_skip_those_stored_messages_wait_to_be_sent_again_with() {
+    let mut p = Pair::new(ProtocolVersion::V311);
+    // Ten sent at once (the replay burst), the eleventh later with the id it had before.
+    let mut stored: VecDeque<Delivery> = (1..=10)
+        .map(|i| delivery(message("new", QoS::AtLeastOnce, None), i))
+        .collect();
+    let mut again = delivery(message("again", QoS::AtLeastOnce, None), 11);
+    again.resend = Some(1);
+    stored.push_back(again);
+    p.attachment = Some(Attachment {
+        session: 9,
+        session_present: true,
+        replay: stored,
+        ticket: 0,
+    });
+    p.connect(1200);
+    p.advance_to(secs(0.0));
+    let ids: Vec<u16> = p
+        .drain_received()
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Publish(m) => m.packet_id,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 10);
+    assert!(
+        !ids.contains(&1),
+        "id 1 is kept for the stored message: {ids:?}"
+    );
+    p.advance_to(secs(0.1));
+    match p.recv() {
+        Some(Packet::Publish(m)) => {
+            assert_eq!((&*m.topic, m.packet_id, m.dup), ("again", Some(1), true));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn idle_buffers_shrink_after_a_quiet_second() {
     let mut p = Pair::new(ProtocolVersion::V311);
     p.connect(60);
