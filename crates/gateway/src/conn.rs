@@ -482,6 +482,15 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 };
             }
             _ = shutdown.changed() => return End::Shutdown,
+            // Before reads and deliveries: a connection that always has one or the other
+            // ready would otherwise never reach its deadlines.
+            _ = &mut timer => {
+                let now = Instant::now();
+                if let Err(e) = session.on_timeout(now, port) {
+                    return e;
+                }
+                timer.as_mut().reset(session.poll_timeout(now).into());
+            }
             r = stream.read_buf(session.read_buf()) => {
                 let n = match r {
                     Ok(0) | Err(_) => return End::ConnectionLost,
@@ -510,13 +519,6 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                         Err(_) => break,
                     }
                 }
-            }
-            _ = &mut timer => {
-                let now = Instant::now();
-                if let Err(e) = session.on_timeout(now, port) {
-                    return e;
-                }
-                timer.as_mut().reset(session.poll_timeout(now).into());
             }
         }
     }

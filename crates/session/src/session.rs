@@ -258,6 +258,7 @@ impl Session {
 
     /// Handles every whole packet read (and those buffered behind CONNECT).
     pub fn drain(&mut self, now: Instant, env: &mut impl Env) -> Result<(), End> {
+        self.check_deadline(now)?;
         loop {
             match decode(&mut self.rbuf, self.version, &self.config.codec) {
                 Ok(Some(p)) => self.handle(p, now, env)?,
@@ -317,6 +318,17 @@ impl Session {
     /// The read and write buffers' capacities (idle connections keep them small).
     pub fn buffer_capacity(&self) -> (usize, usize) {
         (self.rbuf.capacity(), self.out.capacity())
+    }
+
+    /// The connection's deadline (credentials, the WebSocket's 24 hours) is checked at every
+    /// packet and delivery too, not only when the driver's timer fires: a connection kept busy
+    /// (a client sending without pause, a flood to its subscriptions) ends at its deadline all
+    /// the same, however the driver schedules its timer.
+    fn check_deadline(&self, now: Instant) -> Result<(), End> {
+        match self.deadline {
+            Some(d) if now >= d => Err(End::Expired),
+            _ => Ok(()),
+        }
     }
 
     /// When a silent client has exceeded 1.5 times its keep-alive.
@@ -644,6 +656,11 @@ impl Session {
     /// AWS's 100 publishes a second per connection counts outbound ones too (inbound and
     /// outbound share the bucket): a delivery over the rate is discarded, as AWS discards it.
     pub fn deliver(&mut self, d: Delivery, now: Instant, env: &mut impl Env) -> Result<(), End> {
+        if let Err(e) = self.check_deadline(now) {
+            // Kept with the session, as a delivery refused for revoked credentials is.
+            self.held.push(d);
+            return Err(e);
+        }
         self.send_delivery(d, now, env, true)
     }
 

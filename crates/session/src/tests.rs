@@ -594,6 +594,36 @@ fn credentials_that_expire_first_end_the_connection_then() {
 }
 
 #[test]
+fn a_deadline_holds_at_every_packet_and_delivery_even_if_the_timer_never_fires() {
+    // A driver busy with reads or deliveries may not get to its timer: the session checks its
+    // deadline at every packet and delivery too.
+    let mut p = Pair::new(ProtocolVersion::V5);
+    p.deadline = Some(p.t0 + Duration::from_secs(900));
+    p.connect(1200);
+    p.now = p.t0 + Duration::from_secs(899);
+    p.send(Packet::PingReq);
+    assert!(p.is_active());
+    p.now = p.t0 + Duration::from_secs(900);
+    p.send(Packet::PingReq);
+    assert_eq!(
+        p.ended(),
+        Some(End::Expired),
+        "the packet after the deadline ends it"
+    );
+
+    let mut p = Pair::new(ProtocolVersion::V5);
+    p.deadline = Some(p.t0 + Duration::from_secs(900));
+    p.connect(1200);
+    p.now = p.t0 + Duration::from_secs(900);
+    p.deliver(delivery(message("t", QoS::AtLeastOnce, None), 3));
+    assert_eq!(p.ended(), Some(End::Expired), "so does a delivery");
+    assert!(
+        p.closed().unacked.iter().any(|d| d.seq == 3),
+        "and the delivery stays with the session"
+    );
+}
+
+#[test]
 fn revoked_credentials_end_the_connection_at_the_next_operation() {
     let mut p = Pair::new(ProtocolVersion::V5);
     p.connect(60);
