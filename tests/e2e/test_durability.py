@@ -307,7 +307,7 @@ def test_an_unacknowledged_message_keeps_its_packet_id_across_a_restart(workdir)
     too. Raw MQTT 3.1.1 over mutual TLS, so the packet id and flags are seen as sent."""
     import struct
 
-    from test_limits_and_robustness import packet, s16
+    from test_limits_and_robustness import connect_v311
     from test_throttles import Wire, connected, publish, pubacks, subscribe
 
     server = Server(workdir / f"dup-{unique('d')}").start()
@@ -315,7 +315,7 @@ def test_an_unacknowledged_message_keeps_its_packet_id_across_a_restart(workdir)
         dev = Device(server, server.boto(), unique("dup"), ALLOW_ALL, workdir)
         cid = unique("sub")
         topic = f"dup/{dev.name}"
-        connect = packet(0x10, s16(b"MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + s16(cid.encode()))
+        connect = connect_v311(cid, clean=False)
         w = Wire(server, dev)
         w.send(connect)
         (t, body), = w.packets(1, quiet=5)

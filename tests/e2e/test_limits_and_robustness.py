@@ -36,8 +36,9 @@ def connect_v5(client_id, keepalive=60):
     return packet(0x10, body)
 
 
-def connect_v311(client_id, keepalive=60):
-    body = s16(b"MQTT") + bytes([4, 0x02]) + struct.pack(">H", keepalive) + s16(client_id.encode())
+def connect_v311(client_id, keepalive=60, clean=True):
+    flags = 0x02 if clean else 0x00
+    body = s16(b"MQTT") + bytes([4, flags]) + struct.pack(">H", keepalive) + s16(client_id.encode())
     return packet(0x10, body)
 
 

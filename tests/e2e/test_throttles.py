@@ -266,7 +266,7 @@ def test_stored_messages_replay_at_10_a_second_besides_live_traffic(aws_server, 
     cid = unique("sub")
     # A persistent 3.1.1 session (clean session 0) subscribed at QoS 1, then offline.
     w = Wire(s, dev)
-    w.send(packet(0x10, s16(b"MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + s16(cid.encode())))
+    w.send(connect_v311(cid, clean=False))
     (t, body), = w.packets(1, quiet=5)
     assert t == 0x20 and body[1] == 0
     w.send(subscribe(1, [f"replay/{dev.name}"], False))
@@ -278,7 +278,7 @@ def test_stored_messages_replay_at_10_a_second_besides_live_traffic(aws_server, 
     assert len(pubacks(pub.packets(15, quiet=5), True)) == 15
     time.sleep(1.1)  # one CONNECT a second per client id
     w = Wire(s, dev)
-    w.send(packet(0x10, s16(b"MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + s16(cid.encode())))
+    w.send(connect_v311(cid, clean=False))
     start = time.time()
     (t, body), = w.packets(1, quiet=5)
     assert t == 0x20 and body[0] == 1, "session present"
@@ -305,7 +305,7 @@ def test_a_shared_groups_stored_messages_replay_at_20_a_second(aws_server, workd
     cid = unique("member")
     topic = f"sreplay/{dev.name}"
     w = Wire(s, dev)
-    w.send(packet(0x10, s16(b"MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + s16(cid.encode())))
+    w.send(connect_v311(cid, clean=False))
     (t, body), = w.packets(1, quiet=5)
     assert t == 0x20 and body[1] == 0
     w.send(subscribe(1, [f"$share/g/{topic}"], False))
@@ -317,7 +317,7 @@ def test_a_shared_groups_stored_messages_replay_at_20_a_second(aws_server, workd
     assert len(pubacks(pub.packets(25, quiet=5), True)) == 25
     time.sleep(1.1)  # one CONNECT a second per client id
     w = Wire(s, dev)
-    w.send(packet(0x10, s16(b"MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + s16(cid.encode())))
+    w.send(connect_v311(cid, clean=False))
     start = time.time()
     (t, body), = w.packets(1, quiet=5)
     assert t == 0x20 and body[0] == 1, "session present"

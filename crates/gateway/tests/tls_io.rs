@@ -63,6 +63,19 @@ fn client_config(s: &Setup, tls12: bool) -> Arc<ClientConfig> {
     )
 }
 
+/// A tokio-rustls client connected to `addr` for the server name `device.example`.
+async fn client(
+    s: &Setup,
+    addr: std::net::SocketAddr,
+    tls12: bool,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(client_config(s, tls12))
+        .connect(ServerName::try_from("device.example").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
 /// A socket that writes at most one byte per call, so every record reaches the server in
 /// pieces.
 struct Trickle(TcpStream);
@@ -136,11 +149,7 @@ fn payload(len: usize) -> Vec<u8> {
 async fn echo_round_trip(tls12: bool, len: usize) {
     let s = setup();
     let (addr, task) = server(&s, echo).await;
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let stream = tokio_rustls::TlsConnector::from(client_config(&s, tls12))
-        .connect(ServerName::try_from("device.example").unwrap(), tcp)
-        .await
-        .unwrap();
+    let stream = client(&s, addr, tls12).await;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let data = payload(len);
     let sent = data.clone();
@@ -193,11 +202,7 @@ async fn records_arriving_a_byte_at_a_time_are_reassembled() {
 async fn key_updates_from_the_client_are_answered_and_traffic_goes_on() {
     let s = setup();
     let (addr, task) = server(&s, echo).await;
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(client_config(&s, false))
-        .connect(ServerName::try_from("device.example").unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut stream = client(&s, addr, false).await;
     for round in 0..5u8 {
         stream.get_mut().1.refresh_traffic_keys().unwrap();
         let data = vec![round; 100];
@@ -228,11 +233,7 @@ async fn an_idle_connection_holds_no_buffer() {
         assert_eq!(io.read(&mut buf).await.unwrap(), 0);
     })
     .await;
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(client_config(&s, false))
-        .connect(ServerName::try_from("device.example").unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut stream = client(&s, addr, false).await;
     stream.write_all(b"hello").await.unwrap();
     stream.flush().await.unwrap();
     let mut back = [0u8; 5];
@@ -319,11 +320,7 @@ async fn a_forged_record_fails_the_connection_and_the_client_hears_the_alert() {
         tx.send((got, err.kind(), again, write)).unwrap();
     })
     .await;
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(client_config(&s, false))
-        .connect(ServerName::try_from("device.example").unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut stream = client(&s, addr, false).await;
     // A genuine record (a DISCONNECT, say), then one no key of this connection sealed, in one
     // write so that they arrive together.
     let mut raw = Vec::new();

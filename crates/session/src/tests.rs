@@ -168,6 +168,16 @@ impl Pair {
         }
     }
 
+    /// The next CONNECT resumes a stored session (id 9) with `replay` to send again.
+    fn resume(&mut self, replay: VecDeque<Delivery>) {
+        self.attachment = Some(Attachment {
+            session: 9,
+            session_present: true,
+            replay,
+            ticket: 0,
+        });
+    }
+
     fn connect_packet(&self, keep_alive: u16) -> Connect {
         Connect {
             version: self.version,
@@ -891,12 +901,7 @@ fn stored_messages_replay_at_ten_a_second_besides_live_traffic() {
     let stored: VecDeque<Delivery> = (1..=25)
         .map(|i| delivery(message("stored", QoS::AtLeastOnce, None), i))
         .collect();
-    p.attachment = Some(Attachment {
-        session: 9,
-        session_present: true,
-        replay: stored,
-        ticket: 0,
-    });
+    p.resume(stored);
     let ack = p.connect(1200);
     assert!(connack_of(&ack).session_present);
     p.advance_to(secs(0.0));
@@ -926,12 +931,7 @@ fn a_shared_groups_stored_messages_replay_at_twenty_a_second_on_their_own_rate()
         .map(shared)
         .chain((31..=42).map(|i| delivery(message("own", QoS::AtLeastOnce, None), i)))
         .collect();
-    p.attachment = Some(Attachment {
-        session: 9,
-        session_present: true,
-        replay: stored,
-        ticket: 0,
-    });
+    p.resume(stored);
     p.connect(1200);
     p.advance_to(secs(0.0));
     let topics = |got: Vec<Packet>| -> Vec<String> {
@@ -968,14 +968,11 @@ fn a_shared_groups_stored_messages_replay_at_twenty_a_second_on_their_own_rate()
 #[test]
 fn replay_stops_at_the_clients_receive_maximum() {
     let mut p = Pair::new(ProtocolVersion::V5);
-    p.attachment = Some(Attachment {
-        session: 9,
-        session_present: true,
-        replay: (1..=5)
+    p.resume(
+        (1..=5)
             .map(|i| delivery(message("s", QoS::AtLeastOnce, None), i))
             .collect(),
-        ticket: 0,
-    });
+    );
     let mut c = p.connect_packet(1200);
     c.properties.receive_maximum = Some(2);
     p.connect_with(c);
@@ -1051,12 +1048,7 @@ fn new_packet_ids_skip_those_stored_messages_wait_to_be_sent_again_with() {
     let mut again = delivery(message("again", QoS::AtLeastOnce, None), 11);
     again.resend = Some(1);
     stored.push_back(again);
-    p.attachment = Some(Attachment {
-        session: 9,
-        session_present: true,
-        replay: stored,
-        ticket: 0,
-    });
+    p.resume(stored);
     p.connect(1200);
     p.advance_to(secs(0.0));
     let ids: Vec<u16> = p
@@ -1161,14 +1153,11 @@ fn inbound_and_outbound_publishes_share_the_100_a_second() {
 #[test]
 fn stored_messages_are_not_discarded_by_the_publish_rate() {
     let mut p = Pair::new(ProtocolVersion::V311);
-    p.attachment = Some(Attachment {
-        session: 9,
-        session_present: true,
-        replay: (1..=5)
+    p.resume(
+        (1..=5)
             .map(|i| delivery(message("stored", QoS::AtLeastOnce, None), i))
             .collect(),
-        ticket: 0,
-    });
+    );
     p.connect(60);
     for _ in 0..100 {
         p.send(publish("in", QoS::AtMostOnce, None, b"x"));
