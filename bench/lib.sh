@@ -16,6 +16,7 @@ subscriptions_per_account = 0
 publishes_per_account = 0
 replay_per_second = 0
 shared_replay_per_second = 0
+shadow_requests_per_thing = 0
 TOML
 }
 

@@ -113,6 +113,7 @@ NO_THROTTLES = {
     "publishes_per_account": 0,
     "replay_per_second": 0,
     "shared_replay_per_second": 0,
+    "shadow_requests_per_thing": 0,
 }
 
 
@@ -282,13 +283,13 @@ class Server:
         assert cp.returncode == 0, f"aws {' '.join(args)} failed: {cp.stderr}"
         return json.loads(cp.stdout) if cp.stdout.strip() else {}
 
-    def boto(self, service="iot", profile="sekisho"):
+    def boto(self, service="iot", profile="sekisho", **client_args):
         old = {k: os.environ.get(k) for k in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")}
         try:
             os.environ.pop("AWS_CA_BUNDLE", None)
             os.environ["AWS_CONFIG_FILE"] = self.env["AWS_CONFIG_FILE"]
             os.environ["AWS_SHARED_CREDENTIALS_FILE"] = self.env["AWS_SHARED_CREDENTIALS_FILE"]
-            return boto3.Session(profile_name=profile).client(service)
+            return boto3.Session(profile_name=profile).client(service, **client_args)
         finally:
             for k, v in old.items():
                 if v is None:

@@ -1259,6 +1259,26 @@ impl Broker {
         self.route(account, msg, true, now)
     }
 
+    /// Takes `n` publishes from the account's publish rate without routing anything (what a
+    /// service counts for a request, as the Device Shadow service's update counts several);
+    /// false, and nothing taken, past the rate.
+    pub fn charge_publishes(&self, account: &str, n: u32, now: Instant) -> bool {
+        let rate = self.config.throttles(account).publishes_per_account;
+        let mut inner = self.lock();
+        let acct = inner
+            .entry(account.to_owned())
+            .or_insert_with(|| AccountState::new(account));
+        let ok = acct
+            .publishes
+            .get_or_insert_with(|| throttle::Bucket::new(rate, rate))
+            .take(now, n);
+        if !ok {
+            self.stats
+                .throttled(throttle::Throttled::AccountPublishRate);
+        }
+        ok
+    }
+
     fn route(
         &self,
         account: &str,

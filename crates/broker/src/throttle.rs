@@ -41,6 +41,15 @@ impl Bucket {
         }
     }
 
+    /// Whether the bucket has refilled completely by `now` (forgetting it changes nothing).
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        self.refill(now);
+        self.micro >= i64::from(self.burst) * MICRO
+    }
+
     /// Takes `n` tokens if there are that many at `now`; false (and nothing taken) if not.
     pub fn take(&mut self, now: Instant, n: u32) -> bool {
         if self.rate == 0 {
@@ -108,6 +117,9 @@ pub struct Throttles {
     pub replay_per_second: u32,
     /// Stored messages of shared subscription groups sent per second to a member (AWS: 20).
     pub shared_replay_per_second: u32,
+    /// Device Shadow requests per second per thing, all its shadows and both protocols
+    /// together (AWS: 20).
+    pub shadow_requests_per_thing: u32,
 }
 
 impl Default for Throttles {
@@ -121,6 +133,7 @@ impl Default for Throttles {
             publishes_per_account: 20_000,
             replay_per_second: 10,
             shared_replay_per_second: 20,
+            shadow_requests_per_thing: 20,
         }
     }
 }

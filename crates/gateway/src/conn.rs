@@ -136,10 +136,16 @@ impl Env for Port {
     }
 
     fn publish(&mut self, message: Message, now: Instant) -> Result<Published, PublishError> {
-        let routed =
-            self.shared
-                .broker
-                .publish_from_client(&self.account, Arc::new(message), now)?;
+        let message = Arc::new(message);
+        let routed = self
+            .shared
+            .broker
+            .publish_from_client(&self.account, message.clone(), now)?;
+        // A request to the shadow service is a message like any other, answered after it is
+        // routed (so a subscriber of the request topic sees it before the answer).
+        self.shared
+            .shadows
+            .on_publish(&self.account, &message.topic, &message.payload);
         let mut own = Vec::new();
         for b in routed.blocked {
             if b.session == self.session {

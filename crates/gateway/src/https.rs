@@ -7,6 +7,8 @@
 //!   `iotdevicegateway`) and authorized by the caller's IAM policies: Publish (with MQTT 5
 //!   properties), GetRetainedMessage, ListRetainedMessages, DeleteConnection. The server name
 //!   chooses the account; credentials of another account are refused.
+//! - Both: the Device Shadow REST API (`/things/{thing}/shadow`, ListNamedShadowsForThing),
+//!   answered by the shadow service (`crate::shadow`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -105,6 +107,29 @@ async fn handle(
             .map(str::to_owned);
         return Ok(credentials(&shared, &info, &alias, thing.as_deref()));
     }
+    let limits = &shared.config.aws;
+    if let Some(call) = shadow_call(&parts.method, path, parts.uri.query().unwrap_or("")) {
+        let call = match call {
+            Ok(c) => c,
+            Err((status, kind, m)) => return Ok(error(status, kind, &m)),
+        };
+        let body = match crate::read_body(body, limits.max_payload, crate::BODY_DEADLINE).await {
+            Ok(b) => b,
+            Err(crate::BodyError::TooLarge) => {
+                return Ok(reply(413, "The payload exceeds the maximum size allowed"));
+            }
+            Err(_) => return Ok(reply(408, "Request Timeout")),
+        };
+        let Some(mut principal) = cert_principal(&shared, &info, certificate) else {
+            return Ok(reply(403, "Forbidden"));
+        };
+        let (action, resource) = call.action();
+        if !principal.allowed(&action.to_ascii_lowercase(), "thing", &resource) {
+            tracing::info!(%certificate, %action, %resource, "HTTPS shadow request not authorized");
+            return Ok(reply(403, "Forbidden"));
+        }
+        return Ok(shadow_rest(&shared, &info.account, call, body).await);
+    }
     let Some(raw_topic) = path.strip_prefix("/topics/") else {
         return Ok(reply(404, "Not Found"));
     };
@@ -125,7 +150,6 @@ async fn handle(
         Some("true") => true,
         Some(_) => return Ok(reply(400, "retain must be true or false")),
     };
-    let limits = &shared.config.aws;
     if sekisho_mqtt::topic::validate_topic_name(&topic).is_err()
         || limits.check_topic(&topic).is_err()
     {
@@ -138,23 +162,9 @@ async fn handle(
         }
         Err(_) => return Ok(reply(408, "Request Timeout")),
     };
-    let Some(certificate) = &info.certificate else {
+    let Some(mut principal) = cert_principal(&shared, &info, certificate) else {
         return Ok(reply(403, "Forbidden"));
     };
-    let mut principal = match Principal::certificate(
-        shared.registry.clone(),
-        &info.account,
-        certificate,
-        None,
-        Some(info.peer.ip()),
-        info.endpoint.private.as_ref(),
-    ) {
-        Ok(p) => p,
-        Err(_) => return Ok(reply(403, "Forbidden")),
-    };
-    if principal.refresh().is_err() {
-        return Ok(reply(403, "Forbidden"));
-    }
     let allowed = aws::may_publish(&topic)
         && !(retain && topic.starts_with('$'))
         && principal.allowed("iot:publish", "topic", &topic)
@@ -163,7 +173,7 @@ async fn handle(
         tracing::info!(%certificate, %topic, "HTTPS publish not authorized");
         return Ok(reply(403, "Forbidden"));
     }
-    let msg = Message {
+    let msg = Arc::new(Message {
         topic: topic.into(),
         payload,
         qos,
@@ -172,10 +182,10 @@ async fn handle(
         expires_at: None,
         origin: None,
         timestamp_ms: events::now_ms(),
-    };
+    });
     match shared
         .broker
-        .publish_from_client(&info.account, Arc::new(msg), std::time::Instant::now())
+        .publish_from_client(&info.account, msg.clone(), std::time::Instant::now())
     {
         Ok(routed) => {
             crate::conn::wait_for_room(&shared.broker, &info.account, routed.blocked).await;
@@ -183,12 +193,35 @@ async fn handle(
             if !shared.broker.durable_until(routed.ticket).await {
                 return Ok(reply(503, "Service Unavailable"));
             }
+            shared
+                .shadows
+                .on_publish(&info.account, &msg.topic, &msg.payload);
             Ok(reply(200, "OK"))
         }
         Err(PublishError::RetainedQuota | PublishError::Throttled) => {
             Ok(reply(429, "Too Many Requests"))
         }
     }
+}
+
+/// The certificate's principal for one HTTPS request (no client id, so no thing variables),
+/// its policies bound now; `None` if the certificate may not act.
+fn cert_principal(
+    shared: &Shared,
+    info: &ConnInfo,
+    certificate: &sekisho_registry::CertificateId,
+) -> Option<Principal> {
+    let mut principal = Principal::certificate(
+        shared.registry.clone(),
+        &info.account,
+        certificate,
+        None,
+        Some(info.peer.ip()),
+        info.endpoint.private.as_ref(),
+    )
+    .ok()?;
+    principal.refresh().ok()?;
+    Some(principal)
 }
 
 /// Serves HTTP/1.1 on one authenticated device connection.
@@ -321,6 +354,18 @@ async fn signed_request(
             .into_owned()
     };
     let q = |name: &str| query_value(&query, name).map(decode);
+    if let Some(call) = shadow_call(&parts.method, &path, &query) {
+        let call = match call {
+            Ok(c) => c,
+            Err((status, kind, m)) => return error(status, kind, &m),
+        };
+        let (action, resource) = call.action();
+        let resource = arn("thing", &resource);
+        if !allowed(action, &resource) {
+            return denied(action, &resource);
+        }
+        return shadow_rest(shared, &account, call, body).await;
+    }
     let segs: Vec<&str> = path.split('/').skip(1).collect();
     match (&parts.method, segs.as_slice()) {
         (&Method::POST, ["topics", raw]) => {
@@ -360,7 +405,7 @@ async fn signed_request(
                 Err(m) => return error(400, "InvalidRequestException", &m),
             };
             let expiry = props.message_expiry_interval;
-            let msg = Message {
+            let msg = Arc::new(Message {
                 topic: topic.into(),
                 payload: body,
                 qos,
@@ -371,10 +416,10 @@ async fn signed_request(
                 }),
                 origin: None,
                 timestamp_ms: events::now_ms(),
-            };
+            });
             match shared.broker.publish_from_client(
                 &account,
-                Arc::new(msg),
+                msg.clone(),
                 std::time::Instant::now(),
             ) {
                 Ok(routed) => {
@@ -382,6 +427,9 @@ async fn signed_request(
                     if !shared.broker.durable_until(routed.ticket).await {
                         return error(503, "ServiceUnavailableException", "Storage is unavailable");
                     }
+                    shared
+                        .shadows
+                        .on_publish(&account, &msg.topic, &msg.payload);
                     json_reply(json!({}))
                 }
                 Err(PublishError::RetainedQuota) => error(
@@ -801,4 +849,183 @@ fn credentials(
     json_reply(json!({"credentials": {"accessKeyId": session.access_key_id,
         "secretAccessKey": session.secret_access_key, "sessionToken": session.token,
         "expiration": expiration}}))
+}
+
+/// A Device Shadow REST call: `GET|POST|DELETE /things/{thing}/shadow[?name=]`, or
+/// `GET /api/things/shadow/ListNamedShadowsForThing/{thing}`.
+#[derive(Debug)]
+pub(crate) enum ShadowCall {
+    /// Get, update or delete one shadow.
+    One {
+        thing: String,
+        name: Option<String>,
+        op: sekisho_shadow::Op,
+    },
+    /// ListNamedShadowsForThing.
+    List {
+        thing: String,
+        next: Option<String>,
+        size: usize,
+    },
+}
+
+impl ShadowCall {
+    /// The IoT action and the thing resource (`{thing}` or `{thing}/{shadow}`) it is on.
+    pub(crate) fn action(&self) -> (&'static str, String) {
+        use sekisho_shadow::Op;
+        match self {
+            ShadowCall::One { thing, name, op } => (
+                match op {
+                    Op::Get => "iot:GetThingShadow",
+                    Op::Update => "iot:UpdateThingShadow",
+                    Op::Delete => "iot:DeleteThingShadow",
+                },
+                match name {
+                    Some(n) => format!("{thing}/{n}"),
+                    None => thing.clone(),
+                },
+            ),
+            ShadowCall::List { thing, .. } => ("iot:ListNamedShadowsForThing", thing.clone()),
+        }
+    }
+}
+
+fn shadow_error(e: &sekisho_shadow::Error) -> Response<Full<Bytes>> {
+    let body = json!({"code": e.code, "message": e.message});
+    let mut r = json_reply(body);
+    *r.status_mut() = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        "x-amzn-errortype",
+        hyper::header::HeaderValue::from_static(e.kind()),
+    );
+    r
+}
+
+/// An error answer: status, error type, message.
+pub(crate) type Refusal = (u16, &'static str, String);
+
+/// Parses a shadow REST path; `None` if the path is not one, an error response if it is one
+/// with a bad method or argument.
+pub(crate) fn shadow_call(
+    method: &Method,
+    path: &str,
+    query: &str,
+) -> Option<Result<ShadowCall, Refusal>> {
+    use sekisho_shadow::Op;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let bad = |m: &str| Err((400, "InvalidRequestException", m.to_owned()));
+    let segs: Vec<&str> = path.split('/').skip(1).collect();
+    let q = |name: &str| query_value(query, name).map(decode);
+    match segs.as_slice() {
+        ["things", thing, "shadow"] => {
+            let thing = decode(thing);
+            let op = match *method {
+                Method::GET => Op::Get,
+                Method::POST => Op::Update,
+                Method::DELETE => Op::Delete,
+                _ => {
+                    return Some(Err((
+                        405,
+                        "MethodNotAllowedException",
+                        "Method Not Allowed".into(),
+                    )));
+                }
+            };
+            if !sekisho_shadow::valid_thing_name(&thing) {
+                return Some(bad("Invalid thing name"));
+            }
+            let name = q("name");
+            if name
+                .as_deref()
+                .is_some_and(|n| !sekisho_shadow::valid_shadow_name(n))
+            {
+                return Some(bad("Invalid shadow name"));
+            }
+            Some(Ok(ShadowCall::One { thing, name, op }))
+        }
+        ["api", "things", "shadow", "ListNamedShadowsForThing", thing] => {
+            if *method != Method::GET {
+                return Some(Err((
+                    405,
+                    "MethodNotAllowedException",
+                    "Method Not Allowed".into(),
+                )));
+            }
+            let thing = decode(thing);
+            if !sekisho_shadow::valid_thing_name(&thing) {
+                return Some(bad("Invalid thing name"));
+            }
+            let size = match q("pageSize").map(|v| v.parse::<usize>()) {
+                None => 100,
+                Some(Ok(n)) if (1..=100).contains(&n) => n,
+                Some(_) => return Some(bad("pageSize must be 1 to 100")),
+            };
+            let next = q("nextToken");
+            if next
+                .as_deref()
+                .is_some_and(|n| !sekisho_shadow::valid_shadow_name(n))
+            {
+                return Some(bad("Invalid nextToken"));
+            }
+            Some(Ok(ShadowCall::List { thing, next, size }))
+        }
+        _ => None,
+    }
+}
+
+/// Carries out an authorized shadow call.
+pub(crate) async fn shadow_rest(
+    shared: &Shared,
+    account: &str,
+    call: ShadowCall,
+    body: Bytes,
+) -> Response<Full<Bytes>> {
+    match call {
+        ShadowCall::One { thing, name, op } => {
+            match shared
+                .shadows
+                .request(account, &thing, name.as_deref(), op, body)
+                .await
+            {
+                Ok(doc) => json_reply(doc),
+                Err(e) => shadow_error(&e),
+            }
+        }
+        ShadowCall::List { thing, next, size } => {
+            // Deleted shadows keep a row (their version); only those that exist are listed.
+            let mut names = Vec::new();
+            let mut after = next;
+            loop {
+                let rows =
+                    match shared
+                        .registry
+                        .named_shadows(account, &thing, after.as_deref(), 100)
+                    {
+                        Ok(r) => r,
+                        Err(_) => return shadow_error(&sekisho_shadow::Error::internal()),
+                    };
+                let done = rows.len() < 100;
+                for (name, doc) in rows {
+                    after = Some(name.clone());
+                    if sekisho_shadow::Shadow::from_json(&doc).is_some_and(|s| s.exists) {
+                        names.push(name);
+                    }
+                }
+                if done || names.len() > size {
+                    break;
+                }
+            }
+            let mut out = json!({"timestamp": events::now_ms() / 1000});
+            if names.len() > size {
+                out["nextToken"] = json!(names[size - 1]);
+                names.truncate(size);
+            }
+            out["results"] = json!(names);
+            json_reply(out)
+        }
+    }
 }

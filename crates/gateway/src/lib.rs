@@ -16,6 +16,7 @@ pub use sekisho_auth::{authn, authz};
 pub mod conn;
 pub mod events;
 pub mod https;
+pub mod shadow;
 pub mod tls;
 pub mod tls_io;
 pub mod ws;
@@ -105,6 +106,8 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// What every MQTT session is configured with (from `config`).
     pub session: Arc<sekisho_session::Config>,
+    /// The Device Shadow service.
+    pub shadows: shadow::Shadows,
     /// The threads device connections run on (unset: the caller's runtime).
     pub threads: std::sync::OnceLock<Arc<ConnThreads>>,
     /// MQTT connections being served (from CONNECT to the end of their bookkeeping).
@@ -134,6 +137,7 @@ impl Shared {
             ..sekisho_session::Config::default()
         });
         Arc::new(Shared {
+            shadows: shadow::Shadows::start(registry.clone(), broker.clone()),
             registry,
             broker,
             session,

@@ -17,6 +17,7 @@ mod iam;
 pub mod model;
 mod policies;
 mod rolealias;
+mod shadows;
 mod store;
 mod things;
 
@@ -43,6 +44,7 @@ pub use model::*;
 pub use policies::{MAX_POLICIES_PER_TARGET, MAX_POLICY_VERSIONS};
 pub use rolealias::{MAX_ROLE_ALIASES, RoleAlias};
 pub use sekisho_ids::{AccountId, CertificateId, ClientId};
+pub use shadows::ShadowWrite;
 use store::{Kind, Op, Store};
 pub use things::{ThingQuery, ThingUpdate};
 

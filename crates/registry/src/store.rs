@@ -28,6 +28,9 @@ pub(crate) enum Kind {
     ManagedPolicy,
     Session,
     RoleAlias,
+    /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
+    /// never loaded into memory, read and written one by one.
+    Shadow,
 }
 
 impl Kind {
@@ -48,6 +51,7 @@ impl Kind {
             Kind::ManagedPolicy => "iam_managed_policy",
             Kind::Session => "sts_session",
             Kind::RoleAlias => "role_alias",
+            Kind::Shadow => "shadow",
         }
     }
 }
@@ -180,6 +184,53 @@ impl Store {
                     doc: r.get(2)?,
                 })
             })
+            .map_err(db_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+    }
+
+    /// One stored document.
+    pub(crate) fn get(
+        &self,
+        kind: Kind,
+        account: &str,
+        key: &str,
+    ) -> Result<Option<String>, RegistryError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT doc FROM objects WHERE kind = ?1 AND account_id = ?2 AND key = ?3",
+            )
+            .map_err(db_err)?;
+        let mut rows = stmt
+            .query(params![kind.as_str(), account, key])
+            .map_err(db_err)?;
+        match rows.next().map_err(db_err)? {
+            Some(r) => Ok(Some(r.get(0).map_err(db_err)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stored documents whose keys lie in `(after, below)`, in key order, at most `limit`.
+    pub(crate) fn range(
+        &self,
+        kind: Kind,
+        account: &str,
+        after: &str,
+        below: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, RegistryError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT key, doc FROM objects WHERE kind = ?1 AND account_id = ?2
+                 AND key > ?3 AND key < ?4 ORDER BY key LIMIT ?5",
+            )
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map(
+                params![kind.as_str(), account, after, below, limit as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .map_err(db_err)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
     }

@@ -108,6 +108,8 @@ pub struct Limits {
     /// Stored messages of shared subscription groups sent per second to a member that comes
     /// back (AWS: 20).
     pub shared_replay_per_second: u32,
+    /// Device Shadow requests per second per thing (AWS: 20).
+    pub shadow_requests_per_thing: u32,
     /// Per-account overrides, by account id.
     pub accounts: std::collections::BTreeMap<String, AccountLimits>,
 }
@@ -144,6 +146,8 @@ pub struct AccountLimits {
     pub replay_per_second: Option<u32>,
     /// See [`Limits::shared_replay_per_second`].
     pub shared_replay_per_second: Option<u32>,
+    /// See [`Limits::shadow_requests_per_thing`].
+    pub shadow_requests_per_thing: Option<u32>,
 }
 
 impl Default for Limits {
@@ -159,6 +163,7 @@ impl Default for Limits {
             publishes_per_account: t.publishes_per_account,
             replay_per_second: t.replay_per_second,
             shared_replay_per_second: t.shared_replay_per_second,
+            shadow_requests_per_thing: t.shadow_requests_per_thing,
             retained_messages: q.retained_messages,
             retained_bytes: q.retained_bytes,
             sessions: q.sessions,
@@ -206,6 +211,7 @@ impl Limits {
             publishes_per_account: self.publishes_per_account,
             replay_per_second: self.replay_per_second,
             shared_replay_per_second: self.shared_replay_per_second,
+            shadow_requests_per_thing: self.shadow_requests_per_thing,
         };
         let account_throttles = self
             .accounts
@@ -236,6 +242,9 @@ impl Limits {
                         shared_replay_per_second: a
                             .shared_replay_per_second
                             .unwrap_or(rates.shared_replay_per_second),
+                        shadow_requests_per_thing: a
+                            .shadow_requests_per_thing
+                            .unwrap_or(rates.shadow_requests_per_thing),
                     },
                 )
             })
