@@ -460,15 +460,18 @@ class Paho:
     """A paho-mqtt client over mutual TLS that records what happens to it."""
 
     def __init__(self, server, host, device, client_id, v5=False, clean=True, keepalive=60, will=None, port=None,
-                 tls_version=None):
+                 tls_version=None, alpn=None):
         proto = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
         kwargs = {} if v5 else {"clean_session": clean}
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kwargs)
-        if tls_version is None:
+        if tls_version is None and alpn is None:
             self.c.tls_set(ca_certs=server.ca, certfile=str(device.cert), keyfile=str(device.key))
         else:
             ctx = ssl.create_default_context(cafile=server.ca)
-            ctx.minimum_version = ctx.maximum_version = tls_version
+            if tls_version is not None:
+                ctx.minimum_version = ctx.maximum_version = tls_version
+            if alpn is not None:
+                ctx.set_alpn_protocols(alpn)
             ctx.load_cert_chain(str(device.cert), str(device.key))
             self.c.tls_set_context(ctx)
         self.messages = queue.Queue()

@@ -224,8 +224,16 @@ fn cert_principal(
     Some(principal)
 }
 
-/// Serves HTTP/1.1 on one authenticated device connection.
+/// Serves HTTP/1.1 on one authenticated device connection, or MQTT if the client chose it by
+/// ALPN (`x-amzn-mqtt-ca`, which needs a client certificate), as on AWS's port 443.
 pub async fn serve(shared: Arc<Shared>, stream: DeviceStream, info: ConnInfo) {
+    if stream.alpn_protocol() == Some(crate::tls::ALPN_MQTT) {
+        if info.certificate.is_none() {
+            tracing::info!(peer = %info.peer, "MQTT by ALPN without a client certificate; refusing");
+            return;
+        }
+        return crate::conn::serve(shared, stream, info).await;
+    }
     let info = Arc::new(info);
     let peer = info.peer;
     let svc = hyper::service::service_fn(move |req| handle(shared.clone(), info.clone(), req));

@@ -25,6 +25,14 @@ use rustls::{
 use sekisho_broker::Broker;
 use sekisho_registry::{AccountId, Authentication, CertificateId, Registry, Route};
 
+/// MQTT with a client certificate, as AWS's port 443 names it.
+pub const ALPN_MQTT: &[u8] = b"x-amzn-mqtt-ca";
+/// What the device HTTPS listeners offer by ALPN, in the server's order of preference: MQTT
+/// with a client certificate, HTTPS with one (AWS's names), and plain HTTP/1.1 (HTTPS with
+/// SigV4, WebSocket). A client offering none of them is refused (`no_application_protocol`);
+/// one that offers no ALPN at all gets HTTPS.
+pub const ALPN: &[&[u8]] = &[ALPN_MQTT, b"x-amzn-http-ca", b"http/1.1"];
+
 /// The crypto provider every config uses (aws-lc-rs only; see decision 0001).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -432,7 +440,7 @@ impl TlsConfigs {
 
     /// The mutual-TLS config of one handshake on a route under a TLS security policy, and its
     /// verifier; with `optional`, a client may also connect without a certificate (device
-    /// HTTPS with SigV4).
+    /// HTTPS with SigV4), and the protocols of [`ALPN`] are offered.
     pub fn mtls(
         &self,
         target: &Target,
@@ -449,6 +457,12 @@ impl TlsConfigs {
             .with_protocol_versions(policy.versions())?
             .with_client_cert_verifier(verifier.clone())
             .with_cert_resolver(self.resolver.clone());
+        // Device HTTPS listeners (the only ones where the certificate is optional) carry MQTT
+        // too, chosen by ALPN as on AWS's port 443; the server's order decides, so a client
+        // offering several gets MQTT only if it asks for it.
+        if optional {
+            cfg.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        }
         // No resumption: every connection's certificate is checked in full.
         cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         cfg.send_tls13_tickets = 0;

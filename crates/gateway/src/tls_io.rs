@@ -270,6 +270,11 @@ impl TlsIo {
         self.conn.peer_certificates()
     }
 
+    /// The application protocol the handshake agreed on (ALPN), if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+
     /// Bytes of buffer the connection holds besides rustls's own state: none while idle.
     pub fn buffered_capacity(&self) -> usize {
         self.incoming.capacity() + self.plain.capacity() + self.outgoing.capacity()
