@@ -62,14 +62,24 @@ fn seg(call: &Call, i: usize) -> &str {
     call.segments.get(i).map(String::as_str).unwrap_or("")
 }
 
+/// The `(kind, name)` resources a request's body names.
+pub(crate) type BodyResources =
+    fn(&ApiState, &Call) -> Result<Vec<(&'static str, String)>, ApiError>;
+
+/// What a thing group's properties say: description, attributes, whether to merge them.
+type GroupProperties = (Option<String>, Option<BTreeMap<String, String>>, bool);
+
 /// What a route's IAM resource is (AWS's service authorization reference: list and
 /// account-wide operations take `*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub(crate) enum Res {
     /// `*`.
     Any,
     /// `arn:aws:iot:<region>:<account>:<kind>/<path label at this index>`.
     Label(&'static str, usize),
+    /// Resources named in the body: `(kind, name)` pairs from the same function the
+    /// handler reads them with, each authorized.
+    Body(BodyResources),
 }
 
 type Run = fn(&ApiState, &Call) -> Out;
@@ -217,6 +227,133 @@ static ROUTES: &[Route] = &[
         "ListThingTypes",
         ANY,
         list_thing_types
+    ),
+    route!(
+        POST,
+        ["thing-groups", L],
+        "CreateThingGroup",
+        label("thinggroup"),
+        create_thing_group
+    ),
+    route!(
+        GET,
+        ["thing-groups", L],
+        "DescribeThingGroup",
+        label("thinggroup"),
+        describe_thing_group
+    ),
+    route!(
+        PATCH,
+        ["thing-groups", L],
+        "UpdateThingGroup",
+        label("thinggroup"),
+        update_thing_group
+    ),
+    route!(
+        DELETE,
+        ["thing-groups", L],
+        "DeleteThingGroup",
+        label("thinggroup"),
+        |s, c| {
+            let v = c
+                .q("expectedVersion")
+                .map(|v| v.parse::<i64>())
+                .transpose()
+                .map_err(|_| ApiError::invalid("expectedVersion must be a number"))?;
+            s.registry.delete_thing_group(&c.account, seg(c, 1), v)?;
+            Ok(json!({}))
+        }
+    ),
+    route!(GET, ["thing-groups"], "ListThingGroups", ANY, |s, c| {
+        let page = s.registry.list_thing_groups(
+            &c.account,
+            c.q("parentGroup"),
+            c.q("namePrefixFilter"),
+            c.q_bool("recursive")?,
+            c.q("nextToken"),
+            c.q_int("maxResults", 1, 250, 250)? as usize,
+        )?;
+        let groups: Vec<Value> = page
+            .items
+            .iter()
+            .map(|(n, a)| json!({"groupName": n, "groupArn": a}))
+            .collect();
+        Ok(json!({"thingGroups": groups, "nextToken": page.next}))
+    }),
+    route!(
+        PUT,
+        ["thing-groups", "addThingToThingGroup"],
+        "AddThingToThingGroup",
+        Res::Body(|s, c| membership(s, c).map(|(g, t)| vec![("thinggroup", g), ("thing", t)])),
+        |s, c| {
+            let (g, t) = membership(s, c)?;
+            s.registry.add_thing_to_group(&c.account, &g, &t)?;
+            Ok(json!({}))
+        }
+    ),
+    route!(
+        PUT,
+        ["thing-groups", "removeThingFromThingGroup"],
+        "RemoveThingFromThingGroup",
+        Res::Body(|s, c| membership(s, c).map(|(g, t)| vec![("thinggroup", g), ("thing", t)])),
+        |s, c| {
+            let (g, t) = membership(s, c)?;
+            s.registry.remove_thing_from_group(&c.account, &g, &t)?;
+            Ok(json!({}))
+        }
+    ),
+    route!(
+        PUT,
+        ["thing-groups", "updateThingGroupsForThing"],
+        "UpdateThingGroupsForThing",
+        Res::Body(|_, c| {
+            let (thing, add, remove) = groups_for_thing(c)?;
+            let mut v = vec![("thing", thing)];
+            v.extend(add.into_iter().chain(remove).map(|g| ("thinggroup", g)));
+            Ok(v)
+        }),
+        |s, c| {
+            let (thing, add, remove) = groups_for_thing(c)?;
+            s.registry
+                .update_groups_for_thing(&c.account, &thing, &add, &remove)?;
+            Ok(json!({}))
+        }
+    ),
+    route!(
+        GET,
+        ["thing-groups", L, "things"],
+        "ListThingsInThingGroup",
+        label("thinggroup"),
+        |s, c| {
+            let page = s.registry.list_things_in_group(
+                &c.account,
+                seg(c, 1),
+                c.q_bool("recursive")?,
+                c.q("nextToken"),
+                c.q_int("maxResults", 1, 250, 250)? as usize,
+            )?;
+            Ok(json!({"things": page.items, "nextToken": page.next}))
+        }
+    ),
+    route!(
+        GET,
+        ["things", L, "thing-groups"],
+        "ListThingGroupsForThing",
+        label("thing"),
+        |s, c| {
+            let page = s.registry.list_groups_for_thing(
+                &c.account,
+                seg(c, 1),
+                c.q("nextToken"),
+                c.q_int("maxResults", 1, 250, 250)? as usize,
+            )?;
+            let groups: Vec<Value> = page
+                .items
+                .iter()
+                .map(|(n, a)| json!({"groupName": n, "groupArn": a}))
+                .collect();
+            Ok(json!({"thingGroups": groups, "nextToken": page.next}))
+        }
     ),
     route!(
         POST,
@@ -565,15 +702,25 @@ static ROUTES: &[Route] = &[
 ];
 
 impl Route {
-    /// The ARN this route's IAM action is authorized on, from the same path label its
-    /// handler acts on.
-    pub(crate) fn resource_arn(&self, state: &ApiState, call: &Call) -> String {
-        match self.resource {
-            Res::Any => "*".to_string(),
-            Res::Label(kind, i) => state
-                .registry
-                .arn(&call.account, &format!("{kind}/{}", seg(call, i))),
-        }
+    /// The ARNs this route's IAM action is authorized on, from the same path label or body
+    /// members its handler acts on.
+    pub(crate) fn resource_arns(
+        &self,
+        state: &ApiState,
+        call: &Call,
+    ) -> Result<Vec<String>, ApiError> {
+        Ok(match self.resource {
+            Res::Any => vec!["*".to_string()],
+            Res::Label(kind, i) => vec![
+                state
+                    .registry
+                    .arn(&call.account, &format!("{kind}/{}", seg(call, i))),
+            ],
+            Res::Body(f) => f(state, call)?
+                .into_iter()
+                .map(|(kind, name)| state.registry.arn(&call.account, &format!("{kind}/{name}")))
+                .collect(),
+        })
     }
 
     /// Runs the operation (once it is authorized).
@@ -1208,6 +1355,7 @@ fn list_attached(state: &ApiState, call: &Call, target: &str) -> Out {
     let page = state.registry.list_attached_policies(
         &call.account,
         target,
+        call.q_bool("recursive")?,
         call.q("marker"),
         call.q_int("pageSize", 1, 250, 250)? as usize,
     )?;
@@ -1313,16 +1461,157 @@ fn list_principal_things(state: &ApiState, call: &Call, v2: bool) -> Out {
     )
 }
 
+/// A name given as `{member}Name` or as `{member}Arn` (an ARN of this account's `kind`).
+fn name_or_arn(
+    state: &ApiState,
+    call: &Call,
+    b: &Map<String, Value>,
+    member: &str,
+    kind: &str,
+) -> Result<Option<String>, ApiError> {
+    let name = str_field(b, &format!("{member}Name"))?;
+    let arn = str_field(b, &format!("{member}Arn"))?;
+    let from_arn = match arn {
+        None => None,
+        Some(a) => Some(
+            a.strip_prefix(&state.registry.arn(&call.account, &format!("{kind}/")))
+                .ok_or_else(|| {
+                    ApiError::invalid(format!("{member}Arn is not a {kind} of this account"))
+                })?
+                .to_owned(),
+        ),
+    };
+    match (name, from_arn) {
+        (Some(n), Some(a)) if n != a => Err(ApiError::invalid(format!(
+            "{member}Name and {member}Arn name different resources"
+        ))),
+        (Some(n), _) => Ok(Some(n.to_owned())),
+        (None, a) => Ok(a),
+    }
+}
+
+/// The group and the thing of AddThingToThingGroup and RemoveThingFromThingGroup.
+fn membership(state: &ApiState, call: &Call) -> Result<(String, String), ApiError> {
+    let b = call.json()?;
+    let group = name_or_arn(state, call, &b, "thingGroup", "thinggroup")?
+        .ok_or_else(|| ApiError::invalid("thingGroupName or thingGroupArn is required"))?;
+    let thing = name_or_arn(state, call, &b, "thing", "thing")?
+        .ok_or_else(|| ApiError::invalid("thingName or thingArn is required"))?;
+    Ok((group, thing))
+}
+
+/// The thing and the groups of UpdateThingGroupsForThing.
+fn groups_for_thing(call: &Call) -> Result<(String, Vec<String>, Vec<String>), ApiError> {
+    let b = call.json()?;
+    let thing = required(&b, "thingName")?.to_owned();
+    let list = |k: &str| -> Result<Vec<String>, ApiError> {
+        match b.get(k) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(a)) if a.len() <= MAX_GROUPS_PER_THING => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| ApiError::invalid(format!("{k} must list names")))
+                })
+                .collect(),
+            Some(_) => Err(ApiError::invalid(format!(
+                "{k} must be a list of at most {MAX_GROUPS_PER_THING} names"
+            ))),
+        }
+    };
+    Ok((
+        thing,
+        list("thingGroupsToAdd")?,
+        list("thingGroupsToRemove")?,
+    ))
+}
+
+fn group_properties(b: &Map<String, Value>) -> Result<GroupProperties, ApiError> {
+    let Some(p) = b.get("thingGroupProperties") else {
+        return Ok((None, None, false));
+    };
+    let Value::Object(p) = p else {
+        return Err(ApiError::invalid("thingGroupProperties must be an object"));
+    };
+    let description = str_field(p, "thingGroupDescription")?.map(str::to_owned);
+    let (attrs, merge) = attributes(p)?;
+    Ok((description, attrs, merge))
+}
+
+fn create_thing_group(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let name = seg(call, 1);
+    let (description, attrs, _) = group_properties(&b)?;
+    let g = state.registry.create_thing_group(
+        &call.account,
+        name,
+        str_field(&b, "parentGroupName")?,
+        description.as_deref(),
+        attrs.unwrap_or_default(),
+    )?;
+    Ok(
+        json!({"thingGroupName": g.name, "thingGroupArn": state.registry.group_arn(&call.account, &g.name), "thingGroupId": g.id}),
+    )
+}
+
+fn describe_thing_group(state: &ApiState, call: &Call) -> Out {
+    let (g, ancestors) = state
+        .registry
+        .describe_thing_group(&call.account, seg(call, 1))?;
+    let mut props = json!({"attributePayload": {"attributes": g.attributes}});
+    if let Some(d) = &g.description {
+        props["thingGroupDescription"] = json!(d);
+    }
+    let mut meta = json!({"creationDate": g.created});
+    if let Some(p) = &g.parent {
+        meta["parentGroupName"] = json!(p);
+        meta["rootToParentThingGroups"] = json!(ancestors
+            .iter()
+            .map(|a| json!({"groupName": a, "groupArn": state.registry.group_arn(&call.account, a)}))
+            .collect::<Vec<_>>());
+    }
+    Ok(json!({"thingGroupName": g.name, "thingGroupId": g.id,
+        "thingGroupArn": state.registry.group_arn(&call.account, &g.name), "version": g.version,
+        "thingGroupProperties": props, "thingGroupMetadata": meta}))
+}
+
+fn update_thing_group(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    if !b.contains_key("thingGroupProperties") {
+        return Err(ApiError::invalid("thingGroupProperties is required"));
+    }
+    let (description, attributes, merge) = group_properties(&b)?;
+    let expected_version = match b.get("expectedVersion") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_i64()
+                .ok_or_else(|| ApiError::invalid("expectedVersion must be a number"))?,
+        ),
+    };
+    let version = state.registry.update_thing_group(
+        &call.account,
+        seg(call, 1),
+        GroupUpdate {
+            description,
+            attributes,
+            merge,
+            expected_version,
+        },
+    )?;
+    Ok(json!({"version": version}))
+}
+
 fn effective_policies(state: &ApiState, call: &Call) -> Out {
     let b = call.json()?;
-    let principal =
-        str_field(&b, "principal")?.ok_or_else(|| ApiError::invalid("principal is required"))?;
-    if let Some(t) = call.q("thingName") {
-        state.registry.describe_thing(&call.account, t)?;
+    let principal = str_field(&b, "principal")?;
+    let thing = call.q("thingName");
+    if principal.is_none() && thing.is_none() {
+        return Err(ApiError::invalid("principal or thingName is required"));
     }
     let ps = state
         .registry
-        .effective_policies(&call.account, principal)?;
+        .effective_policies(&call.account, principal, thing)?;
     let v: Vec<Value> = ps
         .iter()
         .map(|p| {
@@ -1538,7 +1827,9 @@ mod route_tests {
                 found.operation
             );
             match r.resource {
-                Res::Any => assert_eq!(r.resource_arn(&state, &c), "*"),
+                Res::Any => assert_eq!(r.resource_arns(&state, &c).unwrap(), ["*"]),
+                // Body resources are checked by the handlers' own tests (groups.rs e2e).
+                Res::Body(_) => {}
                 Res::Label(kind, i) => {
                     assert_eq!(
                         r.path[i], L,
@@ -1547,8 +1838,8 @@ mod route_tests {
                     );
                     assert_eq!(i, 1, "{}: handlers act on seg(call, 1)", r.operation);
                     assert_eq!(
-                        r.resource_arn(&state, &c),
-                        format!("arn:aws:iot:us-east-1:123456789012:{kind}/name1"),
+                        r.resource_arns(&state, &c).unwrap(),
+                        [format!("arn:aws:iot:us-east-1:123456789012:{kind}/name1")],
                         "{}",
                         r.operation
                     );

@@ -492,14 +492,14 @@ pub async fn handle(
     // the path label the handler acts on, and the handler.
     let result = match iot::route(&call) {
         None => Err(iot::unknown(&call)),
-        Some(route) => authorize(
-            &state,
-            &caller,
-            &call.request,
-            &format!("iot:{}", route.operation),
-            &route.resource_arn(&state, &call),
-        )
-        .and_then(|()| route.run(&state, &call)),
+        Some(route) => route
+            .resource_arns(&state, &call)
+            .and_then(|arns| {
+                let action = format!("iot:{}", route.operation);
+                arns.iter()
+                    .try_for_each(|arn| authorize(&state, &caller, &call.request, &action, arn))
+            })
+            .and_then(|()| route.run(&state, &call)),
     };
     Ok(match result {
         Ok(v) => json_response(200, &v),

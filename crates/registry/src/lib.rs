@@ -13,6 +13,7 @@
 mod cas;
 mod certs;
 mod error;
+mod groups;
 mod iam;
 pub mod model;
 mod policies;
@@ -35,6 +36,7 @@ use tokio::sync::broadcast;
 pub use cas::{Authentication, CaUpdate, MAX_CAS_PER_SUBJECT, NewCaCertificate, Route, Unusable};
 pub use certs::NewCertificate;
 pub use error::RegistryError;
+pub use groups::{GroupUpdate, MAX_GROUPS_PER_THING, MAX_POLICIES_PER_GROUP, ThingGroup};
 pub use iam::{
     Credential, IamPrincipal, IamRole, IamUser, MAX_SESSION_POLICY_CHARS,
     MAX_SESSION_TOKEN_SECONDS, MAX_SESSIONS_PER_ACCOUNT, ManagedPolicy, Session,
@@ -206,7 +208,7 @@ impl Registry {
     }
 
     fn with_store(store: Store, region: &str) -> Result<Registry> {
-        let st = load_state(&store)?;
+        let st = load_state(&store, region)?;
         let (feed, _) = broadcast::channel(1024);
         Ok(Registry {
             region: region.to_owned(),
@@ -221,8 +223,8 @@ impl Registry {
 /// After a write that memory took but the database refused (and rolled back): memory is put
 /// back to what the database holds, under the same lock, so that nobody ever acts on a change
 /// that was not persisted.
-fn restore(st: &mut State, store: &Store, e: &RegistryError) {
-    match load_state(store) {
+fn restore(region: &str, st: &mut State, store: &Store, e: &RegistryError) {
+    match load_state(store, region) {
         Ok(fresh) => {
             *st = fresh;
             tracing::error!(error = %e, "registry write failed; nothing was changed");
@@ -234,7 +236,7 @@ fn restore(st: &mut State, store: &Store, e: &RegistryError) {
 }
 
 /// The registry's memory view, as the database holds it.
-fn load_state(store: &Store) -> Result<State> {
+fn load_state(store: &Store, region: &str) -> Result<State> {
     let mut st = State::default();
     for row in store.load(Kind::Account)? {
         let info: AccountInfo = decode(&row.doc)?;
@@ -323,6 +325,19 @@ fn load_state(store: &Store) -> Result<State> {
         account_mut(&mut st, &row.account)?
             .policies
             .insert(p.name.clone(), p);
+    }
+    for row in store.load(Kind::ThingGroup)? {
+        let g: groups::ThingGroup = decode(&row.doc)?;
+        let a = account_mut(&mut st, &row.account)?;
+        a.group_arns.insert(
+            g.name.clone(),
+            format!("arn:aws:iot:{region}:{}:thinggroup/{}", row.account, g.name),
+        );
+        a.thing_groups.insert(g.name.clone(), g);
+    }
+    for row in store.load(Kind::ThingGroupMember)? {
+        let (group, thing) = row.key.split_once('\n').unwrap_or((&row.key, ""));
+        account_mut(&mut st, &row.account)?.link_member(group, thing);
     }
     for row in store.load(Kind::PolicyAttachment)? {
         let (policy, target) = row.key.split_once('\n').unwrap_or((&row.key, ""));
@@ -442,7 +457,7 @@ impl Registry {
         {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = store.apply(&tx.ops) {
-                restore(&mut st, &store, &e);
+                restore(&self.region, &mut st, &store, &e);
                 drop(st);
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 return Err(e);
@@ -532,7 +547,7 @@ impl Registry {
         {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = store.apply(&tx.ops) {
-                restore(&mut st, &store, &e);
+                restore(&self.region, &mut st, &store, &e);
                 drop(st);
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 return Err(e);
@@ -782,20 +797,31 @@ impl Registry {
             let thing = chosen.and_then(|(t, _)| a.things.get(*t).cloned());
             let thing_exclusive =
                 chosen.is_some_and(|(_, k)| *k == ThingPrincipalType::ExclusiveThing);
-            let policies = a
+            // The certificate's own policies, then those its thing inherits from its groups
+            // and their ancestors (the thing associated with this connection only).
+            let mut names: Vec<&String> = a
                 .policy_targets
                 .get(&principal)
-                .map(|names| {
-                    names
-                        .iter()
-                        .filter_map(|n| {
-                            a.policies
-                                .get(n)
-                                .and_then(|p| p.default_parsed().map(|d| (n.clone(), d)))
-                        })
-                        .collect()
-                })
+                .into_iter()
+                .flatten()
+                .collect();
+            let inherited = thing
+                .as_ref()
+                .map(|t| a.group_policy_names(&t.name))
                 .unwrap_or_default();
+            for n in &inherited {
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+            let policies = names
+                .into_iter()
+                .filter_map(|n| {
+                    a.policies
+                        .get(n)
+                        .and_then(|p| p.default_parsed().map(|d| (n.clone(), d)))
+                })
+                .collect();
             Ok(CertificateIdentity {
                 account_id: AccountId::new(account),
                 principal: PrincipalId::Certificate(CertificateId::new(certificate_id)),

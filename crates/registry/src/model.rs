@@ -330,6 +330,14 @@ pub struct Account {
     /// The reverse of `thing_principals`: things of each principal (looked up at every
     /// CONNECT, so it must not scan all things). Kept in step by `link`/`unlink`.
     pub principal_things: BTreeMap<String, BTreeMap<String, ThingPrincipalType>>,
+    /// Static thing groups by name.
+    pub thing_groups: BTreeMap<String, crate::groups::ThingGroup>,
+    /// Each group's ARN (policy attachments are keyed by it).
+    pub group_arns: BTreeMap<String, String>,
+    /// Things directly in each group.
+    pub group_members: BTreeMap<String, BTreeSet<String>>,
+    /// The reverse of `group_members`: the groups each thing is directly in.
+    pub thing_memberships: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Account {

@@ -205,14 +205,20 @@ impl Registry {
             if !a.policies.contains_key(name) {
                 return Err(not_found(name));
             }
-            self.check_principal(a, account, target)?;
+            let max = match self.group_target(a, account, target)? {
+                Some(_) => crate::MAX_POLICIES_PER_GROUP,
+                None => {
+                    self.check_principal(a, account, target)?;
+                    MAX_POLICIES_PER_TARGET
+                }
+            };
             let set = a.policy_targets.get(target);
             if set.is_some_and(|s| s.contains(name)) {
                 return Ok(());
             }
-            if set.is_some_and(|s| s.len() >= MAX_POLICIES_PER_TARGET) {
+            if set.is_some_and(|s| s.len() >= max) {
                 return Err(RegistryError::LimitExceeded(format!(
-                    "A target can have at most {MAX_POLICIES_PER_TARGET} policies attached"
+                    "A target can have at most {max} policies attached"
                 )));
             }
             tx.put(Kind::PolicyAttachment, &format!("{name}\n{target}"), &"")?;
@@ -243,28 +249,62 @@ impl Registry {
         })
     }
 
-    /// ListAttachedPolicies (and the deprecated ListPrincipalPolicies).
+    /// ListAttachedPolicies (and the deprecated ListPrincipalPolicies); with `recursive`, a
+    /// thing group's ancestors' policies too.
     pub fn list_attached_policies(
         &self,
         account: &str,
         target: &str,
+        recursive: bool,
         marker: Option<&str>,
         size: usize,
     ) -> Result<Page<IotPolicy>> {
         self.read(account, |a| {
-            self.check_principal(a, account, target)?;
-            let items = a
-                .policy_targets
-                .get(target)
-                .map(|s| {
-                    s.iter()
-                        .filter_map(|n| a.policies.get(n))
-                        .map(|p| (p.name.clone(), p.clone()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let targets: Vec<String> = match self.group_target(a, account, target)? {
+                Some(group) if recursive => a
+                    .group_lineage(&group)
+                    .into_iter()
+                    .filter_map(|g| a.group_arns.get(g).cloned())
+                    .collect(),
+                Some(_) => vec![target.to_owned()],
+                None => {
+                    self.check_principal(a, account, target)?;
+                    vec![target.to_owned()]
+                }
+            };
+            let mut items: Vec<(String, IotPolicy)> = Vec::new();
+            for t in &targets {
+                for n in a.policy_targets.get(t).into_iter().flatten() {
+                    if let Some(p) = a.policies.get(n)
+                        && !items.iter().any(|(k, _)| k == n)
+                    {
+                        items.push((p.name.clone(), p.clone()));
+                    }
+                }
+            }
+            items.sort_by(|x, y| x.0.cmp(&y.0));
             paginate(items, marker, size)
         })
+    }
+
+    /// The group a policy target names, if it is a thing group ARN of this account (`None`
+    /// for any other target); an error if the group does not exist.
+    pub(crate) fn group_target(
+        &self,
+        a: &Account,
+        account: &str,
+        target: &str,
+    ) -> Result<Option<String>> {
+        let prefix = self.arn(account, "thinggroup/");
+        let Some(group) = target.strip_prefix(&prefix) else {
+            return Ok(None);
+        };
+        if !a.thing_groups.contains_key(group) {
+            return Err(RegistryError::NotFound(format!(
+                "Thing Group {group} does not exist"
+            )));
+        }
+        Ok(Some(group.to_owned()))
     }
 
     /// ListTargetsForPolicy.
@@ -290,17 +330,34 @@ impl Registry {
     }
 
     /// GetEffectivePolicies: the policies attached to the principal (thing groups come later).
-    pub fn effective_policies(&self, account: &str, principal: &str) -> Result<Vec<IotPolicy>> {
+    pub fn effective_policies(
+        &self,
+        account: &str,
+        principal: Option<&str>,
+        thing: Option<&str>,
+    ) -> Result<Vec<IotPolicy>> {
         self.read(account, |a| {
-            self.check_principal(a, account, principal)?;
-            Ok(a.policy_targets
-                .get(principal)
-                .map(|s| {
-                    s.iter()
-                        .filter_map(|n| a.policies.get(n).cloned())
-                        .collect()
-                })
-                .unwrap_or_default())
+            let mut names: Vec<String> = Vec::new();
+            if let Some(p) = principal {
+                self.check_principal(a, account, p)?;
+                names.extend(a.policy_targets.get(p).into_iter().flatten().cloned());
+            }
+            if let Some(t) = thing {
+                if !a.things.contains_key(t) {
+                    return Err(RegistryError::NotFound(format!(
+                        "Thing {t} cannot be found."
+                    )));
+                }
+                for n in a.group_policy_names(t) {
+                    if !names.contains(&n) {
+                        names.push(n);
+                    }
+                }
+            }
+            Ok(names
+                .iter()
+                .filter_map(|n| a.policies.get(n).cloned())
+                .collect())
         })
     }
 }

@@ -28,6 +28,10 @@ pub(crate) enum Kind {
     ManagedPolicy,
     Session,
     RoleAlias,
+    /// Static thing groups, keyed by name.
+    ThingGroup,
+    /// Thing group membership, keyed `{group}\n{thing}`.
+    ThingGroupMember,
     /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
     /// never loaded into memory, read and written one by one.
     Shadow,
@@ -52,6 +56,8 @@ impl Kind {
             Kind::Session => "sts_session",
             Kind::RoleAlias => "role_alias",
             Kind::Shadow => "shadow",
+            Kind::ThingGroup => "thing_group",
+            Kind::ThingGroupMember => "thing_group_member",
         }
     }
 }

@@ -204,6 +204,12 @@ impl Registry {
                     "Cannot delete. Thing {name} is still attached to one or more principals"
                 )));
             }
+            // Its memberships go with it: a thing created later under the same name is in no
+            // group (and inherits no group's policies).
+            for g in a.thing_memberships.get(name).cloned().unwrap_or_default() {
+                tx.delete(Kind::ThingGroupMember, &format!("{g}\n{name}"));
+                a.unlink_member(&g, name);
+            }
             tx.delete(Kind::Thing, name);
             tx.bump();
             a.things.remove(name);
