@@ -7,6 +7,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 import botocore.config
 
 from awscrt import mqtt as crt_mqtt
@@ -365,5 +367,84 @@ publishes_per_connection = 0
         assert len(codes) == 30
         assert 20 <= codes.count(404) <= 21 and codes.count(429) == 30 - codes.count(404), codes
         p.close()
+    finally:
+        s.stop()
+
+
+def test_clients_cannot_forge_the_services_answers(server, workdir):
+    """A device allowed to publish on its shadow's topics (the developer guide's `shadow/*`)
+    may still not publish the service's answers: MQTT 5 gets PUBACK 0x87 and nothing reaches
+    the app subscribed to them; the same over HTTPS with its certificate is refused."""
+    iot = server.boto()
+    account = server.account_id()
+    mine = unique("forger")
+    policy = json.loads(json.dumps(shadow_policy(account)).replace("{THING}", mine))
+    policy["Statement"].append({"Effect": "Allow", "Action": "iot:Publish",
+                                "Resource": f"arn:aws:iot:us-east-1:{account}:topic/$aws/things/{mine}/jobs/*"})
+    dev = Device(server, iot, mine, policy, workdir, exclusive=True)
+    app = Paho(server, server.endpoint(), Device(server, iot, unique("app"), ALLOW_ALL, workdir), unique("app"))
+    assert app.connect()[0] == 0
+    app.subscribe(f"$aws/things/{mine}/#", qos=1)
+    p = Paho(server, server.endpoint(), dev, mine, v5=True)
+    assert p.connect()[0] == 0
+    forged = json.dumps({"state": {"desired": {"unlock": True}}, "version": 999})
+    prefix = f"$aws/things/{mine}"
+    for suffix in ("shadow/update/accepted", "shadow/update/delta", "shadow/update/documents",
+                   "shadow/get/accepted", "shadow/name/x/update/delta", "shadow/delete/rejected",
+                   "jobs/notify", "jobs/notify-next", "jobs/j1/update/accepted"):
+        p.c.publish(f"{prefix}/{suffix}", forged, qos=1)
+        assert p.pubacks.get(timeout=5)[1].value == 0x87, suffix
+    with pytest.raises(queue.Empty):
+        app.messages.get(timeout=0.5)
+    # The same device's real request still works, and its answer reaches the app.
+    p.c.publish(f"{prefix}/shadow/update", b'{"state":{"reported":{"ok":true}}}', qos=1)
+    assert p.pubacks.get(timeout=5)[1].value == 0
+    topics = {app.messages.get(timeout=5).topic for _ in range(3)}
+    assert f"{prefix}/shadow/update/accepted" in topics
+    p.close()
+    app.close()
+    code = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", server.ca, "--cert", str(dev.cert),
+         "--key", str(dev.key), "--data-binary", forged,
+         f"https://{server.endpoint()}:{server.https_port}/topics/%24aws%2Fthings%2F{mine}%2Fshadow%2Fupdate%2Faccepted"],
+        capture_output=True, text=True, timeout=15).stdout
+    assert code == "403"
+
+
+def test_the_shadow_service_bounds_memory_and_shares_its_queue(workdir):
+    """A flood of 8 KB updates whose arrays make metadata a hundred times their size, from
+    several connections of one account: the server's memory stays bounded (the service
+    commits and answers in bounded segments), and a request from another account is still
+    answered promptly."""
+    s = Server(workdir / unique("shadowflood"), accounts=("other",)).start()
+    try:
+        iot = s.boto()
+        dev = Device(s, iot, unique("flood"), ALLOW_ALL, workdir)
+        big = json.dumps({"state": {"reported": {"a": [0] * 4000}}}, separators=(",", ":")).encode()
+        assert len(big) < 8192 + 40
+        clients = []
+        for i in range(4):
+            c = Paho(s, s.endpoint(), dev, f"{dev.name}-{i}")
+            assert c.connect()[0] == 0
+            clients.append(c)
+        deadline = time.time() + 8
+        sent = 0
+        while time.time() < deadline:
+            for c in clients:
+                c.c.publish(f"$aws/things/flood-{sent % 64}/shadow/update", big, qos=0)
+                sent += 1
+            time.sleep(0.002)
+        # Meanwhile, another account's request is answered.
+        other = s.boto("iot-data", profile="other")
+        start = time.time()
+        other.update_thing_shadow(thingName="calm", payload=b'{"state":{"reported":{"x":1}}}')
+        waited = time.time() - start
+        print("other account waited", waited)
+        assert waited < 5
+        rss_kb = int(open(f"/proc/{s.proc.pid}/status").read().split("VmRSS:")[1].split()[0])
+        print("RSS KiB", rss_kb, "sent", sent)
+        assert rss_kb < 300 * 1024, f"server RSS {rss_kb} KiB after {sent} flood requests"
+        for c in clients:
+            c.close()
     finally:
         s.stop()

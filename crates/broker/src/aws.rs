@@ -165,16 +165,34 @@ pub fn may_publish(t: &str) -> bool {
     if !t.starts_with('$') {
         return true;
     }
+    // The services' answers and notifications (`/accepted`, `/rejected`, a shadow's delta
+    // and documents, jobs' notify topics, streams' data) are theirs alone: a client that
+    // could publish them would forge what other clients take for the service's word.
+    let answer = t.ends_with("/accepted") || t.ends_with("/rejected");
     if let Some(s) = things_suffix(t) {
-        return s.starts_with("shadow/")
-            || s.starts_with("jobs/")
-            || s.starts_with("defender/metrics/")
-            || s.starts_with("streams/");
+        if let Some(op) = s.strip_prefix("shadow/") {
+            let op = match op.strip_prefix("name/") {
+                Some(named) => named.split_once('/').map_or("", |(_, op)| op),
+                None => op,
+            };
+            return matches!(op, "get" | "update" | "delete");
+        }
+        if let Some(rest) = s.strip_prefix("jobs/") {
+            return !answer && !rest.starts_with("notify") && !rest.contains("/notify");
+        }
+        if let Some(rest) = s.strip_prefix("streams/") {
+            let mut levels = rest.split('/').skip(1);
+            return matches!(levels.next(), Some("get" | "describe"))
+                && matches!(levels.next(), Some("json" | "cbor"))
+                && levels.next().is_none();
+        }
+        return s.starts_with("defender/metrics/") && !answer;
     }
-    t.starts_with("$aws/rules/")
-        || t.starts_with("$aws/certificates/create/")
-        || t.starts_with("$aws/certificates/create-from-csr/")
-        || t.starts_with("$aws/provisioning-templates/")
+    !answer
+        && (t.starts_with("$aws/rules/")
+            || t.starts_with("$aws/certificates/create/")
+            || t.starts_with("$aws/certificates/create-from-csr/")
+            || t.starts_with("$aws/provisioning-templates/"))
 }
 
 /// Whether a client may subscribe to reserved filter `f` (shared prefix removed).
@@ -238,6 +256,32 @@ mod tests {
     fn reserved_topics() {
         assert!(may_publish("a/b"));
         assert!(may_publish("$aws/things/t/shadow/update"));
+        assert!(may_publish("$aws/things/t/shadow/name/n/delete"));
+        assert!(may_publish("$aws/things/t/jobs/get"));
+        assert!(may_publish("$aws/things/t/jobs/j1/update"));
+        assert!(may_publish("$aws/things/t/streams/s1/get/json"));
+        assert!(may_publish("$aws/certificates/create/json"));
+        assert!(may_publish("$aws/provisioning-templates/p/provision/cbor"));
+        // The services' answers and notifications are not the clients' to publish.
+        for t in [
+            "$aws/things/t/shadow/update/accepted",
+            "$aws/things/t/shadow/update/delta",
+            "$aws/things/t/shadow/update/documents",
+            "$aws/things/t/shadow/get/rejected",
+            "$aws/things/t/shadow/name/n/update/delta",
+            "$aws/things/t/shadow/name/n",
+            "$aws/things/t/shadow/x",
+            "$aws/things/t/jobs/notify",
+            "$aws/things/t/jobs/notify-next",
+            "$aws/things/t/jobs/j1/update/accepted",
+            "$aws/things/t/jobs/j1/notify-namespace-x",
+            "$aws/things/t/streams/s1/data/json",
+            "$aws/things/t/defender/metrics/json/accepted",
+            "$aws/certificates/create/json/accepted",
+            "$aws/provisioning-templates/p/provision/json/rejected",
+        ] {
+            assert!(!may_publish(t), "{t}");
+        }
         assert!(may_publish("$aws/rules/r/x"));
         assert!(!may_publish("$aws/events/presence/connected/x"));
         assert!(!may_publish("$SYS/x"));

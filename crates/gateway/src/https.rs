@@ -56,11 +56,12 @@ fn json_reply(body: serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
+/// A query parameter's raw value; names are compared percent-decoded (`n%61me` is `name`).
 fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
+        .find(|(k, _)| percent_encoding::percent_decode_str(k).decode_utf8_lossy() == name)
         .map(|(_, v)| v)
 }
 
@@ -113,20 +114,27 @@ async fn handle(
             Ok(c) => c,
             Err((status, kind, m)) => return Ok(error(status, kind, &m)),
         };
+        // Errors in the shadow service's own form (`{"code","message"}` and the error type).
+        let refuse = |code: u16, message: &str| {
+            shadow_error(&sekisho_shadow::Error {
+                code,
+                message: message.into(),
+            })
+        };
         let body = match crate::read_body(body, limits.max_payload, crate::BODY_DEADLINE).await {
             Ok(b) => b,
             Err(crate::BodyError::TooLarge) => {
-                return Ok(reply(413, "The payload exceeds the maximum size allowed"));
+                return Ok(refuse(413, "The payload exceeds the maximum size allowed"));
             }
             Err(_) => return Ok(reply(408, "Request Timeout")),
         };
         let Some(mut principal) = cert_principal(&shared, &info, certificate) else {
-            return Ok(reply(403, "Forbidden"));
+            return Ok(refuse(403, "Forbidden"));
         };
         let (action, resource) = call.action();
         if !principal.allowed(&action.to_ascii_lowercase(), "thing", &resource) {
             tracing::info!(%certificate, %action, %resource, "HTTPS shadow request not authorized");
-            return Ok(reply(403, "Forbidden"));
+            return Ok(refuse(403, "Forbidden"));
         }
         return Ok(shadow_rest(&shared, &info.account, call, body).await);
     }
@@ -999,7 +1007,14 @@ pub(crate) async fn shadow_rest(
                 .request(account, &thing, name.as_deref(), op, body)
                 .await
             {
-                Ok(doc) => json_reply(doc),
+                Ok(doc) => {
+                    let mut r = Response::new(Full::new(doc));
+                    r.headers_mut().insert(
+                        "content-type",
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
+                    r
+                }
                 Err(e) => shadow_error(&e),
             }
         }

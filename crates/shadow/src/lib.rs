@@ -78,6 +78,7 @@ impl Error {
             415 => "UnsupportedDocumentEncodingException",
             429 => "ThrottlingException",
             401 => "UnauthorizedException",
+            403 => "ForbiddenException",
             500 => "InternalFailureException",
             _ => "InvalidRequestException",
         }
@@ -372,8 +373,11 @@ fn merge(
                 meta.remove(k);
             }
             Value::Object(p) => {
+                // What was not an object (a leaf's metadata is `{"timestamp"}`, an object
+                // too) starts over, metadata and all.
                 if !matches!(state.get(k), Some(Value::Object(_))) {
                     state.insert(k.clone(), Value::Object(Map::new()));
+                    meta.insert(k.clone(), Value::Object(Map::new()));
                 }
                 if !matches!(meta.get(k), Some(Value::Object(_))) {
                     meta.insert(k.clone(), Value::Object(Map::new()));
@@ -396,7 +400,8 @@ fn merge(
 pub fn update(current: Option<&Shadow>, request: &[u8], now: u64) -> Result<Updated, Error> {
     let req = parse_request(request)?;
     let token = token_of(&req)?;
-    let prior = current.cloned().unwrap_or_default();
+    let empty = Shadow::default();
+    let prior = current.unwrap_or(&empty);
     if let Some(v) = req.get("version") {
         let Some(v) = v.as_u64() else {
             return Err(Error::bad("Invalid version"));

@@ -296,3 +296,18 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_leaf_that_becomes_an_object_loses_its_old_metadata() {
+    let a = up(None, json!({"state":{"desired":{"x":1}}}), 1).unwrap();
+    let b = up(
+        Some(&a.shadow),
+        json!({"state":{"desired":{"x":{"y":2}}}}),
+        2,
+    )
+    .unwrap();
+    assert_eq!(
+        Value::Object(b.shadow.meta_desired.unwrap()),
+        json!({"x":{"y":{"timestamp":2}}})
+    );
+}
