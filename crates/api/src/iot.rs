@@ -13,7 +13,10 @@ use crate::{ApiError, ApiState, Call};
 
 pub(crate) type Out = Result<Value, ApiError>;
 
-fn str_field<'a>(m: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, ApiError> {
+pub(crate) fn str_field<'a>(
+    m: &'a Map<String, Value>,
+    name: &str,
+) -> Result<Option<&'a str>, ApiError> {
     match m.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -21,11 +24,11 @@ fn str_field<'a>(m: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str
     }
 }
 
-fn required<'a>(m: &'a Map<String, Value>, name: &str) -> Result<&'a str, ApiError> {
+pub(crate) fn required<'a>(m: &'a Map<String, Value>, name: &str) -> Result<&'a str, ApiError> {
     str_field(m, name)?.ok_or_else(|| ApiError::invalid(format!("{name} is required")))
 }
 
-fn bool_field(m: &Map<String, Value>, name: &str) -> Result<bool, ApiError> {
+pub(crate) fn bool_field(m: &Map<String, Value>, name: &str) -> Result<bool, ApiError> {
     match m.get(name) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
@@ -58,7 +61,7 @@ fn attributes(
     Ok((attrs, merge))
 }
 
-fn seg(call: &Call, i: usize) -> &str {
+pub(crate) fn seg(call: &Call, i: usize) -> &str {
     call.segments.get(i).map(String::as_str).unwrap_or("")
 }
 
@@ -354,6 +357,84 @@ static ROUTES: &[Route] = &[
                 .collect();
             Ok(json!({"thingGroups": groups, "nextToken": page.next}))
         }
+    ),
+    route!(
+        PUT,
+        ["jobs", L],
+        "CreateJob",
+        Res::Body(crate::jobs::create_resources),
+        crate::jobs::create_job
+    ),
+    route!(
+        GET,
+        ["jobs", L],
+        "DescribeJob",
+        label("job"),
+        crate::jobs::describe_job
+    ),
+    route!(
+        PATCH,
+        ["jobs", L],
+        "UpdateJob",
+        label("job"),
+        crate::jobs::update_job
+    ),
+    route!(
+        PUT,
+        ["jobs", L, "cancel"],
+        "CancelJob",
+        label("job"),
+        crate::jobs::cancel_job
+    ),
+    route!(
+        DELETE,
+        ["jobs", L],
+        "DeleteJob",
+        label("job"),
+        crate::jobs::delete_job
+    ),
+    route!(GET, ["jobs"], "ListJobs", ANY, crate::jobs::list_jobs),
+    route!(
+        GET,
+        ["jobs", L, "job-document"],
+        "GetJobDocument",
+        label("job"),
+        crate::jobs::get_job_document
+    ),
+    route!(
+        GET,
+        ["jobs", L, "things"],
+        "ListJobExecutionsForJob",
+        label("job"),
+        crate::jobs::executions_of_job
+    ),
+    route!(
+        GET,
+        ["things", L, "jobs"],
+        "ListJobExecutionsForThing",
+        label("thing"),
+        crate::jobs::executions_of_thing
+    ),
+    route!(
+        GET,
+        ["things", L, "jobs", L],
+        "DescribeJobExecution",
+        Res::Body(crate::jobs::execution_resources),
+        crate::jobs::describe_execution
+    ),
+    route!(
+        PUT,
+        ["things", L, "jobs", L, "cancel"],
+        "CancelJobExecution",
+        Res::Body(crate::jobs::execution_resources),
+        crate::jobs::cancel_execution
+    ),
+    route!(
+        DELETE,
+        ["things", L, "jobs", L, "executionNumber", L],
+        "DeleteJobExecution",
+        Res::Body(crate::jobs::execution_resources),
+        crate::jobs::delete_execution
     ),
     route!(
         POST,

@@ -8,6 +8,7 @@
 
 mod iam;
 mod iot;
+mod jobs;
 mod xml;
 
 use std::convert::Infallible;

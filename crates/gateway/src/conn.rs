@@ -147,6 +147,30 @@ impl Env for Port {
             .shadows
             .on_publish(&self.account, &message.topic, &message.payload);
         let mut own = Vec::new();
+        // A jobs request is answered to this connection only, whether it subscribed or not.
+        if let Some((thing, req)) = crate::jobs::parse_topic(&message.topic) {
+            let (ok, doc) = crate::jobs::answer(
+                &self.shared.registry,
+                &self.account,
+                thing,
+                &req,
+                &message.payload,
+                sekisho_registry::now_secs(),
+            );
+            let topic = format!(
+                "{}/{}",
+                message.topic,
+                if ok { "accepted" } else { "rejected" }
+            );
+            own.push(sekisho_broker::Delivery {
+                message: Arc::new(crate::jobs::message(topic, &doc, message.qos)),
+                qos: message.qos,
+                retain: false,
+                resend: None,
+                seq: 0,
+                shared: false,
+            });
+        }
         for b in routed.blocked {
             if b.session == self.session {
                 // Our own subscription: the session writes it now rather than wait on itself.

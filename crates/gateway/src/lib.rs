@@ -16,6 +16,7 @@ pub use sekisho_auth::{authn, authz};
 pub mod conn;
 pub mod events;
 pub mod https;
+pub mod jobs;
 pub mod shadow;
 pub mod tls;
 pub mod tls_io;
@@ -285,6 +286,7 @@ pub async fn recheck_connections(shared: Arc<Shared>) {
 pub async fn follow_changes(shared: Arc<Shared>) {
     let mut rx = shared.registry.subscribe();
     let mut shutdown = shared.shutdown.clone();
+    let mut notifier = jobs::Notifier::default();
     loop {
         let change = tokio::select! {
             c = rx.recv() => c,
@@ -301,6 +303,11 @@ pub async fn follow_changes(shared: Arc<Shared>) {
                     if n > 0 {
                         tracing::info!(%account, certificate = %certificate_id, connections = n, "certificate no longer active; connections closed");
                     }
+                }
+            }
+            Ok(Change::JobExecutions { account, things }) => {
+                for thing in things {
+                    notifier.changed(&shared.registry, &shared.broker, &account, &thing);
                 }
             }
             Ok(Change::CaCertificate {
@@ -346,6 +353,11 @@ pub async fn sweep_sessions(shared: Arc<Shared>) {
                 let n = shared.broker.sweep(Instant::now());
                 if n > 0 {
                     tracing::debug!(sessions = n, "expired persistent sessions removed");
+                }
+                // Job executions past their timeouts (AWS: up to a minute late).
+                let n = shared.registry.expire_job_executions(sekisho_registry::now_secs());
+                if n > 0 {
+                    tracing::debug!(executions = n, "job executions timed out");
                 }
             }
             _ = shutdown.changed() => return,

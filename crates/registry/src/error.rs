@@ -45,6 +45,12 @@ pub enum RegistryError {
     /// `CertificateConflictException` (409).
     #[error("{0}")]
     CertificateConflict(String),
+    /// `InvalidStateTransitionException` (409): a job or execution cannot go to that state.
+    #[error("{0}")]
+    InvalidStateTransition(String),
+    /// `TerminalStateException` (410): the job execution has ended.
+    #[error("{0}")]
+    TerminalState(String),
     /// `InternalFailureException` (500).
     #[error("{0}")]
     Internal(String),
@@ -68,6 +74,8 @@ impl RegistryError {
                 ("RegistrationCodeValidationException", 400)
             }
             RegistryError::CertificateConflict(_) => ("CertificateConflictException", 409),
+            RegistryError::InvalidStateTransition(_) => ("InvalidStateTransitionException", 409),
+            RegistryError::TerminalState(_) => ("TerminalStateException", 410),
             RegistryError::Internal(_) => ("InternalFailureException", 500),
         }
     }

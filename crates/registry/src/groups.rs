@@ -420,9 +420,11 @@ impl Registry {
         })
     }
 
-    /// AddThingToThingGroup.
+    /// AddThingToThingGroup (a CONTINUOUS job targeting the group or an ancestor gives the
+    /// thing an execution).
     pub fn add_thing_to_group(&self, account: &str, group: &str, thing: &str) -> Result<()> {
-        self.write(account, |a, tx| {
+        let now = now_secs();
+        let queued = self.write(account, |a, tx| {
             if !a.thing_groups.contains_key(group) {
                 return Err(group_not_found(group));
             }
@@ -433,7 +435,7 @@ impl Registry {
             }
             let current = a.thing_memberships.get(thing).cloned().unwrap_or_default();
             if current.contains(group) {
-                return Ok(());
+                return Ok(false);
             }
             if current.len() >= MAX_GROUPS_PER_THING {
                 return Err(RegistryError::InvalidRequest(format!(
@@ -449,8 +451,12 @@ impl Registry {
             tx.put(Kind::ThingGroupMember, &member_key(group, thing), &"")?;
             tx.bump();
             a.link_member(group, thing);
-            Ok(())
-        })
+            self.continuous_jobs_for(a, tx, account, group, thing, now)
+        })?;
+        if queued {
+            self.executions_changed(account, thing);
+        }
+        Ok(())
     }
 
     /// RemoveThingFromThingGroup.
@@ -484,7 +490,8 @@ impl Registry {
         add: &[String],
         remove: &[String],
     ) -> Result<()> {
-        self.write(account, |a, tx| {
+        let now = now_secs();
+        let queued = self.write(account, |a, tx| {
             if !a.things.contains_key(thing) {
                 return Err(RegistryError::NotFound(format!(
                     "Thing {thing} cannot be found."
@@ -526,12 +533,18 @@ impl Registry {
             for g in before.difference(&groups) {
                 a.unlink_member(g, thing);
             }
+            let mut queued = false;
             for g in groups.difference(&before) {
                 a.link_member(g, thing);
+                queued |= self.continuous_jobs_for(a, tx, account, g, thing, now)?;
             }
             tx.bump();
-            Ok(())
-        })
+            Ok(queued)
+        })?;
+        if queued {
+            self.executions_changed(account, thing);
+        }
+        Ok(())
     }
 
     /// ListThingsInThingGroup (with `recursive`, the things of descendant groups too).

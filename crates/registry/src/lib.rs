@@ -15,6 +15,7 @@ mod certs;
 mod error;
 mod groups;
 mod iam;
+mod jobs;
 pub mod model;
 mod policies;
 mod rolealias;
@@ -42,6 +43,11 @@ pub use iam::{
     MAX_SESSION_TOKEN_SECONDS, MAX_SESSIONS_PER_ACCOUNT, ManagedPolicy, Session,
     trust_principal_arns,
 };
+pub use jobs::MAX_DOCUMENT as MAX_JOB_DOCUMENT;
+pub use jobs::{
+    CancelExecution, ExecStatus, Execution, ExecutionUpdate, Job, JobCounts, JobStatus, JobUpdate,
+    NewJob, PresignedUrlConfig,
+};
 pub use model::*;
 pub use policies::{MAX_POLICIES_PER_TARGET, MAX_POLICY_VERSIONS};
 pub use rolealias::{MAX_ROLE_ALIASES, RoleAlias};
@@ -64,6 +70,13 @@ pub enum Change {
         certificate_id: String,
         /// New status.
         status: Option<CertStatus>,
+    },
+    /// Job executions of these things were added, changed or removed.
+    JobExecutions {
+        /// Account.
+        account: String,
+        /// The things.
+        things: Vec<String>,
     },
     /// A CA certificate's status changed (or it was deleted: `status` is `None`).
     CaCertificate {
@@ -338,6 +351,21 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
     for row in store.load(Kind::ThingGroupMember)? {
         let (group, thing) = row.key.split_once('\n').unwrap_or((&row.key, ""));
         account_mut(&mut st, &row.account)?.link_member(group, thing);
+    }
+    for row in store.load(Kind::Job)? {
+        let j: jobs::Job = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .jobs
+            .insert(j.id.clone(), j);
+    }
+    for row in store.load(Kind::JobExecution)? {
+        let e: jobs::Execution = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .executions
+            .insert((e.thing.clone(), e.job_id.clone()), e);
+    }
+    for row in store.load(Kind::JobSeq)? {
+        account_mut(&mut st, &row.account)?.job_seq = decode(&row.doc)?;
     }
     for row in store.load(Kind::PolicyAttachment)? {
         let (policy, target) = row.key.split_once('\n').unwrap_or((&row.key, ""));

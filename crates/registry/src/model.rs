@@ -338,6 +338,12 @@ pub struct Account {
     pub group_members: BTreeMap<String, BTreeSet<String>>,
     /// The reverse of `group_members`: the groups each thing is directly in.
     pub thing_memberships: BTreeMap<String, BTreeSet<String>>,
+    /// Jobs by id.
+    pub jobs: BTreeMap<String, crate::jobs::Job>,
+    /// Job executions by (thing, job).
+    pub executions: BTreeMap<(String, String), crate::jobs::Execution>,
+    /// The last job's creation order.
+    pub job_seq: u64,
 }
 
 impl Account {

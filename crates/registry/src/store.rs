@@ -32,6 +32,12 @@ pub(crate) enum Kind {
     ThingGroup,
     /// Thing group membership, keyed `{group}\n{thing}`.
     ThingGroupMember,
+    /// Jobs, keyed by id.
+    Job,
+    /// Job executions, keyed `{job}\n{thing}`.
+    JobExecution,
+    /// The account's last job creation order (key "").
+    JobSeq,
     /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
     /// never loaded into memory, read and written one by one.
     Shadow,
@@ -58,6 +64,9 @@ impl Kind {
             Kind::Shadow => "shadow",
             Kind::ThingGroup => "thing_group",
             Kind::ThingGroupMember => "thing_group_member",
+            Kind::Job => "job",
+            Kind::JobExecution => "job_execution",
+            Kind::JobSeq => "job_seq",
         }
     }
 }

@@ -188,9 +188,9 @@ impl Registry {
         name: &str,
         expected_version: Option<i64>,
     ) -> Result<()> {
-        self.write(account, |a, tx| {
+        let had_jobs = self.write(account, |a, tx| {
             let Some(cur) = a.things.get(name) else {
-                return Ok(());
+                return Ok(false);
             };
             if let Some(v) = expected_version
                 && v != cur.version
@@ -210,11 +210,28 @@ impl Registry {
                 tx.delete(Kind::ThingGroupMember, &format!("{g}\n{name}"));
                 a.unlink_member(&g, name);
             }
+            // And its job executions: a thing created later under the same name gets none of
+            // them (nor their documents).
+            let jobs: Vec<String> = a
+                .executions
+                .range((name.to_owned(), String::new())..)
+                .take_while(|((t, _), _)| t == name)
+                .map(|((_, j), _)| j.clone())
+                .collect();
+            for j in &jobs {
+                tx.delete(Kind::JobExecution, &format!("{j}\n{name}"));
+                a.executions.remove(&(name.to_owned(), j.clone()));
+                a.maybe_complete(tx, j, now_secs())?;
+            }
             tx.delete(Kind::Thing, name);
             tx.bump();
             a.things.remove(name);
-            Ok(())
-        })
+            Ok(!jobs.is_empty())
+        })?;
+        if had_jobs {
+            self.executions_changed(account, name);
+        }
+        Ok(())
     }
 
     /// ListThings.

@@ -1,0 +1,466 @@
+//! The Jobs device API over MQTT: `$aws/things/{thing}/jobs/{get, start-next, {jobId}/get,
+//! {jobId}/update}` answered on the request topic's `/accepted` or `/rejected`, delivered to
+//! the requesting connection only (as AWS does: other subscribers never see them, and the
+//! requester needs no subscription, only `iot:Receive`); and the `notify` and `notify-next`
+//! topics, published to subscribers when a thing's pending executions change (from the
+//! registry's change feed).
+//!
+//! A request that changes an execution writes the registry (synced) on the connection's
+//! thread before it is answered; jobs requests are rare next to messages, so this is accepted
+//! rather than handed to another thread.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sekisho_broker::{Broker, Message};
+use sekisho_mqtt::{Properties, QoS};
+use sekisho_registry::{ExecStatus, Execution, ExecutionUpdate, Job, Registry, RegistryError};
+use serde_json::{Map, Value, json};
+
+/// A jobs request topic, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// `jobs/get`: the pending executions.
+    Get,
+    /// `jobs/start-next`.
+    StartNext,
+    /// `jobs/{jobId}/get` (`$next` allowed).
+    Describe(&'a str),
+    /// `jobs/{jobId}/update`.
+    Update(&'a str),
+    /// Under the jobs namespace but no API (answered `InvalidTopic`).
+    Invalid,
+}
+
+/// The thing and request of a topic under `$aws/things/{thing}/jobs/`, if it is one a
+/// device publishes to (`notify` topics and responses are not requests).
+pub fn parse_topic(topic: &str) -> Option<(&str, Request<'_>)> {
+    let rest = topic.strip_prefix("$aws/things/")?;
+    let (thing, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix("jobs/")?;
+    if rest.ends_with("/accepted") || rest.ends_with("/rejected") || rest.starts_with("notify") {
+        return None;
+    }
+    let req = match rest.split('/').collect::<Vec<_>>().as_slice() {
+        ["get"] => Request::Get,
+        ["start-next"] => Request::StartNext,
+        [id, "get"] if valid_job_id(id) || *id == "$next" => Request::Describe(id),
+        [id, "update"] if valid_job_id(id) => Request::Update(id),
+        _ => Request::Invalid,
+    };
+    Some((thing, req))
+}
+
+fn valid_job_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-'))
+}
+
+fn secs(t: f64) -> u64 {
+    t.max(0.0) as u64
+}
+
+/// The job document as a JSON object (MQTT carries it as one).
+fn document(job: &Job) -> Value {
+    serde_json::from_str(&job.document).unwrap_or_else(|_| json!({}))
+}
+
+/// `JobExecutionSummary` of the MQTT API.
+pub fn summary(e: &Execution) -> Value {
+    let mut v = json!({"jobId": e.job_id, "queuedAt": secs(e.queued_at),
+        "lastUpdatedAt": secs(e.last_updated_at), "versionNumber": e.version,
+        "executionNumber": e.execution_number});
+    if let Some(s) = e.started_at {
+        v["startedAt"] = json!(secs(s));
+    }
+    v
+}
+
+/// `JobExecution` of the MQTT API (the document as an object).
+pub fn execution(e: &Execution, job: &Job, with_document: bool) -> Value {
+    let mut v = summary(e);
+    v["thingName"] = json!(e.thing);
+    v["status"] = json!(e.status.as_str());
+    v["statusDetails"] = json!(e.status_details);
+    if with_document {
+        v["jobDocument"] = document(job);
+    }
+    v
+}
+
+fn state(e: &Execution) -> Value {
+    json!({"status": e.status.as_str(), "statusDetails": e.status_details, "versionNumber": e.version})
+}
+
+/// One MQTT error response.
+fn rejected(code: &str, message: &str, token: Option<&str>, now: u64) -> Value {
+    let mut v = json!({"code": code, "message": message, "timestamp": now});
+    if let Some(t) = token {
+        v["clientToken"] = json!(t);
+    }
+    v
+}
+
+fn mqtt_code(e: &RegistryError) -> &'static str {
+    match e {
+        RegistryError::NotFound(_) => "ResourceNotFound",
+        RegistryError::VersionConflict(_) => "VersionMismatch",
+        RegistryError::InvalidStateTransition(_) => "InvalidStateTransition",
+        RegistryError::TerminalState(_) => "TerminalStateReached",
+        RegistryError::InvalidRequest(_) => "InvalidRequest",
+        _ => "InternalError",
+    }
+}
+
+fn details(v: Option<&Value>) -> Result<Option<BTreeMap<String, String>>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                _ => Err(format!("statusDetails value for {k} must be a string")),
+            })
+            .collect::<Result<_, _>>()
+            .map(Some),
+        Some(_) => Err("statusDetails must be an object".into()),
+    }
+}
+
+fn number(m: &Map<String, Value>, k: &str) -> Result<Option<u64>, String> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("{k} must be a non-negative integer")),
+    }
+}
+
+fn flag(m: &Map<String, Value>, k: &str, default: bool) -> Result<bool, String> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(format!("{k} must be a boolean")),
+    }
+}
+
+/// Answers one MQTT jobs request: whether it was accepted, and the response document.
+pub fn answer(
+    registry: &Registry,
+    account: &str,
+    thing: &str,
+    req: &Request<'_>,
+    payload: &[u8],
+    now: f64,
+) -> (bool, Value) {
+    let ts = secs(now);
+    let body: Map<String, Value> = if payload.iter().all(u8::is_ascii_whitespace) {
+        Map::new()
+    } else {
+        match serde_json::from_slice(payload) {
+            Ok(Value::Object(m)) => m,
+            _ => {
+                return (
+                    false,
+                    rejected("InvalidJson", "The payload is not a JSON object", None, ts),
+                );
+            }
+        }
+    };
+    let token = match body.get("clientToken") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if t.len() <= 64 => Some(t.as_str()),
+        Some(_) => {
+            return (
+                false,
+                rejected(
+                    "InvalidRequest",
+                    "clientToken must be a string of at most 64 characters",
+                    None,
+                    ts,
+                ),
+            );
+        }
+    };
+    let bad = |m: String| (false, rejected("InvalidRequest", &m, token, ts));
+    let mut out = match run(registry, account, thing, req, &body, now) {
+        Ok(v) => (true, v),
+        Err(Refusal::Bad(m)) => return bad(m),
+        Err(Refusal::Registry(e, exec)) => {
+            let mut v = rejected(mqtt_code(&e), &e.to_string(), token, ts);
+            if let Some(s) = exec {
+                v["executionState"] = s;
+            }
+            return (false, v);
+        }
+        Err(Refusal::Topic) => {
+            return (
+                false,
+                rejected(
+                    "InvalidTopic",
+                    "The topic does not name a jobs API",
+                    token,
+                    ts,
+                ),
+            );
+        }
+    };
+    out.1["timestamp"] = json!(ts);
+    if let Some(t) = token {
+        out.1["clientToken"] = json!(t);
+    }
+    out
+}
+
+enum Refusal {
+    Bad(String),
+    Topic,
+    /// A registry refusal, with the execution's state when the refusal concerns it.
+    Registry(RegistryError, Option<Value>),
+}
+
+impl From<String> for Refusal {
+    fn from(m: String) -> Refusal {
+        Refusal::Bad(m)
+    }
+}
+
+fn run(
+    registry: &Registry,
+    account: &str,
+    thing: &str,
+    req: &Request<'_>,
+    body: &Map<String, Value>,
+    now: f64,
+) -> Result<Value, Refusal> {
+    let plain = |e: RegistryError| Refusal::Registry(e, None);
+    match req {
+        Request::Invalid => Err(Refusal::Topic),
+        Request::Get => {
+            let pending = registry
+                .pending_job_executions(account, thing)
+                .map_err(plain)?;
+            let (running, queued): (Vec<_>, Vec<_>) = pending
+                .iter()
+                .partition(|(e, _)| e.status == ExecStatus::InProgress);
+            Ok(json!({
+                "inProgressJobs": running.iter().map(|(e, _)| summary(e)).collect::<Vec<_>>(),
+                "queuedJobs": queued.iter().map(|(e, _)| summary(e)).collect::<Vec<_>>(),
+            }))
+        }
+        Request::StartNext => {
+            let d = details(body.get("statusDetails"))?;
+            let step = number(body, "stepTimeoutInMinutes")?;
+            let next = registry
+                .start_next_job_execution(account, thing, d, step, now)
+                .map_err(plain)?;
+            Ok(match next {
+                Some((e, j)) => json!({"execution": execution(&e, &j, true)}),
+                None => json!({}),
+            })
+        }
+        Request::Describe(id) => {
+            let with_doc = flag(body, "includeJobDocument", true)?;
+            let number = number(body, "executionNumber")?;
+            let found = if *id == "$next" {
+                registry
+                    .pending_job_executions(account, thing)
+                    .map_err(plain)?
+                    .into_iter()
+                    .next()
+            } else {
+                Some(
+                    registry
+                        .job_execution(account, id, thing, number)
+                        .map_err(plain)?,
+                )
+            };
+            match found {
+                None => Ok(json!({})),
+                Some((e, _)) if e.status.is_terminal() => Err(Refusal::Registry(
+                    RegistryError::TerminalState(format!(
+                        "Job execution of job {} on thing {thing} has ended ({})",
+                        e.job_id,
+                        e.status.as_str()
+                    )),
+                    None,
+                )),
+                Some((e, j)) => Ok(json!({"execution": execution(&e, &j, with_doc)})),
+            }
+        }
+        Request::Update(id) => {
+            let status = match body.get("status") {
+                Some(Value::String(s)) => s.clone(),
+                _ => return Err(Refusal::Bad("status is required".into())),
+            };
+            let u = ExecutionUpdate {
+                status,
+                status_details: details(body.get("statusDetails"))?,
+                expected_version: number(body, "expectedVersion")?,
+                execution_number: number(body, "executionNumber")?,
+                step_timeout_minutes: number(body, "stepTimeoutInMinutes")?,
+            };
+            let with_state = flag(body, "includeJobExecutionState", false)?;
+            let with_doc = flag(body, "includeJobDocument", false)?;
+            match registry.update_job_execution(account, id, thing, u, now) {
+                Ok((e, j)) => {
+                    let mut v = json!({});
+                    if with_state {
+                        v["executionState"] = state(&e);
+                    }
+                    if with_doc {
+                        v["jobDocument"] = document(&j);
+                    }
+                    Ok(v)
+                }
+                Err(
+                    e @ (RegistryError::VersionConflict(_)
+                    | RegistryError::InvalidStateTransition(_)),
+                ) => {
+                    let current = registry
+                        .job_execution(account, id, thing, None)
+                        .ok()
+                        .map(|(x, _)| state(&x));
+                    Err(Refusal::Registry(e, current))
+                }
+                Err(e) => Err(plain(e)),
+            }
+        }
+    }
+}
+
+/// A message from the Jobs service.
+pub fn message(topic: String, doc: &Value, qos: QoS) -> Message {
+    Message {
+        topic: topic.into(),
+        payload: Bytes::from(doc.to_string()),
+        qos,
+        retain: false,
+        properties: Properties::default(),
+        expires_at: None,
+        origin: None,
+        timestamp_ms: crate::events::now_ms(),
+    }
+}
+
+/// What a thing was last told on `notify` and `notify-next`.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Told {
+    /// (job id, status) of every pending execution.
+    pending: Vec<(String, ExecStatus)>,
+    /// The job id `$next` names.
+    next: Option<String>,
+}
+
+/// Publishes `notify` and `notify-next` when a thing's pending executions change.
+#[derive(Debug, Default)]
+pub struct Notifier {
+    told: HashMap<(String, String), Told>,
+}
+
+impl Notifier {
+    /// Looks at a thing's pending executions and tells its subscribers what changed.
+    pub fn changed(
+        &mut self,
+        registry: &Registry,
+        broker: &Arc<Broker>,
+        account: &str,
+        thing: &str,
+    ) {
+        let Ok(pending) = registry.pending_job_executions(account, thing) else {
+            return;
+        };
+        let now = secs(sekisho_registry::now_secs());
+        let key = (account.to_owned(), thing.to_owned());
+        let before = self.told.get(&key).cloned().unwrap_or_default();
+        let told = Told {
+            pending: pending
+                .iter()
+                .map(|(e, _)| (e.job_id.clone(), e.status))
+                .collect(),
+            next: pending.first().map(|(e, _)| e.job_id.clone()),
+        };
+        let prefix = format!("$aws/things/{thing}/jobs");
+        if told.pending != before.pending {
+            let mut jobs: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+            for (e, _) in &pending {
+                jobs.entry(e.status.as_str()).or_default().push(summary(e));
+            }
+            let doc = json!({"timestamp": now, "jobs": jobs});
+            publish(
+                broker,
+                account,
+                message(format!("{prefix}/notify"), &doc, QoS::AtLeastOnce),
+            );
+        }
+        if told.next != before.next {
+            let mut doc = json!({"timestamp": now});
+            if let Some((e, j)) = pending.first() {
+                doc["execution"] = execution(e, j, true);
+            }
+            publish(
+                broker,
+                account,
+                message(format!("{prefix}/notify-next"), &doc, QoS::AtLeastOnce),
+            );
+        }
+        if told.pending.is_empty() {
+            self.told.remove(&key);
+        } else {
+            self.told.insert(key, told);
+        }
+    }
+}
+
+fn publish(broker: &Arc<Broker>, account: &str, m: Message) {
+    if let Ok(routed) = broker.publish(account, Arc::new(m), std::time::Instant::now()) {
+        for b in routed.blocked {
+            broker.give_up(account, b.session, b.delivery);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics() {
+        let p = |t| parse_topic(t);
+        assert_eq!(p("$aws/things/t/jobs/get"), Some(("t", Request::Get)));
+        assert_eq!(
+            p("$aws/things/t/jobs/start-next"),
+            Some(("t", Request::StartNext))
+        );
+        assert_eq!(
+            p("$aws/things/t/jobs/j-1/get"),
+            Some(("t", Request::Describe("j-1")))
+        );
+        assert_eq!(
+            p("$aws/things/t/jobs/$next/get"),
+            Some(("t", Request::Describe("$next")))
+        );
+        assert_eq!(
+            p("$aws/things/t/jobs/j_1/update"),
+            Some(("t", Request::Update("j_1")))
+        );
+        assert_eq!(
+            p("$aws/things/t/jobs/$next/update"),
+            Some(("t", Request::Invalid))
+        );
+        assert_eq!(p("$aws/things/t/jobs/a/b/c"), Some(("t", Request::Invalid)));
+        assert_eq!(p("$aws/things/t/jobs/get/accepted"), None);
+        assert_eq!(p("$aws/things/t/jobs/notify-next"), None);
+        assert_eq!(p("$aws/things/t/shadow/get"), None);
+        let long = "j".repeat(65);
+        assert_eq!(
+            p(&format!("$aws/things/t/jobs/{long}/get")),
+            Some(("t", Request::Invalid))
+        );
+    }
+}

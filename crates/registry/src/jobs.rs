@@ -1,0 +1,1362 @@
+//! Jobs and job executions: the control plane's jobs, one execution per targeted thing, and
+//! the execution state machine the devices drive (AWS IoT Developer Guide, iot-jobs-lifecycle
+//! and jobs-mqtt-api). Every operation takes the time (`now`, epoch seconds) as a parameter;
+//! [`Registry::expire_job_executions`] applies the timeouts when the caller's timer says.
+//!
+//! - An execution is QUEUED when created; a device moves it to IN_PROGRESS (start-next, or an
+//!   update) and ends it SUCCEEDED, FAILED or REJECTED; Jobs end it TIMED_OUT (the job's
+//!   in-progress timeout, or the step timeout a device set) or CANCELED. Ended is final.
+//! - "Next pending": IN_PROGRESS executions first, then QUEUED, each in job creation order.
+//! - A SNAPSHOT job is COMPLETED once every execution has ended; a CONTINUOUS job also gives
+//!   an execution to a thing that joins a target group later, and stays IN_PROGRESS.
+//! - Every change to a thing's executions goes out on the change feed
+//!   ([`Change::JobExecutions`]), from which the gateway publishes `notify` and `notify-next`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::store::Kind;
+use crate::*;
+
+/// The most targets a job may name.
+pub const MAX_TARGETS: usize = 100;
+/// The largest job document, in bytes.
+pub const MAX_DOCUMENT: usize = 32 * 1024;
+/// The most `statusDetails` entries.
+pub const MAX_STATUS_DETAILS: usize = 10;
+
+/// A job's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobStatus {
+    /// Executions are under way.
+    InProgress,
+    /// Canceled.
+    Canceled,
+    /// Every execution ended (SNAPSHOT jobs).
+    Completed,
+}
+
+impl JobStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::InProgress => "IN_PROGRESS",
+            JobStatus::Canceled => "CANCELED",
+            JobStatus::Completed => "COMPLETED",
+        }
+    }
+}
+
+/// A job execution's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ExecStatus {
+    /// Waiting for the device.
+    Queued,
+    /// The device is working on it.
+    InProgress,
+    /// The device succeeded.
+    Succeeded,
+    /// The device failed.
+    Failed,
+    /// A timeout passed.
+    TimedOut,
+    /// The device rejected it.
+    Rejected,
+    /// The thing left a dynamic target group.
+    Removed,
+    /// Canceled by CancelJob or CancelJobExecution.
+    Canceled,
+}
+
+impl ExecStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecStatus::Queued => "QUEUED",
+            ExecStatus::InProgress => "IN_PROGRESS",
+            ExecStatus::Succeeded => "SUCCEEDED",
+            ExecStatus::Failed => "FAILED",
+            ExecStatus::TimedOut => "TIMED_OUT",
+            ExecStatus::Rejected => "REJECTED",
+            ExecStatus::Removed => "REMOVED",
+            ExecStatus::Canceled => "CANCELED",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<ExecStatus> {
+        Some(match s {
+            "QUEUED" => ExecStatus::Queued,
+            "IN_PROGRESS" => ExecStatus::InProgress,
+            "SUCCEEDED" => ExecStatus::Succeeded,
+            "FAILED" => ExecStatus::Failed,
+            "TIMED_OUT" => ExecStatus::TimedOut,
+            "REJECTED" => ExecStatus::Rejected,
+            "REMOVED" => ExecStatus::Removed,
+            "CANCELED" => ExecStatus::Canceled,
+            _ => return None,
+        })
+    }
+
+    /// Whether the execution has ended.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, ExecStatus::Queued | ExecStatus::InProgress)
+    }
+}
+
+/// `presignedUrlConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresignedUrlConfig {
+    /// The role IoT assumes to sign the URLs.
+    pub role_arn: String,
+    /// How long a URL is valid, in seconds (60 to 3600).
+    pub expires_in_sec: u64,
+}
+
+/// A job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Its id.
+    pub id: String,
+    /// Creation order within the account (the order of "next pending").
+    pub seq: u64,
+    /// Description.
+    pub description: Option<String>,
+    /// The job document (`documentSource` is read into it at creation).
+    pub document: String,
+    /// Where the document came from, if it was read from the object store.
+    pub document_source: Option<String>,
+    /// Target ARNs (things and thing groups), as given.
+    pub targets: Vec<String>,
+    /// SNAPSHOT (false) or CONTINUOUS (true).
+    pub continuous: bool,
+    /// Status.
+    pub status: JobStatus,
+    /// Canceled with `force`.
+    pub force_canceled: bool,
+    /// CancelJob's reason code.
+    pub reason_code: Option<String>,
+    /// CancelJob's comment.
+    pub comment: Option<String>,
+    /// Presigned URL settings.
+    pub presigned: Option<PresignedUrlConfig>,
+    /// `timeoutConfig.inProgressTimeoutInMinutes`.
+    pub in_progress_timeout_minutes: Option<u64>,
+    /// Configurations kept and returned as given (rollout, abort, retry, scheduling).
+    pub configs: BTreeMap<String, Value>,
+    /// Times, epoch seconds.
+    pub created_at: f64,
+    /// Last change.
+    pub last_updated_at: f64,
+    /// When it completed or was canceled.
+    pub completed_at: Option<f64>,
+}
+
+/// One thing's execution of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Execution {
+    /// The job.
+    pub job_id: String,
+    /// The thing.
+    pub thing: String,
+    /// The job's creation order.
+    pub job_seq: u64,
+    /// Status.
+    pub status: ExecStatus,
+    /// What the device reported.
+    pub status_details: BTreeMap<String, String>,
+    /// Times, epoch seconds.
+    pub queued_at: f64,
+    /// When it went IN_PROGRESS.
+    pub started_at: Option<f64>,
+    /// Last change.
+    pub last_updated_at: f64,
+    /// Incremented by every update.
+    pub version: u64,
+    /// Which execution of the job on this thing (1).
+    pub execution_number: u64,
+    /// Canceled with `force` while IN_PROGRESS.
+    pub force_canceled: bool,
+    /// When it times out, if IN_PROGRESS with a timeout.
+    pub deadline: Option<f64>,
+}
+
+impl Execution {
+    /// Seconds until it times out, if it may.
+    pub fn seconds_before_timeout(&self, now: f64) -> Option<u64> {
+        self.deadline.map(|d| (d - now).max(0.0) as u64)
+    }
+}
+
+/// What CreateJob asks for (validated by [`Registry::create_job`]).
+#[derive(Debug, Clone, Default)]
+pub struct NewJob {
+    /// Target ARNs.
+    pub targets: Vec<String>,
+    /// The document.
+    pub document: String,
+    /// Where it came from.
+    pub document_source: Option<String>,
+    /// Description.
+    pub description: Option<String>,
+    /// CONTINUOUS.
+    pub continuous: bool,
+    /// Presigned URL settings.
+    pub presigned: Option<PresignedUrlConfig>,
+    /// In-progress timeout.
+    pub in_progress_timeout_minutes: Option<u64>,
+    /// Other configurations, kept as given.
+    pub configs: BTreeMap<String, Value>,
+}
+
+/// What UpdateJob changes (what is `None` stays).
+#[derive(Debug, Clone, Default)]
+pub struct JobUpdate {
+    /// Description.
+    pub description: Option<String>,
+    /// Presigned URL settings.
+    pub presigned: Option<PresignedUrlConfig>,
+    /// In-progress timeout.
+    pub in_progress_timeout_minutes: Option<u64>,
+    /// Other configurations, replacing those of the same name.
+    pub configs: BTreeMap<String, Value>,
+}
+
+/// CancelJobExecution's arguments.
+#[derive(Debug, Clone, Default)]
+pub struct CancelExecution {
+    /// Cancel an IN_PROGRESS execution too.
+    pub force: bool,
+    /// Must equal the execution's version.
+    pub expected_version: Option<u64>,
+    /// Replaces the status details.
+    pub status_details: Option<BTreeMap<String, String>>,
+}
+
+/// Counts of a job's executions by status (`jobProcessDetails`).
+pub type JobCounts = BTreeMap<ExecStatus, usize>;
+
+/// A device's update of its execution (UpdateJobExecution).
+#[derive(Debug, Clone, Default)]
+pub struct ExecutionUpdate {
+    /// The new status: IN_PROGRESS, SUCCEEDED, FAILED or REJECTED.
+    pub status: String,
+    /// Replaces the status details, if given.
+    pub status_details: Option<BTreeMap<String, String>>,
+    /// Must equal the execution's version.
+    pub expected_version: Option<u64>,
+    /// Must equal the execution's number.
+    pub execution_number: Option<u64>,
+    /// A new step timeout (IN_PROGRESS only).
+    pub step_timeout_minutes: Option<u64>,
+}
+
+fn exec_key(job: &str, thing: &str) -> String {
+    format!("{job}\n{thing}")
+}
+
+fn job_not_found(id: &str) -> RegistryError {
+    RegistryError::NotFound(format!("Job {id} does not exist"))
+}
+
+fn execution_not_found(job: &str, thing: &str) -> RegistryError {
+    RegistryError::NotFound(format!(
+        "Job execution of job {job} on thing {thing} does not exist"
+    ))
+}
+
+/// Checks a device's status details: at most ten entries, keys `[a-zA-Z0-9:_-]+` (1 to 128),
+/// values of 1 to 1,024 characters without control characters.
+pub fn check_status_details(d: &BTreeMap<String, String>) -> Result<()> {
+    if d.len() > MAX_STATUS_DETAILS {
+        return Err(RegistryError::InvalidRequest(format!(
+            "statusDetails can have at most {MAX_STATUS_DETAILS} entries"
+        )));
+    }
+    for (k, v) in d {
+        check_name("statusDetails key", k, 128, |c| {
+            c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-')
+        })?;
+        if v.is_empty() || v.chars().count() > 1024 || v.chars().any(char::is_control) {
+            return Err(RegistryError::InvalidRequest(format!(
+                "statusDetails value for {k} is not valid"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a step timeout (1 to 10,080 minutes).
+fn check_step_timeout(m: Option<u64>) -> Result<()> {
+    if m.is_some_and(|m| !(1..=10_080).contains(&m)) {
+        return Err(RegistryError::InvalidRequest(
+            "stepTimeoutInMinutes must be between 1 and 10080".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Account {
+    /// A thing's executions that have not ended, in "next pending" order: IN_PROGRESS first,
+    /// then QUEUED, each in job creation order.
+    pub fn pending_executions(&self, thing: &str) -> Vec<&Execution> {
+        let mut v: Vec<&Execution> = self
+            .executions
+            .range((thing.to_owned(), String::new())..)
+            .take_while(|((t, _), _)| t == thing)
+            .map(|(_, e)| e)
+            .filter(|e| !e.status.is_terminal())
+            .collect();
+        v.sort_by_key(|e| (e.status != ExecStatus::InProgress, e.job_seq));
+        v
+    }
+
+    /// Things a target names now: a thing, or every thing of a group and its descendants.
+    fn things_of_target(
+        &self,
+        target: &str,
+        thing_prefix: &str,
+        group_prefix: &str,
+    ) -> Vec<String> {
+        if let Some(t) = target.strip_prefix(thing_prefix) {
+            return self
+                .things
+                .contains_key(t)
+                .then(|| t.to_owned())
+                .into_iter()
+                .collect();
+        }
+        let Some(g) = target.strip_prefix(group_prefix) else {
+            return Vec::new();
+        };
+        let mut out = BTreeSet::new();
+        for (name, _) in self.thing_groups.iter() {
+            if self.group_lineage(name).contains(&g) {
+                out.extend(self.group_members.get(name).into_iter().flatten().cloned());
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    fn job_counts(&self, job: &str) -> JobCounts {
+        let mut c = JobCounts::new();
+        for e in self.executions.values().filter(|e| e.job_id == job) {
+            *c.entry(e.status).or_default() += 1;
+        }
+        c
+    }
+
+    /// Puts an execution in memory and in the transaction.
+    fn save_execution(&mut self, tx: &mut Tx, e: Execution) -> Result<()> {
+        tx.put(Kind::JobExecution, &exec_key(&e.job_id, &e.thing), &e)?;
+        self.executions
+            .insert((e.thing.clone(), e.job_id.clone()), e);
+        Ok(())
+    }
+
+    /// A SNAPSHOT job whose executions have all ended is COMPLETED.
+    pub(crate) fn maybe_complete(&mut self, tx: &mut Tx, job: &str, now: f64) -> Result<()> {
+        let Some(j) = self.jobs.get(job) else {
+            return Ok(());
+        };
+        if j.continuous || j.status != JobStatus::InProgress {
+            return Ok(());
+        }
+        if self
+            .executions
+            .values()
+            .any(|e| e.job_id == job && !e.status.is_terminal())
+        {
+            return Ok(());
+        }
+        let mut j = j.clone();
+        j.status = JobStatus::Completed;
+        j.completed_at = Some(now);
+        j.last_updated_at = now;
+        tx.put(Kind::Job, job, &j)?;
+        self.jobs.insert(job.to_owned(), j);
+        Ok(())
+    }
+}
+
+impl Registry {
+    /// The ARN of a job.
+    pub fn job_arn(&self, account: &str, id: &str) -> String {
+        self.arn(account, &format!("job/{id}"))
+    }
+
+    /// CreateJob: the job and a QUEUED execution for every thing its targets name now.
+    pub fn create_job(&self, account: &str, id: &str, spec: NewJob, now: f64) -> Result<Job> {
+        check_name("jobId", id, 64, |c| {
+            c.is_ascii_alphanumeric() || matches!(c, '_' | '-')
+        })?;
+        if spec.targets.is_empty() || spec.targets.len() > MAX_TARGETS {
+            return Err(RegistryError::InvalidRequest(format!(
+                "targets must name 1 to {MAX_TARGETS} things or thing groups"
+            )));
+        }
+        if spec.document.len() > MAX_DOCUMENT {
+            return Err(RegistryError::InvalidRequest(format!(
+                "The job document can be at most {MAX_DOCUMENT} bytes"
+            )));
+        }
+        if serde_json::from_str::<serde_json::Map<String, Value>>(&spec.document).is_err() {
+            return Err(RegistryError::InvalidRequest(
+                "The job document must be a JSON object".into(),
+            ));
+        }
+        if spec
+            .in_progress_timeout_minutes
+            .is_some_and(|m| !(1..=10_080).contains(&m))
+        {
+            return Err(RegistryError::InvalidRequest(
+                "inProgressTimeoutInMinutes must be between 1 and 10080".into(),
+            ));
+        }
+        let thing_prefix = self.arn(account, "thing/");
+        let group_prefix = self.arn(account, "thinggroup/");
+        let out = self.write(account, |a, tx| {
+            if a.jobs.contains_key(id) {
+                return Err(RegistryError::AlreadyExists {
+                    message: format!("Job {id} already exists"),
+                    resource_id: id.to_owned(),
+                    resource_arn: self.job_arn(account, id),
+                });
+            }
+            let mut things = BTreeSet::new();
+            for t in &spec.targets {
+                if let Some(name) = t.strip_prefix(&thing_prefix) {
+                    if !a.things.contains_key(name) {
+                        return Err(RegistryError::NotFound(format!(
+                            "Thing {name} cannot be found."
+                        )));
+                    }
+                } else if let Some(g) = t.strip_prefix(&group_prefix) {
+                    if !a.thing_groups.contains_key(g) {
+                        return Err(RegistryError::NotFound(format!(
+                            "Thing Group {g} does not exist"
+                        )));
+                    }
+                } else {
+                    return Err(RegistryError::InvalidRequest(format!(
+                        "Target {t} is not a thing or thing group of this account"
+                    )));
+                }
+                things.extend(a.things_of_target(t, &thing_prefix, &group_prefix));
+            }
+            a.job_seq += 1;
+            let job = Job {
+                id: id.to_owned(),
+                seq: a.job_seq,
+                description: spec.description,
+                document: spec.document,
+                document_source: spec.document_source,
+                targets: spec.targets,
+                continuous: spec.continuous,
+                status: JobStatus::InProgress,
+                force_canceled: false,
+                reason_code: None,
+                comment: None,
+                presigned: spec.presigned,
+                in_progress_timeout_minutes: spec.in_progress_timeout_minutes,
+                configs: spec.configs,
+                created_at: now,
+                last_updated_at: now,
+                completed_at: None,
+            };
+            tx.put(Kind::Job, id, &job)?;
+            tx.put(Kind::JobSeq, "", &a.job_seq)?;
+            a.jobs.insert(id.to_owned(), job.clone());
+            for thing in &things {
+                a.save_execution(tx, new_execution(&job, thing, now))?;
+            }
+            a.maybe_complete(tx, id, now)?;
+            Ok((job, things))
+        })?;
+        self.jobs_changed(account, out.1);
+        Ok(out.0)
+    }
+
+    /// Tells the change feed whose executions changed.
+    fn jobs_changed(&self, account: &str, things: impl IntoIterator<Item = String>) {
+        let things: Vec<String> = things.into_iter().collect();
+        if !things.is_empty() {
+            let _ = self.feed.send(Change::JobExecutions {
+                account: account.to_owned(),
+                things,
+            });
+        }
+    }
+
+    /// A job and the counts of its executions by status.
+    pub fn describe_job(&self, account: &str, id: &str) -> Result<(Job, JobCounts)> {
+        self.read(account, |a| {
+            let j = a.jobs.get(id).cloned().ok_or_else(|| job_not_found(id))?;
+            Ok((j, a.job_counts(id)))
+        })
+    }
+
+    /// ListJobs, newest first.
+    pub fn list_jobs(
+        &self,
+        account: &str,
+        status: Option<&str>,
+        continuous: Option<bool>,
+        group_arn: Option<&str>,
+        marker: Option<&str>,
+        size: usize,
+    ) -> Result<Page<Job>> {
+        self.read(account, |a| {
+            let mut jobs: Vec<&Job> = a
+                .jobs
+                .values()
+                .filter(|j| status.is_none_or(|s| j.status.as_str() == s))
+                .filter(|j| continuous.is_none_or(|c| j.continuous == c))
+                .filter(|j| group_arn.is_none_or(|g| j.targets.iter().any(|t| t == g)))
+                .collect();
+            jobs.sort_by_key(|j| std::cmp::Reverse(j.seq));
+            paginate(
+                jobs.into_iter()
+                    .map(|j| (j.id.clone(), j.clone()))
+                    .collect(),
+                marker,
+                size,
+            )
+        })
+    }
+
+    /// UpdateJob: description, presigned URL settings, timeout and kept configurations.
+    pub fn update_job(&self, account: &str, id: &str, u: JobUpdate, now: f64) -> Result<()> {
+        self.write(account, |a, tx| {
+            let mut j = a.jobs.get(id).cloned().ok_or_else(|| job_not_found(id))?;
+            if u.description.is_some() {
+                j.description = u.description;
+            }
+            if u.presigned.is_some() {
+                j.presigned = u.presigned;
+            }
+            if u.in_progress_timeout_minutes.is_some() {
+                j.in_progress_timeout_minutes = u.in_progress_timeout_minutes;
+            }
+            j.configs.extend(u.configs);
+            j.last_updated_at = now;
+            tx.put(Kind::Job, id, &j)?;
+            a.jobs.insert(id.to_owned(), j);
+            Ok(())
+        })
+    }
+
+    /// CancelJob: QUEUED executions are canceled, and with `force` IN_PROGRESS ones too.
+    pub fn cancel_job(
+        &self,
+        account: &str,
+        id: &str,
+        force: bool,
+        reason_code: Option<String>,
+        comment: Option<String>,
+        now: f64,
+    ) -> Result<Job> {
+        let (job, things) = self.write(account, |a, tx| {
+            let mut j = a.jobs.get(id).cloned().ok_or_else(|| job_not_found(id))?;
+            if j.status == JobStatus::Completed {
+                return Err(RegistryError::InvalidStateTransition(format!(
+                    "Job {id} has completed and cannot be canceled"
+                )));
+            }
+            if j.status == JobStatus::Canceled && !force {
+                return Ok((j, Vec::new()));
+            }
+            let mut things = Vec::new();
+            let targets: Vec<Execution> = a
+                .executions
+                .values()
+                .filter(|e| e.job_id == id)
+                .filter(|e| {
+                    e.status == ExecStatus::Queued || (force && e.status == ExecStatus::InProgress)
+                })
+                .cloned()
+                .collect();
+            for mut e in targets {
+                e.force_canceled = e.status == ExecStatus::InProgress;
+                e.status = ExecStatus::Canceled;
+                e.last_updated_at = now;
+                e.deadline = None;
+                things.push(e.thing.clone());
+                a.save_execution(tx, e)?;
+            }
+            j.status = JobStatus::Canceled;
+            j.force_canceled |= force;
+            j.reason_code = reason_code.or(j.reason_code);
+            j.comment = comment.or(j.comment);
+            j.last_updated_at = now;
+            j.completed_at = Some(now);
+            tx.put(Kind::Job, id, &j)?;
+            a.jobs.insert(id.to_owned(), j.clone());
+            Ok((j, things))
+        })?;
+        self.jobs_changed(account, things);
+        Ok(job)
+    }
+
+    /// DeleteJob: a job that ended (COMPLETED or CANCELED), or any with `force`; its
+    /// executions go with it. A job with IN_PROGRESS executions needs `force`.
+    pub fn delete_job(&self, account: &str, id: &str, force: bool) -> Result<()> {
+        let things = self.write(account, |a, tx| {
+            let j = a.jobs.get(id).ok_or_else(|| job_not_found(id))?;
+            let running = a
+                .executions
+                .values()
+                .any(|e| e.job_id == id && e.status == ExecStatus::InProgress);
+            if !force && (j.status == JobStatus::InProgress || running) {
+                return Err(RegistryError::InvalidStateTransition(format!(
+                    "Job {id} is in progress; delete it with force, or cancel it first"
+                )));
+            }
+            let keys: Vec<(String, String)> = a
+                .executions
+                .keys()
+                .filter(|(_, job)| job == id)
+                .cloned()
+                .collect();
+            let mut things = Vec::new();
+            for (thing, job) in keys {
+                tx.delete(Kind::JobExecution, &exec_key(&job, &thing));
+                a.executions.remove(&(thing.clone(), job));
+                things.push(thing);
+            }
+            tx.delete(Kind::Job, id);
+            a.jobs.remove(id);
+            Ok(things)
+        })?;
+        self.jobs_changed(account, things);
+        Ok(())
+    }
+
+    /// One execution (`execution_number`, if given, must be its number).
+    pub fn job_execution(
+        &self,
+        account: &str,
+        job: &str,
+        thing: &str,
+        execution_number: Option<u64>,
+    ) -> Result<(Execution, Job)> {
+        self.read(account, |a| {
+            let e = a
+                .executions
+                .get(&(thing.to_owned(), job.to_owned()))
+                .filter(|e| execution_number.is_none_or(|n| n == e.execution_number))
+                .cloned()
+                .ok_or_else(|| execution_not_found(job, thing))?;
+            let j = a.jobs.get(job).cloned().ok_or_else(|| job_not_found(job))?;
+            Ok((e, j))
+        })
+    }
+
+    /// ListJobExecutionsForJob.
+    pub fn executions_of_job(
+        &self,
+        account: &str,
+        job: &str,
+        status: Option<&str>,
+        marker: Option<&str>,
+        size: usize,
+    ) -> Result<Page<Execution>> {
+        self.read(account, |a| {
+            if !a.jobs.contains_key(job) {
+                return Err(job_not_found(job));
+            }
+            let items = a
+                .executions
+                .values()
+                .filter(|e| e.job_id == job)
+                .filter(|e| status.is_none_or(|s| e.status.as_str() == s))
+                .map(|e| (e.thing.clone(), e.clone()))
+                .collect();
+            paginate(items, marker, size)
+        })
+    }
+
+    /// ListJobExecutionsForThing, in job creation order.
+    pub fn executions_of_thing(
+        &self,
+        account: &str,
+        thing: &str,
+        status: Option<&str>,
+        job: Option<&str>,
+        marker: Option<&str>,
+        size: usize,
+    ) -> Result<Page<Execution>> {
+        self.read(account, |a| {
+            if !a.things.contains_key(thing) {
+                return Err(RegistryError::NotFound(format!(
+                    "Thing {thing} cannot be found."
+                )));
+            }
+            let mut v: Vec<&Execution> = a
+                .executions
+                .range((thing.to_owned(), String::new())..)
+                .take_while(|((t, _), _)| t == thing)
+                .map(|(_, e)| e)
+                .filter(|e| status.is_none_or(|s| e.status.as_str() == s))
+                .filter(|e| job.is_none_or(|j| e.job_id == j))
+                .collect();
+            v.sort_by_key(|e| e.job_seq);
+            paginate(
+                v.into_iter()
+                    .map(|e| (e.job_id.clone(), e.clone()))
+                    .collect(),
+                marker,
+                size,
+            )
+        })
+    }
+
+    /// CancelJobExecution: a QUEUED execution, or an IN_PROGRESS one with `force`.
+    pub fn cancel_job_execution(
+        &self,
+        account: &str,
+        job: &str,
+        thing: &str,
+        c: CancelExecution,
+        now: f64,
+    ) -> Result<()> {
+        let CancelExecution {
+            force,
+            expected_version,
+            status_details,
+        } = c;
+        if let Some(d) = &status_details {
+            check_status_details(d)?;
+        }
+        self.write(account, |a, tx| {
+            let mut e = a
+                .executions
+                .get(&(thing.to_owned(), job.to_owned()))
+                .cloned()
+                .ok_or_else(|| execution_not_found(job, thing))?;
+            if let Some(v) = expected_version
+                && v != e.version
+            {
+                return Err(RegistryError::VersionConflict(format!(
+                    "The expected version {v} does not match the execution's version {}",
+                    e.version
+                )));
+            }
+            match e.status {
+                ExecStatus::Queued => {}
+                ExecStatus::InProgress if force => e.force_canceled = true,
+                ExecStatus::InProgress => {
+                    return Err(RegistryError::InvalidStateTransition(format!(
+                        "Job execution of job {job} on thing {thing} is IN_PROGRESS; cancel it with force"
+                    )));
+                }
+                s => {
+                    return Err(RegistryError::InvalidStateTransition(format!(
+                        "Job execution of job {job} on thing {thing} has ended ({})",
+                        s.as_str()
+                    )));
+                }
+            }
+            e.status = ExecStatus::Canceled;
+            if let Some(d) = status_details {
+                e.status_details = d;
+            }
+            e.version += 1;
+            e.last_updated_at = now;
+            e.deadline = None;
+            a.save_execution(tx, e)?;
+            a.maybe_complete(tx, job, now)
+        })?;
+        self.jobs_changed(account, [thing.to_owned()]);
+        Ok(())
+    }
+
+    /// DeleteJobExecution: an ended execution, or any with `force`.
+    pub fn delete_job_execution(
+        &self,
+        account: &str,
+        job: &str,
+        thing: &str,
+        execution_number: u64,
+        force: bool,
+        now: f64,
+    ) -> Result<()> {
+        self.write(account, |a, tx| {
+            let key = (thing.to_owned(), job.to_owned());
+            let e = a
+                .executions
+                .get(&key)
+                .filter(|e| e.execution_number == execution_number)
+                .ok_or_else(|| execution_not_found(job, thing))?;
+            if !force && !e.status.is_terminal() {
+                return Err(RegistryError::InvalidStateTransition(format!(
+                    "Job execution of job {job} on thing {thing} has not ended; delete it with force"
+                )));
+            }
+            tx.delete(Kind::JobExecution, &exec_key(job, thing));
+            a.executions.remove(&key);
+            a.maybe_complete(tx, job, now)
+        })?;
+        self.jobs_changed(account, [thing.to_owned()]);
+        Ok(())
+    }
+
+    /// A thing's pending executions (IN_PROGRESS, then QUEUED), with their jobs.
+    pub fn pending_job_executions(
+        &self,
+        account: &str,
+        thing: &str,
+    ) -> Result<Vec<(Execution, Job)>> {
+        self.read(account, |a| {
+            Ok(a.pending_executions(thing)
+                .into_iter()
+                .filter_map(|e| Some((e.clone(), a.jobs.get(&e.job_id)?.clone())))
+                .collect())
+        })
+    }
+
+    /// StartNextPendingJobExecution: the next pending execution, moved to IN_PROGRESS with
+    /// the given details and step timeout if it was QUEUED (an IN_PROGRESS one is returned
+    /// as it is); `None` when nothing is pending.
+    pub fn start_next_job_execution(
+        &self,
+        account: &str,
+        thing: &str,
+        status_details: Option<BTreeMap<String, String>>,
+        step_timeout_minutes: Option<u64>,
+        now: f64,
+    ) -> Result<Option<(Execution, Job)>> {
+        if let Some(d) = &status_details {
+            check_status_details(d)?;
+        }
+        check_step_timeout(step_timeout_minutes)?;
+        let out = self.write(account, |a, tx| {
+            let Some(next) = a.pending_executions(thing).first().map(|e| (*e).clone()) else {
+                return Ok(None);
+            };
+            let job = a
+                .jobs
+                .get(&next.job_id)
+                .cloned()
+                .ok_or_else(|| job_not_found(&next.job_id))?;
+            if next.status == ExecStatus::InProgress {
+                return Ok(Some((next, job)));
+            }
+            let mut e = next;
+            start(&mut e, &job, step_timeout_minutes, now);
+            if let Some(d) = status_details {
+                e.status_details = d;
+            }
+            a.save_execution(tx, e.clone())?;
+            Ok(Some((e, job)))
+        })?;
+        if out.is_some() {
+            self.jobs_changed(account, [thing.to_owned()]);
+        }
+        Ok(out)
+    }
+
+    /// UpdateJobExecution by the device. On a version or state refusal the error says why;
+    /// the caller reads the execution again to report its state.
+    pub fn update_job_execution(
+        &self,
+        account: &str,
+        job: &str,
+        thing: &str,
+        u: ExecutionUpdate,
+        now: f64,
+    ) -> Result<(Execution, Job)> {
+        let status = match u.status.as_str() {
+            "IN_PROGRESS" => ExecStatus::InProgress,
+            "SUCCEEDED" => ExecStatus::Succeeded,
+            "FAILED" => ExecStatus::Failed,
+            "REJECTED" => ExecStatus::Rejected,
+            other => {
+                return Err(RegistryError::InvalidRequest(format!(
+                    "status {other:?} is not one a device may set (IN_PROGRESS, SUCCEEDED, FAILED, REJECTED)"
+                )));
+            }
+        };
+        if let Some(d) = &u.status_details {
+            check_status_details(d)?;
+        }
+        check_step_timeout(u.step_timeout_minutes)?;
+        let out = self.write(account, |a, tx| {
+            let mut e = a
+                .executions
+                .get(&(thing.to_owned(), job.to_owned()))
+                .filter(|e| u.execution_number.is_none_or(|n| n == e.execution_number))
+                .cloned()
+                .ok_or_else(|| execution_not_found(job, thing))?;
+            let j = a.jobs.get(job).cloned().ok_or_else(|| job_not_found(job))?;
+            if let Some(v) = u.expected_version
+                && v != e.version
+            {
+                return Err(RegistryError::VersionConflict(format!(
+                    "The expected version {v} does not match the execution's version {}",
+                    e.version
+                )));
+            }
+            if e.status.is_terminal() {
+                return Err(RegistryError::InvalidStateTransition(format!(
+                    "Job execution of job {job} on thing {thing} has ended ({}) and cannot become {}",
+                    e.status.as_str(),
+                    status.as_str()
+                )));
+            }
+            if status == ExecStatus::InProgress {
+                if e.status == ExecStatus::Queued {
+                    start(&mut e, &j, u.step_timeout_minutes, now);
+                } else {
+                    e.version += 1;
+                    e.deadline = deadline(&e, &j, u.step_timeout_minutes, now);
+                }
+            } else {
+                e.status = status;
+                e.version += 1;
+                e.deadline = None;
+            }
+            if let Some(d) = u.status_details {
+                e.status_details = d;
+            }
+            e.last_updated_at = now;
+            a.save_execution(tx, e.clone())?;
+            a.maybe_complete(tx, job, now)?;
+            Ok((e, j))
+        })?;
+        self.jobs_changed(account, [thing.to_owned()]);
+        Ok(out)
+    }
+
+    /// Ends with TIMED_OUT every IN_PROGRESS execution whose deadline has passed; returns how
+    /// many.
+    pub fn expire_job_executions(&self, now: f64) -> usize {
+        let due: Vec<(String, String, String)> = {
+            let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+            st.accounts
+                .iter()
+                .flat_map(|(id, a)| {
+                    a.executions
+                        .values()
+                        .filter(|e| e.status == ExecStatus::InProgress)
+                        .filter(|e| e.deadline.is_some_and(|d| d <= now))
+                        .map(|e| (id.clone(), e.job_id.clone(), e.thing.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let mut n = 0;
+        for (account, job, thing) in due {
+            let done = self.write(&account, |a, tx| {
+                let Some(mut e) = a
+                    .executions
+                    .get(&(thing.clone(), job.clone()))
+                    .cloned()
+                    .filter(|e| e.status == ExecStatus::InProgress)
+                    .filter(|e| e.deadline.is_some_and(|d| d <= now))
+                else {
+                    return Ok(false);
+                };
+                e.status = ExecStatus::TimedOut;
+                e.version += 1;
+                e.deadline = None;
+                e.last_updated_at = now;
+                a.save_execution(tx, e)?;
+                a.maybe_complete(tx, &job, now)?;
+                Ok(true)
+            });
+            if let Ok(true) = done {
+                n += 1;
+                self.jobs_changed(&account, [thing]);
+            }
+        }
+        n
+    }
+
+    /// A thing joined `group`: every CONTINUOUS job in progress that targets the group or
+    /// one of its ancestors gives it an execution, if it has none.
+    pub(crate) fn continuous_jobs_for(
+        &self,
+        a: &mut Account,
+        tx: &mut Tx,
+        account: &str,
+        group: &str,
+        thing: &str,
+        now: f64,
+    ) -> Result<bool> {
+        let lineage: Vec<String> = a
+            .group_lineage(group)
+            .into_iter()
+            .map(|g| self.group_arn(account, g))
+            .collect();
+        let jobs: Vec<Job> = a
+            .jobs
+            .values()
+            .filter(|j| j.continuous && j.status == JobStatus::InProgress)
+            .filter(|j| j.targets.iter().any(|t| lineage.contains(t)))
+            .filter(|j| !a.executions.contains_key(&(thing.to_owned(), j.id.clone())))
+            .cloned()
+            .collect();
+        for j in &jobs {
+            a.save_execution(tx, new_execution(j, thing, now))?;
+        }
+        Ok(!jobs.is_empty())
+    }
+
+    /// Publishes a change of a thing's executions on the feed (after a write that queued
+    /// some outside this module).
+    pub(crate) fn executions_changed(&self, account: &str, thing: &str) {
+        self.jobs_changed(account, [thing.to_owned()]);
+    }
+}
+
+fn new_execution(job: &Job, thing: &str, now: f64) -> Execution {
+    Execution {
+        job_id: job.id.clone(),
+        thing: thing.to_owned(),
+        job_seq: job.seq,
+        status: ExecStatus::Queued,
+        status_details: BTreeMap::new(),
+        queued_at: now,
+        started_at: None,
+        last_updated_at: now,
+        version: 1,
+        execution_number: 1,
+        force_canceled: false,
+        deadline: None,
+    }
+}
+
+/// QUEUED → IN_PROGRESS.
+fn start(e: &mut Execution, job: &Job, step_timeout_minutes: Option<u64>, now: f64) {
+    e.status = ExecStatus::InProgress;
+    e.started_at = Some(now);
+    e.last_updated_at = now;
+    e.version += 1;
+    e.deadline = deadline(e, job, step_timeout_minutes, now);
+}
+
+/// The earlier of the job's in-progress timeout (from the start) and a step timeout (from
+/// now); without a new step timeout, the one already set stays.
+fn deadline(e: &Execution, job: &Job, step_timeout_minutes: Option<u64>, now: f64) -> Option<f64> {
+    let job_end = job
+        .in_progress_timeout_minutes
+        .zip(e.started_at)
+        .map(|(m, s)| s + m as f64 * 60.0);
+    let step_end = match step_timeout_minutes {
+        Some(m) => Some(now + m as f64 * 60.0),
+        None => e.deadline,
+    };
+    match (job_end, step_end) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (Registry, String) {
+        let reg = Registry::in_memory("us-east-1").unwrap();
+        let (info, _) = reg.create_account("a").unwrap();
+        (reg, info.id)
+    }
+
+    fn job(reg: &Registry, acct: &str, id: &str, targets: &[String], now: f64) -> Job {
+        reg.create_job(
+            acct,
+            id,
+            NewJob {
+                targets: targets.to_vec(),
+                document: r#"{"op":"x"}"#.into(),
+                ..NewJob::default()
+            },
+            now,
+        )
+        .unwrap()
+    }
+
+    fn update(status: &str) -> ExecutionUpdate {
+        ExecutionUpdate {
+            status: status.into(),
+            ..ExecutionUpdate::default()
+        }
+    }
+
+    #[test]
+    fn targets_next_pending_and_the_state_machine() {
+        let (reg, a) = setup();
+        for t in ["t1", "t2", "t3"] {
+            reg.create_thing(&a, t, None, BTreeMap::new()).unwrap();
+        }
+        reg.create_thing_group(&a, "top", None, None, BTreeMap::new())
+            .unwrap();
+        reg.create_thing_group(&a, "sub", Some("top"), None, BTreeMap::new())
+            .unwrap();
+        reg.add_thing_to_group(&a, "sub", "t2").unwrap();
+        let thing = |t: &str| reg.arn(&a, &format!("thing/{t}"));
+        let group = |g: &str| reg.group_arn(&a, g);
+        // A group target reaches the things of its descendants.
+        job(&reg, &a, "j1", &[thing("t1"), group("top")], 0.0);
+        job(&reg, &a, "j2", &[thing("t1")], 1.0);
+        let (_, counts) = reg.describe_job(&a, "j1").unwrap();
+        assert_eq!(counts.get(&ExecStatus::Queued), Some(&2));
+        assert!(reg.job_execution(&a, "j1", "t3", None).is_err());
+
+        // Next pending: creation order, IN_PROGRESS first.
+        let next = |t: &str| {
+            reg.pending_job_executions(&a, t)
+                .unwrap()
+                .into_iter()
+                .map(|(e, _)| e.job_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(next("t1"), ["j1", "j2"]);
+        reg.update_job_execution(&a, "j2", "t1", update("IN_PROGRESS"), 2.0)
+            .unwrap();
+        assert_eq!(next("t1"), ["j2", "j1"]);
+        // start-next returns the IN_PROGRESS one unchanged.
+        let (e, _) = reg
+            .start_next_job_execution(&a, "t1", None, None, 3.0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (e.job_id.as_str(), e.version, e.status),
+            ("j2", 2, ExecStatus::InProgress)
+        );
+
+        // Versions and terminal states.
+        let stale = ExecutionUpdate {
+            expected_version: Some(1),
+            ..update("SUCCEEDED")
+        };
+        assert!(matches!(
+            reg.update_job_execution(&a, "j2", "t1", stale, 4.0),
+            Err(RegistryError::VersionConflict(_))
+        ));
+        let done = ExecutionUpdate {
+            expected_version: Some(2),
+            status_details: Some([("k".to_string(), "v".to_string())].into()),
+            ..update("SUCCEEDED")
+        };
+        let (e, _) = reg.update_job_execution(&a, "j2", "t1", done, 5.0).unwrap();
+        assert_eq!((e.status, e.version), (ExecStatus::Succeeded, 3));
+        assert!(matches!(
+            reg.update_job_execution(&a, "j2", "t1", update("IN_PROGRESS"), 6.0),
+            Err(RegistryError::InvalidStateTransition(_))
+        ));
+        assert!(matches!(
+            reg.update_job_execution(&a, "j1", "t1", update("TIMED_OUT"), 6.0),
+            Err(RegistryError::InvalidRequest(_))
+        ));
+        // A SNAPSHOT job completes when its last execution ends.
+        assert_eq!(
+            reg.describe_job(&a, "j2").unwrap().0.status,
+            JobStatus::Completed
+        );
+        reg.update_job_execution(&a, "j1", "t1", update("FAILED"), 7.0)
+            .unwrap();
+        assert_eq!(
+            reg.describe_job(&a, "j1").unwrap().0.status,
+            JobStatus::InProgress
+        );
+        reg.update_job_execution(&a, "j1", "t2", update("REJECTED"), 8.0)
+            .unwrap();
+        let (j, counts) = reg.describe_job(&a, "j1").unwrap();
+        assert_eq!(
+            (j.status, j.completed_at),
+            (JobStatus::Completed, Some(8.0))
+        );
+        assert_eq!(counts.get(&ExecStatus::Failed), Some(&1));
+        assert_eq!(counts.get(&ExecStatus::Rejected), Some(&1));
+        assert!(
+            reg.start_next_job_execution(&a, "t1", None, None, 9.0)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn timeouts_on_a_virtual_clock() {
+        let (reg, a) = setup();
+        reg.create_thing(&a, "t", None, BTreeMap::new()).unwrap();
+        let t = reg.arn(&a, "thing/t");
+        reg.create_job(
+            &a,
+            "slow",
+            NewJob {
+                targets: vec![t.clone()],
+                document: "{}".into(),
+                in_progress_timeout_minutes: Some(10),
+                ..NewJob::default()
+            },
+            0.0,
+        )
+        .unwrap();
+        job(&reg, &a, "step", &[t], 0.0);
+        // The step timeout (1 minute) from start-next; the job's own (10 minutes) from the start.
+        reg.start_next_job_execution(&a, "t", None, Some(1), 100.0)
+            .unwrap();
+        reg.update_job_execution(
+            &a,
+            "step",
+            "t",
+            ExecutionUpdate {
+                step_timeout_minutes: Some(2),
+                ..update("IN_PROGRESS")
+            },
+            100.0,
+        )
+        .unwrap();
+        assert_eq!(reg.expire_job_executions(159.0), 0);
+        assert_eq!(reg.expire_job_executions(160.0), 1);
+        let status = |j: &str| reg.job_execution(&a, j, "t", None).unwrap().0.status;
+        assert_eq!(
+            (status("slow"), status("step")),
+            (ExecStatus::TimedOut, ExecStatus::InProgress)
+        );
+        // A new step timeout replaces the old one.
+        reg.update_job_execution(
+            &a,
+            "step",
+            "t",
+            ExecutionUpdate {
+                step_timeout_minutes: Some(5),
+                ..update("IN_PROGRESS")
+            },
+            200.0,
+        )
+        .unwrap();
+        assert_eq!(reg.expire_job_executions(499.0), 0);
+        assert_eq!(reg.expire_job_executions(500.0), 1);
+        assert_eq!(status("step"), ExecStatus::TimedOut);
+        assert_eq!(reg.expire_job_executions(10_000.0), 0);
+    }
+
+    #[test]
+    fn cancel_delete_continuous_and_deleted_things() {
+        let (reg, a) = setup();
+        for t in ["t1", "t2", "late"] {
+            reg.create_thing(&a, t, None, BTreeMap::new()).unwrap();
+        }
+        reg.create_thing_group(&a, "g", None, None, BTreeMap::new())
+            .unwrap();
+        reg.add_thing_to_group(&a, "g", "t1").unwrap();
+        reg.add_thing_to_group(&a, "g", "t2").unwrap();
+        let mut rx = reg.subscribe();
+        reg.create_job(
+            &a,
+            "cont",
+            NewJob {
+                targets: vec![reg.group_arn(&a, "g")],
+                document: "{}".into(),
+                continuous: true,
+                ..NewJob::default()
+            },
+            0.0,
+        )
+        .unwrap();
+        match rx.try_recv() {
+            Ok(Change::JobExecutions { things, .. }) => assert_eq!(things, ["t1", "t2"]),
+            other => panic!("{other:?}"),
+        }
+        // A thing joining the group later gets an execution.
+        reg.add_thing_to_group(&a, "g", "late").unwrap();
+        assert_eq!(
+            reg.job_execution(&a, "cont", "late", None)
+                .unwrap()
+                .0
+                .status,
+            ExecStatus::Queued
+        );
+        reg.update_job_execution(&a, "cont", "t1", update("IN_PROGRESS"), 1.0)
+            .unwrap();
+        assert!(matches!(
+            reg.delete_job(&a, "cont", false),
+            Err(RegistryError::InvalidStateTransition(_))
+        ));
+        assert!(matches!(
+            reg.cancel_job_execution(&a, "cont", "t1", CancelExecution::default(), 2.0),
+            Err(RegistryError::InvalidStateTransition(_))
+        ));
+        // CancelJob without force leaves IN_PROGRESS executions running.
+        reg.cancel_job(&a, "cont", false, None, Some("stop".into()), 3.0)
+            .unwrap();
+        let st = |t: &str| reg.job_execution(&a, "cont", t, None).unwrap().0;
+        assert_eq!(
+            (st("t1").status, st("t2").status),
+            (ExecStatus::InProgress, ExecStatus::Canceled)
+        );
+        reg.cancel_job(&a, "cont", true, None, None, 4.0).unwrap();
+        assert!(st("t1").force_canceled && st("t1").status == ExecStatus::Canceled);
+        // Nor does a canceled job reach a thing that joins later.
+        reg.create_thing_group(&a, "g2", None, None, BTreeMap::new())
+            .unwrap();
+        reg.delete_job(&a, "cont", false).unwrap();
+        assert!(reg.job_execution(&a, "cont", "t1", None).is_err());
+
+        // A deleted thing's executions go with it.
+        job(&reg, &a, "j", &[reg.arn(&a, "thing/t2")], 5.0);
+        reg.delete_thing(&a, "t2", None).unwrap();
+        reg.create_thing(&a, "t2", None, BTreeMap::new()).unwrap();
+        assert!(reg.pending_job_executions(&a, "t2").unwrap().is_empty());
+    }
+
+    #[test]
+    fn status_details_limits_at_n_and_n_plus_one() {
+        let entries = |n: usize| -> BTreeMap<String, String> {
+            (0..n).map(|i| (format!("k{i}"), "v".to_string())).collect()
+        };
+        assert!(check_status_details(&entries(MAX_STATUS_DETAILS)).is_ok());
+        assert!(check_status_details(&entries(MAX_STATUS_DETAILS + 1)).is_err());
+        let value = |n: usize| BTreeMap::from([("k".to_string(), "x".repeat(n))]);
+        assert!(check_status_details(&value(1024)).is_ok());
+        assert!(check_status_details(&value(1025)).is_err());
+        assert!(check_status_details(&value(0)).is_err());
+        assert!(check_status_details(&BTreeMap::from([("bad key".into(), "v".into())])).is_err());
+    }
+
+    #[test]
+    fn jobs_survive_a_reopen() {
+        let dir = std::env::temp_dir().join(format!("sekisho-jobs-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("registry.db");
+        let _ = std::fs::remove_file(&path);
+        let a = {
+            let reg = Registry::open(&path, "us-east-1").unwrap();
+            let (info, _) = reg.create_account("a").unwrap();
+            reg.create_thing(&info.id, "t", None, BTreeMap::new())
+                .unwrap();
+            job(&reg, &info.id, "j1", &[reg.arn(&info.id, "thing/t")], 0.0);
+            job(&reg, &info.id, "j2", &[reg.arn(&info.id, "thing/t")], 0.0);
+            reg.start_next_job_execution(&info.id, "t", None, None, 1.0)
+                .unwrap();
+            info.id
+        };
+        let reg = Registry::open(&path, "us-east-1").unwrap();
+        let pending: Vec<(String, ExecStatus)> = reg
+            .pending_job_executions(&a, "t")
+            .unwrap()
+            .into_iter()
+            .map(|(e, _)| (e.job_id, e.status))
+            .collect();
+        assert_eq!(
+            pending,
+            [
+                ("j1".into(), ExecStatus::InProgress),
+                ("j2".into(), ExecStatus::Queued)
+            ]
+        );
+        // Creation order goes on after a restart.
+        job(&reg, &a, "j3", &[reg.arn(&a, "thing/t")], 2.0);
+        assert!(
+            reg.describe_job(&a, "j3").unwrap().0.seq > reg.describe_job(&a, "j2").unwrap().0.seq
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,265 @@
+"""Jobs: the control plane with the stock AWS CLI and boto3, the device side with the AWS IoT
+Device SDK's jobs client (awsiotsdk) and paho-mqtt for raw topics."""
+
+import json
+import queue
+import signal
+import time
+
+import pytest
+from awscrt import mqtt as crt_mqtt
+from awsiot import iotjobs, mqtt_connection_builder
+
+from conftest import ALLOW_ALL, Device, Paho, Server, unique
+
+Q1 = crt_mqtt.QoS.AT_LEAST_ONCE
+
+
+def sdk(server, dev):
+    conn = mqtt_connection_builder.mtls_from_path(
+        endpoint=server.endpoint(), port=server.mqtt_port, cert_filepath=str(dev.cert),
+        pri_key_filepath=str(dev.key), ca_filepath=server.ca, client_id=dev.name,
+        clean_session=True, keep_alive_secs=30)
+    conn.connect().result(10)
+    return conn, iotjobs.IotJobsClient(conn)
+
+
+class Agent:
+    """A device running the SDK's jobs sample loop by hand: notify-next, start-next, update."""
+
+    def __init__(self, server, dev):
+        self.conn, self.jobs = sdk(server, dev)
+        self.thing = dev.name
+        self.next, self.started, self.updated, self.rejected = (queue.Queue() for _ in range(4))
+        t = self.thing
+        for fut, _ in (
+            self.jobs.subscribe_to_next_job_execution_changed_events(
+                iotjobs.NextJobExecutionChangedSubscriptionRequest(thing_name=t), Q1, self.next.put),
+            self.jobs.subscribe_to_start_next_pending_job_execution_accepted(
+                iotjobs.StartNextPendingJobExecutionSubscriptionRequest(thing_name=t), Q1, self.started.put),
+            self.jobs.subscribe_to_update_job_execution_accepted(
+                iotjobs.UpdateJobExecutionSubscriptionRequest(thing_name=t, job_id="+"), Q1, self.updated.put),
+            self.jobs.subscribe_to_update_job_execution_rejected(
+                iotjobs.UpdateJobExecutionSubscriptionRequest(thing_name=t, job_id="+"), Q1, self.rejected.put),
+        ):
+            fut.result(10)
+
+    def start_next(self, **kw):
+        self.jobs.publish_start_next_pending_job_execution(
+            iotjobs.StartNextPendingJobExecutionRequest(thing_name=self.thing, **kw), Q1).result(10)
+        return self.started.get(timeout=5)
+
+    def update(self, job_id, status, **kw):
+        self.jobs.publish_update_job_execution(
+            iotjobs.UpdateJobExecutionRequest(thing_name=self.thing, job_id=job_id, status=status, **kw), Q1).result(10)
+
+    def close(self):
+        self.conn.disconnect().result(10)
+
+
+def test_a_job_reaches_two_things_of_a_group_one_succeeds_one_fails(server, workdir):
+    """The walkthrough: a job for a thing group reaches both its things (notify-next), each
+    starts it (start-next); one reports SUCCEEDED, the other FAILED with details; describe-job
+    counts them and the snapshot job is COMPLETED."""
+    iot = server.boto()
+    group = unique("fleet")
+    iot.create_thing_group(thingGroupName=group)
+    devs = [Device(server, iot, unique("dev"), ALLOW_ALL, workdir) for _ in range(2)]
+    for d in devs:
+        iot.add_thing_to_thing_group(thingGroupName=group, thingName=d.name)
+    agents = [Agent(server, d) for d in devs]
+    job_id = unique("fw")
+    doc = workdir / f"{job_id}.json"
+    doc.write_text(json.dumps({"operation": "update", "version": "2.0"}))
+    group_arn = iot.describe_thing_group(thingGroupName=group)["thingGroupArn"]
+    out = server.aws("iot", "create-job", "--job-id", job_id, "--targets", group_arn,
+                     "--document", f"file://{doc}", "--description", "firmware 2.0")
+    assert out["jobArn"].endswith(f":job/{job_id}") and out["description"] == "firmware 2.0"
+
+    for a in agents:
+        ev = a.next.get(timeout=5)
+        assert (ev.execution.job_id, ev.execution.status) == (job_id, "QUEUED")
+        assert ev.execution.job_document == {"operation": "update", "version": "2.0"}
+        started = a.start_next(client_token="s1", step_timeout_in_minutes=10)
+        assert (started.execution.job_id, started.execution.status, started.client_token) == \
+            (job_id, "IN_PROGRESS", "s1")
+        assert started.execution.version_number == 2
+    agents[0].update(job_id, "SUCCEEDED", expected_version=2, include_job_execution_state=True)
+    u = agents[0].updated.get(timeout=5)
+    assert (u.execution_state.status, u.execution_state.version_number) == ("SUCCEEDED", 3)
+    agents[1].update(job_id, "FAILED", status_details={"reason": "checksum"})
+    agents[1].updated.get(timeout=5)
+    # Nothing is pending any more: notify-next says so.
+    for a in agents:
+        ev = a.next.get(timeout=5)
+        assert ev.execution is None
+
+    job = server.aws("iot", "describe-job", "--job-id", job_id)["job"]
+    assert job["status"] == "COMPLETED" and job["targets"] == [group_arn]
+    counts = job["jobProcessDetails"]
+    assert (counts["numberOfSucceededThings"], counts["numberOfFailedThings"], counts["numberOfQueuedThings"]) == (1, 1, 0)
+    ex = server.aws("iot", "describe-job-execution", "--job-id", job_id, "--thing-name", devs[1].name)["execution"]
+    assert ex["status"] == "FAILED" and ex["statusDetails"] == {"detailsMap": {"reason": "checksum"}}
+    listed = server.aws("iot", "list-job-executions-for-job", "--job-id", job_id)["executionSummaries"]
+    assert sorted(e["jobExecutionSummary"]["status"] for e in listed) == ["FAILED", "SUCCEEDED"]
+    mine = server.aws("iot", "list-job-executions-for-thing", "--thing-name", devs[0].name)["executionSummaries"]
+    assert [e["jobId"] for e in mine] == [job_id]
+    assert json.loads(server.aws("iot", "get-job-document", "--job-id", job_id)["document"])["version"] == "2.0"
+    assert job_id in [j["jobId"] for j in server.aws("iot", "list-jobs", "--status", "COMPLETED")["jobs"]]
+    for a in agents:
+        a.close()
+
+
+def test_mqtt_answers_go_to_the_requester_only_with_aws_errors(server, workdir):
+    """Answers reach the requesting client without a subscription, and nobody else (another
+    client subscribed to the thing's whole jobs namespace sees the requests, not the answers);
+    errors carry AWS's codes, and the execution's state for version and state refusals."""
+    iot = server.boto()
+    dev = Device(server, iot, unique("raw"), ALLOW_ALL, workdir)
+    job_id = unique("j")
+    iot.create_job(jobId=job_id, targets=[iot.describe_thing(thingName=dev.name)["thingArn"]],
+                   document=json.dumps({"x": 1}))
+    spy = Paho(server, server.endpoint(), Device(server, iot, unique("spy"), ALLOW_ALL, workdir), unique("spy"))
+    assert spy.connect()[0] == 0
+    spy.subscribe(f"$aws/things/{dev.name}/jobs/#", qos=1)
+    p = Paho(server, server.endpoint(), dev, dev.name)
+    assert p.connect()[0] == 0
+    prefix = f"$aws/things/{dev.name}/jobs"
+
+    def ask(topic, body):
+        p.c.publish(f"{prefix}/{topic}", body if isinstance(body, bytes) else json.dumps(body), qos=1)
+        m = p.messages.get(timeout=5)
+        return m.topic[len(prefix) + 1:], json.loads(m.payload)
+
+    topic, body = ask("get", {"clientToken": "g"})
+    assert topic == "get/accepted" and body["clientToken"] == "g"
+    assert [j["jobId"] for j in body["queuedJobs"]] == [job_id] and body["inProgressJobs"] == []
+    topic, body = ask(f"{job_id}/get", {})
+    assert topic == f"{job_id}/get/accepted" and body["execution"]["jobDocument"] == {"x": 1}
+    topic, body = ask(f"{job_id}/update", {"status": "IN_PROGRESS", "expectedVersion": 7, "clientToken": "v"})
+    assert topic == f"{job_id}/update/rejected"
+    assert (body["code"], body["clientToken"], body["executionState"]["versionNumber"]) == ("VersionMismatch", "v", 1)
+    assert ask(f"{job_id}/update", {"status": "REJECTED"})[0] == f"{job_id}/update/accepted"
+    topic, body = ask(f"{job_id}/update", {"status": "IN_PROGRESS"})
+    assert (body["code"], body["executionState"]["status"]) == ("InvalidStateTransition", "REJECTED")
+    assert ask(f"{job_id}/get", {})[1]["code"] == "TerminalStateReached"
+    assert ask("nope/get", {})[1]["code"] == "ResourceNotFound"
+    assert ask("get", b"{not json")[1]["code"] == "InvalidJson"
+    assert ask(f"{job_id}/update", {"status": "TIMED_OUT"})[1]["code"] == "InvalidRequest"
+    assert ask("a/b/c", {})[1]["code"] == "InvalidTopic"
+    topic, body = ask("start-next", {})
+    assert topic == "start-next/accepted" and "execution" not in body
+
+    # The spy saw the requests (and the notifications), never an answer.
+    seen = []
+    while True:
+        try:
+            seen.append(spy.messages.get(timeout=0.5).topic)
+        except queue.Empty:
+            break
+    assert f"{prefix}/get" in seen
+    assert not [t for t in seen if t.endswith("/accepted") or t.endswith("/rejected")], seen
+    p.close()
+    spy.close()
+
+
+def test_cancel_delete_and_continuous_jobs(server, workdir):
+    iot = server.boto()
+    group = unique("cont")
+    iot.create_thing_group(thingGroupName=group)
+    group_arn = iot.describe_thing_group(thingGroupName=group)["thingGroupArn"]
+    first = Device(server, iot, unique("c1"), ALLOW_ALL, workdir)
+    iot.add_thing_to_thing_group(thingGroupName=group, thingName=first.name)
+    job_id = unique("cj")
+    iot.create_job(jobId=job_id, targets=[group_arn], document="{}", targetSelection="CONTINUOUS",
+                   timeoutConfig={"inProgressTimeoutInMinutes": 30})
+    # A thing that joins the group later gets the job, and hears of it on notify.
+    late = Device(server, iot, unique("c2"), ALLOW_ALL, workdir)
+    p = Paho(server, server.endpoint(), late, late.name)
+    assert p.connect()[0] == 0
+    p.subscribe(f"$aws/things/{late.name}/jobs/notify", qos=1)
+    iot.add_thing_to_thing_group(thingGroupName=group, thingName=late.name)
+    note = json.loads(p.messages.get(timeout=5).payload)
+    assert [j["jobId"] for j in note["jobs"]["QUEUED"]] == [job_id]
+    p.c.publish(f"$aws/things/{late.name}/jobs/start-next", b"{}", qos=1)
+    started = json.loads(p.messages.get(timeout=5).payload)
+    assert 0 < started["execution"]["queuedAt"] <= started["execution"]["startedAt"]
+    ex = iot.describe_job_execution(jobId=job_id, thingName=late.name)["execution"]
+    assert ex["status"] == "IN_PROGRESS" and 1700 < ex["approximateSecondsBeforeTimedOut"] <= 1800
+
+    # An IN_PROGRESS execution is canceled only with force; a running job deleted only with it.
+    with pytest.raises(iot.exceptions.InvalidStateTransitionException):
+        iot.cancel_job_execution(jobId=job_id, thingName=late.name)
+    with pytest.raises(iot.exceptions.InvalidStateTransitionException):
+        iot.delete_job(jobId=job_id)
+    iot.cancel_job(jobId=job_id, reasonCode="BAD_BUILD", comment="stop")
+    d = iot.describe_job(jobId=job_id)["job"]
+    assert (d["status"], d["reasonCode"], d["jobProcessDetails"]["numberOfCanceledThings"],
+            d["jobProcessDetails"]["numberOfInProgressThings"]) == ("CANCELED", "BAD_BUILD", 1, 1)
+    iot.cancel_job(jobId=job_id, force=True)
+    assert iot.describe_job_execution(jobId=job_id, thingName=late.name)["execution"]["forceCanceled"] is True
+    iot.delete_job(jobId=job_id)
+    with pytest.raises(iot.exceptions.ResourceNotFoundException):
+        iot.describe_job(jobId=job_id)
+    with pytest.raises(iot.exceptions.ResourceAlreadyExistsException):
+        iot.create_job(jobId="dup-" + job_id, targets=[group_arn], document="{}")
+        iot.create_job(jobId="dup-" + job_id, targets=[group_arn], document="{}")
+    with pytest.raises(iot.exceptions.ResourceNotFoundException):
+        iot.create_job(jobId=unique("x"), targets=[group_arn.replace(group, "no-such-group")], document="{}")
+    with pytest.raises(iot.exceptions.InvalidRequestException):
+        iot.create_job(jobId=unique("x"), targets=[group_arn], document="[1, 2]")
+    p.close()
+
+
+def test_devices_cannot_touch_other_things_jobs(server, workdir):
+    """With a policy for its own jobs topics only, a device cannot ask about or update another
+    thing's executions (MQTT 5: PUBACK 0x87, no answer), and an IAM user allowed
+    DescribeJobExecution on one thing cannot describe another's."""
+    iot = server.boto()
+    account = server.account_id()
+    arn = f"arn:aws:iot:us-east-1:{account}"
+    me = "${iot:Connection.Thing.ThingName}"
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/{me}"},
+        {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": f"{arn}:topic/$aws/things/{me}/jobs/*"}]}
+    mine = Device(server, iot, unique("own"), policy, workdir, exclusive=True)
+    other = Device(server, iot, unique("oth"), ALLOW_ALL, workdir)
+    job_id = unique("pj")
+    iot.create_job(jobId=job_id, targets=[iot.describe_thing(thingName=t)["thingArn"] for t in (mine.name, other.name)],
+                   document="{}")
+    p = Paho(server, server.endpoint(), mine, mine.name, v5=True)
+    assert p.connect()[0] == 0
+    p.c.publish(f"$aws/things/{mine.name}/jobs/get", b"{}", qos=1)
+    assert json.loads(p.messages.get(timeout=5).payload)["queuedJobs"][0]["jobId"] == job_id
+    p.pubacks.get(timeout=5)
+    for topic in (f"$aws/things/{other.name}/jobs/get", f"$aws/things/{other.name}/jobs/{job_id}/update"):
+        p.c.publish(topic, b'{"status":"SUCCEEDED"}', qos=1)
+        assert p.pubacks.get(timeout=5)[1].value == 0x87
+    with pytest.raises(queue.Empty):
+        p.messages.get(timeout=0.5)
+    assert iot.describe_job_execution(jobId=job_id, thingName=other.name)["execution"]["status"] == "QUEUED"
+    p.close()
+
+
+def test_executions_survive_sigkill(workdir):
+    s = Server(workdir / unique("jobskill")).start()
+    try:
+        iot = s.boto()
+        dev = Device(s, iot, unique("k"), ALLOW_ALL, workdir)
+        thing_arn = iot.describe_thing(thingName=dev.name)["thingArn"]
+        for j in ("first", "second"):
+            iot.create_job(jobId=j, targets=[thing_arn], document=json.dumps({"j": j}))
+        a = Agent(s, dev)
+        assert a.start_next(step_timeout_in_minutes=5).execution.job_id == "first"
+        s.stop(signal.SIGKILL)
+        s.start()
+        a = Agent(s, dev)
+        # The IN_PROGRESS one comes first, with its version, then the queued one.
+        ex = a.start_next().execution
+        assert (ex.job_id, ex.status, ex.version_number) == ("first", "IN_PROGRESS", 2)
+        a.update("first", "SUCCEEDED", expected_version=2)
+        assert a.start_next().execution.job_id == "second"
+        a.close()
+        time.sleep(0.1)
+    finally:
+        s.stop()
