@@ -4,7 +4,10 @@ Device SDK's jobs client (awsiotsdk) and paho-mqtt for raw topics."""
 import json
 import queue
 import signal
+import ssl
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from awscrt import mqtt as crt_mqtt
@@ -57,11 +60,41 @@ class Agent:
         self.conn.disconnect().result(10)
 
 
+def firmware(server, name, data):
+    """A bucket with one object, and a role IoT may assume to read it: (bucket, role ARN)."""
+    s3 = server.boto("s3")
+    bucket = unique("fw").lower()
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key=name, Body=data)
+    iam = server.boto("iam")
+    role = unique("jobs-url")
+    arn = iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "iot.amazonaws.com"},
+                                                "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+    iam.put_role_policy(RoleName=role, PolicyName="read", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:GetObject",
+                                                "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+    return bucket, arn
+
+
+def download(server, url):
+    ctx = ssl.create_default_context(cafile=server.ca)
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 def test_a_job_reaches_two_things_of_a_group_one_succeeds_one_fails(server, workdir):
-    """The walkthrough: a job for a thing group reaches both its things (notify-next), each
-    starts it (start-next); one reports SUCCEEDED, the other FAILED with details; describe-job
-    counts them and the snapshot job is COMPLETED."""
+    """The walkthrough: a job for a thing group, whose document names the firmware with a
+    presigned-URL placeholder, reaches both its things (notify-next); each starts it
+    (start-next) and downloads the firmware from the object store with the URL it was given;
+    one reports SUCCEEDED, the other FAILED with details; describe-job counts them and the
+    snapshot job is COMPLETED."""
     iot = server.boto()
+    blob = b"\x7fELF firmware 2.0" * 100
+    bucket, role = firmware(server, "fw/v2.bin", blob)
     group = unique("fleet")
     iot.create_thing_group(thingGroupName=group)
     devs = [Device(server, iot, unique("dev"), ALLOW_ALL, workdir) for _ in range(2)]
@@ -70,16 +103,23 @@ def test_a_job_reaches_two_things_of_a_group_one_succeeds_one_fails(server, work
     agents = [Agent(server, d) for d in devs]
     job_id = unique("fw")
     doc = workdir / f"{job_id}.json"
-    doc.write_text(json.dumps({"operation": "update", "version": "2.0"}))
+    placeholder = f"${{aws:iot:s3-presigned-url:https://s3.amazonaws.com/{bucket}/fw/v2.bin}}"
+    doc.write_text(json.dumps({"operation": "update", "version": "2.0", "url": placeholder}))
     group_arn = iot.describe_thing_group(thingGroupName=group)["thingGroupArn"]
     out = server.aws("iot", "create-job", "--job-id", job_id, "--targets", group_arn,
-                     "--document", f"file://{doc}", "--description", "firmware 2.0")
+                     "--document", f"file://{doc}", "--description", "firmware 2.0",
+                     "--presigned-url-config", f"roleArn={role},expiresInSec=300")
     assert out["jobArn"].endswith(f":job/{job_id}") and out["description"] == "firmware 2.0"
 
     for a in agents:
         ev = a.next.get(timeout=5)
         assert (ev.execution.job_id, ev.execution.status) == (job_id, "QUEUED")
-        assert ev.execution.job_document == {"operation": "update", "version": "2.0"}
+        url = ev.execution.job_document["url"]
+        assert url.startswith(f"https://localhost:{server.s3_port}/{bucket}/fw/v2.bin?X-Amz-Algorithm=")
+        assert "X-Amz-Expires=300" in url
+        assert download(server, url) == (200, blob)
+        # The URL is for that object only.
+        assert download(server, url.replace("/fw/v2.bin?", "/fw/other.bin?"))[0] == 403
         started = a.start_next(client_token="s1", step_timeout_in_minutes=10)
         assert (started.execution.job_id, started.execution.status, started.client_token) == \
             (job_id, "IN_PROGRESS", "s1")
@@ -104,7 +144,8 @@ def test_a_job_reaches_two_things_of_a_group_one_succeeds_one_fails(server, work
     assert sorted(e["jobExecutionSummary"]["status"] for e in listed) == ["FAILED", "SUCCEEDED"]
     mine = server.aws("iot", "list-job-executions-for-thing", "--thing-name", devs[0].name)["executionSummaries"]
     assert [e["jobId"] for e in mine] == [job_id]
-    assert json.loads(server.aws("iot", "get-job-document", "--job-id", job_id)["document"])["version"] == "2.0"
+    # The control plane shows the document as stored, placeholder and all.
+    assert json.loads(server.aws("iot", "get-job-document", "--job-id", job_id)["document"])["url"] == placeholder
     assert job_id in [j["jobId"] for j in server.aws("iot", "list-jobs", "--status", "COMPLETED")["jobs"]]
     for a in agents:
         a.close()

@@ -136,38 +136,10 @@ fn description(b: &Map<String, Value>) -> Result<Option<String>, ApiError> {
     Ok(d.map(str::to_owned))
 }
 
-/// `(bucket, key)` of an S3 URL as AWS's job documents name them: path style
-/// (`https://s3[.region].amazonaws.com/bucket/key`) or virtual-hosted style
-/// (`https://bucket.s3[.region].amazonaws.com/key`).
-pub(crate) fn s3_location(url: &str) -> Option<(String, String)> {
-    let rest = url.strip_prefix("https://")?;
-    let (host, path) = rest.split_once('/')?;
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8()
-            .ok()
-            .map(|c| c.into_owned())
-    };
-    let (bucket, key) = if host == "s3.amazonaws.com"
-        || (host.starts_with("s3.") && host.ends_with(".amazonaws.com"))
-    {
-        let (b, k) = path.split_once('/')?;
-        (b.to_owned(), k)
-    } else {
-        let (b, tail) = host.split_once(".s3")?;
-        if !tail.ends_with(".amazonaws.com") {
-            return None;
-        }
-        (b.to_owned(), path)
-    };
-    let key = decode(key.split('?').next().unwrap_or(key))?;
-    (!bucket.is_empty() && !key.is_empty()).then_some((bucket, key))
-}
-
 /// Reads a job document from the object store: the bucket must be the caller's and the
 /// caller must be allowed `s3:GetObject` on the object.
 fn read_document(state: &ApiState, call: &Call, url: &str) -> Result<String, ApiError> {
-    let (bucket, key) = s3_location(url)
+    let (bucket, key) = sekisho_registry::s3_location(url)
         .ok_or_else(|| ApiError::invalid("documentSource must be an S3 URL of a bucket and key"))?;
     let store = state
         .objects
@@ -579,29 +551,4 @@ pub(crate) fn delete_execution(state: &ApiState, call: &Call) -> Out {
         now_secs(),
     )?;
     Ok(json!({}))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn s3_urls() {
-        let l = |u| s3_location(u);
-        let bk = |b: &str, k: &str| Some((b.to_owned(), k.to_owned()));
-        assert_eq!(
-            l("https://s3.amazonaws.com/b/fw/v1.bin"),
-            bk("b", "fw/v1.bin")
-        );
-        assert_eq!(
-            l("https://s3.us-east-1.amazonaws.com/b/k%20x"),
-            bk("b", "k x")
-        );
-        assert_eq!(l("https://b.s3.amazonaws.com/dir/k"), bk("b", "dir/k"));
-        assert_eq!(l("https://b.s3.eu-west-1.amazonaws.com/k"), bk("b", "k"));
-        assert_eq!(l("https://evil.example.com/b/k"), None);
-        assert_eq!(l("http://s3.amazonaws.com/b/k"), None);
-        assert_eq!(l("https://s3.amazonaws.com/b/"), None);
-        assert_eq!(l("https://s3.amazonaws.com/b"), None);
-    }
 }

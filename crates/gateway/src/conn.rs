@@ -150,7 +150,7 @@ impl Env for Port {
         // A jobs request is answered to this connection only, whether it subscribed or not.
         if let Some((thing, req)) = crate::jobs::parse_topic(&message.topic) {
             let (ok, doc) = crate::jobs::answer(
-                &self.shared.registry,
+                &self.shared,
                 &self.account,
                 thing,
                 &req,

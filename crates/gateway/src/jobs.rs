@@ -10,13 +10,15 @@
 //! rather than handed to another thread.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use sekisho_broker::{Broker, Message};
 use sekisho_mqtt::{Properties, QoS};
 use sekisho_registry::{ExecStatus, Execution, ExecutionUpdate, Job, Registry, RegistryError};
 use serde_json::{Map, Value, json};
+
+use crate::Shared;
 
 /// A jobs request topic, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,9 +66,135 @@ fn secs(t: f64) -> u64 {
     t.max(0.0) as u64
 }
 
-/// The job document as a JSON object (MQTT carries it as one).
-fn document(job: &Job) -> Value {
-    serde_json::from_str(&job.document).unwrap_or_else(|_| json!({}))
+/// The job document as a JSON object (MQTT carries it as one), its presigned-URL placeholders
+/// replaced.
+fn document(shared: &Shared, account: &str, job: &Job) -> Value {
+    let text = shared.presigner.substitute(shared, account, job);
+    serde_json::from_str(&text).unwrap_or_else(|_| json!({}))
+}
+
+/// The placeholder AWS's job documents name an object with.
+const PLACEHOLDER: &str = "${aws:iot:s3-presigned-url:";
+
+/// Temporary credentials of a job's presigned-URL role, reused while they outlive a URL.
+#[derive(Debug, Default)]
+pub struct Presigner {
+    sessions: Mutex<HashMap<(String, String), sekisho_registry::Session>>,
+}
+
+impl Presigner {
+    /// Credentials of `role_arn` for IoT, valid at least `seconds` more: the role must exist
+    /// and trust `iot.amazonaws.com`.
+    fn credentials(
+        &self,
+        registry: &Registry,
+        account: &str,
+        role_arn: &str,
+        seconds: u64,
+        now: f64,
+    ) -> Option<sekisho_registry::Session> {
+        let key = (account.to_owned(), role_arn.to_owned());
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.retain(|_, s| s.expiration > now);
+        if let Some(s) = sessions.get(&key)
+            && s.expiration - now >= seconds as f64 + 60.0
+        {
+            return Some(s.clone());
+        }
+        let role = registry.role_by_arn(account, role_arn)?;
+        let mut ctx = sekisho_policy::MapContext::new();
+        ctx.set("aws:SourceAccount", account);
+        let trusted = sekisho_policy::Policy::parse(&role.trust, sekisho_policy::Dialect::IamTrust)
+            .map(|t| {
+                sekisho_policy::decide_trust(
+                    &t,
+                    &sekisho_policy::Caller::Service("iot.amazonaws.com"),
+                    "sts:assumerole",
+                    &ctx,
+                )
+                .is_allowed()
+            })
+            .unwrap_or(false);
+        if !trusted {
+            tracing::warn!(%account, role = %role_arn, "job presigned URLs: the role does not trust iot.amazonaws.com");
+            return None;
+        }
+        let session = registry
+            .create_session_with(
+                account,
+                sekisho_registry::IamPrincipal::Role {
+                    role: role.name.clone(),
+                    session: "iot-jobs-presigned-url".into(),
+                },
+                3600,
+                None,
+                BTreeMap::new(),
+            )
+            .ok()?;
+        sessions.insert(key, session.clone());
+        Some(session)
+    }
+
+    /// The document with every `${aws:iot:s3-presigned-url:<S3 URL>}` replaced by a presigned
+    /// GET URL of the object store, signed with the job's role; the document as stored when
+    /// the job has no presigned-URL settings, or they cannot be used.
+    pub fn substitute(&self, shared: &Shared, account: &str, job: &Job) -> String {
+        let (Some(cfg), Some(base)) = (&job.presigned, &shared.config.object_store_url) else {
+            return job.document.clone();
+        };
+        if !job.document.contains(PLACEHOLDER) {
+            return job.document.clone();
+        }
+        let now = sekisho_registry::now_secs();
+        let Some(creds) = self.credentials(
+            &shared.registry,
+            account,
+            &cfg.role_arn,
+            cfg.expires_in_sec,
+            now,
+        ) else {
+            return job.document.clone();
+        };
+        let Ok(date) = time::OffsetDateTime::from_unix_timestamp(now as i64) else {
+            return job.document.clone();
+        };
+        let amz_date = format!(
+            "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+            date.year(),
+            u8::from(date.month()),
+            date.day(),
+            date.hour(),
+            date.minute(),
+            date.second()
+        );
+        let mut out = String::with_capacity(job.document.len());
+        let mut rest = job.document.as_str();
+        while let Some(i) = rest.find(PLACEHOLDER) {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + PLACEHOLDER.len()..];
+            let Some(end) = after.find('}') else {
+                out.push_str(&rest[i..]);
+                rest = "";
+                break;
+            };
+            match sekisho_registry::s3_location(&after[..end]) {
+                Some((bucket, key)) => out.push_str(&sekisho_sigv4::presign_s3_get(
+                    base,
+                    &format!("/{bucket}/{key}"),
+                    &creds.access_key_id,
+                    &creds.secret_access_key,
+                    Some(&creds.token),
+                    shared.registry.region(),
+                    &amz_date,
+                    cfg.expires_in_sec,
+                )),
+                None => out.push_str(&rest[i..i + PLACEHOLDER.len() + end + 1]),
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
 }
 
 /// `JobExecutionSummary` of the MQTT API.
@@ -81,13 +209,19 @@ pub fn summary(e: &Execution) -> Value {
 }
 
 /// `JobExecution` of the MQTT API (the document as an object).
-pub fn execution(e: &Execution, job: &Job, with_document: bool) -> Value {
+pub fn execution(
+    shared: &Shared,
+    account: &str,
+    e: &Execution,
+    job: &Job,
+    with_document: bool,
+) -> Value {
     let mut v = summary(e);
     v["thingName"] = json!(e.thing);
     v["status"] = json!(e.status.as_str());
     v["statusDetails"] = json!(e.status_details);
     if with_document {
-        v["jobDocument"] = document(job);
+        v["jobDocument"] = document(shared, account, job);
     }
     v
 }
@@ -151,7 +285,7 @@ fn flag(m: &Map<String, Value>, k: &str, default: bool) -> Result<bool, String> 
 
 /// Answers one MQTT jobs request: whether it was accepted, and the response document.
 pub fn answer(
-    registry: &Registry,
+    shared: &Shared,
     account: &str,
     thing: &str,
     req: &Request<'_>,
@@ -188,7 +322,7 @@ pub fn answer(
         }
     };
     let bad = |m: String| (false, rejected("InvalidRequest", &m, token, ts));
-    let mut out = match run(registry, account, thing, req, &body, now) {
+    let mut out = match run(shared, account, thing, req, &body, now) {
         Ok(v) => (true, v),
         Err(Refusal::Bad(m)) => return bad(m),
         Err(Refusal::Registry(e, exec)) => {
@@ -231,13 +365,14 @@ impl From<String> for Refusal {
 }
 
 fn run(
-    registry: &Registry,
+    shared: &Shared,
     account: &str,
     thing: &str,
     req: &Request<'_>,
     body: &Map<String, Value>,
     now: f64,
 ) -> Result<Value, Refusal> {
+    let registry = &shared.registry;
     let plain = |e: RegistryError| Refusal::Registry(e, None);
     match req {
         Request::Invalid => Err(Refusal::Topic),
@@ -260,7 +395,7 @@ fn run(
                 .start_next_job_execution(account, thing, d, step, now)
                 .map_err(plain)?;
             Ok(match next {
-                Some((e, j)) => json!({"execution": execution(&e, &j, true)}),
+                Some((e, j)) => json!({"execution": execution(shared, account, &e, &j, true)}),
                 None => json!({}),
             })
         }
@@ -290,7 +425,9 @@ fn run(
                     )),
                     None,
                 )),
-                Some((e, j)) => Ok(json!({"execution": execution(&e, &j, with_doc)})),
+                Some((e, j)) => {
+                    Ok(json!({"execution": execution(shared, account, &e, &j, with_doc)}))
+                }
             }
         }
         Request::Update(id) => {
@@ -314,7 +451,7 @@ fn run(
                         v["executionState"] = state(&e);
                     }
                     if with_doc {
-                        v["jobDocument"] = document(&j);
+                        v["jobDocument"] = document(shared, account, &j);
                     }
                     Ok(v)
                 }
@@ -365,14 +502,9 @@ pub struct Notifier {
 
 impl Notifier {
     /// Looks at a thing's pending executions and tells its subscribers what changed.
-    pub fn changed(
-        &mut self,
-        registry: &Registry,
-        broker: &Arc<Broker>,
-        account: &str,
-        thing: &str,
-    ) {
-        let Ok(pending) = registry.pending_job_executions(account, thing) else {
+    pub fn changed(&mut self, shared: &Shared, account: &str, thing: &str) {
+        let broker = &shared.broker;
+        let Ok(pending) = shared.registry.pending_job_executions(account, thing) else {
             return;
         };
         let now = secs(sekisho_registry::now_secs());
@@ -401,7 +533,7 @@ impl Notifier {
         if told.next != before.next {
             let mut doc = json!({"timestamp": now});
             if let Some((e, j)) = pending.first() {
-                doc["execution"] = execution(e, j, true);
+                doc["execution"] = execution(shared, account, e, j, true);
             }
             publish(
                 broker,

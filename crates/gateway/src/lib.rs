@@ -44,6 +44,9 @@ pub struct GatewayConfig {
     pub sni: tls::SniRouter,
     /// TLS handshake deadline.
     pub handshake_timeout: Duration,
+    /// The object store's URL as devices reach it (`https://host:port`), for the presigned
+    /// URLs of job documents; `None`: placeholders stay as they are.
+    pub object_store_url: Option<String>,
 }
 
 /// What a device listener is: its TLS security policy, whether it is a private endpoint, and
@@ -109,6 +112,8 @@ pub struct Shared {
     pub session: Arc<sekisho_session::Config>,
     /// The Device Shadow service.
     pub shadows: shadow::Shadows,
+    /// Presigned URLs for job documents.
+    pub presigner: jobs::Presigner,
     /// The threads device connections run on (unset: the caller's runtime).
     pub threads: std::sync::OnceLock<Arc<ConnThreads>>,
     /// MQTT connections being served (from CONNECT to the end of their bookkeeping).
@@ -139,6 +144,7 @@ impl Shared {
         });
         Arc::new(Shared {
             shadows: shadow::Shadows::start(registry.clone(), broker.clone()),
+            presigner: jobs::Presigner::default(),
             registry,
             broker,
             session,
@@ -307,7 +313,7 @@ pub async fn follow_changes(shared: Arc<Shared>) {
             }
             Ok(Change::JobExecutions { account, things }) => {
                 for thing in things {
-                    notifier.changed(&shared.registry, &shared.broker, &account, &thing);
+                    notifier.changed(&shared, &account, &thing);
                 }
             }
             Ok(Change::CaCertificate {

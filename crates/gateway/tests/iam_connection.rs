@@ -25,6 +25,7 @@ fn shared() -> (Arc<Shared>, String, tokio::sync::watch::Sender<bool>) {
             data_suffix: "iot.us-east-1.localhost".into(),
             default_names: vec!["localhost".into()],
         },
+        object_store_url: None,
         handshake_timeout: Duration::from_secs(10),
     };
     let broker = Arc::new(Broker::new(BrokerConfig::default()));

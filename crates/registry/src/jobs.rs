@@ -1014,6 +1014,34 @@ impl Registry {
     }
 }
 
+/// `(bucket, key)` of an S3 URL as AWS's job documents name them: path style
+/// (`https://s3[.region].amazonaws.com/bucket/key`) or virtual-hosted style
+/// (`https://bucket.s3[.region].amazonaws.com/key`).
+pub fn s3_location(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("https://")?;
+    let (host, path) = rest.split_once('/')?;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .ok()
+            .map(|c| c.into_owned())
+    };
+    let (bucket, key) = if host == "s3.amazonaws.com"
+        || (host.starts_with("s3.") && host.ends_with(".amazonaws.com"))
+    {
+        let (b, k) = path.split_once('/')?;
+        (b.to_owned(), k)
+    } else {
+        let (b, tail) = host.split_once(".s3")?;
+        if !tail.ends_with(".amazonaws.com") {
+            return None;
+        }
+        (b.to_owned(), path)
+    };
+    let key = decode(key.split('?').next().unwrap_or(key))?;
+    (!bucket.is_empty() && !key.is_empty()).then_some((bucket, key))
+}
+
 fn new_execution(job: &Job, thing: &str, now: f64) -> Execution {
     Execution {
         job_id: job.id.clone(),
@@ -1305,6 +1333,26 @@ mod tests {
         reg.delete_thing(&a, "t2", None).unwrap();
         reg.create_thing(&a, "t2", None, BTreeMap::new()).unwrap();
         assert!(reg.pending_job_executions(&a, "t2").unwrap().is_empty());
+    }
+
+    #[test]
+    fn s3_urls() {
+        let l = |u| s3_location(u);
+        let bk = |b: &str, k: &str| Some((b.to_owned(), k.to_owned()));
+        assert_eq!(
+            l("https://s3.amazonaws.com/b/fw/v1.bin"),
+            bk("b", "fw/v1.bin")
+        );
+        assert_eq!(
+            l("https://s3.us-east-1.amazonaws.com/b/k%20x"),
+            bk("b", "k x")
+        );
+        assert_eq!(l("https://b.s3.amazonaws.com/dir/k"), bk("b", "dir/k"));
+        assert_eq!(l("https://b.s3.eu-west-1.amazonaws.com/k"), bk("b", "k"));
+        assert_eq!(l("https://evil.example.com/b/k"), None);
+        assert_eq!(l("http://s3.amazonaws.com/b/k"), None);
+        assert_eq!(l("https://s3.amazonaws.com/b/"), None);
+        assert_eq!(l("https://s3.amazonaws.com/b"), None);
     }
 
     #[test]

@@ -43,11 +43,11 @@ pub use iam::{
     MAX_SESSION_TOKEN_SECONDS, MAX_SESSIONS_PER_ACCOUNT, ManagedPolicy, Session,
     trust_principal_arns,
 };
-pub use jobs::MAX_DOCUMENT as MAX_JOB_DOCUMENT;
 pub use jobs::{
     CancelExecution, ExecStatus, Execution, ExecutionUpdate, Job, JobCounts, JobStatus, JobUpdate,
     NewJob, PresignedUrlConfig,
 };
+pub use jobs::{MAX_DOCUMENT as MAX_JOB_DOCUMENT, s3_location};
 pub use model::*;
 pub use policies::{MAX_POLICIES_PER_TARGET, MAX_POLICY_VERSIONS};
 pub use rolealias::{MAX_ROLE_ALIASES, RoleAlias};

@@ -296,6 +296,9 @@ pub struct Config {
     /// Networks that may read the unsigned `/metrics` (default: loopback only), whose totals
     /// span every account.
     pub metrics_allow: Vec<ipnet::IpNet>,
+    /// The object store's URL as devices reach it (`https://host:port`), used in the
+    /// presigned URLs of job documents; default `https://localhost:<s3 port>`.
+    pub object_store_url: Option<String>,
 }
 
 impl Default for Config {
@@ -316,6 +319,7 @@ impl Default for Config {
             endpoints: Vec::new(),
             limits: Limits::default(),
             metrics_allow: sekisho_api::loopback_only(),
+            object_store_url: None,
         }
     }
 }
@@ -346,6 +350,13 @@ impl Config {
     /// `iot.<region>.<domain>`.
     pub fn data_suffix(&self) -> String {
         format!("iot.{}.{}", self.region, self.domain)
+    }
+
+    /// The object store's URL as devices reach it.
+    pub fn object_store_url(&self) -> String {
+        self.object_store_url
+            .clone()
+            .unwrap_or_else(|| format!("https://localhost:{}", self.ports.s3))
     }
 
     /// `s3.<region>.<domain>`: the object store's name; buckets are its subdomains.

@@ -273,6 +273,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             default_names: config.default_server_names.clone(),
         },
         handshake_timeout: Duration::from_secs(10),
+        object_store_url: Some(config.object_store_url()),
     };
     let shared = Shared::new(
         registry.clone(),
