@@ -4,6 +4,7 @@ Device SDK's jobs client (awsiotsdk) and paho-mqtt for raw topics."""
 import json
 import queue
 import signal
+import subprocess
 import ssl
 import time
 import urllib.error
@@ -304,3 +305,75 @@ def test_executions_survive_sigkill(workdir):
         time.sleep(0.1)
     finally:
         s.stop()
+
+
+def test_the_https_jobs_data_plane(server, workdir):
+    """`aws iot-jobs-data` (SigV4, signing name iot-jobs-data, on the iot:Jobs endpoint that
+    DescribeEndpoint names) and curl with the device's certificate: pending executions,
+    start-next, describe (the document as a string), update with AWS's errors; a signature for
+    another service is refused; a certificate reaches only the things its policy names."""
+    iot = server.boto()
+    account = server.account_id()
+    arn = f"arn:aws:iot:us-east-1:{account}"
+    dev = Device(server, iot, unique("hj"), ALLOW_ALL, workdir)
+    other = Device(server, iot, unique("hj-other"), ALLOW_ALL, workdir)
+    job_id = unique("hj")
+    iot.create_job(jobId=job_id, targets=[iot.describe_thing(thingName=t)["thingArn"] for t in (dev.name, other.name)],
+                   document=json.dumps({"step": 1}))
+    endpoint = iot.describe_endpoint(endpointType="iot:Jobs")["endpointAddress"]
+    assert endpoint.split(".")[1:3] == ["jobs", "iot"]
+
+    def cli(*args, check=True):
+        return server.aws("iot-jobs-data", *args, check=check)
+    pending = cli("get-pending-job-executions", "--thing-name", dev.name)
+    assert [j["jobId"] for j in pending["queuedJobs"]] == [job_id] and pending["inProgressJobs"] == []
+    ex = cli("start-next-pending-job-execution", "--thing-name", dev.name, "--step-timeout-in-minutes", "5",
+             "--status-details", "phase=download")["execution"]
+    assert (ex["jobId"], ex["status"], ex["statusDetails"], json.loads(ex["jobDocument"])) == \
+        (job_id, "IN_PROGRESS", {"phase": "download"}, {"step": 1})
+    assert 240 < ex["approximateSecondsBeforeTimedOut"] <= 300
+    d = cli("describe-job-execution", "--thing-name", dev.name, "--job-id", job_id, "--no-include-job-document")
+    assert "jobDocument" not in d["execution"] and d["execution"]["versionNumber"] == 2
+    out = cli("update-job-execution", "--thing-name", dev.name, "--job-id", job_id, "--status", "SUCCEEDED",
+              "--expected-version", "2", "--include-job-execution-state")
+    assert out["executionState"] == {"status": "SUCCEEDED", "statusDetails": {"phase": "download"}, "versionNumber": 3}
+    cp = cli("update-job-execution", "--thing-name", dev.name, "--job-id", job_id, "--status", "IN_PROGRESS", check=False)
+    assert cp.returncode != 0 and "InvalidStateTransitionException" in cp.stderr
+    cp = cli("describe-job-execution", "--thing-name", dev.name, "--job-id", job_id, check=False)
+    assert cp.returncode != 0 and "TerminalStateException" in cp.stderr
+    cp = cli("describe-job-execution", "--thing-name", dev.name, "--job-id", "nope", check=False)
+    assert cp.returncode != 0 and "ResourceNotFoundException" in cp.stderr
+
+    # A SigV4 signature for iot-data does not reach the jobs data plane (nor the reverse).
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    import urllib.request as ur
+    sess = server.boto("sts")._request_signer._credentials
+    url = f"https://{endpoint}:{server.https_port}/things/{dev.name}/jobs"
+    req = AWSRequest(method="GET", url=url)
+    SigV4Auth(sess, "iotdata", "us-east-1").add_auth(req)
+    ctx = ssl.create_default_context(cafile=server.ca)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        ur.urlopen(ur.Request(url, headers=dict(req.headers.items())), context=ctx, timeout=10)
+    assert e.value.code == 401
+
+    # With the device's certificate: its own thing only (the policy names it).
+    name = unique("hj-cert")
+    limited = Device(server, iot, name, {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["iot:GetPendingJobExecutions", "iot:StartNextPendingJobExecution"],
+         "Resource": f"{arn}:thing/{name}"}]}, workdir)
+
+    def curl(method, path, cert_dev):
+        cp = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "--cacert", server.ca, "--cert", str(cert_dev.cert),
+                             "--key", str(cert_dev.key), "-X", method, f"https://{endpoint}:{server.https_port}{path}"],
+                            capture_output=True, text=True, timeout=15)
+        body, code = cp.stdout.rsplit("\n", 1)
+        return int(code), json.loads(body) if body else None
+    code, body = curl("GET", f"/things/{other.name}/jobs", dev)
+    assert code == 200 and [j["jobId"] for j in body["queuedJobs"]] == [job_id]
+    code, body = curl("GET", f"/things/{name}/jobs", limited)
+    assert code == 200 and body == {"inProgressJobs": [], "queuedJobs": []}
+    code, _ = curl("GET", f"/things/{other.name}/jobs", limited)
+    assert code == 403
+    code, _ = curl("PUT", f"/things/{other.name}/jobs/%24next", limited)
+    assert code == 403

@@ -138,6 +138,39 @@ async fn handle(
         }
         return Ok(shadow_rest(&shared, &info.account, call, body).await);
     }
+    if let Some(call) = crate::jobs::HttpCall::parse(&parts.method, path) {
+        let call = match call {
+            Ok(c) => c,
+            Err(m) => return Ok(jobs_refusal(m)),
+        };
+        let body = match crate::read_body(body, limits.max_payload, crate::BODY_DEADLINE).await {
+            Ok(b) => b,
+            Err(crate::BodyError::TooLarge) => {
+                return Ok(error(
+                    413,
+                    "InvalidRequestException",
+                    "The payload is too large",
+                ));
+            }
+            Err(_) => return Ok(reply(408, "Request Timeout")),
+        };
+        let Some(mut principal) = cert_principal(&shared, &info, certificate) else {
+            return Ok(error(403, "ForbiddenException", "Forbidden"));
+        };
+        let (action, thing) = call.action();
+        if !principal.allowed(&action.to_ascii_lowercase(), "thing", thing) {
+            tracing::info!(%certificate, %action, %thing, "HTTPS jobs request not authorized");
+            return Ok(error(403, "ForbiddenException", "Forbidden"));
+        }
+        let query = parts.uri.query().unwrap_or("");
+        return Ok(jobs_reply(crate::jobs::http(
+            &shared,
+            &info.account,
+            &call,
+            query,
+            &body,
+        )));
+    }
     let Some(raw_topic) = path.strip_prefix("/topics/") else {
         return Ok(reply(404, "Not Found"));
     };
@@ -263,7 +296,7 @@ async fn signed_request(
     body: Incoming,
 ) -> Response<Full<Bytes>> {
     let limits = &shared.config.aws;
-    const SERVICES: &[&str] = &["iotdata", "iotdevicegateway"];
+    const SERVICES: &[&str] = &["iotdata", "iotdevicegateway", "iot-jobs-data"];
     let refuse = |f: crate::authn::AuthFailure| {
         tracing::info!(peer = %info.peer, failure = ?f, "iot-data request not authenticated");
         let msg = match f {
@@ -300,6 +333,12 @@ async fn signed_request(
     };
     if let Err(f) = crate::authn::precheck(&shared.registry, &claim, SERVICES) {
         return refuse(f);
+    }
+    // A signature is for one service: the jobs data plane's routes take `iot-jobs-data`, the
+    // others `iotdata` or `iotdevicegateway`.
+    let jobs_call = crate::jobs::HttpCall::parse(&parts.method, &path);
+    if jobs_call.is_some() != (claim.service == "iot-jobs-data") {
+        return refuse(crate::authn::AuthFailure::Service(claim.service.clone()));
     }
     let body = match crate::read_body(body, limits.max_payload, crate::BODY_DEADLINE).await {
         Ok(b) => b,
@@ -370,6 +409,18 @@ async fn signed_request(
             .into_owned()
     };
     let q = |name: &str| query_value(&query, name).map(decode);
+    if let Some(call) = jobs_call {
+        let call = match call {
+            Ok(c) => c,
+            Err(m) => return jobs_refusal(m),
+        };
+        let (action, thing) = call.action();
+        let resource = arn("thing", thing);
+        if !allowed(action, &resource) {
+            return denied(action, &resource);
+        }
+        return jobs_reply(crate::jobs::http(shared, &account, &call, &query, &body));
+    }
     if let Some(call) = shadow_call(&parts.method, &path, &query) {
         let call = match call {
             Ok(c) => c,
@@ -865,6 +916,28 @@ fn credentials(
     json_reply(json!({"credentials": {"accessKeyId": session.access_key_id,
         "secretAccessKey": session.secret_access_key, "sessionToken": session.token,
         "expiration": expiration}}))
+}
+
+/// A jobs data-plane path with a bad method or argument.
+fn jobs_refusal(m: &str) -> Response<Full<Bytes>> {
+    if m == "Method Not Allowed" {
+        error(405, "MethodNotAllowedException", m)
+    } else {
+        error(400, "InvalidRequestException", m)
+    }
+}
+
+/// A jobs data-plane answer in the REST protocol's form.
+fn jobs_reply(
+    r: Result<serde_json::Value, sekisho_registry::RegistryError>,
+) -> Response<Full<Bytes>> {
+    match r {
+        Ok(v) => json_reply(v),
+        Err(e) => {
+            let (kind, status) = e.aws_code();
+            error(status, kind, &e.to_string())
+        }
+    }
 }
 
 /// A Device Shadow REST call: `GET|POST|DELETE /things/{thing}/shadow[?name=]`, or

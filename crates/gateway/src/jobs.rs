@@ -471,6 +471,233 @@ fn run(
     }
 }
 
+/// A request of the HTTPS jobs data plane (`iot-jobs-data`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpCall {
+    /// GetPendingJobExecutions: `GET /things/{thing}/jobs`.
+    Pending {
+        /// The thing.
+        thing: String,
+    },
+    /// StartNextPendingJobExecution: `PUT /things/{thing}/jobs/$next`.
+    StartNext {
+        /// The thing.
+        thing: String,
+    },
+    /// DescribeJobExecution: `GET /things/{thing}/jobs/{jobId}` (`$next` allowed).
+    Describe {
+        /// The thing.
+        thing: String,
+        /// The job, or `$next`.
+        job: String,
+    },
+    /// UpdateJobExecution: `POST /things/{thing}/jobs/{jobId}`.
+    Update {
+        /// The thing.
+        thing: String,
+        /// The job.
+        job: String,
+    },
+}
+
+impl HttpCall {
+    /// Parses a data-plane path; `None` if it is not one.
+    pub fn parse(method: &hyper::Method, path: &str) -> Option<Result<HttpCall, &'static str>> {
+        use hyper::Method;
+        let segs: Vec<String> = path
+            .split('/')
+            .skip(1)
+            .map(|s| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+        let (thing, rest) = match segs.as_slice() {
+            ["things", thing, "jobs", rest @ ..] => (thing.to_string(), rest),
+            _ => return None,
+        };
+        if !sekisho_shadow::valid_thing_name(&thing) {
+            return Some(Err("Invalid thing name"));
+        }
+        Some(match (method, rest) {
+            (&Method::GET, []) => Ok(HttpCall::Pending { thing }),
+            (&Method::PUT, ["$next"]) => Ok(HttpCall::StartNext { thing }),
+            (&Method::GET, [job]) if valid_job_id(job) || *job == "$next" => {
+                Ok(HttpCall::Describe {
+                    thing,
+                    job: job.to_string(),
+                })
+            }
+            (&Method::POST, [job]) if valid_job_id(job) => Ok(HttpCall::Update {
+                thing,
+                job: job.to_string(),
+            }),
+            (_, [] | [_]) => Err("Method Not Allowed"),
+            _ => return None,
+        })
+    }
+
+    /// The IoT action and the thing it acts on.
+    pub fn action(&self) -> (&'static str, &str) {
+        match self {
+            HttpCall::Pending { thing } => ("iot:GetPendingJobExecutions", thing),
+            HttpCall::StartNext { thing } => ("iot:StartNextPendingJobExecution", thing),
+            HttpCall::Describe { thing, .. } => ("iot:DescribeJobExecution", thing),
+            HttpCall::Update { thing, .. } => ("iot:UpdateJobExecution", thing),
+        }
+    }
+}
+
+/// The data plane's `JobExecution`: the document as a string, times in epoch seconds.
+fn http_execution(
+    shared: &Shared,
+    account: &str,
+    e: &Execution,
+    job: &Job,
+    with_doc: bool,
+) -> Value {
+    let mut v = summary(e);
+    v["thingName"] = json!(e.thing);
+    v["status"] = json!(e.status.as_str());
+    v["statusDetails"] = json!(e.status_details);
+    if let Some(t) = e.seconds_before_timeout(sekisho_registry::now_secs()) {
+        v["approximateSecondsBeforeTimedOut"] = json!(t);
+    }
+    if with_doc {
+        v["jobDocument"] = json!(shared.presigner.substitute(shared, account, job));
+    }
+    v
+}
+
+fn query_flag(query: &str, name: &str, default: bool) -> Result<bool, RegistryError> {
+    match query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+    {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(_) => Err(RegistryError::InvalidRequest(format!(
+            "{name} must be true or false"
+        ))),
+    }
+}
+
+/// Carries out an authorized data-plane call: the response document, or the refusal (its
+/// HTTP status and error type from [`RegistryError::aws_code`]).
+pub fn http(
+    shared: &Shared,
+    account: &str,
+    call: &HttpCall,
+    query: &str,
+    body: &[u8],
+) -> Result<Value, RegistryError> {
+    let registry = &shared.registry;
+    let now = sekisho_registry::now_secs();
+    let bad = |m: String| RegistryError::InvalidRequest(m);
+    let obj: Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
+        Map::new()
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(Value::Object(m)) => m,
+            _ => return Err(bad("The body is not a JSON object".into())),
+        }
+    };
+    let number_q = |name: &str| -> Result<Option<u64>, RegistryError> {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("{name} must be a number")))
+            })
+            .transpose()
+    };
+    match call {
+        HttpCall::Pending { thing } => {
+            let pending = registry.pending_job_executions(account, thing)?;
+            let (running, queued): (Vec<_>, Vec<_>) = pending
+                .iter()
+                .partition(|(e, _)| e.status == ExecStatus::InProgress);
+            Ok(json!({
+                "inProgressJobs": running.iter().map(|(e, _)| summary(e)).collect::<Vec<_>>(),
+                "queuedJobs": queued.iter().map(|(e, _)| summary(e)).collect::<Vec<_>>(),
+            }))
+        }
+        HttpCall::StartNext { thing } => {
+            let d = details(obj.get("statusDetails")).map_err(bad)?;
+            let step = number(&obj, "stepTimeoutInMinutes").map_err(bad)?;
+            Ok(
+                match registry.start_next_job_execution(account, thing, d, step, now)? {
+                    Some((e, j)) => {
+                        json!({"execution": http_execution(shared, account, &e, &j, true)})
+                    }
+                    None => json!({}),
+                },
+            )
+        }
+        HttpCall::Describe { thing, job } => {
+            let with_doc = query_flag(query, "includeJobDocument", true)?;
+            let found = if job == "$next" {
+                registry
+                    .pending_job_executions(account, thing)?
+                    .into_iter()
+                    .next()
+            } else {
+                Some(registry.job_execution(account, job, thing, number_q("executionNumber")?)?)
+            };
+            match found {
+                None => Ok(json!({})),
+                Some((e, _)) if e.status.is_terminal() => {
+                    Err(RegistryError::TerminalState(format!(
+                        "Job execution of job {} on thing {thing} has ended ({})",
+                        e.job_id,
+                        e.status.as_str()
+                    )))
+                }
+                Some((e, j)) => {
+                    Ok(json!({"execution": http_execution(shared, account, &e, &j, with_doc)}))
+                }
+            }
+        }
+        HttpCall::Update { thing, job } => {
+            let status = match obj.get("status") {
+                Some(Value::String(s)) => s.clone(),
+                _ => return Err(bad("status is required".into())),
+            };
+            let u = ExecutionUpdate {
+                status,
+                status_details: details(obj.get("statusDetails")).map_err(bad)?,
+                expected_version: number(&obj, "expectedVersion").map_err(bad)?,
+                execution_number: number(&obj, "executionNumber").map_err(bad)?,
+                step_timeout_minutes: number(&obj, "stepTimeoutInMinutes").map_err(bad)?,
+            };
+            let with_state = flag(&obj, "includeJobExecutionState", false).map_err(bad)?;
+            let with_doc = flag(&obj, "includeJobDocument", false).map_err(bad)?;
+            // The data plane has no version-mismatch shape: a stale version is a conflict.
+            let (e, j) = registry
+                .update_job_execution(account, job, thing, u, now)
+                .map_err(|e| match e {
+                    RegistryError::VersionConflict(m) => RegistryError::InvalidStateTransition(m),
+                    e => e,
+                })?;
+            let mut v = json!({});
+            if with_state {
+                v["executionState"] = state(&e);
+            }
+            if with_doc {
+                v["jobDocument"] = json!(shared.presigner.substitute(shared, account, &j));
+            }
+            Ok(v)
+        }
+    }
+}
+
 /// A message from the Jobs service.
 pub fn message(topic: String, doc: &Value, qos: QoS) -> Message {
     Message {

@@ -143,6 +143,13 @@ pub fn write_profile(
         info.name.clone()
     };
     let api = format!("https://localhost:{}", config.ports.api);
+    // `aws iot-jobs-data` goes to the account's iot:Jobs endpoint, the same port.
+    let jobs = format!(
+        "https://{}.jobs.{}:{}",
+        info.endpoint_prefix,
+        config.data_suffix(),
+        config.ports.https
+    );
     // `aws iot-data` goes to the account's data endpoint on the device HTTPS port.
     let data = format!(
         "https://{}-ats.{}:{}",
@@ -155,7 +162,7 @@ pub fn write_profile(
     // is still SigV2, which is served too, but SigV4 links are scoped and limited to 7 days.
     let s3 = format!("https://localhost:{}", config.ports.s3);
     let config_section = format!(
-        "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\ns3 =\n  addressing_style = path\n  signature_version = s3v4\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\niam =\n  endpoint_url = {api}\nsts =\n  endpoint_url = {api}\niot_data_plane =\n  endpoint_url = {data}\ns3 =\n  endpoint_url = {s3}\n",
+        "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\ns3 =\n  addressing_style = path\n  signature_version = s3v4\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\niam =\n  endpoint_url = {api}\nsts =\n  endpoint_url = {api}\niot_data_plane =\n  endpoint_url = {data}\niot_jobs_data_plane =\n  endpoint_url = {jobs}\ns3 =\n  endpoint_url = {s3}\n",
         region = config.region,
         ca = layout.path("ca.pem").display(),
     );
