@@ -438,6 +438,69 @@ static ROUTES: &[Route] = &[
     ),
     route!(
         POST,
+        ["provisioning-templates"],
+        "CreateProvisioningTemplate",
+        Res::Body(crate::provisioning::create_resources),
+        crate::provisioning::create
+    ),
+    route!(
+        GET,
+        ["provisioning-templates", L],
+        "DescribeProvisioningTemplate",
+        label("provisioningtemplate"),
+        crate::provisioning::describe
+    ),
+    route!(
+        PATCH,
+        ["provisioning-templates", L],
+        "UpdateProvisioningTemplate",
+        label("provisioningtemplate"),
+        crate::provisioning::update
+    ),
+    route!(
+        DELETE,
+        ["provisioning-templates", L],
+        "DeleteProvisioningTemplate",
+        label("provisioningtemplate"),
+        crate::provisioning::delete
+    ),
+    route!(
+        GET,
+        ["provisioning-templates"],
+        "ListProvisioningTemplates",
+        ANY,
+        crate::provisioning::list
+    ),
+    route!(
+        POST,
+        ["provisioning-templates", L, "versions"],
+        "CreateProvisioningTemplateVersion",
+        label("provisioningtemplate"),
+        crate::provisioning::create_version
+    ),
+    route!(
+        GET,
+        ["provisioning-templates", L, "versions"],
+        "ListProvisioningTemplateVersions",
+        label("provisioningtemplate"),
+        crate::provisioning::list_versions
+    ),
+    route!(
+        GET,
+        ["provisioning-templates", L, "versions", L],
+        "DescribeProvisioningTemplateVersion",
+        label("provisioningtemplate"),
+        crate::provisioning::describe_version
+    ),
+    route!(
+        DELETE,
+        ["provisioning-templates", L, "versions", L],
+        "DeleteProvisioningTemplateVersion",
+        label("provisioningtemplate"),
+        crate::provisioning::delete_version
+    ),
+    route!(
+        POST,
         ["keys-and-certificate"],
         "CreateKeysAndCertificate",
         ANY,

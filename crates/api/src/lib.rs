@@ -9,6 +9,7 @@
 mod iam;
 mod iot;
 mod jobs;
+mod provisioning;
 mod xml;
 
 use std::convert::Infallible;

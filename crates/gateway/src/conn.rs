@@ -137,6 +137,32 @@ impl Env for Port {
 
     fn publish(&mut self, message: Message, now: Instant) -> Result<Published, PublishError> {
         let message = Arc::new(message);
+        // A fleet provisioning request goes to the service only (it carries an ownership
+        // token or a CSR, no business of other subscribers), and its answer to this connection
+        // only (it may carry a private key and a token). It counts against the account's rate.
+        if let Some(req) = crate::provision::parse_topic(&message.topic) {
+            if !self.shared.broker.charge_publishes(&self.account, 1, now) {
+                return Err(PublishError::Throttled);
+            }
+            let (ok, doc) =
+                crate::provision::answer(&self.shared, &self.account, &req, &message.payload);
+            let topic = format!(
+                "{}/{}",
+                message.topic,
+                if ok { "accepted" } else { "rejected" }
+            );
+            return Ok(Published {
+                ticket: 0,
+                own: vec![sekisho_broker::Delivery {
+                    message: Arc::new(crate::jobs::message(topic, &doc, message.qos)),
+                    qos: message.qos,
+                    retain: false,
+                    resend: None,
+                    seq: 0,
+                    shared: false,
+                }],
+            });
+        }
         let routed = self
             .shared
             .broker

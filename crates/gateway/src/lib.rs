@@ -17,6 +17,7 @@ pub mod conn;
 pub mod events;
 pub mod https;
 pub mod jobs;
+pub mod provision;
 pub mod shadow;
 pub mod tls;
 pub mod tls_io;
@@ -114,6 +115,10 @@ pub struct Shared {
     pub shadows: shadow::Shadows,
     /// Presigned URLs for job documents.
     pub presigner: jobs::Presigner,
+    /// The CA that issues device certificates (fleet provisioning), once set.
+    pub device_ca: std::sync::OnceLock<Arc<sekisho_pki::Ca>>,
+    /// Fleet provisioning's certificate ownership tokens.
+    pub tokens: provision::Tokens,
     /// The threads device connections run on (unset: the caller's runtime).
     pub threads: std::sync::OnceLock<Arc<ConnThreads>>,
     /// MQTT connections being served (from CONNECT to the end of their bookkeeping).
@@ -145,6 +150,8 @@ impl Shared {
         Arc::new(Shared {
             shadows: shadow::Shadows::start(registry.clone(), broker.clone()),
             presigner: jobs::Presigner::default(),
+            device_ca: std::sync::OnceLock::new(),
+            tokens: provision::Tokens::default(),
             registry,
             broker,
             session,
@@ -360,6 +367,7 @@ pub async fn sweep_sessions(shared: Arc<Shared>) {
                 if n > 0 {
                     tracing::debug!(sessions = n, "expired persistent sessions removed");
                 }
+                provision::sweep(&shared, sekisho_registry::now_secs());
                 // Job executions past their timeouts (AWS: up to a minute late).
                 let n = shared.registry.expire_job_executions(sekisho_registry::now_secs());
                 if n > 0 {

@@ -18,9 +18,11 @@ mod iam;
 mod jobs;
 pub mod model;
 mod policies;
+mod provisioning;
 mod rolealias;
 mod shadows;
 mod store;
+pub mod template;
 mod things;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -50,6 +52,10 @@ pub use jobs::{
 pub use jobs::{MAX_DOCUMENT as MAX_JOB_DOCUMENT, s3_location};
 pub use model::*;
 pub use policies::{MAX_POLICIES_PER_TARGET, MAX_POLICY_VERSIONS};
+pub use provisioning::{
+    MAX_TEMPLATE_VERSIONS, NewTemplate, ProvisioningTemplate, Registered, TemplateType,
+    TemplateUpdate, TemplateVersion,
+};
 pub use rolealias::{MAX_ROLE_ALIASES, RoleAlias};
 pub use sekisho_ids::{AccountId, CertificateId, ClientId};
 pub use shadows::ShadowWrite;
@@ -351,6 +357,12 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
     for row in store.load(Kind::ThingGroupMember)? {
         let (group, thing) = row.key.split_once('\n').unwrap_or((&row.key, ""));
         account_mut(&mut st, &row.account)?.link_member(group, thing);
+    }
+    for row in store.load(Kind::ProvisioningTemplate)? {
+        let t: provisioning::ProvisioningTemplate = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .templates
+            .insert(t.name.clone(), t);
     }
     for row in store.load(Kind::Job)? {
         let j: jobs::Job = decode(&row.doc)?;

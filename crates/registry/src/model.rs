@@ -344,6 +344,8 @@ pub struct Account {
     pub executions: BTreeMap<(String, String), crate::jobs::Execution>,
     /// The last job's creation order.
     pub job_seq: u64,
+    /// Provisioning templates by name.
+    pub templates: BTreeMap<String, crate::provisioning::ProvisioningTemplate>,
 }
 
 impl Account {

@@ -38,6 +38,8 @@ pub(crate) enum Kind {
     JobExecution,
     /// The account's last job creation order (key "").
     JobSeq,
+    /// Provisioning templates, keyed by name.
+    ProvisioningTemplate,
     /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
     /// never loaded into memory, read and written one by one.
     Shadow,
@@ -67,6 +69,7 @@ impl Kind {
             Kind::Job => "job",
             Kind::JobExecution => "job_execution",
             Kind::JobSeq => "job_seq",
+            Kind::ProvisioningTemplate => "provisioning_template",
         }
     }
 }

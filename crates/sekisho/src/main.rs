@@ -286,10 +286,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = shared
         .threads
         .set(sekisho_gateway::ConnThreads::start(cores)?);
+    let device_ca = Arc::new(material.device_ca);
+    let _ = shared.device_ca.set(device_ca.clone());
     let api_state = Arc::new(sekisho_api::ApiState {
         registry: registry.clone(),
         broker: broker.clone(),
-        device_ca: Arc::new(material.device_ca),
+        device_ca,
         endpoints: sekisho_api::Endpoints {
             region: config.region.clone(),
             domain: config.domain.clone(),

@@ -1,0 +1,287 @@
+//! Fleet provisioning by claim over MQTT (JSON payloads):
+//! `$aws/certificates/create/json` (CreateKeysAndCertificate),
+//! `$aws/certificates/create-from-csr/json` (CreateCertificateFromCsr) and
+//! `$aws/provisioning-templates/{name}/provision/json` (RegisterThing), answered on the request
+//! topic's `/accepted` or `/rejected`.
+//!
+//! Answers go to the requesting connection only: `create/json/accepted` carries a private key
+//! and an ownership token, which no other subscriber of that topic may see. A new certificate
+//! is PENDING_ACTIVATION until RegisterThing activates it; its ownership token is random,
+//! single-use, bound to the account, and expires after an hour, when a certificate that was
+//! never provisioned is deleted. Tokens live in memory: after a restart a device starts over.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use sekisho_registry::{CertMode, CertStatus, NewCertificate, TemplateType};
+use serde_json::{Map, Value, json};
+
+use crate::Shared;
+
+/// How long an ownership token is good for, in seconds.
+pub const TOKEN_SECONDS: f64 = 3600.0;
+
+/// What a provisioning topic asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// CreateKeysAndCertificate.
+    CreateKeys,
+    /// CreateCertificateFromCsr.
+    CreateFromCsr,
+    /// RegisterThing with this template.
+    Register(&'a str),
+}
+
+/// Parses a provisioning request topic (JSON only; CBOR is not served yet).
+pub fn parse_topic(topic: &str) -> Option<Request<'_>> {
+    match topic {
+        "$aws/certificates/create/json" => Some(Request::CreateKeys),
+        "$aws/certificates/create-from-csr/json" => Some(Request::CreateFromCsr),
+        _ => {
+            let name = topic
+                .strip_prefix("$aws/provisioning-templates/")?
+                .strip_suffix("/provision/json")?;
+            (!name.is_empty() && !name.contains('/')).then_some(Request::Register(name))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Token {
+    account: String,
+    certificate: String,
+    expires: f64,
+}
+
+/// Ownership tokens handed out and not yet used.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    live: Mutex<HashMap<String, Token>>,
+}
+
+impl Tokens {
+    fn issue(&self, account: &str, certificate: &str, now: f64) -> String {
+        let token = sekisho_registry::random_string(
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
+            48,
+        );
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.insert(
+            token.clone(),
+            Token {
+                account: account.to_owned(),
+                certificate: certificate.to_owned(),
+                expires: now + TOKEN_SECONDS,
+            },
+        );
+        token
+    }
+
+    /// Takes a token (once), if it is this account's and live.
+    fn take(&self, account: &str, token: &str, now: f64) -> Option<Token> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let t = live.get(token)?;
+        if t.account != account || t.expires <= now {
+            return None;
+        }
+        live.remove(token)
+    }
+
+    /// Gives back a token whose provisioning failed, so the device may try again.
+    fn give_back(&self, token: &str, t: Token) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.insert(token.to_owned(), t);
+    }
+
+    /// Forgets expired tokens; returns the (account, certificate) of each.
+    pub fn expire(&self, now: f64) -> Vec<(String, String)> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<String> = live
+            .iter()
+            .filter(|(_, t)| t.expires <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        gone.into_iter()
+            .filter_map(|k| live.remove(&k))
+            .map(|t| (t.account, t.certificate))
+            .collect()
+    }
+}
+
+/// Deletes the certificates of expired tokens that were never provisioned (still
+/// PENDING_ACTIVATION, attached to nothing), as AWS does after an hour.
+pub fn sweep(shared: &Shared, now: f64) {
+    for (account, cert) in shared.tokens.expire(now) {
+        let pending = shared
+            .registry
+            .describe_certificate(&account, &cert)
+            .is_ok_and(|c| c.status == CertStatus::PendingActivation);
+        if pending && let Err(e) = shared.registry.delete_certificate(&account, &cert, false) {
+            tracing::debug!(%cert, error = %e, "unprovisioned claim certificate kept");
+        }
+    }
+}
+
+fn rejected(status: u16, code: &str, message: impl Into<String>) -> (bool, Value) {
+    (
+        false,
+        json!({"statusCode": status, "errorCode": code, "errorMessage": message.into()}),
+    )
+}
+
+/// Answers one provisioning request.
+pub fn answer(shared: &Shared, account: &str, req: &Request<'_>, payload: &[u8]) -> (bool, Value) {
+    let now = sekisho_registry::now_secs();
+    let body: Map<String, Value> = if payload.iter().all(u8::is_ascii_whitespace) {
+        Map::new()
+    } else {
+        match serde_json::from_slice(payload) {
+            Ok(Value::Object(m)) => m,
+            _ => return rejected(400, "InvalidPayload", "The payload is not a JSON object"),
+        }
+    };
+    let Some(ca) = shared.device_ca.get() else {
+        return rejected(500, "InternalError", "Certificates cannot be issued here");
+    };
+    let utc = time::OffsetDateTime::now_utc();
+    let register = |pem: String| {
+        shared.registry.add_certificate(
+            account,
+            NewCertificate {
+                pem,
+                status: CertStatus::PendingActivation,
+                ca_certificate_id: None,
+                mode: CertMode::Default,
+            },
+        )
+    };
+    match req {
+        Request::CreateKeys => {
+            let issued = match ca.issue_device(sekisho_pki::KeyKind::Rsa2048, utc) {
+                Ok(i) => i,
+                Err(e) => return rejected(500, "InternalError", e.to_string()),
+            };
+            match register(issued.cert_pem) {
+                Ok(c) => (
+                    true,
+                    json!({"certificateId": c.id, "certificatePem": c.pem,
+                        "privateKey": issued.private_key_pem,
+                        "certificateOwnershipToken": shared.tokens.issue(account, &c.id, now)}),
+                ),
+                Err(e) => rejected(500, "InternalError", e.to_string()),
+            }
+        }
+        Request::CreateFromCsr => {
+            let Some(csr) = body
+                .get("certificateSigningRequest")
+                .and_then(Value::as_str)
+            else {
+                return rejected(
+                    400,
+                    "InvalidPayload",
+                    "certificateSigningRequest is required",
+                );
+            };
+            let pem = match ca.sign_csr(csr, utc) {
+                Ok((pem, _)) => pem,
+                Err(e) => return rejected(400, "InvalidCertificateSigningRequest", e.to_string()),
+            };
+            match register(pem) {
+                Ok(c) => (
+                    true,
+                    json!({"certificateId": c.id, "certificatePem": c.pem,
+                        "certificateOwnershipToken": shared.tokens.issue(account, &c.id, now)}),
+                ),
+                Err(e) => rejected(400, "InvalidCertificate", e.to_string()),
+            }
+        }
+        Request::Register(name) => {
+            let token = match body
+                .get("certificateOwnershipToken")
+                .and_then(Value::as_str)
+            {
+                Some(t) if !t.is_empty() => t,
+                _ => {
+                    return rejected(
+                        400,
+                        "InvalidCertificateOwnershipToken",
+                        "Certificate ownership token cannot be empty.",
+                    );
+                }
+            };
+            let mut params: BTreeMap<String, String> = BTreeMap::new();
+            match body.get("parameters") {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(p)) => {
+                    for (k, v) in p {
+                        let Some(v) = v.as_str() else {
+                            return rejected(
+                                400,
+                                "InvalidPayload",
+                                "parameters must map strings to strings",
+                            );
+                        };
+                        if k.starts_with("AWS::") {
+                            return rejected(
+                                400,
+                                "InvalidPayload",
+                                format!("parameter {k} is reserved"),
+                            );
+                        }
+                        params.insert(k.clone(), v.to_owned());
+                    }
+                }
+                Some(_) => return rejected(400, "InvalidPayload", "parameters must be an object"),
+            }
+            let template = match shared.registry.template(account, name) {
+                Ok(t) if t.enabled && t.kind == TemplateType::FleetProvisioning => t,
+                Ok(_) => {
+                    return rejected(
+                        400,
+                        "InvalidRequest",
+                        format!("The template {name} is not enabled for fleet provisioning"),
+                    );
+                }
+                Err(_) => {
+                    return rejected(
+                        404,
+                        "ResourceNotFound",
+                        format!("The template {name} does not exist"),
+                    );
+                }
+            };
+            // Taken while this request provisions (two at once cannot both use it), given back
+            // if provisioning fails.
+            let Some(held) = shared.tokens.take(account, token, now) else {
+                return rejected(
+                    400,
+                    "InvalidCertificateOwnershipToken",
+                    "The certificate ownership token is not valid.",
+                );
+            };
+            let cert = held.certificate.clone();
+            params.insert("AWS::IoT::Certificate::Id".into(), cert.clone());
+            let plan = match sekisho_registry::template::evaluate(template.body(), &params) {
+                Ok(p) => p,
+                Err(m) => {
+                    shared.tokens.give_back(token, held);
+                    return rejected(400, "InvalidParameters", m);
+                }
+            };
+            let result = shared.registry.register_thing(account, plan, &cert);
+            if result.is_err() {
+                shared.tokens.give_back(token, held);
+            }
+            match result {
+                Ok(r) => {
+                    let mut v = json!({"deviceConfiguration": r.device_configuration});
+                    if let Some(t) = r.thing {
+                        v["thingName"] = json!(t);
+                    }
+                    (true, v)
+                }
+                Err(e) => rejected(400, "ResourceRegistrationFailure", e.to_string()),
+            }
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Provisioning templates (fleet provisioning and JITP) and RegisterThing: a template,
+//! evaluated by [`crate::template`], applied to the registry.
+//!
+//! RegisterThing checks everything it can before it changes anything (the certificate is the
+//! one the template names, the thing's type and groups and the named policies exist, the
+//! override settings allow the change, the policy documents parse), then creates or updates
+//! the thing, puts it in its groups, creates and attaches the policies, attaches the
+//! certificate to the thing, and only last sets the certificate's status: a run that fails
+//! half-way leaves the certificate PENDING_ACTIVATION, which no device can connect with.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::Kind;
+use crate::template::{Override, Plan};
+use crate::*;
+
+/// Versions one template keeps.
+pub const MAX_TEMPLATE_VERSIONS: usize = 5;
+
+/// FLEET_PROVISIONING or JITP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TemplateType {
+    /// Provisioning by claim (and by trusted user).
+    FleetProvisioning,
+    /// Just-in-time provisioning on a CA.
+    Jitp,
+}
+
+impl TemplateType {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TemplateType::FleetProvisioning => "FLEET_PROVISIONING",
+            TemplateType::Jitp => "JITP",
+        }
+    }
+}
+
+/// One version of a template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateVersion {
+    /// Its body.
+    pub body: String,
+    /// When it was made, epoch seconds.
+    pub created: f64,
+}
+
+/// A provisioning template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvisioningTemplate {
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Whether devices may use it.
+    pub enabled: bool,
+    /// The role IoT provisions with.
+    pub role_arn: String,
+    /// FLEET_PROVISIONING or JITP.
+    pub kind: TemplateType,
+    /// Versions by id.
+    pub versions: BTreeMap<u32, TemplateVersion>,
+    /// The default version.
+    pub default_version: u32,
+    /// The pre-provisioning hook, as given.
+    pub hook: Option<serde_json::Value>,
+    /// Times, epoch seconds.
+    pub created: f64,
+    /// Last change.
+    pub modified: f64,
+}
+
+impl ProvisioningTemplate {
+    /// The default version's body.
+    pub fn body(&self) -> &str {
+        self.versions
+            .get(&self.default_version)
+            .map(|v| v.body.as_str())
+            .unwrap_or("{}")
+    }
+}
+
+/// What CreateProvisioningTemplate asks for.
+#[derive(Debug, Clone)]
+pub struct NewTemplate {
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Body.
+    pub body: String,
+    /// Enabled.
+    pub enabled: bool,
+    /// Role.
+    pub role_arn: String,
+    /// Type.
+    pub kind: TemplateType,
+    /// Pre-provisioning hook.
+    pub hook: Option<serde_json::Value>,
+}
+
+/// What UpdateProvisioningTemplate changes.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateUpdate {
+    /// Description.
+    pub description: Option<String>,
+    /// Enabled.
+    pub enabled: Option<bool>,
+    /// Default version.
+    pub default_version: Option<u32>,
+    /// Role.
+    pub role_arn: Option<String>,
+    /// Hook.
+    pub hook: Option<serde_json::Value>,
+    /// Remove the hook.
+    pub remove_hook: bool,
+}
+
+/// What RegisterThing did.
+#[derive(Debug, Clone, Default)]
+pub struct Registered {
+    /// The thing's name, if the template declares one.
+    pub thing: Option<String>,
+    /// Logical resource name → ARN.
+    pub resource_arns: BTreeMap<String, String>,
+    /// The template's device configuration.
+    pub device_configuration: BTreeMap<String, String>,
+}
+
+fn template_not_found(name: &str) -> RegistryError {
+    RegistryError::NotFound(format!("The provisioning template {name} does not exist"))
+}
+
+fn failure(m: impl Into<String>) -> RegistryError {
+    RegistryError::InvalidRequest(m.into())
+}
+
+impl Registry {
+    /// CreateProvisioningTemplate.
+    pub fn create_template(&self, account: &str, t: NewTemplate) -> Result<ProvisioningTemplate> {
+        check_name("Template name", &t.name, 36, |c| {
+            c.is_ascii_alphanumeric() || matches!(c, '_' | '-')
+        })?;
+        if t.description.as_ref().is_some_and(|d| d.len() > 500) {
+            return Err(failure("The description can have at most 500 characters"));
+        }
+        crate::template::check(&t.body).map_err(failure)?;
+        if t.hook.is_some() {
+            return Err(failure(
+                "Pre-provisioning hooks need a function host, which this server does not have yet",
+            ));
+        }
+        self.write(account, |a, tx| {
+            if a.templates.contains_key(&t.name) {
+                return Err(RegistryError::AlreadyExists {
+                    message: format!("The provisioning template {} already exists", t.name),
+                    resource_id: t.name.clone(),
+                    resource_arn: self.arn(account, &format!("provisioningtemplate/{}", t.name)),
+                });
+            }
+            let now = now_secs();
+            let tpl = ProvisioningTemplate {
+                name: t.name.clone(),
+                description: t.description,
+                enabled: t.enabled,
+                role_arn: t.role_arn,
+                kind: t.kind,
+                versions: BTreeMap::from([(
+                    1,
+                    TemplateVersion {
+                        body: t.body,
+                        created: now,
+                    },
+                )]),
+                default_version: 1,
+                hook: t.hook,
+                created: now,
+                modified: now,
+            };
+            tx.put(Kind::ProvisioningTemplate, &tpl.name, &tpl)?;
+            a.templates.insert(tpl.name.clone(), tpl.clone());
+            Ok(tpl)
+        })
+    }
+
+    /// DescribeProvisioningTemplate.
+    pub fn template(&self, account: &str, name: &str) -> Result<ProvisioningTemplate> {
+        self.read(account, |a| {
+            a.templates
+                .get(name)
+                .cloned()
+                .ok_or_else(|| template_not_found(name))
+        })
+    }
+
+    /// ListProvisioningTemplates.
+    pub fn list_templates(
+        &self,
+        account: &str,
+        marker: Option<&str>,
+        size: usize,
+    ) -> Result<Page<ProvisioningTemplate>> {
+        self.read(account, |a| {
+            paginate(
+                a.templates
+                    .values()
+                    .map(|t| (t.name.clone(), t.clone()))
+                    .collect(),
+                marker,
+                size,
+            )
+        })
+    }
+
+    /// UpdateProvisioningTemplate.
+    pub fn update_template(&self, account: &str, name: &str, u: TemplateUpdate) -> Result<()> {
+        if u.hook.is_some() {
+            return Err(failure(
+                "Pre-provisioning hooks need a function host, which this server does not have yet",
+            ));
+        }
+        self.write(account, |a, tx| {
+            let mut t = a
+                .templates
+                .get(name)
+                .cloned()
+                .ok_or_else(|| template_not_found(name))?;
+            if let Some(d) = u.description {
+                t.description = Some(d);
+            }
+            if let Some(e) = u.enabled {
+                t.enabled = e;
+            }
+            if let Some(v) = u.default_version {
+                if !t.versions.contains_key(&v) {
+                    return Err(RegistryError::NotFound(format!(
+                        "Version {v} of the provisioning template {name} does not exist"
+                    )));
+                }
+                t.default_version = v;
+            }
+            if let Some(r) = u.role_arn {
+                t.role_arn = r;
+            }
+            if u.remove_hook {
+                t.hook = None;
+            }
+            t.modified = now_secs();
+            tx.put(Kind::ProvisioningTemplate, name, &t)?;
+            a.templates.insert(name.to_owned(), t);
+            Ok(())
+        })
+    }
+
+    /// DeleteProvisioningTemplate.
+    pub fn delete_template(&self, account: &str, name: &str) -> Result<()> {
+        self.write(account, |a, tx| {
+            if a.templates.remove(name).is_none() {
+                return Err(template_not_found(name));
+            }
+            tx.delete(Kind::ProvisioningTemplate, name);
+            Ok(())
+        })
+    }
+
+    /// CreateProvisioningTemplateVersion: returns the template and the new version's id.
+    pub fn create_template_version(
+        &self,
+        account: &str,
+        name: &str,
+        body: &str,
+        set_default: bool,
+    ) -> Result<(ProvisioningTemplate, u32)> {
+        crate::template::check(body).map_err(failure)?;
+        self.write(account, |a, tx| {
+            let mut t = a
+                .templates
+                .get(name)
+                .cloned()
+                .ok_or_else(|| template_not_found(name))?;
+            if t.versions.len() >= MAX_TEMPLATE_VERSIONS {
+                return Err(RegistryError::VersionsLimitExceeded(format!(
+                    "The provisioning template {name} has {MAX_TEMPLATE_VERSIONS} versions; delete one first"
+                )));
+            }
+            let id = t.versions.keys().next_back().copied().unwrap_or(0) + 1;
+            t.versions.insert(
+                id,
+                TemplateVersion {
+                    body: body.to_owned(),
+                    created: now_secs(),
+                },
+            );
+            if set_default {
+                t.default_version = id;
+            }
+            t.modified = now_secs();
+            tx.put(Kind::ProvisioningTemplate, name, &t)?;
+            a.templates.insert(name.to_owned(), t.clone());
+            Ok((t, id))
+        })
+    }
+
+    /// DeleteProvisioningTemplateVersion (not the default one).
+    pub fn delete_template_version(&self, account: &str, name: &str, version: u32) -> Result<()> {
+        self.write(account, |a, tx| {
+            let mut t = a
+                .templates
+                .get(name)
+                .cloned()
+                .ok_or_else(|| template_not_found(name))?;
+            if t.default_version == version {
+                return Err(RegistryError::DeleteConflict(format!(
+                    "Version {version} is the default version of {name}"
+                )));
+            }
+            if t.versions.remove(&version).is_none() {
+                return Err(RegistryError::NotFound(format!(
+                    "Version {version} of the provisioning template {name} does not exist"
+                )));
+            }
+            tx.put(Kind::ProvisioningTemplate, name, &t)?;
+            a.templates.insert(name.to_owned(), t);
+            Ok(())
+        })
+    }
+
+    /// RegisterThing: applies an evaluated template for the certificate `certificate_id`.
+    pub fn register_thing(
+        &self,
+        account: &str,
+        plan: Plan,
+        certificate_id: &str,
+    ) -> Result<Registered> {
+        let cert_arn = self.arn(account, &format!("cert/{certificate_id}"));
+        // Everything checked first.
+        let existing = self.read(account, |a| {
+            if !a.certificates.contains_key(certificate_id) {
+                return Err(failure("The certificate to provision does not exist"));
+            }
+            if let Some(c) = &plan.certificate
+                && c.id != certificate_id
+            {
+                return Err(failure(
+                    "The template's certificate must be the one being provisioned (CertificateId: {\"Ref\": \"AWS::IoT::Certificate::Id\"})",
+                ));
+            }
+            let mut existing = None;
+            if let Some(t) = &plan.thing {
+                if let Some(tt) = &t.thing_type
+                    && !a.thing_types.contains_key(tt)
+                {
+                    return Err(failure(format!("Thing type {tt} does not exist")));
+                }
+                for g in t.groups.iter().flatten() {
+                    if !a.thing_groups.contains_key(g) {
+                        return Err(failure(format!("Thing group {g} does not exist")));
+                    }
+                }
+                if let Some(cur) = a.things.get(&t.name) {
+                    let fails = |k: &str| t.overrides.get(k) == Some(&Override::Fail);
+                    if (t.attributes.is_some() && fails("AttributePayload"))
+                        || (t.thing_type.is_some() && fails("ThingTypeName"))
+                        || (t.groups.is_some() && fails("ThingGroups"))
+                    {
+                        return Err(failure(format!(
+                            "ResourceConflictsException: thing {} exists and the template's override settings say FAIL",
+                            t.name
+                        )));
+                    }
+                    existing = Some(cur.clone());
+                }
+            }
+            for p in &plan.policies {
+                if p.document.is_none() && !a.policies.contains_key(&p.name) {
+                    return Err(failure(format!("Policy {} does not exist", p.name)));
+                }
+            }
+            Ok(existing)
+        })?;
+        let mut out = Registered {
+            device_configuration: plan.device_configuration.clone(),
+            ..Registered::default()
+        };
+        if let Some(t) = &plan.thing {
+            let over = |k: &str| t.overrides.get(k).copied().unwrap_or(Override::DoNothing);
+            match &existing {
+                None => {
+                    self.create_thing(
+                        account,
+                        &t.name,
+                        t.thing_type.as_deref(),
+                        t.attributes.clone().unwrap_or_default(),
+                    )?;
+                }
+                Some(_) => {
+                    let mut u = ThingUpdate::default();
+                    match (over("AttributePayload"), &t.attributes) {
+                        (Override::Replace, Some(a)) => u.attributes = Some(a.clone()),
+                        (Override::Merge, Some(a)) => {
+                            u.attributes = Some(a.clone());
+                            u.merge = true;
+                        }
+                        _ => {}
+                    }
+                    if over("ThingTypeName") == Override::Replace {
+                        u.thing_type = t.thing_type.clone();
+                    }
+                    if u.attributes.is_some() || u.thing_type.is_some() {
+                        self.update_thing(account, &t.name, u)?;
+                    }
+                }
+            }
+            if let Some(groups) = &t.groups {
+                let add = existing.is_none()
+                    || matches!(over("ThingGroups"), Override::Merge | Override::Replace);
+                if add {
+                    let current: Vec<String> = self
+                        .list_groups_for_thing(account, &t.name, None, 100)?
+                        .items
+                        .into_iter()
+                        .map(|(n, _)| n)
+                        .collect();
+                    let remove: Vec<String> = if over("ThingGroups") == Override::Replace {
+                        current
+                            .iter()
+                            .filter(|g| !groups.contains(g))
+                            .cloned()
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    self.update_groups_for_thing(account, &t.name, groups, &remove)?;
+                }
+            }
+            out.resource_arns.insert(
+                t.logical.clone(),
+                self.arn(account, &format!("thing/{}", t.name)),
+            );
+            out.thing = Some(t.name.clone());
+        }
+        for p in &plan.policies {
+            if let Some(doc) = &p.document
+                && self.get_policy(account, &p.name).is_err()
+            {
+                self.create_policy(account, &p.name, doc)?;
+            }
+            self.attach_policy(account, &p.name, &cert_arn)?;
+            out.resource_arns.insert(
+                p.logical.clone(),
+                self.arn(account, &format!("policy/{}", p.name)),
+            );
+        }
+        if let Some(t) = &out.thing {
+            self.attach_thing_principal(
+                account,
+                t,
+                &cert_arn,
+                ThingPrincipalType::NonExclusiveThing,
+            )?;
+        }
+        let active = plan.certificate.as_ref().is_none_or(|c| c.active);
+        self.update_certificate(
+            account,
+            certificate_id,
+            if active {
+                CertStatus::Active
+            } else {
+                CertStatus::Inactive
+            },
+        )?;
+        if let Some(c) = &plan.certificate {
+            out.resource_arns.insert(c.logical.clone(), cert_arn);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,257 @@
+"""Fleet provisioning by claim: templates with the stock AWS CLI and boto3, the device side with
+the AWS IoT Device SDK's identity client (awsiotsdk) and paho-mqtt."""
+
+import json
+import queue
+import subprocess
+
+import pytest
+from awscrt import mqtt as crt_mqtt
+from awsiot import iotidentity, mqtt_connection_builder
+
+from conftest import ALLOW_ALL, Paho, unique
+
+Q1 = crt_mqtt.QoS.AT_LEAST_ONCE
+
+
+def provisioning_role(server):
+    iam = server.boto("iam")
+    return iam.create_role(RoleName=unique("prov"), AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "iot.amazonaws.com"},
+                                                "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+
+
+def fleet_template(group, policy):
+    """The developer guide's fleet template, with our group and policy."""
+    return json.dumps({
+        "Parameters": {"SerialNumber": {"Type": "String"}, "DeviceLocation": {"Type": "String"},
+                       "AWS::IoT::Certificate::Id": {"Type": "String"}},
+        "Mappings": {"LocationTable": {"Seattle": {"LocationUrl": "https://example.aws"}}},
+        "Resources": {
+            "thing": {"Type": "AWS::IoT::Thing", "Properties": {
+                "ThingName": {"Fn::Join": ["", ["ThingPrefix_", {"Ref": "SerialNumber"}]]},
+                "AttributePayload": {"version": "v1"}, "ThingGroups": [group]},
+                "OverrideSettings": {"AttributePayload": "MERGE", "ThingTypeName": "REPLACE", "ThingGroups": "DO_NOTHING"}},
+            "certificate": {"Type": "AWS::IoT::Certificate", "Properties": {
+                "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"}},
+            "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": policy}}},
+        "DeviceConfiguration": {"FallbackUrl": "https://www.example.com/test-site",
+                                "LocationUrl": {"Fn::FindInMap": ["LocationTable", {"Ref": "DeviceLocation"}, "LocationUrl"]}}})
+
+
+def claim_policy(account, template):
+    """The developer guide's claim-certificate policy: provisioning and nothing else."""
+    arn = f"arn:aws:iot:us-east-1:{account}"
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+        {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": [
+            f"{arn}:topic/$aws/certificates/create/*", f"{arn}:topic/$aws/certificates/create-from-csr/*",
+            f"{arn}:topic/$aws/provisioning-templates/{template}/provision/*"]},
+        {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": [
+            f"{arn}:topicfilter/$aws/certificates/create/*", f"{arn}:topicfilter/$aws/certificates/create-from-csr/*",
+            f"{arn}:topicfilter/$aws/provisioning-templates/{template}/provision/*"]}]})
+
+
+class Claim:
+    """A claim certificate (created by the operator) on disk."""
+
+    def __init__(self, server, iot, workdir, template):
+        c = iot.create_keys_and_certificate(setAsActive=True)
+        self.name = unique("claim")
+        self.cert, self.key = workdir / f"{self.name}.crt", workdir / f"{self.name}.key"
+        self.cert.write_text(c["certificatePem"])
+        self.key.write_text(c["keyPair"]["PrivateKey"])
+        pol = unique("claim-pol")
+        iot.create_policy(policyName=pol, policyDocument=claim_policy(server.account_id(), template))
+        iot.attach_policy(policyName=pol, target=c["certificateArn"])
+
+
+def setup(server, workdir):
+    iot = server.boto()
+    account = server.account_id()
+    group = unique("v1-lightbulbs")
+    iot.create_thing_group(thingGroupName=group)
+    policy = unique("DevicePolicy")
+    arn = f"arn:aws:iot:us-east-1:{account}"
+    iot.create_policy(policyName=policy, policyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/${{iot:Connection.Thing.ThingName}}"},
+        {"Effect": "Allow", "Action": "iot:Publish", "Resource": f"{arn}:topic/devices/${{iot:Connection.Thing.ThingName}}"}]}))
+    template = unique("FleetTpl")[:36]
+    server.aws("iot", "create-provisioning-template", "--template-name", template,
+               "--provisioning-role-arn", provisioning_role(server), "--enabled",
+               "--template-body", fleet_template(group, policy))
+    return iot, group, template, Claim(server, iot, workdir, template)
+
+
+def test_a_device_with_a_claim_certificate_provisions_itself(server, workdir):
+    """The walkthrough with the SDK's identity client: CreateKeysAndCertificate, then
+    RegisterThing with the ownership token; the device gets its thing name and configuration,
+    and reconnects with its own certificate, which its thing's policy now governs."""
+    iot, group, template, claim = setup(server, workdir)
+    conn = mqtt_connection_builder.mtls_from_path(
+        endpoint=server.endpoint(), port=server.mqtt_port, cert_filepath=str(claim.cert),
+        pri_key_filepath=str(claim.key), ca_filepath=server.ca, client_id=unique("boot"),
+        clean_session=True, keep_alive_secs=30)
+    conn.connect().result(10)
+    identity = iotidentity.IotIdentityClient(conn)
+    created, registered, errors = queue.Queue(), queue.Queue(), queue.Queue()
+    for fut, _ in (
+        identity.subscribe_to_create_keys_and_certificate_accepted(
+            iotidentity.CreateKeysAndCertificateSubscriptionRequest(), Q1, created.put),
+        identity.subscribe_to_create_keys_and_certificate_rejected(
+            iotidentity.CreateKeysAndCertificateSubscriptionRequest(), Q1, errors.put),
+        identity.subscribe_to_register_thing_accepted(
+            iotidentity.RegisterThingSubscriptionRequest(template_name=template), Q1, registered.put),
+        identity.subscribe_to_register_thing_rejected(
+            iotidentity.RegisterThingSubscriptionRequest(template_name=template), Q1, errors.put),
+    ):
+        fut.result(10)
+    identity.publish_create_keys_and_certificate(iotidentity.CreateKeysAndCertificateRequest(), Q1).result(10)
+    keys = created.get(timeout=15)
+    assert len(keys.certificate_id) == 64 and keys.private_key.startswith("-----BEGIN")
+    desc = iot.describe_certificate(certificateId=keys.certificate_id)["certificateDescription"]
+    assert desc["status"] == "PENDING_ACTIVATION"
+    serial = unique("sn")
+    identity.publish_register_thing(iotidentity.RegisterThingRequest(
+        template_name=template, certificate_ownership_token=keys.certificate_ownership_token,
+        parameters={"SerialNumber": serial, "DeviceLocation": "Seattle"}), Q1).result(10)
+    reg = registered.get(timeout=10)
+    thing = f"ThingPrefix_{serial}"
+    assert reg.thing_name == thing
+    assert reg.device_configuration == {"FallbackUrl": "https://www.example.com/test-site",
+                                        "LocationUrl": "https://example.aws"}
+    # The token is single-use.
+    identity.publish_register_thing(iotidentity.RegisterThingRequest(
+        template_name=template, certificate_ownership_token=keys.certificate_ownership_token,
+        parameters={"SerialNumber": serial + "x", "DeviceLocation": "Seattle"}), Q1).result(10)
+    err = errors.get(timeout=10)
+    assert (err.status_code, err.error_code) == (400, "InvalidCertificateOwnershipToken")
+    conn.disconnect().result(10)
+
+    assert iot.describe_certificate(certificateId=keys.certificate_id)["certificateDescription"]["status"] == "ACTIVE"
+    assert iot.describe_thing(thingName=thing)["attributes"] == {"version": "v1"}
+    assert [g["groupName"] for g in iot.list_thing_groups_for_thing(thingName=thing)["thingGroups"]] == [group]
+    assert iot.list_thing_principals(thingName=thing)["principals"][0].endswith(keys.certificate_id)
+    # Reconnect with the new certificate: the thing's policy applies.
+    cert, key = workdir / f"{thing}.crt", workdir / f"{thing}.key"
+    cert.write_text(keys.certificate_pem)
+    key.write_text(keys.private_key)
+
+    class Own:
+        pass
+    own = Own()
+    own.cert, own.key = cert, key
+    p = Paho(server, server.endpoint(), own, thing, v5=True)
+    assert p.connect()[0] == 0
+    p.c.publish(f"devices/{thing}", b"hello", qos=1)
+    assert p.pubacks.get(timeout=5)[1].value == 0
+    p.c.publish("devices/someone-else", b"no", qos=1)
+    assert p.pubacks.get(timeout=5)[1].value == 0x87
+    p.close()
+
+
+def test_csr_flow_privacy_and_refusals(server, workdir):
+    """CreateCertificateFromCsr with openssl's CSR; answers reach the requester only (another
+    client subscribed to the answer topics with every permission sees no key or token); the
+    claim certificate can do nothing else; bad tokens, disabled or unknown templates and bad
+    parameters are refused with AWS's error form."""
+    iot, group, template, claim = setup(server, workdir)
+    spy_dev = type("D", (), {})()
+    c = iot.create_keys_and_certificate(setAsActive=True)
+    spy_dev.cert, spy_dev.key = workdir / "spy.crt", workdir / "spy.key"
+    spy_dev.cert.write_text(c["certificatePem"])
+    spy_dev.key.write_text(c["keyPair"]["PrivateKey"])
+    pol = unique("spy")
+    iot.create_policy(policyName=pol, policyDocument=json.dumps(ALLOW_ALL))
+    iot.attach_policy(policyName=pol, target=c["certificateArn"])
+    spy = Paho(server, server.endpoint(), spy_dev, unique("spy"))
+    assert spy.connect()[0] == 0
+    spy.subscribe("$aws/certificates/#", qos=1)
+    spy.subscribe("$aws/provisioning-templates/#", qos=1)
+
+    p = Paho(server, server.endpoint(), claim, unique("boot"))
+    assert p.connect()[0] == 0
+    key = workdir / "dev.key"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)], check=True)
+    csr = subprocess.run(["openssl", "req", "-new", "-key", str(key), "-subj", "/CN=sensor"],
+                         capture_output=True, text=True, check=True).stdout
+
+    def ask(topic, body):
+        p.c.publish(topic, json.dumps(body), qos=1)
+        m = p.messages.get(timeout=15)
+        return m.topic.rsplit("/", 1)[1], json.loads(m.payload)
+
+    verdict, out = ask("$aws/certificates/create-from-csr/json", {"certificateSigningRequest": csr})
+    assert verdict == "accepted" and "privateKey" not in out
+    token = out["certificateOwnershipToken"]
+    prov = f"$aws/provisioning-templates/{template}/provision/json"
+    verdict, err = ask(prov, {"certificateOwnershipToken": token, "parameters": {"SerialNumber": "1", "DeviceLocation": "Paris"}})
+    assert verdict == "rejected" and err["statusCode"] == 400 and err["errorCode"] == "InvalidParameters"
+    verdict, err = ask(prov, {"parameters": {}})
+    assert err == {"statusCode": 400, "errorCode": "InvalidCertificateOwnershipToken",
+                   "errorMessage": "Certificate ownership token cannot be empty."}
+    verdict, err = ask(prov, {"certificateOwnershipToken": "forged", "parameters": {"SerialNumber": "1", "DeviceLocation": "Seattle"}})
+    assert err["errorCode"] == "InvalidCertificateOwnershipToken"
+    verdict, err = ask(prov, {"certificateOwnershipToken": token,
+                              "parameters": {"SerialNumber": "1", "AWS::IoT::Certificate::Id": "x"}})
+    assert err["errorCode"] == "InvalidPayload"
+    iot.update_provisioning_template(templateName=template, enabled=False)
+    verdict, err = ask(prov, {"certificateOwnershipToken": token, "parameters": {"SerialNumber": "2", "DeviceLocation": "Seattle"}})
+    assert verdict == "rejected" and err["errorCode"] == "InvalidRequest"
+    iot.update_provisioning_template(templateName=template, enabled=True)
+    # The token was not spent by the refusals before it was checked.
+    verdict, out = ask(prov, {"certificateOwnershipToken": token, "parameters": {"SerialNumber": "2", "DeviceLocation": "Seattle"}})
+    assert verdict == "accepted" and out["thingName"] == "ThingPrefix_2"
+
+    # The claim certificate may do nothing but provision.
+    p.c.publish("devices/anything", b"x", qos=1)
+    seen = []
+    while True:
+        try:
+            seen.append(spy.messages.get(timeout=0.5))
+        except queue.Empty:
+            break
+    answers = [m.topic for m in seen if m.topic.endswith("/accepted") or m.topic.endswith("/rejected")]
+    assert answers == [], answers
+    assert not any(b"certificateOwnershipToken" in m.payload for m in seen)
+    p.close()
+    spy.close()
+
+
+def test_templates_with_the_cli(server):
+    iot = server.boto()
+    role = provisioning_role(server)
+    name = unique("tpl")[:36]
+    body = json.dumps({"Parameters": {"AWS::IoT::Certificate::Id": {"Type": "String"}},
+                       "Resources": {"certificate": {"Type": "AWS::IoT::Certificate", "Properties": {
+                           "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}}}}})
+    out = server.aws("iot", "create-provisioning-template", "--template-name", name, "--provisioning-role-arn", role,
+                     "--template-body", body, "--description", "first")
+    assert out["defaultVersionId"] == 1 and out["templateArn"].endswith(f":provisioningtemplate/{name}")
+    d = server.aws("iot", "describe-provisioning-template", "--template-name", name)
+    assert (d["enabled"], d["type"], d["description"], json.loads(d["templateBody"])) == (False, "FLEET_PROVISIONING", "first", json.loads(body))
+    assert name in [t["templateName"] for t in server.aws("iot", "list-provisioning-templates")["templates"]]
+    for i in range(2, 6):
+        v = server.aws("iot", "create-provisioning-template-version", "--template-name", name,
+                       "--template-body", body, *(["--set-as-default"] if i == 3 else []))
+        assert v["versionId"] == i and v["isDefaultVersion"] == (i == 3)
+    cp = server.aws("iot", "create-provisioning-template-version", "--template-name", name, "--template-body", body, check=False)
+    assert cp.returncode != 0 and "VersionsLimitExceededException" in cp.stderr
+    cp = server.aws("iot", "delete-provisioning-template-version", "--template-name", name, "--version-id", "3", check=False)
+    assert cp.returncode != 0 and "DeleteConflictException" in cp.stderr
+    server.aws("iot", "delete-provisioning-template-version", "--template-name", name, "--version-id", "1")
+    vs = server.aws("iot", "list-provisioning-template-versions", "--template-name", name)["versions"]
+    assert [v["versionId"] for v in vs] == [2, 3, 4, 5]
+    # Refusals: bad bodies, a role that does not trust IoT, a duplicate, hooks (no function host yet).
+    for bad in ("[]", json.dumps({"Resources": {"b": {"Type": "AWS::S3::Bucket"}}})):
+        cp = server.aws("iot", "create-provisioning-template", "--template-name", unique("bad")[:36],
+                        "--provisioning-role-arn", role, "--template-body", bad, check=False)
+        assert cp.returncode != 0 and "InvalidRequestException" in cp.stderr
+    with pytest.raises(iot.exceptions.ResourceAlreadyExistsException):
+        iot.create_provisioning_template(templateName=name, templateBody=body, provisioningRoleArn=role)
+    with pytest.raises(iot.exceptions.InvalidRequestException):
+        iot.create_provisioning_template(templateName=unique("hook")[:36], templateBody=body, provisioningRoleArn=role,
+                                         preProvisioningHook={"targetArn": "arn:aws:lambda:us-east-1:123456789012:function:f"})
+    server.aws("iot", "delete-provisioning-template", "--template-name", name)
+    with pytest.raises(iot.exceptions.ResourceNotFoundException):
+        iot.describe_provisioning_template(templateName=name)
