@@ -377,3 +377,69 @@ def test_the_https_jobs_data_plane(server, workdir):
     assert code == 403
     code, _ = curl("PUT", f"/things/{other.name}/jobs/%24next", limited)
     assert code == 403
+
+
+def test_roles_groups_and_ids_after_review(server, workdir):
+    """A job's presigned-URL role needs iam:PassRole (IoT would act with it for the caller); a
+    CONTINUOUS job does not follow a deleted group's name to a new group; a job id may begin
+    with "notify"."""
+    import boto3
+    from botocore.config import Config
+    from helpers import keys
+    iot = server.boto()
+    iam = server.boto("iam")
+    bucket, role = firmware(server, "secret.txt", b"TOPSECRET")
+    dev = Device(server, iot, unique("pr"), ALLOW_ALL, workdir)
+    thing_arn = iot.describe_thing(thingName=dev.name)["thingArn"]
+    user = unique("jobber")
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["iot:CreateJob", "iot:UpdateJob"],
+                                                "Resource": "*"}]}))
+    c = boto3.client("iot", region_name="us-east-1", endpoint_url=f"https://localhost:{server.api_port}",
+                     verify=server.ca, config=Config(retries={"max_attempts": 1}),
+                     **keys(iam.create_access_key(UserName=user)["AccessKey"]))
+    time.sleep(0.1)
+    doc = json.dumps({"url": f"${{aws:iot:s3-presigned-url:https://s3.amazonaws.com/{bucket}/secret.txt}}"})
+    with pytest.raises(c.exceptions.ClientError) as e:
+        c.create_job(jobId=unique("steal"), targets=[thing_arn], document=doc,
+                     presignedUrlConfig={"roleArn": role})
+    assert e.value.response["Error"]["Code"] == "AccessDeniedException" and "iam:PassRole" in e.value.response["Error"]["Message"]
+    plain = unique("plain")
+    c.create_job(jobId=plain, targets=[thing_arn], document=doc)
+    with pytest.raises(c.exceptions.ClientError):
+        c.update_job(jobId=plain, presignedUrlConfig={"roleArn": role})
+    with pytest.raises(iot.exceptions.InvalidRequestException):
+        iot.create_job(jobId=unique("x"), targets=[thing_arn], document="{}",
+                       presignedUrlConfig={"roleArn": f"arn:aws:iam::999999999999:role/{role.split('/')[-1]}"})
+    # Kept configurations are bounded (boto3 checks their shape but not this: skip its checks).
+    raw = server.boto(config=Config(parameter_validation=False))
+    crit = {"failureType": "FAILED", "action": "CANCEL", "thresholdPercentage": 10, "minNumberOfExecutedThings": 1}
+    with pytest.raises(raw.exceptions.InvalidRequestException):
+        raw.create_job(jobId=unique("x"), targets=[thing_arn], document="{}", abortConfig={"criteriaList": [crit] * 100})
+    ok = unique("ok")
+    raw.create_job(jobId=ok, targets=[thing_arn], document="{}", abortConfig={"criteriaList": [crit]})
+    assert iot.describe_job(jobId=ok)["job"]["abortConfig"]["criteriaList"][0]["action"] == "CANCEL"
+
+    # A continuous job's group deleted and created again elsewhere: the job does not follow.
+    group = unique("beta")
+    iot.create_thing_group(thingGroupName=group)
+    cont = unique("cont")
+    iot.create_job(jobId=cont, targets=[iot.describe_thing_group(thingGroupName=group)["thingGroupArn"]],
+                   document="{}", targetSelection="CONTINUOUS")
+    iot.delete_thing_group(thingGroupName=group)
+    iot.create_thing_group(thingGroupName=group)
+    newcomer = Device(server, iot, unique("new"), ALLOW_ALL, workdir)
+    iot.add_thing_to_thing_group(thingGroupName=group, thingName=newcomer.name)
+    assert iot.list_job_executions_for_thing(thingName=newcomer.name)["executionSummaries"] == []
+    assert cont not in [j["jobId"] for j in iot.list_jobs(thingGroupName=group)["jobs"]]
+
+    # A job id beginning with "notify" works over MQTT.
+    nid = unique("notify-fw")
+    iot.create_job(jobId=nid, targets=[thing_arn], document="{}")
+    p = Paho(server, server.endpoint(), dev, dev.name)
+    assert p.connect()[0] == 0
+    p.c.publish(f"$aws/things/{dev.name}/jobs/{nid}/update", json.dumps({"status": "IN_PROGRESS"}), qos=1)
+    m = p.messages.get(timeout=5)
+    assert m.topic.endswith(f"/{nid}/update/accepted")
+    p.close()

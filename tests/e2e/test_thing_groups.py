@@ -217,3 +217,32 @@ def test_membership_is_authorized_on_the_group_and_the_thing(server):
         c.add_thing_to_thing_group(thingGroupName=ok, thingGroupArn=f"{arn}:thinggroup/{other}", thingName=thing)
     assert e.value.response["Error"]["Code"] == "InvalidRequestException"
     assert [g["groupName"] for g in iot.list_thing_groups_for_thing(thingName=thing)["thingGroups"]] == [ok]
+
+
+def test_a_new_groups_parent_is_authorized_too(server):
+    """What a parent group has (policies, continuous jobs) reaches its children's things, so
+    CreateThingGroup authorizes the parent it names as well as the new group: a user allowed
+    only `team-*` groups cannot hang one under `admins`."""
+    iot = server.boto()
+    iam = server.boto("iam")
+    account = server.account_id()
+    admins, team = unique("admins"), unique("team")
+    iot.create_thing_group(thingGroupName=admins)
+    iot.create_thing_group(thingGroupName=team)
+    user = unique("teamlead")
+    iam.create_user(UserName=user)
+    arn = f"arn:aws:iot:us-east-1:{account}"
+    iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:CreateThingGroup",
+                                                "Resource": f"{arn}:thinggroup/{team}*"}]}))
+    creds = keys(iam.create_access_key(UserName=user)["AccessKey"])
+    time.sleep(0.1)
+    c = boto3.client("iot", region_name="us-east-1", endpoint_url=f"https://localhost:{server.api_port}",
+                     verify=server.ca, config=Config(retries={"max_attempts": 1}), **creds)
+    c.create_thing_group(thingGroupName=f"{team}-a", parentGroupName=team)
+    with pytest.raises(c.exceptions.ClientError) as e:
+        c.create_thing_group(thingGroupName=f"{team}-b", parentGroupName=admins)
+    assert e.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert f"thinggroup/{admins}" in e.value.response["Error"]["Message"]
+    with pytest.raises(iot.exceptions.ResourceNotFoundException):
+        iot.describe_thing_group(thingGroupName=f"{team}-b")

@@ -235,7 +235,14 @@ static ROUTES: &[Route] = &[
         POST,
         ["thing-groups", L],
         "CreateThingGroup",
-        label("thinggroup"),
+        // The parent too: what a group's parent has (policies, jobs) reaches its things.
+        Res::Body(|_, c| {
+            let mut v = vec![("thinggroup", seg(c, 1).to_owned())];
+            if let Some(p) = str_field(&c.json()?, "parentGroupName")? {
+                v.push(("thinggroup", p.to_owned()));
+            }
+            Ok(v)
+        }),
         create_thing_group
     ),
     route!(

@@ -79,6 +79,25 @@ pub(crate) fn execution_resources(
     ])
 }
 
+/// The caller must be allowed to pass a role to IoT (`iam:PassRole`), and the role must be
+/// one of its account's, as for role aliases: IoT acts with the role's permissions on the
+/// caller's behalf.
+pub(crate) fn pass_role(state: &ApiState, call: &Call, role_arn: &str) -> Result<(), ApiError> {
+    if !role_arn.starts_with(&format!("arn:aws:iam::{}:role/", call.account)) {
+        return Err(ApiError::invalid(format!(
+            "The role {role_arn} is not a role of this account"
+        )));
+    }
+    crate::authorize_with(
+        state,
+        &call.caller,
+        &call.request,
+        "iam:PassRole",
+        role_arn,
+        &[("iam:PassedToService", "iot.amazonaws.com".to_string())],
+    )
+}
+
 fn presigned(b: &Map<String, Value>) -> Result<Option<PresignedUrlConfig>, ApiError> {
     match b.get("presignedUrlConfig") {
         None | Some(Value::Null) => Ok(None),
@@ -116,14 +135,27 @@ fn timeout(b: &Map<String, Value>) -> Result<Option<u64>, ApiError> {
     }
 }
 
-fn kept(b: &Map<String, Value>) -> BTreeMap<String, Value> {
-    KEPT.iter()
-        .filter_map(|k| {
-            b.get(*k)
-                .filter(|v| !v.is_null())
-                .map(|v| (k.to_string(), v.clone()))
-        })
-        .collect()
+/// The largest kept configuration, serialized.
+const MAX_CONFIG: usize = 4096;
+
+/// The configurations kept as given: each must be a JSON object of at most [`MAX_CONFIG`]
+/// bytes (their members are the model's; they are not applied yet).
+fn kept(b: &Map<String, Value>) -> Result<BTreeMap<String, Value>, ApiError> {
+    let mut out = BTreeMap::new();
+    for k in KEPT {
+        match b.get(*k) {
+            None | Some(Value::Null) => {}
+            Some(v @ Value::Object(_)) if v.to_string().len() <= MAX_CONFIG => {
+                out.insert(k.to_string(), v.clone());
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(format!(
+                    "{k} must be an object of at most {MAX_CONFIG} bytes"
+                )));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn description(b: &Map<String, Value>) -> Result<Option<String>, ApiError> {
@@ -205,15 +237,19 @@ pub(crate) fn create_job(state: &ApiState, call: &Call) -> Out {
             return Err(ApiError::invalid(format!("{unsupported} is not supported")));
         }
     }
+    let presigned = presigned(&b)?;
+    if let Some(p) = &presigned {
+        pass_role(state, call, &p.role_arn)?;
+    }
     let spec = NewJob {
         targets: targets(&b)?,
         document,
         document_source: source.map(str::to_owned),
         description: description(&b)?,
         continuous,
-        presigned: presigned(&b)?,
+        presigned,
         in_progress_timeout_minutes: timeout(&b)?,
-        configs: kept(&b),
+        configs: kept(&b)?,
     };
     let j = state
         .registry
@@ -348,14 +384,18 @@ pub(crate) fn list_jobs(state: &ApiState, call: &Call) -> Out {
 /// UpdateJob.
 pub(crate) fn update_job(state: &ApiState, call: &Call) -> Out {
     let b = call.json()?;
+    let presigned = presigned(&b)?;
+    if let Some(p) = &presigned {
+        pass_role(state, call, &p.role_arn)?;
+    }
     state.registry.update_job(
         &call.account,
         seg(call, 1),
         JobUpdate {
             description: description(&b)?,
-            presigned: presigned(&b)?,
+            presigned,
             in_progress_timeout_minutes: timeout(&b)?,
-            configs: kept(&b),
+            configs: kept(&b)?,
         },
         now_secs(),
     )?;

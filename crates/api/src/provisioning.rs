@@ -60,6 +60,7 @@ fn hook(b: &Map<String, Value>) -> Option<Value> {
 pub(crate) fn create(state: &ApiState, call: &Call) -> Out {
     let b = call.json()?;
     let role_arn = required(&b, "provisioningRoleArn")?.to_owned();
+    crate::jobs::pass_role(state, call, &role_arn)?;
     check_role(state, &call.account, &role_arn)?;
     let kind = match str_field(&b, "type")? {
         None | Some("FLEET_PROVISIONING") => TemplateType::FleetProvisioning,
@@ -132,6 +133,7 @@ pub(crate) fn update(state: &ApiState, call: &Call) -> Out {
     let b = call.json()?;
     let role_arn = str_field(&b, "provisioningRoleArn")?.map(str::to_owned);
     if let Some(r) = &role_arn {
+        crate::jobs::pass_role(state, call, r)?;
         check_role(state, &call.account, r)?;
     }
     let default_version = match b.get("defaultVersionId") {

@@ -178,7 +178,12 @@ pub fn may_publish(t: &str) -> bool {
             return matches!(op, "get" | "update" | "delete");
         }
         if let Some(rest) = s.strip_prefix("jobs/") {
-            return !answer && !rest.starts_with("notify") && !rest.contains("/notify");
+            // `notify`, `notify-next` and `{jobId}/notify-namespace-…` are the service's; a job
+            // id may begin with "notify" all the same.
+            let levels: Vec<&str> = rest.split('/').collect();
+            let notify = matches!(levels.as_slice(), ["notify" | "notify-next"])
+                || matches!(levels.as_slice(), [_, n] if n.starts_with("notify-namespace-"));
+            return !answer && !notify;
         }
         if let Some(rest) = s.strip_prefix("streams/") {
             let mut levels = rest.split('/').skip(1);
@@ -259,6 +264,8 @@ mod tests {
         assert!(may_publish("$aws/things/t/shadow/name/n/delete"));
         assert!(may_publish("$aws/things/t/jobs/get"));
         assert!(may_publish("$aws/things/t/jobs/j1/update"));
+        assert!(may_publish("$aws/things/t/jobs/notify-fw/update"));
+        assert!(may_publish("$aws/things/t/jobs/notify-fw/get"));
         assert!(may_publish("$aws/things/t/streams/s1/get/json"));
         assert!(may_publish("$aws/certificates/create/json"));
         assert!(may_publish("$aws/provisioning-templates/p/provision/cbor"));
@@ -275,6 +282,7 @@ mod tests {
             "$aws/things/t/jobs/notify-next",
             "$aws/things/t/jobs/j1/update/accepted",
             "$aws/things/t/jobs/j1/notify-namespace-x",
+            "$aws/things/t/jobs/notify-fw/update/accepted",
             "$aws/things/t/streams/s1/data/json",
             "$aws/things/t/defender/metrics/json/accepted",
             "$aws/certificates/create/json/accepted",

@@ -41,7 +41,12 @@ pub fn parse_topic(topic: &str) -> Option<(&str, Request<'_>)> {
     let rest = topic.strip_prefix("$aws/things/")?;
     let (thing, rest) = rest.split_once('/')?;
     let rest = rest.strip_prefix("jobs/")?;
-    if rest.ends_with("/accepted") || rest.ends_with("/rejected") || rest.starts_with("notify") {
+    let levels: Vec<&str> = rest.split('/').collect();
+    if rest.ends_with("/accepted")
+        || rest.ends_with("/rejected")
+        || matches!(levels.as_slice(), ["notify" | "notify-next"])
+        || matches!(levels.as_slice(), [_, n] if n.starts_with("notify-namespace-"))
+    {
         return None;
     }
     let req = match rest.split('/').collect::<Vec<_>>().as_slice() {
@@ -71,6 +76,31 @@ fn secs(t: f64) -> u64 {
 fn document(shared: &Shared, account: &str, job: &Job) -> Value {
     let text = shared.presigner.substitute(shared, account, job);
     serde_json::from_str(&text).unwrap_or_else(|_| json!({}))
+}
+
+/// Device requests per second per thing (jobs requests write the registry, synced).
+pub const REQUESTS_PER_THING: u32 = 10;
+
+/// Token buckets of device jobs requests, per (account, thing).
+#[derive(Debug, Default)]
+pub struct Limiter {
+    buckets: Mutex<HashMap<(String, String), sekisho_broker::throttle::Bucket>>,
+}
+
+impl Limiter {
+    /// Whether a request for `thing` may go ahead now.
+    pub fn admit(&self, account: &str, thing: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if b.len() > 10_000 {
+            b.retain(|_, bucket| !bucket.is_full(now));
+        }
+        b.entry((account.to_owned(), thing.to_owned()))
+            .or_insert_with(|| {
+                sekisho_broker::throttle::Bucket::new(REQUESTS_PER_THING, 2 * REQUESTS_PER_THING)
+            })
+            .take(now, 1)
+    }
 }
 
 /// The placeholder AWS's job documents name an object with.
@@ -322,6 +352,17 @@ pub fn answer(
         }
     };
     let bad = |m: String| (false, rejected("InvalidRequest", &m, token, ts));
+    if !shared.jobs_limiter.admit(account, thing) {
+        return (
+            false,
+            rejected(
+                "RequestThrottled",
+                "Too many requests for this thing",
+                token,
+                ts,
+            ),
+        );
+    }
     let mut out = match run(shared, account, thing, req, &body, now) {
         Ok(v) => (true, v),
         Err(Refusal::Bad(m)) => return bad(m),
@@ -815,6 +856,11 @@ mod tests {
         assert_eq!(p("$aws/things/t/jobs/a/b/c"), Some(("t", Request::Invalid)));
         assert_eq!(p("$aws/things/t/jobs/get/accepted"), None);
         assert_eq!(p("$aws/things/t/jobs/notify-next"), None);
+        assert_eq!(p("$aws/things/t/jobs/notify"), None);
+        assert_eq!(
+            p("$aws/things/t/jobs/notify-fw/update"),
+            Some(("t", Request::Update("notify-fw")))
+        );
         assert_eq!(p("$aws/things/t/shadow/get"), None);
         let long = "j".repeat(65);
         assert_eq!(

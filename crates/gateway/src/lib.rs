@@ -115,6 +115,8 @@ pub struct Shared {
     pub shadows: shadow::Shadows,
     /// Presigned URLs for job documents.
     pub presigner: jobs::Presigner,
+    /// Device jobs requests per thing.
+    pub jobs_limiter: jobs::Limiter,
     /// The CA that issues device certificates (fleet provisioning), once set.
     pub device_ca: std::sync::OnceLock<Arc<sekisho_pki::Ca>>,
     /// Fleet provisioning's certificate ownership tokens.
@@ -150,6 +152,7 @@ impl Shared {
         Arc::new(Shared {
             shadows: shadow::Shadows::start(registry.clone(), broker.clone()),
             presigner: jobs::Presigner::default(),
+            jobs_limiter: jobs::Limiter::default(),
             device_ca: std::sync::OnceLock::new(),
             tokens: provision::Tokens::default(),
             registry,

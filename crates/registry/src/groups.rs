@@ -10,7 +10,7 @@
 //! policy attachments with it, as does deleting a thing its memberships: a group or thing of
 //! the same name created later starts with none.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -117,16 +117,20 @@ impl Account {
         self.group_lineage(group).last().copied().unwrap_or(group)
     }
 
-    /// Every group below `group` (not itself).
+    /// Every group below `group` (not itself), in one pass over the groups.
     fn descendants(&self, group: &str) -> Vec<String> {
+        let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (name, tg) in &self.thing_groups {
+            if let Some(p) = &tg.parent {
+                children.entry(p.as_str()).or_default().push(name);
+            }
+        }
         let mut out = Vec::new();
-        let mut frontier = vec![group.to_owned()];
+        let mut frontier = vec![group];
         while let Some(g) = frontier.pop() {
-            for (name, tg) in &self.thing_groups {
-                if tg.parent.as_deref() == Some(g.as_str()) {
-                    out.push(name.clone());
-                    frontier.push(name.clone());
-                }
+            for c in children.get(g).into_iter().flatten() {
+                out.push((*c).to_owned());
+                frontier.push(c);
             }
         }
         out
@@ -368,6 +372,20 @@ impl Registry {
             }
             for policy in a.policy_targets.remove(&arn).unwrap_or_default() {
                 tx.delete(Kind::PolicyAttachment, &format!("{policy}\n{arn}"));
+            }
+            // Jobs that targeted it no longer do: a group created later under the same name
+            // (anywhere in any hierarchy) is not the one those jobs were meant for.
+            let targeting: Vec<String> = a
+                .jobs
+                .values()
+                .filter(|j| j.targets.contains(&arn))
+                .map(|j| j.id.clone())
+                .collect();
+            for id in targeting {
+                if let Some(j) = a.jobs.get_mut(&id) {
+                    j.targets.retain(|t| t != &arn);
+                    tx.put(Kind::Job, &id, &*j)?;
+                }
             }
             tx.delete(Kind::ThingGroup, name);
             tx.bump();

@@ -20,6 +20,8 @@ use serde_json::Value;
 use crate::store::Kind;
 use crate::*;
 
+/// The most jobs one account keeps (ended ones included, until deleted).
+pub const MAX_JOBS: usize = 10_000;
 /// The most targets a job may name.
 pub const MAX_TARGETS: usize = 100;
 /// The largest job document, in bytes.
@@ -420,6 +422,11 @@ impl Registry {
         let thing_prefix = self.arn(account, "thing/");
         let group_prefix = self.arn(account, "thinggroup/");
         let out = self.write(account, |a, tx| {
+            if a.jobs.len() >= MAX_JOBS && !a.jobs.contains_key(id) {
+                return Err(RegistryError::LimitExceeded(format!(
+                    "An account can have at most {MAX_JOBS} jobs; delete some first"
+                )));
+            }
             if a.jobs.contains_key(id) {
                 return Err(RegistryError::AlreadyExists {
                     message: format!("Job {id} already exists"),
@@ -531,6 +538,13 @@ impl Registry {
 
     /// UpdateJob: description, presigned URL settings, timeout and kept configurations.
     pub fn update_job(&self, account: &str, id: &str, u: JobUpdate, now: f64) -> Result<()> {
+        if u.in_progress_timeout_minutes
+            .is_some_and(|m| !(1..=10_080).contains(&m))
+        {
+            return Err(RegistryError::InvalidRequest(
+                "inProgressTimeoutInMinutes must be between 1 and 10080".into(),
+            ));
+        }
         self.write(account, |a, tx| {
             let mut j = a.jobs.get(id).cloned().ok_or_else(|| job_not_found(id))?;
             if u.description.is_some() {
