@@ -448,3 +448,33 @@ def test_the_shadow_service_bounds_memory_and_shares_its_queue(workdir):
             c.close()
     finally:
         s.stop()
+
+
+def test_the_sdks_mqtt5_request_response_shadow_client(server, workdir):
+    """The SDK's newer shadow client (MQTT 5, request-response: it subscribes to the answer
+    topics and matches answers by client token), as its own samples use it."""
+    from concurrent.futures import Future
+
+    from awscrt import mqtt_request_response
+    from awsiot import mqtt5_client_builder
+    dev = Device(server, server.boto(), unique("v2"), ALLOW_ALL, workdir)
+    connected = Future()
+    client = mqtt5_client_builder.mtls_from_path(
+        endpoint=server.endpoint(), port=server.mqtt_port, cert_filepath=str(dev.cert), pri_key_filepath=str(dev.key),
+        ca_filepath=server.ca, clean_session=True, keep_alive_secs=1200,
+        on_lifecycle_connection_success=lambda e: connected.set_result(True))
+    client.start()
+    connected.result(10)
+    shadow = iotshadow.IotShadowClientV2(client, mqtt_request_response.ClientOptions(
+        max_request_response_subscriptions=2, max_streaming_subscriptions=2, operation_timeout_in_seconds=10))
+    up = shadow.update_shadow(iotshadow.UpdateShadowRequest(
+        thing_name=dev.name, state=iotshadow.ShadowState(desired={"color": "green"}))).result(10)
+    assert up.version == 1 and up.state.desired == {"color": "green"}
+    got = shadow.get_shadow(iotshadow.GetShadowRequest(thing_name=dev.name)).result(10)
+    assert got.state.delta == {"color": "green"} and got.version == 1
+    gone = shadow.delete_shadow(iotshadow.DeleteShadowRequest(thing_name=dev.name)).result(10)
+    assert gone.version == 1
+    with pytest.raises(Exception) as e:
+        shadow.get_shadow(iotshadow.GetShadowRequest(thing_name=dev.name)).result(10)
+    assert "404" in str(e.value) or "No shadow" in str(e.value)
+    client.stop()
