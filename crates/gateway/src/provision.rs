@@ -285,3 +285,68 @@ pub fn answer(shared: &Shared, account: &str, req: &Request<'_>, payload: &[u8])
         }
     }
 }
+
+/// Just-in-time provisioning: a certificate just registered PENDING_ACTIVATION by a CA whose
+/// `registrationConfig` names a template (`templateBody`, or `templateName` of a JITP
+/// template) is provisioned with it: the parameters `AWS::IoT::Certificate::*` come from the
+/// certificate's subject (each one the template declares must be there) and `::Id` is the
+/// certificate id. The connection that caused it is still refused (as AWS drops it); the
+/// device's next connection finds its certificate as the template left it. Returns the thing
+/// provisioned, if any; `None` when the CA has no template.
+pub fn jitp(
+    registry: &sekisho_registry::Registry,
+    account: &str,
+    ca_certificate_id: &str,
+    cert: &sekisho_registry::Certificate,
+) -> Option<Result<Option<String>, String>> {
+    let ca = registry.describe_ca_certificate(account, ca_certificate_id).ok()?;
+    let config = ca.registration_config?;
+    let body = match (&config.template_body, &config.template_name) {
+        (Some(b), _) => b.clone(),
+        (None, Some(name)) => match registry.template(account, name) {
+            Ok(t) if t.kind == TemplateType::Jitp => t.body().to_owned(),
+            Ok(_) => return Some(Err(format!("template {name} is not a JITP template"))),
+            Err(e) => return Some(Err(e.to_string())),
+        },
+        (None, None) => return None,
+    };
+    let mut params = BTreeMap::new();
+    params.insert("AWS::IoT::Certificate::Id".to_string(), cert.id.clone());
+    if let Some(info) = &cert.info {
+        for (field, name) in [
+            ("CommonName", "CommonName"),
+            ("Country", "Country"),
+            ("Organization", "Organization"),
+            ("OrganizationalUnit", "OrganizationalUnit"),
+            ("DistinguishedNameQualifier", "DistinguishedNameQualifier"),
+            ("State", "StateName"),
+            ("SerialNumber", "SerialNumber"),
+        ] {
+            if let Some(v) = info.subject.get(field).and_then(|v| v.first()) {
+                params.insert(format!("AWS::IoT::Certificate::{name}"), v.clone());
+            }
+        }
+    }
+    // Every certificate parameter the template declares must have come from the subject.
+    if let Ok(Value::Object(t)) = serde_json::from_str::<Value>(&body)
+        && let Some(Value::Object(decl)) = t.get("Parameters")
+    {
+        for name in decl.keys() {
+            if name.starts_with("AWS::IoT::Certificate::") && !params.contains_key(name) {
+                return Some(Err(format!(
+                    "the certificate's subject has no value for {name}"
+                )));
+            }
+        }
+    }
+    let plan = match sekisho_registry::template::evaluate(&body, &params) {
+        Ok(p) => p,
+        Err(m) => return Some(Err(m)),
+    };
+    Some(
+        registry
+            .register_thing(account, plan, &cert.id)
+            .map(|r| r.thing)
+            .map_err(|e| e.to_string()),
+    )
+}

@@ -287,6 +287,18 @@ impl RegistryVerifier {
                         &ca_certificate_id,
                         c.created,
                     );
+                    // Just-in-time provisioning, when the CA names a template; this
+                    // connection is refused all the same (AWS drops it), the next one finds
+                    // the certificate as the template left it.
+                    match crate::provision::jitp(registry, &account, &ca_certificate_id, &c) {
+                        None => {}
+                        Some(Ok(thing)) => {
+                            tracing::info!(%account, certificate = %c.id, thing = ?thing, "just-in-time provisioning done");
+                        }
+                        Some(Err(why)) => {
+                            tracing::warn!(%account, certificate = %c.id, %why, "just-in-time provisioning failed; the certificate stays PENDING_ACTIVATION");
+                        }
+                    }
                     Err(refuse(format!(
                         "certificate {} registered PENDING_ACTIVATION; activate it to connect",
                         c.id
