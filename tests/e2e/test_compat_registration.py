@@ -214,35 +214,61 @@ def test_register_certificate_status(two, workdir):
         assert code_of(e.value)[0] == "ResourceNotFoundException", "a refused registration registers nothing"
 
 
-def test_registration_config_is_kept_but_not_run(two, workdir):
-    """Row "registrationConfig (JITP templates)": stored and returned by DescribeCACertificate
-    (and replaced by UpdateCACertificate); the template is not run: a device that registers just
-    in time stays PENDING_ACTIVATION and no thing is created for it. Positive control: the same
-    JITR flow does register the certificate (the event-free part of the JITR row)."""
+def test_jitp_provisions_a_device_on_its_first_connection(two, workdir):
+    """Row "registrationConfig (JITP templates)": kept and returned (and replaced by
+    UpdateCACertificate); on a device's first connection the template runs with the values of
+    its certificate's subject: the thing named by its CN is created, the policy created and
+    attached, the certificate attached and made ACTIVE. That first connection is refused (as
+    AWS drops it); the second is accepted. A template declaring a subject field the
+    certificate lacks provisions nothing: the certificate stays PENDING_ACTIVATION."""
     s = two
     iot = s.boto()
+    account = s.account_id()
     pki = Openssl(workdir / unique("jitp"))
     ca = pki.ca("jitp-ca", "JITP CA")
-    template = json.dumps({"Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": {
-        "ThingName": {"Ref": "AWS::IoT::Certificate::CommonName"}}}}})
-    role = f"arn:aws:iam::{s.account_id()}:role/JITPRole"
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect",
+         "Resource": f"arn:aws:iot:us-east-1:{account}:client/${{iot:Connection.Thing.ThingName}}"}]})
+    template = json.dumps({
+        "Parameters": {"AWS::IoT::Certificate::CommonName": {"Type": "String"},
+                       "AWS::IoT::Certificate::Id": {"Type": "String"}},
+        "Resources": {
+            "thing": {"Type": "AWS::IoT::Thing", "Properties": {
+                "ThingName": {"Ref": "AWS::IoT::Certificate::CommonName"}, "AttributePayload": {"via": "jitp"}}},
+            "certificate": {"Type": "AWS::IoT::Certificate", "Properties": {
+                "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"}},
+            "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyDocument": policy}}}})
+    iam = s.boto("iam")
+    role = iam.create_role(RoleName=unique("JITPRole"), AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "iot.amazonaws.com"},
+                                                "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
     ca_id = iot.register_ca_certificate(caCertificate=ca[0].read_text(), certificateMode="SNI_ONLY", setAsActive=True,
                                         allowAutoRegistration=True,
                                         registrationConfig={"templateBody": template, "roleArn": role})["certificateId"]
     desc = iot.describe_ca_certificate(certificateId=ca_id)
-    assert desc["registrationConfig"]["templateBody"] == template
-    assert desc["registrationConfig"]["roleArn"] == role
-    things_before = {t["thingName"] for t in iot.list_things(maxResults=250)["things"]}
+    assert desc["registrationConfig"]["templateBody"] == template and desc["registrationConfig"]["roleArn"] == role
     cn = unique("jitp-thing")
     dev = ec_certificate(pki.dir, cn, ca, cn=cn)
-    assert tls_outcome(s, dev, s.endpoint(), version=TLS12) == UNKNOWN
+    assert tls_outcome(s, dev, s.endpoint(), version=TLS12) == UNKNOWN, "the first connection is refused"
     got = iot.describe_certificate(certificateId=cert_id(dev.cert))["certificateDescription"]
-    assert got["status"] == "PENDING_ACTIVATION" and got["caCertificateId"] == ca_id
-    with pytest.raises(ClientError) as e:
-        iot.describe_thing(thingName=cn)
-    assert code_of(e.value)[0] == "ResourceNotFoundException", "the template was run"
-    assert {t["thingName"] for t in iot.list_things(maxResults=250)["things"]} == things_before
-    assert iot.list_principal_things(principal=got["certificateArn"])["things"] == []
-    other = json.dumps({"Resources": {}})
-    iot.update_ca_certificate(certificateId=ca_id, registrationConfig={"templateBody": other, "roleArn": role})
-    assert iot.describe_ca_certificate(certificateId=ca_id)["registrationConfig"]["templateBody"] == other
+    assert got["status"] == "ACTIVE" and got["caCertificateId"] == ca_id
+    assert iot.describe_thing(thingName=cn)["attributes"] == {"via": "jitp"}
+    assert iot.list_principal_things(principal=got["certificateArn"])["things"] == [cn]
+    assert len(iot.list_attached_policies(target=got["certificateArn"])["policies"]) == 1
+    assert tls_outcome(s, dev, s.endpoint(), version=TLS12) == "accepted"
+    p = Paho(s, s.endpoint(), dev, cn)
+    assert p.connect()[0] == 0, "the template's policy lets the thing connect"
+    p.close()
+
+    # A declared subject field the certificate does not have: nothing is provisioned.
+    strict = json.dumps({"Parameters": {"AWS::IoT::Certificate::Country": {"Type": "String"},
+                                        "AWS::IoT::Certificate::Id": {"Type": "String"}},
+                         "Resources": {"certificate": {"Type": "AWS::IoT::Certificate", "Properties": {
+                             "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}}}}})
+    iot.update_ca_certificate(certificateId=ca_id, registrationConfig={"templateBody": strict, "roleArn": role})
+    assert iot.describe_ca_certificate(certificateId=ca_id)["registrationConfig"]["templateBody"] == strict
+    other = ec_certificate(pki.dir, unique("nocountry"), ca, cn=unique("nc"))
+    assert tls_outcome(s, other, s.endpoint(), version=TLS12) == UNKNOWN
+    got = iot.describe_certificate(certificateId=cert_id(other.cert))["certificateDescription"]
+    assert got["status"] == "PENDING_ACTIVATION"
+    assert tls_outcome(s, other, s.endpoint(), version=TLS12) == UNKNOWN
