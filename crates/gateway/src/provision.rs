@@ -299,7 +299,9 @@ pub fn jitp(
     ca_certificate_id: &str,
     cert: &sekisho_registry::Certificate,
 ) -> Option<Result<Option<String>, String>> {
-    let ca = registry.describe_ca_certificate(account, ca_certificate_id).ok()?;
+    let ca = registry
+        .describe_ca_certificate(account, ca_certificate_id)
+        .ok()?;
     let config = ca.registration_config?;
     let body = match (&config.template_body, &config.template_name) {
         (Some(b), _) => b.clone(),
