@@ -255,3 +255,79 @@ def test_templates_with_the_cli(server):
     server.aws("iot", "delete-provisioning-template", "--template-name", name)
     with pytest.raises(iot.exceptions.ResourceNotFoundException):
         iot.describe_provisioning_template(templateName=name)
+
+
+def test_cbor_payloads(server, workdir):
+    """The CBOR topics (as the embedded SDKs use them): requests and answers in CBOR, encoded
+    and decoded here with the AWS CRT's own CBOR codec."""
+    from awscrt import cbor
+
+    def enc(v):
+        e = cbor.AwsCborEncoder()
+        e.write_data_item(v)
+        return e.get_encoded_data()
+
+    def dec(b):
+        return cbor.AwsCborDecoder(b).pop_next_data_item()
+
+    iot, group, template, claim = setup(server, workdir)
+    p = Paho(server, server.endpoint(), claim, unique("cbor"))
+    assert p.connect()[0] == 0
+    p.c.publish("$aws/certificates/create/cbor", enc({}), qos=1)
+    m = p.messages.get(timeout=15)
+    assert m.topic == "$aws/certificates/create/cbor/accepted"
+    keys = dec(m.payload)
+    assert keys["privateKey"].startswith("-----BEGIN") and len(keys["certificateId"]) == 64
+    p.c.publish(f"$aws/provisioning-templates/{template}/provision/cbor",
+                enc({"certificateOwnershipToken": keys["certificateOwnershipToken"],
+                     "parameters": {"SerialNumber": "cbor1", "DeviceLocation": "Seattle"}}), qos=1)
+    m = p.messages.get(timeout=10)
+    assert m.topic.endswith("/provision/cbor/accepted")
+    assert dec(m.payload)["thingName"] == "ThingPrefix_cbor1"
+    # Not CBOR (or not a map): refused, in CBOR.
+    p.c.publish(f"$aws/provisioning-templates/{template}/provision/cbor", b"\xff\x00garbage", qos=1)
+    m = p.messages.get(timeout=10)
+    assert m.topic.endswith("/provision/cbor/rejected") and dec(m.payload)["errorCode"] == "InvalidPayload"
+    p.c.publish(f"$aws/provisioning-templates/{template}/provision/cbor", enc([1, 2]), qos=1)
+    assert dec(p.messages.get(timeout=10).payload)["statusCode"] == 400
+    p.close()
+    assert iot.describe_certificate(certificateId=keys["certificateId"])["certificateDescription"]["status"] == "ACTIVE"
+
+
+def test_provisioning_by_trusted_user(server, workdir):
+    """CreateProvisioningClaim (the AWS CLI, as a trusted user's app calls it): a certificate
+    valid five minutes, not among the account's certificates, that may provision with its
+    template and do nothing else."""
+    import datetime
+
+    from cryptography import x509
+    iot, group, template, _ = setup(server, workdir)
+    out = server.aws("iot", "create-provisioning-claim", "--template-name", template)
+    cert = x509.load_pem_x509_certificate(out["certificatePem"].encode())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert 240 < (cert.not_valid_after_utc - now).total_seconds() <= 300
+    assert abs(out["expiration"] - cert.not_valid_after_utc.timestamp()) < 2
+    listed = [c["certificateId"] for c in iot.list_certificates(pageSize=250)["certificates"]]
+    assert out["certificateId"] not in listed
+    claim = type("Claim", (), {})()
+    claim.cert, claim.key = workdir / "tu.crt", workdir / "tu.key"
+    claim.cert.write_text(out["certificatePem"])
+    claim.key.write_text(out["keyPair"]["PrivateKey"])
+    p = Paho(server, server.endpoint(), claim, unique("tu"), v5=True)
+    assert p.connect()[0] == 0
+    p.c.publish("devices/anything", b"x", qos=1)
+    assert p.pubacks.get(timeout=5)[1].value == 0x87
+    p.c.publish("$aws/provisioning-templates/another/provision/json", b"{}", qos=1)
+    assert p.pubacks.get(timeout=5)[1].value == 0x87
+    p.c.publish("$aws/certificates/create/json", b"{}", qos=1)
+    keys = json.loads(p.messages.get(timeout=15).payload)
+    p.pubacks.get(timeout=5)
+    p.c.publish(f"$aws/provisioning-templates/{template}/provision/json", json.dumps(
+        {"certificateOwnershipToken": keys["certificateOwnershipToken"],
+         "parameters": {"SerialNumber": "tu1", "DeviceLocation": "Seattle"}}), qos=1)
+    m = p.messages.get(timeout=10)
+    assert m.topic.endswith("/accepted") and json.loads(m.payload)["thingName"] == "ThingPrefix_tu1"
+    p.close()
+    iot.update_provisioning_template(templateName=template, enabled=False)
+    cp = server.aws("iot", "create-provisioning-claim", "--template-name", template, check=False)
+    assert cp.returncode != 0 and "InvalidRequestException" in cp.stderr

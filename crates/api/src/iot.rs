@@ -508,6 +508,13 @@ static ROUTES: &[Route] = &[
     ),
     route!(
         POST,
+        ["provisioning-templates", L, "provisioning-claim"],
+        "CreateProvisioningClaim",
+        label("provisioningtemplate"),
+        crate::provisioning::create_claim
+    ),
+    route!(
+        POST,
         ["keys-and-certificate"],
         "CreateKeysAndCertificate",
         ANY,
@@ -1105,6 +1112,7 @@ fn create_keys_and_certificate(state: &ApiState, call: &Call) -> Out {
             status: status_from(active),
             ca_certificate_id: None,
             mode: CertMode::Default,
+            claim_template: None,
         },
     )?;
     Ok(
@@ -1128,6 +1136,7 @@ fn create_certificate_from_csr(state: &ApiState, call: &Call) -> Out {
             status: status_from(call.q_bool("setAsActive")?),
             ca_certificate_id: None,
             mode: CertMode::Default,
+            claim_template: None,
         },
     )?;
     Ok(

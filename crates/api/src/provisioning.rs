@@ -231,3 +231,37 @@ pub(crate) fn delete_version(state: &ApiState, call: &Call) -> Out {
         .delete_template_version(&call.account, seg(call, 1), version_id(call)?)?;
     Ok(json!({}))
 }
+
+/// How long a provisioning claim lasts (AWS: five minutes).
+const CLAIM_SECONDS: i64 = 300;
+
+/// CreateProvisioningClaim: a temporary certificate that may only provision with this
+/// template, for five minutes (not listed among the account's certificates).
+pub(crate) fn create_claim(state: &ApiState, call: &Call) -> Out {
+    let t = state.registry.template(&call.account, seg(call, 1))?;
+    if !t.enabled || t.kind != TemplateType::FleetProvisioning {
+        return Err(ApiError::invalid(format!(
+            "The template {} is not an enabled fleet provisioning template",
+            t.name
+        )));
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let until = now + time::Duration::seconds(CLAIM_SECONDS);
+    let issued = state
+        .device_ca
+        .issue_claim(sekisho_pki::KeyKind::Rsa2048, now, until)
+        .map_err(|e| ApiError::new(500, "InternalFailureException", e.to_string()))?;
+    let c = state.registry.add_certificate(
+        &call.account,
+        sekisho_registry::NewCertificate {
+            pem: issued.cert_pem,
+            status: sekisho_registry::CertStatus::Active,
+            ca_certificate_id: None,
+            mode: sekisho_registry::CertMode::Default,
+            claim_template: Some(t.name.clone()),
+        },
+    )?;
+    Ok(json!({"certificateId": c.id, "certificatePem": c.pem,
+        "keyPair": {"PublicKey": issued.public_key_pem, "PrivateKey": issued.private_key_pem},
+        "expiration": until.unix_timestamp()}))
+}

@@ -140,12 +140,17 @@ impl Env for Port {
         // A fleet provisioning request goes to the service only (it carries an ownership
         // token or a CSR, no business of other subscribers), and its answer to this connection
         // only (it may carry a private key and a token). It counts against the account's rate.
-        if let Some(req) = crate::provision::parse_topic(&message.topic) {
+        if let Some((req, format)) = crate::provision::parse_topic(&message.topic) {
             if !self.shared.broker.charge_publishes(&self.account, 1, now) {
                 return Err(PublishError::Throttled);
             }
-            let (ok, doc) =
-                crate::provision::answer(&self.shared, &self.account, &req, &message.payload);
+            let (ok, doc) = crate::provision::answer(
+                &self.shared,
+                &self.account,
+                &req,
+                format,
+                &message.payload,
+            );
             let topic = format!(
                 "{}/{}",
                 message.topic,
@@ -154,7 +159,7 @@ impl Env for Port {
             return Ok(Published {
                 ticket: 0,
                 own: vec![sekisho_broker::Delivery {
-                    message: Arc::new(crate::jobs::message(topic, &doc, message.qos)),
+                    message: Arc::new(crate::jobs::message_bytes(topic, doc, message.qos)),
                     qos: message.qos,
                     retain: false,
                     resend: None,

@@ -741,9 +741,14 @@ pub fn http(
 
 /// A message from the Jobs service.
 pub fn message(topic: String, doc: &Value, qos: QoS) -> Message {
+    message_bytes(topic, Bytes::from(doc.to_string()), qos)
+}
+
+/// A message from a service, its payload already encoded.
+pub fn message_bytes(topic: String, payload: Bytes, qos: QoS) -> Message {
     Message {
         topic: topic.into(),
-        payload: Bytes::from(doc.to_string()),
+        payload,
         qos,
         retain: false,
         properties: Properties::default(),

@@ -1,8 +1,9 @@
-//! Fleet provisioning by claim over MQTT (JSON payloads):
-//! `$aws/certificates/create/json` (CreateKeysAndCertificate),
-//! `$aws/certificates/create-from-csr/json` (CreateCertificateFromCsr) and
-//! `$aws/provisioning-templates/{name}/provision/json` (RegisterThing), answered on the request
-//! topic's `/accepted` or `/rejected`.
+//! Fleet provisioning by claim over MQTT, in JSON or CBOR (the topic's last level says which;
+//! the answer comes in the same):
+//! `$aws/certificates/create/{json,cbor}` (CreateKeysAndCertificate),
+//! `$aws/certificates/create-from-csr/{json,cbor}` (CreateCertificateFromCsr) and
+//! `$aws/provisioning-templates/{name}/provision/{json,cbor}` (RegisterThing), answered on the
+//! request topic's `/accepted` or `/rejected`.
 //!
 //! Answers go to the requesting connection only: `create/json/accepted` carries a private key
 //! and an ownership token, which no other subscriber of that topic may see. A new certificate
@@ -32,16 +33,64 @@ pub enum Request<'a> {
     Register(&'a str),
 }
 
-/// Parses a provisioning request topic (JSON only; CBOR is not served yet).
-pub fn parse_topic(topic: &str) -> Option<Request<'_>> {
-    match topic {
-        "$aws/certificates/create/json" => Some(Request::CreateKeys),
-        "$aws/certificates/create-from-csr/json" => Some(Request::CreateFromCsr),
+/// The payload format a topic names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `.../json`
+    Json,
+    /// `.../cbor`
+    Cbor,
+}
+
+/// Parses a provisioning request topic.
+pub fn parse_topic(topic: &str) -> Option<(Request<'_>, Format)> {
+    let (base, format) = match topic.rsplit_once('/')? {
+        (b, "json") => (b, Format::Json),
+        (b, "cbor") => (b, Format::Cbor),
+        _ => return None,
+    };
+    let req = match base {
+        "$aws/certificates/create" => Request::CreateKeys,
+        "$aws/certificates/create-from-csr" => Request::CreateFromCsr,
         _ => {
-            let name = topic
+            let name = base
                 .strip_prefix("$aws/provisioning-templates/")?
-                .strip_suffix("/provision/json")?;
-            (!name.is_empty() && !name.contains('/')).then_some(Request::Register(name))
+                .strip_suffix("/provision")?;
+            if name.is_empty() || name.contains('/') {
+                return None;
+            }
+            Request::Register(name)
+        }
+    };
+    Some((req, format))
+}
+
+/// A request payload as a JSON object (CBOR maps read as JSON objects); `None` if it is not
+/// one. An empty payload is an empty object.
+fn decode(payload: &[u8], format: Format) -> Option<Map<String, Value>> {
+    if payload.is_empty() || (format == Format::Json && payload.iter().all(u8::is_ascii_whitespace))
+    {
+        return Some(Map::new());
+    }
+    let v: Value = match format {
+        Format::Json => serde_json::from_slice(payload).ok()?,
+        Format::Cbor => ciborium::de::from_reader(payload).ok()?,
+    };
+    match v {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// An answer in the request's format.
+pub fn encode(v: &Value, format: Format) -> bytes::Bytes {
+    match format {
+        Format::Json => bytes::Bytes::from(v.to_string()),
+        Format::Cbor => {
+            let mut out = Vec::new();
+            // Writing a JSON value to a Vec cannot fail.
+            let _ = ciborium::ser::into_writer(v, &mut out);
+            bytes::Bytes::from(out)
         }
     }
 }
@@ -111,6 +160,15 @@ impl Tokens {
 /// Deletes the certificates of expired tokens that were never provisioned (still
 /// PENDING_ACTIVATION, attached to nothing), as AWS does after an hour.
 pub fn sweep(shared: &Shared, now: f64) {
+    // Provisioning claims live five minutes.
+    for (account, cert) in shared.registry.expired_claims(now) {
+        let _ = shared
+            .registry
+            .update_certificate(&account, &cert, CertStatus::Inactive);
+        if let Err(e) = shared.registry.delete_certificate(&account, &cert, true) {
+            tracing::debug!(%cert, error = %e, "expired provisioning claim kept");
+        }
+    }
     for (account, cert) in shared.tokens.expire(now) {
         let pending = shared
             .registry
@@ -129,16 +187,32 @@ fn rejected(status: u16, code: &str, message: impl Into<String>) -> (bool, Value
     )
 }
 
-/// Answers one provisioning request.
-pub fn answer(shared: &Shared, account: &str, req: &Request<'_>, payload: &[u8]) -> (bool, Value) {
+/// Answers one provisioning request, encoded as the request was.
+pub fn answer(
+    shared: &Shared,
+    account: &str,
+    req: &Request<'_>,
+    format: Format,
+    payload: &[u8],
+) -> (bool, bytes::Bytes) {
+    let (ok, doc) = answer_value(shared, account, req, format, payload);
+    (ok, encode(&doc, format))
+}
+
+fn answer_value(
+    shared: &Shared,
+    account: &str,
+    req: &Request<'_>,
+    format: Format,
+    payload: &[u8],
+) -> (bool, Value) {
     let now = sekisho_registry::now_secs();
-    let body: Map<String, Value> = if payload.iter().all(u8::is_ascii_whitespace) {
-        Map::new()
-    } else {
-        match serde_json::from_slice(payload) {
-            Ok(Value::Object(m)) => m,
-            _ => return rejected(400, "InvalidPayload", "The payload is not a JSON object"),
-        }
+    let Some(body) = decode(payload, format) else {
+        return rejected(
+            400,
+            "InvalidPayload",
+            "The payload is not a JSON or CBOR map",
+        );
     };
     let Some(ca) = shared.device_ca.get() else {
         return rejected(500, "InternalError", "Certificates cannot be issued here");
@@ -152,6 +226,7 @@ pub fn answer(shared: &Shared, account: &str, req: &Request<'_>, payload: &[u8])
                 status: CertStatus::PendingActivation,
                 ca_certificate_id: None,
                 mode: CertMode::Default,
+                claim_template: None,
             },
         )
     };

@@ -189,6 +189,21 @@ impl Ca {
         params
     }
 
+    /// CreateProvisioningClaim: a key pair and a device certificate valid only until
+    /// `not_after` (AWS: five minutes).
+    pub fn issue_claim(
+        &self,
+        kind: KeyKind,
+        now: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedKeys, PkiError> {
+        let key = new_key(kind)?;
+        let mut params = Ca::device_params("AWS IoT Provisioning Claim", now);
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &self.issuer()?).map_err(sign_err)?;
+        Ok(Ca::finish(cert, &key))
+    }
+
     /// CreateKeysAndCertificate: a new key pair of `kind` (AWS issues RSA 2048) and a device
     /// certificate with subject `CN=AWS IoT Certificate`, valid until 2049-12-31.
     pub fn issue_device(&self, kind: KeyKind, now: OffsetDateTime) -> Result<IssuedKeys, PkiError> {

@@ -435,6 +435,7 @@ impl Registry {
                 status,
                 ca_certificate_id: Some(ca_id),
                 mode,
+                claim_template: None,
             },
         )
     }
@@ -458,6 +459,7 @@ impl Registry {
                 status,
                 ca_certificate_id: None,
                 mode: CertMode::SniOnly,
+                claim_template: None,
             },
         )
     }
@@ -478,6 +480,7 @@ impl Registry {
                 status: CertStatus::PendingActivation,
                 ca_certificate_id: Some(ca_id.to_owned()),
                 mode,
+                claim_template: None,
             },
         ) {
             Err(RegistryError::AlreadyExists { resource_id, .. }) => {

@@ -21,6 +21,8 @@ pub struct NewCertificate {
     pub ca_certificate_id: Option<String>,
     /// Mode.
     pub mode: CertMode,
+    /// A provisioning claim for this template (CreateProvisioningClaim).
+    pub claim_template: Option<String>,
 }
 
 impl Registry {
@@ -74,6 +76,7 @@ impl Registry {
                 not_before: info.not_before.unix_timestamp() as f64,
                 not_after: info.not_after.unix_timestamp() as f64,
                 info: Some(Arc::new(info)),
+                claim_template: new.claim_template,
             };
             tx.put(Kind::Certificate, &id, &cert)?;
             tx.certs_added.push(id.clone());
@@ -104,6 +107,8 @@ impl Registry {
             page_by_creation(
                 a.certificates
                     .values()
+                    // Provisioning claims are not listed (as on AWS).
+                    .filter(|c| c.claim_template.is_none())
                     .filter(|c| ca.is_none_or(|ca| c.ca_certificate_id.as_deref() == Some(ca))),
                 |c| (c.created, c.id.as_str()),
                 Certificate::clone,

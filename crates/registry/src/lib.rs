@@ -95,6 +95,23 @@ pub enum Change {
     },
 }
 
+/// The only policy of a provisioning claim certificate (CreateProvisioningClaim): connect,
+/// and the fleet provisioning topics of its template (and the certificate topics).
+pub fn claim_policy(region: &str, account: &str, template: &str) -> String {
+    let arn = format!("arn:aws:iot:{region}:{account}");
+    serde_json::json!({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+        {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": [
+            format!("{arn}:topic/$aws/certificates/create/*"),
+            format!("{arn}:topic/$aws/certificates/create-from-csr/*"),
+            format!("{arn}:topic/$aws/provisioning-templates/{template}/provision/*")]},
+        {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": [
+            format!("{arn}:topicfilter/$aws/certificates/create/*"),
+            format!("{arn}:topicfilter/$aws/certificates/create-from-csr/*"),
+            format!("{arn}:topicfilter/$aws/provisioning-templates/{template}/provision/*")]}]})
+    .to_string()
+}
+
 /// One page of a listing.
 #[derive(Debug, Clone)]
 pub struct Page<T> {
@@ -827,6 +844,22 @@ impl Registry {
                 RegistryError::NotFound(format!("Certificate {certificate_id} does not exist"))
             })?;
             let principal = self.arn(account, &format!("cert/{certificate_id}"));
+            // A provisioning claim can provision with its template and do nothing else.
+            if let Some(template) = &cert.claim_template {
+                let doc = claim_policy(&self.region, account, template);
+                let parsed = sekisho_policy::Policy::parse(&doc, sekisho_policy::Dialect::Iot)
+                    .map_err(|e| RegistryError::Internal(format!("claim policy: {e}")))?;
+                return Ok(CertificateIdentity {
+                    account_id: AccountId::new(account),
+                    principal: PrincipalId::Certificate(CertificateId::new(certificate_id)),
+                    status: cert.status,
+                    info: cert.info.clone(),
+                    thing: None,
+                    thing_exclusive: false,
+                    policies: vec![("provisioning-claim".to_string(), Arc::new(parsed))],
+                    generation,
+                });
+            }
             let attached = a.things_of_principal(&principal);
             let by_client = client_id.and_then(|c| attached.iter().find(|(t, _)| *t == c));
             let chosen = by_client.or_else(|| {

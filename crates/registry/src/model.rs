@@ -163,6 +163,11 @@ pub struct Certificate {
     /// Parsed identity fields (not stored; derived from `pem`).
     #[serde(skip)]
     pub info: Option<Arc<sekisho_pki::CertInfo>>,
+    /// For a temporary provisioning claim (CreateProvisioningClaim): the template it may
+    /// provision with. Such a certificate is not listed, its only policy is the implicit one
+    /// of [`crate::claim_policy`], and it expires with its X.509 validity (five minutes).
+    #[serde(default)]
+    pub claim_template: Option<String>,
 }
 
 /// Status of a registered CA certificate (AWS `CACertificateStatus`).

@@ -328,6 +328,21 @@ impl Registry {
         })
     }
 
+    /// Provisioning claim certificates past their validity, as (account, certificate id).
+    pub fn expired_claims(&self, now: f64) -> Vec<(String, String)> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        st.accounts
+            .iter()
+            .flat_map(|(id, a)| {
+                a.certificates
+                    .values()
+                    .filter(|c| c.claim_template.is_some() && c.not_after <= now)
+                    .map(|c| (id.clone(), c.id.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// RegisterThing: applies an evaluated template for the certificate `certificate_id`.
     pub fn register_thing(
         &self,

@@ -142,6 +142,7 @@ fn default_device_certificate_in_two_accounts_is_refused() {
                 status: CertStatus::Active,
                 ca_certificate_id: None,
                 mode: CertMode::Default,
+                claim_template: None,
             },
         )
         .unwrap_err();

@@ -22,6 +22,7 @@ fn new_cert(r: &Registry, acct: &str) -> Certificate {
             status: CertStatus::Active,
             ca_certificate_id: None,
             mode: CertMode::Default,
+            claim_template: None,
         },
     )
     .unwrap()
