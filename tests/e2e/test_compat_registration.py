@@ -239,9 +239,15 @@ def test_jitp_provisions_a_device_on_its_first_connection(two, workdir):
                 "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"}},
             "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyDocument": policy}}}})
     iam = s.boto("iam")
-    role = iam.create_role(RoleName=unique("JITPRole"), AssumeRolePolicyDocument=json.dumps({
+    role_name = unique("JITPRole")
+    role = iam.create_role(RoleName=role_name, AssumeRolePolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "iot.amazonaws.com"},
                                                 "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+    # What AWS's AWSIoTThingsRegistration grants: provisioning acts with the role.
+    iam.put_role_policy(RoleName=role_name, PolicyName="registration", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": "*", "Action": [
+            "iot:CreateThing", "iot:UpdateThing", "iot:CreatePolicy", "iot:AttachPolicy",
+            "iot:AttachThingPrincipal", "iot:UpdateCertificate"]}]}))
     ca_id = iot.register_ca_certificate(caCertificate=ca[0].read_text(), certificateMode="SNI_ONLY", setAsActive=True,
                                         allowAutoRegistration=True,
                                         registrationConfig={"templateBody": template, "roleArn": role})["certificateId"]

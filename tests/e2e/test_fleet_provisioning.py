@@ -14,11 +14,22 @@ from conftest import ALLOW_ALL, Paho, unique
 Q1 = crt_mqtt.QoS.AT_LEAST_ONCE
 
 
-def provisioning_role(server):
+# What AWS's managed AWSIoTThingsRegistration policy grants a provisioning role.
+REGISTRATION = ["iot:CreateThing", "iot:UpdateThing", "iot:AddThingToThingGroup", "iot:CreatePolicy",
+                "iot:AttachPolicy", "iot:AttachThingPrincipal", "iot:UpdateCertificate", "iot:DescribeCertificate"]
+
+
+def provisioning_role(server, actions=REGISTRATION):
+    """A role IoT may assume, allowed `actions` (AWSIoTThingsRegistration's by default)."""
     iam = server.boto("iam")
-    return iam.create_role(RoleName=unique("prov"), AssumeRolePolicyDocument=json.dumps({
+    name = unique("prov")
+    arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "iot.amazonaws.com"},
                                                 "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+    if actions:
+        iam.put_role_policy(RoleName=name, PolicyName="registration", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+    return arn
 
 
 def fleet_template(group, policy):
@@ -57,6 +68,7 @@ class Claim:
 
     def __init__(self, server, iot, workdir, template):
         c = iot.create_keys_and_certificate(setAsActive=True)
+        self.arn = c["certificateArn"]
         self.name = unique("claim")
         self.cert, self.key = workdir / f"{self.name}.crt", workdir / f"{self.name}.key"
         self.cert.write_text(c["certificatePem"])
@@ -66,7 +78,7 @@ class Claim:
         iot.attach_policy(policyName=pol, target=c["certificateArn"])
 
 
-def setup(server, workdir):
+def setup(server, workdir, role=None):
     iot = server.boto()
     account = server.account_id()
     group = unique("v1-lightbulbs")
@@ -78,7 +90,7 @@ def setup(server, workdir):
         {"Effect": "Allow", "Action": "iot:Publish", "Resource": f"{arn}:topic/devices/${{iot:Connection.Thing.ThingName}}"}]}))
     template = unique("FleetTpl")[:36]
     server.aws("iot", "create-provisioning-template", "--template-name", template,
-               "--provisioning-role-arn", provisioning_role(server), "--enabled",
+               "--provisioning-role-arn", role or provisioning_role(server), "--enabled",
                "--template-body", fleet_template(group, policy))
     return iot, group, template, Claim(server, iot, workdir, template)
 
@@ -331,3 +343,93 @@ def test_provisioning_by_trusted_user(server, workdir):
     iot.update_provisioning_template(templateName=template, enabled=False)
     cp = server.aws("iot", "create-provisioning-claim", "--template-name", template, check=False)
     assert cp.returncode != 0 and "InvalidRequestException" in cp.stderr
+
+
+def test_hardening_after_review(server, workdir):
+    """Provisioning acts with its role (what the role may not do, it may not do); a thing that
+    already has a certificate is not given another by a claim; only a PENDING_ACTIVATION
+    certificate is provisioned; a template names a policy or gives its document, not both, and
+    a document never reuses an existing policy's name; answers come at QoS 0 (never kept for
+    whoever takes the client id over); HTTPS publishes and wills cannot use provisioning topics."""
+    import subprocess as sp
+    iot, group, template, claim = setup(server, workdir)
+    # This claim may use every template of the account (the tests below use several).
+    arn = f"arn:aws:iot:us-east-1:{server.account_id()}"
+    wide = unique("wide")
+    iot.create_policy(policyName=wide, policyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": f"{arn}:topic/$aws/provisioning-templates/*"}]}))
+    iot.attach_policy(policyName=wide, target=claim.arn)
+    p = Paho(server, server.endpoint(), claim, unique("h"))
+    assert p.connect()[0] == 0
+
+    def create():
+        p.c.publish("$aws/certificates/create/json", b"{}", qos=1)
+        m = p.messages.get(timeout=15)
+        assert m.qos == 0, "provisioning answers are QoS 0"
+        return json.loads(m.payload)
+
+    def register(tpl, token, serial):
+        p.c.publish(f"$aws/provisioning-templates/{tpl}/provision/json", json.dumps(
+            {"certificateOwnershipToken": token, "parameters": {"SerialNumber": serial, "DeviceLocation": "Seattle"}}), qos=1)
+        m = p.messages.get(timeout=10)
+        return m.topic.rsplit("/", 1)[1], json.loads(m.payload)
+
+    # A role without the registration permissions provisions nothing.
+    weak_tpl = unique("weak")[:36]
+    weak_pol = unique("weakpol")
+    iot.create_policy(policyName=weak_pol, policyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]}))
+    server.aws("iot", "create-provisioning-template", "--template-name", weak_tpl, "--enabled",
+               "--provisioning-role-arn", provisioning_role(server, ["iot:CreateThing"]),
+               "--template-body", fleet_template(group, weak_pol))
+    keys = create()
+    verdict, err = register(weak_tpl, keys["certificateOwnershipToken"], "w1")
+    assert verdict == "rejected" and "not allowed" in err["errorMessage"], err
+    assert iot.describe_certificate(certificateId=keys["certificateId"])["certificateDescription"]["status"] == "PENDING_ACTIVATION"
+
+    # A device's thing cannot be taken over by another claim device.
+    keys = create()
+    assert register(template, keys["certificateOwnershipToken"], "victim")[0] == "accepted"
+    keys2 = create()
+    verdict, err = register(template, keys2["certificateOwnershipToken"], "victim")
+    assert verdict == "rejected" and "has a certificate already" in err["errorMessage"]
+    assert len(iot.list_thing_principals(thingName="ThingPrefix_victim")["principals"]) == 1
+
+    # An administrator's decision stands: an INACTIVE certificate is not activated.
+    keys3 = create()
+    iot.update_certificate(certificateId=keys3["certificateId"], newStatus="INACTIVE")
+    verdict, err = register(template, keys3["certificateOwnershipToken"], "inactive")
+    assert verdict == "rejected" and "INACTIVE" in err["errorMessage"]
+    assert iot.describe_certificate(certificateId=keys3["certificateId"])["certificateDescription"]["status"] == "INACTIVE"
+    with pytest.raises(iot.exceptions.ResourceNotFoundException):
+        iot.describe_thing(thingName="ThingPrefix_inactive")
+
+    # A document never takes an existing policy's name; a policy is named or given, not both.
+    for body in (
+        {"Resources": {"certificate": {"Type": "AWS::IoT::Certificate", "Properties": {
+            "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}}},
+            "p": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "x", "PolicyDocument": "{}"}}},
+         "Parameters": {"AWS::IoT::Certificate::Id": {"Type": "String"}}},
+    ):
+        bad = unique("bad")[:36]
+        server.aws("iot", "create-provisioning-template", "--template-name", bad, "--enabled",
+                   "--provisioning-role-arn", provisioning_role(server), "--template-body", json.dumps(body))
+        keys4 = create()
+        verdict, err = register(bad, keys4["certificateOwnershipToken"], "b")
+        assert verdict == "rejected"
+    p.close()
+
+    # HTTPS cannot publish on provisioning topics (it would route a token to subscribers).
+    dev = type("D", (), {})()
+    c = iot.create_keys_and_certificate(setAsActive=True)
+    dev.cert, dev.key = workdir / "hp.crt", workdir / "hp.key"
+    dev.cert.write_text(c["certificatePem"])
+    dev.key.write_text(c["keyPair"]["PrivateKey"])
+    pol = unique("hp")
+    iot.create_policy(policyName=pol, policyDocument=json.dumps(ALLOW_ALL))
+    iot.attach_policy(policyName=pol, target=c["certificateArn"])
+    code = sp.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", server.ca,
+                   "--cert", str(dev.cert), "--key", str(dev.key), "--data-binary", '{"certificateOwnershipToken":"t"}',
+                   f"https://{server.endpoint()}:{server.https_port}/topics/%24aws%2Fprovisioning-templates%2F{template}%2Fprovision%2Fjson"],
+                  capture_output=True, text=True, timeout=15).stdout
+    assert code == "403"

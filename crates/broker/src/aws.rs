@@ -200,6 +200,15 @@ pub fn may_publish(t: &str) -> bool {
             || t.starts_with("$aws/provisioning-templates/"))
 }
 
+/// Whether `t` is a fleet provisioning request topic: answered only to an MQTT client that
+/// publishes it, never routed (its payload carries CSRs and ownership tokens), so it is no
+/// topic for an HTTPS publish or a will.
+pub fn is_provisioning_request(t: &str) -> bool {
+    t.starts_with("$aws/certificates/create/")
+        || t.starts_with("$aws/certificates/create-from-csr/")
+        || t.starts_with("$aws/provisioning-templates/")
+}
+
 /// Whether a client may subscribe to reserved filter `f` (shared prefix removed).
 pub fn may_subscribe(f: &str) -> bool {
     if !f.starts_with('$') {

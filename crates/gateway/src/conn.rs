@@ -144,6 +144,8 @@ impl Env for Port {
             if !self.shared.broker.charge_publishes(&self.account, 1, now) {
                 return Err(PublishError::Throttled);
             }
+            // At QoS 0: an unacknowledged answer would otherwise wait in the session, and go to
+            // whoever takes over the client id (claims are shared by whole fleets).
             let (ok, doc) = crate::provision::answer(
                 &self.shared,
                 &self.account,
@@ -159,8 +161,8 @@ impl Env for Port {
             return Ok(Published {
                 ticket: 0,
                 own: vec![sekisho_broker::Delivery {
-                    message: Arc::new(crate::jobs::message_bytes(topic, doc, message.qos)),
-                    qos: message.qos,
+                    message: Arc::new(crate::jobs::message_bytes(topic, doc, QoS::AtMostOnce)),
+                    qos: QoS::AtMostOnce,
                     retain: false,
                     resend: None,
                     seq: 0,

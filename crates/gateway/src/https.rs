@@ -207,6 +207,7 @@ async fn handle(
         return Ok(reply(403, "Forbidden"));
     };
     let allowed = aws::may_publish(&topic)
+        && !aws::is_provisioning_request(&topic)
         && !(retain && topic.starts_with('$'))
         && principal.allowed("iot:publish", "topic", &topic)
         && (!retain || principal.allowed("iot:retainpublish", "topic", &topic));
@@ -456,6 +457,7 @@ async fn signed_request(
             if sekisho_mqtt::topic::validate_topic_name(&topic).is_err()
                 || limits.check_topic(&topic).is_err()
                 || !aws::may_publish(&topic)
+                || aws::is_provisioning_request(&topic)
                 || (retain && topic.starts_with('$'))
             {
                 return error(400, "InvalidRequestException", "Invalid topic name");

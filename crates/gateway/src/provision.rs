@@ -21,6 +21,10 @@ use crate::Shared;
 
 /// How long an ownership token is good for, in seconds.
 pub const TOKEN_SECONDS: f64 = 3600.0;
+/// Provisioning requests per second per account (key generation is costly).
+pub const REQUESTS_PER_ACCOUNT: u32 = 10;
+/// Certificates an account may have waiting for provisioning (PENDING_ACTIVATION, issued here).
+pub const MAX_PENDING: usize = 10_000;
 
 /// What a provisioning topic asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,10 +106,11 @@ struct Token {
     expires: f64,
 }
 
-/// Ownership tokens handed out and not yet used.
+/// Ownership tokens handed out and not yet used, and each account's request rate.
 #[derive(Debug, Default)]
 pub struct Tokens {
     live: Mutex<HashMap<String, Token>>,
+    rates: Mutex<HashMap<String, sekisho_broker::throttle::Bucket>>,
 }
 
 impl Tokens {
@@ -142,6 +147,21 @@ impl Tokens {
         live.insert(token.to_owned(), t);
     }
 
+    /// Whether an account may make another provisioning request now.
+    fn admit(&self, account: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        rates
+            .entry(account.to_owned())
+            .or_insert_with(|| {
+                sekisho_broker::throttle::Bucket::new(
+                    REQUESTS_PER_ACCOUNT,
+                    2 * REQUESTS_PER_ACCOUNT,
+                )
+            })
+            .take(now, 1)
+    }
+
     /// Forgets expired tokens; returns the (account, certificate) of each.
     pub fn expire(&self, now: f64) -> Vec<(String, String)> {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -169,7 +189,14 @@ pub fn sweep(shared: &Shared, now: f64) {
             tracing::debug!(%cert, error = %e, "expired provisioning claim kept");
         }
     }
-    for (account, cert) in shared.tokens.expire(now) {
+    // Tokens are kept in memory: after a restart, certificates issued here and never
+    // provisioned are found by their age.
+    for (account, cert) in shared
+        .registry
+        .stale_pending_certificates(now - TOKEN_SECONDS)
+        .into_iter()
+        .chain(shared.tokens.expire(now))
+    {
         let pending = shared
             .registry
             .describe_certificate(&account, &cert)
@@ -207,6 +234,9 @@ fn answer_value(
     payload: &[u8],
 ) -> (bool, Value) {
     let now = sekisho_registry::now_secs();
+    if !shared.tokens.admit(account) {
+        return rejected(429, "Throttled", "Too many provisioning requests");
+    }
     let Some(body) = decode(payload, format) else {
         return rejected(
             400,
@@ -219,6 +249,11 @@ fn answer_value(
     };
     let utc = time::OffsetDateTime::now_utc();
     let register = |pem: String| {
+        if shared.registry.pending_certificates(account) >= MAX_PENDING {
+            return Err(sekisho_registry::RegistryError::LimitExceeded(format!(
+                "{MAX_PENDING} certificates are waiting to be provisioned"
+            )));
+        }
         shared.registry.add_certificate(
             account,
             NewCertificate {
@@ -343,11 +378,13 @@ fn answer_value(
                     return rejected(400, "InvalidParameters", m);
                 }
             };
-            let result = shared.registry.register_thing(account, plan, &cert);
-            if result.is_err() {
-                shared.tokens.give_back(token, held);
-            }
-            match result {
+            // Spent from here on, whatever the outcome: what a failed run did stays, and a
+            // token must not drive it again.
+            drop(held);
+            match shared
+                .registry
+                .register_thing(account, plan, &cert, &template.role_arn)
+            {
                 Ok(r) => {
                     let mut v = json!({"deviceConfiguration": r.device_configuration});
                     if let Some(t) = r.thing {
@@ -378,10 +415,13 @@ pub fn jitp(
         .describe_ca_certificate(account, ca_certificate_id)
         .ok()?;
     let config = ca.registration_config?;
-    let body = match (&config.template_body, &config.template_name) {
-        (Some(b), _) => b.clone(),
+    let (body, role) = match (&config.template_body, &config.template_name) {
+        (Some(b), _) => match &config.role_arn {
+            Some(r) => (b.clone(), r.clone()),
+            None => return Some(Err("registrationConfig has no roleArn".into())),
+        },
         (None, Some(name)) => match registry.template(account, name) {
-            Ok(t) if t.kind == TemplateType::Jitp => t.body().to_owned(),
+            Ok(t) if t.kind == TemplateType::Jitp => (t.body().to_owned(), t.role_arn.clone()),
             Ok(_) => return Some(Err(format!("template {name} is not a JITP template"))),
             Err(e) => return Some(Err(e.to_string())),
         },
@@ -422,7 +462,7 @@ pub fn jitp(
     };
     Some(
         registry
-            .register_thing(account, plan, &cert.id)
+            .register_thing(account, plan, &cert.id, &role)
             .map(|r| r.thing)
             .map_err(|e| e.to_string()),
     )

@@ -19,7 +19,7 @@ pub(crate) fn reparse(p: &mut IotPolicy) {
     }
 }
 
-fn parse_doc(doc: &str) -> Result<Arc<Policy>> {
+pub(crate) fn parse_doc(doc: &str) -> Result<Arc<Policy>> {
     let n = non_whitespace_len(doc);
     if n > MAX_IOT_POLICY_CHARS {
         return Err(RegistryError::MalformedPolicy(format!(
@@ -31,7 +31,7 @@ fn parse_doc(doc: &str) -> Result<Arc<Policy>> {
         .map_err(|e| RegistryError::MalformedPolicy(e.0))
 }
 
-fn policy_name_char(c: char) -> bool {
+pub(crate) fn policy_name_char(c: char) -> bool {
     c.is_alphanumeric() || "_+=,.@-".contains(c)
 }
 

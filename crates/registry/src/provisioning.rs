@@ -328,6 +328,40 @@ impl Registry {
         })
     }
 
+    /// Certificates issued for fleet provisioning (no CA, not a claim) still
+    /// PENDING_ACTIVATION, attached to nothing, and created before `before`.
+    pub fn stale_pending_certificates(&self, before: f64) -> Vec<(String, String)> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        st.accounts
+            .iter()
+            .flat_map(|(id, a)| {
+                a.certificates
+                    .values()
+                    .filter(|c| {
+                        c.status == CertStatus::PendingActivation
+                            && c.ca_certificate_id.is_none()
+                            && c.claim_template.is_none()
+                            && c.created < before
+                    })
+                    .map(|c| (id.clone(), c.id.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// How many certificates issued here wait for provisioning in `account`.
+    pub fn pending_certificates(&self, account: &str) -> usize {
+        self.read(account, |a| {
+            Ok(a.certificates
+                .values()
+                .filter(|c| {
+                    c.status == CertStatus::PendingActivation && c.ca_certificate_id.is_none()
+                })
+                .count())
+        })
+        .unwrap_or(0)
+    }
+
     /// Provisioning claim certificates past their validity, as (account, certificate id).
     pub fn expired_claims(&self, now: f64) -> Vec<(String, String)> {
         let st = self.state.read().unwrap_or_else(|p| p.into_inner());
@@ -343,26 +377,85 @@ impl Registry {
             .collect()
     }
 
-    /// RegisterThing: applies an evaluated template for the certificate `certificate_id`.
+    /// Whether the provisioning role may do all of `checks` (action, resource path): IoT acts
+    /// with the role, so what the role's IAM policies do not allow, provisioning may not do.
+    fn role_allows(&self, account: &str, role_arn: &str, checks: &[(&str, String)]) -> Result<()> {
+        let role = self
+            .role_by_arn(account, role_arn)
+            .ok_or_else(|| failure(format!("The provisioning role {role_arn} does not exist")))?;
+        let ctx = sekisho_policy::MapContext::new();
+        let trusted = sekisho_policy::Policy::parse(&role.trust, sekisho_policy::Dialect::IamTrust)
+            .map(|t| {
+                sekisho_policy::decide_trust(
+                    &t,
+                    &sekisho_policy::Caller::Service("iot.amazonaws.com"),
+                    "sts:assumerole",
+                    &ctx,
+                )
+                .is_allowed()
+            })
+            .unwrap_or(false);
+        if !trusted {
+            return Err(failure(format!(
+                "The provisioning role {role_arn} does not trust iot.amazonaws.com"
+            )));
+        }
+        let policies = self
+            .identity_policies(
+                account,
+                &IamPrincipal::Role {
+                    role: role.name.clone(),
+                    session: "iot-provisioning".into(),
+                },
+            )
+            .unwrap_or_default();
+        let bound: Vec<_> = policies.iter().map(|p| p.bind(&ctx)).collect();
+        for (action, resource) in checks {
+            let arn = self.arn(account, resource);
+            if !sekisho_policy::decide(bound.iter(), &action.to_ascii_lowercase(), &arn, &ctx)
+                .is_allowed()
+            {
+                return Err(failure(format!(
+                    "The provisioning role {role_arn} is not allowed {action} on {arn}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// RegisterThing: applies an evaluated template for the certificate `certificate_id`
+    /// (PENDING_ACTIVATION), acting with `role_arn`'s permissions.
     pub fn register_thing(
         &self,
         account: &str,
         plan: Plan,
         certificate_id: &str,
+        role_arn: &str,
     ) -> Result<Registered> {
         let cert_arn = self.arn(account, &format!("cert/{certificate_id}"));
         // Everything checked first.
+        let mut checks: Vec<(&str, String)> = Vec::new();
         let existing = self.read(account, |a| {
-            if !a.certificates.contains_key(certificate_id) {
+            let Some(cert) = a.certificates.get(certificate_id) else {
                 return Err(failure("The certificate to provision does not exist"));
+            };
+            // Only a certificate waiting for it: an administrator's INACTIVE or REVOKED stands.
+            if cert.status != CertStatus::PendingActivation {
+                return Err(failure(format!(
+                    "The certificate is {}, not PENDING_ACTIVATION",
+                    cert.status.as_str()
+                )));
             }
-            if let Some(c) = &plan.certificate
-                && c.id != certificate_id
-            {
-                return Err(failure(
-                    "The template's certificate must be the one being provisioned (CertificateId: {\"Ref\": \"AWS::IoT::Certificate::Id\"})",
-                ));
+            match &plan.certificate {
+                Some(c) if c.id == certificate_id => {}
+                _ => {
+                    return Err(failure(
+                        "The template's certificate must be the one being provisioned (CertificateId: {\"Ref\": \"AWS::IoT::Certificate::Id\"})",
+                    ));
+                }
             }
+            checks.push(("iot:UpdateCertificate", format!("cert/{certificate_id}")));
+
             let mut existing = None;
             if let Some(t) = &plan.thing {
                 if let Some(tt) = &t.thing_type
@@ -375,7 +468,21 @@ impl Registry {
                         return Err(failure(format!("Thing group {g} does not exist")));
                     }
                 }
+                checks.push(("iot:AttachThingPrincipal", format!("thing/{}", t.name)));
+                for g in t.groups.iter().flatten() {
+                    checks.push(("iot:AddThingToThingGroup", format!("thinggroup/{g}")));
+                }
                 if let Some(cur) = a.things.get(&t.name) {
+                    // A thing that already has a certificate is some device's: a claim (shared
+                    // by a whole fleet) must not give another one its identity. AWS leaves this
+                    // to a pre-provisioning hook, which cannot run here yet.
+                    if a.thing_principals.get(&t.name).is_some_and(|p| !p.is_empty()) {
+                        return Err(failure(format!(
+                            "Thing {} exists and has a certificate already; provisioning does not give it another",
+                            t.name
+                        )));
+                    }
+                    checks.push(("iot:UpdateThing", format!("thing/{}", t.name)));
                     let fails = |k: &str| t.overrides.get(k) == Some(&Override::Fail);
                     if (t.attributes.is_some() && fails("AttributePayload"))
                         || (t.thing_type.is_some() && fails("ThingTypeName"))
@@ -387,15 +494,34 @@ impl Registry {
                         )));
                     }
                     existing = Some(cur.clone());
+                } else {
+                    checks.push(("iot:CreateThing", format!("thing/{}", t.name)));
                 }
             }
             for p in &plan.policies {
-                if p.document.is_none() && !a.policies.contains_key(&p.name) {
-                    return Err(failure(format!("Policy {} does not exist", p.name)));
+                match &p.document {
+                    None if !a.policies.contains_key(&p.name) => {
+                        return Err(failure(format!("Policy {} does not exist", p.name)));
+                    }
+                    None => {}
+                    Some(doc) => {
+                        // A document creates its policy: never one that exists already.
+                        if a.policies.contains_key(&p.name) {
+                            return Err(failure(format!(
+                                "Policy {} exists already; name an existing policy with PolicyName",
+                                p.name
+                            )));
+                        }
+                        check_name("Policy name", &p.name, 128, crate::policies::policy_name_char)?;
+                        crate::policies::parse_doc(doc)?;
+                        checks.push(("iot:CreatePolicy", format!("policy/{}", p.name)));
+                    }
                 }
+                checks.push(("iot:AttachPolicy", format!("cert/{certificate_id}")));
             }
             Ok(existing)
         })?;
+        self.role_allows(account, role_arn, &checks)?;
         let mut out = Registered {
             device_configuration: plan.device_configuration.clone(),
             ..Registered::default()
@@ -477,7 +603,7 @@ impl Registry {
                 ThingPrincipalType::NonExclusiveThing,
             )?;
         }
-        let active = plan.certificate.as_ref().is_none_or(|c| c.active);
+        let active = plan.certificate.as_ref().is_some_and(|c| c.active);
         self.update_certificate(
             account,
             certificate_id,

@@ -10,6 +10,14 @@ use serde_json::{Map, Value};
 
 /// The largest template body.
 pub const MAX_BODY: usize = 10_240;
+/// The longest string the engine builds (a joined or substituted value).
+pub const MAX_VALUE: usize = 4096;
+/// The most items of a list the engine builds (`Fn::Split`).
+pub const MAX_ITEMS: usize = 100;
+/// The most parameters a request may give.
+pub const MAX_PARAMETERS: usize = 50;
+/// The longest parameter value.
+pub const MAX_PARAMETER_VALUE: usize = 2048;
 
 /// What to do with a property of a thing that exists already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +131,15 @@ pub fn check(body: &str) -> Result<(), String> {
 struct Ctx<'a> {
     params: BTreeMap<String, String>,
     mappings: &'a Map<String, Value>,
+    /// Bytes the evaluation has built so far, at most eight template bodies' worth: every
+    /// value is bounded, and so is their sum, whatever the nesting.
+    built: std::cell::Cell<usize>,
+}
+
+fn too_long() -> String {
+    fail(format!(
+        "A template value is longer than {MAX_VALUE} characters"
+    ))
 }
 
 /// An evaluated value: a string or a list of strings.
@@ -181,6 +198,13 @@ impl Ctx<'_> {
                             .into_iter()
                             .map(|i| i.string("Fn::Join's items"))
                             .collect::<Result<Vec<_>, _>>()?;
+                        // Checked before it is built: the delimiter between every two parts.
+                        let len = parts.iter().map(String::len).sum::<usize>()
+                            + delim.len() * parts.len().saturating_sub(1);
+                        if len > MAX_VALUE {
+                            return Err(too_long());
+                        }
+                        self.spend(len)?;
                         Ok(Val::S(parts.join(&delim)))
                     }
                     "Fn::Split" => {
@@ -192,6 +216,12 @@ impl Ctx<'_> {
                         if delim.is_empty() {
                             return Err(fail("Fn::Split needs a delimiter"));
                         }
+                        if s.matches(&delim).count() >= MAX_ITEMS {
+                            return Err(fail(format!(
+                                "Fn::Split would make more than {MAX_ITEMS} items"
+                            )));
+                        }
+                        self.spend(s.len())?;
                         Ok(Val::L(
                             s.split(&delim).map(|p| Val::S(p.to_owned())).collect(),
                         ))
@@ -254,9 +284,16 @@ impl Ctx<'_> {
                                 .get(name)
                                 .ok_or_else(|| fail(format!("Parameter {name} has no value")))?;
                             out.push_str(v);
+                            if out.len() > MAX_VALUE {
+                                return Err(too_long());
+                            }
                             rest = &after[end + 1..];
                         }
                         out.push_str(rest);
+                        if out.len() > MAX_VALUE {
+                            return Err(too_long());
+                        }
+                        self.spend(out.len())?;
                         Ok(Val::S(out))
                     }
                     _ => Ok(Val::O),
@@ -268,6 +305,15 @@ impl Ctx<'_> {
 
     fn string(&self, v: &Value, what: &str) -> Result<String, String> {
         self.eval(v, 0)?.string(what)
+    }
+
+    fn spend(&self, n: usize) -> Result<(), String> {
+        let total = self.built.get().saturating_add(n);
+        if total > MAX_BODY * 8 {
+            return Err(fail("The template builds too much"));
+        }
+        self.built.set(total);
+        Ok(())
     }
 
     /// A flat object of strings (attributes, device configuration).
@@ -302,6 +348,15 @@ fn override_of(v: &Value) -> Result<Override, String> {
 /// `AWS::IoT::Certificate::Id`).
 pub fn evaluate(body: &str, given: &BTreeMap<String, String>) -> Result<Plan, String> {
     check(body)?;
+    if given.len() > MAX_PARAMETERS
+        || given
+            .iter()
+            .any(|(k, v)| k.len() > 128 || v.len() > MAX_PARAMETER_VALUE)
+    {
+        return Err(fail(format!(
+            "At most {MAX_PARAMETERS} parameters, with names of at most 128 and values of at most {MAX_PARAMETER_VALUE} characters"
+        )));
+    }
     let v: Value =
         serde_json::from_str(body).map_err(|_| fail("The template body is not valid JSON"))?;
     let empty = Map::new();
@@ -328,7 +383,11 @@ pub fn evaluate(body: &str, given: &BTreeMap<String, String>) -> Result<Plan, St
             }
         }
     }
-    let ctx = Ctx { params, mappings };
+    let ctx = Ctx {
+        params,
+        mappings,
+        built: std::cell::Cell::new(0),
+    };
     let mut plan = Plan::default();
     let resources = v
         .get("Resources")
@@ -386,6 +445,9 @@ pub fn evaluate(body: &str, given: &BTreeMap<String, String>) -> Result<Plan, St
                 });
             }
             "AWS::IoT::Certificate" => {
+                if plan.certificate.is_some() {
+                    return Err(fail("A template can declare one certificate"));
+                }
                 let id = props
                     .get("CertificateId")
                     .ok_or_else(|| fail("The certificate must be given by CertificateId"))?;
@@ -422,7 +484,12 @@ pub fn evaluate(body: &str, given: &BTreeMap<String, String>) -> Result<Plan, St
                     Some(_) => return Err(fail("PolicyDocument must be a JSON document")),
                 };
                 let name = match (name, &document) {
-                    (Some(n), _) => n,
+                    (Some(_), Some(_)) => {
+                        return Err(fail(
+                            "A policy has a PolicyName or a PolicyDocument, not both",
+                        ));
+                    }
+                    (Some(n), None) => n,
                     (None, Some(d)) => hex_sha256(d),
                     (None, None) => {
                         return Err(fail("A policy needs a PolicyName or a PolicyDocument"));
@@ -540,6 +607,39 @@ mod tests {
         }
         let body = format!(r#"{{"Resources":{{}},"DeviceConfiguration":{{"a":{deep}}}}}"#);
         assert!(evaluate(&body, &BTreeMap::new()).is_err());
+        // What a template or its parameters could make grow is bounded, not allocated.
+        let body = r#"{"Parameters":{"Sep":{"Type":"String"},"Tags":{"Type":"String"}},"Resources":{},
+            "DeviceConfiguration":{"a":{"Fn::Join":[{"Ref":"Sep"},{"Fn::Split":[",",{"Ref":"Tags"}]}]}}}"#;
+        let p = |sep: usize, commas: usize| {
+            params(&[("Sep", &"x".repeat(sep)), ("Tags", &",".repeat(commas))])
+        };
+        assert!(evaluate(body, &p(10, 10)).is_ok());
+        assert!(
+            evaluate(body, &p(2000, 98)).is_err(),
+            "a join past MAX_VALUE"
+        );
+        assert!(
+            evaluate(body, &p(1, MAX_ITEMS)).is_err(),
+            "a split past MAX_ITEMS"
+        );
+        assert!(
+            evaluate(body, &p(1, MAX_ITEMS - 1)).is_ok(),
+            "a split at MAX_ITEMS"
+        );
+        assert!(
+            evaluate(body, &p(MAX_PARAMETER_VALUE + 1, 1)).is_err(),
+            "a parameter past its length"
+        );
+        let commas = ",".repeat(99);
+        let nested = format!(
+            r#"{{"Resources":{{}},"DeviceConfiguration":{{"a":{{"Fn::Join":[{{"Fn::Join":["{commas}",{{"Fn::Split":[",","{commas}"]}}]}},{{"Fn::Split":[",","{commas}"]}}]}}}}}}"#
+        );
+        assert!(
+            evaluate(&nested, &BTreeMap::new()).is_err(),
+            "nested joins stay bounded"
+        );
+        let both = r#"{"Resources":{"p":{"Type":"AWS::IoT::Policy","Properties":{"PolicyName":"a","PolicyDocument":"{}"}}}}"#;
+        assert!(evaluate(both, &BTreeMap::new()).is_err());
         // A policy document without a name is named by its hash.
         let doc = r#"{"Resources":{"p":{"Type":"AWS::IoT::Policy","Properties":{"PolicyDocument":"{\"Version\":\"2012-10-17\"}"}}}}"#;
         assert_eq!(

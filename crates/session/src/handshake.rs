@@ -252,6 +252,7 @@ impl Admission {
         if let Some(w) = &self.connect.will {
             // The same rules as a PUBLISH: no retained message on a reserved topic.
             let ok = aws::may_publish(&w.topic)
+                && !aws::is_provisioning_request(&w.topic)
                 && !(w.retain && w.topic.starts_with('$'))
                 && env.allowed("iot:publish", "topic", &w.topic)
                 && (!w.retain || env.allowed("iot:retainpublish", "topic", &w.topic));
