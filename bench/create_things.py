@@ -1,6 +1,6 @@
 """Registry writes end to end: N sequential CreateThing calls with boto3 against a server binary
 (each one a synced SQLite commit). Usage: create_things.py BINARY N"""
-import os, shutil, subprocess, sys, tempfile, time, socket, ssl
+import os, shutil, subprocess, sys, tempfile, time, socket
 import boto3
 binary, n = sys.argv[1], int(sys.argv[2])
 def port():

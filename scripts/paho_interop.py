@@ -13,7 +13,6 @@ Prints each suite's result and the failing tests; `docs/compatibility.md` record
 and why. Needs a debug build (`target/debug/sekisho`) and the test virtual environment.
 """
 
-import os
 import re
 import select
 import socket
