@@ -514,6 +514,44 @@ static ROUTES: &[Route] = &[
         crate::provisioning::create_claim
     ),
     route!(
+        PATCH,
+        ["event-configurations"],
+        "UpdateEventConfigurations",
+        ANY,
+        |s, c| {
+            let b = c.json()?;
+            let Some(Value::Object(cfg)) = b.get("eventConfigurations") else {
+                return Err(ApiError::invalid("eventConfigurations is required"));
+            };
+            let mut changes = Vec::new();
+            for (k, v) in cfg {
+                let on = v
+                    .get("Enabled")
+                    .and_then(Value::as_bool)
+                    .ok_or_else(|| ApiError::invalid(format!("{k}.Enabled must be a boolean")))?;
+                changes.push((k.clone(), on));
+            }
+            s.registry
+                .update_event_configurations(&c.account, &changes)?;
+            Ok(json!({}))
+        }
+    ),
+    route!(
+        GET,
+        ["event-configurations"],
+        "DescribeEventConfigurations",
+        ANY,
+        |s, c| {
+            let cfg: Map<String, Value> = s
+                .registry
+                .event_configurations(&c.account)?
+                .into_iter()
+                .map(|(k, on)| (k.to_string(), json!({"Enabled": on})))
+                .collect();
+            Ok(json!({"eventConfigurations": cfg}))
+        }
+    ),
+    route!(
         POST,
         ["keys-and-certificate"],
         "CreateKeysAndCertificate",

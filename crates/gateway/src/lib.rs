@@ -321,6 +321,23 @@ pub async fn follow_changes(shared: Arc<Shared>) {
                     }
                 }
             }
+            Ok(Change::Event {
+                account,
+                topic,
+                payload,
+            }) => {
+                let m = jobs::message_bytes(
+                    topic,
+                    bytes::Bytes::from(payload),
+                    sekisho_mqtt::QoS::AtLeastOnce,
+                );
+                if let Ok(routed) = shared.broker.publish(&account, Arc::new(m), Instant::now()) {
+                    // Events never wait for slow subscribers.
+                    for b in routed.blocked {
+                        shared.broker.give_up(&account, b.session, b.delivery);
+                    }
+                }
+            }
             Ok(Change::JobExecutions { account, things }) => {
                 for thing in things {
                     notifier.changed(&shared, &account, &thing);

@@ -260,6 +260,7 @@ impl Registry {
             };
             tx.put(Kind::ThingGroup, name, &g)?;
             a.thing_groups.insert(name.to_owned(), g.clone());
+            crate::events::thing_group(tx, a, &g, "CREATED");
             a.group_arns.insert(name.to_owned(), arn.clone());
             Ok(g)
         })
@@ -332,6 +333,7 @@ impl Registry {
             next.version += 1;
             let version = next.version;
             tx.put(Kind::ThingGroup, name, &next)?;
+            crate::events::thing_group(tx, a, &next, "UPDATED");
             a.thing_groups.insert(name.to_owned(), next);
             Ok(version)
         })
@@ -389,7 +391,9 @@ impl Registry {
             }
             tx.delete(Kind::ThingGroup, name);
             tx.bump();
-            a.thing_groups.remove(name);
+            if let Some(g) = a.thing_groups.remove(name) {
+                crate::events::thing_group(tx, a, &g, "DELETED");
+            }
             a.group_arns.remove(name);
             Ok(())
         })
@@ -469,6 +473,8 @@ impl Registry {
             tx.put(Kind::ThingGroupMember, &member_key(group, thing), &"")?;
             tx.bump();
             a.link_member(group, thing);
+            let arns = (self.group_arn(account, group), self.arn(account, &format!("thing/{thing}")));
+            crate::events::membership(tx, a, (&arns.0, &arns.1), group, thing, true);
             self.continuous_jobs_for(a, tx, account, group, thing, now)
         })?;
         if queued {
@@ -495,6 +501,11 @@ impl Registry {
                 tx.delete(Kind::ThingGroupMember, &member_key(group, thing));
                 tx.bump();
                 a.unlink_member(group, thing);
+                let arns = (
+                    self.group_arn(account, group),
+                    self.arn(account, &format!("thing/{thing}")),
+                );
+                crate::events::membership(tx, a, (&arns.0, &arns.1), group, thing, false);
             }
             Ok(())
         })
@@ -550,10 +561,14 @@ impl Registry {
             }
             for g in before.difference(&groups) {
                 a.unlink_member(g, thing);
+                let arns = (self.group_arn(account, g), self.arn(account, &format!("thing/{thing}")));
+                crate::events::membership(tx, a, (&arns.0, &arns.1), g, thing, false);
             }
             let mut queued = false;
             for g in groups.difference(&before) {
                 a.link_member(g, thing);
+                let arns = (self.group_arn(account, g), self.arn(account, &format!("thing/{thing}")));
+                crate::events::membership(tx, a, (&arns.0, &arns.1), g, thing, true);
                 queued |= self.continuous_jobs_for(a, tx, account, g, thing, now)?;
             }
             tx.bump();

@@ -380,6 +380,7 @@ impl Account {
         j.completed_at = Some(now);
         j.last_updated_at = now;
         tx.put(Kind::Job, job, &j)?;
+        crate::events::job(tx, self, &j, "COMPLETED");
         self.jobs.insert(job.to_owned(), j);
         Ok(())
     }
@@ -600,6 +601,8 @@ impl Registry {
                 e.last_updated_at = now;
                 e.deadline = None;
                 things.push(e.thing.clone());
+                let thing_arn = self.arn(account, &format!("thing/{}", e.thing));
+                crate::events::execution(tx, a, &thing_arn, &e);
                 a.save_execution(tx, e)?;
             }
             j.status = JobStatus::Canceled;
@@ -609,6 +612,7 @@ impl Registry {
             j.last_updated_at = now;
             j.completed_at = Some(now);
             tx.put(Kind::Job, id, &j)?;
+            crate::events::job(tx, a, &j, "CANCELED");
             a.jobs.insert(id.to_owned(), j.clone());
             Ok((j, things))
         })?;
@@ -643,7 +647,9 @@ impl Registry {
                 things.push(thing);
             }
             tx.delete(Kind::Job, id);
-            a.jobs.remove(id);
+            if let Some(j) = a.jobs.remove(id) {
+                crate::events::job(tx, a, &j, "DELETED");
+            }
             Ok(things)
         })?;
         self.jobs_changed(account, things);
@@ -782,6 +788,8 @@ impl Registry {
             e.version += 1;
             e.last_updated_at = now;
             e.deadline = None;
+            let thing_arn = self.arn(account, &format!("thing/{thing}"));
+            crate::events::execution(tx, a, &thing_arn, &e);
             a.save_execution(tx, e)?;
             a.maybe_complete(tx, job, now)
         })?;
@@ -938,6 +946,10 @@ impl Registry {
                 e.status_details = d;
             }
             e.last_updated_at = now;
+            if e.status.is_terminal() {
+                let thing_arn = self.arn(account, &format!("thing/{thing}"));
+                crate::events::execution(tx, a, &thing_arn, &e);
+            }
             a.save_execution(tx, e.clone())?;
             a.maybe_complete(tx, job, now)?;
             Ok((e, j))
@@ -979,6 +991,8 @@ impl Registry {
                 e.version += 1;
                 e.deadline = None;
                 e.last_updated_at = now;
+                let thing_arn = self.arn(&account, &format!("thing/{thing}"));
+                crate::events::execution(tx, a, &thing_arn, &e);
                 a.save_execution(tx, e)?;
                 a.maybe_complete(tx, &job, now)?;
                 Ok(true)

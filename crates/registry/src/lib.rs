@@ -13,6 +13,7 @@
 mod cas;
 mod certs;
 mod error;
+mod events;
 mod groups;
 mod iam;
 mod jobs;
@@ -76,6 +77,15 @@ pub enum Change {
         certificate_id: String,
         /// New status.
         status: Option<CertStatus>,
+    },
+    /// A registry or job event an account enabled (UpdateEventConfigurations), to publish.
+    Event {
+        /// Account.
+        account: String,
+        /// The `$aws/events/...` topic.
+        topic: String,
+        /// The JSON payload.
+        payload: String,
     },
     /// Job executions of these things were added, changed or removed.
     JobExecutions {
@@ -392,6 +402,9 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         account_mut(&mut st, &row.account)?
             .executions
             .insert((e.thing.clone(), e.job_id.clone()), e);
+    }
+    for row in store.load(Kind::EventConfig)? {
+        account_mut(&mut st, &row.account)?.event_config = decode(&row.doc)?;
     }
     for row in store.load(Kind::JobSeq)? {
         account_mut(&mut st, &row.account)?.job_seq = decode(&row.doc)?;

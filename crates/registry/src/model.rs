@@ -351,6 +351,8 @@ pub struct Account {
     pub job_seq: u64,
     /// Provisioning templates by name.
     pub templates: BTreeMap<String, crate::provisioning::ProvisioningTemplate>,
+    /// Event types enabled (UpdateEventConfigurations).
+    pub event_config: BTreeMap<String, bool>,
 }
 
 impl Account {

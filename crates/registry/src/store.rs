@@ -40,6 +40,8 @@ pub(crate) enum Kind {
     JobSeq,
     /// Provisioning templates, keyed by name.
     ProvisioningTemplate,
+    /// The account's enabled event types (key "").
+    EventConfig,
     /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
     /// never loaded into memory, read and written one by one.
     Shadow,
@@ -70,6 +72,7 @@ impl Kind {
             Kind::JobExecution => "job_execution",
             Kind::JobSeq => "job_seq",
             Kind::ProvisioningTemplate => "provisioning_template",
+            Kind::EventConfig => "event_config",
         }
     }
 }

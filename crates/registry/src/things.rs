@@ -117,6 +117,7 @@ impl Registry {
             tx.put(Kind::Thing, name, &thing)?;
             tx.bump();
             a.things.insert(name.to_owned(), thing.clone());
+            crate::events::thing(tx, a, &thing, "CREATED");
             Ok(thing)
         })
     }
@@ -175,6 +176,7 @@ impl Registry {
             next.version += 1;
             tx.put(Kind::Thing, name, &next)?;
             tx.bump();
+            crate::events::thing(tx, a, &next, "UPDATED");
             a.things.insert(name.to_owned(), next);
             Ok(())
         })
@@ -225,7 +227,9 @@ impl Registry {
             }
             tx.delete(Kind::Thing, name);
             tx.bump();
-            a.things.remove(name);
+            if let Some(t) = a.things.remove(name) {
+                crate::events::thing(tx, a, &t, "DELETED");
+            }
             Ok(!jobs.is_empty())
         })?;
         if had_jobs {

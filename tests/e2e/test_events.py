@@ -1,0 +1,77 @@
+"""Registry and job events on `$aws/events/...`, sent only for the event types an account
+enabled with UpdateEventConfigurations (the AWS CLI), received with paho."""
+
+import json
+import queue
+
+from conftest import ALLOW_ALL, Device, Paho, unique
+
+
+def drain(p, seconds=1.0):
+    out = []
+    while True:
+        try:
+            m = p.messages.get(timeout=seconds)
+        except queue.Empty:
+            return out
+        out.append((m.topic, json.loads(m.payload)))
+
+
+def test_registry_and_job_events_follow_the_event_configuration(server, workdir):
+    iot = server.boto()
+    account = server.account_id()
+    mon = Paho(server, server.endpoint(), Device(server, iot, unique("evmon"), ALLOW_ALL, workdir), unique("evmon"))
+    assert mon.connect()[0] == 0
+    mon.subscribe("$aws/events/#", qos=1)
+    drain(mon, 0.3)
+
+    # Off by default, as on AWS.
+    cfg = server.aws("iot", "describe-event-configurations")["eventConfigurations"]
+    assert cfg["THING"] == {"Enabled": False} and len(cfg) == 11
+    quiet = unique("quiet")
+    iot.create_thing(thingName=quiet)
+    assert [t for t, _ in drain(mon, 0.5) if "/thing/" in t] == []
+
+    server.aws("iot", "update-event-configurations", "--event-configurations",
+               '{"THING":{"Enabled":true},"THING_GROUP":{"Enabled":true},"THING_GROUP_MEMBERSHIP":{"Enabled":true},'
+               '"JOB":{"Enabled":true},"JOB_EXECUTION":{"Enabled":true}}')
+    assert server.aws("iot", "describe-event-configurations")["eventConfigurations"]["JOB"] == {"Enabled": True}
+    thing, group, job = unique("evt"), unique("evg"), unique("evj")
+    iot.create_thing(thingName=thing, attributePayload={"attributes": {"a": "1"}})
+    iot.update_thing(thingName=thing, attributePayload={"attributes": {"a": "2"}})
+    iot.create_thing_group(thingGroupName=group)
+    iot.add_thing_to_thing_group(thingGroupName=group, thingName=thing)
+    iot.create_job(jobId=job, targets=[iot.describe_thing(thingName=thing)["thingArn"]], document="{}")
+    iot.cancel_job(jobId=job)
+    iot.delete_job(jobId=job)
+    iot.remove_thing_from_thing_group(thingGroupName=group, thingName=thing)
+    iot.delete_thing(thingName=thing)
+    events = drain(mon)
+    topics = [t for t, _ in events]
+    assert topics == [
+        f"$aws/events/thing/{thing}/created",
+        f"$aws/events/thing/{thing}/updated",
+        f"$aws/events/thingGroup/{group}/created",
+        f"$aws/events/thingGroupMembership/thingGroup/{group}/thing/{thing}/added",
+        f"$aws/events/jobExecution/{job}/canceled",
+        f"$aws/events/job/{job}/canceled",
+        f"$aws/events/job/{job}/deleted",
+        f"$aws/events/thingGroupMembership/thingGroup/{group}/thing/{thing}/removed",
+        f"$aws/events/thing/{thing}/deleted",
+    ], topics
+    by = dict(events)
+    created = by[f"$aws/events/thing/{thing}/created"]
+    assert (created["eventType"], created["operation"], created["accountId"], created["thingName"],
+            created["attributes"]) == ("THING_EVENT", "CREATED", account, thing, {"a": "1"})
+    assert by[f"$aws/events/thing/{thing}/updated"]["versionNumber"] == 2
+    ex = by[f"$aws/events/jobExecution/{job}/canceled"]
+    assert (ex["eventType"], ex["status"], ex["thingArn"].endswith(f":thing/{thing}")) == ("JOB_EXECUTION", "CANCELED", True)
+    assert len({e["eventId"] for _, e in events}) == len(events)
+
+    # Turned off again: nothing more.
+    server.aws("iot", "update-event-configurations", "--event-configurations", '{"THING":{"Enabled":false}}')
+    iot.create_thing(thingName=unique("after"))
+    assert [t for t, _ in drain(mon, 0.5) if "/thing/" in t] == []
+    cp = server.aws("iot", "update-event-configurations", "--event-configurations", '{"NOPE":{"Enabled":true}}', check=False)
+    assert cp.returncode != 0
+    mon.close()
