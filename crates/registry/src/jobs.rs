@@ -362,6 +362,7 @@ impl Account {
 
     /// A SNAPSHOT job whose executions have all ended is COMPLETED.
     pub(crate) fn maybe_complete(&mut self, tx: &mut Tx, job: &str, now: f64) -> Result<()> {
+        self.maybe_abort(tx, job, now)?;
         let Some(j) = self.jobs.get(job) else {
             return Ok(());
         };
@@ -381,6 +382,99 @@ impl Account {
         j.last_updated_at = now;
         tx.put(Kind::Job, job, &j)?;
         crate::events::job(tx, self, &j, "COMPLETED");
+        self.jobs.insert(job.to_owned(), j);
+        Ok(())
+    }
+}
+
+impl Account {
+    /// `abortConfig`: once at least `minNumberOfExecutedThings` executions have ended, a job
+    /// whose share of ended executions of `failureType` (FAILED, REJECTED, TIMED_OUT, or ALL
+    /// three) reaches `thresholdPercentage` is canceled: its QUEUED executions are canceled,
+    /// those IN_PROGRESS finish (as CancelJob without force).
+    fn maybe_abort(&mut self, tx: &mut Tx, job: &str, now: f64) -> Result<()> {
+        let Some(j) = self.jobs.get(job) else {
+            return Ok(());
+        };
+        if j.status != JobStatus::InProgress {
+            return Ok(());
+        }
+        let Some(criteria) = j
+            .configs
+            .get("abortConfig")
+            .and_then(|c| c.get("criteriaList"))
+            .and_then(Value::as_array)
+        else {
+            return Ok(());
+        };
+        let ended: Vec<ExecStatus> = self
+            .executions
+            .values()
+            .filter(|e| e.job_id == job)
+            .map(|e| e.status)
+            .filter(|s| {
+                matches!(
+                    s,
+                    ExecStatus::Succeeded
+                        | ExecStatus::Failed
+                        | ExecStatus::Rejected
+                        | ExecStatus::TimedOut
+                )
+            })
+            .collect();
+        let abort = criteria.iter().any(|c| {
+            let min = c
+                .get("minNumberOfExecutedThings")
+                .and_then(Value::as_u64)
+                .unwrap_or(1) as usize;
+            let threshold = c
+                .get("thresholdPercentage")
+                .and_then(Value::as_f64)
+                .unwrap_or(100.0);
+            let kind = c
+                .get("failureType")
+                .and_then(Value::as_str)
+                .unwrap_or("ALL");
+            let failures = ended
+                .iter()
+                .filter(|s| match kind {
+                    "FAILED" => **s == ExecStatus::Failed,
+                    "REJECTED" => **s == ExecStatus::Rejected,
+                    "TIMED_OUT" => **s == ExecStatus::TimedOut,
+                    _ => **s != ExecStatus::Succeeded,
+                })
+                .count();
+            ended.len() >= min.max(1) && failures as f64 * 100.0 >= threshold * ended.len() as f64
+        });
+        if !abort {
+            return Ok(());
+        }
+        let queued: Vec<Execution> = self
+            .executions
+            .values()
+            .filter(|e| e.job_id == job && e.status == ExecStatus::Queued)
+            .cloned()
+            .collect();
+        for mut e in queued {
+            e.status = ExecStatus::Canceled;
+            e.last_updated_at = now;
+            let thing_arn = format!("{}thing/{}", self.arn_prefix, e.thing);
+            crate::events::execution(tx, self, &thing_arn, &e);
+            tx.change(Change::JobExecutions {
+                account: self.id().to_owned(),
+                things: vec![e.thing.clone()],
+            });
+            self.save_execution(tx, e)?;
+        }
+        let Some(mut j) = self.jobs.get(job).cloned() else {
+            return Ok(());
+        };
+        j.status = JobStatus::Canceled;
+        j.comment = Some("Canceled by its abortConfig".into());
+        j.last_updated_at = now;
+        j.completed_at = Some(now);
+        tx.put(Kind::Job, job, &j)?;
+        crate::events::job(tx, self, &j, "CANCELED");
         self.jobs.insert(job.to_owned(), j);
         Ok(())
     }
@@ -1381,6 +1475,58 @@ mod tests {
         assert_eq!(l("http://s3.amazonaws.com/b/k"), None);
         assert_eq!(l("https://s3.amazonaws.com/b/"), None);
         assert_eq!(l("https://s3.amazonaws.com/b"), None);
+    }
+
+    #[test]
+    fn abort_config_cancels_at_its_threshold_and_not_below() {
+        for (threshold, aborts) in [(50.0, true), (50.01, false)] {
+            let (reg, a) = setup();
+            let mut targets = Vec::new();
+            for t in ["t1", "t2", "t3", "t4"] {
+                reg.create_thing(&a, t, None, BTreeMap::new()).unwrap();
+                targets.push(reg.arn(&a, &format!("thing/{t}")));
+            }
+            let abort = serde_json::json!({"criteriaList": [{"failureType": "FAILED", "action": "CANCEL",
+                "thresholdPercentage": threshold, "minNumberOfExecutedThings": 2}]});
+            reg.create_job(
+                &a,
+                "j",
+                NewJob {
+                    targets,
+                    document: "{}".into(),
+                    configs: BTreeMap::from([("abortConfig".to_string(), abort)]),
+                    ..NewJob::default()
+                },
+                0.0,
+            )
+            .unwrap();
+            reg.update_job_execution(&a, "j", "t3", update("IN_PROGRESS"), 1.0)
+                .unwrap();
+            reg.update_job_execution(&a, "j", "t1", update("FAILED"), 2.0)
+                .unwrap();
+            // One ended: fewer than minNumberOfExecutedThings.
+            assert_eq!(
+                reg.describe_job(&a, "j").unwrap().0.status,
+                JobStatus::InProgress
+            );
+            reg.update_job_execution(&a, "j", "t2", update("SUCCEEDED"), 3.0)
+                .unwrap();
+            let (j, counts) = reg.describe_job(&a, "j").unwrap();
+            let st = |t: &str| reg.job_execution(&a, "j", t, None).unwrap().0.status;
+            if aborts {
+                assert_eq!(j.status, JobStatus::Canceled, "50% failed reaches 50%");
+                assert_eq!(st("t4"), ExecStatus::Canceled);
+                assert_eq!(
+                    st("t3"),
+                    ExecStatus::InProgress,
+                    "running executions finish"
+                );
+                assert_eq!(counts.get(&ExecStatus::Canceled), Some(&1));
+            } else {
+                assert_eq!(j.status, JobStatus::InProgress, "50% is below 50.01%");
+                assert_eq!(st("t4"), ExecStatus::Queued);
+            }
+        }
     }
 
     #[test]

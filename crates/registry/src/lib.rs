@@ -291,6 +291,7 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         st.accounts.insert(
             info.id.clone(),
             Account {
+                arn_prefix: format!("arn:aws:iot:{region}:{}:", info.id),
                 info: Some(info),
                 ..Account::default()
             },
@@ -592,6 +593,7 @@ impl Registry {
         st.accounts.insert(
             id,
             Account {
+                arn_prefix: self.arn(&info.id, ""),
                 info: Some(info.clone()),
                 ..Account::default()
             },
@@ -658,6 +660,7 @@ impl Registry {
             st.accounts.insert(
                 info.id.clone(),
                 Account {
+                    arn_prefix: self.arn(&info.id, ""),
                     info: Some(info.clone()),
                     ..Account::default()
                 },

@@ -353,6 +353,8 @@ pub struct Account {
     pub templates: BTreeMap<String, crate::provisioning::ProvisioningTemplate>,
     /// Event types enabled (UpdateEventConfigurations).
     pub event_config: BTreeMap<String, bool>,
+    /// `arn:aws:iot:<region>:<account>:`, what this account's IoT ARNs begin with.
+    pub arn_prefix: String,
 }
 
 impl Account {
