@@ -31,18 +31,7 @@ fn check_role(state: &ApiState, account: &str, role_arn: &str) -> Result<(), Api
         .registry
         .role_by_arn(account, role_arn)
         .ok_or_else(|| ApiError::invalid(format!("The role {role_arn} does not exist")))?;
-    let trusted = sekisho_policy::Policy::parse(&role.trust, sekisho_policy::Dialect::IamTrust)
-        .map(|t| {
-            sekisho_policy::decide_trust(
-                &t,
-                &sekisho_policy::Caller::Service("iot.amazonaws.com"),
-                "sts:assumerole",
-                &sekisho_policy::MapContext::new(),
-            )
-            .is_allowed()
-        })
-        .unwrap_or(false);
-    if !trusted {
+    if !role.trusts_service("iot.amazonaws.com", &sekisho_policy::MapContext::new()) {
         return Err(ApiError::invalid(format!(
             "The role {role_arn} does not trust iot.amazonaws.com"
         )));

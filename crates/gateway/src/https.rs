@@ -859,18 +859,7 @@ fn credentials(
     let mut ctx = sekisho_policy::MapContext::new();
     ctx.set("aws:SourceAccount", account);
     ctx.set("aws:SourceArn", alias_arn);
-    let trusted = sekisho_policy::Policy::parse(&role.trust, sekisho_policy::Dialect::IamTrust)
-        .map(|t| {
-            sekisho_policy::decide_trust(
-                &t,
-                &sekisho_policy::Caller::Service("credentials.iot.amazonaws.com"),
-                "sts:assumerole",
-                &ctx,
-            )
-            .is_allowed()
-        })
-        .unwrap_or(false);
-    if !trusted {
+    if !role.trusts_service("credentials.iot.amazonaws.com", &ctx) {
         return unable();
     }
     if ra.duration > role.max_session {

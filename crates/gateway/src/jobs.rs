@@ -134,18 +134,7 @@ impl Presigner {
         let role = registry.role_by_arn(account, role_arn)?;
         let mut ctx = sekisho_policy::MapContext::new();
         ctx.set("aws:SourceAccount", account);
-        let trusted = sekisho_policy::Policy::parse(&role.trust, sekisho_policy::Dialect::IamTrust)
-            .map(|t| {
-                sekisho_policy::decide_trust(
-                    &t,
-                    &sekisho_policy::Caller::Service("iot.amazonaws.com"),
-                    "sts:assumerole",
-                    &ctx,
-                )
-                .is_allowed()
-            })
-            .unwrap_or(false);
-        if !trusted {
+        if !role.trusts_service("iot.amazonaws.com", &ctx) {
             tracing::warn!(%account, role = %role_arn, "job presigned URLs: the role does not trust iot.amazonaws.com");
             return None;
         }
@@ -254,6 +243,18 @@ pub fn execution(
         v["jobDocument"] = document(shared, account, job);
     }
     v
+}
+
+/// GetPendingJobExecutions, the same over MQTT and HTTPS.
+fn pending(registry: &Registry, account: &str, thing: &str) -> Result<Value, RegistryError> {
+    let pending = registry.pending_job_executions(account, thing)?;
+    let (running, queued): (Vec<_>, Vec<_>) = pending
+        .iter()
+        .partition(|(e, _)| e.status == ExecStatus::InProgress);
+    Ok(json!({
+        "inProgressJobs": running.iter().map(|(e, _)| summary(e)).collect::<Vec<_>>(),
+        "queuedJobs": queued.iter().map(|(e, _)| summary(e)).collect::<Vec<_>>(),
+    }))
 }
 
 fn state(e: &Execution) -> Value {
@@ -417,18 +418,7 @@ fn run(
     let plain = |e: RegistryError| Refusal::Registry(e, None);
     match req {
         Request::Invalid => Err(Refusal::Topic),
-        Request::Get => {
-            let pending = registry
-                .pending_job_executions(account, thing)
-                .map_err(plain)?;
-            let (running, queued): (Vec<_>, Vec<_>) = pending
-                .iter()
-                .partition(|(e, _)| e.status == ExecStatus::InProgress);
-            Ok(json!({
-                "inProgressJobs": running.iter().map(|(e, _)| summary(e)).collect::<Vec<_>>(),
-                "queuedJobs": queued.iter().map(|(e, _)| summary(e)).collect::<Vec<_>>(),
-            }))
-        }
+        Request::Get => pending(registry, account, thing).map_err(plain),
         Request::StartNext => {
             let d = details(body.get("statusDetails"))?;
             let step = number(body, "stepTimeoutInMinutes")?;
@@ -660,16 +650,7 @@ pub fn http(
             .transpose()
     };
     match call {
-        HttpCall::Pending { thing } => {
-            let pending = registry.pending_job_executions(account, thing)?;
-            let (running, queued): (Vec<_>, Vec<_>) = pending
-                .iter()
-                .partition(|(e, _)| e.status == ExecStatus::InProgress);
-            Ok(json!({
-                "inProgressJobs": running.iter().map(|(e, _)| summary(e)).collect::<Vec<_>>(),
-                "queuedJobs": queued.iter().map(|(e, _)| summary(e)).collect::<Vec<_>>(),
-            }))
-        }
+        HttpCall::Pending { thing } => pending(registry, account, thing),
         HttpCall::StartNext { thing } => {
             let d = details(obj.get("statusDetails")).map_err(bad)?;
             let step = number(&obj, "stepTimeoutInMinutes").map_err(bad)?;

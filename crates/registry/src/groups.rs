@@ -79,21 +79,7 @@ fn check_group_attributes(attrs: &BTreeMap<String, String>) -> Result<()> {
             "A thing group can have at most 50 attributes".into(),
         ));
     }
-    for (k, v) in attrs {
-        check_name("Attribute name", k, 128, |c| {
-            c.is_ascii_alphanumeric() || "_.,@/:#-".contains(c)
-        })?;
-        if v.len() > 800
-            || !v
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.,@/:#=[]-".contains(c))
-        {
-            return Err(RegistryError::InvalidRequest(format!(
-                "Attribute value for {k:?} is not valid"
-            )));
-        }
-    }
-    Ok(())
+    crate::things::check_attribute_pairs(attrs)
 }
 
 impl Account {

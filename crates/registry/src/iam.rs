@@ -59,6 +59,24 @@ pub struct IamRole {
     pub attached: BTreeSet<String>,
 }
 
+impl IamRole {
+    /// Whether the role's trust policy lets `service` (`iot.amazonaws.com`, ...) assume it,
+    /// with the condition keys of `ctx`.
+    pub fn trusts_service(&self, service: &str, ctx: &sekisho_policy::MapContext) -> bool {
+        Policy::parse(&self.trust, Dialect::IamTrust)
+            .map(|t| {
+                sekisho_policy::decide_trust(
+                    &t,
+                    &sekisho_policy::Caller::Service(service),
+                    "sts:assumerole",
+                    ctx,
+                )
+                .is_allowed()
+            })
+            .unwrap_or(false)
+    }
+}
+
 /// A customer managed policy (one version, `v1`, is kept).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ManagedPolicy {

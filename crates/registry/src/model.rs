@@ -170,6 +170,16 @@ pub struct Certificate {
     pub claim_template: Option<String>,
 }
 
+impl Certificate {
+    /// Issued here (no CA, not a provisioning claim) and still PENDING_ACTIVATION: waiting for
+    /// fleet provisioning.
+    pub fn awaits_provisioning(&self) -> bool {
+        self.status == CertStatus::PendingActivation
+            && self.ca_certificate_id.is_none()
+            && self.claim_template.is_none()
+    }
+}
+
 /// Status of a registered CA certificate (AWS `CACertificateStatus`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -328,35 +328,33 @@ impl Registry {
         })
     }
 
-    /// Certificates issued for fleet provisioning (no CA, not a claim) still
-    /// PENDING_ACTIVATION, attached to nothing, and created before `before`.
-    pub fn stale_pending_certificates(&self, before: f64) -> Vec<(String, String)> {
+    /// (account, certificate id) of every certificate `keep` accepts, in every account.
+    fn certificates_where(&self, keep: impl Fn(&Certificate) -> bool) -> Vec<(String, String)> {
         let st = self.state.read().unwrap_or_else(|p| p.into_inner());
         st.accounts
             .iter()
             .flat_map(|(id, a)| {
                 a.certificates
                     .values()
-                    .filter(|c| {
-                        c.status == CertStatus::PendingActivation
-                            && c.ca_certificate_id.is_none()
-                            && c.claim_template.is_none()
-                            && c.created < before
-                    })
+                    .filter(|c| keep(c))
                     .map(|c| (id.clone(), c.id.clone()))
                     .collect::<Vec<_>>()
             })
             .collect()
     }
 
-    /// How many certificates issued here wait for provisioning in `account`.
+    /// Certificates issued for fleet provisioning still waiting for it, created before
+    /// `before`.
+    pub fn stale_pending_certificates(&self, before: f64) -> Vec<(String, String)> {
+        self.certificates_where(|c| c.awaits_provisioning() && c.created < before)
+    }
+
+    /// How many certificates issued for fleet provisioning wait for it in `account`.
     pub fn pending_certificates(&self, account: &str) -> usize {
         self.read(account, |a| {
             Ok(a.certificates
                 .values()
-                .filter(|c| {
-                    c.status == CertStatus::PendingActivation && c.ca_certificate_id.is_none()
-                })
+                .filter(|c| c.awaits_provisioning())
                 .count())
         })
         .unwrap_or(0)
@@ -364,17 +362,7 @@ impl Registry {
 
     /// Provisioning claim certificates past their validity, as (account, certificate id).
     pub fn expired_claims(&self, now: f64) -> Vec<(String, String)> {
-        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
-        st.accounts
-            .iter()
-            .flat_map(|(id, a)| {
-                a.certificates
-                    .values()
-                    .filter(|c| c.claim_template.is_some() && c.not_after <= now)
-                    .map(|c| (id.clone(), c.id.clone()))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        self.certificates_where(|c| c.claim_template.is_some() && c.not_after <= now)
     }
 
     /// Whether the provisioning role may do all of `checks` (action, resource path): IoT acts
@@ -384,18 +372,7 @@ impl Registry {
             .role_by_arn(account, role_arn)
             .ok_or_else(|| failure(format!("The provisioning role {role_arn} does not exist")))?;
         let ctx = sekisho_policy::MapContext::new();
-        let trusted = sekisho_policy::Policy::parse(&role.trust, sekisho_policy::Dialect::IamTrust)
-            .map(|t| {
-                sekisho_policy::decide_trust(
-                    &t,
-                    &sekisho_policy::Caller::Service("iot.amazonaws.com"),
-                    "sts:assumerole",
-                    &ctx,
-                )
-                .is_allowed()
-            })
-            .unwrap_or(false);
-        if !trusted {
+        if !role.trusts_service("iot.amazonaws.com", &ctx) {
             return Err(failure(format!(
                 "The provisioning role {role_arn} does not trust iot.amazonaws.com"
             )));

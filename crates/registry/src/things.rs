@@ -17,6 +17,11 @@ fn check_attributes(attrs: &BTreeMap<String, String>, with_type: bool) -> Result
             if with_type { "with" } else { "without" }
         )));
     }
+    check_attribute_pairs(attrs)
+}
+
+/// Attribute names and values as AWS allows them (things and thing groups alike).
+pub(crate) fn check_attribute_pairs(attrs: &BTreeMap<String, String>) -> Result<()> {
     for (k, v) in attrs {
         check_name("Attribute name", k, 128, |c| {
             c.is_ascii_alphanumeric() || "_.,@/:#-".contains(c)
