@@ -59,6 +59,19 @@ fi
 "$VENV/bin/python" -c 'import pytest, pytest_timeout, boto3, paho.mqtt, awsiot' >/dev/null
 [ -x "$VENV/bin/aws" ]
 
+# The AWS IoT Device SDK for Python v1's samples ship only in its source distribution, which pip
+# does not keep: fetched once from PyPI (the version requirements.txt pins), checked against its
+# hash, and unpacked to $VENV/sdk-samples for tests/e2e/test_sdk_samples.py.
+samples="$VENV/sdk-samples"
+sdist=awsiotpythonsdk-1.6.2
+if [ ! -d "$samples/$sdist/samples" ]; then
+  rm -rf "$samples" && mkdir -p "$samples"
+  "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    -d "$samples" AWSIoTPythonSDK==1.6.2
+  echo "ad5c13f0f563168a34ef818cbf74cf1ae02774650559a074950f6631981abcda  $samples/$sdist.tar.gz" | sha256sum -c --quiet -
+  tar -xzf "$samples/$sdist.tar.gz" -C "$samples" "$sdist/samples"
+fi
+
 # The Node.js clients, pinned by package-lock.json; `npm ci` again only when the lock changed.
 node_dir=tests/e2e/node
 want="$(sha256sum "$node_dir/package-lock.json" | cut -d' ' -f1)"

@@ -296,13 +296,17 @@ fn details(v: Option<&Value>) -> Result<Option<BTreeMap<String, String>>, String
     }
 }
 
+/// A non-negative integer member. A string of decimal digits counts too: AWS's developer
+/// guide writes `"expectedVersion": "number"`, and the AWS IoT Device SDK for Python v1 sends
+/// `expectedVersion` and `executionNumber` as strings.
 fn number(m: &Map<String, Value>, k: &str) -> Result<Option<u64>, String> {
+    let bad = || format!("{k} must be a non-negative integer");
     match m.get(k) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| format!("{k} must be a non-negative integer")),
+        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().map(Some).map_err(|_| bad())
+        }
+        Some(v) => v.as_u64().map(Some).ok_or_else(bad),
     }
 }
 
@@ -814,6 +818,25 @@ fn publish(broker: &Arc<Broker>, account: &str, m: Message) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_may_be_decimal_strings() {
+        let m = |v: Value| json!({ "n": v }).as_object().cloned().unwrap_or_default();
+        assert_eq!(number(&m(json!(2)), "n"), Ok(Some(2)));
+        assert_eq!(number(&m(json!("2")), "n"), Ok(Some(2)));
+        assert_eq!(
+            number(&m(json!(u64::MAX.to_string())), "n"),
+            Ok(Some(u64::MAX))
+        );
+        assert_eq!(number(&m(json!(null)), "n"), Ok(None));
+        // u64::MAX + 1, a sign, a fraction, an empty string, spaces: refused.
+        for bad in ["18446744073709551616", "-1", "+1", "1.0", "", " 1", "1e3"] {
+            assert!(number(&m(json!(bad)), "n").is_err(), "{bad}");
+        }
+        assert!(number(&m(json!(-1)), "n").is_err());
+        assert!(number(&m(json!(1.5)), "n").is_err());
+        assert!(number(&m(json!(true)), "n").is_err());
+    }
 
     #[test]
     fn topics() {
