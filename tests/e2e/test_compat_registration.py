@@ -278,3 +278,78 @@ def test_jitp_provisions_a_device_on_its_first_connection(two, workdir):
     got = iot.describe_certificate(certificateId=cert_id(other.cert))["certificateDescription"]
     assert got["status"] == "PENDING_ACTIVATION"
     assert tls_outcome(s, other, s.endpoint(), version=TLS12) == UNKNOWN
+
+
+def test_a_registration_config_passes_its_role(two, workdir):
+    """Naming a role in a CA's registrationConfig hands it to just-in-time provisioning, which
+    acts with the role's permissions: RegisterCACertificate and UpdateCACertificate need
+    `iam:PassRole` on it (as CreateProvisioningTemplate does), and the role must trust
+    iot.amazonaws.com. A JITP template named by templateName provisions only while enabled."""
+    import boto3
+    from botocore.config import Config
+
+    s = two
+    iot, iam = s.boto(), s.boto("iam")
+    account = s.account_id()
+    trust = json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"Service": "iot.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
+    role_name = unique("jitp-pass")
+    role = iam.create_role(RoleName=role_name, AssumeRolePolicyDocument=trust)["Role"]["Arn"]
+    iam.put_role_policy(RoleName=role_name, PolicyName="all", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}))
+    untrusting = iam.create_role(RoleName=unique("no-iot"), AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+                                                "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+    user = unique("ca-admin")
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="ca", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": "*", "Action": [
+            "iot:RegisterCACertificate", "iot:UpdateCACertificate", "iot:DescribeCACertificate"]}]}))
+    k = iam.create_access_key(UserName=user)["AccessKey"]
+    admin = boto3.client("iot", region_name="us-east-1", endpoint_url=f"https://localhost:{s.api_port}", verify=s.ca,
+                         aws_access_key_id=k["AccessKeyId"], aws_secret_access_key=k["SecretAccessKey"],
+                         config=Config(retries={"total_max_attempts": 1}))
+    pki = Openssl(workdir / unique("jitp-pass"))
+    ca = pki.ca("pass-ca", "Pass CA")
+    body = json.dumps({"Parameters": {"AWS::IoT::Certificate::Id": {"Type": "String"}},
+                       "Resources": {"certificate": {"Type": "AWS::IoT::Certificate", "Properties": {
+                           "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"}}}})
+    config = {"templateBody": body, "roleArn": role}
+
+    def refused(call, code, **kw):
+        with pytest.raises(ClientError) as e:
+            call(**kw)
+        assert e.value.response["Error"]["Code"] == code, e.value.response
+        return e.value.response["Error"]["Message"]
+
+    msg = refused(admin.register_ca_certificate, "AccessDeniedException", caCertificate=ca[0].read_text(),
+                  certificateMode="SNI_ONLY", setAsActive=True, allowAutoRegistration=True,
+                  registrationConfig=config)
+    assert "iam:PassRole" in msg and role in msg, msg
+    assert all(c["certificateId"] != cert_id(ca[0]) for c in iot.list_ca_certificates()["certificates"])
+    # Without a registrationConfig the same user registers the CA; adding one later is passing.
+    ca_id = admin.register_ca_certificate(caCertificate=ca[0].read_text(), certificateMode="SNI_ONLY",
+                                          setAsActive=True, allowAutoRegistration=True)["certificateId"]
+    refused(admin.update_ca_certificate, "AccessDeniedException", certificateId=ca_id, registrationConfig=config)
+    assert "registrationConfig" not in iot.describe_ca_certificate(certificateId=ca_id)
+    # Allowed to pass it: accepted. A role that does not trust IoT: refused, even for the admin.
+    iam.put_user_policy(UserName=user, PolicyName="pass", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iam:PassRole", "Resource": [role, untrusting]}]}))
+    admin.update_ca_certificate(certificateId=ca_id, registrationConfig=config)
+    assert iot.describe_ca_certificate(certificateId=ca_id)["registrationConfig"]["roleArn"] == role
+    msg = refused(iot.update_ca_certificate, "InvalidRequestException", certificateId=ca_id,
+                  registrationConfig={"templateBody": body, "roleArn": untrusting})
+    assert "does not trust iot.amazonaws.com" in msg
+    # A JITP template named instead: provisions only while enabled.
+    name = unique("jitp-tpl")
+    iot.create_provisioning_template(templateName=name, templateBody=body, provisioningRoleArn=role,
+                                     enabled=False, type="JITP")
+    iot.update_ca_certificate(certificateId=ca_id, registrationConfig={"templateName": name})
+    dev = ec_certificate(pki.dir, unique("off"), ca, cn=unique("off"))
+    assert tls_outcome(s, dev, s.endpoint(), version=TLS12) == UNKNOWN
+    assert iot.describe_certificate(certificateId=cert_id(dev.cert))["certificateDescription"]["status"] == \
+        "PENDING_ACTIVATION"
+    iot.update_provisioning_template(templateName=name, enabled=True)
+    dev2 = ec_certificate(pki.dir, unique("on"), ca, cn=unique("on"))
+    assert tls_outcome(s, dev2, s.endpoint(), version=TLS12) == UNKNOWN
+    assert iot.describe_certificate(certificateId=cert_id(dev2.cert))["certificateDescription"]["status"] == "ACTIVE"

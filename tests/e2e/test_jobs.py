@@ -378,6 +378,35 @@ def test_the_https_jobs_data_plane(server, workdir):
     code, _ = curl("PUT", f"/things/{other.name}/jobs/%24next", limited)
     assert code == 403
 
+    # An IAM caller is held to the data plane's own actions (iotjobsdata:*): the control
+    # plane's iot:DescribeJobExecution (a read) does not let it act as the device.
+    import boto3
+    from botocore.config import Config
+    from helpers import keys
+    iam = server.boto("iam")
+    user = unique("reader")
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": "*", "Action": [
+            "iot:DescribeJobExecution", "iot:GetPendingJobExecutions", "iot:StartNextPendingJobExecution"]}]}))
+    creds = keys(iam.create_access_key(UserName=user)["AccessKey"])
+    jd = boto3.client("iot-jobs-data", region_name="us-east-1", endpoint_url=f"https://{endpoint}:{server.https_port}",
+                      verify=server.ca, config=Config(retries={"total_max_attempts": 1}), **creds)
+    time.sleep(0.1)
+    with pytest.raises(jd.exceptions.ClientError) as e:
+        jd.get_pending_job_executions(thingName=other.name)
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert "iotjobsdata:GetPendingJobExecutions" in e.value.response["Error"]["Message"]
+    with pytest.raises(jd.exceptions.ClientError):
+        jd.describe_job_execution(thingName=other.name, jobId=job_id)
+    iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": f"{arn}:thing/{other.name}",
+                                                "Action": "iotjobsdata:DescribeJobExecution"}]}))
+    time.sleep(0.1)
+    assert jd.describe_job_execution(thingName=other.name, jobId=job_id)["execution"]["jobId"] == job_id
+    with pytest.raises(jd.exceptions.ClientError):
+        jd.get_pending_job_executions(thingName=other.name)
+
 
 def test_roles_groups_and_ids_after_review(server, workdir):
     """A job's presigned-URL role needs iam:PassRole (IoT would act with it for the caller); a

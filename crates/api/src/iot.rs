@@ -1265,7 +1265,25 @@ fn ca_arn(state: &ApiState, account: &str, id: &str) -> String {
     state.registry.arn(account, &format!("cacert/{id}"))
 }
 
-fn registration_config(b: &Map<String, Value>) -> Result<Option<RegistrationConfig>, ApiError> {
+/// A CA's `registrationConfig`. Its role is the one just-in-time provisioning acts with, so
+/// naming it is passing it: the caller needs `iam:PassRole` on it (as for a provisioning
+/// template), and the role must trust `iot.amazonaws.com`.
+fn registration_config(
+    state: &ApiState,
+    call: &Call,
+    b: &Map<String, Value>,
+) -> Result<Option<RegistrationConfig>, ApiError> {
+    let config = registration_config_fields(b)?;
+    if let Some(role) = config.as_ref().and_then(|c| c.role_arn.as_deref()) {
+        crate::jobs::pass_role(state, call, role)?;
+        crate::provisioning::check_role(state, &call.account, role)?;
+    }
+    Ok(config)
+}
+
+fn registration_config_fields(
+    b: &Map<String, Value>,
+) -> Result<Option<RegistrationConfig>, ApiError> {
     match b.get("registrationConfig") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(c)) => {
@@ -1338,7 +1356,7 @@ fn register_ca_certificate(state: &ApiState, call: &Call) -> Out {
             mode,
             active: call.q_bool("setAsActive")?,
             auto_registration: call.q_bool("allowAutoRegistration")?,
-            registration_config: registration_config(&b)?,
+            registration_config: registration_config(state, call, &b)?,
         },
         time::OffsetDateTime::now_utc(),
     )?;
@@ -1387,7 +1405,7 @@ fn update_ca_certificate(state: &ApiState, call: &Call) -> Out {
         CaUpdate {
             status,
             auto_registration,
-            registration_config: registration_config(&b)?,
+            registration_config: registration_config(state, call, &b)?,
             remove_auto_registration: bool_field(&b, "removeAutoRegistration")?,
         },
     )?;

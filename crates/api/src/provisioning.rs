@@ -26,7 +26,7 @@ fn arn(state: &ApiState, account: &str, name: &str) -> String {
 }
 
 /// The role must exist in the caller's account and trust `iot.amazonaws.com`.
-fn check_role(state: &ApiState, account: &str, role_arn: &str) -> Result<(), ApiError> {
+pub(crate) fn check_role(state: &ApiState, account: &str, role_arn: &str) -> Result<(), ApiError> {
     let role = state
         .registry
         .role_by_arn(account, role_arn)

@@ -415,7 +415,7 @@ async fn signed_request(
             Ok(c) => c,
             Err(m) => return jobs_refusal(m),
         };
-        let (action, thing) = call.action();
+        let (action, thing) = call.iam_action();
         let resource = arn("thing", thing);
         if !allowed(action, &resource) {
             return denied(action, &resource);

@@ -574,7 +574,7 @@ impl HttpCall {
         })
     }
 
-    /// The IoT action and the thing it acts on.
+    /// The IoT policy action (for a device's certificate) and the thing it acts on.
     pub fn action(&self) -> (&'static str, &str) {
         match self {
             HttpCall::Pending { thing } => ("iot:GetPendingJobExecutions", thing),
@@ -582,6 +582,21 @@ impl HttpCall {
             HttpCall::Describe { thing, .. } => ("iot:DescribeJobExecution", thing),
             HttpCall::Update { thing, .. } => ("iot:UpdateJobExecution", thing),
         }
+    }
+
+    /// The IAM action (for a SigV4 caller) and the thing it acts on: the jobs data plane's
+    /// own `iotjobsdata:` prefix, so that an IAM policy allowing the control plane's
+    /// `iot:DescribeJobExecution` (a read of the execution) does not also let its holder act
+    /// as the device, or read the job document with its presigned URLs.
+    pub fn iam_action(&self) -> (&'static str, &str) {
+        let (action, thing) = self.action();
+        let action = match action {
+            "iot:GetPendingJobExecutions" => "iotjobsdata:GetPendingJobExecutions",
+            "iot:StartNextPendingJobExecution" => "iotjobsdata:StartNextPendingJobExecution",
+            "iot:DescribeJobExecution" => "iotjobsdata:DescribeJobExecution",
+            _ => "iotjobsdata:UpdateJobExecution",
+        };
+        (action, thing)
     }
 }
 

@@ -421,7 +421,12 @@ pub fn jitp(
             None => return Some(Err("registrationConfig has no roleArn".into())),
         },
         (None, Some(name)) => match registry.template(account, name) {
-            Ok(t) if t.kind == TemplateType::Jitp => (t.body().to_owned(), t.role_arn.clone()),
+            Ok(t) if t.kind == TemplateType::Jitp && t.enabled => {
+                (t.body().to_owned(), t.role_arn.clone())
+            }
+            Ok(t) if t.kind == TemplateType::Jitp => {
+                return Some(Err(format!("template {name} is not enabled")));
+            }
             Ok(_) => return Some(Err(format!("template {name} is not a JITP template"))),
             Err(e) => return Some(Err(e.to_string())),
         },
