@@ -472,3 +472,45 @@ def test_roles_groups_and_ids_after_review(server, workdir):
     m = p.messages.get(timeout=5)
     assert m.topic.endswith(f"/{nid}/update/accepted")
     p.close()
+
+
+def test_presigned_url_credentials_are_reused_and_follow_the_role(server, workdir):
+    """Every delivery of a document with presigned URLs (get, start-next, notify-next, HTTPS)
+    needs the role's credentials: one session serves them all, also for the default and
+    longest expiresInSec (3600), so an account's stored sessions do not grow with requests.
+    A role deleted and re-created under the same name gets a session of its own."""
+    from urllib.parse import parse_qs, urlparse
+    iot = server.boto()
+    iam = server.boto("iam")
+    bucket, role = firmware(server, "fw.bin", b"firmware")
+    dev = Device(server, iot, unique("reuse"), ALLOW_ALL, workdir)
+    job_id = unique("reuse")
+    iot.create_job(jobId=job_id, targets=[iot.describe_thing(thingName=dev.name)["thingArn"]],
+                   document=json.dumps({"url": f"${{aws:iot:s3-presigned-url:https://s3.amazonaws.com/{bucket}/fw.bin}}"}),
+                   presignedUrlConfig={"roleArn": role})
+
+    def url():
+        ex = server.aws("iot-jobs-data", "describe-job-execution", "--thing-name", dev.name, "--job-id", job_id,
+                        "--include-job-document")["execution"]
+        u = json.loads(ex["jobDocument"])["url"]
+        q = parse_qs(urlparse(u).query)
+        assert q["X-Amz-Expires"] == ["3600"]
+        return u, q["X-Amz-Credential"][0].split("/")[0]
+    first, key = url()
+    assert key.startswith("ASIA")
+    assert {url()[1] for _ in range(3)} == {key}
+    assert download(server, first) == (200, b"firmware")
+    # Deleted and re-created: the old session's URLs stop working, a new session is issued.
+    name = role.split("/")[-1]
+    iam.delete_role_policy(RoleName=name, PolicyName="read")
+    iam.delete_role(RoleName=name)
+    assert download(server, first)[0] == 403
+    iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "iot.amazonaws.com"},
+                                                "Action": "sts:AssumeRole"}]}))
+    iam.put_role_policy(RoleName=name, PolicyName="read", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:GetObject",
+                                                "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+    second, key2 = url()
+    assert key2 != key
+    assert download(server, second) == (200, b"firmware")

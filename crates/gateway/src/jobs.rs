@@ -112,9 +112,15 @@ pub struct Presigner {
     sessions: Mutex<HashMap<(String, String), sekisho_registry::Session>>,
 }
 
+/// How long the presigned-URL role's sessions last: twice the longest URL (`expiresInSec` is
+/// at most 3600), so one session serves every URL for an hour, and an account's stored
+/// sessions grow by one per role and hour however many devices ask for documents.
+const PRESIGNER_SESSION_SECS: u32 = 7200;
+
 impl Presigner {
     /// Credentials of `role_arn` for IoT, valid at least `seconds` more: the role must exist
-    /// and trust `iot.amazonaws.com`.
+    /// and trust `iot.amazonaws.com`. Credentials of a role since deleted (even if re-created
+    /// under the same name) are not reused.
     fn credentials(
         &self,
         registry: &Registry,
@@ -124,13 +130,6 @@ impl Presigner {
         now: f64,
     ) -> Option<sekisho_registry::Session> {
         let key = (account.to_owned(), role_arn.to_owned());
-        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions.retain(|_, s| s.expiration > now);
-        if let Some(s) = sessions.get(&key)
-            && s.expiration - now >= seconds as f64 + 60.0
-        {
-            return Some(s.clone());
-        }
         let role = registry.role_by_arn(account, role_arn)?;
         let mut ctx = sekisho_policy::MapContext::new();
         ctx.set("aws:SourceAccount", account);
@@ -138,6 +137,18 @@ impl Presigner {
             tracing::warn!(%account, role = %role_arn, "job presigned URLs: the role does not trust iot.amazonaws.com");
             return None;
         }
+        {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions.retain(|_, s| s.expiration > now);
+            if let Some(s) = sessions.get(&key)
+                && s.expiration - now >= seconds as f64 + 60.0
+                && s.principal_id.as_deref() == Some(role.id.as_str())
+            {
+                return Some(s.clone());
+            }
+        }
+        // Issued without the lock held: a stored write must not hold up every account's
+        // documents. Two requests that miss at once may each issue one.
         let session = registry
             .create_session_with(
                 account,
@@ -145,12 +156,15 @@ impl Presigner {
                     role: role.name.clone(),
                     session: "iot-jobs-presigned-url".into(),
                 },
-                3600,
+                PRESIGNER_SESSION_SECS,
                 None,
                 BTreeMap::new(),
             )
             .ok()?;
-        sessions.insert(key, session.clone());
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, session.clone());
         Some(session)
     }
 
