@@ -337,6 +337,24 @@ def test_provisioning_by_trusted_user(server, workdir):
     m = p.messages.get(timeout=10)
     assert m.topic.endswith("/accepted") and json.loads(m.payload)["thingName"] == "ThingPrefix_tu1"
     p.close()
+    # The claim may not take over a client id that has a session (connected, or persistent
+    # and offline): it would cut that device off and swallow its queued messages.
+    from conftest import Device
+    victim = Device(server, iot, unique("victim"), ALLOW_ALL, workdir)
+    v = Paho(server, server.endpoint(), victim, victim.name, clean=False)
+    assert v.connect()[0] == 0
+    thief = Paho(server, server.endpoint(), claim, victim.name, v5=True)
+    assert thief.connect()[0] == 0x87
+    thief.close()
+    assert v.disconnects.empty(), "the device stays connected"
+    v.close()
+    thief = Paho(server, server.endpoint(), claim, victim.name, v5=True)
+    assert thief.connect()[0] == 0x87, "nor resume its persistent session"
+    thief.close()
+    # A client id without a session is the claim's to use, again and again.
+    again = Paho(server, server.endpoint(), claim, p.c._client_id.decode(), v5=True)
+    assert again.connect()[0] == 0
+    again.close()
     iot.update_provisioning_template(templateName=template, enabled=False)
     cp = server.aws("iot", "create-provisioning-claim", "--template-name", template, check=False)
     assert cp.returncode != 0 and "InvalidRequestException" in cp.stderr

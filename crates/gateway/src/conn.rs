@@ -409,6 +409,23 @@ fn accept(
         why: e.to_string(),
     })?;
     principal.ctx.connect_attributes = admission.connect_attributes.clone();
+    // A provisioning claim (CreateProvisioningClaim) may connect with any client id, but not
+    // with one that has a session: it would disconnect that device and, resuming its
+    // persistent session, swallow its queued messages (the claim may not receive them).
+    if let Some(certificate) = &info.certificate
+        && info.caller.is_none()
+        && shared.broker.has_session(&info.account, &client_id)
+        && shared
+            .registry
+            .describe_certificate(&info.account, certificate.as_str())
+            .is_ok_and(|c| c.claim_template.is_some())
+    {
+        return Err(Refusal {
+            version,
+            code: sekisho_mqtt::reason::NOT_AUTHORIZED,
+            why: "a provisioning claim may not take over a client id that has a session".into(),
+        });
+    }
     let mut port = Port {
         shared: shared.clone(),
         principal,
