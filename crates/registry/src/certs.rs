@@ -122,6 +122,18 @@ impl Registry {
     /// UpdateCertificate. PENDING_TRANSFER and PENDING_ACTIVATION cannot be set by callers;
     /// the change reaches live connections through the change feed.
     pub fn update_certificate(&self, account: &str, id: &str, status: CertStatus) -> Result<()> {
+        self.set_certificate_status(account, id, status, None)
+    }
+
+    /// UpdateCertificate's change, made only while the certificate's status is `only_from`
+    /// when that is given (provisioning activates only a certificate still waiting for it).
+    pub(crate) fn set_certificate_status(
+        &self,
+        account: &str,
+        id: &str,
+        status: CertStatus,
+        only_from: Option<CertStatus>,
+    ) -> Result<()> {
         if matches!(
             status,
             CertStatus::PendingTransfer | CertStatus::PendingActivation
@@ -138,6 +150,15 @@ impl Registry {
             if c.status == CertStatus::PendingTransfer {
                 return Err(RegistryError::CertificateState(format!(
                     "The certificate {id} is pending transfer and cannot be updated"
+                )));
+            }
+            if let Some(from) = only_from
+                && c.status != from
+            {
+                return Err(RegistryError::CertificateState(format!(
+                    "The certificate {id} is {} now, not {}",
+                    c.status.as_str(),
+                    from.as_str()
                 )));
             }
             if c.status == status {

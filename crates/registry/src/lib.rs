@@ -228,6 +228,9 @@ pub struct Registry {
     store: Mutex<Store>,
     feed: broadcast::Sender<Change>,
     generation: AtomicU64,
+    /// Held by RegisterThing from its checks to its last write: two provisionings never
+    /// interleave (both finding a thing without a certificate, say, and both attaching).
+    provisioning: Mutex<()>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -262,6 +265,7 @@ impl Registry {
             store: Mutex::new(store),
             feed,
             generation: AtomicU64::new(1),
+            provisioning: Mutex::new(()),
         })
     }
 }

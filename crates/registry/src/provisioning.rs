@@ -410,6 +410,7 @@ impl Registry {
         role_arn: &str,
     ) -> Result<Registered> {
         let cert_arn = self.arn(account, &format!("cert/{certificate_id}"));
+        let _one_at_a_time = self.provisioning.lock().unwrap_or_else(|p| p.into_inner());
         // Everything checked first.
         let mut checks: Vec<(&str, String)> = Vec::new();
         let existing = self.read(account, |a| {
@@ -561,9 +562,8 @@ impl Registry {
             out.thing = Some(t.name.clone());
         }
         for p in &plan.policies {
-            if let Some(doc) = &p.document
-                && self.get_policy(account, &p.name).is_err()
-            {
+            // Checked absent above: one created since (by an administrator) is not taken over.
+            if let Some(doc) = &p.document {
                 self.create_policy(account, &p.name, doc)?;
             }
             self.attach_policy(account, &p.name, &cert_arn)?;
@@ -573,6 +573,17 @@ impl Registry {
             );
         }
         if let Some(t) = &out.thing {
+            // Checked without a certificate above; one attached since is some device's.
+            let taken = self.read(account, |a| {
+                Ok(a.thing_principals
+                    .get(t)
+                    .is_some_and(|p| p.iter().any(|(c, _)| *c != cert_arn)))
+            })?;
+            if taken {
+                return Err(failure(format!(
+                    "Thing {t} was given a certificate while it was being provisioned"
+                )));
+            }
             self.attach_thing_principal(
                 account,
                 t,
@@ -581,7 +592,8 @@ impl Registry {
             )?;
         }
         let active = plan.certificate.as_ref().is_some_and(|c| c.active);
-        self.update_certificate(
+        // Only from PENDING_ACTIVATION: an administrator's change meanwhile stands.
+        self.set_certificate_status(
             account,
             certificate_id,
             if active {
@@ -589,6 +601,7 @@ impl Registry {
             } else {
                 CertStatus::Inactive
             },
+            Some(CertStatus::PendingActivation),
         )?;
         if let Some(c) = &plan.certificate {
             out.resource_arns.insert(c.logical.clone(), cert_arn);

@@ -356,3 +356,107 @@ fn iam_identities_and_sessions_survive_reopen() {
         Err(RegistryError::LimitExceeded(_))
     ));
 }
+
+fn pending_cert(r: &Registry, acct: &str) -> Certificate {
+    r.add_certificate(
+        acct,
+        NewCertificate {
+            pem: cert_pem(),
+            status: CertStatus::PendingActivation,
+            ca_certificate_id: None,
+            mode: CertMode::Default,
+            claim_template: None,
+        },
+    )
+    .unwrap()
+}
+
+/// A template that provisions thing `t` for the certificate `cert`, with a new policy if asked.
+fn plan(cert: &str, policy: bool) -> template::Plan {
+    let mut resources = serde_json::json!({
+        "thing": {"Type": "AWS::IoT::Thing", "Properties": {"ThingName": "t"}},
+        "certificate": {"Type": "AWS::IoT::Certificate",
+            "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"}}});
+    if policy {
+        resources["policy"] = serde_json::json!({"Type": "AWS::IoT::Policy",
+            "Properties": {"PolicyDocument": DOC}});
+    }
+    let body = serde_json::json!({
+        "Parameters": {"AWS::IoT::Certificate::Id": {"Type": "String"}},
+        "Resources": resources});
+    let params = BTreeMap::from([("AWS::IoT::Certificate::Id".to_string(), cert.to_string())]);
+    template::evaluate(&body.to_string(), &params).unwrap()
+}
+
+fn provisioning_role(r: &Registry, acct: &str) -> String {
+    let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"iot.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+    r.create_role(acct, "prov", None, trust, None, None)
+        .unwrap();
+    r.put_inline_policy(acct, true, "prov", "all", DOC).unwrap();
+    format!("arn:aws:iam::{acct}:role/prov")
+}
+
+#[test]
+fn concurrent_provisionings_of_one_thing_give_it_one_certificate() {
+    let r = std::sync::Arc::new(Registry::in_memory("us-east-1").unwrap());
+    let (a, _) = r.create_account("a").unwrap();
+    let a = a.id;
+    let role = provisioning_role(&r, &a);
+    for _ in 0..20 {
+        let _ = r.delete_thing(&a, "t", None);
+        let certs: Vec<Certificate> = (0..4).map(|_| pending_cert(&r, &a)).collect();
+        let results: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = certs
+                .iter()
+                .map(|c| {
+                    let (r, a, role) = (r.clone(), a.clone(), role.clone());
+                    s.spawn(move || {
+                        r.register_thing(&a, plan(&c.id, false), &c.id, &role)
+                            .is_ok()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|ok| **ok).count(), 1, "{results:?}");
+        let principals = r.list_thing_principals(&a, "t", None, 100).unwrap().items;
+        assert_eq!(principals.len(), 1, "{principals:?}");
+        for c in &certs {
+            let _ = r.detach_thing_principal(
+                &a,
+                "t",
+                &format!("arn:aws:iot:us-east-1:{a}:cert/{}", c.id),
+            );
+        }
+    }
+}
+
+#[test]
+fn provisioning_does_not_undo_what_an_administrator_did_meanwhile() {
+    let r = Registry::in_memory("us-east-1").unwrap();
+    let (a, _) = r.create_account("a").unwrap();
+    let a = a.id;
+    let role = provisioning_role(&r, &a);
+    // A policy the template creates, created by someone else first: refused, not attached.
+    let c = pending_cert(&r, &a);
+    let with_policy = plan(&c.id, true);
+    r.create_policy(&a, &with_policy.policies[0].name, DOC)
+        .unwrap();
+    assert!(r.register_thing(&a, with_policy, &c.id, &role).is_err());
+    assert_eq!(
+        r.describe_certificate(&a, &c.id).unwrap().status,
+        CertStatus::PendingActivation
+    );
+    // A certificate no longer PENDING_ACTIVATION is not provisioned (nor reactivated).
+    let c = pending_cert(&r, &a);
+    r.update_certificate(&a, &c.id, CertStatus::Inactive)
+        .unwrap();
+    assert!(
+        r.register_thing(&a, plan(&c.id, false), &c.id, &role)
+            .is_err()
+    );
+    assert_eq!(
+        r.describe_certificate(&a, &c.id).unwrap().status,
+        CertStatus::Inactive
+    );
+}
