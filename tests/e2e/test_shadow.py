@@ -478,3 +478,64 @@ def test_the_sdks_mqtt5_request_response_shadow_client(server, workdir):
         shadow.get_shadow(iotshadow.GetShadowRequest(thing_name=dev.name)).result(10)
     assert "404" in str(e.value) or "No shadow" in str(e.value)
     client.stop()
+
+
+def test_named_shadows_per_thing_are_bounded_at_n_and_n_plus_one(workdir):
+    """A thing may have `named_shadows_per_thing` named shadows (Sekisho's own bound; AWS sets
+    none, but a device allowed `shadow/name/*` could otherwise fill the disk): the Nth is
+    created, the N+1th refused with 400 over HTTPS and MQTT, the classic shadow and updates of
+    existing ones are not counted, and a deleted one frees its place. Deleted shadows keep
+    their versions up to N of them; the N+1th deletion forgets the thing's deleted shadows,
+    whose names then start again at version 1. All of it survives a restart."""
+    s = Server(workdir / unique("shadowcap"), config="[limits]\nnamed_shadows_per_thing = 3\n").start()
+    try:
+        iot = s.boto()
+        data = s.boto("iot-data")
+        thing = unique("cap")
+
+        def update(name, n=1):
+            out = data.update_thing_shadow(thingName=thing, shadowName=name,
+                                           payload=json.dumps({"state": {"reported": {"n": n}}}))
+            return json.loads(out["payload"].read())["version"]
+
+        def listed():
+            return sorted(data.list_named_shadows_for_thing(thingName=thing)["results"])
+
+        for name in ("a", "b", "c"):
+            assert update(name) == 1
+        with pytest.raises(data.exceptions.InvalidRequestException) as e:
+            update("d")
+        assert str(e.value).endswith(f"The thing {thing} has 3 named shadows, the most it may have")
+        assert update("a", 2) == 2, "an existing one is updated"
+        data.update_thing_shadow(thingName=thing, payload=b'{"state":{"reported":{"classic":1}}}')
+        # Over MQTT: the refusal on /rejected with AWS's error document.
+        dev = Device(s, iot, thing, ALLOW_ALL, workdir)
+        p = Paho(s, s.endpoint(), dev, thing)
+        assert p.connect()[0] == 0
+        p.subscribe(f"$aws/things/{thing}/shadow/name/e/update/rejected", qos=1)
+        p.c.publish(f"$aws/things/{thing}/shadow/name/e/update", b'{"state":{},"clientToken":"t1"}', qos=1)
+        rej = json.loads(p.messages.get(timeout=5).payload)
+        assert (rej["code"], rej["clientToken"]) == (400, "t1")
+        p.close()
+        # A deleted one frees its place and keeps its version.
+        data.delete_thing_shadow(thingName=thing, shadowName="a")
+        assert listed() == ["b", "c"]
+        assert update("d") == 1
+        with pytest.raises(data.exceptions.InvalidRequestException):
+            update("a")
+        data.delete_thing_shadow(thingName=thing, shadowName="d")
+        assert update("a", 3) == 3, "its version continues after its deletion"
+        s.stop()
+        s.start()
+        # Deleted ones, kept for their versions: up to 3 (d, a, b), at N still kept.
+        for name in ("a", "b"):
+            data.delete_thing_shadow(thingName=thing, shadowName=name)
+        assert listed() == ["c"]
+        assert update("b") == 2, "kept at N"
+        data.delete_thing_shadow(thingName=thing, shadowName="b")
+        data.delete_thing_shadow(thingName=thing, shadowName="c")  # d, a, b, c: N+1 forgets them
+        assert listed() == []
+        assert update("a") == 1 and update("b") == 1 and update("c") == 1
+        assert listed() == ["a", "b", "c"]
+    finally:
+        s.stop()

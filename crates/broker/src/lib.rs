@@ -133,12 +133,16 @@ pub struct Quotas {
     /// Bytes of all offline sessions' queued messages together (oldest of the session
     /// dropped first; a message that alone does not fit is dropped).
     pub offline_bytes: u64,
+    /// Named shadows one thing may have (live; and as many deleted ones kept for their
+    /// versions, beyond which those are dropped). AWS sets no such quota.
+    pub named_shadows_per_thing: usize,
 }
 
 impl Default for Quotas {
     /// 100,000 retained messages (AWS's documented default) in at most 1 GiB; 100,000 sessions
     /// (one endpoint's connection cap); 1,000 queued messages per offline session, and 1 GiB
-    /// of queued messages in all the account's offline sessions.
+    /// of queued messages in all the account's offline sessions; 1,000 named shadows per
+    /// thing.
     fn default() -> Self {
         Quotas {
             retained_messages: 100_000,
@@ -146,6 +150,7 @@ impl Default for Quotas {
             sessions: 100_000,
             offline_messages: 1000,
             offline_bytes: 1 << 30,
+            named_shadows_per_thing: 1000,
         }
     }
 }
@@ -788,6 +793,11 @@ impl Broker {
                 .throttled(throttle::Throttled::AccountSubscribeRate);
         }
         ok
+    }
+
+    /// The quotas of `account`.
+    pub fn quotas(&self, account: &str) -> &Quotas {
+        self.config.quotas(account)
     }
 
     /// The rate limits of `account`.

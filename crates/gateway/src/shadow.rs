@@ -259,6 +259,8 @@ struct Segment {
     seen: HashMap<Key, Option<Shadow>>,
     /// Those changed and not yet committed.
     dirty: HashSet<Key>,
+    /// Named shadows this segment made exist, per (account, thing), not yet committed.
+    created: HashMap<(String, String), usize>,
     outcomes: Vec<Outcome>,
     answer_bytes: usize,
 }
@@ -404,6 +406,39 @@ impl Worker {
             }
         }
         let current = seg.seen.get(&key).and_then(Option::as_ref);
+        let creates =
+            job.op == Op::Update && job.name.is_some() && !current.is_some_and(|s| s.exists);
+        if creates {
+            let most = self.broker.quotas(&job.account).named_shadows_per_thing;
+            let pending = seg
+                .created
+                .get(&(job.account.clone(), job.thing.clone()))
+                .copied()
+                .unwrap_or(0);
+            let stored = match self.registry.named_shadow_count(
+                &job.account,
+                &job.thing,
+                most.saturating_add(1),
+            ) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "shadow count failed");
+                    return Outcome {
+                        job,
+                        result: Err(Error::internal()),
+                        depends: false,
+                    };
+                }
+            };
+            if stored.saturating_add(pending) >= most {
+                let e = Error::too_many_shadows(&job.thing, most);
+                return Outcome {
+                    job,
+                    result: Err(e),
+                    depends: false,
+                };
+            }
+        }
         let ser = |v: Value| Bytes::from(v.to_string());
         let (result, next) = match job.op {
             Op::Get => (
@@ -432,6 +467,11 @@ impl Worker {
         };
         // What it answered from (or what it wrote) stands only if the commit does.
         let depends = next.is_some() || seg.dirty.contains(&key);
+        if creates && next.as_ref().is_some_and(|s| s.exists) {
+            *seg.created
+                .entry((job.account.clone(), job.thing.clone()))
+                .or_default() += 1;
+        }
         if let Some(s) = next {
             seg.seen.insert(key.clone(), Some(s));
             seg.dirty.insert(key);
@@ -456,6 +496,7 @@ impl Worker {
                     thing: k.1.clone(),
                     name: k.2.clone(),
                     doc: s.to_json(),
+                    exists: s.exists,
                 })
             })
             .collect();
@@ -466,6 +507,9 @@ impl Worker {
                 false
             }
         };
+        if committed {
+            self.bound_tombstones(&writes);
+        }
         for o in seg.outcomes {
             let result = if o.depends && !committed {
                 Err(Error::internal())
@@ -482,6 +526,32 @@ impl Worker {
             }
         }
         seen
+    }
+
+    /// A thing keeps at most as many deleted named shadows (for their versions) as it may
+    /// have live ones: past that, its deleted shadows are forgotten together, so names that
+    /// come and go cannot fill the disk.
+    fn bound_tombstones(&self, writes: &[ShadowWrite]) {
+        let things: HashSet<(&str, &str)> = writes
+            .iter()
+            .filter(|w| !w.exists && w.name.is_some())
+            .map(|w| (w.account.as_str(), w.thing.as_str()))
+            .collect();
+        for (account, thing) in things {
+            let most = self.broker.quotas(account).named_shadows_per_thing;
+            let over = self
+                .registry
+                .shadow_tombstone_count(account, thing, most.saturating_add(1))
+                .is_ok_and(|n| n > most);
+            if over {
+                match self.registry.drop_shadow_tombstones(account, thing) {
+                    Ok(n) => {
+                        tracing::info!(%account, %thing, dropped = n, "deleted named shadows forgotten")
+                    }
+                    Err(e) => tracing::error!(error = %e, "dropping shadow tombstones failed"),
+                }
+            }
+        }
     }
 
     fn answer(&self, job: Job, result: Result<Vec<(&'static str, Bytes)>, Error>, secs: u64) {

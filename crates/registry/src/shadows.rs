@@ -3,12 +3,21 @@
 //! the registry's memory: the shadow service reads one when a request names it and writes a
 //! batch of them in one transaction. A shadow does not need a registered thing, and deleting a
 //! thing leaves its shadows, as in AWS IoT.
-
+//!
+//! A deleted shadow keeps its version (the next update continues from it) in a tombstone under
+//! `{thing}\u{1}/{shadow name}`, apart from the live shadows: a thing's live named shadows are
+//! one key range (listed and counted without reading deleted ones), and its tombstones another,
+//! which can be dropped whole. Tombstones written before they had keys of their own (under the
+//! live key, marked deleted in the document) are still read as deleted shadows.
 use crate::store::{Kind, Op};
 use crate::*;
 
 fn key(thing: &str, name: Option<&str>) -> String {
     format!("{thing}/{}", name.unwrap_or(""))
+}
+
+fn tombstone_key(thing: &str, name: Option<&str>) -> String {
+    format!("{thing}\u{1}/{}", name.unwrap_or(""))
 }
 
 /// One shadow to store: its account, thing, name (`None`: classic) and document.
@@ -22,32 +31,91 @@ pub struct ShadowWrite {
     pub name: Option<String>,
     /// The stored document (a deleted shadow is stored too: it keeps its version).
     pub doc: String,
+    /// Whether the shadow exists; `false` stores its tombstone.
+    pub exists: bool,
 }
 
 impl Registry {
-    /// The stored document of a shadow, if one was ever stored.
+    /// The stored document of a shadow (or of its tombstone), if one was ever stored.
     pub fn shadow(&self, account: &str, thing: &str, name: Option<&str>) -> Result<Option<String>> {
         let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.get(Kind::Shadow, account, &key(thing, name))
+        match store.get(Kind::Shadow, account, &key(thing, name))? {
+            Some(doc) => Ok(Some(doc)),
+            None => store.get(Kind::Shadow, account, &tombstone_key(thing, name)),
+        }
     }
 
-    /// Stores shadows in one transaction (synced before it returns).
+    /// Stores shadows in one transaction (synced before it returns): a live shadow under its
+    /// key, a deleted one as its tombstone (each replacing the other).
     pub fn put_shadows(&self, writes: &[ShadowWrite]) -> Result<()> {
-        let ops: Vec<Op> = writes
-            .iter()
-            .map(|w| Op::Put {
+        let mut ops = Vec::with_capacity(2 * writes.len());
+        for w in writes {
+            let (live, dead) = (
+                key(&w.thing, w.name.as_deref()),
+                tombstone_key(&w.thing, w.name.as_deref()),
+            );
+            let (put, delete) = if w.exists { (live, dead) } else { (dead, live) };
+            ops.push(Op::Put {
                 kind: Kind::Shadow,
                 account: w.account.clone(),
-                key: key(&w.thing, w.name.as_deref()),
+                key: put,
                 doc: w.doc.clone(),
-            })
-            .collect();
+            });
+            ops.push(Op::Delete {
+                kind: Kind::Shadow,
+                account: w.account.clone(),
+                key: delete,
+            });
+        }
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         store.apply(&ops)
     }
 
+    /// How many named shadows of a thing are stored live, counting no further than `limit`.
+    pub fn named_shadow_count(&self, account: &str, thing: &str, limit: usize) -> Result<usize> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.count(
+            Kind::Shadow,
+            account,
+            &key(thing, None),
+            &format!("{thing}0"),
+            limit,
+        )
+    }
+
+    /// How many tombstones of a thing's named shadows are stored, counting no further than
+    /// `limit`.
+    pub fn shadow_tombstone_count(
+        &self,
+        account: &str,
+        thing: &str,
+        limit: usize,
+    ) -> Result<usize> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.count(
+            Kind::Shadow,
+            account,
+            &tombstone_key(thing, None),
+            &format!("{thing}\u{1}0"),
+            limit,
+        )
+    }
+
+    /// Drops every tombstone of a thing's named shadows (their names, re-created, start again
+    /// at version 1); returns how many.
+    pub fn drop_shadow_tombstones(&self, account: &str, thing: &str) -> Result<usize> {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.delete_range(
+            Kind::Shadow,
+            account,
+            &tombstone_key(thing, None),
+            &format!("{thing}\u{1}0"),
+        )
+    }
+
     /// The stored named shadows of a thing after `after` (exclusive), in name order, at most
-    /// `limit`, as (name, document). The caller keeps those that exist.
+    /// `limit`, as (name, document): the live ones, and tombstones stored before they had keys
+    /// of their own. The caller keeps those that exist.
     pub fn named_shadows(
         &self,
         account: &str,
@@ -77,6 +145,7 @@ mod tests {
             thing: thing.into(),
             name: name.map(str::to_owned),
             doc: doc.into(),
+            exists: true,
         }
     }
 
@@ -119,6 +188,77 @@ mod tests {
         assert_eq!(
             reg.shadow("a", "lamp", Some("cfg")).unwrap().as_deref(),
             Some("5")
+        );
+    }
+
+    #[test]
+    fn tombstones_are_kept_apart_counted_and_dropped() {
+        let reg = Registry::in_memory("us-east-1").unwrap();
+        let dead = |name: &str| ShadowWrite {
+            exists: false,
+            ..w("a", "lamp", Some(name), &format!("dead {name}"))
+        };
+        reg.put_shadows(&[
+            w("a", "lamp", Some("x"), "x1"),
+            w("a", "lamp", Some("y"), "y1"),
+            w("a", "lamp", None, "classic"),
+            w("a", "lamp2", Some("z"), "other thing"),
+        ])
+        .unwrap();
+        assert_eq!(reg.named_shadow_count("a", "lamp", 100).unwrap(), 2);
+        assert_eq!(reg.named_shadow_count("a", "lamp", 1).unwrap(), 1);
+        // Deleted: read back as its tombstone, no longer live, no longer listed.
+        reg.put_shadows(&[
+            dead("x"),
+            ShadowWrite {
+                exists: false,
+                ..w("a", "lamp", None, "dead classic")
+            },
+        ])
+        .unwrap();
+        assert_eq!(
+            reg.shadow("a", "lamp", Some("x")).unwrap().as_deref(),
+            Some("dead x")
+        );
+        assert_eq!(
+            reg.shadow("a", "lamp", None).unwrap().as_deref(),
+            Some("dead classic")
+        );
+        assert_eq!(reg.named_shadow_count("a", "lamp", 100).unwrap(), 1);
+        assert_eq!(reg.shadow_tombstone_count("a", "lamp", 100).unwrap(), 1);
+        let listed: Vec<String> = reg
+            .named_shadows("a", "lamp", None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(listed, ["y"]);
+        // Re-created: live again, the tombstone gone.
+        reg.put_shadows(&[w("a", "lamp", Some("x"), "x2")]).unwrap();
+        assert_eq!(
+            reg.shadow("a", "lamp", Some("x")).unwrap().as_deref(),
+            Some("x2")
+        );
+        assert_eq!(reg.shadow_tombstone_count("a", "lamp", 100).unwrap(), 0);
+        // Dropped: only this thing's named tombstones (not its classic one, nor other things').
+        reg.put_shadows(&[
+            dead("x"),
+            dead("y"),
+            ShadowWrite {
+                exists: false,
+                ..w("a", "lamp2", Some("z"), "d")
+            },
+        ])
+        .unwrap();
+        assert_eq!(reg.drop_shadow_tombstones("a", "lamp").unwrap(), 2);
+        assert_eq!(reg.shadow("a", "lamp", Some("x")).unwrap(), None);
+        assert_eq!(
+            reg.shadow("a", "lamp", None).unwrap().as_deref(),
+            Some("dead classic")
+        );
+        assert_eq!(
+            reg.shadow("a", "lamp2", Some("z")).unwrap().as_deref(),
+            Some("d")
         );
     }
 }

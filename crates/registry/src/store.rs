@@ -256,6 +256,48 @@ impl Store {
         rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
     }
 
+    /// How many keys lie in `(after, below)`, counting no further than `limit` (keys only:
+    /// the primary key's index answers it without reading documents).
+    pub(crate) fn count(
+        &self,
+        kind: Kind,
+        account: &str,
+        after: &str,
+        below: &str,
+        limit: usize,
+    ) -> Result<usize, RegistryError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM objects WHERE kind = ?1 AND account_id = ?2
+                 AND key > ?3 AND key < ?4 LIMIT ?5)",
+            )
+            .map_err(db_err)?;
+        let n: i64 = stmt
+            .query_row(
+                params![kind.as_str(), account, after, below, limit as i64],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    /// Deletes every row whose key lies in `(after, below)`; returns how many.
+    pub(crate) fn delete_range(
+        &mut self,
+        kind: Kind,
+        account: &str,
+        after: &str,
+        below: &str,
+    ) -> Result<usize, RegistryError> {
+        self.conn
+            .execute(
+                "DELETE FROM objects WHERE kind = ?1 AND account_id = ?2 AND key > ?3 AND key < ?4",
+                params![kind.as_str(), account, after, below],
+            )
+            .map_err(db_err)
+    }
+
     pub(crate) fn apply(&mut self, ops: &[Op]) -> Result<(), RegistryError> {
         if ops.is_empty() {
             return Ok(());

@@ -110,6 +110,9 @@ pub struct Limits {
     pub shared_replay_per_second: u32,
     /// Device Shadow requests per second per thing (AWS: 20).
     pub shadow_requests_per_thing: u32,
+    /// Named shadows per thing (Sekisho's own bound: AWS sets none). As many deleted ones
+    /// keep their versions; beyond that, the thing's deleted shadows are forgotten.
+    pub named_shadows_per_thing: usize,
     /// Per-account overrides, by account id.
     pub accounts: std::collections::BTreeMap<String, AccountLimits>,
 }
@@ -148,6 +151,8 @@ pub struct AccountLimits {
     pub shared_replay_per_second: Option<u32>,
     /// See [`Limits::shadow_requests_per_thing`].
     pub shadow_requests_per_thing: Option<u32>,
+    /// See [`Limits::named_shadows_per_thing`].
+    pub named_shadows_per_thing: Option<usize>,
 }
 
 impl Default for Limits {
@@ -169,6 +174,7 @@ impl Default for Limits {
             sessions: q.sessions,
             offline_messages: q.offline_messages,
             offline_bytes: q.offline_bytes,
+            named_shadows_per_thing: q.named_shadows_per_thing,
             multipart_uploads: 1000,
             multipart_upload_days: 7,
             accounts: Default::default(),
@@ -185,6 +191,7 @@ impl Limits {
             sessions: self.sessions,
             offline_messages: self.offline_messages,
             offline_bytes: self.offline_bytes,
+            named_shadows_per_thing: self.named_shadows_per_thing,
         };
         let account_quotas = self
             .accounts
@@ -198,6 +205,9 @@ impl Limits {
                         sessions: a.sessions.unwrap_or(base.sessions),
                         offline_messages: a.offline_messages.unwrap_or(base.offline_messages),
                         offline_bytes: a.offline_bytes.unwrap_or(base.offline_bytes),
+                        named_shadows_per_thing: a
+                            .named_shadows_per_thing
+                            .unwrap_or(base.named_shadows_per_thing),
                     },
                 )
             })

@@ -59,6 +59,15 @@ impl Error {
         Error::new(404, format!("No shadow exists with name: {name}"))
     }
 
+    /// 400, a new named shadow beyond the most a thing may have (a quota of Sekisho's: AWS
+    /// sets none, but storage must be bounded).
+    pub fn too_many_shadows(thing: &str, most: usize) -> Error {
+        Error::new(
+            400,
+            format!("The thing {thing} has {most} named shadows, the most it may have"),
+        )
+    }
+
     /// 429, more requests for one thing than AWS allows per second.
     pub fn throttled() -> Error {
         Error::new(429, "Too Many Requests")
