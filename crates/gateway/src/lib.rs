@@ -121,6 +121,8 @@ pub struct Shared {
     pub device_ca: std::sync::OnceLock<Arc<sekisho_pki::Ca>>,
     /// Fleet provisioning's certificate ownership tokens.
     pub tokens: provision::Tokens,
+    /// RSA keys generated ahead for CreateKeysAndCertificate over MQTT.
+    pub keys: Arc<provision::KeyPool>,
     /// The threads device connections run on (unset: the caller's runtime).
     pub threads: std::sync::OnceLock<Arc<ConnThreads>>,
     /// MQTT connections being served (from CONNECT to the end of their bookkeeping).
@@ -155,6 +157,7 @@ impl Shared {
             jobs_limiter: jobs::Limiter::default(),
             device_ca: std::sync::OnceLock::new(),
             tokens: provision::Tokens::default(),
+            keys: Arc::new(provision::KeyPool::default()),
             registry,
             broker,
             session,

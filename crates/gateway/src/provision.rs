@@ -12,7 +12,11 @@
 //! never provisioned is deleted. Tokens live in memory: after a restart a device starts over.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use sekisho_pki::{DeviceKey, KeyKind, PkiError};
 
 use sekisho_registry::{CertMode, CertStatus, NewCertificate, TemplateType};
 use serde_json::{Map, Value, json};
@@ -25,6 +29,74 @@ pub const TOKEN_SECONDS: f64 = 3600.0;
 pub const REQUESTS_PER_ACCOUNT: u32 = 10;
 /// Certificates an account may have waiting for provisioning (PENDING_ACTIVATION, issued here).
 pub const MAX_PENDING: usize = 10_000;
+
+/// Keys the pool keeps ready.
+const POOL_KEYS: usize = 4;
+
+/// RSA 2048 keys for CreateKeysAndCertificate over MQTT, generated ahead on a thread of their
+/// own: one takes tens of milliseconds, which on a device connection thread would stall every
+/// connection sharing that thread. The pool starts filling at the first request (a server
+/// that never provisions spends nothing) and keeps [`POOL_KEYS`]. A request that finds it
+/// empty generates a key in place if no other connection is doing so, and is throttled
+/// otherwise: at most one connection thread is ever busy generating keys.
+#[derive(Debug, Default)]
+pub struct KeyPool {
+    keys: Mutex<Vec<DeviceKey>>,
+    wake: Condvar,
+    started: AtomicBool,
+    in_place: Mutex<()>,
+}
+
+impl KeyPool {
+    /// A key, or `None` when none is ready and another request is generating one.
+    pub fn take(self: &Arc<Self>) -> Option<Result<DeviceKey, PkiError>> {
+        self.start();
+        let key = self.keys.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        self.wake.notify_one();
+        if let Some(k) = key {
+            return Some(Ok(k));
+        }
+        let _only_one = self.in_place.try_lock().ok()?;
+        Some(DeviceKey::generate(KeyKind::Rsa2048))
+    }
+
+    fn start(self: &Arc<Self>) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("sekisho-keys".into())
+            .spawn(move || {
+                // Holds the pool only between waits: it ends once the pool is dropped.
+                while let Some(pool) = weak.upgrade() {
+                    let full = {
+                        let keys = pool.keys.lock().unwrap_or_else(|p| p.into_inner());
+                        if keys.len() >= POOL_KEYS {
+                            let _ = pool.wake.wait_timeout(keys, Duration::from_secs(1));
+                            true
+                        } else {
+                            false
+                        }
+                    };
+                    if full {
+                        continue;
+                    }
+                    match DeviceKey::generate(KeyKind::Rsa2048) {
+                        Ok(k) => pool.keys.lock().unwrap_or_else(|p| p.into_inner()).push(k),
+                        Err(e) => {
+                            tracing::error!(error = %e, "key generation failed");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "the key generation thread did not start");
+            self.started.store(false, Ordering::Release);
+        }
+    }
+}
 
 /// What a provisioning topic asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,7 +339,12 @@ fn answer_value(
     };
     match req {
         Request::CreateKeys => {
-            let issued = match ca.issue_device(sekisho_pki::KeyKind::Rsa2048, utc) {
+            let key = match shared.keys.take() {
+                Some(Ok(k)) => k,
+                Some(Err(e)) => return rejected(500, "InternalError", e.to_string()),
+                None => return rejected(429, "Throttled", "Too many provisioning requests"),
+            };
+            let issued = match ca.issue_device_with(key, utc) {
                 Ok(i) => i,
                 Err(e) => return rejected(500, "InternalError", e.to_string()),
             };
@@ -471,4 +548,49 @@ pub fn jitp(
             .map(|r| r.thing)
             .map_err(|e| e.to_string()),
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_pool_fills_ahead_and_never_generates_twice_in_place() {
+        // No filler thread, and another request generating in place: throttled at once.
+        let pool = Arc::new(KeyPool::default());
+        pool.started.store(true, Ordering::Release);
+        let busy = pool.in_place.lock().unwrap();
+        assert!(pool.take().is_none());
+        drop(busy);
+        // Free: the request generates its own key.
+        assert!(matches!(pool.take(), Some(Ok(_))));
+
+        // With its thread: the first request starts it, and the pool fills to POOL_KEYS.
+        let pool = Arc::new(KeyPool::default());
+        assert!(matches!(pool.take(), Some(Ok(_))));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while pool.keys.lock().unwrap().len() < POOL_KEYS {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pool did not fill"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Taken from the pool even while in-place generation is held by someone else.
+        let busy = pool.in_place.lock().unwrap();
+        assert!(matches!(pool.take(), Some(Ok(_))));
+        drop(busy);
+        // Dropped: its thread ends (it holds the pool only between waits).
+        let weak = Arc::downgrade(&pool);
+        drop(pool);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while weak.upgrade().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the thread kept the pool"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

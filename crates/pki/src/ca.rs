@@ -52,6 +52,22 @@ fn sign_err(e: rcgen::Error) -> PkiError {
     PkiError::Signing(e.to_string())
 }
 
+/// A new key pair for a device certificate, not yet used.
+pub struct DeviceKey(KeyPair);
+
+impl std::fmt::Debug for DeviceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceKey(..)")
+    }
+}
+
+impl DeviceKey {
+    /// Generates one.
+    pub fn generate(kind: KeyKind) -> Result<DeviceKey, PkiError> {
+        new_key(kind).map(DeviceKey)
+    }
+}
+
 fn new_key(kind: KeyKind) -> Result<KeyPair, PkiError> {
     match kind {
         KeyKind::EcdsaP256 => KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256),
@@ -207,11 +223,20 @@ impl Ca {
     /// CreateKeysAndCertificate: a new key pair of `kind` (AWS issues RSA 2048) and a device
     /// certificate with subject `CN=AWS IoT Certificate`, valid until 2049-12-31.
     pub fn issue_device(&self, kind: KeyKind, now: OffsetDateTime) -> Result<IssuedKeys, PkiError> {
-        let key = new_key(kind)?;
+        self.issue_device_with(DeviceKey::generate(kind)?, now)
+    }
+
+    /// [`Ca::issue_device`] for a key generated beforehand (RSA generation is slow enough to
+    /// be done away from the request).
+    pub fn issue_device_with(
+        &self,
+        key: DeviceKey,
+        now: OffsetDateTime,
+    ) -> Result<IssuedKeys, PkiError> {
         let cert = Ca::device_params("AWS IoT Certificate", now)
-            .signed_by(&key, &self.issuer()?)
+            .signed_by(&key.0, &self.issuer()?)
             .map_err(sign_err)?;
-        Ok(Ca::finish(cert, &key))
+        Ok(Ca::finish(cert, &key.0))
     }
 
     /// CreateCertificateFromCsr: signs the CSR's public key under the CSR's subject. The CSR's

@@ -8,7 +8,7 @@
 mod ca;
 mod info;
 
-pub use ca::{Ca, IssuedKeys, KeyKind, new_csr};
+pub use ca::{Ca, DeviceKey, IssuedKeys, KeyKind, new_csr};
 pub use info::{CertInfo, NameFields};
 
 use rustls_pki_types::{CertificateDer, pem::PemObject};
