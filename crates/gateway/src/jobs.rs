@@ -788,6 +788,16 @@ pub struct Notifier {
 }
 
 impl Notifier {
+    /// After missed changes: every thing that has pending executions, or had when last told,
+    /// is looked at again (and told only what differs from what it was told).
+    pub fn catch_up(&mut self, shared: &Shared) {
+        let mut things = shared.registry.things_with_pending_jobs();
+        things.extend(self.told.keys().cloned());
+        for (account, thing) in things {
+            self.changed(shared, &account, &thing);
+        }
+    }
+
     /// Looks at a thing's pending executions and tells its subscribers what changed.
     pub fn changed(&mut self, shared: &Shared, account: &str, thing: &str) {
         let broker = &shared.broker;
@@ -847,6 +857,96 @@ fn publish(broker: &Arc<Broker>, account: &str, m: Message) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After missed changes, `catch_up` tells a thing about a job it was never told of, and a
+    /// thing whose last pending job ended that nothing is pending.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn catching_up_after_missed_changes() {
+        use std::time::{Duration, Instant};
+        let registry = Arc::new(Registry::in_memory("us-east-1").unwrap());
+        let (info, _) = registry.create_account("a").unwrap();
+        let account = info.id;
+        for t in ["t1", "t2"] {
+            registry
+                .create_thing(&account, t, None, Default::default())
+                .unwrap();
+        }
+        let broker = Arc::new(Broker::new(sekisho_broker::BrokerConfig::default()));
+        let (_stop, rx) = tokio::sync::watch::channel(false);
+        let config = crate::GatewayConfig {
+            aws: Default::default(),
+            codec_limits: Default::default(),
+            sni: crate::tls::SniRouter {
+                data_suffix: "iot.us-east-1.localhost".into(),
+                default_names: vec![],
+            },
+            object_store_url: None,
+            handshake_timeout: Duration::from_secs(10),
+        };
+        let shared = crate::Shared::new(registry.clone(), broker.clone(), config, rx);
+        let mut sub = broker.connect(&account, "watcher", true, Duration::ZERO, Instant::now());
+        broker.subscribe(
+            &account,
+            sub.session,
+            "$aws/things/+/jobs/notify-next",
+            sekisho_mqtt::SubscriptionOptions::default(),
+        );
+        let arn = |t: &str| format!("arn:aws:iot:us-east-1:{account}:thing/{t}");
+        let mut notifier = Notifier::default();
+        let new = |targets: Vec<String>| sekisho_registry::NewJob {
+            targets,
+            document: "{}".into(),
+            ..Default::default()
+        };
+        // t1 was told of j1; then j1 ended and j2 (for t2) came, both missed.
+        registry
+            .create_job(&account, "j1", new(vec![arn("t1")]), 1.0)
+            .unwrap();
+        notifier.changed(&shared, &account, "t1");
+        assert!(
+            sub.rx
+                .try_recv()
+                .unwrap()
+                .message
+                .topic
+                .ends_with("t1/jobs/notify-next")
+        );
+        registry
+            .cancel_job(&account, "j1", false, None, None, 2.0)
+            .unwrap();
+        registry
+            .create_job(&account, "j2", new(vec![arn("t2")]), 3.0)
+            .unwrap();
+        assert!(sub.rx.try_recv().is_err());
+        notifier.catch_up(&shared);
+        let mut told: Vec<(String, String)> = std::iter::from_fn(|| sub.rx.try_recv().ok())
+            .map(|d| {
+                let doc: Value = serde_json::from_slice(&d.message.payload).unwrap();
+                (
+                    d.message.topic.to_string(),
+                    doc["execution"]["jobId"].to_string(),
+                )
+            })
+            .collect();
+        told.sort();
+        assert_eq!(
+            told,
+            [
+                (
+                    "$aws/things/t1/jobs/notify-next".to_string(),
+                    "null".to_string()
+                ),
+                (
+                    "$aws/things/t2/jobs/notify-next".to_string(),
+                    "\"j2\"".to_string()
+                ),
+            ]
+        );
+        // Nothing new since: catching up again tells nobody anything.
+        notifier.catch_up(&shared);
+        assert!(sub.rx.try_recv().is_err());
+    }
 
     #[test]
     fn numbers_may_be_decimal_strings() {

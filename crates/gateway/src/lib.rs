@@ -364,12 +364,14 @@ pub async fn follow_changes(shared: Arc<Shared>) {
                 }
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                // Missed changes: re-check every connection now.
+                // Missed changes: re-check every connection now, and tell things what changed
+                // in their pending jobs (missed registry events are lost).
                 tracing::warn!(
                     missed = n,
-                    "change feed lagged; re-checking every connection"
+                    "change feed lagged; re-checking every connection and pending jobs"
                 );
                 shared.recheck();
+                notifier.catch_up(&shared);
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }

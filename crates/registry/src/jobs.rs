@@ -921,6 +921,21 @@ impl Registry {
         Ok(())
     }
 
+    /// Every (account, thing) with a pending execution: what to look at again after the
+    /// change feed was missed.
+    pub fn things_with_pending_jobs(&self) -> BTreeSet<(String, String)> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        st.accounts
+            .iter()
+            .flat_map(|(id, a)| {
+                a.executions
+                    .values()
+                    .filter(|e| !e.status.is_terminal())
+                    .map(move |e| (id.clone(), e.thing.clone()))
+            })
+            .collect()
+    }
+
     /// A thing's pending executions (IN_PROGRESS, then QUEUED), with their jobs.
     pub fn pending_job_executions(
         &self,
