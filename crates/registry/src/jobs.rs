@@ -346,17 +346,46 @@ impl Account {
 
     fn job_counts(&self, job: &str) -> JobCounts {
         let mut c = JobCounts::new();
-        for e in self.executions.values().filter(|e| e.job_id == job) {
+        for e in self.executions_of(job) {
             *c.entry(e.status).or_default() += 1;
         }
         c
     }
 
+    /// A job's executions, in thing order.
+    pub(crate) fn executions_of<'a>(&'a self, job: &'a str) -> impl Iterator<Item = &'a Execution> {
+        self.job_things
+            .get(job)
+            .into_iter()
+            .flatten()
+            .filter_map(move |t| self.executions.get(&(t.clone(), job.to_owned())))
+    }
+
+    /// Puts an execution in memory (and in the index by job).
+    pub(crate) fn put_execution(&mut self, e: Execution) {
+        self.job_things
+            .entry(e.job_id.clone())
+            .or_default()
+            .insert(e.thing.clone());
+        self.executions
+            .insert((e.thing.clone(), e.job_id.clone()), e);
+    }
+
+    /// Takes an execution out of memory (and of the index by job).
+    pub(crate) fn remove_execution(&mut self, thing: &str, job: &str) -> Option<Execution> {
+        if let Some(things) = self.job_things.get_mut(job) {
+            things.remove(thing);
+            if things.is_empty() {
+                self.job_things.remove(job);
+            }
+        }
+        self.executions.remove(&(thing.to_owned(), job.to_owned()))
+    }
+
     /// Puts an execution in memory and in the transaction.
     fn save_execution(&mut self, tx: &mut Tx, e: Execution) -> Result<()> {
         tx.put(Kind::JobExecution, &exec_key(&e.job_id, &e.thing), &e)?;
-        self.executions
-            .insert((e.thing.clone(), e.job_id.clone()), e);
+        self.put_execution(e);
         Ok(())
     }
 
@@ -369,11 +398,7 @@ impl Account {
         if j.continuous || j.status != JobStatus::InProgress {
             return Ok(());
         }
-        if self
-            .executions
-            .values()
-            .any(|e| e.job_id == job && !e.status.is_terminal())
-        {
+        if self.executions_of(job).any(|e| !e.status.is_terminal()) {
             return Ok(());
         }
         let mut j = j.clone();
@@ -408,9 +433,7 @@ impl Account {
             return Ok(());
         };
         let ended: Vec<ExecStatus> = self
-            .executions
-            .values()
-            .filter(|e| e.job_id == job)
+            .executions_of(job)
             .map(|e| e.status)
             .filter(|s| {
                 matches!(
@@ -450,9 +473,8 @@ impl Account {
             return Ok(());
         }
         let queued: Vec<Execution> = self
-            .executions
-            .values()
-            .filter(|e| e.job_id == job && e.status == ExecStatus::Queued)
+            .executions_of(job)
+            .filter(|e| e.status == ExecStatus::Queued)
             .cloned()
             .collect();
         for mut e in queued {
@@ -681,9 +703,7 @@ impl Registry {
             }
             let mut things = Vec::new();
             let targets: Vec<Execution> = a
-                .executions
-                .values()
-                .filter(|e| e.job_id == id)
+                .executions_of(id)
                 .filter(|e| {
                     e.status == ExecStatus::Queued || (force && e.status == ExecStatus::InProgress)
                 })
@@ -720,25 +740,23 @@ impl Registry {
         let things = self.write(account, |a, tx| {
             let j = a.jobs.get(id).ok_or_else(|| job_not_found(id))?;
             let running = a
-                .executions
-                .values()
-                .any(|e| e.job_id == id && e.status == ExecStatus::InProgress);
+                .executions_of(id)
+                .any(|e| e.status == ExecStatus::InProgress);
             if !force && (j.status == JobStatus::InProgress || running) {
                 return Err(RegistryError::InvalidStateTransition(format!(
                     "Job {id} is in progress; delete it with force, or cancel it first"
                 )));
             }
-            let keys: Vec<(String, String)> = a
-                .executions
-                .keys()
-                .filter(|(_, job)| job == id)
+            let things: Vec<String> = a
+                .job_things
+                .get(id)
+                .into_iter()
+                .flatten()
                 .cloned()
                 .collect();
-            let mut things = Vec::new();
-            for (thing, job) in keys {
-                tx.delete(Kind::JobExecution, &exec_key(&job, &thing));
-                a.executions.remove(&(thing.clone(), job));
-                things.push(thing);
+            for thing in &things {
+                tx.delete(Kind::JobExecution, &exec_key(id, thing));
+                a.remove_execution(thing, id);
             }
             tx.delete(Kind::Job, id);
             if let Some(j) = a.jobs.remove(id) {
@@ -784,9 +802,7 @@ impl Registry {
                 return Err(job_not_found(job));
             }
             let items = a
-                .executions
-                .values()
-                .filter(|e| e.job_id == job)
+                .executions_of(job)
                 .filter(|e| status.is_none_or(|s| e.status.as_str() == s))
                 .map(|e| (e.thing.clone(), e.clone()))
                 .collect();
@@ -914,7 +930,7 @@ impl Registry {
                 )));
             }
             tx.delete(Kind::JobExecution, &exec_key(job, thing));
-            a.executions.remove(&key);
+            a.remove_execution(thing, job);
             a.maybe_complete(tx, job, now)
         })?;
         self.jobs_changed(account, [thing.to_owned()]);
@@ -1244,6 +1260,54 @@ mod tests {
             now,
         )
         .unwrap()
+    }
+
+    /// The index by job is exactly what the executions say, after every kind of change.
+    #[test]
+    fn the_index_by_job_follows_the_executions() {
+        let (reg, a) = setup();
+        let things: Vec<String> = (0..4)
+            .map(|i| {
+                let t = format!("t{i}");
+                reg.create_thing(&a, &t, None, BTreeMap::new()).unwrap();
+                reg.arn(&a, &format!("thing/{t}"))
+            })
+            .collect();
+        let check = |reg: &Registry| {
+            reg.read(&a, |acct| {
+                let mut derived: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+                for (t, j) in acct.executions.keys() {
+                    derived.entry(j.clone()).or_default().insert(t.clone());
+                }
+                assert_eq!(acct.job_things, derived);
+                Ok(())
+            })
+            .unwrap();
+        };
+        job(&reg, &a, "j1", &things, 1.0);
+        job(&reg, &a, "j2", &things[..2], 2.0);
+        job(&reg, &a, "j3", &things[2..], 3.0);
+        check(&reg);
+        reg.update_job_execution(&a, "j1", "t0", update("SUCCEEDED"), 4.0)
+            .unwrap();
+        reg.delete_job_execution(&a, "j1", "t0", 1, false, 5.0)
+            .unwrap();
+        check(&reg);
+        reg.delete_thing(&a, "t1", None).unwrap();
+        check(&reg);
+        reg.cancel_job(&a, "j2", true, None, None, 6.0).unwrap();
+        reg.delete_job(&a, "j2", true).unwrap();
+        check(&reg);
+        assert_eq!(
+            reg.describe_job(&a, "j1")
+                .unwrap()
+                .1
+                .values()
+                .sum::<usize>(),
+            2
+        );
+        reg.delete_job(&a, "j3", true).unwrap();
+        check(&reg);
     }
 
     fn update(status: &str) -> ExecutionUpdate {

@@ -404,9 +404,7 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
     }
     for row in store.load(Kind::JobExecution)? {
         let e: jobs::Execution = decode(&row.doc)?;
-        account_mut(&mut st, &row.account)?
-            .executions
-            .insert((e.thing.clone(), e.job_id.clone()), e);
+        account_mut(&mut st, &row.account)?.put_execution(e);
     }
     for row in store.load(Kind::EventConfig)? {
         account_mut(&mut st, &row.account)?.event_config = decode(&row.doc)?;

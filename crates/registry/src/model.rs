@@ -357,6 +357,10 @@ pub struct Account {
     pub jobs: BTreeMap<String, crate::jobs::Job>,
     /// Job executions by (thing, job).
     pub executions: BTreeMap<(String, String), crate::jobs::Execution>,
+    /// The things each job has an execution on (an index of `executions`, kept by
+    /// `Account::save_execution` and `Account::remove_execution`), so that what concerns one
+    /// job never walks every execution of the account.
+    pub job_things: BTreeMap<String, BTreeSet<String>>,
     /// The last job's creation order.
     pub job_seq: u64,
     /// Provisioning templates by name.

@@ -227,7 +227,7 @@ impl Registry {
                 .collect();
             for j in &jobs {
                 tx.delete(Kind::JobExecution, &format!("{j}\n{name}"));
-                a.executions.remove(&(name.to_owned(), j.clone()));
+                a.remove_execution(name, j);
                 a.maybe_complete(tx, j, now_secs())?;
             }
             tx.delete(Kind::Thing, name);
