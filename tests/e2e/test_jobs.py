@@ -514,3 +514,39 @@ def test_presigned_url_credentials_are_reused_and_follow_the_role(server, workdi
     second, key2 = url()
     assert key2 != key
     assert download(server, second) == (200, b"firmware")
+
+
+def test_a_staged_rollout_with_the_cli(server, workdir):
+    """`--job-executions-rollout-config`: the things a job targets get their executions (and
+    their notify-next) at most maximumPerMinute a minute; describe-job returns the setting;
+    values out of AWS's range are refused. (The minutes after the first are tested on a
+    virtual clock: crates/registry/src/jobs.rs.)"""
+    iot = server.boto()
+    devs = [Device(server, iot, unique("roll"), ALLOW_ALL, workdir) for _ in range(3)]
+    arns = [iot.describe_thing(thingName=d.name)["thingArn"] for d in devs]
+    job_id = unique("staged")
+    out = server.aws("iot", "create-job", "--job-id", job_id, "--targets", *arns, "--document", '{"op":"x"}',
+                     "--job-executions-rollout-config", "maximumPerMinute=2")
+    assert out["jobId"] == job_id
+    job = iot.describe_job(jobId=job_id)["job"]
+    assert job["jobExecutionsRolloutConfig"] == {"maximumPerMinute": 2}
+    assert job["status"] == "IN_PROGRESS" and job["jobProcessDetails"]["numberOfQueuedThings"] == 2
+    listed = iot.list_job_executions_for_job(jobId=job_id)["executionSummaries"]
+    assert len(listed) == 2
+    # Which two: the first in order; the third has nothing yet, not even a pending job.
+    waiting = [d for d in devs if d.name not in {e["thingArn"].split("/")[-1] for e in listed}]
+    assert len(waiting) == 1
+    pending = server.aws("iot-jobs-data", "get-pending-job-executions", "--thing-name", waiting[0].name)
+    assert pending["queuedJobs"] == []
+    cp = server.aws("iot", "create-job", "--job-id", unique("x"), "--targets", arns[0], "--document", "{}",
+                    "--job-executions-rollout-config", "maximumPerMinute=1001", check=False)
+    assert cp.returncode != 0 and "InvalidRequestException" in cp.stderr and "maximumPerMinute" in cp.stderr
+    # The CLI checks incrementFactor's range itself; the server checks it too.
+    from botocore.config import Config
+    raw = server.boto(config=Config(parameter_validation=False))
+    with pytest.raises(raw.exceptions.InvalidRequestException) as e:
+        raw.create_job(jobId=unique("x"), targets=[arns[0]], document="{}", jobExecutionsRolloutConfig={
+            "exponentialRate": {"baseRatePerMinute": 5, "incrementFactor": 1.05,
+                                "rateIncreaseCriteria": {"numberOfNotifiedThings": 2}}})
+    assert "incrementFactor" in str(e.value)
+    iot.cancel_job(jobId=job_id)

@@ -156,6 +156,119 @@ pub struct Job {
     pub last_updated_at: f64,
     /// When it completed or was canceled.
     pub completed_at: Option<f64>,
+    /// With `jobExecutionsRolloutConfig`: the staged rollout's progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutState>,
+}
+
+/// A staged rollout (`jobExecutionsRolloutConfig`): the things a job targets get their
+/// executions (and so are notified) at most `rate` a minute; with `exponentialRate` the rate
+/// starts at `baseRatePerMinute` and is multiplied by `incrementFactor` each time
+/// `rateIncreaseCriteria` is met, up to `maximumPerMinute` (or 1,000).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutState {
+    /// Targeted things not yet given an execution, in the order they will be.
+    pub waiting: std::collections::VecDeque<String>,
+    /// Executions a minute, now.
+    pub rate: u64,
+    /// When the current minute began.
+    pub window: f64,
+    /// Executions created in the current minute.
+    pub in_window: u64,
+    /// Executions created in all (things notified).
+    pub notified: u64,
+    /// Things notified, and executions succeeded, when the rate last grew.
+    pub mark: (u64, u64),
+}
+
+/// `jobExecutionsRolloutConfig`, checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Rollout {
+    maximum: Option<u64>,
+    base: u64,
+    factor: f64,
+    notified: Option<u64>,
+    succeeded: Option<u64>,
+}
+
+/// The most executions a minute a rollout may create.
+const MAX_ROLLOUT_RATE: u64 = 1000;
+
+fn rollout_config(configs: &BTreeMap<String, Value>) -> Result<Option<Rollout>> {
+    let Some(c) = configs.get("jobExecutionsRolloutConfig") else {
+        return Ok(None);
+    };
+    let bad = |m: &str| {
+        Err(RegistryError::InvalidRequest(format!(
+            "jobExecutionsRolloutConfig: {m}"
+        )))
+    };
+    let int = |v: Option<&Value>, name: &str, max: u64| -> Result<Option<u64>> {
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(RegistryError::InvalidRequest(format!(
+                    "jobExecutionsRolloutConfig: {name} must be an integer from 1 to {max}"
+                ))),
+            },
+        }
+    };
+    let maximum = int(
+        c.get("maximumPerMinute"),
+        "maximumPerMinute",
+        MAX_ROLLOUT_RATE,
+    )?;
+    let Some(e) = c.get("exponentialRate").filter(|v| !v.is_null()) else {
+        return match maximum {
+            Some(m) => Ok(Some(Rollout {
+                maximum,
+                base: m,
+                factor: 1.0,
+                notified: None,
+                succeeded: None,
+            })),
+            None => Ok(None),
+        };
+    };
+    let Some(base) = int(
+        e.get("baseRatePerMinute"),
+        "baseRatePerMinute",
+        MAX_ROLLOUT_RATE,
+    )?
+    else {
+        return bad("exponentialRate needs baseRatePerMinute");
+    };
+    let factor = match e.get("incrementFactor").and_then(Value::as_f64) {
+        Some(f) if (1.1..=5.0).contains(&f) => f,
+        _ => return bad("incrementFactor must be a number from 1.1 to 5.0"),
+    };
+    let criteria = e.get("rateIncreaseCriteria");
+    let notified = int(
+        criteria.and_then(|c| c.get("numberOfNotifiedThings")),
+        "numberOfNotifiedThings",
+        u64::from(u32::MAX),
+    )?;
+    let succeeded = int(
+        criteria.and_then(|c| c.get("numberOfSucceededThings")),
+        "numberOfSucceededThings",
+        u64::from(u32::MAX),
+    )?;
+    if notified.is_some() == succeeded.is_some() {
+        return bad(
+            "rateIncreaseCriteria needs one of numberOfNotifiedThings and numberOfSucceededThings",
+        );
+    }
+    if maximum.is_some_and(|m| m < base) {
+        return bad("maximumPerMinute must be at least baseRatePerMinute");
+    }
+    Ok(Some(Rollout {
+        maximum,
+        base,
+        factor,
+        notified,
+        succeeded,
+    }))
 }
 
 /// One thing's execution of a job.
@@ -398,6 +511,9 @@ impl Account {
         if j.continuous || j.status != JobStatus::InProgress {
             return Ok(());
         }
+        if j.rollout.as_ref().is_some_and(|r| !r.waiting.is_empty()) {
+            return Ok(());
+        }
         if self.executions_of(job).any(|e| !e.status.is_terminal()) {
             return Ok(());
         }
@@ -492,6 +608,9 @@ impl Account {
             return Ok(());
         };
         j.status = JobStatus::Canceled;
+        if let Some(r) = &mut j.rollout {
+            r.waiting.clear();
+        }
         j.comment = Some("Canceled by its abortConfig".into());
         j.last_updated_at = now;
         j.completed_at = Some(now);
@@ -502,7 +621,125 @@ impl Account {
     }
 }
 
+impl Account {
+    /// A staged rollout's next step: as many waiting things as the current minute still
+    /// allows get their executions (a thing deleted meanwhile is skipped). Returns them.
+    fn roll_out(&mut self, tx: &mut Tx, job: &str, now: f64) -> Result<Vec<String>> {
+        let Some(mut j) = self.jobs.get(job).cloned() else {
+            return Ok(Vec::new());
+        };
+        let Some(mut r) = j.rollout.take() else {
+            return Ok(Vec::new());
+        };
+        let config = rollout_config(&j.configs).ok().flatten();
+        if j.status != JobStatus::InProgress {
+            r.waiting.clear();
+        }
+        if now - r.window >= 60.0 {
+            r.window = now;
+            r.in_window = 0;
+        }
+        // exponentialRate: the rate grows each time its criteria are met.
+        if let Some(c) = config
+            && c.factor > 1.0
+        {
+            let succeeded = self
+                .executions_of(job)
+                .filter(|e| e.status == ExecStatus::Succeeded)
+                .count() as u64;
+            let met = c.notified.is_some_and(|n| r.notified - r.mark.0 >= n)
+                || c.succeeded
+                    .is_some_and(|n| succeeded.saturating_sub(r.mark.1) >= n);
+            if met {
+                let top = c.maximum.unwrap_or(MAX_ROLLOUT_RATE);
+                r.rate = ((r.rate as f64 * c.factor).ceil() as u64).clamp(1, top);
+                r.mark = (r.notified, succeeded);
+            }
+        }
+        let mut released = Vec::new();
+        while r.in_window < r.rate {
+            let Some(thing) = r.waiting.pop_front() else {
+                break;
+            };
+            if !self.things.contains_key(&thing)
+                || self
+                    .executions
+                    .contains_key(&(thing.clone(), job.to_owned()))
+            {
+                continue;
+            }
+            self.save_execution(tx, new_execution(&j, &thing, now))?;
+            r.in_window += 1;
+            r.notified += 1;
+            released.push(thing);
+        }
+        let changed = !released.is_empty() || j.rollout.as_ref() != Some(&r);
+        j.rollout = Some(r);
+        if changed {
+            tx.put(Kind::Job, job, &j)?;
+        }
+        self.jobs.insert(job.to_owned(), j);
+        self.maybe_complete(tx, job, now)?;
+        Ok(released)
+    }
+
+    /// A thing leaves every rollout it waits in (deleted: a thing re-created under its name is
+    /// not the one the jobs targeted).
+    pub(crate) fn leave_rollouts(&mut self, tx: &mut Tx, thing: &str, now: f64) -> Result<()> {
+        let ids: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| {
+                j.rollout
+                    .as_ref()
+                    .is_some_and(|r| r.waiting.iter().any(|t| t == thing))
+            })
+            .map(|j| j.id.clone())
+            .collect();
+        for id in ids {
+            if let Some(j) = self.jobs.get_mut(&id)
+                && let Some(r) = &mut j.rollout
+            {
+                r.waiting.retain(|t| t != thing);
+                let j = j.clone();
+                tx.put(Kind::Job, &id, &j)?;
+            }
+            self.maybe_complete(tx, &id, now)?;
+        }
+        Ok(())
+    }
+}
+
 impl Registry {
+    /// Staged rollouts' next steps, when the caller's timer says: returns how many executions
+    /// were created.
+    pub fn roll_out_jobs(&self, now: f64) -> usize {
+        let due: Vec<(String, String)> = {
+            let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+            st.accounts
+                .iter()
+                .flat_map(|(id, a)| {
+                    a.jobs
+                        .values()
+                        .filter(|j| j.rollout.as_ref().is_some_and(|r| !r.waiting.is_empty()))
+                        .map(|j| (id.clone(), j.id.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let mut n = 0;
+        for (account, job) in due {
+            match self.write(&account, |a, tx| a.roll_out(tx, &job, now)) {
+                Ok(things) => {
+                    n += things.len();
+                    self.jobs_changed(&account, things);
+                }
+                Err(e) => tracing::error!(%account, %job, error = %e, "job rollout failed"),
+            }
+        }
+        n
+    }
+
     /// The ARN of a job.
     pub fn job_arn(&self, account: &str, id: &str) -> String {
         self.arn(account, &format!("job/{id}"))
@@ -536,6 +773,7 @@ impl Registry {
                 "inProgressTimeoutInMinutes must be between 1 and 10080".into(),
             ));
         }
+        let staged = rollout_config(&spec.configs)?;
         let thing_prefix = self.arn(account, "thing/");
         let group_prefix = self.arn(account, "thinggroup/");
         let out = self.write(account, |a, tx| {
@@ -591,13 +829,27 @@ impl Registry {
                 created_at: now,
                 last_updated_at: now,
                 completed_at: None,
+                rollout: staged.map(|c| RolloutState {
+                    waiting: things.iter().cloned().collect(),
+                    rate: c.base,
+                    window: now,
+                    in_window: 0,
+                    notified: 0,
+                    mark: (0, 0),
+                }),
             };
             tx.put(Kind::Job, id, &job)?;
             tx.put(Kind::JobSeq, "", &a.job_seq)?;
             a.jobs.insert(id.to_owned(), job.clone());
-            for thing in &things {
-                a.save_execution(tx, new_execution(&job, thing, now))?;
-            }
+            let things: BTreeSet<String> = if job.rollout.is_some() {
+                a.roll_out(tx, id, now)?.into_iter().collect()
+            } else {
+                for thing in &things {
+                    a.save_execution(tx, new_execution(&job, thing, now))?;
+                }
+                things
+            };
+            let job = a.jobs.get(id).cloned().unwrap_or(job);
             a.maybe_complete(tx, id, now)?;
             Ok((job, things))
         })?;
@@ -662,8 +914,15 @@ impl Registry {
                 "inProgressTimeoutInMinutes must be between 1 and 10080".into(),
             ));
         }
+        let staged = rollout_config(&u.configs)?;
         self.write(account, |a, tx| {
             let mut j = a.jobs.get(id).cloned().ok_or_else(|| job_not_found(id))?;
+            // A new rollout rate applies to the things still waiting (a job that was not
+            // staged stays as it is: its executions all exist).
+            if let (Some(c), Some(r)) = (staged, &mut j.rollout) {
+                r.rate = c.base;
+                r.mark = (r.notified, r.mark.1);
+            }
             if u.description.is_some() {
                 j.description = u.description;
             }
@@ -720,6 +979,9 @@ impl Registry {
                 a.save_execution(tx, e)?;
             }
             j.status = JobStatus::Canceled;
+            if let Some(r) = &mut j.rollout {
+                r.waiting.clear();
+            }
             j.force_canceled |= force;
             j.reason_code = reason_code.or(j.reason_code);
             j.comment = comment.or(j.comment);
@@ -1154,10 +1416,22 @@ impl Registry {
             .filter(|j| !a.executions.contains_key(&(thing.to_owned(), j.id.clone())))
             .cloned()
             .collect();
+        let mut any = false;
         for j in &jobs {
-            a.save_execution(tx, new_execution(j, thing, now))?;
+            if j.rollout.is_some() {
+                // Staged: it waits its turn.
+                if let Some(r) = a.jobs.get_mut(&j.id).and_then(|j| j.rollout.as_mut())
+                    && !r.waiting.iter().any(|t| t == thing)
+                {
+                    r.waiting.push_back(thing.to_owned());
+                }
+                any |= !a.roll_out(tx, &j.id, now)?.is_empty();
+            } else {
+                a.save_execution(tx, new_execution(j, thing, now))?;
+                any = true;
+            }
         }
-        Ok(!jobs.is_empty())
+        Ok(any)
     }
 
     /// Publishes a change of a thing's executions on the feed (after a write that queued
@@ -1308,6 +1582,162 @@ mod tests {
         );
         reg.delete_job(&a, "j3", true).unwrap();
         check(&reg);
+    }
+
+    fn staged(
+        reg: &Registry,
+        a: &str,
+        id: &str,
+        targets: &[String],
+        rollout: Value,
+        now: f64,
+    ) -> Result<Job> {
+        reg.create_job(
+            a,
+            id,
+            NewJob {
+                targets: targets.to_vec(),
+                document: "{}".into(),
+                configs: BTreeMap::from([("jobExecutionsRolloutConfig".to_string(), rollout)]),
+                ..NewJob::default()
+            },
+            now,
+        )
+    }
+
+    fn things(reg: &Registry, a: &str, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let t = format!("r{i}");
+                reg.create_thing(a, &t, None, BTreeMap::new()).unwrap();
+                reg.arn(a, &format!("thing/{t}"))
+            })
+            .collect()
+    }
+
+    fn executions(reg: &Registry, a: &str, job: &str) -> usize {
+        reg.read(a, |acct| Ok(acct.executions_of(job).count()))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_staged_rollout_notifies_at_most_maximum_per_minute() {
+        let (reg, a) = setup();
+        let t = things(&reg, &a, 5);
+        let j = staged(
+            &reg,
+            &a,
+            "r",
+            &t,
+            serde_json::json!({"maximumPerMinute": 2}),
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(j.status, JobStatus::InProgress);
+        assert_eq!(executions(&reg, &a, "r"), 2);
+        assert_eq!(reg.roll_out_jobs(59.9), 0, "the same minute");
+        assert_eq!(reg.roll_out_jobs(60.0), 2);
+        // Every execution so far ends: still IN_PROGRESS, one thing waits.
+        for thing in ["r0", "r1", "r2", "r3"] {
+            reg.update_job_execution(&a, "r", thing, update("SUCCEEDED"), 61.0)
+                .unwrap();
+        }
+        assert_eq!(
+            reg.describe_job(&a, "r").unwrap().0.status,
+            JobStatus::InProgress
+        );
+        assert_eq!(reg.roll_out_jobs(120.0), 1);
+        reg.update_job_execution(&a, "r", "r4", update("SUCCEEDED"), 121.0)
+            .unwrap();
+        assert_eq!(
+            reg.describe_job(&a, "r").unwrap().0.status,
+            JobStatus::Completed
+        );
+        assert_eq!(reg.roll_out_jobs(1000.0), 0);
+    }
+
+    #[test]
+    fn an_exponential_rollout_grows_by_its_criteria_up_to_the_maximum() {
+        let (reg, a) = setup();
+        let t = things(&reg, &a, 10);
+        let cfg = serde_json::json!({"maximumPerMinute": 3, "exponentialRate": {
+            "baseRatePerMinute": 1, "incrementFactor": 2.0,
+            "rateIncreaseCriteria": {"numberOfNotifiedThings": 1}}});
+        staged(&reg, &a, "e", &t, cfg, 0.0).unwrap();
+        assert_eq!(executions(&reg, &a, "e"), 1);
+        assert_eq!(reg.roll_out_jobs(60.0), 2, "doubled");
+        assert_eq!(reg.roll_out_jobs(120.0), 3, "4, held to maximumPerMinute");
+        assert_eq!(reg.roll_out_jobs(180.0), 3);
+        assert_eq!(reg.roll_out_jobs(240.0), 1);
+        // By succeeded things: the rate grows only once one has succeeded.
+        let cfg = serde_json::json!({"exponentialRate": {"baseRatePerMinute": 1, "incrementFactor": 2.0,
+            "rateIncreaseCriteria": {"numberOfSucceededThings": 1}}});
+        staged(&reg, &a, "s", &t, cfg, 1000.0).unwrap();
+        assert_eq!(reg.roll_out_jobs(1060.0), 1, "nothing succeeded yet");
+        reg.update_job_execution(&a, "s", "r0", update("SUCCEEDED"), 1061.0)
+            .unwrap();
+        assert_eq!(reg.roll_out_jobs(1120.0), 2);
+    }
+
+    #[test]
+    fn rollout_settings_are_checked_at_their_bounds() {
+        let (reg, a) = setup();
+        let t = things(&reg, &a, 1);
+        let try_cfg = |id: &str, cfg: Value| staged(&reg, &a, id, &t, cfg, 0.0).map(|_| ());
+        let exp = |base: Value, factor: Value, criteria: Value| {
+            serde_json::json!({"exponentialRate": {"baseRatePerMinute": base, "incrementFactor": factor,
+                "rateIncreaseCriteria": criteria}})
+        };
+        let n = serde_json::json!({"numberOfNotifiedThings": 1});
+        assert!(try_cfg("m1", serde_json::json!({"maximumPerMinute": 1000})).is_ok());
+        assert!(try_cfg("m2", serde_json::json!({"maximumPerMinute": 1001})).is_err());
+        assert!(try_cfg("m3", serde_json::json!({"maximumPerMinute": 0})).is_err());
+        assert!(try_cfg("m4", serde_json::json!({"maximumPerMinute": "5"})).is_err());
+        assert!(try_cfg("f1", exp(1.into(), 1.1.into(), n.clone())).is_ok());
+        assert!(try_cfg("f2", exp(1.into(), 1.0.into(), n.clone())).is_err());
+        assert!(try_cfg("f3", exp(1.into(), 5.0.into(), n.clone())).is_ok());
+        assert!(try_cfg("f4", exp(1.into(), 5.1.into(), n.clone())).is_err());
+        assert!(try_cfg("b1", exp(1000.into(), 2.0.into(), n.clone())).is_ok());
+        assert!(try_cfg("b2", exp(1001.into(), 2.0.into(), n.clone())).is_err());
+        assert!(try_cfg("c1", exp(1.into(), 2.0.into(), serde_json::json!({}))).is_err());
+        assert!(
+            try_cfg(
+                "c2",
+                exp(
+                    1.into(),
+                    2.0.into(),
+                    serde_json::json!({"numberOfNotifiedThings": 1, "numberOfSucceededThings": 1})
+                )
+            )
+            .is_err()
+        );
+        let mut over = exp(5.into(), 2.0.into(), n);
+        over["maximumPerMinute"] = 4.into();
+        assert!(try_cfg("c3", over).is_err());
+    }
+
+    #[test]
+    fn a_rollout_stops_at_cancel_and_forgets_deleted_things() {
+        let (reg, a) = setup();
+        let t = things(&reg, &a, 4);
+        staged(
+            &reg,
+            &a,
+            "c",
+            &t,
+            serde_json::json!({"maximumPerMinute": 1}),
+            0.0,
+        )
+        .unwrap();
+        // r1 is deleted and re-created: the job never reaches the new r1.
+        reg.delete_thing(&a, "r1", None).unwrap();
+        reg.create_thing(&a, "r1", None, BTreeMap::new()).unwrap();
+        assert_eq!(reg.roll_out_jobs(60.0), 1);
+        assert!(reg.job_execution(&a, "c", "r1", None).is_err());
+        assert!(reg.job_execution(&a, "c", "r2", None).is_ok());
+        reg.cancel_job(&a, "c", false, None, None, 61.0).unwrap();
+        assert_eq!(reg.roll_out_jobs(120.0), 0);
+        assert!(reg.job_execution(&a, "c", "r3", None).is_err());
     }
 
     fn update(status: &str) -> ExecutionUpdate {

@@ -230,6 +230,7 @@ impl Registry {
                 a.remove_execution(name, j);
                 a.maybe_complete(tx, j, now_secs())?;
             }
+            a.leave_rollouts(tx, name, now_secs())?;
             tx.delete(Kind::Thing, name);
             tx.bump();
             if let Some(t) = a.things.remove(name) {
