@@ -550,3 +550,36 @@ def test_a_staged_rollout_with_the_cli(server, workdir):
                                 "rateIncreaseCriteria": {"numberOfNotifiedThings": 2}}})
     assert "incrementFactor" in str(e.value)
     iot.cancel_job(jobId=job_id)
+
+
+def test_a_failed_execution_is_retried(server, workdir):
+    """`--job-executions-retry-config`: an execution the device reports FAILED comes back
+    QUEUED as its next execution number (retryAttempt 1), as many times as allowed; then the
+    failure stands and the job completes."""
+    iot = server.boto()
+    dev = Device(server, iot, unique("retry"), ALLOW_ALL, workdir)
+    job_id = unique("retry")
+    server.aws("iot", "create-job", "--job-id", job_id, "--targets", iot.describe_thing(thingName=dev.name)["thingArn"],
+               "--document", '{"op":"flash"}', "--job-executions-retry-config",
+               '{"criteriaList":[{"failureType":"FAILED","numberOfRetries":1}]}')
+    assert iot.describe_job(jobId=job_id)["job"]["jobExecutionsRetryConfig"] == {
+        "criteriaList": [{"failureType": "FAILED", "numberOfRetries": 1}]}
+
+    def data(*args):
+        return server.aws("iot-jobs-data", *args)
+    ex = data("start-next-pending-job-execution", "--thing-name", dev.name)["execution"]
+    assert ex["executionNumber"] == 1
+    data("update-job-execution", "--thing-name", dev.name, "--job-id", job_id, "--status", "FAILED")
+    pending = data("get-pending-job-executions", "--thing-name", dev.name)
+    assert [(j["jobId"], j["executionNumber"]) for j in pending["queuedJobs"]] == [(job_id, 2)]
+    summary = iot.list_job_executions_for_thing(thingName=dev.name)["executionSummaries"][0]["jobExecutionSummary"]
+    assert (summary["status"], summary["executionNumber"], summary["retryAttempt"]) == ("QUEUED", 2, 1)
+    data("update-job-execution", "--thing-name", dev.name, "--job-id", job_id, "--status", "FAILED")
+    assert data("get-pending-job-executions", "--thing-name", dev.name)["queuedJobs"] == []
+    job = iot.describe_job(jobId=job_id)["job"]
+    assert job["status"] == "COMPLETED" and job["jobProcessDetails"]["numberOfFailedThings"] == 1
+    cp = server.aws("iot", "create-job", "--job-id", unique("x"), "--targets", iot.describe_thing(thingName=dev.name)["thingArn"],
+                    "--document", "{}", "--job-executions-retry-config",
+                    '{"criteriaList":[{"failureType":"FAILED","numberOfRetries":1},{"failureType":"FAILED","numberOfRetries":2}]}',
+                    check=False)
+    assert cp.returncode != 0 and "InvalidRequestException" in cp.stderr

@@ -472,7 +472,8 @@ fn execution_json(state: &ApiState, account: &str, e: &Execution, now: f64) -> V
 
 fn summary_json(e: &Execution) -> Value {
     let mut v = json!({"status": e.status.as_str(), "queuedAt": e.queued_at,
-        "lastUpdatedAt": e.last_updated_at, "executionNumber": e.execution_number, "retryAttempt": 0});
+        "lastUpdatedAt": e.last_updated_at, "executionNumber": e.execution_number,
+        "retryAttempt": e.retry_attempt()});
     if let Some(s) = e.started_at {
         v["startedAt"] = json!(s);
     }

@@ -298,6 +298,16 @@ pub struct Execution {
     pub force_canceled: bool,
     /// When it times out, if IN_PROGRESS with a timeout.
     pub deadline: Option<f64>,
+    /// Retries so far (`jobExecutionsRetryConfig`): after FAILED and after TIMED_OUT.
+    #[serde(default)]
+    pub retries: (u64, u64),
+}
+
+impl Execution {
+    /// Which attempt this is: 0 for the first execution, then one more for each retry.
+    pub fn retry_attempt(&self) -> u64 {
+        self.retries.0 + self.retries.1
+    }
 }
 
 impl Execution {
@@ -774,6 +784,7 @@ impl Registry {
             ));
         }
         let staged = rollout_config(&spec.configs)?;
+        retry_config(&spec.configs)?;
         let thing_prefix = self.arn(account, "thing/");
         let group_prefix = self.arn(account, "thinggroup/");
         let out = self.write(account, |a, tx| {
@@ -915,6 +926,7 @@ impl Registry {
             ));
         }
         let staged = rollout_config(&u.configs)?;
+        retry_config(&u.configs)?;
         self.write(account, |a, tx| {
             let mut j = a.jobs.get(id).cloned().ok_or_else(|| job_not_found(id))?;
             // A new rollout rate applies to the things still waiting (a job that was not
@@ -1338,6 +1350,7 @@ impl Registry {
                 crate::events::execution(tx, a, &thing_arn, &e);
             }
             a.save_execution(tx, e.clone())?;
+            a.maybe_retry(tx, &j, &e, now)?;
             a.maybe_complete(tx, job, now)?;
             Ok((e, j))
         })?;
@@ -1380,7 +1393,10 @@ impl Registry {
                 e.last_updated_at = now;
                 let thing_arn = self.arn(&account, &format!("thing/{thing}"));
                 crate::events::execution(tx, a, &thing_arn, &e);
-                a.save_execution(tx, e)?;
+                a.save_execution(tx, e.clone())?;
+                if let Some(j) = a.jobs.get(&job).cloned() {
+                    a.maybe_retry(tx, &j, &e, now)?;
+                }
                 a.maybe_complete(tx, &job, now)?;
                 Ok(true)
             });
@@ -1483,6 +1499,77 @@ fn new_execution(job: &Job, thing: &str, now: f64) -> Execution {
         execution_number: 1,
         force_canceled: false,
         deadline: None,
+        retries: (0, 0),
+    }
+}
+
+/// `jobExecutionsRetryConfig`, checked: the retries allowed after FAILED, after TIMED_OUT, and
+/// after either (ALL), each 0 to 10.
+fn retry_config(
+    configs: &BTreeMap<String, Value>,
+) -> Result<(Option<u64>, Option<u64>, Option<u64>)> {
+    let mut out = (None, None, None);
+    let Some(c) = configs.get("jobExecutionsRetryConfig") else {
+        return Ok(out);
+    };
+    let bad = |m: &str| RegistryError::InvalidRequest(format!("jobExecutionsRetryConfig: {m}"));
+    let list = c
+        .get("criteriaList")
+        .and_then(Value::as_array)
+        .filter(|l| (1..=2).contains(&l.len()))
+        .ok_or_else(|| bad("criteriaList must list 1 or 2 criteria"))?;
+    for k in list {
+        let n = k
+            .get("numberOfRetries")
+            .and_then(Value::as_u64)
+            .filter(|n| *n <= 10)
+            .ok_or_else(|| bad("numberOfRetries must be an integer from 0 to 10"))?;
+        let slot = match k.get("failureType").and_then(Value::as_str) {
+            Some("FAILED") => &mut out.0,
+            Some("TIMED_OUT") => &mut out.1,
+            Some("ALL") => &mut out.2,
+            _ => return Err(bad("failureType must be FAILED, TIMED_OUT or ALL")),
+        };
+        if slot.replace(n).is_some() {
+            return Err(bad("a failureType may appear once"));
+        }
+    }
+    Ok(out)
+}
+
+impl Account {
+    /// After an execution ended FAILED or TIMED_OUT: if the job's retry settings allow another
+    /// attempt, a new QUEUED execution (the next execution number, attempt counted) takes its
+    /// place and the thing is notified again, as AWS retries. The ended one stays in `e` for
+    /// the caller's answer and events.
+    fn maybe_retry(&mut self, tx: &mut Tx, job: &Job, e: &Execution, now: f64) -> Result<bool> {
+        if job.status != JobStatus::InProgress {
+            return Ok(false);
+        }
+        let (failed, timed_out, all) = retry_config(&job.configs).unwrap_or_default();
+        let (own, done) = match e.status {
+            ExecStatus::Failed => (failed, e.retries.0),
+            ExecStatus::TimedOut => (timed_out, e.retries.1),
+            _ => return Ok(false),
+        };
+        let allowed = match (own, all) {
+            (Some(n), _) => done < n,
+            (None, Some(n)) => e.retry_attempt() < n,
+            (None, None) => false,
+        };
+        if !allowed {
+            return Ok(false);
+        }
+        let mut next = new_execution(job, &e.thing, now);
+        next.execution_number = e.execution_number + 1;
+        next.retries = e.retries;
+        if e.status == ExecStatus::Failed {
+            next.retries.0 += 1;
+        } else {
+            next.retries.1 += 1;
+        }
+        self.save_execution(tx, next)?;
+        Ok(true)
     }
 }
 
@@ -1738,6 +1825,123 @@ mod tests {
         reg.cancel_job(&a, "c", false, None, None, 61.0).unwrap();
         assert_eq!(reg.roll_out_jobs(120.0), 0);
         assert!(reg.job_execution(&a, "c", "r3", None).is_err());
+    }
+
+    fn with_retries(
+        reg: &Registry,
+        a: &str,
+        id: &str,
+        targets: &[String],
+        retry: Value,
+    ) -> Result<Job> {
+        reg.create_job(
+            a,
+            id,
+            NewJob {
+                targets: targets.to_vec(),
+                document: "{}".into(),
+                in_progress_timeout_minutes: Some(1),
+                configs: BTreeMap::from([("jobExecutionsRetryConfig".to_string(), retry)]),
+                ..NewJob::default()
+            },
+            0.0,
+        )
+    }
+
+    #[test]
+    fn failed_and_timed_out_executions_are_retried_as_configured() {
+        let (reg, a) = setup();
+        let t = things(&reg, &a, 1);
+        let cfg =
+            serde_json::json!({"criteriaList": [{"failureType": "FAILED", "numberOfRetries": 2}]});
+        with_retries(&reg, &a, "f", &t, cfg).unwrap();
+        for attempt in 1..=3u64 {
+            let (e, _) = reg.job_execution(&a, "f", "r0", None).unwrap();
+            assert_eq!(
+                (e.status, e.execution_number, e.retry_attempt()),
+                (ExecStatus::Queued, attempt, attempt - 1)
+            );
+            // The device's update answers with the ended execution.
+            let (done, _) = reg
+                .update_job_execution(&a, "f", "r0", update("FAILED"), attempt as f64)
+                .unwrap();
+            assert_eq!(
+                (done.status, done.execution_number),
+                (ExecStatus::Failed, attempt)
+            );
+        }
+        // Two retries, then it stays FAILED and the job completes.
+        let (e, _) = reg.job_execution(&a, "f", "r0", None).unwrap();
+        assert_eq!((e.status, e.execution_number), (ExecStatus::Failed, 3));
+        assert_eq!(
+            reg.describe_job(&a, "f").unwrap().0.status,
+            JobStatus::Completed
+        );
+        // An update naming an earlier attempt's number finds nothing.
+        assert!(reg.job_execution(&a, "f", "r0", Some(1)).is_err());
+
+        // ALL counts both kinds; TIMED_OUT is retried from the sweep.
+        let cfg =
+            serde_json::json!({"criteriaList": [{"failureType": "ALL", "numberOfRetries": 1}]});
+        with_retries(&reg, &a, "t", &t, cfg).unwrap();
+        reg.start_next_job_execution(&a, "r0", None, None, 10.0)
+            .unwrap();
+        assert_eq!(reg.expire_job_executions(70.0), 1);
+        let (e, _) = reg.job_execution(&a, "t", "r0", None).unwrap();
+        assert_eq!(
+            (e.status, e.execution_number, e.retries),
+            (ExecStatus::Queued, 2, (0, 1))
+        );
+        reg.update_job_execution(&a, "t", "r0", update("FAILED"), 71.0)
+            .unwrap();
+        let (e, _) = reg.job_execution(&a, "t", "r0", None).unwrap();
+        assert_eq!(e.status, ExecStatus::Failed, "no retry left");
+        // SUCCEEDED and REJECTED are never retried.
+        let cfg =
+            serde_json::json!({"criteriaList": [{"failureType": "ALL", "numberOfRetries": 10}]});
+        with_retries(&reg, &a, "r", &t, cfg).unwrap();
+        reg.update_job_execution(&a, "r", "r0", update("REJECTED"), 80.0)
+            .unwrap();
+        assert_eq!(
+            reg.job_execution(&a, "r", "r0", None).unwrap().0.status,
+            ExecStatus::Rejected
+        );
+    }
+
+    #[test]
+    fn retry_settings_are_checked_at_their_bounds() {
+        let (reg, a) = setup();
+        let t = things(&reg, &a, 1);
+        let c =
+            |n: Value, kind: &str| serde_json::json!({"failureType": kind, "numberOfRetries": n});
+        let ok = |id: &str, list: Vec<Value>| {
+            with_retries(
+                &reg,
+                &a,
+                id,
+                &t,
+                serde_json::json!({ "criteriaList": list }),
+            )
+            .is_ok()
+        };
+        assert!(ok("a", vec![c(10.into(), "FAILED")]));
+        assert!(!ok("b", vec![c(11.into(), "FAILED")]));
+        assert!(ok(
+            "c",
+            vec![c(0.into(), "TIMED_OUT"), c(3.into(), "FAILED")]
+        ));
+        assert!(!ok("d", vec![c(1.into(), "FAILED"), c(1.into(), "FAILED")]));
+        assert!(!ok(
+            "e",
+            vec![
+                c(1.into(), "FAILED"),
+                c(1.into(), "TIMED_OUT"),
+                c(1.into(), "ALL")
+            ]
+        ));
+        assert!(!ok("f", vec![]));
+        assert!(!ok("g", vec![c(1.into(), "REJECTED")]));
+        assert!(!ok("h", vec![c((-1).into(), "ALL")]));
     }
 
     fn update(status: &str) -> ExecutionUpdate {
