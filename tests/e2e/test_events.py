@@ -80,3 +80,65 @@ def test_registry_and_job_events_follow_the_event_configuration(server, workdir)
     with pytest.raises(raw.exceptions.InvalidRequestException):
         raw.update_event_configurations(eventConfigurations={"NOPE": {"Enabled": True}})
     mon.close()
+
+
+def test_thing_type_association_and_hierarchy_events(server, workdir):
+    """THING_TYPE (`thingType/<name>/{created,updated,deleted}`, a deprecation being an update),
+    THING_TYPE_ASSOCIATION (`thingTypeAssociation/thing/<thing>/<type>`, ADDED or REMOVED as a
+    thing takes or leaves a type, also by its creation and deletion) and THING_GROUP_HIERARCHY
+    (`thingGroupHierarchy/thingGroup/<parent>/childThingGroup/<child>/{added,removed}`)."""
+    iot = server.boto()
+    account = server.account_id()
+    mon = Paho(server, server.endpoint(), Device(server, iot, unique("evmon2"), ALLOW_ALL, workdir), unique("evmon2"))
+    assert mon.connect()[0] == 0
+    mon.subscribe("$aws/events/#", qos=1)
+    kinds = ("THING_TYPE", "THING_TYPE_ASSOCIATION", "THING_GROUP_HIERARCHY")
+    server.aws("iot", "update-event-configurations", "--event-configurations",
+               json.dumps({k: {"Enabled": True} for k in kinds}))
+    drain(mon, 0.3)
+    ty, ty2, thing, parent, child = unique("evty"), unique("evty2"), unique("evtt"), unique("evp"), unique("evc")
+    iot.create_thing_type(thingTypeName=ty, thingTypeProperties={"searchableAttributes": ["model"],
+                                                                 "thingTypeDescription": "lamps"})
+    iot.create_thing_type(thingTypeName=ty2)
+    iot.create_thing(thingName=thing, thingTypeName=ty)
+    iot.update_thing(thingName=thing, thingTypeName=ty2)
+    iot.update_thing(thingName=thing, removeThingType=True)
+    iot.update_thing(thingName=thing, thingTypeName=ty)
+    iot.delete_thing(thingName=thing)
+    iot.deprecate_thing_type(thingTypeName=ty)
+    iot.delete_thing_type(thingTypeName=ty)
+    iot.create_thing_group(thingGroupName=parent)
+    iot.create_thing_group(thingGroupName=child, parentGroupName=parent)
+    iot.delete_thing_group(thingGroupName=child)
+    # (Other tests may have left other event types on.)
+    ours = ("$aws/events/thingType/", "$aws/events/thingTypeAssociation/", "$aws/events/thingGroupHierarchy/")
+    events = [(t, e) for t, e in drain(mon)
+              if t.startswith(ours) and not t.startswith(f"$aws/events/thingType/{ty2}")]
+    assoc = f"$aws/events/thingTypeAssociation/thing/{thing}"
+    hier = f"$aws/events/thingGroupHierarchy/thingGroup/{parent}/childThingGroup/{child}"
+    assert [(t, e["operation"]) for t, e in events] == [
+        (f"$aws/events/thingType/{ty}/created", "CREATED"),
+        (f"{assoc}/{ty}", "ADDED"),
+        (f"{assoc}/{ty}", "REMOVED"), (f"{assoc}/{ty2}", "ADDED"),
+        (f"{assoc}/{ty2}", "REMOVED"),
+        (f"{assoc}/{ty}", "ADDED"),
+        (f"{assoc}/{ty}", "REMOVED"),
+        (f"$aws/events/thingType/{ty}/updated", "UPDATED"),
+        (f"$aws/events/thingType/{ty}/deleted", "DELETED"),
+        (f"{hier}/added", "ADDED"),
+        (f"{hier}/removed", "REMOVED"),
+    ], events
+    by = dict(events)
+    created = by[f"$aws/events/thingType/{ty}/created"]
+    assert (created["eventType"], created["accountId"], created["thingTypeName"], created["isDeprecated"],
+            created["searchableAttributes"], created["description"]) == (
+        "THING_TYPE_EVENT", account, ty, False, ["model"], "lamps")
+    assert by[f"$aws/events/thingType/{ty}/updated"]["isDeprecated"] is True
+    a = events[1][1]
+    assert (a["eventType"], a["thingName"], a["thingTypeName"]) == ("THING_TYPE_ASSOCIATION_EVENT", thing, ty)
+    h = by[f"{hier}/added"]
+    assert (h["eventType"], h["thingGroupName"], h["childGroupName"]) == ("THING_GROUP_HIERARCHY_EVENT", parent, child)
+    assert h["thingGroupId"] == iot.describe_thing_group(thingGroupName=parent)["thingGroupId"]
+    server.aws("iot", "update-event-configurations", "--event-configurations",
+               json.dumps({k: {"Enabled": False} for k in kinds}))
+    mon.close()

@@ -86,6 +86,64 @@ pub(crate) fn thing_group(tx: &mut Tx, a: &Account, g: &crate::ThingGroup, opera
     );
 }
 
+/// `$aws/events/thingType/{name}/{created|updated|deleted}` (a deprecation, or its undoing, is
+/// an update).
+pub(crate) fn thing_type(tx: &mut Tx, a: &Account, t: &crate::ThingType, operation: &str) {
+    tx.event(
+        a,
+        "THING_TYPE",
+        format!(
+            "$aws/events/thingType/{}/{}",
+            t.name,
+            operation.to_ascii_lowercase()
+        ),
+        json!({"eventType": "THING_TYPE_EVENT", "timestamp": now_ms(), "operation": operation,
+            "thingTypeId": t.id, "thingTypeName": t.name, "isDeprecated": t.deprecated,
+            "deprecationDate": t.deprecation_date.map(|d| (d * 1000.0) as u64),
+            "searchableAttributes": t.searchable_attributes, "propagatingAttributes": [],
+            "description": t.description}),
+    );
+}
+
+/// `$aws/events/thingTypeAssociation/thing/{thing}/{type}`: a thing took (`ADDED`) or left
+/// (`REMOVED`) a type.
+pub(crate) fn type_association(tx: &mut Tx, a: &Account, t: &Thing, thing_type: &str, added: bool) {
+    let op = if added { "ADDED" } else { "REMOVED" };
+    tx.event(
+        a,
+        "THING_TYPE_ASSOCIATION",
+        format!(
+            "$aws/events/thingTypeAssociation/thing/{}/{thing_type}",
+            t.name
+        ),
+        json!({"eventType": "THING_TYPE_ASSOCIATION_EVENT", "timestamp": now_ms(), "operation": op,
+            "thingId": t.id, "thingName": t.name, "thingTypeName": thing_type}),
+    );
+}
+
+/// `$aws/events/thingGroupHierarchy/thingGroup/{parent}/childThingGroup/{child}/{added|removed}`.
+pub(crate) fn hierarchy(
+    tx: &mut Tx,
+    a: &Account,
+    parent: &str,
+    child: &crate::ThingGroup,
+    added: bool,
+) {
+    let op = if added { "ADDED" } else { "REMOVED" };
+    tx.event(
+        a,
+        "THING_GROUP_HIERARCHY",
+        format!(
+            "$aws/events/thingGroupHierarchy/thingGroup/{parent}/childThingGroup/{}/{}",
+            child.name,
+            op.to_ascii_lowercase()
+        ),
+        json!({"eventType": "THING_GROUP_HIERARCHY_EVENT", "timestamp": now_ms(), "operation": op,
+            "thingGroupId": a.thing_groups.get(parent).map(|g| g.id.clone()), "thingGroupName": parent,
+            "childGroupId": child.id, "childGroupName": child.name}),
+    );
+}
+
 /// `$aws/events/thingGroupMembership/thingGroup/{group}/thing/{thing}/{added|removed}`.
 pub(crate) fn membership(
     tx: &mut Tx,

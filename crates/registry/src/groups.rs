@@ -247,6 +247,9 @@ impl Registry {
             tx.put(Kind::ThingGroup, name, &g)?;
             a.thing_groups.insert(name.to_owned(), g.clone());
             crate::events::thing_group(tx, a, &g, "CREATED");
+            if let Some(p) = &g.parent {
+                crate::events::hierarchy(tx, a, p, &g, true);
+            }
             a.group_arns.insert(name.to_owned(), arn.clone());
             Ok(g)
         })
@@ -379,6 +382,9 @@ impl Registry {
             tx.bump();
             if let Some(g) = a.thing_groups.remove(name) {
                 crate::events::thing_group(tx, a, &g, "DELETED");
+                if let Some(p) = &g.parent {
+                    crate::events::hierarchy(tx, a, p, &g, false);
+                }
             }
             a.group_arns.remove(name);
             Ok(())

@@ -123,6 +123,9 @@ impl Registry {
             tx.bump();
             a.things.insert(name.to_owned(), thing.clone());
             crate::events::thing(tx, a, &thing, "CREATED");
+            if let Some(ty) = &thing.thing_type {
+                crate::events::type_association(tx, a, &thing, ty, true);
+            }
             Ok(thing)
         })
     }
@@ -182,6 +185,14 @@ impl Registry {
             tx.put(Kind::Thing, name, &next)?;
             tx.bump();
             crate::events::thing(tx, a, &next, "UPDATED");
+            if cur.thing_type != next.thing_type {
+                if let Some(old) = &cur.thing_type {
+                    crate::events::type_association(tx, a, &next, old, false);
+                }
+                if let Some(new) = &next.thing_type {
+                    crate::events::type_association(tx, a, &next, new, true);
+                }
+            }
             a.things.insert(name.to_owned(), next);
             Ok(())
         })
@@ -235,6 +246,9 @@ impl Registry {
             tx.bump();
             if let Some(t) = a.things.remove(name) {
                 crate::events::thing(tx, a, &t, "DELETED");
+                if let Some(ty) = &t.thing_type {
+                    crate::events::type_association(tx, a, &t, ty, false);
+                }
             }
             Ok(!jobs.is_empty())
         })?;
@@ -309,6 +323,7 @@ impl Registry {
             };
             tx.put(Kind::ThingType, name, &t)?;
             a.thing_types.insert(name.to_owned(), t.clone());
+            crate::events::thing_type(tx, a, &t, "CREATED");
             Ok(t)
         })
     }
@@ -332,7 +347,8 @@ impl Registry {
             next.deprecated = !undo;
             next.deprecation_date = if undo { None } else { Some(now_secs()) };
             tx.put(Kind::ThingType, name, &next)?;
-            *t = next;
+            *t = next.clone();
+            crate::events::thing_type(tx, a, &next, "UPDATED");
             Ok(())
         })
     }
@@ -357,7 +373,9 @@ impl Registry {
                 )));
             }
             tx.delete(Kind::ThingType, name);
-            a.thing_types.remove(name);
+            if let Some(t) = a.thing_types.remove(name) {
+                crate::events::thing_type(tx, a, &t, "DELETED");
+            }
             Ok(())
         })
     }
