@@ -583,3 +583,62 @@ def test_a_failed_execution_is_retried(server, workdir):
                     '{"criteriaList":[{"failureType":"FAILED","numberOfRetries":1},{"failureType":"FAILED","numberOfRetries":2}]}',
                     check=False)
     assert cp.returncode != 0 and "InvalidRequestException" in cp.stderr
+
+
+def test_jobs_requests_per_thing_are_throttled_over_mqtt_and_https(workdir):
+    """Ten requests a second per thing (a burst of twenty), MQTT and HTTPS drawing on one
+    bucket: a burst of MQTT requests beyond it is rejected with RequestThrottled, then HTTPS
+    requests for the same thing get 429 ThrottlingException once the bucket is empty, and in
+    all no more pass than the burst and what refilled meanwhile; another thing is not affected.
+    (Bounds from the measured time, so that a slow machine does not make the test flaky.)"""
+    import http.client
+    s = Server(workdir / unique("jobsrate"), throttles=True).start()
+    try:
+        iot = s.boto()
+        dev = Device(s, iot, unique("rate"), ALLOW_ALL, workdir)
+        other = Device(s, iot, unique("rate2"), ALLOW_ALL, workdir)
+        p = Paho(s, s.endpoint(), dev, dev.name)
+        assert p.connect()[0] == 0
+        prefix = f"$aws/things/{dev.name}/jobs"
+        p.subscribe(f"{prefix}/get/+", qos=0)
+        endpoint = iot.describe_endpoint(endpointType="iot:Jobs")["endpointAddress"]
+
+        def https(d):
+            ctx = ssl.create_default_context(cafile=s.ca)
+            ctx.load_cert_chain(str(d.cert), str(d.key))
+            return http.client.HTTPSConnection(endpoint, s.https_port, context=ctx, timeout=10)
+        conn = https(dev)
+        conn.request("GET", f"/things/{dev.name}/jobs")
+        assert conn.getresponse().read() and True  # connected (and one request spent)
+        start = time.time()
+        for i in range(30):
+            p.c.publish(f"{prefix}/get", json.dumps({"clientToken": str(i)}), qos=0)
+        got = []
+        while len(got) < 30 and time.time() < start + 10:
+            try:
+                m = p.messages.get(timeout=1)
+            except queue.Empty:
+                continue
+            got.append((m.topic.rsplit("/", 1)[1], json.loads(m.payload)))
+        assert len(got) == 30
+        rejected = [d for kind, d in got if kind == "rejected"]
+        assert rejected and {d["code"] for d in rejected} == {"RequestThrottled"}
+        passed = 30 - len(rejected)
+        codes = []
+        while len(codes) < 40 and (not codes or codes[-1] != 429):
+            conn.request("GET", f"/things/{dev.name}/jobs")
+            r = conn.getresponse()
+            r.read()
+            kind = r.getheader("x-amzn-ErrorType")
+            codes.append(r.status)
+        elapsed = time.time() - start
+        assert codes[-1] == 429 and kind == "ThrottlingException"
+        passed += codes.count(200)
+        # One was spent before; the burst is twenty; ten a second came back meanwhile.
+        assert passed + 1 <= 20 + 10 * elapsed + 1, (passed, elapsed)
+        c2 = https(other)
+        c2.request("GET", f"/things/{other.name}/jobs")
+        assert c2.getresponse().status == 200
+        p.close()
+    finally:
+        s.stop()

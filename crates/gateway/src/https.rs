@@ -163,13 +163,7 @@ async fn handle(
             return Ok(error(403, "ForbiddenException", "Forbidden"));
         }
         let query = parts.uri.query().unwrap_or("");
-        return Ok(jobs_reply(crate::jobs::http(
-            &shared,
-            &info.account,
-            &call,
-            query,
-            &body,
-        )));
+        return Ok(jobs_answer(&shared, &info.account, &call, query, &body));
     }
     let Some(raw_topic) = path.strip_prefix("/topics/") else {
         return Ok(reply(404, "Not Found"));
@@ -420,7 +414,7 @@ async fn signed_request(
         if !allowed(action, &resource) {
             return denied(action, &resource);
         }
-        return jobs_reply(crate::jobs::http(shared, &account, &call, &query, &body));
+        return jobs_answer(shared, &account, &call, &query, &body);
     }
     if let Some(call) = shadow_call(&parts.method, &path, &query) {
         let call = match call {
@@ -916,6 +910,21 @@ fn jobs_refusal(m: &str) -> Response<Full<Bytes>> {
     } else {
         error(400, "InvalidRequestException", m)
     }
+}
+
+/// Answers a jobs data-plane call, held to the thing's rate (the same bucket as its MQTT
+/// requests: 10 a second per thing).
+fn jobs_answer(
+    shared: &Shared,
+    account: &str,
+    call: &crate::jobs::HttpCall,
+    query: &str,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    if !shared.jobs_limiter.admit(account, call.action().1) {
+        return error(429, "ThrottlingException", "Rate exceeded");
+    }
+    jobs_reply(crate::jobs::http(shared, account, call, query, body))
 }
 
 /// A jobs data-plane answer in the REST protocol's form.
