@@ -642,3 +642,80 @@ def test_jobs_requests_per_thing_are_throttled_over_mqtt_and_https(workdir):
         p.close()
     finally:
         s.stop()
+
+
+def test_job_templates_with_the_cli(server, workdir):
+    """Job templates: create from a document or from an existing job, describe, list, delete;
+    CreateJob with --job-template-arn takes the template's document and settings unless the
+    request gives its own; a template's presigned-URL role needs iam:PassRole from whoever
+    makes a job of it; a template of another account is refused."""
+    import boto3
+    from botocore.config import Config
+    from helpers import keys
+    iot = server.boto()
+    dev = Device(server, iot, unique("tpl"), ALLOW_ALL, workdir)
+    thing_arn = iot.describe_thing(thingName=dev.name)["thingArn"]
+    tid = unique("tpl")
+    out = server.aws("iot", "create-job-template", "--job-template-id", tid, "--description", "firmware",
+                     "--document", '{"op":"flash","v":2}', "--timeout-config", "inProgressTimeoutInMinutes=30",
+                     "--job-executions-retry-config", '{"criteriaList":[{"failureType":"FAILED","numberOfRetries":2}]}')
+    assert out["jobTemplateArn"].endswith(f":jobtemplate/{tid}") and out["jobTemplateId"] == tid
+    d = server.aws("iot", "describe-job-template", "--job-template-id", tid)
+    assert (d["description"], json.loads(d["document"]), d["timeoutConfig"]) == (
+        "firmware", {"op": "flash", "v": 2}, {"inProgressTimeoutInMinutes": 30})
+    assert tid in [t["jobTemplateId"] for t in server.aws("iot", "list-job-templates")["jobTemplates"]]
+    cp = server.aws("iot", "create-job-template", "--job-template-id", tid, "--document", "{}", "--description", "d",
+                    check=False)
+    assert cp.returncode != 0 and "ConflictException" in cp.stderr
+
+    job = unique("fromtpl")
+    server.aws("iot", "create-job", "--job-id", job, "--targets", thing_arn, "--job-template-arn", out["jobTemplateArn"])
+    j = iot.describe_job(jobId=job)["job"]
+    assert (j["jobTemplateArn"], j["description"], j["timeoutConfig"], j["jobExecutionsRetryConfig"]) == (
+        out["jobTemplateArn"], "firmware", {"inProgressTimeoutInMinutes": 30},
+        {"criteriaList": [{"failureType": "FAILED", "numberOfRetries": 2}]})
+    assert json.loads(iot.get_job_document(jobId=job)["document"]) == {"op": "flash", "v": 2}
+    # The request's own document and description win.
+    own = unique("own")
+    iot.create_job(jobId=own, targets=[thing_arn], jobTemplateArn=out["jobTemplateArn"], document='{"op":"x"}',
+                   description="mine")
+    assert json.loads(iot.get_job_document(jobId=own)["document"]) == {"op": "x"}
+    assert iot.describe_job(jobId=own)["job"]["description"] == "mine"
+    # From an existing job.
+    copy = unique("copy")
+    server.aws("iot", "create-job-template", "--job-template-id", copy, "--job-arn", j["jobArn"], "--description", "c")
+    assert json.loads(server.aws("iot", "describe-job-template", "--job-template-id", copy)["document"]) == {
+        "op": "flash", "v": 2}
+    # A description is required (the server says so too).
+    raw = server.boto(config=Config(parameter_validation=False))
+    with pytest.raises(raw.exceptions.InvalidRequestException):
+        raw.create_job_template(jobTemplateId=unique("nodesc"), document="{}")
+    # Another account's template (or a made-up ARN) is refused.
+    cp = server.aws("iot", "create-job", "--job-id", unique("x"), "--targets", thing_arn, "--job-template-arn",
+                    f"arn:aws:iot:us-east-1:999999999999:jobtemplate/{tid}", check=False)
+    assert cp.returncode != 0 and "InvalidRequestException" in cp.stderr
+    # A template with a presigned-URL role: a user allowed CreateJob but not iam:PassRole may
+    # not make a job of it.
+    bucket, role = firmware(server, "fw.bin", b"x")
+    signed = unique("signed")
+    iot.create_job_template(jobTemplateId=signed, document=json.dumps({"url": f"${{aws:iot:s3-presigned-url:https://s3.amazonaws.com/{bucket}/fw.bin}}"}),
+                            description="signed", presignedUrlConfig={"roleArn": role})
+    iam = server.boto("iam")
+    user = unique("tpluser")
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:CreateJob", "Resource": "*"}]}))
+    c = boto3.client("iot", region_name="us-east-1", endpoint_url=f"https://localhost:{server.api_port}",
+                     verify=server.ca, config=Config(retries={"total_max_attempts": 1}),
+                     **keys(iam.create_access_key(UserName=user)["AccessKey"]))
+    time.sleep(0.1)
+    tarn = iot.describe_job_template(jobTemplateId=signed)["jobTemplateArn"]
+    with pytest.raises(c.exceptions.ClientError) as e:
+        c.create_job(jobId=unique("steal"), targets=[thing_arn], jobTemplateArn=tarn)
+    assert "iam:PassRole" in e.value.response["Error"]["Message"]
+    for t in (tid, copy, signed):
+        server.aws("iot", "delete-job-template", "--job-template-id", t)
+    cp = server.aws("iot", "describe-job-template", "--job-template-id", tid, check=False)
+    assert cp.returncode != 0 and "ResourceNotFoundException" in cp.stderr
+    for x in (job, own):
+        iot.cancel_job(jobId=x)

@@ -402,6 +402,34 @@ static ROUTES: &[Route] = &[
     ),
     route!(GET, ["jobs"], "ListJobs", ANY, crate::jobs::list_jobs),
     route!(
+        PUT,
+        ["job-templates", L],
+        "CreateJobTemplate",
+        label("jobtemplate"),
+        crate::jobs::create_job_template
+    ),
+    route!(
+        GET,
+        ["job-templates", L],
+        "DescribeJobTemplate",
+        label("jobtemplate"),
+        crate::jobs::describe_job_template
+    ),
+    route!(
+        DELETE,
+        ["job-templates", L],
+        "DeleteJobTemplate",
+        label("jobtemplate"),
+        crate::jobs::delete_job_template
+    ),
+    route!(
+        GET,
+        ["job-templates"],
+        "ListJobTemplates",
+        ANY,
+        crate::jobs::list_job_templates
+    ),
+    route!(
         GET,
         ["jobs", L, "job-document"],
         "GetJobDocument",

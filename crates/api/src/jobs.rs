@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 
 use sekisho_registry::{
-    CancelExecution, ExecStatus, Execution, Job, JobCounts, JobUpdate, NewJob, PresignedUrlConfig,
-    now_secs,
+    CancelExecution, ExecStatus, Execution, Job, JobCounts, JobTemplate, JobUpdate, NewJob,
+    PresignedUrlConfig, now_secs,
 };
 use serde_json::{Map, Value, json};
 
@@ -55,7 +55,8 @@ fn targets(b: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
     }
 }
 
-/// CreateJob's resources: the job, and every target it names.
+/// CreateJob's resources: the job, every target it names, and the job template it is made
+/// from.
 pub(crate) fn create_resources(
     state: &ApiState,
     call: &Call,
@@ -65,7 +66,43 @@ pub(crate) fn create_resources(
     for t in targets(&b)? {
         out.push(target(state, call, &t)?);
     }
+    if let Some(arn) = str_field(&b, "jobTemplateArn")? {
+        out.push(("jobtemplate", template_id(state, call, arn)?.to_owned()));
+    }
     Ok(out)
+}
+
+/// The id a job template ARN of the caller's account names.
+fn template_id<'a>(state: &ApiState, call: &Call, arn: &'a str) -> Result<&'a str, ApiError> {
+    let prefix = state.registry.arn(&call.account, "jobtemplate/");
+    arn.strip_prefix(&prefix)
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "jobTemplateArn {arn} is not a job template of this account"
+            ))
+        })
+}
+
+/// The document a request names (`document`, or `documentSource` read from the object store)
+/// with its source; `None` when it names none.
+fn requested_document(
+    state: &ApiState,
+    call: &Call,
+    b: &Map<String, Value>,
+) -> Result<Option<(String, Option<String>)>, ApiError> {
+    let source = str_field(b, "documentSource")?;
+    match (str_field(b, "document")?, source) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "Give document or documentSource, not both",
+        )),
+        (Some(d), None) => Ok(Some((d.to_owned(), None))),
+        (None, Some(url)) => Ok(Some((
+            read_document(state, call, url)?,
+            Some(url.to_owned()),
+        ))),
+        (None, None) => Ok(None),
+    }
 }
 
 /// The resources of an operation on one thing's execution of a job (`/things/{thing}/jobs/{job}`).
@@ -207,15 +244,19 @@ fn read_document(state: &ApiState, call: &Call, url: &str) -> Result<String, Api
 pub(crate) fn create_job(state: &ApiState, call: &Call) -> Out {
     let b = call.json()?;
     let id = seg(call, 1);
-    let source = str_field(&b, "documentSource")?;
-    let document = match (str_field(&b, "document")?, source) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::invalid(
-                "Give document or documentSource, not both",
-            ));
-        }
-        (Some(d), None) => d.to_owned(),
-        (None, Some(url)) => read_document(state, call, url)?,
+    // A job template gives what the request leaves out.
+    let template = match str_field(&b, "jobTemplateArn")? {
+        Some(arn) => Some((
+            arn.to_owned(),
+            state
+                .registry
+                .job_template(&call.account, template_id(state, call, arn)?)?,
+        )),
+        None => None,
+    };
+    let (document, source) = match (requested_document(state, call, &b)?, &template) {
+        (Some(d), _) => d,
+        (None, Some((_, t))) => (t.document.clone(), t.document_source.clone()),
         (None, None) => return Err(ApiError::invalid("document or documentSource is required")),
     };
     let continuous = match str_field(&b, "targetSelection")? {
@@ -229,7 +270,6 @@ pub(crate) fn create_job(state: &ApiState, call: &Call) -> Out {
     };
     for unsupported in [
         "namespaceId",
-        "jobTemplateArn",
         "documentParameters",
         "destinationPackageVersions",
     ] {
@@ -237,19 +277,25 @@ pub(crate) fn create_job(state: &ApiState, call: &Call) -> Out {
             return Err(ApiError::invalid(format!("{unsupported} is not supported")));
         }
     }
-    let presigned = presigned(&b)?;
+    let t = template.as_ref().map(|(_, t)| t);
+    // The role signs documents for this job: whoever makes the job passes it, template or not.
+    let presigned = presigned(&b)?.or_else(|| t.and_then(|t| t.presigned.clone()));
     if let Some(p) = &presigned {
         pass_role(state, call, &p.role_arn)?;
     }
+    let mut configs = t.map(|t| t.configs.clone()).unwrap_or_default();
+    configs.extend(kept(&b)?);
     let spec = NewJob {
         targets: targets(&b)?,
         document,
-        document_source: source.map(str::to_owned),
-        description: description(&b)?,
+        document_source: source,
+        description: description(&b)?.or_else(|| t.and_then(|t| t.description.clone())),
         continuous,
         presigned,
-        in_progress_timeout_minutes: timeout(&b)?,
-        configs: kept(&b)?,
+        in_progress_timeout_minutes: timeout(&b)?
+            .or_else(|| t.and_then(|t| t.in_progress_timeout_minutes)),
+        configs,
+        template_arn: template.as_ref().map(|(arn, _)| arn.clone()),
     };
     let j = state
         .registry
@@ -292,6 +338,9 @@ fn job_json(state: &ApiState, account: &str, j: &Job, counts: Option<&JobCounts>
     };
     if let Some(d) = &j.description {
         set(&mut v, "description", json!(d));
+    }
+    if let Some(t) = &j.template_arn {
+        set(&mut v, "jobTemplateArn", json!(t));
     }
     if let Some(t) = j.completed_at {
         set(&mut v, "completedAt", json!(t));
@@ -591,5 +640,136 @@ pub(crate) fn delete_execution(state: &ApiState, call: &Call) -> Out {
         call.q_bool("force")?,
         now_secs(),
     )?;
+    Ok(json!({}))
+}
+
+/// CreateJobTemplate: from a document (or `documentSource`), or from an existing job
+/// (`jobArn`), whose settings the request may override.
+pub(crate) fn create_job_template(state: &ApiState, call: &Call) -> Out {
+    let b = call.json()?;
+    let id = seg(call, 1);
+    for unsupported in ["maintenanceWindows", "destinationPackageVersions"] {
+        if b.get(unsupported).is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::invalid(format!("{unsupported} is not supported")));
+        }
+    }
+    let from_job = match str_field(&b, "jobArn")? {
+        Some(arn) => {
+            let prefix = state.registry.arn(&call.account, "job/");
+            let job = arn
+                .strip_prefix(&prefix)
+                .filter(|j| !j.is_empty() && !j.contains('/'))
+                .ok_or_else(|| {
+                    ApiError::invalid(format!("jobArn {arn} is not a job of this account"))
+                })?;
+            // Copying a job is reading it.
+            crate::authorize(state, &call.caller, &call.request, "iot:DescribeJob", arn)?;
+            Some(state.registry.describe_job(&call.account, job)?.0)
+        }
+        None => None,
+    };
+    let (document, source) = match (requested_document(state, call, &b)?, &from_job) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid("Give jobArn or a document, not both"));
+        }
+        (Some(d), None) => d,
+        (None, Some(j)) => (j.document.clone(), j.document_source.clone()),
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "jobArn, document or documentSource is required",
+            ));
+        }
+    };
+    let presigned = presigned(&b)?.or_else(|| from_job.as_ref().and_then(|j| j.presigned.clone()));
+    if let Some(p) = &presigned {
+        pass_role(state, call, &p.role_arn)?;
+    }
+    let mut configs = from_job
+        .as_ref()
+        .map(|j| j.configs.clone())
+        .unwrap_or_default();
+    configs.remove("schedulingConfig");
+    configs.extend(kept(&b)?);
+    let Some(described) = description(&b)? else {
+        return Err(ApiError::invalid("description is required"));
+    };
+    let t = state.registry.create_job_template(
+        &call.account,
+        JobTemplate {
+            id: id.to_owned(),
+            description: Some(described),
+            document,
+            document_source: source,
+            presigned,
+            in_progress_timeout_minutes: timeout(&b)?.or_else(|| {
+                from_job
+                    .as_ref()
+                    .and_then(|j| j.in_progress_timeout_minutes)
+            }),
+            configs,
+            created_at: now_secs(),
+        },
+    )?;
+    Ok(json!({"jobTemplateArn": template_arn(state, &call.account, &t.id), "jobTemplateId": t.id}))
+}
+
+fn template_arn(state: &ApiState, account: &str, id: &str) -> String {
+    state.registry.arn(account, &format!("jobtemplate/{id}"))
+}
+
+/// DescribeJobTemplate.
+pub(crate) fn describe_job_template(state: &ApiState, call: &Call) -> Out {
+    let t = state.registry.job_template(&call.account, seg(call, 1))?;
+    let mut v = json!({
+        "jobTemplateArn": template_arn(state, &call.account, &t.id),
+        "jobTemplateId": t.id,
+        "document": t.document,
+        "createdAt": t.created_at,
+    });
+    if let Some(d) = &t.description {
+        v["description"] = json!(d);
+    }
+    if let Some(s) = &t.document_source {
+        v["documentSource"] = json!(s);
+    }
+    if let Some(p) = &t.presigned {
+        v["presignedUrlConfig"] = json!({"roleArn": p.role_arn, "expiresInSec": p.expires_in_sec});
+    }
+    if let Some(m) = t.in_progress_timeout_minutes {
+        v["timeoutConfig"] = json!({"inProgressTimeoutInMinutes": m});
+    }
+    for (k, x) in &t.configs {
+        v[k] = x.clone();
+    }
+    Ok(v)
+}
+
+/// ListJobTemplates.
+pub(crate) fn list_job_templates(state: &ApiState, call: &Call) -> Out {
+    let page = state.registry.list_job_templates(
+        &call.account,
+        call.q("nextToken"),
+        call.q_int("maxResults", 1, 250, 50)? as usize,
+    )?;
+    let items: Vec<Value> = page
+        .items
+        .iter()
+        .map(|t| {
+            let mut v = json!({"jobTemplateArn": template_arn(state, &call.account, &t.id),
+                "jobTemplateId": t.id, "createdAt": t.created_at});
+            if let Some(d) = &t.description {
+                v["description"] = json!(d);
+            }
+            v
+        })
+        .collect();
+    Ok(json!({"jobTemplates": items, "nextToken": page.next}))
+}
+
+/// DeleteJobTemplate.
+pub(crate) fn delete_job_template(state: &ApiState, call: &Call) -> Out {
+    state
+        .registry
+        .delete_job_template(&call.account, seg(call, 1))?;
     Ok(json!({}))
 }

@@ -45,6 +45,9 @@ pub enum RegistryError {
     /// `CertificateConflictException` (409).
     #[error("{0}")]
     CertificateConflict(String),
+    /// `ConflictException` (409): a resource of that id exists (job templates).
+    #[error("{0}")]
+    Conflict(String),
     /// `InvalidStateTransitionException` (409): a job or execution cannot go to that state.
     #[error("{0}")]
     InvalidStateTransition(String),
@@ -74,6 +77,7 @@ impl RegistryError {
                 ("RegistrationCodeValidationException", 400)
             }
             RegistryError::CertificateConflict(_) => ("CertificateConflictException", 409),
+            RegistryError::Conflict(_) => ("ConflictException", 409),
             RegistryError::InvalidStateTransition(_) => ("InvalidStateTransitionException", 409),
             RegistryError::TerminalState(_) => ("TerminalStateException", 410),
             RegistryError::Internal(_) => ("InternalFailureException", 500),

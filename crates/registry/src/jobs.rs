@@ -159,6 +159,34 @@ pub struct Job {
     /// With `jobExecutionsRolloutConfig`: the staged rollout's progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutState>,
+    /// The job template it was made from, if any (its ARN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_arn: Option<String>,
+}
+
+/// Job templates an account may have.
+pub const MAX_JOB_TEMPLATES: usize = 1000;
+
+/// A job template (CreateJobTemplate): what CreateJob takes from it when the request does not
+/// say otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobTemplate {
+    /// Its id.
+    pub id: String,
+    /// Description.
+    pub description: Option<String>,
+    /// The job document (`documentSource` read into it at creation).
+    pub document: String,
+    /// Where the document came from, if it was read from the object store.
+    pub document_source: Option<String>,
+    /// Presigned URL settings.
+    pub presigned: Option<PresignedUrlConfig>,
+    /// `timeoutConfig.inProgressTimeoutInMinutes`.
+    pub in_progress_timeout_minutes: Option<u64>,
+    /// Rollout, abort, retry and scheduling configurations, as for a job.
+    pub configs: BTreeMap<String, Value>,
+    /// Creation time, epoch seconds.
+    pub created_at: f64,
 }
 
 /// A staged rollout (`jobExecutionsRolloutConfig`): the things a job targets get their
@@ -336,6 +364,8 @@ pub struct NewJob {
     pub in_progress_timeout_minutes: Option<u64>,
     /// Other configurations, kept as given.
     pub configs: BTreeMap<String, Value>,
+    /// The job template it is made from (its ARN), if any.
+    pub template_arn: Option<String>,
 }
 
 /// What UpdateJob changes (what is `None` stays).
@@ -721,6 +751,88 @@ impl Account {
 }
 
 impl Registry {
+    /// CreateJobTemplate.
+    pub fn create_job_template(&self, account: &str, t: JobTemplate) -> Result<JobTemplate> {
+        let id = t.id.clone();
+        check_name("jobTemplateId", &id, 64, |c| {
+            c.is_ascii_alphanumeric() || matches!(c, '_' | '-')
+        })?;
+        if t.document.len() > MAX_DOCUMENT {
+            return Err(RegistryError::InvalidRequest(format!(
+                "The job document can be at most {MAX_DOCUMENT} bytes"
+            )));
+        }
+        if serde_json::from_str::<serde_json::Map<String, Value>>(&t.document).is_err() {
+            return Err(RegistryError::InvalidRequest(
+                "The job document must be a JSON object".into(),
+            ));
+        }
+        if t.in_progress_timeout_minutes
+            .is_some_and(|m| !(1..=10_080).contains(&m))
+        {
+            return Err(RegistryError::InvalidRequest(
+                "inProgressTimeoutInMinutes must be between 1 and 10080".into(),
+            ));
+        }
+        rollout_config(&t.configs)?;
+        retry_config(&t.configs)?;
+        self.write(account, |a, tx| {
+            if a.job_templates.contains_key(&id) {
+                return Err(RegistryError::Conflict(format!(
+                    "Job template {id} already exists"
+                )));
+            }
+            if a.job_templates.len() >= MAX_JOB_TEMPLATES {
+                return Err(RegistryError::LimitExceeded(format!(
+                    "An account can have at most {MAX_JOB_TEMPLATES} job templates"
+                )));
+            }
+            tx.put(Kind::JobTemplate, &id, &t)?;
+            a.job_templates.insert(id.clone(), t.clone());
+            Ok(t)
+        })
+    }
+
+    /// DescribeJobTemplate.
+    pub fn job_template(&self, account: &str, id: &str) -> Result<JobTemplate> {
+        self.read(account, |a| {
+            a.job_templates
+                .get(id)
+                .cloned()
+                .ok_or_else(|| RegistryError::NotFound(format!("Job template {id} does not exist")))
+        })
+    }
+
+    /// ListJobTemplates, in id order.
+    pub fn list_job_templates(
+        &self,
+        account: &str,
+        token: Option<&str>,
+        max: usize,
+    ) -> Result<Page<JobTemplate>> {
+        self.read(account, |a| {
+            let items = a
+                .job_templates
+                .values()
+                .map(|t| (t.id.clone(), t.clone()))
+                .collect();
+            paginate(items, token, max)
+        })
+    }
+
+    /// DeleteJobTemplate (jobs made from it keep what they took).
+    pub fn delete_job_template(&self, account: &str, id: &str) -> Result<()> {
+        self.write(account, |a, tx| {
+            if a.job_templates.remove(id).is_none() {
+                return Err(RegistryError::NotFound(format!(
+                    "Job template {id} does not exist"
+                )));
+            }
+            tx.delete(Kind::JobTemplate, id);
+            Ok(())
+        })
+    }
+
     /// Staged rollouts' next steps, when the caller's timer says: returns how many executions
     /// were created.
     pub fn roll_out_jobs(&self, now: f64) -> usize {
@@ -840,6 +952,7 @@ impl Registry {
                 created_at: now,
                 last_updated_at: now,
                 completed_at: None,
+                template_arn: spec.template_arn,
                 rollout: staged.map(|c| RolloutState {
                     waiting: things.iter().cloned().collect(),
                     rate: c.base,

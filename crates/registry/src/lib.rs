@@ -47,8 +47,8 @@ pub use iam::{
     trust_principal_arns,
 };
 pub use jobs::{
-    CancelExecution, ExecStatus, Execution, ExecutionUpdate, Job, JobCounts, JobStatus, JobUpdate,
-    NewJob, PresignedUrlConfig,
+    CancelExecution, ExecStatus, Execution, ExecutionUpdate, Job, JobCounts, JobStatus,
+    JobTemplate, JobUpdate, MAX_JOB_TEMPLATES, NewJob, PresignedUrlConfig,
 };
 pub use jobs::{MAX_DOCUMENT as MAX_JOB_DOCUMENT, s3_location};
 pub use model::*;
@@ -395,6 +395,12 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         account_mut(&mut st, &row.account)?
             .templates
             .insert(t.name.clone(), t);
+    }
+    for row in store.load(Kind::JobTemplate)? {
+        let t: jobs::JobTemplate = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .job_templates
+            .insert(t.id.clone(), t);
     }
     for row in store.load(Kind::Job)? {
         let j: jobs::Job = decode(&row.doc)?;

@@ -363,6 +363,8 @@ pub struct Account {
     pub job_things: BTreeMap<String, BTreeSet<String>>,
     /// The last job's creation order.
     pub job_seq: u64,
+    /// Job templates by id.
+    pub job_templates: BTreeMap<String, crate::jobs::JobTemplate>,
     /// Provisioning templates by name.
     pub templates: BTreeMap<String, crate::provisioning::ProvisioningTemplate>,
     /// Event types enabled (UpdateEventConfigurations).

@@ -42,6 +42,8 @@ pub(crate) enum Kind {
     ProvisioningTemplate,
     /// The account's enabled event types (key "").
     EventConfig,
+    /// Job templates, keyed by id.
+    JobTemplate,
     /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
     /// never loaded into memory, read and written one by one.
     Shadow,
@@ -73,6 +75,7 @@ impl Kind {
             Kind::JobSeq => "job_seq",
             Kind::ProvisioningTemplate => "provisioning_template",
             Kind::EventConfig => "event_config",
+            Kind::JobTemplate => "job_template",
         }
     }
 }
