@@ -719,3 +719,34 @@ def test_job_templates_with_the_cli(server, workdir):
     assert cp.returncode != 0 and "ResourceNotFoundException" in cp.stderr
     for x in (job, own):
         iot.cancel_job(jobId=x)
+
+
+def test_a_scheduled_job_with_the_cli(server, workdir):
+    """`--scheduling-config`: a job with a startTime is SCHEDULED, reaches no thing before it,
+    and can be canceled; times out of AWS's bounds and maintenance windows are refused. (Its
+    start and end are tested on a virtual clock: crates/registry/src/jobs.rs.)"""
+    import datetime
+    iot = server.boto()
+    dev = Device(server, iot, unique("sched"), ALLOW_ALL, workdir)
+    thing_arn = iot.describe_thing(thingName=dev.name)["thingArn"]
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=2)
+    start = soon.strftime("%Y-%m-%dT%H:%M")
+    end = (soon + datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+    job = unique("sched")
+    server.aws("iot", "create-job", "--job-id", job, "--targets", thing_arn, "--document", "{}",
+               "--scheduling-config", f"startTime={start},endTime={end},endBehavior=CANCEL")
+    j = iot.describe_job(jobId=job)["job"]
+    assert j["status"] == "SCHEDULED" and j["schedulingConfig"]["startTime"] == start
+    assert j["jobProcessDetails"]["numberOfQueuedThings"] == 0
+    assert server.aws("iot-jobs-data", "get-pending-job-executions", "--thing-name", dev.name)["queuedJobs"] == []
+    assert job in [x["jobId"] for x in iot.list_jobs(status="SCHEDULED")["jobs"]]
+    iot.cancel_job(jobId=job)
+    assert iot.describe_job(jobId=job)["job"]["status"] == "CANCELED"
+    too_soon = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M")
+    cp = server.aws("iot", "create-job", "--job-id", unique("x"), "--targets", thing_arn, "--document", "{}",
+                    "--scheduling-config", f"startTime={too_soon}", check=False)
+    assert cp.returncode != 0 and "InvalidRequestException" in cp.stderr and "startTime" in cp.stderr
+    cp = server.aws("iot", "create-job", "--job-id", unique("x"), "--targets", thing_arn, "--document", "{}",
+                    "--scheduling-config", json.dumps({"startTime": start, "maintenanceWindows": [
+                        {"startTime": "cron(0 0 * * ? *)", "durationInMinutes": 30}]}), check=False)
+    assert cp.returncode != 0 and "maintenanceWindows" in cp.stderr

@@ -444,7 +444,12 @@ pub(crate) fn update_job(state: &ApiState, call: &Call) -> Out {
             description: description(&b)?,
             presigned,
             in_progress_timeout_minutes: timeout(&b)?,
-            configs: kept(&b)?,
+            configs: {
+                // A job's schedule is set when it is made (UpdateJob has no schedulingConfig).
+                let mut k = kept(&b)?;
+                k.remove("schedulingConfig");
+                k
+            },
         },
         now_secs(),
     )?;

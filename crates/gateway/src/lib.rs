@@ -398,6 +398,11 @@ pub async fn sweep_sessions(shared: Arc<Shared>) {
                 if n > 0 {
                     tracing::debug!(executions = n, "job executions timed out");
                 }
+                // Scheduled jobs' starts and ends.
+                let n = shared.registry.run_job_schedules(sekisho_registry::now_secs());
+                if n > 0 {
+                    tracing::debug!(jobs = n, "job schedules ran");
+                }
                 // Staged rollouts' next minute.
                 let n = shared.registry.roll_out_jobs(sekisho_registry::now_secs());
                 if n > 0 {

@@ -33,6 +33,8 @@ pub const MAX_STATUS_DETAILS: usize = 10;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum JobStatus {
+    /// Waiting for its `schedulingConfig.startTime`.
+    Scheduled,
     /// Executions are under way.
     InProgress,
     /// Canceled.
@@ -45,6 +47,7 @@ impl JobStatus {
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
+            JobStatus::Scheduled => "SCHEDULED",
             JobStatus::InProgress => "IN_PROGRESS",
             JobStatus::Canceled => "CANCELED",
             JobStatus::Completed => "COMPLETED",
@@ -162,6 +165,108 @@ pub struct Job {
     /// The job template it was made from, if any (its ARN).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_arn: Option<String>,
+    /// With `schedulingConfig`: when it starts and ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+}
+
+/// `schedulingConfig`: the job starts (its targets are resolved and notified) at `start`, and
+/// at `end` does what `end_behavior` says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Epoch seconds; `None`: it started at creation.
+    pub start: Option<f64>,
+    /// Epoch seconds.
+    pub end: Option<f64>,
+    /// STOP_ROLLOUT, CANCEL or FORCE_CANCEL.
+    pub end_behavior: String,
+    /// Whether `end` has come (no more things join it).
+    #[serde(default)]
+    pub ended: bool,
+}
+
+/// `YYYY-MM-DDTHH:MM` (seconds and a `Z` may follow), UTC, as epoch seconds.
+fn schedule_time(s: &str) -> Option<f64> {
+    let s = s.strip_suffix('Z').unwrap_or(s);
+    let (date, time) = s.split_once('T')?;
+    let num = |x: &str, len: usize| -> Option<i64> {
+        (x.len() == len && x.bytes().all(|b| b.is_ascii_digit())).then(|| x.parse().ok())?
+    };
+    let mut d = date.split('-');
+    let (y, m, day) = (num(d.next()?, 4)?, num(d.next()?, 2)?, num(d.next()?, 2)?);
+    let mut t = time.split(':');
+    let (h, min) = (num(t.next()?, 2)?, num(t.next()?, 2)?);
+    let sec = match t.next() {
+        Some(x) => num(x, 2)?,
+        None => 0,
+    };
+    if d.next().is_some() || t.next().is_some() || h > 23 || min > 59 || sec > 59 {
+        return None;
+    }
+    let month = time::Month::try_from(u8::try_from(m).ok()?).ok()?;
+    let date =
+        time::Date::from_calendar_date(i32::try_from(y).ok()?, month, u8::try_from(day).ok()?)
+            .ok()?;
+    Some((date.midnight().assume_utc().unix_timestamp() + h * 3600 + min * 60 + sec) as f64)
+}
+
+/// `schedulingConfig`, checked against `now` as AWS bounds it: the start at least 30 minutes
+/// and at most a year ahead, the end at least 30 minutes after the start (or now) and at most
+/// two years ahead. Maintenance windows are refused (not served).
+fn schedule_config(configs: &BTreeMap<String, Value>, now: f64) -> Result<Option<Schedule>> {
+    let Some(c) = configs.get("schedulingConfig") else {
+        return Ok(None);
+    };
+    let bad = |m: &str| RegistryError::InvalidRequest(format!("schedulingConfig: {m}"));
+    if c.get("maintenanceWindows")
+        .and_then(Value::as_array)
+        .is_some_and(|w| !w.is_empty())
+    {
+        return Err(bad("maintenanceWindows are not supported"));
+    }
+    let when = |k: &str| -> Result<Option<f64>> {
+        match c.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => schedule_time(s)
+                .map(Some)
+                .ok_or_else(|| bad(&format!("{k} must be YYYY-MM-DDTHH:MM"))),
+            Some(_) => Err(bad(&format!("{k} must be YYYY-MM-DDTHH:MM"))),
+        }
+    };
+    let (start, end) = (when("startTime")?, when("endTime")?);
+    const HALF_HOUR: f64 = 1800.0;
+    const YEAR: f64 = 365.0 * 86_400.0;
+    if let Some(s) = start
+        && !(now + HALF_HOUR..=now + YEAR).contains(&s)
+    {
+        return Err(bad("startTime must be 30 minutes to a year from now"));
+    }
+    if let Some(e) = end {
+        let from = start.unwrap_or(now);
+        if !(from + HALF_HOUR..=from + 2.0 * YEAR).contains(&e) || e > now + 2.0 * YEAR {
+            return Err(bad(
+                "endTime must be at least 30 minutes after startTime (or now) and within two years",
+            ));
+        }
+    }
+    let end_behavior = match c.get("endBehavior").and_then(Value::as_str) {
+        None => "STOP_ROLLOUT",
+        Some(b @ ("STOP_ROLLOUT" | "CANCEL" | "FORCE_CANCEL")) => b,
+        Some(_) => {
+            return Err(bad(
+                "endBehavior must be STOP_ROLLOUT, CANCEL or FORCE_CANCEL",
+            ));
+        }
+    };
+    if start.is_none() && end.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Schedule {
+        start,
+        end,
+        end_behavior: end_behavior.to_owned(),
+        ended: false,
+    }))
 }
 
 /// Job templates an account may have.
@@ -662,6 +767,43 @@ impl Account {
 }
 
 impl Account {
+    /// A job starts: its things get their executions now, or with a staged rollout join its
+    /// queue. Returns the things given one.
+    fn launch(
+        &mut self,
+        tx: &mut Tx,
+        id: &str,
+        things: BTreeSet<String>,
+        staged: Option<Rollout>,
+        now: f64,
+    ) -> Result<BTreeSet<String>> {
+        let Some(mut job) = self.jobs.get(id).cloned() else {
+            return Ok(BTreeSet::new());
+        };
+        job.status = JobStatus::InProgress;
+        job.last_updated_at = now;
+        job.rollout = staged.map(|c| RolloutState {
+            waiting: things.iter().cloned().collect(),
+            rate: c.base,
+            window: now,
+            in_window: 0,
+            notified: 0,
+            mark: (0, 0),
+        });
+        tx.put(Kind::Job, id, &job)?;
+        self.jobs.insert(id.to_owned(), job.clone());
+        let things: BTreeSet<String> = if job.rollout.is_some() {
+            self.roll_out(tx, id, now)?.into_iter().collect()
+        } else {
+            for thing in &things {
+                self.save_execution(tx, new_execution(&job, thing, now))?;
+            }
+            things
+        };
+        self.maybe_complete(tx, id, now)?;
+        Ok(things)
+    }
+
     /// A staged rollout's next step: as many waiting things as the current minute still
     /// allows get their executions (a thing deleted meanwhile is skipped). Returns them.
     fn roll_out(&mut self, tx: &mut Tx, job: &str, now: f64) -> Result<Vec<String>> {
@@ -833,6 +975,91 @@ impl Registry {
         })
     }
 
+    /// Scheduled jobs whose time has come, when the caller's timer says: a SCHEDULED job past
+    /// its start starts (its targets resolved now); an IN_PROGRESS job past its end does what
+    /// its `endBehavior` says (STOP_ROLLOUT: no more things join it, those waiting are dropped;
+    /// CANCEL; FORCE_CANCEL). Returns how many jobs changed.
+    pub fn run_job_schedules(&self, now: f64) -> usize {
+        let due: Vec<(String, String)> = {
+            let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+            st.accounts
+                .iter()
+                .flat_map(|(id, a)| {
+                    a.jobs
+                        .values()
+                        .filter(|j| {
+                            j.schedule.as_ref().is_some_and(|s| match j.status {
+                                JobStatus::Scheduled => s.start.is_some_and(|t| t <= now),
+                                JobStatus::InProgress => {
+                                    !s.ended && s.end.is_some_and(|t| t <= now)
+                                }
+                                _ => false,
+                            })
+                        })
+                        .map(|j| (id.clone(), j.id.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let mut n = 0;
+        for (account, id) in due {
+            let thing_prefix = self.arn(&account, "thing/");
+            let group_prefix = self.arn(&account, "thinggroup/");
+            let step = self.write(&account, |a, tx| {
+                let Some(mut j) = a.jobs.get(&id).cloned() else {
+                    return Ok((Vec::new(), None));
+                };
+                match j.status {
+                    JobStatus::Scheduled => {
+                        let mut things = BTreeSet::new();
+                        for t in &j.targets {
+                            things.extend(a.things_of_target(t, &thing_prefix, &group_prefix));
+                        }
+                        let staged = rollout_config(&j.configs).ok().flatten();
+                        let started = a.launch(tx, &id, things, staged, now)?;
+                        Ok((started.into_iter().collect(), None))
+                    }
+                    _ => {
+                        let Some(s) = &mut j.schedule else {
+                            return Ok((Vec::new(), None));
+                        };
+                        s.ended = true;
+                        let behavior = s.end_behavior.clone();
+                        if let Some(r) = &mut j.rollout {
+                            r.waiting.clear();
+                        }
+                        j.last_updated_at = now;
+                        tx.put(Kind::Job, &id, &j)?;
+                        a.jobs.insert(id.clone(), j);
+                        a.maybe_complete(tx, &id, now)?;
+                        Ok((Vec::new(), Some(behavior)))
+                    }
+                }
+            });
+            match step {
+                Ok((started, behavior)) => {
+                    n += 1;
+                    self.jobs_changed(&account, started);
+                    if let Some(b) = behavior.filter(|b| b != "STOP_ROLLOUT") {
+                        let force = b == "FORCE_CANCEL";
+                        if let Err(e) = self.cancel_job(
+                            &account,
+                            &id,
+                            force,
+                            Some("SCHEDULED_END".into()),
+                            Some(format!("Ended by its schedule ({b})")),
+                            now,
+                        ) {
+                            tracing::error!(%account, job = %id, error = %e, "ending a scheduled job failed");
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(%account, job = %id, error = %e, "job schedule failed"),
+            }
+        }
+        n
+    }
+
     /// Staged rollouts' next steps, when the caller's timer says: returns how many executions
     /// were created.
     pub fn roll_out_jobs(&self, now: f64) -> usize {
@@ -897,6 +1124,7 @@ impl Registry {
         }
         let staged = rollout_config(&spec.configs)?;
         retry_config(&spec.configs)?;
+        let schedule = schedule_config(&spec.configs, now)?;
         let thing_prefix = self.arn(account, "thing/");
         let group_prefix = self.arn(account, "thinggroup/");
         let out = self.write(account, |a, tx| {
@@ -942,7 +1170,11 @@ impl Registry {
                 document_source: spec.document_source,
                 targets: spec.targets,
                 continuous: spec.continuous,
-                status: JobStatus::InProgress,
+                status: if schedule.as_ref().is_some_and(|s| s.start.is_some()) {
+                    JobStatus::Scheduled
+                } else {
+                    JobStatus::InProgress
+                },
                 force_canceled: false,
                 reason_code: None,
                 comment: None,
@@ -953,28 +1185,18 @@ impl Registry {
                 last_updated_at: now,
                 completed_at: None,
                 template_arn: spec.template_arn,
-                rollout: staged.map(|c| RolloutState {
-                    waiting: things.iter().cloned().collect(),
-                    rate: c.base,
-                    window: now,
-                    in_window: 0,
-                    notified: 0,
-                    mark: (0, 0),
-                }),
+                schedule,
+                rollout: None,
             };
             tx.put(Kind::Job, id, &job)?;
             tx.put(Kind::JobSeq, "", &a.job_seq)?;
             a.jobs.insert(id.to_owned(), job.clone());
-            let things: BTreeSet<String> = if job.rollout.is_some() {
-                a.roll_out(tx, id, now)?.into_iter().collect()
+            let things = if job.status == JobStatus::Scheduled {
+                BTreeSet::new()
             } else {
-                for thing in &things {
-                    a.save_execution(tx, new_execution(&job, thing, now))?;
-                }
-                things
+                a.launch(tx, id, things, staged, now)?
             };
             let job = a.jobs.get(id).cloned().unwrap_or(job);
-            a.maybe_complete(tx, id, now)?;
             Ok((job, things))
         })?;
         self.jobs_changed(account, out.1);
@@ -1541,6 +1763,8 @@ impl Registry {
             .jobs
             .values()
             .filter(|j| j.continuous && j.status == JobStatus::InProgress)
+            // Past a STOP_ROLLOUT end, no more things join.
+            .filter(|j| !j.schedule.as_ref().is_some_and(|s| s.ended))
             .filter(|j| j.targets.iter().any(|t| lineage.contains(t)))
             .filter(|j| !a.executions.contains_key(&(thing.to_owned(), j.id.clone())))
             .cloned()
@@ -2055,6 +2279,150 @@ mod tests {
         assert!(!ok("f", vec![]));
         assert!(!ok("g", vec![c(1.into(), "REJECTED")]));
         assert!(!ok("h", vec![c((-1).into(), "ALL")]));
+    }
+
+    fn scheduled(
+        reg: &Registry,
+        a: &str,
+        id: &str,
+        targets: &[String],
+        cfg: Value,
+        now: f64,
+    ) -> Result<Job> {
+        reg.create_job(
+            a,
+            id,
+            NewJob {
+                targets: targets.to_vec(),
+                document: "{}".into(),
+                continuous: true,
+                configs: BTreeMap::from([("schedulingConfig".to_string(), cfg)]),
+                ..NewJob::default()
+            },
+            now,
+        )
+    }
+
+    #[test]
+    fn schedule_times_are_read_as_aws_writes_them() {
+        assert_eq!(schedule_time("1970-01-01T00:00"), Some(0.0));
+        assert_eq!(schedule_time("2026-12-01T10:30"), Some(1_796_121_000.0));
+        assert_eq!(schedule_time("2026-12-01T10:30:15Z"), Some(1_796_121_015.0));
+        for bad in [
+            "2026-12-01",
+            "2026-12-01T24:00",
+            "2026-13-01T10:00",
+            "2026-02-30T10:00",
+            "2026-12-01T10:60",
+            "2026-12-1T10:00",
+            "2026-12-01T10:00:00:00",
+            "x",
+            "+2026-12-01T10:00",
+        ] {
+            assert_eq!(schedule_time(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_scheduled_job_starts_and_ends_on_time() {
+        let (reg, a) = setup();
+        let t = things(&reg, &a, 2);
+        // 1796121000 is 2026-12-01T10:30Z; now is half an hour before.
+        let now = 1_796_119_200.0;
+        let cfg = serde_json::json!({"startTime": "2026-12-01T10:30", "endTime": "2026-12-01T11:00",
+            "endBehavior": "CANCEL"});
+        let j = scheduled(&reg, &a, "s", &t[..1], cfg, now).unwrap();
+        assert_eq!(j.status, JobStatus::Scheduled);
+        assert_eq!(executions(&reg, &a, "s"), 0);
+        assert_eq!(reg.run_job_schedules(now + 1799.0), 0);
+        assert_eq!(
+            reg.describe_job(&a, "s").unwrap().0.status,
+            JobStatus::Scheduled
+        );
+        // At the start its targets are resolved and get their executions.
+        assert_eq!(reg.run_job_schedules(now + 1800.0), 1);
+        assert_eq!(
+            reg.describe_job(&a, "s").unwrap().0.status,
+            JobStatus::InProgress
+        );
+        assert_eq!(executions(&reg, &a, "s"), 1);
+        // At the end, CANCEL: the QUEUED execution is canceled with the job.
+        assert_eq!(reg.run_job_schedules(now + 3599.0), 0);
+        assert_eq!(reg.run_job_schedules(now + 3600.0), 1);
+        let (j, _) = reg.describe_job(&a, "s").unwrap();
+        assert_eq!(
+            (j.status, j.reason_code.as_deref()),
+            (JobStatus::Canceled, Some("SCHEDULED_END"))
+        );
+        assert_eq!(
+            reg.job_execution(&a, "s", "r0", None).unwrap().0.status,
+            ExecStatus::Canceled
+        );
+        assert_eq!(reg.run_job_schedules(now + 9999.0), 0, "once");
+    }
+
+    #[test]
+    fn schedules_are_checked_at_their_bounds() {
+        let (reg, a) = setup();
+        let t = things(&reg, &a, 1);
+        let now = 1_796_119_200.0; // 2026-12-01T10:00Z
+        let at = |start: &str, end: Option<&str>| {
+            let mut c = serde_json::json!({ "startTime": start });
+            if let Some(e) = end {
+                c["endTime"] = e.into();
+            }
+            c
+        };
+        let ok = |id: &str, cfg: Value| scheduled(&reg, &a, id, &t, cfg, now).is_ok();
+        assert!(ok("a", at("2026-12-01T10:30", None)), "30 minutes ahead");
+        assert!(!ok("b", at("2026-12-01T10:29", None)), "29 minutes ahead");
+        assert!(ok("c", at("2027-12-01T10:00", None)), "a year ahead");
+        assert!(
+            !ok("d", at("2027-12-01T10:01", None)),
+            "a year and a minute"
+        );
+        assert!(ok("e", at("2026-12-01T10:30", Some("2026-12-01T11:00"))));
+        assert!(!ok("f", at("2026-12-01T10:30", Some("2026-12-01T10:59"))));
+        assert!(!ok(
+            "g",
+            serde_json::json!({"startTime": "2026-12-01T10:30", "endBehavior": "STOP"})
+        ));
+        assert!(!ok(
+            "h",
+            serde_json::json!({"startTime": "2026-12-01T10:30",
+            "maintenanceWindows": [{"startTime": "cron(0 0 * * ? *)", "durationInMinutes": 30}]})
+        ));
+        assert!(!ok("i", serde_json::json!({"startTime": "tomorrow"})));
+    }
+
+    #[test]
+    fn stop_rollout_at_the_end_keeps_executions_and_stops_new_things() {
+        let (reg, a) = setup();
+        things(&reg, &a, 1);
+        reg.create_thing_group(&a, "g", None, None, BTreeMap::new())
+            .unwrap();
+        reg.add_thing_to_group(&a, "g", "r0").unwrap();
+        let now = 1_796_119_200.0;
+        let cfg = serde_json::json!({"endTime": "2026-12-01T10:30"});
+        let group = reg.arn(&a, "thinggroup/g");
+        scheduled(&reg, &a, "c", &[group], cfg, now).unwrap();
+        assert_eq!(
+            executions(&reg, &a, "c"),
+            1,
+            "no startTime: it starts at once"
+        );
+        assert_eq!(reg.run_job_schedules(now + 1800.0), 1);
+        assert_eq!(
+            reg.describe_job(&a, "c").unwrap().0.status,
+            JobStatus::InProgress
+        );
+        reg.create_thing(&a, "late", None, BTreeMap::new()).unwrap();
+        reg.add_thing_to_group(&a, "g", "late").unwrap();
+        assert!(
+            reg.job_execution(&a, "c", "late", None).is_err(),
+            "joined after the end"
+        );
+        assert!(reg.job_execution(&a, "c", "r0", None).is_ok());
     }
 
     fn update(status: &str) -> ExecutionUpdate {
