@@ -387,6 +387,8 @@ impl Registry {
                 }
             }
             a.group_arns.remove(name);
+            // Things that waited in rollouts through it no longer do.
+            a.prune_rollouts(tx, now_secs())?;
             Ok(())
         })
     }
@@ -449,7 +451,7 @@ impl Registry {
             }
             let current = a.thing_memberships.get(thing).cloned().unwrap_or_default();
             if current.contains(group) {
-                return Ok(false);
+                return Ok(BTreeSet::new());
             }
             if current.len() >= MAX_GROUPS_PER_THING {
                 return Err(RegistryError::InvalidRequest(format!(
@@ -469,8 +471,8 @@ impl Registry {
             crate::events::membership(tx, a, (&arns.0, &arns.1), group, thing, true);
             self.continuous_jobs_for(a, tx, account, group, thing, now)
         })?;
-        if queued {
-            self.executions_changed(account, thing);
+        for t in queued {
+            self.executions_changed(account, &t);
         }
         Ok(())
     }
@@ -498,6 +500,8 @@ impl Registry {
                     self.arn(account, &format!("thing/{thing}")),
                 );
                 crate::events::membership(tx, a, (&arns.0, &arns.1), group, thing, false);
+                // Nor does it wait any more in rollouts that reached it through the group.
+                a.prune_rollouts(tx, now_secs())?;
             }
             Ok(())
         })
@@ -556,18 +560,22 @@ impl Registry {
                 let arns = (self.group_arn(account, g), self.arn(account, &format!("thing/{thing}")));
                 crate::events::membership(tx, a, (&arns.0, &arns.1), g, thing, false);
             }
-            let mut queued = false;
+            let mut queued = BTreeSet::new();
             for g in groups.difference(&before) {
                 a.link_member(g, thing);
                 let arns = (self.group_arn(account, g), self.arn(account, &format!("thing/{thing}")));
                 crate::events::membership(tx, a, (&arns.0, &arns.1), g, thing, true);
-                queued |= self.continuous_jobs_for(a, tx, account, g, thing, now)?;
+                queued.extend(self.continuous_jobs_for(a, tx, account, g, thing, now)?);
+            }
+            // A thing that left a group leaves the rollouts that reached it through it.
+            if !before.is_subset(&groups) {
+                a.prune_rollouts(tx, now)?;
             }
             tx.bump();
             Ok(queued)
         })?;
-        if queued {
-            self.executions_changed(account, thing);
+        for t in queued {
+            self.executions_changed(account, &t);
         }
         Ok(())
     }

@@ -298,10 +298,15 @@ pub struct JobTemplate {
 /// executions (and so are notified) at most `rate` a minute; with `exponentialRate` the rate
 /// starts at `baseRatePerMinute` and is multiplied by `incrementFactor` each time
 /// `rateIncreaseCriteria` is met, up to `maximumPerMinute` (or 1,000).
+///
+/// The things waiting their turn are not in the job's document (which a job's every change
+/// rewrites) but rows of their own (`Account::job_waiting`, kind `job_waiting`), written once
+/// when they join and deleted when they leave.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RolloutState {
-    /// Targeted things not yet given an execution, in the order they will be.
-    pub waiting: std::collections::VecDeque<String>,
+    /// The order the next thing to join will have.
+    #[serde(default)]
+    pub next_order: u64,
     /// Executions a minute, now.
     pub rate: u64,
     /// When the current minute began.
@@ -656,7 +661,7 @@ impl Account {
         if j.continuous || j.status != JobStatus::InProgress {
             return Ok(());
         }
-        if j.rollout.as_ref().is_some_and(|r| !r.waiting.is_empty()) {
+        if self.job_waiting.get(job).is_some_and(|w| !w.is_empty()) {
             return Ok(());
         }
         if self.executions_of(job).any(|e| !e.status.is_terminal()) {
@@ -753,9 +758,7 @@ impl Account {
             return Ok(());
         };
         j.status = JobStatus::Canceled;
-        if let Some(r) = &mut j.rollout {
-            r.waiting.clear();
-        }
+        self.wait_clear(tx, job);
         j.comment = Some("Canceled by its abortConfig".into());
         j.last_updated_at = now;
         j.completed_at = Some(now);
@@ -782,17 +785,13 @@ impl Account {
         };
         job.status = JobStatus::InProgress;
         job.last_updated_at = now;
-        job.rollout = staged.map(|c| RolloutState {
-            waiting: things.iter().cloned().collect(),
-            rate: c.base,
-            window: now,
-            in_window: 0,
-            notified: 0,
-            mark: (0, 0),
-        });
+        job.rollout = staged.map(|c| new_rollout(c, now));
         tx.put(Kind::Job, id, &job)?;
         self.jobs.insert(id.to_owned(), job.clone());
         let things: BTreeSet<String> = if job.rollout.is_some() {
+            for thing in &things {
+                self.wait_push(tx, id, thing)?;
+            }
             self.roll_out(tx, id, now)?.into_iter().collect()
         } else {
             for thing in &things {
@@ -810,12 +809,12 @@ impl Account {
         let Some(mut j) = self.jobs.get(job).cloned() else {
             return Ok(Vec::new());
         };
-        let Some(mut r) = j.rollout.take() else {
+        let Some(mut r) = j.rollout.clone() else {
             return Ok(Vec::new());
         };
         let config = rollout_config(&j.configs).ok().flatten();
         if j.status != JobStatus::InProgress {
-            r.waiting.clear();
+            self.wait_clear(tx, job);
         }
         if now - r.window >= 60.0 {
             r.window = now;
@@ -840,7 +839,7 @@ impl Account {
         }
         let mut released = Vec::new();
         while r.in_window < r.rate {
-            let Some(thing) = r.waiting.pop_front() else {
+            let Some(thing) = self.wait_pop(tx, job) else {
                 break;
             };
             if !self.things.contains_key(&thing)
@@ -855,12 +854,12 @@ impl Account {
             r.notified += 1;
             released.push(thing);
         }
-        let changed = !released.is_empty() || j.rollout.as_ref() != Some(&r);
-        j.rollout = Some(r);
-        if changed {
+        // The document (counters only) is written when they changed.
+        if j.rollout.as_ref() != Some(&r) {
+            j.rollout = Some(r);
             tx.put(Kind::Job, job, &j)?;
+            self.jobs.insert(job.to_owned(), j);
         }
-        self.jobs.insert(job.to_owned(), j);
         self.maybe_complete(tx, job, now)?;
         Ok(released)
     }
@@ -869,26 +868,115 @@ impl Account {
     /// not the one the jobs targeted).
     pub(crate) fn leave_rollouts(&mut self, tx: &mut Tx, thing: &str, now: f64) -> Result<()> {
         let ids: Vec<String> = self
-            .jobs
-            .values()
-            .filter(|j| {
-                j.rollout
-                    .as_ref()
-                    .is_some_and(|r| r.waiting.iter().any(|t| t == thing))
-            })
-            .map(|j| j.id.clone())
+            .job_waiting
+            .iter()
+            .filter(|(_, w)| w.iter().any(|(_, t)| t == thing))
+            .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
-            if let Some(j) = self.jobs.get_mut(&id)
-                && let Some(r) = &mut j.rollout
-            {
-                r.waiting.retain(|t| t != thing);
-                let j = j.clone();
-                tx.put(Kind::Job, &id, &j)?;
-            }
+            self.wait_retain(tx, &id, |t| t != thing);
             self.maybe_complete(tx, &id, now)?;
         }
         Ok(())
+    }
+
+    /// After a thing left a group (or a group went): things waiting in staged rollouts that
+    /// no target of their job reaches any more leave them.
+    pub(crate) fn prune_rollouts(&mut self, tx: &mut Tx, now: f64) -> Result<()> {
+        let ids: Vec<String> = self.job_waiting.keys().cloned().collect();
+        for id in ids {
+            let Some(j) = self.jobs.get(&id) else {
+                continue;
+            };
+            let thing_prefix = format!("{}thing/", self.arn_prefix);
+            let group_prefix = format!("{}thinggroup/", self.arn_prefix);
+            let mut reached = BTreeSet::new();
+            for t in &j.targets {
+                reached.extend(self.things_of_target(t, &thing_prefix, &group_prefix));
+            }
+            let before = self.job_waiting.get(&id).map_or(0, |w| w.len());
+            self.wait_retain(tx, &id, |t| reached.contains(t));
+            if self.job_waiting.get(&id).map_or(0, |w| w.len()) != before {
+                self.maybe_complete(tx, &id, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A thing joins the end of a job's rollout queue (a row of its own).
+    fn wait_push(&mut self, tx: &mut Tx, job: &str, thing: &str) -> Result<()> {
+        let Some(j) = self.jobs.get_mut(job) else {
+            return Ok(());
+        };
+        let Some(r) = j.rollout.as_mut() else {
+            return Ok(());
+        };
+        let order = r.next_order;
+        r.next_order += 1;
+        let j = j.clone();
+        tx.put(Kind::Job, job, &j)?;
+        tx.put(Kind::JobWaiting, &waiting_key(job, order), &thing)?;
+        self.job_waiting
+            .entry(job.to_owned())
+            .or_default()
+            .push_back((order, thing.to_owned()));
+        Ok(())
+    }
+
+    /// The first thing of a job's rollout queue, taken out.
+    fn wait_pop(&mut self, tx: &mut Tx, job: &str) -> Option<String> {
+        let w = self.job_waiting.get_mut(job)?;
+        let (order, thing) = w.pop_front()?;
+        if w.is_empty() {
+            self.job_waiting.remove(job);
+        }
+        tx.delete(Kind::JobWaiting, &waiting_key(job, order));
+        Some(thing)
+    }
+
+    /// Keeps the things of a job's rollout queue for which `keep` says so.
+    fn wait_retain(&mut self, tx: &mut Tx, job: &str, keep: impl Fn(&str) -> bool) {
+        let Some(w) = self.job_waiting.get_mut(job) else {
+            return;
+        };
+        w.retain(|(order, t)| {
+            let k = keep(t);
+            if !k {
+                tx.delete(Kind::JobWaiting, &waiting_key(job, *order));
+            }
+            k
+        });
+        if w.is_empty() {
+            self.job_waiting.remove(job);
+        }
+    }
+
+    /// Empties a job's rollout queue (canceled, deleted, ended).
+    pub(crate) fn wait_clear(&mut self, tx: &mut Tx, job: &str) {
+        self.wait_retain(tx, job, |_| false);
+    }
+}
+
+/// The key of a thing waiting in a job's rollout: `{job}\n{order, 16 hex digits}`, so that
+/// the rows load in queue order.
+fn waiting_key(job: &str, order: u64) -> String {
+    format!("{job}\n{order:016x}")
+}
+
+/// A job's order in its queue from a waiting row's key.
+pub(crate) fn parse_waiting_key(key: &str) -> Option<(&str, u64)> {
+    let (job, order) = key.split_once('\n')?;
+    Some((job, u64::from_str_radix(order, 16).ok()?))
+}
+
+fn new_rollout(c: Rollout, now: f64) -> RolloutState {
+    RolloutState {
+        next_order: 0,
+        rate: c.base,
+        window: now,
+        in_window: 0,
+        notified: 0,
+        mark: (0, 0),
     }
 }
 
@@ -1025,9 +1113,7 @@ impl Registry {
                         };
                         s.ended = true;
                         let behavior = s.end_behavior.clone();
-                        if let Some(r) = &mut j.rollout {
-                            r.waiting.clear();
-                        }
+                        a.wait_clear(tx, &id);
                         j.last_updated_at = now;
                         tx.put(Kind::Job, &id, &j)?;
                         a.jobs.insert(id.clone(), j);
@@ -1070,7 +1156,7 @@ impl Registry {
                 .flat_map(|(id, a)| {
                     a.jobs
                         .values()
-                        .filter(|j| j.rollout.as_ref().is_some_and(|r| !r.waiting.is_empty()))
+                        .filter(|j| a.job_waiting.get(&j.id).is_some_and(|w| !w.is_empty()))
                         .map(|j| (id.clone(), j.id.clone()))
                         .collect::<Vec<_>>()
                 })
@@ -1266,9 +1352,16 @@ impl Registry {
             let mut j = a.jobs.get(id).cloned().ok_or_else(|| job_not_found(id))?;
             // A new rollout rate applies to the things still waiting (a job that was not
             // staged stays as it is: its executions all exist).
-            if let (Some(c), Some(r)) = (staged, &mut j.rollout) {
-                r.rate = c.base;
-                r.mark = (r.notified, r.mark.1);
+            match (staged, &mut j.rollout) {
+                (Some(c), Some(r)) => {
+                    r.rate = c.base;
+                    r.mark = (r.notified, r.mark.1);
+                }
+                // Staged from now on: things that join later wait their turn.
+                (Some(c), None) if j.status == JobStatus::InProgress => {
+                    j.rollout = Some(new_rollout(c, now));
+                }
+                _ => {}
             }
             if u.description.is_some() {
                 j.description = u.description;
@@ -1326,9 +1419,7 @@ impl Registry {
                 a.save_execution(tx, e)?;
             }
             j.status = JobStatus::Canceled;
-            if let Some(r) = &mut j.rollout {
-                r.waiting.clear();
-            }
+            a.wait_clear(tx, id);
             j.force_canceled |= force;
             j.reason_code = reason_code.or(j.reason_code);
             j.comment = comment.or(j.comment);
@@ -1367,6 +1458,7 @@ impl Registry {
                 tx.delete(Kind::JobExecution, &exec_key(id, thing));
                 a.remove_execution(thing, id);
             }
+            a.wait_clear(tx, id);
             tx.delete(Kind::Job, id);
             if let Some(j) = a.jobs.remove(id) {
                 crate::events::job(tx, a, &j, "DELETED");
@@ -1753,7 +1845,7 @@ impl Registry {
         group: &str,
         thing: &str,
         now: f64,
-    ) -> Result<bool> {
+    ) -> Result<BTreeSet<String>> {
         let lineage: Vec<String> = a
             .group_lineage(group)
             .into_iter()
@@ -1769,22 +1861,24 @@ impl Registry {
             .filter(|j| !a.executions.contains_key(&(thing.to_owned(), j.id.clone())))
             .cloned()
             .collect();
-        let mut any = false;
+        let mut given = BTreeSet::new();
         for j in &jobs {
             if j.rollout.is_some() {
-                // Staged: it waits its turn.
-                if let Some(r) = a.jobs.get_mut(&j.id).and_then(|j| j.rollout.as_mut())
-                    && !r.waiting.iter().any(|t| t == thing)
-                {
-                    r.waiting.push_back(thing.to_owned());
+                // Staged: it waits its turn (and whoever's turn it is now gets an execution).
+                let waits = a
+                    .job_waiting
+                    .get(&j.id)
+                    .is_some_and(|w| w.iter().any(|(_, t)| t == thing));
+                if !waits {
+                    a.wait_push(tx, &j.id, thing)?;
                 }
-                any |= !a.roll_out(tx, &j.id, now)?.is_empty();
+                given.extend(a.roll_out(tx, &j.id, now)?);
             } else {
                 a.save_execution(tx, new_execution(j, thing, now))?;
-                any = true;
+                given.insert(thing.to_owned());
             }
         }
-        Ok(any)
+        Ok(given)
     }
 
     /// Publishes a change of a thing's executions on the feed (after a write that queued
@@ -2423,6 +2517,161 @@ mod tests {
             "joined after the end"
         );
         assert!(reg.job_execution(&a, "c", "r0", None).is_ok());
+    }
+
+    /// The rollout queue is rows of its own: it survives a reopen, in order, and the job's
+    /// document does not carry it.
+    #[test]
+    fn a_rollout_queue_survives_a_reopen_in_order() {
+        let dir = std::env::temp_dir().join(format!("sekisho-rollout-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("registry.db");
+        let _ = std::fs::remove_file(&path);
+        let a = {
+            let reg = Registry::open(&path, "us-east-1").unwrap();
+            let (info, _) = reg.create_account("a").unwrap();
+            let t = things(&reg, &info.id, 20);
+            staged(
+                &reg,
+                &info.id,
+                "q",
+                &t,
+                serde_json::json!({"maximumPerMinute": 3}),
+                0.0,
+            )
+            .unwrap();
+            let (j, _) = reg.describe_job(&info.id, "q").unwrap();
+            let doc = serde_json::to_string(&j).unwrap();
+            assert!(
+                !doc.contains("waiting") && !doc.contains("\"r19\""),
+                "no queue in the document: {doc}"
+            );
+            info.id
+        };
+        let reg = Registry::open(&path, "us-east-1").unwrap();
+        let waiting: Vec<String> = reg
+            .read(&a, |acct| {
+                Ok(acct.job_waiting["q"]
+                    .iter()
+                    .map(|(_, t)| t.clone())
+                    .collect())
+            })
+            .unwrap();
+        let mut want: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+        want.sort();
+        assert_eq!(waiting, want[3..]);
+        assert_eq!(reg.roll_out_jobs(60.0), 3);
+        assert!(reg.job_execution(&a, "q", &want[3], None).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A thing joining a staged CONTINUOUS job's group after the minute turned releases the
+    /// things at the front of the queue, and each of them is told (on the feed).
+    #[test]
+    fn things_released_by_a_join_are_told() {
+        let (reg, a) = setup();
+        things(&reg, &a, 3);
+        reg.create_thing_group(&a, "g", None, None, BTreeMap::new())
+            .unwrap();
+        for t in ["r0", "r1"] {
+            reg.add_thing_to_group(&a, "g", t).unwrap();
+        }
+        let g = reg.arn(&a, "thinggroup/g");
+        reg.create_job(
+            &a,
+            "c",
+            NewJob {
+                targets: vec![g],
+                document: "{}".into(),
+                continuous: true,
+                configs: BTreeMap::from([(
+                    "jobExecutionsRolloutConfig".to_string(),
+                    serde_json::json!({"maximumPerMinute": 1}),
+                )]),
+                ..NewJob::default()
+            },
+            0.0,
+        )
+        .unwrap();
+        let mut feed = reg.subscribe();
+        // The join happens in a later minute (real time is far past 0 + 60 s).
+        reg.add_thing_to_group(&a, "g", "r2").unwrap();
+        let mut told = Vec::new();
+        while let Ok(c) = feed.try_recv() {
+            if let Change::JobExecutions { things, .. } = c {
+                told.extend(things);
+            }
+        }
+        assert!(told.contains(&"r1".to_string()), "{told:?}");
+        assert!(reg.job_execution(&a, "c", "r1", None).is_ok());
+        assert!(
+            reg.job_execution(&a, "c", "r2", None).is_err(),
+            "r2 waits its turn"
+        );
+    }
+
+    /// Things that waited through a group leave the queue when they leave the group, or the
+    /// group goes; a rollout added by UpdateJob stages the things that join later.
+    #[test]
+    fn rollout_queues_follow_groups_and_updates() {
+        let (reg, a) = setup();
+        things(&reg, &a, 4);
+        reg.create_thing_group(&a, "g", None, None, BTreeMap::new())
+            .unwrap();
+        for t in ["r0", "r1", "r2"] {
+            reg.add_thing_to_group(&a, "g", t).unwrap();
+        }
+        let cont = |_: &str, configs: BTreeMap<String, Value>| NewJob {
+            targets: vec![reg.arn(&a, "thinggroup/g")],
+            document: "{}".into(),
+            continuous: true,
+            configs,
+            ..NewJob::default()
+        };
+        let staged_cfg = BTreeMap::from([(
+            "jobExecutionsRolloutConfig".to_string(),
+            serde_json::json!({"maximumPerMinute": 1}),
+        )]);
+        reg.create_job(&a, "s", cont("s", staged_cfg.clone()), 0.0)
+            .unwrap();
+        let waiting = |reg: &Registry| -> Vec<String> {
+            reg.read(&a, |acct| {
+                Ok(acct
+                    .job_waiting
+                    .get("s")
+                    .map(|w| w.iter().map(|(_, t)| t.clone()).collect())
+                    .unwrap_or_default())
+            })
+            .unwrap()
+        };
+        assert_eq!(waiting(&reg), ["r1", "r2"]);
+        reg.remove_thing_from_group(&a, "g", "r1").unwrap();
+        assert_eq!(waiting(&reg), ["r2"]);
+        reg.delete_thing_group(&a, "g", None).unwrap();
+        assert!(waiting(&reg).is_empty());
+        assert_eq!(reg.roll_out_jobs(1.0e12), 0);
+        // A job made without a rollout, given one by UpdateJob: later joiners wait.
+        reg.create_thing_group(&a, "g", None, None, BTreeMap::new())
+            .unwrap();
+        reg.create_job(&a, "u", cont("u", BTreeMap::new()), 0.0)
+            .unwrap();
+        reg.update_job(
+            &a,
+            "u",
+            JobUpdate {
+                configs: staged_cfg,
+                ..JobUpdate::default()
+            },
+            1.0e12,
+        )
+        .unwrap();
+        for t in ["r0", "r1", "r3"] {
+            reg.add_thing_to_group(&a, "g", t).unwrap();
+        }
+        let n = reg
+            .read(&a, |acct| Ok(acct.executions_of("u").count()))
+            .unwrap();
+        assert_eq!(n, 1, "one a minute");
     }
 
     fn update(status: &str) -> ExecutionUpdate {

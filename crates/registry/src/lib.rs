@@ -408,6 +408,16 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
             .jobs
             .insert(j.id.clone(), j);
     }
+    for row in store.load(Kind::JobWaiting)? {
+        let thing: String = decode(&row.doc)?;
+        if let Some((job, order)) = jobs::parse_waiting_key(&row.key) {
+            account_mut(&mut st, &row.account)?
+                .job_waiting
+                .entry(job.to_owned())
+                .or_default()
+                .push_back((order, thing));
+        }
+    }
     for row in store.load(Kind::JobExecution)? {
         let e: jobs::Execution = decode(&row.doc)?;
         account_mut(&mut st, &row.account)?.put_execution(e);

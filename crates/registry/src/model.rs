@@ -365,6 +365,8 @@ pub struct Account {
     pub job_seq: u64,
     /// Job templates by id.
     pub job_templates: BTreeMap<String, crate::jobs::JobTemplate>,
+    /// The things waiting in each job's staged rollout, in order, with their order numbers.
+    pub job_waiting: BTreeMap<String, std::collections::VecDeque<(u64, String)>>,
     /// Provisioning templates by name.
     pub templates: BTreeMap<String, crate::provisioning::ProvisioningTemplate>,
     /// Event types enabled (UpdateEventConfigurations).

@@ -44,6 +44,8 @@ pub(crate) enum Kind {
     EventConfig,
     /// Job templates, keyed by id.
     JobTemplate,
+    /// Things waiting in a job's staged rollout, keyed `{job}\n{order as 16 hex digits}`.
+    JobWaiting,
     /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
     /// never loaded into memory, read and written one by one.
     Shadow,
@@ -76,6 +78,7 @@ impl Kind {
             Kind::ProvisioningTemplate => "provisioning_template",
             Kind::EventConfig => "event_config",
             Kind::JobTemplate => "job_template",
+            Kind::JobWaiting => "job_waiting",
         }
     }
 }
