@@ -8,7 +8,8 @@
 //! `{thing}\u{1}/{shadow name}`, apart from the live shadows: a thing's live named shadows are
 //! one key range (listed and counted without reading deleted ones), and its tombstones another,
 //! which can be dropped whole. Tombstones written before they had keys of their own (under the
-//! live key, marked deleted in the document) are still read as deleted shadows.
+//! live key, marked deleted in the document) are moved to their own keys when the database is
+//! opened (schema 2), and until then still read as deleted shadows.
 use crate::store::{Kind, Op};
 use crate::*;
 
@@ -189,6 +190,44 @@ mod tests {
             reg.shadow("a", "lamp", Some("cfg")).unwrap().as_deref(),
             Some("5")
         );
+    }
+
+    /// A database of schema 1 (tombstones under their live keys) opens with its tombstones
+    /// moved apart: not counted as live, counted and dropped as tombstones, still read back.
+    #[test]
+    fn old_tombstones_move_to_their_own_keys() {
+        let dir = std::env::temp_dir().join(format!("sekisho-tomb-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("registry.db");
+        let _ = std::fs::remove_file(&path);
+        {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE objects (kind TEXT NOT NULL, account_id TEXT NOT NULL, key TEXT NOT NULL,
+                 doc TEXT NOT NULL, PRIMARY KEY (kind, account_id, key)) WITHOUT ROWID;
+                 PRAGMA user_version = 1;
+                 INSERT INTO objects VALUES ('shadow', 'a', 'lamp/gone', '{\"version\":3,\"exists\":false}');
+                 INSERT INTO objects VALUES ('shadow', 'a', 'lamp/', '{\"version\":2,\"exists\":false}');
+                 INSERT INTO objects VALUES ('shadow', 'a', 'lamp/live', '{\"version\":1,\"exists\":true}');",
+            )
+            .unwrap();
+        }
+        let reg = Registry::open(&path, "us-east-1").unwrap();
+        assert_eq!(reg.named_shadow_count("a", "lamp", 100).unwrap(), 1);
+        assert_eq!(reg.shadow_tombstone_count("a", "lamp", 100).unwrap(), 1);
+        assert_eq!(
+            reg.shadow("a", "lamp", Some("gone")).unwrap().as_deref(),
+            Some("{\"version\":3,\"exists\":false}")
+        );
+        assert!(reg.shadow("a", "lamp", None).unwrap().is_some());
+        let listed: Vec<String> = reg
+            .named_shadows("a", "lamp", None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(listed, ["live"]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -115,6 +115,12 @@ const MIGRATIONS: &[&str] = &[
         doc TEXT NOT NULL,
         PRIMARY KEY (kind, account_id, key)
     ) WITHOUT ROWID;",
+    // 2: deleted shadows (tombstones) move from their live key `{thing}/{name}` to keys of
+    // their own, `{thing}\u{1}/{name}` (see shadows.rs).
+    "UPDATE OR REPLACE objects
+        SET key = substr(key, 1, instr(key, '/') - 1) || char(1) || substr(key, instr(key, '/'))
+        WHERE kind = 'shadow' AND instr(key, char(1)) = 0 AND instr(key, '/') > 0
+          AND json_extract(doc, '$.exists') = 0;",
 ];
 
 pub(crate) struct Store {
