@@ -374,7 +374,7 @@ fn accept(
     info: &ConnInfo,
 ) -> Result<(Admission, Port), Refusal> {
     let version = connect.version;
-    let admission = sekisho_session::admit(
+    let mut admission = sekisho_session::admit(
         connect,
         &shared.session,
         info.endpoint.private.is_some(),
@@ -410,21 +410,28 @@ fn accept(
     })?;
     principal.ctx.connect_attributes = admission.connect_attributes.clone();
     // A provisioning claim (CreateProvisioningClaim) may connect with any client id, but not
-    // with one that has a session: it would disconnect that device and, resuming its
-    // persistent session, swallow its queued messages (the claim may not receive them).
+    // with one whose session is someone else's: it would disconnect that device and,
+    // resuming its persistent session, swallow its queued messages (the claim may not receive
+    // them). A claim never leaves a session behind (its sessions end with their connection),
+    // so a session of its client id is another's unless the claim itself is connected there
+    // now (a reconnect that takes over its own half-open connection).
     if let Some(certificate) = &info.certificate
         && info.caller.is_none()
-        && shared.broker.has_session(&info.account, &client_id)
         && shared
             .registry
             .describe_certificate(&info.account, certificate.as_str())
             .is_ok_and(|c| c.claim_template.is_some())
     {
-        return Err(Refusal {
-            version,
-            code: sekisho_mqtt::reason::NOT_AUTHORIZED,
-            why: "a provisioning claim may not take over a client id that has a session".into(),
-        });
+        admission.session_expiry = Duration::ZERO;
+        if shared.broker.has_session(&info.account, &client_id)
+            && !shared.connected_with(&info.account, certificate.as_str(), &client_id)
+        {
+            return Err(Refusal {
+                version,
+                code: sekisho_mqtt::reason::NOT_AUTHORIZED,
+                why: "a provisioning claim may not take over another's session".into(),
+            });
+        }
     }
     let mut port = Port {
         shared: shared.clone(),

@@ -203,6 +203,13 @@ impl Shared {
         e.conns.insert((client.to_owned(), epoch));
     }
 
+    /// Whether `cert` has a connection of `client` in `account` now.
+    pub(crate) fn connected_with(&self, account: &str, cert: &str, client: &str) -> bool {
+        let m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(account.to_owned(), cert.to_owned()))
+            .is_some_and(|e| e.conns.iter().any(|(c, _)| c == client))
+    }
+
     pub(crate) fn index_remove(&self, account: &str, cert: &str, client: &str, epoch: u64) {
         let mut m = self.by_cert.lock().unwrap_or_else(|p| p.into_inner());
         let key = (account.to_owned(), cert.to_owned());
