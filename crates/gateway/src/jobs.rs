@@ -802,6 +802,8 @@ impl Notifier {
     pub fn changed(&mut self, shared: &Shared, account: &str, thing: &str) {
         let broker = &shared.broker;
         let Ok(pending) = shared.registry.pending_job_executions(account, thing) else {
+            // The account is gone: nothing to tell, nothing to remember.
+            self.told.remove(&(account.to_owned(), thing.to_owned()));
             return;
         };
         let now = secs(sekisho_registry::now_secs());

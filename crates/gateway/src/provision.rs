@@ -339,6 +339,14 @@ fn answer_value(
     };
     match req {
         Request::CreateKeys => {
+            // A key is not spent on a request that could not register its certificate.
+            if shared.registry.pending_certificates(account) >= MAX_PENDING {
+                return rejected(
+                    400,
+                    "LimitExceeded",
+                    format!("{MAX_PENDING} certificates are waiting to be provisioned"),
+                );
+            }
             let key = match shared.keys.take() {
                 Some(Ok(k)) => k,
                 Some(Err(e)) => return rejected(500, "InternalError", e.to_string()),
@@ -355,6 +363,9 @@ fn answer_value(
                         "privateKey": issued.private_key_pem,
                         "certificateOwnershipToken": shared.tokens.issue(account, &c.id, now)}),
                 ),
+                Err(e @ sekisho_registry::RegistryError::LimitExceeded(_)) => {
+                    rejected(400, "LimitExceeded", e.to_string())
+                }
                 Err(e) => rejected(500, "InternalError", e.to_string()),
             }
         }
@@ -379,6 +390,9 @@ fn answer_value(
                     json!({"certificateId": c.id, "certificatePem": c.pem,
                         "certificateOwnershipToken": shared.tokens.issue(account, &c.id, now)}),
                 ),
+                Err(e @ sekisho_registry::RegistryError::LimitExceeded(_)) => {
+                    rejected(400, "LimitExceeded", e.to_string())
+                }
                 Err(e) => rejected(400, "InvalidCertificate", e.to_string()),
             }
         }

@@ -228,9 +228,10 @@ pub struct Registry {
     store: Mutex<Store>,
     feed: broadcast::Sender<Change>,
     generation: AtomicU64,
-    /// Held by RegisterThing from its checks to its last write: two provisionings never
-    /// interleave (both finding a thing without a certificate, say, and both attaching).
-    provisioning: Mutex<()>,
+    /// One per account, held by RegisterThing from its checks to its last write: two
+    /// provisionings of an account never interleave (both finding a thing without a
+    /// certificate, say, and both attaching), and one account's never wait for another's.
+    provisioning: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -265,7 +266,7 @@ impl Registry {
             store: Mutex::new(store),
             feed,
             generation: AtomicU64::new(1),
-            provisioning: Mutex::new(()),
+            provisioning: Mutex::new(HashMap::new()),
         })
     }
 }

@@ -410,7 +410,14 @@ impl Registry {
         role_arn: &str,
     ) -> Result<Registered> {
         let cert_arn = self.arn(account, &format!("cert/{certificate_id}"));
-        let _one_at_a_time = self.provisioning.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = self
+            .provisioning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(account.to_owned())
+            .or_default()
+            .clone();
+        let _one_at_a_time = lock.lock().unwrap_or_else(|p| p.into_inner());
         // Everything checked first.
         let mut checks: Vec<(&str, String)> = Vec::new();
         let existing = self.read(account, |a| {
