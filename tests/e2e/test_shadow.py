@@ -539,3 +539,38 @@ def test_named_shadows_per_thing_are_bounded_at_n_and_n_plus_one(workdir):
         assert listed() == ["a", "b", "c"]
     finally:
         s.stop()
+
+
+def test_shadows_per_account_are_bounded_at_n_and_n_plus_one(workdir):
+    """An account stores at most `shadows_per_account` shadows whatever their things' names
+    (Sekisho's own bound: shadows need no registered thing, so a policy allowing
+    `$aws/things/*/shadow/...` could otherwise fill the disk with made-up names). At the
+    bound, deleted shadows kept for their versions make room first (those names start again
+    at version 1); updates of existing shadows are never refused. Counted across a restart."""
+    s = Server(workdir / unique("shadowacct"), config="[limits]\nshadows_per_account = 3\n").start()
+    try:
+        data = s.boto("iot-data")
+
+        def update(thing, name=None, n=1):
+            kw = {"shadowName": name} if name else {}
+            out = data.update_thing_shadow(thingName=thing, payload=json.dumps({"state": {"reported": {"n": n}}}), **kw)
+            return json.loads(out["payload"].read())["version"]
+
+        assert update("t1") == 1 and update("t2") == 1 and update("t1", "cfg") == 1
+        with pytest.raises(data.exceptions.InvalidRequestException) as e:
+            update("t3")
+        assert str(e.value).endswith("The account has 3 shadows, the most it may store")
+        assert update("t1", n=2) == 2, "an existing one is updated"
+        s.stop()
+        s.start()
+        with pytest.raises(data.exceptions.InvalidRequestException):
+            update("t4", "x")
+        # A deleted one makes room (its version forgotten once room is needed).
+        data.delete_thing_shadow(thingName="t2")
+        assert update("t3") == 1
+        with pytest.raises(data.exceptions.InvalidRequestException):
+            update("t2")
+        data.delete_thing_shadow(thingName="t3")
+        assert update("t2") == 1, "t2's deleted shadow was forgotten to make room"
+    finally:
+        s.stop()

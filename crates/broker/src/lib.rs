@@ -136,13 +136,16 @@ pub struct Quotas {
     /// Named shadows one thing may have (live; and as many deleted ones kept for their
     /// versions, beyond which those are dropped). AWS sets no such quota.
     pub named_shadows_per_thing: usize,
+    /// Shadows an account may store (classic, named and deleted ones kept for their
+    /// versions), whatever their things' names. AWS sets no such quota.
+    pub shadows_per_account: usize,
 }
 
 impl Default for Quotas {
     /// 100,000 retained messages (AWS's documented default) in at most 1 GiB; 100,000 sessions
     /// (one endpoint's connection cap); 1,000 queued messages per offline session, and 1 GiB
     /// of queued messages in all the account's offline sessions; 1,000 named shadows per
-    /// thing.
+    /// thing and 1,000,000 shadows per account.
     fn default() -> Self {
         Quotas {
             retained_messages: 100_000,
@@ -151,6 +154,7 @@ impl Default for Quotas {
             offline_messages: 1000,
             offline_bytes: 1 << 30,
             named_shadows_per_thing: 1000,
+            shadows_per_account: 1_000_000,
         }
     }
 }

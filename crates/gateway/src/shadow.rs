@@ -250,6 +250,12 @@ struct Worker {
     queued: Arc<Queued>,
     buckets: HashMap<(String, String), Bucket>,
     swept: Instant,
+    /// Shadow rows each account stores, counted once (then kept by this thread, the only
+    /// writer) for the account's quota.
+    rows: HashMap<String, usize>,
+    /// Accounts whose tombstones were dropped and that deleted no shadow since: dropping them
+    /// again would find nothing.
+    purged: HashSet<String>,
 }
 
 /// One commit's worth of work.
@@ -261,6 +267,10 @@ struct Segment {
     dirty: HashSet<Key>,
     /// Named shadows this segment made exist, per (account, thing), not yet committed.
     created: HashMap<(String, String), usize>,
+    /// Shadow rows this segment adds, per account, not yet committed.
+    new_rows: HashMap<String, usize>,
+    /// Accounts whose shadow rows are to be counted again after this segment.
+    recount: HashSet<String>,
     outcomes: Vec<Outcome>,
     answer_bytes: usize,
 }
@@ -273,6 +283,8 @@ impl Worker {
             queued,
             buckets: HashMap::new(),
             swept: Instant::now(),
+            rows: HashMap::new(),
+            purged: HashSet::new(),
         }
     }
 
@@ -439,6 +451,60 @@ impl Worker {
                 };
             }
         }
+        // A new row (no shadow by that name was ever stored) counts against the account.
+        let new_row = job.op == Op::Update && current.is_none();
+        if new_row {
+            let most = self.broker.quotas(&job.account).shadows_per_account;
+            let pending = seg.new_rows.get(&job.account).copied().unwrap_or(0);
+            let stored = match self.rows.get(&job.account) {
+                Some(n) => Ok(*n),
+                None => self
+                    .registry
+                    .shadow_rows(&job.account, most.saturating_add(1))
+                    .inspect(|n| {
+                        self.rows.insert(job.account.clone(), *n);
+                    }),
+            };
+            // At the quota, deleted shadows kept for their versions make room first (their
+            // names start again at version 1), once per round of deletions.
+            let stored = match stored {
+                Ok(n)
+                    if n.saturating_add(pending) >= most
+                        && self.purged.insert(job.account.clone()) =>
+                {
+                    match self.registry.drop_account_shadow_tombstones(&job.account) {
+                        Ok(dropped) => {
+                            tracing::info!(account = %job.account, dropped, "deleted shadows forgotten at the account's quota");
+                            let left = n.saturating_sub(dropped);
+                            // Counted again from the database after this batch (what the
+                            // batch read of the dropped ones may still be written back).
+                            seg.recount.insert(job.account.clone());
+                            self.rows.insert(job.account.clone(), left);
+                            Ok(left)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                other => other,
+            };
+            let refusal = match stored {
+                Ok(n) if n.saturating_add(pending) >= most => {
+                    Some(Error::too_many_account_shadows(most))
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "shadow count failed");
+                    Some(Error::internal())
+                }
+            };
+            if let Some(e) = refusal {
+                return Outcome {
+                    job,
+                    result: Err(e),
+                    depends: false,
+                };
+            }
+        }
         let ser = |v: Value| Bytes::from(v.to_string());
         let (result, next) = match job.op {
             Op::Get => (
@@ -467,6 +533,9 @@ impl Worker {
         };
         // What it answered from (or what it wrote) stands only if the commit does.
         let depends = next.is_some() || seg.dirty.contains(&key);
+        if new_row && next.is_some() {
+            *seg.new_rows.entry(job.account.clone()).or_default() += 1;
+        }
         if creates && next.as_ref().is_some_and(|s| s.exists) {
             *seg.created
                 .entry((job.account.clone(), job.thing.clone()))
@@ -485,7 +554,7 @@ impl Worker {
 
     /// Commits the segment's changes, then answers its requests; returns what it knows of
     /// the shadows, as committed (or as stored, after a failure).
-    fn flush(&self, seg: Segment, secs: u64) -> HashMap<Key, Option<Shadow>> {
+    fn flush(&mut self, seg: Segment, secs: u64) -> HashMap<Key, Option<Shadow>> {
         let writes: Vec<ShadowWrite> = seg
             .dirty
             .iter()
@@ -508,6 +577,17 @@ impl Worker {
             }
         };
         if committed {
+            for w in writes.iter().filter(|w| !w.exists) {
+                self.purged.remove(&w.account);
+            }
+            for (account, n) in &seg.new_rows {
+                if let Some(rows) = self.rows.get_mut(account) {
+                    *rows += n;
+                }
+            }
+            for account in &seg.recount {
+                self.rows.remove(account);
+            }
             self.bound_tombstones(&writes);
         }
         for o in seg.outcomes {
@@ -531,7 +611,7 @@ impl Worker {
     /// A thing keeps at most as many deleted named shadows (for their versions) as it may
     /// have live ones: past that, its deleted shadows are forgotten together, so names that
     /// come and go cannot fill the disk.
-    fn bound_tombstones(&self, writes: &[ShadowWrite]) {
+    fn bound_tombstones(&mut self, writes: &[ShadowWrite]) {
         let things: HashSet<(&str, &str)> = writes
             .iter()
             .filter(|w| !w.exists && w.name.is_some())
@@ -546,6 +626,9 @@ impl Worker {
             if over {
                 match self.registry.drop_shadow_tombstones(account, thing) {
                     Ok(n) => {
+                        if let Some(rows) = self.rows.get_mut(account) {
+                            *rows = rows.saturating_sub(n);
+                        }
                         tracing::info!(%account, %thing, dropped = n, "deleted named shadows forgotten")
                     }
                     Err(e) => tracing::error!(error = %e, "dropping shadow tombstones failed"),

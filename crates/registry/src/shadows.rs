@@ -84,6 +84,19 @@ impl Registry {
         )
     }
 
+    /// How many shadows (and tombstones) an account stores, counting no further than `limit`.
+    pub fn shadow_rows(&self, account: &str, limit: usize) -> Result<usize> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.count(Kind::Shadow, account, "", "\u{10FFFF}", limit)
+    }
+
+    /// Drops every tombstone of an account (classic and named shadows of all its things);
+    /// returns how many.
+    pub fn drop_account_shadow_tombstones(&self, account: &str) -> Result<usize> {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.delete_containing(Kind::Shadow, account, "\u{1}")
+    }
+
     /// How many tombstones of a thing's named shadows are stored, counting no further than
     /// `limit`.
     pub fn shadow_tombstone_count(

@@ -294,6 +294,21 @@ impl Store {
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
+    /// Deletes every row of an account whose key contains `needle`; returns how many.
+    pub(crate) fn delete_containing(
+        &mut self,
+        kind: Kind,
+        account: &str,
+        needle: &str,
+    ) -> Result<usize, RegistryError> {
+        self.conn
+            .execute(
+                "DELETE FROM objects WHERE kind = ?1 AND account_id = ?2 AND instr(key, ?3) > 0",
+                params![kind.as_str(), account, needle],
+            )
+            .map_err(db_err)
+    }
+
     /// Deletes every row whose key lies in `(after, below)`; returns how many.
     pub(crate) fn delete_range(
         &mut self,

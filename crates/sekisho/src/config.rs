@@ -113,6 +113,8 @@ pub struct Limits {
     /// Named shadows per thing (Sekisho's own bound: AWS sets none). As many deleted ones
     /// keep their versions; beyond that, the thing's deleted shadows are forgotten.
     pub named_shadows_per_thing: usize,
+    /// Shadows an account may store, whatever their things (Sekisho's own bound).
+    pub shadows_per_account: usize,
     /// Per-account overrides, by account id.
     pub accounts: std::collections::BTreeMap<String, AccountLimits>,
 }
@@ -153,6 +155,8 @@ pub struct AccountLimits {
     pub shadow_requests_per_thing: Option<u32>,
     /// See [`Limits::named_shadows_per_thing`].
     pub named_shadows_per_thing: Option<usize>,
+    /// See [`Limits::shadows_per_account`].
+    pub shadows_per_account: Option<usize>,
 }
 
 impl Default for Limits {
@@ -175,6 +179,7 @@ impl Default for Limits {
             offline_messages: q.offline_messages,
             offline_bytes: q.offline_bytes,
             named_shadows_per_thing: q.named_shadows_per_thing,
+            shadows_per_account: q.shadows_per_account,
             multipart_uploads: 1000,
             multipart_upload_days: 7,
             accounts: Default::default(),
@@ -192,6 +197,7 @@ impl Limits {
             offline_messages: self.offline_messages,
             offline_bytes: self.offline_bytes,
             named_shadows_per_thing: self.named_shadows_per_thing,
+            shadows_per_account: self.shadows_per_account,
         };
         let account_quotas = self
             .accounts
@@ -208,6 +214,9 @@ impl Limits {
                         named_shadows_per_thing: a
                             .named_shadows_per_thing
                             .unwrap_or(base.named_shadows_per_thing),
+                        shadows_per_account: a
+                            .shadows_per_account
+                            .unwrap_or(base.shadows_per_account),
                     },
                 )
             })

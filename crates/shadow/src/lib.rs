@@ -68,6 +68,14 @@ impl Error {
         )
     }
 
+    /// 400, a new shadow beyond the most an account may store (Sekisho's own quota).
+    pub fn too_many_account_shadows(most: usize) -> Error {
+        Error::new(
+            400,
+            format!("The account has {most} shadows, the most it may store"),
+        )
+    }
+
     /// 429, more requests for one thing than AWS allows per second.
     pub fn throttled() -> Error {
         Error::new(429, "Too Many Requests")
