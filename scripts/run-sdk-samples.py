@@ -14,8 +14,10 @@ The samples are not in the packages' registries; get them from GitHub:
     .venv/bin/python scripts/run-sdk-samples.py /path/to/samples/service_clients
     .venv/bin/python scripts/run-sdk-samples.py --node /path/to/compiled
 
-With a directory of the previous sample set (the Python v2 repository's samples/ before commit
-a1db4b5), its MQTT 5 shared-subscription sample runs too: it dials 443 with ALPN.
+With a directory of a previous sample set (the Python v2 repository's samples/ before commit
+a1db4b5; the Node.js v2 repository's samples/node/ before 7500cd2, compiled), its MQTT 5
+shared-subscription sample runs too, and what of the service samples it has: the Python one
+dials 443 with ALPN. Samples a set does not have are skipped.
 
 Only what AWS's samples leave to the user changes: the endpoint, the credentials, and the CA
 (through SSL_CERT_FILE, as the samples trust the system store; NODE_EXTRA_CA_CERTS for the
@@ -82,47 +84,60 @@ def main(samples: Path, node: bool = False) -> int:
                 failed.append(name)
             return cp.stdout
 
+        def have(name):
+            return (samples / name / "dist" / "index.js").exists() if node else (samples / f"{name}.py").exists()
+
         thing = "--thing_name" if node else "--thing"
-        out = run("shadow", [*auth, thing, dev.name],
-                  'get\nupdate-desired {"color":"green"}\nupdate-reported {"color":"green"}\nget\ndelete\nquit\n')
-        shadow_wants = (("Update Desired response", "Received ShadowDeltaUpdated event", "Delete response") if node
-                        else ("update-desired response", "ShadowDeltaUpdatedEvent", "delete response"))
-        for want in shadow_wants:
-            if want not in out:
-                failed.append(f"shadow: no {want}")
-        out = run("jobs", [*auth, thing, dev.name, "--region", "us-east-1"],
-                  'create-job sj1 {"op":"reboot"}\nget-pending-job-executions\nstart-next-pending-job-execution\n'
-                  'describe-job-execution sj1\nupdate-job-execution sj1 SUCCEEDED\nget-pending-job-executions\n'
-                  'delete-job sj1\nquit\n')
-        jobs_wants = (("Received NextJobExecutionChanged event", "StartNextPendingJobExecution Response",
-                       "UpdateJobExecution Response") if node
-                      else ("NextJobExecutionChangedEvent", "StartNextPendingJobExecutionResponse",
-                            "UpdateJobExecutionResponse"))
-        for want in jobs_wants:
-            if want not in out:
-                failed.append(f"jobs: no {want}")
+        if have("shadow"):
+            out = run("shadow", [*auth, thing, dev.name],
+                      'get\nupdate-desired {"color":"green"}\nupdate-reported {"color":"green"}\nget\ndelete\nquit\n')
+            shadow_wants = (("Update Desired response", "Received ShadowDeltaUpdated event", "Delete response")
+                            if node else ("update-desired response", "ShadowDeltaUpdatedEvent", "delete response"))
+            for want in shadow_wants:
+                if want not in out:
+                    failed.append(f"shadow: no {want}")
+        if have("jobs"):
+            out = run("jobs", [*auth, thing, dev.name, "--region", "us-east-1"],
+                      'create-job sj1 {"op":"reboot"}\nget-pending-job-executions\nstart-next-pending-job-execution\n'
+                      'describe-job-execution sj1\nupdate-job-execution sj1 SUCCEEDED\nget-pending-job-executions\n'
+                      'delete-job sj1\nquit\n')
+            jobs_wants = (("Received NextJobExecutionChanged event", "StartNextPendingJobExecution Response",
+                           "UpdateJobExecution Response") if node
+                          else ("NextJobExecutionChangedEvent", "StartNextPendingJobExecutionResponse",
+                                "UpdateJobExecutionResponse"))
+            for want in jobs_wants:
+                if want not in out:
+                    failed.append(f"jobs: no {want}")
         _, _, template, claim = fp.setup(s, work)
         claim_auth = ["--endpoint", ep, "--cert", str(claim.cert), "--key", str(claim.key), "--template_name", template]
-        out = run("fleet_provisioning_basic",
-                  [*claim_auth, "--template_parameters", '{"SerialNumber":"S1","DeviceLocation":"Seattle"}'])
-        if ('"thingName":"ThingPrefix_S1"' if node else "thing_name='ThingPrefix_S1'") not in out:
-            failed.append("fleet_provisioning_basic: no thing")
-        key, csr = work / "csr.key", work / "dev.csr"
-        subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)], check=True)
-        subprocess.run(["openssl", "req", "-new", "-key", str(key), "-subj", "/CN=s", "-out", str(csr)], check=True)
-        out = run("fleet_provisioning_csr",
-                  [*claim_auth, "--csr_file", str(csr), "--template_parameters", '{"SerialNumber":"S2","DeviceLocation":"Seattle"}'])
-        if ('"thingName":"ThingPrefix_S2"' if node else "thing_name='ThingPrefix_S2'") not in out:
-            failed.append("fleet_provisioning_csr: no thing")
-        # The previous sample set also has a shared-subscription sample: two subscribers in one
-        # group share what a publisher sends.
-        if not node and (samples / "mqtt5_shared_subscription.py").exists():
+        if have("fleet_provisioning_basic"):
+            out = run("fleet_provisioning_basic",
+                      [*claim_auth, "--template_parameters", '{"SerialNumber":"S1","DeviceLocation":"Seattle"}'])
+            if ('"thingName":"ThingPrefix_S1"' if node else "thing_name='ThingPrefix_S1'") not in out:
+                failed.append("fleet_provisioning_basic: no thing")
+        if have("fleet_provisioning_csr"):
+            key, csr = work / "csr.key", work / "dev.csr"
+            subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)],
+                           check=True)
+            subprocess.run(["openssl", "req", "-new", "-key", str(key), "-subj", "/CN=s", "-out", str(csr)], check=True)
+            out = run("fleet_provisioning_csr", [*claim_auth, "--csr_file", str(csr), "--template_parameters",
+                                                 '{"SerialNumber":"S2","DeviceLocation":"Seattle"}'])
+            if ('"thingName":"ThingPrefix_S2"' if node else "thing_name='ThingPrefix_S2'") not in out:
+                failed.append("fleet_provisioning_csr: no thing")
+        # The previous sample sets also have a shared-subscription sample: two subscribers in
+        # one group share what a publisher sends.
+        if not node and have("mqtt5_shared_subscription"):
             # (Its --count arrives as a string the sample then compares with a number: its
             # default, 5, is used.)
             out = run("mqtt5_shared_subscription", auth)
             got = out.count("Received a publish")
             if got != 5 or out.count("GRANTED_QOS_1") < 2:
                 failed.append(f"mqtt5_shared_subscription: {got} of 5 received")
+        if node and have("shared_subscription"):
+            out = run("shared_subscription", auth)
+            got = out.count("Received a publish")
+            if got != 10 or "Complete!" not in out:
+                failed.append(f"shared_subscription: {got} of 10 received")
     finally:
         s.stop()
     print("FAILED: " + ", ".join(failed) if failed else "all samples passed")
