@@ -667,8 +667,15 @@ pub(crate) fn create_job_template(state: &ApiState, call: &Call) -> Out {
                 .ok_or_else(|| {
                     ApiError::invalid(format!("jobArn {arn} is not a job of this account"))
                 })?;
-            // Copying a job is reading it.
+            // Copying a job is reading it, its document included.
             crate::authorize(state, &call.caller, &call.request, "iot:DescribeJob", arn)?;
+            crate::authorize(
+                state,
+                &call.caller,
+                &call.request,
+                "iot:GetJobDocument",
+                arn,
+            )?;
             Some(state.registry.describe_job(&call.account, job)?.0)
         }
         None => None,

@@ -569,6 +569,7 @@ impl Worker {
                 })
             })
             .collect();
+        let mut forget: Vec<(String, Option<String>)> = Vec::new();
         let committed = match self.registry.put_shadows(&writes) {
             Ok(()) => true,
             Err(e) => {
@@ -588,7 +589,16 @@ impl Worker {
             for account in &seg.recount {
                 self.rows.remove(account);
             }
-            self.bound_tombstones(&writes);
+            let dropped = self.bound_tombstones(&writes);
+            // What the batch read of dropped tombstones is read again from the database (and
+            // the account's rows counted again), so that nothing is written back from it.
+            for (account, thing) in &dropped {
+                self.rows.remove(account);
+                forget.push((account.clone(), Some(thing.clone())));
+            }
+            for account in &seg.recount {
+                forget.push((account.clone(), None));
+            }
         }
         for o in seg.outcomes {
             let result = if o.depends && !committed {
@@ -605,13 +615,23 @@ impl Worker {
                 seen.remove(k);
             }
         }
+        // Tombstones dropped from the database are forgotten here too.
+        if !forget.is_empty() {
+            seen.retain(|k, s| {
+                s.as_ref().is_none_or(|s| s.exists)
+                    || !forget
+                        .iter()
+                        .any(|(a, t)| *a == k.0 && t.as_ref().is_none_or(|t| *t == k.1))
+            });
+        }
         seen
     }
 
     /// A thing keeps at most as many deleted named shadows (for their versions) as it may
     /// have live ones: past that, its deleted shadows are forgotten together, so names that
     /// come and go cannot fill the disk.
-    fn bound_tombstones(&mut self, writes: &[ShadowWrite]) {
+    fn bound_tombstones(&mut self, writes: &[ShadowWrite]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
         let things: HashSet<(&str, &str)> = writes
             .iter()
             .filter(|w| !w.exists && w.name.is_some())
@@ -629,12 +649,14 @@ impl Worker {
                         if let Some(rows) = self.rows.get_mut(account) {
                             *rows = rows.saturating_sub(n);
                         }
-                        tracing::info!(%account, %thing, dropped = n, "deleted named shadows forgotten")
+                        tracing::info!(%account, %thing, dropped = n, "deleted named shadows forgotten");
+                        out.push((account.to_owned(), thing.to_owned()));
                     }
                     Err(e) => tracing::error!(error = %e, "dropping shadow tombstones failed"),
                 }
             }
         }
+        out
     }
 
     fn answer(&self, job: Job, result: Result<Vec<(&'static str, Bytes)>, Error>, secs: u64) {

@@ -357,9 +357,10 @@ impl Registry {
                     "Cannot delete thing group : {name} when there are still child groups attached to it."
                 )));
             }
-            for thing in a.group_members.get(name).cloned().unwrap_or_default() {
-                tx.delete(Kind::ThingGroupMember, &member_key(name, &thing));
-                a.unlink_member(name, &thing);
+            let members = a.group_members.get(name).cloned().unwrap_or_default();
+            for thing in &members {
+                tx.delete(Kind::ThingGroupMember, &member_key(name, thing));
+                a.unlink_member(name, thing);
             }
             for policy in a.policy_targets.remove(&arn).unwrap_or_default() {
                 tx.delete(Kind::PolicyAttachment, &format!("{policy}\n{arn}"));
@@ -388,7 +389,9 @@ impl Registry {
             }
             a.group_arns.remove(name);
             // Things that waited in rollouts through it no longer do.
-            a.prune_rollouts(tx, now_secs())?;
+            for thing in &members {
+                a.prune_rollouts(tx, thing, now_secs())?;
+            }
             Ok(())
         })
     }
@@ -501,7 +504,7 @@ impl Registry {
                 );
                 crate::events::membership(tx, a, (&arns.0, &arns.1), group, thing, false);
                 // Nor does it wait any more in rollouts that reached it through the group.
-                a.prune_rollouts(tx, now_secs())?;
+                a.prune_rollouts(tx, thing, now_secs())?;
             }
             Ok(())
         })
@@ -569,7 +572,7 @@ impl Registry {
             }
             // A thing that left a group leaves the rollouts that reached it through it.
             if !before.is_subset(&groups) {
-                a.prune_rollouts(tx, now)?;
+                a.prune_rollouts(tx, thing, now)?;
             }
             tx.bump();
             Ok(queued)

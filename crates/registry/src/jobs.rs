@@ -770,6 +770,93 @@ impl Account {
 }
 
 impl Account {
+    /// CancelJob's change: QUEUED executions are canceled (and with `force` IN_PROGRESS ones
+    /// too), the rollout queue emptied. Returns the job and the things whose executions
+    /// changed.
+    fn cancel(
+        &mut self,
+        tx: &mut Tx,
+        id: &str,
+        force: bool,
+        reason_code: Option<String>,
+        comment: Option<String>,
+        now: f64,
+    ) -> Result<(Job, Vec<String>)> {
+        let mut j = self
+            .jobs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| job_not_found(id))?;
+        if j.status == JobStatus::Completed {
+            return Err(RegistryError::InvalidStateTransition(format!(
+                "Job {id} has completed and cannot be canceled"
+            )));
+        }
+        if j.status == JobStatus::Canceled && !force {
+            return Ok((j, Vec::new()));
+        }
+        let mut things = Vec::new();
+        let targets: Vec<Execution> = self
+            .executions_of(id)
+            .filter(|e| {
+                e.status == ExecStatus::Queued || (force && e.status == ExecStatus::InProgress)
+            })
+            .cloned()
+            .collect();
+        for mut e in targets {
+            e.force_canceled = e.status == ExecStatus::InProgress;
+            e.status = ExecStatus::Canceled;
+            e.last_updated_at = now;
+            e.deadline = None;
+            things.push(e.thing.clone());
+            let thing_arn = format!("{}thing/{}", self.arn_prefix, e.thing);
+            crate::events::execution(tx, self, &thing_arn, &e);
+            self.save_execution(tx, e)?;
+        }
+        j.status = JobStatus::Canceled;
+        self.wait_clear(tx, id);
+        j.force_canceled |= force;
+        j.reason_code = reason_code.or(j.reason_code);
+        j.comment = comment.or(j.comment);
+        j.last_updated_at = now;
+        j.completed_at = Some(now);
+        tx.put(Kind::Job, id, &j)?;
+        crate::events::job(tx, self, &j, "CANCELED");
+        self.jobs.insert(id.to_owned(), j.clone());
+        Ok((j, things))
+    }
+
+    /// A scheduled job's end, in one write: no more things join it (STOP_ROLLOUT, and those
+    /// waiting are dropped), or it is canceled (CANCEL, FORCE_CANCEL). Returns the things
+    /// whose executions changed.
+    fn end_schedule(&mut self, tx: &mut Tx, id: &str, now: f64) -> Result<Vec<String>> {
+        let Some(mut j) = self.jobs.get(id).cloned() else {
+            return Ok(Vec::new());
+        };
+        let Some(s) = j.schedule.as_mut() else {
+            return Ok(Vec::new());
+        };
+        s.ended = true;
+        let behavior = s.end_behavior.clone();
+        self.wait_clear(tx, id);
+        j.last_updated_at = now;
+        tx.put(Kind::Job, id, &j)?;
+        self.jobs.insert(id.to_owned(), j);
+        if behavior == "STOP_ROLLOUT" {
+            self.maybe_complete(tx, id, now)?;
+            return Ok(Vec::new());
+        }
+        let (_, things) = self.cancel(
+            tx,
+            id,
+            behavior == "FORCE_CANCEL",
+            Some("SCHEDULED_END".into()),
+            Some(format!("Ended by its schedule ({behavior})")),
+            now,
+        )?;
+        Ok(things)
+    }
+
     /// A job starts: its things get their executions now, or with a staged rollout join its
     /// queue. Returns the things given one.
     fn launch(
@@ -791,6 +878,10 @@ impl Account {
         let things: BTreeSet<String> = if job.rollout.is_some() {
             for thing in &things {
                 self.wait_push(tx, id, thing)?;
+            }
+            // The document (its queue's next order) once, not once per thing.
+            if let Some(j) = self.jobs.get(id) {
+                tx.put(Kind::Job, id, j)?;
             }
             self.roll_out(tx, id, now)?.into_iter().collect()
         } else {
@@ -868,10 +959,11 @@ impl Account {
     /// not the one the jobs targeted).
     pub(crate) fn leave_rollouts(&mut self, tx: &mut Tx, thing: &str, now: f64) -> Result<()> {
         let ids: Vec<String> = self
-            .job_waiting
-            .iter()
-            .filter(|(_, w)| w.iter().any(|(_, t)| t == thing))
-            .map(|(id, _)| id.clone())
+            .waiting_by_thing
+            .get(thing)
+            .into_iter()
+            .flatten()
+            .cloned()
             .collect();
         for id in ids {
             self.wait_retain(tx, &id, |t| t != thing);
@@ -880,47 +972,76 @@ impl Account {
         Ok(())
     }
 
-    /// After a thing left a group (or a group went): things waiting in staged rollouts that
-    /// no target of their job reaches any more leave them.
-    pub(crate) fn prune_rollouts(&mut self, tx: &mut Tx, now: f64) -> Result<()> {
-        let ids: Vec<String> = self.job_waiting.keys().cloned().collect();
+    /// After `thing` left a group (or a group of it went): the staged rollouts it waits in
+    /// whose targets no longer reach it let it go.
+    pub(crate) fn prune_rollouts(&mut self, tx: &mut Tx, thing: &str, now: f64) -> Result<()> {
+        let ids: Vec<String> = self
+            .waiting_by_thing
+            .get(thing)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let thing_arn = format!("{}thing/{thing}", self.arn_prefix);
+        let reach: BTreeSet<String> = self
+            .thing_memberships
+            .get(thing)
+            .into_iter()
+            .flatten()
+            .flat_map(|g| self.group_lineage(g))
+            .filter_map(|g| self.group_arns.get(g).cloned())
+            .chain(std::iter::once(thing_arn))
+            .collect();
         for id in ids {
-            let Some(j) = self.jobs.get(&id) else {
-                continue;
-            };
-            let thing_prefix = format!("{}thing/", self.arn_prefix);
-            let group_prefix = format!("{}thinggroup/", self.arn_prefix);
-            let mut reached = BTreeSet::new();
-            for t in &j.targets {
-                reached.extend(self.things_of_target(t, &thing_prefix, &group_prefix));
-            }
-            let before = self.job_waiting.get(&id).map_or(0, |w| w.len());
-            self.wait_retain(tx, &id, |t| reached.contains(t));
-            if self.job_waiting.get(&id).map_or(0, |w| w.len()) != before {
+            let reached = self
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.targets.iter().any(|t| reach.contains(t)));
+            if !reached {
+                self.wait_retain(tx, &id, |t| t != thing);
                 self.maybe_complete(tx, &id, now)?;
             }
         }
         Ok(())
     }
 
-    /// A thing joins the end of a job's rollout queue (a row of its own).
+    /// A thing joins the end of a job's rollout queue (a row of its own). The job's next
+    /// order changes in memory only: the caller writes the document once.
     fn wait_push(&mut self, tx: &mut Tx, job: &str, thing: &str) -> Result<()> {
-        let Some(j) = self.jobs.get_mut(job) else {
+        let Some(r) = self.jobs.get_mut(job).and_then(|j| j.rollout.as_mut()) else {
             return Ok(());
         };
-        let Some(r) = j.rollout.as_mut() else {
+        if self
+            .waiting_by_thing
+            .get(thing)
+            .is_some_and(|jobs| jobs.contains(job))
+        {
             return Ok(());
-        };
+        }
         let order = r.next_order;
         r.next_order += 1;
-        let j = j.clone();
-        tx.put(Kind::Job, job, &j)?;
         tx.put(Kind::JobWaiting, &waiting_key(job, order), &thing)?;
         self.job_waiting
             .entry(job.to_owned())
             .or_default()
             .push_back((order, thing.to_owned()));
+        self.waiting_by_thing
+            .entry(thing.to_owned())
+            .or_default()
+            .insert(job.to_owned());
         Ok(())
+    }
+
+    fn unindex_waiting(&mut self, job: &str, thing: &str) {
+        if let Some(jobs) = self.waiting_by_thing.get_mut(thing) {
+            jobs.remove(job);
+            if jobs.is_empty() {
+                self.waiting_by_thing.remove(thing);
+            }
+        }
     }
 
     /// The first thing of a job's rollout queue, taken out.
@@ -931,6 +1052,7 @@ impl Account {
             self.job_waiting.remove(job);
         }
         tx.delete(Kind::JobWaiting, &waiting_key(job, order));
+        self.unindex_waiting(job, &thing);
         Some(thing)
     }
 
@@ -939,15 +1061,20 @@ impl Account {
         let Some(w) = self.job_waiting.get_mut(job) else {
             return;
         };
+        let mut gone = Vec::new();
         w.retain(|(order, t)| {
             let k = keep(t);
             if !k {
                 tx.delete(Kind::JobWaiting, &waiting_key(job, *order));
+                gone.push(t.clone());
             }
             k
         });
         if w.is_empty() {
             self.job_waiting.remove(job);
+        }
+        for t in gone {
+            self.unindex_waiting(job, &t);
         }
     }
 
@@ -1094,52 +1221,43 @@ impl Registry {
             let thing_prefix = self.arn(&account, "thing/");
             let group_prefix = self.arn(&account, "thinggroup/");
             let step = self.write(&account, |a, tx| {
-                let Some(mut j) = a.jobs.get(&id).cloned() else {
-                    return Ok((Vec::new(), None));
+                // Looked at again under the write lock: the job may have changed since.
+                let Some(j) = a.jobs.get(&id).cloned() else {
+                    return Ok(None);
                 };
+                let Some(s) = j.schedule.clone() else {
+                    return Ok(None);
+                };
+                let ends = s.end.is_some_and(|t| t <= now);
+                let mut changed = Vec::new();
                 match j.status {
-                    JobStatus::Scheduled => {
+                    JobStatus::Scheduled if s.start.is_some_and(|t| t <= now) => {
+                        // A start found past the end (the server was down) reaches no one.
                         let mut things = BTreeSet::new();
-                        for t in &j.targets {
-                            things.extend(a.things_of_target(t, &thing_prefix, &group_prefix));
+                        if !ends {
+                            for t in &j.targets {
+                                things.extend(a.things_of_target(t, &thing_prefix, &group_prefix));
+                            }
                         }
                         let staged = rollout_config(&j.configs).ok().flatten();
-                        let started = a.launch(tx, &id, things, staged, now)?;
-                        Ok((started.into_iter().collect(), None))
-                    }
-                    _ => {
-                        let Some(s) = &mut j.schedule else {
-                            return Ok((Vec::new(), None));
-                        };
-                        s.ended = true;
-                        let behavior = s.end_behavior.clone();
-                        a.wait_clear(tx, &id);
-                        j.last_updated_at = now;
-                        tx.put(Kind::Job, &id, &j)?;
-                        a.jobs.insert(id.clone(), j);
-                        a.maybe_complete(tx, &id, now)?;
-                        Ok((Vec::new(), Some(behavior)))
-                    }
-                }
-            });
-            match step {
-                Ok((started, behavior)) => {
-                    n += 1;
-                    self.jobs_changed(&account, started);
-                    if let Some(b) = behavior.filter(|b| b != "STOP_ROLLOUT") {
-                        let force = b == "FORCE_CANCEL";
-                        if let Err(e) = self.cancel_job(
-                            &account,
-                            &id,
-                            force,
-                            Some("SCHEDULED_END".into()),
-                            Some(format!("Ended by its schedule ({b})")),
-                            now,
-                        ) {
-                            tracing::error!(%account, job = %id, error = %e, "ending a scheduled job failed");
+                        changed.extend(a.launch(tx, &id, things, staged, now)?);
+                        if ends {
+                            changed.extend(a.end_schedule(tx, &id, now)?);
                         }
                     }
+                    JobStatus::InProgress if !s.ended && ends => {
+                        changed.extend(a.end_schedule(tx, &id, now)?);
+                    }
+                    _ => return Ok(None),
                 }
+                Ok(Some(changed))
+            });
+            match step {
+                Ok(Some(changed)) => {
+                    n += 1;
+                    self.jobs_changed(&account, changed);
+                }
+                Ok(None) => {}
                 Err(e) => tracing::error!(%account, job = %id, error = %e, "job schedule failed"),
             }
         }
@@ -1391,44 +1509,7 @@ impl Registry {
         now: f64,
     ) -> Result<Job> {
         let (job, things) = self.write(account, |a, tx| {
-            let mut j = a.jobs.get(id).cloned().ok_or_else(|| job_not_found(id))?;
-            if j.status == JobStatus::Completed {
-                return Err(RegistryError::InvalidStateTransition(format!(
-                    "Job {id} has completed and cannot be canceled"
-                )));
-            }
-            if j.status == JobStatus::Canceled && !force {
-                return Ok((j, Vec::new()));
-            }
-            let mut things = Vec::new();
-            let targets: Vec<Execution> = a
-                .executions_of(id)
-                .filter(|e| {
-                    e.status == ExecStatus::Queued || (force && e.status == ExecStatus::InProgress)
-                })
-                .cloned()
-                .collect();
-            for mut e in targets {
-                e.force_canceled = e.status == ExecStatus::InProgress;
-                e.status = ExecStatus::Canceled;
-                e.last_updated_at = now;
-                e.deadline = None;
-                things.push(e.thing.clone());
-                let thing_arn = self.arn(account, &format!("thing/{}", e.thing));
-                crate::events::execution(tx, a, &thing_arn, &e);
-                a.save_execution(tx, e)?;
-            }
-            j.status = JobStatus::Canceled;
-            a.wait_clear(tx, id);
-            j.force_canceled |= force;
-            j.reason_code = reason_code.or(j.reason_code);
-            j.comment = comment.or(j.comment);
-            j.last_updated_at = now;
-            j.completed_at = Some(now);
-            tx.put(Kind::Job, id, &j)?;
-            crate::events::job(tx, a, &j, "CANCELED");
-            a.jobs.insert(id.to_owned(), j.clone());
-            Ok((j, things))
+            a.cancel(tx, id, force, reason_code, comment, now)
         })?;
         self.jobs_changed(account, things);
         Ok(job)
@@ -1865,12 +1946,9 @@ impl Registry {
         for j in &jobs {
             if j.rollout.is_some() {
                 // Staged: it waits its turn (and whoever's turn it is now gets an execution).
-                let waits = a
-                    .job_waiting
-                    .get(&j.id)
-                    .is_some_and(|w| w.iter().any(|(_, t)| t == thing));
-                if !waits {
-                    a.wait_push(tx, &j.id, thing)?;
+                a.wait_push(tx, &j.id, thing)?;
+                if let Some(doc) = a.jobs.get(&j.id) {
+                    tx.put(Kind::Job, &j.id, doc)?;
                 }
                 given.extend(a.roll_out(tx, &j.id, now)?);
             } else {
@@ -2453,6 +2531,22 @@ mod tests {
             ExecStatus::Canceled
         );
         assert_eq!(reg.run_job_schedules(now + 9999.0), 0, "once");
+    }
+
+    /// A start found after the end (the server was down through both) reaches no thing.
+    #[test]
+    fn a_start_found_past_the_end_reaches_no_one() {
+        let (reg, a) = setup();
+        let t = things(&reg, &a, 1);
+        let now = 1_796_119_200.0;
+        let cfg = serde_json::json!({"startTime": "2026-12-01T10:30", "endTime": "2026-12-01T11:00",
+            "endBehavior": "CANCEL"});
+        scheduled(&reg, &a, "late", &t, cfg, now).unwrap();
+        assert_eq!(reg.run_job_schedules(now + 7200.0), 1);
+        let (j, _) = reg.describe_job(&a, "late").unwrap();
+        assert_eq!(j.status, JobStatus::Canceled);
+        assert_eq!(executions(&reg, &a, "late"), 0);
+        assert_eq!(reg.run_job_schedules(now + 9000.0), 0);
     }
 
     #[test]

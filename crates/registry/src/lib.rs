@@ -412,8 +412,12 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
     for row in store.load(Kind::JobWaiting)? {
         let thing: String = decode(&row.doc)?;
         if let Some((job, order)) = jobs::parse_waiting_key(&row.key) {
-            account_mut(&mut st, &row.account)?
-                .job_waiting
+            let a = account_mut(&mut st, &row.account)?;
+            a.waiting_by_thing
+                .entry(thing.clone())
+                .or_default()
+                .insert(job.to_owned());
+            a.job_waiting
                 .entry(job.to_owned())
                 .or_default()
                 .push_back((order, thing));

@@ -367,6 +367,8 @@ pub struct Account {
     pub job_templates: BTreeMap<String, crate::jobs::JobTemplate>,
     /// The things waiting in each job's staged rollout, in order, with their order numbers.
     pub job_waiting: BTreeMap<String, std::collections::VecDeque<(u64, String)>>,
+    /// The reverse of `job_waiting`: the jobs each thing waits in.
+    pub waiting_by_thing: BTreeMap<String, BTreeSet<String>>,
     /// Provisioning templates by name.
     pub templates: BTreeMap<String, crate::provisioning::ProvisioningTemplate>,
     /// Event types enabled (UpdateEventConfigurations).

@@ -5,9 +5,9 @@
 //! thing leaves its shadows, as in AWS IoT.
 //!
 //! A deleted shadow keeps its version (the next update continues from it) in a tombstone under
-//! `{thing}\u{1}/{shadow name}`, apart from the live shadows: a thing's live named shadows are
-//! one key range (listed and counted without reading deleted ones), and its tombstones another,
-//! which can be dropped whole. Tombstones written before they had keys of their own (under the
+//! `\u{1}{thing}/{shadow name}`, apart from the live shadows: a thing's live named shadows are
+//! one key range (listed and counted without reading deleted ones), its tombstones another,
+//! which can be dropped whole, and all of an account's tombstones a third. Tombstones written before they had keys of their own (under the
 //! live key, marked deleted in the document) are moved to their own keys when the database is
 //! opened (schema 2), and until then still read as deleted shadows.
 use crate::store::{Kind, Op};
@@ -18,7 +18,7 @@ fn key(thing: &str, name: Option<&str>) -> String {
 }
 
 fn tombstone_key(thing: &str, name: Option<&str>) -> String {
-    format!("{thing}\u{1}/{}", name.unwrap_or(""))
+    format!("\u{1}{thing}/{}", name.unwrap_or(""))
 }
 
 /// One shadow to store: its account, thing, name (`None`: classic) and document.
@@ -94,7 +94,7 @@ impl Registry {
     /// returns how many.
     pub fn drop_account_shadow_tombstones(&self, account: &str) -> Result<usize> {
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.delete_containing(Kind::Shadow, account, "\u{1}")
+        store.delete_range(Kind::Shadow, account, "\u{1}", "\u{2}")
     }
 
     /// How many tombstones of a thing's named shadows are stored, counting no further than
@@ -110,7 +110,7 @@ impl Registry {
             Kind::Shadow,
             account,
             &tombstone_key(thing, None),
-            &format!("{thing}\u{1}0"),
+            &format!("\u{1}{thing}0"),
             limit,
         )
     }
@@ -123,7 +123,7 @@ impl Registry {
             Kind::Shadow,
             account,
             &tombstone_key(thing, None),
-            &format!("{thing}\u{1}0"),
+            &format!("\u{1}{thing}0"),
         )
     }
 

@@ -116,9 +116,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (kind, account_id, key)
     ) WITHOUT ROWID;",
     // 2: deleted shadows (tombstones) move from their live key `{thing}/{name}` to keys of
-    // their own, `{thing}\u{1}/{name}` (see shadows.rs).
+    // their own, `\u{1}{thing}/{name}` (see shadows.rs).
     "UPDATE OR REPLACE objects
-        SET key = substr(key, 1, instr(key, '/') - 1) || char(1) || substr(key, instr(key, '/'))
+        SET key = char(1) || key
         WHERE kind = 'shadow' AND instr(key, char(1)) = 0 AND instr(key, '/') > 0
           AND json_extract(doc, '$.exists') = 0;",
 ];
@@ -292,21 +292,6 @@ impl Store {
             )
             .map_err(db_err)?;
         Ok(usize::try_from(n).unwrap_or(0))
-    }
-
-    /// Deletes every row of an account whose key contains `needle`; returns how many.
-    pub(crate) fn delete_containing(
-        &mut self,
-        kind: Kind,
-        account: &str,
-        needle: &str,
-    ) -> Result<usize, RegistryError> {
-        self.conn
-            .execute(
-                "DELETE FROM objects WHERE kind = ?1 AND account_id = ?2 AND instr(key, ?3) > 0",
-                params![kind.as_str(), account, needle],
-            )
-            .map_err(db_err)
     }
 
     /// Deletes every row whose key lies in `(after, below)`; returns how many.
