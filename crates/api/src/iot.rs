@@ -2046,6 +2046,7 @@ mod route_tests {
                 domain: "localhost".into(),
             },
             objects: None,
+            functions: None,
             metrics_allow: vec![],
         };
         let mut names = std::collections::BTreeSet::new();

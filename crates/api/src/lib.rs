@@ -9,6 +9,7 @@
 mod iam;
 mod iot;
 mod jobs;
+pub mod lambda;
 mod provisioning;
 mod xml;
 
@@ -69,6 +70,8 @@ pub struct ApiState {
     /// Who may read `/metrics` (unsigned, like Prometheus scrapes): its totals span every
     /// account, so by default only the machine itself (loopback).
     pub metrics_allow: Vec<ipnet::IpNet>,
+    /// The function host (the `lambda` API), when functions are served.
+    pub functions: Option<lambda::Functions>,
 }
 
 /// The default `/metrics` audience: loopback only.
@@ -268,7 +271,7 @@ use sekisho_auth::authn::AuthFailure;
 pub use sekisho_auth::authn::{Caller, RequestContext};
 
 /// Services the control plane serves.
-const SERVICES: &[&str] = &["iot", "iam", "sts"];
+const SERVICES: &[&str] = &["iot", "iam", "sts", "lambda"];
 
 /// Authenticates a control-plane request (services `iot`, `iam`, `sts`), with each protocol's
 /// error wording.
@@ -432,9 +435,15 @@ pub async fn handle(
     if let Err(f) = sekisho_auth::authn::precheck(&state.registry, &claim, SERVICES) {
         return Ok(refuse(f));
     }
+    // A function's code comes in the body (a 50 MB zip, base64): the lambda API's bound.
+    let max_body = if claim.service == "lambda" {
+        lambda::MAX_BODY
+    } else {
+        MAX_BODY
+    };
     let body = match sekisho_auth::http::read_body(
         body,
-        MAX_BODY,
+        max_body,
         sekisho_auth::http::BODY_DEADLINE,
     )
     .await
@@ -489,6 +498,9 @@ pub async fn handle(
     };
     if service == "iam" || service == "sts" {
         return Ok(iam::dispatch(&state, &caller, &service, &call));
+    }
+    if service == "lambda" {
+        return Ok(lambda::dispatch(&state, &call).await);
     }
     // One declaration per operation (iot::ROUTES): the IAM action, the resource derived from
     // the path label the handler acts on, and the handler.
@@ -644,6 +656,7 @@ mod tests {
                 domain: "localhost".into(),
             },
             objects: None,
+            functions: None,
             metrics_allow: loopback_only(),
         };
         (st, info.id)

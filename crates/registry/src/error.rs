@@ -48,6 +48,9 @@ pub enum RegistryError {
     /// `ConflictException` (409): a resource of that id exists (job templates).
     #[error("{0}")]
     Conflict(String),
+    /// `PreconditionFailedException` (412): a revision that is not the latest.
+    #[error("{0}")]
+    PreconditionFailed(String),
     /// `InvalidStateTransitionException` (409): a job or execution cannot go to that state.
     #[error("{0}")]
     InvalidStateTransition(String),
@@ -78,6 +81,7 @@ impl RegistryError {
             }
             RegistryError::CertificateConflict(_) => ("CertificateConflictException", 409),
             RegistryError::Conflict(_) => ("ConflictException", 409),
+            RegistryError::PreconditionFailed(_) => ("PreconditionFailedException", 412),
             RegistryError::InvalidStateTransition(_) => ("InvalidStateTransitionException", 409),
             RegistryError::TerminalState(_) => ("TerminalStateException", 410),
             RegistryError::Internal(_) => ("InternalFailureException", 500),

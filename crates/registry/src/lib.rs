@@ -14,6 +14,7 @@ mod cas;
 mod certs;
 mod error;
 mod events;
+mod functions;
 mod groups;
 mod iam;
 mod jobs;
@@ -40,6 +41,7 @@ use tokio::sync::broadcast;
 pub use cas::{Authentication, CaUpdate, MAX_CAS_PER_SUBJECT, NewCaCertificate, Route, Unusable};
 pub use certs::NewCertificate;
 pub use error::RegistryError;
+pub use functions::{Function, FunctionUpdate, MAX_FUNCTIONS};
 pub use groups::{GroupUpdate, MAX_GROUPS_PER_THING, MAX_POLICIES_PER_GROUP, ThingGroup};
 pub use iam::{
     Credential, IamPrincipal, IamRole, IamUser, MAX_SESSION_POLICY_CHARS,
@@ -396,6 +398,12 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         account_mut(&mut st, &row.account)?
             .templates
             .insert(t.name.clone(), t);
+    }
+    for row in store.load(Kind::Function)? {
+        let f: functions::Function = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .functions
+            .insert(f.name.clone(), f);
     }
     for row in store.load(Kind::JobTemplate)? {
         let t: jobs::JobTemplate = decode(&row.doc)?;

@@ -365,6 +365,8 @@ pub struct Account {
     pub job_seq: u64,
     /// Job templates by id.
     pub job_templates: BTreeMap<String, crate::jobs::JobTemplate>,
+    /// Functions by name.
+    pub functions: BTreeMap<String, crate::functions::Function>,
     /// The things waiting in each job's staged rollout, in order, with their order numbers.
     pub job_waiting: BTreeMap<String, std::collections::VecDeque<(u64, String)>>,
     /// The reverse of `job_waiting`: the jobs each thing waits in.

@@ -44,6 +44,8 @@ pub(crate) enum Kind {
     EventConfig,
     /// Job templates, keyed by id.
     JobTemplate,
+    /// Lambda-compatible functions, keyed by name.
+    Function,
     /// Things waiting in a job's staged rollout, keyed `{job}\n{order as 16 hex digits}`.
     JobWaiting,
     /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
@@ -78,6 +80,7 @@ impl Kind {
             Kind::ProvisioningTemplate => "provisioning_template",
             Kind::EventConfig => "event_config",
             Kind::JobTemplate => "job_template",
+            Kind::Function => "function",
             Kind::JobWaiting => "job_waiting",
         }
     }

@@ -318,6 +318,33 @@ pub struct Config {
     /// The object store's URL as devices reach it (`https://host:port`), used in the
     /// presigned URLs of job documents; default `https://localhost:<s3 port>`.
     pub object_store_url: Option<String>,
+    /// How Lambda-compatible functions run.
+    pub functions: FunctionsConfig,
+}
+
+/// `[functions]`: how Lambda-compatible functions run (see docs/functions.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FunctionsConfig {
+    /// The interpreter of `python3.x` functions; it must have `awslambdaric` installed.
+    pub python: String,
+    /// The command that runs `nodejs*` functions (npm's `aws-lambda-ric`).
+    pub node_ric: String,
+    /// Function instances in all.
+    pub max_instances: usize,
+    /// Instances of one function (its concurrency).
+    pub max_per_function: usize,
+}
+
+impl Default for FunctionsConfig {
+    fn default() -> Self {
+        FunctionsConfig {
+            python: "python3".into(),
+            node_ric: "aws-lambda-ric".into(),
+            max_instances: 64,
+            max_per_function: 10,
+        }
+    }
 }
 
 impl Default for Config {
@@ -337,6 +364,7 @@ impl Default for Config {
             tls_policy: None,
             endpoints: Vec::new(),
             limits: Limits::default(),
+            functions: FunctionsConfig::default(),
             metrics_allow: sekisho_api::loopback_only(),
             object_store_url: None,
         }

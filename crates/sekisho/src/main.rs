@@ -298,6 +298,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
         objects: Some(store.clone()),
         metrics_allow: config.metrics_allow.clone(),
+        functions: Some(sekisho_api::lambda::Functions::new(
+            sekisho_functions::Host::new(sekisho_functions::Config {
+                dir: layout.path("functions"),
+                python: config.functions.python.clone(),
+                node_ric: config.functions.node_ric.clone(),
+                max_instances: config.functions.max_instances,
+                max_per_function: config.functions.max_per_function,
+                // The SDKs in functions call Sekisho, trusting its CA.
+                env: std::collections::BTreeMap::from([
+                    (
+                        "AWS_ENDPOINT_URL".to_string(),
+                        format!("https://localhost:{}", config.ports.api),
+                    ),
+                    (
+                        "AWS_CA_BUNDLE".to_string(),
+                        layout.path("ca.pem").display().to_string(),
+                    ),
+                ]),
+            }),
+        )),
     });
 
     let limits = config.limits.clone();
