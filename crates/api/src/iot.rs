@@ -402,6 +402,70 @@ static ROUTES: &[Route] = &[
     ),
     route!(GET, ["jobs"], "ListJobs", ANY, crate::jobs::list_jobs),
     route!(
+        POST,
+        ["authorizer", L],
+        "CreateAuthorizer",
+        label("authorizer"),
+        crate::authorizers::create
+    ),
+    route!(
+        GET,
+        ["authorizer", L],
+        "DescribeAuthorizer",
+        label("authorizer"),
+        crate::authorizers::describe
+    ),
+    route!(
+        PUT,
+        ["authorizer", L],
+        "UpdateAuthorizer",
+        label("authorizer"),
+        crate::authorizers::update
+    ),
+    route!(
+        DELETE,
+        ["authorizer", L],
+        "DeleteAuthorizer",
+        label("authorizer"),
+        crate::authorizers::delete
+    ),
+    route!(
+        POST,
+        ["authorizer", L, "test"],
+        "TestInvokeAuthorizer",
+        label("authorizer"),
+        crate::authorizers::test_invoke
+    ),
+    // (`/authorizers/`: the model's route ends with a slash.)
+    route!(
+        GET,
+        ["authorizers", ""],
+        "ListAuthorizers",
+        ANY,
+        crate::authorizers::list
+    ),
+    route!(
+        POST,
+        ["default-authorizer"],
+        "SetDefaultAuthorizer",
+        Res::Body(crate::authorizers::default_resources),
+        crate::authorizers::set_default
+    ),
+    route!(
+        GET,
+        ["default-authorizer"],
+        "DescribeDefaultAuthorizer",
+        ANY,
+        crate::authorizers::describe_default
+    ),
+    route!(
+        DELETE,
+        ["default-authorizer"],
+        "ClearDefaultAuthorizer",
+        ANY,
+        crate::authorizers::clear_default
+    ),
+    route!(
         PUT,
         ["job-templates", L],
         "CreateJobTemplate",

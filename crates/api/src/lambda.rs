@@ -3,42 +3,17 @@
 //! their configuration, Invoke (RequestResponse, Event, DryRun) through the function host,
 //! and the resource policy (AddPermission, RemovePermission, GetPolicy).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Response;
-use sekisho_functions::{FunctionSpec, Host, HostError, Outcome};
-use sekisho_registry::{Function, FunctionUpdate, RegistryError, Session};
+use sekisho_functions::{Host, HostError, Outcome};
+use sekisho_registry::{Function, FunctionUpdate, RegistryError};
 use serde_json::{Map, Value, json};
 
 use crate::{ApiError, ApiState, Call, json_response};
-
-/// The function host and what Invoke keeps between calls.
-pub struct Functions {
-    /// The host.
-    pub host: Arc<Host>,
-    /// Execution roles' credentials, reused while they outlive an instance.
-    creds: Mutex<HashMap<(String, String), Session>>,
-}
-
-impl Functions {
-    /// Functions run by `host`.
-    pub fn new(host: Arc<Host>) -> Functions {
-        Functions {
-            host,
-            creds: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-impl std::fmt::Debug for Functions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Functions").finish_non_exhaustive()
-    }
-}
 
 /// The largest request body of the lambda API: a 50 MB zip, base64, in JSON.
 pub const MAX_BODY: usize = 70 * 1024 * 1024;
@@ -641,78 +616,6 @@ fn add_permission(state: &ApiState, call: &Call, name: &str) -> Result<Value, Ap
     Ok(json!({"Statement": statement.to_string()}))
 }
 
-/// The execution role's credentials for an instance about to start, reused while they have
-/// more than an instance's life left.
-fn credentials(
-    state: &ApiState,
-    fs: &Functions,
-    account: &str,
-    f: &Function,
-) -> Option<sekisho_functions::Credentials> {
-    let key = (account.to_owned(), f.role.clone());
-    let now = sekisho_registry::now_secs();
-    let role = state.registry.role_by_arn(account, &f.role)?;
-    if !role.trusts_service("lambda.amazonaws.com", &sekisho_policy::MapContext::new()) {
-        return None;
-    }
-    let cached = fs
-        .creds
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .filter(|s| {
-            s.expiration - now > 45.0 * 60.0 && s.principal_id.as_deref() == Some(role.id.as_str())
-        })
-        .cloned();
-    let session = match cached {
-        Some(s) => s,
-        None => {
-            let s = state
-                .registry
-                .create_session_with(
-                    account,
-                    sekisho_registry::IamPrincipal::Role {
-                        role: role.name.clone(),
-                        session: f.name.clone(),
-                    },
-                    7200,
-                    None,
-                    BTreeMap::new(),
-                )
-                .ok()?;
-            fs.creds
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key, s.clone());
-            s
-        }
-    };
-    Some(sekisho_functions::Credentials {
-        access_key_id: session.access_key_id,
-        secret_access_key: session.secret_access_key,
-        session_token: session.token,
-    })
-}
-
-/// The host's view of a function.
-pub fn spec(state: &ApiState, account: &str, f: &Function) -> Option<FunctionSpec> {
-    let fs = state.functions.as_ref()?;
-    Some(FunctionSpec {
-        account: account.to_owned(),
-        name: f.name.clone(),
-        arn: state.registry.function_arn(account, &f.name),
-        runtime: f.runtime.clone(),
-        handler: f.handler.clone(),
-        timeout: Duration::from_secs(u64::from(f.timeout)),
-        memory_mb: f.memory,
-        env: f.env.clone(),
-        code_sha: f.code_sha.clone(),
-        region: state.endpoints.region.clone(),
-        credentials: credentials(state, fs, account, f),
-        revision: f.revision.clone(),
-    })
-}
-
 /// Runs a function synchronously: (request id, outcome).
 pub async fn invoke_function(
     state: &Arc<ApiState>,
@@ -727,22 +630,22 @@ pub async fn invoke_function(
             "Functions are not served here",
         ));
     };
-    let spec = spec(state, account, f)
-        .ok_or_else(|| err(500, "ServiceException", "Functions are not served here"))?;
-    fs.host.invoke(&spec, payload).await.map_err(|e| match e {
-        HostError::TooMany => {
-            let mut e = err(429, "TooManyRequestsException", "Rate Exceeded.");
-            e.extra
-                .push(("Reason", "ConcurrentInvocationLimitExceeded".into()));
-            e
-        }
-        HostError::Runtime(r) => err(
-            502,
-            "InvalidRuntimeException",
-            format!("The runtime parameter of {r} is not supported here"),
-        ),
-        HostError::Spawn(m) => err(500, "ServiceException", m),
-    })
+    fs.invoke(account, f, payload, None)
+        .await
+        .map_err(|e| match e {
+            HostError::TooMany => {
+                let mut e = err(429, "TooManyRequestsException", "Rate Exceeded.");
+                e.extra
+                    .push(("Reason", "ConcurrentInvocationLimitExceeded".into()));
+                e
+            }
+            HostError::Runtime(r) => err(
+                502,
+                "InvalidRuntimeException",
+                format!("The runtime parameter of {r} is not supported here"),
+            ),
+            HostError::Spawn(m) => err(500, "ServiceException", m),
+        })
 }
 
 async fn invoke(

@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+mod authorizers;
 mod iam;
 mod iot;
 mod jobs;
@@ -70,8 +71,8 @@ pub struct ApiState {
     /// Who may read `/metrics` (unsigned, like Prometheus scrapes): its totals span every
     /// account, so by default only the machine itself (loopback).
     pub metrics_allow: Vec<ipnet::IpNet>,
-    /// The function host (the `lambda` API), when functions are served.
-    pub functions: Option<lambda::Functions>,
+    /// The function host (the `lambda` API, custom authorizers), when functions are served.
+    pub functions: Option<Arc<sekisho_functions::Invoker>>,
 }
 
 /// The default `/metrics` audience: loopback only.

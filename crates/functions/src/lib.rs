@@ -13,8 +13,12 @@
 //! Isolation is that of a local process of the server's user (see docs/functions.md): no
 //! microVM, no network namespace.
 
+pub mod authorizer;
 mod code;
+mod invoker;
 mod runtime_api;
+
+pub use invoker::Invoker;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+mod authorizers;
 mod cas;
 mod certs;
 mod error;
@@ -38,6 +39,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
 
+pub use authorizers::{Authorizer, AuthorizerUpdate, MAX_AUTHORIZERS};
 pub use cas::{Authentication, CaUpdate, MAX_CAS_PER_SUBJECT, NewCaCertificate, Route, Unusable};
 pub use certs::NewCertificate;
 pub use error::RegistryError;
@@ -398,6 +400,15 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         account_mut(&mut st, &row.account)?
             .templates
             .insert(t.name.clone(), t);
+    }
+    for row in store.load(Kind::Authorizer)? {
+        let a: authorizers::Authorizer = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .authorizers
+            .insert(a.name.clone(), a);
+    }
+    for row in store.load(Kind::DefaultAuthorizer)? {
+        account_mut(&mut st, &row.account)?.default_authorizer = Some(decode(&row.doc)?);
     }
     for row in store.load(Kind::Function)? {
         let f: functions::Function = decode(&row.doc)?;

@@ -367,6 +367,10 @@ pub struct Account {
     pub job_templates: BTreeMap<String, crate::jobs::JobTemplate>,
     /// Functions by name.
     pub functions: BTreeMap<String, crate::functions::Function>,
+    /// Custom authorizers by name.
+    pub authorizers: BTreeMap<String, crate::authorizers::Authorizer>,
+    /// The default authorizer's name.
+    pub default_authorizer: Option<String>,
     /// The things waiting in each job's staged rollout, in order, with their order numbers.
     pub job_waiting: BTreeMap<String, std::collections::VecDeque<(u64, String)>>,
     /// The reverse of `job_waiting`: the jobs each thing waits in.

@@ -46,6 +46,10 @@ pub(crate) enum Kind {
     JobTemplate,
     /// Lambda-compatible functions, keyed by name.
     Function,
+    /// Custom authorizers, keyed by name.
+    Authorizer,
+    /// The account's default authorizer's name (key "").
+    DefaultAuthorizer,
     /// Things waiting in a job's staged rollout, keyed `{job}\n{order as 16 hex digits}`.
     JobWaiting,
     /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
@@ -81,6 +85,8 @@ impl Kind {
             Kind::EventConfig => "event_config",
             Kind::JobTemplate => "job_template",
             Kind::Function => "function",
+            Kind::Authorizer => "authorizer",
+            Kind::DefaultAuthorizer => "default_authorizer",
             Kind::JobWaiting => "job_waiting",
         }
     }

@@ -298,7 +298,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
         objects: Some(store.clone()),
         metrics_allow: config.metrics_allow.clone(),
-        functions: Some(sekisho_api::lambda::Functions::new(
+        functions: Some(sekisho_functions::Invoker::new(
             sekisho_functions::Host::new(sekisho_functions::Config {
                 dir: layout.path("functions"),
                 python: config.functions.python.clone(),
@@ -317,6 +317,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     ),
                 ]),
             }),
+            registry.clone(),
         )),
     });
 
