@@ -65,7 +65,7 @@ def sign(key, token):
 
 @pytest.fixture(scope="module")
 def fx(workdir):
-    s = Server(workdir / "authorizers", config=f'[functions]\npython = "{sys.executable}"\n').start()
+    s = Server(workdir / "authorizers", config=f'[functions]\nenabled = true\npython = "{sys.executable}"\n').start()
     iam = s.boto("iam")
     role = iam.create_role(RoleName="authz-exec", AssumeRolePolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"},

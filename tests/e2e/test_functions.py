@@ -45,7 +45,7 @@ def zip_of(files):
 
 @pytest.fixture(scope="module")
 def fx(workdir):
-    s = Server(workdir / "functions", config=f'[functions]\npython = "{sys.executable}"\nmax_per_function = 2\n').start()
+    s = Server(workdir / "functions", config=f'[functions]\nenabled = true\npython = "{sys.executable}"\nmax_per_function = 2\n').start()
     iam = s.boto("iam")
     role = iam.create_role(RoleName="fn-exec", AssumeRolePolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"},
@@ -211,3 +211,27 @@ def test_the_cli_invokes(fx, workdir):
     meta = s.aws("lambda", "invoke", "--function-name", name, "--payload", '{"n":42}', str(out))
     assert meta["StatusCode"] == 200
     assert json.loads(out.read_text())["event"] == {"n": 42}
+
+
+def test_functions_are_off_unless_the_operator_turns_them_on(workdir):
+    """A function runs as the server's user: without `[functions] enabled` the lambda API
+    refuses every call; with `accounts`, only those accounts' functions run."""
+    plain = Server(workdir / "functions-off").start()
+    try:
+        lam = plain.boto("lambda", config=Config(retries={"total_max_attempts": 1}))
+        with pytest.raises(lam.exceptions.ClientError) as e:
+            lam.list_functions()
+        assert e.value.response["Error"]["Code"] == "AccessDeniedException"
+        assert "[functions]" in e.value.response["Error"]["Message"]
+    finally:
+        plain.stop()
+    some = Server(workdir / "functions-some", accounts=["tenant-b"],
+                  config=f'[functions]\nenabled = true\naccounts = ["000000000000"]\npython = "{sys.executable}"\n').start()
+    try:
+        for profile in ("sekisho", "tenant-b"):
+            lam = some.boto("lambda", profile=profile, config=Config(retries={"total_max_attempts": 1}))
+            with pytest.raises(lam.exceptions.ClientError) as e:
+                lam.list_functions()
+            assert e.value.response["Error"]["Code"] == "AccessDeniedException"
+    finally:
+        some.stop()

@@ -15,8 +15,20 @@ use serde_json::{Map, Value, json};
 
 use crate::{ApiError, ApiState, Call, json_response};
 
-/// The largest request body of the lambda API: a 50 MB zip, base64, in JSON.
+/// The largest request body of the lambda API's code uploads: a 50 MB zip, base64, in JSON.
 pub const MAX_BODY: usize = 70 * 1024 * 1024;
+/// The largest request body of its other operations (Invoke's payload is 6 MB).
+pub const MAX_OTHER_BODY: usize = 7 * 1024 * 1024;
+/// Distinct codes an account may store (its functions' current ones).
+const MAX_STORED_CODE: usize = 1000;
+
+/// Whether a request may carry function code (CreateFunction, UpdateFunctionCode): only those
+/// get `MAX_BODY`.
+pub fn uploads_code(method: &str, path: &str) -> bool {
+    let p = path.trim_end_matches('/');
+    (method == "POST" && p == "/2015-03-31/functions")
+        || (method == "PUT" && p.starts_with("/2015-03-31/functions/") && p.ends_with("/code"))
+}
 /// The largest synchronous Invoke payload.
 const MAX_PAYLOAD: usize = 6 * 1024 * 1024;
 /// The largest asynchronous (Event) Invoke payload.
@@ -163,6 +175,18 @@ pub async fn dispatch(state: &Arc<ApiState>, call: &Call) -> Response<Full<Bytes
 }
 
 async fn run(state: &Arc<ApiState>, call: &Call) -> Result<Response<Full<Bytes>>, ApiError> {
+    // Functions run code as the server's user: only where the operator turned them on.
+    if !state
+        .functions
+        .as_ref()
+        .is_some_and(|f| f.host.allows(&call.account))
+    {
+        return Err(err(
+            403,
+            "AccessDeniedException",
+            "Functions are not enabled for this account on this server (see [functions] in the configuration)",
+        ));
+    }
     let (op, name) = route(state, call)?;
     // CreateFunction names its function in the body.
     let name = match (op, name) {
@@ -441,13 +465,25 @@ fn zip_of(
     let zip = base64::engine::general_purpose::STANDARD
         .decode(b64)
         .map_err(|_| invalid("Code.ZipFile is not base64"))?;
-    host.host
-        .store_code(&call.account, &zip)
-        .map_err(|e| match e {
-            sekisho_functions::CodeError::Invalid(m) => invalid(m),
-            sekisho_functions::CodeError::TooLarge(m) => err(413, "RequestTooLargeException", m),
-            sekisho_functions::CodeError::Io(e) => err(500, "ServiceException", e.to_string()),
-        })
+    // What the account's functions no longer use goes first; what is left is bounded.
+    let keep: std::collections::BTreeSet<String> = state
+        .registry
+        .list_functions(&call.account, None, usize::MAX)
+        .map(|p| p.items.into_iter().map(|f| f.code_sha).collect())
+        .unwrap_or_default();
+    if host.host.collect_code(&call.account, &keep) >= MAX_STORED_CODE {
+        return Err(err(
+            400,
+            "CodeStorageExceededException",
+            format!("The account stores {MAX_STORED_CODE} function codes, the most it may"),
+        ));
+    }
+    // Hashing and unpacking (up to 250 MB) off the runtime's reactor.
+    tokio::task::block_in_place(|| host.host.store_code(&call.account, &zip)).map_err(|e| match e {
+        sekisho_functions::CodeError::Invalid(m) => invalid(m),
+        sekisho_functions::CodeError::TooLarge(m) => err(413, "RequestTooLargeException", m),
+        sekisho_functions::CodeError::Io(e) => err(500, "ServiceException", e.to_string()),
+    })
 }
 
 fn create(state: &ApiState, call: &Call, name: &str) -> Result<Value, ApiError> {
@@ -466,6 +502,22 @@ fn create(state: &ApiState, call: &Call, name: &str) -> Result<Value, ApiError> 
         .get("Code")
         .and_then(Value::as_object)
         .ok_or_else(|| invalid("Code is required"))?;
+    // Every other field is checked before the code is stored.
+    let description: String = str_of(&b, "Description")?
+        .unwrap_or("")
+        .chars()
+        .take(256)
+        .collect();
+    let timeout = int_of(&b, "Timeout", 1, 900)?.unwrap_or(3);
+    let memory = int_of(&b, "MemorySize", 128, 10_240)?.unwrap_or(128);
+    let env = environment(&b)?.unwrap_or_default();
+    if state.registry.function(&call.account, name).is_ok() {
+        return Err(err(
+            409,
+            "ResourceConflictException",
+            format!("Function already exist: {name}"),
+        ));
+    }
     let (sha, size) = zip_of(state, call, code)?;
     let f = state
         .registry
@@ -476,14 +528,10 @@ fn create(state: &ApiState, call: &Call, name: &str) -> Result<Value, ApiError> 
                 runtime,
                 handler: handler.unwrap_or_default(),
                 role: role_arn,
-                description: str_of(&b, "Description")?
-                    .unwrap_or("")
-                    .chars()
-                    .take(256)
-                    .collect(),
-                timeout: int_of(&b, "Timeout", 1, 900)?.unwrap_or(3),
-                memory: int_of(&b, "MemorySize", 128, 10_240)?.unwrap_or(128),
-                env: environment(&b)?.unwrap_or_default(),
+                description,
+                timeout,
+                memory,
+                env,
                 code_sha: sha,
                 code_size: size,
                 last_modified: String::new(),
@@ -645,6 +693,11 @@ pub async fn invoke_function(
                 format!("The runtime parameter of {r} is not supported here"),
             ),
             HostError::Spawn(m) => err(500, "ServiceException", m),
+            HostError::Disabled => err(
+                403,
+                "AccessDeniedException",
+                HostError::Disabled.to_string(),
+            ),
         })
 }
 

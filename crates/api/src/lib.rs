@@ -271,6 +271,9 @@ fn sigv4_error(e: &sekisho_sigv4::SigError) -> ApiError {
 use sekisho_auth::authn::AuthFailure;
 pub use sekisho_auth::authn::{Caller, RequestContext};
 
+/// Function code uploads (bodies of up to 70 MiB) read at once, in all.
+static UPLOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Services the control plane serves.
 const SERVICES: &[&str] = &["iot", "iam", "sts", "lambda"];
 
@@ -436,11 +439,27 @@ pub async fn handle(
     if let Err(f) = sekisho_auth::authn::precheck(&state.registry, &claim, SERVICES) {
         return Ok(refuse(f));
     }
-    // A function's code comes in the body (a 50 MB zip, base64): the lambda API's bound.
-    let max_body = if claim.service == "lambda" {
-        lambda::MAX_BODY
+    // A function's code comes in the body (a 50 MB zip, base64): only the two operations
+    // that upload code get the lambda API's large bound, and few at a time.
+    let uploading = claim.service == "lambda" && lambda::uploads_code(parts.method.as_str(), &path);
+    let max_body = match (claim.service.as_str(), uploading) {
+        ("lambda", true) => lambda::MAX_BODY,
+        ("lambda", false) => lambda::MAX_OTHER_BODY,
+        _ => MAX_BODY,
+    };
+    let _upload_slot = if uploading {
+        match UPLOADS.try_acquire() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return Ok(error_response(&ApiError::new(
+                    429,
+                    "TooManyRequestsException",
+                    "Too many function code uploads at once",
+                )));
+            }
+        }
     } else {
-        MAX_BODY
+        None
     };
     let body = match sekisho_auth::http::read_body(
         body,

@@ -41,6 +41,31 @@ fn base64_encode(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
 
+/// Removes an account's stored code that `keep` does not name; returns how many are left.
+pub(crate) fn collect(
+    dir: &Path,
+    account: &str,
+    keep: &std::collections::BTreeSet<String>,
+) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir.join(account)) else {
+        return 0;
+    };
+    let mut left = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stored = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
+        if !stored {
+            continue;
+        }
+        if keep.contains(&name) {
+            left += 1;
+        } else {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    left
+}
+
 /// The unpacked code of `sha` for `account`.
 pub(crate) fn task_dir(dir: &Path, account: &str, sha: &str) -> PathBuf {
     dir.join(account).join(sha).join("task")

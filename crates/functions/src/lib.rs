@@ -45,6 +45,10 @@ pub struct Config {
     pub max_instances: usize,
     /// Instances of one function.
     pub max_per_function: usize,
+    /// Instances of one account's functions together.
+    pub max_per_account: usize,
+    /// Accounts whose functions may run; `None`: every account.
+    pub accounts: Option<std::collections::BTreeSet<String>>,
     /// Extra environment every instance gets (e.g. `AWS_ENDPOINT_URL`, `AWS_CA_BUNDLE`, so
     /// that the SDKs in functions reach Sekisho rather than AWS).
     pub env: BTreeMap<String, String>,
@@ -112,6 +116,9 @@ pub enum HostError {
     /// The instance could not be started.
     #[error("The function could not be started: {0}")]
     Spawn(String),
+    /// Functions do not run for this account on this server (`[functions]`).
+    #[error("Functions are not enabled for this account on this server")]
+    Disabled,
 }
 
 /// A running invocation, as the runtime API hands it out.
@@ -135,6 +142,10 @@ struct Instance {
     uncounted: Arc<AtomicBool>,
     born: Instant,
     revision: String,
+    /// The function's generation when it started (see `Host::retire`).
+    generation: u64,
+    /// When it last finished an invocation.
+    idle_since: Mutex<Instant>,
 }
 
 impl Instance {
@@ -150,13 +161,25 @@ impl Instance {
 
 /// Instances older than this are not reused (their credentials were issued when they began).
 const MAX_AGE: Duration = Duration::from_secs(30 * 60);
+/// Idle instances are ended after this long.
+const MAX_IDLE: Duration = Duration::from_secs(10 * 60);
 
 /// The function host.
 pub struct Host {
     cfg: Config,
     idle: Mutex<HashMap<PoolKey, Vec<Arc<Instance>>>>,
-    /// Instances alive, per function and in all.
-    alive: Mutex<(usize, HashMap<PoolKey, usize>)>,
+    /// Instances alive, in all, per function, per account.
+    alive: Mutex<Alive>,
+    /// Each function's generation: bumped when it is deleted or changed, so that instances of
+    /// an older one, busy then, are ended when they finish rather than kept.
+    generations: Mutex<HashMap<(String, String), u64>>,
+}
+
+#[derive(Default)]
+struct Alive {
+    all: usize,
+    per_function: HashMap<PoolKey, usize>,
+    per_account: HashMap<String, usize>,
 }
 
 impl std::fmt::Debug for Host {
@@ -177,13 +200,20 @@ impl Host {
         Arc::new(Host {
             cfg,
             idle: Mutex::new(HashMap::new()),
-            alive: Mutex::new((0, HashMap::new())),
+            alive: Mutex::new(Alive::default()),
+            generations: Mutex::new(HashMap::new()),
         })
     }
 
     /// Stores a function's code (a zip), unpacked: returns its SHA-256 (hex) and size.
     pub fn store_code(&self, account: &str, zip: &[u8]) -> Result<(String, u64), CodeError> {
         code::store(&self.cfg.dir, account, zip)
+    }
+
+    /// Removes an account's stored code that no function of it uses any more (`keep`: the
+    /// hashes its functions name); returns how many are left.
+    pub fn collect_code(&self, account: &str, keep: &std::collections::BTreeSet<String>) -> usize {
+        code::collect(&self.cfg.dir, account, keep)
     }
 
     /// The code's SHA-256 in Lambda's form (base64).
@@ -194,6 +224,12 @@ impl Host {
     /// Ends every idle instance of a function (deleted, or its code or configuration
     /// changed; busy ones are not reused once their invocation ends, as their revision is old).
     pub fn retire(&self, account: &str, name: &str) {
+        *self
+            .generations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((account.to_owned(), name.to_owned()))
+            .or_default() += 1;
         let gone: Vec<(PoolKey, Vec<Arc<Instance>>)> = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let keys: Vec<PoolKey> = idle
@@ -212,12 +248,46 @@ impl Host {
         }
     }
 
-    /// Runs one invocation (RequestResponse).
+    /// Whether functions run for `account`.
+    pub fn allows(&self, account: &str) -> bool {
+        self.cfg
+            .accounts
+            .as_ref()
+            .is_none_or(|a| a.contains(account))
+    }
+
+    fn generation(&self, account: &str, name: &str) -> u64 {
+        self.generations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(account.to_owned(), name.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Runs one invocation (RequestResponse). The invocation runs in a task of its own, so
+    /// that its timeout (and the killing of a hung instance) holds even if the caller goes.
     pub async fn invoke(
         self: &Arc<Self>,
         spec: &FunctionSpec,
         payload: Bytes,
     ) -> Result<(String, Outcome), HostError> {
+        if !self.allows(&spec.account) {
+            return Err(HostError::Disabled);
+        }
+        let (host, spec) = (self.clone(), spec.clone());
+        match tokio::spawn(async move { host.run(&spec, payload).await }).await {
+            Ok(r) => r,
+            Err(e) => Err(HostError::Spawn(format!("the invocation failed: {e}"))),
+        }
+    }
+
+    async fn run(
+        self: &Arc<Self>,
+        spec: &FunctionSpec,
+        payload: Bytes,
+    ) -> Result<(String, Outcome), HostError> {
+        self.reap();
         let key = (
             spec.account.clone(),
             spec.name.clone(),
@@ -271,10 +341,16 @@ impl Host {
                 ));
             }
         };
-        // An instance that failed to start is not used again.
-        if instance.api.init_error().is_some() || instance.dead.load(Ordering::Acquire) {
+        // An instance that failed to start, or of a function deleted or changed meanwhile, is
+        // not used again.
+        let stale = instance.generation != self.generation(&spec.account, &spec.name);
+        if stale || instance.api.init_error().is_some() || instance.dead.load(Ordering::Acquire) {
             instance.retire(self, &key);
         } else {
+            *instance
+                .idle_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Instant::now();
             self.idle
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -283,6 +359,60 @@ impl Host {
                 .push(instance);
         }
         Ok((id, outcome))
+    }
+
+    /// Ends instances idle for too long.
+    fn reap(&self) {
+        let gone: Vec<(PoolKey, Arc<Instance>)> = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut out = Vec::new();
+            for (key, list) in idle.iter_mut() {
+                list.retain(|i| {
+                    let old = i
+                        .idle_since
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .elapsed()
+                        >= MAX_IDLE;
+                    if old {
+                        out.push((key.clone(), i.clone()));
+                    }
+                    !old
+                });
+            }
+            idle.retain(|_, l| !l.is_empty());
+            out
+        };
+        for (key, i) in gone {
+            i.retire(self, &key);
+        }
+    }
+
+    /// Ends the instance idle the longest (of any function), to make room.
+    fn evict_one(&self) -> bool {
+        let victim = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let oldest = idle
+                .iter()
+                .flat_map(|(k, l)| l.iter().enumerate().map(move |(n, i)| (k.clone(), n, i)))
+                .min_by_key(|(_, _, i)| *i.idle_since.lock().unwrap_or_else(|p| p.into_inner()))
+                .map(|(k, n, _)| (k, n));
+            oldest.and_then(|(k, n)| {
+                let list = idle.get_mut(&k)?;
+                let i = list.remove(n);
+                if list.is_empty() {
+                    idle.remove(&k);
+                }
+                Some((k, i))
+            })
+        };
+        match victim {
+            Some((k, i)) => {
+                i.retire(self, &k);
+                true
+            }
+            None => false,
+        }
     }
 
     fn take_idle(&self, key: &PoolKey, spec: &FunctionSpec) -> Option<Arc<Instance>> {
@@ -305,14 +435,26 @@ impl Host {
         key: &PoolKey,
         spec: &FunctionSpec,
     ) -> Result<Arc<Instance>, HostError> {
-        {
+        // Room for one more: the function's and the account's own bounds are hard; the bound
+        // in all first makes room by ending the instance idle the longest.
+        loop {
             let mut alive = self.alive.lock().unwrap_or_else(|p| p.into_inner());
-            let mine = alive.1.get(key).copied().unwrap_or(0);
-            if alive.0 >= self.cfg.max_instances || mine >= self.cfg.max_per_function {
+            let function = alive.per_function.get(key).copied().unwrap_or(0);
+            let account = alive.per_account.get(&key.0).copied().unwrap_or(0);
+            if function >= self.cfg.max_per_function || account >= self.cfg.max_per_account {
                 return Err(HostError::TooMany);
             }
-            alive.0 += 1;
-            *alive.1.entry(key.clone()).or_default() += 1;
+            if alive.all >= self.cfg.max_instances {
+                drop(alive);
+                if self.evict_one() {
+                    continue;
+                }
+                return Err(HostError::TooMany);
+            }
+            alive.all += 1;
+            *alive.per_function.entry(key.clone()).or_default() += 1;
+            *alive.per_account.entry(key.0.clone()).or_default() += 1;
+            break;
         }
         match self.start(key, spec) {
             Ok(i) => Ok(i),
@@ -332,11 +474,17 @@ impl Host {
 
     fn gone(&self, key: &PoolKey) {
         let mut alive = self.alive.lock().unwrap_or_else(|p| p.into_inner());
-        alive.0 = alive.0.saturating_sub(1);
-        if let Some(n) = alive.1.get_mut(key) {
+        alive.all = alive.all.saturating_sub(1);
+        if let Some(n) = alive.per_function.get_mut(key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                alive.1.remove(key);
+                alive.per_function.remove(key);
+            }
+        }
+        if let Some(n) = alive.per_account.get_mut(&key.0) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                alive.per_account.remove(&key.0);
             }
         }
     }
@@ -360,6 +508,13 @@ impl Host {
             .map_err(|e| HostError::Spawn(e.to_string()))?;
         let (tx, rx) = mpsc::channel(1);
         let api = runtime_api::Api::new(rx, spec.name.clone());
+        // The instance's own HOME and TMPDIR: its code's directory stays as stored.
+        let tmp = self
+            .cfg
+            .dir
+            .join(".tmp")
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        std::fs::create_dir_all(&tmp).map_err(|e| HostError::Spawn(e.to_string()))?;
         let mut cmd = match spec.runtime.as_str() {
             r if r.starts_with("python3") => {
                 let mut c = tokio::process::Command::new(&self.cfg.python);
@@ -372,17 +527,26 @@ impl Host {
                 c
             }
             r if r.starts_with("provided") => tokio::process::Command::new(task.join("bootstrap")),
-            other => return Err(HostError::Runtime(other.to_owned())),
+            other => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(HostError::Runtime(other.to_owned()));
+            }
         };
         cmd.current_dir(&task)
             .env_clear()
-            .envs(self.environment(spec, &task, addr))
+            .envs(self.environment(spec, &task, &tmp, addr))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| HostError::Spawn(e.to_string()))?;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(HostError::Spawn(e.to_string()));
+            }
+        };
         let pid = child.id();
         for out in [
             child
@@ -404,12 +568,13 @@ impl Host {
         let uncounted = Arc::new(AtomicBool::new(false));
         let server = tokio::spawn(runtime_api::serve(listener, api.clone()));
         {
-            let (host, key, dead, api, uncounted) = (
+            let (host, key, dead, api, uncounted, tmp_dir) = (
                 self.clone(),
                 key.clone(),
                 dead.clone(),
                 api.clone(),
                 uncounted.clone(),
+                tmp.clone(),
             );
             tokio::spawn(async move {
                 tokio::select! {
@@ -427,10 +592,19 @@ impl Host {
                         let _ = child.kill().await;
                     }
                 }
+                // What the process left behind (a runtime's children included) goes too.
+                if let Some(pid) = pid {
+                    let _ = tokio::process::Command::new("kill")
+                        .args(["-KILL", "--", &format!("-{pid}")])
+                        .stderr(std::process::Stdio::null())
+                        .status()
+                        .await;
+                }
                 dead.store(true, Ordering::Release);
                 server.abort();
                 api.close().await;
                 host.release(&key, &uncounted);
+                let _ = tokio::fs::remove_dir_all(&tmp_dir).await;
             });
         }
         Ok(Arc::new(Instance {
@@ -441,6 +615,8 @@ impl Host {
             uncounted,
             born: Instant::now(),
             revision: spec.revision.clone(),
+            generation: self.generation(&spec.account, &spec.name),
+            idle_since: Mutex::new(Instant::now()),
         }))
     }
 
@@ -449,6 +625,7 @@ impl Host {
         &self,
         spec: &FunctionSpec,
         task: &std::path::Path,
+        tmp: &std::path::Path,
         api: SocketAddr,
     ) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
@@ -465,7 +642,8 @@ impl Host {
             ("LAMBDA_TASK_ROOT", task.clone()),
             ("LAMBDA_RUNTIME_DIR", task.clone()),
             ("PYTHONPATH", task.clone()),
-            ("HOME", task),
+            ("HOME", tmp.display().to_string()),
+            ("TMPDIR", tmp.display().to_string()),
             ("AWS_LAMBDA_FUNCTION_NAME", spec.name.clone()),
             ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST".into()),
             (

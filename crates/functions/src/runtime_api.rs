@@ -4,19 +4,25 @@
 //! runtime that could not start.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{Invocation, Outcome};
 
 /// The largest response a function may give (Lambda's synchronous payload limit).
 const MAX_RESPONSE: usize = 6 * 1024 * 1024;
+/// Connections an instance's runtime API serves at once (a runtime needs one or two).
+const MAX_CONNECTIONS: usize = 4;
+/// The longest line of a function's output the log takes (the rest of it is cut).
+const MAX_LINE: usize = 8192;
 
 /// One instance's side of the runtime API.
 pub(crate) struct Api {
@@ -26,6 +32,12 @@ pub(crate) struct Api {
     /// What the runtime reported on `init/error`.
     init_error: Mutex<Option<Bytes>>,
     function: String,
+    /// Whether a `next` is waiting: one at a time (the runtime's own).
+    polling: AtomicBool,
+    /// Whether the runtime asked for its first invocation (after which `init/error` is not
+    /// taken).
+    started: AtomicBool,
+    connections: AtomicUsize,
 }
 
 impl Api {
@@ -35,6 +47,9 @@ impl Api {
             pending: Mutex::new(None),
             init_error: Mutex::new(None),
             function,
+            polling: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
         })
     }
 
@@ -80,34 +95,112 @@ impl Api {
     }
 }
 
-/// Lines the instance writes, to the server log with the request id they belong to.
-pub(crate) async fn log_lines(out: Box<dyn AsyncRead + Send + Unpin>, api: Arc<Api>) {
-    let mut lines = BufReader::new(out).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+/// Lines the instance writes, to the server log with the request id they belong to; a line
+/// longer than `MAX_LINE` is cut there (what follows is a line of its own), bytes that are not
+/// UTF-8 are replaced, so no output can make the server hold more than a line.
+pub(crate) async fn log_lines(mut out: Box<dyn AsyncRead + Send + Unpin>, api: Arc<Api>) {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let emit = |line: &[u8]| {
         let request_id = api.request_id().unwrap_or_default();
-        tracing::info!(function = %api.function, %request_id, "{}", line.chars().take(8192).collect::<String>());
+        tracing::info!(function = %api.function, %request_id, "{}", String::from_utf8_lossy(line));
+    };
+    loop {
+        let n = match out.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for &b in &chunk[..n] {
+            if b == b'\n' {
+                emit(&buf);
+                buf.clear();
+            } else {
+                buf.push(b);
+                if buf.len() >= MAX_LINE {
+                    emit(&buf);
+                    buf.clear();
+                }
+            }
+        }
+    }
+    if !buf.is_empty() {
+        emit(&buf);
     }
 }
 
+/// The uid owning the loopback socket that connected from `peer_port` to `local_port`, from
+/// `/proc/net/tcp` (`None` where it cannot be read).
+fn peer_uid(local_port: u16, peer_port: u16) -> Option<u32> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let want_local = format!(":{peer_port:04X}");
+    let want_remote = format!(":{local_port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, uid) = (f.get(1)?, f.get(2)?, f.get(7)?);
+        (local.ends_with(&want_local) && remote.ends_with(&want_remote))
+            .then(|| uid.parse().ok())
+            .flatten()
+    })
+}
+
+fn own_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Serves the instance's runtime API until the instance ends.
+/// Only loopback connections of the server's own user are served (another local user's
+/// processes may not take or answer an instance's invocations), a few at a time, each with a
+/// deadline for its request headers; the connections end with the server task.
 pub(crate) async fn serve(listener: tokio::net::TcpListener, api: Arc<Api>) {
+    let uid = own_uid();
+    let local_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(_) => {
+                // Out of descriptors, say: wait rather than spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
+        while connections.try_join_next().is_some() {}
         if !peer.ip().is_loopback() {
             continue;
         }
+        if let Some(me) = uid
+            && peer_uid(local_port, peer.port()).is_some_and(|theirs| theirs != me)
+        {
+            tracing::warn!(function = %api.function, "runtime API connection of another user refused");
+            continue;
+        }
+        if api.connections.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+            continue;
+        }
+        api.connections.fetch_add(1, Ordering::AcqRel);
         let api = api.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+        connections.spawn(async move {
+            let svc = {
                 let api = api.clone();
-                async move { Ok::<_, Infallible>(handle(&api, req).await) }
-            });
+                hyper::service::service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(handle(&api, req).await) }
+                })
+            };
             let _ = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                 .await;
+            api.connections.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
@@ -176,6 +269,11 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         }
+        ("POST", ["init", "error"]) if api.started.load(Ordering::Acquire) => invalid(
+            "Runtime.InvalidStateTransition",
+            "The runtime has started",
+            StatusCode::FORBIDDEN,
+        ),
         ("POST", ["init", "error"]) => {
             let body = Limited::new(req.into_body(), 64 * 1024)
                 .collect()
@@ -198,6 +296,21 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Waits for the instance's next invocation and hands it out.
 async fn next(api: &Api) -> Response<Full<Bytes>> {
+    // One `next` at a time, and none while an invocation is handed out and unanswered.
+    let handed_out = api
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some();
+    if handed_out || api.polling.swap(true, Ordering::AcqRel) {
+        return invalid(
+            "Runtime.InvalidStateTransition",
+            "An invocation is already being waited for or handled",
+            StatusCode::FORBIDDEN,
+        );
+    }
+    api.started.store(true, Ordering::Release);
+    let _done = Unpoll(&api.polling);
     let mut rx = api.next.lock().await;
     let Some(inv) = rx.recv().await else {
         // The instance is being retired: the runtime should exit.
@@ -235,4 +348,13 @@ async fn next(api: &Api) -> Response<Full<Bytes>> {
     );
     set("content-type", "application/json".into());
     r
+}
+
+/// Clears the `next` flag however the request ends (answered, or its connection dropped).
+struct Unpoll<'a>(&'a AtomicBool);
+
+impl Drop for Unpoll<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }

@@ -21,8 +21,14 @@ while true; do
   echo "handling $event"
   case "$event" in
     *sleep*) sleep 5 ;;
+    *nap*) sleep 1 ;;
     *crash*) exit 3 ;;
     *fail*) curl -sS -X POST "$api/invocation/$id/error" -d '{"errorType":"Oops","errorMessage":"it failed"}' >/dev/null; continue ;;
+    *probe*)
+      second=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$api/invocation/next")
+      init=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$api/init/error" -d '{}')
+      curl -sS -X POST "$api/invocation/$id/response" -d "{\"second_next\":$second,\"late_init_error\":$init}" >/dev/null
+      continue ;;
   esac
   curl -sS -X POST "$api/invocation/$id/response" -d "{\"pid\":$$,\"event\":$event,\"fn\":\"$AWS_LAMBDA_FUNCTION_NAME\",\"key\":\"${AWS_ACCESS_KEY_ID:-}\",\"mine\":\"${MY_VAR:-}\"}" >/dev/null
 done
@@ -50,6 +56,8 @@ fn host(per_function: usize) -> Arc<Host> {
         node_ric: "aws-lambda-ric".into(),
         max_instances: 8,
         max_per_function: per_function,
+        max_per_account: 6,
+        accounts: None,
         env: BTreeMap::new(),
     })
 }
@@ -208,5 +216,70 @@ async fn a_runtime_that_cannot_start_fails_its_invocation() {
     assert!(matches!(
         h.invoke(&s, Bytes::new()).await,
         Err(HostError::Runtime(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtime_api_takes_one_next_at_a_time_and_no_late_init_error() {
+    let h = host(2);
+    let s = spec(&h, Duration::from_secs(5));
+    let (_, o) = h
+        .invoke(&s, Bytes::from_static(b"{\"probe\":1}"))
+        .await
+        .unwrap();
+    // Asked while its invocation is handed out: 403 both; the invocation is unharmed.
+    assert_eq!(
+        response(&o),
+        serde_json::json!({"second_next": 403, "late_init_error": 403})
+    );
+    let (_, o) = h
+        .invoke(&s, Bytes::from_static(b"{\"n\":1}"))
+        .await
+        .unwrap();
+    assert_eq!(response(&o)["event"], serde_json::json!({"n": 1}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_busy_when_its_function_changes_is_not_reused() {
+    let h = host(2);
+    let s = spec(&h, Duration::from_secs(5));
+    let (_, first) = h
+        .invoke(&s, Bytes::from_static(b"{\"n\":1}"))
+        .await
+        .unwrap();
+    let pid = response(&first)["pid"].clone();
+    let busy = {
+        let (h, s) = (h.clone(), s.clone());
+        tokio::spawn(async move { h.invoke(&s, Bytes::from_static(b"{\"nap\":2}")).await })
+    };
+    // Changed (or deleted) while the instance works: once done, it is ended, not kept.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    h.retire("123456789012", "echo");
+    let (_, second) = busy.await.unwrap().unwrap();
+    let (_, third) = h
+        .invoke(&s, Bytes::from_static(b"{\"n\":3}"))
+        .await
+        .unwrap();
+    assert_eq!(response(&second)["pid"], pid);
+    assert_ne!(response(&third)["pid"], pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_run_only_for_the_accounts_allowed() {
+    let dir = std::env::temp_dir().join(format!("sekisho-fn-{}", uuid::Uuid::new_v4().simple()));
+    let h = Host::new(Config {
+        dir,
+        python: "python3".into(),
+        node_ric: "aws-lambda-ric".into(),
+        max_instances: 8,
+        max_per_function: 2,
+        max_per_account: 6,
+        accounts: Some(["111111111111".to_string()].into()),
+        env: BTreeMap::new(),
+    });
+    let s = spec(&h, Duration::from_secs(5));
+    assert!(matches!(
+        h.invoke(&s, Bytes::from_static(b"{}")).await,
+        Err(HostError::Disabled)
     ));
 }

@@ -326,6 +326,11 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FunctionsConfig {
+    /// Whether functions run at all (default false: a function runs as the server's user, so
+    /// the operator turns them on, for every account or for `accounts`).
+    pub enabled: bool,
+    /// The accounts whose functions may run; empty: every account.
+    pub accounts: Vec<String>,
     /// The interpreter of `python3.x` functions; it must have `awslambdaric` installed.
     pub python: String,
     /// The command that runs `nodejs*` functions (npm's `aws-lambda-ric`).
@@ -334,15 +339,20 @@ pub struct FunctionsConfig {
     pub max_instances: usize,
     /// Instances of one function (its concurrency).
     pub max_per_function: usize,
+    /// Instances of one account's functions together.
+    pub max_per_account: usize,
 }
 
 impl Default for FunctionsConfig {
     fn default() -> Self {
         FunctionsConfig {
+            enabled: false,
+            accounts: Vec::new(),
             python: "python3".into(),
             node_ric: "aws-lambda-ric".into(),
             max_instances: 64,
             max_per_function: 10,
+            max_per_account: 32,
         }
     }
 }

@@ -305,6 +305,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 node_ric: config.functions.node_ric.clone(),
                 max_instances: config.functions.max_instances,
                 max_per_function: config.functions.max_per_function,
+                max_per_account: config.functions.max_per_account,
+                // Off unless turned on; on, for every account or the ones named.
+                accounts: match (
+                    &config.functions.enabled,
+                    config.functions.accounts.is_empty(),
+                ) {
+                    (false, _) => Some(Default::default()),
+                    (true, true) => None,
+                    (true, false) => Some(config.functions.accounts.iter().cloned().collect()),
+                },
                 // The SDKs in functions call Sekisho, trusting its CA.
                 env: std::collections::BTreeMap::from([
                     (
