@@ -40,13 +40,18 @@ class Sample:
     """A sample run in its own process group, its output collected in a file."""
 
     def __init__(self, argv, env, out: Path):
-        self.out = out
-        self.log = open(out, "w")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True,
+        # What the sample prints and what its SDK logs, apart (interleaved, a log line can cut
+        # into a printed one).
+        self.out, self.err = out, out.with_suffix(".log")
+        self.log, self.errlog = open(self.out, "w"), open(self.err, "w")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=self.errlog, env=env, text=True,
                                      start_new_session=True)
 
-    def text(self):
+    def printed(self):
         return self.out.read_text()
+
+    def text(self):
+        return self.out.read_text() + self.err.read_text()
 
     def wait_for(self, needle, timeout=30, count=1):
         deadline = time.time() + timeout
@@ -70,6 +75,7 @@ class Sample:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self.log.close()
+        self.errlog.close()
 
 
 def py_sample(s, name, args, out, env_extra=None):
@@ -98,7 +104,7 @@ def shadow_pair(s, workdir, thing, updater_auth, listener_auth, env_extra=None, 
             updater.stop()
     finally:
         listener.stop()
-    return updater.text(), listener.text()
+    return updater.printed(), listener.printed()
 
 
 def test_python_v1_shadow_samples_with_certificates(srv, workdir):
@@ -215,7 +221,7 @@ def test_python_v1_jobs_sample(srv, workdir):
         _job(iot, arn, j, {"operation": "update", "n": j})
     run = py_sample(srv, "jobs/jobsSample.py", [*py_auth(srv, dev), "-n", thing, "-id", thing], workdir / "jobs.out")
     assert run.wait(90) == 0, run.text()[-4000:]
-    out = run.text()
+    out = run.printed()
     stats = json.loads(out.split("Stats: ", 1)[1].splitlines()[0])
     assert stats == {"jobsStarted": 3, "jobsSucceeded": 3, "jobsRejected": 0}, out[-3000:]
     for j in jobs:
@@ -241,9 +247,8 @@ def test_python_v1_samples_on_port_443_with_alpn(workdir):
         run = py_sample(s, "jobs/jobsSample.py", [*py_auth(s, dev, port=443), "-n", thing, "-id", thing],
                         workdir / "jobs443.out")
         assert run.wait(60) == 0, run.text()[-4000:]
-        out = run.text()
-        assert "Configuring alpn protocols" in out
-        assert '"jobsSucceeded": 1' in out, out[-3000:]
+        assert "Configuring alpn protocols" in run.text()
+        assert '"jobsSucceeded": 1' in run.printed(), run.text()[-3000:]
     finally:
         s.stop()
 
@@ -276,7 +281,7 @@ def test_javascript_v1_thing_example(srv, workdir):
     finally:
         app.stop()
     assert "timeout on" not in device.text() + app.text()
-    delta = json.loads(app.text().split("delta on: RGBLedLamp", 1)[1].splitlines()[0])
+    delta = json.loads(app.printed().split("delta on: RGBLedLamp", 1)[1].splitlines()[0])
     doc = json.loads(srv.boto("iot-data").get_thing_shadow(thingName="RGBLedLamp")["payload"].read())
     assert set(delta["state"]) == {"red", "green", "blue"}
     assert set(doc["state"]["desired"]) == {"red", "green", "blue"}
