@@ -182,6 +182,22 @@ def test_the_authorizer_lifecycle_defaults_and_refusals(fx):
         args = {"authorizerName": unique("bad"), "authorizerFunctionArn": fn, **bad}
         with pytest.raises(raw.exceptions.InvalidRequestException):
             raw.create_authorizer(**args)
+    # At most 5 keys (each connection may try them all): 5 taken, 6 refused.
+    five = {f"k{i}": pem for i in range(5)}
+    ok = unique("five")
+    iot.create_authorizer(authorizerName=ok, authorizerFunctionArn=fn, tokenKeyName="token",
+                          tokenSigningPublicKeys=five, status="INACTIVE")
+    with pytest.raises(raw.exceptions.InvalidRequestException):
+        raw.create_authorizer(authorizerName=unique("six"), authorizerFunctionArn=fn, tokenKeyName="token",
+                              tokenSigningPublicKeys={**five, "k5": pem})
+    iot.delete_authorizer(authorizerName=ok)
+    # A qualified function (a version or alias) is refused: what runs is what is checked.
+    with pytest.raises(raw.exceptions.InvalidRequestException):
+        raw.create_authorizer(authorizerName=unique("q"), authorizerFunctionArn=fn + ":prod", signingDisabled=True)
+    latest = unique("latest")
+    iot.create_authorizer(authorizerName=latest, authorizerFunctionArn=fn + ":$LATEST", signingDisabled=True,
+                          status="INACTIVE")
+    iot.delete_authorizer(authorizerName=latest)
     with pytest.raises(iot.exceptions.ResourceAlreadyExistsException):
         iot.create_authorizer(authorizerName=name, authorizerFunctionArn=fn, tokenKeyName="token",
                               tokenSigningPublicKeys={"k1": pem})

@@ -11,6 +11,9 @@ use serde_json::{Map, Value, json};
 use crate::iot::{Out, seg, str_field};
 use crate::{ApiError, ApiState, Call};
 
+/// Public keys an authorizer may have.
+const MAX_KEYS: usize = 5;
+
 fn arn(state: &ApiState, account: &str, name: &str) -> String {
     state.registry.authorizer_arn(account, name)
 }
@@ -22,12 +25,17 @@ fn function_arn(state: &ApiState, call: &Call, arn: &str) -> Result<String, ApiE
         "arn:aws:lambda:{}:{}:function:",
         state.endpoints.region, call.account
     );
-    match arn.strip_prefix(&prefix) {
+    // Unqualified (or `$LATEST`): the function that runs is the one whose policy is checked.
+    let name = arn
+        .strip_prefix(&prefix)
+        .map(|n| n.strip_suffix(":$LATEST").unwrap_or(n));
+    match name {
         Some(name)
             if !name.is_empty()
-                && name.bytes().all(|b| {
-                    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b':' | b'$')
-                }) =>
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_')) =>
         {
             Ok(arn.to_owned())
         }
@@ -61,6 +69,12 @@ fn keys(b: &Map<String, Value>) -> Result<Option<BTreeMap<String, String>>, ApiE
     let m = m
         .as_object()
         .ok_or_else(|| ApiError::invalid("tokenSigningPublicKeys must be a map"))?;
+    // Each device connection may try every key: a few (for rotation) are all it needs.
+    if m.len() > MAX_KEYS {
+        return Err(ApiError::invalid(format!(
+            "tokenSigningPublicKeys may hold at most {MAX_KEYS} keys"
+        )));
+    }
     let mut out = BTreeMap::new();
     for (name, pem) in m {
         let name_ok = !name.is_empty()
@@ -251,6 +265,13 @@ pub(crate) fn clear_default(state: &ApiState, call: &Call) -> Out {
     Ok(json!({}))
 }
 
+fn presented_too_large(b: &Map<String, Value>) -> bool {
+    let len = |v: Option<&Value>| v.and_then(Value::as_str).map_or(0, str::len);
+    len(b.get("tokenSignature")) > 2560
+        || len(b.get("httpContext").and_then(|h| h.get("queryString"))) > 4096
+        || len(b.get("tlsContext").and_then(|t| t.get("serverName"))) > 253
+}
+
 /// TestInvokeAuthorizer: what the authorizer decides for these credentials.
 pub(crate) fn test_invoke(state: &ApiState, call: &Call) -> Out {
     let b = call.json()?;
@@ -298,6 +319,11 @@ pub(crate) fn test_invoke(state: &ApiState, call: &Call) -> Out {
         }
         None => None,
     };
+    if presented_too_large(&b) {
+        return Err(ApiError::invalid(
+            "queryString (4096), tlsContext.serverName (253) or tokenSignature (2560) is too long",
+        ));
+    }
     let presented = Presented {
         token,
         signature: str_field(&b, "tokenSignature")?.map(str::to_owned),
@@ -321,7 +347,7 @@ pub(crate) fn test_invoke(state: &ApiState, call: &Call) -> Out {
             "disconnectAfterInSeconds": d.disconnect_after,
         })),
         Err(Failure::InvalidResponse(m)) => Err(ApiError::new(400, "InvalidResponseException", m)),
-        Err(Failure::Throttled) => Err(ApiError::new(429, "ThrottlingException", "Rate exceeded")),
+        Err(Failure::Throttled) => Err(ApiError::new(400, "ThrottlingException", "Rate exceeded")),
         Err(other) => Err(ApiError::invalid(other.to_string())),
     }
 }

@@ -18,6 +18,10 @@ use crate::{HostError, Outcome};
 
 /// How long a custom authorizer's function may take.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest token (AWS's bound).
+pub const MAX_TOKEN: usize = 6144;
+/// The longest signature, base64 (AWS's bound).
+pub const MAX_SIGNATURE: usize = 2560;
 
 /// What a device presented, as the function's event carries it.
 #[derive(Debug, Clone, Default)]
@@ -249,7 +253,11 @@ pub fn decision(body: &[u8]) -> Result<Decision, Failure> {
         }
         sekisho_policy::Policy::parse(&text, sekisho_policy::Dialect::Iot)
             .map_err(|e| bad(&format!("a policy document is not valid: {e}")))?;
-        policies.push(text);
+        // Kept compact: white space does not count against the bound, so it is not kept.
+        let compact = serde_json::from_str::<Value>(&text)
+            .map(|v| v.to_string())
+            .unwrap_or(text);
+        policies.push(compact);
     }
     Ok(Decision {
         authenticated,
@@ -271,6 +279,18 @@ pub async fn authenticate(
     if !authorizer.active {
         return Err(Failure::Inactive);
     }
+    // AWS's bounds, before any work is spent on what a device sent.
+    if presented
+        .token
+        .as_ref()
+        .is_some_and(|t| t.len() > MAX_TOKEN)
+        || presented
+            .signature
+            .as_ref()
+            .is_some_and(|s| s.len() > MAX_SIGNATURE)
+    {
+        return Err(Failure::Signature);
+    }
     let verified = if authorizer.signing_disabled {
         false
     } else {
@@ -289,7 +309,8 @@ pub async fn authenticate(
     let name = authorizer
         .function_arn
         .strip_prefix(&prefix)
-        .map(|n| n.split(':').next().unwrap_or(n))
+        .map(|n| n.strip_suffix(":$LATEST").unwrap_or(n))
+        .filter(|n| !n.contains(':'))
         .ok_or(Failure::NotPermitted)?;
     let f = registry
         .function(account, name)

@@ -37,10 +37,18 @@ impl Invoker {
     /// The execution role's credentials: a role of the account that trusts Lambda.
     fn credentials(&self, account: &str, f: &Function) -> Option<Credentials> {
         let role = self.registry.role_by_arn(account, &f.role)?;
-        if !role.trusts_service("lambda.amazonaws.com", &sekisho_policy::MapContext::new()) {
+        let mut ctx = sekisho_policy::MapContext::new();
+        ctx.set("aws:SourceAccount", account);
+        ctx.set(
+            "aws:SourceArn",
+            self.registry.function_arn(account, &f.name),
+        );
+        if !role.trusts_service("lambda.amazonaws.com", &ctx) {
+            tracing::warn!(function = %f.name, role = %f.role, "the execution role does not trust lambda.amazonaws.com: no credentials");
             return None;
         }
-        let key = (account.to_owned(), f.role.clone());
+        // A session per function (it is named after the function).
+        let key = (account.to_owned(), format!("{}\n{}", f.role, f.name));
         let now = sekisho_registry::now_secs();
         let cached = self
             .creds
@@ -69,6 +77,9 @@ impl Invoker {
                         None,
                         BTreeMap::new(),
                     )
+                    .map_err(|e| {
+                        tracing::warn!(function = %f.name, error = %e, "no session of the execution role: no credentials");
+                    })
                     .ok()?;
                 self.creds
                     .lock()
