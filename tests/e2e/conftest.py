@@ -457,14 +457,18 @@ ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action"
 
 
 class Paho:
-    """A paho-mqtt client over mutual TLS that records what happens to it."""
+    """A paho-mqtt client over mutual TLS that records what happens to it (over TLS without a
+    client certificate if `device` is None: custom authentication, with `username` and
+    `password`)."""
 
     def __init__(self, server, host, device, client_id, v5=False, clean=True, keepalive=60, will=None, port=None,
-                 tls_version=None, alpn=None):
+                 tls_version=None, alpn=None, username=None, password=None):
         proto = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
         kwargs = {} if v5 else {"clean_session": clean}
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kwargs)
-        if tls_version is None and alpn is None:
+        if username is not None or password is not None:
+            self.c.username_pw_set(username, password)
+        if tls_version is None and alpn is None and device is not None:
             self.c.tls_set(ca_certs=server.ca, certfile=str(device.cert), keyfile=str(device.key))
         else:
             ctx = ssl.create_default_context(cafile=server.ca)
@@ -472,7 +476,8 @@ class Paho:
                 ctx.minimum_version = ctx.maximum_version = tls_version
             if alpn is not None:
                 ctx.set_alpn_protocols(alpn)
-            ctx.load_cert_chain(str(device.cert), str(device.key))
+            if device is not None:
+                ctx.load_cert_chain(str(device.cert), str(device.key))
             self.c.tls_set_context(ctx)
         self.messages = queue.Queue()
         self.connack = queue.Queue()

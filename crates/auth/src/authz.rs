@@ -263,6 +263,9 @@ pub struct Principal {
     arn_prefix: String,
     scratch: String,
     iam: Option<Box<IamParts>>,
+    /// For a custom authorizer's principal: when its connection must end
+    /// (`disconnectAfterInSeconds`), epoch seconds.
+    custom: Option<f64>,
     /// Whether a bound policy reads `aws:CurrentTime` or `aws:EpochTime`.
     reads_time: bool,
 }
@@ -307,6 +310,7 @@ impl Principal {
             arn_prefix,
             scratch: String::with_capacity(128),
             iam: None,
+            custom: None,
             reads_time: false,
         };
         p.bind();
@@ -365,6 +369,65 @@ impl Principal {
             arn_prefix,
             scratch: String::with_capacity(128),
             iam: Some(Box::new(IamParts { caller, session })),
+            custom: None,
+            reads_time: false,
+        };
+        p.bind();
+        Ok(p)
+    }
+
+    /// A custom authorizer's principal: the `principalId` and policy documents its function
+    /// returned (already checked), held until `disconnect_at` (epoch seconds). Its policies
+    /// are the function's word, bound to the connection like any IoT policy; the registry does
+    /// not change them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn custom(
+        registry: Arc<Registry>,
+        account: &AccountId,
+        principal_id: &str,
+        policies: &[String],
+        client_id: Option<&ClientId>,
+        source_ip: Option<IpAddr>,
+        private: Option<&PrivateEndpoint>,
+        disconnect_at: f64,
+    ) -> Result<Principal, RegistryError> {
+        let parsed = policies
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                sekisho_policy::Policy::parse(d, sekisho_policy::Dialect::Iot)
+                    .map(|p| (format!("authorizer-{i}"), Arc::new(p)))
+                    .map_err(|e| RegistryError::InvalidRequest(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let identity = CertificateIdentity {
+            account_id: account.clone(),
+            principal: PrincipalId::Custom(principal_id.to_owned()),
+            status: CertStatus::Active,
+            info: None,
+            thing: None,
+            thing_exclusive: false,
+            policies: parsed,
+            generation: u64::MAX,
+        };
+        let (source_ip, vpc) = network_keys(source_ip, private);
+        let ctx = ConnContext {
+            client_id: client_id.map(|c| c.as_str().to_owned()),
+            source_ip,
+            vpc,
+            ..ConnContext::default()
+        };
+        let arn_prefix = registry.arn(account, "");
+        let mut p = Principal {
+            registry,
+            account: account.clone(),
+            identity,
+            ctx,
+            bound: Vec::new(),
+            arn_prefix,
+            scratch: String::with_capacity(128),
+            iam: None,
+            custom: Some(disconnect_at),
             reads_time: false,
         };
         p.bind();
@@ -389,6 +452,33 @@ impl Principal {
             ),
             None => (parse(&self.ctx.source_ip), None),
         };
+        if let Some(disconnect_at) = self.custom {
+            if sekisho_registry::now_secs() >= disconnect_at {
+                return Err(RegistryError::NotFound(
+                    "the custom authorizer's connection time is over".into(),
+                ));
+            }
+            let mut p = Principal {
+                registry: self.registry.clone(),
+                account: self.account.clone(),
+                identity: self.identity.clone(),
+                ctx: ConnContext {
+                    client_id: self.ctx.client_id.clone(),
+                    source_ip: self.ctx.source_ip.clone(),
+                    vpc: self.ctx.vpc.clone(),
+                    ..ConnContext::default()
+                },
+                bound: Vec::new(),
+                arn_prefix: self.arn_prefix.clone(),
+                scratch: String::with_capacity(128),
+                iam: None,
+                custom: Some(disconnect_at),
+                reads_time: false,
+            };
+            p.ctx.connect_attributes = self.ctx.connect_attributes.clone();
+            p.bind();
+            return Ok(p);
+        }
         let mut p = match &self.iam {
             Some(iam) => Principal::iam(
                 self.registry.clone(),
@@ -453,6 +543,14 @@ impl Principal {
         // The clock is read only for policies that decide on it (hot path: one flag).
         if self.reads_time {
             self.ctx.set_time(sekisho_registry::now_secs() as i64);
+        }
+        // A custom authorizer's principal holds until its disconnect time; the registry does
+        // not change it.
+        if let Some(disconnect_at) = self.custom {
+            if sekisho_registry::now_secs() >= disconnect_at {
+                return Err(Revoked::Credentials(crate::authn::Invalid::Expired));
+            }
+            return Ok(());
         }
         if let Some(iam) = &self.iam {
             if iam
@@ -521,6 +619,11 @@ impl Principal {
         }
         self.scratch = arn;
         d
+    }
+
+    /// When a custom authorizer's principal must disconnect (epoch seconds), if it is one.
+    pub fn disconnect_at(&self) -> Option<f64> {
+        self.custom
     }
 
     /// The IAM caller of a SigV4 principal (MQTT over WebSocket).

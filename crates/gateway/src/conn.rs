@@ -72,6 +72,11 @@ pub struct ConnInfo {
     /// The listener's connection slot, held while anything serves this connection (also by
     /// a WebSocket upgraded from it).
     pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    /// MQTT with ALPN `mqtt` on the device HTTPS port: the CONNECT's username and password
+    /// go to a custom authorizer.
+    pub custom_auth: bool,
+    /// The server name the client asked for (custom authentication passes it on).
+    pub server_name: Option<String>,
 }
 
 /// The session's surroundings in the gateway: the connection's principal, the broker and the
@@ -354,7 +359,39 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         }
         HandshakeStep::Wait => return None,
     };
-    match accept(shared, connect, info) {
+    // Custom authentication: the account's authorizer decides on the CONNECT's username and
+    // password before anything else is looked at.
+    let mut custom = None;
+    if info.custom_auth {
+        let decided = crate::custom_auth::authenticate(
+            shared,
+            info,
+            connect.username.as_deref(),
+            connect.password.as_deref(),
+            &connect.client_id,
+        )
+        .await;
+        match decided {
+            Ok(d) => custom = Some(d),
+            Err(refused) => {
+                let code = match refused {
+                    crate::custom_auth::Refused::NoAuthorizer => {
+                        sekisho_mqtt::reason::BAD_USER_NAME_OR_PASSWORD
+                    }
+                    crate::custom_auth::Refused::Denied(_) => sekisho_mqtt::reason::NOT_AUTHORIZED,
+                };
+                let refusal = Refusal {
+                    version: connect.version,
+                    code,
+                    why: format!("custom authentication: {refused:?}"),
+                };
+                tracing::info!(peer = %info.peer, code = refusal.code, why = %refusal.why, "CONNECT refused");
+                write_all(stream, &mut refusal.connack()).await;
+                return None;
+            }
+        }
+    }
+    match accept(shared, connect, info, custom.as_ref()) {
         Ok((admission, mut port)) => {
             let (session, attached) = attach(shared, admission, rbuf, &mut port, info);
             Some((session, port, attached))
@@ -372,6 +409,7 @@ fn accept(
     shared: &Arc<Shared>,
     connect: Box<sekisho_mqtt::Connect>,
     info: &ConnInfo,
+    custom: Option<&sekisho_functions::authorizer::Decision>,
 ) -> Result<(Admission, Port), Refusal> {
     let version = connect.version;
     let mut admission = sekisho_session::admit(
@@ -381,15 +419,25 @@ fn accept(
         || format!("sekisho-{}", uuid::Uuid::new_v4().simple()),
     )?;
     let client_id = admission.client_id.clone();
-    let made = match &info.caller {
-        Some(caller) => Principal::iam(
+    let made = match (&info.caller, custom) {
+        (_, Some(d)) => Principal::custom(
+            shared.registry.clone(),
+            &info.account,
+            &d.principal_id,
+            &d.policies,
+            Some(&client_id),
+            Some(info.peer.ip()),
+            info.endpoint.private.as_ref(),
+            sekisho_registry::now_secs() + f64::from(d.disconnect_after),
+        ),
+        (Some(caller), None) => Principal::iam(
             shared.registry.clone(),
             (**caller).clone(),
             Some(&client_id),
             Some(info.peer.ip()),
             info.endpoint.private.as_ref(),
         ),
-        None => match &info.certificate {
+        (None, None) => match &info.certificate {
             Some(certificate) => Principal::certificate(
                 shared.registry.clone(),
                 &info.account,
@@ -472,16 +520,18 @@ fn attach(
         attached.epoch,
         port.principal.iam_caller(),
     );
-    // A WebSocket connection ends after 24 hours, or when its credentials expire if sooner.
-    let deadline = info.caller.as_ref().map(|c| {
+    // A WebSocket connection ends after 24 hours, or when its credentials expire if sooner; a
+    // custom authorizer's connection when the authorizer said.
+    let at = |e: f64| now + Duration::from_secs_f64((e - sekisho_registry::now_secs()).max(0.0));
+    let websocket = info.caller.as_ref().map(|c| {
         let max = now + WEBSOCKET_MAX;
-        c.expiration
-            .map(|e| {
-                let left = (e - sekisho_registry::now_secs()).max(0.0);
-                now + Duration::from_secs_f64(left)
-            })
-            .map_or(max, |e| e.min(max))
+        c.expiration.map(at).map_or(max, |e| e.min(max))
     });
+    let custom = port.principal.disconnect_at().map(at);
+    let deadline = match (websocket, custom) {
+        (Some(w), Some(c)) => Some(w.min(c)),
+        (w, c) => w.or(c),
+    };
     let t = shared.broker.throttles(&port.account);
     let rates = Rates {
         publishes: t.publishes_per_connection,
@@ -645,11 +695,23 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
         &port.client_id,
         attached.epoch,
     );
-    tracing::debug!(client_id = %port.client_id, reason = end.lifecycle(), "disconnected");
+    // The deadline a custom authorizer set has its own reason.
+    let reason = match end {
+        End::Expired
+            if port
+                .principal
+                .disconnect_at()
+                .is_some_and(|d| sekisho_registry::now_secs() + 1.0 >= d) =>
+        {
+            "CUSTOMAUTH_TTL_EXPIRATION"
+        }
+        _ => end.lifecycle(),
+    };
+    tracing::debug!(client_id = %port.client_id, reason, "disconnected");
     if let Some(w) = closed.will.take() {
         publish_will(shared, &port, w, attached.epoch);
     }
-    events::disconnected(&shared.broker, &port.event_source(), end.lifecycle());
+    events::disconnected(&shared.broker, &port.event_source(), reason);
 }
 
 /// Publishes a will the session authorized when the connection ended: now, or when its delay

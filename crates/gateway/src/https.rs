@@ -262,7 +262,18 @@ fn cert_principal(
 
 /// Serves HTTP/1.1 on one authenticated device connection, or MQTT if the client chose it by
 /// ALPN (`x-amzn-mqtt-ca`, which needs a client certificate), as on AWS's port 443.
-pub async fn serve(shared: Arc<Shared>, stream: DeviceStream, info: ConnInfo) {
+pub async fn serve(shared: Arc<Shared>, stream: DeviceStream, mut info: ConnInfo) {
+    // MQTT by ALPN `mqtt`: custom authentication (the username names the authorizer), on
+    // one of an account's data endpoints (the server name says which).
+    if stream.alpn_protocol() == Some(crate::tls::ALPN_MQTT_CUSTOM) {
+        if info.account.as_str().is_empty() {
+            tracing::info!(peer = %info.peer, "MQTT by ALPN mqtt without an account's server name; refusing");
+            return;
+        }
+        info.custom_auth = true;
+        info.certificate = None;
+        return crate::conn::serve(shared, stream, info).await;
+    }
     if stream.alpn_protocol() == Some(crate::tls::ALPN_MQTT) {
         if info.certificate.is_none() {
             tracing::info!(peer = %info.peer, "MQTT by ALPN without a client certificate; refusing");
@@ -729,6 +740,8 @@ fn websocket(
         endpoint: info.endpoint.clone(),
         caller: Some(Box::new(caller)),
         slot: info.slot.clone(),
+        custom_auth: false,
+        server_name: None,
     };
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {

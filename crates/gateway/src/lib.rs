@@ -14,6 +14,7 @@ pub use sekisho_auth::http::{BODY_DEADLINE, BodyError, HEADER_DEADLINE, accept, 
 pub use sekisho_auth::{authn, authz};
 
 pub mod conn;
+pub mod custom_auth;
 pub mod events;
 pub mod https;
 pub mod jobs;
@@ -125,6 +126,8 @@ pub struct Shared {
     pub keys: Arc<provision::KeyPool>,
     /// The threads device connections run on (unset: the caller's runtime).
     pub threads: std::sync::OnceLock<Arc<ConnThreads>>,
+    /// The function host's invoker (custom authorizers), once set.
+    pub functions: std::sync::OnceLock<Arc<sekisho_functions::Invoker>>,
     /// MQTT connections being served (from CONNECT to the end of their bookkeeping).
     live: std::sync::atomic::AtomicUsize,
     by_cert: Mutex<ConnIndex>,
@@ -162,6 +165,7 @@ impl Shared {
             broker,
             session,
             threads: std::sync::OnceLock::new(),
+            functions: std::sync::OnceLock::new(),
             config,
             shutdown,
             by_cert: Mutex::new(HashMap::new()),
@@ -482,7 +486,8 @@ async fn accept_loop<F, Fut>(
             // The task keeps its size for the connection's life: the handshake's state (about
             // 2.8 KB) lives in its own allocation, freed when the handshake ends.
             let hs = Box::pin(handshake(&shared, &tls, &endpoint, tcp, peer));
-            let Ok(Some((stream, account, certificate))) = tokio::time::timeout(deadline, hs).await
+            let Ok(Some((stream, account, certificate, server_name))) =
+                tokio::time::timeout(deadline, hs).await
             else {
                 return;
             };
@@ -496,6 +501,8 @@ async fn accept_loop<F, Fut>(
                     endpoint,
                     caller: None,
                     slot: Some(slot),
+                    custom_auth: false,
+                    server_name,
                 },
             )
             .await;
@@ -582,10 +589,17 @@ async fn handshake(
     endpoint: &Endpoint,
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-) -> Option<(DeviceStream, AccountId, Option<CertificateId>)> {
+) -> Option<(
+    DeviceStream,
+    AccountId,
+    Option<CertificateId>,
+    Option<String>,
+)> {
     let mut chosen = None;
+    let mut server_name = None;
     let choose = |hello: &rustls::server::ClientHello<'_>| {
         let sni = hello.server_name().map(str::to_owned);
+        server_name.clone_from(&sni);
         let Some(target) = shared.config.sni.route(&shared.registry, sni.as_deref()) else {
             tracing::info!(%peer, sni = ?sni, "unknown server name; refusing");
             return None;
@@ -611,16 +625,17 @@ async fn handshake(
     let (target, verifier) = chosen?;
     if stream.peer_certificates().is_none() {
         // Only on listeners where the certificate is optional: the requests authenticate
-        // themselves (SigV4). The account is the server name's, if it named one.
+        // themselves (SigV4) or name a custom authorizer, which is told the server name. The
+        // account is the server name's, if it named one.
         let account = match &target {
             tls::Target::Account(a) => AccountId::new(a.clone()),
             tls::Target::ByCertificate => AccountId::default(),
         };
         return endpoint
             .client_cert_optional
-            .then(|| (Box::new(stream), account, None));
+            .then(|| (Box::new(stream) as DeviceStream, account, None, server_name));
     };
     // The verifier asked the registry once, when the certificate arrived.
     let (account, certificate) = verifier.authenticated()?;
-    Some((Box::new(stream), account, Some(certificate)))
+    Some((Box::new(stream), account, Some(certificate), None))
 }

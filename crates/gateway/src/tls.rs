@@ -27,11 +27,14 @@ use sekisho_registry::{AccountId, Authentication, CertificateId, Registry, Route
 
 /// MQTT with a client certificate, as AWS's port 443 names it.
 pub const ALPN_MQTT: &[u8] = b"x-amzn-mqtt-ca";
+/// MQTT with custom authentication (the CONNECT's username and password), as AWS's port 443
+/// names it.
+pub const ALPN_MQTT_CUSTOM: &[u8] = b"mqtt";
 /// What the device HTTPS listeners offer by ALPN, in the server's order of preference: MQTT
 /// with a client certificate, HTTPS with one (AWS's names), and plain HTTP/1.1 (HTTPS with
 /// SigV4, WebSocket). A client offering none of them is refused (`no_application_protocol`);
 /// one that offers no ALPN at all gets HTTPS.
-pub const ALPN: &[&[u8]] = &[ALPN_MQTT, b"x-amzn-http-ca", b"http/1.1"];
+pub const ALPN: &[&[u8]] = &[ALPN_MQTT, b"x-amzn-http-ca", ALPN_MQTT_CUSTOM, b"http/1.1"];
 
 /// The crypto provider every config uses (aws-lc-rs only; see decision 0001).
 pub fn provider() -> Arc<CryptoProvider> {

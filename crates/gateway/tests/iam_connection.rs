@@ -70,6 +70,8 @@ fn info(caller: Caller) -> ConnInfo {
         endpoint: Arc::new(Endpoint::public("test", 10)),
         caller: Some(Box::new(caller)),
         slot: None,
+        custom_auth: false,
+        server_name: None,
     }
 }
 

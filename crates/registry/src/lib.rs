@@ -842,6 +842,8 @@ pub enum PrincipalId {
     Certificate(CertificateId),
     /// IAM credentials: their access key id.
     AccessKey(String),
+    /// A custom authorizer's answer: the `principalId` its function returned.
+    Custom(String),
 }
 
 impl PrincipalId {
@@ -849,7 +851,7 @@ impl PrincipalId {
     pub fn as_str(&self) -> &str {
         match self {
             PrincipalId::Certificate(c) => c.as_str(),
-            PrincipalId::AccessKey(k) => k,
+            PrincipalId::AccessKey(k) | PrincipalId::Custom(k) => k,
         }
     }
 
@@ -857,7 +859,7 @@ impl PrincipalId {
     pub fn certificate(&self) -> Option<&CertificateId> {
         match self {
             PrincipalId::Certificate(c) => Some(c),
-            PrincipalId::AccessKey(_) => None,
+            PrincipalId::AccessKey(_) | PrincipalId::Custom(_) => None,
         }
     }
 }

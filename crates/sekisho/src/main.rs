@@ -288,6 +288,39 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .set(sekisho_gateway::ConnThreads::start(cores)?);
     let device_ca = Arc::new(material.device_ca);
     let _ = shared.device_ca.set(device_ca.clone());
+    // One function host for the lambda API and the custom authorizers of device connections.
+    let invoker = sekisho_functions::Invoker::new(
+        sekisho_functions::Host::new(sekisho_functions::Config {
+            dir: layout.path("functions"),
+            python: config.functions.python.clone(),
+            node_ric: config.functions.node_ric.clone(),
+            max_instances: config.functions.max_instances,
+            max_per_function: config.functions.max_per_function,
+            max_per_account: config.functions.max_per_account,
+            // Off unless turned on; on, for every account or the ones named.
+            accounts: match (
+                &config.functions.enabled,
+                config.functions.accounts.is_empty(),
+            ) {
+                (false, _) => Some(Default::default()),
+                (true, true) => None,
+                (true, false) => Some(config.functions.accounts.iter().cloned().collect()),
+            },
+            // The SDKs in functions call Sekisho, trusting its CA.
+            env: std::collections::BTreeMap::from([
+                (
+                    "AWS_ENDPOINT_URL".to_string(),
+                    format!("https://localhost:{}", config.ports.api),
+                ),
+                (
+                    "AWS_CA_BUNDLE".to_string(),
+                    layout.path("ca.pem").display().to_string(),
+                ),
+            ]),
+        }),
+        registry.clone(),
+    );
+    let _ = shared.functions.set(invoker.clone());
     let api_state = Arc::new(sekisho_api::ApiState {
         registry: registry.clone(),
         broker: broker.clone(),
@@ -298,37 +331,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
         objects: Some(store.clone()),
         metrics_allow: config.metrics_allow.clone(),
-        functions: Some(sekisho_functions::Invoker::new(
-            sekisho_functions::Host::new(sekisho_functions::Config {
-                dir: layout.path("functions"),
-                python: config.functions.python.clone(),
-                node_ric: config.functions.node_ric.clone(),
-                max_instances: config.functions.max_instances,
-                max_per_function: config.functions.max_per_function,
-                max_per_account: config.functions.max_per_account,
-                // Off unless turned on; on, for every account or the ones named.
-                accounts: match (
-                    &config.functions.enabled,
-                    config.functions.accounts.is_empty(),
-                ) {
-                    (false, _) => Some(Default::default()),
-                    (true, true) => None,
-                    (true, false) => Some(config.functions.accounts.iter().cloned().collect()),
-                },
-                // The SDKs in functions call Sekisho, trusting its CA.
-                env: std::collections::BTreeMap::from([
-                    (
-                        "AWS_ENDPOINT_URL".to_string(),
-                        format!("https://localhost:{}", config.ports.api),
-                    ),
-                    (
-                        "AWS_CA_BUNDLE".to_string(),
-                        layout.path("ca.pem").display().to_string(),
-                    ),
-                ]),
-            }),
-            registry.clone(),
-        )),
+        functions: Some(invoker.clone()),
     });
 
     let limits = config.limits.clone();
