@@ -459,16 +459,21 @@ ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action"
 class Paho:
     """A paho-mqtt client over mutual TLS that records what happens to it (over TLS without a
     client certificate if `device` is None: custom authentication, with `username` and
-    `password`)."""
+    `password`; over WebSocket with `ws_path` and `ws_headers` on the upgrade if `websocket`)."""
 
     def __init__(self, server, host, device, client_id, v5=False, clean=True, keepalive=60, will=None, port=None,
-                 tls_version=None, alpn=None, username=None, password=None):
+                 tls_version=None, alpn=None, username=None, password=None, websocket=False, ws_path="/mqtt",
+                 ws_headers=None):
         proto = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
         kwargs = {} if v5 else {"clean_session": clean}
+        if websocket:
+            kwargs["transport"] = "websockets"
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kwargs)
+        if websocket:
+            self.c.ws_set_options(path=ws_path, headers=ws_headers)
         if username is not None or password is not None:
             self.c.username_pw_set(username, password)
-        if tls_version is None and alpn is None and device is not None:
+        if tls_version is None and alpn is None and device is not None and not websocket:
             self.c.tls_set(ca_certs=server.ca, certfile=str(device.cert), keyfile=str(device.key))
         else:
             ctx = ssl.create_default_context(cafile=server.ca)

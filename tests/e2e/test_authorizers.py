@@ -1,24 +1,27 @@
 """Custom authorizers' control plane and decision, with boto3: a Python Lambda handler written
 as for AWS (a device table in code) decides; tokens signed with the authorizer's key reach
-it, others never do; its answer is checked as AWS checks it. Devices connect with
-tokens over MQTT (ALPN `mqtt` on the HTTPS port, as the AWS IoT Device SDKs do) and are held
-to the policies the function returned. (WebSocket and HTTPS with tokens come with the next
-step of issue 14.)"""
+it, others never do; its answer is checked as AWS checks it. Devices present tokens over MQTT (ALPN `mqtt` on
+the HTTPS port, as the AWS IoT Device SDKs do), over MQTT over WebSocket (on the upgrade, or in
+the CONNECT) and with HTTPS requests, and are held to the policies the function returned; open
+connections ask the function again when it said, and end when it refuses or their time is
+over."""
 
 import base64
 import io
 import json
 import queue
 import sys
+import time
 import urllib.parse
 import zipfile
 
 import pytest
+import requests
 from botocore.config import Config
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from conftest import Paho, Server, unique
+from conftest import ALLOW_ALL, Device, Paho, Server, unique
 
 HANDLER = '''
 import json, time
@@ -401,5 +404,280 @@ def test_the_device_sdk_connects_through_a_custom_authorizer(workdir):
         assert "&SDK=" in e["protocolData"]["mqtt"]["username"]
         assert base64.b64decode(e["protocolData"]["mqtt"]["password"]) == b"pw"
         assert e["signatureVerified"] is True
+    finally:
+        s.stop()
+
+
+# --- MQTT over WebSocket with tokens -------------------------------------------------------
+
+def token_headers(name, key, token):
+    return {"x-amz-customauthorizer-name": name, "x-amz-customauthorizer-signature": sign(key, token),
+            "token": token}
+
+
+def ws_client(s, client_id, **kw):
+    return Paho(s, s.endpoint(), None, client_id, v5=True, port=s.https_port, websocket=True, **kw)
+
+
+def test_a_websocket_upgrade_carries_the_token_in_headers_or_query(fx):
+    s, iot, lam, fn, key, name = fx
+    # Headers on the upgrade; no username at all.
+    c = ws_client(s, "dev1-ws", ws_headers=token_headers(name, key, "tok-1"))
+    try:
+        rc, _, _ = c.connect()
+        assert rc == 0, rc
+        e = events(s)[-1]
+        assert e["protocols"] == ["tls", "http"] and e["token"] == "tok-1" and e["signatureVerified"] is True
+        assert e["protocolData"]["http"]["headers"]["token"] == "tok-1"
+        assert e["protocolData"]["tls"] == {"serverName": s.endpoint()}
+        assert [r.value for r in c.subscribe("dev/dev1", qos=1)] == [1]
+        assert [r.value for r in c.subscribe("dev/dev2", qos=1)] == [0x87]
+        c.c.publish("dev/dev1", b"over ws", qos=1)
+        assert c.messages.get(timeout=10).payload == b"over ws"
+    finally:
+        c.close()
+    # The query string of the upgrade, the signature URL-encoded.
+    q = urllib.parse.urlencode({"x-amz-customauthorizer-name": name,
+                                "x-amz-customauthorizer-signature": sign(key, "tok-2"), "token": "tok-2"})
+    c = ws_client(s, "dev2-ws", ws_path=f"/mqtt?{q}")
+    try:
+        rc, _, _ = c.connect()
+        assert rc == 0, rc
+        assert events(s)[-1]["protocolData"]["http"]["queryString"] == f"?{q}"
+        assert [r.value for r in c.subscribe("dev/dev2", qos=1)] == [1]
+    finally:
+        c.close()
+    # A bad signature, or an authorizer that does not exist: the upgrade is refused, and the
+    # function never runs.
+    before = len(events(s))
+    other, _ = keypair()
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode(), "Sec-WebSocket-Protocol": "mqtt"}
+    for headers in (token_headers(name, other, "tok-1"), token_headers("nope", key, "tok-1")):
+        c = ws_client(s, "dev1-ws2", ws_headers=headers)
+        try:
+            with pytest.raises(Exception, match="WebSocket handshake"):
+                c.connect()
+        finally:
+            c.close()
+        r = requests.get(f"https://{s.endpoint()}:{s.https_port}/mqtt", headers={**upgrade, **headers}, verify=s.ca,
+                         timeout=15)
+        assert r.status_code == 401, r.text
+    assert len(events(s)) == before
+
+
+def test_a_websocket_without_a_token_on_the_upgrade_authenticates_at_connect(fx):
+    s, iot, lam, fn, key, name = fx
+    c = ws_client(s, "dev3-ws", username=token_username(name, key, "tok-3"), password="pw")
+    try:
+        rc, _, _ = c.connect()
+        assert rc == 0, rc
+        e = events(s)[-1]
+        assert e["protocols"] == ["tls", "mqtt"] and e["protocolData"]["mqtt"]["clientId"] == "dev3-ws"
+        assert [r.value for r in c.subscribe("dev/dev3", qos=1)] == [1]
+    finally:
+        c.close()
+    c = ws_client(s, "dev3-ws2", username=token_username(name, key, "nobody"))
+    try:
+        rc, _, _ = c.connect()
+        assert rc.value == 0x87, rc
+    finally:
+        c.close()
+
+
+def test_the_device_sdk_connects_over_websocket_through_a_custom_authorizer(fx):
+    """The SDK's websockets_with_custom_authorizer: an unsigned upgrade, the token in the
+    CONNECT's username."""
+    from awscrt import mqtt
+    from awsiot import mqtt_connection_builder
+    s, iot, lam, fn, key, name = fx
+    conn = mqtt_connection_builder.websockets_with_custom_authorizer(
+        endpoint=s.endpoint(), port=s.https_port, ca_filepath=s.ca, region="us-east-1", client_id="dev2-sdkws",
+        clean_session=True, auth_username="device", auth_authorizer_name=name,
+        auth_authorizer_signature=sign(key, "tok-2"), auth_token_key_name="token", auth_token_value="tok-2")
+    conn.connect().result(15)
+    try:
+        got = queue.Queue()
+        sub, _ = conn.subscribe("dev/dev2", mqtt.QoS.AT_LEAST_ONCE,
+                                callback=lambda topic, payload, **kw: got.put(payload))
+        assert sub.result(10)["qos"] == mqtt.QoS.AT_LEAST_ONCE
+        pub, _ = conn.publish("dev/dev2", b"sdk over ws", mqtt.QoS.AT_LEAST_ONCE)
+        pub.result(10)
+        assert got.get(timeout=10) == b"sdk over ws"
+    finally:
+        conn.disconnect().result(10)
+    assert events(s)[-1]["protocolData"]["mqtt"]["clientId"] == "dev2-sdkws"
+
+
+# --- HTTPS publish with tokens -------------------------------------------------------------
+
+def test_https_requests_carry_the_token_in_headers_or_query(fx):
+    s, iot, lam, fn, key, name = fx
+    base = f"https://{s.endpoint()}:{s.https_port}"
+    sub = token_client(s, "dev1-http", token_username(name, key, "tok-1"))
+    try:
+        assert sub.connect()[0] == 0
+        assert [r.value for r in sub.subscribe("dev/dev1", qos=1)] == [1]
+        r = requests.post(f"{base}/topics/dev%2Fdev1?qos=1", data=b"by header",
+                          headers=token_headers(name, key, "tok-1"), verify=s.ca, timeout=15)
+        assert r.status_code == 200, r.text
+        assert sub.messages.get(timeout=10).payload == b"by header"
+        e = events(s)[-1]
+        assert e["protocols"] == ["tls", "http"] and e["token"] == "tok-1"
+        q = urllib.parse.urlencode({"qos": "1", "x-amz-customauthorizer-name": name,
+                                    "x-amz-customauthorizer-signature": sign(key, "tok-1"), "token": "tok-1"})
+        r = requests.post(f"{base}/topics/dev%2Fdev1?{q}", data=b"by query", verify=s.ca, timeout=15)
+        assert r.status_code == 200, r.text
+        assert sub.messages.get(timeout=10).payload == b"by query"
+    finally:
+        sub.close()
+    # Not its topic: 403, as the function's policy says.
+    r = requests.post(f"{base}/topics/dev%2Fdev2", data=b"x", headers=token_headers(name, key, "tok-1"),
+                      verify=s.ca, timeout=15)
+    assert r.status_code == 403, r.text
+    # The shadow REST API is held to the same policies (they allow no shadow action).
+    r = requests.get(f"{base}/things/dev1/shadow", headers=token_headers(name, key, "tok-1"), verify=s.ca,
+                     timeout=15)
+    assert r.status_code == 403, r.text
+    # The credential provider takes certificates only.
+    r = requests.get(f"{base}/role-aliases/any/credentials", headers=token_headers(name, key, "tok-1"),
+                     verify=s.ca, timeout=15)
+    assert r.status_code == 403, r.text
+    # A bad signature or an unknown authorizer: 401, and the function does not run.
+    before = len(events(s))
+    other, _ = keypair()
+    for headers in (token_headers(name, other, "tok-1"), token_headers("nope", key, "tok-1")):
+        r = requests.post(f"{base}/topics/dev%2Fdev1", data=b"x", headers=headers, verify=s.ca, timeout=15)
+        assert r.status_code == 401, r.text
+        assert r.headers["x-amzn-errortype"] == "UnauthorizedException"
+    assert len(events(s)) == before
+    # The function says no: 401.
+    r = requests.post(f"{base}/topics/dev%2Fdev1", data=b"x", headers=token_headers(name, key, "nobody"),
+                      verify=s.ca, timeout=15)
+    assert r.status_code == 401, r.text
+    # No authorizer named and none by default: an unsigned request, refused as before.
+    r = requests.post(f"{base}/topics/dev%2Fdev1", data=b"x", verify=s.ca, timeout=15)
+    assert r.status_code == 401, r.text
+
+
+def test_an_authorizer_caching_for_http_is_asked_once_per_connection(fx):
+    s, iot, lam, fn, key, name = fx
+    cached = unique("cached")
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    out = iot.create_authorizer(authorizerName=cached, authorizerFunctionArn=fn, tokenKeyName="token",
+                                tokenSigningPublicKeys={"k1": pem}, status="ACTIVE", enableCachingForHttp=True)
+    lam.add_permission(FunctionName="device-authz", StatementId=unique("cached"), Action="lambda:InvokeFunction",
+                       Principal="iot.amazonaws.com", SourceArn=out["authorizerArn"])
+    url = f"https://{s.endpoint()}:{s.https_port}/topics/dev%2Fdev1"
+
+    def post(session, authorizer):
+        return session.post(url, data=b"x", headers=token_headers(authorizer, key, "tok-1"), verify=s.ca,
+                            timeout=15)
+
+    before = len(events(s))
+    with requests.Session() as one:
+        assert post(one, cached).status_code == 200
+        assert post(one, cached).status_code == 200
+    assert len(events(s)) == before + 1
+    # Another connection asks again; an authorizer that does not cache is asked every time.
+    with requests.Session() as two:
+        assert post(two, cached).status_code == 200
+        assert post(two, name).status_code == 200
+        assert post(two, name).status_code == 200
+    assert len(events(s)) == before + 4
+    # Made INACTIVE, its answers no longer count, cached or not.
+    with requests.Session() as three:
+        assert post(three, cached).status_code == 200
+        iot.update_authorizer(authorizerName=cached, status="INACTIVE")
+        assert post(three, cached).status_code == 401
+
+
+# --- Refreshes and the end of a connection's time -----------------------------------------
+
+REFRESHING = '''
+import json, os
+
+def handler(event, context):
+    print("AUTHZ-EVENT " + json.dumps(event, sort_keys=True))
+    if os.path.exists(os.environ["DENY_FILE"]):
+        return {"isAuthenticated": False}
+    account = context.invoked_function_arn.split(":")[4]
+    topic = "dev/alt" if os.path.exists(os.environ["ALT_FILE"]) else "dev/dev9"
+    short = event.get("token") == "short"
+    return {"isAuthenticated": True, "principalId": "dev9", "refreshAfterInSeconds": 2,
+            "disconnectAfterInSeconds": 4 if short else 600,
+            "policyDocuments": [{"Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+                {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"],
+                 "Resource": "arn:aws:iot:us-east-1:%s:topic/%s" % (account, topic)}]}]}
+'''
+
+
+def test_open_connections_ask_the_authorizer_again_and_end_when_it_says(workdir):
+    """With the least refresh and disconnect times lowered to 1 s (`[functions]
+    authorizer_min_seconds`, AWS: 300): the function is asked again every 2 s while the
+    connection lasts, its new policies apply at once, a refusal ends the connection (AUTH_ERROR),
+    and disconnectAfterInSeconds ends it (CUSTOMAUTH_TTL_EXPIRATION)."""
+    s = Server(workdir / "authorizers-refresh", config=FUNCTIONS + "authorizer_min_seconds = 1\n").start()
+    deny, alt = workdir / "refresh-deny", workdir / "refresh-alt"
+    try:
+        iam = s.boto("iam")
+        role = iam.create_role(RoleName="authz-exec", AssumeRolePolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"},
+                                                    "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+        lam = s.boto("lambda", config=Config(retries={"total_max_attempts": 1}, read_timeout=30))
+        fn = lam.create_function(FunctionName="refreshing", Runtime="python3.11", Role=role, Handler="app.handler",
+                                 Code={"ZipFile": zip_of({"app.py": REFRESHING})}, Timeout=10,
+                                 Environment={"Variables": {"DENY_FILE": str(deny), "ALT_FILE": str(alt)}})["FunctionArn"]
+        iot = s.boto()
+        out = iot.create_authorizer(authorizerName="refreshing", authorizerFunctionArn=fn, tokenKeyName="token",
+                                    signingDisabled=True, status="ACTIVE")
+        lam.add_permission(FunctionName="refreshing", StatementId="iot", Action="lambda:InvokeFunction",
+                           Principal="iot.amazonaws.com", SourceArn=out["authorizerArn"])
+        mon = Paho(s, s.endpoint(), Device(s, iot, unique("mon"), ALLOW_ALL, workdir), unique("mon"), v5=True)
+        assert mon.connect()[0] == 0
+        assert mon.subscribe("$aws/events/presence/disconnected/+", qos=1)[0].value == 1
+
+        def reason(client_id):
+            while True:
+                e = json.loads(mon.messages.get(timeout=15).payload)
+                if e["clientId"] == client_id:
+                    return e["disconnectReason"]
+
+        c = token_client(s, "refreshed", "dev?x-amz-customauthorizer-name=refreshing&token=long")
+        try:
+            assert c.connect()[0] == 0
+            asked = len(events(s))
+            c.c.publish("dev/alt", b"x", qos=1)
+            assert c.pubacks.get(timeout=10)[1].value == 0x87
+            # The function now allows dev/alt: after the next refresh, so does the connection.
+            alt.touch()
+            deadline = time.time() + 20
+            while len(events(s)) < asked + 2 and time.time() < deadline:
+                time.sleep(0.2)
+            assert len(events(s)) >= asked + 2
+            assert c.disconnects.empty()
+            c.c.publish("dev/alt", b"x", qos=1)
+            assert c.pubacks.get(timeout=10)[1].value == 0
+            c.c.publish("dev/dev9", b"x", qos=1)
+            assert c.pubacks.get(timeout=10)[1].value == 0x87
+            # Now it refuses: the connection ends at the next refresh, not authorized.
+            deny.touch()
+            assert c.disconnects.get(timeout=10).value == 0x87
+        finally:
+            c.close()
+        assert reason("refreshed") == "AUTH_ERROR"
+        deny.unlink()
+        c = token_client(s, "short-lived", "dev?x-amz-customauthorizer-name=refreshing&token=short")
+        try:
+            t = time.time()
+            assert c.connect()[0] == 0
+            c.disconnects.get(timeout=10)
+            assert 3 <= time.time() - t < 8
+        finally:
+            c.close()
+        assert reason("short-lived") == "CUSTOMAUTH_TTL_EXPIRATION"
+        mon.close()
     finally:
         s.stop()

@@ -278,6 +278,21 @@ impl std::fmt::Debug for Principal {
     }
 }
 
+/// A custom authorizer's policy documents, parsed, named by their place in its answer.
+fn custom_policies(
+    policies: &[String],
+) -> Result<Vec<(String, Arc<sekisho_policy::Policy>)>, RegistryError> {
+    policies
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            sekisho_policy::Policy::parse(d, sekisho_policy::Dialect::Iot)
+                .map(|p| (format!("authorizer-{i}"), Arc::new(p)))
+                .map_err(|e| RegistryError::InvalidRequest(e.to_string()))
+        })
+        .collect()
+}
+
 impl Principal {
     /// Resolves the certificate principal and binds its policies.
     pub fn certificate(
@@ -391,15 +406,7 @@ impl Principal {
         private: Option<&PrivateEndpoint>,
         disconnect_at: f64,
     ) -> Result<Principal, RegistryError> {
-        let parsed = policies
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                sekisho_policy::Policy::parse(d, sekisho_policy::Dialect::Iot)
-                    .map(|p| (format!("authorizer-{i}"), Arc::new(p)))
-                    .map_err(|e| RegistryError::InvalidRequest(e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let parsed = custom_policies(policies)?;
         let identity = CertificateIdentity {
             account_id: account.clone(),
             principal: PrincipalId::Custom(principal_id.to_owned()),
@@ -624,6 +631,32 @@ impl Principal {
     /// When a custom authorizer's principal must disconnect (epoch seconds), if it is one.
     pub fn disconnect_at(&self) -> Option<f64> {
         self.custom
+    }
+
+    /// A custom authorizer's principal takes the policies its function answered when asked
+    /// again (`refreshAfterInSeconds`); its disconnect time stays. Refused (and nothing
+    /// changed) if this is not a custom principal, if the function now names another
+    /// principal (a connection's identity does not change while it lasts), or if a document
+    /// does not parse.
+    pub fn refresh_custom(
+        &mut self,
+        principal_id: &str,
+        policies: &[String],
+    ) -> Result<(), RegistryError> {
+        if self.custom.is_none() {
+            return Err(RegistryError::InvalidRequest(
+                "not a custom authorizer's principal".into(),
+            ));
+        }
+        if self.identity.principal != PrincipalId::Custom(principal_id.to_owned()) {
+            return Err(RegistryError::InvalidRequest(
+                "the authorizer answered another principal".into(),
+            ));
+        }
+        let parsed = custom_policies(policies)?;
+        self.identity.policies = parsed;
+        self.bind();
+        Ok(())
     }
 
     /// The IAM caller of a SigV4 principal (MQTT over WebSocket).

@@ -201,8 +201,11 @@ pub fn event(p: &Presented, signature_verified: bool, connection_id: &str) -> Va
     e
 }
 
-/// Checks the function's answer.
-pub fn decision(body: &[u8]) -> Result<Decision, Failure> {
+/// AWS's least `refreshAfterInSeconds` and `disconnectAfterInSeconds`.
+pub const MIN_SECONDS: u32 = 300;
+
+/// Checks the function's answer (its times at least `min_seconds`, AWS: [`MIN_SECONDS`]).
+pub fn decision(body: &[u8], min_seconds: u32) -> Result<Decision, Failure> {
     let bad =
         |m: &str| Failure::InvalidResponse(format!("Invalid response from the authorizer: {m}"));
     let v: Value = serde_json::from_slice(body).map_err(|_| bad("not JSON"))?;
@@ -229,9 +232,9 @@ pub fn decision(body: &[u8]) -> Result<Decision, Failure> {
             None => Err(bad(&format!("{k} is required"))),
             Some(v) => v
                 .as_u64()
-                .filter(|n| (300..=86_400).contains(n))
+                .filter(|n| (u64::from(min_seconds)..=86_400).contains(n))
                 .map(|n| n as u32)
-                .ok_or_else(|| bad(&format!("{k} must be from 300 to 86400"))),
+                .ok_or_else(|| bad(&format!("{k} must be from {min_seconds} to 86400"))),
         }
     };
     let refresh_after = seconds("refreshAfterInSeconds")?;
@@ -327,7 +330,7 @@ pub async fn authenticate(
             other => Failure::InvalidResponse(other.to_string()),
         })?;
     match outcome {
-        Outcome::Response(body) => decision(&body),
+        Outcome::Response(body) => decision(&body, invoker.host.authorizer_min_seconds()),
         Outcome::Error(body) => Err(Failure::InvalidResponse(format!(
             "The authorizer's function failed: {}",
             String::from_utf8_lossy(&body)
@@ -345,7 +348,7 @@ mod tests {
 
     #[test]
     fn answers_are_checked_at_their_bounds() {
-        let ok = |v: Value| decision(v.to_string().as_bytes());
+        let ok = |v: Value| decision(v.to_string().as_bytes(), MIN_SECONDS);
         let doc = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]});
         let base = json!({"isAuthenticated": true, "principalId": "dev1", "refreshAfterInSeconds": 300,
             "disconnectAfterInSeconds": 86400, "policyDocuments": [doc.clone()]});
@@ -383,7 +386,7 @@ mod tests {
         b["policyDocuments"] = json!(vec![doc.clone(); 10]);
         assert!(ok(b).is_ok(), "at N");
         assert!(!ok(json!({"isAuthenticated": false})).unwrap().authenticated);
-        assert!(decision(b"not json").is_err());
+        assert!(decision(b"not json", MIN_SECONDS).is_err());
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub struct Config {
     /// Extra environment every instance gets (e.g. `AWS_ENDPOINT_URL`, `AWS_CA_BUNDLE`, so
     /// that the SDKs in functions reach Sekisho rather than AWS).
     pub env: BTreeMap<String, String>,
+    /// The least `refreshAfterInSeconds` and `disconnectAfterInSeconds` an authorizer may
+    /// answer (AWS: 300; lower only to test what happens when they pass).
+    pub authorizer_min_seconds: u32,
 }
 
 /// Temporary credentials of the execution role.
@@ -203,6 +206,12 @@ impl Host {
             alive: Mutex::new(Alive::default()),
             generations: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The least `refreshAfterInSeconds` and `disconnectAfterInSeconds` an authorizer may
+    /// answer.
+    pub fn authorizer_min_seconds(&self) -> u32 {
+        self.cfg.authorizer_min_seconds
     }
 
     /// Stores a function's code (a zip), unpacked: returns its SHA-256 (hex) and size.

@@ -59,6 +59,7 @@ fn host(per_function: usize) -> Arc<Host> {
         max_per_account: 6,
         accounts: None,
         env: BTreeMap::new(),
+        authorizer_min_seconds: 300,
     })
 }
 
@@ -276,6 +277,7 @@ async fn functions_run_only_for_the_accounts_allowed() {
         max_per_account: 6,
         accounts: Some(["111111111111".to_string()].into()),
         env: BTreeMap::new(),
+        authorizer_min_seconds: 300,
     });
     let s = spec(&h, Duration::from_secs(5));
     assert!(matches!(

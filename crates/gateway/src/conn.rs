@@ -72,9 +72,10 @@ pub struct ConnInfo {
     /// The listener's connection slot, held while anything serves this connection (also by
     /// a WebSocket upgraded from it).
     pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
-    /// MQTT with ALPN `mqtt` on the device HTTPS port: the CONNECT's username and password
-    /// go to a custom authorizer.
-    pub custom_auth: bool,
+    /// Custom authentication (no certificate, no signature): at CONNECT by its username and
+    /// password (MQTT with ALPN `mqtt` on the device HTTPS port, or a WebSocket whose upgrade
+    /// named no authorizer), or already decided on the WebSocket upgrade.
+    pub custom: Option<crate::custom_auth::CustomAuth>,
     /// The server name the client asked for (custom authentication passes it on).
     pub server_name: Option<String>,
 }
@@ -94,6 +95,9 @@ struct Port {
     /// Deliveries of this connection's publishes that wait for room in full queues; the driver
     /// waits for them before it reads on (and before the PUBACK goes out).
     pending: Vec<Blocked>,
+    /// A custom authorizer's connection: what it presented, to present again after the
+    /// seconds the authorizer said.
+    reauth: Option<Box<(crate::custom_auth::Credentials, u32)>>,
 }
 
 impl Port {
@@ -362,15 +366,21 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     // Custom authentication: the account's authorizer decides on the CONNECT's username and
     // password before anything else is looked at.
     let mut custom = None;
-    if info.custom_auth {
-        let decided = crate::custom_auth::authenticate(
-            shared,
-            info,
-            connect.username.as_deref(),
-            connect.password.as_deref(),
-            &connect.client_id,
-        )
-        .await;
+    if let Some(how) = &info.custom {
+        let decided = match how {
+            crate::custom_auth::CustomAuth::Decided(d) => Ok((**d).clone()),
+            crate::custom_auth::CustomAuth::AtConnect => {
+                crate::custom_auth::connect(
+                    shared,
+                    info.account.as_str(),
+                    connect.username.as_deref(),
+                    connect.password.as_deref(),
+                    &connect.client_id,
+                    info.server_name.clone(),
+                )
+                .await
+            }
+        };
         match decided {
             Ok(d) => custom = Some(d),
             Err(refused) => {
@@ -391,8 +401,9 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    match accept(shared, connect, info, custom.as_ref()) {
+    match accept(shared, connect, info, custom.as_ref().map(|(_, d)| d)) {
         Ok((admission, mut port)) => {
+            port.reauth = custom.map(|(c, d)| Box::new((c, d.refresh_after)));
             let (session, attached) = attach(shared, admission, rbuf, &mut port, info);
             Some((session, port, attached))
         }
@@ -491,6 +502,7 @@ fn accept(
         peer: info.peer,
         certificate: info.certificate.clone(),
         pending: Vec::new(),
+        reauth: None,
     };
     let admission = admission.authorize(&mut port, Instant::now())?;
     Ok((admission, port))
@@ -600,6 +612,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     // when it fires, never touched per packet.
     let timer = tokio::time::sleep_until(session.poll_timeout(Instant::now()).into());
     tokio::pin!(timer);
+    // A custom authorizer is asked again when it said, while the connection goes on.
+    let reauth = port.reauth.take();
+    let account = port.account.clone();
+    let every = reauth.as_ref().map_or(0, |r| r.1);
+    let refresh = reauthenticate(shared, account.as_str(), reauth.as_deref(), every);
+    tokio::pin!(refresh);
     loop {
         if let Err(e) = flush(shared, stream, session, port).await {
             return e;
@@ -627,6 +645,23 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     return e;
                 }
                 timer.as_mut().reset(session.poll_timeout(now).into());
+            }
+            r = &mut refresh => {
+                // The same principal with the policies answered now; anything else (a refusal,
+                // a failure, another principal) ends the connection.
+                let refreshed = r.map_err(|e| format!("{e:?}")).and_then(|d| {
+                    port.principal
+                        .refresh_custom(&d.principal_id, &d.policies)
+                        .map(|()| d.refresh_after)
+                        .map_err(|e| e.to_string())
+                });
+                match refreshed {
+                    Ok(next) => refresh.set(reauthenticate(shared, account.as_str(), reauth.as_deref(), next)),
+                    Err(why) => {
+                        tracing::info!(client_id = %port.client_id, %why, "custom authorizer refused on refresh; disconnecting");
+                        return End::AuthError;
+                    }
+                }
             }
             r = stream.read_buf(session.read_buf()) => {
                 let n = match r {
@@ -659,6 +694,21 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// After `after` seconds, asks a custom authorizer again what it decided for a connection
+/// (never, for a connection that is not a custom authorizer's).
+async fn reauthenticate(
+    shared: &Shared,
+    account: &str,
+    reauth: Option<&(crate::custom_auth::Credentials, u32)>,
+    after: u32,
+) -> Result<sekisho_functions::authorizer::Decision, crate::custom_auth::Refused> {
+    let Some((credentials, _)) = reauth else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep(Duration::from_secs(u64::from(after))).await;
+    crate::custom_auth::again(shared, account, credentials).await
 }
 
 async fn finish<S: AsyncRead + AsyncWrite + Unpin>(

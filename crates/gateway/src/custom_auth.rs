@@ -1,21 +1,42 @@
-//! Custom authentication of an MQTT connection (ALPN `mqtt` on the device HTTPS port, no
-//! client certificate): the CONNECT's username names the authorizer and carries the token and
-//! its signature in a query string, as the AWS IoT Device SDKs build it:
-//! `[user]?x-amz-customauthorizer-name=<name>&x-amz-customauthorizer-signature=<sig>&<tokenKeyName>=<token>`
-//! (values URL-encoded; SDK metrics such as `&SDK=PythonV2&Version=1.2.3` may follow and are
-//! harmless). With no name, the account's default authorizer decides. The function gets the
-//! username as sent, the password (base64) and the client id.
+//! Custom authentication of device connections and requests that carry neither a client
+//! certificate nor a SigV4 signature, on one of an account's data endpoints (the server name
+//! says which), as on AWS's port 443:
+//!
+//! - MQTT with ALPN `mqtt`: the CONNECT's username names the authorizer and carries the token
+//!   and its signature in a query string, as the AWS IoT Device SDKs build it:
+//!   `[user]?x-amz-customauthorizer-name=<name>&x-amz-customauthorizer-signature=<sig>&<tokenKeyName>=<token>`
+//!   (values URL-encoded; SDK metrics such as `&SDK=PythonV2&Version=1.2.3` may follow and are
+//!   harmless). The function gets the username as sent, the password (base64) and the client
+//!   id.
+//! - MQTT over WebSocket: the same names as headers or query parameters of the upgrade; or,
+//!   if the upgrade carries none, the CONNECT's username and password as above.
+//! - HTTPS: the same names as headers or query parameters of each request.
+//!
+//! With no name, the account's default authorizer decides. A connection keeps what it
+//! presented, and its authorizer is asked again every `refreshAfterInSeconds`: a refusal then
+//! ends the connection.
 
 use sekisho_functions::authorizer::{self, Decision, Failure, Presented};
+use sekisho_registry::Authorizer;
 
 use crate::Shared;
-use crate::conn::ConnInfo;
+
+/// The name of the authorizer, as a query parameter or header.
+const NAME: &str = "x-amz-customauthorizer-name";
+/// The token's signature, as a query parameter or header.
+const SIGNATURE: &str = "x-amz-customauthorizer-signature";
 
 /// The query parameters of a username, decoded, in order (empty without a `?`).
 pub fn username_params(username: &str) -> Vec<(String, String)> {
     let Some((_, query)) = username.split_once('?') else {
         return Vec::new();
     };
+    query_params(query)
+}
+
+/// The parameters of a query string, decoded, in order. A `+` stays a `+` (a signature is
+/// base64).
+fn query_params(query: &str) -> Vec<(String, String)> {
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(&s.replace('+', "%2B"))
             .decode_utf8_lossy()
@@ -31,8 +52,15 @@ pub fn username_params(username: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Why a custom-authenticated CONNECT is refused (its CONNACK code: bad user name or password,
-/// or not authorized).
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Why custom authentication refused (MQTT: CONNACK bad user name or password, or not
+/// authorized; HTTP: 401).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refused {
     /// No authorizer named, and none by default; or the one named does not exist.
@@ -42,47 +70,131 @@ pub enum Refused {
     Denied(String),
 }
 
-/// Runs the account's authorizer for a CONNECT.
-pub async fn authenticate(
-    shared: &Shared,
-    info: &ConnInfo,
+/// What a custom-authenticated connection presented, kept to present again when its
+/// authorizer's answer is due for a refresh.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The authorizer that decided (by name: asked again, it is the one of that name then).
+    pub authorizer: String,
+    /// What was presented to it.
+    pub presented: Presented,
+}
+
+/// How a device connection without a certificate or signature authenticates.
+#[derive(Debug, Clone)]
+pub enum CustomAuth {
+    /// At CONNECT, by its username and password.
+    AtConnect,
+    /// Already, by what the WebSocket upgrade carried.
+    Decided(Box<(Credentials, Decision)>),
+}
+
+/// The authorizer named, or the account's default.
+pub fn resolve(shared: &Shared, account: &str, name: Option<&str>) -> Result<Authorizer, Refused> {
+    match name {
+        Some(name) => shared.registry.authorizer(account, name),
+        None => shared.registry.default_authorizer(account),
+    }
+    .map_err(|_| Refused::NoAuthorizer)
+}
+
+/// What an MQTT CONNECT presents: the authorizer its username names (or `None`), and, given
+/// that authorizer's token key, the presented credentials.
+pub fn connect_name(username: Option<&str>) -> Option<String> {
+    let params = username.map(username_params).unwrap_or_default();
+    param(&params, NAME).map(str::to_owned)
+}
+
+/// The credentials an MQTT CONNECT presents to `authorizer`.
+pub fn connect_presented(
+    authorizer: &Authorizer,
     username: Option<&str>,
     password: Option<&[u8]>,
     client_id: &str,
-) -> Result<Decision, Refused> {
-    let Some(invoker) = shared.functions.get() else {
-        return Err(Refused::Denied("functions are not served".into()));
-    };
-    let account = info.account.as_str();
+    server_name: Option<String>,
+) -> Presented {
     let params = username.map(username_params).unwrap_or_default();
-    let param = |k: &str| {
-        params
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(k))
-            .map(|(_, v)| v.clone())
-    };
-    let registry = &shared.registry;
-    let authorizer = match param("x-amz-customauthorizer-name") {
-        Some(name) => registry.authorizer(account, &name),
-        None => registry.default_authorizer(account),
-    }
-    .map_err(|_| Refused::NoAuthorizer)?;
     let token = authorizer
         .token_key_name
         .as_deref()
         .and_then(|k| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()));
-    let presented = Presented {
+    Presented {
         token,
-        signature: param("x-amz-customauthorizer-signature"),
+        signature: param(&params, SIGNATURE).map(str::to_owned),
         http: None,
         mqtt: Some((
             username.map(str::to_owned),
             password.map(<[u8]>::to_vec),
             (!client_id.is_empty()).then(|| client_id.to_owned()),
         )),
-        server_name: info.server_name.clone(),
+        server_name,
+    }
+}
+
+/// The authorizer an HTTP request (or WebSocket upgrade) names by header or query parameter.
+pub fn http_name(headers: &[(String, String)], query: &str) -> Option<String> {
+    param(headers, NAME)
+        .map(str::to_owned)
+        .or_else(|| param(&query_params(query), NAME).map(str::to_owned))
+}
+
+/// Whether an HTTP request (or WebSocket upgrade) carries anything for `authorizer`: its
+/// name, a signature, or its token.
+pub fn http_carries(authorizer: &Authorizer, headers: &[(String, String)], query: &str) -> bool {
+    let params = query_params(query);
+    let present = |k: &str| param(headers, k).is_some() || param(&params, k).is_some();
+    present(NAME)
+        || present(SIGNATURE)
+        || authorizer
+            .token_key_name
+            .as_deref()
+            .is_some_and(|k| param(headers, k).is_some() || params.iter().any(|(n, _)| n == k))
+}
+
+/// The credentials an HTTP request (or WebSocket upgrade) presents to `authorizer`: token and
+/// signature from headers or the query string (headers first); every header and the query
+/// string go to the function.
+pub fn http_presented(
+    authorizer: &Authorizer,
+    headers: &[(String, String)],
+    query: &str,
+    server_name: Option<String>,
+) -> Presented {
+    let params = query_params(query);
+    let token = authorizer.token_key_name.as_deref().and_then(|k| {
+        param(headers, k)
+            .map(str::to_owned)
+            .or_else(|| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+    });
+    let signature = param(headers, SIGNATURE)
+        .or_else(|| param(&params, SIGNATURE))
+        .map(str::to_owned);
+    let query_string = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
     };
-    match authorizer::authenticate(invoker, registry, account, &authorizer, &presented).await {
+    Presented {
+        token,
+        signature,
+        http: Some((headers.to_vec(), query_string)),
+        mqtt: None,
+        server_name,
+    }
+}
+
+/// Runs `authorizer` on what was presented.
+pub async fn run(
+    shared: &Shared,
+    account: &str,
+    authorizer: &Authorizer,
+    presented: &Presented,
+) -> Result<Decision, Refused> {
+    let Some(invoker) = shared.functions.get() else {
+        return Err(Refused::Denied("functions are not served".into()));
+    };
+    match authorizer::authenticate(invoker, &shared.registry, account, authorizer, presented).await
+    {
         Ok(d) if d.authenticated => Ok(d),
         Ok(_) => Err(Refused::Denied(
             "the authorizer did not authenticate it".into(),
@@ -92,9 +204,54 @@ pub async fn authenticate(
     }
 }
 
+/// Asks a connection's authorizer again, with what the connection presented.
+pub async fn again(
+    shared: &Shared,
+    account: &str,
+    credentials: &Credentials,
+) -> Result<Decision, Refused> {
+    let authorizer = resolve(shared, account, Some(&credentials.authorizer))?;
+    run(shared, account, &authorizer, &credentials.presented).await
+}
+
+/// Authenticates an MQTT CONNECT by its username and password.
+pub async fn connect(
+    shared: &Shared,
+    account: &str,
+    username: Option<&str>,
+    password: Option<&[u8]>,
+    client_id: &str,
+    server_name: Option<String>,
+) -> Result<(Credentials, Decision), Refused> {
+    let authorizer = resolve(shared, account, connect_name(username).as_deref())?;
+    let presented = connect_presented(&authorizer, username, password, client_id, server_name);
+    let decision = run(shared, account, &authorizer, &presented).await?;
+    Ok((
+        Credentials {
+            authorizer: authorizer.name,
+            presented,
+        },
+        decision,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn authorizer(token_key: Option<&str>) -> Authorizer {
+        Authorizer {
+            name: "a".into(),
+            function_arn: String::new(),
+            token_key_name: token_key.map(str::to_owned),
+            signing_keys: Default::default(),
+            active: true,
+            signing_disabled: false,
+            caching_for_http: false,
+            created: 0.0,
+            modified: 0.0,
+        }
+    }
 
     #[test]
     fn usernames_carry_the_authorizer_and_token_as_the_sdks_build_them() {
@@ -114,5 +271,58 @@ mod tests {
             username_params("u?flag"),
             vec![("flag".to_string(), String::new())]
         );
+    }
+
+    #[test]
+    fn http_credentials_come_from_headers_first_then_the_query() {
+        let a = authorizer(Some("Token"));
+        let headers = vec![
+            ("x-amz-customauthorizer-name".to_string(), "h".to_string()),
+            ("token".to_string(), "from-header".to_string()),
+        ];
+        // Header names are matched without case; query names exactly for the token.
+        let p = http_presented(
+            &a,
+            &headers,
+            "Token=from-query&x-amz-customauthorizer-signature=s%2B",
+            None,
+        );
+        assert_eq!(p.token.as_deref(), Some("from-header"));
+        assert_eq!(p.signature.as_deref(), Some("s+"));
+        assert_eq!(
+            p.http.as_ref().map(|(_, q)| q.as_str()),
+            Some("?Token=from-query&x-amz-customauthorizer-signature=s%2B")
+        );
+        assert_eq!(http_name(&headers, ""), Some("h".to_string()));
+        let p = http_presented(&a, &[], "Token=from-query", None);
+        assert_eq!(p.token.as_deref(), Some("from-query"));
+        assert_eq!(http_presented(&a, &[], "token=x", None).token, None);
+        assert_eq!(
+            http_name(&[], "x-amz-customauthorizer-name=q"),
+            Some("q".to_string())
+        );
+        assert!(http_carries(&a, &[], "Token=1"));
+        assert!(!http_carries(&a, &[], "other=1"));
+        assert!(!http_carries(
+            &authorizer(None),
+            &[("token".into(), "1".into())],
+            ""
+        ));
+    }
+
+    #[test]
+    fn a_connect_presents_its_username_password_and_client_id() {
+        let a = authorizer(Some("token"));
+        let u = "dev?x-amz-customauthorizer-name=n&x-amz-customauthorizer-signature=c2ln&token=t";
+        assert_eq!(connect_name(Some(u)), Some("n".to_string()));
+        assert_eq!(connect_name(Some("dev")), None);
+        let p = connect_presented(&a, Some(u), Some(b"pw"), "", Some("sni".into()));
+        assert_eq!(p.token.as_deref(), Some("t"));
+        assert_eq!(p.signature.as_deref(), Some("c2ln"));
+        let (user, pass, client) = p.mqtt.unwrap_or_default();
+        assert_eq!(user.as_deref(), Some(u));
+        assert_eq!(pass.as_deref(), Some(&b"pw"[..]));
+        assert_eq!(client, None);
+        assert_eq!(p.server_name.as_deref(), Some("sni"));
     }
 }

@@ -7,6 +7,11 @@
 //!   `iotdevicegateway`) and authorized by the caller's IAM policies: Publish (with MQTT 5
 //!   properties), GetRetainedMessage, ListRetainedMessages, DeleteConnection. The server name
 //!   chooses the account; credentials of another account are refused.
+//! - Without either, on an account's data endpoint, a request that names a custom authorizer
+//!   (or meets the account's default one) is authorized by the policies its function answers,
+//!   as a certificate's would be (`crate::custom_auth`); the answer is kept for the HTTP
+//!   connection's next requests for `refreshAfterInSeconds` if the authorizer caches for
+//!   HTTP.
 //! - Both: the Device Shadow REST API (`/things/{thing}/shadow`, ListNamedShadowsForThing),
 //!   answered by the shadow service (`crate::shadow`).
 
@@ -65,31 +70,174 @@ fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Who an HTTPS request acts as, when its policies are IoT policies.
+#[derive(Debug)]
+enum Who {
+    /// The connection's client certificate.
+    Certificate(sekisho_registry::CertificateId),
+    /// A custom authorizer's answer.
+    Custom(Box<sekisho_functions::authorizer::Decision>),
+}
+
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Who::Certificate(c) => write!(f, "certificate {c}"),
+            Who::Custom(d) => write!(f, "custom principal {}", d.principal_id),
+        }
+    }
+}
+
+impl Who {
+    /// The principal for one request (no client id, so no thing variables), its policies
+    /// bound now; `None` if it may not act.
+    fn principal(&self, shared: &Shared, info: &ConnInfo) -> Option<Principal> {
+        match self {
+            Who::Certificate(c) => cert_principal(shared, info, c),
+            Who::Custom(d) => Principal::custom(
+                shared.registry.clone(),
+                &info.account,
+                &d.principal_id,
+                &d.policies,
+                None,
+                Some(info.peer.ip()),
+                info.endpoint.private.as_ref(),
+                sekisho_registry::now_secs() + f64::from(d.disconnect_after),
+            )
+            .ok(),
+        }
+    }
+}
+
+/// A custom authorizer's answer kept for an HTTP connection (`enableCachingForHttp`): for
+/// which authorizer, token and signature, and until when.
+struct HttpCached {
+    key: (String, Option<String>, Option<String>),
+    decision: sekisho_functions::authorizer::Decision,
+    until: std::time::Instant,
+}
+
+/// A connection's cache of its custom authorizer's answer.
+type HttpCache = Arc<std::sync::Mutex<Option<HttpCached>>>;
+
+/// Whether a request carries a SigV4 signature (header or query).
+fn sigv4_signed(headers: &[(String, String)], query: &str) -> bool {
+    headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        || query.split('&').any(|kv| {
+            let k = kv.split_once('=').map_or(kv, |(k, _)| k);
+            k.eq_ignore_ascii_case("X-Amz-Signature") || k.eq_ignore_ascii_case("X-Amz-Credential")
+        })
+}
+
+/// What custom authentication makes of a request without a certificate.
+enum CustomOutcome {
+    /// Not for a custom authorizer: signed, or no authorizer to ask.
+    NotCustom,
+    /// Refused, with the answer.
+    Refused(Response<Full<Bytes>>),
+    /// Authenticated.
+    Decided(sekisho_functions::authorizer::Decision),
+}
+
+/// Custom authentication of one HTTPS request: on an account's data endpoint, an unsigned
+/// request goes to the authorizer it names, or to the account's default.
+async fn custom_request(
+    shared: &Shared,
+    info: &ConnInfo,
+    parts: &hyper::http::request::Parts,
+    cache: &HttpCache,
+) -> CustomOutcome {
+    let headers = crate::authn::header_pairs(&parts.headers);
+    let query = parts.uri.query().unwrap_or("");
+    if info.account.is_empty() || sigv4_signed(&headers, query) {
+        return CustomOutcome::NotCustom;
+    }
+    let account = info.account.as_str();
+    let name = crate::custom_auth::http_name(&headers, query);
+    let authorizer = match crate::custom_auth::resolve(shared, account, name.as_deref()) {
+        Ok(a) => a,
+        Err(_) if name.is_none() => return CustomOutcome::NotCustom,
+        Err(_) => {
+            tracing::info!(peer = %info.peer, name = ?name, "HTTPS request names no authorizer of the account");
+            return CustomOutcome::Refused(error(401, "UnauthorizedException", "Unauthorized"));
+        }
+    };
+    let presented =
+        crate::custom_auth::http_presented(&authorizer, &headers, query, info.server_name.clone());
+    let key = (
+        authorizer.name.clone(),
+        presented.token.clone(),
+        presented.signature.clone(),
+    );
+    let now = std::time::Instant::now();
+    if authorizer.caching_for_http && authorizer.active {
+        let cached = cache.lock().ok().and_then(|c| {
+            c.as_ref()
+                .filter(|c| c.key == key && c.until > now)
+                .map(|c| c.decision.clone())
+        });
+        if let Some(d) = cached {
+            return CustomOutcome::Decided(d);
+        }
+    }
+    match crate::custom_auth::run(shared, account, &authorizer, &presented).await {
+        Ok(d) => {
+            if authorizer.caching_for_http
+                && let Ok(mut c) = cache.lock()
+            {
+                *c = Some(HttpCached {
+                    key,
+                    decision: d.clone(),
+                    until: now + std::time::Duration::from_secs(u64::from(d.refresh_after)),
+                });
+            }
+            CustomOutcome::Decided(d)
+        }
+        Err(why) => {
+            tracing::info!(peer = %info.peer, authorizer = %authorizer.name, why = ?why, "HTTPS request refused by custom authentication");
+            CustomOutcome::Refused(error(401, "UnauthorizedException", "Unauthorized"))
+        }
+    }
+}
+
 async fn handle(
     shared: Arc<Shared>,
     info: Arc<ConnInfo>,
+    cache: HttpCache,
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path() == "/mqtt" && crate::ws::is_upgrade(req.headers()) {
-        return Ok(websocket(shared, info, &mut req));
+        return Ok(websocket(shared, info, &mut req).await);
     }
     let (parts, body) = req.into_parts();
-    let Some(certificate) = &info.certificate else {
-        return Ok(signed_request(&shared, &info, parts, body).await);
+    let who = match &info.certificate {
+        Some(certificate) => {
+            // A keep-alive connection outlives its handshake: the certificate and its CA are
+            // checked again on every request, so a revocation or deactivation refuses the
+            // very next one.
+            if let Err(why) = shared
+                .registry
+                .certificate_usable(&info.account, certificate)
+            {
+                tracing::info!(%certificate, %why, "HTTPS request refused: certificate no longer usable");
+                return Ok(if parts.uri.path().starts_with("/role-aliases/") {
+                    cred_error(403, "AccessDeniedException", "Access Denied")
+                } else {
+                    reply(403, "Forbidden")
+                });
+            }
+            Who::Certificate(certificate.clone())
+        }
+        None => match custom_request(&shared, &info, &parts, &cache).await {
+            CustomOutcome::NotCustom => {
+                return Ok(signed_request(&shared, &info, parts, body).await);
+            }
+            CustomOutcome::Refused(r) => return Ok(r),
+            CustomOutcome::Decided(d) => Who::Custom(Box::new(d)),
+        },
     };
-    // A keep-alive connection outlives its handshake: the certificate and its CA are checked
-    // again on every request, so a revocation or deactivation refuses the very next one.
-    if let Err(why) = shared
-        .registry
-        .certificate_usable(&info.account, certificate)
-    {
-        tracing::info!(%certificate, %why, "HTTPS request refused: certificate no longer usable");
-        return Ok(if parts.uri.path().starts_with("/role-aliases/") {
-            cred_error(403, "AccessDeniedException", "Access Denied")
-        } else {
-            reply(403, "Forbidden")
-        });
-    }
     let path = parts.uri.path();
     if let Some(alias) = path
         .strip_prefix("/role-aliases/")
@@ -98,6 +246,10 @@ async fn handle(
         if parts.method != Method::GET {
             return Ok(reply(405, "Method Not Allowed"));
         }
+        // The credential provider takes certificates only.
+        let Who::Certificate(_) = &who else {
+            return Ok(cred_error(403, "AccessDeniedException", "Access Denied"));
+        };
         let alias = percent_encoding::percent_decode_str(alias)
             .decode_utf8_lossy()
             .into_owned();
@@ -128,12 +280,12 @@ async fn handle(
             }
             Err(_) => return Ok(reply(408, "Request Timeout")),
         };
-        let Some(mut principal) = cert_principal(&shared, &info, certificate) else {
+        let Some(mut principal) = who.principal(&shared, &info) else {
             return Ok(refuse(403, "Forbidden"));
         };
         let (action, resource) = call.action();
         if !principal.allowed(&action.to_ascii_lowercase(), "thing", &resource) {
-            tracing::info!(%certificate, %action, %resource, "HTTPS shadow request not authorized");
+            tracing::info!(%who, %action, %resource, "HTTPS shadow request not authorized");
             return Ok(refuse(403, "Forbidden"));
         }
         return Ok(shadow_rest(&shared, &info.account, call, body).await);
@@ -154,12 +306,12 @@ async fn handle(
             }
             Err(_) => return Ok(reply(408, "Request Timeout")),
         };
-        let Some(mut principal) = cert_principal(&shared, &info, certificate) else {
+        let Some(mut principal) = who.principal(&shared, &info) else {
             return Ok(error(403, "ForbiddenException", "Forbidden"));
         };
         let (action, thing) = call.action();
         if !principal.allowed(&action.to_ascii_lowercase(), "thing", thing) {
-            tracing::info!(%certificate, %action, %thing, "HTTPS jobs request not authorized");
+            tracing::info!(%who, %action, %thing, "HTTPS jobs request not authorized");
             return Ok(error(403, "ForbiddenException", "Forbidden"));
         }
         let query = parts.uri.query().unwrap_or("");
@@ -197,7 +349,7 @@ async fn handle(
         }
         Err(_) => return Ok(reply(408, "Request Timeout")),
     };
-    let Some(mut principal) = cert_principal(&shared, &info, certificate) else {
+    let Some(mut principal) = who.principal(&shared, &info) else {
         return Ok(reply(403, "Forbidden"));
     };
     let allowed = aws::may_publish(&topic)
@@ -206,7 +358,7 @@ async fn handle(
         && principal.allowed("iot:publish", "topic", &topic)
         && (!retain || principal.allowed("iot:retainpublish", "topic", &topic));
     if !allowed {
-        tracing::info!(%certificate, %topic, "HTTPS publish not authorized");
+        tracing::info!(%who, %topic, "HTTPS publish not authorized");
         return Ok(reply(403, "Forbidden"));
     }
     let msg = Arc::new(Message {
@@ -270,7 +422,7 @@ pub async fn serve(shared: Arc<Shared>, stream: DeviceStream, mut info: ConnInfo
             tracing::info!(peer = %info.peer, "MQTT by ALPN mqtt without an account's server name; refusing");
             return;
         }
-        info.custom_auth = true;
+        info.custom = Some(crate::custom_auth::CustomAuth::AtConnect);
         info.certificate = None;
         return crate::conn::serve(shared, stream, info).await;
     }
@@ -283,7 +435,10 @@ pub async fn serve(shared: Arc<Shared>, stream: DeviceStream, mut info: ConnInfo
     }
     let info = Arc::new(info);
     let peer = info.peer;
-    let svc = hyper::service::service_fn(move |req| handle(shared.clone(), info.clone(), req));
+    let cache: HttpCache = Arc::default();
+    let svc = hyper::service::service_fn(move |req| {
+        handle(shared.clone(), info.clone(), cache.clone(), req)
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(crate::HEADER_DEADLINE)
@@ -682,7 +837,7 @@ fn mqtt5_properties(
 /// with a SigV4 presigned URL (signing name `iotdevicegateway`; the session token may be
 /// appended after signing, as AWS's SDKs do). The MQTT connection is then authorized by the
 /// caller's IAM policies and ends when its credentials expire (at most 24 h).
-fn websocket(
+async fn websocket(
     shared: Arc<Shared>,
     info: Arc<ConnInfo>,
     req: &mut Request<Incoming>,
@@ -690,34 +845,56 @@ fn websocket(
     let headers = crate::authn::header_pairs(req.headers());
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
-    let empty = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b""));
-    let sreq = sekisho_sigv4::Request {
-        method: req.method().as_str(),
-        path: &path,
-        query: &query,
-        headers: &headers,
-        body_sha256: &empty,
-    };
-    let region = shared.registry.region().to_owned();
-    let caller = match crate::authn::authenticate(
-        &shared.registry,
-        &region,
-        &sreq,
-        &["iotdevicegateway", "iotdata"],
-        sekisho_sigv4::Options {
-            s3: false,
-            token_outside_signature: true,
-        },
-    ) {
-        Ok((c, _)) => c,
-        Err(f) => {
-            tracing::info!(peer = %info.peer, failure = ?f, "WebSocket upgrade not authenticated");
-            return error(403, "ForbiddenException", "Forbidden");
+    // Unsigned, on an account's data endpoint: custom authentication, by what the upgrade
+    // carries, or at CONNECT if it carries nothing for an authorizer.
+    let custom = if info.account.is_empty() || sigv4_signed(&headers, &query) {
+        None
+    } else {
+        let account = info.account.as_str();
+        let name = crate::custom_auth::http_name(&headers, &query);
+        match crate::custom_auth::resolve(&shared, account, name.as_deref()) {
+            // No authorizer named and none by default: the CONNECT's username may name one.
+            Err(_) if name.is_none() => Some(crate::custom_auth::CustomAuth::AtConnect),
+            Err(_) => {
+                tracing::info!(peer = %info.peer, name = ?name, "WebSocket upgrade names no authorizer of the account");
+                return error(401, "UnauthorizedException", "Unauthorized");
+            }
+            Ok(a) if !crate::custom_auth::http_carries(&a, &headers, &query) => {
+                Some(crate::custom_auth::CustomAuth::AtConnect)
+            }
+            Ok(a) => {
+                let presented = crate::custom_auth::http_presented(
+                    &a,
+                    &headers,
+                    &query,
+                    info.server_name.clone(),
+                );
+                match crate::custom_auth::run(&shared, account, &a, &presented).await {
+                    Ok(d) => Some(crate::custom_auth::CustomAuth::Decided(Box::new((
+                        crate::custom_auth::Credentials {
+                            authorizer: a.name,
+                            presented,
+                        },
+                        d,
+                    )))),
+                    Err(why) => {
+                        tracing::info!(peer = %info.peer, authorizer = %a.name, why = ?why, "WebSocket upgrade refused by custom authentication");
+                        return error(401, "UnauthorizedException", "Unauthorized");
+                    }
+                }
+            }
         }
     };
-    if !info.account.is_empty() && info.account != caller.account {
-        return error(403, "ForbiddenException", "Forbidden");
-    }
+    let (account, caller) = match &custom {
+        Some(_) => (info.account.clone(), None),
+        None => match sigv4_upgrade(&shared, &info, req, &headers, &path, &query) {
+            Some(caller) => (
+                AccountId::new(caller.account.clone()),
+                Some(Box::new(caller)),
+            ),
+            None => return error(403, "ForbiddenException", "Forbidden"),
+        },
+    };
     let Some(accept) = crate::ws::accept_key(req.headers()) else {
         return error(
             400,
@@ -735,14 +912,66 @@ fn websocket(
     let on_upgrade = hyper::upgrade::on(req);
     let conn_info = ConnInfo {
         peer: info.peer,
-        account: AccountId::new(caller.account.clone()),
+        account,
         certificate: None,
         endpoint: info.endpoint.clone(),
-        caller: Some(Box::new(caller)),
+        caller,
         slot: info.slot.clone(),
-        custom_auth: false,
-        server_name: None,
+        custom,
+        server_name: info.server_name.clone(),
     };
+    upgrade(shared, on_upgrade, conn_info, subprotocol, &accept)
+}
+
+/// The IAM caller of a SigV4-signed WebSocket upgrade, of the endpoint's account (`None`:
+/// forbidden).
+fn sigv4_upgrade(
+    shared: &Shared,
+    info: &ConnInfo,
+    req: &Request<Incoming>,
+    headers: &[(String, String)],
+    path: &str,
+    query: &str,
+) -> Option<crate::authn::Caller> {
+    let empty = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b""));
+    let sreq = sekisho_sigv4::Request {
+        method: req.method().as_str(),
+        path,
+        query,
+        headers,
+        body_sha256: &empty,
+    };
+    let region = shared.registry.region().to_owned();
+    let caller = match crate::authn::authenticate(
+        &shared.registry,
+        &region,
+        &sreq,
+        &["iotdevicegateway", "iotdata"],
+        sekisho_sigv4::Options {
+            s3: false,
+            token_outside_signature: true,
+        },
+    ) {
+        Ok((c, _)) => c,
+        Err(f) => {
+            tracing::info!(peer = %info.peer, failure = ?f, "WebSocket upgrade not authenticated");
+            return None;
+        }
+    };
+    if !info.account.is_empty() && info.account != caller.account {
+        return None;
+    }
+    Some(caller)
+}
+
+/// Serves MQTT on an upgraded WebSocket; the answer that switches protocols.
+fn upgrade(
+    shared: Arc<Shared>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    conn_info: ConnInfo,
+    subprotocol: &'static str,
+    accept: &str,
+) -> Response<Full<Bytes>> {
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -781,7 +1010,7 @@ fn websocket(
         "sec-websocket-protocol",
         hyper::header::HeaderValue::from_static(subprotocol),
     );
-    if let Ok(v) = hyper::header::HeaderValue::from_str(&accept) {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(accept) {
         h.insert("sec-websocket-accept", v);
     }
     r

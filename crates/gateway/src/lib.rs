@@ -501,7 +501,7 @@ async fn accept_loop<F, Fut>(
                     endpoint,
                     caller: None,
                     slot: Some(slot),
-                    custom_auth: false,
+                    custom: None,
                     server_name,
                 },
             )

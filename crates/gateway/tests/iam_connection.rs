@@ -70,7 +70,7 @@ fn info(caller: Caller) -> ConnInfo {
         endpoint: Arc::new(Endpoint::public("test", 10)),
         caller: Some(Box::new(caller)),
         slot: None,
-        custom_auth: false,
+        custom: None,
         server_name: None,
     }
 }

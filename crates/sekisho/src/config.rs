@@ -341,6 +341,9 @@ pub struct FunctionsConfig {
     pub max_per_function: usize,
     /// Instances of one account's functions together.
     pub max_per_account: usize,
+    /// The least `refreshAfterInSeconds` and `disconnectAfterInSeconds` a custom authorizer
+    /// may answer: AWS's 300 by default; lower only to test what happens when they pass.
+    pub authorizer_min_seconds: u32,
 }
 
 impl Default for FunctionsConfig {
@@ -353,6 +356,7 @@ impl Default for FunctionsConfig {
             max_instances: 64,
             max_per_function: 10,
             max_per_account: 32,
+            authorizer_min_seconds: 300,
         }
     }
 }

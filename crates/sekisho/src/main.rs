@@ -317,6 +317,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     layout.path("ca.pem").display().to_string(),
                 ),
             ]),
+            authorizer_min_seconds: config.functions.authorizer_min_seconds,
         }),
         registry.clone(),
     );
