@@ -38,7 +38,8 @@ def handler(event, context):
     if token == "bad-answer":
         return {"isAuthenticated": True, "principalId": "has-dash", "refreshAfterInSeconds": 300,
                 "disconnectAfterInSeconds": 3600, "policyDocuments": []}
-    device = DEVICES.get(token)
+    # "as-<id>": a principal of that id (a device choosing its own name, as some fleets do).
+    device = token[3:] if token and token.startswith("as-") else DEVICES.get(token)
     if device is None:
         return {"isAuthenticated": False}
     arn = context.invoked_function_arn.split(":")
@@ -408,6 +409,50 @@ def test_the_device_sdk_connects_through_a_custom_authorizer(workdir):
         s.stop()
 
 
+def test_an_authorizer_made_inactive_cuts_its_open_connections(fx):
+    s, iot, lam, fn, key, name = fx
+    other = unique("cut")
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    out = iot.create_authorizer(authorizerName=other, authorizerFunctionArn=fn, tokenKeyName="token",
+                                tokenSigningPublicKeys={"k1": pem}, status="ACTIVE")
+    lam.add_permission(FunctionName="device-authz", StatementId=unique("cut"), Action="lambda:InvokeFunction",
+                       Principal="iot.amazonaws.com", SourceArn=out["authorizerArn"])
+    kept = token_client(s, "dev2-kept", token_username(name, key, "tok-2"))
+    cut = token_client(s, "dev2-cut", token_username(other, key, "tok-2"))
+    try:
+        assert kept.connect()[0] == 0 and cut.connect()[0] == 0
+        t = time.time()
+        iot.update_authorizer(authorizerName=other, status="INACTIVE")
+        assert cut.disconnects.get(timeout=10).value == 0x98  # administrative action
+        assert time.time() - t < 5
+        # Another authorizer's connections go on.
+        assert [r.value for r in kept.subscribe("dev/dev2", qos=1)] == [1]
+    finally:
+        kept.close()
+        cut.close()
+    iot.delete_authorizer(authorizerName=other)
+
+
+def test_a_custom_principal_named_like_a_certificate_is_not_that_certificate(fx, workdir):
+    """A function may answer any principalId, one equal to a certificate's id too: revoking that
+    certificate does not touch the custom connection, nor the other way round."""
+    s, iot, lam, fn, key, name = fx
+    dev = Device(s, iot, unique("named"), ALLOW_ALL, workdir)
+    c = token_client(s, f"{dev.cert_id}-x", token_username(name, key, f"as-{dev.cert_id}"))
+    cert = Paho(s, s.endpoint(), dev, unique("cert"), v5=True)
+    try:
+        assert c.connect()[0] == 0 and cert.connect()[0] == 0
+        iot.update_certificate(certificateId=dev.cert_id, newStatus="REVOKED")
+        assert cert.disconnects.get(timeout=10) is not None
+        time.sleep(1.5)
+        assert c.disconnects.empty()
+        assert [r.value for r in c.subscribe(f"dev/{dev.cert_id}", qos=1)] == [1]
+    finally:
+        c.close()
+        cert.close()
+
+
 # --- MQTT over WebSocket with tokens -------------------------------------------------------
 
 def token_headers(name, key, token):
@@ -539,10 +584,10 @@ def test_https_requests_carry_the_token_in_headers_or_query(fx):
     r = requests.get(f"{base}/things/dev1/shadow", headers=token_headers(name, key, "tok-1"), verify=s.ca,
                      timeout=15)
     assert r.status_code == 403, r.text
-    # The credential provider takes certificates only.
+    # The credential provider takes certificates only: a token is no credential there.
     r = requests.get(f"{base}/role-aliases/any/credentials", headers=token_headers(name, key, "tok-1"),
                      verify=s.ca, timeout=15)
-    assert r.status_code == 403, r.text
+    assert r.status_code == 401, r.text
     # A bad signature or an unknown authorizer: 401, and the function does not run.
     before = len(events(s))
     other, _ = keypair()
@@ -555,6 +600,16 @@ def test_https_requests_carry_the_token_in_headers_or_query(fx):
     r = requests.post(f"{base}/topics/dev%2Fdev1", data=b"x", headers=token_headers(name, key, "nobody"),
                       verify=s.ca, timeout=15)
     assert r.status_code == 401, r.text
+    # A token in a header and another in the query: which one would the function read? Refused,
+    # before it runs.
+    before = len(events(s))
+    r = requests.post(f"{base}/topics/dev%2Fdev1?token=tok-2", data=b"x", headers=token_headers(name, key, "tok-1"),
+                      verify=s.ca, timeout=15)
+    assert r.status_code == 401, r.text
+    # A route no custom principal may use does not run the function either.
+    r = requests.get(f"{base}/retainedMessage", headers=token_headers(name, key, "tok-1"), verify=s.ca, timeout=15)
+    assert r.status_code == 401, r.text
+    assert len(events(s)) == before
     # No authorizer named and none by default: an unsigned request, refused as before.
     r = requests.post(f"{base}/topics/dev%2Fdev1", data=b"x", verify=s.ca, timeout=15)
     assert r.status_code == 401, r.text
@@ -603,22 +658,22 @@ def handler(event, context):
     if os.path.exists(os.environ["DENY_FILE"]):
         return {"isAuthenticated": False}
     account = context.invoked_function_arn.split(":")[4]
-    topic = "dev/alt" if os.path.exists(os.environ["ALT_FILE"]) else "dev/dev9"
+    topics = ["dev/dev9"] + (["dev/alt"] if os.path.exists(os.environ["ALT_FILE"]) else [])
     short = event.get("token") == "short"
     return {"isAuthenticated": True, "principalId": "dev9", "refreshAfterInSeconds": 2,
             "disconnectAfterInSeconds": 4 if short else 600,
             "policyDocuments": [{"Version": "2012-10-17", "Statement": [
                 {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
                 {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"],
-                 "Resource": "arn:aws:iot:us-east-1:%s:topic/%s" % (account, topic)}]}]}
+                 "Resource": ["arn:aws:iot:us-east-1:%s:topic/%s" % (account, t) for t in topics]}]}]}
 '''
 
 
 def test_open_connections_ask_the_authorizer_again_and_end_when_it_says(workdir):
     """With the least refresh and disconnect times lowered to 1 s (`[functions]
     authorizer_min_seconds`, AWS: 300): the function is asked again every 2 s while the
-    connection lasts, its new policies apply at once, a refusal ends the connection (AUTH_ERROR),
-    and disconnectAfterInSeconds ends it (CUSTOMAUTH_TTL_EXPIRATION)."""
+    connection lasts, its new policies apply at once, a refusal ends the connection (AUTH_ERROR)
+    and its will with it, and disconnectAfterInSeconds ends it (CUSTOMAUTH_TTL_EXPIRATION)."""
     s = Server(workdir / "authorizers-refresh", config=FUNCTIONS + "authorizer_min_seconds = 1\n").start()
     deny, alt = workdir / "refresh-deny", workdir / "refresh-alt"
     try:
@@ -638,14 +693,18 @@ def test_open_connections_ask_the_authorizer_again_and_end_when_it_says(workdir)
         mon = Paho(s, s.endpoint(), Device(s, iot, unique("mon"), ALLOW_ALL, workdir), unique("mon"), v5=True)
         assert mon.connect()[0] == 0
         assert mon.subscribe("$aws/events/presence/disconnected/+", qos=1)[0].value == 1
+        assert mon.subscribe("dev/dev9", qos=1)[0].value == 1
 
         def reason(client_id):
             while True:
-                e = json.loads(mon.messages.get(timeout=15).payload)
+                m = mon.messages.get(timeout=15)
+                assert m.topic != "dev/dev9", "a will was sent"
+                e = json.loads(m.payload)
                 if e["clientId"] == client_id:
                     return e["disconnectReason"]
 
         c = token_client(s, "refreshed", "dev?x-amz-customauthorizer-name=refreshing&token=long")
+        c.c.will_set("dev/dev9", b"will", qos=1)
         try:
             assert c.connect()[0] == 0
             asked = len(events(s))
@@ -660,14 +719,16 @@ def test_open_connections_ask_the_authorizer_again_and_end_when_it_says(workdir)
             assert c.disconnects.empty()
             c.c.publish("dev/alt", b"x", qos=1)
             assert c.pubacks.get(timeout=10)[1].value == 0
-            c.c.publish("dev/dev9", b"x", qos=1)
-            assert c.pubacks.get(timeout=10)[1].value == 0x87
             # Now it refuses: the connection ends at the next refresh, not authorized.
             deny.touch()
             assert c.disconnects.get(timeout=10).value == 0x87
         finally:
             c.close()
         assert reason("refreshed") == "AUTH_ERROR"
+        # No will either: the principal the authorizer refused may not act again.
+        time.sleep(1)
+        while not mon.messages.empty():
+            assert mon.messages.get().topic != "dev/dev9", "a will was sent"
         deny.unlink()
         c = token_client(s, "short-lived", "dev?x-amz-customauthorizer-name=refreshing&token=short")
         try:

@@ -330,6 +330,7 @@ pub(crate) fn test_invoke(state: &ApiState, call: &Call) -> Out {
         http,
         mqtt,
         server_name: obj("tlsContext").and_then(|t| text(&t, "serverName")),
+        connection_id: None,
     };
     let registry = state.registry.clone();
     let account = call.account.clone();

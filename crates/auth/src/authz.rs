@@ -265,7 +265,7 @@ pub struct Principal {
     iam: Option<Box<IamParts>>,
     /// For a custom authorizer's principal: when its connection must end
     /// (`disconnectAfterInSeconds`), epoch seconds.
-    custom: Option<f64>,
+    custom: Option<Box<CustomParts>>,
     /// Whether a bound policy reads `aws:CurrentTime` or `aws:EpochTime`.
     reads_time: bool,
 }
@@ -276,6 +276,17 @@ impl std::fmt::Debug for Principal {
             .field("account", &self.account)
             .finish_non_exhaustive()
     }
+}
+
+/// What a custom authorizer's principal holds besides its policies.
+#[derive(Debug, Clone)]
+struct CustomParts {
+    /// When its connection must end (`disconnectAfterInSeconds`), epoch seconds.
+    disconnect_at: f64,
+    /// The authorizer that decided, and its creation time (one incarnation of its name):
+    /// while it is not ACTIVE, or gone, or another of the same name, the principal may not act.
+    authorizer: String,
+    created: f64,
 }
 
 /// A custom authorizer's policy documents, parsed, named by their place in its answer.
@@ -392,13 +403,14 @@ impl Principal {
     }
 
     /// A custom authorizer's principal: the `principalId` and policy documents its function
-    /// returned (already checked), held until `disconnect_at` (epoch seconds). Its policies
-    /// are the function's word, bound to the connection like any IoT policy; the registry does
-    /// not change them.
+    /// returned (already checked), held until `disconnect_at` (epoch seconds) and while the
+    /// authorizer stays ACTIVE. Its policies are the function's word, bound to the connection
+    /// like any IoT policy; the registry does not change them.
     #[allow(clippy::too_many_arguments)]
     pub fn custom(
         registry: Arc<Registry>,
         account: &AccountId,
+        authorizer: (&str, f64),
         principal_id: &str,
         policies: &[String],
         client_id: Option<&ClientId>,
@@ -415,7 +427,7 @@ impl Principal {
             thing: None,
             thing_exclusive: false,
             policies: parsed,
-            generation: u64::MAX,
+            generation: registry.generation(),
         };
         let (source_ip, vpc) = network_keys(source_ip, private);
         let ctx = ConnContext {
@@ -434,7 +446,11 @@ impl Principal {
             arn_prefix,
             scratch: String::with_capacity(128),
             iam: None,
-            custom: Some(disconnect_at),
+            custom: Some(Box::new(CustomParts {
+                disconnect_at,
+                authorizer: authorizer.0.to_owned(),
+                created: authorizer.1,
+            })),
             reads_time: false,
         };
         p.bind();
@@ -459,10 +475,15 @@ impl Principal {
             ),
             None => (parse(&self.ctx.source_ip), None),
         };
-        if let Some(disconnect_at) = self.custom {
-            if sekisho_registry::now_secs() >= disconnect_at {
+        if let Some(custom) = &self.custom {
+            if sekisho_registry::now_secs() >= custom.disconnect_at {
                 return Err(RegistryError::NotFound(
                     "the custom authorizer's connection time is over".into(),
+                ));
+            }
+            if !self.authorizer_active(custom) {
+                return Err(RegistryError::NotFound(
+                    "the custom authorizer is no longer active".into(),
                 ));
             }
             let mut p = Principal {
@@ -479,9 +500,10 @@ impl Principal {
                 arn_prefix: self.arn_prefix.clone(),
                 scratch: String::with_capacity(128),
                 iam: None,
-                custom: Some(disconnect_at),
+                custom: Some(custom.clone()),
                 reads_time: false,
             };
+            p.identity.generation = self.registry.generation();
             p.ctx.connect_attributes = self.ctx.connect_attributes.clone();
             p.bind();
             return Ok(p);
@@ -551,11 +573,19 @@ impl Principal {
         if self.reads_time {
             self.ctx.set_time(sekisho_registry::now_secs() as i64);
         }
-        // A custom authorizer's principal holds until its disconnect time; the registry does
-        // not change it.
-        if let Some(disconnect_at) = self.custom {
-            if sekisho_registry::now_secs() >= disconnect_at {
+        // A custom authorizer's principal holds until its disconnect time, and while its
+        // authorizer is ACTIVE (looked at when the registry changed); the registry does not
+        // change its policies.
+        if let Some(custom) = &self.custom {
+            if sekisho_registry::now_secs() >= custom.disconnect_at {
                 return Err(Revoked::Credentials(crate::authn::Invalid::Expired));
+            }
+            let generation = self.registry.generation();
+            if generation != self.identity.generation {
+                if !self.authorizer_active(custom) {
+                    return Err(Revoked::Credentials(crate::authn::Invalid::Gone));
+                }
+                self.identity.generation = generation;
             }
             return Ok(());
         }
@@ -630,7 +660,32 @@ impl Principal {
 
     /// When a custom authorizer's principal must disconnect (epoch seconds), if it is one.
     pub fn disconnect_at(&self) -> Option<f64> {
+        self.custom.as_ref().map(|c| c.disconnect_at)
+    }
+
+    /// Whether the custom authorizer that decided is still there (the same incarnation) and
+    /// ACTIVE.
+    fn authorizer_active(&self, custom: &CustomParts) -> bool {
+        self.registry
+            .authorizer(self.account.as_str(), &custom.authorizer)
+            .is_ok_and(|a| a.active && a.created == custom.created)
+    }
+
+    /// For a custom authorizer's principal: the authorizer's name and creation time.
+    pub fn custom_authorizer(&self) -> Option<(&str, f64)> {
         self.custom
+            .as_ref()
+            .map(|c| (c.authorizer.as_str(), c.created))
+    }
+
+    /// Ends a custom authorizer's principal now (its authorizer refused it): from here on it
+    /// may not act, not even for its will.
+    pub fn revoke_custom(&mut self) {
+        if let Some(c) = &mut self.custom {
+            c.disconnect_at = f64::MIN;
+        }
+        self.bound.clear();
+        self.identity.policies.clear();
     }
 
     /// A custom authorizer's principal takes the policies its function answered when asked

@@ -36,6 +36,9 @@ pub struct Presented {
     pub mqtt: Option<MqttCredentials>,
     /// The TLS server name.
     pub server_name: Option<String>,
+    /// The connection's id in the event (`connectionMetadata.id`): one per connection, the
+    /// same at each refresh; a new one if `None`.
+    pub connection_id: Option<String>,
 }
 
 /// What an MQTT CONNECT carried: username, password, client id.
@@ -321,7 +324,11 @@ pub async fn authenticate(
     if !iot_may_invoke(&f, account, &arn) {
         return Err(Failure::NotPermitted);
     }
-    let payload = event(presented, verified, &uuid::Uuid::new_v4().to_string());
+    let connection_id = presented
+        .connection_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let payload = event(presented, verified, &connection_id);
     let (_, outcome) = invoker
         .invoke(account, &f, Bytes::from(payload.to_string()), Some(TIMEOUT))
         .await

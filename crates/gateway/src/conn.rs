@@ -389,6 +389,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
                         sekisho_mqtt::reason::BAD_USER_NAME_OR_PASSWORD
                     }
                     crate::custom_auth::Refused::Denied(_) => sekisho_mqtt::reason::NOT_AUTHORIZED,
+                    crate::custom_auth::Refused::Busy => sekisho_mqtt::reason::SERVER_BUSY,
                 };
                 let refusal = Refusal {
                     version: connect.version,
@@ -401,7 +402,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    match accept(shared, connect, info, custom.as_ref().map(|(_, d)| d)) {
+    match accept(shared, connect, info, custom.as_ref()) {
         Ok((admission, mut port)) => {
             port.reauth = custom.map(|(c, d)| Box::new((c, d.refresh_after)));
             let (session, attached) = attach(shared, admission, rbuf, &mut port, info);
@@ -420,7 +421,10 @@ fn accept(
     shared: &Arc<Shared>,
     connect: Box<sekisho_mqtt::Connect>,
     info: &ConnInfo,
-    custom: Option<&sekisho_functions::authorizer::Decision>,
+    custom: Option<&(
+        crate::custom_auth::Credentials,
+        sekisho_functions::authorizer::Decision,
+    )>,
 ) -> Result<(Admission, Port), Refusal> {
     let version = connect.version;
     let mut admission = sekisho_session::admit(
@@ -431,9 +435,10 @@ fn accept(
     )?;
     let client_id = admission.client_id.clone();
     let made = match (&info.caller, custom) {
-        (_, Some(d)) => Principal::custom(
+        (_, Some((c, d))) => Principal::custom(
             shared.registry.clone(),
             &info.account,
+            (c.authorizer.as_str(), c.created),
             &d.principal_id,
             &d.policies,
             Some(&client_id),
@@ -527,7 +532,7 @@ fn attach(
     port.session = attached.session;
     shared.index_add(
         &port.account,
-        port.principal.identity.principal.as_str(),
+        &crate::index_key(&port.principal),
         &port.client_id,
         attached.epoch,
         port.principal.iam_caller(),
@@ -647,18 +652,24 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 timer.as_mut().reset(session.poll_timeout(now).into());
             }
             r = &mut refresh => {
-                // The same principal with the policies answered now; anything else (a refusal,
-                // a failure, another principal) ends the connection.
-                let refreshed = r.map_err(|e| format!("{e:?}")).and_then(|d| {
-                    port.principal
-                        .refresh_custom(&d.principal_id, &d.policies)
-                        .map(|()| d.refresh_after)
-                        .map_err(|e| e.to_string())
-                });
+                // The same principal with the policies answered now. Busy functions are asked
+                // again soon, the connection keeping what it has meanwhile (until its time is
+                // over). Anything else (a refusal, a failure, another principal) ends the
+                // connection, and its principal may not act again, not even for its will.
+                let refreshed = match r {
+                    Err(crate::custom_auth::Refused::Busy) => Ok(BUSY_RETRY),
+                    r => r.map_err(|e| format!("{e:?}")).and_then(|d| {
+                        port.principal
+                            .refresh_custom(&d.principal_id, &d.policies)
+                            .map(|()| d.refresh_after)
+                            .map_err(|e| e.to_string())
+                    }),
+                };
                 match refreshed {
                     Ok(next) => refresh.set(reauthenticate(shared, account.as_str(), reauth.as_deref(), next)),
                     Err(why) => {
                         tracing::info!(client_id = %port.client_id, %why, "custom authorizer refused on refresh; disconnecting");
+                        port.principal.revoke_custom();
                         return End::AuthError;
                     }
                 }
@@ -695,6 +706,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
 }
+
+/// How soon a custom authorizer whose function was busy at a refresh is asked again, seconds.
+const BUSY_RETRY: u32 = 5;
 
 /// After `after` seconds, asks a custom authorizer again what it decided for a connection
 /// (never, for a connection that is not a custom authorizer's).
@@ -741,7 +755,7 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
     );
     shared.index_remove(
         &port.account,
-        port.principal.identity.principal.as_str(),
+        &crate::index_key(&port.principal),
         &port.client_id,
         attached.epoch,
     );

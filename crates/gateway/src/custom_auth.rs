@@ -12,9 +12,11 @@
 //!   if the upgrade carries none, the CONNECT's username and password as above.
 //! - HTTPS: the same names as headers or query parameters of each request.
 //!
-//! With no name, the account's default authorizer decides. A connection keeps what it
-//! presented, and its authorizer is asked again every `refreshAfterInSeconds`: a refusal then
-//! ends the connection.
+//! With no name, the account's default authorizer decides. A name, signature or token given
+//! twice (twice in the headers, or in a header and the query string) is refused: what is
+//! verified must be what the function reads. The headers that go to the function total at most
+//! [`MAX_HEADERS`] bytes. A connection keeps what it presented, and its authorizer is asked
+//! again every `refreshAfterInSeconds`: a refusal then ends the connection.
 
 use sekisho_functions::authorizer::{self, Decision, Failure, Presented};
 use sekisho_registry::Authorizer;
@@ -25,6 +27,8 @@ use crate::Shared;
 const NAME: &str = "x-amz-customauthorizer-name";
 /// The token's signature, as a query parameter or header.
 const SIGNATURE: &str = "x-amz-customauthorizer-signature";
+/// The most header bytes (names and values) a request may send a custom authorizer.
+pub const MAX_HEADERS: usize = 16 * 1024;
 
 /// The query parameters of a username, decoded, in order (empty without a `?`).
 pub fn username_params(username: &str) -> Vec<(String, String)> {
@@ -59,6 +63,21 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// How many times `name` is given (without case for headers and the reserved names; exactly
+/// for a query's token key).
+fn count(params: &[(String, String)], name: &str, exact: bool) -> usize {
+    params
+        .iter()
+        .filter(|(n, _)| {
+            if exact {
+                n == name
+            } else {
+                n.eq_ignore_ascii_case(name)
+            }
+        })
+        .count()
+}
+
 /// Why custom authentication refused (MQTT: CONNACK bad user name or password, or not
 /// authorized; HTTP: 401).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,17 +85,21 @@ pub enum Refused {
     /// No authorizer named, and none by default; or the one named does not exist.
     NoAuthorizer,
     /// The authorizer refused (signature, permission, the function's answer, or not
-    /// authenticated).
+    /// authenticated), or what was presented is ambiguous or too large.
     Denied(String),
+    /// Every instance of the function is busy: no answer, neither yes nor no.
+    Busy,
 }
 
 /// What a custom-authenticated connection presented, kept to present again when its
 /// authorizer's answer is due for a refresh.
 #[derive(Debug, Clone)]
 pub struct Credentials {
-    /// The authorizer that decided (by name: asked again, it is the one of that name then).
+    /// The authorizer that decided.
     pub authorizer: String,
-    /// What was presented to it.
+    /// Its creation time: asked again, it must be the same incarnation of the name.
+    pub created: f64,
+    /// What was presented to it (with the connection's id, the same at each refresh).
     pub presented: Presented,
 }
 
@@ -98,27 +121,38 @@ pub fn resolve(shared: &Shared, account: &str, name: Option<&str>) -> Result<Aut
     .map_err(|_| Refused::NoAuthorizer)
 }
 
-/// What an MQTT CONNECT presents: the authorizer its username names (or `None`), and, given
-/// that authorizer's token key, the presented credentials.
+/// The authorizer an MQTT CONNECT's username names, if any.
 pub fn connect_name(username: Option<&str>) -> Option<String> {
     let params = username.map(username_params).unwrap_or_default();
     param(&params, NAME).map(str::to_owned)
 }
 
-/// The credentials an MQTT CONNECT presents to `authorizer`.
+/// The credentials an MQTT CONNECT presents to `authorizer`; refused if its username names
+/// the authorizer, the signature or the token more than once.
 pub fn connect_presented(
     authorizer: &Authorizer,
     username: Option<&str>,
     password: Option<&[u8]>,
     client_id: &str,
     server_name: Option<String>,
-) -> Presented {
+) -> Result<Presented, Refused> {
     let params = username.map(username_params).unwrap_or_default();
+    if count(&params, NAME, false) > 1
+        || count(&params, SIGNATURE, false) > 1
+        || authorizer
+            .token_key_name
+            .as_deref()
+            .is_some_and(|k| count(&params, k, true) > 1)
+    {
+        return Err(Refused::Denied(
+            "the username gives a custom authorization parameter twice".into(),
+        ));
+    }
     let token = authorizer
         .token_key_name
         .as_deref()
         .and_then(|k| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()));
-    Presented {
+    Ok(Presented {
         token,
         signature: param(&params, SIGNATURE).map(str::to_owned),
         http: None,
@@ -128,7 +162,8 @@ pub fn connect_presented(
             (!client_id.is_empty()).then(|| client_id.to_owned()),
         )),
         server_name,
-    }
+        connection_id: Some(uuid::Uuid::new_v4().to_string()),
+    })
 }
 
 /// The authorizer an HTTP request (or WebSocket upgrade) names by header or query parameter.
@@ -152,15 +187,41 @@ pub fn http_carries(authorizer: &Authorizer, headers: &[(String, String)], query
 }
 
 /// The credentials an HTTP request (or WebSocket upgrade) presents to `authorizer`: token and
-/// signature from headers or the query string (headers first); every header and the query
-/// string go to the function.
+/// signature from a header or the query string; every header and the query string go to the
+/// function. Refused if the name, the signature or the token is given more than once
+/// (whether twice as a header, or as a header and in the query), or if the headers are
+/// larger than [`MAX_HEADERS`].
 pub fn http_presented(
     authorizer: &Authorizer,
     headers: &[(String, String)],
     query: &str,
     server_name: Option<String>,
-) -> Presented {
+) -> Result<Presented, Refused> {
     let params = query_params(query);
+    let twice = |name: &str, exact_in_query: bool| {
+        count(headers, name, false) + count(&params, name, exact_in_query) > 1
+    };
+    if twice(NAME, false)
+        || twice(SIGNATURE, false)
+        || authorizer
+            .token_key_name
+            .as_deref()
+            .is_some_and(|k| twice(k, true))
+    {
+        return Err(Refused::Denied(
+            "a custom authorization parameter is given twice".into(),
+        ));
+    }
+    if headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum::<usize>()
+        > MAX_HEADERS
+    {
+        return Err(Refused::Denied(
+            "the headers are too large for a custom authorizer".into(),
+        ));
+    }
     let token = authorizer.token_key_name.as_deref().and_then(|k| {
         param(headers, k)
             .map(str::to_owned)
@@ -174,13 +235,14 @@ pub fn http_presented(
     } else {
         format!("?{query}")
     };
-    Presented {
+    Ok(Presented {
         token,
         signature,
         http: Some((headers.to_vec(), query_string)),
         mqtt: None,
         server_name,
-    }
+        connection_id: Some(uuid::Uuid::new_v4().to_string()),
+    })
 }
 
 /// Runs `authorizer` on what was presented.
@@ -199,18 +261,23 @@ pub async fn run(
         Ok(_) => Err(Refused::Denied(
             "the authorizer did not authenticate it".into(),
         )),
+        Err(Failure::Throttled) => Err(Refused::Busy),
         Err(Failure::InvalidResponse(m)) => Err(Refused::Denied(m)),
         Err(f) => Err(Refused::Denied(f.to_string())),
     }
 }
 
-/// Asks a connection's authorizer again, with what the connection presented.
+/// Asks a connection's authorizer again, with what the connection presented: the same
+/// incarnation of its name, or none.
 pub async fn again(
     shared: &Shared,
     account: &str,
     credentials: &Credentials,
 ) -> Result<Decision, Refused> {
     let authorizer = resolve(shared, account, Some(&credentials.authorizer))?;
+    if authorizer.created != credentials.created {
+        return Err(Refused::NoAuthorizer);
+    }
     run(shared, account, &authorizer, &credentials.presented).await
 }
 
@@ -224,11 +291,12 @@ pub async fn connect(
     server_name: Option<String>,
 ) -> Result<(Credentials, Decision), Refused> {
     let authorizer = resolve(shared, account, connect_name(username).as_deref())?;
-    let presented = connect_presented(&authorizer, username, password, client_id, server_name);
+    let presented = connect_presented(&authorizer, username, password, client_id, server_name)?;
     let decision = run(shared, account, &authorizer, &presented).await?;
     Ok((
         Credentials {
             authorizer: authorizer.name,
+            created: authorizer.created,
             presented,
         },
         decision,
@@ -236,6 +304,7 @@ pub async fn connect(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -274,29 +343,48 @@ mod tests {
     }
 
     #[test]
-    fn http_credentials_come_from_headers_first_then_the_query() {
+    fn http_credentials_come_from_a_header_or_the_query_never_both() {
         let a = authorizer(Some("Token"));
         let headers = vec![
             ("x-amz-customauthorizer-name".to_string(), "h".to_string()),
             ("token".to_string(), "from-header".to_string()),
         ];
         // Header names are matched without case; query names exactly for the token.
-        let p = http_presented(
-            &a,
-            &headers,
-            "Token=from-query&x-amz-customauthorizer-signature=s%2B",
-            None,
-        );
+        let p = http_presented(&a, &headers, "x-amz-customauthorizer-signature=s%2B", None)
+            .expect("one of each");
         assert_eq!(p.token.as_deref(), Some("from-header"));
         assert_eq!(p.signature.as_deref(), Some("s+"));
         assert_eq!(
             p.http.as_ref().map(|(_, q)| q.as_str()),
-            Some("?Token=from-query&x-amz-customauthorizer-signature=s%2B")
+            Some("?x-amz-customauthorizer-signature=s%2B")
         );
+        assert!(p.connection_id.is_some());
         assert_eq!(http_name(&headers, ""), Some("h".to_string()));
-        let p = http_presented(&a, &[], "Token=from-query", None);
+        let p = http_presented(&a, &[], "Token=from-query", None).expect("one token");
         assert_eq!(p.token.as_deref(), Some("from-query"));
-        assert_eq!(http_presented(&a, &[], "token=x", None).token, None);
+        let p = http_presented(&a, &[], "token=x", None).expect("no token");
+        assert_eq!(p.token, None);
+        // Twice: in a header and the query, twice in the headers, twice in the query.
+        for (h, q) in [
+            (&headers[..], "Token=other"),
+            (&headers[..], "X-Amz-CustomAuthorizer-Name=other"),
+            (&[][..], "Token=a&Token=b"),
+            (
+                &[][..],
+                "x-amz-customauthorizer-signature=a&x-amz-customauthorizer-signature=a",
+            ),
+        ] {
+            assert!(http_presented(&a, h, q, None).is_err(), "{h:?} {q}");
+        }
+        let doubled = vec![
+            ("token".to_string(), "a".to_string()),
+            ("TOKEN".to_string(), "b".to_string()),
+        ];
+        assert!(http_presented(&a, &doubled, "", None).is_err());
+        // The headers' size: at the bound taken, past it refused.
+        let fill = |n: usize| vec![("x".to_string(), "y".repeat(n - 1))];
+        assert!(http_presented(&a, &fill(MAX_HEADERS), "", None).is_ok());
+        assert!(http_presented(&a, &fill(MAX_HEADERS + 1), "", None).is_err());
         assert_eq!(
             http_name(&[], "x-amz-customauthorizer-name=q"),
             Some("q".to_string())
@@ -316,7 +404,8 @@ mod tests {
         let u = "dev?x-amz-customauthorizer-name=n&x-amz-customauthorizer-signature=c2ln&token=t";
         assert_eq!(connect_name(Some(u)), Some("n".to_string()));
         assert_eq!(connect_name(Some("dev")), None);
-        let p = connect_presented(&a, Some(u), Some(b"pw"), "", Some("sni".into()));
+        let p = connect_presented(&a, Some(u), Some(b"pw"), "", Some("sni".into()))
+            .expect("one of each");
         assert_eq!(p.token.as_deref(), Some("t"));
         assert_eq!(p.signature.as_deref(), Some("c2ln"));
         let (user, pass, client) = p.mqtt.unwrap_or_default();
@@ -324,5 +413,15 @@ mod tests {
         assert_eq!(pass.as_deref(), Some(&b"pw"[..]));
         assert_eq!(client, None);
         assert_eq!(p.server_name.as_deref(), Some("sni"));
+        for twice in [
+            "d?token=a&token=b",
+            "d?x-amz-customauthorizer-name=n&X-AMZ-CUSTOMAUTHORIZER-NAME=m",
+            "d?x-amz-customauthorizer-signature=a&x-amz-customauthorizer-signature=b",
+        ] {
+            assert!(
+                connect_presented(&a, Some(twice), None, "c", None).is_err(),
+                "{twice}"
+            );
+        }
     }
 }

@@ -75,15 +75,15 @@ fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 enum Who {
     /// The connection's client certificate.
     Certificate(sekisho_registry::CertificateId),
-    /// A custom authorizer's answer.
-    Custom(Box<sekisho_functions::authorizer::Decision>),
+    /// A custom authorizer's answer, and the authorizer's name and creation time.
+    Custom(Box<((String, f64), sekisho_functions::authorizer::Decision)>),
 }
 
 impl std::fmt::Display for Who {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Who::Certificate(c) => write!(f, "certificate {c}"),
-            Who::Custom(d) => write!(f, "custom principal {}", d.principal_id),
+            Who::Custom(c) => write!(f, "custom principal {}", c.1.principal_id),
         }
     }
 }
@@ -94,15 +94,16 @@ impl Who {
     fn principal(&self, shared: &Shared, info: &ConnInfo) -> Option<Principal> {
         match self {
             Who::Certificate(c) => cert_principal(shared, info, c),
-            Who::Custom(d) => Principal::custom(
+            Who::Custom(c) => Principal::custom(
                 shared.registry.clone(),
                 &info.account,
-                &d.principal_id,
-                &d.policies,
+                (c.0.0.as_str(), c.0.1),
+                &c.1.principal_id,
+                &c.1.policies,
                 None,
                 Some(info.peer.ip()),
                 info.endpoint.private.as_ref(),
-                sekisho_registry::now_secs() + f64::from(d.disconnect_after),
+                sekisho_registry::now_secs() + f64::from(c.1.disconnect_after),
             )
             .ok(),
         }
@@ -110,12 +111,15 @@ impl Who {
 }
 
 /// A custom authorizer's answer kept for an HTTP connection (`enableCachingForHttp`): for
-/// which authorizer, token and signature, and until when.
+/// which incarnation of which authorizer (name, creation and last change: a key rotated or
+/// the authorizer re-created asks again), token and signature, and until when.
 struct HttpCached {
-    key: (String, Option<String>, Option<String>),
+    key: HttpCacheKey,
     decision: sekisho_functions::authorizer::Decision,
     until: std::time::Instant,
 }
+
+type HttpCacheKey = (String, u64, u64, String, Option<String>);
 
 /// A connection's cache of its custom authorizer's answer.
 type HttpCache = Arc<std::sync::Mutex<Option<HttpCached>>>;
@@ -137,12 +141,22 @@ enum CustomOutcome {
     NotCustom,
     /// Refused, with the answer.
     Refused(Response<Full<Bytes>>),
-    /// Authenticated.
-    Decided(sekisho_functions::authorizer::Decision),
+    /// Authenticated by the authorizer named (name, creation time).
+    Decided((String, f64), sekisho_functions::authorizer::Decision),
+}
+
+/// Whether a request is for a route a custom authorizer's principal may use (publish, the
+/// shadow and jobs APIs): the function is never invoked for anything else.
+fn custom_route(parts: &hyper::http::request::Parts) -> bool {
+    let path = parts.uri.path();
+    (parts.method == Method::POST && path.starts_with("/topics/"))
+        || shadow_call(&parts.method, path, parts.uri.query().unwrap_or("")).is_some()
+        || crate::jobs::HttpCall::parse(&parts.method, path).is_some()
 }
 
 /// Custom authentication of one HTTPS request: on an account's data endpoint, an unsigned
-/// request goes to the authorizer it names, or to the account's default.
+/// request for a route a custom principal may use goes to the authorizer it names, or to the
+/// account's default.
 async fn custom_request(
     shared: &Shared,
     info: &ConnInfo,
@@ -151,53 +165,77 @@ async fn custom_request(
 ) -> CustomOutcome {
     let headers = crate::authn::header_pairs(&parts.headers);
     let query = parts.uri.query().unwrap_or("");
-    if info.account.is_empty() || sigv4_signed(&headers, query) {
+    if info.account.is_empty() || sigv4_signed(&headers, query) || !custom_route(parts) {
         return CustomOutcome::NotCustom;
     }
     let account = info.account.as_str();
+    let unauthorized =
+        || CustomOutcome::Refused(error(401, "UnauthorizedException", "Unauthorized"));
     let name = crate::custom_auth::http_name(&headers, query);
     let authorizer = match crate::custom_auth::resolve(shared, account, name.as_deref()) {
         Ok(a) => a,
         Err(_) if name.is_none() => return CustomOutcome::NotCustom,
         Err(_) => {
             tracing::info!(peer = %info.peer, name = ?name, "HTTPS request names no authorizer of the account");
-            return CustomOutcome::Refused(error(401, "UnauthorizedException", "Unauthorized"));
+            return unauthorized();
         }
     };
-    let presented =
-        crate::custom_auth::http_presented(&authorizer, &headers, query, info.server_name.clone());
-    let key = (
-        authorizer.name.clone(),
-        presented.token.clone(),
-        presented.signature.clone(),
-    );
-    let now = std::time::Instant::now();
-    if authorizer.caching_for_http && authorizer.active {
-        let cached = cache.lock().ok().and_then(|c| {
-            c.as_ref()
-                .filter(|c| c.key == key && c.until > now)
-                .map(|c| c.decision.clone())
-        });
-        if let Some(d) = cached {
-            return CustomOutcome::Decided(d);
+    let presented = match crate::custom_auth::http_presented(
+        &authorizer,
+        &headers,
+        query,
+        info.server_name.clone(),
+    ) {
+        Ok(p) => p,
+        Err(why) => {
+            tracing::info!(peer = %info.peer, why = ?why, "HTTPS request refused by custom authentication");
+            return unauthorized();
         }
+    };
+    // Cached only for a token (the credential the answer is for), and only while the same
+    // incarnation of the authorizer is ACTIVE; any miss or refusal forgets what was kept.
+    let key = presented.token.clone().map(|token| {
+        (
+            authorizer.name.clone(),
+            authorizer.created.to_bits(),
+            authorizer.modified.to_bits(),
+            token,
+            presented.signature.clone(),
+        )
+    });
+    let now = std::time::Instant::now();
+    let caching = authorizer.caching_for_http && authorizer.active;
+    if let Ok(mut c) = cache.lock() {
+        let hit = c
+            .as_ref()
+            .filter(|c| caching && Some(&c.key) == key.as_ref() && c.until > now)
+            .map(|c| c.decision.clone());
+        if let Some(d) = hit {
+            return CustomOutcome::Decided((authorizer.name, authorizer.created), d);
+        }
+        *c = None;
     }
     match crate::custom_auth::run(shared, account, &authorizer, &presented).await {
         Ok(d) => {
-            if authorizer.caching_for_http
+            if caching
+                && let Some(key) = key
                 && let Ok(mut c) = cache.lock()
             {
+                let secs = d.refresh_after.min(d.disconnect_after);
                 *c = Some(HttpCached {
                     key,
                     decision: d.clone(),
-                    until: now + std::time::Duration::from_secs(u64::from(d.refresh_after)),
+                    until: now + std::time::Duration::from_secs(u64::from(secs)),
                 });
             }
-            CustomOutcome::Decided(d)
+            CustomOutcome::Decided((authorizer.name, authorizer.created), d)
+        }
+        Err(crate::custom_auth::Refused::Busy) => {
+            CustomOutcome::Refused(error(429, "ThrottlingException", "Rate exceeded"))
         }
         Err(why) => {
             tracing::info!(peer = %info.peer, authorizer = %authorizer.name, why = ?why, "HTTPS request refused by custom authentication");
-            CustomOutcome::Refused(error(401, "UnauthorizedException", "Unauthorized"))
+            unauthorized()
         }
     }
 }
@@ -235,7 +273,7 @@ async fn handle(
                 return Ok(signed_request(&shared, &info, parts, body).await);
             }
             CustomOutcome::Refused(r) => return Ok(r),
-            CustomOutcome::Decided(d) => Who::Custom(Box::new(d)),
+            CustomOutcome::Decided(a, d) => Who::Custom(Box::new((a, d))),
         },
     };
     let path = parts.uri.path();
@@ -422,8 +460,13 @@ pub async fn serve(shared: Arc<Shared>, stream: DeviceStream, mut info: ConnInfo
             tracing::info!(peer = %info.peer, "MQTT by ALPN mqtt without an account's server name; refusing");
             return;
         }
+        // With a certificate, the account would be the certificate's, not the server name's
+        // (and AWS's X.509 custom authentication is a domain configuration's, not served).
+        if info.certificate.is_some() {
+            tracing::info!(peer = %info.peer, "MQTT by ALPN mqtt with a client certificate; refusing");
+            return;
+        }
         info.custom = Some(crate::custom_auth::CustomAuth::AtConnect);
-        info.certificate = None;
         return crate::conn::serve(shared, stream, info).await;
     }
     if stream.alpn_protocol() == Some(crate::tls::ALPN_MQTT) {
@@ -853,8 +896,14 @@ async fn websocket(
         let account = info.account.as_str();
         let name = crate::custom_auth::http_name(&headers, &query);
         match crate::custom_auth::resolve(&shared, account, name.as_deref()) {
-            // No authorizer named and none by default: the CONNECT's username may name one.
-            Err(_) if name.is_none() => Some(crate::custom_auth::CustomAuth::AtConnect),
+            // No authorizer named and none by default: the CONNECT's username may name one,
+            // if the account has one ACTIVE; otherwise this is a SigV4 upgrade that lacks its
+            // signature.
+            Err(_) if name.is_none() => shared
+                .registry
+                .list_authorizers(account, Some(true), true, None, 1)
+                .is_ok_and(|p| !p.items.is_empty())
+                .then_some(crate::custom_auth::CustomAuth::AtConnect),
             Err(_) => {
                 tracing::info!(peer = %info.peer, name = ?name, "WebSocket upgrade names no authorizer of the account");
                 return error(401, "UnauthorizedException", "Unauthorized");
@@ -863,20 +912,31 @@ async fn websocket(
                 Some(crate::custom_auth::CustomAuth::AtConnect)
             }
             Ok(a) => {
-                let presented = crate::custom_auth::http_presented(
+                let decided = match crate::custom_auth::http_presented(
                     &a,
                     &headers,
                     &query,
                     info.server_name.clone(),
-                );
-                match crate::custom_auth::run(&shared, account, &a, &presented).await {
-                    Ok(d) => Some(crate::custom_auth::CustomAuth::Decided(Box::new((
-                        crate::custom_auth::Credentials {
-                            authorizer: a.name,
-                            presented,
-                        },
-                        d,
-                    )))),
+                ) {
+                    Ok(presented) => crate::custom_auth::run(&shared, account, &a, &presented)
+                        .await
+                        .map(|d| (presented, d)),
+                    Err(why) => Err(why),
+                };
+                match decided {
+                    Ok((presented, d)) => {
+                        Some(crate::custom_auth::CustomAuth::Decided(Box::new((
+                            crate::custom_auth::Credentials {
+                                authorizer: a.name,
+                                created: a.created,
+                                presented,
+                            },
+                            d,
+                        ))))
+                    }
+                    Err(crate::custom_auth::Refused::Busy) => {
+                        return error(429, "ThrottlingException", "Rate exceeded");
+                    }
                     Err(why) => {
                         tracing::info!(peer = %info.peer, authorizer = %a.name, why = ?why, "WebSocket upgrade refused by custom authentication");
                         return error(401, "UnauthorizedException", "Unauthorized");

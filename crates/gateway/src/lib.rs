@@ -262,6 +262,10 @@ impl Shared {
                 Some(c) => authn::still_valid(&self.registry, c)
                     .err()
                     .map(|e| e.to_string()),
+                None if id.starts_with(CUSTOM_KEY) => {
+                    (!custom_still_valid(&self.registry, &account, &id))
+                        .then(|| "its custom authorizer is no longer active".to_string())
+                }
                 None => self
                     .registry
                     .certificate_usable(
@@ -281,6 +285,40 @@ impl Shared {
         }
         cut
     }
+}
+
+/// How a custom authorizer's connections are filed in the connection index: apart from
+/// certificates and access keys (whose ids an authorizer's `principalId` could equal), by
+/// authorizer incarnation and principal.
+const CUSTOM_KEY: &str = "custom\n";
+
+/// The key a connection's principal is filed under in the connection index: its certificate
+/// id or access key id, or, for a custom authorizer's principal, [`CUSTOM_KEY`], the
+/// authorizer's name and creation time (as bits) and the principal id, one per line.
+pub(crate) fn index_key(p: &authz::Principal) -> String {
+    match p.custom_authorizer() {
+        Some((name, created)) => format!(
+            "{CUSTOM_KEY}{name}\n{:x}\n{}",
+            created.to_bits(),
+            p.identity.principal.as_str()
+        ),
+        None => p.identity.principal.as_str().to_owned(),
+    }
+}
+
+/// Whether a custom authorizer's connection (by its index key) still has its authorizer:
+/// the same incarnation, ACTIVE.
+fn custom_still_valid(registry: &sekisho_registry::Registry, account: &str, key: &str) -> bool {
+    let Some(rest) = key.strip_prefix(CUSTOM_KEY) else {
+        return false;
+    };
+    let mut parts = rest.splitn(3, '\n');
+    let (Some(name), Some(created)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    registry
+        .authorizer(account, name)
+        .is_ok_and(|a| a.active && format!("{:x}", a.created.to_bits()) == created)
 }
 
 /// How often live connections are re-checked when the registry changed ([`Shared::recheck`]).

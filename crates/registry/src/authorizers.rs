@@ -154,6 +154,8 @@ impl Registry {
                 ));
             }
             a.modified = now_secs();
+            // Live connections it authenticated hold only while it is ACTIVE.
+            tx.bump();
             tx.put(Kind::Authorizer, name, &a)?;
             acct.authorizers.insert(name.to_owned(), a.clone());
             Ok(a)
@@ -175,6 +177,7 @@ impl Registry {
                 )));
             }
             tx.delete(Kind::Authorizer, name);
+            tx.bump();
             acct.authorizers.remove(name);
             Ok(())
         })

@@ -432,6 +432,10 @@ impl Config {
             "bind: at least one address is required"
         );
         anyhow::ensure!(self.max_connections > 0, "max_connections must be positive");
+        anyhow::ensure!(
+            (1..=300).contains(&self.functions.authorizer_min_seconds),
+            "functions.authorizer_min_seconds must be from 1 to 300 (AWS: 300)"
+        );
         let label_ok = |s: &str| {
             !s.is_empty()
                 && s.split('.').all(|l| {
@@ -593,5 +597,15 @@ mod tests {
             toml::from_str::<Config>("[[endpoints]]\nname = \"p\"\nport = 1\nvpce = \"x\"")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_least_authorizer_times_are_bounded() {
+        for (n, ok) in [(0, false), (1, true), (300, true), (301, false)] {
+            let c: Config =
+                toml::from_str(&format!("[functions]\nauthorizer_min_seconds = {n}")).unwrap();
+            assert_eq!(c.validate().is_ok(), ok, "{n}");
+        }
+        assert_eq!(Config::default().functions.authorizer_min_seconds, 300);
     }
 }
