@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 mod authorizers;
+mod cognito;
 mod iam;
 mod iot;
 mod jobs;
@@ -275,7 +276,7 @@ pub use sekisho_auth::authn::{Caller, RequestContext};
 static UPLOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// Services the control plane serves.
-const SERVICES: &[&str] = &["iot", "iam", "sts", "lambda"];
+const SERVICES: &[&str] = &["iot", "iam", "sts", "lambda", "cognito-identity"];
 
 /// Authenticates a control-plane request (services `iot`, `iam`, `sts`), with each protocol's
 /// error wording.
@@ -409,6 +410,36 @@ pub async fn handle(
     let headers = sekisho_auth::authn::header_pairs(&parts.headers);
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or("").to_owned();
+    // The Cognito calls an app makes before it has credentials are unsigned (AWS: no auth):
+    // a small body, read within its deadline, and nothing else.
+    if let Some(op) = cognito::operation(&headers)
+        && cognito::UNSIGNED.contains(&op)
+        && parts.method == hyper::Method::POST
+        && path == "/"
+    {
+        let op = op.to_owned();
+        return Ok(
+            match sekisho_auth::http::read_body(
+                body,
+                cognito::MAX_UNSIGNED_BODY,
+                sekisho_auth::http::BODY_DEADLINE,
+            )
+            .await
+            {
+                Ok(b) => cognito::dispatch_unsigned(&state, &op, &b),
+                Err(sekisho_auth::http::BodyError::TooLarge) => error_response(&ApiError::new(
+                    413,
+                    "RequestEntityTooLargeException",
+                    "The request body is too large",
+                )),
+                Err(_) => error_response(&ApiError::new(
+                    408,
+                    "RequestTimeoutException",
+                    "The request body was not received in time",
+                )),
+            },
+        );
+    }
     // The claim is parsed once, and looked at before any body byte is read: a request that is
     // not signed, or signed for another service or with a key nobody has, is refused at once
     // and holds nothing.
@@ -521,6 +552,9 @@ pub async fn handle(
     }
     if service == "lambda" {
         return Ok(lambda::dispatch(&state, &call).await);
+    }
+    if service == "cognito-identity" {
+        return Ok(cognito::dispatch(&state, &call));
     }
     // One declaration per operation (iot::ROUTES): the IAM action, the resource derived from
     // the path label the handler acts on, and the handler.

@@ -248,6 +248,67 @@ struct IamParts {
     caller: crate::authn::Caller,
     /// The session policy, bound: decisions must be allowed by it too.
     session: Option<(Arc<sekisho_policy::Policy>, BoundPolicy)>,
+    /// For an authenticated Cognito identity: the IoT policies attached to it, bound; AWS IoT
+    /// requires them to allow too.
+    cognito: Option<(Vec<Arc<sekisho_policy::Policy>>, Vec<BoundPolicy>)>,
+}
+
+/// The Cognito identity id of credentials an identity pool gave an authenticated identity.
+pub fn cognito_authenticated(caller: &crate::authn::Caller) -> Option<&str> {
+    let amr = caller.context.get("cognito-identity.amazonaws.com:amr")?;
+    (amr == "authenticated")
+        .then(|| caller.context.get("cognito-identity.amazonaws.com:sub"))
+        .flatten()
+        .map(String::as_str)
+}
+
+/// The IoT policies attached to an authenticated Cognito identity, parsed (none for any other
+/// caller).
+fn cognito_policies(
+    registry: &Registry,
+    caller: &crate::authn::Caller,
+) -> Option<Vec<Arc<sekisho_policy::Policy>>> {
+    let id = cognito_authenticated(caller)?;
+    Some(
+        registry
+            .attached_iot_policies(&caller.account, id)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect(),
+    )
+}
+
+/// Whether the credentials of a Cognito identity still stand: its identity exists (a deleted
+/// pool takes its identities with it). Other credentials: always.
+pub fn cognito_identity_exists(registry: &Registry, caller: &crate::authn::Caller) -> bool {
+    caller
+        .context
+        .get("cognito-identity.amazonaws.com:sub")
+        .is_none_or(|id| registry.cognito_identity(&caller.account, id).is_ok())
+}
+
+/// For an HTTPS request by an authenticated Cognito identity: whether the IoT policies
+/// attached to it allow `action` (lower case) on `arn` too, with the request's keys (AWS IoT
+/// requires both its IAM and its IoT policies). True for every other caller.
+pub fn cognito_iot_allowed(
+    registry: &Registry,
+    caller: &crate::authn::Caller,
+    request: &crate::authn::RequestContext,
+    action: &str,
+    arn: &str,
+) -> bool {
+    if !cognito_identity_exists(registry, caller) {
+        return false;
+    }
+    let Some(policies) = cognito_policies(registry, caller) else {
+        return true;
+    };
+    let mut ctx = sekisho_policy::MapContext::new();
+    for (k, v) in crate::authn::context_keys(caller, request) {
+        ctx.set(&k, v);
+    }
+    let bound: Vec<BoundPolicy> = policies.iter().map(|p| p.bind(&ctx)).collect();
+    decide(bound.iter(), action, arn, &ctx).is_allowed()
 }
 
 /// A certificate principal with its bound policies.
@@ -355,6 +416,12 @@ impl Principal {
         // Credentials may have been revoked since the upgrade was authenticated.
         crate::authn::still_valid(&registry, &caller)
             .map_err(|why| RegistryError::NotFound(why.to_string()))?;
+        if !cognito_identity_exists(&registry, &caller) {
+            return Err(RegistryError::NotFound(
+                "the Cognito identity no longer exists".into(),
+            ));
+        }
+        let cognito = cognito_policies(&registry, &caller).map(|p| (p, Vec::new()));
         let account = AccountId::new(caller.account.clone());
         let identity = iam_identity(&registry, &caller).ok_or_else(|| {
             RegistryError::NotFound("the caller's user or role no longer exists".into())
@@ -394,7 +461,11 @@ impl Principal {
             bound: Vec::new(),
             arn_prefix,
             scratch: String::with_capacity(128),
-            iam: Some(Box::new(IamParts { caller, session })),
+            iam: Some(Box::new(IamParts {
+                caller,
+                session,
+                cognito,
+            })),
             custom: None,
             reads_time: false,
         };
@@ -545,10 +616,13 @@ impl Principal {
             .iter()
             .map(|(_, p)| p.bind(&self.ctx))
             .collect();
-        if let Some(iam) = &mut self.iam
-            && let Some((doc, bound)) = &mut iam.session
-        {
-            *bound = doc.bind(&self.ctx);
+        if let Some(iam) = &mut self.iam {
+            if let Some((doc, bound)) = &mut iam.session {
+                *bound = doc.bind(&self.ctx);
+            }
+            if let Some((docs, bound)) = &mut iam.cognito {
+                *bound = docs.iter().map(|d| d.bind(&self.ctx)).collect();
+            }
         }
         let reads_time =
             |b: &BoundPolicy| b.reads_key("aws:CurrentTime") || b.reads_key("aws:EpochTime");
@@ -603,7 +677,14 @@ impl Principal {
                 let Some(id) = iam_identity(&self.registry, &iam.caller) else {
                     return Err(Revoked::Credentials(crate::authn::Invalid::Gone));
                 };
+                if !cognito_identity_exists(&self.registry, &iam.caller) {
+                    return Err(Revoked::Credentials(crate::authn::Invalid::Gone));
+                }
+                let cognito = cognito_policies(&self.registry, &iam.caller);
                 self.identity = id;
+                if let (Some(iam), Some(p)) = (&mut self.iam, cognito) {
+                    iam.cognito = Some((p, Vec::new()));
+                }
                 self.bind();
             }
             return Ok(());
@@ -653,6 +734,13 @@ impl Principal {
             && let Some((_, bound)) = &iam.session
         {
             d = decide([bound], action, &arn, &self.ctx);
+        }
+        // An authenticated Cognito identity: the IoT policies attached to it must allow too.
+        if d.is_allowed()
+            && let Some(iam) = &self.iam
+            && let Some((_, bound)) = &iam.cognito
+        {
+            d = decide(bound.iter(), action, &arn, &self.ctx);
         }
         self.scratch = arn;
         d

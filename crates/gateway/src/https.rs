@@ -593,8 +593,16 @@ async fn signed_request(
         )
     };
     let arn = |kind: &str, name: &str| shared.registry.arn(&account, &format!("{kind}/{name}"));
+    // An authenticated Cognito identity needs the IoT policies attached to it to allow too.
     let allowed = |action: &str, resource: &str| {
         crate::authn::is_authorized(&shared.registry, &caller, &request, action, resource, &[])
+            && crate::authz::cognito_iot_allowed(
+                &shared.registry,
+                &caller,
+                &request,
+                &action.to_ascii_lowercase(),
+                resource,
+            )
     };
     let denied = |action: &str, resource: &str| {
         tracing::info!(caller = %caller.arn(), %action, %resource, "iot-data request not authorized");

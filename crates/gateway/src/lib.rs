@@ -261,7 +261,11 @@ impl Shared {
             let why = match &caller {
                 Some(c) => authn::still_valid(&self.registry, c)
                     .err()
-                    .map(|e| e.to_string()),
+                    .map(|e| e.to_string())
+                    .or_else(|| {
+                        (!authz::cognito_identity_exists(&self.registry, c))
+                            .then(|| "its Cognito identity no longer exists".to_string())
+                    }),
                 None if id.starts_with(CUSTOM_KEY) => {
                     (!custom_still_valid(&self.registry, &account, &id))
                         .then(|| "its custom authorizer is no longer active".to_string())

@@ -156,6 +156,8 @@ pub enum Caller<'a> {
     },
     /// An AWS service principal, e.g. `credentials.iot.amazonaws.com`.
     Service(&'a str),
+    /// A federated identity provider, e.g. `cognito-identity.amazonaws.com`.
+    Federated(&'a str),
 }
 
 fn aws_principal_matches(entry: &str, caller: &Caller<'_>) -> bool {
@@ -185,6 +187,7 @@ fn principal_matches(p: &crate::Principals, caller: &Caller<'_>) -> bool {
     match caller {
         Caller::Aws { .. } => p.aws.iter().any(|e| aws_principal_matches(e, caller)),
         Caller::Service(s) => p.service.iter().any(|e| e == s),
+        Caller::Federated(s) => p.federated.iter().any(|e| e == s),
     }
 }
 
@@ -266,6 +269,47 @@ mod trust_tests {
             Decision::Allowed
         );
         assert_eq!(d(r#"{"AWS":"111111111111"}"#, &svc), Decision::ImplicitDeny);
+    }
+
+    #[test]
+    fn a_federated_provider_is_trusted_only_where_named_and_its_conditions_hold() {
+        let doc = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow",
+            "Principal":{"Federated":"cognito-identity.amazonaws.com"},
+            "Action":"sts:AssumeRoleWithWebIdentity",
+            "Condition":{"StringEquals":{"cognito-identity.amazonaws.com:aud":"us-east-1:pool"},
+                "ForAnyValue:StringLike":{"cognito-identity.amazonaws.com:amr":"authenticated"}}}]}"#;
+        let p = Policy::parse(doc, Dialect::IamTrust).unwrap();
+        let cognito = Caller::Federated("cognito-identity.amazonaws.com");
+        let ctx = |aud: &str, amr: &[&str]| {
+            let mut c = crate::MapContext::new();
+            c.set("cognito-identity.amazonaws.com:aud", aud);
+            c.set_many(
+                "cognito-identity.amazonaws.com:amr",
+                amr.iter().map(|s| s.to_string()).collect(),
+            );
+            c
+        };
+        let act = "sts:assumerolewithwebidentity";
+        let good = ctx("us-east-1:pool", &["authenticated", "dev"]);
+        assert_eq!(decide_trust(&p, &cognito, act, &good), Decision::Allowed);
+        for bad in [
+            ctx("us-east-1:other", &["authenticated"]),
+            ctx("us-east-1:pool", &["unauthenticated"]),
+        ] {
+            assert_eq!(
+                decide_trust(&p, &cognito, act, &bad),
+                Decision::ImplicitDeny
+            );
+        }
+        // Another provider, a service, or another action: not trusted.
+        let other = Caller::Federated("accounts.google.com");
+        assert_eq!(decide_trust(&p, &other, act, &good), Decision::ImplicitDeny);
+        let svc = Caller::Service("cognito-identity.amazonaws.com");
+        assert_eq!(decide_trust(&p, &svc, act, &good), Decision::ImplicitDeny);
+        assert_eq!(
+            decide_trust(&p, &cognito, "sts:assumerole", &good),
+            Decision::ImplicitDeny
+        );
     }
 
     #[test]

@@ -60,6 +60,22 @@ pub struct IamRole {
 }
 
 impl IamRole {
+    /// Whether the trust policy lets the federated provider `provider` assume the role with a
+    /// web identity (`sts:AssumeRoleWithWebIdentity`), given the provider's keys in `ctx`.
+    pub fn trusts_federated(&self, provider: &str, ctx: &sekisho_policy::MapContext) -> bool {
+        Policy::parse(&self.trust, Dialect::IamTrust)
+            .map(|t| {
+                sekisho_policy::decide_trust(
+                    &t,
+                    &sekisho_policy::Caller::Federated(provider),
+                    "sts:assumerolewithwebidentity",
+                    ctx,
+                )
+                .is_allowed()
+            })
+            .unwrap_or(false)
+    }
+
     /// Whether the role's trust policy lets `service` (`iot.amazonaws.com`, ...) assume it,
     /// with the condition keys of `ctx`.
     pub fn trusts_service(&self, service: &str, ctx: &sekisho_policy::MapContext) -> bool {

@@ -13,6 +13,7 @@
 mod authorizers;
 mod cas;
 mod certs;
+mod cognito;
 mod error;
 mod events;
 mod functions;
@@ -42,6 +43,9 @@ use tokio::sync::broadcast;
 pub use authorizers::{Authorizer, AuthorizerUpdate, MAX_AUTHORIZERS};
 pub use cas::{Authentication, CaUpdate, MAX_CAS_PER_SUBJECT, NewCaCertificate, Route, Unusable};
 pub use certs::NewCertificate;
+pub use cognito::{
+    CognitoIdentity, IdentityPool, IdentityPoolSpec, MAX_IDENTITIES_PER_POOL, MAX_IDENTITY_POOLS,
+};
 pub use error::RegistryError;
 pub use functions::{Function, FunctionUpdate, MAX_FUNCTIONS};
 pub use groups::{GroupUpdate, MAX_GROUPS_PER_THING, MAX_POLICIES_PER_GROUP, ThingGroup};
@@ -409,6 +413,18 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
     }
     for row in store.load(Kind::DefaultAuthorizer)? {
         account_mut(&mut st, &row.account)?.default_authorizer = Some(decode(&row.doc)?);
+    }
+    for row in store.load(Kind::IdentityPool)? {
+        let p: cognito::IdentityPool = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .identity_pools
+            .insert(p.id.clone(), p);
+    }
+    for row in store.load(Kind::CognitoIdentity)? {
+        let i: cognito::CognitoIdentity = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .cognito_identities
+            .insert(i.id.clone(), i);
     }
     for row in store.load(Kind::Function)? {
         let f: functions::Function = decode(&row.doc)?;

@@ -371,6 +371,10 @@ pub struct Account {
     pub authorizers: BTreeMap<String, crate::authorizers::Authorizer>,
     /// The default authorizer's name.
     pub default_authorizer: Option<String>,
+    /// Cognito identity pools by id.
+    pub identity_pools: BTreeMap<String, crate::cognito::IdentityPool>,
+    /// Cognito identities by id.
+    pub cognito_identities: BTreeMap<String, crate::cognito::CognitoIdentity>,
     /// The things waiting in each job's staged rollout, in order, with their order numbers.
     pub job_waiting: BTreeMap<String, std::collections::VecDeque<(u64, String)>>,
     /// The reverse of `job_waiting`: the jobs each thing waits in.

@@ -50,6 +50,10 @@ pub(crate) enum Kind {
     Authorizer,
     /// The account's default authorizer's name (key "").
     DefaultAuthorizer,
+    /// Cognito identity pools, keyed by id.
+    IdentityPool,
+    /// Cognito identities, keyed by id.
+    CognitoIdentity,
     /// Things waiting in a job's staged rollout, keyed `{job}\n{order as 16 hex digits}`.
     JobWaiting,
     /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
@@ -87,6 +91,8 @@ impl Kind {
             Kind::Function => "function",
             Kind::Authorizer => "authorizer",
             Kind::DefaultAuthorizer => "default_authorizer",
+            Kind::IdentityPool => "identity_pool",
+            Kind::CognitoIdentity => "cognito_identity",
             Kind::JobWaiting => "job_waiting",
         }
     }

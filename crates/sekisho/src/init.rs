@@ -162,7 +162,7 @@ pub fn write_profile(
     // is still SigV2, which is served too, but SigV4 links are scoped and limited to 7 days.
     let s3 = format!("https://localhost:{}", config.ports.s3);
     let config_section = format!(
-        "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\ns3 =\n  addressing_style = path\n  signature_version = s3v4\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\niam =\n  endpoint_url = {api}\nsts =\n  endpoint_url = {api}\nlambda =\n  endpoint_url = {api}\niot_data_plane =\n  endpoint_url = {data}\niot_jobs_data_plane =\n  endpoint_url = {jobs}\ns3 =\n  endpoint_url = {s3}\n",
+        "[profile {profile}]\nregion = {region}\nca_bundle = {ca}\nservices = {profile}-services\ns3 =\n  addressing_style = path\n  signature_version = s3v4\n\n[services {profile}-services]\niot =\n  endpoint_url = {api}\niam =\n  endpoint_url = {api}\nsts =\n  endpoint_url = {api}\nlambda =\n  endpoint_url = {api}\ncognito_identity =\n  endpoint_url = {api}\niot_data_plane =\n  endpoint_url = {data}\niot_jobs_data_plane =\n  endpoint_url = {jobs}\ns3 =\n  endpoint_url = {s3}\n",
         region = config.region,
         ca = layout.path("ca.pem").display(),
     );

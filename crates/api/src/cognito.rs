@@ -1,0 +1,765 @@
+//! The `cognito-identity` API (awsJson1.1, `X-Amz-Target: AWSCognitoIdentityService.<Op>`) as
+//! AWS IoT apps use it: identity pools and their roles (SigV4, `cognito-identity:<Op>` on
+//! the pool), developer-authenticated identities (`GetOpenIdTokenForDeveloperIdentity`,
+//! SigV4, from the app's backend), and the unsigned calls an app makes (`GetId`,
+//! `GetCredentialsForIdentity`, `GetOpenIdToken`).
+//!
+//! The logins Sekisho verifies are the tokens it issued itself (`cognito-identity.amazonaws.com`,
+//! signed with the pool's own key, HS256): a developer provider vouches for a user through its
+//! backend's credentials, and the app presents the token. Tokens of other providers (user
+//! pools, Google, OIDC, SAML) cannot be verified here and are refused, as are pools configured
+//! with them (docs/decisions/0010-cognito-identities.md).
+//!
+//! Credentials: the pool's `authenticated` or `unauthenticated` role, which must trust
+//! `cognito-identity.amazonaws.com` (`sts:AssumeRoleWithWebIdentity`, with the
+//! `cognito-identity.amazonaws.com:aud` and `:amr` keys); a one-hour session named
+//! `CognitoIdentityCredentials` that carries `cognito-identity.amazonaws.com:sub`, `:aud`
+//! and `:amr`, so that policies can name the identity and IoT can require the policies
+//! attached to an authenticated identity.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Response;
+use serde_json::{Map, Value, json};
+
+use crate::{ApiError, ApiState, Call};
+use sekisho_registry::{IamPrincipal, IdentityPoolSpec, RegistryError};
+
+/// The target prefix of every operation.
+pub const TARGET_PREFIX: &str = "AWSCognitoIdentityService.";
+/// The provider name of Sekisho's (and Cognito's) own OpenID tokens.
+pub const COGNITO_PROVIDER: &str = "cognito-identity.amazonaws.com";
+/// The operations an app calls without a signature.
+pub const UNSIGNED: &[&str] = &["GetId", "GetCredentialsForIdentity", "GetOpenIdToken"];
+/// The largest body of an unsigned call.
+pub const MAX_UNSIGNED_BODY: usize = 64 * 1024;
+/// How long the credentials of GetCredentialsForIdentity last.
+const CREDENTIAL_SECONDS: u32 = 3600;
+/// How long GetOpenIdToken's tokens last.
+const OPEN_ID_TOKEN_SECONDS: u64 = 600;
+/// The longest login token taken (AWS: 50,000).
+const MAX_LOGIN_TOKEN: usize = 50_000;
+
+/// The operation a request names, if it is a Cognito identity request.
+pub fn operation(headers: &[(String, String)]) -> Option<&str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("x-amz-target"))
+        .and_then(|(_, v)| v.strip_prefix(TARGET_PREFIX))
+}
+
+fn error(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(status, code, message)
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    error(400, "InvalidParameterException", message)
+}
+
+fn not_authorized(message: impl Into<String>) -> ApiError {
+    error(400, "NotAuthorizedException", message)
+}
+
+/// A registry error in Cognito's terms.
+fn cognito_error(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::NotFound(m) => error(400, "ResourceNotFoundException", m),
+        RegistryError::LimitExceeded(m) => error(400, "LimitExceededException", m),
+        RegistryError::Conflict(m) => error(400, "DeveloperUserAlreadyRegisteredException", m),
+        RegistryError::InvalidRequest(m) => invalid(m),
+        other => error(500, "InternalErrorException", other.to_string()),
+    }
+}
+
+/// An answer in awsJson1.1's form: errors as `{"__type", "message"}` with the type in
+/// `x-amzn-ErrorType` too.
+fn respond(result: Result<Value, ApiError>) -> Response<Full<Bytes>> {
+    match result {
+        Ok(v) => {
+            let mut r = crate::json_response(200, &v);
+            r.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("application/x-amz-json-1.1"),
+            );
+            r
+        }
+        Err(e) => {
+            let mut r =
+                crate::json_response(e.status, &json!({"__type": e.code, "message": e.message}));
+            if let Ok(v) = e.code.parse() {
+                r.headers_mut().insert("x-amzn-errortype", v);
+            }
+            r
+        }
+    }
+}
+
+fn body_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let v: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(body).map_err(|_| invalid("The request body is not JSON"))?
+    };
+    match v {
+        Value::Object(o) => Ok(o),
+        _ => Err(invalid("The request body is not a JSON object")),
+    }
+}
+
+fn text<'a>(o: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, ApiError> {
+    match o.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(invalid(format!("{k} must be a string"))),
+    }
+}
+
+fn required<'a>(o: &'a Map<String, Value>, k: &str) -> Result<&'a str, ApiError> {
+    text(o, k)?.ok_or_else(|| invalid(format!("{k} is required")))
+}
+
+fn flag(o: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
+    match o.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(invalid(format!("{k} must be a boolean"))),
+    }
+}
+
+/// A map of strings (Logins, Roles), at most `max` entries.
+fn string_map(
+    o: &Map<String, Value>,
+    k: &str,
+    max: usize,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    match o.get(k) {
+        None | Some(Value::Null) => Ok(BTreeMap::new()),
+        Some(Value::Object(m)) if m.len() <= max => m
+            .iter()
+            .map(|(k2, v)| match v {
+                Value::String(s) => Ok((k2.clone(), s.clone())),
+                _ => Err(invalid(format!("{k} values must be strings"))),
+            })
+            .collect(),
+        Some(_) => Err(invalid(format!(
+            "{k} must be a map of at most {max} strings"
+        ))),
+    }
+}
+
+/// Whether a member that configures another identity provider is set (not empty).
+fn names_other_providers(o: &Map<String, Value>) -> bool {
+    [
+        "SupportedLoginProviders",
+        "OpenIdConnectProviderARNs",
+        "CognitoIdentityProviders",
+        "SamlProviderARNs",
+    ]
+    .iter()
+    .any(|k| match o.get(*k) {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(m)) => !m.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    })
+}
+
+fn pool_json(p: &sekisho_registry::IdentityPool) -> Value {
+    let mut v = json!({
+        "IdentityPoolId": p.id,
+        "IdentityPoolName": p.name,
+        "AllowUnauthenticatedIdentities": p.allow_unauthenticated,
+        "AllowClassicFlow": p.allow_classic_flow,
+        "SupportedLoginProviders": {},
+        "OpenIdConnectProviderARNs": [],
+        "CognitoIdentityProviders": [],
+        "SamlProviderARNs": [],
+        "IdentityPoolTags": {},
+    });
+    if let Some(d) = &p.developer_provider {
+        v["DeveloperProviderName"] = json!(d);
+    }
+    v
+}
+
+fn identity_json(i: &sekisho_registry::CognitoIdentity) -> Value {
+    let logins: Vec<&str> = i
+        .logins
+        .iter()
+        .filter_map(|l| l.split_once('\n').map(|(p, _)| p))
+        .collect();
+    json!({"IdentityId": i.id, "Logins": logins, "CreationDate": i.created,
+        "LastModifiedDate": i.modified})
+}
+
+fn spec(o: &Map<String, Value>) -> Result<IdentityPoolSpec, ApiError> {
+    if names_other_providers(o) {
+        return Err(invalid(
+            "Sekisho verifies only its own tokens (developer-authenticated identities): \
+             SupportedLoginProviders, OpenIdConnectProviderARNs, CognitoIdentityProviders and \
+             SamlProviderARNs are not supported",
+        ));
+    }
+    Ok(IdentityPoolSpec {
+        name: required(o, "IdentityPoolName")?.to_owned(),
+        allow_unauthenticated: flag(o, "AllowUnauthenticatedIdentities")?
+            .ok_or_else(|| invalid("AllowUnauthenticatedIdentities is required"))?,
+        allow_classic_flow: flag(o, "AllowClassicFlow")?.unwrap_or(false),
+        developer_provider: text(o, "DeveloperProviderName")?.map(str::to_owned),
+    })
+}
+
+// --- Tokens ---------------------------------------------------------------------------------
+
+/// What an OpenID token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// The identity id.
+    pub sub: String,
+    /// The pool id.
+    pub aud: String,
+    /// `authenticated` and the providers, or `unauthenticated`.
+    pub amr: Vec<String>,
+    /// Expiry, epoch seconds.
+    pub exp: u64,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// An OpenID token for `claims`, signed with the pool's key (HS256), issued at `now`.
+pub fn issue_token(key_hex: &str, claims: &Claims, now: u64) -> String {
+    let header = json!({"kid": "sekisho-1", "typ": "JWS", "alg": "HS256"});
+    let payload = json!({"iss": "https://cognito-identity.amazonaws.com", "sub": claims.sub,
+        "aud": claims.aud, "amr": claims.amr, "exp": claims.exp, "iat": now,
+        "https://cognito-identity.amazonaws.com/identity-pool-arn": claims.aud});
+    let signed = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(payload.to_string().as_bytes())
+    );
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key_hex.as_bytes());
+    let tag = aws_lc_rs::hmac::sign(&key, signed.as_bytes());
+    format!("{signed}.{}", b64(tag.as_ref()))
+}
+
+/// The claims of a token signed with the pool's key, for that pool, not expired at `now`.
+pub fn verify_token(key_hex: &str, pool: &str, token: &str, now: u64) -> Option<Claims> {
+    if token.len() > MAX_LOGIN_TOKEN {
+        return None;
+    }
+    let (signed, tag) = token.rsplit_once('.')?;
+    let (header, payload) = signed.split_once('.')?;
+    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(tag)
+        .ok()?;
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key_hex.as_bytes());
+    aws_lc_rs::hmac::verify(&key, signed.as_bytes(), &tag).ok()?;
+    let header: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .ok()?,
+    )
+    .ok()?;
+    if header.get("alg").and_then(Value::as_str) != Some("HS256") {
+        return None;
+    }
+    let p: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()?,
+    )
+    .ok()?;
+    let claims = Claims {
+        sub: p.get("sub")?.as_str()?.to_owned(),
+        aud: p.get("aud")?.as_str()?.to_owned(),
+        amr: p
+            .get("amr")?
+            .as_array()?
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        exp: p.get("exp")?.as_u64()?,
+    };
+    (claims.aud == pool && claims.exp > now).then_some(claims)
+}
+
+fn now() -> u64 {
+    sekisho_registry::now_secs() as u64
+}
+
+// --- Unsigned calls -------------------------------------------------------------------------
+
+/// The pool and its account for an identity id (`{region}:{uuid}` names no account: the
+/// identity is looked up in the account of the pool that holds it).
+fn identity_and_pool(
+    state: &ApiState,
+    identity: &str,
+) -> Result<
+    (
+        String,
+        sekisho_registry::CognitoIdentity,
+        sekisho_registry::IdentityPool,
+    ),
+    ApiError,
+> {
+    let gone = || {
+        error(
+            400,
+            "ResourceNotFoundException",
+            format!("Identity '{identity}' not found."),
+        )
+    };
+    let account = state
+        .registry
+        .accounts()
+        .into_iter()
+        .map(|a| a.id)
+        .find(|a| state.registry.cognito_identity(a, identity).is_ok())
+        .ok_or_else(gone)?;
+    let i = state
+        .registry
+        .cognito_identity(&account, identity)
+        .map_err(|_| gone())?;
+    let p = state
+        .registry
+        .identity_pool(&account, &i.pool)
+        .map_err(cognito_error)?;
+    Ok((account, i, p))
+}
+
+/// Checks the Logins an app presents for `pool`: only tokens Sekisho issued for that pool are
+/// verified; returns their claims (at most one token).
+fn check_logins(
+    pool: &sekisho_registry::IdentityPool,
+    logins: &BTreeMap<String, String>,
+) -> Result<Option<Claims>, ApiError> {
+    let mut claims = None;
+    for (provider, token) in logins {
+        if provider != COGNITO_PROVIDER {
+            return Err(not_authorized(format!(
+                "Invalid login token. Sekisho does not verify tokens of {provider}"
+            )));
+        }
+        claims = Some(
+            verify_token(&pool.token_key, &pool.id, token, now()).ok_or_else(|| {
+                not_authorized("Invalid login token. Token is not valid or is expired.")
+            })?,
+        );
+    }
+    Ok(claims)
+}
+
+/// Whether an identity is authenticated by `claims`, or may go unauthenticated: the claims
+/// (if any) must be for this identity; an identity with logins needs them.
+fn identity_type(
+    i: &sekisho_registry::CognitoIdentity,
+    pool: &sekisho_registry::IdentityPool,
+    claims: Option<&Claims>,
+) -> Result<bool, ApiError> {
+    match claims {
+        Some(c) if c.sub != i.id => Err(not_authorized(
+            "Invalid login token. The token is for another identity.",
+        )),
+        Some(c) => Ok(c.amr.iter().any(|a| a == "authenticated")),
+        None if !i.logins.is_empty() => Err(not_authorized(format!(
+            "Access to Identity '{}' is forbidden.",
+            i.id
+        ))),
+        None if !pool.allow_unauthenticated => Err(not_authorized(
+            "Unauthenticated access is not supported for this identity pool.",
+        )),
+        None => Ok(false),
+    }
+}
+
+fn amr(authenticated: bool, pool: &sekisho_registry::IdentityPool) -> Vec<String> {
+    if authenticated {
+        let mut v = vec!["authenticated".to_string()];
+        if let Some(d) = &pool.developer_provider {
+            v.push(d.clone());
+        }
+        v
+    } else {
+        vec!["unauthenticated".to_string()]
+    }
+}
+
+/// One unsigned call (GetId, GetCredentialsForIdentity, GetOpenIdToken).
+pub fn dispatch_unsigned(state: &ApiState, op: &str, body: &[u8]) -> Response<Full<Bytes>> {
+    respond(unsigned(state, op, body))
+}
+
+fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let o = body_object(body)?;
+    match op {
+        "GetId" => {
+            let pool_id = required(&o, "IdentityPoolId")?;
+            let account = state
+                .registry
+                .identity_pool_account(pool_id)
+                .ok_or_else(|| {
+                    error(
+                        400,
+                        "ResourceNotFoundException",
+                        format!("IdentityPool '{pool_id}' not found."),
+                    )
+                })?;
+            if let Some(a) = text(&o, "AccountId")?
+                && a != account
+            {
+                return Err(not_authorized("The identity pool is not of that account."));
+            }
+            let pool = state
+                .registry
+                .identity_pool(&account, pool_id)
+                .map_err(cognito_error)?;
+            let logins = string_map(&o, "Logins", 10)?;
+            let id = match check_logins(&pool, &logins)? {
+                // A token names its identity.
+                Some(c) => {
+                    state
+                        .registry
+                        .cognito_identity(&account, &c.sub)
+                        .map_err(cognito_error)?
+                        .id
+                }
+                None if !pool.allow_unauthenticated => {
+                    return Err(not_authorized(
+                        "Unauthenticated access is not supported for this identity pool.",
+                    ));
+                }
+                None => state
+                    .registry
+                    .get_cognito_id(&account, pool_id, None)
+                    .map_err(cognito_error)?,
+            };
+            Ok(json!({"IdentityId": id}))
+        }
+        "GetOpenIdToken" => {
+            let id = required(&o, "IdentityId")?;
+            let (_, i, pool) = identity_and_pool(state, id)?;
+            let claims = check_logins(&pool, &string_map(&o, "Logins", 10)?)?;
+            let authenticated = identity_type(&i, &pool, claims.as_ref())?;
+            let token = issue_token(
+                &pool.token_key,
+                &Claims {
+                    sub: i.id.clone(),
+                    aud: pool.id.clone(),
+                    amr: amr(authenticated, &pool),
+                    exp: now() + OPEN_ID_TOKEN_SECONDS,
+                },
+                now(),
+            );
+            Ok(json!({"IdentityId": i.id, "Token": token}))
+        }
+        "GetCredentialsForIdentity" => {
+            let id = required(&o, "IdentityId")?;
+            if text(&o, "CustomRoleArn")?.is_some() {
+                return Err(invalid(
+                    "CustomRoleArn needs role mappings, which are not supported",
+                ));
+            }
+            let (account, i, pool) = identity_and_pool(state, id)?;
+            let claims = check_logins(&pool, &string_map(&o, "Logins", 10)?)?;
+            let authenticated = identity_type(&i, &pool, claims.as_ref())?;
+            let kind = if authenticated {
+                "authenticated"
+            } else {
+                "unauthenticated"
+            };
+            let misconfigured = || {
+                error(
+                    400,
+                    "InvalidIdentityPoolConfigurationException",
+                    "Invalid identity pool configuration. Check assigned IAM roles for this pool.",
+                )
+            };
+            let role = pool
+                .roles
+                .get(kind)
+                .and_then(|arn| state.registry.role_by_arn(&account, arn))
+                .ok_or_else(misconfigured)?;
+            let amr = amr(authenticated, &pool);
+            let mut ctx = sekisho_policy::MapContext::new();
+            ctx.set("cognito-identity.amazonaws.com:aud", pool.id.clone());
+            ctx.set("cognito-identity.amazonaws.com:sub", i.id.clone());
+            ctx.set_many("cognito-identity.amazonaws.com:amr", amr.clone());
+            if !role.trusts_federated(COGNITO_PROVIDER, &ctx) {
+                return Err(misconfigured());
+            }
+            let keys = BTreeMap::from([
+                (
+                    "cognito-identity.amazonaws.com:sub".to_string(),
+                    i.id.clone(),
+                ),
+                (
+                    "cognito-identity.amazonaws.com:aud".to_string(),
+                    pool.id.clone(),
+                ),
+                (
+                    "cognito-identity.amazonaws.com:amr".to_string(),
+                    kind.to_string(),
+                ),
+            ]);
+            let s = state
+                .registry
+                .create_session_with(
+                    &account,
+                    IamPrincipal::Role {
+                        role: role.name.clone(),
+                        session: "CognitoIdentityCredentials".into(),
+                    },
+                    CREDENTIAL_SECONDS,
+                    None,
+                    keys,
+                )
+                .map_err(cognito_error)?;
+            Ok(json!({"IdentityId": i.id, "Credentials": {
+                "AccessKeyId": s.access_key_id, "SecretKey": s.secret_access_key,
+                "SessionToken": s.token, "Expiration": s.expiration.floor()}}))
+        }
+        _ => Err(invalid(format!("{op} is signed"))),
+    }
+}
+
+// --- Signed calls ---------------------------------------------------------------------------
+
+/// One SigV4-signed call, authorized as `cognito-identity:<Op>` on the pool it names (`*` for
+/// CreateIdentityPool and ListIdentityPools).
+pub fn dispatch(state: &ApiState, call: &Call) -> Response<Full<Bytes>> {
+    let op = operation(&call.headers).unwrap_or_default().to_owned();
+    respond(signed(state, call, &op))
+}
+
+fn signed(state: &ApiState, call: &Call, op: &str) -> Result<Value, ApiError> {
+    let o = body_object(&call.body)?;
+    let account = call.account.as_str();
+    let pool_arn = |id: &str| {
+        format!(
+            "arn:aws:cognito-identity:{}:{account}:identitypool/{id}",
+            state.endpoints.region
+        )
+    };
+    let allow = |resource: &str| {
+        crate::authorize(
+            state,
+            &call.caller,
+            &call.request,
+            &format!("cognito-identity:{op}"),
+            resource,
+        )
+        .map_err(|e| not_authorized(e.message))
+    };
+    // The pool a request names, authorized before it is looked at.
+    let pool = |key: &str| -> Result<sekisho_registry::IdentityPool, ApiError> {
+        let id = required(&o, key)?;
+        allow(&pool_arn(id))?;
+        state
+            .registry
+            .identity_pool(account, id)
+            .map_err(cognito_error)
+    };
+    match op {
+        "CreateIdentityPool" => {
+            allow("*")?;
+            let p = state
+                .registry
+                .create_identity_pool(account, spec(&o)?)
+                .map_err(cognito_error)?;
+            Ok(pool_json(&p))
+        }
+        "DescribeIdentityPool" => Ok(pool_json(&pool("IdentityPoolId")?)),
+        "ListIdentityPools" => {
+            allow("*")?;
+            let max = o
+                .get("MaxResults")
+                .and_then(Value::as_u64)
+                .filter(|n| (1..=60).contains(n))
+                .ok_or_else(|| invalid("MaxResults must be from 1 to 60"))?;
+            let page = state
+                .registry
+                .list_identity_pools(account, text(&o, "NextToken")?, max as usize)
+                .map_err(cognito_error)?;
+            let items: Vec<Value> = page
+                .items
+                .iter()
+                .map(|p| json!({"IdentityPoolId": p.id, "IdentityPoolName": p.name}))
+                .collect();
+            let mut v = json!({"IdentityPools": items});
+            if let Some(n) = page.next {
+                v["NextToken"] = json!(n);
+            }
+            Ok(v)
+        }
+        "UpdateIdentityPool" => {
+            let p = pool("IdentityPoolId")?;
+            let p = state
+                .registry
+                .update_identity_pool(account, &p.id, spec(&o)?)
+                .map_err(cognito_error)?;
+            Ok(pool_json(&p))
+        }
+        "DeleteIdentityPool" => {
+            let p = pool("IdentityPoolId")?;
+            state
+                .registry
+                .delete_identity_pool(account, &p.id)
+                .map_err(cognito_error)?;
+            Ok(json!({}))
+        }
+        "SetIdentityPoolRoles" => {
+            let p = pool("IdentityPoolId")?;
+            if o.get("RoleMappings")
+                .is_some_and(|m| m.as_object().is_none_or(|m| !m.is_empty()))
+            {
+                return Err(invalid("RoleMappings are not supported"));
+            }
+            let roles = string_map(&o, "Roles", 2)?;
+            // Each role is the caller's account's, and passed to Cognito by the caller.
+            for arn in roles.values() {
+                if state.registry.role_by_arn(account, arn).is_none() {
+                    return Err(invalid(format!("{arn} is not a role of this account")));
+                }
+                crate::authorize_with(
+                    state,
+                    &call.caller,
+                    &call.request,
+                    "iam:PassRole",
+                    arn,
+                    &[("iam:PassedToService", COGNITO_PROVIDER.to_string())],
+                )
+                .map_err(|e| not_authorized(e.message))?;
+            }
+            state
+                .registry
+                .set_identity_pool_roles(account, &p.id, roles)
+                .map_err(cognito_error)?;
+            Ok(json!({}))
+        }
+        "GetIdentityPoolRoles" => {
+            let p = pool("IdentityPoolId")?;
+            Ok(json!({"IdentityPoolId": p.id, "Roles": p.roles, "RoleMappings": {}}))
+        }
+        "GetOpenIdTokenForDeveloperIdentity" => {
+            let p = pool("IdentityPoolId")?;
+            let Some(provider) = &p.developer_provider else {
+                return Err(not_authorized(
+                    "The identity pool has no developer provider",
+                ));
+            };
+            let logins = string_map(&o, "Logins", 10)?;
+            let (Some(user), 1) = (logins.get(provider), logins.len()) else {
+                return Err(invalid(format!(
+                    "Logins must hold exactly one login, of the pool's developer provider {provider}"
+                )));
+            };
+            if user.is_empty() || user.len() > 128 {
+                return Err(invalid(
+                    "The developer user identifier must be 1 to 128 characters",
+                ));
+            }
+            let duration = match o.get("TokenDuration") {
+                None | Some(Value::Null) => 900,
+                Some(v) => v
+                    .as_u64()
+                    .filter(|n| (1..=86_400).contains(n))
+                    .ok_or_else(|| invalid("TokenDuration must be from 1 to 86400"))?,
+            };
+            let id = match text(&o, "IdentityId")? {
+                Some(id) => {
+                    state
+                        .registry
+                        .link_developer_login(account, &p.id, id, (provider, user))
+                        .map_err(cognito_error)?;
+                    id.to_owned()
+                }
+                None => state
+                    .registry
+                    .get_cognito_id(account, &p.id, Some((provider, user)))
+                    .map_err(cognito_error)?,
+            };
+            let token = issue_token(
+                &p.token_key,
+                &Claims {
+                    sub: id.clone(),
+                    aud: p.id.clone(),
+                    amr: amr(true, &p),
+                    exp: now() + duration,
+                },
+                now(),
+            );
+            Ok(json!({"IdentityId": id, "Token": token}))
+        }
+        "DescribeIdentity" => {
+            let id = required(&o, "IdentityId")?;
+            let i = state
+                .registry
+                .cognito_identity(account, id)
+                .map_err(cognito_error)?;
+            allow(&pool_arn(&i.pool))?;
+            Ok(identity_json(&i))
+        }
+        "ListIdentities" => {
+            let p = pool("IdentityPoolId")?;
+            let max = o
+                .get("MaxResults")
+                .and_then(Value::as_u64)
+                .filter(|n| (1..=60).contains(n))
+                .ok_or_else(|| invalid("MaxResults must be from 1 to 60"))?;
+            let page = state
+                .registry
+                .list_cognito_identities(account, &p.id, text(&o, "NextToken")?, max as usize)
+                .map_err(cognito_error)?;
+            let items: Vec<Value> = page.items.iter().map(identity_json).collect();
+            let mut v = json!({"IdentityPoolId": p.id, "Identities": items});
+            if let Some(n) = page.next {
+                v["NextToken"] = json!(n);
+            }
+            Ok(v)
+        }
+        "GetId" | "GetCredentialsForIdentity" | "GetOpenIdToken" => unsigned(state, op, &call.body),
+        other => Err(invalid(format!(
+            "{other} is not supported by Sekisho's cognito-identity"
+        ))),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_only_with_their_pools_key_for_their_pool_until_they_expire() {
+        let c = Claims {
+            sub: "us-east-1:i".into(),
+            aud: "us-east-1:p".into(),
+            amr: vec!["authenticated".into(), "dev".into()],
+            exp: 1_000,
+        };
+        let t = issue_token("k1", &c, 900);
+        assert_eq!(verify_token("k1", "us-east-1:p", &t, 999), Some(c.clone()));
+        assert_eq!(verify_token("k1", "us-east-1:p", &t, 1_000), None);
+        assert_eq!(verify_token("k2", "us-east-1:p", &t, 999), None);
+        assert_eq!(verify_token("k1", "us-east-1:q", &t, 999), None);
+        // A payload changed under the same tag, or garbage: refused.
+        let (h, rest) = t.split_once('.').unwrap();
+        let (_, tag) = rest.split_once('.').unwrap();
+        let forged = b64(json!({"sub": "us-east-1:other", "aud": "us-east-1:p",
+            "amr": ["authenticated"], "exp": 2000})
+        .to_string()
+        .as_bytes());
+        assert_eq!(
+            verify_token("k1", "us-east-1:p", &format!("{h}.{forged}.{tag}"), 999),
+            None
+        );
+        for bad in ["", "a.b", "a.b.c", "...", &"x".repeat(MAX_LOGIN_TOKEN + 1)] {
+            assert_eq!(verify_token("k1", "us-east-1:p", bad, 999), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,238 @@
+"""Cognito identities as AWS IoT apps use them, with boto3 and the AWS IoT Device SDK: a
+backend vouches for a user (GetOpenIdTokenForDeveloperIdentity), the app trades the token for
+the pool's authenticated role's credentials (unsigned GetCredentialsForIdentity) and connects
+over MQTT over WebSocket, where both that role's IAM policy and the IoT policy attached to the
+identity must allow; an unauthenticated identity gets the unauthenticated role, decided by IAM
+alone. Tokens Sekisho did not issue for the pool, and other identity providers, are refused."""
+
+import json
+import queue
+import time
+
+import pytest
+from botocore import UNSIGNED
+from botocore.config import Config
+
+from conftest import ALLOW_ALL, Device, Paho, Server, unique
+
+DEV = "login.example.app"
+
+
+def trust(pool_id, amr):
+    return json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": {"Federated": "cognito-identity.amazonaws.com"},
+        "Action": "sts:AssumeRoleWithWebIdentity",
+        "Condition": {"StringEquals": {"cognito-identity.amazonaws.com:aud": pool_id},
+                      "ForAnyValue:StringLike": {"cognito-identity.amazonaws.com:amr": amr}}}]})
+
+
+@pytest.fixture(scope="module")
+def fx(workdir):
+    s = Server(workdir / "cognito").start()
+    cog = s.boto("cognito-identity")
+    iam = s.boto("iam")
+    pool = cog.create_identity_pool(IdentityPoolName="app pool", AllowUnauthenticatedIdentities=True,
+                                    DeveloperProviderName=DEV)
+    pid = pool["IdentityPoolId"]
+    roles = {}
+    for kind, actions, resource in (("authenticated", "iot:*", "*"),
+                                    ("unauthenticated", ["iot:Connect", "iot:Publish"], "*")):
+        arn = iam.create_role(RoleName=f"cog-{kind}", AssumeRolePolicyDocument=trust(pid, kind))["Role"]["Arn"]
+        iam.put_role_policy(RoleName=f"cog-{kind}", PolicyName="iot", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": resource}]}))
+        roles[kind] = arn
+    cog.set_identity_pool_roles(IdentityPoolId=pid, Roles=roles)
+    app = s.boto("cognito-identity", config=Config(signature_version=UNSIGNED))
+    yield s, cog, app, pid, roles
+    s.stop()
+
+
+def developer_login(cog, pid, user):
+    out = cog.get_open_id_token_for_developer_identity(IdentityPoolId=pid, Logins={DEV: user})
+    return out["IdentityId"], out["Token"]
+
+
+def ws(s, creds, client_id):
+    from awscrt import auth
+    from awsiot import mqtt_connection_builder
+    provider = auth.AwsCredentialsProvider.new_static(creds["AccessKeyId"], creds["SecretKey"], creds["SessionToken"])
+    return mqtt_connection_builder.websockets_with_default_aws_signing(
+        endpoint=s.endpoint(), port=s.https_port, region="us-east-1", credentials_provider=provider,
+        ca_filepath=s.ca, client_id=client_id, clean_session=True, keep_alive_secs=30)
+
+
+def test_the_pool_and_its_roles_with_boto3(fx):
+    s, cog, app, pid, roles = fx
+    d = cog.describe_identity_pool(IdentityPoolId=pid)
+    assert (d["IdentityPoolName"], d["AllowUnauthenticatedIdentities"], d["DeveloperProviderName"]) == (
+        "app pool", True, DEV)
+    assert pid.startswith("us-east-1:")
+    assert pid in [p["IdentityPoolId"] for p in cog.list_identity_pools(MaxResults=60)["IdentityPools"]]
+    assert cog.get_identity_pool_roles(IdentityPoolId=pid)["Roles"] == roles
+    # Providers whose tokens Sekisho cannot verify are refused, not ignored.
+    with pytest.raises(cog.exceptions.InvalidParameterException):
+        cog.create_identity_pool(IdentityPoolName="google", AllowUnauthenticatedIdentities=False,
+                                 SupportedLoginProviders={"accounts.google.com": "client-id"})
+    with pytest.raises(cog.exceptions.InvalidParameterException):
+        cog.set_identity_pool_roles(IdentityPoolId=pid, Roles={"authenticated": "arn:aws:iam::999999999999:role/x"})
+    with pytest.raises(cog.exceptions.ResourceNotFoundException):
+        cog.describe_identity_pool(IdentityPoolId="us-east-1:00000000-0000-0000-0000-000000000000")
+    # The developer provider, once set, stays.
+    with pytest.raises(cog.exceptions.InvalidParameterException):
+        cog.update_identity_pool(IdentityPoolId=pid, IdentityPoolName="app pool", AllowUnauthenticatedIdentities=True,
+                                 DeveloperProviderName="other.provider")
+
+
+def test_an_authenticated_identity_needs_its_iot_policy_and_its_roles(fx, workdir):
+    from awscrt import mqtt
+    s, cog, app, pid, roles = fx
+    iot = s.boto()
+    identity, token = developer_login(cog, pid, "alice")
+    # The same user is the same identity.
+    assert developer_login(cog, pid, "alice")[0] == identity
+    creds = app.get_credentials_for_identity(IdentityId=identity,
+                                             Logins={"cognito-identity.amazonaws.com": token})
+    assert creds["IdentityId"] == identity
+    c = creds["Credentials"]
+    assert c["AccessKeyId"].startswith("ASIA") and c["SecretKey"] and c["SessionToken"]
+    sts = s.boto("sts", aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretKey"],
+                 aws_session_token=c["SessionToken"])
+    assert sts.get_caller_identity()["Arn"].endswith(":assumed-role/cog-authenticated/CognitoIdentityCredentials")
+    # The role allows iot:*, but no IoT policy is attached to the identity yet: refused.
+    with pytest.raises(Exception):
+        ws(s, c, identity).connect().result(10)
+    account = s.account_id()
+    arn = f"arn:aws:iot:us-east-1:{account}"
+    policy = unique("user")
+    iot.create_policy(policyName=policy, policyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/${{cognito-identity.amazonaws.com:sub}}"},
+        {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"],
+         "Resource": f"{arn}:topic/users/${{cognito-identity.amazonaws.com:sub}}/*"},
+        {"Effect": "Allow", "Action": "iot:Subscribe",
+         "Resource": f"{arn}:topicfilter/users/${{cognito-identity.amazonaws.com:sub}}/*"}]}))
+    iot.attach_policy(policyName=policy, target=identity)
+    assert policy in [p["policyName"] for p in iot.list_attached_policies(target=identity)["policies"]]
+    conn = ws(s, c, identity)
+    conn.connect().result(10)
+    try:
+        got = queue.Queue()
+        sub, _ = conn.subscribe(f"users/{identity}/inbox", mqtt.QoS.AT_LEAST_ONCE,
+                                callback=lambda topic, payload, **kw: got.put(payload))
+        sub.result(10)
+        conn.publish(f"users/{identity}/inbox", b"hello alice", mqtt.QoS.AT_LEAST_ONCE)[0].result(10)
+        assert got.get(timeout=10) == b"hello alice"
+        # Another user's topics: the IoT policy does not reach them (the role alone would).
+        sub, _ = conn.subscribe("users/someone-else/inbox", mqtt.QoS.AT_LEAST_ONCE, callback=lambda *a, **k: None)
+        with pytest.raises(mqtt.SubscribeError):
+            sub.result(10)
+    finally:
+        conn.disconnect().result(10)
+    # Another client id than the identity's: refused by the IoT policy.
+    with pytest.raises(Exception):
+        ws(s, c, "not-the-identity").connect().result(10)
+    # HTTPS publish with the same credentials: both policies decide there too.
+    data = s.boto("iot-data", aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretKey"],
+                  aws_session_token=c["SessionToken"])
+    data.publish(topic=f"users/{identity}/inbox", qos=1, payload=b"over https")
+    with pytest.raises(data.exceptions.ForbiddenException):
+        data.publish(topic="users/someone-else/inbox", qos=1, payload=b"x")
+    iot.detach_policy(policyName=policy, target=identity)
+    with pytest.raises(data.exceptions.ForbiddenException):
+        data.publish(topic=f"users/{identity}/inbox", qos=1, payload=b"x")
+
+
+def test_an_unauthenticated_identity_is_decided_by_its_role_alone(fx):
+    s, cog, app, pid, roles = fx
+    identity = app.get_id(IdentityPoolId=pid)["IdentityId"]
+    c = app.get_credentials_for_identity(IdentityId=identity)["Credentials"]
+    data = s.boto("iot-data", aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretKey"],
+                  aws_session_token=c["SessionToken"])
+    data.publish(topic="public/news", qos=1, payload=b"anyone")
+    with pytest.raises(data.exceptions.ForbiddenException):
+        data.get_retained_message(topic="public/news")
+    conn = ws(s, c, "guest-1")
+    conn.connect().result(10)
+    conn.disconnect().result(10)
+    sts = s.boto("sts", aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretKey"],
+                 aws_session_token=c["SessionToken"])
+    assert ":assumed-role/cog-unauthenticated/" in sts.get_caller_identity()["Arn"]
+
+
+def test_tokens_and_logins_that_do_not_hold_are_refused(fx):
+    s, cog, app, pid, roles = fx
+    alice, token = developer_login(cog, pid, "alice")
+    bob, bob_token = developer_login(cog, pid, "bob")
+    assert bob != alice
+    cases = [
+        # An authenticated identity without its login.
+        {"IdentityId": alice},
+        # Bob's token for Alice's identity.
+        {"IdentityId": alice, "Logins": {"cognito-identity.amazonaws.com": bob_token}},
+        # A token changed in transit.
+        {"IdentityId": alice, "Logins": {"cognito-identity.amazonaws.com": token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:]}},
+        # A provider whose tokens Sekisho cannot verify.
+        {"IdentityId": alice, "Logins": {"accounts.google.com": "eyJ..."}},
+    ]
+    for args in cases:
+        with pytest.raises(app.exceptions.NotAuthorizedException):
+            app.get_credentials_for_identity(**args)
+    # A token of another pool is not this pool's.
+    other = cog.create_identity_pool(IdentityPoolName="other", AllowUnauthenticatedIdentities=False,
+                                     DeveloperProviderName=DEV)["IdentityPoolId"]
+    o_id, o_token = developer_login(cog, other, "alice")
+    assert o_id != alice
+    with pytest.raises(app.exceptions.NotAuthorizedException):
+        app.get_credentials_for_identity(IdentityId=alice, Logins={"cognito-identity.amazonaws.com": o_token})
+    # A pool without unauthenticated identities gives none.
+    with pytest.raises(app.exceptions.NotAuthorizedException):
+        app.get_id(IdentityPoolId=other)
+    # A pool without roles (or whose role does not trust Cognito for it) gives no credentials.
+    with pytest.raises(app.exceptions.InvalidIdentityPoolConfigurationException):
+        app.get_credentials_for_identity(IdentityId=o_id, Logins={"cognito-identity.amazonaws.com": o_token})
+    cog.set_identity_pool_roles(IdentityPoolId=other, Roles={"authenticated": roles["authenticated"]})
+    with pytest.raises(app.exceptions.InvalidIdentityPoolConfigurationException):
+        app.get_credentials_for_identity(IdentityId=o_id, Logins={"cognito-identity.amazonaws.com": o_token})
+    cog.delete_identity_pool(IdentityPoolId=other)
+    with pytest.raises(app.exceptions.ResourceNotFoundException):
+        app.get_credentials_for_identity(IdentityId=o_id, Logins={"cognito-identity.amazonaws.com": o_token})
+    # The backend's call is signed and authorized like any other.
+    user = s.boto("iam").create_user(UserName=unique("nobody"))["User"]["UserName"]
+    k = s.boto("iam").create_access_key(UserName=user)["AccessKey"]
+    nobody = s.boto("cognito-identity", aws_access_key_id=k["AccessKeyId"], aws_secret_access_key=k["SecretAccessKey"])
+    time.sleep(0.2)
+    with pytest.raises(nobody.exceptions.NotAuthorizedException):
+        nobody.get_open_id_token_for_developer_identity(IdentityPoolId=pid, Logins={DEV: "mallory"})
+    with pytest.raises(Exception):
+        app.get_open_id_token_for_developer_identity(IdentityPoolId=pid, Logins={DEV: "mallory"})
+
+
+def test_deleting_the_pool_cuts_its_identities_connections(workdir):
+    from awscrt import mqtt
+    s = Server(workdir / "cognito-delete").start()
+    try:
+        cog, iam, iot = s.boto("cognito-identity"), s.boto("iam"), s.boto()
+        pid = cog.create_identity_pool(IdentityPoolName="short", AllowUnauthenticatedIdentities=False,
+                                       DeveloperProviderName=DEV)["IdentityPoolId"]
+        arn = iam.create_role(RoleName="cog-auth", AssumeRolePolicyDocument=trust(pid, "authenticated"))["Role"]["Arn"]
+        iam.put_role_policy(RoleName="cog-auth", PolicyName="iot", PolicyDocument=json.dumps(ALLOW_ALL))
+        cog.set_identity_pool_roles(IdentityPoolId=pid, Roles={"authenticated": arn})
+        identity, token = developer_login(cog, pid, "carol")
+        iot.create_policy(policyName="all", policyDocument=json.dumps(ALLOW_ALL))
+        iot.attach_policy(policyName="all", target=identity)
+        app = s.boto("cognito-identity", config=Config(signature_version=UNSIGNED))
+        c = app.get_credentials_for_identity(IdentityId=identity,
+                                             Logins={"cognito-identity.amazonaws.com": token})["Credentials"]
+        mon = Paho(s, s.endpoint(), Device(s, iot, unique("mon"), ALLOW_ALL, workdir), unique("mon"), v5=True)
+        assert mon.connect()[0] == 0
+        assert mon.subscribe("$aws/events/presence/disconnected/+", qos=1)[0].value == 1
+        conn = ws(s, c, "carol-phone")
+        conn.connect().result(10)
+        conn.subscribe("x", mqtt.QoS.AT_LEAST_ONCE, callback=lambda *a, **k: None)[0].result(10)
+        cog.delete_identity_pool(IdentityPoolId=pid)
+        e = json.loads(mon.messages.get(timeout=10).payload)
+        assert e["clientId"] == "carol-phone"
+        with pytest.raises(Exception):
+            ws(s, c, "carol-phone").connect().result(10)
+        mon.close()
+    finally:
+        s.stop()
