@@ -35,8 +35,9 @@ def fx(workdir):
                                     DeveloperProviderName=DEV)
     pid = pool["IdentityPoolId"]
     roles = {}
-    for kind, actions, resource in (("authenticated", "iot:*", "*"),
-                                    ("unauthenticated", ["iot:Connect", "iot:Publish"], "*")):
+    # The guest role also allows an IAM read: the guest session policy must still refuse it.
+    for kind, actions, resource in (("authenticated", ["iot:*", "sts:AssumeRole"], "*"),
+                                    ("unauthenticated", ["iot:Connect", "iot:Publish", "iam:ListUsers"], "*")):
         arn = iam.create_role(RoleName=f"cog-{kind}", AssumeRolePolicyDocument=trust(pid, kind))["Role"]["Arn"]
         iam.put_role_policy(RoleName=f"cog-{kind}", PolicyName="iot", PolicyDocument=json.dumps({
             "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": resource}]}))
@@ -156,6 +157,83 @@ def test_an_unauthenticated_identity_is_decided_by_its_role_alone(fx):
     sts = s.boto("sts", aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretKey"],
                  aws_session_token=c["SessionToken"])
     assert ":assumed-role/cog-unauthenticated/" in sts.get_caller_identity()["Arn"]
+    # The role allows iam:ListUsers; a guest's session never reaches IAM.
+    guest_iam = s.boto("iam", aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretKey"],
+                       aws_session_token=c["SessionToken"])
+    with pytest.raises(guest_iam.exceptions.ClientError, match="AccessDenied"):
+        guest_iam.list_users()
+    # Asking again gives the same session, not a new one.
+    assert app.get_credentials_for_identity(IdentityId=identity)["Credentials"]["AccessKeyId"] == c["AccessKeyId"]
+
+
+def test_a_guest_token_does_not_outlive_its_guest_and_no_token_is_renewed_past_its_own(fx):
+    s, cog, app, pid, roles = fx
+    guest = app.get_id(IdentityPoolId=pid)["IdentityId"]
+    guest_token = app.get_open_id_token(IdentityId=guest)["Token"]
+    logins = {"cognito-identity.amazonaws.com": guest_token}
+    assert app.get_credentials_for_identity(IdentityId=guest, Logins=logins)["IdentityId"] == guest
+    # The backend links a user to that identity: it is authenticated now, and its guest token
+    # no longer buys anything.
+    out = cog.get_open_id_token_for_developer_identity(IdentityPoolId=pid, IdentityId=guest, Logins={DEV: "erin"},
+                                                       TokenDuration=2)
+    assert out["IdentityId"] == guest
+    with pytest.raises(app.exceptions.NotAuthorizedException):
+        app.get_credentials_for_identity(IdentityId=guest, Logins=logins)
+    # A token traded for a token lasts no longer than the one the backend gave (2 s).
+    renewed = app.get_open_id_token(IdentityId=guest, Logins={"cognito-identity.amazonaws.com": out["Token"]})["Token"]
+    time.sleep(3)
+    for t in (out["Token"], renewed):
+        with pytest.raises(app.exceptions.NotAuthorizedException):
+            app.get_credentials_for_identity(IdentityId=guest, Logins={"cognito-identity.amazonaws.com": t})
+
+
+def test_cognito_credentials_do_not_chain_into_other_roles_and_die_with_their_identity(fx):
+    s, cog, app, pid, roles = fx
+    account = s.account_id()
+    target = s.boto("iam").create_role(RoleName=unique("chained"), AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": account},
+                                                "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+    identity, token = developer_login(cog, pid, "dave")
+    c = app.get_credentials_for_identity(IdentityId=identity,
+                                         Logins={"cognito-identity.amazonaws.com": token})["Credentials"]
+    sts = s.boto("sts", aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretKey"],
+                 aws_session_token=c["SessionToken"])
+    # The role allows sts:AssumeRole and the target trusts the account: still refused, as the
+    # chained session would shed the identity's IoT policies and its revocation.
+    with pytest.raises(sts.exceptions.ClientError, match="AccessDenied"):
+        sts.assume_role(RoleArn=target, RoleSessionName="chain")
+    assert sts.get_caller_identity()["Account"] == account
+    out = cog.delete_identities(IdentityIdsToDelete=[identity])
+    assert out["UnprocessedIdentityIds"] == []
+    with pytest.raises(sts.exceptions.ClientError, match="InvalidClientTokenId"):
+        sts.get_caller_identity()
+    with pytest.raises(app.exceptions.ResourceNotFoundException):
+        app.get_credentials_for_identity(IdentityId=identity, Logins={"cognito-identity.amazonaws.com": token})
+
+
+def test_unsigned_calls_are_rate_limited_per_address(workdir):
+    """GetId and its kin need no signature, so one address may make 10 a second (bursts of
+    50): a loop gets TooManyRequestsException, not an identity per call."""
+    s = Server(workdir / "cognito-rate").start()
+    try:
+        pid = s.boto("cognito-identity").create_identity_pool(
+            IdentityPoolName="guests", AllowUnauthenticatedIdentities=True)["IdentityPoolId"]
+        app = s.boto("cognito-identity", config=Config(signature_version=UNSIGNED,
+                                                       retries={"total_max_attempts": 1}))
+        made, refused = 0, 0
+        for _ in range(60):
+            try:
+                app.get_id(IdentityPoolId=pid)
+                made += 1
+            except app.exceptions.TooManyRequestsException:
+                refused += 1
+        assert 50 <= made < 60 and refused > 0, (made, refused)
+        listed = s.boto("cognito-identity").list_identities(IdentityPoolId=pid, MaxResults=60)["Identities"]
+        assert len(listed) == made
+        time.sleep(0.5)
+        app.get_id(IdentityPoolId=pid)
+    finally:
+        s.stop()
 
 
 def test_tokens_and_logins_that_do_not_hold_are_refused(fx):

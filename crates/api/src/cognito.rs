@@ -42,6 +42,47 @@ const CREDENTIAL_SECONDS: u32 = 3600;
 const OPEN_ID_TOKEN_SECONDS: u64 = 600;
 /// The longest login token taken (AWS: 50,000).
 const MAX_LOGIN_TOKEN: usize = 50_000;
+/// Credentials of the same identity and role are given again while this much of them is left,
+/// seconds: an app asking again (or anyone looping on an identity id) gets the same session
+/// rather than a new one each time.
+const REUSE_WHILE_LEFT: f64 = 900.0;
+/// Unsigned calls one source address may make per second, and in a burst.
+const UNSIGNED_RATE: f64 = 10.0;
+const UNSIGNED_BURST: f64 = 50.0;
+/// Source addresses and sessions remembered at most (then forgotten, all at once).
+const MAX_REMEMBERED: usize = 100_000;
+/// The session policy of an unauthenticated identity's credentials: whatever the role
+/// allows, but never IAM or STS (a guest must not make itself lasting credentials).
+const GUEST_SESSION_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","NotAction":["iam:*","sts:*"],"Resource":"*"}]}"#;
+
+type Buckets = std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>;
+type Sessions = std::collections::HashMap<(String, String, String), sekisho_registry::Session>;
+
+/// Per source address: tokens left and when they were counted.
+static UNSIGNED_BUCKETS: std::sync::LazyLock<std::sync::Mutex<Buckets>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Sessions given to identities: (account, identity, role id) → the session.
+static SESSIONS: std::sync::LazyLock<std::sync::Mutex<Sessions>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Whether `ip` may make one more unsigned call now.
+fn unsigned_allowed(ip: std::net::IpAddr) -> bool {
+    let now = std::time::Instant::now();
+    let mut m = UNSIGNED_BUCKETS.lock().unwrap_or_else(|p| p.into_inner());
+    if m.len() >= MAX_REMEMBERED && !m.contains_key(&ip) {
+        m.clear();
+    }
+    let (tokens, at) = m.entry(ip).or_insert((UNSIGNED_BURST, now));
+    *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * UNSIGNED_RATE).min(UNSIGNED_BURST);
+    *at = now;
+    if *tokens >= 1.0 {
+        *tokens -= 1.0;
+        true
+    } else {
+        false
+    }
+}
 
 /// The operation a request names, if it is a Cognito identity request.
 pub fn operation(headers: &[(String, String)]) -> Option<&str> {
@@ -365,7 +406,23 @@ fn identity_type(
         Some(c) if c.sub != i.id => Err(not_authorized(
             "Invalid login token. The token is for another identity.",
         )),
-        Some(c) => Ok(c.amr.iter().any(|a| a == "authenticated")),
+        // An authenticated token holds while its identity has a login; a guest token only for a
+        // guest identity of a pool that still takes guests.
+        Some(c) => {
+            let authenticated = c.amr.iter().any(|a| a == "authenticated");
+            if authenticated == i.logins.is_empty() {
+                return Err(not_authorized(format!(
+                    "Access to Identity '{}' is forbidden.",
+                    i.id
+                )));
+            }
+            if !authenticated && !pool.allow_unauthenticated {
+                return Err(not_authorized(
+                    "Unauthenticated access is not supported for this identity pool.",
+                ));
+            }
+            Ok(authenticated)
+        }
         None if !i.logins.is_empty() => Err(not_authorized(format!(
             "Access to Identity '{}' is forbidden.",
             i.id
@@ -390,7 +447,15 @@ fn amr(authenticated: bool, pool: &sekisho_registry::IdentityPool) -> Vec<String
 }
 
 /// One unsigned call (GetId, GetCredentialsForIdentity, GetOpenIdToken).
-pub fn dispatch_unsigned(state: &ApiState, op: &str, body: &[u8]) -> Response<Full<Bytes>> {
+pub fn dispatch_unsigned(
+    state: &ApiState,
+    ip: std::net::IpAddr,
+    op: &str,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    if !unsigned_allowed(ip) {
+        return respond(Err(error(429, "TooManyRequestsException", "Rate exceeded")));
+    }
     respond(unsigned(state, op, body))
 }
 
@@ -445,13 +510,19 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
             let (_, i, pool) = identity_and_pool(state, id)?;
             let claims = check_logins(&pool, &string_map(&o, "Logins", 10)?)?;
             let authenticated = identity_type(&i, &pool, claims.as_ref())?;
+            // A token given for a token lasts no longer than the one presented: what a
+            // backend vouched for cannot be renewed past it.
+            let exp = claims
+                .as_ref()
+                .map_or(u64::MAX, |c| c.exp)
+                .min(now() + OPEN_ID_TOKEN_SECONDS);
             let token = issue_token(
                 &pool.token_key,
                 &Claims {
                     sub: i.id.clone(),
                     aud: pool.id.clone(),
                     amr: amr(authenticated, &pool),
-                    exp: now() + OPEN_ID_TOKEN_SECONDS,
+                    exp,
                 },
                 now(),
             );
@@ -506,19 +577,45 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
                     kind.to_string(),
                 ),
             ]);
-            let s = state
-                .registry
-                .create_session_with(
-                    &account,
-                    IamPrincipal::Role {
-                        role: role.name.clone(),
-                        session: "CognitoIdentityCredentials".into(),
-                    },
-                    CREDENTIAL_SECONDS,
-                    None,
-                    keys,
-                )
-                .map_err(cognito_error)?;
+            let key = (account.clone(), i.id.clone(), role.id.clone());
+            let reusable = SESSIONS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .filter(|s| {
+                    s.expiration - sekisho_registry::now_secs() > REUSE_WHILE_LEFT
+                        && s.context == keys
+                        && state.registry.credential(&s.access_key_id).is_some()
+                })
+                .cloned();
+            let s = match reusable {
+                Some(s) => s,
+                None => {
+                    let s = state
+                        .registry
+                        .create_session_with(
+                            &account,
+                            IamPrincipal::Role {
+                                role: role.name.clone(),
+                                session: "CognitoIdentityCredentials".into(),
+                            },
+                            CREDENTIAL_SECONDS,
+                            (!authenticated).then_some(GUEST_SESSION_POLICY),
+                            keys,
+                        )
+                        .map_err(cognito_error)?;
+                    let mut m = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
+                    if m.len() >= MAX_REMEMBERED {
+                        let now = sekisho_registry::now_secs();
+                        m.retain(|_, s| s.expiration - now > REUSE_WHILE_LEFT);
+                        if m.len() >= MAX_REMEMBERED {
+                            m.clear();
+                        }
+                    }
+                    m.insert(key, s.clone());
+                    s
+                }
+            };
             Ok(json!({"IdentityId": i.id, "Credentials": {
                 "AccessKeyId": s.access_key_id, "SecretKey": s.secret_access_key,
                 "SessionToken": s.token, "Expiration": s.expiration.floor()}}))
@@ -694,6 +791,38 @@ fn signed(state: &ApiState, call: &Call, op: &str) -> Result<Value, ApiError> {
                 now(),
             );
             Ok(json!({"IdentityId": id, "Token": token}))
+        }
+        "DeleteIdentities" => {
+            let ids = match o.get("IdentityIdsToDelete") {
+                Some(Value::Array(a)) if (1..=60).contains(&a.len()) => a
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<String>>>()
+                    .ok_or_else(|| invalid("IdentityIdsToDelete must list identity ids"))?,
+                _ => {
+                    return Err(invalid(
+                        "IdentityIdsToDelete must list 1 to 60 identity ids",
+                    ));
+                }
+            };
+            // Each identity is deleted only if the caller may do so on its pool.
+            let mut unprocessed = Vec::new();
+            let mut allowed = Vec::new();
+            for id in ids {
+                match state.registry.cognito_identity(account, &id) {
+                    Ok(i) if allow(&pool_arn(&i.pool)).is_ok() => allowed.push(id),
+                    Ok(_) => {
+                        unprocessed.push(json!({"IdentityId": id, "ErrorCode": "AccessDenied"}))
+                    }
+                    // Not this account's, or gone already: nothing to delete.
+                    Err(_) => {}
+                }
+            }
+            state
+                .registry
+                .delete_cognito_identities(account, &allowed)
+                .map_err(cognito_error)?;
+            Ok(json!({"UnprocessedIdentityIds": unprocessed}))
         }
         "DescribeIdentity" => {
             let id = required(&o, "IdentityId")?;

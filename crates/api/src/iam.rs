@@ -741,6 +741,15 @@ fn assume_role(
             format!("{role_arn} is not a role ARN"),
         ));
     }
+    // A Cognito identity's credentials do not chain into other roles: the chained session would
+    // shed what binds it to the identity (its IoT policies, its revocation with the identity).
+    if caller
+        .context
+        .contains_key("cognito-identity.amazonaws.com:sub")
+    {
+        tracing::info!(caller = %caller.arn(), role = %role_arn, "AssumeRole with a Cognito identity's credentials refused");
+        return Err(denied());
+    }
     let (target_account, role) = assumed_role(reg, role_arn).ok_or_else(denied)?;
     let target_account = target_account.as_str();
     let caller_arn = caller.arn();

@@ -426,7 +426,7 @@ pub async fn handle(
             )
             .await
             {
-                Ok(b) => cognito::dispatch_unsigned(&state, &op, &b),
+                Ok(b) => cognito::dispatch_unsigned(&state, peer.ip(), &op, &b),
                 Err(sekisho_auth::http::BodyError::TooLarge) => error_response(&ApiError::new(
                     413,
                     "RequestEntityTooLargeException",

@@ -631,7 +631,12 @@ impl Principal {
                 .iam
                 .as_ref()
                 .and_then(|i| i.session.as_ref())
-                .is_some_and(|(_, b)| reads_time(b));
+                .is_some_and(|(_, b)| reads_time(b))
+            || self
+                .iam
+                .as_ref()
+                .and_then(|i| i.cognito.as_ref())
+                .is_some_and(|(_, b)| b.iter().any(reads_time));
         if self.reads_time {
             self.ctx.set_time(sekisho_registry::now_secs() as i64);
         } else {

@@ -326,6 +326,27 @@ impl Registry {
         })
     }
 
+    /// DeleteIdentities: the identities of this account named (others are ignored), and so
+    /// their logins, tokens and credentials.
+    pub fn delete_cognito_identities(&self, account: &str, ids: &[String]) -> Result<()> {
+        self.write(account, |acct, tx| {
+            let gone: Vec<&String> = ids
+                .iter()
+                .filter(|i| acct.cognito_identities.contains_key(*i))
+                .collect();
+            for i in &gone {
+                tx.delete(Kind::CognitoIdentity, i);
+            }
+            if !gone.is_empty() {
+                tx.bump();
+            }
+            for i in gone {
+                acct.cognito_identities.remove(i);
+            }
+            Ok(())
+        })
+    }
+
     /// DescribeIdentity.
     pub fn cognito_identity(&self, account: &str, id: &str) -> Result<CognitoIdentity> {
         self.read(account, |a| {

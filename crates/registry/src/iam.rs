@@ -881,6 +881,16 @@ impl Registry {
             if s.principal_id.as_deref() != Some(now_id.as_str()) {
                 return None;
             }
+            // A Cognito identity's session holds only while the identity exists (a deleted
+            // identity or pool takes its credentials with it, on every surface).
+            if let Some(id) = s.context.get("cognito-identity.amazonaws.com:sub")
+                && !st
+                    .accounts
+                    .get(&s.account_id)
+                    .is_some_and(|a| a.cognito_identities.contains_key(id))
+            {
+                return None;
+            }
             Some(Credential {
                 account_id: s.account_id.clone(),
                 secret_access_key: s.secret_access_key.clone(),
