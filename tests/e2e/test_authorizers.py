@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import queue
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -613,6 +614,40 @@ def test_https_requests_carry_the_token_in_headers_or_query(fx):
     # No authorizer named and none by default: an unsigned request, refused as before.
     r = requests.post(f"{base}/topics/dev%2Fdev1", data=b"x", verify=s.ca, timeout=15)
     assert r.status_code == 401, r.text
+
+
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
+def test_mosquitto_and_curl_present_tokens(fx, version):
+    """mosquitto_pub with the token in its username (ALPN `mqtt` on the HTTPS port), and curl
+    with the token in headers, as a migrating fleet's tools would."""
+    s, iot, lam, fn, key, name = fx
+    sub = token_client(s, f"dev1-{version}", token_username(name, key, "tok-1"))
+    try:
+        assert sub.connect()[0] == 0
+        assert [r.value for r in sub.subscribe("dev/dev1", qos=1)] == [1]
+
+        def mosquitto_pub(token, topic, message):
+            return subprocess.run(
+                ["mosquitto_pub", "-h", s.endpoint(), "-p", str(s.https_port), "--cafile", s.ca, "--tls-alpn", "mqtt",
+                 "-i", f"dev1-mosq-{version}", "-V", version, "-u", token_username(name, key, token), "-P", "pw",
+                 "-t", topic, "-m", message, "-q", "1"], capture_output=True, text=True, timeout=15)
+
+        r = mosquitto_pub("tok-1", "dev/dev1", "from mosquitto")
+        assert r.returncode == 0, r.stderr
+        assert sub.messages.get(timeout=10).payload == b"from mosquitto"
+        # The function does not know this token: the connection is refused.
+        r = mosquitto_pub("nobody", "dev/dev1", "x")
+        assert r.returncode != 0 and "not authori" in (r.stderr + r.stdout).lower(), (r.returncode, r.stderr)
+        r = subprocess.run(
+            ["curl", "-sS", "--cacert", s.ca, "-o", "/dev/null", "-w", "%{http_code}",
+             "-H", f"x-amz-customauthorizer-name: {name}",
+             "-H", f"x-amz-customauthorizer-signature: {sign(key, 'tok-1')}", "-H", "token: tok-1",
+             "--data-binary", "from curl", f"https://{s.endpoint()}:{s.https_port}/topics/dev%2Fdev1?qos=1"],
+            capture_output=True, text=True, timeout=15)
+        assert r.stdout == "200", (r.stdout, r.stderr)
+        assert sub.messages.get(timeout=10).payload == b"from curl"
+    finally:
+        sub.close()
 
 
 def test_an_authorizer_caching_for_http_is_asked_once_per_connection(fx):

@@ -89,8 +89,13 @@ def test_an_authenticated_identity_needs_its_iot_policy_and_its_roles(fx, workdi
     s, cog, app, pid, roles = fx
     iot = s.boto()
     identity, token = developer_login(cog, pid, "alice")
-    # The same user is the same identity.
+    # The same user is the same identity; the backend can look it up either way.
     assert developer_login(cog, pid, "alice")[0] == identity
+    found = cog.lookup_developer_identity(IdentityPoolId=pid, DeveloperUserIdentifier="alice")
+    assert (found["IdentityId"], found["DeveloperUserIdentifierList"]) == (identity, ["alice"])
+    assert cog.lookup_developer_identity(IdentityPoolId=pid, IdentityId=identity)["IdentityId"] == identity
+    with pytest.raises(cog.exceptions.ResourceNotFoundException):
+        cog.lookup_developer_identity(IdentityPoolId=pid, DeveloperUserIdentifier="nobody")
     creds = app.get_credentials_for_identity(IdentityId=identity,
                                              Logins={"cognito-identity.amazonaws.com": token})
     assert creds["IdentityId"] == identity

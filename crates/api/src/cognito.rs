@@ -824,6 +824,48 @@ fn signed(state: &ApiState, call: &Call, op: &str) -> Result<Value, ApiError> {
                 .map_err(cognito_error)?;
             Ok(json!({"UnprocessedIdentityIds": unprocessed}))
         }
+        "LookupDeveloperIdentity" => {
+            let p = pool("IdentityPoolId")?;
+            let Some(provider) = &p.developer_provider else {
+                return Err(invalid("The identity pool has no developer provider"));
+            };
+            let by_user = text(&o, "DeveloperUserIdentifier")?;
+            let by_id = text(&o, "IdentityId")?;
+            if by_user.is_none() && by_id.is_none() {
+                return Err(invalid(
+                    "Either IdentityId or DeveloperUserIdentifier is required",
+                ));
+            }
+            let prefix = format!("{provider}\n");
+            let found = state
+                .registry
+                .list_cognito_identities(
+                    account,
+                    &p.id,
+                    None,
+                    sekisho_registry::MAX_IDENTITIES_PER_POOL,
+                )
+                .map_err(cognito_error)?
+                .items
+                .into_iter()
+                .find(|i| {
+                    by_id.is_none_or(|id| i.id == id)
+                        && by_user.is_none_or(|u| i.logins.contains(&format!("{prefix}{u}")))
+                })
+                .ok_or_else(|| {
+                    error(
+                        400,
+                        "ResourceNotFoundException",
+                        "No matching identity found.",
+                    )
+                })?;
+            let users: Vec<&str> = found
+                .logins
+                .iter()
+                .filter_map(|l| l.strip_prefix(&prefix))
+                .collect();
+            Ok(json!({"IdentityId": found.id, "DeveloperUserIdentifierList": users}))
+        }
         "DescribeIdentity" => {
             let id = required(&o, "IdentityId")?;
             let i = state
