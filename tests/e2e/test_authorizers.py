@@ -9,6 +9,7 @@ over."""
 import base64
 import io
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -529,6 +530,36 @@ def test_a_websocket_without_a_token_on_the_upgrade_authenticates_at_connect(fx)
         assert rc.value == 0x87, rc
     finally:
         c.close()
+
+
+JS_CUSTOM_AUTH = '''
+const awsIot = require("aws-iot-device-sdk");
+const [host, port, headers] = [process.argv[1], Number(process.argv[2]), JSON.parse(process.argv[3])];  // node -e: no script path
+const d = awsIot.device({host, port, region: "us-east-1", protocol: "wss-custom-auth",
+                         customAuthHeaders: headers, clientId: "dev1-js", keepalive: 30});
+d.on("connect", () => d.subscribe("dev/dev1", {qos: 1}, (err) => {
+  if (err) { console.log("SUBSCRIBE-ERROR " + err); process.exit(2); }
+  d.publish("dev/dev1", "from the js sdk", {qos: 1});
+}));
+d.on("message", (topic, payload) => { console.log("GOT " + topic + " " + payload); process.exit(0); });
+d.on("error", (e) => { console.log("ERROR " + e); process.exit(2); });
+setTimeout(() => { console.log("TIMEOUT"); process.exit(3); }, 20000);
+'''
+
+
+def test_the_javascript_device_sdk_presents_a_token_on_the_websocket_upgrade(fx):
+    """aws-iot-device-sdk (JavaScript v1) with `protocol: 'wss-custom-auth'`: the token and its
+    signature as headers of the upgrade, as its README describes."""
+    s, iot, lam, fn, key, name = fx
+    node_dir = os.path.join(os.path.dirname(__file__), "node")
+    if not os.path.isdir(os.path.join(node_dir, "node_modules", "aws-iot-device-sdk")):
+        pytest.skip("aws-iot-device-sdk is not installed (scripts/install-test-deps.sh)")
+    r = subprocess.run(["node", "-e", JS_CUSTOM_AUTH, s.endpoint(), str(s.https_port),
+                        json.dumps(token_headers(name, key, "tok-1"))],
+                       cwd=node_dir, env={**os.environ, "NODE_EXTRA_CA_CERTS": str(s.ca)},
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "GOT dev/dev1 from the js sdk" in r.stdout, (r.returncode, r.stdout, r.stderr)
+    assert events(s)[-1]["protocolData"]["http"]["headers"]["token"] == "tok-1"
 
 
 def test_the_device_sdk_connects_over_websocket_through_a_custom_authorizer(fx):
