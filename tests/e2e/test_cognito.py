@@ -319,3 +319,42 @@ def test_deleting_the_pool_cuts_its_identities_connections(workdir):
         mon.close()
     finally:
         s.stop()
+
+
+def test_the_basic_flow_assumes_the_pools_role_with_its_token(fx):
+    """STS AssumeRoleWithWebIdentity (unsigned, as on AWS) with a pool's token, when the pool
+    allows the basic flow: the role must trust Cognito for that pool and identity type, and the
+    session is held to the same rules as the enhanced flow's."""
+    s, cog, app, pid, roles = fx
+    identity, token = developer_login(cog, pid, "frank")
+    sts = s.boto("sts", config=Config(signature_version=UNSIGNED, retries={"total_max_attempts": 1}))
+
+    def assume(role, t):
+        return sts.assume_role_with_web_identity(RoleArn=role, RoleSessionName="app", WebIdentityToken=t)
+
+    with pytest.raises(sts.exceptions.ClientError, match="AccessDenied"):
+        assume(roles["authenticated"], token)
+    cog.update_identity_pool(IdentityPoolId=pid, IdentityPoolName="app pool", AllowUnauthenticatedIdentities=True,
+                             AllowClassicFlow=True, DeveloperProviderName=DEV)
+    try:
+        out = assume(roles["authenticated"], token)
+        assert (out["SubjectFromWebIdentityToken"], out["Provider"], out["Audience"]) == (
+            identity, "cognito-identity.amazonaws.com", pid)
+        assert out["AssumedRoleUser"]["Arn"].endswith(":assumed-role/cog-authenticated/app")
+        c = out["Credentials"]
+        data = s.boto("iot-data", aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretAccessKey"],
+                      aws_session_token=c["SessionToken"])
+        # The IoT rule holds here too: no IoT policy is attached to frank's identity.
+        with pytest.raises(data.exceptions.ForbiddenException):
+            data.publish(topic=f"users/{identity}/inbox", qos=1, payload=b"x")
+        # The guest role does not trust authenticated identities.
+        with pytest.raises(sts.exceptions.ClientError, match="AccessDenied"):
+            assume(roles["unauthenticated"], token)
+        # A token changed in transit, or not a pool's token at all.
+        for bad in (token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:], "not.a.token"):
+            with pytest.raises(sts.exceptions.InvalidIdentityTokenException):
+                assume(roles["authenticated"], bad)
+    finally:
+        cog.update_identity_pool(IdentityPoolId=pid, IdentityPoolName="app pool",
+                                 AllowUnauthenticatedIdentities=True, AllowClassicFlow=False,
+                                 DeveloperProviderName=DEV)

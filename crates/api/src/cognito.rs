@@ -624,6 +624,145 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
     }
 }
 
+// --- The basic flow: STS AssumeRoleWithWebIdentity with a pool's token -----------------------
+
+/// What AssumeRoleWithWebIdentity gave: the session, the role it is of (name, id), the
+/// identity, and the pool.
+pub(crate) struct WebIdentitySession {
+    pub session: sekisho_registry::Session,
+    pub role: (String, String),
+    pub identity: String,
+    pub pool: String,
+}
+
+/// STS AssumeRoleWithWebIdentity (unsigned, as on AWS) for a token one of Sekisho's pools
+/// issued (the basic flow, which the pool must allow): the role named must be of the pool's
+/// account and trust `cognito-identity.amazonaws.com` for that pool and identity type; the
+/// session carries the same Cognito keys as the enhanced flow's. Errors are STS's
+/// (`InvalidIdentityToken`, `AccessDenied`, `ValidationError`).
+pub(crate) fn assume_role_with_web_identity(
+    state: &ApiState,
+    role_arn: &str,
+    session_name: &str,
+    token: &str,
+    duration: Option<u32>,
+) -> Result<WebIdentitySession, ApiError> {
+    let bad_token = || {
+        error(
+            400,
+            "InvalidIdentityToken",
+            "The ID Token provided is not a valid Cognito identity token",
+        )
+    };
+    let denied = || {
+        error(
+            403,
+            "AccessDenied",
+            "Not authorized to perform sts:AssumeRoleWithWebIdentity",
+        )
+    };
+    // The pool is the token's audience, read before the signature is checked only to find the
+    // key that must verify it.
+    let aud = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|p| serde_json::from_slice::<Value>(&p).ok())
+        .and_then(|p| p.get("aud").and_then(Value::as_str).map(str::to_owned))
+        .ok_or_else(bad_token)?;
+    let account = state
+        .registry
+        .identity_pool_account(&aud)
+        .ok_or_else(bad_token)?;
+    let pool = state
+        .registry
+        .identity_pool(&account, &aud)
+        .map_err(|_| bad_token())?;
+    let claims = verify_token(&pool.token_key, &pool.id, token, now()).ok_or_else(bad_token)?;
+    let i = state
+        .registry
+        .cognito_identity(&account, &claims.sub)
+        .map_err(|_| bad_token())?;
+    if !pool.allow_classic_flow {
+        return Err(error(
+            403,
+            "AccessDenied",
+            "Basic (classic) flow is not enabled for this identity pool",
+        ));
+    }
+    let authenticated = identity_type(&i, &pool, Some(&claims)).map_err(|_| denied())?;
+    let role = state
+        .registry
+        .role_by_arn(&account, role_arn)
+        .ok_or_else(denied)?;
+    let kind = if authenticated {
+        "authenticated"
+    } else {
+        "unauthenticated"
+    };
+    let mut ctx = sekisho_policy::MapContext::new();
+    ctx.set("cognito-identity.amazonaws.com:aud", pool.id.clone());
+    ctx.set("cognito-identity.amazonaws.com:sub", i.id.clone());
+    ctx.set_many(
+        "cognito-identity.amazonaws.com:amr",
+        amr(authenticated, &pool),
+    );
+    if !role.trusts_federated(COGNITO_PROVIDER, &ctx) {
+        return Err(denied());
+    }
+    let secs = duration.unwrap_or(3600);
+    if !(900..=role.max_session).contains(&secs) {
+        return Err(error(
+            400,
+            "ValidationError",
+            "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.",
+        ));
+    }
+    let keys = BTreeMap::from([
+        (
+            "cognito-identity.amazonaws.com:sub".to_string(),
+            i.id.clone(),
+        ),
+        (
+            "cognito-identity.amazonaws.com:aud".to_string(),
+            pool.id.clone(),
+        ),
+        (
+            "cognito-identity.amazonaws.com:amr".to_string(),
+            kind.to_string(),
+        ),
+    ]);
+    let session = state
+        .registry
+        .create_session_with(
+            &account,
+            IamPrincipal::Role {
+                role: role.name.clone(),
+                session: session_name.to_owned(),
+            },
+            secs,
+            (!authenticated).then_some(GUEST_SESSION_POLICY),
+            keys,
+        )
+        .map_err(cognito_error)?;
+    Ok(WebIdentitySession {
+        session,
+        role: (role.name, role.id),
+        identity: i.id,
+        pool: pool.id,
+    })
+}
+
+/// Whether one more unsigned call may come from `ip` now (the same allowance as the Cognito
+/// calls').
+pub(crate) fn unsigned_call_allowed(ip: std::net::IpAddr) -> bool {
+    unsigned_allowed(ip)
+}
+
 // --- Signed calls ---------------------------------------------------------------------------
 
 /// One SigV4-signed call, authorized as `cognito-identity:<Op>` on the pool it names (`*` for

@@ -587,6 +587,65 @@ fn iam(
     })
 }
 
+/// STS AssumeRoleWithWebIdentity, which AWS serves unsigned: a Cognito pool's token for the
+/// pool's role (the basic flow, `crate::cognito`). Other tokens are refused; so is `Policy`.
+pub(crate) fn web_identity(
+    state: &ApiState,
+    params: Vec<(String, String)>,
+) -> Response<Full<Bytes>> {
+    let p = Params(params);
+    let out = (|| -> Result<String, ApiError> {
+        let role_arn = p.req("RoleArn")?;
+        let session = p.req("RoleSessionName")?;
+        let token = p.req("WebIdentityToken")?;
+        if !(2..=64).contains(&session.len())
+            || !session
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
+        {
+            return Err(ApiError::new(
+                400,
+                "ValidationError",
+                "RoleSessionName must be 2 to 64 characters of [\\w+=,.@-]",
+            ));
+        }
+        if p.get("Policy").is_some() || p.get("PolicyArns.member.1.arn").is_some() {
+            return Err(ApiError::new(
+                400,
+                "ValidationError",
+                "Session policies are not supported with web identities here",
+            ));
+        }
+        let w = crate::cognito::assume_role_with_web_identity(
+            state,
+            role_arn,
+            session,
+            token,
+            p.int("DurationSeconds")?,
+        )?;
+        let account = &w.session.account_id;
+        Ok(format!(
+            "{}{}<AssumedRoleUser>{}{}</AssumedRoleUser>{}{}",
+            credentials_xml(&w.session),
+            el("SubjectFromWebIdentityToken", &w.identity),
+            el("AssumedRoleId", &format!("{}:{session}", w.role.1)),
+            el(
+                "Arn",
+                &format!("arn:aws:sts::{account}:assumed-role/{}/{session}", w.role.0)
+            ),
+            el("Provider", crate::cognito::COGNITO_PROVIDER),
+            el("Audience", &w.pool),
+        ))
+    })();
+    match out {
+        Ok(inner) => xml::ok(xml::STS_NS, "AssumeRoleWithWebIdentity", &inner),
+        Err(e) => {
+            tracing::info!(code = e.code, message = %e.message, "AssumeRoleWithWebIdentity refused");
+            xml::error_response(xml::STS_NS, &e)
+        }
+    }
+}
+
 fn credentials_xml(s: &sekisho_registry::Session) -> String {
     format!(
         "<Credentials>{}{}{}{}</Credentials>",

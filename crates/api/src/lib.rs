@@ -451,6 +451,50 @@ pub async fn handle(
         body_sha256: "",
     };
     let claim = sekisho_sigv4::parse(&head);
+    // STS AssumeRoleWithWebIdentity is unsigned too (the Cognito basic flow): an unsigned form
+    // POST is read (64 KB at most, within its deadline) only to see whether it is that call.
+    if matches!(claim, Err(sekisho_sigv4::SigError::Missing))
+        && parts.method == hyper::Method::POST
+        && path == "/"
+        && headers.iter().any(|(k, v)| {
+            k.eq_ignore_ascii_case("content-type")
+                && v.starts_with("application/x-www-form-urlencoded")
+        })
+    {
+        let Ok(b) = sekisho_auth::http::read_body(
+            body,
+            cognito::MAX_UNSIGNED_BODY,
+            sekisho_auth::http::BODY_DEADLINE,
+        )
+        .await
+        else {
+            return Ok(error_response(&auth_error(
+                AuthFailure::Signature(sekisho_sigv4::SigError::Missing),
+                false,
+            )));
+        };
+        let mut params = parse_query(&String::from_utf8_lossy(&b));
+        params.extend(parse_query(&query));
+        let action = params
+            .iter()
+            .find(|(k, _)| k == "Action")
+            .map(|(_, v)| v.as_str());
+        if action == Some("AssumeRoleWithWebIdentity") {
+            if !cognito::unsigned_call_allowed(peer.ip()) {
+                return Ok(xml::error_response(
+                    xml::STS_NS,
+                    &ApiError::new(400, "Throttling", "Rate exceeded"),
+                ));
+            }
+            return Ok(iam::web_identity(&state, params));
+        }
+        // Anything else unsigned is refused as before.
+        tracing::info!(method = %parts.method, %path, "request not authenticated");
+        return Ok(error_response(&auth_error(
+            AuthFailure::Signature(sekisho_sigv4::SigError::Missing),
+            false,
+        )));
+    }
     let ns = claim
         .as_ref()
         .ok()
