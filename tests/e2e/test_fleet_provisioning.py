@@ -1,15 +1,20 @@
 """Fleet provisioning by claim: templates with the stock AWS CLI and boto3, the device side with
 the AWS IoT Device SDK's identity client (awsiotsdk) and paho-mqtt."""
 
+import io
 import json
 import queue
 import subprocess
+import sys
+import time
+import zipfile
 
 import pytest
 from awscrt import mqtt as crt_mqtt
+from botocore.config import Config
 from awsiot import iotidentity, mqtt_connection_builder
 
-from conftest import ALLOW_ALL, Paho, unique
+from conftest import ALLOW_ALL, Paho, Server, unique
 
 Q1 = crt_mqtt.QoS.AT_LEAST_ONCE
 
@@ -251,7 +256,8 @@ def test_templates_with_the_cli(server):
     server.aws("iot", "delete-provisioning-template-version", "--template-name", name, "--version-id", "1")
     vs = server.aws("iot", "list-provisioning-template-versions", "--template-name", name)["versions"]
     assert [v["versionId"] for v in vs] == [2, 3, 4, 5]
-    # Refusals: bad bodies, a role that does not trust IoT, a duplicate, hooks (no function host yet).
+    # Refusals: bad bodies, a role that does not trust IoT, a duplicate, a hook naming another
+    # account's function.
     for bad in ("[]", json.dumps({"Resources": {"b": {"Type": "AWS::S3::Bucket"}}})):
         cp = server.aws("iot", "create-provisioning-template", "--template-name", unique("bad")[:36],
                         "--provisioning-role-arn", role, "--template-body", bad, check=False)
@@ -456,3 +462,92 @@ def test_hardening_after_review(server, workdir):
                    f"https://{server.endpoint()}:{server.https_port}/topics/%24aws%2Fprovisioning-templates%2F{template}%2Fprovision%2Fjson"],
                   capture_output=True, text=True, timeout=15).stdout
     assert code == "403"
+
+
+HOOK = '''
+import json
+
+def handler(event, context):
+    print("HOOK-EVENT " + json.dumps(event, sort_keys=True))
+    serial = event["parameters"].get("SerialNumber", "")
+    if serial.startswith("slow-"):
+        import time
+        time.sleep(10)
+    if not serial.startswith("ok-"):
+        return {"allowProvisioning": False}
+    return {"allowProvisioning": True,
+            "parameterOverrides": {"SerialNumber": serial + "-checked", "DeviceLocation": "Seattle"}}
+'''
+
+
+def test_a_pre_provisioning_hook_decides_and_overrides(workdir):
+    """A template's pre-provisioning hook (a Python Lambda handler hosted by Sekisho) sees the
+    claim, the new certificate and the parameters; it refuses serials it does not know
+    (rejected, 403 AccessDenied, nothing provisioned) and overrides parameters of those it
+    allows. A hook IoT may not invoke, or one that takes more than 5 s, refuses too."""
+    s = Server(workdir / "prov-hook", config=f'[functions]\nenabled = true\npython = "{sys.executable}"\n').start()
+    try:
+        iot, lam = s.boto(), s.boto("lambda", config=Config(retries={"total_max_attempts": 1}, read_timeout=30))
+        role = s.boto("iam").create_role(RoleName="hook-exec", AssumeRolePolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"},
+                                                    "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("app.py", HOOK)
+        fn = lam.create_function(FunctionName="prov-hook", Runtime="python3.11", Role=role, Handler="app.handler",
+                                 Code={"ZipFile": buf.getvalue()}, Timeout=30)["FunctionArn"]
+        group, policy = unique("hooked"), unique("DevicePolicy")
+        iot.create_thing_group(thingGroupName=group)
+        iot.create_policy(policyName=policy, policyDocument=json.dumps(ALLOW_ALL))
+        template = unique("HookTpl")[:36]
+        arn = iot.create_provisioning_template(
+            templateName=template, templateBody=fleet_template(group, policy), enabled=True,
+            provisioningRoleArn=provisioning_role(s), preProvisioningHook={"targetArn": fn})["templateArn"]
+        assert iot.describe_provisioning_template(templateName=template)["preProvisioningHook"]["targetArn"] == fn
+        claim = Claim(s, iot, workdir, template)
+        claim_id = claim.arn.rsplit("/", 1)[1]
+        p = Paho(s, s.endpoint(), claim, "boot-1")
+        assert p.connect()[0] == 0
+
+        def ask(topic, body):
+            p.c.publish(topic, json.dumps(body), qos=1)
+            m = p.messages.get(timeout=20)
+            return m.topic.rsplit("/", 1)[1], json.loads(m.payload)
+
+        prov = f"$aws/provisioning-templates/{template}/provision/json"
+
+        def register(serial):
+            verdict, keys = ask("$aws/certificates/create/json", {})
+            assert verdict == "accepted"
+            return keys, ask(prov, {"certificateOwnershipToken": keys["certificateOwnershipToken"],
+                                    "parameters": {"SerialNumber": serial, "DeviceLocation": "Nowhere"}})
+
+        # Not yet allowed to invoke: refused.
+        keys, (verdict, err) = register("ok-1")
+        assert (verdict, err["statusCode"], err["errorCode"]) == ("rejected", 403, "AccessDenied"), err
+        lam.add_permission(FunctionName="prov-hook", StatementId="iot", Action="lambda:InvokeFunction",
+                           Principal="iot.amazonaws.com", SourceArn=arn)
+        keys, (verdict, out) = register("ok-2")
+        assert verdict == "accepted", out
+        # The hook's overrides: its serial, and a location the template knows.
+        assert out["thingName"] == "ThingPrefix_ok-2-checked"
+        assert out["deviceConfiguration"]["LocationUrl"] == "https://example.aws"
+        e = [json.JSONDecoder().raw_decode(line.split("HOOK-EVENT ", 1)[1])[0]
+             for line in s.log_text().splitlines() if "HOOK-EVENT " in line][-1]
+        assert (e["claimCertificateId"], e["certificateId"], e["templateArn"], e["clientId"]) == (
+            claim_id, keys["certificateId"], arn, "boot-1")
+        assert e["certificatePem"].startswith("-----BEGIN CERTIFICATE-----")
+        assert e["parameters"] == {"SerialNumber": "ok-2", "DeviceLocation": "Nowhere"}
+        # An unknown serial: refused, nothing made, the certificate not activated.
+        keys, (verdict, err) = register("bad-3")
+        assert (verdict, err["statusCode"], err["errorCode"]) == ("rejected", 403, "AccessDenied"), err
+        assert "ThingPrefix_bad-3" not in [t["thingName"] for t in iot.list_things()["things"]]
+        assert iot.describe_certificate(certificateId=keys["certificateId"])["certificateDescription"]["status"] == \
+            "PENDING_ACTIVATION"
+        # A hook that takes too long refuses within about 5 s; the connection went on meanwhile.
+        t = time.time()
+        keys, (verdict, err) = register("slow-4")
+        assert verdict == "rejected" and err["errorCode"] == "AccessDenied" and time.time() - t < 9
+        p.close()
+    finally:
+        s.stop()

@@ -1106,6 +1106,30 @@ impl Broker {
             .unwrap_or(false)
     }
 
+    /// Hands `d` to connection `epoch` of a client id only (a service's answer meant for that
+    /// connection alone, such as a provisioning answer); false if that connection is gone or
+    /// its queue is full. Nothing is stored for the session.
+    pub fn deliver_to_connection(
+        &self,
+        account: &str,
+        client_id: &str,
+        epoch: u64,
+        d: Delivery,
+    ) -> bool {
+        let inner = self.lock();
+        let Some(conn) = inner
+            .get(account)
+            .and_then(|acct| {
+                let id = acct.by_client.get(client_id)?;
+                acct.sessions.get(id)
+            })
+            .and_then(|s| s.conn.as_ref())
+        else {
+            return false;
+        };
+        conn.epoch == epoch && conn.tx.try_send(d).is_ok()
+    }
+
     /// Ends the current connection of a client id, whatever its epoch (iot-data
     /// DeleteConnection). Returns whether there was one.
     pub fn kick_client(&self, account: &str, client_id: &str, kick: Kick) -> bool {

@@ -15,6 +15,7 @@
 
 pub mod authorizer;
 mod code;
+pub mod hook;
 mod invoker;
 mod runtime_api;
 

@@ -98,6 +98,8 @@ struct Port {
     /// A custom authorizer's connection: what it presented, to present again after the
     /// seconds the authorizer said.
     reauth: Option<Box<(crate::custom_auth::Credentials, u32)>>,
+    /// The broker connection's epoch (once attached).
+    epoch: u64,
 }
 
 impl Port {
@@ -155,29 +157,41 @@ impl Env for Port {
             }
             // At QoS 0: an unacknowledged answer would otherwise wait in the session, and go to
             // whoever takes over the client id (claims are shared by whole fleets).
-            let (ok, doc) = crate::provision::answer(
+            let answer = crate::provision::answer(
                 &self.shared,
                 &self.account,
                 &req,
                 format,
                 &message.payload,
+                crate::provision::Asker {
+                    certificate: self.certificate.as_ref().map(|c| c.as_str()),
+                    client_id: &self.client_id,
+                },
             );
-            let topic = format!(
-                "{}/{}",
-                message.topic,
-                if ok { "accepted" } else { "rejected" }
-            );
-            return Ok(Published {
-                ticket: 0,
-                own: vec![sekisho_broker::Delivery {
-                    message: Arc::new(crate::jobs::message_bytes(topic, doc, QoS::AtMostOnce)),
-                    qos: QoS::AtMostOnce,
-                    retain: false,
-                    resend: None,
-                    seq: 0,
-                    shared: false,
-                }],
-            });
+            let own = match answer {
+                crate::provision::Answer::Now(ok, doc) => {
+                    vec![provisioning_answer(&message.topic, ok, doc)]
+                }
+                // The template's pre-provisioning hook decides first (up to 5 s): the answer
+                // goes to this connection alone when it has, while the connection goes on.
+                crate::provision::Answer::Later(pending) => {
+                    let (shared, account) = (self.shared.clone(), self.account.clone());
+                    let (client_id, epoch) = (self.client_id.clone(), self.epoch);
+                    let topic = message.topic.clone();
+                    tokio::spawn(async move {
+                        let (ok, doc) = pending.run(&shared).await;
+                        let d = provisioning_answer(&topic, ok, doc);
+                        if !shared
+                            .broker
+                            .deliver_to_connection(&account, &client_id, epoch, d)
+                        {
+                            tracing::info!(%account, %client_id, "provisioning answer not delivered: the connection is gone");
+                        }
+                    });
+                    Vec::new()
+                }
+            };
+            return Ok(Published { ticket: 0, own });
         }
         let routed = self
             .shared
@@ -286,6 +300,19 @@ impl Env for Port {
 
     fn timestamp_ms(&mut self) -> u64 {
         events::now_ms()
+    }
+}
+
+/// A provisioning answer for the request on `topic`: at QoS 0, to the requester only.
+fn provisioning_answer(topic: &str, ok: bool, doc: bytes::Bytes) -> sekisho_broker::Delivery {
+    let topic = format!("{topic}/{}", if ok { "accepted" } else { "rejected" });
+    sekisho_broker::Delivery {
+        message: Arc::new(crate::jobs::message_bytes(topic, doc, QoS::AtMostOnce)),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        resend: None,
+        seq: 0,
+        shared: false,
     }
 }
 
@@ -508,6 +535,7 @@ fn accept(
         certificate: info.certificate.clone(),
         pending: Vec::new(),
         reauth: None,
+        epoch: 0,
     };
     let admission = admission.authorize(&mut port, Instant::now())?;
     Ok((admission, port))
@@ -530,6 +558,7 @@ fn attach(
         now,
     );
     port.session = attached.session;
+    port.epoch = attached.epoch;
     shared.index_add(
         &port.account,
         &crate::index_key(&port.principal),

@@ -286,24 +286,139 @@ fn rejected(status: u16, code: &str, message: impl Into<String>) -> (bool, Value
     )
 }
 
-/// Answers one provisioning request, encoded as the request was.
+/// Who asks: the claim certificate a device connected with, and its client id (a
+/// pre-provisioning hook is told both).
+#[derive(Debug, Clone, Copy)]
+pub struct Asker<'a> {
+    /// The connection's certificate.
+    pub certificate: Option<&'a str>,
+    /// Its client id.
+    pub client_id: &'a str,
+}
+
+/// A provisioning answer: now, or once a template's pre-provisioning hook has decided.
+pub enum Answer {
+    /// Whether it was accepted, and the answer encoded as the request was.
+    Now(bool, bytes::Bytes),
+    /// A RegisterThing whose template has a hook: [`Pending::run`] gives the answer.
+    Later(Box<Pending>),
+}
+
+/// A RegisterThing waiting on its template's pre-provisioning hook (its ownership token held).
+pub struct Pending {
+    account: String,
+    token: String,
+    held: Token,
+    template: sekisho_registry::ProvisioningTemplate,
+    hook: Value,
+    request: sekisho_functions::hook::Request,
+    format: Format,
+}
+
+impl Pending {
+    /// Runs the hook, then provisions with the parameters it let through (and overrode), or
+    /// refuses (`403 AccessDenied`) and gives the token back.
+    pub async fn run(self, shared: &Shared) -> (bool, bytes::Bytes) {
+        let Pending {
+            account,
+            token,
+            held,
+            template,
+            hook,
+            request,
+            format,
+        } = self;
+        let decided = match shared.functions.get() {
+            Some(invoker) => {
+                sekisho_functions::hook::run(invoker, &shared.registry, &account, &hook, &request)
+                    .await
+            }
+            None => Err("functions are not served".to_string()),
+        };
+        let (ok, doc) = match decided {
+            Ok(overrides) => {
+                let mut params = request.parameters;
+                params.extend(overrides);
+                params.insert(
+                    "AWS::IoT::Certificate::Id".into(),
+                    request.certificate_id.clone(),
+                );
+                provision(shared, &account, &template, &params, &token, held)
+            }
+            Err(why) => {
+                tracing::info!(%account, template = %template.name, %why, "pre-provisioning hook refused");
+                shared.tokens.give_back(&token, held);
+                rejected(403, "AccessDenied", why)
+            }
+        };
+        (ok, encode(&doc, format))
+    }
+}
+
+/// Answers one provisioning request, encoded as the request was (later, for a template with a
+/// pre-provisioning hook).
 pub fn answer(
     shared: &Shared,
     account: &str,
     req: &Request<'_>,
     format: Format,
     payload: &[u8],
-) -> (bool, bytes::Bytes) {
-    let (ok, doc) = answer_value(shared, account, req, format, payload);
-    (ok, encode(&doc, format))
+    asker: Asker<'_>,
+) -> Answer {
+    let mut later = None;
+    let (ok, doc) = answer_value(shared, account, req, format, payload, asker, &mut later);
+    match later {
+        Some(pending) => Answer::Later(pending),
+        None => Answer::Now(ok, encode(&doc, format)),
+    }
 }
 
+/// Evaluates a template with the parameters and registers what it says (the token spent
+/// whatever the outcome, or given back if the parameters do not fit the template).
+fn provision(
+    shared: &Shared,
+    account: &str,
+    template: &sekisho_registry::ProvisioningTemplate,
+    params: &BTreeMap<String, String>,
+    token: &str,
+    held: Token,
+) -> (bool, Value) {
+    let cert = held.certificate.clone();
+    let plan = match sekisho_registry::template::evaluate(template.body(), params) {
+        Ok(p) => p,
+        Err(m) => {
+            shared.tokens.give_back(token, held);
+            return rejected(400, "InvalidParameters", m);
+        }
+    };
+    // Spent from here on, whatever the outcome: what a failed run did stays, and a token must
+    // not drive it again.
+    drop(held);
+    match shared
+        .registry
+        .register_thing(account, plan, &cert, &template.role_arn)
+    {
+        Ok(r) => {
+            let mut v = json!({"deviceConfiguration": r.device_configuration});
+            if let Some(t) = r.thing {
+                v["thingName"] = json!(t);
+            }
+            (true, v)
+        }
+        Err(e) => rejected(400, "ResourceRegistrationFailure", e.to_string()),
+    }
+}
+
+/// The answer to a request; for a RegisterThing whose template has a pre-provisioning hook,
+/// `later` gets what the hook must decide (its answer then is the hook's, not this one).
 fn answer_value(
     shared: &Shared,
     account: &str,
     req: &Request<'_>,
     format: Format,
     payload: &[u8],
+    asker: Asker<'_>,
+    later: &mut Option<Box<Pending>>,
 ) -> (bool, Value) {
     let now = sekisho_registry::now_secs();
     if !shared.tokens.admit(account) {
@@ -461,30 +576,36 @@ fn answer_value(
                 );
             };
             let cert = held.certificate.clone();
-            params.insert("AWS::IoT::Certificate::Id".into(), cert.clone());
-            let plan = match sekisho_registry::template::evaluate(template.body(), &params) {
-                Ok(p) => p,
-                Err(m) => {
-                    shared.tokens.give_back(token, held);
-                    return rejected(400, "InvalidParameters", m);
-                }
-            };
-            // Spent from here on, whatever the outcome: what a failed run did stays, and a
-            // token must not drive it again.
-            drop(held);
-            match shared
-                .registry
-                .register_thing(account, plan, &cert, &template.role_arn)
-            {
-                Ok(r) => {
-                    let mut v = json!({"deviceConfiguration": r.device_configuration});
-                    if let Some(t) = r.thing {
-                        v["thingName"] = json!(t);
-                    }
-                    (true, v)
-                }
-                Err(e) => rejected(400, "ResourceRegistrationFailure", e.to_string()),
+            // A hook decides first, asynchronously; the token stays held meanwhile.
+            if let Some(hook) = template.hook.clone() {
+                let pem = shared
+                    .registry
+                    .describe_certificate(account, &cert)
+                    .map(|c| c.pem)
+                    .unwrap_or_default();
+                let template_arn = shared
+                    .registry
+                    .arn(account, &format!("provisioningtemplate/{}", template.name));
+                *later = Some(Box::new(Pending {
+                    account: account.to_owned(),
+                    token: token.to_owned(),
+                    held,
+                    hook,
+                    request: sekisho_functions::hook::Request {
+                        claim_certificate_id: asker.certificate.unwrap_or_default().to_owned(),
+                        certificate_id: cert,
+                        certificate_pem: pem,
+                        template_arn,
+                        client_id: asker.client_id.to_owned(),
+                        parameters: params,
+                    },
+                    template,
+                    format,
+                }));
+                return (false, Value::Null);
             }
+            params.insert("AWS::IoT::Certificate::Id".into(), cert);
+            provision(shared, account, &template, &params, token, held)
         }
     }
 }

@@ -139,6 +139,52 @@ fn failure(m: impl Into<String>) -> RegistryError {
 }
 
 impl Registry {
+    /// The function a pre-provisioning hook names (`targetArn`): one of this account's, by
+    /// unqualified ARN (or `:$LATEST`), as what runs must be what its resource policy allows.
+    pub fn hook_function(&self, account: &str, hook: &serde_json::Value) -> Option<String> {
+        let arn = hook.get("targetArn")?.as_str()?;
+        let prefix = format!("arn:aws:lambda:{}:{account}:function:", self.region);
+        let name = arn.strip_prefix(&prefix)?;
+        let name = name.strip_suffix(":$LATEST").unwrap_or(name);
+        (!name.is_empty() && !name.contains(':')).then(|| name.to_owned())
+    }
+
+    /// A pre-provisioning hook as AWS takes it: `targetArn` (a function of this account, at
+    /// most 2,048 characters) and an optional `payloadVersion` (10–32 of `[0-9-]`), nothing
+    /// else.
+    fn check_hook(&self, account: &str, hook: &serde_json::Value) -> Result<()> {
+        let Some(o) = hook.as_object() else {
+            return Err(failure("preProvisioningHook must be an object"));
+        };
+        if let Some(k) = o
+            .keys()
+            .find(|k| !matches!(k.as_str(), "targetArn" | "payloadVersion"))
+        {
+            return Err(failure(format!("preProvisioningHook has no member {k}")));
+        }
+        let arn = o
+            .get("targetArn")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        if arn.len() > 2048 || self.hook_function(account, hook).is_none() {
+            return Err(failure(
+                "preProvisioningHook.targetArn must be the ARN of a function of this account",
+            ));
+        }
+        match o.get("payloadVersion") {
+            None => Ok(()),
+            Some(serde_json::Value::String(v))
+                if (10..=32).contains(&v.len())
+                    && v.chars().all(|c| c.is_ascii_digit() || c == '-') =>
+            {
+                Ok(())
+            }
+            Some(_) => Err(failure(
+                "preProvisioningHook.payloadVersion must be 10 to 32 digits and dashes",
+            )),
+        }
+    }
+
     /// CreateProvisioningTemplate.
     pub fn create_template(&self, account: &str, t: NewTemplate) -> Result<ProvisioningTemplate> {
         check_name("Template name", &t.name, 36, |c| {
@@ -148,10 +194,8 @@ impl Registry {
             return Err(failure("The description can have at most 500 characters"));
         }
         crate::template::check(&t.body).map_err(failure)?;
-        if t.hook.is_some() {
-            return Err(failure(
-                "Pre-provisioning hooks need a function host, which this server does not have yet",
-            ));
+        if let Some(h) = &t.hook {
+            self.check_hook(account, h)?;
         }
         self.write(account, |a, tx| {
             if a.templates.contains_key(&t.name) {
@@ -217,10 +261,8 @@ impl Registry {
 
     /// UpdateProvisioningTemplate.
     pub fn update_template(&self, account: &str, name: &str, u: TemplateUpdate) -> Result<()> {
-        if u.hook.is_some() {
-            return Err(failure(
-                "Pre-provisioning hooks need a function host, which this server does not have yet",
-            ));
+        if let Some(h) = &u.hook {
+            self.check_hook(account, h)?;
         }
         self.write(account, |a, tx| {
             let mut t = a
@@ -460,7 +502,7 @@ impl Registry {
                 if let Some(cur) = a.things.get(&t.name) {
                     // A thing that already has a certificate is some device's: a claim (shared
                     // by a whole fleet) must not give another one its identity. AWS leaves this
-                    // to a pre-provisioning hook, which cannot run here yet.
+                    // to a pre-provisioning hook; here it is refused, hook or not.
                     if a.thing_principals.get(&t.name).is_some_and(|p| !p.is_empty()) {
                         return Err(failure(format!(
                             "Thing {} exists and has a certificate already; provisioning does not give it another",
