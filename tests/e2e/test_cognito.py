@@ -354,6 +354,26 @@ def test_the_basic_flow_assumes_the_pools_role_with_its_token(fx):
         for bad in (token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:], "not.a.token"):
             with pytest.raises(sts.exceptions.InvalidIdentityTokenException):
                 assume(roles["authenticated"], bad)
+        # Asking again gives the same session; a parameter that would change it is refused,
+        # not ignored.
+        assert assume(roles["authenticated"], token)["Credentials"]["AccessKeyId"] == c["AccessKeyId"]
+        with pytest.raises(sts.exceptions.ClientError, match="ValidationError"):
+            sts.assume_role_with_web_identity(RoleArn=roles["authenticated"], RoleSessionName="app",
+                                              WebIdentityToken=token, ProviderId="www.amazon.com")
+        # A role whose trust names Cognito for every pool (no aud condition) trusts none.
+        loose = s.boto("iam").create_role(RoleName=unique("loose"), AssumeRolePolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+                                                    "Principal": {"Federated": "cognito-identity.amazonaws.com"},
+                                                    "Action": "sts:AssumeRoleWithWebIdentity"}]}))["Role"]["Arn"]
+        with pytest.raises(sts.exceptions.ClientError, match="AccessDenied"):
+            assume(loose, token)
+        cog.set_identity_pool_roles(IdentityPoolId=pid, Roles={**roles, "authenticated": loose})
+        try:
+            with pytest.raises(app.exceptions.InvalidIdentityPoolConfigurationException):
+                app.get_credentials_for_identity(IdentityId=identity,
+                                                 Logins={"cognito-identity.amazonaws.com": token})
+        finally:
+            cog.set_identity_pool_roles(IdentityPoolId=pid, Roles=roles)
     finally:
         cog.update_identity_pool(IdentityPoolId=pid, IdentityPoolName="app pool",
                                  AllowUnauthenticatedIdentities=True, AllowClassicFlow=False,

@@ -538,12 +538,21 @@ def test_a_pre_provisioning_hook_decides_and_overrides(workdir):
             claim_id, keys["certificateId"], arn, "boot-1")
         assert e["certificatePem"].startswith("-----BEGIN CERTIFICATE-----")
         assert e["parameters"] == {"SerialNumber": "ok-2", "DeviceLocation": "Nowhere"}
-        # An unknown serial: refused, nothing made, the certificate not activated.
+        # An unknown serial: refused (the device is told no more than that), nothing made, the
+        # certificate not activated.
         keys, (verdict, err) = register("bad-3")
-        assert (verdict, err["statusCode"], err["errorCode"]) == ("rejected", 403, "AccessDenied"), err
+        assert err == {"statusCode": 403, "errorCode": "AccessDenied",
+                       "errorMessage": "The pre-provisioning hook did not allow provisioning"}, err
         assert "ThingPrefix_bad-3" not in [t["thingName"] for t in iot.list_things()["things"]]
         assert iot.describe_certificate(certificateId=keys["certificateId"])["certificateDescription"]["status"] == \
             "PENDING_ACTIVATION"
+        # The same token may try again with other parameters, three refusals in all; then it is
+        # spent.
+        again = {"certificateOwnershipToken": keys["certificateOwnershipToken"],
+                 "parameters": {"SerialNumber": "bad-again", "DeviceLocation": "Nowhere"}}
+        assert ask(prov, again)[1]["errorCode"] == "AccessDenied"
+        assert ask(prov, again)[1]["errorCode"] == "AccessDenied"
+        assert ask(prov, again)[1]["errorCode"] == "InvalidCertificateOwnershipToken"
         # A hook that takes too long refuses within about 5 s; the connection went on meanwhile.
         t = time.time()
         keys, (verdict, err) = register("slow-4")

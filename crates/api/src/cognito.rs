@@ -36,6 +36,9 @@ pub const COGNITO_PROVIDER: &str = "cognito-identity.amazonaws.com";
 pub const UNSIGNED: &[&str] = &["GetId", "GetCredentialsForIdentity", "GetOpenIdToken"];
 /// The largest body of an unsigned call.
 pub const MAX_UNSIGNED_BODY: usize = 64 * 1024;
+/// The largest body of an unsigned STS call (AssumeRoleWithWebIdentity's token is at most
+/// 20,000 characters).
+pub const MAX_UNSIGNED_STS_BODY: usize = 32 * 1024;
 /// How long the credentials of GetCredentialsForIdentity last.
 const CREDENTIAL_SECONDS: u32 = 3600;
 /// How long GetOpenIdToken's tokens last.
@@ -62,16 +65,35 @@ type Sessions = std::collections::HashMap<(String, String, String), sekisho_regi
 static UNSIGNED_BUCKETS: std::sync::LazyLock<std::sync::Mutex<Buckets>> =
     std::sync::LazyLock::new(Default::default);
 
-/// Sessions given to identities: (account, identity, role id) → the session.
+/// Sessions given to identities: (account, identity, role id, session name and duration) →
+/// the session.
 static SESSIONS: std::sync::LazyLock<std::sync::Mutex<Sessions>> =
     std::sync::LazyLock::new(Default::default);
 
 /// Whether `ip` may make one more unsigned call now.
+/// An IPv6 address counts by its /64 (one host's usual share), IPv4 by the address.
 fn unsigned_allowed(ip: std::net::IpAddr) -> bool {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    };
     let now = std::time::Instant::now();
     let mut m = UNSIGNED_BUCKETS.lock().unwrap_or_else(|p| p.into_inner());
     if m.len() >= MAX_REMEMBERED && !m.contains_key(&ip) {
-        m.clear();
+        // Forget only the addresses whose allowance is whole again (they are as new); if
+        // none is, a new address waits: the bound holds without resetting anyone's count.
+        m.retain(|_, (tokens, at)| {
+            *tokens + now.duration_since(*at).as_secs_f64() * UNSIGNED_RATE < UNSIGNED_BURST
+        });
+        if m.len() >= MAX_REMEMBERED {
+            return false;
+        }
     }
     let (tokens, at) = m.entry(ip).or_insert((UNSIGNED_BURST, now));
     *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * UNSIGNED_RATE).min(UNSIGNED_BURST);
@@ -373,6 +395,74 @@ fn identity_and_pool(
     Ok((account, i, p))
 }
 
+/// Whether `role` trusts Cognito for `pool` and this identity (`ctx`), and only for that pool:
+/// a trust policy that would let any pool's identities assume the role (no
+/// `cognito-identity.amazonaws.com:aud` condition, as AWS requires) trusts none.
+fn role_trusts_pool(role: &sekisho_registry::IamRole, ctx: &sekisho_policy::MapContext) -> bool {
+    let mut elsewhere = ctx.clone();
+    elsewhere.set("cognito-identity.amazonaws.com:aud", "sekisho:another-pool");
+    role.trusts_federated(COGNITO_PROVIDER, ctx)
+        && !role.trusts_federated(COGNITO_PROVIDER, &elsewhere)
+}
+
+/// A session of `role` for identity `identity` (named `name`, lasting `secs`, with the Cognito
+/// `keys`, a guest's restricted): the live one given before for the same identity, role, name
+/// and duration while more than [`REUSE_WHILE_LEFT`] of it is left, so that asking again (or
+/// anyone looping on an identity) does not store a new session each time.
+#[allow(clippy::too_many_arguments)]
+fn identity_session(
+    state: &ApiState,
+    account: &str,
+    identity: &str,
+    role: &sekisho_registry::IamRole,
+    name: &str,
+    secs: u32,
+    authenticated: bool,
+    keys: BTreeMap<String, String>,
+) -> Result<sekisho_registry::Session, ApiError> {
+    let key = (
+        account.to_owned(),
+        identity.to_owned(),
+        format!("{}\n{name}\n{secs}", role.id),
+    );
+    let reusable = SESSIONS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .filter(|s| {
+            s.expiration - sekisho_registry::now_secs() > REUSE_WHILE_LEFT
+                && s.context == keys
+                && state.registry.credential(&s.access_key_id).is_some()
+        })
+        .cloned();
+    if let Some(s) = reusable {
+        return Ok(s);
+    }
+    let s = state
+        .registry
+        .create_session_with(
+            account,
+            IamPrincipal::Role {
+                role: role.name.clone(),
+                session: name.to_owned(),
+            },
+            secs,
+            (!authenticated).then_some(GUEST_SESSION_POLICY),
+            keys,
+        )
+        .map_err(cognito_error)?;
+    let mut m = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
+    if m.len() >= MAX_REMEMBERED {
+        let now = sekisho_registry::now_secs();
+        m.retain(|_, s| s.expiration - now > REUSE_WHILE_LEFT);
+        if m.len() >= MAX_REMEMBERED {
+            m.clear();
+        }
+    }
+    m.insert(key, s.clone());
+    Ok(s)
+}
+
 /// Checks the Logins an app presents for `pool`: only tokens Sekisho issued for that pool are
 /// verified; returns their claims (at most one token).
 fn check_logins(
@@ -560,7 +650,7 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
             ctx.set("cognito-identity.amazonaws.com:aud", pool.id.clone());
             ctx.set("cognito-identity.amazonaws.com:sub", i.id.clone());
             ctx.set_many("cognito-identity.amazonaws.com:amr", amr.clone());
-            if !role.trusts_federated(COGNITO_PROVIDER, &ctx) {
+            if !role_trusts_pool(&role, &ctx) {
                 return Err(misconfigured());
             }
             let keys = BTreeMap::from([
@@ -577,45 +667,16 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
                     kind.to_string(),
                 ),
             ]);
-            let key = (account.clone(), i.id.clone(), role.id.clone());
-            let reusable = SESSIONS
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&key)
-                .filter(|s| {
-                    s.expiration - sekisho_registry::now_secs() > REUSE_WHILE_LEFT
-                        && s.context == keys
-                        && state.registry.credential(&s.access_key_id).is_some()
-                })
-                .cloned();
-            let s = match reusable {
-                Some(s) => s,
-                None => {
-                    let s = state
-                        .registry
-                        .create_session_with(
-                            &account,
-                            IamPrincipal::Role {
-                                role: role.name.clone(),
-                                session: "CognitoIdentityCredentials".into(),
-                            },
-                            CREDENTIAL_SECONDS,
-                            (!authenticated).then_some(GUEST_SESSION_POLICY),
-                            keys,
-                        )
-                        .map_err(cognito_error)?;
-                    let mut m = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
-                    if m.len() >= MAX_REMEMBERED {
-                        let now = sekisho_registry::now_secs();
-                        m.retain(|_, s| s.expiration - now > REUSE_WHILE_LEFT);
-                        if m.len() >= MAX_REMEMBERED {
-                            m.clear();
-                        }
-                    }
-                    m.insert(key, s.clone());
-                    s
-                }
-            };
+            let s = identity_session(
+                state,
+                &account,
+                &i.id,
+                &role,
+                "CognitoIdentityCredentials",
+                CREDENTIAL_SECONDS,
+                authenticated,
+                keys,
+            )?;
             Ok(json!({"IdentityId": i.id, "Credentials": {
                 "AccessKeyId": s.access_key_id, "SecretKey": s.secret_access_key,
                 "SessionToken": s.token, "Expiration": s.expiration.floor()}}))
@@ -686,7 +747,9 @@ pub(crate) fn assume_role_with_web_identity(
     let i = state
         .registry
         .cognito_identity(&account, &claims.sub)
-        .map_err(|_| bad_token())?;
+        .ok()
+        .filter(|i| i.pool == pool.id)
+        .ok_or_else(bad_token)?;
     if !pool.allow_classic_flow {
         return Err(error(
             403,
@@ -711,7 +774,7 @@ pub(crate) fn assume_role_with_web_identity(
         "cognito-identity.amazonaws.com:amr",
         amr(authenticated, &pool),
     );
-    if !role.trusts_federated(COGNITO_PROVIDER, &ctx) {
+    if !role_trusts_pool(&role, &ctx) {
         return Err(denied());
     }
     let secs = duration.unwrap_or(3600);
@@ -736,19 +799,16 @@ pub(crate) fn assume_role_with_web_identity(
             kind.to_string(),
         ),
     ]);
-    let session = state
-        .registry
-        .create_session_with(
-            &account,
-            IamPrincipal::Role {
-                role: role.name.clone(),
-                session: session_name.to_owned(),
-            },
-            secs,
-            (!authenticated).then_some(GUEST_SESSION_POLICY),
-            keys,
-        )
-        .map_err(cognito_error)?;
+    let session = identity_session(
+        state,
+        &account,
+        &i.id,
+        &role,
+        session_name,
+        secs,
+        authenticated,
+        keys,
+    )?;
     Ok(WebIdentitySession {
         session,
         role: (role.name, role.id),

@@ -609,11 +609,24 @@ pub(crate) fn web_identity(
                 "RoleSessionName must be 2 to 64 characters of [\\w+=,.@-]",
             ));
         }
-        if p.get("Policy").is_some() || p.get("PolicyArns.member.1.arn").is_some() {
+        // Nothing else is taken: session policies (`Policy`, `PolicyArns.member.N.arn`) and
+        // `ProviderId` would narrow or qualify the credentials, so they are refused rather than
+        // ignored.
+        if let Some((k, _)) = p.0.iter().find(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "Action"
+                    | "Version"
+                    | "RoleArn"
+                    | "RoleSessionName"
+                    | "WebIdentityToken"
+                    | "DurationSeconds"
+            )
+        }) {
             return Err(ApiError::new(
                 400,
                 "ValidationError",
-                "Session policies are not supported with web identities here",
+                format!("{k} is not supported with web identities here"),
             ));
         }
         let w = crate::cognito::assume_role_with_web_identity(

@@ -461,9 +461,16 @@ pub async fn handle(
                 && v.starts_with("application/x-www-form-urlencoded")
         })
     {
+        // Charged before anything is read: unsigned callers get 10 a second per address.
+        if !cognito::unsigned_call_allowed(peer.ip()) {
+            return Ok(xml::error_response(
+                xml::STS_NS,
+                &ApiError::new(400, "Throttling", "Rate exceeded"),
+            ));
+        }
         let Ok(b) = sekisho_auth::http::read_body(
             body,
-            cognito::MAX_UNSIGNED_BODY,
+            cognito::MAX_UNSIGNED_STS_BODY,
             sekisho_auth::http::BODY_DEADLINE,
         )
         .await
@@ -480,12 +487,6 @@ pub async fn handle(
             .find(|(k, _)| k == "Action")
             .map(|(_, v)| v.as_str());
         if action == Some("AssumeRoleWithWebIdentity") {
-            if !cognito::unsigned_call_allowed(peer.ip()) {
-                return Ok(xml::error_response(
-                    xml::STS_NS,
-                    &ApiError::new(400, "Throttling", "Rate exceeded"),
-                ));
-            }
             return Ok(iam::web_identity(&state, params));
         }
         // Anything else unsigned is refused as before.

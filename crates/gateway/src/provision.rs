@@ -176,7 +176,13 @@ struct Token {
     account: String,
     certificate: String,
     expires: f64,
+    /// How many times a pre-provisioning hook refused it.
+    hook_refusals: u8,
 }
+
+/// Refusals by a pre-provisioning hook a token survives: past them it is spent, so that one
+/// claim cannot drive the hook with new parameters for the token's whole hour.
+const MAX_HOOK_REFUSALS: u8 = 3;
 
 /// Ownership tokens handed out and not yet used, and each account's request rate.
 #[derive(Debug, Default)]
@@ -198,6 +204,7 @@ impl Tokens {
                 account: account.to_owned(),
                 certificate: certificate.to_owned(),
                 expires: now + TOKEN_SECONDS,
+                hook_refusals: 0,
             },
         );
         token
@@ -336,19 +343,56 @@ impl Pending {
             None => Err("functions are not served".to_string()),
         };
         let (ok, doc) = match decided {
-            Ok(overrides) => {
-                let mut params = request.parameters;
-                params.extend(overrides);
-                params.insert(
-                    "AWS::IoT::Certificate::Id".into(),
-                    request.certificate_id.clone(),
-                );
-                provision(shared, &account, &template, &params, &token, held)
-            }
+            // What may have changed while the hook ran is looked at again: the template (still
+            // enabled for fleet provisioning) and the claim (still usable).
+            Ok(overrides) => match shared.registry.template(&account, &template.name) {
+                Ok(now) if now.enabled && now.kind == TemplateType::FleetProvisioning => {
+                    let claim_usable = shared
+                        .registry
+                        .certificate_usable(
+                            &sekisho_registry::AccountId::new(account.clone()),
+                            &sekisho_registry::CertificateId::new(
+                                request.claim_certificate_id.clone(),
+                            ),
+                        )
+                        .is_ok();
+                    if claim_usable {
+                        let mut params = request.parameters;
+                        params.extend(overrides);
+                        params.insert(
+                            "AWS::IoT::Certificate::Id".into(),
+                            request.certificate_id.clone(),
+                        );
+                        provision(shared, &account, &now, &params, &token, held)
+                    } else {
+                        rejected(403, "AccessDenied", "The claim certificate is not usable")
+                    }
+                }
+                _ => {
+                    shared.tokens.give_back(&token, held);
+                    rejected(
+                        400,
+                        "InvalidRequest",
+                        format!(
+                            "The template {} is not enabled for fleet provisioning",
+                            template.name
+                        ),
+                    )
+                }
+            },
+            // The device learns only that the hook refused; the server's log says why.
             Err(why) => {
                 tracing::info!(%account, template = %template.name, %why, "pre-provisioning hook refused");
-                shared.tokens.give_back(&token, held);
-                rejected(403, "AccessDenied", why)
+                let mut held = held;
+                held.hook_refusals += 1;
+                if held.hook_refusals < MAX_HOOK_REFUSALS {
+                    shared.tokens.give_back(&token, held);
+                }
+                rejected(
+                    403,
+                    "AccessDenied",
+                    "The pre-provisioning hook did not allow provisioning",
+                )
             }
         };
         (ok, encode(&doc, format))
