@@ -395,6 +395,43 @@ fn identity_and_pool(
     Ok((account, i, p))
 }
 
+/// The condition keys of an identity of `pool`: for its role's trust policy (`amr` with the
+/// providers, as Cognito sets it) and for its session (`amr` as its type), both with `sub`
+/// and `aud`.
+fn identity_keys(
+    identity: &str,
+    pool: &sekisho_registry::IdentityPool,
+    authenticated: bool,
+) -> (sekisho_policy::MapContext, BTreeMap<String, String>) {
+    let mut ctx = sekisho_policy::MapContext::new();
+    ctx.set("cognito-identity.amazonaws.com:aud", pool.id.clone());
+    ctx.set("cognito-identity.amazonaws.com:sub", identity.to_owned());
+    ctx.set_many(
+        "cognito-identity.amazonaws.com:amr",
+        amr(authenticated, pool),
+    );
+    let kind = if authenticated {
+        "authenticated"
+    } else {
+        "unauthenticated"
+    };
+    let keys = BTreeMap::from([
+        (
+            "cognito-identity.amazonaws.com:sub".to_string(),
+            identity.to_owned(),
+        ),
+        (
+            "cognito-identity.amazonaws.com:aud".to_string(),
+            pool.id.clone(),
+        ),
+        (
+            "cognito-identity.amazonaws.com:amr".to_string(),
+            kind.to_string(),
+        ),
+    ]);
+    (ctx, keys)
+}
+
 /// Whether `role` trusts Cognito for `pool` and this identity (`ctx`), and only for that pool:
 /// a trust policy that would let any pool's identities assume the role (no
 /// `cognito-identity.amazonaws.com:aud` condition, as AWS requires) trusts none.
@@ -645,28 +682,10 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
                 .get(kind)
                 .and_then(|arn| state.registry.role_by_arn(&account, arn))
                 .ok_or_else(misconfigured)?;
-            let amr = amr(authenticated, &pool);
-            let mut ctx = sekisho_policy::MapContext::new();
-            ctx.set("cognito-identity.amazonaws.com:aud", pool.id.clone());
-            ctx.set("cognito-identity.amazonaws.com:sub", i.id.clone());
-            ctx.set_many("cognito-identity.amazonaws.com:amr", amr.clone());
+            let (ctx, keys) = identity_keys(&i.id, &pool, authenticated);
             if !role_trusts_pool(&role, &ctx) {
                 return Err(misconfigured());
             }
-            let keys = BTreeMap::from([
-                (
-                    "cognito-identity.amazonaws.com:sub".to_string(),
-                    i.id.clone(),
-                ),
-                (
-                    "cognito-identity.amazonaws.com:aud".to_string(),
-                    pool.id.clone(),
-                ),
-                (
-                    "cognito-identity.amazonaws.com:amr".to_string(),
-                    kind.to_string(),
-                ),
-            ]);
             let s = identity_session(
                 state,
                 &account,
@@ -762,18 +781,7 @@ pub(crate) fn assume_role_with_web_identity(
         .registry
         .role_by_arn(&account, role_arn)
         .ok_or_else(denied)?;
-    let kind = if authenticated {
-        "authenticated"
-    } else {
-        "unauthenticated"
-    };
-    let mut ctx = sekisho_policy::MapContext::new();
-    ctx.set("cognito-identity.amazonaws.com:aud", pool.id.clone());
-    ctx.set("cognito-identity.amazonaws.com:sub", i.id.clone());
-    ctx.set_many(
-        "cognito-identity.amazonaws.com:amr",
-        amr(authenticated, &pool),
-    );
+    let (ctx, keys) = identity_keys(&i.id, &pool, authenticated);
     if !role_trusts_pool(&role, &ctx) {
         return Err(denied());
     }
@@ -785,20 +793,6 @@ pub(crate) fn assume_role_with_web_identity(
             "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.",
         ));
     }
-    let keys = BTreeMap::from([
-        (
-            "cognito-identity.amazonaws.com:sub".to_string(),
-            i.id.clone(),
-        ),
-        (
-            "cognito-identity.amazonaws.com:aud".to_string(),
-            pool.id.clone(),
-        ),
-        (
-            "cognito-identity.amazonaws.com:amr".to_string(),
-            kind.to_string(),
-        ),
-    ]);
     let session = identity_session(
         state,
         &account,

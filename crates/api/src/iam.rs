@@ -598,17 +598,7 @@ pub(crate) fn web_identity(
         let role_arn = p.req("RoleArn")?;
         let session = p.req("RoleSessionName")?;
         let token = p.req("WebIdentityToken")?;
-        if !(2..=64).contains(&session.len())
-            || !session
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
-        {
-            return Err(ApiError::new(
-                400,
-                "ValidationError",
-                "RoleSessionName must be 2 to 64 characters of [\\w+=,.@-]",
-            ));
-        }
+        check_session_name(session)?;
         // Nothing else is taken: session policies (`Policy`, `PolicyArns.member.N.arn`) and
         // `ProviderId` would narrow or qualify the credentials, so they are refused rather than
         // ignored.
@@ -656,6 +646,23 @@ pub(crate) fn web_identity(
             tracing::info!(code = e.code, message = %e.message, "AssumeRoleWithWebIdentity refused");
             xml::error_response(xml::STS_NS, &e)
         }
+    }
+}
+
+/// A role session's name as STS takes it: 2 to 64 of `[\w+=,.@-]`.
+fn check_session_name(session: &str) -> Result<(), ApiError> {
+    if (2..=64).contains(&session.len())
+        && session
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            400,
+            "ValidationError",
+            "RoleSessionName must be 2 to 64 characters of [\\w+=,.@-]",
+        ))
     }
 }
 
@@ -781,17 +788,7 @@ fn assume_role(
     let reg = &state.registry;
     let role_arn = p.req("RoleArn")?;
     let session = p.req("RoleSessionName")?;
-    if !(2..=64).contains(&session.len())
-        || !session
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
-    {
-        return Err(ApiError::new(
-            400,
-            "ValidationError",
-            "RoleSessionName must be 2 to 64 characters of [\\w+=,.@-]",
-        ));
-    }
+    check_session_name(session)?;
     let denied = || {
         ApiError::new(
             403,
