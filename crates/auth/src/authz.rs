@@ -350,6 +350,34 @@ struct CustomParts {
     created: f64,
 }
 
+impl Principal {
+    /// A principal of `identity` in `ctx`, its policies bound.
+    fn assemble(
+        registry: Arc<Registry>,
+        account: AccountId,
+        identity: CertificateIdentity,
+        ctx: ConnContext,
+        iam: Option<Box<IamParts>>,
+        custom: Option<Box<CustomParts>>,
+    ) -> Principal {
+        let arn_prefix = registry.arn(&account, "");
+        let mut p = Principal {
+            registry,
+            account,
+            identity,
+            ctx,
+            bound: Vec::new(),
+            arn_prefix,
+            scratch: String::with_capacity(128),
+            iam,
+            custom,
+            reads_time: false,
+        };
+        p.bind();
+        p
+    }
+}
+
 /// A custom authorizer's policy documents, parsed, named by their place in its answer.
 fn custom_policies(
     policies: &[String],
@@ -387,21 +415,14 @@ impl Principal {
             vpc,
             ..ConnContext::default()
         };
-        let arn_prefix = registry.arn(account, "");
-        let mut p = Principal {
+        Ok(Principal::assemble(
             registry,
-            account: account.clone(),
+            account.clone(),
             identity,
             ctx,
-            bound: Vec::new(),
-            arn_prefix,
-            scratch: String::with_capacity(128),
-            iam: None,
-            custom: None,
-            reads_time: false,
-        };
-        p.bind();
-        Ok(p)
+            None,
+            None,
+        ))
     }
 
     /// An IAM caller (SigV4) as an MQTT principal: its identity policies (and session policy)
@@ -452,25 +473,19 @@ impl Principal {
             iam_keys: Some(Arc::new(iam_keys)),
             ..ConnContext::default()
         };
-        let arn_prefix = registry.arn(&account, "");
-        let mut p = Principal {
+        let iam = IamParts {
+            caller,
+            session,
+            cognito,
+        };
+        Ok(Principal::assemble(
             registry,
             account,
             identity,
             ctx,
-            bound: Vec::new(),
-            arn_prefix,
-            scratch: String::with_capacity(128),
-            iam: Some(Box::new(IamParts {
-                caller,
-                session,
-                cognito,
-            })),
-            custom: None,
-            reads_time: false,
-        };
-        p.bind();
-        Ok(p)
+            Some(Box::new(iam)),
+            None,
+        ))
     }
 
     /// A custom authorizer's principal: the `principalId` and policy documents its function
@@ -507,25 +522,19 @@ impl Principal {
             vpc,
             ..ConnContext::default()
         };
-        let arn_prefix = registry.arn(account, "");
-        let mut p = Principal {
+        let custom = CustomParts {
+            disconnect_at,
+            authorizer: authorizer.0.to_owned(),
+            created: authorizer.1,
+        };
+        Ok(Principal::assemble(
             registry,
-            account: account.clone(),
+            account.clone(),
             identity,
             ctx,
-            bound: Vec::new(),
-            arn_prefix,
-            scratch: String::with_capacity(128),
-            iam: None,
-            custom: Some(Box::new(CustomParts {
-                disconnect_at,
-                authorizer: authorizer.0.to_owned(),
-                created: authorizer.1,
-            })),
-            reads_time: false,
-        };
-        p.bind();
-        Ok(p)
+            None,
+            Some(Box::new(custom)),
+        ))
     }
 
     /// A principal built afresh from the same inputs (certificate or IAM caller, client id,
@@ -557,27 +566,23 @@ impl Principal {
                     "the custom authorizer is no longer active".into(),
                 ));
             }
-            let mut p = Principal {
-                registry: self.registry.clone(),
-                account: self.account.clone(),
-                identity: self.identity.clone(),
-                ctx: ConnContext {
-                    client_id: self.ctx.client_id.clone(),
-                    source_ip: self.ctx.source_ip.clone(),
-                    vpc: self.ctx.vpc.clone(),
-                    ..ConnContext::default()
-                },
-                bound: Vec::new(),
-                arn_prefix: self.arn_prefix.clone(),
-                scratch: String::with_capacity(128),
-                iam: None,
-                custom: Some(custom.clone()),
-                reads_time: false,
+            let mut identity = self.identity.clone();
+            identity.generation = self.registry.generation();
+            let ctx = ConnContext {
+                client_id: self.ctx.client_id.clone(),
+                source_ip: self.ctx.source_ip.clone(),
+                vpc: self.ctx.vpc.clone(),
+                connect_attributes: self.ctx.connect_attributes.clone(),
+                ..ConnContext::default()
             };
-            p.identity.generation = self.registry.generation();
-            p.ctx.connect_attributes = self.ctx.connect_attributes.clone();
-            p.bind();
-            return Ok(p);
+            return Ok(Principal::assemble(
+                self.registry.clone(),
+                self.account.clone(),
+                identity,
+                ctx,
+                None,
+                Some(custom.clone()),
+            ));
         }
         let mut p = match &self.iam {
             Some(iam) => Principal::iam(
