@@ -6,6 +6,7 @@ identity must allow; an unauthenticated identity gets the unauthenticated role, 
 alone. Tokens Sekisho did not issue for the pool, and other identity providers, are refused."""
 
 import json
+import os
 import queue
 import time
 
@@ -378,3 +379,105 @@ def test_the_basic_flow_assumes_the_pools_role_with_its_token(fx):
         cog.update_identity_pool(IdentityPoolId=pid, IdentityPoolName="app pool",
                                  AllowUnauthenticatedIdentities=True, AllowClassicFlow=False,
                                  DeveloperProviderName=DEV)
+
+
+# What the SDK's Cognito connect sample does (aws-iot-device-sdk-python-v2, cognito_connect.py):
+# it builds the Cognito API's AWS name itself and dials it on 443, trusting the system store.
+COGNITO_SAMPLE = '''
+import sys
+import boto3
+from botocore import UNSIGNED
+from botocore.config import Config
+from awscrt import auth, io, mqtt
+from awsiot import mqtt_connection_builder
+
+endpoint, pool_id, region = sys.argv[1:4]
+# An app's first call, with no endpoint configured: boto3 resolves AWS's own name.
+app = boto3.client("cognito-identity", region_name=region, config=Config(signature_version=UNSIGNED))
+identity = app.get_id(IdentityPoolId=pool_id)["IdentityId"]
+print("IDENTITY", identity, flush=True)
+cognito_endpoint = f"cognito-identity.{region}.amazonaws.com"
+credentials_provider = auth.AwsCredentialsProvider.new_cognito(
+    endpoint=cognito_endpoint, identity=identity, tls_ctx=io.ClientTlsContext(io.TlsContextOptions()))
+conn = mqtt_connection_builder.websockets_with_default_aws_signing(
+    endpoint=endpoint, region=region, credentials_provider=credentials_provider,
+    client_id="cognito-sample", clean_session=False, keep_alive_secs=30)
+conn.connect().result(30)
+print("CONNECTED", flush=True)
+conn.publish(topic="guests/hello", payload=b"hi", qos=mqtt.QoS.AT_LEAST_ONCE)[0].result(30)
+print("PUBLISHED", flush=True)
+conn.disconnect().result(30)
+# The name serves the Cognito API and nothing else of the control plane.
+iam = boto3.client("iam", region_name=region, endpoint_url=f"https://{cognito_endpoint}",
+                   aws_access_key_id=sys.argv[4], aws_secret_access_key=sys.argv[5])
+try:
+    iam.list_users()
+    print("IAM SERVED", flush=True)
+except Exception as e:
+    print("IAM REFUSED", type(e).__name__, str(e)[:200], flush=True)
+'''
+
+
+def test_the_sdks_cognito_provider_reaches_aws_own_name_on_443(workdir):
+    """Air-gapped, as an SDK sample sees it: with `domain = "amazonaws.com"`, name resolution
+    pointing AWS's names at Sekisho (here /etc/hosts in a mount namespace of the client's own)
+    and Sekisho's CA trusted as the system store, the Cognito connect sample's calls run
+    unchanged: boto3 with no endpoint configured gets an identity, the CRT's Cognito
+    credential provider dials `cognito-identity.us-east-1.amazonaws.com:443` (the device
+    HTTPS port), and the identity connects over MQTT over WebSocket and publishes. Under that
+    name only the Cognito API answers. Skipped where 443 or a mount namespace is not there."""
+    import configparser
+    import subprocess
+    import sys
+    s = Server(workdir / "cognito-443", config='domain = "amazonaws.com"\n')
+    s.https_port = 443
+    try:
+        s.start(attempts=1)
+    except Exception as e:  # noqa: BLE001 - not root, or 443 in use
+        pytest.skip(f"cannot serve on port 443 here: {str(e).splitlines()[0]}")
+    try:
+        hosts = workdir / "cognito-443-hosts"
+        endpoint = s.endpoint()
+        assert endpoint.endswith(".iot.us-east-1.amazonaws.com")
+        hosts.write_text(open("/etc/hosts").read()
+                         + f"\n127.0.0.1 cognito-identity.us-east-1.amazonaws.com {endpoint}\n")
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {hosts} /etc/hosts && "
+                                "getent hosts cognito-identity.us-east-1.amazonaws.com"],
+                               capture_output=True, text=True)
+        if probe.returncode != 0 or "127.0.0.1" not in probe.stdout:
+            pytest.skip(f"no mount namespace here: {probe.stderr.strip()[:200]}")
+        cog, iam = s.boto("cognito-identity"), s.boto("iam")
+        pid = cog.create_identity_pool(IdentityPoolName="guests", AllowUnauthenticatedIdentities=True)[
+            "IdentityPoolId"]
+        arn = iam.create_role(RoleName="guest", AssumeRolePolicyDocument=trust(pid, "unauthenticated"))["Role"]["Arn"]
+        iam.put_role_policy(RoleName="guest", PolicyName="iot", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+                {"Effect": "Allow", "Action": "iot:Publish",
+                 "Resource": "arn:aws:iot:us-east-1:*:topic/guests/*"}]}))
+        cog.set_identity_pool_roles(IdentityPoolId=pid, Roles={"unauthenticated": arn})
+        watcher = Paho(s, "localhost", Device(s, s.boto(), unique("watch"), ALLOW_ALL, workdir), "cognito-443-watch")
+        assert watcher.connect()[0] == 0
+        watcher.subscribe("guests/#")
+        script = workdir / "cognito_sample.py"
+        script.write_text(COGNITO_SAMPLE)
+        creds = configparser.ConfigParser()
+        creds.read(s.env["AWS_SHARED_CREDENTIALS_FILE"])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update({"SSL_CERT_FILE": s.ca, "AWS_CA_BUNDLE": s.ca, "AWS_CONFIG_FILE": "/dev/null",
+                    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_EC2_METADATA_DISABLED": "true"})
+        out = subprocess.run(
+            ["unshare", "-m", "sh", "-c", f'mount --bind {hosts} /etc/hosts && exec "$@"', "sh",
+             sys.executable, str(script), endpoint, pid, "us-east-1",
+             creds["sekisho"]["aws_access_key_id"], creds["sekisho"]["aws_secret_access_key"]],
+            capture_output=True, text=True, env=env, timeout=120)
+        assert "CONNECTED" in out.stdout and "PUBLISHED" in out.stdout, out.stdout + out.stderr[-3000:]
+        m = watcher.messages.get(timeout=10)
+        assert (m.topic, m.payload) == ("guests/hello", b"hi")
+        assert "IAM REFUSED" in out.stdout, out.stdout
+        # The identity the sample used is the pool's.
+        identity = out.stdout.split("IDENTITY ", 1)[1].split()[0]
+        assert cog.describe_identity(IdentityId=identity)["IdentityId"] == identity
+        watcher.close()
+    finally:
+        s.stop()

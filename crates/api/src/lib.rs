@@ -379,13 +379,54 @@ pub fn authorize_with(
     }
 }
 
+/// Where a control-plane request arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    /// The control-plane listener: every service, `/health` and `/metrics`.
+    ControlPlane,
+    /// A device HTTPS listener, for the server name `cognito-identity.<region>.<domain>`
+    /// (which apps and the SDKs' Cognito credential providers build themselves and dial on
+    /// 443): the Cognito API only, nothing else of the control plane.
+    Cognito,
+}
+
+impl Front {
+    fn services(self) -> &'static [&'static str] {
+        match self {
+            Front::ControlPlane => SERVICES,
+            Front::Cognito => &["cognito-identity"],
+        }
+    }
+}
+
 /// Handles one control-plane request.
 pub async fn handle(
     state: Arc<ApiState>,
     peer: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    handle_at(state, peer, req, Front::ControlPlane).await
+}
+
+/// Handles one request that arrived at `front`.
+async fn handle_at(
+    state: Arc<ApiState>,
+    peer: std::net::SocketAddr,
+    req: Request<Incoming>,
+    front: Front,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
+    let services = front.services();
+    if front != Front::ControlPlane
+        && parts.method == hyper::Method::GET
+        && matches!(parts.uri.path(), "/health" | "/metrics")
+    {
+        return Ok(error_response(&ApiError::new(
+            404,
+            "ResourceNotFoundException",
+            "Not served under this name",
+        )));
+    }
     if parts.method == hyper::Method::GET && parts.uri.path() == "/health" {
         return Ok(json_response(200, &json!({"status": "ok"})));
     }
@@ -454,6 +495,7 @@ pub async fn handle(
     // STS AssumeRoleWithWebIdentity is unsigned too (the Cognito basic flow): an unsigned form
     // POST is read (64 KB at most, within its deadline) only to see whether it is that call.
     if matches!(claim, Err(sekisho_sigv4::SigError::Missing))
+        && services.contains(&"sts")
         && parts.method == hyper::Method::POST
         && path == "/"
         && headers.iter().any(|(k, v)| {
@@ -512,7 +554,7 @@ pub async fn handle(
         Ok(c) => c,
         Err(e) => return Ok(refuse(AuthFailure::Signature(e))),
     };
-    if let Err(f) = sekisho_auth::authn::precheck(&state.registry, &claim, SERVICES) {
+    if let Err(f) = sekisho_auth::authn::precheck(&state.registry, &claim, services) {
         return Ok(refuse(f));
     }
     // A function's code comes in the body (a 50 MB zip, base64): only the two operations
@@ -734,6 +776,25 @@ pub async fn serve(
         "control plane",
         MAX_HTTPS_CONNECTIONS,
         move |peer, req| handle(state.clone(), peer, req),
+    )
+    .await
+}
+
+/// Serves one connection a device HTTPS listener handed over (its TLS handshake done) because
+/// its server name is `front`'s.
+pub async fn serve_handed_over<S>(
+    state: Arc<ApiState>,
+    io: S,
+    peer: std::net::SocketAddr,
+    front: Front,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    sekisho_auth::http::serve_connection(
+        io,
+        peer,
+        "service name on a device port",
+        move |peer, req| handle_at(state.clone(), peer, req, front),
     )
     .await
 }

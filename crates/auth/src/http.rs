@@ -114,16 +114,35 @@ pub async fn serve_https<F, Fut, B>(
                 tracing::debug!(%peer, "{what}: TLS handshake failed");
                 return;
             };
-            let svc = hyper::service::service_fn(move |req| service(peer, req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_DEADLINE)
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "{what}: connection ended");
-            }
+            serve_connection(tls, peer, what, service).await;
             drop(slot);
         });
+    }
+}
+
+/// Serves HTTP/1.1 with `service(peer, request)` on one connection whose TLS handshake is
+/// done (by [`serve_https`], or by a device listener that hands over a server name it does not
+/// serve itself), with the header deadline every listener keeps.
+pub async fn serve_connection<S, F, Fut, B>(
+    io: S,
+    peer: std::net::SocketAddr,
+    what: &'static str,
+    service: F,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(std::net::SocketAddr, Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let svc = hyper::service::service_fn(move |req| service(peer, req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_DEADLINE)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "{what}: connection ended");
     }
 }
 

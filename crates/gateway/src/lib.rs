@@ -70,6 +70,41 @@ pub struct Endpoint {
     /// The connection slots, shared by all of the endpoint's listeners (one per bound
     /// address), `max_connections` of them.
     pub slots: Arc<Semaphore>,
+    /// Device HTTPS only: server names this listener hands over to another front end.
+    pub handover: Option<Arc<Handover>>,
+}
+
+/// A future that serves one handed-over connection.
+pub type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Server names a device HTTPS listener does not serve itself but hands over, the TLS
+/// handshake done with its own configuration, to another front end: AWS's service host names
+/// (`cognito-identity.<region>.amazonaws.com`) that SDKs build themselves and dial on 443,
+/// the device port, so that one address serves them as AWS's front doors do.
+pub struct Handover {
+    /// The server names, lower case.
+    pub names: Vec<String>,
+    /// The TLS configuration for them: the server's certificate, no client certificate.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Serves one connection handed over, until it ends.
+    pub serve: Box<dyn Fn(DeviceStream, std::net::SocketAddr) -> Serving + Send + Sync>,
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover")
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+impl Handover {
+    /// Whether `server_name` is handed over (DNS names are case-insensitive; a trailing dot
+    /// names the same host).
+    pub fn serves(&self, server_name: &str) -> bool {
+        let name = server_name.trim_end_matches('.');
+        self.names.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
 }
 
 impl Endpoint {
@@ -82,6 +117,7 @@ impl Endpoint {
             max_connections,
             client_cert_optional: false,
             slots: Arc::new(Semaphore::new(max_connections)),
+            handover: None,
         }
     }
 }
@@ -528,11 +564,20 @@ async fn accept_loop<F, Fut>(
             // The task keeps its size for the connection's life: the handshake's state (about
             // 2.8 KB) lives in its own allocation, freed when the handshake ends.
             let hs = Box::pin(handshake(&shared, &tls, &endpoint, tcp, peer));
-            let Ok(Some((stream, account, certificate, server_name))) =
-                tokio::time::timeout(deadline, hs).await
-            else {
-                return;
-            };
+            let (stream, account, certificate, server_name) =
+                match tokio::time::timeout(deadline, hs).await {
+                    Ok(Some(Shook::Device(stream, account, certificate, server_name))) => {
+                        (stream, account, certificate, server_name)
+                    }
+                    Ok(Some(Shook::HandedOver(stream))) => {
+                        if let Some(h) = &endpoint.handover {
+                            (h.serve)(stream, peer).await;
+                        }
+                        drop(slot);
+                        return;
+                    }
+                    _ => return,
+                };
             handler(
                 shared,
                 stream,
@@ -625,23 +670,39 @@ impl ConnThreads {
     }
 }
 
+/// A device listener's connection after its TLS handshake.
+enum Shook {
+    /// A device's: its stream, account, certificate (if it presented one) and the server name
+    /// it asked for (when it presented none).
+    Device(
+        DeviceStream,
+        AccountId,
+        Option<CertificateId>,
+        Option<String>,
+    ),
+    /// For a server name the listener hands over ([`Endpoint::handover`]).
+    HandedOver(DeviceStream),
+}
+
 async fn handshake(
     shared: &Shared,
     tls: &tls::TlsConfigs,
     endpoint: &Endpoint,
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-) -> Option<(
-    DeviceStream,
-    AccountId,
-    Option<CertificateId>,
-    Option<String>,
-)> {
+) -> Option<Shook> {
     let mut chosen = None;
     let mut server_name = None;
+    let mut handed_over = false;
     let choose = |hello: &rustls::server::ClientHello<'_>| {
         let sni = hello.server_name().map(str::to_owned);
         server_name.clone_from(&sni);
+        if let (Some(h), Some(name)) = (&endpoint.handover, sni.as_deref())
+            && h.serves(name)
+        {
+            handed_over = true;
+            return Some(h.tls.clone());
+        }
         let Some(target) = shared.config.sni.route(&shared.registry, sni.as_deref()) else {
             tracing::info!(%peer, sni = ?sni, "unknown server name; refusing");
             return None;
@@ -664,6 +725,9 @@ async fn handshake(
             return None;
         }
     };
+    if handed_over {
+        return Some(Shook::HandedOver(Box::new(stream)));
+    }
     let (target, verifier) = chosen?;
     if stream.peer_certificates().is_none() {
         // Only on listeners where the certificate is optional: the requests authenticate
@@ -675,9 +739,41 @@ async fn handshake(
         };
         return endpoint
             .client_cert_optional
-            .then(|| (Box::new(stream) as DeviceStream, account, None, server_name));
+            .then(|| Shook::Device(Box::new(stream), account, None, server_name));
     };
     // The verifier asked the registry once, when the certificate arrived.
     let (account, certificate) = verifier.authenticated()?;
-    Some((Box::new(stream), account, Some(certificate), None))
+    Some(Shook::Device(
+        Box::new(stream),
+        account,
+        Some(certificate),
+        None,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handover_serves_its_names_in_any_case_with_or_without_the_root_dot() {
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
+        let h = Handover {
+            names: vec!["cognito-identity.us-east-1.amazonaws.com".into()],
+            tls: Arc::new(tls),
+            serve: Box::new(|_, _| Box::pin(async {})),
+        };
+        assert!(h.serves("cognito-identity.us-east-1.amazonaws.com"));
+        assert!(h.serves("Cognito-Identity.US-EAST-1.amazonaws.com."));
+        assert!(!h.serves("cognito-identity.us-west-2.amazonaws.com"));
+        assert!(!h.serves("x.cognito-identity.us-east-1.amazonaws.com"));
+        assert!(!h.serves("cognito-identity.us-east-1.amazonaws.com.evil"));
+        assert!(!h.serves(""));
+    }
 }

@@ -420,6 +420,12 @@ impl Config {
             .unwrap_or_else(|| format!("https://localhost:{}", self.ports.s3))
     }
 
+    /// `cognito-identity.<region>.<domain>`: the Cognito API's name, which the SDKs' Cognito
+    /// credential providers build themselves; served on the device HTTPS port (443 as on AWS).
+    pub fn cognito_host(&self) -> String {
+        format!("cognito-identity.{}.{}", self.region, self.domain)
+    }
+
     /// `s3.<region>.<domain>`: the object store's name; buckets are its subdomains.
     pub fn s3_host(&self) -> String {
         format!("s3.{}.{}", self.region, self.domain)
@@ -515,6 +521,7 @@ impl Config {
             slots: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 e.max_connections.unwrap_or(100_000),
             )),
+            handover: None,
         }
     }
 

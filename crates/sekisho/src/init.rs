@@ -97,6 +97,7 @@ pub fn open(config: &Config) -> anyhow::Result<(Layout, Material)> {
         config.data_suffix(),
         config.s3_host(),
         format!("*.{}", config.s3_host()),
+        config.cognito_host(),
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         "::1".to_string(),

@@ -356,8 +356,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             mqtt.clone(),
         ));
     }
+    // The device HTTPS port also answers to the Cognito API's own name, for the SDKs'
+    // Cognito credential providers (they build `cognito-identity.<region>.<domain>` and dial
+    // 443): the Cognito API only, nothing else of the control plane.
+    let cognito = {
+        let api_state = api_state.clone();
+        sekisho_gateway::Handover {
+            names: vec![config.cognito_host()],
+            tls: tls.plain(),
+            serve: Box::new(move |stream, peer| {
+                Box::pin(sekisho_api::serve_handed_over(
+                    api_state.clone(),
+                    stream,
+                    peer,
+                    sekisho_api::Front::Cognito,
+                ))
+            }),
+        }
+    };
     let https = Arc::new(sekisho_gateway::Endpoint {
         client_cert_optional: true,
+        handover: Some(Arc::new(cognito)),
         ..config.default_endpoint("https")
     });
     for l in bind_all(&config.bind, config.ports.https, "device HTTPS").await? {
