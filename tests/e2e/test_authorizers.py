@@ -808,3 +808,121 @@ def test_open_connections_ask_the_authorizer_again_and_end_when_it_says(workdir)
         mon.close()
     finally:
         s.stop()
+
+
+# The migration walkthrough's authorizer, as a team moving its fleet would write it for AWS:
+# the device table lives in a bucket, read with the execution role's credentials.
+FLEET_HANDLER = '''
+import json, os, time
+import boto3
+from botocore.config import Config
+
+s3 = boto3.client("s3", config=Config(s3={"addressing_style": "path"}))
+
+def handler(event, context):
+    token = event.get("token")
+    print("FLEET-AUTH %s %s" % (token, event.get("protocolData", {}).get("mqtt", {}).get("clientId")))
+    if token == "hang":
+        time.sleep(30)
+    if token == "crash":
+        raise RuntimeError("the device table is corrupt")
+    table = json.loads(s3.get_object(Bucket=os.environ["TABLE_BUCKET"], Key="devices.json")["Body"].read())
+    device = table.get(token)
+    if device is None:
+        return {"isAuthenticated": False}
+    arn = "arn:aws:iot:%s:%s:" % (os.environ["AWS_REGION"], context.invoked_function_arn.split(":")[4])
+    return {"isAuthenticated": True, "principalId": device, "refreshAfterInSeconds": 2,
+            "disconnectAfterInSeconds": 3600,
+            "policyDocuments": [json.dumps({"Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "iot:Connect", "Resource": arn + "client/" + device},
+                {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": arn + "topic/meters/" + device},
+                {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": arn + "topicfilter/meters/" + device}]})]}
+'''
+
+
+def test_the_migration_walkthrough(workdir):
+    """A fleet moves from its old platform with its tokens: the authorizer reads the device
+    table from a bucket; three devices connect with signed tokens and a fourth is refused; each
+    is held to the policy returned (its own topic, not a neighbour's); a token signed with the
+    wrong key never reaches the function; a function that hangs past its timeout or crashes
+    refuses that connection and nothing else; a device taken out of the table is cut at the
+    next refresh while the others stay."""
+    s = Server(workdir / "migration", config=FUNCTIONS + "authorizer_min_seconds = 2\n").start()
+    try:
+        s3, iam = s.boto("s3"), s.boto("iam")
+        s3.create_bucket(Bucket="fleet-table")
+        table = {"tok-a": "meter1", "tok-b": "meter2", "tok-c": "meter3"}
+        s3.put_object(Bucket="fleet-table", Key="devices.json", Body=json.dumps(table).encode())
+        role = iam.create_role(RoleName="fleet-authz", AssumeRolePolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"},
+                                                    "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+        iam.put_role_policy(RoleName="fleet-authz", PolicyName="table", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:GetObject",
+                                                    "Resource": "arn:aws:s3:::fleet-table/*"}]}))
+        lam = s.boto("lambda", config=Config(retries={"total_max_attempts": 1}, read_timeout=30))
+        fn = lam.create_function(
+            FunctionName="fleet-authz", Runtime="python3.12", Role=role, Handler="app.handler", Timeout=3,
+            Code={"ZipFile": zip_of({"app.py": FLEET_HANDLER})},
+            Environment={"Variables": {"TABLE_BUCKET": "fleet-table",
+                                       "AWS_ENDPOINT_URL_S3": f"https://localhost:{s.s3_port}"}})["FunctionArn"]
+        iot = s.boto(config=Config(retries={"total_max_attempts": 1}, read_timeout=30))
+        key, pem = keypair()
+        arn = iot.create_authorizer(authorizerName="fleet", authorizerFunctionArn=fn, tokenKeyName="token",
+                                    tokenSigningPublicKeys={"old-platform": pem}, status="ACTIVE")["authorizerArn"]
+        lam.add_permission(FunctionName="fleet-authz", StatementId="iot", Action="lambda:InvokeFunction",
+                           Principal="iot.amazonaws.com", SourceArn=arn)
+
+        def asked():
+            """(token, client id) of each invocation, refreshes included."""
+            return [tuple(line.split("FLEET-AUTH ", 1)[1].split()[:2])
+                    for line in s.log_text().splitlines() if "FLEET-AUTH " in line]
+
+        meters = {}
+        for token, device in table.items():
+            c = token_client(s, device, token_username("fleet", key, token))
+            assert c.connect()[0] == 0, device
+            meters[device] = c
+        # The fourth device is not in the table.
+        stranger = token_client(s, "meter4", token_username("fleet", key, "tok-d"))
+        assert stranger.connect()[0].value == 0x87
+        stranger.close()
+        # Each meter is held to the policy returned for it.
+        m1 = meters["meter1"]
+        assert [r.value for r in m1.subscribe("meters/meter1", qos=1)] == [1]
+        assert [r.value for r in m1.subscribe("meters/meter2", qos=1)] == [0x87]
+        m1.c.publish("meters/meter1", b"42 kWh", qos=1)
+        assert m1.pubacks.get(timeout=10)[1].value == 0
+        assert m1.messages.get(timeout=10).payload == b"42 kWh"
+        m1.c.publish("meters/meter3", b"forged", qos=1)
+        assert m1.pubacks.get(timeout=10)[1].value == 0x87
+        # Signed with another key: refused, and the function never hears of it.
+        other, _ = keypair()
+        forged = token_client(s, "meter1-forged", token_username("fleet", other, "tok-a"))
+        assert forged.connect()[0].value == 0x87
+        forged.close()
+        assert ("tok-a", "meter1") in asked() and not [a for a in asked() if a[1] == "meter1-forged"]
+        # A function that hangs past its timeout, or crashes: that connection is refused...
+        for token in ("hang", "crash"):
+            c = token_client(s, "meter1", token_username("fleet", key, token))
+            t = time.time()
+            assert c.connect(timeout=15)[0].value == 0x87, token
+            assert time.time() - t < 10
+            c.close()
+        # ...and nothing else: the meters connected still work, and the next device connects.
+        assert all(c.disconnects.empty() for c in meters.values())
+        m1.c.publish("meters/meter1", b"still here", qos=1)
+        assert m1.pubacks.get(timeout=10)[1].value == 0
+        table["tok-e"] = "meter5"
+        s3.put_object(Bucket="fleet-table", Key="devices.json", Body=json.dumps(table).encode())
+        meters["meter5"] = token_client(s, "meter5", token_username("fleet", key, "tok-e"))
+        assert meters["meter5"].connect()[0] == 0
+        # meter2 leaves the fleet: the table no longer has it, and the next refresh cuts it.
+        del table["tok-b"]
+        s3.put_object(Bucket="fleet-table", Key="devices.json", Body=json.dumps(table).encode())
+        assert meters["meter2"].disconnects.get(timeout=15).value == 0x87
+        time.sleep(3)
+        assert all(meters[m].disconnects.empty() for m in ("meter1", "meter3", "meter5"))
+        for c in meters.values():
+            c.close()
+    finally:
+        s.stop()
