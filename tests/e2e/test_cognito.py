@@ -413,8 +413,16 @@ iam = boto3.client("iam", region_name=region, endpoint_url=f"https://{cognito_en
 try:
     iam.list_users()
     print("IAM SERVED", flush=True)
-except Exception as e:
-    print("IAM REFUSED", type(e).__name__, str(e)[:200], flush=True)
+except iam.exceptions.ClientError as e:
+    print("IAM REFUSED", e.response["Error"]["Code"], e.response["Error"]["Message"], flush=True)
+import requests
+base = f"https://{cognito_endpoint}"
+for path in ("/metrics", "/health"):
+    print("GET", path, requests.get(base + path, timeout=10).status_code, flush=True)
+r = requests.post(base + "/", data={"Action": "AssumeRoleWithWebIdentity", "Version": "2011-06-15",
+                                    "RoleArn": "arn:aws:iam::000000000000:role/x", "RoleSessionName": "s",
+                                    "WebIdentityToken": "t"}, timeout=10)
+print("STS", r.status_code, "AssumeRoleWithWebIdentityResult" in r.text, flush=True)
 '''
 
 
@@ -427,14 +435,18 @@ def test_the_sdks_cognito_provider_reaches_aws_own_name_on_443(workdir):
     HTTPS port), and the identity connects over MQTT over WebSocket and publishes. Under that
     name only the Cognito API answers. Skipped where 443 or a mount namespace is not there."""
     import configparser
+    import socket
     import subprocess
     import sys
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", 443))
+    except OSError as e:  # not root, or 443 in use
+        pytest.skip(f"cannot serve on port 443 here: {e}")
     s = Server(workdir / "cognito-443", config='domain = "amazonaws.com"\n')
     s.https_port = 443
-    try:
-        s.start(attempts=1)
-    except Exception as e:  # noqa: BLE001 - not root, or 443 in use
-        pytest.skip(f"cannot serve on port 443 here: {str(e).splitlines()[0]}")
+    s.start(attempts=1)
     try:
         hosts = workdir / "cognito-443-hosts"
         endpoint = s.endpoint()
@@ -464,7 +476,7 @@ def test_the_sdks_cognito_provider_reaches_aws_own_name_on_443(workdir):
         creds = configparser.ConfigParser()
         creds.read(s.env["AWS_SHARED_CREDENTIALS_FILE"])
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update({"SSL_CERT_FILE": s.ca, "AWS_CA_BUNDLE": s.ca, "AWS_CONFIG_FILE": "/dev/null",
+        env.update({"SSL_CERT_FILE": s.ca, "AWS_CA_BUNDLE": s.ca, "REQUESTS_CA_BUNDLE": s.ca, "AWS_CONFIG_FILE": "/dev/null",
                     "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_EC2_METADATA_DISABLED": "true"})
         out = subprocess.run(
             ["unshare", "-m", "sh", "-c", f'mount --bind {hosts} /etc/hosts && exec "$@"', "sh",
@@ -474,10 +486,27 @@ def test_the_sdks_cognito_provider_reaches_aws_own_name_on_443(workdir):
         assert "CONNECTED" in out.stdout and "PUBLISHED" in out.stdout, out.stdout + out.stderr[-3000:]
         m = watcher.messages.get(timeout=10)
         assert (m.topic, m.payload) == ("guests/hello", b"hi")
-        assert "IAM REFUSED" in out.stdout, out.stdout
+        assert "IAM REFUSED SignatureDoesNotMatch" in out.stdout and "'iam' is not served here" in out.stdout, out.stdout
+        assert "GET /metrics 404" in out.stdout and "GET /health 404" in out.stdout, out.stdout
+        assert "STS 403 False" in out.stdout, out.stdout
         # The identity the sample used is the pool's.
         identity = out.stdout.split("IDENTITY ", 1)[1].split()[0]
         assert cog.describe_identity(IdentityId=identity)["IdentityId"] == identity
         watcher.close()
     finally:
         s.stop()
+    # Turned off, the name is unknown to the device port: the handshake is refused.
+    import ssl
+    off = Server(workdir / "cognito-443-off", config='domain = "amazonaws.com"\ncognito_on_device_port = false\n')
+    off.https_port = 443
+    off.start(attempts=1)
+    try:
+        ctx = ssl.create_default_context(cafile=off.ca)
+        with socket.create_connection(("127.0.0.1", 443), timeout=10) as raw:
+            with pytest.raises(ssl.SSLError):
+                ctx.wrap_socket(raw, server_hostname="cognito-identity.us-east-1.amazonaws.com")
+        # (The same handshake for the data endpoint's name succeeds: the refusal is the name's.)
+        with socket.create_connection(("127.0.0.1", 443), timeout=10) as raw:
+            ctx.wrap_socket(raw, server_hostname=off.endpoint()).close()
+    finally:
+        off.stop()

@@ -573,17 +573,15 @@ fn amr(authenticated: bool, pool: &sekisho_registry::IdentityPool) -> Vec<String
     }
 }
 
-/// One unsigned call (GetId, GetCredentialsForIdentity, GetOpenIdToken).
-pub fn dispatch_unsigned(
-    state: &ApiState,
-    ip: std::net::IpAddr,
-    op: &str,
-    body: &[u8],
-) -> Response<Full<Bytes>> {
-    if !unsigned_allowed(ip) {
-        return respond(Err(error(429, "TooManyRequestsException", "Rate exceeded")));
-    }
+/// One unsigned call (GetId, GetCredentialsForIdentity, GetOpenIdToken), already charged to
+/// its address ([`unsigned_call_allowed`]) before its body was read.
+pub fn dispatch_unsigned(state: &ApiState, op: &str, body: &[u8]) -> Response<Full<Bytes>> {
     respond(unsigned(state, op, body))
+}
+
+/// The answer to an unsigned call its address has no allowance left for.
+pub fn throttled() -> Response<Full<Bytes>> {
+    respond(Err(error(429, "TooManyRequestsException", "Rate exceeded")))
 }
 
 fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> {

@@ -459,6 +459,10 @@ async fn handle_at(
         && path == "/"
     {
         let op = op.to_owned();
+        // Charged before anything is read, so a throttled address cannot keep reads going.
+        if !cognito::unsigned_call_allowed(peer.ip()) {
+            return Ok(cognito::throttled());
+        }
         return Ok(
             match sekisho_auth::http::read_body(
                 body,
@@ -467,7 +471,7 @@ async fn handle_at(
             )
             .await
             {
-                Ok(b) => cognito::dispatch_unsigned(&state, peer.ip(), &op, &b),
+                Ok(b) => cognito::dispatch_unsigned(&state, &op, &b),
                 Err(sekisho_auth::http::BodyError::TooLarge) => error_response(&ApiError::new(
                     413,
                     "RequestEntityTooLargeException",
@@ -563,6 +567,9 @@ async fn handle_at(
     let max_body = match (claim.service.as_str(), uploading) {
         ("lambda", true) => lambda::MAX_BODY,
         ("lambda", false) => lambda::MAX_OTHER_BODY,
+        // Under the Cognito name on the device port (whose key ids anyone can learn from a
+        // guest pool), no more than a Cognito call needs.
+        _ if front == Front::Cognito => cognito::MAX_UNSIGNED_BODY,
         _ => MAX_BODY,
     };
     let _upload_slot = if uploading {
@@ -780,6 +787,12 @@ pub async fn serve(
     .await
 }
 
+/// Connections handed over by device listeners, open at once: as many as the control-plane
+/// listener takes, besides the device listener's own slot, so that they cannot crowd out
+/// devices.
+static HANDED_OVER: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(sekisho_auth::http::MAX_HTTPS_CONNECTIONS);
+
 /// Serves one connection a device HTTPS listener handed over (its TLS handshake done) because
 /// its server name is `front`'s.
 pub async fn serve_handed_over<S>(
@@ -790,6 +803,10 @@ pub async fn serve_handed_over<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Ok(_slot) = HANDED_OVER.try_acquire() else {
+        tracing::warn!(%peer, "{} connections handed over are open; connection refused", sekisho_auth::http::MAX_HTTPS_CONNECTIONS);
+        return;
+    };
     sekisho_auth::http::serve_connection(
         io,
         peer,

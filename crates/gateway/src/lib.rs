@@ -542,6 +542,8 @@ async fn accept_loop<F, Fut>(
     F: Fn(Arc<Shared>, DeviceStream, conn::ConnInfo) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    // Handed-over names are served on the main runtime, never on a device thread.
+    debug_assert!(!on_device_threads || endpoint.handover.is_none());
     let permits = endpoint.slots.clone();
     let mut shutdown = shared.shutdown.clone();
     while let Some((tcp, peer)) = accept(&listener, &mut shutdown).await {

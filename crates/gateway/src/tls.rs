@@ -488,4 +488,16 @@ impl TlsConfigs {
     pub fn plain(&self) -> Arc<ServerConfig> {
         self.plain.clone()
     }
+
+    /// A config without client authentication under a device listener's TLS security policy,
+    /// without resumption: for server names a device listener hands over ([`crate::Handover`]).
+    pub fn service(&self, policy: TlsPolicy) -> Result<Arc<ServerConfig>, rustls::Error> {
+        let mut cfg = ServerConfig::builder_with_provider(self.context.provider.clone())
+            .with_protocol_versions(policy.versions())?
+            .with_no_client_auth()
+            .with_cert_resolver(self.resolver.clone());
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
+        Ok(Arc::new(cfg))
+    }
 }

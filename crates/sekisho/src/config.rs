@@ -302,6 +302,9 @@ pub struct Config {
     pub domain: String,
     /// Server names that reach the default route (besides no SNI at all).
     pub default_server_names: Vec<String>,
+    /// Whether the device HTTPS port also serves the Cognito API under its AWS name,
+    /// `cognito-identity.<region>.<domain>` (default true; decision 0010).
+    pub cognito_on_device_port: bool,
     /// Most concurrent device connections.
     pub max_connections: usize,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
@@ -373,6 +376,7 @@ impl Default for Config {
             region: "us-east-1".into(),
             domain: "localhost".into(),
             default_server_names: vec!["localhost".into()],
+            cognito_on_device_port: true,
             max_connections: 100_000,
             log: "info".into(),
             tls_policy: None,
@@ -457,6 +461,14 @@ impl Config {
             label_ok(&self.domain),
             "domain {:?} is not a valid DNS name",
             self.domain
+        );
+        anyhow::ensure!(
+            !(self.cognito_on_device_port
+                && self.default_server_names.iter().any(|n| n
+                    .trim_end_matches('.')
+                    .eq_ignore_ascii_case(&self.cognito_host()))),
+            "default_server_names names {:?}, which the device HTTPS port serves as the Cognito API (cognito_on_device_port)",
+            self.cognito_host()
         );
         let policy_ok = |p: &Option<String>, what: &str| -> anyhow::Result<()> {
             if let Some(p) = p {
@@ -614,5 +626,28 @@ mod tests {
             assert_eq!(c.validate().is_ok(), ok, "{n}");
         }
         assert_eq!(Config::default().functions.authorizer_min_seconds, 300);
+    }
+
+    #[test]
+    fn the_cognito_name_is_not_also_a_default_server_name() {
+        for (text, ok) in [
+            ("", true),
+            (
+                "default_server_names = [\"cognito-identity.us-east-1.localhost\"]",
+                false,
+            ),
+            (
+                "default_server_names = [\"Cognito-Identity.us-east-1.localhost.\"]",
+                false,
+            ),
+            (
+                "cognito_on_device_port = false\ndefault_server_names = [\"cognito-identity.us-east-1.localhost\"]",
+                true,
+            ),
+        ] {
+            let c: Config = toml::from_str(text).unwrap();
+            assert_eq!(c.validate().is_ok(), ok, "{text}");
+        }
+        assert!(Config::default().cognito_on_device_port);
     }
 }

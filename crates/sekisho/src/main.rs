@@ -359,11 +359,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // The device HTTPS port also answers to the Cognito API's own name, for the SDKs'
     // Cognito credential providers (they build `cognito-identity.<region>.<domain>` and dial
     // 443): the Cognito API only, nothing else of the control plane.
-    let cognito = {
+    let https = config.default_endpoint("https");
+    let cognito = if config.cognito_on_device_port {
         let api_state = api_state.clone();
-        sekisho_gateway::Handover {
+        Some(Arc::new(sekisho_gateway::Handover {
             names: vec![config.cognito_host()],
-            tls: tls.plain(),
+            tls: tls.service(https.tls_policy)?,
             serve: Box::new(move |stream, peer| {
                 Box::pin(sekisho_api::serve_handed_over(
                     api_state.clone(),
@@ -372,12 +373,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     sekisho_api::Front::Cognito,
                 ))
             }),
-        }
+        }))
+    } else {
+        None
     };
     let https = Arc::new(sekisho_gateway::Endpoint {
         client_cert_optional: true,
-        handover: Some(Arc::new(cognito)),
-        ..config.default_endpoint("https")
+        handover: cognito,
+        ..https
     });
     for l in bind_all(&config.bind, config.ports.https, "device HTTPS").await? {
         tasks.spawn(sekisho_gateway::serve_device_https(
