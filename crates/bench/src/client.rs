@@ -25,6 +25,9 @@ pub struct Target {
     pub keep_alive: u16,
     /// Whether the client starts a clean session (false: a persistent session, one hour).
     pub clean_start: bool,
+    /// A custom authorizer to authenticate through (username and password from the client
+    /// id), instead of a client certificate.
+    pub custom_auth: Option<String>,
 }
 
 /// The TLS client config for one device: server CA plus the device's certificate and key.
@@ -45,6 +48,24 @@ pub fn tls_config(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Arc<rust
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)?;
+    Ok(Arc::new(cfg))
+}
+
+/// The TLS client config for custom authentication: the server CA, no client certificate,
+/// ALPN `mqtt` (AWS's port 443 takes MQTT with custom authentication by it).
+pub fn custom_auth_tls_config(ca: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in
+        CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))?
+    {
+        roots.add(c?)?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"mqtt".to_vec()];
     Ok(Arc::new(cfg))
 }
 
@@ -98,8 +119,14 @@ pub async fn connect(
         keep_alive: target.keep_alive,
         client_id: client_id.to_owned(),
         will: None,
-        username: None,
-        password: None,
+        username: target
+            .custom_auth
+            .as_ref()
+            .map(|name| format!("{client_id}?x-amz-customauthorizer-name={name}")),
+        password: target
+            .custom_auth
+            .as_ref()
+            .map(|_| bytes::Bytes::from(format!("pw-{client_id}"))),
         properties,
     };
     encode(&Packet::Connect(Box::new(c)), target.version, &mut wbuf).map_err(|e| e.to_string())?;

@@ -3,7 +3,12 @@
 //! - `provision`: creates N devices in Sekisho through its API (thing, certificate from a CSR,
 //!   one policy, attachments) and writes `DIR/dev-<i>.crt|key`.
 //! - `gen-certs`: makes a local CA and N device certificates (CN `dev-<i>`) for other brokers.
-//! - `conn`: opens N connections, holds them, reports connects/s and CONNACK latency.
+//! - `conn`: opens N connections, holds them, reports connects/s and CONNACK latency (with
+//!   client certificates, or with `--custom-auth` through a custom authorizer).
+//!
+//! `sekisho-authorizer-bootstrap` (src/bin) is the `bootstrap` of a compiled (`provided`)
+//! Lambda function that answers custom-authorizer events as `bench/authorizers.py`'s Python
+//! handler does.
 //! - `pubsub`: P publishers and S subscribers; reports delivered msg/s, losses, latency.
 //!
 //! It talks only to the address it is given (loopback in the project's scripts), and every
@@ -42,9 +47,14 @@ struct Common {
     /// CA certificate that signs the broker's certificate.
     #[arg(long)]
     ca: PathBuf,
-    /// Directory with `dev-<i>.crt` and `dev-<i>.key`.
+    /// Directory with `dev-<i>.crt` and `dev-<i>.key` (not needed with `--custom-auth`).
     #[arg(long)]
-    certs: PathBuf,
+    certs: Option<PathBuf>,
+    /// Authenticate through this custom authorizer instead of a client certificate, as the
+    /// AWS IoT Device SDKs do on port 443: ALPN `mqtt`, username
+    /// `dev-<i>?x-amz-customauthorizer-name=<name>`, password `pw-dev-<i>`.
+    #[arg(long)]
+    custom_auth: Option<String>,
     /// MQTT version: 4 (3.1.1) or 5.
     #[arg(long, default_value_t = 4)]
     mqtt: u8,

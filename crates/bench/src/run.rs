@@ -24,14 +24,22 @@ fn target(c: &Common, keep_alive: u16) -> Target {
         version: c.version(),
         keep_alive,
         clean_start: true,
+        custom_auth: c.custom_auth.clone(),
     }
 }
 
 fn tls_for(c: &Common, i: usize) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    if c.custom_auth.is_some() {
+        return client::custom_auth_tls_config(&c.ca);
+    }
+    let certs = c
+        .certs
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("--certs (or --custom-auth) is needed"))?;
     client::tls_config(
         &c.ca,
-        &c.certs.join(format!("dev-{i}.crt")),
-        &c.certs.join(format!("dev-{i}.key")),
+        &certs.join(format!("dev-{i}.crt")),
+        &certs.join(format!("dev-{i}.key")),
     )
 }
 
