@@ -32,6 +32,8 @@ use sekisho_registry::{IamPrincipal, IdentityPoolSpec, RegistryError};
 pub const TARGET_PREFIX: &str = "AWSCognitoIdentityService.";
 /// The provider name of Sekisho's (and Cognito's) own OpenID tokens.
 pub const COGNITO_PROVIDER: &str = "cognito-identity.amazonaws.com";
+/// The `iss` of the tokens Sekisho's pools issue.
+pub const COGNITO_ISSUER: &str = "https://cognito-identity.amazonaws.com";
 /// The operations an app calls without a signature.
 pub const UNSIGNED: &[&str] = &["GetId", "GetCredentialsForIdentity", "GetOpenIdToken"];
 /// The largest body of an unsigned call.
@@ -213,11 +215,11 @@ fn string_map(
     }
 }
 
-/// Whether a member that configures another identity provider is set (not empty).
+/// Whether a member that configures an identity provider Sekisho cannot verify is set (not
+/// empty).
 fn names_other_providers(o: &Map<String, Value>) -> bool {
     [
         "SupportedLoginProviders",
-        "OpenIdConnectProviderARNs",
         "CognitoIdentityProviders",
         "SamlProviderARNs",
     ]
@@ -237,7 +239,7 @@ fn pool_json(p: &sekisho_registry::IdentityPool) -> Value {
         "AllowUnauthenticatedIdentities": p.allow_unauthenticated,
         "AllowClassicFlow": p.allow_classic_flow,
         "SupportedLoginProviders": {},
-        "OpenIdConnectProviderARNs": [],
+        "OpenIdConnectProviderARNs": p.oidc_providers,
         "CognitoIdentityProviders": [],
         "SamlProviderARNs": [],
         "IdentityPoolTags": {},
@@ -261,17 +263,30 @@ fn identity_json(i: &sekisho_registry::CognitoIdentity) -> Value {
 fn spec(o: &Map<String, Value>) -> Result<IdentityPoolSpec, ApiError> {
     if names_other_providers(o) {
         return Err(invalid(
-            "Sekisho verifies only its own tokens (developer-authenticated identities): \
-             SupportedLoginProviders, OpenIdConnectProviderARNs, CognitoIdentityProviders and \
-             SamlProviderARNs are not supported",
+            "Sekisho verifies only its own tokens (developer-authenticated identities) and \
+             those of OpenID Connect providers registered in IAM: SupportedLoginProviders, \
+             CognitoIdentityProviders and SamlProviderARNs are not supported",
         ));
     }
+    let oidc_providers = match o.get("OpenIdConnectProviderARNs") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| invalid("OpenIdConnectProviderARNs must be strings"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(invalid("OpenIdConnectProviderARNs must be a list")),
+    };
     Ok(IdentityPoolSpec {
         name: required(o, "IdentityPoolName")?.to_owned(),
         allow_unauthenticated: flag(o, "AllowUnauthenticatedIdentities")?
             .ok_or_else(|| invalid("AllowUnauthenticatedIdentities is required"))?,
         allow_classic_flow: flag(o, "AllowClassicFlow")?.unwrap_or(false),
         developer_provider: text(o, "DeveloperProviderName")?.map(str::to_owned),
+        oidc_providers,
     })
 }
 
@@ -297,7 +312,7 @@ fn b64(bytes: &[u8]) -> String {
 /// An OpenID token for `claims`, signed with the pool's key (HS256), issued at `now`.
 pub fn issue_token(key_hex: &str, claims: &Claims, now: u64) -> String {
     let header = json!({"kid": "sekisho-1", "typ": "JWS", "alg": "HS256"});
-    let payload = json!({"iss": "https://cognito-identity.amazonaws.com", "sub": claims.sub,
+    let payload = json!({"iss": COGNITO_ISSUER, "sub": claims.sub,
         "aud": claims.aud, "amr": claims.amr, "exp": claims.exp, "iat": now,
         "https://cognito-identity.amazonaws.com/identity-pool-arn": claims.aud});
     let signed = format!(
@@ -402,13 +417,14 @@ fn identity_keys(
     identity: &str,
     pool: &sekisho_registry::IdentityPool,
     authenticated: bool,
+    login: Option<&Login>,
 ) -> (sekisho_policy::MapContext, BTreeMap<String, String>) {
     let mut ctx = sekisho_policy::MapContext::new();
     ctx.set("cognito-identity.amazonaws.com:aud", pool.id.clone());
     ctx.set("cognito-identity.amazonaws.com:sub", identity.to_owned());
     ctx.set_many(
         "cognito-identity.amazonaws.com:amr",
-        amr(authenticated, pool),
+        amr(authenticated, pool, login),
     );
     let kind = if authenticated {
         "authenticated"
@@ -500,26 +516,91 @@ fn identity_session(
     Ok(s)
 }
 
-/// Checks the Logins an app presents for `pool`: only tokens Sekisho issued for that pool are
-/// verified; returns their claims (at most one token).
+/// A login an app presented, verified.
+#[derive(Debug, Clone)]
+enum Login {
+    /// A token the pool issued (`cognito-identity.amazonaws.com`).
+    Pool(Claims),
+    /// An ID token of an OpenID Connect provider the pool names: the provider's name, the
+    /// token's `sub`, and when it expires.
+    Oidc {
+        provider: String,
+        user: String,
+        exp: u64,
+    },
+}
+
+impl Login {
+    fn exp(&self) -> u64 {
+        match self {
+            Login::Pool(c) => c.exp,
+            Login::Oidc { exp, .. } => *exp,
+        }
+    }
+}
+
+/// Checks the Logins an app presents for `pool` of `account` (at most one): a token the pool
+/// issued, or an ID token of one of the pool's OpenID Connect providers (still registered in
+/// IAM), verified with the keys configured for it and naming one of its client ids.
 fn check_logins(
+    state: &ApiState,
+    account: &str,
     pool: &sekisho_registry::IdentityPool,
     logins: &BTreeMap<String, String>,
-) -> Result<Option<Claims>, ApiError> {
-    let mut claims = None;
-    for (provider, token) in logins {
-        if provider != COGNITO_PROVIDER {
-            return Err(not_authorized(format!(
-                "Invalid login token. Sekisho does not verify tokens of {provider}"
-            )));
-        }
-        claims = Some(
-            verify_token(&pool.token_key, &pool.id, token, now()).ok_or_else(|| {
+) -> Result<Option<Login>, ApiError> {
+    let mut presented = logins.iter();
+    let (Some((provider, token)), None) = (presented.next(), presented.next()) else {
+        return if logins.is_empty() {
+            Ok(None)
+        } else {
+            Err(not_authorized(
+                "Invalid login token. One login at a time is taken here.",
+            ))
+        };
+    };
+    if provider == COGNITO_PROVIDER {
+        return verify_token(&pool.token_key, &pool.id, token, now())
+            .map(|c| Some(Login::Pool(c)))
+            .ok_or_else(|| {
                 not_authorized("Invalid login token. Token is not valid or is expired.")
-            })?,
-        );
+            });
     }
-    Ok(claims)
+    let arn = format!("arn:aws:iam::{account}:oidc-provider/{provider}");
+    if !pool.oidc_providers.contains(&arn) {
+        return Err(not_authorized(format!(
+            "Invalid login token. {provider} is not an identity provider of this pool"
+        )));
+    }
+    let registered = state
+        .registry
+        .oidc_provider_by_name(account, provider)
+        .ok_or_else(|| {
+            not_authorized(format!(
+                "Invalid login token. No OpenID Connect provider {provider} is registered"
+            ))
+        })?;
+    let keys = state.oidc_keys.of(provider).ok_or_else(|| {
+        not_authorized(format!(
+            "Invalid login token. Couldn't retrieve verification key from {provider}"
+        ))
+    })?;
+    let claims = crate::oidc::verify(token, &keys, now() as i64)
+        .map_err(|_| not_authorized("Invalid login token. Token is not valid or is expired."))?;
+    if crate::oidc::provider_name(&claims.iss) != *provider {
+        return Err(not_authorized(
+            "Invalid login token. Issuer doesn't match providerName",
+        ));
+    }
+    if !claims.aud.iter().any(|a| registered.client_ids.contains(a)) {
+        return Err(not_authorized(
+            "Invalid login token. Incorrect token audience.",
+        ));
+    }
+    Ok(Some(Login::Oidc {
+        provider: provider.clone(),
+        user: claims.sub,
+        exp: u64::try_from(claims.exp).unwrap_or(0),
+    }))
 }
 
 /// Whether an identity is authenticated by `claims`, or may go unauthenticated: the claims
@@ -527,8 +608,22 @@ fn check_logins(
 fn identity_type(
     i: &sekisho_registry::CognitoIdentity,
     pool: &sekisho_registry::IdentityPool,
-    claims: Option<&Claims>,
+    login: Option<&Login>,
 ) -> Result<bool, ApiError> {
+    let claims = match login {
+        // A provider's login holds for the identity it is linked to.
+        Some(Login::Oidc { provider, user, .. }) => {
+            return if i.logins.contains(&format!("{provider}\n{user}")) {
+                Ok(true)
+            } else {
+                Err(not_authorized(
+                    "Invalid login token. The token is for another identity.",
+                ))
+            };
+        }
+        Some(Login::Pool(c)) => Some(c),
+        None => None,
+    };
     match claims {
         Some(c) if c.sub != i.id => Err(not_authorized(
             "Invalid login token. The token is for another identity.",
@@ -561,11 +656,20 @@ fn identity_type(
     }
 }
 
-fn amr(authenticated: bool, pool: &sekisho_registry::IdentityPool) -> Vec<String> {
+fn amr(
+    authenticated: bool,
+    pool: &sekisho_registry::IdentityPool,
+    login: Option<&Login>,
+) -> Vec<String> {
     if authenticated {
         let mut v = vec!["authenticated".to_string()];
-        if let Some(d) = &pool.developer_provider {
-            v.push(d.clone());
+        match login {
+            Some(Login::Oidc { provider, .. }) => v.push(provider.clone()),
+            _ => {
+                if let Some(d) = &pool.developer_provider {
+                    v.push(d.clone());
+                }
+            }
         }
         v
     } else {
@@ -609,15 +713,20 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
                 .identity_pool(&account, pool_id)
                 .map_err(cognito_error)?;
             let logins = string_map(&o, "Logins", 10)?;
-            let id = match check_logins(&pool, &logins)? {
-                // A token names its identity.
-                Some(c) => {
+            let id = match check_logins(state, &account, &pool, &logins)? {
+                // A pool's token names its identity.
+                Some(Login::Pool(c)) => {
                     state
                         .registry
                         .cognito_identity(&account, &c.sub)
                         .map_err(cognito_error)?
                         .id
                 }
+                // A provider's user is one identity of the pool, made at its first login.
+                Some(Login::Oidc { provider, user, .. }) => state
+                    .registry
+                    .get_cognito_id(&account, pool_id, Some((&provider, &user)))
+                    .map_err(cognito_error)?,
                 None if !pool.allow_unauthenticated => {
                     return Err(not_authorized(
                         "Unauthenticated access is not supported for this identity pool.",
@@ -632,21 +741,21 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
         }
         "GetOpenIdToken" => {
             let id = required(&o, "IdentityId")?;
-            let (_, i, pool) = identity_and_pool(state, id)?;
-            let claims = check_logins(&pool, &string_map(&o, "Logins", 10)?)?;
-            let authenticated = identity_type(&i, &pool, claims.as_ref())?;
+            let (account, i, pool) = identity_and_pool(state, id)?;
+            let login = check_logins(state, &account, &pool, &string_map(&o, "Logins", 10)?)?;
+            let authenticated = identity_type(&i, &pool, login.as_ref())?;
             // A token given for a token lasts no longer than the one presented: what a
-            // backend vouched for cannot be renewed past it.
-            let exp = claims
+            // backend or a provider vouched for cannot be renewed past it.
+            let exp = login
                 .as_ref()
-                .map_or(u64::MAX, |c| c.exp)
+                .map_or(u64::MAX, Login::exp)
                 .min(now() + OPEN_ID_TOKEN_SECONDS);
             let token = issue_token(
                 &pool.token_key,
                 &Claims {
                     sub: i.id.clone(),
                     aud: pool.id.clone(),
-                    amr: amr(authenticated, &pool),
+                    amr: amr(authenticated, &pool, login.as_ref()),
                     exp,
                 },
                 now(),
@@ -661,8 +770,8 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
                 ));
             }
             let (account, i, pool) = identity_and_pool(state, id)?;
-            let claims = check_logins(&pool, &string_map(&o, "Logins", 10)?)?;
-            let authenticated = identity_type(&i, &pool, claims.as_ref())?;
+            let login = check_logins(state, &account, &pool, &string_map(&o, "Logins", 10)?)?;
+            let authenticated = identity_type(&i, &pool, login.as_ref())?;
             let kind = if authenticated {
                 "authenticated"
             } else {
@@ -680,7 +789,7 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
                 .get(kind)
                 .and_then(|arn| state.registry.role_by_arn(&account, arn))
                 .ok_or_else(misconfigured)?;
-            let (ctx, keys) = identity_keys(&i.id, &pool, authenticated);
+            let (ctx, keys) = identity_keys(&i.id, &pool, authenticated, login.as_ref());
             if !role_trusts_pool(&role, &ctx) {
                 return Err(misconfigured());
             }
@@ -774,12 +883,13 @@ pub(crate) fn assume_role_with_web_identity(
             "Basic (classic) flow is not enabled for this identity pool",
         ));
     }
-    let authenticated = identity_type(&i, &pool, Some(&claims)).map_err(|_| denied())?;
+    let login = Login::Pool(claims);
+    let authenticated = identity_type(&i, &pool, Some(&login)).map_err(|_| denied())?;
     let role = state
         .registry
         .role_by_arn(&account, role_arn)
         .ok_or_else(denied)?;
-    let (ctx, keys) = identity_keys(&i.id, &pool, authenticated);
+    let (ctx, keys) = identity_keys(&i.id, &pool, authenticated, None);
     if !role_trusts_pool(&role, &ctx) {
         return Err(denied());
     }
@@ -976,7 +1086,7 @@ fn signed(state: &ApiState, call: &Call, op: &str) -> Result<Value, ApiError> {
                 &Claims {
                     sub: id.clone(),
                     aud: p.id.clone(),
-                    amr: amr(true, &p),
+                    amr: amr(true, &p, None),
                     exp: now() + duration,
                 },
                 now(),

@@ -193,6 +193,10 @@ enum Names {
     NewPolicy,
     /// Nothing in particular (`*`): the account's lists.
     Nothing,
+    /// `OpenIDConnectProviderArn`, required.
+    OidcArn,
+    /// `Url` of an OpenID Connect provider about to be registered.
+    NewOidc,
 }
 
 /// Every IAM action served, with what it names. An action not listed is `InvalidAction`.
@@ -228,7 +232,38 @@ const IAM_ACTIONS: &[(&str, Names)] = &[
     ("DetachRolePolicy", Names::Role),
     ("ListAttachedUserPolicies", Names::User),
     ("ListAttachedRolePolicies", Names::Role),
+    ("CreateOpenIDConnectProvider", Names::NewOidc),
+    ("GetOpenIDConnectProvider", Names::OidcArn),
+    ("ListOpenIDConnectProviders", Names::Nothing),
+    ("DeleteOpenIDConnectProvider", Names::OidcArn),
+    ("AddClientIDToOpenIDConnectProvider", Names::OidcArn),
+    ("RemoveClientIDFromOpenIDConnectProvider", Names::OidcArn),
+    ("UpdateOpenIDConnectProviderThumbprint", Names::OidcArn),
 ];
+
+/// The `Name.member.N` values of a list parameter, in order of N (1 up to 1,000).
+fn list_param(p: &Params, name: &str) -> Vec<String> {
+    let prefix = format!("{name}.member.");
+    let mut v: Vec<(u32, String)> =
+        p.0.iter()
+            .filter_map(|(k, v)| {
+                let n: u32 = k.strip_prefix(&prefix)?.parse().ok()?;
+                (1..=1000).contains(&n).then(|| (n, v.clone()))
+            })
+            .collect();
+    v.sort_by_key(|(n, _)| *n);
+    v.into_iter().map(|(_, v)| v).collect()
+}
+
+fn oidc_xml(o: &sekisho_registry::OidcProvider) -> String {
+    format!(
+        "{}<ClientIDList>{}</ClientIDList><ThumbprintList>{}</ThumbprintList>{}<Tags></Tags>",
+        el("Url", &o.name),
+        members(o.client_ids.iter().map(|c| esc(c))),
+        members(o.thumbprints.iter().map(|t| esc(t))),
+        el("CreateDate", &xml::time(o.created)),
+    )
+}
 
 /// The entity one IAM request acts on: its name (as the handler uses it) and its ARN (as it is
 /// authorized), from the same parameter.
@@ -280,6 +315,8 @@ fn target(reg: &Registry, caller: &Caller, action: &str, p: &Params) -> Result<T
         ("PolicyName", 128),
         ("PolicyArn", 2048),
         ("Path", 512),
+        ("OpenIDConnectProviderArn", 2048),
+        ("Url", 255),
     ] {
         if let Some(v) = p.get(what) {
             bounded(what, v, max)?;
@@ -336,6 +373,21 @@ fn target(reg: &Registry, caller: &Caller, action: &str, p: &Params) -> Result<T
             name: None,
             arn: "*".to_string(),
         },
+        Names::OidcArn => {
+            let arn = p.req("OpenIDConnectProviderArn")?;
+            Target {
+                name: Some(arn.to_owned()),
+                arn: arn.to_owned(),
+            }
+        }
+        Names::NewOidc => {
+            let name = sekisho_registry::oidc_provider_name(p.req("Url")?).map_err(iam_error)?;
+            let arn = format!("arn:aws:iam::{acct}:oidc-provider/{name}");
+            Target {
+                name: Some(arn.clone()),
+                arn,
+            }
+        }
     })
 }
 
@@ -577,6 +629,59 @@ fn iam(
                 }))
             )
         }
+        "CreateOpenIDConnectProvider" => {
+            if p.0.iter().any(|(k, _)| k.starts_with("Tags.")) {
+                return Err(ApiError::new(
+                    400,
+                    "ValidationError",
+                    "Tags on OpenID Connect providers are not supported here",
+                ));
+            }
+            let o = reg
+                .create_oidc_provider(
+                    acct,
+                    p.req("Url")?,
+                    list_param(p, "ClientIDList"),
+                    list_param(p, "ThumbprintList"),
+                )
+                .map_err(e)?;
+            format!(
+                "{}<Tags></Tags>",
+                el("OpenIDConnectProviderArn", &o.arn(acct))
+            )
+        }
+        "GetOpenIDConnectProvider" => oidc_xml(&reg.oidc_provider(acct, name()?).map_err(e)?),
+        "ListOpenIDConnectProviders" => format!(
+            "<OpenIDConnectProviderList>{}</OpenIDConnectProviderList>",
+            members(
+                reg.oidc_providers(acct)
+                    .map_err(e)?
+                    .iter()
+                    .map(|o| el("Arn", &o.arn(acct)))
+            )
+        ),
+        "DeleteOpenIDConnectProvider" => {
+            reg.delete_oidc_provider(acct, name()?).map_err(e)?;
+            String::new()
+        }
+        "AddClientIDToOpenIDConnectProvider" => {
+            let id = p.req("ClientID")?.to_owned();
+            reg.update_oidc_provider(acct, name()?, |o| o.client_ids.push(id))
+                .map_err(e)?;
+            String::new()
+        }
+        "RemoveClientIDFromOpenIDConnectProvider" => {
+            let id = p.req("ClientID")?.to_owned();
+            reg.update_oidc_provider(acct, name()?, |o| o.client_ids.retain(|c| *c != id))
+                .map_err(e)?;
+            String::new()
+        }
+        "UpdateOpenIDConnectProviderThumbprint" => {
+            let t = list_param(p, "ThumbprintList");
+            reg.update_oidc_provider(acct, name()?, |o| o.thumbprints = t)
+                .map_err(e)?;
+            String::new()
+        }
         other => {
             return Err(ApiError::new(
                 400,
@@ -617,6 +722,31 @@ pub(crate) fn web_identity(
                 400,
                 "ValidationError",
                 format!("{k} is not supported with web identities here"),
+            ));
+        }
+        // A token of one of Sekisho's pools (its issuer Cognito's), or of an OpenID Connect
+        // provider registered in the role's account.
+        if crate::oidc::issuer(token).is_some_and(|i| i != crate::cognito::COGNITO_ISSUER) {
+            let o = crate::oidc::assume_role(
+                state,
+                role_arn,
+                session,
+                token,
+                p.int("DurationSeconds")?,
+                sekisho_registry::now_secs() as i64,
+            )?;
+            let account = &o.session.account_id;
+            return Ok(format!(
+                "{}{}<AssumedRoleUser>{}{}</AssumedRoleUser>{}{}",
+                credentials_xml(&o.session),
+                el("SubjectFromWebIdentityToken", &o.subject),
+                el("AssumedRoleId", &format!("{}:{session}", o.role.1)),
+                el(
+                    "Arn",
+                    &format!("arn:aws:sts::{account}:assumed-role/{}/{session}", o.role.0)
+                ),
+                el("Provider", &o.issuer),
+                el("Audience", &o.audience),
             ));
         }
         let w = crate::cognito::assume_role_with_web_identity(
@@ -948,6 +1078,11 @@ mod tests {
             ("RoleName".into(), "bob".into()),
             ("PolicyArn".into(), carol.clone()),
             ("PolicyName".into(), "dave".into()),
+            (
+                "OpenIDConnectProviderArn".into(),
+                format!("arn:aws:iam::{acct}:oidc-provider/idp.example/erin"),
+            ),
+            ("Url".into(), "https://IdP.example/frank/".into()),
         ]);
         for (action, names) in IAM_ACTIONS {
             let t = target(&reg, &caller, action, &params).unwrap();
@@ -962,6 +1097,14 @@ mod tests {
                     "dave".to_string(),
                     format!("arn:aws:iam::{acct}:policy/dave"),
                 ),
+                Names::OidcArn => {
+                    let erin = format!("arn:aws:iam::{acct}:oidc-provider/idp.example/erin");
+                    (erin.clone(), erin)
+                }
+                Names::NewOidc => {
+                    let frank = format!("arn:aws:iam::{acct}:oidc-provider/idp.example/frank");
+                    (frank.clone(), frank)
+                }
                 Names::Nothing => {
                     assert_eq!(
                         t,

@@ -2112,6 +2112,7 @@ mod route_tests {
             objects: None,
             functions: None,
             metrics_allow: vec![],
+            oidc_keys: Default::default(),
         };
         let mut names = std::collections::BTreeSet::new();
         for r in ROUTES {

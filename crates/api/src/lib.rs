@@ -12,6 +12,7 @@ mod iam;
 mod iot;
 mod jobs;
 pub mod lambda;
+mod oidc;
 mod provisioning;
 mod xml;
 
@@ -74,7 +75,11 @@ pub struct ApiState {
     pub metrics_allow: Vec<ipnet::IpNet>,
     /// The function host (the `lambda` API, custom authorizers), when functions are served.
     pub functions: Option<Arc<sekisho_functions::Invoker>>,
+    /// The keys of OpenID Connect issuers, as the operator configured them.
+    pub oidc_keys: Arc<OidcKeys>,
 }
+
+pub use oidc::Keys as OidcKeys;
 
 /// The default `/metrics` audience: loopback only.
 pub fn loopback_only() -> Vec<ipnet::IpNet> {
@@ -835,6 +840,7 @@ mod tests {
             objects: None,
             functions: None,
             metrics_allow: loopback_only(),
+            oidc_keys: Default::default(),
         };
         (st, info.id)
     }

@@ -35,6 +35,9 @@ pub struct IdentityPool {
     pub token_key: String,
     /// Creation time, epoch seconds.
     pub created: f64,
+    /// The ARNs of the IAM OpenID Connect providers whose ID tokens are logins here.
+    #[serde(default)]
+    pub oidc_providers: Vec<String>,
 }
 
 /// What CreateIdentityPool and UpdateIdentityPool set.
@@ -48,6 +51,8 @@ pub struct IdentityPoolSpec {
     pub allow_classic_flow: bool,
     /// The developer provider's name.
     pub developer_provider: Option<String>,
+    /// ARNs of IAM OpenID Connect providers of the account (`OpenIdConnectProviderARNs`).
+    pub oidc_providers: Vec<String>,
 }
 
 /// An identity of a pool.
@@ -71,6 +76,43 @@ fn pool_not_found(id: &str) -> RegistryError {
 
 fn identity_not_found(id: &str) -> RegistryError {
     RegistryError::NotFound(format!("Identity '{id}' not found."))
+}
+
+/// The OIDC providers a pool names must be the account's, at most 10, distinct, and none may
+/// share its name with the developer provider (their logins would name the same users).
+fn check_oidc_providers(
+    account: &str,
+    acct: &Account,
+    arns: &[String],
+    developer: Option<&str>,
+) -> Result<()> {
+    if arns.len() > 10 {
+        return Err(RegistryError::InvalidRequest(
+            "OpenIdConnectProviderARNs: at most 10".into(),
+        ));
+    }
+    let prefix = format!("arn:aws:iam::{account}:oidc-provider/");
+    for (i, arn) in arns.iter().enumerate() {
+        let name = arn
+            .strip_prefix(&prefix)
+            .filter(|n| acct.oidc_providers.contains_key(*n))
+            .ok_or_else(|| {
+                RegistryError::InvalidRequest(format!(
+                    "{arn} is not an OpenID Connect provider of this account"
+                ))
+            })?;
+        if arns[..i].contains(arn) {
+            return Err(RegistryError::InvalidRequest(format!(
+                "OpenIdConnectProviderARNs names {arn} twice"
+            )));
+        }
+        if developer == Some(name) {
+            return Err(RegistryError::InvalidRequest(format!(
+                "DeveloperProviderName {name} is also an OpenID Connect provider of the pool"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a pool's name and developer provider name.
@@ -108,8 +150,15 @@ impl Registry {
             roles: BTreeMap::new(),
             token_key: random_string(b"0123456789abcdef", 64),
             created: now_secs(),
+            oidc_providers: spec.oidc_providers,
         };
         self.write(account, |acct, tx| {
+            check_oidc_providers(
+                account,
+                acct,
+                &pool.oidc_providers,
+                pool.developer_provider.as_deref(),
+            )?;
             if acct.identity_pools.len() >= MAX_IDENTITY_POOLS {
                 return Err(RegistryError::LimitExceeded(format!(
                     "An account can have at most {MAX_IDENTITY_POOLS} identity pools"
@@ -178,10 +227,17 @@ impl Registry {
                     "Cannot change or remove the DeveloperProviderName once it is set".into(),
                 ));
             }
+            check_oidc_providers(
+                account,
+                acct,
+                &spec.oidc_providers,
+                spec.developer_provider.as_deref(),
+            )?;
             p.name = spec.name;
             p.allow_unauthenticated = spec.allow_unauthenticated;
             p.allow_classic_flow = spec.allow_classic_flow;
             p.developer_provider = spec.developer_provider;
+            p.oidc_providers = spec.oidc_providers;
             tx.put(Kind::IdentityPool, id, &p)?;
             acct.identity_pools.insert(id.to_owned(), p.clone());
             Ok(p)

@@ -157,6 +157,11 @@ pub struct Session {
     /// Issued by GetSessionToken (without MFA): as on AWS, such credentials may not call IAM.
     #[serde(default)]
     pub from_get_session_token: bool,
+    /// Issued for a token of an OpenID Connect provider: its name and creation time. The
+    /// session holds only while that provider (not another registered since under the same
+    /// name) stays registered.
+    #[serde(default)]
+    pub oidc_provider: Option<(String, f64)>,
 }
 
 /// Most unexpired STS sessions one account may hold (every session is kept in memory and on
@@ -764,7 +769,15 @@ impl Registry {
         principal: IamPrincipal,
         seconds: u32,
     ) -> Result<Session> {
-        self.create_session_inner(account, principal, seconds, None, BTreeMap::new(), true)
+        self.create_session_inner(
+            account,
+            principal,
+            seconds,
+            None,
+            BTreeMap::new(),
+            true,
+            None,
+        )
     }
 
     /// Issues temporary credentials that carry condition keys (the credential provider).
@@ -776,9 +789,39 @@ impl Registry {
         session_policy: Option<&str>,
         context: BTreeMap<String, String>,
     ) -> Result<Session> {
-        self.create_session_inner(account, principal, seconds, session_policy, context, false)
+        self.create_session_inner(
+            account,
+            principal,
+            seconds,
+            session_policy,
+            context,
+            false,
+            None,
+        )
     }
 
+    /// A role session for a token `provider` vouched for (AssumeRoleWithWebIdentity): it ends
+    /// when the provider is deleted.
+    pub fn create_web_identity_session(
+        &self,
+        account: &str,
+        principal: IamPrincipal,
+        seconds: u32,
+        context: BTreeMap<String, String>,
+        provider: &crate::OidcProvider,
+    ) -> Result<Session> {
+        self.create_session_inner(
+            account,
+            principal,
+            seconds,
+            None,
+            context,
+            false,
+            Some((provider.name.clone(), provider.created)),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn create_session_inner(
         &self,
         account: &str,
@@ -787,6 +830,7 @@ impl Registry {
         session_policy: Option<&str>,
         context: BTreeMap<String, String>,
         from_get_session_token: bool,
+        oidc_provider: Option<(String, f64)>,
     ) -> Result<Session> {
         if let Some(p) = session_policy {
             check_policy(p, Dialect::IamIdentity)?;
@@ -802,6 +846,7 @@ impl Registry {
             context,
             principal_id: None,
             from_get_session_token,
+            oidc_provider,
         };
         if session_policy.is_some_and(|p| p.chars().count() > MAX_SESSION_POLICY_CHARS) {
             return Err(RegistryError::InvalidRequest(format!(
@@ -888,6 +933,17 @@ impl Registry {
                     .accounts
                     .get(&s.account_id)
                     .is_some_and(|a| a.cognito_identities.contains_key(id))
+            {
+                return None;
+            }
+            // Likewise a session an OpenID Connect provider vouched for, while that provider
+            // (registered at that time) is.
+            if let Some((name, created)) = &s.oidc_provider
+                && !st
+                    .accounts
+                    .get(&s.account_id)
+                    .and_then(|a| a.oidc_providers.get(name))
+                    .is_some_and(|p| p.created == *created)
             {
                 return None;
             }

@@ -21,6 +21,7 @@ mod groups;
 mod iam;
 mod jobs;
 pub mod model;
+mod oidc;
 mod policies;
 mod provisioning;
 mod rolealias;
@@ -60,6 +61,7 @@ pub use jobs::{
 };
 pub use jobs::{MAX_DOCUMENT as MAX_JOB_DOCUMENT, s3_location};
 pub use model::*;
+pub use oidc::{MAX_OIDC_PROVIDERS, OidcProvider, oidc_provider_name};
 pub use policies::{MAX_POLICIES_PER_TARGET, MAX_POLICY_VERSIONS};
 pub use provisioning::{
     MAX_TEMPLATE_VERSIONS, NewTemplate, ProvisioningTemplate, Registered, TemplateType,
@@ -419,6 +421,12 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         account_mut(&mut st, &row.account)?
             .identity_pools
             .insert(p.id.clone(), p);
+    }
+    for row in store.load(Kind::OidcProvider)? {
+        let p: oidc::OidcProvider = decode(&row.doc)?;
+        account_mut(&mut st, &row.account)?
+            .oidc_providers
+            .insert(p.name.clone(), p);
     }
     for row in store.load(Kind::CognitoIdentity)? {
         let i: cognito::CognitoIdentity = decode(&row.doc)?;

@@ -375,6 +375,8 @@ pub struct Account {
     pub identity_pools: BTreeMap<String, crate::cognito::IdentityPool>,
     /// Cognito identities by id.
     pub cognito_identities: BTreeMap<String, crate::cognito::CognitoIdentity>,
+    /// IAM OpenID Connect providers by name.
+    pub oidc_providers: BTreeMap<String, crate::oidc::OidcProvider>,
     /// The things waiting in each job's staged rollout, in order, with their order numbers.
     pub job_waiting: BTreeMap<String, std::collections::VecDeque<(u64, String)>>,
     /// The reverse of `job_waiting`: the jobs each thing waits in.

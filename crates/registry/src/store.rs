@@ -54,6 +54,8 @@ pub(crate) enum Kind {
     IdentityPool,
     /// Cognito identities, keyed by id.
     CognitoIdentity,
+    /// IAM OpenID Connect providers, keyed by name (URL without `https://`).
+    OidcProvider,
     /// Things waiting in a job's staged rollout, keyed `{job}\n{order as 16 hex digits}`.
     JobWaiting,
     /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
@@ -93,6 +95,7 @@ impl Kind {
             Kind::DefaultAuthorizer => "default_authorizer",
             Kind::IdentityPool => "identity_pool",
             Kind::CognitoIdentity => "cognito_identity",
+            Kind::OidcProvider => "oidc_provider",
             Kind::JobWaiting => "job_waiting",
         }
     }

@@ -41,6 +41,18 @@ pub enum Protocol {
     Https,
 }
 
+/// The keys of an OpenID Connect issuer (`[[oidc_providers]]`): accounts that register the
+/// issuer in IAM (CreateOpenIDConnectProvider) have its ID tokens verified with them; nothing
+/// is fetched from the issuer. The file is read again when it changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcProviderConfig {
+    /// The issuer URL, as tokens name it in `iss` and IAM registers it (`https://host[/path]`).
+    pub url: String,
+    /// A JWKS document (`{"keys": [...]}`) with the issuer's signing keys.
+    pub jwks_file: PathBuf,
+}
+
 /// An extra device listener (`[[endpoints]]`): its own port, TLS security policy, and for a
 /// private endpoint (AWS's VPC interface endpoint) the ids its connections carry.
 #[derive(Debug, Clone, Deserialize)]
@@ -323,6 +335,8 @@ pub struct Config {
     pub object_store_url: Option<String>,
     /// How Lambda-compatible functions run.
     pub functions: FunctionsConfig,
+    /// OpenID Connect issuers' keys.
+    pub oidc_providers: Vec<OidcProviderConfig>,
 }
 
 /// `[functions]`: how Lambda-compatible functions run (see docs/functions.md).
@@ -383,6 +397,7 @@ impl Default for Config {
             endpoints: Vec::new(),
             limits: Limits::default(),
             functions: FunctionsConfig::default(),
+            oidc_providers: Vec::new(),
             metrics_allow: sekisho_api::loopback_only(),
             object_store_url: None,
         }
@@ -462,6 +477,10 @@ impl Config {
             "domain {:?} is not a valid DNS name",
             self.domain
         );
+        for p in &self.oidc_providers {
+            sekisho_registry::oidc_provider_name(&p.url)
+                .map_err(|e| anyhow::anyhow!("oidc_providers: {e}"))?;
+        }
         anyhow::ensure!(
             !(self.cognito_on_device_port
                 && self.default_server_names.iter().any(|n| n

@@ -322,6 +322,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         registry.clone(),
     );
     let _ = shared.functions.set(invoker.clone());
+    let oidc_keys = Arc::new(sekisho_api::OidcKeys::new(
+        config
+            .oidc_providers
+            .iter()
+            .map(|p| (p.url.clone(), p.jwks_file.clone())),
+    ));
+    for p in &config.oidc_providers {
+        let name = sekisho_registry::oidc_provider_name(&p.url)?;
+        anyhow::ensure!(
+            oidc_keys.of(&name).is_some(),
+            "oidc_providers: no usable key in {} for {}",
+            p.jwks_file.display(),
+            p.url
+        );
+    }
     let api_state = Arc::new(sekisho_api::ApiState {
         registry: registry.clone(),
         broker: broker.clone(),
@@ -333,6 +348,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         objects: Some(store.clone()),
         metrics_allow: config.metrics_allow.clone(),
         functions: Some(invoker.clone()),
+        oidc_keys,
     });
 
     let limits = config.limits.clone();
