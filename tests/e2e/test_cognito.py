@@ -315,6 +315,8 @@ def test_deleting_the_pool_cuts_its_identities_connections(workdir):
         cog.delete_identity_pool(IdentityPoolId=pid)
         e = json.loads(mon.messages.get(timeout=10).payload)
         assert e["clientId"] == "carol-phone"
+        # The identity is the principal, as for attaching its IoT policies.
+        assert e["principalIdentifier"] == identity, e
         with pytest.raises(Exception):
             ws(s, c, "carol-phone").connect().result(10)
         mon.close()

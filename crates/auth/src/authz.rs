@@ -331,6 +331,19 @@ pub struct Principal {
     reads_time: bool,
 }
 
+impl Principal {
+    /// Who this principal is in lifecycle events (`principalIdentifier`): a Cognito
+    /// identity's id (the IoT principal its policies are attached to) for credentials an
+    /// identity pool gave, else the identity's own (certificate id, access key id, a custom
+    /// authorizer's principalId).
+    pub fn event_identifier(&self) -> &str {
+        self.iam
+            .as_ref()
+            .and_then(|i| i.caller.context.get("cognito-identity.amazonaws.com:sub"))
+            .map_or_else(|| self.identity.principal.as_str(), String::as_str)
+    }
+}
+
 impl std::fmt::Debug for Principal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Principal")

@@ -113,7 +113,7 @@ impl Port {
                 None
             },
             session_identifier: &self.session_identifier,
-            principal: self.principal.identity.principal.as_str(),
+            principal: self.principal.event_identifier(),
         }
     }
 
