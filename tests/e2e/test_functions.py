@@ -116,6 +116,51 @@ def test_timeouts_and_crashes_end_only_their_invocation(fx):
     assert out["FunctionError"] == "Unhandled" and e["errorType"] == "Runtime.ImportModuleError"
 
 
+# A `provided` runtime's bootstrap, as one writes it without any runtime library: the Runtime
+# API by hand (next invocation, then its response or its error).
+BOOTSTRAP = r"""#!/bin/sh
+set -eu
+api="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime/invocation"
+headers=$(mktemp)
+while true; do
+  event=$(curl -sS -D "$headers" "$api/next")
+  id=$(grep -i '^lambda-runtime-aws-request-id:' "$headers" | tr -d '\r' | cut -d' ' -f2)
+  case "$event" in
+    *fail*) curl -sS -X POST "$api/$id/error" -H 'Lambda-Runtime-Function-Error-Type: Unhandled' \
+              -d '{"errorType":"BootstrapError","errorMessage":"asked to fail"}' > /dev/null ;;
+    *) curl -sS -X POST "$api/$id/response" -d "{\"echo\": $event, \"handler\": \"$_HANDLER\", \"pid\": $$}" > /dev/null ;;
+  esac
+done
+"""
+
+
+def test_a_provided_runtime_runs_its_own_bootstrap(fx):
+    """`provided.al2023`: the zip's executable `bootstrap` is the runtime; it is reused warm,
+    and the errors it reports come back as Lambda returns them."""
+    s, lam, role = fx
+    name = unique("provided")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        info = zipfile.ZipInfo("bootstrap")
+        info.external_attr = 0o100755 << 16
+        z.writestr(info, BOOTSTRAP)
+    lam.create_function(FunctionName=name, Runtime="provided.al2023", Role=role, Handler="my.handler",
+                        Code={"ZipFile": buf.getvalue()}, Timeout=5)
+    _, first = invoke(lam, name, {"n": 1})
+    assert first["echo"] == {"n": 1} and first["handler"] == "my.handler"
+    _, second = invoke(lam, name, {"n": 2})
+    assert second["echo"] == {"n": 2} and second["pid"] == first["pid"], "a warm instance is reused"
+    out, e = invoke(lam, name, {"fail": True})
+    assert out["FunctionError"] == "Unhandled" and e == {"errorType": "BootstrapError", "errorMessage": "asked to fail"}
+    # A zip without a bootstrap cannot start: a function error, as Lambda reports it.
+    empty = unique("no-bootstrap")
+    lam.create_function(FunctionName=empty, Runtime="provided.al2023", Role=role, Handler="x",
+                        Code={"ZipFile": zip_of({"README": "no bootstrap here"})})
+    out, e = invoke(lam, empty, {})
+    assert out["StatusCode"] == 200 and out["FunctionError"] == "Unhandled"
+    assert e["errorType"] == "Runtime.InvalidEntrypoint" and "bootstrap" in e["errorMessage"], e
+
+
 def test_the_function_lifecycle_and_its_policy(fx):
     s, lam, role = fx
     name = unique("life")

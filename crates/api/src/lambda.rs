@@ -692,7 +692,7 @@ pub async fn invoke_function(
                 "InvalidRuntimeException",
                 format!("The runtime parameter of {r} is not supported here"),
             ),
-            HostError::Spawn(m) => err(500, "ServiceException", m),
+            HostError::Spawn(m) | HostError::Entrypoint(m) => err(500, "ServiceException", m),
             HostError::Disabled => err(
                 403,
                 "AccessDeniedException",

@@ -120,6 +120,10 @@ pub enum HostError {
     /// The instance could not be started.
     #[error("The function could not be started: {0}")]
     Spawn(String),
+    /// The function's own code cannot start (a `provided` runtime without an executable
+    /// `bootstrap`): a function error, as Lambda reports it (`Runtime.InvalidEntrypoint`).
+    #[error("{0}")]
+    Entrypoint(String),
     /// Functions do not run for this account on this server (`[functions]`).
     #[error("Functions are not enabled for this account on this server")]
     Disabled,
@@ -303,11 +307,21 @@ impl Host {
             spec.name.clone(),
             spec.code_sha.clone(),
         );
+        let id = uuid::Uuid::new_v4().to_string();
         let instance = match self.take_idle(&key, spec) {
             Some(i) => i,
-            None => self.spawn(&key, spec)?,
+            None => match self.spawn(&key, spec) {
+                Ok(i) => i,
+                Err(HostError::Entrypoint(m)) => {
+                    let body = error_body(
+                        "Runtime.InvalidEntrypoint",
+                        &format!("RequestId: {id} Error: {m}"),
+                    );
+                    return Ok((id, Outcome::Error(body)));
+                }
+                Err(e) => return Err(e),
+            },
         };
-        let id = uuid::Uuid::new_v4().to_string();
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -554,6 +568,18 @@ impl Host {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
+                // The function's own entry point, missing or not executable, is its error;
+                // anything else (an interpreter the operator configured) is the server's.
+                if spec.runtime.starts_with("provided")
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                    )
+                {
+                    return Err(HostError::Entrypoint(
+                        "Couldn't find valid bootstrap(s): [bootstrap]".into(),
+                    ));
+                }
                 return Err(HostError::Spawn(e.to_string()));
             }
         };
