@@ -28,6 +28,11 @@ getent hosts probe-ats.iot.us-east-1.localhost >/dev/null 2>&1 || need_apt+=(lib
 # Node.js clients (aws-sdk v2, aws-iot-device-sdk v1).
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
+# npm's aws-lambda-ric (the runtime interface client Node.js functions run under) builds its
+# native part from source.
+for tool in cmake autoconf automake libtool g++ make; do
+  command -v "$tool" >/dev/null || need_apt+=("$tool")
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt_install "${need_apt[@]}"
 fi

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 from botocore.config import Config
@@ -159,6 +160,42 @@ def test_a_provided_runtime_runs_its_own_bootstrap(fx):
     out, e = invoke(lam, empty, {})
     assert out["StatusCode"] == 200 and out["FunctionError"] == "Unhandled"
     assert e["errorType"] == "Runtime.InvalidEntrypoint" and "bootstrap" in e["errorMessage"], e
+
+
+NODE_HANDLER = """
+exports.handler = async (event, context) => {
+  if (event.op === "raise") throw new TypeError("bad input: " + event.n);
+  console.log("node handling", JSON.stringify(event));
+  return {event, pid: process.pid, requestId: context.awsRequestId, arn: context.invokedFunctionArn,
+          name: process.env.AWS_LAMBDA_FUNCTION_NAME};
+};
+"""
+
+
+def test_a_nodejs_handler_runs_under_the_stock_runtime_interface_client(workdir):
+    """`nodejs20.x`: an unmodified handler under npm's aws-lambda-ric (`[functions] node_ric`),
+    warm between invocations, its thrown errors returned as Lambda returns them."""
+    ric = Path(__file__).parent / "node" / "node_modules" / ".bin" / "aws-lambda-ric"
+    assert ric.exists(), "scripts/install-test-deps.sh installs aws-lambda-ric"
+    s = Server(workdir / "functions-node", config=f'[functions]\nenabled = true\nnode_ric = "{ric}"\n').start()
+    try:
+        iam = s.boto("iam")
+        role = iam.create_role(RoleName="fn-node", AssumeRolePolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"},
+                                                    "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+        lam = s.boto("lambda", config=Config(retries={"total_max_attempts": 1}, read_timeout=30))
+        fn = lam.create_function(FunctionName="node-fn", Runtime="nodejs20.x", Role=role, Handler="index.handler",
+                                 Code={"ZipFile": zip_of({"index.js": NODE_HANDLER})}, Timeout=10)["FunctionArn"]
+        _, first = invoke(lam, "node-fn", {"n": 1})
+        assert first["event"] == {"n": 1} and first["arn"] == fn and first["name"] == "node-fn"
+        _, second = invoke(lam, "node-fn", {"n": 2})
+        assert second["pid"] == first["pid"] and second["requestId"] != first["requestId"]
+        out, e = invoke(lam, "node-fn", {"op": "raise", "n": 3})
+        assert out["FunctionError"] == "Unhandled"
+        assert (e["errorType"], e["errorMessage"]) == ("TypeError", "bad input: 3"), e
+        assert "node handling" in s.log_text()
+    finally:
+        s.stop()
 
 
 def test_the_function_lifecycle_and_its_policy(fx):
