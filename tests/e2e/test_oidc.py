@@ -7,6 +7,8 @@ policies. Tokens that do not hold are refused with STS's errors, and credentials
 their provider."""
 
 import base64
+import hashlib
+import hmac
 import json
 import time
 
@@ -14,7 +16,7 @@ import pytest
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
@@ -57,6 +59,11 @@ class Issuer:
         if alg == "ES256":
             r, s = decode_dss_signature(self.ec.sign(signing_input, ec.ECDSA(hashes.SHA256())))
             sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        elif alg == "HS256":
+            # The classic confusion: the RSA public key's bytes as an HMAC secret.
+            pem = self.rsa.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
+            sig = hmac.new(pem, signing_input, hashlib.sha256).digest()
         else:
             sig = self.rsa.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
         return signing_input.decode() + "." + b64(sig)
@@ -167,9 +174,12 @@ def test_tokens_that_do_not_hold_are_refused(fx, workdir):
         (idp.token(exp_in=-5), "ExpiredTokenException"),
         (idp.token(aud="another-app"), "InvalidIdentityToken"),
         (idp.token(alg="HS256"), "InvalidIdentityToken"),
-        (idp.token(iss="https://idp.unknown.example"), "InvalidIdentityToken"),
+        (idp.token(iss="https://idp.unknown.example"), "IDPCommunicationError"),  # no keys for it
         (idp.token(sub="intruder"), "AccessDenied"),  # the trust's sub condition
-        ("not.a.token", "InvalidIdentityToken"),
+        (idp.token(iss="https://IDP.factory.example/realms/plant"), "InvalidIdentityToken"),
+        (idp.token(iss=ISSUER + "/"), "InvalidIdentityToken"),
+        (idp.token(iss=NAME), "InvalidIdentityToken"),
+        (idp.token().rsplit(".", 1)[0] + "." + b64(b"\0" * 256), "InvalidIdentityToken"),
     ]
     for token, want in cases:
         with pytest.raises(ClientError) as e:
@@ -188,12 +198,17 @@ def test_tokens_that_do_not_hold_are_refused(fx, workdir):
         assume(sts, role, idp.token(iss=UNCONFIGURED))
     assert code(e) == "IDPCommunicationError"
     # The provider is the role's account's: another account's role cannot be assumed with it,
-    # even where that role trusts this account's provider ARN.
+    # even where that role trusts this account's provider ARN; not even once that account has
+    # registered the same issuer (its own provider is another ARN).
     other = s.boto("iam", profile="tenant-b")
     other_role = other.create_role(RoleName="plant-device", AssumeRolePolicyDocument=trust(arn))["Role"]["Arn"]
     with pytest.raises(ClientError) as e:
         assume(sts, other_role, idp.token())
     assert code(e) == "InvalidIdentityToken"
+    other.create_open_id_connect_provider(Url=ISSUER, ClientIDList=["fleet-app"])
+    with pytest.raises(ClientError) as e:
+        assume(sts, other_role, idp.token())
+    assert code(e) == "AccessDenied"
     # Session policies are refused, not ignored; durations past the role's are refused.
     with pytest.raises(ClientError) as e:
         assume(sts, role, idp.token(), Policy=json.dumps({"Version": "2012-10-17", "Statement": []}))
@@ -201,6 +216,22 @@ def test_tokens_that_do_not_hold_are_refused(fx, workdir):
     with pytest.raises(ClientError) as e:
         assume(sts, role, idp.token(), DurationSeconds=3601)
     assert code(e) == "ValidationError"
+
+
+def test_one_subjects_sessions_are_reused_and_bounded(fx):
+    """The call is unsigned: the same request gets the same live session, and one subject
+    holds at most 16 sessions at once."""
+    s, idp, iam, arn, role, sts = fx
+    token = idp.token(sub="device-cap")
+    first = assume(sts, role, token, name="cap-0")["Credentials"]
+    assert assume(sts, role, token, name="cap-0")["Credentials"]["AccessKeyId"] == first["AccessKeyId"]
+    for i in range(1, 16):
+        assume(sts, role, token, name=f"cap-{i}")
+    with pytest.raises(ClientError) as e:
+        assume(sts, role, token, name="cap-16")
+    assert code(e) == "LimitExceeded"
+    # Another subject is not held back by this one.
+    assume(sts, role, idp.token(sub="device-other"), name="cap-16")
 
 
 def test_a_providers_users_are_identities_of_a_cognito_pool(fx):
@@ -283,6 +314,45 @@ def test_a_providers_users_are_identities_of_a_cognito_pool(fx):
                                  DeveloperProviderName="idp.elsewhere.example", OpenIdConnectProviderARNs=[elsewhere])
 
 
+def pool_trust(pid, amr):
+    return json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": {"Federated": "cognito-identity.amazonaws.com"},
+        "Action": "sts:AssumeRoleWithWebIdentity",
+        "Condition": {"StringEquals": {"cognito-identity.amazonaws.com:aud": pid},
+                      "ForAnyValue:StringLike": {"cognito-identity.amazonaws.com:amr": amr}}}]})
+
+
+def test_a_provider_login_keeps_its_provider_in_the_pools_token(fx):
+    """A pool with a developer provider and an OIDC provider, whose authenticated role trusts
+    only the developer provider's users (amr): the OIDC user gets nothing, with its login or
+    with a pool token traded for it (GetOpenIdToken), in the enhanced or the basic flow; the
+    developer's user does."""
+    s, idp, iam, arn, role, sts = fx
+    cog = s.boto("cognito-identity")
+    app = s.boto("cognito-identity", config=Config(signature_version=UNSIGNED))
+    pid = cog.create_identity_pool(IdentityPoolName="mixed", AllowUnauthenticatedIdentities=False,
+                                   AllowClassicFlow=True, DeveloperProviderName="login.corp",
+                                   OpenIdConnectProviderARNs=[arn])["IdentityPoolId"]
+    corp = iam.create_role(RoleName="corp-only", AssumeRolePolicyDocument=pool_trust(pid, "login.corp"))["Role"]["Arn"]
+    cog.set_identity_pool_roles(IdentityPoolId=pid, Roles={"authenticated": corp})
+    dev = cog.get_open_id_token_for_developer_identity(IdentityPoolId=pid, Logins={"login.corp": "alice"})
+    app.get_credentials_for_identity(IdentityId=dev["IdentityId"], Logins={"cognito-identity.amazonaws.com": dev["Token"]})
+    logins = {NAME: idp.token(sub="partner-1")}
+    oid = app.get_id(IdentityPoolId=pid, Logins=logins)["IdentityId"]
+    with pytest.raises(app.exceptions.InvalidIdentityPoolConfigurationException):
+        app.get_credentials_for_identity(IdentityId=oid, Logins=logins)
+    traded = app.get_open_id_token(IdentityId=oid, Logins=logins)["Token"]
+    with pytest.raises(app.exceptions.InvalidIdentityPoolConfigurationException):
+        app.get_credentials_for_identity(IdentityId=oid, Logins={"cognito-identity.amazonaws.com": traded})
+    # Traded again, the pool's token still names the provider, not the developer.
+    again = app.get_open_id_token(IdentityId=oid, Logins={"cognito-identity.amazonaws.com": traded})["Token"]
+    amr = json.loads(base64.urlsafe_b64decode(again.split(".")[1] + "=="))["amr"]
+    assert NAME in amr and "login.corp" not in amr, amr
+    with pytest.raises(ClientError) as e:
+        assume(sts, corp, traded, name="traded")
+    assert code(e) == "AccessDenied"
+
+
 def test_keys_rotate_without_a_restart_and_credentials_end_with_their_provider(fx, workdir):
     s, idp, iam, arn, role, sts = fx
     # The operator rotates the issuer's keys: new tokens verify, the old key's do not.
@@ -303,9 +373,31 @@ def test_keys_rotate_without_a_restart_and_credentials_end_with_their_provider(f
                 aws_session_token=c["SessionToken"])
     who = s.boto("sts", **keys)
     assert who.get_caller_identity()["Account"] == arn.split(":")[4]
-    # Deleting the provider ends the sessions it vouched for; registering it again does not
+    # A pool's user of that provider, with credentials and a pool token.
+    cog = s.boto("cognito-identity")
+    app = s.boto("cognito-identity", config=Config(signature_version=UNSIGNED))
+    pid = cog.create_identity_pool(IdentityPoolName="short-lived", AllowUnauthenticatedIdentities=False,
+                                   OpenIdConnectProviderARNs=[arn])["IdentityPoolId"]
+    user_role = iam.create_role(RoleName="short-lived-user",
+                                AssumeRolePolicyDocument=pool_trust(pid, "authenticated"))["Role"]["Arn"]
+    cog.set_identity_pool_roles(IdentityPoolId=pid, Roles={"authenticated": user_role})
+    logins = {NAME: idp.token(sub="operator-9")}
+    oid = app.get_id(IdentityPoolId=pid, Logins=logins)["IdentityId"]
+    pc = app.get_credentials_for_identity(IdentityId=oid, Logins=logins)["Credentials"]
+    pool_token = app.get_open_id_token(IdentityId=oid, Logins=logins)["Token"]
+    pool_who = s.boto("sts", aws_access_key_id=pc["AccessKeyId"], aws_secret_access_key=pc["SecretKey"],
+                      aws_session_token=pc["SessionToken"])
+    pool_who.get_caller_identity()
+    # Deleting the provider ends the sessions it vouched for, directly or through a pool (whose
+    # tokens buy nothing more, and which no longer names it); registering it again does not
     # bring them back.
     iam.delete_open_id_connect_provider(OpenIDConnectProviderArn=arn)
+    with pytest.raises(ClientError) as e:
+        pool_who.get_caller_identity()
+    assert code(e) == "InvalidClientTokenId"
+    with pytest.raises(app.exceptions.NotAuthorizedException):
+        app.get_credentials_for_identity(IdentityId=oid, Logins={"cognito-identity.amazonaws.com": pool_token})
+    assert cog.describe_identity_pool(IdentityPoolId=pid)["OpenIdConnectProviderARNs"] == []
     try:
         with pytest.raises(ClientError) as e:
             who.get_caller_identity()

@@ -250,11 +250,24 @@ fn pool_json(p: &sekisho_registry::IdentityPool) -> Value {
     v
 }
 
+/// How an OpenID Connect provider's login is kept in an identity's logins: `oidc:` before the
+/// provider's name (a developer provider's name has no `:`), so that the two kinds never name
+/// the same user.
+const OIDC_LOGIN: &str = "oidc:";
+
+/// The OpenID Connect login of an identity, if it has one: the provider's name and the user.
+fn oidc_login(i: &sekisho_registry::CognitoIdentity) -> Option<(&str, &str)> {
+    i.logins
+        .iter()
+        .find_map(|l| l.strip_prefix(OIDC_LOGIN)?.split_once('\n'))
+}
+
 fn identity_json(i: &sekisho_registry::CognitoIdentity) -> Value {
     let logins: Vec<&str> = i
         .logins
         .iter()
         .filter_map(|l| l.split_once('\n').map(|(p, _)| p))
+        .map(|p| p.strip_prefix(OIDC_LOGIN).unwrap_or(p))
         .collect();
     json!({"IdentityId": i.id, "Logins": logins, "CreationDate": i.created,
         "LastModifiedDate": i.modified})
@@ -472,11 +485,16 @@ fn identity_session(
     secs: u32,
     authenticated: bool,
     keys: BTreeMap<String, String>,
+    provider: Option<&sekisho_registry::OidcProvider>,
 ) -> Result<sekisho_registry::Session, ApiError> {
     let key = (
         account.to_owned(),
         identity.to_owned(),
-        format!("{}\n{name}\n{secs}", role.id),
+        format!(
+            "{}\n{name}\n{secs}\n{:?}",
+            role.id,
+            provider.map(|p| (&p.name, p.created.to_bits()))
+        ),
     );
     let reusable = SESSIONS
         .lock()
@@ -493,7 +511,7 @@ fn identity_session(
     }
     let s = state
         .registry
-        .create_session_with(
+        .create_web_identity_session(
             account,
             IamPrincipal::Role {
                 role: role.name.clone(),
@@ -502,6 +520,7 @@ fn identity_session(
             secs,
             (!authenticated).then_some(GUEST_SESSION_POLICY),
             keys,
+            provider,
         )
         .map_err(cognito_error)?;
     let mut m = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
@@ -586,7 +605,7 @@ fn check_logins(
     })?;
     let claims = crate::oidc::verify(token, &keys, now() as i64)
         .map_err(|_| not_authorized("Invalid login token. Token is not valid or is expired."))?;
-    if crate::oidc::provider_name(&claims.iss) != *provider {
+    if claims.iss != format!("https://{provider}") {
         return Err(not_authorized(
             "Invalid login token. Issuer doesn't match providerName",
         ));
@@ -603,6 +622,32 @@ fn check_logins(
     }))
 }
 
+/// The OpenID Connect provider an identity's user logs in with, if any: it must still be
+/// registered in IAM and named by the pool, whatever token is presented (a pool's token traded
+/// for the provider's login holds no longer than the provider does); its sessions are bound to
+/// it.
+fn identity_provider(
+    state: &ApiState,
+    account: &str,
+    pool: &sekisho_registry::IdentityPool,
+    i: &sekisho_registry::CognitoIdentity,
+) -> Result<Option<sekisho_registry::OidcProvider>, ApiError> {
+    let Some((name, _)) = oidc_login(i) else {
+        return Ok(None);
+    };
+    state
+        .registry
+        .oidc_provider_by_name(account, name)
+        .filter(|p| pool.oidc_providers.contains(&p.arn(account)))
+        .map(Some)
+        .ok_or_else(|| {
+            not_authorized(format!(
+                "Access to Identity '{}' is forbidden: its identity provider is no longer the pool's.",
+                i.id
+            ))
+        })
+}
+
 /// Whether an identity is authenticated by `claims`, or may go unauthenticated: the claims
 /// (if any) must be for this identity; an identity with logins needs them.
 fn identity_type(
@@ -613,7 +658,10 @@ fn identity_type(
     let claims = match login {
         // A provider's login holds for the identity it is linked to.
         Some(Login::Oidc { provider, user, .. }) => {
-            return if i.logins.contains(&format!("{provider}\n{user}")) {
+            return if i
+                .logins
+                .contains(&format!("{OIDC_LOGIN}{provider}\n{user}"))
+            {
                 Ok(true)
             } else {
                 Err(not_authorized(
@@ -665,7 +713,21 @@ fn amr(
         let mut v = vec!["authenticated".to_string()];
         match login {
             Some(Login::Oidc { provider, .. }) => v.push(provider.clone()),
-            _ => {
+            // A pool's token keeps the providers it was signed with, those the pool still
+            // has: trading a provider's login for a pool token never changes who vouched.
+            Some(Login::Pool(c)) => v.extend(
+                c.amr
+                    .iter()
+                    .filter(|a| {
+                        pool.developer_provider.as_deref() == Some(a.as_str())
+                            || pool.oidc_providers.iter().any(|arn| {
+                                arn.rsplit_once(":oidc-provider/")
+                                    .is_some_and(|(_, n)| n == a.as_str())
+                            })
+                    })
+                    .cloned(),
+            ),
+            None => {
                 if let Some(d) = &pool.developer_provider {
                     v.push(d.clone());
                 }
@@ -725,7 +787,11 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
                 // A provider's user is one identity of the pool, made at its first login.
                 Some(Login::Oidc { provider, user, .. }) => state
                     .registry
-                    .get_cognito_id(&account, pool_id, Some((&provider, &user)))
+                    .get_cognito_id(
+                        &account,
+                        pool_id,
+                        Some((&format!("{OIDC_LOGIN}{provider}"), &user)),
+                    )
                     .map_err(cognito_error)?,
                 None if !pool.allow_unauthenticated => {
                     return Err(not_authorized(
@@ -744,6 +810,7 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
             let (account, i, pool) = identity_and_pool(state, id)?;
             let login = check_logins(state, &account, &pool, &string_map(&o, "Logins", 10)?)?;
             let authenticated = identity_type(&i, &pool, login.as_ref())?;
+            identity_provider(state, &account, &pool, &i)?;
             // A token given for a token lasts no longer than the one presented: what a
             // backend or a provider vouched for cannot be renewed past it.
             let exp = login
@@ -772,6 +839,7 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
             let (account, i, pool) = identity_and_pool(state, id)?;
             let login = check_logins(state, &account, &pool, &string_map(&o, "Logins", 10)?)?;
             let authenticated = identity_type(&i, &pool, login.as_ref())?;
+            let provider = identity_provider(state, &account, &pool, &i)?;
             let kind = if authenticated {
                 "authenticated"
             } else {
@@ -802,6 +870,7 @@ fn unsigned(state: &ApiState, op: &str, body: &[u8]) -> Result<Value, ApiError> 
                 CREDENTIAL_SECONDS,
                 authenticated,
                 keys,
+                provider.as_ref(),
             )?;
             Ok(json!({"IdentityId": i.id, "Credentials": {
                 "AccessKeyId": s.access_key_id, "SecretKey": s.secret_access_key,
@@ -833,6 +902,7 @@ pub(crate) fn assume_role_with_web_identity(
     session_name: &str,
     token: &str,
     duration: Option<u32>,
+    ip: std::net::IpAddr,
 ) -> Result<WebIdentitySession, ApiError> {
     let bad_token = || {
         error(
@@ -885,11 +955,13 @@ pub(crate) fn assume_role_with_web_identity(
     }
     let login = Login::Pool(claims);
     let authenticated = identity_type(&i, &pool, Some(&login)).map_err(|_| denied())?;
+    let provider = identity_provider(state, &account, &pool, &i).map_err(|_| denied())?;
     let role = state
         .registry
         .role_by_arn(&account, role_arn)
         .ok_or_else(denied)?;
-    let (ctx, keys) = identity_keys(&i.id, &pool, authenticated, None);
+    let (mut ctx, keys) = identity_keys(&i.id, &pool, authenticated, Some(&login));
+    crate::request_time_and_ip(&mut ctx, now() as i64, ip);
     if !role_trusts_pool(&role, &ctx) {
         return Err(denied());
     }
@@ -910,6 +982,7 @@ pub(crate) fn assume_role_with_web_identity(
         secs,
         authenticated,
         keys,
+        provider.as_ref(),
     )?;
     Ok(WebIdentitySession {
         session,

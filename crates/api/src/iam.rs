@@ -697,6 +697,7 @@ fn iam(
 pub(crate) fn web_identity(
     state: &ApiState,
     params: Vec<(String, String)>,
+    ip: std::net::IpAddr,
 ) -> Response<Full<Bytes>> {
     let p = Params(params);
     let out = (|| -> Result<String, ApiError> {
@@ -734,6 +735,7 @@ pub(crate) fn web_identity(
                 token,
                 p.int("DurationSeconds")?,
                 sekisho_registry::now_secs() as i64,
+                ip,
             )?;
             let account = &o.session.account_id;
             return Ok(format!(
@@ -755,6 +757,7 @@ pub(crate) fn web_identity(
             session,
             token,
             p.int("DurationSeconds")?,
+            ip,
         )?;
         let account = &w.session.account_id;
         Ok(format!(

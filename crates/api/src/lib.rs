@@ -384,6 +384,19 @@ pub fn authorize_with(
     }
 }
 
+/// The request's condition keys (`aws:SourceIp`, `aws:CurrentTime`, `aws:EpochTime`,
+/// `aws:SecureTransport`) in the context of a decision made without a signed caller (the
+/// trust policy of a web identity's role).
+pub(crate) fn request_time_and_ip(
+    ctx: &mut sekisho_policy::MapContext,
+    now: i64,
+    ip: std::net::IpAddr,
+) {
+    for (k, v) in RequestContext::tls(ip, None, now).keys() {
+        ctx.set(k, v);
+    }
+}
+
 /// Where a control-plane request arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Front {
@@ -538,7 +551,7 @@ async fn handle_at(
             .find(|(k, _)| k == "Action")
             .map(|(_, v)| v.as_str());
         if action == Some("AssumeRoleWithWebIdentity") {
-            return Ok(iam::web_identity(&state, params));
+            return Ok(iam::web_identity(&state, params, peer.ip()));
         }
         // Anything else unsigned is refused as before.
         tracing::info!(method = %parts.method, %path, "request not authenticated");

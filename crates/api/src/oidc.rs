@@ -217,7 +217,23 @@ pub fn verify(token: &str, keys: &Jwks, now: i64) -> Result<Claims, TokenError> 
 #[derive(Debug, Default)]
 pub struct Keys {
     files: BTreeMap<String, PathBuf>,
-    loaded: Mutex<BTreeMap<String, (std::time::SystemTime, Jwks)>>,
+    /// What each file held when last read (none: unusable), by the file's stamp.
+    loaded: Mutex<BTreeMap<String, (Stamp, Option<Jwks>)>>,
+}
+
+/// What tells a file's versions apart: its modification and change times, size and inode (a
+/// copy that keeps the old modification time still changes the change time or the inode).
+type Stamp = (std::time::SystemTime, i64, i64, u64, u64);
+
+fn stamp(m: &std::fs::Metadata) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    Some((
+        m.modified().ok()?,
+        m.ctime(),
+        m.ctime_nsec(),
+        m.len(),
+        m.ino(),
+    ))
 }
 
 impl Keys {
@@ -235,25 +251,26 @@ impl Keys {
     /// The keys of provider `name`, if any are configured and readable.
     pub fn of(&self, name: &str) -> Option<Jwks> {
         let file = self.files.get(name)?;
-        let modified = std::fs::metadata(file).and_then(|m| m.modified()).ok()?;
+        let now = std::fs::metadata(file).ok().as_ref().and_then(stamp)?;
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, jwks)) = loaded.get(name)
-            && *at == modified
+            && *at == now
         {
-            return Some(jwks.clone());
+            return jwks.clone();
         }
+        // Read (and, when unusable, logged) once per version of the file.
         let jwks = match std::fs::read_to_string(file)
             .map_err(|e| e.to_string())
             .and_then(|t| Jwks::parse(&t))
         {
-            Ok(j) => j,
+            Ok(j) => Some(j),
             Err(e) => {
                 tracing::warn!(provider = name, file = %file.display(), error = %e, "OIDC keys unusable");
-                return None;
+                None
             }
         };
-        loaded.insert(name.to_owned(), (modified, jwks.clone()));
-        Some(jwks)
+        loaded.insert(name.to_owned(), (now, jwks.clone()));
+        jwks
     }
 }
 
@@ -281,11 +298,47 @@ pub(crate) struct OidcSession {
     pub audience: String,
 }
 
+/// Live sessions bought with one provider's token for one subject, at most: the call is
+/// unsigned, so a token's holder could otherwise fill the account's sessions.
+pub(crate) const MAX_SESSIONS_PER_SUBJECT: usize = 16;
+
+/// A session given again while more than this is left of it (seconds).
+const REUSE_WHILE_LEFT: f64 = 900.0;
+
+/// Sessions remembered for reuse, in all.
+const MAX_REMEMBERED: usize = 100_000;
+
+/// (account, provider name, subject) → the live sessions given, by (role id, session name,
+/// audience, seconds, provider's creation).
+type Given = std::collections::HashMap<
+    (String, String, String),
+    Vec<(
+        (String, String, String, u32, u64),
+        sekisho_registry::Session,
+    )>,
+>;
+
+static GIVEN: std::sync::LazyLock<Mutex<Given>> = std::sync::LazyLock::new(Mutex::default);
+
+/// An issuer as it may appear in a message or a log line: at most 200 characters, controls
+/// replaced.
+fn shown(iss: &str) -> String {
+    iss.chars()
+        .take(200)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// STS AssumeRoleWithWebIdentity (unsigned, as on AWS) with an ID token of an OpenID Connect
 /// provider registered in the role's account: the token must verify with the keys configured
-/// for its issuer, name one of the provider's client ids, and the role must trust the
-/// provider (`Federated` its ARN) with the token's `<provider>:aud` and `<provider>:sub`,
-/// which the session carries for policies. The session ends if the provider is deleted.
+/// for its issuer (checked before anything of any account is looked at, so a forged token
+/// learns nothing of which providers exist), its `iss` must be the provider's URL exactly,
+/// its `aud` one of the provider's client ids, and the role must trust the provider
+/// (`Federated` its ARN) with the token's `<provider>:aud` and `<provider>:sub` (and the
+/// request's `aws:SourceIp` and time), which the session carries for policies. The session
+/// ends if the provider is deleted; a live one is given again for the same request, and one
+/// subject holds at most [`MAX_SESSIONS_PER_SUBJECT`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn assume_role(
     state: &crate::ApiState,
     role_arn: &str,
@@ -293,6 +346,7 @@ pub(crate) fn assume_role(
     token: &str,
     duration: Option<u32>,
     now: i64,
+    ip: std::net::IpAddr,
 ) -> Result<OidcSession, crate::ApiError> {
     use crate::ApiError;
     let invalid = |m: &str| ApiError::new(400, "InvalidIdentityToken", m);
@@ -305,20 +359,14 @@ pub(crate) fn assume_role(
     };
     let iss = issuer(token).ok_or_else(|| invalid("Couldn't parse the web identity token"))?;
     let name = provider_name(&iss);
-    // The role's account is the one whose provider must vouch for the token.
-    let account = role_arn
-        .strip_prefix("arn:aws:iam::")
-        .and_then(|r| r.split_once(':'))
-        .map(|(a, _)| a.to_owned())
-        .ok_or_else(denied)?;
-    let provider = state
-        .registry
-        .oidc_provider_by_name(&account, &name)
-        .ok_or_else(|| {
-            invalid(&format!(
-                "No OpenIDConnect provider found in your account for {iss}"
-            ))
-        })?;
+    // The issuer as the provider is registered (`https://host[/path]`, the host in lower
+    // case), exactly.
+    if iss != format!("https://{name}") {
+        return Err(invalid(&format!(
+            "The token's issuer {} is not a provider's URL",
+            shown(&iss)
+        )));
+    }
     let keys = state.oidc_keys.of(&name).ok_or_else(|| {
         ApiError::new(
             400,
@@ -342,9 +390,21 @@ pub(crate) fn assume_role(
         }
         Err(TokenError::Malformed(m)) => return Err(invalid(m)),
     };
-    if claims.iss != iss {
-        return Err(invalid("The token's issuer is not the provider's"));
-    }
+    // The role's account is the one whose provider must vouch for the token.
+    let account = role_arn
+        .strip_prefix("arn:aws:iam::")
+        .and_then(|r| r.split_once(':'))
+        .map(|(a, _)| a.to_owned())
+        .ok_or_else(denied)?;
+    let provider = state
+        .registry
+        .oidc_provider_by_name(&account, &name)
+        .ok_or_else(|| {
+            invalid(&format!(
+                "No OpenIDConnect provider found in your account for {}",
+                shown(&iss)
+            ))
+        })?;
     let audience = claims
         .aud
         .iter()
@@ -359,6 +419,7 @@ pub(crate) fn assume_role(
     let mut ctx = sekisho_policy::MapContext::new();
     ctx.set(&format!("{name}:aud"), audience.clone());
     ctx.set(&format!("{name}:sub"), claims.sub.clone());
+    crate::request_time_and_ip(&mut ctx, now, ip);
     if !role.trusts_federated(&provider_arn, &ctx) {
         return Err(denied());
     }
@@ -370,28 +431,66 @@ pub(crate) fn assume_role(
             "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.",
         ));
     }
-    let keys = BTreeMap::from([
-        (format!("{name}:aud"), audience.clone()),
-        (format!("{name}:sub"), claims.sub.clone()),
-    ]);
-    let session = state
-        .registry
-        .create_web_identity_session(
-            &account,
-            sekisho_registry::IamPrincipal::Role {
-                role: role.name.clone(),
-                session: session_name.to_owned(),
-            },
-            secs,
-            keys,
-            &provider,
-        )
-        .map_err(|e| match e {
-            sekisho_registry::RegistryError::LimitExceeded(m) => {
-                ApiError::new(400, "LimitExceeded", m)
+    let subject = (account.clone(), name.clone(), claims.sub.clone());
+    let wanted = (
+        role.id.clone(),
+        session_name.to_owned(),
+        audience.clone(),
+        secs,
+        provider.created.to_bits(),
+    );
+    let session = {
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        let live = given.entry(subject.clone()).or_default();
+        let nowf = now as f64;
+        live.retain(|(_, s)| {
+            s.expiration > nowf && state.registry.credential(&s.access_key_id).is_some()
+        });
+        if let Some((_, s)) = live
+            .iter()
+            .find(|(k, s)| *k == wanted && s.expiration - nowf > REUSE_WHILE_LEFT)
+        {
+            s.clone()
+        } else {
+            if live.len() >= MAX_SESSIONS_PER_SUBJECT {
+                return Err(ApiError::new(
+                    400,
+                    "LimitExceeded",
+                    format!(
+                        "This web identity already holds {MAX_SESSIONS_PER_SUBJECT} live sessions; use one until it expires"
+                    ),
+                ));
             }
-            other => ApiError::new(500, "ServiceFailure", other.to_string()),
-        })?;
+            let keys = BTreeMap::from([
+                (format!("{name}:aud"), audience.clone()),
+                (format!("{name}:sub"), claims.sub.clone()),
+            ]);
+            let s = state
+                .registry
+                .create_web_identity_session(
+                    &account,
+                    sekisho_registry::IamPrincipal::Role {
+                        role: role.name.clone(),
+                        session: session_name.to_owned(),
+                    },
+                    secs,
+                    None,
+                    keys,
+                    Some(&provider),
+                )
+                .map_err(|e| match e {
+                    sekisho_registry::RegistryError::LimitExceeded(m) => {
+                        ApiError::new(400, "LimitExceeded", m)
+                    }
+                    other => ApiError::new(500, "ServiceFailure", other.to_string()),
+                })?;
+            live.push((wanted, s.clone()));
+            if given.len() > MAX_REMEMBERED {
+                given.retain(|_, v| v.iter().any(|(_, s)| s.expiration > nowf));
+            }
+            s
+        }
+    };
     Ok(OidcSession {
         session,
         role: (role.name, role.id),

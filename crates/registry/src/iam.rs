@@ -800,24 +800,25 @@ impl Registry {
         )
     }
 
-    /// A role session for a token `provider` vouched for (AssumeRoleWithWebIdentity): it ends
-    /// when the provider is deleted.
+    /// A role session for a token `provider` vouched for (AssumeRoleWithWebIdentity, or a
+    /// Cognito identity of that provider's user): it ends when the provider is deleted.
     pub fn create_web_identity_session(
         &self,
         account: &str,
         principal: IamPrincipal,
         seconds: u32,
+        session_policy: Option<&str>,
         context: BTreeMap<String, String>,
-        provider: &crate::OidcProvider,
+        provider: Option<&crate::OidcProvider>,
     ) -> Result<Session> {
         self.create_session_inner(
             account,
             principal,
             seconds,
-            None,
+            session_policy,
             context,
             false,
-            Some((provider.name.clone(), provider.created)),
+            provider.map(|p| (p.name.clone(), p.created)),
         )
     }
 

@@ -70,6 +70,10 @@ pub fn oidc_provider_name(url: &str) -> Result<String> {
         return Err(bad());
     }
     let host = host.to_ascii_lowercase();
+    // Cognito's own issuer names the pools' tokens, which Sekisho signs itself.
+    if host == "cognito-identity.amazonaws.com" {
+        return Err(bad());
+    }
     Ok(if path.is_empty() {
         host
     } else {
@@ -215,14 +219,23 @@ impl Registry {
         })
     }
 
-    /// DeleteOpenIDConnectProvider. Sessions it vouched for end with it.
+    /// DeleteOpenIDConnectProvider. Sessions it vouched for end with it (live connections are
+    /// checked again at once), and identity pools no longer name it.
     pub fn delete_oidc_provider(&self, account: &str, arn: &str) -> Result<()> {
         let name = self.oidc_provider(account, arn)?.name;
+        let full = format!("arn:aws:iam::{account}:oidc-provider/{name}");
         self.write(account, |acct, tx| {
             if acct.oidc_providers.remove(&name).is_none() {
                 return Err(not_found(arn));
             }
             tx.delete(Kind::OidcProvider, &name);
+            for pool in acct.identity_pools.values_mut() {
+                if pool.oidc_providers.contains(&full) {
+                    pool.oidc_providers.retain(|a| *a != full);
+                    tx.put(Kind::IdentityPool, &pool.id, &*pool)?;
+                }
+            }
+            tx.bump();
             Ok(())
         })
     }
@@ -253,6 +266,7 @@ mod tests {
             "https://idp.example.com:8443",
             "https://idp.example.com//a",
             "https://idp example.com",
+            "https://cognito-identity.amazonaws.com",
         ] {
             assert!(oidc_provider_name(bad).is_err(), "{bad}");
         }

@@ -477,9 +477,15 @@ impl Config {
             "domain {:?} is not a valid DNS name",
             self.domain
         );
+        let mut issuers = std::collections::BTreeSet::new();
         for p in &self.oidc_providers {
-            sekisho_registry::oidc_provider_name(&p.url)
+            let name = sekisho_registry::oidc_provider_name(&p.url)
                 .map_err(|e| anyhow::anyhow!("oidc_providers: {e}"))?;
+            anyhow::ensure!(
+                issuers.insert(name),
+                "oidc_providers: {} is configured twice",
+                p.url
+            );
         }
         anyhow::ensure!(
             !(self.cognito_on_device_port
