@@ -861,12 +861,16 @@ impl Registry {
             })?);
             // Expired sessions are swept as new ones are issued.
             let now = now_secs();
-            let expired: Vec<String> = st
-                .sessions
-                .values()
-                .filter(|x| x.expiration < now)
-                .map(|x| x.access_key_id.clone())
-                .collect();
+            let expired: Vec<String> = if now - st.sessions_swept >= 1.0 {
+                st.sessions_swept = now;
+                st.sessions
+                    .values()
+                    .filter(|x| x.expiration < now)
+                    .map(|x| x.access_key_id.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            };
             for k in expired {
                 if let Some(old) = st.sessions.remove(&k) {
                     tx.ops.push(crate::store::Op::Delete {
@@ -876,12 +880,15 @@ impl Registry {
                     });
                 }
             }
-            if st
-                .sessions
-                .values()
-                .filter(|x| x.account_id == account)
-                .count()
-                >= MAX_SESSIONS_PER_ACCOUNT
+            // (One account can hold the most only when all together hold as many: the walk
+            // is needed only then.)
+            if st.sessions.len() >= MAX_SESSIONS_PER_ACCOUNT
+                && st
+                    .sessions
+                    .values()
+                    .filter(|x| x.account_id == account && x.expiration >= now)
+                    .count()
+                    >= MAX_SESSIONS_PER_ACCOUNT
             {
                 return Err(RegistryError::LimitExceeded(format!(
                     "The account holds {MAX_SESSIONS_PER_ACCOUNT} unexpired sessions, the most it may"

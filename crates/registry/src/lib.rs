@@ -173,6 +173,9 @@ pub(crate) struct State {
     ca_accounts: HashMap<String, BTreeSet<String>>,
     /// STS temporary credentials by access key id.
     sessions: HashMap<String, Session>,
+    /// When expired sessions were last swept (epoch seconds): at most once a second, since a
+    /// sweep walks every session under the write lock.
+    sessions_swept: f64,
 }
 
 /// The batch of writes and events one operation produces.
