@@ -87,6 +87,17 @@ pub struct Delivery {
     pub shared: bool,
 }
 
+/// What became of a delivery to one connection ([`Broker::deliver_to_connection`]).
+#[derive(Debug)]
+pub enum Direct {
+    /// Queued for the connection.
+    Delivered,
+    /// The connection's queue is full: the delivery, to try again.
+    Full(Delivery),
+    /// That connection is gone.
+    Gone,
+}
+
 /// Why the broker ends a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kick {
@@ -1107,15 +1118,16 @@ impl Broker {
     }
 
     /// Hands `d` to connection `epoch` of a client id only (a service's answer meant for that
-    /// connection alone, such as a provisioning answer); false if that connection is gone or
-    /// its queue is full. Nothing is stored for the session.
+    /// connection alone, such as a provisioning answer), if that connection is there and its
+    /// queue has room (else `d` comes back, for the caller to try again). Nothing is stored
+    /// for the session.
     pub fn deliver_to_connection(
         &self,
         account: &str,
         client_id: &str,
         epoch: u64,
         d: Delivery,
-    ) -> bool {
+    ) -> Direct {
         let inner = self.lock();
         let Some(conn) = inner
             .get(account)
@@ -1124,10 +1136,15 @@ impl Broker {
                 acct.sessions.get(id)
             })
             .and_then(|s| s.conn.as_ref())
+            .filter(|c| c.epoch == epoch)
         else {
-            return false;
+            return Direct::Gone;
         };
-        conn.epoch == epoch && conn.tx.try_send(d).is_ok()
+        match conn.tx.try_send(d) {
+            Ok(()) => Direct::Delivered,
+            Err(mpsc::error::TrySendError::Full(d)) => Direct::Full(d),
+            Err(mpsc::error::TrySendError::Closed(_)) => Direct::Gone,
+        }
     }
 
     /// Ends the current connection of a client id, whatever its epoch (iot-data
@@ -1614,6 +1631,61 @@ mod tests {
             qos,
             ..SubscriptionOptions::default()
         }
+    }
+
+    /// A service's answer to one connection: queued while there is room, handed back when the
+    /// queue is full (to try again, not lost), refused for an epoch that is not the client's
+    /// connection any more.
+    #[test]
+    fn a_direct_delivery_comes_back_when_the_queue_is_full() {
+        let b = Broker::new(BrokerConfig {
+            queue_capacity: 1,
+            ..BrokerConfig::default()
+        });
+        let mut a = b.connect("acct", "c1", true, Duration::ZERO, Instant::now());
+        let d = |p| Delivery {
+            message: msg(
+                "$aws/provisioning-templates/t/provision/json/accepted",
+                QoS::AtMostOnce,
+                false,
+                p,
+            ),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            resend: None,
+            seq: 0,
+            shared: false,
+        };
+        assert!(matches!(
+            b.deliver_to_connection("acct", "c1", a.epoch, d(b"1")),
+            Direct::Delivered
+        ));
+        let Direct::Full(back) = b.deliver_to_connection("acct", "c1", a.epoch, d(b"2")) else {
+            panic!("a full queue hands the delivery back");
+        };
+        assert_eq!(&back.message.payload[..], b"2");
+        assert_eq!(&a.rx.try_recv().unwrap().message.payload[..], b"1");
+        assert!(matches!(
+            b.deliver_to_connection("acct", "c1", a.epoch, back),
+            Direct::Delivered
+        ));
+        assert!(matches!(
+            b.deliver_to_connection("acct", "c1", a.epoch + 1, d(b"3")),
+            Direct::Gone
+        ));
+        assert!(matches!(
+            b.deliver_to_connection("acct", "c2", a.epoch, d(b"3")),
+            Direct::Gone
+        ));
+        let a2 = b.connect("acct", "c1", true, Duration::ZERO, Instant::now());
+        assert!(matches!(
+            b.deliver_to_connection("acct", "c1", a.epoch, d(b"4")),
+            Direct::Gone
+        ));
+        assert!(matches!(
+            b.deliver_to_connection("acct", "c1", a2.epoch, d(b"4")),
+            Direct::Delivered
+        ));
     }
 
     #[test]

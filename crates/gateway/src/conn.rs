@@ -180,13 +180,27 @@ impl Env for Port {
                     let topic = message.topic.clone();
                     tokio::spawn(async move {
                         let (ok, doc) = pending.run(&shared).await;
-                        let d = provisioning_answer(&topic, ok, doc);
-                        if !shared
-                            .broker
-                            .deliver_to_connection(&account, &client_id, epoch, d)
-                        {
-                            tracing::info!(%account, %client_id, "provisioning answer not delivered: the connection is gone");
+                        let mut d = provisioning_answer(&topic, ok, doc);
+                        // The answer may be the device's only copy of what it was given (the
+                        // token is spent): a full queue is waited out for a while (10 s), not
+                        // a reason to drop it.
+                        for _ in 0..200 {
+                            match shared
+                                .broker
+                                .deliver_to_connection(&account, &client_id, epoch, d)
+                            {
+                                sekisho_broker::Direct::Delivered => return,
+                                sekisho_broker::Direct::Full(back) => {
+                                    d = back;
+                                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                                }
+                                sekisho_broker::Direct::Gone => {
+                                    tracing::info!(%account, %client_id, "provisioning answer not delivered: the connection is gone");
+                                    return;
+                                }
+                            }
                         }
+                        tracing::warn!(%account, %client_id, "provisioning answer not delivered: the connection's queue stayed full for 10 s");
                     });
                     Vec::new()
                 }
