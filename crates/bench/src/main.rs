@@ -18,6 +18,7 @@
 mod api;
 mod bare;
 mod client;
+mod load;
 mod run;
 
 use std::net::SocketAddr;
@@ -117,6 +118,31 @@ enum Cmd {
         #[arg(long)]
         client_ca: PathBuf,
     },
+    /// Loads a generated registry of many devices straight into a data directory (no server
+    /// may have it open): things, certificates, attachments, one thing-name policy.
+    LoadRegistry {
+        /// Sekisho's data directory (run `sekisho serve` on it once first).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The registry's region.
+        #[arg(long, default_value = "us-east-1")]
+        region: String,
+        /// Devices to add (`dev-<start>` on).
+        #[arg(long)]
+        devices: usize,
+        /// The first device's number.
+        #[arg(long, default_value_t = 0)]
+        start: usize,
+        /// Devices per transaction.
+        #[arg(long, default_value_t = 10_000)]
+        batch: usize,
+        /// Write the keys and certificates of this many devices (from the first) to `out`.
+        #[arg(long, default_value_t = 100)]
+        keep: usize,
+        /// Where the kept keys go.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Connection storm and idle hold.
     Conn {
         #[command(flatten)]
@@ -186,6 +212,15 @@ fn main() -> anyhow::Result<()> {
                 policy,
             } => api::provision(&data_dir, api, &out, count, &policy).await,
             Cmd::GenCerts { out, count } => api::gen_certs(&out, count),
+            Cmd::LoadRegistry {
+                data_dir,
+                region,
+                devices,
+                start,
+                batch,
+                keep,
+                out,
+            } => load::load(&data_dir, &region, start, devices, batch, keep, &out),
             Cmd::BareServer {
                 addr,
                 cert,

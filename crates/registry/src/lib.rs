@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 mod authorizers;
+mod bulk;
 mod cas;
 mod certs;
 mod cognito;
@@ -42,6 +43,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
 
 pub use authorizers::{Authorizer, AuthorizerUpdate, MAX_AUTHORIZERS};
+pub use bulk::BulkDevice;
 pub use cas::{Authentication, CaUpdate, MAX_CAS_PER_SUBJECT, NewCaCertificate, Route, Unusable};
 pub use certs::NewCertificate;
 pub use cognito::{

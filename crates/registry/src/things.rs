@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use crate::store::Kind;
 use crate::*;
 
-fn thing_name_char(c: char) -> bool {
+pub(crate) fn thing_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-')
 }
 
