@@ -77,6 +77,7 @@ impl Registry {
                 a.things.insert(name.clone(), thing);
                 tx.put(Kind::Certificate, &cert.id, &cert)?;
                 tx.certs_added.push(cert.id.clone());
+                a.track_certificate(&cert);
                 a.certificates.insert(cert.id.clone(), cert);
                 let kind = ThingPrincipalType::NonExclusiveThing;
                 tx.put(Kind::ThingPrincipal, &format!("{name}\n{arn}"), &kind)?;
@@ -153,6 +154,68 @@ mod tests {
             policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
             vec!["p"]
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod provisioning_index_tests {
+    use super::*;
+
+    /// The certificates fleet provisioning looks after are found through their index, which
+    /// follows them: a pending certificate is in it until it is activated or deleted, a claim
+    /// until it is deleted, an active one never; and it is rebuilt at load.
+    #[test]
+    fn the_provisioning_index_follows_its_certificates() {
+        let dir =
+            std::env::temp_dir().join(format!("sekisho-index-{}", crate::things::uuid_like()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("registry.db");
+        let now = time::OffsetDateTime::now_utc();
+        let ca = sekisho_pki::Ca::generate("t", "t", now).unwrap();
+        let pem = |n: &str| {
+            ca.issue_named(n, sekisho_pki::KeyKind::EcdsaP256, now)
+                .unwrap()
+                .cert_pem
+        };
+        let new = |pem: String, status, claim: Option<&str>| NewCertificate {
+            pem,
+            status,
+            ca_certificate_id: None,
+            mode: CertMode::Default,
+            claim_template: claim.map(str::to_owned),
+        };
+        let later = now_secs() + 10.0;
+        let r = Registry::open(&path, "us-east-1").unwrap();
+        let (a, _) = r.create_account("a").unwrap();
+        let pending = r
+            .add_certificate(&a.id, new(pem("p"), CertStatus::PendingActivation, None))
+            .unwrap();
+        let other = r
+            .add_certificate(&a.id, new(pem("q"), CertStatus::PendingActivation, None))
+            .unwrap();
+        r.add_certificate(&a.id, new(pem("x"), CertStatus::Active, None))
+            .unwrap();
+        let claim = r
+            .add_certificate(&a.id, new(pem("c"), CertStatus::Active, Some("tmpl")))
+            .unwrap();
+        assert_eq!(r.pending_certificates(&a.id), 2);
+        assert_eq!(r.stale_pending_certificates(later).len(), 2);
+        r.update_certificate(&a.id, &pending.id, CertStatus::Active)
+            .unwrap();
+        assert_eq!(r.pending_certificates(&a.id), 1);
+        let expired = r.expired_claims(claim.not_after + 1.0);
+        assert_eq!(expired, vec![(a.id.clone(), claim.id.clone())]);
+        r.flush().unwrap();
+        drop(r);
+        let r = Registry::open(&path, "us-east-1").unwrap();
+        assert_eq!(
+            r.stale_pending_certificates(later),
+            vec![(a.id.clone(), other.id.clone())]
+        );
+        assert_eq!(r.expired_claims(claim.not_after + 1.0).len(), 1);
+        r.delete_certificate(&a.id, &other.id, false).unwrap();
+        assert_eq!(r.pending_certificates(&a.id), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -81,6 +81,7 @@ impl Registry {
             tx.put(Kind::Certificate, &id, &cert)?;
             tx.certs_added.push(id.clone());
             a.certificates.insert(id.clone(), cert.clone());
+            a.track_certificate(&cert);
             Ok(cert)
         })
     }
@@ -182,7 +183,9 @@ impl Registry {
                 certificate_id: id.to_owned(),
                 status: Some(status),
             });
+            let tracked = next.clone();
             *c = next;
+            a.track_certificate(&tracked);
             Ok(())
         })
     }
@@ -224,6 +227,7 @@ impl Registry {
             });
             a.policy_targets.remove(&arn);
             a.certificates.remove(id);
+            a.provisioning_certs.remove(id);
             Ok(())
         })
     }

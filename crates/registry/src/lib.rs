@@ -340,9 +340,9 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
             .entry(c.id.clone())
             .or_default()
             .insert(row.account.clone());
-        account_mut(&mut st, &row.account)?
-            .certificates
-            .insert(c.id.clone(), c);
+        let a = account_mut(&mut st, &row.account)?;
+        a.track_certificate(&c);
+        a.certificates.insert(c.id.clone(), c);
     }
     for row in store.load(Kind::CaCertificate)? {
         let mut c: CaCertificate = decode(&row.doc)?;

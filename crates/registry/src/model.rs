@@ -324,6 +324,11 @@ pub struct Account {
     pub thing_types: BTreeMap<String, ThingType>,
     /// Certificates by id.
     pub certificates: BTreeMap<String, Certificate>,
+    /// The certificates fleet provisioning looks after: provisioning claims, and certificates
+    /// issued here that still wait PENDING_ACTIVATION (an index of `certificates`, kept by
+    /// [`Account::track_certificate`], so that the sweeps that expire them never walk every
+    /// certificate).
+    pub provisioning_certs: BTreeSet<String>,
     /// CA certificates by id.
     pub ca_certificates: BTreeMap<String, CaCertificate>,
     /// The registration code (GetRegistrationCode), once asked for.
@@ -401,6 +406,15 @@ impl Account {
             .get(principal)
             .map(|ts| ts.iter().map(|(t, k)| (t.as_str(), *k)).collect())
             .unwrap_or_default()
+    }
+
+    /// Keeps [`Account::provisioning_certs`] right for `c` after it was stored or changed.
+    pub fn track_certificate(&mut self, c: &Certificate) {
+        if c.claim_template.is_some() || c.awaits_provisioning() {
+            self.provisioning_certs.insert(c.id.clone());
+        } else {
+            self.provisioning_certs.remove(&c.id);
+        }
     }
 
     /// Records that `principal` is attached to `thing`.

@@ -371,13 +371,16 @@ impl Registry {
     }
 
     /// (account, certificate id) of every certificate `keep` accepts, in every account.
+    /// Among the certificates fleet provisioning looks after (an index: not every certificate),
+    /// those `keep` takes.
     fn certificates_where(&self, keep: impl Fn(&Certificate) -> bool) -> Vec<(String, String)> {
         let st = self.state.read().unwrap_or_else(|p| p.into_inner());
         st.accounts
             .iter()
             .flat_map(|(id, a)| {
-                a.certificates
-                    .values()
+                a.provisioning_certs
+                    .iter()
+                    .filter_map(|c| a.certificates.get(c))
                     .filter(|c| keep(c))
                     .map(|c| (id.clone(), c.id.clone()))
                     .collect::<Vec<_>>()
@@ -394,8 +397,9 @@ impl Registry {
     /// How many certificates issued for fleet provisioning wait for it in `account`.
     pub fn pending_certificates(&self, account: &str) -> usize {
         self.read(account, |a| {
-            Ok(a.certificates
-                .values()
+            Ok(a.provisioning_certs
+                .iter()
+                .filter_map(|c| a.certificates.get(c))
                 .filter(|c| c.awaits_provisioning())
                 .count())
         })
