@@ -584,7 +584,7 @@ fn check_logins(
                 not_authorized("Invalid login token. Token is not valid or is expired.")
             });
     }
-    let arn = format!("arn:aws:iam::{account}:oidc-provider/{provider}");
+    let arn = sekisho_registry::oidc_provider_arn(account, provider);
     if !pool.oidc_providers.contains(&arn) {
         return Err(not_authorized(format!(
             "Invalid login token. {provider} is not an identity provider of this pool"

@@ -187,14 +187,12 @@ enum Names {
     UserOrCaller,
     /// `RoleName`, required.
     Role,
-    /// `PolicyArn`, required.
-    PolicyArn,
+    /// The ARN in this parameter, required (`PolicyArn`, `OpenIDConnectProviderArn`).
+    Arn(&'static str),
     /// `PolicyName` (and `Path`) of a policy about to be created.
     NewPolicy,
     /// Nothing in particular (`*`): the account's lists.
     Nothing,
-    /// `OpenIDConnectProviderArn`, required.
-    OidcArn,
     /// `Url` of an OpenID Connect provider about to be registered.
     NewOidc,
 }
@@ -224,8 +222,8 @@ const IAM_ACTIONS: &[(&str, Names)] = &[
     ("ListUserPolicies", Names::User),
     ("ListRolePolicies", Names::Role),
     ("CreatePolicy", Names::NewPolicy),
-    ("GetPolicy", Names::PolicyArn),
-    ("DeletePolicy", Names::PolicyArn),
+    ("GetPolicy", Names::Arn("PolicyArn")),
+    ("DeletePolicy", Names::Arn("PolicyArn")),
     ("AttachUserPolicy", Names::User),
     ("DetachUserPolicy", Names::User),
     ("AttachRolePolicy", Names::Role),
@@ -233,12 +231,27 @@ const IAM_ACTIONS: &[(&str, Names)] = &[
     ("ListAttachedUserPolicies", Names::User),
     ("ListAttachedRolePolicies", Names::Role),
     ("CreateOpenIDConnectProvider", Names::NewOidc),
-    ("GetOpenIDConnectProvider", Names::OidcArn),
+    (
+        "GetOpenIDConnectProvider",
+        Names::Arn("OpenIDConnectProviderArn"),
+    ),
     ("ListOpenIDConnectProviders", Names::Nothing),
-    ("DeleteOpenIDConnectProvider", Names::OidcArn),
-    ("AddClientIDToOpenIDConnectProvider", Names::OidcArn),
-    ("RemoveClientIDFromOpenIDConnectProvider", Names::OidcArn),
-    ("UpdateOpenIDConnectProviderThumbprint", Names::OidcArn),
+    (
+        "DeleteOpenIDConnectProvider",
+        Names::Arn("OpenIDConnectProviderArn"),
+    ),
+    (
+        "AddClientIDToOpenIDConnectProvider",
+        Names::Arn("OpenIDConnectProviderArn"),
+    ),
+    (
+        "RemoveClientIDFromOpenIDConnectProvider",
+        Names::Arn("OpenIDConnectProviderArn"),
+    ),
+    (
+        "UpdateOpenIDConnectProviderThumbprint",
+        Names::Arn("OpenIDConnectProviderArn"),
+    ),
 ];
 
 /// The `Name.member.N` values of a list parameter, in order of N (1 up to 1,000).
@@ -354,8 +367,8 @@ fn target(reg: &Registry, caller: &Caller, action: &str, p: &Params) -> Result<T
                 arn: Registry::iam_arn(acct, &format!("role{path}{name}")),
             }
         }
-        Names::PolicyArn => {
-            let arn = p.req("PolicyArn")?;
+        Names::Arn(param) => {
+            let arn = p.req(param)?;
             Target {
                 name: Some(arn.to_owned()),
                 arn: arn.to_owned(),
@@ -373,16 +386,9 @@ fn target(reg: &Registry, caller: &Caller, action: &str, p: &Params) -> Result<T
             name: None,
             arn: "*".to_string(),
         },
-        Names::OidcArn => {
-            let arn = p.req("OpenIDConnectProviderArn")?;
-            Target {
-                name: Some(arn.to_owned()),
-                arn: arn.to_owned(),
-            }
-        }
         Names::NewOidc => {
             let name = sekisho_registry::oidc_provider_name(p.req("Url")?).map_err(iam_error)?;
-            let arn = format!("arn:aws:iam::{acct}:oidc-provider/{name}");
+            let arn = sekisho_registry::oidc_provider_arn(acct, &name);
             Target {
                 name: Some(arn.clone()),
                 arn,
@@ -1095,12 +1101,12 @@ mod tests {
                     format!("arn:aws:iam::{acct}:user/team/alice"),
                 ),
                 Names::Role => ("bob".to_string(), format!("arn:aws:iam::{acct}:role/bob")),
-                Names::PolicyArn => (carol.clone(), carol.clone()),
+                Names::Arn("PolicyArn") => (carol.clone(), carol.clone()),
                 Names::NewPolicy => (
                     "dave".to_string(),
                     format!("arn:aws:iam::{acct}:policy/dave"),
                 ),
-                Names::OidcArn => {
+                Names::Arn(_) => {
                     let erin = format!("arn:aws:iam::{acct}:oidc-provider/idp.example/erin");
                     (erin.clone(), erin)
                 }

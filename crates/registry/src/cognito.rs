@@ -91,10 +91,8 @@ fn check_oidc_providers(
             "OpenIdConnectProviderARNs: at most 10".into(),
         ));
     }
-    let prefix = format!("arn:aws:iam::{account}:oidc-provider/");
     for (i, arn) in arns.iter().enumerate() {
-        let name = arn
-            .strip_prefix(&prefix)
+        let name = crate::oidc::oidc_provider_of_arn(account, arn)
             .filter(|n| acct.oidc_providers.contains_key(*n))
             .ok_or_else(|| {
                 RegistryError::InvalidRequest(format!(

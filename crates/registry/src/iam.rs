@@ -789,18 +789,10 @@ impl Registry {
         session_policy: Option<&str>,
         context: BTreeMap<String, String>,
     ) -> Result<Session> {
-        self.create_session_inner(
-            account,
-            principal,
-            seconds,
-            session_policy,
-            context,
-            false,
-            None,
-        )
+        self.create_web_identity_session(account, principal, seconds, session_policy, context, None)
     }
 
-    /// A role session for a token `provider` vouched for (AssumeRoleWithWebIdentity, or a
+    /// A role session for a token `provider` vouched for (`None`: an ordinary session) (AssumeRoleWithWebIdentity, or a
     /// Cognito identity of that provider's user): it ends when the provider is deleted.
     pub fn create_web_identity_session(
         &self,

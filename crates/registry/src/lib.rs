@@ -63,7 +63,9 @@ pub use jobs::{
 };
 pub use jobs::{MAX_DOCUMENT as MAX_JOB_DOCUMENT, s3_location};
 pub use model::*;
-pub use oidc::{MAX_OIDC_PROVIDERS, OidcProvider, oidc_provider_name};
+pub use oidc::{
+    MAX_OIDC_PROVIDERS, OidcProvider, oidc_provider_arn, oidc_provider_name, oidc_provider_of_arn,
+};
 pub use policies::{MAX_POLICIES_PER_TARGET, MAX_POLICY_VERSIONS};
 pub use provisioning::{
     MAX_TEMPLATE_VERSIONS, NewTemplate, ProvisioningTemplate, Registered, TemplateType,

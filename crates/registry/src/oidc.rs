@@ -32,8 +32,20 @@ pub struct OidcProvider {
 impl OidcProvider {
     /// `arn:aws:iam::<account>:oidc-provider/<name>`.
     pub fn arn(&self, account: &str) -> String {
-        format!("arn:aws:iam::{account}:oidc-provider/{}", self.name)
+        oidc_provider_arn(account, &self.name)
     }
+}
+
+/// The ARN of provider `name` of `account`: `arn:aws:iam::<account>:oidc-provider/<name>`.
+pub fn oidc_provider_arn(account: &str, name: &str) -> String {
+    format!("arn:aws:iam::{account}:oidc-provider/{name}")
+}
+
+/// The provider name an ARN of `account` names, if it is one of that account's provider ARNs.
+pub fn oidc_provider_of_arn<'a>(account: &str, arn: &'a str) -> Option<&'a str> {
+    arn.strip_prefix("arn:aws:iam::")?
+        .strip_prefix(account)?
+        .strip_prefix(":oidc-provider/")
 }
 
 /// The provider name of an IAM URL (`https://host[/path]`, no query, fragment, port or user),
@@ -164,9 +176,7 @@ impl Registry {
 
     /// The provider an ARN of `account` names.
     pub fn oidc_provider(&self, account: &str, arn: &str) -> Result<OidcProvider> {
-        let name = arn
-            .strip_prefix(&format!("arn:aws:iam::{account}:oidc-provider/"))
-            .ok_or_else(|| not_found(arn))?;
+        let name = oidc_provider_of_arn(account, arn).ok_or_else(|| not_found(arn))?;
         self.read(account, |a| {
             a.oidc_providers
                 .get(name)
@@ -223,7 +233,7 @@ impl Registry {
     /// checked again at once), and identity pools no longer name it.
     pub fn delete_oidc_provider(&self, account: &str, arn: &str) -> Result<()> {
         let name = self.oidc_provider(account, arn)?.name;
-        let full = format!("arn:aws:iam::{account}:oidc-provider/{name}");
+        let full = oidc_provider_arn(account, &name);
         self.write(account, |acct, tx| {
             if acct.oidc_providers.remove(&name).is_none() {
                 return Err(not_found(arn));
