@@ -1235,7 +1235,7 @@ fn create_keys_and_certificate(state: &ApiState, call: &Call) -> Out {
         .device_ca
         .issue_device(KeyKind::Rsa2048, now)
         .map_err(|e| ApiError::new(500, "InternalFailureException", e.to_string()))?;
-    let c = state.registry.add_certificate(
+    let (c, pem) = state.registry.add_certificate(
         &call.account,
         NewCertificate {
             pem: issued.cert_pem,
@@ -1246,7 +1246,7 @@ fn create_keys_and_certificate(state: &ApiState, call: &Call) -> Out {
         },
     )?;
     Ok(
-        json!({"certificateArn": cert_arn(state, &call.account, &c.id), "certificateId": c.id, "certificatePem": c.pem,
+        json!({"certificateArn": cert_arn(state, &call.account, &c.id), "certificateId": c.id, "certificatePem": pem,
         "keyPair": {"PublicKey": issued.public_key_pem, "PrivateKey": issued.private_key_pem}}),
     )
 }
@@ -1259,7 +1259,7 @@ fn create_certificate_from_csr(state: &ApiState, call: &Call) -> Out {
         .device_ca
         .sign_csr(csr, now)
         .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let c = state.registry.add_certificate(
+    let (c, pem) = state.registry.add_certificate(
         &call.account,
         NewCertificate {
             pem,
@@ -1270,7 +1270,7 @@ fn create_certificate_from_csr(state: &ApiState, call: &Call) -> Out {
         },
     )?;
     Ok(
-        json!({"certificateArn": cert_arn(state, &call.account, &c.id), "certificateId": c.id, "certificatePem": c.pem}),
+        json!({"certificateArn": cert_arn(state, &call.account, &c.id), "certificateId": c.id, "certificatePem": pem}),
     )
 }
 
@@ -1278,8 +1278,9 @@ fn describe_certificate(state: &ApiState, call: &Call) -> Out {
     let c = state
         .registry
         .describe_certificate(&call.account, seg(call, 1))?;
+    let pem = state.registry.certificate_pem(&call.account, &c.id)?;
     let mut d = json!({"certificateArn": cert_arn(state, &call.account, &c.id), "certificateId": c.id,
-        "status": c.status.as_str(), "certificatePem": c.pem, "ownedBy": call.account,
+        "status": c.status.as_str(), "certificatePem": pem, "ownedBy": call.account,
         "creationDate": c.created, "lastModifiedDate": c.modified, "customerVersion": c.generation,
         "generationId": c.generation.to_string(), "validity": {"notBefore": c.not_before, "notAfter": c.not_after},
         "certificateMode": c.mode.as_str(), "transferData": {}});
@@ -1991,7 +1992,7 @@ fn test_authorization(state: &ApiState, call: &Call) -> Out {
     }
     let mut ctx = ConnContext::default();
     ctx.client_id = client_id.map(sekisho_registry::ClientId::into_string);
-    ctx.set_identity(&identity);
+    ctx.set_identity(&identity, &state.registry);
     let bound: Vec<_> = policies.iter().map(|(_, p)| p.bind(&ctx)).collect();
     let Some(Value::Array(infos)) = b.get("authInfos") else {
         return Err(ApiError::invalid("authInfos is required"));

@@ -240,7 +240,7 @@ pub(crate) fn create_claim(state: &ApiState, call: &Call) -> Out {
         .device_ca
         .issue_claim(sekisho_pki::KeyKind::Rsa2048, now, until)
         .map_err(|e| ApiError::new(500, "InternalFailureException", e.to_string()))?;
-    let c = state.registry.add_certificate(
+    let (c, pem) = state.registry.add_certificate(
         &call.account,
         sekisho_registry::NewCertificate {
             pem: issued.cert_pem,
@@ -250,7 +250,7 @@ pub(crate) fn create_claim(state: &ApiState, call: &Call) -> Out {
             claim_template: Some(t.name.clone()),
         },
     )?;
-    Ok(json!({"certificateId": c.id, "certificatePem": c.pem,
+    Ok(json!({"certificateId": c.id, "certificatePem": pem,
         "keyPair": {"PublicKey": issued.public_key_pem, "PrivateKey": issued.private_key_pem},
         "expiration": until.unix_timestamp()}))
 }

@@ -30,8 +30,8 @@ pub struct ConnContext {
     thing_type: Option<String>,
     is_attached: &'static str,
     attributes: HashMap<String, String>,
-    /// The certificate's identity fields.
-    cert: Option<Arc<sekisho_pki::CertInfo>>,
+    /// Where the certificate's identity fields are read from (memory does not hold them).
+    cert: Option<CertSource>,
     /// An IAM caller's keys ([`crate::authn::principal_keys`]), by lower-cased name.
     iam_keys: Option<Arc<HashMap<String, String>>>,
     /// `aws:EpochTime` and `aws:CurrentTime` as of the last [`ConnContext::set_time`] (boxed:
@@ -42,6 +42,23 @@ pub struct ConnContext {
 }
 
 type CertVars = HashMap<String, (Vec<String>, bool)>;
+
+/// The registry and account a certificate's PEM is read from, on the first use of an
+/// `iot:Certificate.*` variable (most policies name none, and a million certificates' PEMs in
+/// memory would cost 2.5 GB).
+#[derive(Clone)]
+struct CertSource {
+    registry: Arc<Registry>,
+    account: String,
+}
+
+impl std::fmt::Debug for CertSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertSource")
+            .field("account", &self.account)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Every `iot:Certificate.*` variable of a certificate, by lower-cased key.
 fn cert_vars(info: &sekisho_pki::CertInfo) -> CertVars {
@@ -91,10 +108,27 @@ fn strip_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 impl ConnContext {
-    /// Fills the thing and certificate parts from an identity.
-    pub fn set_identity(&mut self, id: &CertificateIdentity) {
+    /// Fills the thing and certificate parts from an identity of `registry`.
+    pub fn set_identity(&mut self, id: &CertificateIdentity, registry: &Arc<Registry>) {
         // `iot:CertificateId` names a certificate only: an IAM principal has none.
-        self.certificate_id = id.principal.certificate().map(|c| c.as_str().to_owned());
+        let certificate_id = id.principal.certificate().map(|c| c.as_str().to_owned());
+        // Certificate variables are tabulated on first use only: most policies never name
+        // them, and a table per connection would cost about 2 KB of every idle connection.
+        // A certificate's fields never change (its id is the hash of its DER), so a rebind
+        // for the same certificate keeps the table instead of reading the PEM again.
+        let same = certificate_id == self.certificate_id
+            && self
+                .cert
+                .as_ref()
+                .is_some_and(|s| s.account == id.account_id.as_str());
+        if !same {
+            self.cert_vars = std::sync::OnceLock::new();
+            self.cert = certificate_id.as_ref().map(|_| CertSource {
+                registry: registry.clone(),
+                account: id.account_id.as_str().to_owned(),
+            });
+        }
+        self.certificate_id = certificate_id;
         self.thing_name = id.thing.as_ref().map(|t| t.name.clone());
         self.thing_type = id.thing.as_ref().and_then(|t| t.thing_type.clone());
         self.is_attached = if id.thing.is_some() { "true" } else { "false" };
@@ -103,10 +137,6 @@ impl ConnContext {
             .as_ref()
             .map(|t| t.attributes.clone().into_iter().collect())
             .unwrap_or_default();
-        // Certificate variables are tabulated on first use only: most policies never name
-        // them, and a table per connection would cost about 2 KB of every idle connection.
-        self.cert = id.info.clone();
-        self.cert_vars = std::sync::OnceLock::new();
     }
 
     /// Sets `aws:EpochTime` and `aws:CurrentTime` (text rebuilt only when the second changes).
@@ -193,10 +223,16 @@ impl Context for ConnContext {
             return None;
         }
         if strip_ci(key, "iot:Certificate.").is_some() {
-            let info = self.cert.as_ref()?;
             let (v, multi) = self
                 .cert_vars
-                .get_or_init(|| cert_vars(info))
+                .get_or_init(|| {
+                    self.cert
+                        .as_ref()
+                        .zip(self.certificate_id.as_ref())
+                        .and_then(|(src, id)| src.registry.certificate_info(&src.account, id))
+                        .map(|info| cert_vars(&info))
+                        .unwrap_or_default()
+                })
                 .get(&key.to_ascii_lowercase())?;
             return if *multi {
                 Some(Value::Many(v))
@@ -522,7 +558,6 @@ impl Principal {
             account_id: account.clone(),
             principal: PrincipalId::Custom(principal_id.to_owned()),
             status: CertStatus::Active,
-            info: None,
             thing: None,
             thing_exclusive: false,
             policies: parsed,
@@ -627,7 +662,7 @@ impl Principal {
         if self.ctx.client_id.is_none() {
             self.identity.thing = None;
         }
-        self.ctx.set_identity(&self.identity);
+        self.ctx.set_identity(&self.identity, &self.registry);
         self.bound = self
             .identity
             .policies
@@ -866,7 +901,6 @@ fn iam_identity(registry: &Registry, caller: &crate::authn::Caller) -> Option<Ce
         account_id: AccountId::new(caller.account.clone()),
         principal: PrincipalId::AccessKey(caller.access_key_id.clone()),
         status: CertStatus::Active,
-        info: None,
         thing: None,
         thing_exclusive: false,
         policies,
@@ -877,6 +911,60 @@ fn iam_identity(registry: &Registry, caller: &crate::authn::Caller) -> Option<Ce
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `iot:Certificate.*` variables come from the certificate's stored PEM, read on first
+    /// use; a rebind for the same certificate keeps them (a certificate's fields never
+    /// change), another certificate's identity reads its own, and an IAM principal has none.
+    #[test]
+    fn certificate_variables_are_read_on_first_use() {
+        let registry = Arc::new(Registry::in_memory("us-east-1").unwrap());
+        let (account, _) = registry.create_account("a").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let ca = sekisho_pki::Ca::generate("t", "t", now).unwrap();
+        let add = |name: &str| {
+            let pem = ca
+                .issue_named(name, sekisho_pki::KeyKind::EcdsaP256, now)
+                .unwrap()
+                .cert_pem;
+            let new = sekisho_registry::NewCertificate {
+                pem,
+                status: CertStatus::Active,
+                ca_certificate_id: None,
+                mode: sekisho_registry::CertMode::Default,
+                claim_template: None,
+            };
+            registry.add_certificate(&account.id, new).unwrap().0.id
+        };
+        let (one, two) = (add("dev-1"), add("dev-2"));
+        let acct = AccountId::new(account.id.clone());
+        let identity = |id: &str| {
+            registry
+                .certificate_identity(&acct, &CertificateId::new(id), None)
+                .unwrap()
+        };
+        let cn = "iot:Certificate.Subject.CommonName";
+        let mut ctx = ConnContext::default();
+        ctx.set_identity(&identity(&one), &registry);
+        assert!(matches!(ctx.get(cn), Some(Value::One("dev-1"))));
+        // Gone from the database, the same certificate's table stays: it was not read again.
+        registry
+            .update_certificate(&account.id, &one, CertStatus::Inactive)
+            .unwrap();
+        let before = identity(&one);
+        registry
+            .delete_certificate(&account.id, &one, true)
+            .unwrap();
+        ctx.set_identity(&before, &registry);
+        assert!(matches!(ctx.get(cn), Some(Value::One("dev-1"))));
+        ctx.set_identity(&identity(&two), &registry);
+        assert!(matches!(ctx.get(cn), Some(Value::One("dev-2"))));
+        let (_, key) = registry.create_account("b").unwrap();
+        let mut iam = before.clone();
+        iam.principal = PrincipalId::AccessKey(key.access_key_id.clone());
+        ctx.set_identity(&iam, &registry);
+        assert!(ctx.get(cn).is_none());
+        assert!(ctx.get("iot:CertificateId").is_none());
+    }
 
     /// Connections name their network as requests do: IPv4 clients of a dual-stack socket as
     /// IPv4, and through a private endpoint the VPC keys instead of aws:SourceIp.

@@ -516,9 +516,9 @@ fn answer_value(
                 Err(e) => return rejected(500, "InternalError", e.to_string()),
             };
             match register(issued.cert_pem) {
-                Ok(c) => (
+                Ok((c, pem)) => (
                     true,
-                    json!({"certificateId": c.id, "certificatePem": c.pem,
+                    json!({"certificateId": c.id, "certificatePem": pem,
                         "privateKey": issued.private_key_pem,
                         "certificateOwnershipToken": shared.tokens.issue(account, &c.id, now)}),
                 ),
@@ -544,9 +544,9 @@ fn answer_value(
                 Err(e) => return rejected(400, "InvalidCertificateSigningRequest", e.to_string()),
             };
             match register(pem) {
-                Ok(c) => (
+                Ok((c, pem)) => (
                     true,
-                    json!({"certificateId": c.id, "certificatePem": c.pem,
+                    json!({"certificateId": c.id, "certificatePem": pem,
                         "certificateOwnershipToken": shared.tokens.issue(account, &c.id, now)}),
                 ),
                 Err(e @ sekisho_registry::RegistryError::LimitExceeded(_)) => {
@@ -624,8 +624,7 @@ fn answer_value(
             if let Some(hook) = template.hook.clone() {
                 let pem = shared
                     .registry
-                    .describe_certificate(account, &cert)
-                    .map(|c| c.pem)
+                    .certificate_pem(account, &cert)
                     .unwrap_or_default();
                 let template_arn = shared
                     .registry
@@ -690,7 +689,7 @@ pub fn jitp(
     };
     let mut params = BTreeMap::new();
     params.insert("AWS::IoT::Certificate::Id".to_string(), cert.id.clone());
-    if let Some(info) = &cert.info {
+    if let Some(info) = registry.certificate_info(account, &cert.id) {
         for (field, name) in [
             ("CommonName", "CommonName"),
             ("Country", "Country"),

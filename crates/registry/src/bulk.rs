@@ -37,9 +37,9 @@ impl Registry {
             let info = sekisho_pki::CertInfo::parse(&der)
                 .map_err(|e| RegistryError::CertificateValidation(e.to_string()))?;
             let id = sekisho_pki::certificate_id(&der);
+            let pem = sekisho_pki::der_to_pem(&der);
             let cert = Certificate {
                 id: id.clone(),
-                pem: sekisho_pki::der_to_pem(&der),
                 status: CertStatus::Active,
                 ca_certificate_id: None,
                 mode: CertMode::Default,
@@ -48,10 +48,9 @@ impl Registry {
                 generation: 1,
                 not_before: info.not_before.unix_timestamp() as f64,
                 not_after: info.not_after.unix_timestamp() as f64,
-                info: Some(std::sync::Arc::new(info)),
                 claim_template: None,
             };
-            parsed.push((d.thing.clone(), cert));
+            parsed.push((d.thing.clone(), cert, pem));
         }
         self.write(account, |a, tx| {
             if !a.policies.contains_key(policy) {
@@ -60,7 +59,7 @@ impl Registry {
                 )));
             }
             let mut added = 0;
-            for (name, cert) in parsed {
+            for (name, cert, pem) in parsed {
                 if a.things.contains_key(&name) || a.certificates.contains_key(&cert.id) {
                     continue;
                 }
@@ -75,7 +74,14 @@ impl Registry {
                 };
                 tx.put(Kind::Thing, &name, &thing)?;
                 a.things.insert(name.clone(), thing);
-                tx.put(Kind::Certificate, &cert.id, &cert)?;
+                tx.put(
+                    Kind::Certificate,
+                    &cert.id,
+                    &StoredCertificate {
+                        cert: &cert,
+                        pem: &pem,
+                    },
+                )?;
                 tx.certs_added.push(cert.id.clone());
                 a.track_certificate(&cert);
                 a.certificates.insert(cert.id.clone(), cert);
@@ -190,15 +196,18 @@ mod provisioning_index_tests {
         let (a, _) = r.create_account("a").unwrap();
         let pending = r
             .add_certificate(&a.id, new(pem("p"), CertStatus::PendingActivation, None))
-            .unwrap();
+            .unwrap()
+            .0;
         let other = r
             .add_certificate(&a.id, new(pem("q"), CertStatus::PendingActivation, None))
-            .unwrap();
+            .unwrap()
+            .0;
         r.add_certificate(&a.id, new(pem("x"), CertStatus::Active, None))
             .unwrap();
         let claim = r
             .add_certificate(&a.id, new(pem("c"), CertStatus::Active, Some("tmpl")))
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!(r.pending_certificates(&a.id), 2);
         assert_eq!(r.stale_pending_certificates(later).len(), 2);
         r.update_certificate(&a.id, &pending.id, CertStatus::Active)

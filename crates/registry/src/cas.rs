@@ -438,6 +438,7 @@ impl Registry {
                 claim_template: None,
             },
         )
+        .map(|(c, _)| c)
     }
 
     /// RegisterCertificateWithoutCA: SNI_ONLY, no issuer check.
@@ -462,6 +463,7 @@ impl Registry {
                 claim_template: None,
             },
         )
+        .map(|(c, _)| c)
     }
 
     /// Just-in-time registration: registers `der` PENDING_ACTIVATION under `ca_id` (the
@@ -486,7 +488,7 @@ impl Registry {
             Err(RegistryError::AlreadyExists { resource_id, .. }) => {
                 self.describe_certificate(account, &resource_id)
             }
-            other => other,
+            other => other.map(|(c, _)| c),
         }
     }
 
@@ -498,7 +500,7 @@ impl Registry {
         self.read_state(|st| {
             let registered = st.cert_accounts.get(&id);
             let account = match route {
-                Route::Account(acct) => registered.and_then(|s| s.get(acct)).map(|_| acct),
+                Route::Account(acct) => registered.filter(|s| s.contains(acct)).map(|_| acct),
                 Route::ByCertificate => registered.and_then(|s| {
                     s.iter()
                         .find(|acct| {

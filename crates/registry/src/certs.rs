@@ -5,9 +5,17 @@ use std::sync::Arc;
 use crate::store::Kind;
 use crate::*;
 
-pub(crate) fn parse_info(pem: &str) -> Option<Arc<sekisho_pki::CertInfo>> {
+fn parse_info(pem: &str) -> Option<Arc<sekisho_pki::CertInfo>> {
     let der = sekisho_pki::pem_to_der(pem).ok()?;
     sekisho_pki::CertInfo::parse(&der).ok().map(Arc::new)
+}
+
+/// A certificate's stored PEM: it is written once, with the certificate, and never changes.
+fn stored_pem(store: &crate::store::Store, account: &str, id: &str) -> Result<Option<String>> {
+    match store.get(Kind::Certificate, account, id)? {
+        Some(doc) => Ok(Some(decode::<StoredPem>(&doc)?.pem)),
+        None => Ok(None),
+    }
 }
 
 /// A certificate to register.
@@ -27,8 +35,12 @@ pub struct NewCertificate {
 
 impl Registry {
     /// Registers a certificate (CreateKeysAndCertificate, CreateCertificateFromCsr,
-    /// RegisterCertificate). Returns its id.
-    pub fn add_certificate(&self, account: &str, new: NewCertificate) -> Result<Certificate> {
+    /// RegisterCertificate). Returns it and its PEM (normalised).
+    pub fn add_certificate(
+        &self,
+        account: &str,
+        new: NewCertificate,
+    ) -> Result<(Certificate, String)> {
         let der = sekisho_pki::pem_to_der(&new.pem)
             .map_err(|e| RegistryError::CertificateValidation(e.to_string()))?;
         let info = sekisho_pki::CertInfo::parse(&der)
@@ -64,9 +76,9 @@ impl Registry {
                 });
             }
             let now = now_secs();
+            let pem = sekisho_pki::der_to_pem(&der);
             let cert = Certificate {
                 id: id.clone(),
-                pem: sekisho_pki::der_to_pem(&der),
                 status: new.status,
                 ca_certificate_id: new.ca_certificate_id,
                 mode: new.mode,
@@ -75,15 +87,41 @@ impl Registry {
                 generation: 1,
                 not_before: info.not_before.unix_timestamp() as f64,
                 not_after: info.not_after.unix_timestamp() as f64,
-                info: Some(Arc::new(info)),
                 claim_template: new.claim_template,
             };
-            tx.put(Kind::Certificate, &id, &cert)?;
+            tx.put(
+                Kind::Certificate,
+                &id,
+                &StoredCertificate {
+                    cert: &cert,
+                    pem: &pem,
+                },
+            )?;
             tx.certs_added.push(id.clone());
             a.certificates.insert(id.clone(), cert.clone());
             a.track_certificate(&cert);
-            Ok(cert)
+            Ok((cert, pem))
         })
+    }
+
+    /// A certificate's PEM (DescribeCertificate, provisioning): read from the database, as
+    /// memory does not keep it (ARCHITECTURE.md, "The registry at fleet scale").
+    pub fn certificate_pem(&self, account: &str, id: &str) -> Result<String> {
+        let store = self
+            .reader
+            .as_ref()
+            .unwrap_or(&self.store)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        stored_pem(&store, account, id)?
+            .ok_or_else(|| RegistryError::NotFound(format!("The certificate {id} does not exist")))
+    }
+
+    /// A certificate's parsed identity fields (the `iot:Certificate.*` policy variables,
+    /// provisioning template parameters), parsed from its stored PEM; `None` when it is gone
+    /// or does not parse.
+    pub fn certificate_info(&self, account: &str, id: &str) -> Option<Arc<sekisho_pki::CertInfo>> {
+        parse_info(&self.certificate_pem(account, id).ok()?)
     }
 
     /// DescribeCertificate.
@@ -176,7 +214,21 @@ impl Registry {
             next.status = status;
             next.modified = now_secs();
             next.generation += 1;
-            tx.put(Kind::Certificate, id, &next)?;
+            // The document keeps its PEM (memory has none); the state lock is held, so the
+            // certificate cannot be deleted meanwhile (lock order: state, then store).
+            let pem = {
+                let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+                stored_pem(&store, account, id)?
+            }
+            .ok_or_else(|| RegistryError::Internal(format!("certificate {id} has no PEM")))?;
+            tx.put(
+                Kind::Certificate,
+                id,
+                &StoredCertificate {
+                    cert: &next,
+                    pem: &pem,
+                },
+            )?;
             tx.bump();
             tx.change(Change::Certificate {
                 account: account.to_owned(),

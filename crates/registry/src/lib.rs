@@ -15,6 +15,7 @@ mod bulk;
 mod cas;
 mod certs;
 mod cognito;
+pub mod compact;
 mod error;
 mod events;
 mod functions;
@@ -172,7 +173,7 @@ pub(crate) struct State {
     /// Endpoint prefix to account id.
     prefixes: HashMap<String, String>,
     /// Certificate id to the accounts that registered it.
-    cert_accounts: HashMap<String, BTreeSet<String>>,
+    cert_accounts: HashMap<String, compact::VecSet<String>>,
     /// CA certificate id to the accounts that registered it.
     ca_accounts: HashMap<String, BTreeSet<String>>,
     /// STS temporary credentials by access key id.
@@ -243,6 +244,10 @@ pub struct Registry {
     region: String,
     state: RwLock<State>,
     store: Mutex<Store>,
+    /// A read-only connection for reads on the device path (certificate PEMs at CONNECT), so
+    /// that they never wait behind a write's commit; `None` in memory (tests), where reads
+    /// use `store`.
+    reader: Option<Mutex<Store>>,
     feed: broadcast::Sender<Change>,
     generation: AtomicU64,
     /// One per account, held by RegisterThing from its checks to its last write: two
@@ -266,7 +271,9 @@ fn decode<T: DeserializeOwned>(doc: &str) -> Result<T> {
 impl Registry {
     /// Opens (or creates) the registry database at `path`.
     pub fn open(path: &Path, region: &str) -> Result<Registry> {
-        Registry::with_store(Store::open(path)?, region)
+        let mut r = Registry::with_store(Store::open(path)?, region)?;
+        r.reader = Some(Mutex::new(Store::open_reader(path)?));
+        Ok(r)
     }
 
     /// A registry that lives in memory only (tests).
@@ -281,6 +288,7 @@ impl Registry {
             region: region.to_owned(),
             state: RwLock::new(st),
             store: Mutex::new(store),
+            reader: None,
             feed,
             generation: AtomicU64::new(1),
             provisioning: Mutex::new(HashMap::new()),
@@ -329,22 +337,28 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
             .thing_types
             .insert(t.name.clone(), t);
     }
-    for row in store.load(Kind::Thing)? {
+    // The kinds there is one of per device are built whole per account (a `BTreeMap` built
+    // from sorted entries has full nodes; inserted one by one in order, about half full).
+    for (account, things) in load_by_account(store, Kind::Thing, |row| {
         let t: Thing = decode(&row.doc)?;
-        account_mut(&mut st, &row.account)?
-            .things
-            .insert(t.name.clone(), t);
+        Ok((t.name.clone(), t))
+    })? {
+        account_mut(&mut st, &account)?.things = things.into_iter().collect();
     }
-    for row in store.load(Kind::Certificate)? {
-        let mut c: Certificate = decode(&row.doc)?;
-        c.info = certs::parse_info(&c.pem);
-        st.cert_accounts
-            .entry(c.id.clone())
-            .or_default()
-            .insert(row.account.clone());
-        let a = account_mut(&mut st, &row.account)?;
-        a.track_certificate(&c);
-        a.certificates.insert(c.id.clone(), c);
+    for (account, certs) in load_by_account(store, Kind::Certificate, |row| {
+        decode::<Certificate>(&row.doc)
+    })? {
+        for c in &certs {
+            st.cert_accounts
+                .entry(c.id.clone())
+                .or_default()
+                .insert(account.clone());
+        }
+        let a = account_mut(&mut st, &account)?;
+        for c in &certs {
+            a.track_certificate(c);
+        }
+        a.certificates = certs.into_iter().map(|c| (c.id.clone(), c)).collect();
     }
     for row in store.load(Kind::CaCertificate)? {
         let mut c: CaCertificate = decode(&row.doc)?;
@@ -483,20 +497,62 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
     for row in store.load(Kind::JobSeq)? {
         account_mut(&mut st, &row.account)?.job_seq = decode(&row.doc)?;
     }
-    for row in store.load(Kind::PolicyAttachment)? {
+    for (account, pairs) in load_by_account(store, Kind::PolicyAttachment, |row| {
         let (policy, target) = row.key.split_once('\n').unwrap_or((&row.key, ""));
-        account_mut(&mut st, &row.account)?
-            .policy_targets
-            .entry(target.to_owned())
-            .or_default()
-            .insert(policy.to_owned());
+        Ok((target.to_owned(), policy.to_owned()))
+    })? {
+        account_mut(&mut st, &account)?.policy_targets = grouped(pairs);
     }
-    for row in store.load(Kind::ThingPrincipal)? {
+    for (account, links) in load_by_account(store, Kind::ThingPrincipal, |row| {
         let (thing, principal) = row.key.split_once('\n').unwrap_or((&row.key, ""));
         let kind: ThingPrincipalType = decode(&row.doc)?;
-        account_mut(&mut st, &row.account)?.link(thing, principal, kind);
+        Ok((thing.to_owned(), principal.to_owned(), kind))
+    })? {
+        let a = account_mut(&mut st, &account)?;
+        a.principal_things = grouped(
+            links
+                .iter()
+                .map(|(t, p, k)| (p.clone(), (t.clone(), *k)))
+                .collect(),
+        );
+        a.thing_principals = grouped(links.into_iter().map(|(t, p, k)| (t, (p, k))).collect());
     }
     Ok(st)
+}
+
+/// The rows of `kind`, each made an item by `f`, gathered per account (in account order).
+fn load_by_account<T>(
+    store: &Store,
+    kind: Kind,
+    mut f: impl FnMut(store::Row) -> Result<T>,
+) -> Result<Vec<(String, Vec<T>)>> {
+    let mut out: Vec<(String, Vec<T>)> = Vec::new();
+    store.each(kind, |row| {
+        if out.last().is_none_or(|(a, _)| *a != row.account) {
+            out.push((row.account.clone(), Vec::new()));
+        }
+        let item = f(row)?;
+        if let Some((_, items)) = out.last_mut() {
+            items.push(item);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// A map of each key to the collection of its values, built whole from unordered pairs.
+fn grouped<K: Ord, V, C: FromIterator<V>>(mut pairs: Vec<(K, V)>) -> BTreeMap<K, C> {
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::new();
+    let mut pairs = pairs.into_iter().peekable();
+    while let Some((k, v)) = pairs.next() {
+        let mut values = vec![v];
+        while let Some((_, v)) = pairs.next_if(|(next, _)| *next == k) {
+            values.push(v);
+        }
+        out.push((k, values.into_iter().collect()));
+    }
+    out.into_iter().collect()
 }
 
 impl Registry {
@@ -803,30 +859,87 @@ fn account_mut<'a>(st: &'a mut State, id: &str) -> Result<&'a mut Account> {
 
 /// One page of `items` in creation order (newest first unless `ascending`; ties by key), as
 /// AWS's `List*` with `isAscendingOrder` pages them. `created_key` gives each item's creation
-/// time and its key (the marker); `out` what the page carries.
-pub(crate) fn page_by_creation<'a, T: 'a, O: Clone>(
-    items: impl Iterator<Item = &'a T>,
+/// time and its key (the marker, which must name an item); `out` what the page carries. Only
+/// the page is cloned and only a few pages' worth of references are sorted: a list of a
+/// million certificates costs a pass over them, not a copy of them.
+pub(crate) fn page_by_creation<'a, T: 'a, O>(
+    items: impl Iterator<Item = &'a T> + Clone,
     created_key: impl Fn(&T) -> (f64, &str),
     out: impl Fn(&T) -> O,
     ascending: bool,
     marker: Option<&str>,
     page_size: usize,
 ) -> Result<Page<O>> {
-    let mut v: Vec<&T> = items.collect();
-    v.sort_by(|x, y| {
+    let order = |x: &&T, y: &&T| {
         let ((cx, kx), (cy, ky)) = (created_key(x), created_key(y));
-        cx.total_cmp(&cy).then(kx.cmp(ky))
-    });
-    if !ascending {
-        v.reverse();
+        let o = cx.total_cmp(&cy).then(kx.cmp(ky));
+        if ascending { o } else { o.reverse() }
+    };
+    let from = match marker {
+        None => None,
+        Some(m) => Some(
+            items
+                .clone()
+                .find(|x| created_key(x).1 == m)
+                .ok_or_else(|| {
+                    RegistryError::InvalidRequest(
+                        "The pagination marker or token is not valid".into(),
+                    )
+                })?,
+        ),
+    };
+    // The page and the first item of the next one: the `want` first in order from the marker.
+    let want = page_size.max(1) + 1;
+    let mut best: Vec<&T> = Vec::with_capacity(2 * want);
+    for x in items {
+        if from.is_some_and(|f| order(&x, &f).is_lt()) {
+            continue;
+        }
+        best.push(x);
+        if best.len() == 2 * want {
+            best.select_nth_unstable_by(want - 1, order);
+            best.truncate(want);
+        }
     }
-    paginate(
-        v.into_iter()
-            .map(|x| (created_key(x).1.to_owned(), out(x)))
-            .collect(),
-        marker,
-        page_size,
-    )
+    best.sort_by(order);
+    let next = best.get(want - 1).map(|x| created_key(x).1.to_owned());
+    best.truncate(want - 1);
+    Ok(Page {
+        items: best.into_iter().map(out).collect(),
+        next,
+    })
+}
+
+/// One page of an ordered map's values from the key `marker` on (a key of the map, or it is
+/// refused), of those `keep` accepts: it reads the map from the marker until the page and the
+/// next page's first key are found, never the whole map into a list.
+pub(crate) fn page_ordered<'a, V: 'a, O>(
+    map: &'a BTreeMap<String, V>,
+    marker: Option<&str>,
+    page_size: usize,
+    keep: impl Fn(&str, &V) -> bool,
+    out: impl Fn(&str, &V) -> O,
+) -> Result<Page<O>> {
+    use std::ops::Bound::{Included, Unbounded};
+    let range = match marker {
+        None => map.range::<str, _>((Unbounded, Unbounded)),
+        Some(m) if map.contains_key(m) => map.range::<str, _>((Included(m), Unbounded)),
+        Some(_) => {
+            return Err(RegistryError::InvalidRequest(
+                "The pagination marker or token is not valid".into(),
+            ));
+        }
+    };
+    let mut kept = range.filter(|(k, v)| keep(k, v));
+    let items = kept
+        .by_ref()
+        .take(page_size.max(1))
+        .map(|(k, v)| out(k, v))
+        .collect();
+    Ok(Page {
+        items,
+        next: kept.next().map(|(k, _)| k.clone()),
+    })
 }
 
 /// Pages through `items` (already in order) by an opaque marker: the key of the first item of
@@ -905,8 +1018,6 @@ pub struct CertificateIdentity {
     pub principal: PrincipalId,
     /// Certificate status now.
     pub status: CertStatus,
-    /// Identity fields.
-    pub info: Option<Arc<sekisho_pki::CertInfo>>,
     /// The thing associated with the connection, if any.
     pub thing: Option<Thing>,
     /// True when the thing is associated through an exclusive attachment.
@@ -944,7 +1055,6 @@ impl Registry {
                     account_id: AccountId::new(account),
                     principal: PrincipalId::Certificate(CertificateId::new(certificate_id)),
                     status: cert.status,
-                    info: cert.info.clone(),
                     thing: None,
                     thing_exclusive: false,
                     policies: vec![("provisioning-claim".to_string(), Arc::new(parsed))],
@@ -990,7 +1100,6 @@ impl Registry {
                 account_id: AccountId::new(account),
                 principal: PrincipalId::Certificate(CertificateId::new(certificate_id)),
                 status: cert.status,
-                info: cert.info.clone(),
                 thing,
                 thing_exclusive,
                 policies,
@@ -1040,5 +1149,87 @@ mod tests {
         reg.create_thing(&acct, "after", None, Default::default())
             .unwrap();
         assert!(reg.describe_thing(&acct, "after").is_ok());
+    }
+
+    /// Paging by creation date through every page gives the whole list in order (newest
+    /// first or oldest first, ties by key) whatever the page size, as sorting it all would;
+    /// a marker that names no item is refused.
+    #[test]
+    fn pages_by_creation_cover_the_sorted_list() {
+        let mut x: u64 = 3;
+        let items: Vec<(f64, String)> = (0..500)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (((x >> 33) % 40) as f64, format!("k{i:03}"))
+            })
+            .collect();
+        for ascending in [true, false] {
+            let mut sorted: Vec<&(f64, String)> = items.iter().collect();
+            sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            if !ascending {
+                sorted.reverse();
+            }
+            let want: Vec<&str> = sorted.iter().map(|i| i.1.as_str()).collect();
+            for size in [1, 7, 250, 499, 500, 501] {
+                let (mut got, mut marker) = (Vec::new(), None::<String>);
+                loop {
+                    let page = page_by_creation(
+                        items.iter(),
+                        |i| (i.0, i.1.as_str()),
+                        |i| i.1.clone(),
+                        ascending,
+                        marker.as_deref(),
+                        size,
+                    )
+                    .unwrap();
+                    assert!(page.items.len() <= size);
+                    got.extend(page.items);
+                    match page.next {
+                        Some(n) => marker = Some(n),
+                        None => break,
+                    }
+                }
+                assert_eq!(got, want, "ascending {ascending}, page size {size}");
+            }
+        }
+        assert!(matches!(
+            page_by_creation(
+                items.iter(),
+                |i| (i.0, i.1.as_str()),
+                |i| i.1.clone(),
+                true,
+                Some("nope"),
+                10
+            ),
+            Err(RegistryError::InvalidRequest(_))
+        ));
+    }
+
+    /// Paging an ordered map by key with a filter: every kept entry once, in order; a marker
+    /// that is no key is refused.
+    #[test]
+    fn ordered_pages_cover_the_kept_entries() {
+        let map: BTreeMap<String, u32> = (0..100).map(|i| (format!("t{i:03}"), i)).collect();
+        let keep = |_: &str, v: &u32| !v.is_multiple_of(3);
+        let want: Vec<u32> = (0..100u32).filter(|v| !v.is_multiple_of(3)).collect();
+        for size in [1, 5, 66, 67, 100] {
+            let (mut got, mut marker) = (Vec::new(), None::<String>);
+            loop {
+                let page = page_ordered(&map, marker.as_deref(), size, keep, |_, v| *v).unwrap();
+                assert!(page.items.len() <= size);
+                got.extend(page.items);
+                match page.next {
+                    Some(n) => marker = Some(n),
+                    None => break,
+                }
+            }
+            assert_eq!(got, want, "page size {size}");
+        }
+        assert!(matches!(
+            page_ordered(&map, Some("nope"), 10, keep, |_, v| *v),
+            Err(RegistryError::InvalidRequest(_))
+        ));
     }
 }

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::compact::{VecMap, VecSet};
+
 /// Certificate status (AWS `CertificateStatus`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -142,8 +144,6 @@ pub struct ThingType {
 pub struct Certificate {
     /// SHA-256 of the DER, hex.
     pub id: String,
-    /// PEM.
-    pub pem: String,
     /// Status.
     pub status: CertStatus,
     /// Issuing CA registration, if any.
@@ -160,14 +160,29 @@ pub struct Certificate {
     pub not_before: f64,
     /// Validity end, epoch seconds.
     pub not_after: f64,
-    /// Parsed identity fields (not stored; derived from `pem`).
-    #[serde(skip)]
-    pub info: Option<Arc<sekisho_pki::CertInfo>>,
     /// For a temporary provisioning claim (CreateProvisioningClaim): the template it may
     /// provision with. Such a certificate is not listed, its only policy is the implicit one
     /// of [`crate::claim_policy`], and it expires with its X.509 validity (five minutes).
     #[serde(default)]
     pub claim_template: Option<String>,
+}
+
+/// A certificate as the database holds it: its memory form and its PEM. Memory keeps neither
+/// the PEM nor its parsed fields (about 2.5 KB a certificate, most of a device's cost at fleet
+/// scale): [`crate::Registry::certificate_pem`] and [`crate::Registry::certificate_info`]
+/// read them from the database when asked, which only DescribeCertificate, provisioning and
+/// policies naming `iot:Certificate.*` variables do.
+#[derive(Serialize)]
+pub(crate) struct StoredCertificate<'a> {
+    #[serde(flatten)]
+    pub cert: &'a Certificate,
+    pub pem: &'a str,
+}
+
+/// The PEM of a stored certificate document (the rest is read as a [`Certificate`]).
+#[derive(Deserialize)]
+pub(crate) struct StoredPem {
+    pub pem: String,
 }
 
 impl Certificate {
@@ -344,12 +359,12 @@ pub struct Account {
     /// Policies by name.
     pub policies: BTreeMap<String, IotPolicy>,
     /// Policy names attached to each target (certificate ARN, thing group ARN, ...).
-    pub policy_targets: BTreeMap<String, BTreeSet<String>>,
+    pub policy_targets: BTreeMap<String, VecSet<String>>,
     /// Principals (ARNs) attached to each thing, with the attachment type.
-    pub thing_principals: BTreeMap<String, BTreeMap<String, ThingPrincipalType>>,
+    pub thing_principals: BTreeMap<String, VecMap<String, ThingPrincipalType>>,
     /// The reverse of `thing_principals`: things of each principal (looked up at every
     /// CONNECT, so it must not scan all things). Kept in step by `link`/`unlink`.
-    pub principal_things: BTreeMap<String, BTreeMap<String, ThingPrincipalType>>,
+    pub principal_things: BTreeMap<String, VecMap<String, ThingPrincipalType>>,
     /// Static thing groups by name.
     pub thing_groups: BTreeMap<String, crate::groups::ThingGroup>,
     /// Each group's ARN (policy attachments are keyed by it).
@@ -357,7 +372,7 @@ pub struct Account {
     /// Things directly in each group.
     pub group_members: BTreeMap<String, BTreeSet<String>>,
     /// The reverse of `group_members`: the groups each thing is directly in.
-    pub thing_memberships: BTreeMap<String, BTreeSet<String>>,
+    pub thing_memberships: BTreeMap<String, VecSet<String>>,
     /// Jobs by id.
     pub jobs: BTreeMap<String, crate::jobs::Job>,
     /// Job executions by (thing, job).

@@ -319,13 +319,13 @@ impl Registry {
             if !a.policies.contains_key(name) {
                 return Err(not_found(name));
             }
-            let items = a
-                .policy_targets
-                .iter()
-                .filter(|(_, s)| s.contains(name))
-                .map(|(t, _)| (t.clone(), t.clone()))
-                .collect();
-            paginate(items, marker, size)
+            page_ordered(
+                &a.policy_targets,
+                marker,
+                size,
+                |_, s| s.contains(name),
+                |t, _| t.to_owned(),
+            )
         })
     }
 

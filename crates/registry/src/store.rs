@@ -155,6 +155,16 @@ impl Store {
         Store::init(conn)
     }
 
+    /// A second, read-only connection to the database at `path` (opened by [`Store::open`]
+    /// first): in WAL mode its reads see every committed write and do not wait for a
+    /// commit in progress on the writer's connection.
+    pub(crate) fn open_reader(path: &Path) -> Result<Store, RegistryError> {
+        let conn = Connection::open(path).map_err(db_err)?;
+        conn.pragma_update(None, "query_only", true)
+            .map_err(db_err)?;
+        Ok(Store { conn })
+    }
+
     pub(crate) fn in_memory() -> Result<Store, RegistryError> {
         Store::init(Connection::open_in_memory().map_err(db_err)?)
     }
@@ -218,6 +228,30 @@ impl Store {
         self.conn
             .execute_batch("DROP TRIGGER fail_put; DROP TRIGGER fail_upd; DROP TRIGGER fail_del;")
             .map_err(db_err)
+    }
+
+    /// Every row of `kind` in (account, key) order, handed to `f` one at a time (the large
+    /// kinds are not held whole in memory while they load).
+    pub(crate) fn each(
+        &self,
+        kind: Kind,
+        mut f: impl FnMut(Row) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT account_id, key, doc FROM objects WHERE kind = ?1 ORDER BY account_id, key",
+            )
+            .map_err(db_err)?;
+        let mut rows = stmt.query(params![kind.as_str()]).map_err(db_err)?;
+        while let Some(r) = rows.next().map_err(db_err)? {
+            f(Row {
+                account: r.get(0).map_err(db_err)?,
+                key: r.get(1).map_err(db_err)?,
+                doc: r.get(2).map_err(db_err)?,
+            })?;
+        }
+        Ok(())
     }
 
     pub(crate) fn load(&self, kind: Kind) -> Result<Vec<Row>, RegistryError> {

@@ -261,28 +261,29 @@ impl Registry {
     /// ListThings.
     pub fn list_things(&self, account: &str, q: &ThingQuery) -> Result<Page<Thing>> {
         self.read(account, |a| {
-            let items: Vec<(String, Thing)> = a
-                .things
-                .values()
-                .filter(|t| {
-                    q.thing_type
-                        .as_ref()
-                        .is_none_or(|tt| t.thing_type.as_ref() == Some(tt))
-                })
-                .filter(|t| match (&q.attribute_name, &q.attribute_value) {
-                    (Some(n), Some(v)) => t.attributes.get(n).is_some_and(|x| {
-                        if q.use_prefix_attribute_value {
-                            x.starts_with(v.as_str())
-                        } else {
-                            x == v
-                        }
-                    }),
-                    (Some(n), None) => t.attributes.contains_key(n),
-                    _ => true,
-                })
-                .map(|t| (t.name.clone(), t.clone()))
-                .collect();
-            paginate(items, q.next_token.as_deref(), q.max_results)
+            let keep = |_: &str, t: &Thing| {
+                q.thing_type
+                    .as_ref()
+                    .is_none_or(|tt| t.thing_type.as_ref() == Some(tt))
+                    && match (&q.attribute_name, &q.attribute_value) {
+                        (Some(n), Some(v)) => t.attributes.get(n).is_some_and(|x| {
+                            if q.use_prefix_attribute_value {
+                                x.starts_with(v.as_str())
+                            } else {
+                                x == v
+                            }
+                        }),
+                        (Some(n), None) => t.attributes.contains_key(n),
+                        _ => true,
+                    }
+            };
+            page_ordered(
+                &a.things,
+                q.next_token.as_deref(),
+                q.max_results,
+                keep,
+                |_, t| t.clone(),
+            )
         })
     }
 

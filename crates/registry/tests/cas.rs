@@ -278,7 +278,7 @@ fn device_registration_needs_a_registered_active_ca() {
         )
         .unwrap();
     assert!(matches!(
-        r.authenticate(Route::Account(&a), &der(&c.pem)),
+        r.authenticate(Route::Account(&a), &der(&dev.cert_pem)),
         Authentication::Active { .. }
     ));
     // Deactivating the CA stops its certificates; deleting needs it inactive first.
@@ -296,12 +296,12 @@ fn device_registration_needs_a_registered_active_ca() {
     )
     .unwrap();
     assert!(matches!(
-        r.authenticate(Route::Account(&a), &der(&c.pem)),
+        r.authenticate(Route::Account(&a), &der(&dev.cert_pem)),
         Authentication::Refused(_)
     ));
     r.delete_ca_certificate(&a, &reg.id).unwrap();
     assert!(matches!(
-        r.authenticate(Route::Account(&a), &der(&c.pem)),
+        r.authenticate(Route::Account(&a), &der(&dev.cert_pem)),
         Authentication::Refused(_)
     ));
     assert_eq!(r.certificates_of_ca(&a, &reg.id), vec![c.id]);

@@ -26,6 +26,7 @@ fn new_cert(r: &Registry, acct: &str) -> Certificate {
         },
     )
     .unwrap()
+    .0
 }
 
 #[test]
@@ -76,6 +77,64 @@ fn survives_reopen() {
     );
     assert_eq!(id.policies.len(), 1);
     assert_eq!(r.certificate_accounts(&cert_id), vec![acct.clone()]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Memory keeps no certificate PEM: it is read from the database when asked, and stays there
+/// through status changes and a reopen; a deleted certificate has none, and the same PEM
+/// registered again is readable again.
+#[test]
+fn certificate_pem_is_read_from_the_database() {
+    let dir = std::env::temp_dir().join(format!("sekisho-pem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("registry.db");
+    let _ = std::fs::remove_file(&path);
+    let pem = cert_pem();
+    let add = |r: &Registry, acct: &str| {
+        r.add_certificate(
+            acct,
+            NewCertificate {
+                pem: pem.clone(),
+                status: CertStatus::Active,
+                ca_certificate_id: None,
+                mode: CertMode::Default,
+                claim_template: None,
+            },
+        )
+        .unwrap()
+    };
+    let (acct, id) = {
+        let r = Registry::open(&path, "us-east-1").unwrap();
+        let (a, _) = r.create_account("default").unwrap();
+        let (c, stored) = add(&r, &a.id);
+        assert_eq!(stored.trim(), pem.trim());
+        assert_eq!(r.certificate_pem(&a.id, &c.id).unwrap(), stored);
+        r.update_certificate(&a.id, &c.id, CertStatus::Inactive)
+            .unwrap();
+        assert_eq!(r.certificate_pem(&a.id, &c.id).unwrap(), stored);
+        (a.id, c.id)
+    };
+    let r = Registry::open(&path, "us-east-1").unwrap();
+    assert_eq!(
+        r.describe_certificate(&acct, &id).unwrap().status,
+        CertStatus::Inactive
+    );
+    assert_eq!(r.certificate_pem(&acct, &id).unwrap().trim(), pem.trim());
+    let info = r.certificate_info(&acct, &id).expect("parsed from the PEM");
+    assert!(!info.serial.is_empty());
+    assert!(matches!(
+        r.certificate_pem(&acct, "0".repeat(64).as_str()),
+        Err(RegistryError::NotFound(_))
+    ));
+    r.delete_certificate(&acct, &id, false).unwrap();
+    assert!(matches!(
+        r.certificate_pem(&acct, &id),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(r.certificate_info(&acct, &id).is_none());
+    let (again, _) = add(&r, &acct);
+    assert_eq!(again.id, id);
+    assert_eq!(r.certificate_pem(&acct, &id).unwrap().trim(), pem.trim());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -369,6 +428,7 @@ fn pending_cert(r: &Registry, acct: &str) -> Certificate {
         },
     )
     .unwrap()
+    .0
 }
 
 /// A template that provisions thing `t` for the certificate `cert`, with a new policy if asked.

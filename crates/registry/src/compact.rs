@@ -1,0 +1,318 @@
+//! Small sorted collections for the registry's per-device indexes.
+//!
+//! A `BTreeSet` or `BTreeMap` allocates a node sized for eleven entries even when it holds
+//! one: about 290 bytes for `String` entries. The registry keeps one such set per certificate
+//! (its policies, its things, its accounts) and per thing (its principals), almost always with
+//! a single entry, so with a million devices those nodes alone cost more than a kilobyte per
+//! device. These keep their entries sorted in a vector sized to fit: one `String` entry costs
+//! its 24 bytes and one small allocation. Lookups are binary searches; inserting and removing
+//! move the entries after the one changed, which is cheap for the sizes the registry sees
+//! (AWS allows ten policies per target; a certificate attached to thousands of things is the
+//! large case, and still fine).
+
+use std::borrow::Borrow;
+
+/// Up to this many entries a vector grows by exactly one on insert (no spare capacity);
+/// beyond, it grows as vectors do (amortised doubling), so a large set is not quadratic.
+const EXACT_UP_TO: usize = 8;
+
+fn reserve<T>(v: &mut Vec<T>) {
+    if v.len() < EXACT_UP_TO {
+        v.reserve_exact(1);
+    } else {
+        v.reserve(1);
+    }
+}
+
+fn shrink<T>(v: &mut Vec<T>) {
+    if v.len() < EXACT_UP_TO {
+        v.shrink_to_fit();
+    }
+}
+
+/// A set kept as a sorted vector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VecSet<T>(Vec<T>);
+
+impl<T> Default for VecSet<T> {
+    fn default() -> Self {
+        VecSet(Vec::new())
+    }
+}
+
+impl<T: Ord> VecSet<T> {
+    /// An empty set (allocates nothing).
+    pub fn new() -> Self {
+        VecSet(Vec::new())
+    }
+
+    fn find<Q: Ord + ?Sized>(&self, v: &Q) -> Result<usize, usize>
+    where
+        T: Borrow<Q>,
+    {
+        self.0.binary_search_by(|x| x.borrow().cmp(v))
+    }
+
+    /// Adds `v`; false if it was there already.
+    pub fn insert(&mut self, v: T) -> bool {
+        match self.find(&v) {
+            Ok(_) => false,
+            Err(i) => {
+                reserve(&mut self.0);
+                self.0.insert(i, v);
+                true
+            }
+        }
+    }
+
+    /// Removes `v`; false if it was not there.
+    pub fn remove<Q: Ord + ?Sized>(&mut self, v: &Q) -> bool
+    where
+        T: Borrow<Q>,
+    {
+        match self.find(v) {
+            Ok(i) => {
+                self.0.remove(i);
+                shrink(&mut self.0);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Whether `v` is in the set.
+    pub fn contains<Q: Ord + ?Sized>(&self, v: &Q) -> bool
+    where
+        T: Borrow<Q>,
+    {
+        self.find(v).is_ok()
+    }
+
+    /// The entries, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The entries of `self` that `other` lacks, in order.
+    pub fn difference<'a>(&'a self, other: &'a VecSet<T>) -> impl Iterator<Item = &'a T> {
+        self.0.iter().filter(move |v| !other.contains(*v))
+    }
+
+    /// Whether every entry of `self` is in `other`.
+    pub fn is_subset(&self, other: &VecSet<T>) -> bool {
+        self.0.iter().all(|v| other.contains(v))
+    }
+}
+
+impl<T: Ord> FromIterator<T> for VecSet<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        let mut v: Vec<T> = iter.into_iter().collect();
+        v.sort();
+        v.dedup();
+        v.shrink_to_fit();
+        VecSet(v)
+    }
+}
+
+impl<T> IntoIterator for VecSet<T> {
+    type Item = T;
+    type IntoIter = std::vec::IntoIter<T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a VecSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// A map kept as a vector of pairs sorted by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VecMap<K, V>(Vec<(K, V)>);
+
+impl<K, V> Default for VecMap<K, V> {
+    fn default() -> Self {
+        VecMap(Vec::new())
+    }
+}
+
+impl<K: Ord, V> VecMap<K, V> {
+    /// An empty map (allocates nothing).
+    pub fn new() -> Self {
+        VecMap(Vec::new())
+    }
+
+    fn find<Q: Ord + ?Sized>(&self, k: &Q) -> Result<usize, usize>
+    where
+        K: Borrow<Q>,
+    {
+        self.0.binary_search_by(|(x, _)| x.borrow().cmp(k))
+    }
+
+    /// Sets `k` to `v`, returning the value it had.
+    pub fn insert(&mut self, k: K, v: V) -> Option<V> {
+        match self.find(&k) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, v)),
+            Err(i) => {
+                reserve(&mut self.0);
+                self.0.insert(i, (k, v));
+                None
+            }
+        }
+    }
+
+    /// Removes `k`, returning its value.
+    pub fn remove<Q: Ord + ?Sized>(&mut self, k: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
+        let i = self.find(k).ok()?;
+        let (_, v) = self.0.remove(i);
+        shrink(&mut self.0);
+        Some(v)
+    }
+
+    /// The value of `k`.
+    pub fn get<Q: Ord + ?Sized>(&self, k: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+    {
+        self.find(k).ok().map(|i| &self.0[i].1)
+    }
+
+    /// Whether `k` has a value.
+    pub fn contains_key<Q: Ord + ?Sized>(&self, k: &Q) -> bool
+    where
+        K: Borrow<Q>,
+    {
+        self.find(k).is_ok()
+    }
+
+    /// The entries, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    /// The keys, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
+    /// Sorted by key; of entries with the same key the last one stays (as for a `BTreeMap`).
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut v: Vec<(K, V)> = iter.into_iter().collect();
+        v.reverse();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.dedup_by(|later, earlier| later.0 == earlier.0);
+        v.shrink_to_fit();
+        VecMap(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The same operations on a `VecSet` and a `BTreeSet` leave the same contents, in order.
+    #[test]
+    fn set_behaves_as_a_btreeset() {
+        let mut ours = VecSet::new();
+        let mut theirs = BTreeSet::new();
+        let mut x: u64 = 7;
+        for _ in 0..5000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let v = ((x >> 33) % 64) as u32;
+            if x & 1 == 0 {
+                assert_eq!(ours.insert(v), theirs.insert(v));
+            } else {
+                assert_eq!(ours.remove(&v), theirs.remove(&v));
+            }
+            assert_eq!(ours.contains(&v), theirs.contains(&v));
+            assert_eq!(ours.len(), theirs.len());
+        }
+        assert!(ours.iter().eq(theirs.iter()));
+        let other: VecSet<u32> = (0..64).filter(|v| v % 3 == 0).collect();
+        let other_b: BTreeSet<u32> = other.iter().copied().collect();
+        assert!(ours.difference(&other).eq(theirs.difference(&other_b)));
+        assert!(other.difference(&ours).eq(other_b.difference(&theirs)));
+        assert_eq!(ours.is_subset(&other), theirs.is_subset(&other_b));
+        let small: VecSet<u32> = ours.iter().copied().take(3).collect();
+        assert!(small.is_subset(&ours));
+        let collected: VecSet<u32> = [3, 1, 3, 2].into_iter().collect();
+        assert_eq!(collected.into_iter().collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn map_behaves_as_a_btreemap() {
+        let mut ours = VecMap::new();
+        let mut theirs = BTreeMap::new();
+        let mut x: u64 = 11;
+        for i in 0..5000u32 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let k = format!("k{}", (x >> 33) % 64);
+            if x & 1 == 0 {
+                assert_eq!(ours.insert(k.clone(), i), theirs.insert(k.clone(), i));
+            } else {
+                assert_eq!(ours.remove(k.as_str()), theirs.remove(k.as_str()));
+            }
+            assert_eq!(ours.get(k.as_str()), theirs.get(k.as_str()));
+            assert_eq!(
+                ours.contains_key(k.as_str()),
+                theirs.contains_key(k.as_str())
+            );
+        }
+        assert!(ours.iter().eq(theirs.iter()));
+        assert!(ours.keys().eq(theirs.keys()));
+        let pairs = [("b", 1), ("a", 2), ("b", 3), ("c", 4), ("a", 5)];
+        let ours: VecMap<&str, i32> = pairs.into_iter().collect();
+        let theirs: BTreeMap<&str, i32> = pairs.into_iter().collect();
+        assert!(ours.iter().eq(theirs.iter()));
+        assert_eq!(ours.0.capacity(), 3);
+    }
+
+    /// One entry costs one exactly sized allocation, not a node of eleven.
+    #[test]
+    fn one_entry_is_sized_to_fit() {
+        let mut s = VecSet::new();
+        s.insert("policy".to_string());
+        assert_eq!(s.0.capacity(), 1);
+        s.insert("another".to_string());
+        assert_eq!(s.0.capacity(), 2);
+        s.remove("policy");
+        assert_eq!(s.0.capacity(), 1);
+        let mut m = VecMap::new();
+        m.insert("thing".to_string(), 1u8);
+        assert_eq!(m.0.capacity(), 1);
+    }
+}
