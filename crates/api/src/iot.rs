@@ -2063,6 +2063,15 @@ fn test_authorization(state: &ApiState, call: &Call) -> Out {
             "missingContextValues": [],
         }));
     }
+    // A certificate variable whose certificate could not be read would have decided as if
+    // absent: no answer rather than a wrong one.
+    if ctx.cert_unreadable() {
+        return Err(ApiError::new(
+            500,
+            "InternalFailureException",
+            "The certificate's fields could not be read",
+        ));
+    }
     Ok(json!({"authResults": results}))
 }
 

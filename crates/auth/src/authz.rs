@@ -39,6 +39,29 @@ pub struct ConnContext {
     time: Option<Box<(i64, String, String)>>,
     /// Lower-cased `iot:certificate.*` keys to (values, multi-valued), built on first use.
     cert_vars: std::sync::OnceLock<CertVars>,
+    /// Set when the certificate's fields could not be read (a database error): until a bind
+    /// reads them, every decision of this context denies.
+    cert_unreadable: Flag,
+}
+
+/// A flag a shared reference can set (`Context::get` takes `&self`).
+#[derive(Debug, Default)]
+struct Flag(std::sync::atomic::AtomicBool);
+
+impl Clone for Flag {
+    fn clone(&self) -> Self {
+        Flag(std::sync::atomic::AtomicBool::new(self.get()))
+    }
+}
+
+impl Flag {
+    fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set(&self, v: bool) {
+        self.0.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 type CertVars = HashMap<String, (Vec<String>, bool)>;
@@ -129,6 +152,7 @@ impl ConnContext {
             });
         }
         self.certificate_id = certificate_id;
+        self.cert_unreadable.set(false);
         self.thing_name = id.thing.as_ref().map(|t| t.name.clone());
         self.thing_type = id.thing.as_ref().and_then(|t| t.thing_type.clone());
         self.is_attached = if id.thing.is_some() { "true" } else { "false" };
@@ -157,6 +181,36 @@ impl ConnContext {
     /// The thing associated with the connection.
     pub fn thing_name(&self) -> Option<&str> {
         self.thing_name.as_deref()
+    }
+
+    /// Whether a certificate variable was asked for and its certificate could not be read
+    /// (a database error): decisions taken with this context must deny.
+    pub fn cert_unreadable(&self) -> bool {
+        self.cert_unreadable.get()
+    }
+
+    /// The certificate's variables: read and tabulated on first use (and kept), or `None`
+    /// when they could not be read, which is flagged rather than kept, so that the next
+    /// bind reads again.
+    fn cert_vars(&self) -> Option<&CertVars> {
+        if let Some(vars) = self.cert_vars.get() {
+            return Some(vars);
+        }
+        let read = match self.cert.as_ref().zip(self.certificate_id.as_ref()) {
+            Some((src, id)) => src.registry.certificate_info(&src.account, id),
+            None => Ok(None),
+        };
+        match read {
+            Ok(info) => Some(
+                self.cert_vars
+                    .get_or_init(|| info.map(|i| cert_vars(&i)).unwrap_or_default()),
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, certificate = ?self.certificate_id, "certificate fields unreadable; the connection's decisions deny until they are read");
+                self.cert_unreadable.set(true);
+                None
+            }
+        }
     }
 }
 
@@ -223,17 +277,7 @@ impl Context for ConnContext {
             return None;
         }
         if strip_ci(key, "iot:Certificate.").is_some() {
-            let (v, multi) = self
-                .cert_vars
-                .get_or_init(|| {
-                    self.cert
-                        .as_ref()
-                        .zip(self.certificate_id.as_ref())
-                        .and_then(|(src, id)| src.registry.certificate_info(&src.account, id))
-                        .map(|info| cert_vars(&info))
-                        .unwrap_or_default()
-                })
-                .get(&key.to_ascii_lowercase())?;
+            let (v, multi) = self.cert_vars()?.get(&key.to_ascii_lowercase())?;
             return if *multi {
                 Some(Value::Many(v))
             } else {
@@ -747,7 +791,8 @@ impl Principal {
             }
             return Ok(());
         }
-        if self.registry.generation() != self.identity.generation {
+        // After a failed read of the certificate's fields, every refresh binds again.
+        if self.registry.generation() != self.identity.generation || self.ctx.cert_unreadable() {
             let Some(certificate) = self.identity.principal.certificate().cloned() else {
                 return Err(Revoked::Certificate(sekisho_registry::Unusable::Deleted));
             };
@@ -801,6 +846,11 @@ impl Principal {
             d = decide(bound.iter(), action, &arn, &self.ctx);
         }
         self.scratch = arn;
+        // A certificate variable that could not be read decides nothing: deny, rather than
+        // evaluate a condition as if the value were absent (which can allow).
+        if self.ctx.cert_unreadable() {
+            return Decision::ImplicitDeny;
+        }
         d
     }
 
@@ -964,6 +1014,72 @@ mod tests {
         ctx.set_identity(&iam, &registry);
         assert!(ctx.get(cn).is_none());
         assert!(ctx.get("iot:CertificateId").is_none());
+    }
+
+    /// A certificate variable that cannot be read (a broken database) makes decisions deny,
+    /// not decide as if the value were absent: here a Deny conditioned on the common name
+    /// would otherwise no longer match, and the Allow beside it would let the publish through.
+    #[test]
+    fn unreadable_certificate_variables_deny() {
+        let registry = Arc::new(Registry::in_memory("us-east-1").unwrap());
+        let (account, _) = registry.create_account("a").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let ca = sekisho_pki::Ca::generate("t", "t", now).unwrap();
+        let pem = ca
+            .issue_named("guest", sekisho_pki::KeyKind::EcdsaP256, now)
+            .unwrap()
+            .cert_pem;
+        let new = sekisho_registry::NewCertificate {
+            pem,
+            status: CertStatus::Active,
+            ca_certificate_id: None,
+            mode: sekisho_registry::CertMode::Default,
+            claim_template: None,
+        };
+        let id = registry.add_certificate(&account.id, new).unwrap().0.id;
+        let doc = r#"{"Version":"2012-10-17","Statement":[
+            {"Effect":"Allow","Action":"iot:Publish","Resource":"*"},
+            {"Effect":"Deny","Action":"iot:Publish","Resource":"arn:aws:iot:*:*:topic/admin/*",
+             "Condition":{"StringEquals":{"iot:Certificate.Subject.CommonName":"guest"}}}]}"#;
+        registry.create_policy(&account.id, "p", doc).unwrap();
+        let arn = registry.arn(&account.id, &format!("cert/{id}"));
+        registry.attach_policy(&account.id, "p", &arn).unwrap();
+        let acct = AccountId::new(account.id.clone());
+        let principal = || {
+            Principal::certificate(
+                registry.clone(),
+                &acct,
+                &CertificateId::new(id.clone()),
+                Some(&ClientId::new("c")),
+                None,
+                None,
+            )
+            .unwrap()
+        };
+        let mut readable = principal();
+        assert_eq!(
+            readable.decide("iot:publish", "topic", "admin/x"),
+            Decision::ExplicitDeny
+        );
+        assert_eq!(
+            readable.decide("iot:publish", "topic", "other"),
+            Decision::Allowed
+        );
+        let mut broken = principal();
+        registry.break_database();
+        assert_eq!(
+            broken.decide("iot:publish", "topic", "admin/x"),
+            Decision::ImplicitDeny
+        );
+        assert_eq!(
+            broken.decide("iot:publish", "topic", "other"),
+            Decision::ImplicitDeny
+        );
+        // The connection that read them before keeps them.
+        assert_eq!(
+            readable.decide("iot:publish", "topic", "other"),
+            Decision::Allowed
+        );
     }
 
     /// Connections name their network as requests do: IPv4 clients of a dual-stack socket as

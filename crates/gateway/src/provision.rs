@@ -622,10 +622,10 @@ fn answer_value(
             let cert = held.certificate.clone();
             // A hook decides first, asynchronously; the token stays held meanwhile.
             if let Some(hook) = template.hook.clone() {
-                let pem = shared
-                    .registry
-                    .certificate_pem(account, &cert)
-                    .unwrap_or_default();
+                let pem = match shared.registry.certificate_pem(account, &cert) {
+                    Ok(pem) => pem,
+                    Err(e) => return rejected(500, "InternalError", e.to_string()),
+                };
                 let template_arn = shared
                     .registry
                     .arn(account, &format!("provisioningtemplate/{}", template.name));
@@ -689,7 +689,11 @@ pub fn jitp(
     };
     let mut params = BTreeMap::new();
     params.insert("AWS::IoT::Certificate::Id".to_string(), cert.id.clone());
-    if let Some(info) = registry.certificate_info(account, &cert.id) {
+    let info = match registry.certificate_info(account, &cert.id) {
+        Ok(info) => info,
+        Err(e) => return Some(Err(format!("the certificate could not be read: {e}"))),
+    };
+    if let Some(info) = info {
         for (field, name) in [
             ("CommonName", "CommonName"),
             ("Country", "Country"),

@@ -60,20 +60,20 @@ impl Registry {
             }
             let mut added = 0;
             for (name, cert, pem) in parsed {
-                if a.things.contains_key(&name) || a.certificates.contains_key(&cert.id) {
+                if a.things.contains_key(name.as_str()) || a.certificates.contains_key(&cert.id) {
                     continue;
                 }
                 let arn = self.arn(account, &format!("cert/{}", cert.id));
                 let thing = Thing {
                     name: name.clone(),
-                    id: crate::things::uuid_like(),
+                    id: ThingId::random(),
                     thing_type: None,
                     attributes: BTreeMap::new(),
                     version: 1,
                     created: now,
                 };
                 tx.put(Kind::Thing, &name, &thing)?;
-                a.things.insert(name.clone(), thing);
+                a.things.insert(name.as_str().into(), thing);
                 tx.put(
                     Kind::Certificate,
                     &cert.id,
@@ -84,15 +84,13 @@ impl Registry {
                 )?;
                 tx.certs_added.push(cert.id.clone());
                 a.track_certificate(&cert);
-                a.certificates.insert(cert.id.clone(), cert);
+                a.certificates.insert(cert);
                 let kind = ThingPrincipalType::NonExclusiveThing;
                 tx.put(Kind::ThingPrincipal, &format!("{name}\n{arn}"), &kind)?;
                 a.link(&name, &arn, kind);
                 tx.put(Kind::PolicyAttachment, &format!("{policy}\n{arn}"), &"")?;
-                a.policy_targets
-                    .entry(arn)
-                    .or_default()
-                    .insert(policy.to_owned());
+                let (key, name) = (a.intern(&arn), a.policy_name(policy));
+                a.policy_targets.entry(key).or_default().insert(name);
                 added += 1;
             }
             tx.bump();

@@ -224,7 +224,7 @@ impl Registry {
                     && st.ca_accounts.get(&id).is_some_and(|accts| {
                         accts.iter().any(|other| {
                             other != account
-                                && st.accounts.get(other).is_some_and(|a| {
+                                && st.accounts.get(other.as_str()).is_some_and(|a| {
                                     a.ca_certificates
                                         .get(&id)
                                         .is_some_and(|c| c.mode == CertMode::Default)
@@ -498,18 +498,18 @@ impl Registry {
     pub fn authenticate(&self, route: Route<'_>, der: &[u8]) -> Authentication {
         let id = sekisho_pki::certificate_id(der);
         self.read_state(|st| {
-            let registered = st.cert_accounts.get(&id);
+            let registered = cert_key(&id).and_then(|k| st.cert_accounts.get(&k));
             let account = match route {
                 Route::Account(acct) => registered.filter(|s| s.contains(acct)).map(|_| acct),
                 Route::ByCertificate => registered.and_then(|s| {
                     s.iter()
                         .find(|acct| {
                             st.accounts
-                                .get(acct.as_str())
+                                .get(&***acct)
                                 .and_then(|a| a.certificates.get(&id))
                                 .is_some_and(|c| c.mode == CertMode::Default)
                         })
-                        .map(String::as_str)
+                        .map(|a| &**a)
                 }),
             };
             let Some(account) = account else {

@@ -50,16 +50,18 @@ impl Registry {
         let check = |st: &State| {
             // A DEFAULT-mode certificate identifies its account without SNI: one account only.
             if default_mode
-                && st.cert_accounts.get(&id).is_some_and(|accts| {
-                    accts.iter().any(|other| {
-                        other != account
-                            && st.accounts.get(other).is_some_and(|a| {
-                                a.certificates
-                                    .get(&id)
-                                    .is_some_and(|c| c.mode == CertMode::Default)
-                            })
+                && cert_key(&id)
+                    .and_then(|k| st.cert_accounts.get(&k))
+                    .is_some_and(|accts| {
+                        accts.iter().any(|other| {
+                            **other != *account
+                                && st.accounts.get(&**other).is_some_and(|a| {
+                                    a.certificates
+                                        .get(&id)
+                                        .is_some_and(|c| c.mode == CertMode::Default)
+                                })
+                        })
                     })
-                })
             {
                 return Err(RegistryError::InvalidRequest(
                     "This request is not valid: the certificate is registered in DEFAULT mode in another account".into(),
@@ -98,7 +100,7 @@ impl Registry {
                 },
             )?;
             tx.certs_added.push(id.clone());
-            a.certificates.insert(id.clone(), cert.clone());
+            a.certificates.insert(cert.clone());
             a.track_certificate(&cert);
             Ok((cert, pem))
         })
@@ -118,10 +120,19 @@ impl Registry {
     }
 
     /// A certificate's parsed identity fields (the `iot:Certificate.*` policy variables,
-    /// provisioning template parameters), parsed from its stored PEM; `None` when it is gone
-    /// or does not parse.
-    pub fn certificate_info(&self, account: &str, id: &str) -> Option<Arc<sekisho_pki::CertInfo>> {
-        parse_info(&self.certificate_pem(account, id).ok()?)
+    /// provisioning template parameters), parsed from its stored PEM: `Ok(None)` when it is
+    /// gone or does not parse, an error when the database could not be read (which callers
+    /// must not take for "no fields": a policy condition on a missing value can allow).
+    pub fn certificate_info(
+        &self,
+        account: &str,
+        id: &str,
+    ) -> Result<Option<Arc<sekisho_pki::CertInfo>>> {
+        match self.certificate_pem(account, id) {
+            Ok(pem) => Ok(parse_info(&pem)),
+            Err(RegistryError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// DescribeCertificate.
@@ -214,21 +225,9 @@ impl Registry {
             next.status = status;
             next.modified = now_secs();
             next.generation += 1;
-            // The document keeps its PEM (memory has none); the state lock is held, so the
-            // certificate cannot be deleted meanwhile (lock order: state, then store).
-            let pem = {
-                let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-                stored_pem(&store, account, id)?
-            }
-            .ok_or_else(|| RegistryError::Internal(format!("certificate {id} has no PEM")))?;
-            tx.put(
-                Kind::Certificate,
-                id,
-                &StoredCertificate {
-                    cert: &next,
-                    pem: &pem,
-                },
-            )?;
+            // The stored document keeps its PEM (memory has none): only the members memory
+            // holds are written, so a revocation never needs to read anything first.
+            tx.patch(Kind::Certificate, id, &next)?;
             tx.bump();
             tx.change(Change::Certificate {
                 account: account.to_owned(),
@@ -260,7 +259,11 @@ impl Registry {
                     "Things must be detached before deletion (arn: {arn})"
                 )));
             }
-            let policies = a.policy_targets.get(&arn).cloned().unwrap_or_default();
+            let policies = a
+                .policy_targets
+                .get(arn.as_str())
+                .cloned()
+                .unwrap_or_default();
             if !policies.is_empty() && !force {
                 return Err(RegistryError::DeleteConflict(format!(
                     "Certificate policies must be detached before deletion (arn: {arn})"
@@ -277,7 +280,7 @@ impl Registry {
                 certificate_id: id.to_owned(),
                 status: None,
             });
-            a.policy_targets.remove(&arn);
+            a.policy_targets.remove(arn.as_str());
             a.certificates.remove(id);
             a.provisioning_certs.remove(id);
             Ok(())

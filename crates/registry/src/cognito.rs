@@ -184,7 +184,7 @@ impl Registry {
             st.accounts
                 .iter()
                 .find(|(_, a)| a.identity_pools.contains_key(id))
-                .map(|(k, _)| k.clone())
+                .map(|(k, _)| k.to_string())
         })
     }
 
@@ -447,8 +447,8 @@ impl Registry {
                 .flatten()
                 .filter_map(|n| {
                     a.policies
-                        .get(n)
-                        .and_then(|p| p.default_parsed().map(|d| (n.clone(), d)))
+                        .get(&**n)
+                        .and_then(|p| p.default_parsed().map(|d| (n.to_string(), d)))
                 })
                 .collect())
         })

@@ -235,6 +235,165 @@ impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
     }
 }
 
+/// A set that is almost always one entry: that entry inline (no allocation), more in a
+/// [`VecSet`]. The accounts a certificate is registered in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OneOrMore<T> {
+    /// One entry.
+    One(T),
+    /// Several (never fewer than two), or none after removals.
+    More(VecSet<T>),
+}
+
+impl<T> Default for OneOrMore<T> {
+    fn default() -> Self {
+        OneOrMore::More(VecSet::default())
+    }
+}
+
+impl<T: Ord + Clone> OneOrMore<T> {
+    /// Adds `v`; false if it was there already.
+    pub fn insert(&mut self, v: T) -> bool {
+        match self {
+            OneOrMore::One(x) if *x == v => false,
+            OneOrMore::One(x) => {
+                let set: VecSet<T> = [x.clone(), v].into_iter().collect();
+                *self = OneOrMore::More(set);
+                true
+            }
+            OneOrMore::More(s) if s.is_empty() => {
+                *self = OneOrMore::One(v);
+                true
+            }
+            OneOrMore::More(s) => s.insert(v),
+        }
+    }
+
+    /// Removes `v`; false if it was not there.
+    pub fn remove<Q: Ord + ?Sized>(&mut self, v: &Q) -> bool
+    where
+        T: Borrow<Q>,
+    {
+        match self {
+            OneOrMore::One(x) if (*x).borrow() == v => {
+                *self = OneOrMore::More(VecSet::new());
+                true
+            }
+            OneOrMore::One(_) => false,
+            OneOrMore::More(s) => {
+                let removed = s.remove(v);
+                if s.len() == 1
+                    && let Some(last) = s.iter().next().cloned()
+                {
+                    *self = OneOrMore::One(last);
+                }
+                removed
+            }
+        }
+    }
+
+    /// Whether `v` is in.
+    pub fn contains<Q: Ord + ?Sized>(&self, v: &Q) -> bool
+    where
+        T: Borrow<Q>,
+    {
+        match self {
+            OneOrMore::One(x) => (*x).borrow() == v,
+            OneOrMore::More(s) => s.contains(v),
+        }
+    }
+
+    /// The entries, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, T> {
+        match self {
+            OneOrMore::One(x) => std::slice::from_ref(x).iter(),
+            OneOrMore::More(s) => s.iter(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        matches!(self, OneOrMore::More(s) if s.is_empty())
+    }
+}
+
+impl<T: Ord + Clone> FromIterator<T> for OneOrMore<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        let mut out = OneOrMore::default();
+        for v in iter {
+            out.insert(v);
+        }
+        out
+    }
+}
+
+/// An account's certificates by id, keyed by the 32 bytes the id's 64 hex digits encode
+/// ([`crate::cert_key`]) rather than by a copy of the text (80 bytes of heap a device); in
+/// the same order as the ids. Ids that are not certificate ids name nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Certificates(std::collections::BTreeMap<[u8; 32], crate::Certificate>);
+
+impl Certificates {
+    /// The certificate with this id.
+    pub fn get(&self, id: &str) -> Option<&crate::Certificate> {
+        self.0.get(&crate::cert_key(id)?)
+    }
+
+    /// The certificate with this id, to change (not its id).
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut crate::Certificate> {
+        self.0.get_mut(&crate::cert_key(id)?)
+    }
+
+    /// Whether a certificate has this id.
+    pub fn contains_key(&self, id: &str) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Adds or replaces `c` under its id; false (and nothing stored) if its id is not a
+    /// certificate id, which `sekisho_pki::certificate_id` never makes.
+    pub fn insert(&mut self, c: crate::Certificate) -> bool {
+        match crate::cert_key(&c.id) {
+            Some(k) => {
+                self.0.insert(k, c);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes the certificate with this id.
+    pub fn remove(&mut self, id: &str) -> Option<crate::Certificate> {
+        self.0.remove(&crate::cert_key(id)?)
+    }
+
+    /// The certificates, by id.
+    pub fn values(&self) -> impl Iterator<Item = &crate::Certificate> + Clone {
+        self.0.values()
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<crate::Certificate> for Certificates {
+    /// Built whole (full B-tree nodes); certificates whose id is not a certificate id are left
+    /// out, as [`Certificates::insert`] leaves them.
+    fn from_iter<I: IntoIterator<Item = crate::Certificate>>(iter: I) -> Self {
+        Certificates(
+            iter.into_iter()
+                .filter_map(|c| crate::cert_key(&c.id).map(|k| (k, c)))
+                .collect(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +458,29 @@ mod tests {
         let theirs: BTreeMap<&str, i32> = pairs.into_iter().collect();
         assert!(ours.iter().eq(theirs.iter()));
         assert_eq!(ours.0.capacity(), 3);
+    }
+
+    /// The same operations on a `OneOrMore` and a `BTreeSet` leave the same contents.
+    #[test]
+    fn one_or_more_behaves_as_a_btreeset() {
+        let mut ours: OneOrMore<u32> = OneOrMore::default();
+        let mut theirs = BTreeSet::new();
+        let mut x: u64 = 5;
+        for _ in 0..5000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let v = ((x >> 33) % 4) as u32;
+            if x & 1 == 0 {
+                assert_eq!(ours.insert(v), theirs.insert(v));
+            } else {
+                assert_eq!(ours.remove(&v), theirs.remove(&v));
+            }
+            assert_eq!(ours.contains(&v), theirs.contains(&v));
+            assert_eq!(ours.is_empty(), theirs.is_empty());
+            assert!(ours.iter().eq(theirs.iter()));
+            assert_eq!(matches!(ours, OneOrMore::One(_)), theirs.len() == 1);
+        }
     }
 
     /// One entry costs one exactly sized allocation, not a node of eleven.

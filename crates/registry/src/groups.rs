@@ -134,9 +134,9 @@ impl Account {
                 let Some(arn) = self.group_arns.get(anc) else {
                     continue;
                 };
-                for p in self.policy_targets.get(arn).into_iter().flatten() {
-                    if !out.contains(p) {
-                        out.push(p.clone());
+                for p in self.policy_targets.get(arn.as_str()).into_iter().flatten() {
+                    if !out.iter().any(|o| **o == **p) {
+                        out.push(p.to_string());
                     }
                 }
             }
@@ -362,7 +362,7 @@ impl Registry {
                 tx.delete(Kind::ThingGroupMember, &member_key(name, thing));
                 a.unlink_member(name, thing);
             }
-            for policy in a.policy_targets.remove(&arn).unwrap_or_default() {
+            for policy in a.policy_targets.remove(arn.as_str()).unwrap_or_default() {
                 tx.delete(Kind::PolicyAttachment, &format!("{policy}\n{arn}"));
             }
             // Jobs that targeted it no longer do: a group created later under the same name

@@ -931,7 +931,7 @@ impl Registry {
             if let Some(id) = s.context.get("cognito-identity.amazonaws.com:sub")
                 && !st
                     .accounts
-                    .get(&s.account_id)
+                    .get(s.account_id.as_str())
                     .is_some_and(|a| a.cognito_identities.contains_key(id))
             {
                 return None;
@@ -941,7 +941,7 @@ impl Registry {
             if let Some((name, created)) = &s.oidc_provider
                 && !st
                     .accounts
-                    .get(&s.account_id)
+                    .get(s.account_id.as_str())
                     .and_then(|a| a.oidc_providers.get(name))
                     .is_some_and(|p| p.created == *created)
             {

@@ -933,7 +933,7 @@ impl Account {
             let Some(thing) = self.wait_pop(tx, job) else {
                 break;
             };
-            if !self.things.contains_key(&thing)
+            if !self.things.contains_key(thing.as_str())
                 || self
                     .executions
                     .contains_key(&(thing.clone(), job.to_owned()))
@@ -1211,7 +1211,7 @@ impl Registry {
                                 _ => false,
                             })
                         })
-                        .map(|j| (id.clone(), j.id.clone()))
+                        .map(|j| (id.to_string(), j.id.clone()))
                         .collect::<Vec<_>>()
                 })
                 .collect()
@@ -1275,7 +1275,7 @@ impl Registry {
                     a.jobs
                         .values()
                         .filter(|j| a.job_waiting.get(&j.id).is_some_and(|w| !w.is_empty()))
-                        .map(|j| (id.clone(), j.id.clone()))
+                        .map(|j| (id.to_string(), j.id.clone()))
                         .collect::<Vec<_>>()
                 })
                 .collect()
@@ -1729,7 +1729,7 @@ impl Registry {
                 a.executions
                     .values()
                     .filter(|e| !e.status.is_terminal())
-                    .map(move |e| (id.clone(), e.thing.clone()))
+                    .map(move |e| (id.to_string(), e.thing.clone()))
             })
             .collect()
     }
@@ -1878,7 +1878,7 @@ impl Registry {
                         .values()
                         .filter(|e| e.status == ExecStatus::InProgress)
                         .filter(|e| e.deadline.is_some_and(|d| d <= now))
-                        .map(|e| (id.clone(), e.job_id.clone(), e.thing.clone()))
+                        .map(|e| (id.to_string(), e.job_id.clone(), e.thing.clone()))
                         .collect::<Vec<_>>()
                 })
                 .collect()

@@ -168,12 +168,18 @@ const SECRET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 
 #[derive(Default)]
 pub(crate) struct State {
-    accounts: BTreeMap<String, Account>,
+    /// Accounts by id (the key shared by `cert_accounts`).
+    accounts: BTreeMap<Arc<str>, Account>,
     access_keys: HashMap<String, AccessKey>,
     /// Endpoint prefix to account id.
     prefixes: HashMap<String, String>,
     /// Certificate id to the accounts that registered it.
-    cert_accounts: HashMap<String, compact::VecSet<String>>,
+    /// Keyed by the id's 32 bytes ([`cert_key`]), not its 64 hex characters: one of these per
+    /// certificate, so the text would cost 80 bytes of heap per device.
+    /// Each account id is the one `accounts` holds, and a certificate of one account holds it
+    /// inline. A B-tree rather than a hash table: a table sized for a million entries has two
+    /// million slots.
+    cert_accounts: BTreeMap<[u8; 32], compact::OneOrMore<Arc<str>>>,
     /// CA certificate id to the accounts that registered it.
     ca_accounts: HashMap<String, BTreeSet<String>>,
     /// STS temporary credentials by access key id.
@@ -213,6 +219,20 @@ impl Tx {
         let doc =
             serde_json::to_string(value).map_err(|e| RegistryError::Internal(e.to_string()))?;
         self.ops.push(Op::Put {
+            kind,
+            account: self.account.clone(),
+            key: key.to_owned(),
+            doc,
+        });
+        Ok(())
+    }
+
+    /// Updates the members of a stored document that `value` has, keeping the others (a
+    /// certificate's PEM, which memory does not hold).
+    pub(crate) fn patch(&mut self, kind: Kind, key: &str, value: &impl Serialize) -> Result<()> {
+        let doc =
+            serde_json::to_string(value).map_err(|e| RegistryError::Internal(e.to_string()))?;
+        self.ops.push(Op::Patch {
             kind,
             account: self.account.clone(),
             key: key.to_owned(),
@@ -319,7 +339,7 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         st.prefixes
             .insert(info.endpoint_prefix.clone(), info.id.clone());
         st.accounts.insert(
-            info.id.clone(),
+            info.id.as_str().into(),
             Account {
                 arn_prefix: format!("arn:aws:iot:{region}:{}:", info.id),
                 info: Some(info),
@@ -343,23 +363,38 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         let t: Thing = decode(&row.doc)?;
         Ok((t.name.clone(), t))
     })? {
-        account_mut(&mut st, &account)?.things = things.into_iter().collect();
+        account_mut(&mut st, &account)?.things =
+            things.into_iter().map(|(k, t)| (k.into(), t)).collect();
     }
+    let mut registered = Vec::new();
     for (account, certs) in load_by_account(store, Kind::Certificate, |row| {
         decode::<Certificate>(&row.doc)
     })? {
-        for c in &certs {
-            st.cert_accounts
-                .entry(c.id.clone())
-                .or_default()
-                .insert(account.clone());
+        if let Some(shared) = st
+            .accounts
+            .get_key_value(account.as_str())
+            .map(|(k, _)| k.clone())
+        {
+            registered.extend(
+                certs
+                    .iter()
+                    .filter_map(|c| cert_key(&c.id))
+                    .map(|k| (k, shared.clone())),
+            );
         }
         let a = account_mut(&mut st, &account)?;
         for c in &certs {
             a.track_certificate(c);
         }
-        a.certificates = certs.into_iter().map(|c| (c.id.clone(), c)).collect();
+        let stored = certs.len();
+        a.certificates = certs.into_iter().collect();
+        if a.certificates.len() != stored {
+            return Err(RegistryError::Internal(format!(
+                "account {account} has a stored certificate whose id is not a certificate id"
+            )));
+        }
     }
+    st.cert_accounts = grouped(registered);
     for row in store.load(Kind::CaCertificate)? {
         let mut c: CaCertificate = decode(&row.doc)?;
         c.rehydrate();
@@ -407,7 +442,7 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         policies::reparse(&mut p);
         account_mut(&mut st, &row.account)?
             .policies
-            .insert(p.name.clone(), p);
+            .insert(p.name.as_str().into(), p);
     }
     for row in store.load(Kind::ThingGroup)? {
         let g: groups::ThingGroup = decode(&row.doc)?;
@@ -501,7 +536,12 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         let (policy, target) = row.key.split_once('\n').unwrap_or((&row.key, ""));
         Ok((target.to_owned(), policy.to_owned()))
     })? {
-        account_mut(&mut st, &account)?.policy_targets = grouped(pairs);
+        let a = account_mut(&mut st, &account)?;
+        let pairs = pairs
+            .into_iter()
+            .map(|(t, p)| (Arc::<str>::from(t), a.policy_name(&p)))
+            .collect();
+        a.policy_targets = grouped(pairs);
     }
     for (account, links) in load_by_account(store, Kind::ThingPrincipal, |row| {
         let (thing, principal) = row.key.split_once('\n').unwrap_or((&row.key, ""));
@@ -509,6 +549,24 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         Ok((thing.to_owned(), principal.to_owned(), kind))
     })? {
         let a = account_mut(&mut st, &account)?;
+        // One shared copy of each principal's ARN (the policy targets' when there is one).
+        // Rows come in thing order: one shared copy of each thing name too.
+        let mut last: Option<Arc<str>> = None;
+        let links: Vec<(Arc<str>, Arc<str>, ThingPrincipalType)> = links
+            .into_iter()
+            .map(|(t, p, k)| {
+                let thing = match &last {
+                    Some(l) if **l == *t => l.clone(),
+                    _ => a
+                        .things
+                        .get_key_value(t.as_str())
+                        .map(|(k, _)| k.clone())
+                        .unwrap_or_else(|| Arc::from(t)),
+                };
+                last = Some(thing.clone());
+                (thing, a.intern(&p), k)
+            })
+            .collect();
         a.principal_things = grouped(
             links
                 .iter()
@@ -576,6 +634,17 @@ impl Registry {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Makes every later database read and write fail, as a broken disk would (tests of
+    /// other crates; not for use by a server).
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn break_database(&self) {
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .break_for_tests();
+    }
+
     /// Flushes the database (at shutdown).
     pub fn flush(&self) -> Result<()> {
         self.store
@@ -626,17 +695,19 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(format!("Account {account} does not exist")))?;
         let mut tx = Tx::new(account);
         let out = f(acct, &mut tx)?;
-        for c in &tx.certs_added {
-            st.cert_accounts
-                .entry(c.clone())
-                .or_default()
-                .insert(account.to_owned());
+        if let Some(shared) = st.accounts.get_key_value(account).map(|(k, _)| k.clone()) {
+            for c in tx.certs_added.iter().filter_map(|c| cert_key(c)) {
+                st.cert_accounts
+                    .entry(c)
+                    .or_default()
+                    .insert(shared.clone());
+            }
         }
-        for c in &tx.certs_removed {
-            if let Some(s) = st.cert_accounts.get_mut(c) {
+        for c in tx.certs_removed.iter().filter_map(|c| cert_key(c)) {
+            if let Some(s) = st.cert_accounts.get_mut(&c) {
                 s.remove(account);
                 if s.is_empty() {
-                    st.cert_accounts.remove(c);
+                    st.cert_accounts.remove(&c);
                 }
             }
         }
@@ -688,7 +759,7 @@ impl Registry {
             });
         }
         let mut id = random_string(b"0123456789", 12);
-        while id.starts_with('0') || st.accounts.contains_key(&id) {
+        while id.starts_with('0') || st.accounts.contains_key(id.as_str()) {
             id = random_string(b"0123456789", 12);
         }
         let mut prefix = random_string(LOWER_ALNUM, 14);
@@ -720,7 +791,7 @@ impl Registry {
         st.access_keys
             .insert(key.access_key_id.clone(), key.clone());
         st.accounts.insert(
-            id,
+            id.into(),
             Account {
                 arn_prefix: self.arn(&info.id, ""),
                 info: Some(info.clone()),
@@ -773,7 +844,7 @@ impl Registry {
         let mut out = Vec::new();
         for row in accounts {
             let info: AccountInfo = decode(&row.doc)?;
-            if st.accounts.contains_key(&info.id) {
+            if st.accounts.contains_key(info.id.as_str()) {
                 continue;
             }
             let mut first = None;
@@ -787,7 +858,7 @@ impl Registry {
             st.prefixes
                 .insert(info.endpoint_prefix.clone(), info.id.clone());
             st.accounts.insert(
-                info.id.clone(),
+                info.id.as_str().into(),
                 Account {
                     arn_prefix: self.arn(&info.id, ""),
                     info: Some(info.clone()),
@@ -819,7 +890,7 @@ impl Registry {
         self.read_state(|st| {
             st.prefixes
                 .get(prefix)
-                .and_then(|id| st.accounts.get(id))
+                .and_then(|id| st.accounts.get(id.as_str()))
                 .and_then(|a| a.info.clone())
         })
     }
@@ -843,12 +914,23 @@ impl Registry {
     /// The accounts in which certificate `id` is registered.
     pub fn certificate_accounts(&self, id: &str) -> Vec<String> {
         self.read_state(|st| {
-            st.cert_accounts
-                .get(id)
-                .map(|s| s.iter().cloned().collect())
+            cert_key(id)
+                .and_then(|k| st.cert_accounts.get(&k))
+                .map(|s| s.iter().map(|a| a.to_string()).collect())
                 .unwrap_or_default()
         })
     }
+}
+
+/// A certificate id (64 lower-case hex digits, as `sekisho_pki::certificate_id` writes it)
+/// as the 32 bytes it encodes; `None` for anything else, which names no certificate.
+pub(crate) fn cert_key(id: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if id.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    hex::decode_to_slice(id, &mut out).ok()?;
+    Some(out)
 }
 
 fn account_mut<'a>(st: &'a mut State, id: &str) -> Result<&'a mut Account> {
@@ -913,8 +995,8 @@ pub(crate) fn page_by_creation<'a, T: 'a, O>(
 /// One page of an ordered map's values from the key `marker` on (a key of the map, or it is
 /// refused), of those `keep` accepts: it reads the map from the marker until the page and the
 /// next page's first key are found, never the whole map into a list.
-pub(crate) fn page_ordered<'a, V: 'a, O>(
-    map: &'a BTreeMap<String, V>,
+pub(crate) fn page_ordered<'a, K: std::borrow::Borrow<str> + Ord + 'a, V: 'a, O>(
+    map: &'a BTreeMap<K, V>,
     marker: Option<&str>,
     page_size: usize,
     keep: impl Fn(&str, &V) -> bool,
@@ -930,15 +1012,15 @@ pub(crate) fn page_ordered<'a, V: 'a, O>(
             ));
         }
     };
-    let mut kept = range.filter(|(k, v)| keep(k, v));
+    let mut kept = range.filter(|(k, v)| keep((*k).borrow(), v));
     let items = kept
         .by_ref()
         .take(page_size.max(1))
-        .map(|(k, v)| out(k, v))
+        .map(|(k, v)| out(k.borrow(), v))
         .collect();
     Ok(Page {
         items,
-        next: kept.next().map(|(k, _)| k.clone()),
+        next: kept.next().map(|(k, _)| k.borrow().to_owned()),
     })
 }
 
@@ -1073,18 +1155,19 @@ impl Registry {
                 chosen.is_some_and(|(_, k)| *k == ThingPrincipalType::ExclusiveThing);
             // The certificate's own policies, then those its thing inherits from its groups
             // and their ancestors (the thing associated with this connection only).
-            let mut names: Vec<&String> = a
+            let mut names: Vec<&str> = a
                 .policy_targets
-                .get(&principal)
+                .get(principal.as_str())
                 .into_iter()
                 .flatten()
+                .map(|n| &**n)
                 .collect();
             let inherited = thing
                 .as_ref()
                 .map(|t| a.group_policy_names(&t.name))
                 .unwrap_or_default();
             for n in &inherited {
-                if !names.contains(&n) {
+                if !names.contains(&n.as_str()) {
                     names.push(n);
                 }
             }
@@ -1093,7 +1176,7 @@ impl Registry {
                 .filter_map(|n| {
                     a.policies
                         .get(n)
-                        .and_then(|p| p.default_parsed().map(|d| (n.clone(), d)))
+                        .and_then(|p| p.default_parsed().map(|d| (n.to_owned(), d)))
                 })
                 .collect();
             Ok(CertificateIdentity {
@@ -1231,5 +1314,18 @@ mod tests {
             page_ordered(&map, Some("nope"), 10, keep, |_, v| *v),
             Err(RegistryError::InvalidRequest(_))
         ));
+    }
+
+    /// Only what `certificate_id` writes (64 lower-case hex digits) is a certificate key: at
+    /// 63 and 65 digits, in upper case or with other characters it names none.
+    #[test]
+    fn certificate_keys_are_exact() {
+        let id = sekisho_pki::certificate_id(b"any bytes");
+        assert_eq!(cert_key(&id).map(hex::encode), Some(id.clone()));
+        assert!(cert_key(&id[..63]).is_none());
+        assert!(cert_key(&format!("{id}0")).is_none());
+        assert!(cert_key(&id.to_ascii_uppercase()).is_none());
+        assert!(cert_key(&format!("{}g", &id[..63])).is_none());
+        assert!(cert_key("").is_none());
     }
 }

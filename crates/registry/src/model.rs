@@ -103,13 +103,80 @@ pub struct AccessKey {
     pub user: Option<String>,
 }
 
+/// A thing's id (AWS's `thingId`): a UUID as the registry makes them, kept as its 16 bytes
+/// (72 bytes a thing as text); an id of any other shape is kept as it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ThingId {
+    /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lower-case hex.
+    Uuid([u8; 16]),
+    /// Anything else.
+    Text(Box<str>),
+}
+
+impl ThingId {
+    /// A new random id.
+    pub fn random() -> ThingId {
+        ThingId::Uuid(rand::random())
+    }
+
+    /// The id `s` names; what [`std::fmt::Display`] writes back is `s` again.
+    pub fn parse(s: &str) -> ThingId {
+        let b = s.as_bytes();
+        let shaped = b.len() == 36
+            && b.iter().enumerate().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => *c == b'-',
+                _ => matches!(c, b'0'..=b'9' | b'a'..=b'f'),
+            });
+        let mut out = [0u8; 16];
+        let hex: String = s.chars().filter(|c| *c != '-').collect();
+        if shaped && hex::decode_to_slice(&hex, &mut out).is_ok() {
+            ThingId::Uuid(out)
+        } else {
+            ThingId::Text(s.into())
+        }
+    }
+}
+
+impl std::fmt::Display for ThingId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ThingId::Uuid(b) => {
+                let h = hex::encode(b);
+                write!(
+                    f,
+                    "{}-{}-{}-{}-{}",
+                    &h[0..8],
+                    &h[8..12],
+                    &h[12..16],
+                    &h[16..20],
+                    &h[20..32]
+                )
+            }
+            ThingId::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+impl Serialize for ThingId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ThingId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        Ok(ThingId::parse(&s))
+    }
+}
+
 /// A thing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Thing {
     /// Name.
     pub name: String,
     /// Opaque id.
-    pub id: String,
+    pub id: ThingId,
     /// Thing type.
     pub thing_type: Option<String>,
     /// Attributes.
@@ -334,11 +401,11 @@ pub struct Account {
     /// Identity and endpoint.
     pub info: Option<AccountInfo>,
     /// Things by name.
-    pub things: BTreeMap<String, Thing>,
+    pub things: BTreeMap<Arc<str>, Thing>,
     /// Thing types by name.
     pub thing_types: BTreeMap<String, ThingType>,
     /// Certificates by id.
-    pub certificates: BTreeMap<String, Certificate>,
+    pub certificates: crate::compact::Certificates,
     /// The certificates fleet provisioning looks after: provisioning claims, and certificates
     /// issued here that still wait PENDING_ACTIVATION (an index of `certificates`, kept by
     /// [`Account::track_certificate`], so that the sweeps that expire them never walk every
@@ -357,14 +424,18 @@ pub struct Account {
     /// Role aliases by name.
     pub role_aliases: BTreeMap<String, crate::rolealias::RoleAlias>,
     /// Policies by name.
-    pub policies: BTreeMap<String, IotPolicy>,
+    /// (Keys shared with the policy names of `policy_targets`.)
+    pub policies: BTreeMap<Arc<str>, IotPolicy>,
     /// Policy names attached to each target (certificate ARN, thing group ARN, ...).
-    pub policy_targets: BTreeMap<String, VecSet<String>>,
+    /// Keys are shared (`Account::intern`) with `principal_things` and `thing_principals`:
+    /// one copy of a certificate's ARN, not three.
+    pub policy_targets: BTreeMap<Arc<str>, VecSet<Arc<str>>>,
     /// Principals (ARNs) attached to each thing, with the attachment type.
-    pub thing_principals: BTreeMap<String, VecMap<String, ThingPrincipalType>>,
+    pub thing_principals: BTreeMap<Arc<str>, VecMap<Arc<str>, ThingPrincipalType>>,
     /// The reverse of `thing_principals`: things of each principal (looked up at every
     /// CONNECT, so it must not scan all things). Kept in step by `link`/`unlink`.
-    pub principal_things: BTreeMap<String, VecMap<String, ThingPrincipalType>>,
+    /// Its thing names are shared with `thing_principals`' keys.
+    pub principal_things: BTreeMap<Arc<str>, VecMap<Arc<str>, ThingPrincipalType>>,
     /// Static thing groups by name.
     pub thing_groups: BTreeMap<String, crate::groups::ThingGroup>,
     /// Each group's ARN (policy attachments are keyed by it).
@@ -419,7 +490,7 @@ impl Account {
     pub fn things_of_principal(&self, principal: &str) -> Vec<(&str, ThingPrincipalType)> {
         self.principal_things
             .get(principal)
-            .map(|ts| ts.iter().map(|(t, k)| (t.as_str(), *k)).collect())
+            .map(|ts| ts.iter().map(|(t, k)| (&**t, *k)).collect())
             .unwrap_or_default()
     }
 
@@ -432,16 +503,48 @@ impl Account {
         }
     }
 
+    /// The shared copy of a principal's or policy target's ARN, if one of the maps keyed by
+    /// it holds it already; a new one otherwise.
+    pub fn intern(&self, arn: &str) -> Arc<str> {
+        self.principal_things
+            .get_key_value(arn)
+            .map(|(k, _)| k.clone())
+            .or_else(|| {
+                self.policy_targets
+                    .get_key_value(arn)
+                    .map(|(k, _)| k.clone())
+            })
+            .unwrap_or_else(|| Arc::from(arn))
+    }
+
+    /// The shared copy of a policy's name (the key of `policies`), or a new one.
+    pub fn policy_name(&self, name: &str) -> Arc<str> {
+        self.policies
+            .get_key_value(name)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_else(|| Arc::from(name))
+    }
+
     /// Records that `principal` is attached to `thing`.
     pub fn link(&mut self, thing: &str, principal: &str, kind: ThingPrincipalType) {
+        let principal = self.intern(principal);
+        // One shared copy of the thing's name: the `things` key.
+        let thing: Arc<str> = match self.things.get_key_value(thing) {
+            Some((k, _)) => k.clone(),
+            None => self
+                .thing_principals
+                .get_key_value(thing)
+                .map(|(k, _)| k.clone())
+                .unwrap_or_else(|| Arc::from(thing)),
+        };
         self.thing_principals
-            .entry(thing.to_owned())
+            .entry(thing.clone())
             .or_default()
-            .insert(principal.to_owned(), kind);
+            .insert(principal.clone(), kind);
         self.principal_things
-            .entry(principal.to_owned())
+            .entry(principal)
             .or_default()
-            .insert(thing.to_owned(), kind);
+            .insert(thing, kind);
     }
 
     /// Removes the attachment of `principal` to `thing`.
@@ -458,5 +561,40 @@ impl Account {
                 self.principal_things.remove(principal);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod thing_id_tests {
+    use super::*;
+
+    /// Every id reads back as written: the registry's UUIDs in 16 bytes, any other shape
+    /// (upper case, a missing dash, one character more or less) as its text.
+    #[test]
+    fn thing_ids_read_back_as_written() {
+        let made = ThingId::random();
+        let text = made.to_string();
+        assert_eq!(text.len(), 36);
+        assert_eq!(ThingId::parse(&text), made);
+        for s in [
+            "0123abcd-4567-89ef-0123-456789abcdef",
+            "0123ABCD-4567-89ef-0123-456789abcdef",
+            "0123abcd-4567-89ef-0123-456789abcde",
+            "0123abcd-4567-89ef-0123-456789abcdef0",
+            "0123abcd04567-89ef-0123-456789abcdef",
+            "",
+            "thing-id-of-another-shape",
+        ] {
+            let id = ThingId::parse(s);
+            assert_eq!(id.to_string(), s);
+            let json = serde_json::to_string(&id).unwrap();
+            assert_eq!(json, serde_json::to_string(s).unwrap());
+            assert_eq!(serde_json::from_str::<ThingId>(&json).unwrap(), id);
+        }
+        assert!(matches!(
+            ThingId::parse("0123abcd-4567-89ef-0123-456789abcdef"),
+            ThingId::Uuid(_)
+        ));
+        assert!(std::mem::size_of::<ThingId>() <= 24);
     }
 }

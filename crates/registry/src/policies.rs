@@ -74,7 +74,7 @@ impl Registry {
                 generation_id: random_string(b"0123456789abcdef", 64),
             };
             tx.put(Kind::Policy, name, &p)?;
-            a.policies.insert(name.to_owned(), p.clone());
+            a.policies.insert(name.into(), p.clone());
             Ok(p)
         })
     }
@@ -223,10 +223,8 @@ impl Registry {
             }
             tx.put(Kind::PolicyAttachment, &format!("{name}\n{target}"), &"")?;
             tx.bump();
-            a.policy_targets
-                .entry(target.to_owned())
-                .or_default()
-                .insert(name.to_owned());
+            let (key, name) = (a.intern(target), a.policy_name(name));
+            a.policy_targets.entry(key).or_default().insert(name);
             Ok(())
         })
     }
@@ -274,9 +272,9 @@ impl Registry {
             };
             let mut items: Vec<(String, IotPolicy)> = Vec::new();
             for t in &targets {
-                for n in a.policy_targets.get(t).into_iter().flatten() {
-                    if let Some(p) = a.policies.get(n)
-                        && !items.iter().any(|(k, _)| k == n)
+                for n in a.policy_targets.get(t.as_str()).into_iter().flatten() {
+                    if let Some(p) = a.policies.get(&**n)
+                        && !items.iter().any(|(k, _)| **k == **n)
                     {
                         items.push((p.name.clone(), p.clone()));
                     }
@@ -340,7 +338,13 @@ impl Registry {
             let mut names: Vec<String> = Vec::new();
             if let Some(p) = principal {
                 self.check_principal(a, account, p)?;
-                names.extend(a.policy_targets.get(p).into_iter().flatten().cloned());
+                names.extend(
+                    a.policy_targets
+                        .get(p)
+                        .into_iter()
+                        .flatten()
+                        .map(|n| n.to_string()),
+                );
             }
             if let Some(t) = thing {
                 if !a.things.contains_key(t) {
@@ -356,7 +360,7 @@ impl Registry {
             }
             Ok(names
                 .iter()
-                .filter_map(|n| a.policies.get(n).cloned())
+                .filter_map(|n| a.policies.get(n.as_str()).cloned())
                 .collect())
         })
     }

@@ -382,7 +382,7 @@ impl Registry {
                     .iter()
                     .filter_map(|c| a.certificates.get(c))
                     .filter(|c| keep(c))
-                    .map(|c| (id.clone(), c.id.clone()))
+                    .map(|c| (id.to_string(), c.id.clone()))
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -503,11 +503,11 @@ impl Registry {
                 for g in t.groups.iter().flatten() {
                     checks.push(("iot:AddThingToThingGroup", format!("thinggroup/{g}")));
                 }
-                if let Some(cur) = a.things.get(&t.name) {
+                if let Some(cur) = a.things.get(t.name.as_str()) {
                     // A thing that already has a certificate is some device's: a claim (shared
                     // by a whole fleet) must not give another one its identity. AWS leaves this
                     // to a pre-provisioning hook; here it is refused, hook or not.
-                    if a.thing_principals.get(&t.name).is_some_and(|p| !p.is_empty()) {
+                    if a.thing_principals.get(t.name.as_str()).is_some_and(|p| !p.is_empty()) {
                         return Err(failure(format!(
                             "Thing {} exists and has a certificate already; provisioning does not give it another",
                             t.name
@@ -531,13 +531,13 @@ impl Registry {
             }
             for p in &plan.policies {
                 match &p.document {
-                    None if !a.policies.contains_key(&p.name) => {
+                    None if !a.policies.contains_key(p.name.as_str()) => {
                         return Err(failure(format!("Policy {} does not exist", p.name)));
                     }
                     None => {}
                     Some(doc) => {
                         // A document creates its policy: never one that exists already.
-                        if a.policies.contains_key(&p.name) {
+                        if a.policies.contains_key(p.name.as_str()) {
                             return Err(failure(format!(
                                 "Policy {} exists already; name an existing policy with PolicyName",
                                 p.name
@@ -629,8 +629,8 @@ impl Registry {
             // Checked without a certificate above; one attached since is some device's.
             let taken = self.read(account, |a| {
                 Ok(a.thing_principals
-                    .get(t)
-                    .is_some_and(|p| p.iter().any(|(c, _)| *c != cert_arn)))
+                    .get(t.as_str())
+                    .is_some_and(|p| p.iter().any(|(c, _)| **c != *cert_arn)))
             })?;
             if taken {
                 return Err(failure(format!(

@@ -115,6 +115,14 @@ pub(crate) enum Op {
         account: String,
         key: String,
     },
+    /// Merges `doc`'s members into the stored document (JSON merge patch: a `null` member
+    /// removes it), keeping the members `doc` does not name; the row must exist.
+    Patch {
+        kind: Kind,
+        account: String,
+        key: String,
+        doc: String,
+    },
 }
 
 /// A stored row.
@@ -163,6 +171,15 @@ impl Store {
         conn.pragma_update(None, "query_only", true)
             .map_err(db_err)?;
         Ok(Store { conn })
+    }
+
+    /// Makes every later statement on this connection fail (the table is gone), as a broken
+    /// database would.
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn break_for_tests(&self) {
+        let _ = self
+            .conn
+            .execute_batch("ALTER TABLE objects RENAME TO objects_broken;");
     }
 
     pub(crate) fn in_memory() -> Result<Store, RegistryError> {
@@ -388,6 +405,26 @@ impl Store {
                         params![kind.as_str(), account, key],
                     )
                     .map_err(db_err)?;
+                }
+                Op::Patch {
+                    kind,
+                    account,
+                    key,
+                    doc,
+                } => {
+                    let changed = tx
+                        .execute(
+                            "UPDATE objects SET doc = json_patch(doc, ?4)
+                             WHERE kind = ?1 AND account_id = ?2 AND key = ?3",
+                            params![kind.as_str(), account, key, doc],
+                        )
+                        .map_err(db_err)?;
+                    if changed != 1 {
+                        return Err(RegistryError::Internal(format!(
+                            "registry database: no stored {} {key} to update",
+                            kind.as_str()
+                        )));
+                    }
                 }
             }
         }

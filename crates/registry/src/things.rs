@@ -104,7 +104,7 @@ impl Registry {
                     message: format!(
                         "Thing {name} already exists in account with different attributes"
                     ),
-                    resource_id: existing.id.clone(),
+                    resource_id: existing.id.to_string(),
                     resource_arn: self.arn(account, &format!("thing/{name}")),
                 });
             }
@@ -113,7 +113,7 @@ impl Registry {
             }
             let thing = Thing {
                 name: name.to_owned(),
-                id: uuid_like(),
+                id: ThingId::random(),
                 thing_type: thing_type.map(str::to_owned),
                 attributes,
                 version: 1,
@@ -121,7 +121,7 @@ impl Registry {
             };
             tx.put(Kind::Thing, name, &thing)?;
             tx.bump();
-            a.things.insert(name.to_owned(), thing.clone());
+            a.things.insert(name.into(), thing.clone());
             crate::events::thing(tx, a, &thing, "CREATED");
             if let Some(ty) = &thing.thing_type {
                 crate::events::type_association(tx, a, &thing, ty, true);
@@ -193,7 +193,7 @@ impl Registry {
                     crate::events::type_association(tx, a, &next, new, true);
                 }
             }
-            a.things.insert(name.to_owned(), next);
+            a.things.insert(name.into(), next);
             Ok(())
         })
     }
@@ -472,7 +472,7 @@ impl Registry {
                 .get(thing)
                 .map(|ps| {
                     ps.iter()
-                        .map(|(p, k)| (p.clone(), (p.clone(), *k)))
+                        .map(|(p, k)| (p.to_string(), (p.to_string(), *k)))
                         .collect()
                 })
                 .unwrap_or_default();
