@@ -67,8 +67,8 @@ impl Flag {
 type CertVars = HashMap<String, (Vec<String>, bool)>;
 
 /// The registry and account a certificate's PEM is read from, on the first use of an
-/// `iot:Certificate.*` variable (most policies name none, and a million certificates' PEMs in
-/// memory would cost 2.5 GB).
+/// `iot:Certificate.*` variable (most policies name none, and a million certificates' PEMs and
+/// parsed fields in memory cost 2.5 GB).
 #[derive(Clone)]
 struct CertSource {
     registry: Arc<Registry>,

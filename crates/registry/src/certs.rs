@@ -107,7 +107,7 @@ impl Registry {
     }
 
     /// A certificate's PEM (DescribeCertificate, provisioning): read from the database, as
-    /// memory does not keep it (ARCHITECTURE.md, "The registry at fleet scale").
+    /// memory does not keep it (decision 0002, addendum of 2026-12).
     pub fn certificate_pem(&self, account: &str, id: &str) -> Result<String> {
         let store = self
             .reader

@@ -11,6 +11,7 @@
 //! large case, and still fine).
 
 use std::borrow::Borrow;
+use std::collections::BTreeMap;
 
 /// Up to this many entries a vector grows by exactly one on insert (no spare capacity);
 /// beyond, it grows as vectors do (amortised doubling), so a large set is not quadratic.
@@ -140,38 +141,76 @@ impl<'a, T> IntoIterator for &'a VecSet<T> {
     }
 }
 
-/// A map kept as a vector of pairs sorted by key.
+/// A map kept as a vector of pairs sorted by key while it is small, as a `BTreeMap` beyond
+/// [`LARGE`] entries: a principal attached to a million things must not make each attach move
+/// every entry after it (under the registry's lock).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VecMap<K, V>(Vec<(K, V)>);
+pub struct VecMap<K, V>(Repr<K, V>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Repr<K, V> {
+    Small(Vec<(K, V)>),
+    Large(BTreeMap<K, V>),
+}
+
+/// Above this many entries a [`VecMap`] is a B-tree; below half of it, a vector again.
+pub const LARGE: usize = 64;
 
 impl<K, V> Default for VecMap<K, V> {
     fn default() -> Self {
-        VecMap(Vec::new())
+        VecMap(Repr::Small(Vec::new()))
+    }
+}
+
+/// The entries of a [`VecMap`], in key order.
+pub enum Iter<'a, K, V> {
+    /// Of a small map.
+    Small(std::slice::Iter<'a, (K, V)>),
+    /// Of a large one.
+    Large(std::collections::btree_map::Iter<'a, K, V>),
+}
+
+impl<'a, K, V> Iterator for Iter<'a, K, V> {
+    type Item = (&'a K, &'a V);
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Iter::Small(i) => i.next().map(|(k, v)| (k, v)),
+            Iter::Large(i) => i.next(),
+        }
     }
 }
 
 impl<K: Ord, V> VecMap<K, V> {
     /// An empty map (allocates nothing).
     pub fn new() -> Self {
-        VecMap(Vec::new())
+        VecMap::default()
     }
 
-    fn find<Q: Ord + ?Sized>(&self, k: &Q) -> Result<usize, usize>
+    fn find<Q: Ord + ?Sized>(v: &[(K, V)], k: &Q) -> Result<usize, usize>
     where
         K: Borrow<Q>,
     {
-        self.0.binary_search_by(|(x, _)| x.borrow().cmp(k))
+        v.binary_search_by(|(x, _)| x.borrow().cmp(k))
     }
 
     /// Sets `k` to `v`, returning the value it had.
     pub fn insert(&mut self, k: K, v: V) -> Option<V> {
-        match self.find(&k) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, v)),
-            Err(i) => {
-                reserve(&mut self.0);
-                self.0.insert(i, (k, v));
-                None
-            }
+        match &mut self.0 {
+            Repr::Small(items) => match Self::find(items, &k) {
+                Ok(i) => Some(std::mem::replace(&mut items[i].1, v)),
+                Err(_) if items.len() >= LARGE => {
+                    let mut map: BTreeMap<K, V> = std::mem::take(items).into_iter().collect();
+                    map.insert(k, v);
+                    self.0 = Repr::Large(map);
+                    None
+                }
+                Err(i) => {
+                    reserve(items);
+                    items.insert(i, (k, v));
+                    None
+                }
+            },
+            Repr::Large(map) => map.insert(k, v),
         }
     }
 
@@ -180,10 +219,22 @@ impl<K: Ord, V> VecMap<K, V> {
     where
         K: Borrow<Q>,
     {
-        let i = self.find(k).ok()?;
-        let (_, v) = self.0.remove(i);
-        shrink(&mut self.0);
-        Some(v)
+        match &mut self.0 {
+            Repr::Small(items) => {
+                let i = Self::find(items, k).ok()?;
+                let (_, v) = items.remove(i);
+                shrink(items);
+                Some(v)
+            }
+            Repr::Large(map) => {
+                let v = map.remove(k)?;
+                if map.len() < LARGE / 2 {
+                    let items: Vec<(K, V)> = std::mem::take(map).into_iter().collect();
+                    self.0 = Repr::Small(items);
+                }
+                Some(v)
+            }
+        }
     }
 
     /// The value of `k`.
@@ -191,7 +242,10 @@ impl<K: Ord, V> VecMap<K, V> {
     where
         K: Borrow<Q>,
     {
-        self.find(k).ok().map(|i| &self.0[i].1)
+        match &self.0 {
+            Repr::Small(items) => Self::find(items, k).ok().map(|i| &items[i].1),
+            Repr::Large(map) => map.get(k),
+        }
     }
 
     /// Whether `k` has a value.
@@ -199,27 +253,33 @@ impl<K: Ord, V> VecMap<K, V> {
     where
         K: Borrow<Q>,
     {
-        self.find(k).is_ok()
+        self.get(k).is_some()
     }
 
     /// The entries, in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.0.iter().map(|(k, v)| (k, v))
+    pub fn iter(&self) -> Iter<'_, K, V> {
+        match &self.0 {
+            Repr::Small(items) => Iter::Small(items.iter()),
+            Repr::Large(map) => Iter::Large(map.iter()),
+        }
     }
 
     /// The keys, in order.
     pub fn keys(&self) -> impl Iterator<Item = &K> {
-        self.0.iter().map(|(k, _)| k)
+        self.iter().map(|(k, _)| k)
     }
 
     /// How many entries.
     pub fn len(&self) -> usize {
-        self.0.len()
+        match &self.0 {
+            Repr::Small(items) => items.len(),
+            Repr::Large(map) => map.len(),
+        }
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 }
 
@@ -230,8 +290,11 @@ impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
         v.reverse();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v.dedup_by(|later, earlier| later.0 == earlier.0);
+        if v.len() > LARGE {
+            return VecMap(Repr::Large(v.into_iter().collect()));
+        }
         v.shrink_to_fit();
-        VecMap(v)
+        VecMap(Repr::Small(v))
     }
 }
 
@@ -435,12 +498,14 @@ mod tests {
         let mut ours = VecMap::new();
         let mut theirs = BTreeMap::new();
         let mut x: u64 = 11;
-        for i in 0..5000u32 {
+        let (mut was_large, mut small_again) = (false, false);
+        for i in 0..20000u32 {
             x = x
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            let k = format!("k{}", (x >> 33) % 64);
-            if x & 1 == 0 {
+            let k = format!("k{}", (x >> 33) % 200);
+            // Mostly inserting for the first half (well past LARGE), only removing after.
+            if i < 10000 && !(x >> 8).is_multiple_of(4) {
                 assert_eq!(ours.insert(k.clone(), i), theirs.insert(k.clone(), i));
             } else {
                 assert_eq!(ours.remove(k.as_str()), theirs.remove(k.as_str()));
@@ -450,14 +515,21 @@ mod tests {
                 ours.contains_key(k.as_str()),
                 theirs.contains_key(k.as_str())
             );
+            assert_eq!(ours.len(), theirs.len());
+            was_large |= matches!(ours.0, Repr::Large(_));
+            small_again |= was_large && matches!(ours.0, Repr::Small(_));
         }
+        assert!(was_large && small_again, "both ways across the threshold");
         assert!(ours.iter().eq(theirs.iter()));
         assert!(ours.keys().eq(theirs.keys()));
         let pairs = [("b", 1), ("a", 2), ("b", 3), ("c", 4), ("a", 5)];
         let ours: VecMap<&str, i32> = pairs.into_iter().collect();
         let theirs: BTreeMap<&str, i32> = pairs.into_iter().collect();
         assert!(ours.iter().eq(theirs.iter()));
-        assert_eq!(ours.0.capacity(), 3);
+        assert!(matches!(&ours.0, Repr::Small(v) if v.capacity() == 3));
+        let many: VecMap<u32, ()> = (0..=LARGE as u32).map(|i| (i, ())).collect();
+        assert!(matches!(many.0, Repr::Large(_)));
+        assert!(many.keys().copied().eq(0..=LARGE as u32));
     }
 
     /// The same operations on a `OneOrMore` and a `BTreeSet` leave the same contents.
@@ -495,6 +567,6 @@ mod tests {
         assert_eq!(s.0.capacity(), 1);
         let mut m = VecMap::new();
         m.insert("thing".to_string(), 1u8);
-        assert_eq!(m.0.capacity(), 1);
+        assert!(matches!(&m.0, Repr::Small(v) if v.capacity() == 1));
     }
 }

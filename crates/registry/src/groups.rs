@@ -600,13 +600,31 @@ impl Registry {
             if recursive {
                 groups.extend(a.descendants(group));
             }
-            let things: BTreeSet<&String> = groups
-                .iter()
-                .filter_map(|g| a.group_members.get(g))
-                .flatten()
-                .collect();
-            let items = things.into_iter().map(|t| (t.clone(), t.clone())).collect();
-            paginate(items, marker, size)
+            // Only the page is copied: one group's members are already a sorted set; several
+            // groups' are merged as references first.
+            let page = if let [only] = groups.as_slice() {
+                let members = a.group_members.get(only).into_iter().flatten();
+                page_sorted(
+                    members.map(|t| (t.as_str(), t)),
+                    marker,
+                    size,
+                    String::clone,
+                )
+            } else {
+                let things: BTreeSet<&str> = groups
+                    .iter()
+                    .filter_map(|g| a.group_members.get(g))
+                    .flatten()
+                    .map(String::as_str)
+                    .collect();
+                page_sorted(
+                    things.into_iter().map(|t| (t, t)),
+                    marker,
+                    size,
+                    str::to_owned,
+                )
+            };
+            Ok(page)
         })
     }
 

@@ -1583,12 +1583,11 @@ impl Registry {
             if !a.jobs.contains_key(job) {
                 return Err(job_not_found(job));
             }
-            let items = a
+            let kept = a
                 .executions_of(job)
                 .filter(|e| status.is_none_or(|s| e.status.as_str() == s))
-                .map(|e| (e.thing.clone(), e.clone()))
-                .collect();
-            paginate(items, marker, size)
+                .map(|e| (e.thing.as_str(), e));
+            Ok(page_sorted(kept, marker, size, Execution::clone))
         })
     }
 

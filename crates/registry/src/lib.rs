@@ -291,7 +291,21 @@ fn decode<T: DeserializeOwned>(doc: &str) -> Result<T> {
 impl Registry {
     /// Opens (or creates) the registry database at `path`.
     pub fn open(path: &Path, region: &str) -> Result<Registry> {
-        let mut r = Registry::with_store(Store::open(path)?, region)?;
+        let store = Store::open(path)?;
+        // The largest kinds after things (certificates and policy attachments) are read and
+        // decoded on a second connection while this one loads the rest: with a million
+        // devices, start-up is that decoding, and there is more than one core.
+        let st = std::thread::scope(|s| {
+            let ahead = s.spawn(|| prefetch(&Store::open_reader(path)?));
+            load_state_with(&store, region, || {
+                ahead.join().unwrap_or_else(|_| {
+                    Err(RegistryError::Internal(
+                        "the registry's loading thread failed".into(),
+                    ))
+                })
+            })
+        })?;
+        let mut r = Registry::with_state(store, st, region);
         r.reader = Some(Mutex::new(Store::open_reader(path)?));
         Ok(r)
     }
@@ -303,8 +317,12 @@ impl Registry {
 
     fn with_store(store: Store, region: &str) -> Result<Registry> {
         let st = load_state(&store, region)?;
+        Ok(Registry::with_state(store, st, region))
+    }
+
+    fn with_state(store: Store, st: State, region: &str) -> Registry {
         let (feed, _) = broadcast::channel(1024);
-        Ok(Registry {
+        Registry {
             region: region.to_owned(),
             state: RwLock::new(st),
             store: Mutex::new(store),
@@ -312,7 +330,7 @@ impl Registry {
             feed,
             generation: AtomicU64::new(1),
             provisioning: Mutex::new(HashMap::new()),
-        })
+        }
     }
 }
 
@@ -333,7 +351,39 @@ fn restore(region: &str, st: &mut State, store: &Store, e: &RegistryError) {
 
 /// The registry's memory view, as the database holds it.
 fn load_state(store: &Store, region: &str) -> Result<State> {
+    load_state_with(store, region, || prefetch(store))
+}
+
+type ByAccount<T> = Vec<(String, Vec<T>)>;
+
+/// The kinds [`load_state_with`] takes ready-decoded (possibly from another thread).
+struct Prefetched {
+    certificates: ByAccount<Certificate>,
+    /// (target, policy name).
+    attachments: ByAccount<(String, String)>,
+}
+
+fn prefetch(store: &Store) -> Result<Prefetched> {
+    Ok(Prefetched {
+        certificates: load_by_account(store, Kind::Certificate, |row| {
+            decode::<Certificate>(&row.doc)
+        })?,
+        attachments: load_by_account(store, Kind::PolicyAttachment, |row| {
+            let (policy, target) = row.key.split_once('\n').unwrap_or((&row.key, ""));
+            Ok((target.to_owned(), policy.to_owned()))
+        })?,
+    })
+}
+
+/// The registry's memory view, with certificates and policy attachments from `prefetched`
+/// (called once the things are loaded).
+fn load_state_with(
+    store: &Store,
+    region: &str,
+    prefetched: impl FnOnce() -> Result<Prefetched>,
+) -> Result<State> {
     let mut st = State::default();
+    let mut lap = Lap::new();
     for row in store.load(Kind::Account)? {
         let info: AccountInfo = decode(&row.doc)?;
         st.prefixes
@@ -357,6 +407,7 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
             .thing_types
             .insert(t.name.clone(), t);
     }
+    lap.done("accounts, keys, types");
     // The kinds there is one of per device are built whole per account (a `BTreeMap` built
     // from sorted entries has full nodes; inserted one by one in order, about half full).
     for (account, things) in load_by_account(store, Kind::Thing, |row| {
@@ -366,10 +417,20 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         account_mut(&mut st, &account)?.things =
             things.into_iter().map(|(k, t)| (k.into(), t)).collect();
     }
+    lap.done("things");
+    let links = load_by_account(store, Kind::ThingPrincipal, |row| {
+        let (thing, principal) = row.key.split_once('\n').unwrap_or((&row.key, ""));
+        let kind: ThingPrincipalType = decode(&row.doc)?;
+        Ok((thing.to_owned(), principal.to_owned(), kind))
+    })?;
+    lap.done("thing principals read");
+    let Prefetched {
+        certificates,
+        attachments,
+    } = prefetched()?;
+    lap.done("waiting for certificates and policy attachments");
     let mut registered = Vec::new();
-    for (account, certs) in load_by_account(store, Kind::Certificate, |row| {
-        decode::<Certificate>(&row.doc)
-    })? {
+    for (account, certs) in certificates {
         if let Some(shared) = st
             .accounts
             .get_key_value(account.as_str())
@@ -395,6 +456,7 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         }
     }
     st.cert_accounts = grouped(registered);
+    lap.done("certificates");
     for row in store.load(Kind::CaCertificate)? {
         let mut c: CaCertificate = decode(&row.doc)?;
         c.rehydrate();
@@ -532,10 +594,8 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
     for row in store.load(Kind::JobSeq)? {
         account_mut(&mut st, &row.account)?.job_seq = decode(&row.doc)?;
     }
-    for (account, pairs) in load_by_account(store, Kind::PolicyAttachment, |row| {
-        let (policy, target) = row.key.split_once('\n').unwrap_or((&row.key, ""));
-        Ok((target.to_owned(), policy.to_owned()))
-    })? {
+    lap.done("the other kinds");
+    for (account, pairs) in attachments {
         let a = account_mut(&mut st, &account)?;
         let pairs = pairs
             .into_iter()
@@ -543,11 +603,8 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
             .collect();
         a.policy_targets = grouped(pairs);
     }
-    for (account, links) in load_by_account(store, Kind::ThingPrincipal, |row| {
-        let (thing, principal) = row.key.split_once('\n').unwrap_or((&row.key, ""));
-        let kind: ThingPrincipalType = decode(&row.doc)?;
-        Ok((thing.to_owned(), principal.to_owned(), kind))
-    })? {
+    lap.done("policy attachments");
+    for (account, links) in links {
         let a = account_mut(&mut st, &account)?;
         // One shared copy of each principal's ARN (the policy targets' when there is one).
         // Rows come in thing order: one shared copy of each thing name too.
@@ -575,7 +632,43 @@ fn load_state(store: &Store, region: &str) -> Result<State> {
         );
         a.thing_principals = grouped(links.into_iter().map(|(t, p, k)| (t, (p, k))).collect());
     }
+    lap.done("thing principals");
+    tracing::info!(
+        seconds = lap.total(),
+        things = st.accounts.values().map(|a| a.things.len()).sum::<usize>(),
+        certificates = st.cert_accounts.len(),
+        "registry loaded"
+    );
     Ok(st)
+}
+
+/// How long each step of loading took (logged at debug level).
+struct Lap {
+    start: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl Lap {
+    fn new() -> Lap {
+        let now = std::time::Instant::now();
+        Lap {
+            start: now,
+            last: now,
+        }
+    }
+
+    fn done(&mut self, what: &str) {
+        let now = std::time::Instant::now();
+        tracing::debug!(
+            seconds = (now - self.last).as_secs_f64(),
+            "registry load: {what}"
+        );
+        self.last = now;
+    }
+
+    fn total(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
 }
 
 /// The rows of `kind`, each made an item by `f`, gathered per account (in account order).
@@ -600,7 +693,8 @@ fn load_by_account<T>(
 
 /// A map of each key to the collection of its values, built whole from unordered pairs.
 fn grouped<K: Ord, V, C: FromIterator<V>>(mut pairs: Vec<(K, V)>) -> BTreeMap<K, C> {
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    // Unstable: the values of one key go into a collection that orders them itself.
+    pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut out = Vec::new();
     let mut pairs = pairs.into_iter().peekable();
     while let Some((k, v)) = pairs.next() {
@@ -992,9 +1086,10 @@ pub(crate) fn page_by_creation<'a, T: 'a, O>(
     })
 }
 
-/// One page of an ordered map's values from the key `marker` on (a key of the map, or it is
-/// refused), of those `keep` accepts: it reads the map from the marker until the page and the
-/// next page's first key are found, never the whole map into a list.
+/// One page of an ordered map's values from the key `marker` on, of those `keep` accepts: it
+/// reads the map from the marker until the page and the next page's first key are found,
+/// never the whole map into a list. A marker whose entry was deleted since it was handed out
+/// goes on from the next key, as a listing that meets a deletion should.
 pub(crate) fn page_ordered<'a, K: std::borrow::Borrow<str> + Ord + 'a, V: 'a, O>(
     map: &'a BTreeMap<K, V>,
     marker: Option<&str>,
@@ -1005,12 +1100,7 @@ pub(crate) fn page_ordered<'a, K: std::borrow::Borrow<str> + Ord + 'a, V: 'a, O>
     use std::ops::Bound::{Included, Unbounded};
     let range = match marker {
         None => map.range::<str, _>((Unbounded, Unbounded)),
-        Some(m) if map.contains_key(m) => map.range::<str, _>((Included(m), Unbounded)),
-        Some(_) => {
-            return Err(RegistryError::InvalidRequest(
-                "The pagination marker or token is not valid".into(),
-            ));
-        }
+        Some(m) => map.range::<str, _>((Included(m), Unbounded)),
     };
     let mut kept = range.filter(|(k, v)| keep((*k).borrow(), v));
     let items = kept
@@ -1022,6 +1112,26 @@ pub(crate) fn page_ordered<'a, K: std::borrow::Borrow<str> + Ord + 'a, V: 'a, O>
         items,
         next: kept.next().map(|(k, _)| k.borrow().to_owned()),
     })
+}
+
+/// One page of `items`, which come in key order, from the key `marker` on: only the page is
+/// made (`out`), the rest is passed over.
+pub(crate) fn page_sorted<'a, T, O>(
+    items: impl Iterator<Item = (&'a str, T)>,
+    marker: Option<&str>,
+    page_size: usize,
+    out: impl Fn(T) -> O,
+) -> Page<O> {
+    let mut rest = items.skip_while(|(k, _)| marker.is_some_and(|m| *k < m));
+    let items = rest
+        .by_ref()
+        .take(page_size.max(1))
+        .map(|(_, v)| out(v))
+        .collect();
+    Page {
+        items,
+        next: rest.next().map(|(k, _)| k.to_owned()),
+    }
 }
 
 /// Pages through `items` (already in order) by an opaque marker: the key of the first item of
@@ -1310,10 +1420,18 @@ mod tests {
             }
             assert_eq!(got, want, "page size {size}");
         }
-        assert!(matches!(
-            page_ordered(&map, Some("nope"), 10, keep, |_, v| *v),
-            Err(RegistryError::InvalidRequest(_))
-        ));
+        // A marker whose entry is gone goes on from the next key.
+        let page = page_ordered(&map, Some("t050x"), 3, keep, |_, v| *v).unwrap();
+        assert_eq!(page.items, vec![52, 53, 55]);
+        assert_eq!(page.next.as_deref(), Some("t056"));
+        let sorted = map.iter().map(|(k, v)| (k.as_str(), *v));
+        let page = page_sorted(sorted, Some("t098"), 5, |v| v);
+        assert_eq!((page.items, page.next), (vec![98, 99], None));
+        let page = page_sorted(map.iter().map(|(k, v)| (k.as_str(), *v)), None, 2, |v| v);
+        assert_eq!(
+            (page.items, page.next.as_deref()),
+            (vec![0, 1], Some("t002"))
+        );
     }
 
     /// Only what `certificate_id` writes (64 lower-case hex digits) is a certificate key: at
