@@ -42,22 +42,24 @@ serve() {
 stop() { kill $PID; wait $PID 2>/dev/null || true; }
 
 rss_kib() { awk '/VmRSS/ {print $2}' /proc/$PID/status; }
+hwm_kib() { awk '/VmHWM/ {print $2}' /proc/$PID/status; }
 
 measure() { # data dir, devices, label
   serve "$1"
-  local rss
+  local rss hwm
   sleep 2
   rss=$(rss_kib)
+  hwm=$(hwm_kib)   # the peak so far: start-up's
   local common=(--addr 127.0.0.1:18883 --host localhost --ca "$1/ca.pem" --certs "$1.keys" --broker-pid $PID)
   "$BENCH" conn "${common[@]}" --count 200 --concurrency 1 --hold 0 > "$OUT/$3-serial.json" 2>/dev/null
   "$BENCH" conn "${common[@]}" --count 1000 --concurrency 8 --hold 0 > "$OUT/$3-storm.json" 2>/dev/null
   stop
-  python3 - "$OUT" "$3" "$2" "$STARTUP" "$rss" <<'PY'
+  python3 - "$OUT" "$3" "$2" "$STARTUP" "$rss" "$hwm" <<'PY'
 import json, sys
 out, label, n, startup, rss = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 serial = json.load(open(f"{out}/{label}-serial.json"))
 storm = json.load(open(f"{out}/{label}-storm.json"))
-row = {"devices": n, "startup_s": round(startup, 2), "rss_kib": rss,
+row = {"devices": n, "startup_s": round(startup, 2), "rss_kib": rss, "startup_peak_rss_kib": int(sys.argv[6]),
        "connack_ms_p50": serial["connack_ms"]["p50"], "connack_ms_p99": serial["connack_ms"]["p99"],
        "storm_connects_per_s": round(storm["connects_per_s"]), "cpu_ms_per_connect": storm["broker_cpu_ms_per_connect"],
        "failed": sum(serial["failures"].values()) + sum(storm["failures"].values())}
@@ -84,7 +86,8 @@ out, n = sys.argv[1], int(sys.argv[2])
 s, l = (json.load(open(f"{out}/{k}.json")) for k in ("small", "large"))
 per = (l["rss_kib"] - s["rss_kib"]) * 1024 / (n - 1000)
 print(f"memory per device: {per:.0f} bytes ({l['rss_kib']} KiB with {n:,}, {s['rss_kib']} KiB with 1,000)")
-print(f"start-up: {l['startup_s']} s with {n:,}, {s['startup_s']} s with 1,000")
+print(f"start-up: {l['startup_s']} s with {n:,}, {s['startup_s']} s with 1,000; "
+      f"peak resident memory during start-up {l['startup_peak_rss_kib']} KiB")
 print(f"CONNACK p50/p99 one at a time: {l['connack_ms_p50']}/{l['connack_ms_p99']} ms with {n:,}, "
       f"{s['connack_ms_p50']}/{s['connack_ms_p99']} ms with 1,000")
 print(f"storm: {l['storm_connects_per_s']}/s at {l['cpu_ms_per_connect']} ms CPU per connect with {n:,}, "

@@ -196,17 +196,19 @@ impl ConnContext {
         if let Some(vars) = self.cert_vars.get() {
             return Some(vars);
         }
-        let read = match self.cert.as_ref().zip(self.certificate_id.as_ref()) {
-            Some((src, id)) => src.registry.certificate_info(&src.account, id),
-            None => Ok(None),
+        // No certificate (an IAM or custom principal): no certificate variables.
+        let Some((src, id)) = self.cert.as_ref().zip(self.certificate_id.as_ref()) else {
+            return Some(self.cert_vars.get_or_init(CertVars::new));
         };
-        match read {
-            Ok(info) => Some(
-                self.cert_vars
-                    .get_or_init(|| info.map(|i| cert_vars(&i)).unwrap_or_default()),
-            ),
+        match src.registry.certificate_info(&src.account, id) {
+            Ok(info) => Some(self.cert_vars.get_or_init(|| cert_vars(&info))),
             Err(e) => {
-                tracing::error!(error = %e, certificate = ?self.certificate_id, "certificate fields unreadable; the connection's decisions deny until they are read");
+                // At most one line a second, however many connections fail.
+                static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+                let now = sekisho_registry::now_secs() as i64;
+                if LAST.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+                    tracing::error!(error = %e, certificate = %id, "certificate fields unreadable; the connection's decisions deny until they are read");
+                }
                 self.cert_unreadable.set(true);
                 None
             }

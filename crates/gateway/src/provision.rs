@@ -624,7 +624,21 @@ fn answer_value(
             if let Some(hook) = template.hook.clone() {
                 let pem = match shared.registry.certificate_pem(account, &cert) {
                     Ok(pem) => pem,
-                    Err(e) => return rejected(500, "InternalError", e.to_string()),
+                    Err(e) => {
+                        // The token stays the device's: a retry may succeed.
+                        shared.tokens.give_back(token, held);
+                        return match e {
+                            sekisho_registry::RegistryError::NotFound(_) => rejected(
+                                400,
+                                "InvalidCertificateOwnershipToken",
+                                "The certificate of this ownership token no longer exists.",
+                            ),
+                            e => {
+                                tracing::error!(error = %e, "provisioning: certificate unreadable");
+                                rejected(500, "InternalError", "Internal error")
+                            }
+                        };
+                    }
                 };
                 let template_arn = shared
                     .registry
@@ -693,7 +707,7 @@ pub fn jitp(
         Ok(info) => info,
         Err(e) => return Some(Err(format!("the certificate could not be read: {e}"))),
     };
-    if let Some(info) = info {
+    {
         for (field, name) in [
             ("CommonName", "CommonName"),
             ("Country", "Country"),

@@ -120,19 +120,13 @@ impl Registry {
     }
 
     /// A certificate's parsed identity fields (the `iot:Certificate.*` policy variables,
-    /// provisioning template parameters), parsed from its stored PEM: `Ok(None)` when it is
-    /// gone or does not parse, an error when the database could not be read (which callers
-    /// must not take for "no fields": a policy condition on a missing value can allow).
-    pub fn certificate_info(
-        &self,
-        account: &str,
-        id: &str,
-    ) -> Result<Option<Arc<sekisho_pki::CertInfo>>> {
-        match self.certificate_pem(account, id) {
-            Ok(pem) => Ok(parse_info(&pem)),
-            Err(RegistryError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+    /// provisioning template parameters), parsed from its stored PEM. Every failure is an
+    /// error (gone, unreadable, unparseable), never "no fields": callers must not decide as
+    /// if the fields were absent, since a policy condition on a missing value can allow.
+    pub fn certificate_info(&self, account: &str, id: &str) -> Result<Arc<sekisho_pki::CertInfo>> {
+        parse_info(&self.certificate_pem(account, id)?).ok_or_else(|| {
+            RegistryError::Internal(format!("the stored certificate {id} does not parse"))
+        })
     }
 
     /// DescribeCertificate.
@@ -254,7 +248,10 @@ impl Registry {
                     "Certificate must be deactivated (not ACTIVE) before deletion. Id: {id}"
                 )));
             }
-            if !a.things_of_principal(&arn).is_empty() {
+            if a.principal_things
+                .get(arn.as_str())
+                .is_some_and(|m| !m.is_empty())
+            {
                 return Err(RegistryError::DeleteConflict(format!(
                     "Things must be detached before deletion (arn: {arn})"
                 )));

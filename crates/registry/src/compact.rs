@@ -6,9 +6,9 @@
 //! a single entry, so with a million devices those nodes alone cost more than a kilobyte per
 //! device. These keep their entries sorted in a vector sized to fit: one `String` entry costs
 //! its 24 bytes and one small allocation. Lookups are binary searches; inserting and removing
-//! move the entries after the one changed, which is cheap for the sizes the registry sees
-//! (AWS allows ten policies per target; a certificate attached to thousands of things is the
-//! large case, and still fine).
+//! move the entries after the one changed, which is cheap for the sizes these hold (AWS
+//! allows ten policies per target and ten groups per thing). The one set with no such bound,
+//! a principal's things, is a [`VecMap`], which becomes a B-tree past [`LARGE`] entries.
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -144,10 +144,19 @@ impl<'a, T> IntoIterator for &'a VecSet<T> {
 /// A map kept as a vector of pairs sorted by key while it is small, as a `BTreeMap` beyond
 /// [`LARGE`] entries: a principal attached to a million things must not make each attach move
 /// every entry after it (under the registry's lock).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct VecMap<K, V>(Repr<K, V>);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Equal when the entries are, whichever form each map has.
+impl<K: Ord, V: PartialEq> PartialEq for VecMap<K, V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl<K: Ord, V: Eq> Eq for VecMap<K, V> {}
+
+#[derive(Debug, Clone)]
 enum Repr<K, V> {
     Small(Vec<(K, V)>),
     Large(BTreeMap<K, V>),
@@ -527,9 +536,16 @@ mod tests {
         let theirs: BTreeMap<&str, i32> = pairs.into_iter().collect();
         assert!(ours.iter().eq(theirs.iter()));
         assert!(matches!(&ours.0, Repr::Small(v) if v.capacity() == 3));
-        let many: VecMap<u32, ()> = (0..=LARGE as u32).map(|i| (i, ())).collect();
+        let mut many: VecMap<u32, ()> = (0..=LARGE as u32).map(|i| (i, ())).collect();
         assert!(matches!(many.0, Repr::Large(_)));
         assert!(many.keys().copied().eq(0..=LARGE as u32));
+        // Between the thresholds the same entries may be held either way: still equal.
+        for i in 40..=LARGE as u32 {
+            many.remove(&i);
+        }
+        let small: VecMap<u32, ()> = (0..40).map(|i| (i, ())).collect();
+        assert!(matches!(many.0, Repr::Large(_)) && matches!(small.0, Repr::Small(_)));
+        assert_eq!(many, small);
     }
 
     /// The same operations on a `OneOrMore` and a `BTreeSet` leave the same contents.

@@ -603,7 +603,7 @@ impl Registry {
             // Only the page is copied: one group's members are already a sorted set; several
             // groups' are merged as references first.
             let page = if let [only] = groups.as_slice() {
-                let members = a.group_members.get(only).into_iter().flatten();
+                let members = from_marker(a.group_members.get(only), marker);
                 page_sorted(
                     members.map(|t| (t.as_str(), t)),
                     marker,

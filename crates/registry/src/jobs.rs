@@ -1583,8 +1583,9 @@ impl Registry {
             if !a.jobs.contains_key(job) {
                 return Err(job_not_found(job));
             }
-            let kept = a
-                .executions_of(job)
+            let key = |t: &String| (t.clone(), job.to_owned());
+            let kept = from_marker(a.job_things.get(job), marker)
+                .filter_map(|t| a.executions.get(&key(t)))
                 .filter(|e| status.is_none_or(|s| e.status.as_str() == s))
                 .map(|e| (e.thing.as_str(), e));
             Ok(page_sorted(kept, marker, size, Execution::clone))

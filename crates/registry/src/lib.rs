@@ -693,7 +693,8 @@ fn load_by_account<T>(
 
 /// A map of each key to the collection of its values, built whole from unordered pairs.
 fn grouped<K: Ord, V, C: FromIterator<V>>(mut pairs: Vec<(K, V)>) -> BTreeMap<K, C> {
-    // Unstable: the values of one key go into a collection that orders them itself.
+    // Unstable: the values of one key go into a collection that orders them itself, and no
+    // value is repeated (stored rows have unique keys).
     pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut out = Vec::new();
     let mut pairs = pairs.into_iter().peekable();
@@ -1114,6 +1115,18 @@ pub(crate) fn page_ordered<'a, K: std::borrow::Borrow<str> + Ord + 'a, V: 'a, O>
     })
 }
 
+/// The entries of a sorted set from `marker` on (all of them without one): where a page of
+/// it starts, found in the tree rather than by walking from the first entry.
+pub(crate) fn from_marker<'a>(
+    set: Option<&'a BTreeSet<String>>,
+    marker: Option<&str>,
+) -> impl Iterator<Item = &'a String> {
+    use std::ops::Bound::{Included, Unbounded};
+    let lower = marker.map_or(Unbounded, Included);
+    set.into_iter()
+        .flat_map(move |s| s.range::<str, _>((lower, Unbounded)))
+}
+
 /// One page of `items`, which come in key order, from the key `marker` on: only the page is
 /// made (`out`), the rest is passed over.
 pub(crate) fn page_sorted<'a, T, O>(
@@ -1253,16 +1266,21 @@ impl Registry {
                     generation,
                 });
             }
-            let attached = a.things_of_principal(&principal);
-            let by_client = client_id.and_then(|c| attached.iter().find(|(t, _)| *t == c));
+            // Looked up, not listed: a principal may be attached to a million things. An
+            // exclusive attachment is a principal's only one (attach_thing_principal).
+            let attached = a.principal_things.get(principal.as_str());
+            let by_client =
+                client_id.and_then(|c| attached.and_then(|m| m.get(c).map(|k| (c, *k))));
             let chosen = by_client.or_else(|| {
                 attached
-                    .iter()
-                    .find(|(_, k)| *k == ThingPrincipalType::ExclusiveThing)
+                    .filter(|m| m.len() == 1)
+                    .and_then(|m| m.iter().next())
+                    .filter(|(_, k)| **k == ThingPrincipalType::ExclusiveThing)
+                    .map(|(t, k)| (&**t, *k))
             });
-            let thing = chosen.and_then(|(t, _)| a.things.get(*t).cloned());
+            let thing = chosen.and_then(|(t, _)| a.things.get(t).cloned());
             let thing_exclusive =
-                chosen.is_some_and(|(_, k)| *k == ThingPrincipalType::ExclusiveThing);
+                chosen.is_some_and(|(_, k)| k == ThingPrincipalType::ExclusiveThing);
             // The certificate's own policies, then those its thing inherits from its groups
             // and their ancestors (the thing associated with this connection only).
             let mut names: Vec<&str> = a

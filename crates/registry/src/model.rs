@@ -486,14 +486,6 @@ impl Account {
         self.info.as_ref().map(|i| i.id.as_str()).unwrap_or("")
     }
 
-    /// Things a principal is attached to, with the attachment type.
-    pub fn things_of_principal(&self, principal: &str) -> Vec<(&str, ThingPrincipalType)> {
-        self.principal_things
-            .get(principal)
-            .map(|ts| ts.iter().map(|(t, k)| (&**t, *k)).collect())
-            .unwrap_or_default()
-    }
-
     /// Keeps [`Account::provisioning_certs`] right for `c` after it was stored or changed.
     pub fn track_certificate(&mut self, c: &Certificate) {
         if c.claim_template.is_some() || c.awaits_provisioning() {

@@ -415,13 +415,20 @@ impl Registry {
                 return Err(RegistryError::NotFound(format!("Thing {thing} cannot be found.")));
             }
             self.check_principal(a, account, principal)?;
-            let others: Vec<_> = a.things_of_principal(principal).into_iter().filter(|(t, _)| *t != thing).collect();
-            if kind == ThingPrincipalType::ExclusiveThing && !others.is_empty() {
+            // Counted and looked up, not listed (a principal may have a million things); an
+            // exclusive attachment is always its principal's only one.
+            let attached = a.principal_things.get(principal);
+            let others = attached.map_or(0, |m| m.len() - usize::from(m.contains_key(thing)));
+            if kind == ThingPrincipalType::ExclusiveThing && others > 0 {
                 return Err(RegistryError::InvalidRequest(
                     "The principal is already attached to another thing; it cannot be attached exclusively".into(),
                 ));
             }
-            if others.iter().any(|(_, k)| *k == ThingPrincipalType::ExclusiveThing) {
+            let exclusive_elsewhere = attached.filter(|m| m.len() == 1).is_some_and(|m| {
+                m.iter()
+                    .any(|(t, k)| **t != *thing && *k == ThingPrincipalType::ExclusiveThing)
+            });
+            if exclusive_elsewhere {
                 return Err(RegistryError::InvalidRequest(
                     "The principal is exclusively attached to another thing".into(),
                 ));
@@ -490,12 +497,18 @@ impl Registry {
     ) -> Result<Page<(String, ThingPrincipalType)>> {
         self.read(account, |a| {
             self.check_principal(a, account, principal)?;
-            let items = a
-                .things_of_principal(principal)
+            // Only the page is copied (a principal may have a million things).
+            let things = a
+                .principal_things
+                .get(principal)
                 .into_iter()
-                .map(|(t, k)| (t.to_owned(), (t.to_owned(), k)))
-                .collect();
-            paginate(items, token, max)
+                .flat_map(|m| m.iter());
+            Ok(page_sorted(
+                things.map(|(t, k)| (&**t, (t, *k))),
+                token,
+                max,
+                |(t, k)| (t.to_string(), k),
+            ))
         })
     }
 
