@@ -967,13 +967,15 @@ mod tests {
     /// `iot:Certificate.*` variables come from the certificate's stored PEM, read on first
     /// use; a rebind for the same certificate keeps them (a certificate's fields never
     /// change), another certificate's identity reads its own, and an IAM principal has none.
-    #[test]
-    fn certificate_variables_are_read_on_first_use() {
+    /// A registry with one account and a way to register ACTIVE certificates in it by
+    /// common name (returning their ids).
+    fn registry_with_certificates() -> (Arc<Registry>, String, impl Fn(&str) -> String) {
         let registry = Arc::new(Registry::in_memory("us-east-1").unwrap());
         let (account, _) = registry.create_account("a").unwrap();
         let now = time::OffsetDateTime::now_utc();
         let ca = sekisho_pki::Ca::generate("t", "t", now).unwrap();
-        let add = |name: &str| {
+        let (r, a) = (registry.clone(), account.id.clone());
+        let add = move |name: &str| {
             let pem = ca
                 .issue_named(name, sekisho_pki::KeyKind::EcdsaP256, now)
                 .unwrap()
@@ -985,10 +987,16 @@ mod tests {
                 mode: sekisho_registry::CertMode::Default,
                 claim_template: None,
             };
-            registry.add_certificate(&account.id, new).unwrap().0.id
+            r.add_certificate(&a, new).unwrap().0.id
         };
+        (registry, account.id, add)
+    }
+
+    #[test]
+    fn certificate_variables_are_read_on_first_use() {
+        let (registry, account_id, add) = registry_with_certificates();
         let (one, two) = (add("dev-1"), add("dev-2"));
-        let acct = AccountId::new(account.id.clone());
+        let acct = AccountId::new(account_id.clone());
         let identity = |id: &str| {
             registry
                 .certificate_identity(&acct, &CertificateId::new(id), None)
@@ -1000,11 +1008,11 @@ mod tests {
         assert!(matches!(ctx.get(cn), Some(Value::One("dev-1"))));
         // Gone from the database, the same certificate's table stays: it was not read again.
         registry
-            .update_certificate(&account.id, &one, CertStatus::Inactive)
+            .update_certificate(&account_id, &one, CertStatus::Inactive)
             .unwrap();
         let before = identity(&one);
         registry
-            .delete_certificate(&account.id, &one, true)
+            .delete_certificate(&account_id, &one, true)
             .unwrap();
         ctx.set_identity(&before, &registry);
         assert!(matches!(ctx.get(cn), Some(Value::One("dev-1"))));
@@ -1023,30 +1031,16 @@ mod tests {
     /// would otherwise no longer match, and the Allow beside it would let the publish through.
     #[test]
     fn unreadable_certificate_variables_deny() {
-        let registry = Arc::new(Registry::in_memory("us-east-1").unwrap());
-        let (account, _) = registry.create_account("a").unwrap();
-        let now = time::OffsetDateTime::now_utc();
-        let ca = sekisho_pki::Ca::generate("t", "t", now).unwrap();
-        let pem = ca
-            .issue_named("guest", sekisho_pki::KeyKind::EcdsaP256, now)
-            .unwrap()
-            .cert_pem;
-        let new = sekisho_registry::NewCertificate {
-            pem,
-            status: CertStatus::Active,
-            ca_certificate_id: None,
-            mode: sekisho_registry::CertMode::Default,
-            claim_template: None,
-        };
-        let id = registry.add_certificate(&account.id, new).unwrap().0.id;
+        let (registry, account_id, add) = registry_with_certificates();
+        let id = add("guest");
         let doc = r#"{"Version":"2012-10-17","Statement":[
             {"Effect":"Allow","Action":"iot:Publish","Resource":"*"},
             {"Effect":"Deny","Action":"iot:Publish","Resource":"arn:aws:iot:*:*:topic/admin/*",
              "Condition":{"StringEquals":{"iot:Certificate.Subject.CommonName":"guest"}}}]}"#;
-        registry.create_policy(&account.id, "p", doc).unwrap();
-        let arn = registry.arn(&account.id, &format!("cert/{id}"));
-        registry.attach_policy(&account.id, "p", &arn).unwrap();
-        let acct = AccountId::new(account.id.clone());
+        registry.create_policy(&account_id, "p", doc).unwrap();
+        let arn = registry.arn(&account_id, &format!("cert/{id}"));
+        registry.attach_policy(&account_id, "p", &arn).unwrap();
+        let acct = AccountId::new(account_id.clone());
         let principal = || {
             Principal::certificate(
                 registry.clone(),

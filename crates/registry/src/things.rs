@@ -549,13 +549,5 @@ impl Registry {
 
 /// A random UUID-shaped id.
 pub(crate) fn uuid_like() -> String {
-    let h = random_string(b"0123456789abcdef", 32);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    ThingId::random().to_string()
 }
