@@ -216,8 +216,7 @@ impl Tx {
     }
 
     pub(crate) fn put(&mut self, kind: Kind, key: &str, value: &impl Serialize) -> Result<()> {
-        let doc =
-            serde_json::to_string(value).map_err(|e| RegistryError::Internal(e.to_string()))?;
+        let doc = encode(value)?;
         self.ops.push(Op::Put {
             kind,
             account: self.account.clone(),
@@ -230,8 +229,7 @@ impl Tx {
     /// Updates the members of a stored document that `value` has, keeping the others (a
     /// certificate's PEM, which memory does not hold).
     pub(crate) fn patch(&mut self, kind: Kind, key: &str, value: &impl Serialize) -> Result<()> {
-        let doc =
-            serde_json::to_string(value).map_err(|e| RegistryError::Internal(e.to_string()))?;
+        let doc = encode(value)?;
         self.ops.push(Op::Patch {
             kind,
             account: self.account.clone(),
@@ -282,6 +280,10 @@ impl std::fmt::Debug for Registry {
             .field("region", &self.region)
             .finish_non_exhaustive()
     }
+}
+
+fn encode(value: &impl Serialize) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| RegistryError::Internal(e.to_string()))
 }
 
 fn decode<T: DeserializeOwned>(doc: &str) -> Result<T> {
@@ -1097,7 +1099,7 @@ pub(crate) fn page_ordered<'a, K: std::borrow::Borrow<str> + Ord + 'a, V: 'a, O>
     page_size: usize,
     keep: impl Fn(&str, &V) -> bool,
     out: impl Fn(&str, &V) -> O,
-) -> Result<Page<O>> {
+) -> Page<O> {
     use std::ops::Bound::{Included, Unbounded};
     let range = match marker {
         None => map.range::<str, _>((Unbounded, Unbounded)),
@@ -1109,10 +1111,10 @@ pub(crate) fn page_ordered<'a, K: std::borrow::Borrow<str> + Ord + 'a, V: 'a, O>
         .take(page_size.max(1))
         .map(|(k, v)| out(k.borrow(), v))
         .collect();
-    Ok(Page {
+    Page {
         items,
         next: kept.next().map(|(k, _)| k.borrow().to_owned()),
-    })
+    }
 }
 
 /// The entries of a sorted set from `marker` on (all of them without one): where a page of
@@ -1428,7 +1430,7 @@ mod tests {
         for size in [1, 5, 66, 67, 100] {
             let (mut got, mut marker) = (Vec::new(), None::<String>);
             loop {
-                let page = page_ordered(&map, marker.as_deref(), size, keep, |_, v| *v).unwrap();
+                let page = page_ordered(&map, marker.as_deref(), size, keep, |_, v| *v);
                 assert!(page.items.len() <= size);
                 got.extend(page.items);
                 match page.next {
@@ -1439,7 +1441,7 @@ mod tests {
             assert_eq!(got, want, "page size {size}");
         }
         // A marker whose entry is gone goes on from the next key.
-        let page = page_ordered(&map, Some("t050x"), 3, keep, |_, v| *v).unwrap();
+        let page = page_ordered(&map, Some("t050x"), 3, keep, |_, v| *v);
         assert_eq!(page.items, vec![52, 53, 55]);
         assert_eq!(page.next.as_deref(), Some("t056"));
         let sorted = map.iter().map(|(k, v)| (k.as_str(), *v));

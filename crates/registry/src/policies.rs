@@ -317,13 +317,13 @@ impl Registry {
             if !a.policies.contains_key(name) {
                 return Err(not_found(name));
             }
-            page_ordered(
+            Ok(page_ordered(
                 &a.policy_targets,
                 marker,
                 size,
                 |_, s| s.contains(name),
                 |t, _| t.to_owned(),
-            )
+            ))
         })
     }
 

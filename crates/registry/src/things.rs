@@ -277,13 +277,13 @@ impl Registry {
                         _ => true,
                     }
             };
-            page_ordered(
+            Ok(page_ordered(
                 &a.things,
                 q.next_token.as_deref(),
                 q.max_results,
                 keep,
                 |_, t| t.clone(),
-            )
+            ))
         })
     }
 
