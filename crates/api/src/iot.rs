@@ -2123,6 +2123,7 @@ mod route_tests {
             functions: None,
             metrics_allow: vec![],
             oidc_keys: Default::default(),
+            more_metrics: None,
         };
         let mut names = std::collections::BTreeSet::new();
         for r in ROUTES {

@@ -77,7 +77,12 @@ pub struct ApiState {
     pub functions: Option<Arc<sekisho_functions::Invoker>>,
     /// The keys of OpenID Connect issuers, as the operator configured them.
     pub oidc_keys: Arc<OidcKeys>,
+    /// More counters for `/metrics` (cluster mode's): name, help and value of each.
+    pub more_metrics: Option<Arc<MoreMetrics>>,
 }
+
+/// Counters that a part of the server outside the control plane adds to `/metrics`.
+pub type MoreMetrics = dyn Fn() -> Vec<(&'static str, &'static str, u64)> + Send + Sync;
 
 pub use oidc::Keys as OidcKeys;
 
@@ -757,6 +762,16 @@ fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
         "Registry changes that may affect policies.",
         state.registry.generation(),
     );
+    if let Some(more) = &state.more_metrics {
+        for (name, help, value) in more() {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            metric(name, kind, help, value);
+        }
+    }
     {
         let name = "sekisho_throttled_total";
         let _ = write!(
@@ -854,6 +869,7 @@ mod tests {
             functions: None,
             metrics_allow: loopback_only(),
             oidc_keys: Default::default(),
+            more_metrics: None,
         };
         (st, info.id)
     }

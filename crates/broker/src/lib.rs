@@ -12,12 +12,13 @@
 
 pub mod aws;
 pub mod durable;
+pub mod peers;
 pub mod throttle;
 pub mod trie;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -50,6 +51,47 @@ pub struct Message {
 }
 
 impl Message {
+    /// The MQTT 5 PUBLISH that carries it (topic, payload, QoS, RETAIN, forwarded properties;
+    /// no expiry, no publication time: the caller keeps those beside it). How storage and
+    /// other nodes carry a message.
+    pub fn to_publish_bytes(&self) -> Result<Vec<u8>, sekisho_mqtt::EncodeError> {
+        let mut buf = bytes::BytesMut::with_capacity(self.topic.len() + self.payload.len() + 16);
+        let p = sekisho_mqtt::PublishRef {
+            dup: false,
+            qos: self.qos,
+            retain: self.retain,
+            topic: &self.topic,
+            packet_id: (self.qos != QoS::AtMostOnce).then_some(1),
+            properties: &self.properties,
+            payload: &self.payload,
+        };
+        sekisho_mqtt::encode_publish(&p, sekisho_mqtt::ProtocolVersion::V5, &mut buf)?;
+        Ok(buf.to_vec())
+    }
+
+    /// The message [`Message::to_publish_bytes`] encoded, published at `timestamp_ms`, with
+    /// no expiry and no origin. `None` for bytes that are not one whole PUBLISH.
+    pub fn from_publish_bytes(bytes: &[u8], timestamp_ms: u64) -> Option<Message> {
+        let mut buf = bytes::BytesMut::from(bytes);
+        let limits = sekisho_mqtt::Limits {
+            max_packet_size: bytes.len().max(16),
+            ..sekisho_mqtt::Limits::default()
+        };
+        match sekisho_mqtt::decode(&mut buf, sekisho_mqtt::ProtocolVersion::V5, &limits) {
+            Ok(Some(sekisho_mqtt::Packet::Publish(p))) if buf.is_empty() => Some(Message {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                properties: p.properties,
+                expires_at: None,
+                origin: None,
+                timestamp_ms,
+            }),
+            _ => None,
+        }
+    }
+
     /// A will published at `now` from `template`, whose Message Expiry Interval (in its
     /// properties, not yet a deadline) counts from then; stamped `timestamp_ms`.
     pub fn from_will(template: &Message, now: Instant, timestamp_ms: u64) -> Message {
@@ -304,6 +346,11 @@ struct AccountState {
     /// Delayed wills waiting, by client id: (id, whether stored, the sender whose drop tells
     /// the waiting task it was cancelled). A connection of the client id cancels them.
     wills: HashMap<String, Vec<(u64, bool, oneshot::Sender<()>)>>,
+    /// How many of this account's subscriptions use each filter (as subscribed), for the
+    /// interest told to `peers`.
+    filters: HashMap<Box<str>, u32>,
+    /// The cluster's other nodes, if any.
+    peers: Option<Arc<dyn peers::Peers>>,
 }
 
 /// Storage forgets a stored delivery (acknowledged, expired or given up).
@@ -344,10 +391,41 @@ fn record_session(
 }
 
 impl AccountState {
-    fn new(name: &str) -> AccountState {
+    fn new(name: &str, peers: Option<&Arc<dyn peers::Peers>>) -> AccountState {
         AccountState {
             name: Arc::from(name),
+            peers: peers.cloned(),
             ..AccountState::default()
+        }
+    }
+
+    /// Adds (or replaces) a session's subscription, counting its filter for the interest.
+    fn add_subscription(&mut self, id: SessionId, filter: &str, entry: SubEntry) {
+        if !self.trie.insert(id, filter, entry) {
+            return;
+        }
+        let n = self.filters.entry(filter.into()).or_insert(0);
+        *n += 1;
+        if *n == 1
+            && let Some(p) = &self.peers
+        {
+            p.interest(&self.name, filter, true);
+        }
+    }
+
+    /// Removes a session's subscription, if it has it.
+    fn remove_subscription(&mut self, id: SessionId, filter: &str) {
+        if !self.trie.remove(id, filter) {
+            return;
+        }
+        if let Some(n) = self.filters.get_mut(filter) {
+            *n -= 1;
+            if *n == 0 {
+                self.filters.remove(filter);
+                if let Some(p) = &self.peers {
+                    p.interest(&self.name, filter, false);
+                }
+            }
         }
     }
 
@@ -382,7 +460,7 @@ impl AccountState {
             .offline_bytes
             .saturating_sub(s.queue.iter().map(|d| weight(&d.message)).sum::<u64>());
         for f in s.subscriptions.keys() {
-            self.trie.remove(id, f);
+            self.remove_subscription(id, f);
         }
         if self.by_client.get(&*s.client_id) == Some(&id) {
             self.by_client.remove(&*s.client_id);
@@ -446,6 +524,46 @@ pub enum PublishError {
     Throttled,
 }
 
+/// Where a routed message comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source<'a> {
+    /// A client: counted against the account's publish rate.
+    Client,
+    /// This node's services, events and wills.
+    Local,
+    /// Another node of the cluster.
+    Peer,
+    /// Another node of the cluster (or this one, back through NATS), for one member of this
+    /// shared subscription group.
+    PeerGroup(&'a str),
+}
+
+/// How long a publish waits for room in full queues before giving up its deliveries: at QoS 0
+/// briefly, at QoS 1 long enough to slow the publisher down (backpressure) instead of the
+/// broker buffering without bound.
+const QOS0_WAIT: Duration = Duration::from_millis(50);
+const QOS1_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits (until one deadline) for room for blocked deliveries ([`Routed::blocked`]); gives up
+/// what does not fit ([`Broker::give_up`]).
+pub async fn wait_for_room(broker: &Broker, account: &str, blocked: Vec<Blocked>) {
+    if blocked.is_empty() {
+        return;
+    }
+    let qos1 = blocked.iter().any(|b| b.delivery.qos == QoS::AtLeastOnce);
+    let deadline = tokio::time::Instant::now() + if qos1 { QOS1_WAIT } else { QOS0_WAIT };
+    for b in blocked {
+        match tokio::time::timeout_at(deadline, b.tx.reserve()).await {
+            Ok(Ok(permit)) => {
+                permit.send(b.delivery);
+                broker.note_blocked(true);
+            }
+            // Given up: a stored delivery goes back to its session or is forgotten.
+            _ => broker.give_up(account, b.session, b.delivery),
+        }
+    }
+}
+
 /// The broker. Cheap to share behind an `Arc`.
 pub struct Broker {
     config: BrokerConfig,
@@ -455,6 +573,8 @@ pub struct Broker {
     journal: Option<Arc<durable::Journal>>,
     /// Delayed wills loaded from storage, until the gateway takes them.
     restored_wills: Mutex<Vec<DelayedWill>>,
+    /// The cluster's other nodes, once attached.
+    peers: OnceLock<Arc<dyn peers::Peers>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -508,6 +628,7 @@ impl Broker {
             next_id: AtomicU64::new(1),
             journal: None,
             restored_wills: Mutex::new(Vec::new()),
+            peers: OnceLock::new(),
             stats: Stats::default(),
         }
     }
@@ -524,7 +645,7 @@ impl Broker {
         let mut inner = self.lock();
         let acct = inner
             .entry(will.account.clone())
-            .or_insert_with(|| AccountState::new(&will.account));
+            .or_insert_with(|| AccountState::new(&will.account, self.peers.get()));
         let superseded = acct
             .by_client
             .get(&will.client_id)
@@ -631,7 +752,7 @@ impl Broker {
                 let topic: Arc<str> = m.message.topic.clone();
                 let acct = inner
                     .entry(account.clone())
-                    .or_insert_with(|| AccountState::new(&account));
+                    .or_insert_with(|| AccountState::new(&account, None));
                 match message(m) {
                     Some(m) => {
                         acct.retained_bytes += weight(&m);
@@ -647,7 +768,7 @@ impl Broker {
             for l in snapshot.sessions {
                 let acct = inner
                     .entry(l.account.clone())
-                    .or_insert_with(|| AccountState::new(&l.account));
+                    .or_insert_with(|| AccountState::new(&l.account, None));
                 let client_id: Arc<str> = Arc::from(l.client_id.as_str());
                 let left_ms = l.disconnected_at_ms.unwrap_or(clock.now_ms);
                 let expired =
@@ -686,7 +807,7 @@ impl Broker {
                 }
                 let mut subscriptions = HashMap::new();
                 for (filter, options) in l.session.subscriptions.iter().cloned() {
-                    acct.trie.insert(id, &filter, SubEntry { options });
+                    acct.add_subscription(id, &filter, SubEntry { options });
                     subscriptions.insert(filter, options);
                 }
                 // The clock restarts: left now if it was connected (and stored so, or every
@@ -724,7 +845,7 @@ impl Broker {
             let (wake, cancelled) = oneshot::channel();
             b.lock()
                 .entry(w.account.clone())
-                .or_insert_with(|| AccountState::new(&w.account))
+                .or_insert_with(|| AccountState::new(&w.account, None))
                 .wills
                 .entry(w.will.client_id.to_string())
                 .or_default()
@@ -757,7 +878,7 @@ impl Broker {
         let mut inner = self.lock();
         let acct = inner
             .entry(account.to_owned())
-            .or_insert_with(|| AccountState::new(account));
+            .or_insert_with(|| AccountState::new(account, self.peers.get()));
         let why = if !acct
             .connects
             .get_or_insert_with(|| {
@@ -796,7 +917,7 @@ impl Broker {
         let mut inner = self.lock();
         let acct = inner
             .entry(account.to_owned())
-            .or_insert_with(|| AccountState::new(account));
+            .or_insert_with(|| AccountState::new(account, self.peers.get()));
         let ok = acct
             .subscribes
             .get_or_insert_with(|| {
@@ -874,7 +995,7 @@ impl Broker {
         let epoch = self.next_id.fetch_add(1, Ordering::Relaxed);
         let acct = inner
             .entry(account.to_owned())
-            .or_insert_with(|| AccountState::new(account));
+            .or_insert_with(|| AccountState::new(account, self.peers.get()));
         // A connection of the client id cancels its delayed wills ([MQTT-3.1.3-9]), durably
         // before its CONNACK (else a crash could bring a cancelled will back). Dropping their
         // senders wakes the tasks that hold them.
@@ -1246,13 +1367,13 @@ impl Broker {
         let mut inner = self.lock();
         let acct = inner
             .entry(account.to_owned())
-            .or_insert_with(|| AccountState::new(account));
+            .or_insert_with(|| AccountState::new(account, self.peers.get()));
         let Some(s) = acct.sessions.get_mut(&session) else {
             return (false, 0);
         };
         let new = s.subscriptions.insert(filter.to_owned(), options).is_none();
-        acct.trie.insert(session, filter, SubEntry { options });
         let ticket = record_session(self.journal.as_deref(), &acct.name, s, true);
+        acct.add_subscription(session, filter, SubEntry { options });
         (new, ticket)
     }
 
@@ -1267,8 +1388,8 @@ impl Broker {
             return (false, 0);
         };
         if s.subscriptions.remove(filter).is_some() {
-            acct.trie.remove(session, filter);
             let ticket = record_session(self.journal.as_deref(), &acct.name, s, true);
+            acct.remove_subscription(session, filter);
             (true, ticket)
         } else {
             (false, 0)
@@ -1300,7 +1421,7 @@ impl Broker {
         msg: Arc<Message>,
         now: Instant,
     ) -> Result<Routed, PublishError> {
-        self.route(account, msg, false, now)
+        self.route(account, msg, Source::Local, now)
     }
 
     /// [`Broker::publish`] for a message a client sent: counted against the account's inbound
@@ -1311,7 +1432,7 @@ impl Broker {
         msg: Arc<Message>,
         now: Instant,
     ) -> Result<Routed, PublishError> {
-        self.route(account, msg, true, now)
+        self.route(account, msg, Source::Client, now)
     }
 
     /// Takes `n` publishes from the account's publish rate without routing anything (what a
@@ -1322,7 +1443,7 @@ impl Broker {
         let mut inner = self.lock();
         let acct = inner
             .entry(account.to_owned())
-            .or_insert_with(|| AccountState::new(account));
+            .or_insert_with(|| AccountState::new(account, self.peers.get()));
         let ok = acct
             .publishes
             .get_or_insert_with(|| throttle::Bucket::new(rate, rate))
@@ -1334,11 +1455,81 @@ impl Broker {
         ok
     }
 
+    /// Attaches the cluster's other nodes: tells them the interest of every subscription held
+    /// now (sessions loaded from storage), then of every change, and forwards every message
+    /// published here from now on. Once; false if peers were attached already.
+    pub fn attach_peers(&self, peers: Arc<dyn peers::Peers>) -> bool {
+        let mut inner = self.lock();
+        if self.peers.set(peers.clone()).is_err() {
+            return false;
+        }
+        for acct in inner.values_mut() {
+            for filter in acct.filters.keys() {
+                peers.interest(&acct.name, filter, true);
+            }
+            acct.peers = Some(peers.clone());
+        }
+        true
+    }
+
+    /// Routes a message another node published, to this node's subscribers only (never sent
+    /// on): no publish rate (the publishing node charged it), and no retained copy (that
+    /// comes through [`Broker::set_retained_from_peer`], in the cluster's order).
+    pub fn publish_from_peer(
+        &self,
+        account: &str,
+        msg: Arc<Message>,
+        now: Instant,
+    ) -> Result<Routed, PublishError> {
+        self.route(account, msg, Source::Peer, now)
+    }
+
+    /// Routes a message that the cluster gave this node for one member of the shared
+    /// subscription group `group` (NATS chose this node among those with members): to one of
+    /// its members here, nobody else.
+    pub fn publish_to_group_from_peer(
+        &self,
+        account: &str,
+        group: &str,
+        msg: Arc<Message>,
+        now: Instant,
+    ) -> Result<Routed, PublishError> {
+        self.route(account, msg, Source::PeerGroup(group), now)
+    }
+
+    /// Sets (or, with an empty payload, clears) this node's copy of a retained message as the
+    /// cluster ordered it, delivering nothing. The publishing node checked the account's
+    /// quota; this copy follows it.
+    pub fn set_retained_from_peer(&self, account: &str, msg: Arc<Message>) {
+        let mut inner = self.lock();
+        let acct = inner
+            .entry(account.to_owned())
+            .or_insert_with(|| AccountState::new(account, self.peers.get()));
+        let old = if msg.payload.is_empty() {
+            acct.retained.remove(&*msg.topic)
+        } else {
+            acct.retained_bytes += weight(&msg);
+            acct.retained.insert(msg.topic.to_string(), msg.clone())
+        };
+        if let Some(old) = &old {
+            acct.retained_bytes = acct.retained_bytes.saturating_sub(weight(old));
+        }
+        if let Some(j) = &self.journal
+            && (old.is_some() || !msg.payload.is_empty())
+        {
+            j.record_quietly(durable::Change::SetRetained {
+                account: acct.name.clone(),
+                topic: msg.topic.clone(),
+                message: (!msg.payload.is_empty()).then_some(msg),
+            });
+        }
+    }
+
     fn route(
         &self,
         account: &str,
         msg: Arc<Message>,
-        client: bool,
+        source: Source<'_>,
         now: Instant,
     ) -> Result<Routed, PublishError> {
         let quotas = *self.config.quotas(account);
@@ -1346,8 +1537,8 @@ impl Broker {
         let mut inner = self.lock();
         let acct = inner
             .entry(account.to_owned())
-            .or_insert_with(|| AccountState::new(account));
-        if client
+            .or_insert_with(|| AccountState::new(account, self.peers.get()));
+        if source == Source::Client
             && !acct
                 .publishes
                 .get_or_insert_with(|| throttle::Bucket::new(rate, rate))
@@ -1358,7 +1549,7 @@ impl Broker {
             return Err(PublishError::Throttled);
         }
         let mut ticket = 0;
-        if msg.retain {
+        if msg.retain && matches!(source, Source::Client | Source::Local) {
             if msg.payload.is_empty() {
                 if let Some(old) = acct.retained.remove(&*msg.topic) {
                     acct.retained_bytes = acct.retained_bytes.saturating_sub(weight(&old));
@@ -1389,18 +1580,36 @@ impl Broker {
                 }
             }
         }
+        // Accepted: the other nodes get it in the order this node routes it.
+        if matches!(source, Source::Client | Source::Local)
+            && let Some(p) = &acct.peers
+        {
+            p.forward(&acct.name, &msg);
+        }
         // Matches, then one delivery per session at the highest granted QoS: a sorted Vec
         // (no hashing on the fan-out path).
         // (session, QoS, retain as published, through shared groups only)
         let mut direct: Vec<(SessionId, QoS, bool, bool)> = Vec::new();
         let mut groups: HashMap<Box<str>, Vec<(SessionId, SubEntry)>> = HashMap::new();
+        // In a cluster, NATS picks the node of a shared group's member (queue subscriptions,
+        // this node's own included), and that node picks the member.
+        let only_group = match source {
+            Source::PeerGroup(g) => Some(g),
+            _ => None,
+        };
+        let cluster = acct.peers.is_some();
         acct.trie.matches(&msg.topic, &mut |m| {
             if m.entry.options.no_local && msg.origin == Some(m.session) {
                 return;
             }
-            match m.group {
-                Some(g) => groups.entry(g).or_default().push((m.session, m.entry)),
-                None => direct.push((
+            match (m.group, only_group) {
+                (Some(g), Some(want)) if &*g == want => {
+                    groups.entry(g).or_default().push((m.session, m.entry));
+                }
+                (_, Some(_)) => {}
+                (Some(_), None) if cluster => {}
+                (Some(g), None) => groups.entry(g).or_default().push((m.session, m.entry)),
+                (None, None) => direct.push((
                     m.session,
                     m.entry.options.qos,
                     m.entry.options.retain_as_published,
@@ -1564,7 +1773,7 @@ impl Broker {
         let mut inner = self.lock();
         let acct = inner
             .entry(account.to_owned())
-            .or_insert_with(|| AccountState::new(account));
+            .or_insert_with(|| AccountState::new(account, self.peers.get()));
         if acct.offline_bytes + bytes > max {
             return None;
         }
@@ -2424,6 +2633,97 @@ mod tests {
         a.rx.try_recv().unwrap();
         let first = blocked.remove(0);
         first.tx.try_send(first.delivery).unwrap();
+    }
+
+    #[test]
+    fn peers_hear_interest_once_per_filter_and_every_local_message() {
+        #[derive(Debug, Default)]
+        struct Log(Mutex<Vec<String>>);
+        impl peers::Peers for Log {
+            fn interest(&self, account: &str, filter: &str, on: bool) {
+                let mut l = self.0.lock().unwrap();
+                l.push(format!("{account} {filter} {on}"));
+            }
+            fn forward(&self, account: &str, m: &Arc<Message>) {
+                let mut l = self.0.lock().unwrap();
+                l.push(format!("{account} -> {}", m.topic));
+            }
+        }
+        let b = Broker::new(BrokerConfig::default());
+        let now = Instant::now();
+        let x = b.connect("acct", "x", true, Duration::ZERO, now);
+        b.subscribe("acct", x.session, "a/#", opts(QoS::AtMostOnce));
+        let log = Arc::new(Log::default());
+        assert!(b.attach_peers(log.clone()));
+        assert!(!b.attach_peers(log.clone()));
+        let mut y = b.connect("acct", "y", true, Duration::ZERO, now);
+        b.subscribe("acct", y.session, "a/#", opts(QoS::AtMostOnce));
+        b.subscribe("acct", y.session, "$share/g/a/b", opts(QoS::AtMostOnce));
+        b.subscribe("acct", y.session, "$share/g/a/b", opts(QoS::AtLeastOnce));
+        b.publish("acct", msg("a/b", QoS::AtMostOnce, false, b"1"), now)
+            .unwrap();
+        b.publish_from_peer("acct", msg("a/c", QoS::AtMostOnce, false, b"2"), now)
+            .unwrap();
+        // A shared group is left to NATS: a local publish reaches y once, for a/#.
+        let mut got = Vec::new();
+        while let Ok(d) = y.rx.try_recv() {
+            got.push((d.message.topic.to_string(), d.shared));
+        }
+        assert_eq!(got, [("a/b".into(), false), ("a/c".into(), false)]);
+        // For the group only: one delivery, marked shared.
+        b.publish_to_group_from_peer("acct", "g", msg("a/b", QoS::AtMostOnce, false, b"3"), now)
+            .unwrap();
+        b.publish_to_group_from_peer("acct", "h", msg("a/b", QoS::AtMostOnce, false, b"4"), now)
+            .unwrap();
+        let d = y.rx.try_recv().unwrap();
+        assert!(d.shared && &d.message.payload[..] == b"3");
+        assert!(y.rx.try_recv().is_err());
+        b.unsubscribe("acct", x.session, "a/#");
+        leave(&b, &y, now);
+        assert_eq!(
+            *log.0.lock().unwrap(),
+            [
+                "acct a/# true",
+                "acct $share/g/a/b true",
+                "acct -> a/b",
+                "acct a/# false",
+                "acct $share/g/a/b false",
+            ]
+        );
+    }
+
+    #[test]
+    fn retained_copies_from_peers_replace_and_clear() {
+        let b = Broker::new(BrokerConfig::default());
+        let now = Instant::now();
+        b.set_retained_from_peer("acct", msg("t", QoS::AtMostOnce, true, b"one"));
+        b.set_retained_from_peer("acct", msg("t", QoS::AtMostOnce, true, b"two"));
+        let r = b.retained_for("acct", "t", now).unwrap();
+        assert_eq!(&r.payload[..], b"two");
+        assert_eq!(b.sizes().3, 1);
+        b.set_retained_from_peer("acct", msg("t", QoS::AtMostOnce, true, b""));
+        assert!(b.retained_for("acct", "t", now).is_none());
+        assert_eq!(b.sizes().3, 0);
+    }
+
+    #[test]
+    fn messages_travel_as_publish_packets() {
+        let mut m = (*msg("a/b", QoS::AtLeastOnce, true, b"payload")).clone();
+        m.properties.content_type = Some("text/plain".into());
+        let bytes = m.to_publish_bytes().unwrap();
+        let back = Message::from_publish_bytes(&bytes, 42).unwrap();
+        assert_eq!(back.topic, m.topic);
+        assert_eq!(back.payload, m.payload);
+        assert_eq!(
+            (back.qos, back.retain, back.timestamp_ms),
+            (m.qos, true, 42)
+        );
+        assert_eq!(back.properties.content_type, m.properties.content_type);
+        assert!(Message::from_publish_bytes(&bytes[..bytes.len() - 1], 0).is_none());
+        let mut two = bytes.clone();
+        two.extend_from_slice(&bytes);
+        assert!(Message::from_publish_bytes(&two, 0).is_none());
+        assert!(Message::from_publish_bytes(b"", 0).is_none());
     }
 
     #[test]

@@ -76,18 +76,18 @@ impl Trie {
         self.len == 0
     }
 
-    /// Adds or replaces a subscription. `filter` may carry a `$share/` prefix.
-    pub fn insert(&mut self, session: SessionId, filter: &str, entry: SubEntry) {
+    /// Adds or replaces a subscription. `filter` may carry a `$share/` prefix. True if it is
+    /// new (not a replacement).
+    pub fn insert(&mut self, session: SessionId, filter: &str, entry: SubEntry) -> bool {
         let (group, f) = split_shared(filter);
         let key = (session, group.map(Into::into));
         let mut node = &mut self.root;
         let mut levels = f.split('/').peekable();
         while let Some(level) = levels.next() {
             if level == "#" && levels.peek().is_none() {
-                if node.hash.insert(key, entry).is_none() {
-                    self.len += 1;
-                }
-                return;
+                let new = node.hash.insert(key, entry).is_none();
+                self.len += usize::from(new);
+                return new;
             }
             node = if level == "+" {
                 node.plus.get_or_insert_with(Default::default)
@@ -95,9 +95,9 @@ impl Trie {
                 node.children.entry(level.into()).or_default()
             };
         }
-        if node.here.insert(key, entry).is_none() {
-            self.len += 1;
-        }
+        let new = node.here.insert(key, entry).is_none();
+        self.len += usize::from(new);
+        new
     }
 
     /// Removes a subscription; true if it existed.

@@ -25,35 +25,6 @@ use crate::events::{self, EventSource};
 use sekisho_registry::{AccountId, CertificateId, ClientId};
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a publisher waits for room in full subscriber queues before the deliveries are
-/// dropped: QoS 0 briefly, QoS 1 longer. While it waits it reads nothing more, so TCP slows the
-/// publisher down (backpressure) instead of the broker buffering without bound.
-const QOS0_WAIT: Duration = Duration::from_millis(50);
-const QOS1_WAIT: Duration = Duration::from_secs(2);
-
-/// Waits (until one deadline) for room for blocked deliveries; drops what does not fit.
-pub(crate) async fn wait_for_room(
-    broker: &sekisho_broker::Broker,
-    account: &str,
-    blocked: Vec<Blocked>,
-) {
-    if blocked.is_empty() {
-        return;
-    }
-    let qos1 = blocked.iter().any(|b| b.delivery.qos == QoS::AtLeastOnce);
-    let deadline = tokio::time::Instant::now() + if qos1 { QOS1_WAIT } else { QOS0_WAIT };
-    for b in blocked {
-        match tokio::time::timeout_at(deadline, b.tx.reserve()).await {
-            Ok(Ok(permit)) => {
-                permit.send(b.delivery);
-                broker.note_blocked(true);
-            }
-            // Given up: a stored delivery goes back to its session or is forgotten.
-            _ => broker.give_up(account, b.session, b.delivery),
-        }
-    }
-}
-
 /// Who is on the other end, as the listener established it.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -120,7 +91,12 @@ impl Port {
     async fn wait_for_room(&mut self) {
         if !self.pending.is_empty() {
             let blocked = std::mem::take(&mut self.pending);
-            Box::pin(wait_for_room(&self.shared.broker, &self.account, blocked)).await;
+            Box::pin(sekisho_broker::wait_for_room(
+                &self.shared.broker,
+                &self.account,
+                blocked,
+            ))
+            .await;
         }
     }
 }
@@ -832,7 +808,7 @@ fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill, epoch: u64) {
         let m = Arc::new(Message::from_will(&w.template, now, events::now_ms()));
         tokio::spawn(async move {
             if let Ok(routed) = broker.publish(&account, m, Instant::now()) {
-                wait_for_room(&broker, &account, routed.blocked).await;
+                sekisho_broker::wait_for_room(&broker, &account, routed.blocked).await;
             }
         });
         return;
@@ -898,7 +874,7 @@ fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Prin
         let now = Instant::now();
         let message = Arc::new(will.message(now, events::now_ms()));
         if let Ok(routed) = broker.publish(&will.account, message, now) {
-            wait_for_room(&broker, &will.account, routed.blocked).await;
+            sekisho_broker::wait_for_room(&broker, &will.account, routed.blocked).await;
         }
     });
 }

@@ -414,7 +414,7 @@ async fn handle(
         .publish_from_client(&info.account, msg.clone(), std::time::Instant::now())
     {
         Ok(routed) => {
-            crate::conn::wait_for_room(&shared.broker, &info.account, routed.blocked).await;
+            sekisho_broker::wait_for_room(&shared.broker, &info.account, routed.blocked).await;
             // Acknowledged only once durable (stored for persistent sessions, retained).
             if !shared.broker.durable_until(routed.ticket).await {
                 return Ok(reply(503, "Service Unavailable"));
@@ -703,7 +703,8 @@ async fn signed_request(
                 std::time::Instant::now(),
             ) {
                 Ok(routed) => {
-                    crate::conn::wait_for_room(&shared.broker, &info.account, routed.blocked).await;
+                    sekisho_broker::wait_for_room(&shared.broker, &info.account, routed.blocked)
+                        .await;
                     if !shared.broker.durable_until(routed.ticket).await {
                         return error(503, "ServiceUnavailableException", "Storage is unavailable");
                     }

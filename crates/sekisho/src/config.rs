@@ -337,6 +337,33 @@ pub struct Config {
     pub functions: FunctionsConfig,
     /// OpenID Connect issuers' keys.
     pub oidc_providers: Vec<OidcProviderConfig>,
+    /// Cluster mode: absent, a single node (the default).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node routes messages with the other nodes through NATS (docs/cluster.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs, comma-separated (`nats://host:4222`); credentials in the URL.
+    pub url: String,
+    /// Subject prefix and stream name (several clusters may share one NATS).
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    /// JetStream replicas of the cluster's streams (3 on a three-server NATS cluster).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// This node's name in NATS's connection list and the logs (default: the host name and
+    /// the MQTT port).
+    pub node: Option<String>,
+}
+
+fn default_cluster_name() -> String {
+    "sekisho".into()
+}
+
+fn default_replicas() -> usize {
+    1
 }
 
 /// `[functions]`: how Lambda-compatible functions run (see docs/functions.md).
@@ -400,6 +427,7 @@ impl Default for Config {
             oidc_providers: Vec::new(),
             metrics_allow: sekisho_api::loopback_only(),
             object_store_url: None,
+            cluster: None,
         }
     }
 }

@@ -58,6 +58,10 @@ enum Command {
         /// S3-compatible object store HTTPS port.
         #[arg(long)]
         s3_port: Option<u16>,
+        /// Joins a cluster through these NATS servers (`nats://host:4222`, comma-separated);
+        /// the rest of `[cluster]` keeps its defaults or the config file's values.
+        #[arg(long, value_name = "URL")]
+        cluster: Option<String>,
     },
     /// Manages accounts.
     Account {
@@ -122,6 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             https_port,
             api_port,
             s3_port,
+            cluster,
         } => {
             let mut config = load_config(&common)?;
             if !bind.is_empty() {
@@ -138,6 +143,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(p) = s3_port {
                 config.ports.s3 = p;
+            }
+            if let Some(url) = cluster {
+                match &mut config.cluster {
+                    Some(c) => c.url = url,
+                    None => {
+                        config.cluster = Some(config::ClusterConfig {
+                            url,
+                            name: "sekisho".into(),
+                            replicas: 1,
+                            node: None,
+                        })
+                    }
+                }
             }
             config.validate()?;
             init_logging(&config.log);
@@ -194,6 +212,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
     }
+}
+
+/// The machine's name, for the default cluster node name.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sekisho".into())
 }
 
 async fn bind_all(
@@ -257,6 +284,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
         tracing::info!(sessions, retained, "broker state loaded");
         Arc::new(broker)
+    };
+    // In a cluster, before any listener: the retained messages of the cluster are read and
+    // the subscriptions loaded from storage are announced before a client connects.
+    let cluster = match &config.cluster {
+        Some(c) => Some(
+            sekisho_cluster::start(
+                &sekisho_cluster::Config {
+                    url: c.url.clone(),
+                    name: c.name.clone(),
+                    replicas: c.replicas,
+                    node: c
+                        .node
+                        .clone()
+                        .unwrap_or_else(|| format!("{}:{}", hostname(), config.ports.mqtt)),
+                },
+                broker.clone(),
+            )
+            .await?,
+        ),
+        None => None,
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let tls = Arc::new(tls::TlsConfigs::new(
@@ -349,6 +396,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         metrics_allow: config.metrics_allow.clone(),
         functions: Some(invoker.clone()),
         oidc_keys,
+        more_metrics: cluster
+            .clone()
+            .map(|c| Arc::new(move || c.metrics()) as Arc<sekisho_api::MoreMetrics>),
     });
 
     let limits = config.limits.clone();

@@ -11,14 +11,13 @@
 
 use std::path::Path;
 
-use bytes::BytesMut;
 use rusqlite::{Connection, OptionalExtension, params};
 use sekisho_broker::Message;
 use sekisho_broker::durable::{
     Change, Loaded, LoadedMessage, LoadedQueued, LoadedWill, Snapshot, Storage, StorageError,
     StoredSession, StoredWill, WallClock,
 };
-use sekisho_mqtt::{Packet, ProtocolVersion, PublishRef, QoS, SubscriptionOptions};
+use sekisho_mqtt::{QoS, SubscriptionOptions};
 
 /// The schema version this build writes (`PRAGMA user_version`). 2: `queue.shared` and
 /// `queue.packet_id`.
@@ -116,39 +115,12 @@ impl SqliteStorage {
 
 /// A message as the MQTT 5 PUBLISH that carries it.
 fn encode_message(m: &Message) -> Result<Vec<u8>, StorageError> {
-    let mut buf = BytesMut::with_capacity(m.topic.len() + m.payload.len() + 16);
-    let p = PublishRef {
-        dup: false,
-        qos: m.qos,
-        retain: m.retain,
-        topic: &m.topic,
-        packet_id: (m.qos != QoS::AtMostOnce).then_some(1),
-        properties: &m.properties,
-        payload: &m.payload,
-    };
-    sekisho_mqtt::encode_publish(&p, ProtocolVersion::V5, &mut buf).map_err(err)?;
-    Ok(buf.to_vec())
+    m.to_publish_bytes().map_err(err)
 }
 
 fn decode_message(bytes: &[u8], timestamp_ms: u64) -> Result<Message, StorageError> {
-    let mut buf = BytesMut::from(bytes);
-    let limits = sekisho_mqtt::Limits {
-        max_packet_size: bytes.len().max(16),
-        ..sekisho_mqtt::Limits::default()
-    };
-    match sekisho_mqtt::decode(&mut buf, ProtocolVersion::V5, &limits).map_err(err)? {
-        Some(Packet::Publish(p)) => Ok(Message {
-            topic: p.topic,
-            payload: p.payload,
-            qos: p.qos,
-            retain: p.retain,
-            properties: p.properties,
-            expires_at: None,
-            origin: None,
-            timestamp_ms,
-        }),
-        _ => Err(StorageError("a stored message is not a PUBLISH".into())),
-    }
+    Message::from_publish_bytes(bytes, timestamp_ms)
+        .ok_or_else(|| StorageError("a stored message is not a PUBLISH".into()))
 }
 
 /// Subscriptions as bytes: per filter, its length (u16, big-endian), the filter and the MQTT 5

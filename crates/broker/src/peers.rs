@@ -1,0 +1,31 @@
+//! The seam to other nodes of a cluster: what this node's broker tells them, and nothing else.
+//!
+//! A single node has no peers. In a cluster (`sekisho-cluster`), every node's broker calls
+//! its [`Peers`] with two things, in the order they happen under its lock:
+//! - its **interest**: the first subscription of a filter in an account on this node, and the
+//!   last one gone (a filter counted once however many sessions hold it, so that the other
+//!   nodes send this node a message once, not once per subscriber);
+//! - every message **published** on this node (by a client, a service, a will or an event),
+//!   after it was accepted (rate and retained quota), so that the nodes with interest route it
+//!   to their own subscribers. A message that came from a peer is never sent on.
+//!
+//! The node that receives a message decides AWS's exact matching with its own trie
+//! ([`crate::Broker::publish_from_peer`]); the interest only narrows what travels. Retained
+//! messages reach every node's copy through [`crate::Broker::set_retained_from_peer`].
+//!
+//! Both calls are made under the broker's lock: an implementation only queues (never blocks,
+//! never calls back into the broker).
+
+use std::sync::Arc;
+
+use crate::Message;
+
+/// The other nodes of a cluster, as the broker sees them.
+pub trait Peers: Send + Sync + std::fmt::Debug {
+    /// This node's first subscription to `filter` in `account` (`on`), or its last one gone.
+    /// `filter` is as subscribed, with its `$share/{group}/` prefix if it has one.
+    fn interest(&self, account: &str, filter: &str, on: bool);
+
+    /// A message published on this node in `account`, accepted and routed here.
+    fn forward(&self, account: &str, message: &Arc<Message>);
+}

