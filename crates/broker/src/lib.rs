@@ -544,14 +544,19 @@ enum Source<'a> {
 const QOS0_WAIT: Duration = Duration::from_millis(50);
 const QOS1_WAIT: Duration = Duration::from_secs(2);
 
-/// Waits (until one deadline) for room for blocked deliveries ([`Routed::blocked`]); gives up
-/// what does not fit ([`Broker::give_up`]).
-pub async fn wait_for_room(broker: &Broker, account: &str, blocked: Vec<Blocked>) {
+/// Waits (until one deadline from `now`) for room for blocked deliveries
+/// ([`Routed::blocked`]); gives up what does not fit ([`Broker::give_up`]).
+pub async fn wait_for_room(
+    broker: &Broker,
+    account: &str,
+    blocked: Vec<Blocked>,
+    now: tokio::time::Instant,
+) {
     if blocked.is_empty() {
         return;
     }
     let qos1 = blocked.iter().any(|b| b.delivery.qos == QoS::AtLeastOnce);
-    let deadline = tokio::time::Instant::now() + if qos1 { QOS1_WAIT } else { QOS0_WAIT };
+    let deadline = now + if qos1 { QOS1_WAIT } else { QOS0_WAIT };
     for b in blocked {
         match tokio::time::timeout_at(deadline, b.tx.reserve()).await {
             Ok(Ok(permit)) => {

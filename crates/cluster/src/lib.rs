@@ -263,7 +263,13 @@ impl Inbound {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         if let Ok(r) = routed {
             // Waiting here slows this subscription down (NATS's buffer takes the rest).
-            sekisho_broker::wait_for_room(&self.broker, &account, r.blocked).await;
+            sekisho_broker::wait_for_room(
+                &self.broker,
+                &account,
+                r.blocked,
+                tokio::time::Instant::now(),
+            )
+            .await;
         }
     }
 

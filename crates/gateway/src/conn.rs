@@ -95,6 +95,7 @@ impl Port {
                 &self.shared.broker,
                 &self.account,
                 blocked,
+                tokio::time::Instant::now(),
             ))
             .await;
         }
@@ -808,7 +809,13 @@ fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill, epoch: u64) {
         let m = Arc::new(Message::from_will(&w.template, now, events::now_ms()));
         tokio::spawn(async move {
             if let Ok(routed) = broker.publish(&account, m, Instant::now()) {
-                sekisho_broker::wait_for_room(&broker, &account, routed.blocked).await;
+                sekisho_broker::wait_for_room(
+                    &broker,
+                    &account,
+                    routed.blocked,
+                    tokio::time::Instant::now(),
+                )
+                .await;
             }
         });
         return;
@@ -874,7 +881,13 @@ fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Prin
         let now = Instant::now();
         let message = Arc::new(will.message(now, events::now_ms()));
         if let Ok(routed) = broker.publish(&will.account, message, now) {
-            sekisho_broker::wait_for_room(&broker, &will.account, routed.blocked).await;
+            sekisho_broker::wait_for_room(
+                &broker,
+                &will.account,
+                routed.blocked,
+                tokio::time::Instant::now(),
+            )
+            .await;
         }
     });
 }

@@ -414,7 +414,13 @@ async fn handle(
         .publish_from_client(&info.account, msg.clone(), std::time::Instant::now())
     {
         Ok(routed) => {
-            sekisho_broker::wait_for_room(&shared.broker, &info.account, routed.blocked).await;
+            sekisho_broker::wait_for_room(
+                &shared.broker,
+                &info.account,
+                routed.blocked,
+                tokio::time::Instant::now(),
+            )
+            .await;
             // Acknowledged only once durable (stored for persistent sessions, retained).
             if !shared.broker.durable_until(routed.ticket).await {
                 return Ok(reply(503, "Service Unavailable"));
@@ -703,8 +709,13 @@ async fn signed_request(
                 std::time::Instant::now(),
             ) {
                 Ok(routed) => {
-                    sekisho_broker::wait_for_room(&shared.broker, &info.account, routed.blocked)
-                        .await;
+                    sekisho_broker::wait_for_room(
+                        &shared.broker,
+                        &info.account,
+                        routed.blocked,
+                        tokio::time::Instant::now(),
+                    )
+                    .await;
                     if !shared.broker.durable_until(routed.ticket).await {
                         return error(503, "ServiceUnavailableException", "Storage is unavailable");
                     }
