@@ -47,11 +47,19 @@ class Nats:
     def url(self):
         return f"nats://127.0.0.1:{self.port}"
 
-    def subjects(self, node):
-        """The subjects the connection of Sekisho node `node` subscribes to."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/connz?subs=1", timeout=5) as r:
+    def subscriptions(self, node):
+        """(subject, queue group or "") of each subscription of Sekisho node `node`'s connection."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/connz?subs=detail", timeout=5) as r:
             conns = json.load(r)["connections"] or []
-        return sorted(s for c in conns if c.get("name") == f"sekisho {node}" for s in c.get("subscriptions_list", []))
+        return sorted((s["subject"], s.get("qgroup", "")) for c in conns if c.get("name") == f"sekisho {node}"
+                      for s in c.get("subscriptions_list_detail", []))
+
+    def subjects(self, node):
+        """The subjects of node `node`'s plain (not queue) subscriptions."""
+        return [s for s, q in self.subscriptions(node) if not q]
+
+    def queue_subjects(self, node):
+        return [s for s, q in self.subscriptions(node) if q]
 
     def stop(self):
         self.proc.terminate()
@@ -69,10 +77,13 @@ class Cluster:
         self.workdir.mkdir()
         self.nats = Nats(self.workdir / "nats")
         first = self.workdir / "n1"
-        self.nodes = [Server(first, config=node_config(self.nats, "n1")).start()]
+        self.nodes = [Server(first, config=node_config(self.nats, "n1"), accounts=("tenant-b",)).start()]
         iot = self.nodes[0].boto()
         self.account = iot.create_thing(thingName="whoami")["thingArn"].split(":")[4]
         self.devices = [Device(self.nodes[0], iot, unique("cl"), ALLOW_ALL, self.workdir) for _ in range(3)]
+        self.other = Device(self.nodes[0], self.nodes[0].boto(profile="tenant-b"), unique("b"), ALLOW_ALL,
+                            self.workdir)
+        self.other_host = self.nodes[0].endpoint(profile="tenant-b")
         # Receives only under cl/ok/: subscribes to all of cl/.
         arn = f"arn:aws:iot:us-east-1:{self.account}"
         self.narrow = Device(self.nodes[0], iot, unique("narrow"), {"Version": "2012-10-17", "Statement": [
@@ -93,8 +104,8 @@ class Cluster:
         self.nodes.append(node)
         return node
 
-    def client(self, node, device=None, client_id=None, v5=True, clean=True):
-        c = Paho(node, "localhost", device or self.devices[0], client_id or unique("c"), v5=v5, clean=clean)
+    def client(self, node, device=None, client_id=None, v5=True, clean=True, host="localhost"):
+        c = Paho(node, host, device or self.devices[0], client_id or unique("c"), v5=v5, clean=clean)
         rc, _, _ = c.connect()
         assert rc == 0, rc
         return c
@@ -127,14 +138,16 @@ def drain(q, wait=1.0):
             return out
 
 
-def settle(nats, node, subject, present=True, deadline=5):
-    """Waits until node's NATS connection does (or does not) subscribe to `subject`."""
+def settle(nats, node, subject, present=True, deadline=5, queue=False):
+    """Waits until node's NATS connection does (or does not) subscribe to `subject` (with a
+    queue group if `queue`)."""
     end = time.time() + deadline
+    held = nats.queue_subjects if queue else nats.subjects
     while time.time() < end:
-        if (subject in nats.subjects(node)) == present:
+        if (subject in held(node)) == present:
             return
         time.sleep(0.05)
-    raise AssertionError(f"{node}: {subject} {'missing' if present else 'still there'}: {nats.subjects(node)}")
+    raise AssertionError(f"{node}: {subject} {'missing' if present else 'still there'}: {nats.subscriptions(node)}")
 
 
 def test_messages_cross_nodes_once_with_aws_matching_and_odd_levels(cluster):
@@ -211,9 +224,10 @@ def test_shared_subscriptions_deliver_once_per_group_across_nodes(cluster):
     for m in members:
         m.subscribe("$share/g/shared/t", qos=1)
     for node in ("n1", "n2"):
-        settle(cluster.nats, node, f"sekisho.m.{cluster.account}.shared.t")
+        settle(cluster.nats, node, f"sekisho.m.{cluster.account}.shared.t", queue=True)
     plain = cluster.client(n2)
     plain.subscribe("shared/t", qos=1)
+    settle(cluster.nats, "n2", f"sekisho.m.{cluster.account}.shared.t")
     pub = cluster.client(n1)
     n = 200
     for i in range(n):
@@ -223,6 +237,49 @@ def test_shared_subscriptions_deliver_once_per_group_across_nodes(cluster):
     assert all(per_member), "NATS spreads a queue group over both nodes"
     assert [int(m.payload) for m in drain(plain.messages, 0.5)] == list(range(n))
     for c in (*members, plain, pub):
+        c.close()
+
+
+def test_a_shared_subscription_is_its_group_and_filter(cluster):
+    """Two shared subscriptions of one group with different filters are two subscriptions: each
+    gets a message matching both once, through its own queue group."""
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    narrow, wide = cluster.client(n1), cluster.client(n1)
+    narrow.subscribe("$share/g/ov/+", qos=1)
+    wide.subscribe("$share/g/ov/#", qos=1)
+    for s in (f"sekisho.m.{cluster.account}.ov.*", f"sekisho.m.{cluster.account}.ov.>"):
+        settle(cluster.nats, "n1", s, queue=True)
+    pub = cluster.client(n2)
+    for i in range(20):
+        pub.c.publish("ov/x", str(i).encode(), qos=1).wait_for_publish(5)
+    pub.c.publish("ov/x/y", b"deep", qos=1).wait_for_publish(5)
+    assert [m.payload for m in drain(narrow.messages, 1.5)] == [str(i).encode() for i in range(20)]
+    assert [m.payload for m in drain(wide.messages, 0.5)] == [str(i).encode() for i in range(20)] + [b"deep"]
+    for c in (narrow, wide, pub):
+        c.close()
+
+
+def test_reserved_topics_and_accounts_across_nodes(cluster):
+    """A lifecycle event of a connection on n1 reaches a subscriber of its topic on n2 once, and
+    not a `#` subscriber (AWS: first-level wildcards do not match `$` topics, which NATS's
+    do: the receiving node decides); another account on n2 sees nothing of it."""
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    sub = cluster.client(n2)
+    sub.subscribe("#", qos=1)
+    sub.subscribe("$aws/events/presence/connected/+", qos=1)
+    other = cluster.client(n2, device=cluster.other, client_id=cluster.other.name, host=cluster.other_host)
+    other.subscribe("#", qos=1)
+    other.subscribe("$aws/events/presence/connected/+", qos=1)
+    settle(cluster.nats, "n2", f"sekisho.m.{cluster.account}.$aws.events.presence.connected.*")
+    cid = unique("ev")
+    pub = cluster.client(n1, client_id=cid)
+    pub.c.publish("acct/x", b"mine", qos=1).wait_for_publish(5)
+    got = [(m.topic, m.payload) for m in drain(sub.messages, 1.5)]
+    events = [t for t, _ in got if t.startswith("$aws/")]
+    assert events == [f"$aws/events/presence/connected/{cid}"], got
+    assert [p for t, p in got if t == "acct/x"] == [b"mine"]
+    assert drain(other.messages, 0.3) == []
+    for c in (sub, other, pub):
         c.close()
 
 

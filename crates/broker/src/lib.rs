@@ -534,7 +534,7 @@ enum Source<'a> {
     /// Another node of the cluster.
     Peer,
     /// Another node of the cluster (or this one, back through NATS), for one member of this
-    /// shared subscription group.
+    /// shared subscription (`$share/{group}/{filter}`, exactly).
     PeerGroup(&'a str),
 }
 
@@ -1317,6 +1317,16 @@ impl Broker {
         (page, next)
     }
 
+    /// Every retained message of every account (for a cluster node's start-up, which makes
+    /// its copy agree with the cluster's).
+    pub fn retained_all(&self) -> Vec<(String, Arc<Message>)> {
+        let inner = self.lock();
+        inner
+            .iter()
+            .flat_map(|(a, acct)| acct.retained.values().map(|m| (a.clone(), m.clone())))
+            .collect()
+    }
+
     /// Ends every connection with [`Kick::Shutdown`].
     pub fn shutdown(&self) {
         let mut inner = self.lock();
@@ -1490,16 +1500,16 @@ impl Broker {
     }
 
     /// Routes a message that the cluster gave this node for one member of the shared
-    /// subscription group `group` (NATS chose this node among those with members): to one of
-    /// its members here, nobody else.
+    /// subscription `filter` (`$share/{group}/{filter}`; NATS chose this node among those with
+    /// members): to one of the sessions here holding exactly that subscription, nobody else.
     pub fn publish_to_group_from_peer(
         &self,
         account: &str,
-        group: &str,
+        filter: &str,
         msg: Arc<Message>,
         now: Instant,
     ) -> Result<Routed, PublishError> {
-        self.route(account, msg, Source::PeerGroup(group), now)
+        self.route(account, msg, Source::PeerGroup(filter), now)
     }
 
     /// Sets (or, with an empty payload, clears) this node's copy of a retained message as the
@@ -1598,17 +1608,24 @@ impl Broker {
         let mut groups: HashMap<Box<str>, Vec<(SessionId, SubEntry)>> = HashMap::new();
         // In a cluster, NATS picks the node of a shared group's member (queue subscriptions,
         // this node's own included), and that node picks the member.
+        // (A node whose link to the cluster is down picks among its own members, as one node.)
         let only_group = match source {
-            Source::PeerGroup(g) => Some(g),
+            Source::PeerGroup(filter) => Some((trie::split_shared(filter).0, filter)),
             _ => None,
         };
-        let cluster = acct.peers.is_some();
+        let cluster = acct.peers.as_ref().is_some_and(|p| p.routes_groups());
+        let sessions = &acct.sessions;
         acct.trie.matches(&msg.topic, &mut |m| {
             if m.entry.options.no_local && msg.origin == Some(m.session) {
                 return;
             }
             match (m.group, only_group) {
-                (Some(g), Some(want)) if &*g == want => {
+                (Some(g), Some((Some(want), filter)))
+                    if *g == *want
+                        && sessions
+                            .get(&m.session)
+                            .is_some_and(|s| s.subscriptions.contains_key(filter)) =>
+                {
                     groups.entry(g).or_default().push((m.session, m.entry));
                 }
                 (_, Some(_)) => {}
@@ -2653,6 +2670,9 @@ mod tests {
                 let mut l = self.0.lock().unwrap();
                 l.push(format!("{account} -> {}", m.topic));
             }
+            fn routes_groups(&self) -> bool {
+                true
+            }
         }
         let b = Broker::new(BrokerConfig::default());
         let now = Instant::now();
@@ -2665,6 +2685,8 @@ mod tests {
         b.subscribe("acct", y.session, "a/#", opts(QoS::AtMostOnce));
         b.subscribe("acct", y.session, "$share/g/a/b", opts(QoS::AtMostOnce));
         b.subscribe("acct", y.session, "$share/g/a/b", opts(QoS::AtLeastOnce));
+        let mut z = b.connect("acct", "z", true, Duration::ZERO, now);
+        b.subscribe("acct", z.session, "$share/g/a/+", opts(QoS::AtMostOnce));
         b.publish("acct", msg("a/b", QoS::AtMostOnce, false, b"1"), now)
             .unwrap();
         b.publish_from_peer("acct", msg("a/c", QoS::AtMostOnce, false, b"2"), now)
@@ -2675,24 +2697,37 @@ mod tests {
             got.push((d.message.topic.to_string(), d.shared));
         }
         assert_eq!(got, [("a/b".into(), false), ("a/c".into(), false)]);
-        // For the group only: one delivery, marked shared.
-        b.publish_to_group_from_peer("acct", "g", msg("a/b", QoS::AtMostOnce, false, b"3"), now)
-            .unwrap();
-        b.publish_to_group_from_peer("acct", "h", msg("a/b", QoS::AtMostOnce, false, b"4"), now)
-            .unwrap();
-        let d = y.rx.try_recv().unwrap();
-        assert!(d.shared && &d.message.payload[..] == b"3");
-        assert!(y.rx.try_recv().is_err());
+        assert!(z.rx.try_recv().is_err());
+        // For that shared subscription only (group and filter): one delivery, marked shared.
+        for _ in 0..20 {
+            let m = msg("a/b", QoS::AtMostOnce, false, b"3");
+            b.publish_to_group_from_peer("acct", "$share/g/a/b", m, now)
+                .unwrap();
+            let d = y.rx.try_recv().unwrap();
+            assert!(d.shared && &d.message.payload[..] == b"3");
+        }
+        for other in ["$share/h/a/b", "$share/g/a/#", "a/b"] {
+            let m = msg("a/b", QoS::AtMostOnce, false, b"4");
+            b.publish_to_group_from_peer("acct", other, m, now).unwrap();
+        }
+        assert!(y.rx.try_recv().is_err() && z.rx.try_recv().is_err());
         b.unsubscribe("acct", x.session, "a/#");
+        leave(&b, &z, now);
         leave(&b, &y, now);
+        let mut log = log.0.lock().unwrap().clone();
+        // x's a/# is not the last one (y holds it too); a session's subscriptions end in no
+        // particular order.
+        log[5..].sort();
         assert_eq!(
-            *log.0.lock().unwrap(),
+            log,
             [
                 "acct a/# true",
                 "acct $share/g/a/b true",
+                "acct $share/g/a/+ true",
                 "acct -> a/b",
-                "acct a/# false",
+                "acct $share/g/a/+ false",
                 "acct $share/g/a/b false",
+                "acct a/# false",
             ]
         );
     }

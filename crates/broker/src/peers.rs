@@ -28,4 +28,8 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
 
     /// A message published on this node in `account`, accepted and routed here.
     fn forward(&self, account: &str, message: &Arc<Message>);
+
+    /// Whether the cluster picks the members of shared subscriptions now (its link is up):
+    /// if not, this node picks among its own members, as a single node does.
+    fn routes_groups(&self) -> bool;
 }

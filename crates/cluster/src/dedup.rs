@@ -35,7 +35,9 @@ impl Window {
             if seq - self.max >= WINDOW {
                 self.bits = [0; WORDS];
             } else {
-                for s in self.max + 1..seq {
+                // Slots of the numbers passed, this one's included (each held the number
+                // WINDOW below it).
+                for s in self.max + 1..=seq {
                     let (w, b) = Window::bit(s);
                     self.bits[w] &= !b;
                 }
@@ -110,6 +112,12 @@ mod tests {
         assert_eq!(s.check(1, 2), Verdict::First);
         assert_eq!(s.check(1, 2), Verdict::Duplicate);
         assert_eq!(s.check(1, 1), Verdict::Stale);
+        // A number whose slot an older one held (found by the property test below).
+        let mut s = Seen::default();
+        assert_eq!(s.check(1, 5), Verdict::First);
+        assert_eq!(s.check(1, 6), Verdict::First);
+        assert_eq!(s.check(1, 5 + WINDOW), Verdict::First);
+        assert_eq!(s.check(1, 6), Verdict::Duplicate);
         // A jump past the window forgets everything before it.
         assert_eq!(s.check(1, 3 * WINDOW), Verdict::First);
         assert_eq!(s.check(1, 2 * WINDOW + 1), Verdict::First);

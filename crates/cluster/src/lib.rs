@@ -23,17 +23,18 @@
 pub mod dedup;
 pub mod subject;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
+use bytes::Bytes;
 use futures_util::StreamExt as _;
 use sekisho_broker::{Broker, Message, peers::Peers};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::subject::Kind;
 
@@ -59,6 +60,8 @@ pub struct Stats {
     pub received: AtomicU64,
     /// Second copies dropped.
     pub duplicates: AtomicU64,
+    /// Copies too old for the duplicate window, routed (possibly a second time).
+    pub stale: AtomicU64,
     /// Messages not sent because the queue to NATS was full, or NATS refused them.
     pub send_dropped: AtomicU64,
     /// Times NATS's client found a subscription of this node too slow (it drops what does not
@@ -66,55 +69,66 @@ pub struct Stats {
     pub slow_consumer: AtomicU64,
     /// Retained messages applied from the stream.
     pub retained_applied: AtomicU64,
+    /// Retained messages the stream did not take, for which this node read the stream's
+    /// value back.
+    pub retained_reread: AtomicU64,
     /// Messages received that could not be read (subject or payload).
     pub unreadable: AtomicU64,
 }
 
-/// Messages waiting to go to NATS. Past it, a message is dropped and counted.
-const OUTBOUND_QUEUE: usize = 65_536;
+/// Bytes of messages waiting to go to NATS (payload and topic). Past it, a message is dropped
+/// and counted.
+const OUTBOUND_BYTES: u64 = 64 << 20;
+
+/// Messages NATS's client buffers per subscription of this node before it drops (and counts a
+/// slow consumer).
+const SUBSCRIPTION_BUFFER: usize = 8192;
 
 /// How long start-up waits for the retained stream to be read before serving.
 const RETAINED_CATCH_UP: Duration = Duration::from_secs(10);
 
+/// How long the stream keeps a cleared retained message's tombstone. A node away for longer
+/// drops, at its next start, what the stream no longer has.
+const TOMBSTONE_TTL: &str = "1h";
+
 const H_SOURCE: &str = "Sekisho-Node";
 const H_SEQ: &str = "Sekisho-Seq";
 const H_TIME: &str = "Sekisho-Time";
+const H_EXPIRES: &str = "Sekisho-Expires";
 
-enum Out {
-    Interest {
-        account: String,
-        filter: String,
-        on: bool,
-    },
-    Message {
-        account: String,
-        message: Arc<Message>,
-    },
+struct Outbound {
+    account: String,
+    message: Arc<Message>,
+    weight: u64,
 }
 
 /// The broker's [`Peers`]: queues what the broker says for the tasks that talk to NATS.
 #[derive(Debug)]
 struct Link {
-    interest: mpsc::UnboundedSender<Out>,
-    messages: mpsc::Sender<Out>,
+    interest: mpsc::UnboundedSender<(String, String, bool)>,
+    messages: mpsc::UnboundedSender<Outbound>,
+    queued: Arc<AtomicU64>,
+    up: Arc<AtomicBool>,
     stats: Arc<Stats>,
 }
 
 impl Peers for Link {
     fn interest(&self, account: &str, filter: &str, on: bool) {
-        let _ = self.interest.send(Out::Interest {
-            account: account.to_owned(),
-            filter: filter.to_owned(),
-            on,
-        });
+        let _ = self
+            .interest
+            .send((account.to_owned(), filter.to_owned(), on));
     }
 
     fn forward(&self, account: &str, message: &Arc<Message>) {
-        let out = Out::Message {
+        let weight = sekisho_broker::weight(message);
+        let queued = self.queued.fetch_add(weight, Ordering::Relaxed);
+        let out = Outbound {
             account: account.to_owned(),
             message: message.clone(),
+            weight,
         };
-        if self.messages.try_send(out).is_err() {
+        if queued + weight > OUTBOUND_BYTES || self.messages.send(out).is_err() {
+            self.queued.fetch_sub(weight, Ordering::Relaxed);
             let n = self.stats.send_dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
                 tracing::warn!(
@@ -123,6 +137,10 @@ impl Peers for Link {
                 );
             }
         }
+    }
+
+    fn routes_groups(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
     }
 }
 
@@ -163,6 +181,11 @@ impl Cluster {
                 load(&s.duplicates),
             ),
             (
+                "sekisho_cluster_stale_total",
+                "Copies older than the duplicate window, routed.",
+                load(&s.stale),
+            ),
+            (
                 "sekisho_cluster_send_dropped_total",
                 "Messages not sent: the queue to NATS was full, or NATS refused them.",
                 load(&s.send_dropped),
@@ -178,6 +201,11 @@ impl Cluster {
                 load(&s.retained_applied),
             ),
             (
+                "sekisho_cluster_retained_reread_total",
+                "Retained messages the stream did not take, read back from it.",
+                load(&s.retained_reread),
+            ),
+            (
                 "sekisho_cluster_unreadable_total",
                 "Messages from NATS whose subject or payload could not be read.",
                 load(&s.unreadable),
@@ -191,11 +219,18 @@ impl Cluster {
     }
 }
 
+/// What this node does with what comes from NATS.
 struct Inbound {
     broker: Arc<Broker>,
     prefix: String,
     node_id: u64,
     seen: Mutex<dedup::Seen>,
+    /// This node's retained writes not yet back from the stream: the number of the latest per
+    /// (account, topic). An older one of its own coming back is not applied (it would bring
+    /// back, for a moment, what this node has since replaced).
+    pending: Mutex<HashMap<(String, String), u64>>,
+    /// While start-up reads the stream: the (account, topic) pairs it holds.
+    catching_up: Mutex<Option<HashSet<(String, String)>>>,
     stats: Arc<Stats>,
 }
 
@@ -210,41 +245,55 @@ fn header_u64(h: Option<&HeaderMap>, name: &str, radix: u32) -> Option<u64> {
 }
 
 /// The message a NATS message carries, and the account its subject names; `None` if either
-/// cannot be read. Its Message Expiry Interval (from publication) becomes its deadline.
-fn read(prefix: &str, kind: Kind, m: &async_nats::Message) -> Option<(String, Message, u64)> {
-    let (account, topic) = subject::parse_subject(prefix, kind, m.subject.as_str())?;
-    let published = header_u64(m.headers.as_ref(), H_TIME, 10).unwrap_or_else(now_ms);
-    let mut msg = Message::from_publish_bytes(&m.payload, published)?;
+/// cannot be read. Its expiry (wall clock, from the header) becomes its deadline here.
+fn read(
+    prefix: &str,
+    kind: Kind,
+    subject: &str,
+    payload: &[u8],
+    headers: Option<&HeaderMap>,
+) -> Option<(String, Message)> {
+    let (account, topic) = subject::parse_subject(prefix, kind, subject)?;
+    let published = header_u64(headers, H_TIME, 10).unwrap_or_else(now_ms);
+    let mut msg = Message::from_publish_bytes(payload, published)?;
     if *msg.topic != *topic {
         return None;
     }
-    if let Some(secs) = msg.properties.message_expiry_interval.take() {
-        let age = Duration::from_millis(now_ms().saturating_sub(published));
-        let left = Duration::from_secs(u64::from(secs)).saturating_sub(age);
+    msg.properties.message_expiry_interval = None;
+    if let Some(at) = header_u64(headers, H_EXPIRES, 10) {
+        let left = Duration::from_millis(at.saturating_sub(now_ms()));
         msg.expires_at = Some(Instant::now() + left);
     }
-    Some((account, msg, published))
+    Some((account, msg))
 }
 
 impl Inbound {
-    /// A message through a plain subscription, or (with `group`) a queue subscription.
-    async fn message(&self, m: async_nats::Message, group: Option<&str>) {
+    /// A message through a plain subscription, or (with `shared`, `$share/{group}/{filter}`)
+    /// a queue subscription.
+    async fn message(&self, m: async_nats::Message, shared: Option<&str>) {
         let source = header_u64(m.headers.as_ref(), H_SOURCE, 16);
         // This node routed its own messages when they were published (a shared group's come
         // back on purpose: NATS chose this node).
-        if group.is_none() && source == Some(self.node_id) {
+        if shared.is_none() && source == Some(self.node_id) {
             return;
         }
-        let Some((account, msg, _)) = read(&self.prefix, Kind::Message, &m) else {
+        let read = read(
+            &self.prefix,
+            Kind::Message,
+            m.subject.as_str(),
+            &m.payload,
+            m.headers.as_ref(),
+        );
+        let Some((account, msg)) = read else {
             self.stats.unreadable.fetch_add(1, Ordering::Relaxed);
             return;
         };
         let msg = Arc::new(msg);
         let now = Instant::now();
-        let routed = match group {
-            Some(g) => self
+        let routed = match shared {
+            Some(filter) => self
                 .broker
-                .publish_to_group_from_peer(&account, g, msg, now),
+                .publish_to_group_from_peer(&account, filter, msg, now),
             None => {
                 // A message that reached this node through two subscriptions is routed once.
                 // Checked and routed under one lock, so that the first copy of a message is
@@ -252,17 +301,26 @@ impl Inbound {
                 // subscription's task sees which first.
                 let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
                 if let (Some(src), Some(seq)) = (source, header_u64(m.headers.as_ref(), H_SEQ, 10))
-                    && seen.check(src, seq) != dedup::Verdict::First
                 {
-                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    match seen.check(src, seq) {
+                        dedup::Verdict::First => {}
+                        dedup::Verdict::Duplicate => {
+                            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        // Not known: at least once rather than lost.
+                        dedup::Verdict::Stale => {
+                            self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
                 self.broker.publish_from_peer(&account, msg, now)
             }
         };
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         if let Ok(r) = routed {
-            // Waiting here slows this subscription down (NATS's buffer takes the rest).
+            // Waiting here slows this subscription down, as a publisher is slowed on one node
+            // (NATS's buffer takes what comes meanwhile).
             sekisho_broker::wait_for_room(
                 &self.broker,
                 &account,
@@ -274,21 +332,75 @@ impl Inbound {
     }
 
     /// A retained message from the stream (its own node's too: the stream's order decides).
-    fn retained(&self, m: &async_nats::Message) {
-        let Some((account, mut msg, _)) = read(&self.prefix, Kind::Retained, m) else {
+    fn retained(&self, subject: &str, payload: &[u8], headers: Option<&HeaderMap>) {
+        let Some((account, mut msg)) =
+            read(&self.prefix, Kind::Retained, subject, payload, headers)
+        else {
             self.stats.unreadable.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if msg.expired(Instant::now()) {
-            msg.payload = bytes::Bytes::new();
+        let key = (account, msg.topic.to_string());
+        if header_u64(headers, H_SOURCE, 16) == Some(self.node_id) {
+            let seq = header_u64(headers, H_SEQ, 10).unwrap_or(0);
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match pending.get(&key) {
+                Some(&latest) if seq < latest => return,
+                Some(_) => {
+                    pending.remove(&key);
+                }
+                None => {}
+            }
         }
-        self.broker.set_retained_from_peer(&account, Arc::new(msg));
+        if let Some(seen) = self
+            .catching_up
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            seen.insert(key.clone());
+        }
+        if msg.expired(Instant::now()) {
+            msg.payload = Bytes::new();
+        }
+        self.broker.set_retained_from_peer(&key.0, Arc::new(msg));
         self.stats.retained_applied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// After a retained write the stream did not take: this node's copy becomes the stream's.
+    async fn reread(&self, stream: &jetstream::stream::Stream, account: &str, topic: &str) {
+        self.stats.retained_reread.fetch_add(1, Ordering::Relaxed);
+        let key = (account.to_owned(), topic.to_owned());
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        let subject = subject::topic_subject(&self.prefix, Kind::Retained, account, topic);
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => self.retained(&m.subject, &m.payload, Some(&m.headers)),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                let cleared = Message {
+                    topic: topic.into(),
+                    payload: Bytes::new(),
+                    qos: sekisho_mqtt::QoS::AtMostOnce,
+                    retain: true,
+                    properties: Default::default(),
+                    expires_at: None,
+                    origin: None,
+                    timestamp_ms: now_ms(),
+                };
+                self.broker
+                    .set_retained_from_peer(account, Arc::new(cleared));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %topic, "cluster: reading a retained message back")
+            }
+        }
     }
 }
 
-/// Joins the cluster: connects to NATS, reads the retained stream (up to 10 s), then attaches
-/// to `broker` as its [`Peers`]. Fails if NATS cannot be reached.
+/// Joins the cluster: connects to NATS, reads the retained stream (up to 10 s) and makes this
+/// node's retained messages agree with it, then attaches to `broker` as its [`Peers`]. Fails
+/// if NATS cannot be reached.
 pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<Cluster>> {
     anyhow::ensure!(
         !config.name.is_empty()
@@ -299,12 +411,13 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         "cluster.name must be letters, digits, '-' or '_'"
     );
     let stats = Arc::new(Stats::default());
-    let events = stats.clone();
+    let up = Arc::new(AtomicBool::new(true));
+    let (events, link_up) = (stats.clone(), up.clone());
     let client = async_nats::ConnectOptions::new()
         .name(format!("sekisho {}", config.node))
-        .subscription_capacity(64 * 1024)
+        .subscription_capacity(SUBSCRIPTION_BUFFER)
         .event_callback(move |e| {
-            let stats = events.clone();
+            let (stats, up) = (events.clone(), link_up.clone());
             async move {
                 match e {
                     async_nats::Event::SlowConsumer(sid) => {
@@ -314,7 +427,14 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
                             "cluster: a subscription is too slow; NATS's client dropped messages"
                         );
                     }
-                    async_nats::Event::Connected => tracing::info!("cluster: connected to NATS"),
+                    async_nats::Event::Connected => {
+                        up.store(true, Ordering::Relaxed);
+                        tracing::info!("cluster: connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        up.store(false, Ordering::Relaxed);
+                        tracing::warn!("cluster: disconnected from NATS");
+                    }
                     other => tracing::warn!("cluster: {other}"),
                 }
             }
@@ -334,15 +454,25 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
             max_messages_per_subject: 1,
             num_replicas: config.replicas,
             storage: jetstream::stream::StorageType::File,
+            allow_message_ttl: true,
             ..Default::default()
         })
         .await
         .context("cluster: the retained stream")?;
+    let empty = stream
+        .get_info()
+        .await
+        .context("cluster: the retained stream")?
+        .state
+        .messages
+        == 0;
     let inbound = Arc::new(Inbound {
         broker: broker.clone(),
         prefix: prefix.clone(),
         node_id,
         seen: Mutex::new(dedup::Seen::default()),
+        pending: Mutex::new(HashMap::new()),
+        catching_up: Mutex::new(Some(HashSet::new())),
         stats: stats.clone(),
     });
     let consumer = stream
@@ -358,24 +488,15 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         .messages()
         .await
         .context("cluster: following the retained stream")?;
-    let (caught_up_tx, caught_up) = tokio::sync::oneshot::channel();
-    let mut caught_up_tx = Some(caught_up_tx);
-    let empty = stream
-        .get_info()
-        .await
-        .map(|i| i.state.messages == 0)
-        .unwrap_or(true);
-    if empty && let Some(tx) = caught_up_tx.take() {
-        let _ = tx.send(());
-    }
+    let (caught_up_tx, caught_up) = oneshot::channel();
+    let mut caught_up_tx = (!empty).then_some(caught_up_tx);
     let r = inbound.clone();
     tokio::spawn(async move {
         while let Some(m) = retained.next().await {
             match m {
                 Ok(m) => {
-                    r.retained(&m);
-                    let pending = m.info().map_or(0, |i| i.pending);
-                    if pending == 0
+                    r.retained(m.subject.as_str(), &m.payload, m.headers.as_ref());
+                    if m.info().map_or(0, |i| i.pending) == 0
                         && let Some(tx) = caught_up_tx.take()
                     {
                         let _ = tx.send(());
@@ -386,29 +507,76 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         }
         tracing::error!("cluster: the retained stream ended");
     });
-    if tokio::time::timeout(RETAINED_CATCH_UP, caught_up)
-        .await
-        .is_err()
-    {
+    let caught_up = empty
+        || tokio::time::timeout(RETAINED_CATCH_UP, caught_up)
+            .await
+            .is_ok();
+    let held = inbound
+        .catching_up
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_default();
+    if empty {
+        // A new cluster starts with what this node kept (its single-node retained messages).
+        let mut seeded = 0;
+        for (account, m) in broker.retained_all() {
+            let subject = subject::topic_subject(&prefix, Kind::Retained, &account, &m.topic);
+            let (bytes, headers) = encode(&m, node_id, 0)?;
+            js.publish_with_headers(subject, headers, bytes)
+                .await
+                .context("cluster: seeding the retained stream")?
+                .await
+                .context("cluster: seeding the retained stream")?;
+            seeded += 1;
+        }
+        tracing::info!(
+            seeded,
+            "cluster: a new retained stream, seeded from this node"
+        );
+    } else if caught_up {
+        // The stream is the truth: what this node kept and the stream no longer has was
+        // cleared while it was away.
+        let mut dropped = 0;
+        for (account, m) in broker.retained_all() {
+            if !held.contains(&(account.clone(), m.topic.to_string())) {
+                let mut cleared = (*m).clone();
+                cleared.payload = Bytes::new();
+                broker.set_retained_from_peer(&account, Arc::new(cleared));
+                dropped += 1;
+            }
+        }
+        tracing::info!(
+            applied = held.len(),
+            dropped,
+            "cluster: retained messages agree with the stream"
+        );
+    } else {
         tracing::warn!("cluster: the retained stream was not read in 10 s; serving anyway");
     }
 
     let (interest_tx, interest_rx) = mpsc::unbounded_channel();
-    let (messages_tx, messages_rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let (messages_tx, messages_rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicU64::new(0));
     tokio::spawn(subscriptions(client.clone(), inbound.clone(), interest_rx));
     tokio::spawn(send(
         client.clone(),
         js,
-        prefix,
-        node_id,
-        stats.clone(),
+        stream,
+        inbound,
+        queued.clone(),
         messages_rx,
     ));
-    broker.attach_peers(Arc::new(Link {
-        interest: interest_tx,
-        messages: messages_tx,
-        stats: stats.clone(),
-    }));
+    anyhow::ensure!(
+        broker.attach_peers(Arc::new(Link {
+            interest: interest_tx,
+            messages: messages_tx,
+            queued,
+            up,
+            stats: stats.clone(),
+        })),
+        "cluster: the broker has peers already"
+    );
     tracing::info!(node = %config.node, node_id = format!("{node_id:016x}"), "cluster: joined");
     Ok(Arc::new(Cluster {
         node_id,
@@ -417,58 +585,80 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     }))
 }
 
-/// Holds one NATS subscription per distinct filter this node's sessions hold.
+/// Holds one NATS subscription per distinct filter this node's sessions hold. A subscription
+/// ends between two messages, never in the middle of routing one.
 async fn subscriptions(
     client: async_nats::Client,
     inbound: Arc<Inbound>,
-    mut rx: mpsc::UnboundedReceiver<Out>,
+    mut rx: mpsc::UnboundedReceiver<(String, String, bool)>,
 ) {
-    let mut held: HashMap<(String, String), tokio::task::AbortHandle> = HashMap::new();
-    while let Some(out) = rx.recv().await {
-        let Out::Interest {
-            account,
-            filter,
-            on,
-        } = out
-        else {
-            continue;
-        };
+    let mut held: HashMap<(String, String), oneshot::Sender<()>> = HashMap::new();
+    while let Some((account, filter, on)) = rx.recv().await {
         let key = (account, filter);
+        // Dropping the sender ends the task (and with it the NATS subscription).
+        held.remove(&key);
         if !on {
-            if let Some(h) = held.remove(&key) {
-                h.abort();
-            }
             continue;
         }
         let (account, filter) = &key;
         let (group, plain) = sekisho_broker::trie::split_shared(filter);
         let subject = subject::filter_subject(&inbound.prefix, account, plain);
-        let sub = match group {
-            Some(g) => {
-                client
-                    .queue_subscribe(subject, subject::queue_name(account, g, plain))
-                    .await
+        let mut sub = None;
+        for attempt in 1..=5u64 {
+            let r = match group {
+                Some(g) => {
+                    client
+                        .queue_subscribe(subject.clone(), subject::queue_name(account, g, plain))
+                        .await
+                }
+                None => client.subscribe(subject.clone()).await,
+            };
+            match r {
+                Ok(s) => {
+                    sub = Some(s);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, %filter, attempt, "cluster: subscribing");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
             }
-            None => client.subscribe(subject).await,
+        }
+        let Some(mut sub) = sub else {
+            tracing::error!(%filter, "cluster: not subscribed; this node misses other nodes' messages for it");
+            continue;
         };
-        let mut sub = match sub {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, %filter, "cluster: subscribing");
-                continue;
-            }
-        };
+        let (stop_tx, mut stop) = oneshot::channel::<()>();
         let inbound = inbound.clone();
-        let group = group.map(str::to_owned);
-        let task = tokio::spawn(async move {
-            while let Some(m) = sub.next().await {
-                inbound.message(m, group.as_deref()).await;
+        let shared = group.map(|_| filter.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    m = sub.next() => match m {
+                        Some(m) => inbound.message(m, shared.as_deref()).await,
+                        None => break,
+                    },
+                }
             }
         });
-        if let Some(old) = held.insert(key, task.abort_handle()) {
-            old.abort();
-        }
+        held.insert(key, stop_tx);
     }
+}
+
+/// A message as it travels: the PUBLISH bytes and the headers (sending node, number,
+/// publication time, expiry).
+fn encode(m: &Message, node_id: u64, seq: u64) -> anyhow::Result<(Bytes, HeaderMap)> {
+    let bytes = Bytes::from(m.to_publish_bytes()?);
+    let mut headers = HeaderMap::new();
+    headers.insert(H_SOURCE, format!("{node_id:x}").as_str());
+    headers.insert(H_SEQ, seq.to_string().as_str());
+    headers.insert(H_TIME, m.timestamp_ms.to_string().as_str());
+    if let Some(at) = m.expires_at {
+        let left = at.saturating_duration_since(Instant::now()).as_millis() as u64;
+        headers.insert(H_EXPIRES, (now_ms() + left).to_string().as_str());
+    }
+    Ok((bytes, headers))
 }
 
 /// Sends what this node publishes: every message on its topic's subject, a retained one also
@@ -476,60 +666,52 @@ async fn subscriptions(
 async fn send(
     client: async_nats::Client,
     js: jetstream::Context,
-    prefix: String,
-    node_id: u64,
-    stats: Arc<Stats>,
-    mut rx: mpsc::Receiver<Out>,
+    stream: jetstream::stream::Stream,
+    inbound: Arc<Inbound>,
+    queued: Arc<AtomicU64>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
 ) {
+    let stats = inbound.stats.clone();
     let mut seq = 0u64;
-    let source = format!("{node_id:x}");
-    while let Some(out) = rx.recv().await {
-        let Out::Message { account, message } = out else {
-            continue;
-        };
+    while let Some(Outbound {
+        account,
+        message,
+        weight,
+    }) = rx.recv().await
+    {
+        queued.fetch_sub(weight, Ordering::Relaxed);
         seq += 1;
-        // The expiry travels as the interval from publication.
-        let bytes = match message.expires_at {
-            Some(at) => {
-                let mut m = (*message).clone();
-                let secs = at.saturating_duration_since(Instant::now()).as_secs();
-                m.properties.message_expiry_interval =
-                    Some(secs.clamp(1, u64::from(u32::MAX)) as u32);
-                m.to_publish_bytes()
-            }
-            None => message.to_publish_bytes(),
-        };
-        let Ok(bytes) = bytes else {
+        let Ok((bytes, headers)) = encode(&message, inbound.node_id, seq) else {
             stats.send_dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let bytes = bytes::Bytes::from(bytes);
-        let mut headers = HeaderMap::new();
-        headers.insert(H_SOURCE, source.as_str());
-        headers.insert(H_SEQ, seq.to_string().as_str());
-        headers.insert(H_TIME, message.timestamp_ms.to_string().as_str());
         if message.retain {
-            let subject = subject::topic_subject(&prefix, Kind::Retained, &account, &message.topic);
-            match js
-                .publish_with_headers(subject, headers.clone(), bytes.clone())
-                .await
-            {
-                Ok(ack) => {
-                    let stats = stats.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = ack.await {
-                            stats.send_dropped.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(error = %e, "cluster: a retained message was not stored");
-                        }
-                    });
-                }
-                Err(e) => {
-                    stats.send_dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "cluster: a retained message was not sent");
-                }
+            let topic = message.topic.to_string();
+            inbound
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((account.clone(), topic.clone()), seq);
+            let subject = subject::topic_subject(&inbound.prefix, Kind::Retained, &account, &topic);
+            let mut h = headers.clone();
+            if message.payload.is_empty() {
+                h.insert("Nats-TTL", TOMBSTONE_TTL);
             }
+            let sent = js.publish_with_headers(subject, h, bytes.clone()).await;
+            let (inbound, stream, account) = (inbound.clone(), stream.clone(), account.clone());
+            tokio::spawn(async move {
+                let stored = match sent {
+                    Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = stored {
+                    tracing::warn!(error = %e, %topic, "cluster: a retained message was not stored; reading the stream's back");
+                    inbound.reread(&stream, &account, &topic).await;
+                }
+            });
         }
-        let subject = subject::topic_subject(&prefix, Kind::Message, &account, &message.topic);
+        let subject =
+            subject::topic_subject(&inbound.prefix, Kind::Message, &account, &message.topic);
         match client.publish_with_headers(subject, headers, bytes).await {
             Ok(()) => {
                 stats.sent.fetch_add(1, Ordering::Relaxed);
