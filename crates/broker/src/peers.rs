@@ -33,3 +33,26 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// if not, this node picks among its own members, as a single node does.
     fn routes_groups(&self) -> bool;
 }
+
+/// What [`Claims::claim`] resolves to.
+pub type ClaimFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send>>;
+
+/// Cluster-wide ownership of client ids: one connection per client id in the whole cluster.
+///
+/// Every CONNECT claims its client id before it attaches; claims are numbered in one order
+/// across the cluster, and a connection whose claim a later one (on another node) follows is
+/// ended as taken over, so exactly the latest claim's connection survives any race. Takeovers
+/// on one node stay the broker's own.
+pub trait Claims: Send + Sync + std::fmt::Debug {
+    /// Claims `client_id` in `account` for a connection about to attach here: its number in the
+    /// cluster's order, or why not (the cluster cannot be reached, or a later claim elsewhere
+    /// won already); then the connection is refused.
+    fn claim(&self, account: &str, client_id: &str) -> ClaimFuture;
+
+    /// The connection `epoch` attached under claim `claim`: a later claim elsewhere ends it.
+    fn attached(&self, account: &str, client_id: &str, claim: u64, epoch: u64);
+
+    /// The connection `epoch` ended.
+    fn ended(&self, account: &str, client_id: &str, epoch: u64);
+}

@@ -151,7 +151,144 @@ pub struct Cluster {
     pub node_id: u64,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// Who owns each client id (for the gateway).
+    pub claims: Arc<Owners>,
     client: async_nats::Client,
+}
+
+/// How long a CONNECT waits for its claim to be stored before it is refused.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the claims stream keeps a claim: only its arrival at every node matters.
+const CLAIM_KEPT: Duration = Duration::from_secs(600);
+
+/// This node's client-id claims: for each client id connected here, the number of its claim,
+/// its connection, and the latest claim another node made for it.
+#[derive(Debug, Default)]
+struct Owned {
+    /// This node's latest claim (0: on its way).
+    mine: u64,
+    /// The connection attached under it.
+    epoch: Option<u64>,
+    /// The latest claim seen from another node.
+    others: u64,
+}
+
+/// [`Claims`] on a JetStream stream: a claim is a message on `{name}.c.{account}.{client id}`
+/// (its sequence number is its place in the cluster's order); every node follows the stream
+/// and ends its own connection of a client id that another node claimed later.
+#[derive(Debug)]
+pub struct Owners {
+    js: jetstream::Context,
+    prefix: String,
+    node_id: u64,
+    broker: Arc<Broker>,
+    owned: Arc<Mutex<OwnedMap>>,
+}
+
+type OwnedMap = HashMap<(String, String), Owned>;
+
+fn lock_owned(m: &Mutex<OwnedMap>) -> std::sync::MutexGuard<'_, OwnedMap> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Owners {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OwnedMap> {
+        lock_owned(&self.owned)
+    }
+
+    /// A claim from the stream: another node's, later than this node's connection, ends it.
+    fn seen(&self, subject: &str, payload: &[u8], seq: u64) {
+        if std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| u64::from_str_radix(p, 16).ok())
+            == Some(self.node_id)
+        {
+            return;
+        }
+        let Some(key) = subject::parse_claim(&self.prefix, subject) else {
+            return;
+        };
+        let mut owned = self.lock();
+        let Some(o) = owned.get_mut(&key) else {
+            return;
+        };
+        o.others = o.others.max(seq);
+        if let Some(epoch) = o.epoch
+            && seq > o.mine
+        {
+            owned.remove(&key);
+            drop(owned);
+            tracing::info!(client_id = %key.1, "cluster: client id claimed on another node; taken over");
+            self.broker
+                .kick_connection(&key.0, &key.1, epoch, sekisho_broker::Kick::TakenOver);
+        }
+    }
+}
+
+impl sekisho_broker::peers::Claims for Owners {
+    fn claim(&self, account: &str, client_id: &str) -> sekisho_broker::peers::ClaimFuture {
+        let key = (account.to_owned(), client_id.to_owned());
+        // Known before the claim is sent: any later claim elsewhere is then seen.
+        self.lock().entry(key.clone()).or_default();
+        let subject = subject::claim_subject(&self.prefix, account, client_id);
+        let payload = Bytes::from(format!("{:x}", self.node_id));
+        let js = self.js.clone();
+        let owned = self.owned.clone();
+        Box::pin(async move {
+            let stored = tokio::time::timeout(CLAIM_TIMEOUT, async {
+                js.publish(subject, payload)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|_| "the cluster did not answer in 2 s".to_string())
+            .and_then(|r| r);
+            let mut owned = lock_owned(&owned);
+            match stored {
+                Ok(ack) => {
+                    let o = owned.entry(key).or_default();
+                    o.mine = o.mine.max(ack.sequence);
+                    if o.others > ack.sequence {
+                        return Err("a later connection on another node claimed it".into());
+                    }
+                    Ok(ack.sequence)
+                }
+                Err(e) => {
+                    if owned.get(&key).is_some_and(|o| o.epoch.is_none()) {
+                        owned.remove(&key);
+                    }
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn attached(&self, account: &str, client_id: &str, claim: u64, epoch: u64) {
+        let key = (account.to_owned(), client_id.to_owned());
+        let mut owned = self.lock();
+        let o = owned.entry(key.clone()).or_default();
+        if claim >= o.mine {
+            o.mine = claim;
+            o.epoch = Some(epoch);
+        }
+        if o.others > claim {
+            owned.remove(&key);
+            drop(owned);
+            self.broker
+                .kick_connection(account, client_id, epoch, sekisho_broker::Kick::TakenOver);
+        }
+    }
+
+    fn ended(&self, account: &str, client_id: &str, epoch: u64) {
+        let key = (account.to_owned(), client_id.to_owned());
+        let mut owned = self.lock();
+        if owned.get(&key).is_some_and(|o| o.epoch == Some(epoch)) {
+            owned.remove(&key);
+        }
+    }
 }
 
 impl Cluster {
@@ -555,6 +692,52 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         tracing::warn!("cluster: the retained stream was not read in 10 s; serving anyway");
     }
 
+    // Client-id claims: followed from now on (earlier ones concern no connection here).
+    let claims_stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: format!("{}_CLAIMS", config.name),
+            subjects: vec![format!("{prefix}.c.>")],
+            max_messages_per_subject: 1,
+            max_age: CLAIM_KEPT,
+            num_replicas: config.replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("cluster: the claims stream")?;
+    let mut claim_feed = claims_stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{prefix}.c.>"),
+            deliver_policy: jetstream::consumer::DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .context("cluster: following the claims stream")?
+        .messages()
+        .await
+        .context("cluster: following the claims stream")?;
+    let claims = Arc::new(Owners {
+        js: js.clone(),
+        prefix: prefix.clone(),
+        node_id,
+        broker: broker.clone(),
+        owned: Arc::new(Mutex::new(HashMap::new())),
+    });
+    let c = claims.clone();
+    tokio::spawn(async move {
+        while let Some(m) = claim_feed.next().await {
+            match m {
+                Ok(m) => {
+                    let seq = m.info().map_or(0, |i| i.stream_sequence);
+                    c.seen(m.subject.as_str(), &m.payload, seq);
+                }
+                Err(e) => tracing::warn!(error = %e, "cluster: the claims stream"),
+            }
+        }
+        tracing::error!("cluster: the claims stream ended");
+    });
+
     let (interest_tx, interest_rx) = mpsc::unbounded_channel();
     let (messages_tx, messages_rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicU64::new(0));
@@ -581,6 +764,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     Ok(Arc::new(Cluster {
         node_id,
         stats,
+        claims,
         client,
     }))
 }

@@ -137,6 +137,25 @@ pub fn parse_subject(prefix: &str, kind: Kind, subject: &str) -> Option<(String,
     Some((account, topic))
 }
 
+/// The subject of a claim of `client_id` in `account`: `{prefix}.c.{account}.{client id}`, the
+/// client id one token (escaped as a level is).
+pub fn claim_subject(prefix: &str, account: &str, client_id: &str) -> String {
+    let mut s = String::with_capacity(prefix.len() + account.len() + client_id.len() + 8);
+    s.push_str(prefix);
+    s.push_str(".c.");
+    push_level(&mut s, account);
+    s.push('.');
+    push_level(&mut s, client_id);
+    s
+}
+
+/// The account and client id of a subject [`claim_subject`] made.
+pub fn parse_claim(prefix: &str, subject: &str) -> Option<(String, String)> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix(".c.")?;
+    let (account, client) = rest.split_once('.')?;
+    Some((level_of(account)?, level_of(client)?))
+}
+
 /// A NATS queue group name for a shared subscription: one per account, share name and filter
 /// (hex, so that any name is a valid token and no two differ only in escaping).
 pub fn queue_name(account: &str, group: &str, filter: &str) -> String {
@@ -263,6 +282,17 @@ mod tests {
         assert_eq!(filter_subject("sk", "1", "a/#"), "sk.m.1.a.>");
         assert_eq!(filter_subject("sk", "1", "#"), "sk.m.1.>");
         assert_eq!(filter_subject("sk", "1", "a/b.c/"), "sk.m.1.a.b~2Ec.~");
+    }
+
+    #[test]
+    fn claims_name_any_client_id() {
+        for id in ["dev-1", "a/b.c", "", "x y*>", "日本"] {
+            let s = claim_subject("sk", "123", id);
+            assert_eq!(s.split('.').count(), 4, "{s}");
+            assert_eq!(parse_claim("sk", &s), Some(("123".into(), id.into())));
+        }
+        assert_eq!(parse_claim("sk", "sk.c.1.a.b"), None);
+        assert_eq!(parse_claim("sk", "sk.m.1.a"), None);
     }
 
     #[test]

@@ -420,10 +420,31 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+    let version = connect.version;
     match accept(shared, connect, info, custom.as_ref()) {
         Ok((admission, mut port)) => {
             port.reauth = custom.map(|(c, d)| Box::new((c, d.refresh_after)));
+            // In a cluster, the client id is claimed cluster-wide before the session attaches.
+            let claim = match shared.claims.get() {
+                Some(claims) => match claims.claim(&port.account, &port.client_id).await {
+                    Ok(n) => Some((claims, n)),
+                    Err(why) => {
+                        let refusal = Refusal {
+                            version,
+                            code: sekisho_mqtt::reason::SERVER_UNAVAILABLE,
+                            why: format!("client id not claimed in the cluster: {why}"),
+                        };
+                        tracing::info!(peer = %info.peer, code = refusal.code, why = %refusal.why, "CONNECT refused");
+                        write_all(stream, &mut refusal.connack()).await;
+                        return None;
+                    }
+                },
+                None => None,
+            };
             let (session, attached) = attach(shared, admission, rbuf, &mut port, info);
+            if let Some((claims, n)) = claim {
+                claims.attached(&port.account, &port.client_id, n, attached.epoch);
+            }
             Some((session, port, attached))
         }
         Err(refusal) => {
@@ -779,6 +800,9 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
         &port.client_id,
         attached.epoch,
     );
+    if let Some(claims) = shared.claims.get() {
+        claims.ended(&port.account, &port.client_id, attached.epoch);
+    }
     // The deadline a custom authorizer set has its own reason.
     let reason = match end {
         End::Expired

@@ -164,6 +164,8 @@ pub struct Shared {
     pub threads: std::sync::OnceLock<Arc<ConnThreads>>,
     /// The function host's invoker (custom authorizers), once set.
     pub functions: std::sync::OnceLock<Arc<sekisho_functions::Invoker>>,
+    /// In cluster mode: who owns each client id across the cluster.
+    pub claims: std::sync::OnceLock<Arc<dyn sekisho_broker::peers::Claims>>,
     /// MQTT connections being served (from CONNECT to the end of their bookkeeping).
     live: std::sync::atomic::AtomicUsize,
     by_cert: Mutex<ConnIndex>,
@@ -202,6 +204,7 @@ impl Shared {
             session,
             threads: std::sync::OnceLock::new(),
             functions: std::sync::OnceLock::new(),
+            claims: std::sync::OnceLock::new(),
             config,
             shutdown,
             by_cert: Mutex::new(HashMap::new()),

@@ -369,6 +369,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         registry.clone(),
     );
     let _ = shared.functions.set(invoker.clone());
+    if let Some(c) = &cluster {
+        let _ = shared.claims.set(c.claims.clone());
+    }
     let oidc_keys = Arc::new(sekisho_api::OidcKeys::new(
         config
             .oidc_providers
