@@ -384,18 +384,23 @@ def test_takeover_races_leave_exactly_one_connection(cluster):
 
 def test_without_nats_a_node_refuses_connect_and_recovers(workdir):
     """NATS gone: a CONNECT cannot claim its client id, and is refused with 0x88 (Server
-    unavailable) within the claim's 2 s, rather than risk a second connection elsewhere. NATS
+    unavailable) within the claim's 2 s, rather than risk a second connection elsewhere; the
+    connections the node has end (0x8B) once it has been cut off for `isolation_seconds`. NATS
     back: the node reconnects by itself and serves again."""
     d = workdir / unique("nats-down")
     d.mkdir()
     nats = Nats(d / "nats")
-    node = Server(d / "n", config=node_config(nats, "solo")).start()
+    node = Server(d / "n", config=node_config(nats, "solo") + "isolation_seconds = 3\n").start()
     try:
         dev = Device(node, node.boto(), unique("solo"), ALLOW_ALL, d)
         c = Paho(node, "localhost", dev, unique("c"), v5=True)
         assert c.connect()[0] == 0
         c.close()
+        held = Paho(node, "localhost", dev, unique("held"), v5=True)
+        held.c.reconnect_delay_set(120, 120)
+        assert held.connect()[0] == 0
         nats.stop(close=False)
+        cut = time.time()
         c = Paho(node, "localhost", dev, unique("c"), v5=True)
         c.c.reconnect_delay_set(120, 120)
         t0 = time.time()
@@ -403,6 +408,10 @@ def test_without_nats_a_node_refuses_connect_and_recovers(workdir):
         assert rc.value == 0x88, rc
         assert time.time() - t0 < 4
         c.close()
+        rc = held.disconnects.get(timeout=10)
+        assert rc.value == 0x8B, rc
+        assert 2.5 < time.time() - cut < 8
+        held.close()
         nats.start()
         end = time.time() + 20
         while True:

@@ -1329,16 +1329,25 @@ impl Broker {
 
     /// Ends every connection with [`Kick::Shutdown`].
     pub fn shutdown(&self) {
+        self.kick_all(Kick::Shutdown);
+    }
+
+    /// Ends every connection with `kick` (a cluster node cut off from the others ends its
+    /// connections as shutting down, so that they reconnect to a node that is not). Returns
+    /// how many.
+    pub fn kick_all(&self, kick: Kick) -> usize {
         let mut inner = self.lock();
+        let mut n = 0;
         for acct in inner.values_mut() {
             for s in acct.sessions.values_mut() {
                 if let Some(conn) = s.conn.as_mut()
                     && let Some(k) = conn.kick.take()
                 {
-                    let _ = k.send(Kick::Shutdown);
+                    n += usize::from(k.send(kick).is_ok());
                 }
             }
         }
+        n
     }
 
     /// Removes persistent sessions whose expiry has passed at `now`. Returns how many.

@@ -49,6 +49,9 @@ pub struct Config {
     pub replicas: usize,
     /// This node's name, for NATS's connection list and the logs.
     pub node: String,
+    /// How long this node may be cut off from NATS before it ends its connections (it can no
+    /// longer learn of takeovers elsewhere; decision 0012).
+    pub isolation: Duration,
 }
 
 /// Counters of this node's traffic with the others.
@@ -760,6 +763,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         })),
         "cluster: the broker has peers already"
     );
+    tokio::spawn(isolation_watch(broker.clone(), client.clone(), config.isolation));
     tracing::info!(node = %config.node, node_id = format!("{node_id:016x}"), "cluster: joined");
     Ok(Arc::new(Cluster {
         node_id,
@@ -767,6 +771,29 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         claims,
         client,
     }))
+}
+
+/// Ends this node's connections once it has been cut off from NATS for `after`: it can no
+/// longer order client-id claims, so a device's takeover on another node would not reach it.
+/// Once per time it is cut off; CONNECTs are refused meanwhile (their claims fail).
+async fn isolation_watch(broker: Arc<Broker>, client: async_nats::Client, after: Duration) {
+    let mut since: Option<Instant> = None;
+    let mut done = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if client.connection_state() == async_nats::connection::State::Connected {
+            since = None;
+            done = false;
+            continue;
+        }
+        let at = *since.get_or_insert_with(Instant::now);
+        if !done && at.elapsed() >= after {
+            done = true;
+            let n = broker.kick_all(sekisho_broker::Kick::Shutdown);
+            tracing::warn!(connections = n, "cluster: cut off from NATS; connections ended");
+        }
+    }
 }
 
 /// Holds one NATS subscription per distinct filter this node's sessions hold. A subscription

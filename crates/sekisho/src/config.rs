@@ -356,6 +356,14 @@ pub struct ClusterConfig {
     /// This node's name in NATS's connection list and the logs (default: the host name and
     /// the MQTT port).
     pub node: Option<String>,
+    /// Seconds this node may be cut off from NATS before it ends its device connections
+    /// (default 30).
+    #[serde(default = "default_isolation")]
+    pub isolation_seconds: u64,
+}
+
+fn default_isolation() -> u64 {
+    30
 }
 
 fn default_cluster_name() -> String {

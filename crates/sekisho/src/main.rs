@@ -153,6 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             name: "sekisho".into(),
                             replicas: 1,
                             node: None,
+                            isolation_seconds: 30,
                         })
                     }
                 }
@@ -294,6 +295,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     url: c.url.clone(),
                     name: c.name.clone(),
                     replicas: c.replicas,
+                    isolation: Duration::from_secs(c.isolation_seconds.max(1)),
                     node: c
                         .node
                         .clone()
