@@ -428,6 +428,26 @@ def test_without_nats_a_node_refuses_connect_and_recovers(workdir):
         nats.stop()
 
 
+def test_cluster_status_lists_the_nodes(cluster):
+    n2 = cluster.nodes[1]
+    held = [cluster.client(n2) for _ in range(2)]
+    out = subprocess.run([str(BIN), "cluster", "status", "--cluster", cluster.nats.url, "--json"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    nodes = {n["node"]: n for n in map(json.loads, out.stdout.splitlines())}
+    assert {"n1", "n2"} <= set(nodes), nodes
+    assert nodes["n2"]["connections"] >= 2
+    assert nodes["n1"]["node_id"] != nodes["n2"]["node_id"]
+    table = subprocess.run([str(BIN), "cluster", "status", "--cluster", cluster.nats.url],
+                           capture_output=True, text=True, timeout=30)
+    assert table.returncode == 0 and table.stdout.startswith("NODE\tCONNECTIONS"), table
+    nobody = subprocess.run([str(BIN), "cluster", "status", "--cluster", cluster.nats.url, "--name", "other"],
+                            capture_output=True, text=True, timeout=30)
+    assert nobody.returncode != 0 and "no node of cluster other answered" in nobody.stderr
+    for c in held:
+        c.close()
+
+
 def test_a_node_without_nats_does_not_start(workdir):
     port = free_port()
     d = workdir / unique("nonats")

@@ -763,7 +763,19 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         })),
         "cluster: the broker has peers already"
     );
-    tokio::spawn(isolation_watch(broker.clone(), client.clone(), config.isolation));
+    tokio::spawn(isolation_watch(
+        broker.clone(),
+        client.clone(),
+        config.isolation,
+    ));
+    tokio::spawn(answer_status(
+        client.clone(),
+        broker.clone(),
+        stats.clone(),
+        format!("{prefix}.status"),
+        config.node.clone(),
+        node_id,
+    ));
     tracing::info!(node = %config.node, node_id = format!("{node_id:016x}"), "cluster: joined");
     Ok(Arc::new(Cluster {
         node_id,
@@ -771,6 +783,74 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         claims,
         client,
     }))
+}
+
+/// Answers `sekisho cluster status` (requests on `{name}.status`, which every node answers).
+async fn answer_status(
+    client: async_nats::Client,
+    broker: Arc<Broker>,
+    stats: Arc<Stats>,
+    subject: String,
+    node: String,
+    node_id: u64,
+) {
+    let started = Instant::now();
+    let mut sub = match client.subscribe(subject).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster: status requests not answered");
+            return;
+        }
+    };
+    while let Some(m) = sub.next().await {
+        let Some(reply) = m.reply else {
+            continue;
+        };
+        let (sessions, connections, subscriptions, retained) = broker.sizes();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let body = serde_json::json!({
+            "node": node,
+            "node_id": format!("{node_id:016x}"),
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": started.elapsed().as_secs(),
+            "connections": connections,
+            "sessions": sessions,
+            "subscriptions": subscriptions,
+            "retained": retained,
+            "sent": load(&stats.sent),
+            "received": load(&stats.received),
+            "send_dropped": load(&stats.send_dropped),
+            "slow_consumer": load(&stats.slow_consumer),
+            "retained_applied": load(&stats.retained_applied),
+        });
+        let _ = client.publish(reply, Bytes::from(body.to_string())).await;
+    }
+}
+
+/// What `sekisho cluster status` prints: every node's answer (within `wait`), by node name.
+pub async fn status(
+    url: &str,
+    name: &str,
+    wait: Duration,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let client = async_nats::connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await?;
+    client
+        .publish_with_reply(format!("{name}.status"), inbox, Bytes::new())
+        .await?;
+    client.flush().await?;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, replies.next()).await {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
+            out.push(v);
+        }
+    }
+    out.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+    Ok(out)
 }
 
 /// Ends this node's connections once it has been cut off from NATS for `after`: it can no
@@ -791,7 +871,10 @@ async fn isolation_watch(broker: Arc<Broker>, client: async_nats::Client, after:
         if !done && at.elapsed() >= after {
             done = true;
             let n = broker.kick_all(sekisho_broker::Kick::Shutdown);
-            tracing::warn!(connections = n, "cluster: cut off from NATS; connections ended");
+            tracing::warn!(
+                connections = n,
+                "cluster: cut off from NATS; connections ended"
+            );
         }
     }
 }

@@ -68,6 +68,28 @@ enum Command {
         #[command(subcommand)]
         command: AccountCommand,
     },
+    /// Looks at a cluster (docs/cluster.md).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Lists the nodes that answer within a second: connections, sessions, subscriptions,
+    /// retained messages and their traffic with the other nodes.
+    Status {
+        /// A NATS server of the cluster (`nats://host:4222`).
+        #[arg(long)]
+        cluster: String,
+        /// The cluster's name (`[cluster] name`).
+        #[arg(long, default_value = "sekisho")]
+        name: String,
+        /// Prints the nodes' answers as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -164,6 +186,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(serve(config))
+        }
+        Command::Cluster {
+            command:
+                ClusterCommand::Status {
+                    cluster,
+                    name,
+                    json,
+                },
+        } => {
+            init_logging("warn");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let nodes = rt.block_on(sekisho_cluster::status(
+                &cluster,
+                &name,
+                Duration::from_secs(1),
+            ))?;
+            if json {
+                for n in &nodes {
+                    println!("{n}");
+                }
+            } else {
+                println!(
+                    "NODE\tCONNECTIONS\tSESSIONS\tSUBSCRIPTIONS\tRETAINED\tSENT\tRECEIVED\tDROPPED\tUPTIME_S"
+                );
+                for n in &nodes {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                        n["node"].as_str().unwrap_or("?"),
+                        n["connections"],
+                        n["sessions"],
+                        n["subscriptions"],
+                        n["retained"],
+                        n["sent"],
+                        n["received"],
+                        n["send_dropped"],
+                        n["slow_consumer"],
+                        n["uptime_seconds"],
+                    );
+                }
+            }
+            anyhow::ensure!(!nodes.is_empty(), "no node of cluster {name} answered");
+            Ok(())
         }
         Command::Account { command } => match command {
             AccountCommand::Create { name, common } => {
