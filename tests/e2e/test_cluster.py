@@ -346,14 +346,16 @@ def test_a_client_id_connects_once_in_the_cluster(cluster):
 
 
 def test_takeover_races_leave_exactly_one_connection(cluster):
-    """100 races of one client id connecting on two nodes at once: exactly one connection
-    survives each (the later claim in the cluster's order), whichever CONNACK came first."""
+    """100 races of one client id connecting three times at once, twice on n1 and once on n2:
+    exactly one connection survives each (the latest claim in the cluster's order, as the
+    broker keeps the last attached on one node), whichever CONNACK came first; and afterwards
+    each node holds a claim for exactly its live connections."""
     n1, n2 = cluster.nodes[0], cluster.nodes[1]
     for batch in range(10):
         races = []
         for _ in range(10):
             cid = unique("race")
-            pair = [Paho(node, "localhost", cluster.devices[0], cid, v5=True) for node in (n1, n2)]
+            pair = [Paho(node, "localhost", cluster.devices[0], cid, v5=True) for node in (n1, n1, n2)]
             for p in pair:
                 p.c.reconnect_delay_set(120, 120)
             races.append(pair)
@@ -380,6 +382,11 @@ def test_takeover_races_leave_exactly_one_connection(cluster):
             t.start()
         for t in closing:
             t.join(timeout=10)
+    for node in (n1, n2):
+        end = time.time() + 5
+        while metric(node, "sekisho_cluster_claims") != metric(node, "sekisho_connections"):
+            assert time.time() < end, "claims left behind"
+            time.sleep(0.2)
 
 
 def test_without_nats_a_node_refuses_connect_and_recovers(workdir):
@@ -441,6 +448,10 @@ def test_cluster_status_lists_the_nodes(cluster):
     table = subprocess.run([str(BIN), "cluster", "status", "--cluster", cluster.nats.url],
                            capture_output=True, text=True, timeout=30)
     assert table.returncode == 0 and table.stdout.startswith("NODE\tCONNECTIONS"), table
+    header, *rows = [line.split("\t") for line in table.stdout.splitlines()]
+    assert rows and all(len(r) == len(header) for r in rows), table.stdout
+    row = {r[0]: dict(zip(header, r)) for r in rows}["n2"]
+    assert int(row["CONNECTIONS"]) >= 2 and int(row["UPTIME_S"]) >= 0
     nobody = subprocess.run([str(BIN), "cluster", "status", "--cluster", cluster.nats.url, "--name", "other"],
                             capture_output=True, text=True, timeout=30)
     assert nobody.returncode != 0 and "no node of cluster other answered" in nobody.stderr

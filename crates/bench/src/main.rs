@@ -194,6 +194,14 @@ enum Cmd {
         /// Process id of the broker, to report its CPU time and RSS.
         #[arg(long)]
         broker_pid: Option<u32>,
+        /// Where the subscribers connect, if not to `--addr` (other nodes of a cluster);
+        /// repeatable: subscriber j connects to the (j mod n)-th.
+        #[arg(long)]
+        subscriber_addr: Vec<std::net::SocketAddr>,
+        /// More processes whose CPU time counts as the broker's (a cluster's other nodes and
+        /// its NATS server); repeatable.
+        #[arg(long)]
+        also_pid: Vec<u32>,
     },
 }
 
@@ -246,6 +254,8 @@ fn main() -> anyhow::Result<()> {
                 rate,
                 persistent,
                 broker_pid,
+                subscriber_addr,
+                also_pid,
             } => {
                 let spec = run::PubSub {
                     publishers,
@@ -257,7 +267,7 @@ fn main() -> anyhow::Result<()> {
                     rate,
                     persistent,
                 };
-                run::pubsub(&common, spec, broker_pid).await
+                run::pubsub(&common, spec, broker_pid, &subscriber_addr, &also_pid).await
             }
         }
     })?;

@@ -215,17 +215,42 @@ fn topic_of(i: usize) -> String {
 }
 
 /// Runs publishers and subscribers and reports throughput, losses and latency.
-pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<Value> {
+pub async fn pubsub(
+    c: &Common,
+    s: PubSub,
+    pid: Option<u32>,
+    subscriber_addrs: &[std::net::SocketAddr],
+    also: &[u32],
+) -> anyhow::Result<Value> {
     let qos = if s.qos >= 1 {
         QoS::AtLeastOnce
     } else {
         QoS::AtMostOnce
     };
     let t = Arc::new(target(c, 60));
-    let sub_target = Arc::new(Target {
+    // Subscriber j connects to the (j mod n)-th subscriber address, else where publishers do.
+    let sub_targets: Vec<Target> = if subscriber_addrs.is_empty() {
+        vec![c.addr]
+    } else {
+        subscriber_addrs.to_vec()
+    }
+    .into_iter()
+    .map(|addr| Target {
         clean_start: !s.persistent,
+        addr,
         ..target(c, 60)
-    });
+    })
+    .collect();
+    // CPU seconds of the broker and the processes that count with it.
+    let cpu_of = |main: Option<(f64, u64, f64)>| {
+        main.map(|(cpu, rss, kernel)| {
+            also.iter()
+                .filter_map(|p| proc_stats(*p))
+                .fold((cpu, rss, kernel), |(c, r, k), (c2, _, k2)| {
+                    (c + c2, r, k + k2)
+                })
+        })
+    };
     let epoch = Instant::now();
     let delivered = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
@@ -239,7 +264,7 @@ pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<V
         let follows = if s.shared { 0 } else { j % s.publishers.max(1) };
         listeners[follows] += 1;
         let mut conn = client::connect(
-            &sub_target,
+            &sub_targets[j % sub_targets.len()],
             tls_for(c, dev)?,
             &format!("dev-{dev}"),
             source(c, dev),
@@ -305,7 +330,7 @@ pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<V
             latencies.lock().await.extend(local);
         }));
     }
-    let before = pid.and_then(proc_stats);
+    let before = cpu_of(pid.and_then(proc_stats));
     let deadline = Instant::now() + Duration::from_secs(s.duration);
     let mut pub_tasks = Vec::new();
     for i in 0..s.publishers {
@@ -421,7 +446,7 @@ pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<V
         }
         last = now;
     }
-    let after = pid.and_then(proc_stats);
+    let after = cpu_of(pid.and_then(proc_stats));
     stop_subs.store(true, Ordering::Relaxed);
     for t in sub_tasks {
         let _ = t.await;
@@ -449,6 +474,7 @@ pub async fn pubsub(c: &Common, s: PubSub, pid: Option<u32>) -> anyhow::Result<V
         "scenario": "pubsub", "publishers": s.publishers, "subscribers": s.subscribers,
         "topics": if s.shared { "shared" } else { "own" }, "qos": s.qos, "payload": s.payload,
         "rate_target": s.rate, "seconds": publish_seconds,
+        "subscriber_addrs": subscriber_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "sent": sent, "delivered": delivered, "expected": expected, "lost": expected.saturating_sub(delivered),
         "sent_per_s": sent as f64 / publish_seconds, "delivered_per_s": delivered as f64 / publish_seconds,
         "latency_us": {"p50": p[0], "p99": p[1], "p999": p[2]},

@@ -51,6 +51,7 @@ pub trait Claims: Send + Sync + std::fmt::Debug {
     fn claim(&self, account: &str, client_id: &str) -> ClaimFuture;
 
     /// The connection `epoch` attached under claim `claim`: a later claim elsewhere ends it.
+    /// Called once for every claim granted.
     fn attached(&self, account: &str, client_id: &str, claim: u64, epoch: u64);
 
     /// The connection `epoch` ended.

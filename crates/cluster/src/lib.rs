@@ -165,21 +165,35 @@ const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the claims stream keeps a claim: only its arrival at every node matters.
 const CLAIM_KEPT: Duration = Duration::from_secs(600);
 
-/// This node's client-id claims: for each client id connected here, the number of its claim,
-/// its connection, and the latest claim another node made for it.
+/// This node's client-id claims: for each client id connected or connecting here, its claims
+/// on their way, the live connection and its claim, and the latest claim another node made.
 #[derive(Debug, Default)]
 struct Owned {
-    /// This node's latest claim (0: on its way).
+    /// Claims sent and not yet attached (or refused).
+    pending: u32,
+    /// The live connection here: (its claim, its epoch). The broker keeps one connection per
+    /// client id on a node, the one it attached last, which has the highest epoch (two
+    /// connections here may report their attachment in the other order).
+    live: Option<(u64, u64)>,
+    /// The highest epoch attached here.
+    last_epoch: u64,
+    /// The latest claim granted here: the node owns the client id as of it, whichever of its
+    /// connections the broker kept.
     mine: u64,
-    /// The connection attached under it.
-    epoch: Option<u64>,
-    /// The latest claim seen from another node.
+    /// The latest claim seen from another node (kept while anything here is pending or live).
     others: u64,
+}
+
+impl Owned {
+    fn idle(&self) -> bool {
+        self.pending == 0 && self.live.is_none()
+    }
 }
 
 /// [`Claims`] on a JetStream stream: a claim is a message on `{name}.c.{account}.{client id}`
 /// (its sequence number is its place in the cluster's order); every node follows the stream
-/// and ends its own connection of a client id that another node claimed later.
+/// from when it joined and ends its own connection of a client id that another node claimed
+/// later.
 #[derive(Debug)]
 pub struct Owners {
     js: jetstream::Context,
@@ -195,12 +209,30 @@ fn lock_owned(m: &Mutex<OwnedMap>) -> std::sync::MutexGuard<'_, OwnedMap> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Forgets `key` if nothing here needs it any more.
+fn tidy(owned: &mut OwnedMap, key: &(String, String)) {
+    if owned.get(key).is_some_and(Owned::idle) {
+        owned.remove(key);
+    }
+}
+
 impl Owners {
     fn lock(&self) -> std::sync::MutexGuard<'_, OwnedMap> {
         lock_owned(&self.owned)
     }
 
-    /// A claim from the stream: another node's, later than this node's connection, ends it.
+    /// Client ids connected or connecting here (for `/metrics`).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A claim from the stream: another node's, later than this node's live connection, ends
+    /// it; one while a claim here is on its way decides that claim (see `claim`).
     fn seen(&self, subject: &str, payload: &[u8], seq: u64) {
         if std::str::from_utf8(payload)
             .ok()
@@ -217,11 +249,16 @@ impl Owners {
             return;
         };
         o.others = o.others.max(seq);
-        if let Some(epoch) = o.epoch
-            && seq > o.mine
-        {
-            owned.remove(&key);
-            drop(owned);
+        let kick = match o.live {
+            Some((claim, epoch)) if seq > claim => {
+                o.live = None;
+                Some(epoch)
+            }
+            _ => None,
+        };
+        tidy(&mut owned, &key);
+        drop(owned);
+        if let Some(epoch) = kick {
             tracing::info!(client_id = %key.1, "cluster: client id claimed on another node; taken over");
             self.broker
                 .kick_connection(&key.0, &key.1, epoch, sekisho_broker::Kick::TakenOver);
@@ -233,7 +270,7 @@ impl sekisho_broker::peers::Claims for Owners {
     fn claim(&self, account: &str, client_id: &str) -> sekisho_broker::peers::ClaimFuture {
         let key = (account.to_owned(), client_id.to_owned());
         // Known before the claim is sent: any later claim elsewhere is then seen.
-        self.lock().entry(key.clone()).or_default();
+        self.lock().entry(key.clone()).or_default().pending += 1;
         let subject = subject::claim_subject(&self.prefix, account, client_id);
         let payload = Bytes::from(format!("{:x}", self.node_id));
         let js = self.js.clone();
@@ -250,22 +287,24 @@ impl sekisho_broker::peers::Claims for Owners {
             .map_err(|_| "the cluster did not answer in 2 s".to_string())
             .and_then(|r| r);
             let mut owned = lock_owned(&owned);
-            match stored {
+            let o = owned.entry(key.clone()).or_default();
+            let out = match stored {
+                Ok(ack) if o.others > ack.sequence => {
+                    Err("a later connection on another node claimed it".to_string())
+                }
                 Ok(ack) => {
-                    let o = owned.entry(key).or_default();
                     o.mine = o.mine.max(ack.sequence);
-                    if o.others > ack.sequence {
-                        return Err("a later connection on another node claimed it".into());
-                    }
                     Ok(ack.sequence)
                 }
-                Err(e) => {
-                    if owned.get(&key).is_some_and(|o| o.epoch.is_none()) {
-                        owned.remove(&key);
-                    }
-                    Err(e)
-                }
+                Err(e) => Err(e),
+            };
+            // A claim granted stays pending until its connection attaches, so that a later
+            // claim elsewhere seen meanwhile is kept for it.
+            if out.is_err() {
+                o.pending = o.pending.saturating_sub(1);
+                tidy(&mut owned, &key);
             }
+            out
         })
     }
 
@@ -273,13 +312,21 @@ impl sekisho_broker::peers::Claims for Owners {
         let key = (account.to_owned(), client_id.to_owned());
         let mut owned = self.lock();
         let o = owned.entry(key.clone()).or_default();
-        if claim >= o.mine {
-            o.mine = claim;
-            o.epoch = Some(epoch);
+        o.pending = o.pending.saturating_sub(1);
+        let claim = claim.max(o.mine);
+        // The broker ended any connection of this client id here that attached before (a
+        // lower epoch); one that attached after it is the live one.
+        if epoch > o.last_epoch {
+            o.last_epoch = epoch;
+            o.live = Some((claim, epoch));
         }
-        if o.others > claim {
-            owned.remove(&key);
-            drop(owned);
+        let overtaken = o.others > claim;
+        if overtaken && o.live.is_some_and(|(_, e)| e == epoch) {
+            o.live = None;
+        }
+        tidy(&mut owned, &key);
+        drop(owned);
+        if overtaken {
             self.broker
                 .kick_connection(account, client_id, epoch, sekisho_broker::Kick::TakenOver);
         }
@@ -288,9 +335,12 @@ impl sekisho_broker::peers::Claims for Owners {
     fn ended(&self, account: &str, client_id: &str, epoch: u64) {
         let key = (account.to_owned(), client_id.to_owned());
         let mut owned = self.lock();
-        if owned.get(&key).is_some_and(|o| o.epoch == Some(epoch)) {
-            owned.remove(&key);
+        if let Some(o) = owned.get_mut(&key)
+            && o.live.is_some_and(|(_, e)| e == epoch)
+        {
+            o.live = None;
         }
+        tidy(&mut owned, &key);
     }
 }
 
@@ -354,6 +404,11 @@ impl Cluster {
                 "sekisho_cluster_connected",
                 "1 while the connection to NATS is up.",
                 u64::from(self.connected()),
+            ),
+            (
+                "sekisho_cluster_claims",
+                "Client ids this node holds or is making a claim for.",
+                self.claims.len() as u64,
             ),
         ]
     }
@@ -727,7 +782,8 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         broker: broker.clone(),
         owned: Arc::new(Mutex::new(HashMap::new())),
     });
-    let c = claims.clone();
+    let (c, feed_alive) = (claims.clone(), Arc::new(AtomicBool::new(true)));
+    let alive = feed_alive.clone();
     tokio::spawn(async move {
         while let Some(m) = claim_feed.next().await {
             match m {
@@ -738,6 +794,8 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
                 Err(e) => tracing::warn!(error = %e, "cluster: the claims stream"),
             }
         }
+        // Takeovers elsewhere would go unseen: the watchdog takes the node as cut off.
+        alive.store(false, Ordering::Relaxed);
         tracing::error!("cluster: the claims stream ended");
     });
 
@@ -766,6 +824,8 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     tokio::spawn(isolation_watch(
         broker.clone(),
         client.clone(),
+        claims_stream,
+        feed_alive,
         config.isolation,
     ));
     tokio::spawn(answer_status(
@@ -802,10 +862,20 @@ async fn answer_status(
             return;
         }
     };
+    // At most one count every half second, however often anyone asks (a count walks every
+    // session under the broker's lock).
+    let mut cached: Option<(Instant, Bytes)> = None;
     while let Some(m) = sub.next().await {
-        let Some(reply) = m.reply else {
+        // Answers go to a requester's inbox only, never onto the cluster's own subjects.
+        let Some(reply) = m.reply.filter(|r| r.as_str().starts_with("_INBOX.")) else {
             continue;
         };
+        if let Some((at, body)) = &cached
+            && at.elapsed() < Duration::from_millis(500)
+        {
+            let _ = client.publish(reply, body.clone()).await;
+            continue;
+        }
         let (sessions, connections, subscriptions, retained) = broker.sizes();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let body = serde_json::json!({
@@ -823,7 +893,9 @@ async fn answer_status(
             "slow_consumer": load(&stats.slow_consumer),
             "retained_applied": load(&stats.retained_applied),
         });
-        let _ = client.publish(reply, Bytes::from(body.to_string())).await;
+        let body = Bytes::from(body.to_string());
+        cached = Some((Instant::now(), body.clone()));
+        let _ = client.publish(reply, body).await;
     }
 }
 
@@ -856,13 +928,26 @@ pub async fn status(
 /// Ends this node's connections once it has been cut off from NATS for `after`: it can no
 /// longer order client-id claims, so a device's takeover on another node would not reach it.
 /// Once per time it is cut off; CONNECTs are refused meanwhile (their claims fail).
-async fn isolation_watch(broker: Arc<Broker>, client: async_nats::Client, after: Duration) {
+/// Connected is not enough: the claims stream must answer (a NATS server on the minority
+/// side of a partition has no JetStream quorum) and this node must still follow it.
+async fn isolation_watch(
+    broker: Arc<Broker>,
+    client: async_nats::Client,
+    claims: jetstream::stream::Stream,
+    feed_alive: Arc<AtomicBool>,
+    after: Duration,
+) {
     let mut since: Option<Instant> = None;
     let mut done = false;
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if client.connection_state() == async_nats::connection::State::Connected {
+        let healthy = client.connection_state() == async_nats::connection::State::Connected
+            && feed_alive.load(Ordering::Relaxed)
+            && tokio::time::timeout(Duration::from_millis(1500), claims.get_info())
+                .await
+                .is_ok_and(|r| r.is_ok());
+        if healthy {
             since = None;
             done = false;
             continue;

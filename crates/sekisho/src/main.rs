@@ -210,7 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             } else {
                 println!(
-                    "NODE\tCONNECTIONS\tSESSIONS\tSUBSCRIPTIONS\tRETAINED\tSENT\tRECEIVED\tDROPPED\tUPTIME_S"
+                    "NODE\tCONNECTIONS\tSESSIONS\tSUBSCRIPTIONS\tRETAINED\tSENT\tRECEIVED\tSEND_DROPPED\tSLOW_CONSUMER\tUPTIME_S"
                 );
                 for n in &nodes {
                     println!(

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Cluster mode (issue 15, docs/cluster.md) side by side with a single node, in one run on this
+# machine, with the same load tool and devices: 10 publishers and 10 subscribers at a fixed
+# 10,000 msg/s, QoS 0 and 1, DUR seconds each (default 10; QoS 1 cross-node is then 100,000
+# messages, every one counted).
+#   single      one node, cluster mode off
+#   same-node   cluster mode on (three nodes, one nats-server): publishers and subscribers on node 1
+#   cross-node  publishers on node 1, subscribers on node 2
+#   fan-out     one publisher on node 1, 30 subscribers of its topic, 10 on each node (1,000 msg/s)
+# CPU is summed over every process that serves (the nodes and nats-server) and reported per
+# million delivered messages. Run by hand; writes bench/results/cluster-<date>/*.json.
+#
+#   bench/cluster.sh                 build, then run (about 3 minutes)
+#   SKIP_BUILD=1 DUR=5 bench/cluster.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DUR=${DUR:-10}
+OUT=${OUT:-$ROOT/bench/results/cluster-$(date -u +%Y%m%dT%H%M%SZ)}
+WORK=$(mktemp -d /tmp/sekisho-cluster.XXXXXX)
+mkdir -p "$OUT"
+trap 'pkill -f "$WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p sekisho -p sekisho-bench
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+BENCH=$BIN/sekisho-bench
+NATS=${NATS:-$ROOT/.venv/bin/nats-server}
+[ -x "$NATS" ] || { echo "no nats-server at $NATS (scripts/install-test-deps.sh installs it)"; exit 1; }
+source bench/lib.sh
+
+start_sekisho
+echo "== provisioning 40 devices"
+$BENCH provision --data-dir "$SK" --api 127.0.0.1:19443 --out "$WORK/certs" --count 40 --policy "$WORK/policy.json" > "$OUT/provision.json"
+common=(--host localhost --ca "$SK/ca.pem" --certs "$WORK/certs")
+run() { # name qos extra...
+  local name=$1 qos=$2; shift 2
+  echo "== $name, QoS $qos"
+  $BENCH pubsub "${common[@]}" --qos "$qos" --duration "$DUR" "$@" > "$OUT/$name-qos$qos.json"
+}
+rate=(--publishers 10 --subscribers 10 --rate 10000)
+fanout=(--publishers 1 --subscribers 30 --topics shared --rate 1000)
+for q in 0 1; do run single "$q" "${rate[@]}" --addr 127.0.0.1:18883 --broker-pid "$SKPID"; done
+for q in 0 1; do run single-fanout "$q" "${fanout[@]}" --addr 127.0.0.1:18883 --broker-pid "$SKPID"; done
+kill -TERM "$SKPID"; wait "$SKPID" || true
+
+# One nats-server with JetStream; three nodes from copies of the one data directory (the
+# registry is not replicated yet), each with its own broker storage.
+mkdir -p "$WORK/nats"
+"$NATS" -js -sd "$WORK/nats" -a 127.0.0.1 -p 14222 > "$WORK/nats.log" 2>&1 &
+NATSPID=$!
+wait_port 14222
+for n in 2 3; do cp -a "$SK" "$WORK/sekisho$n"; rm -f "$WORK/sekisho$n"/broker.db*; done
+node() { # dir mqtt api https s3
+  "$BIN/sekisho" serve --config "$WORK/sekisho.toml" --data-dir "$1" --mqtt-port "$2" --api-port "$3" \
+    --https-port "$4" --s3-port "$5" --bind 127.0.0.1 --cluster nats://127.0.0.1:14222 > "$1.log" 2>&1 &
+}
+node "$SK" 18883 19443 18443 19444; P1=$!
+node "$WORK/sekisho2" 28883 29443 28443 29444; P2=$!
+node "$WORK/sekisho3" 38883 39443 38443 39444; P3=$!
+for p in 19443 29443 39443; do wait_port $p || { echo "a node did not start"; tail -20 "$WORK"/*.log; exit 1; }; done
+all=(--broker-pid "$P1" --also-pid "$P2" --also-pid "$P3" --also-pid "$NATSPID")
+for q in 0 1; do run same-node "$q" "${rate[@]}" --addr 127.0.0.1:18883 "${all[@]}"; done
+for q in 0 1; do run cross-node "$q" "${rate[@]}" --addr 127.0.0.1:18883 --subscriber-addr 127.0.0.1:28883 "${all[@]}"; done
+for q in 0 1; do
+  run three-node-fanout "$q" "${fanout[@]}" --addr 127.0.0.1:18883 --subscriber-addr 127.0.0.1:18883 \
+    --subscriber-addr 127.0.0.1:28883 --subscriber-addr 127.0.0.1:38883 "${all[@]}"
+done
+for p in $P1 $P2 $P3 $NATSPID; do kill -TERM "$p" 2>/dev/null || true; done
+wait || true
+
+echo
+printf '%-20s %4s %10s %10s %8s %10s %10s %14s\n' scenario qos sent delivered lost p50_us p99_us cpu_s_per_M
+for f in "$OUT"/*-qos*.json; do
+  python3 - "$f" <<'PY'
+import json, os, sys
+r = json.load(open(sys.argv[1]))
+name = os.path.basename(sys.argv[1]).rsplit("-qos", 1)[0]
+cpu = r.get("broker_cpu_s_per_million_delivered")
+print(f"{name:<20} {r['qos']:>4} {r['sent']:>10} {r['delivered']:>10} {r['lost']:>8} "
+      f"{r['latency_us']['p50']:>10.0f} {r['latency_us']['p99']:>10.0f} {cpu if cpu is None else round(cpu, 1):>14}")
+PY
+done | tee "$OUT/summary.txt"
+echo "results: $OUT"
