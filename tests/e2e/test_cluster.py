@@ -56,7 +56,8 @@ class Nats:
         """(subject, queue group or "") of each subscription of Sekisho node `node`'s connection."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/connz?subs=detail", timeout=5) as r:
             conns = json.load(r)["connections"] or []
-        return sorted((s["subject"], s.get("qgroup", "")) for c in conns if c.get("name") == f"sekisho {node}"
+        names = (f"sekisho {node}", f"sekisho {node} groups")
+        return sorted((s["subject"], s.get("qgroup", "")) for c in conns if c.get("name") in names
                       for s in c.get("subscriptions_list_detail", []))
 
     def subjects(self, node):
@@ -182,6 +183,22 @@ def test_messages_cross_nodes_once_with_aws_matching_and_odd_levels(cluster):
     # The publishing node's own subscriber gets each once (not again through NATS).
     assert sorted(m.topic for m in drain(local.messages, 0.5)) == expected
     for c in (sub, local, pub):
+        c.close()
+
+
+def test_a_message_published_elsewhere_right_after_suback_arrives(cluster):
+    """SUBACK waits until the other nodes route the new filter to this node: a message
+    published on another node as soon as the SUBACK is in is delivered (20 fresh filters, no
+    waiting in between)."""
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    sub, pub = cluster.client(n2), cluster.client(n1)
+    for i in range(20):
+        topic = f"fresh/{unique('t')}/{i}"
+        sub.subscribe(topic, qos=1)
+        pub.c.publish(topic, b"x", qos=1).wait_for_publish(5)
+        m = sub.messages.get(timeout=5)
+        assert m.topic == topic
+    for c in (sub, pub):
         c.close()
 
 

@@ -1496,6 +1496,11 @@ impl Broker {
         true
     }
 
+    /// The cluster's other nodes, if any are attached.
+    pub fn peers(&self) -> Option<&Arc<dyn peers::Peers>> {
+        self.peers.get()
+    }
+
     /// Routes a message another node published, to this node's subscribers only (never sent
     /// on): no publish rate (the publishing node charged it), and no retained copy (that
     /// comes through [`Broker::set_retained_from_peer`], in the cluster's order).
@@ -2681,6 +2686,15 @@ mod tests {
             }
             fn routes_groups(&self) -> bool {
                 true
+            }
+            fn interest_mark(&self) -> u64 {
+                0
+            }
+            fn interest_done(
+                &self,
+                _: u64,
+            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+                Box::pin(async {})
             }
         }
         let b = Broker::new(BrokerConfig::default());

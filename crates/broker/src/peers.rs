@@ -32,6 +32,17 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// Whether the cluster picks the members of shared subscriptions now (its link is up):
     /// if not, this node picks among its own members, as a single node does.
     fn routes_groups(&self) -> bool;
+
+    /// A mark covering all interest told so far: once [`Peers::interest_done`] resolves for
+    /// it, the other nodes send this node what matches every filter subscribed before it (a
+    /// SUBACK waits for that, so that a message published elsewhere after it is not missed).
+    fn interest_mark(&self) -> u64;
+
+    /// Resolves once the interest up to `mark` is in force (or the cluster gave up on it).
+    fn interest_done(
+        &self,
+        mark: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 }
 
 /// What [`Claims::claim`] resolves to.

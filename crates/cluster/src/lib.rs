@@ -34,7 +34,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use sekisho_broker::{Broker, Message, peers::Peers};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::subject::Kind;
 
@@ -108,7 +108,10 @@ struct Outbound {
 /// The broker's [`Peers`]: queues what the broker says for the tasks that talk to NATS.
 #[derive(Debug)]
 struct Link {
-    interest: mpsc::UnboundedSender<(String, String, bool)>,
+    interest: mpsc::UnboundedSender<Interest>,
+    /// Interest changes told so far, and the last one in force.
+    told: AtomicU64,
+    done: watch::Receiver<u64>,
     messages: mpsc::UnboundedSender<Outbound>,
     queued: Arc<AtomicU64>,
     up: Arc<AtomicBool>,
@@ -117,9 +120,25 @@ struct Link {
 
 impl Peers for Link {
     fn interest(&self, account: &str, filter: &str, on: bool) {
+        // Numbered under the broker's lock, so in the order sent.
+        let n = self.told.fetch_add(1, Ordering::Relaxed) + 1;
         let _ = self
             .interest
-            .send((account.to_owned(), filter.to_owned(), on));
+            .send((account.to_owned(), filter.to_owned(), on, n));
+    }
+
+    fn interest_mark(&self) -> u64 {
+        self.told.load(Ordering::Relaxed)
+    }
+
+    fn interest_done(
+        &self,
+        mark: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let mut done = self.done.clone();
+        Box::pin(async move {
+            let _ = done.wait_for(|d| *d >= mark).await;
+        })
     }
 
     fn forward(&self, account: &str, message: &Arc<Message>) {
@@ -608,8 +627,12 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     let stats = Arc::new(Stats::default());
     let up = Arc::new(AtomicBool::new(true));
     let (events, link_up) = (stats.clone(), up.clone());
+    // What this node publishes never comes back to its plain subscriptions (no echo: it
+    // routed it already); its shared groups' queue subscriptions are on a second connection,
+    // which gets this node's messages too when NATS picks it.
     let client = async_nats::ConnectOptions::new()
         .name(format!("sekisho {}", config.node))
+        .no_echo()
         .subscription_capacity(SUBSCRIPTION_BUFFER)
         .event_callback(move |e| {
             let (stats, up) = (events.clone(), link_up.clone());
@@ -634,6 +657,12 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
                 }
             }
         })
+        .connect(config.url.as_str())
+        .await
+        .with_context(|| format!("cluster: connecting to {}", config.url))?;
+    let groups = async_nats::ConnectOptions::new()
+        .name(format!("sekisho {} groups", config.node))
+        .subscription_capacity(SUBSCRIPTION_BUFFER)
         .connect(config.url.as_str())
         .await
         .with_context(|| format!("cluster: connecting to {}", config.url))?;
@@ -802,7 +831,13 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     let (interest_tx, interest_rx) = mpsc::unbounded_channel();
     let (messages_tx, messages_rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicU64::new(0));
-    tokio::spawn(subscriptions(client.clone(), inbound.clone(), interest_rx));
+    let (done_tx, done_rx) = watch::channel(0);
+    tokio::spawn(subscriptions(
+        [client.clone(), groups],
+        inbound.clone(),
+        interest_rx,
+        done_tx,
+    ));
     tokio::spawn(send(
         client.clone(),
         js,
@@ -814,6 +849,8 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     anyhow::ensure!(
         broker.attach_peers(Arc::new(Link {
             interest: interest_tx,
+            told: AtomicU64::new(0),
+            done: done_rx,
             messages: messages_tx,
             queued,
             up,
@@ -964,65 +1001,87 @@ async fn isolation_watch(
     }
 }
 
+/// An interest change, numbered in the order the broker told it.
+type Interest = (String, String, bool, u64);
+
 /// Holds one NATS subscription per distinct filter this node's sessions hold. A subscription
-/// ends between two messages, never in the middle of routing one.
+/// ends between two messages, never in the middle of routing one. `done` is the number of the
+/// last change in force at the NATS server (a flush after it answered).
 async fn subscriptions(
-    client: async_nats::Client,
+    clients: [async_nats::Client; 2],
     inbound: Arc<Inbound>,
-    mut rx: mpsc::UnboundedReceiver<(String, String, bool)>,
+    mut rx: mpsc::UnboundedReceiver<Interest>,
+    done: watch::Sender<u64>,
 ) {
     let mut held: HashMap<(String, String), oneshot::Sender<()>> = HashMap::new();
-    while let Some((account, filter, on)) = rx.recv().await {
+    while let Some((account, filter, on, n)) = rx.recv().await {
         let key = (account, filter);
         // Dropping the sender ends the task (and with it the NATS subscription).
         held.remove(&key);
-        if !on {
-            continue;
+        if on && let Some(stop) = subscribe(&clients, &inbound, &key).await {
+            held.insert(key, stop);
         }
-        let (account, filter) = &key;
-        let (group, plain) = sekisho_broker::trie::split_shared(filter);
-        let subject = subject::filter_subject(&inbound.prefix, account, plain);
-        let mut sub = None;
-        for attempt in 1..=5u64 {
-            let r = match group {
-                Some(g) => {
-                    client
-                        .queue_subscribe(subject.clone(), subject::queue_name(account, g, plain))
-                        .await
-                }
-                None => client.subscribe(subject.clone()).await,
-            };
-            match r {
-                Ok(s) => {
-                    sub = Some(s);
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, %filter, attempt, "cluster: subscribing");
-                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+        // Changes that came meanwhile are flushed together.
+        if rx.is_empty() {
+            for c in &clients {
+                if let Err(e) = c.flush().await {
+                    tracing::warn!(error = %e, "cluster: flushing subscriptions");
                 }
             }
+            done.send_replace(n);
         }
-        let Some(mut sub) = sub else {
-            tracing::error!(%filter, "cluster: not subscribed; this node misses other nodes' messages for it");
-            continue;
-        };
-        let (stop_tx, mut stop) = oneshot::channel::<()>();
-        let inbound = inbound.clone();
-        let shared = group.map(|_| filter.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = &mut stop => break,
-                    m = sub.next() => match m {
-                        Some(m) => inbound.message(m, shared.as_deref()).await,
-                        None => break,
-                    },
-                }
-            }
-        });
-        held.insert(key, stop_tx);
     }
+}
+
+/// Subscribes to what `(account, filter)` needs and routes what comes until the returned
+/// sender is dropped; `None` if NATS refused five times.
+async fn subscribe(
+    [plain_client, groups_client]: &[async_nats::Client; 2],
+    inbound: &Arc<Inbound>,
+    (account, filter): &(String, String),
+) -> Option<oneshot::Sender<()>> {
+    let (group, plain) = sekisho_broker::trie::split_shared(filter);
+    let subject = subject::filter_subject(&inbound.prefix, account, plain);
+    let mut sub = None;
+    for attempt in 1..=5u64 {
+        let r = match group {
+            Some(g) => {
+                groups_client
+                    .queue_subscribe(subject.clone(), subject::queue_name(account, g, plain))
+                    .await
+            }
+            None => plain_client.subscribe(subject.clone()).await,
+        };
+        match r {
+            Ok(s) => {
+                sub = Some(s);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %filter, attempt, "cluster: subscribing");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+        }
+    }
+    let Some(mut sub) = sub else {
+        tracing::error!(%filter, "cluster: not subscribed; this node misses other nodes' messages for it");
+        return None;
+    };
+    let (stop_tx, mut stop) = oneshot::channel::<()>();
+    let inbound = inbound.clone();
+    let shared = group.map(|_| filter.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                m = sub.next() => match m {
+                    Some(m) => inbound.message(m, shared.as_deref()).await,
+                    None => break,
+                },
+            }
+        }
+    });
+    Some(stop_tx)
 }
 
 /// A message as it travels: the PUBLISH bytes and the headers (sending node, number,

@@ -25,6 +25,8 @@ use crate::events::{self, EventSource};
 use sekisho_registry::{AccountId, CertificateId, ClientId};
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a SUBACK waits for a cluster to route a new filter to this node.
+const INTEREST_WAIT: Duration = Duration::from_secs(2);
 /// Who is on the other end, as the listener established it.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -71,6 +73,8 @@ struct Port {
     reauth: Option<Box<(crate::custom_auth::Credentials, u32)>>,
     /// The broker connection's epoch (once attached).
     epoch: u64,
+    /// In a cluster: the interest mark the next SUBACK waits for (0: none).
+    interest_mark: u64,
 }
 
 impl Port {
@@ -234,9 +238,14 @@ impl Env for Port {
     }
 
     fn subscribe(&mut self, filter: &str, options: SubscriptionOptions) -> (bool, u64) {
-        self.shared
+        let out = self
+            .shared
             .broker
-            .subscribe(&self.account, self.session, filter, options)
+            .subscribe(&self.account, self.session, filter, options);
+        if let Some(p) = self.shared.broker.peers() {
+            self.interest_mark = p.interest_mark();
+        }
+        out
     }
 
     fn unsubscribe(&mut self, filter: &str) -> (bool, u64) {
@@ -548,6 +557,7 @@ fn accept(
         pending: Vec::new(),
         reauth: None,
         epoch: 0,
+        interest_mark: 0,
     };
     let admission = admission.authorize(&mut port, Instant::now())?;
     Ok((admission, port))
@@ -631,6 +641,13 @@ async fn flush<S: AsyncWrite + Unpin>(
     port: &mut Port,
 ) -> Result<(), End> {
     port.wait_for_room().await;
+    // In a cluster, a SUBACK goes out once the other nodes route this node what it matches.
+    if port.interest_mark > 0 {
+        if let Some(p) = shared.broker.peers() {
+            let _ = tokio::time::timeout(INTEREST_WAIT, p.interest_done(port.interest_mark)).await;
+        }
+        port.interest_mark = 0;
+    }
     if !durable(shared, session.take_ticket()).await {
         tracing::error!(client_id = %port.client_id, "storage failed; acknowledgements withheld");
         session.withhold();
