@@ -31,13 +31,22 @@ start_sekisho
 echo "== provisioning 40 devices"
 $BENCH provision --data-dir "$SK" --api 127.0.0.1:19443 --out "$WORK/certs" --count 40 --policy "$WORK/policy.json" > "$OUT/provision.json"
 common=(--host localhost --ca "$SK/ca.pem" --certs "$WORK/certs")
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+PIDS=()
 run() { # name qos extra...
   local name=$1 qos=$2; shift 2
   echo "== $name, QoS $qos"
+  local before=() p i
+  for p in "${PIDS[@]}"; do before+=("$(ticks "$p")"); done
   $BENCH pubsub "${common[@]}" --qos "$qos" --duration "$DUR" "$@" > "$OUT/$name-qos$qos.json"
+  # CPU seconds of each serving process over the run (publishing and draining).
+  i=0; for p in "${PIDS[@]}"; do
+    echo "${PNAMES[$i]} $(( $(ticks "$p") - ${before[$i]} ))" ; i=$((i + 1))
+  done | awk '{printf "%s=%.2f ", $1, $2 / 100} END {print ""}' > "$OUT/$name-qos$qos.cpu"
 }
 rate=(--publishers 10 --subscribers 10 --rate 10000)
 fanout=(--publishers 1 --subscribers 30 --topics shared --rate 1000)
+PIDS=("$SKPID"); PNAMES=(node1)
 for q in 0 1; do run single "$q" "${rate[@]}" --addr 127.0.0.1:18883 --broker-pid "$SKPID"; done
 for q in 0 1; do run single-fanout "$q" "${fanout[@]}" --addr 127.0.0.1:18883 --broker-pid "$SKPID"; done
 kill -TERM "$SKPID"; wait "$SKPID" || true
@@ -58,6 +67,7 @@ node "$WORK/sekisho2" 28883 29443 28443 29444; P2=$!
 node "$WORK/sekisho3" 38883 39443 38443 39444; P3=$!
 for p in 19443 29443 39443; do wait_port $p || { echo "a node did not start"; tail -20 "$WORK"/*.log; exit 1; }; done
 all=(--broker-pid "$P1" --also-pid "$P2" --also-pid "$P3" --also-pid "$NATSPID")
+PIDS=("$P1" "$P2" "$P3" "$NATSPID"); PNAMES=(node1 node2 node3 nats)
 for q in 0 1; do run same-node "$q" "${rate[@]}" --addr 127.0.0.1:18883 "${all[@]}"; done
 for q in 0 1; do run cross-node "$q" "${rate[@]}" --addr 127.0.0.1:18883 --subscriber-addr 127.0.0.1:28883 "${all[@]}"; done
 for q in 0 1; do
@@ -68,15 +78,16 @@ for p in $P1 $P2 $P3 $NATSPID; do kill -TERM "$p" 2>/dev/null || true; done
 wait || true
 
 echo
-printf '%-20s %4s %10s %10s %8s %10s %10s %14s\n' scenario qos sent delivered lost p50_us p99_us cpu_s_per_M
+printf '%-20s %4s %10s %10s %8s %10s %10s %14s  %s\n' scenario qos sent delivered lost p50_us p99_us cpu_s_per_M cpu_s_by_process
 for f in "$OUT"/*-qos*.json; do
   python3 - "$f" <<'PY'
 import json, os, sys
 r = json.load(open(sys.argv[1]))
 name = os.path.basename(sys.argv[1]).rsplit("-qos", 1)[0]
 cpu = r.get("broker_cpu_s_per_million_delivered")
+by = open(sys.argv[1][:-5] + ".cpu").read().strip()
 print(f"{name:<20} {r['qos']:>4} {r['sent']:>10} {r['delivered']:>10} {r['lost']:>8} "
-      f"{r['latency_us']['p50']:>10.0f} {r['latency_us']['p99']:>10.0f} {cpu if cpu is None else round(cpu, 1):>14}")
+      f"{r['latency_us']['p50']:>10.0f} {r['latency_us']['p99']:>10.0f} {cpu if cpu is None else round(cpu, 1):>14}  {by}")
 PY
 done | tee "$OUT/summary.txt"
 echo "results: $OUT"
