@@ -242,14 +242,15 @@ pub async fn pubsub(
     })
     .collect();
     // CPU seconds of the broker and the processes that count with it.
+    // (None if any of them cannot be read: a sum over fewer processes would be too low.)
     let cpu_of = |main: Option<(f64, u64, f64)>| {
-        main.map(|(cpu, rss, kernel)| {
-            also.iter()
-                .filter_map(|p| proc_stats(*p))
-                .fold((cpu, rss, kernel), |(c, r, k), (c2, _, k2)| {
-                    (c + c2, r, k + k2)
-                })
-        })
+        let (mut cpu, rss, mut kernel) = main?;
+        for p in also {
+            let (c, _, k) = proc_stats(*p)?;
+            cpu += c;
+            kernel += k;
+        }
+        Some((cpu, rss, kernel))
     };
     let epoch = Instant::now();
     let delivered = Arc::new(AtomicU64::new(0));

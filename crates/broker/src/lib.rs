@@ -348,7 +348,8 @@ struct AccountState {
     wills: HashMap<String, Vec<(u64, bool, oneshot::Sender<()>)>>,
     /// How many of this account's subscriptions use each filter (as subscribed), for the
     /// interest told to `peers`.
-    filters: HashMap<Box<str>, u32>,
+    /// (count, the interest number the cluster gave its first subscription).
+    filters: HashMap<Box<str>, (u32, u64)>,
     /// The cluster's other nodes, if any.
     peers: Option<Arc<dyn peers::Peers>>,
 }
@@ -400,17 +401,20 @@ impl AccountState {
     }
 
     /// Adds (or replaces) a session's subscription, counting its filter for the interest.
-    fn add_subscription(&mut self, id: SessionId, filter: &str, entry: SubEntry) {
+    /// Returns the interest number the cluster gave the filter (0: no cluster), which the
+    /// SUBACK waits for.
+    fn add_subscription(&mut self, id: SessionId, filter: &str, entry: SubEntry) -> u64 {
         if !self.trie.insert(id, filter, entry) {
-            return;
+            return self.filters.get(filter).map_or(0, |f| f.1);
         }
-        let n = self.filters.entry(filter.into()).or_insert(0);
+        let (n, mark) = self.filters.entry(filter.into()).or_insert((0, 0));
         *n += 1;
         if *n == 1
             && let Some(p) = &self.peers
         {
-            p.interest(&self.name, filter, true);
+            *mark = p.interest(&self.name, filter, true);
         }
+        *mark
     }
 
     /// Removes a session's subscription, if it has it.
@@ -418,7 +422,7 @@ impl AccountState {
         if !self.trie.remove(id, filter) {
             return;
         }
-        if let Some(n) = self.filters.get_mut(filter) {
+        if let Some((n, _)) = self.filters.get_mut(filter) {
             *n -= 1;
             if *n == 0 {
                 self.filters.remove(filter);
@@ -1388,17 +1392,30 @@ impl Broker {
         filter: &str,
         options: SubscriptionOptions,
     ) -> (bool, u64) {
+        let (new, ticket, _) = self.subscribe_marked(account, session, filter, options);
+        (new, ticket)
+    }
+
+    /// [`Broker::subscribe`], and the cluster's interest number for the filter (0: none), for
+    /// [`peers::Peers::interest_done`]: the other nodes route the filter here once it is done.
+    pub fn subscribe_marked(
+        &self,
+        account: &str,
+        session: SessionId,
+        filter: &str,
+        options: SubscriptionOptions,
+    ) -> (bool, u64, u64) {
         let mut inner = self.lock();
         let acct = inner
             .entry(account.to_owned())
             .or_insert_with(|| AccountState::new(account, self.peers.get()));
         let Some(s) = acct.sessions.get_mut(&session) else {
-            return (false, 0);
+            return (false, 0, 0);
         };
         let new = s.subscriptions.insert(filter.to_owned(), options).is_none();
         let ticket = record_session(self.journal.as_deref(), &acct.name, s, true);
-        acct.add_subscription(session, filter, SubEntry { options });
-        (new, ticket)
+        let mark = acct.add_subscription(session, filter, SubEntry { options });
+        (new, ticket, mark)
     }
 
     /// Removes a subscription. Returns whether it existed, and the journal ticket to wait for
@@ -1488,8 +1505,8 @@ impl Broker {
             return false;
         }
         for acct in inner.values_mut() {
-            for filter in acct.filters.keys() {
-                peers.interest(&acct.name, filter, true);
+            for (filter, (_, mark)) in acct.filters.iter_mut() {
+                *mark = peers.interest(&acct.name, filter, true);
             }
             acct.peers = Some(peers.clone());
         }
@@ -2676,9 +2693,10 @@ mod tests {
         #[derive(Debug, Default)]
         struct Log(Mutex<Vec<String>>);
         impl peers::Peers for Log {
-            fn interest(&self, account: &str, filter: &str, on: bool) {
+            fn interest(&self, account: &str, filter: &str, on: bool) -> u64 {
                 let mut l = self.0.lock().unwrap();
                 l.push(format!("{account} {filter} {on}"));
+                l.len() as u64
             }
             fn forward(&self, account: &str, m: &Arc<Message>) {
                 let mut l = self.0.lock().unwrap();
@@ -2686,9 +2704,6 @@ mod tests {
             }
             fn routes_groups(&self) -> bool {
                 true
-            }
-            fn interest_mark(&self) -> u64 {
-                0
             }
             fn interest_done(
                 &self,

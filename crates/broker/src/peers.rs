@@ -23,8 +23,9 @@ use crate::Message;
 /// The other nodes of a cluster, as the broker sees them.
 pub trait Peers: Send + Sync + std::fmt::Debug {
     /// This node's first subscription to `filter` in `account` (`on`), or its last one gone.
-    /// `filter` is as subscribed, with its `$share/{group}/` prefix if it has one.
-    fn interest(&self, account: &str, filter: &str, on: bool);
+    /// `filter` is as subscribed, with its `$share/{group}/` prefix if it has one. Returns the
+    /// change's number, for [`Peers::interest_done`].
+    fn interest(&self, account: &str, filter: &str, on: bool) -> u64;
 
     /// A message published on this node in `account`, accepted and routed here.
     fn forward(&self, account: &str, message: &Arc<Message>);
@@ -33,12 +34,10 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// if not, this node picks among its own members, as a single node does.
     fn routes_groups(&self) -> bool;
 
-    /// A mark covering all interest told so far: once [`Peers::interest_done`] resolves for
-    /// it, the other nodes send this node what matches every filter subscribed before it (a
-    /// SUBACK waits for that, so that a message published elsewhere after it is not missed).
-    fn interest_mark(&self) -> u64;
-
-    /// Resolves once the interest up to `mark` is in force (or the cluster gave up on it).
+    /// Resolves once the interest changes up to number `mark` are in force at NATS (or the
+    /// cluster gave up on them): the other nodes send this node what matches them. A SUBACK
+    /// waits for its filter's, so that a message published elsewhere after it is not missed.
+    /// Resolves at once while the link is down (a CONNECT would not get in then anyway).
     fn interest_done(
         &self,
         mark: u64,

@@ -115,20 +115,18 @@ struct Link {
     messages: mpsc::UnboundedSender<Outbound>,
     queued: Arc<AtomicU64>,
     up: Arc<AtomicBool>,
+    groups_up: Arc<AtomicBool>,
     stats: Arc<Stats>,
 }
 
 impl Peers for Link {
-    fn interest(&self, account: &str, filter: &str, on: bool) {
+    fn interest(&self, account: &str, filter: &str, on: bool) -> u64 {
         // Numbered under the broker's lock, so in the order sent.
         let n = self.told.fetch_add(1, Ordering::Relaxed) + 1;
         let _ = self
             .interest
             .send((account.to_owned(), filter.to_owned(), on, n));
-    }
-
-    fn interest_mark(&self) -> u64 {
-        self.told.load(Ordering::Relaxed)
+        n
     }
 
     fn interest_done(
@@ -136,8 +134,11 @@ impl Peers for Link {
         mark: u64,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         let mut done = self.done.clone();
+        let waiting = *done.borrow() < mark && self.routes_groups();
         Box::pin(async move {
-            let _ = done.wait_for(|d| *d >= mark).await;
+            if waiting {
+                let _ = done.wait_for(|d| *d >= mark).await;
+            }
         })
     }
 
@@ -162,7 +163,7 @@ impl Peers for Link {
     }
 
     fn routes_groups(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.up.load(Ordering::Relaxed) && self.groups_up.load(Ordering::Relaxed)
     }
 }
 
@@ -176,7 +177,11 @@ pub struct Cluster {
     /// Who owns each client id (for the gateway).
     pub claims: Arc<Owners>,
     client: async_nats::Client,
+    groups: async_nats::Client,
 }
+
+/// Longest a round trip that confirms new subscriptions may take.
+const ROUND_TRIP: Duration = Duration::from_secs(1);
 
 /// How long a CONNECT waits for its claim to be stored before it is refused.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -366,7 +371,9 @@ impl sekisho_broker::peers::Claims for Owners {
 impl Cluster {
     /// Whether the connection to NATS is up.
     pub fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
+        [&self.client, &self.groups]
+            .iter()
+            .all(|c| c.connection_state() == async_nats::connection::State::Connected)
     }
 
     /// The counters for `/metrics`: name, help, value.
@@ -612,6 +619,51 @@ impl Inbound {
     }
 }
 
+/// One connection to NATS, named `sekisho {name}`, that keeps `up` and counts slow consumers.
+async fn connect(
+    config: &Config,
+    name: &str,
+    no_echo: bool,
+    stats: Arc<Stats>,
+    up: Arc<AtomicBool>,
+) -> anyhow::Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("sekisho {name}"))
+        .subscription_capacity(SUBSCRIPTION_BUFFER);
+    if no_echo {
+        options = options.no_echo();
+    }
+    let what = name.to_owned();
+    options
+        .event_callback(move |e| {
+            let (stats, up, what) = (stats.clone(), up.clone(), what.clone());
+            async move {
+                match e {
+                    async_nats::Event::SlowConsumer(sid) => {
+                        stats.slow_consumer.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            sid,
+                            connection = %what,
+                            "cluster: a subscription is too slow; NATS's client dropped messages"
+                        );
+                    }
+                    async_nats::Event::Connected => {
+                        up.store(true, Ordering::Relaxed);
+                        tracing::info!(connection = %what, "cluster: connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        up.store(false, Ordering::Relaxed);
+                        tracing::warn!(connection = %what, "cluster: disconnected from NATS");
+                    }
+                    other => tracing::warn!(connection = %what, "cluster: {other}"),
+                }
+            }
+        })
+        .connect(config.url.as_str())
+        .await
+        .with_context(|| format!("cluster: connecting to {}", config.url))
+}
+
 /// Joins the cluster: connects to NATS, reads the retained stream (up to 10 s) and makes this
 /// node's retained messages agree with it, then attaches to `broker` as its [`Peers`]. Fails
 /// if NATS cannot be reached.
@@ -625,47 +677,22 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         "cluster.name must be letters, digits, '-' or '_'"
     );
     let stats = Arc::new(Stats::default());
-    let up = Arc::new(AtomicBool::new(true));
-    let (events, link_up) = (stats.clone(), up.clone());
     // What this node publishes never comes back to its plain subscriptions (no echo: it
     // routed it already); its shared groups' queue subscriptions are on a second connection,
-    // which gets this node's messages too when NATS picks it.
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("sekisho {}", config.node))
-        .no_echo()
-        .subscription_capacity(SUBSCRIPTION_BUFFER)
-        .event_callback(move |e| {
-            let (stats, up) = (events.clone(), link_up.clone());
-            async move {
-                match e {
-                    async_nats::Event::SlowConsumer(sid) => {
-                        stats.slow_consumer.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            sid,
-                            "cluster: a subscription is too slow; NATS's client dropped messages"
-                        );
-                    }
-                    async_nats::Event::Connected => {
-                        up.store(true, Ordering::Relaxed);
-                        tracing::info!("cluster: connected to NATS");
-                    }
-                    async_nats::Event::Disconnected => {
-                        up.store(false, Ordering::Relaxed);
-                        tracing::warn!("cluster: disconnected from NATS");
-                    }
-                    other => tracing::warn!("cluster: {other}"),
-                }
-            }
-        })
-        .connect(config.url.as_str())
-        .await
-        .with_context(|| format!("cluster: connecting to {}", config.url))?;
-    let groups = async_nats::ConnectOptions::new()
-        .name(format!("sekisho {} groups", config.node))
-        .subscription_capacity(SUBSCRIPTION_BUFFER)
-        .connect(config.url.as_str())
-        .await
-        .with_context(|| format!("cluster: connecting to {}", config.url))?;
+    // which gets this node's messages too when NATS picks it. Each has its own "up".
+    let (up, groups_up) = (
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let client = connect(config, &config.node, true, stats.clone(), up.clone()).await?;
+    let groups = connect(
+        config,
+        &format!("{} groups", config.node),
+        false,
+        stats.clone(),
+        groups_up.clone(),
+    )
+    .await?;
     let node_id: u64 = rand::random();
     let prefix = config.name.clone();
 
@@ -833,7 +860,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     let queued = Arc::new(AtomicU64::new(0));
     let (done_tx, done_rx) = watch::channel(0);
     tokio::spawn(subscriptions(
-        [client.clone(), groups],
+        [client.clone(), groups.clone()],
         inbound.clone(),
         interest_rx,
         done_tx,
@@ -854,13 +881,14 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
             messages: messages_tx,
             queued,
             up,
+            groups_up,
             stats: stats.clone(),
         })),
         "cluster: the broker has peers already"
     );
     tokio::spawn(isolation_watch(
         broker.clone(),
-        client.clone(),
+        [client.clone(), groups.clone()],
         claims_stream,
         feed_alive,
         config.isolation,
@@ -879,6 +907,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         stats,
         claims,
         client,
+        groups,
     }))
 }
 
@@ -969,7 +998,7 @@ pub async fn status(
 /// side of a partition has no JetStream quorum) and this node must still follow it.
 async fn isolation_watch(
     broker: Arc<Broker>,
-    client: async_nats::Client,
+    clients: [async_nats::Client; 2],
     claims: jetstream::stream::Stream,
     feed_alive: Arc<AtomicBool>,
     after: Duration,
@@ -979,7 +1008,9 @@ async fn isolation_watch(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let healthy = client.connection_state() == async_nats::connection::State::Connected
+        let healthy = clients
+            .iter()
+            .all(|c| c.connection_state() == async_nats::connection::State::Connected)
             && feed_alive.load(Ordering::Relaxed)
             && tokio::time::timeout(Duration::from_millis(1500), claims.get_info())
                 .await
@@ -1005,8 +1036,10 @@ async fn isolation_watch(
 type Interest = (String, String, bool, u64);
 
 /// Holds one NATS subscription per distinct filter this node's sessions hold. A subscription
-/// ends between two messages, never in the middle of routing one. `done` is the number of the
-/// last change in force at the NATS server (a flush after it answered).
+/// ends between two messages, never in the middle of routing one. Changes are taken in
+/// batches; after a batch that subscribed, a round trip through NATS on each connection used
+/// (a request nobody answers: the server's "no responders" comes after it processed the
+/// SUBs before it) proves them in force, and `done` becomes the batch's last number.
 async fn subscriptions(
     clients: [async_nats::Client; 2],
     inbound: Arc<Inbound>,
@@ -1014,22 +1047,36 @@ async fn subscriptions(
     done: watch::Sender<u64>,
 ) {
     let mut held: HashMap<(String, String), oneshot::Sender<()>> = HashMap::new();
-    while let Some((account, filter, on, n)) = rx.recv().await {
-        let key = (account, filter);
-        // Dropping the sender ends the task (and with it the NATS subscription).
-        held.remove(&key);
-        if on && let Some(stop) = subscribe(&clients, &inbound, &key).await {
-            held.insert(key, stop);
+    let mut batch = Vec::with_capacity(256);
+    let probe = format!("{}.roundtrip", inbound.prefix);
+    loop {
+        batch.clear();
+        if rx.recv_many(&mut batch, 256).await == 0 {
+            return;
         }
-        // Changes that came meanwhile are flushed together.
-        if rx.is_empty() {
-            for c in &clients {
-                if let Err(e) = c.flush().await {
-                    tracing::warn!(error = %e, "cluster: flushing subscriptions");
+        let mut used = [false; 2];
+        let mut last = 0;
+        for (account, filter, on, n) in batch.drain(..) {
+            last = n;
+            let key = (account, filter);
+            // Dropping the sender ends the task (and with it the NATS subscription).
+            held.remove(&key);
+            if on && let Some(stop) = subscribe(&clients, &inbound, &key).await {
+                used[usize::from(key.1.starts_with("$share/"))] = true;
+                held.insert(key, stop);
+            }
+        }
+        let trips = clients.iter().zip(used).filter(|(_, u)| *u).map(|(c, _)| {
+            let (c, probe) = (c.clone(), probe.clone());
+            async move {
+                let r = tokio::time::timeout(ROUND_TRIP, c.request(probe, Bytes::new())).await;
+                if r.is_err() {
+                    tracing::warn!("cluster: NATS did not confirm new subscriptions in 1 s");
                 }
             }
-            done.send_replace(n);
-        }
+        });
+        futures_util::future::join_all(trips).await;
+        done.send_replace(last);
     }
 }
 

@@ -238,14 +238,12 @@ impl Env for Port {
     }
 
     fn subscribe(&mut self, filter: &str, options: SubscriptionOptions) -> (bool, u64) {
-        let out = self
-            .shared
-            .broker
-            .subscribe(&self.account, self.session, filter, options);
-        if let Some(p) = self.shared.broker.peers() {
-            self.interest_mark = p.interest_mark();
-        }
-        out
+        let (new, ticket, mark) =
+            self.shared
+                .broker
+                .subscribe_marked(&self.account, self.session, filter, options);
+        self.interest_mark = self.interest_mark.max(mark);
+        (new, ticket)
     }
 
     fn unsubscribe(&mut self, filter: &str) -> (bool, u64) {
