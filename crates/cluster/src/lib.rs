@@ -300,16 +300,26 @@ impl sekisho_broker::peers::Claims for Owners {
         let js = self.js.clone();
         let owned = self.owned.clone();
         Box::pin(async move {
+            // Within the time allowed, a refusal is tried again: JetStream refuses for a moment
+            // while a stream's leader is elected or its subjects reach every server.
+            let mut last = String::from("the cluster did not answer in 2 s");
             let stored = tokio::time::timeout(CLAIM_TIMEOUT, async {
-                js.publish(subject, payload)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .await
-                    .map_err(|e| e.to_string())
+                loop {
+                    let r = match js.publish(subject.clone(), payload.clone()).await {
+                        Ok(ack) => ack.await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match r {
+                        Ok(ack) => return ack,
+                        Err(e) => {
+                            last = e;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
             })
             .await
-            .map_err(|_| "the cluster did not answer in 2 s".to_string())
-            .and_then(|r| r);
+            .map_err(|_| last);
             let mut owned = lock_owned(&owned);
             let o = owned.entry(key.clone()).or_default();
             let out = match stored {
@@ -619,6 +629,81 @@ impl Inbound {
     }
 }
 
+/// The servers of a comma-separated URL list (async-nats takes one URL per string).
+fn servers(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// The claims stream from after `after`, as an ordered consumer.
+async fn claim_feed(
+    stream: &jetstream::stream::Stream,
+    client: &async_nats::Client,
+    prefix: &str,
+    after: u64,
+) -> anyhow::Result<jetstream::consumer::push::Ordered> {
+    Ok(stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{prefix}.c.>"),
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            },
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?)
+}
+
+/// Follows the claims stream. After a reconnection to NATS (perhaps to another server, the
+/// one that held this node's consumer gone) the consumer is made again from the last claim
+/// seen, at once, instead of after the ordered consumer's missed heartbeats (seconds in which
+/// a takeover elsewhere would go unseen). While it cannot be made, `alive` is false (the
+/// watchdog counts the node as cut off).
+async fn follow_claims(
+    mut feed: jetstream::consumer::push::Ordered,
+    stream: jetstream::stream::Stream,
+    client: async_nats::Client,
+    claims: Arc<Owners>,
+    mut last: u64,
+    reconnected: Arc<tokio::sync::Notify>,
+    alive: Arc<AtomicBool>,
+) {
+    loop {
+        loop {
+            tokio::select! {
+                _ = reconnected.notified() => break,
+                m = feed.next() => match m {
+                    Some(Ok(m)) => {
+                        let seq = m.info().map_or(0, |i| i.stream_sequence);
+                        claims.seen(m.subject.as_str(), &m.payload, seq);
+                        last = last.max(seq);
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "cluster: the claims stream"),
+                    None => break,
+                },
+            }
+        }
+        loop {
+            match claim_feed(&stream, &client, &claims.prefix, last).await {
+                Ok(f) => {
+                    feed = f;
+                    alive.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    alive.store(false, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "cluster: following the claims stream again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+}
+
 /// One connection to NATS, named `sekisho {name}`, that keeps `up` and counts slow consumers.
 async fn connect(
     config: &Config,
@@ -626,6 +711,7 @@ async fn connect(
     no_echo: bool,
     stats: Arc<Stats>,
     up: Arc<AtomicBool>,
+    reconnected: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<async_nats::Client> {
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("sekisho {name}"))
@@ -636,7 +722,8 @@ async fn connect(
     let what = name.to_owned();
     options
         .event_callback(move |e| {
-            let (stats, up, what) = (stats.clone(), up.clone(), what.clone());
+            let (stats, up, what, reconnected) =
+                (stats.clone(), up.clone(), what.clone(), reconnected.clone());
             async move {
                 match e {
                     async_nats::Event::SlowConsumer(sid) => {
@@ -649,6 +736,7 @@ async fn connect(
                     }
                     async_nats::Event::Connected => {
                         up.store(true, Ordering::Relaxed);
+                        reconnected.notify_one();
                         tracing::info!(connection = %what, "cluster: connected to NATS");
                     }
                     async_nats::Event::Disconnected => {
@@ -659,7 +747,7 @@ async fn connect(
                 }
             }
         })
-        .connect(config.url.as_str())
+        .connect(servers(&config.url))
         .await
         .with_context(|| format!("cluster: connecting to {}", config.url))
 }
@@ -684,21 +772,37 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         Arc::new(AtomicBool::new(true)),
         Arc::new(AtomicBool::new(true)),
     );
-    let client = connect(config, &config.node, true, stats.clone(), up.clone()).await?;
+    let reconnected = Arc::new(tokio::sync::Notify::new());
+    let client = connect(
+        config,
+        &config.node,
+        true,
+        stats.clone(),
+        up.clone(),
+        reconnected.clone(),
+    )
+    .await?;
     let groups = connect(
         config,
         &format!("{} groups", config.node),
         false,
         stats.clone(),
         groups_up.clone(),
+        Arc::new(tokio::sync::Notify::new()),
     )
     .await?;
     let node_id: u64 = rand::random();
     let prefix = config.name.clone();
 
     // Retained messages: the last per subject, then live, in the stream's order.
-    let js = jetstream::new(client.clone());
-    let stream = js
+    // Start-up waits for a NATS cluster that is still electing its leaders (up to 10 s per
+    // request); afterwards a request that gets no answer in 2 s is tried again rather than
+    // waited on (a claim has 2 s in all; a follower made again after a failover retries).
+    let mut js_start = jetstream::new(client.clone());
+    js_start.set_timeout(Duration::from_secs(10));
+    let mut js = jetstream::new(client.clone());
+    js.set_timeout(Duration::from_secs(2));
+    let stream = js_start
         .get_or_create_stream(jetstream::stream::Config {
             name: format!("{}_RETAINED", config.name),
             subjects: vec![format!("{prefix}.r.>")],
@@ -807,7 +911,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     }
 
     // Client-id claims: followed from now on (earlier ones concern no connection here).
-    let claims_stream = js
+    js_start
         .get_or_create_stream(jetstream::stream::Config {
             name: format!("{}_CLAIMS", config.name),
             subjects: vec![format!("{prefix}.c.>")],
@@ -819,18 +923,16 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         })
         .await
         .context("cluster: the claims stream")?;
-    let mut claim_feed = claims_stream
-        .create_consumer(jetstream::consumer::push::OrderedConfig {
-            deliver_subject: client.new_inbox(),
-            filter_subject: format!("{prefix}.c.>"),
-            deliver_policy: jetstream::consumer::DeliverPolicy::New,
-            ..Default::default()
-        })
+    let claims_stream = js
+        .get_stream(format!("{}_CLAIMS", config.name))
         .await
-        .context("cluster: following the claims stream")?
-        .messages()
+        .context("cluster: the claims stream")?;
+    let last = claims_stream
+        .get_info()
         .await
-        .context("cluster: following the claims stream")?;
+        .context("cluster: the claims stream")?
+        .state
+        .last_sequence;
     let claims = Arc::new(Owners {
         js: js.clone(),
         prefix: prefix.clone(),
@@ -838,22 +940,19 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         broker: broker.clone(),
         owned: Arc::new(Mutex::new(HashMap::new())),
     });
-    let (c, feed_alive) = (claims.clone(), Arc::new(AtomicBool::new(true)));
-    let alive = feed_alive.clone();
-    tokio::spawn(async move {
-        while let Some(m) = claim_feed.next().await {
-            match m {
-                Ok(m) => {
-                    let seq = m.info().map_or(0, |i| i.stream_sequence);
-                    c.seen(m.subject.as_str(), &m.payload, seq);
-                }
-                Err(e) => tracing::warn!(error = %e, "cluster: the claims stream"),
-            }
-        }
-        // Takeovers elsewhere would go unseen: the watchdog takes the node as cut off.
-        alive.store(false, Ordering::Relaxed);
-        tracing::error!("cluster: the claims stream ended");
-    });
+    let feed = claim_feed(&claims_stream, &client, &prefix, last)
+        .await
+        .context("cluster: following the claims stream")?;
+    let feed_alive = Arc::new(AtomicBool::new(true));
+    tokio::spawn(follow_claims(
+        feed,
+        claims_stream.clone(),
+        client.clone(),
+        claims.clone(),
+        last,
+        reconnected,
+        feed_alive.clone(),
+    ));
 
     let (interest_tx, interest_rx) = mpsc::unbounded_channel();
     let (messages_tx, messages_rx) = mpsc::unbounded_channel();
@@ -971,7 +1070,7 @@ pub async fn status(
     name: &str,
     wait: Duration,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    let client = async_nats::connect(url)
+    let client = async_nats::connect(servers(url))
         .await
         .with_context(|| format!("connecting to {url}"))?;
     let inbox = client.new_inbox();
