@@ -144,6 +144,73 @@ class NatsCluster:
         self.log.close()
 
 
+class Relay:
+    """A TCP relay to `target_port` on loopback that can be cut (every relayed connection
+    closed, new ones refused) and healed: a network partition between one node and NATS,
+    while NATS stays up for the others."""
+
+    def __init__(self, target_port):
+        self.port = free_ports(1)[0]
+        self.target = target_port
+        self.conns = []
+        self.lock = threading.Lock()
+        self.heal()
+
+    def heal(self):
+        self.up = True
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", self.port))
+        self.srv.listen(64)
+        threading.Thread(target=self._accept, args=(self.srv,), daemon=True).start()
+
+    def _accept(self, srv):
+        while True:
+            try:
+                c, _ = srv.accept()
+                u = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            with self.lock:
+                if not self.up:  # accepted as it was being cut
+                    c.close()
+                    u.close()
+                    return
+                self.conns += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def cut(self):
+        with self.lock:
+            self.up = False
+            conns, self.conns = self.conns, []
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
+        self.srv.close()
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+
 def node_config(nats, node):
     return f'[cluster]\nurl = "{nats.url}"\nnode = "{node}"\n'
 
@@ -607,6 +674,75 @@ def test_one_of_three_nats_servers_killed(workdir):
     finally:
         for node in nodes:
             node.stop()
+        nats.stop()
+
+
+def test_a_partition_and_its_healing(workdir):
+    """Node a is cut off from NATS (a relay between them is cut) while NATS and node b stay up.
+    a refuses CONNECT (0x88) within 2 s; a device takes its client id over on b; a ends its
+    connections (0x8B) after isolation_seconds, so the client id is not connected twice for
+    longer; after healing, a reconnects by itself, messages cross again, and b's connection
+    of that client id is left alone."""
+    d = workdir / unique("partition")
+    d.mkdir()
+    nats = Nats(d / "nats")
+    relay = Relay(nats.port)
+    a = Server(d / "a", config=f'[cluster]\nurl = "nats://127.0.0.1:{relay.port}"\nnode = "a"\n'
+               'isolation_seconds = 4\n').start()
+    nodes = [a]
+    try:
+        dev = Device(a, a.boto(), unique("part"), ALLOW_ALL, d)
+        a.stop()
+        shutil.copytree(d / "a", d / "b", ignore=shutil.ignore_patterns("broker.db*"))
+        a.start()
+        b = Server(d / "b", config=node_config(nats, "b")).start()
+        nodes.append(b)
+
+        def client(node, cid=None):
+            c = Paho(node, "localhost", dev, cid or unique("c"), v5=True)
+            c.c.reconnect_delay_set(120, 120)
+            return c, c.connect()[0]
+
+        cid = unique("owned")
+        held, rc = client(a, cid)
+        assert rc == 0
+        sub, _ = client(b)
+        sub.subscribe("part/x", qos=1)
+        pub, _ = client(a)
+        pub.c.publish("part/x", b"before", qos=1).wait_for_publish(5)
+        assert sub.messages.get(timeout=5).payload == b"before"
+
+        relay.cut()
+        cut = time.time()
+        refused, rc = client(a)
+        assert rc.value == 0x88, rc
+        assert time.time() - cut < 4
+        refused.close()
+        taker, rc = client(b, cid)
+        assert rc == 0
+        rc = held.disconnects.get(timeout=10)
+        assert rc.value == 0x8B, rc
+        assert time.time() - cut < 9
+
+        relay.heal()
+        end = time.time() + 30
+        while True:
+            c, rc = client(a)
+            if rc == 0:
+                break
+            c.close()
+            assert time.time() < end, "node a did not come back after the partition healed"
+            time.sleep(0.5)
+        c.c.publish("part/x", b"after", qos=1).wait_for_publish(5)
+        assert b"after" in [m.payload for m in drain(sub.messages, 3)]
+        time.sleep(1)
+        assert taker.disconnects.empty(), list(taker.disconnects.queue)
+        for x in (held, sub, pub, taker, c):
+            x.close()
+    finally:
+        for node in nodes:
+            node.stop()
+        relay.cut()
         nats.stop()
 
 
