@@ -83,7 +83,11 @@ class Nats:
 
     def stop(self, close=True):
         self.proc.terminate()
-        self.proc.wait(timeout=10)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         if close:
             self.log.close()
 
@@ -140,7 +144,11 @@ class NatsCluster:
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
-                p.wait(timeout=10)
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         self.log.close()
 
 
@@ -622,21 +630,33 @@ def test_one_of_three_nats_servers_killed(workdir):
     d.mkdir()
     nats = NatsCluster(d / "nats")
     config = lambda node: node_config(nats, node) + "replicas = 3\n"  # noqa: E731
-    a = Server(d / "a", config=config("a")).start()
-    nodes = [a]
+    nodes = []
     try:
+        a = Server(d / "a", config=config("a"))
+        nodes.append(a)
+        a.start()
         devs = [Device(a, a.boto(), unique("ha"), ALLOW_ALL, d) for _ in range(2)]
         a.stop()
         shutil.copytree(d / "a", d / "b", ignore=shutil.ignore_patterns("broker.db*"))
         a.start()
-        b = Server(d / "b", config=config("b")).start()
+        b = Server(d / "b", config=config("b"))
         nodes.append(b)
+        b.start()
 
         def client(node, dev, cid=None):
-            c = Paho(node, "localhost", dev, cid or unique("c"), v5=True)
-            c.c.reconnect_delay_set(120, 120)
-            assert c.connect()[0] == 0
-            return c
+            # While JetStream elects a leader after the kill, claims cannot be made and a
+            # CONNECT is refused with 0x88 (Server unavailable): a device tries again.
+            cid = cid or unique("c")
+            end = time.time() + 20
+            while True:
+                c = Paho(node, "localhost", dev, cid, v5=True)
+                c.c.reconnect_delay_set(120, 120)
+                rc = c.connect()[0]
+                if rc == 0:
+                    return c
+                c.close()
+                assert rc.value == 0x88 and time.time() < end, rc
+                time.sleep(0.5)
 
         sub, pub = client(b, devs[1]), client(a, devs[0])
         sub.subscribe("ha/x", qos=1)
@@ -678,29 +698,32 @@ def test_one_of_three_nats_servers_killed(workdir):
 
 
 def test_a_partition_and_its_healing(workdir):
-    """Node a is cut off from NATS (a relay between them is cut) while NATS and node b stay up.
-    a refuses CONNECT (0x88) within 2 s; a device takes its client id over on b; a ends its
-    connections (0x8B) after isolation_seconds, so the client id is not connected twice for
-    longer; after healing, a reconnects by itself, messages cross again, and b's connection
-    of that client id is left alone."""
+    """Node a is cut off from NATS (a relay between them closes every connection and refuses
+    new ones) while NATS and node b stay up. a refuses CONNECT (0x88) within about 2 s; a
+    device takes a client id over on b meanwhile. The partition heals before a's
+    isolation_seconds: a reconnects by itself, follows the claims again, sees b's later claim
+    and ends its own connection of that client id (0x8E); b's stays, and messages cross again."""
     d = workdir / unique("partition")
     d.mkdir()
     nats = Nats(d / "nats")
     relay = Relay(nats.port)
-    a = Server(d / "a", config=f'[cluster]\nurl = "nats://127.0.0.1:{relay.port}"\nnode = "a"\n'
-               'isolation_seconds = 4\n').start()
-    nodes = [a]
+    nodes, clients = [], []
     try:
+        a = Server(d / "a", config=f'[cluster]\nurl = "nats://127.0.0.1:{relay.port}"\nnode = "a"\n')
+        nodes.append(a)
+        a.start()
         dev = Device(a, a.boto(), unique("part"), ALLOW_ALL, d)
         a.stop()
         shutil.copytree(d / "a", d / "b", ignore=shutil.ignore_patterns("broker.db*"))
         a.start()
-        b = Server(d / "b", config=node_config(nats, "b")).start()
+        b = Server(d / "b", config=node_config(nats, "b"))
         nodes.append(b)
+        b.start()
 
         def client(node, cid=None):
             c = Paho(node, "localhost", dev, cid or unique("c"), v5=True)
             c.c.reconnect_delay_set(120, 120)
+            clients.append(c)
             return c, c.connect()[0]
 
         cid = unique("owned")
@@ -714,32 +737,33 @@ def test_a_partition_and_its_healing(workdir):
 
         relay.cut()
         cut = time.time()
-        refused, rc = client(a)
+        _, rc = client(a)
         assert rc.value == 0x88, rc
-        assert time.time() - cut < 4
-        refused.close()
+        assert time.time() - cut < 3
         taker, rc = client(b, cid)
         assert rc == 0
-        rc = held.disconnects.get(timeout=10)
-        assert rc.value == 0x8B, rc
-        assert time.time() - cut < 9
+        assert held.disconnects.empty(), "a cannot know of b's claim while cut off"
 
         relay.heal()
-        end = time.time() + 30
+        healed = time.time()
+        rc = held.disconnects.get(timeout=15)
+        assert rc.value == 0x8E, rc
+        took = time.time() - healed
+        end = time.time() + 15
         while True:
             c, rc = client(a)
             if rc == 0:
                 break
-            c.close()
             assert time.time() < end, "node a did not come back after the partition healed"
             time.sleep(0.5)
+        time.sleep(0.5)
         c.c.publish("part/x", b"after", qos=1).wait_for_publish(5)
         assert b"after" in [m.payload for m in drain(sub.messages, 3)]
-        time.sleep(1)
         assert taker.disconnects.empty(), list(taker.disconnects.queue)
-        for x in (held, sub, pub, taker, c):
-            x.close()
+        print(f"takeover seen {took:.1f} s after the healing")
     finally:
+        for c in clients:
+            c.close()
         for node in nodes:
             node.stop()
         relay.cut()

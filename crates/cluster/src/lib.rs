@@ -45,7 +45,8 @@ pub struct Config {
     pub url: String,
     /// Subject prefix and stream name of this cluster (several clusters may share one NATS).
     pub name: String,
-    /// JetStream replicas of the retained stream (3 on a three-server NATS cluster).
+    /// JetStream replicas of the retained and claims streams (3 on a three-server NATS
+    /// cluster).
     pub replicas: usize,
     /// This node's name, for NATS's connection list and the logs.
     pub node: String,
@@ -180,6 +181,9 @@ pub struct Cluster {
     groups: async_nats::Client,
 }
 
+/// Numbers this node's claims (with its id, each claim's message id).
+static CLAIM_IDS: AtomicU64 = AtomicU64::new(1);
+
 /// Longest a round trip that confirms new subscriptions may take.
 const ROUND_TRIP: Duration = Duration::from_secs(1);
 
@@ -297,6 +301,15 @@ impl sekisho_broker::peers::Claims for Owners {
         self.lock().entry(key.clone()).or_default().pending += 1;
         let subject = subject::claim_subject(&self.prefix, account, client_id);
         let payload = Bytes::from(format!("{:x}", self.node_id));
+        // One id per CONNECT: a retry of a claim that was stored after all is the same claim
+        // to JetStream (its duplicate window), not a second one.
+        let mut headers = HeaderMap::new();
+        let id = format!(
+            "{:x}-{:x}",
+            self.node_id,
+            CLAIM_IDS.fetch_add(1, Ordering::Relaxed)
+        );
+        headers.insert("Nats-Msg-Id", id.as_str());
         let js = self.js.clone();
         let owned = self.owned.clone();
         Box::pin(async move {
@@ -305,7 +318,10 @@ impl sekisho_broker::peers::Claims for Owners {
             let mut last = String::from("the cluster did not answer in 2 s");
             let stored = tokio::time::timeout(CLAIM_TIMEOUT, async {
                 loop {
-                    let r = match js.publish(subject.clone(), payload.clone()).await {
+                    let r = match js
+                        .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                        .await
+                    {
                         Ok(ack) => ack.await.map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
                     };
@@ -637,6 +653,25 @@ fn servers(urls: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Makes (or finds) a stream, for up to 30 s: a NATS cluster that has just started may still
+/// be placing its first replicated streams.
+async fn create_stream(
+    js: &jetstream::Context,
+    config: jetstream::stream::Config,
+) -> anyhow::Result<jetstream::stream::Stream> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, stream = %config.name, "cluster: stream not ready; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The claims stream from after `after`, as an ordered consumer.
 async fn claim_feed(
     stream: &jetstream::stream::Stream,
@@ -682,7 +717,10 @@ async fn follow_claims(
                         claims.seen(m.subject.as_str(), &m.payload, seq);
                         last = last.max(seq);
                     }
-                    Some(Err(e)) => tracing::warn!(error = %e, "cluster: the claims stream"),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "cluster: the claims stream; following it again");
+                        break;
+                    }
                     None => break,
                 },
             }
@@ -802,8 +840,9 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     js_start.set_timeout(Duration::from_secs(10));
     let mut js = jetstream::new(client.clone());
     js.set_timeout(Duration::from_secs(2));
-    let stream = js_start
-        .get_or_create_stream(jetstream::stream::Config {
+    let stream = create_stream(
+        &js_start,
+        jetstream::stream::Config {
             name: format!("{}_RETAINED", config.name),
             subjects: vec![format!("{prefix}.r.>")],
             max_messages_per_subject: 1,
@@ -811,9 +850,10 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
             storage: jetstream::stream::StorageType::File,
             allow_message_ttl: true,
             ..Default::default()
-        })
-        .await
-        .context("cluster: the retained stream")?;
+        },
+    )
+    .await
+    .context("cluster: the retained stream")?;
     let empty = stream
         .get_info()
         .await
@@ -878,7 +918,8 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         for (account, m) in broker.retained_all() {
             let subject = subject::topic_subject(&prefix, Kind::Retained, &account, &m.topic);
             let (bytes, headers) = encode(&m, node_id, 0)?;
-            js.publish_with_headers(subject, headers, bytes)
+            js_start
+                .publish_with_headers(subject, headers, bytes)
                 .await
                 .context("cluster: seeding the retained stream")?
                 .await
@@ -911,8 +952,9 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     }
 
     // Client-id claims: followed from now on (earlier ones concern no connection here).
-    js_start
-        .get_or_create_stream(jetstream::stream::Config {
+    create_stream(
+        &js_start,
+        jetstream::stream::Config {
             name: format!("{}_CLAIMS", config.name),
             subjects: vec![format!("{prefix}.c.>")],
             max_messages_per_subject: 1,
@@ -920,14 +962,20 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
             num_replicas: config.replicas,
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
-        })
+        },
+    )
+    .await
+    .context("cluster: the claims stream")?;
+    // Start-up reads with the patient context; the follower, made again later, with the quick one.
+    let claims_start = js_start
+        .get_stream(format!("{}_CLAIMS", config.name))
         .await
         .context("cluster: the claims stream")?;
     let claims_stream = js
         .get_stream(format!("{}_CLAIMS", config.name))
         .await
         .context("cluster: the claims stream")?;
-    let last = claims_stream
+    let last = claims_start
         .get_info()
         .await
         .context("cluster: the claims stream")?
@@ -940,9 +988,11 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         broker: broker.clone(),
         owned: Arc::new(Mutex::new(HashMap::new())),
     });
-    let feed = claim_feed(&claims_stream, &client, &prefix, last)
+    let feed = claim_feed(&claims_start, &client, &prefix, last)
         .await
         .context("cluster: following the claims stream")?;
+    // The connection's first Connected came before: no reason to make the follower again.
+    let _ = futures_util::FutureExt::now_or_never(reconnected.notified());
     let feed_alive = Arc::new(AtomicBool::new(true));
     tokio::spawn(follow_claims(
         feed,
@@ -964,9 +1014,11 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         interest_rx,
         done_tx,
     ));
+    // Retained writes wait for their acknowledgement as long as start-up does (10 s): one
+    // declared failed while a stream elects its leader would be read back too early.
     tokio::spawn(send(
         client.clone(),
-        js,
+        js_start,
         stream,
         inbound,
         queued.clone(),

@@ -350,7 +350,8 @@ pub struct ClusterConfig {
     /// Subject prefix and stream name (several clusters may share one NATS).
     #[serde(default = "default_cluster_name")]
     pub name: String,
-    /// JetStream replicas of the cluster's streams (3 on a three-server NATS cluster).
+    /// JetStream replicas of the cluster's streams, retained and claims (3 on a three-server
+    /// NATS cluster).
     #[serde(default = "default_replicas")]
     pub replicas: usize,
     /// This node's name in NATS's connection list and the logs (default: the host name and
