@@ -672,7 +672,7 @@ fn iam(
         }
         "AddClientIDToOpenIDConnectProvider" => {
             let id = p.req("ClientID")?.to_owned();
-            reg.update_oidc_provider(acct, name()?, |o| o.client_ids.push(id))
+            reg.update_oidc_provider(acct, name()?, |o| o.client_ids.push(id.clone()))
                 .map_err(e)?;
             String::new()
         }
@@ -684,7 +684,7 @@ fn iam(
         }
         "UpdateOpenIDConnectProviderThumbprint" => {
             let t = list_param(p, "ThumbprintList");
-            reg.update_oidc_provider(acct, name()?, |o| o.thumbprints = t)
+            reg.update_oidc_provider(acct, name()?, |o| o.thumbprints = t.clone())
                 .map_err(e)?;
             String::new()
         }

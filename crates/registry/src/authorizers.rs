@@ -83,7 +83,7 @@ impl Registry {
             }
             tx.put(Kind::Authorizer, &a.name, &a)?;
             acct.authorizers.insert(a.name.clone(), a.clone());
-            Ok(a)
+            Ok(a.clone())
         })
     }
 
@@ -133,13 +133,13 @@ impl Registry {
                 .get(name)
                 .cloned()
                 .ok_or_else(|| not_found(name))?;
-            if let Some(v) = u.function_arn {
+            if let Some(v) = u.function_arn.clone() {
                 a.function_arn = v;
             }
-            if let Some(v) = u.token_key_name {
+            if let Some(v) = u.token_key_name.clone() {
                 a.token_key_name = Some(v);
             }
-            if let Some(v) = u.signing_keys {
+            if let Some(v) = u.signing_keys.clone() {
                 a.signing_keys = v;
             }
             if let Some(v) = u.active {

@@ -59,7 +59,7 @@ impl Registry {
                 )));
             }
             let mut added = 0;
-            for (name, cert, pem) in parsed {
+            for (name, cert, pem) in parsed.clone() {
                 if a.things.contains_key(name.as_str()) || a.certificates.contains_key(&cert.id) {
                     continue;
                 }

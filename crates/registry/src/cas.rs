@@ -337,7 +337,7 @@ impl Registry {
             if let Some(r) = update.auto_registration {
                 next.auto_registration = r;
             }
-            if let Some(c) = update.registration_config {
+            if let Some(c) = update.registration_config.clone() {
                 next.registration_config = Some(c);
             }
             if update.remove_auto_registration {

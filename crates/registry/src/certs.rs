@@ -82,14 +82,14 @@ impl Registry {
             let cert = Certificate {
                 id: id.clone(),
                 status: new.status,
-                ca_certificate_id: new.ca_certificate_id,
+                ca_certificate_id: new.ca_certificate_id.clone(),
                 mode: new.mode,
                 created: now,
                 modified: now,
                 generation: 1,
                 not_before: info.not_before.unix_timestamp() as f64,
                 not_after: info.not_after.unix_timestamp() as f64,
-                claim_template: new.claim_template,
+                claim_template: new.claim_template.clone(),
             };
             tx.put(
                 Kind::Certificate,

@@ -164,7 +164,7 @@ impl Registry {
             }
             tx.put(Kind::IdentityPool, &pool.id, &pool)?;
             acct.identity_pools.insert(pool.id.clone(), pool.clone());
-            Ok(pool)
+            Ok(pool.clone())
         })
     }
 
@@ -231,11 +231,11 @@ impl Registry {
                 &spec.oidc_providers,
                 spec.developer_provider.as_deref(),
             )?;
-            p.name = spec.name;
+            p.name = spec.name.clone();
             p.allow_unauthenticated = spec.allow_unauthenticated;
             p.allow_classic_flow = spec.allow_classic_flow;
-            p.developer_provider = spec.developer_provider;
-            p.oidc_providers = spec.oidc_providers;
+            p.developer_provider = spec.developer_provider.clone();
+            p.oidc_providers = spec.oidc_providers.clone();
             tx.put(Kind::IdentityPool, id, &p)?;
             acct.identity_pools.insert(id.to_owned(), p.clone());
             Ok(p)
@@ -263,7 +263,7 @@ impl Registry {
                 .get(id)
                 .cloned()
                 .ok_or_else(|| pool_not_found(id))?;
-            p.roles = roles;
+            p.roles = roles.clone();
             tx.put(Kind::IdentityPool, id, &p)?;
             acct.identity_pools.insert(id.to_owned(), p);
             Ok(())
@@ -332,13 +332,13 @@ impl Registry {
             let i = CognitoIdentity {
                 id: id.clone(),
                 pool: pool.to_owned(),
-                logins: login.into_iter().collect(),
+                logins: login.clone().into_iter().collect(),
                 created: now,
                 modified: now,
             };
             tx.put(Kind::CognitoIdentity, &id, &i)?;
             acct.cognito_identities.insert(id.clone(), i);
-            Ok(id)
+            Ok(id.clone())
         })
     }
 
@@ -372,7 +372,7 @@ impl Registry {
             if i.logins.contains(&login) {
                 return Ok(());
             }
-            i.logins.push(login);
+            i.logins.push(login.clone());
             i.modified = now_secs();
             tx.put(Kind::CognitoIdentity, id, &i)?;
             acct.cognito_identities.insert(id.to_owned(), i);

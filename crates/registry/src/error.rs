@@ -60,6 +60,10 @@ pub enum RegistryError {
     /// `InternalFailureException` (500).
     #[error("{0}")]
     Internal(String),
+    /// `ServiceUnavailableException` (503): the cluster's registry log cannot be written now
+    /// (the SDKs try again).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl RegistryError {
@@ -85,6 +89,7 @@ impl RegistryError {
             RegistryError::InvalidStateTransition(_) => ("InvalidStateTransitionException", 409),
             RegistryError::TerminalState(_) => ("TerminalStateException", 410),
             RegistryError::Internal(_) => ("InternalFailureException", 500),
+            RegistryError::Unavailable(_) => ("ServiceUnavailableException", 503),
         }
     }
 }

@@ -119,7 +119,7 @@ impl Registry {
             }
             tx.put(Kind::Function, &f.name, &f)?;
             a.functions.insert(f.name.clone(), f.clone());
-            Ok(f)
+            Ok(f.clone())
         })
     }
 
@@ -170,16 +170,16 @@ impl Registry {
                     "The Revision Id provided does not match the latest Revision Id. Call the GetFunction/GetAlias API to retrieve the latest Revision Id".into(),
                 ));
             }
-            if let Some(v) = u.runtime {
+            if let Some(v) = u.runtime.clone() {
                 f.runtime = v;
             }
-            if let Some(v) = u.handler {
+            if let Some(v) = u.handler.clone() {
                 f.handler = v;
             }
-            if let Some(v) = u.role {
+            if let Some(v) = u.role.clone() {
                 f.role = v;
             }
-            if let Some(v) = u.description {
+            if let Some(v) = u.description.clone() {
                 f.description = v;
             }
             if let Some(v) = u.timeout {
@@ -188,10 +188,10 @@ impl Registry {
             if let Some(v) = u.memory {
                 f.memory = v;
             }
-            if let Some(v) = u.env {
+            if let Some(v) = u.env.clone() {
                 f.env = v;
             }
-            if let Some((sha, size)) = u.code {
+            if let Some((sha, size)) = u.code.clone() {
                 f.code_sha = sha;
                 f.code_size = size;
             }
@@ -247,7 +247,7 @@ impl Registry {
                     "The final policy size is bigger than the limit.".into(),
                 ));
             }
-            f.policy.push(statement);
+            f.policy.push(statement.clone());
             f.policy_revision = revision();
             tx.put(Kind::Function, name, &f)?;
             a.functions.insert(name.to_owned(), f);

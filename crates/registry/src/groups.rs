@@ -240,7 +240,7 @@ impl Registry {
                 id: uuid_like(),
                 parent: parent.map(str::to_owned),
                 description: description.map(str::to_owned),
-                attributes,
+                attributes: attributes.clone(),
                 version: 1,
                 created: now_secs(),
             };
@@ -302,10 +302,10 @@ impl Registry {
                 )));
             }
             let mut next = cur.clone();
-            if let Some(d) = u.description {
+            if let Some(d) = u.description.clone() {
                 next.description = (!d.is_empty()).then_some(d);
             }
-            if let Some(attrs) = u.attributes {
+            if let Some(attrs) = u.attributes.clone() {
                 if u.merge {
                     for (k, v) in attrs {
                         if v.is_empty() {

@@ -486,7 +486,7 @@ impl Registry {
                 path: iam_path(path)?,
                 description: description.map(str::to_owned),
                 trust: trust.to_owned(),
-                trust_ids,
+                trust_ids: trust_ids.clone(),
                 max_session,
                 created: now_secs(),
                 inline: BTreeMap::new(),
@@ -564,7 +564,7 @@ impl Registry {
             if let Some(t) = trust {
                 next.trust = t.to_owned();
             }
-            if let Some(ids) = trust_ids {
+            if let Some(ids) = trust_ids.clone() {
                 next.trust_ids = ids;
             }
             if let Some(d) = description {
@@ -847,7 +847,7 @@ impl Registry {
             )));
         }
         self.write_global(account, |st, tx| {
-            let mut s = s;
+            let mut s = s.clone();
             s.principal_id = Some(principal_id(st, account, &s.principal).ok_or_else(|| {
                 RegistryError::NotFound("The principal of the session no longer exists".into())
             })?);

@@ -1146,7 +1146,7 @@ impl Registry {
             }
             tx.put(Kind::JobTemplate, &id, &t)?;
             a.job_templates.insert(id.clone(), t.clone());
-            Ok(t)
+            Ok(t.clone())
         })
     }
 
@@ -1369,10 +1369,10 @@ impl Registry {
             let job = Job {
                 id: id.to_owned(),
                 seq: a.job_seq,
-                description: spec.description,
-                document: spec.document,
-                document_source: spec.document_source,
-                targets: spec.targets,
+                description: spec.description.clone(),
+                document: spec.document.clone(),
+                document_source: spec.document_source.clone(),
+                targets: spec.targets.clone(),
                 continuous: spec.continuous,
                 status: if schedule.as_ref().is_some_and(|s| s.start.is_some()) {
                     JobStatus::Scheduled
@@ -1382,14 +1382,14 @@ impl Registry {
                 force_canceled: false,
                 reason_code: None,
                 comment: None,
-                presigned: spec.presigned,
+                presigned: spec.presigned.clone(),
                 in_progress_timeout_minutes: spec.in_progress_timeout_minutes,
-                configs: spec.configs,
+                configs: spec.configs.clone(),
                 created_at: now,
                 last_updated_at: now,
                 completed_at: None,
-                template_arn: spec.template_arn,
-                schedule,
+                template_arn: spec.template_arn.clone(),
+                schedule: schedule.clone(),
                 rollout: None,
             };
             tx.put(Kind::Job, id, &job)?;
@@ -1482,15 +1482,15 @@ impl Registry {
                 _ => {}
             }
             if u.description.is_some() {
-                j.description = u.description;
+                j.description = u.description.clone();
             }
             if u.presigned.is_some() {
-                j.presigned = u.presigned;
+                j.presigned = u.presigned.clone();
             }
             if u.in_progress_timeout_minutes.is_some() {
                 j.in_progress_timeout_minutes = u.in_progress_timeout_minutes;
             }
-            j.configs.extend(u.configs);
+            j.configs.extend(u.configs.clone());
             j.last_updated_at = now;
             tx.put(Kind::Job, id, &j)?;
             a.jobs.insert(id.to_owned(), j);
@@ -1509,7 +1509,7 @@ impl Registry {
         now: f64,
     ) -> Result<Job> {
         let (job, things) = self.write(account, |a, tx| {
-            a.cancel(tx, id, force, reason_code, comment, now)
+            a.cancel(tx, id, force, reason_code.clone(), comment.clone(), now)
         })?;
         self.jobs_changed(account, things);
         Ok(job)
@@ -1674,7 +1674,7 @@ impl Registry {
                 }
             }
             e.status = ExecStatus::Canceled;
-            if let Some(d) = status_details {
+            if let Some(d) = status_details.clone() {
                 e.status_details = d;
             }
             e.version += 1;
@@ -1777,7 +1777,7 @@ impl Registry {
             }
             let mut e = next;
             start(&mut e, &job, step_timeout_minutes, now);
-            if let Some(d) = status_details {
+            if let Some(d) = status_details.clone() {
                 e.status_details = d;
             }
             a.save_execution(tx, e.clone())?;
@@ -1849,7 +1849,7 @@ impl Registry {
                 e.version += 1;
                 e.deadline = None;
             }
-            if let Some(d) = u.status_details {
+            if let Some(d) = u.status_details.clone() {
                 e.status_details = d;
             }
             e.last_updated_at = now;

@@ -26,6 +26,7 @@ pub mod model;
 mod oidc;
 mod policies;
 mod provisioning;
+mod replica;
 mod rolealias;
 mod shadows;
 mod store;
@@ -35,7 +36,7 @@ mod things;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
@@ -72,6 +73,7 @@ pub use provisioning::{
     MAX_TEMPLATE_VERSIONS, NewTemplate, ProvisioningTemplate, Registered, TemplateType,
     TemplateUpdate, TemplateVersion,
 };
+pub use replica::{Log, LogError};
 pub use rolealias::{MAX_ROLE_ALIASES, RoleAlias};
 pub use sekisho_ids::{AccountId, CertificateId, ClientId};
 pub use shadows::ShadowWrite;
@@ -272,7 +274,22 @@ pub struct Registry {
     /// provisionings of an account never interleave (both finding a thing without a
     /// certificate, say, and both attaching), and one account's never wait for another's.
     provisioning: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// In a cluster, the log every write goes through first ([`replica`]).
+    log: OnceLock<Arc<dyn Log>>,
+    /// In a cluster, the position of the last log entry this replica holds (stored with it).
+    applied: AtomicU64,
 }
+
+/// Why a write was not committed.
+enum Commit {
+    /// Another node wrote first; memory is back as it was: catch up and decide again.
+    Retry,
+    /// Failed; memory holds what the database does.
+    Failed(RegistryError),
+}
+
+/// How many times a write decided against a stale replica is decided again.
+const WRITE_TRIES: usize = 8;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -324,7 +341,15 @@ impl Registry {
 
     fn with_state(store: Store, st: State, region: &str) -> Registry {
         let (feed, _) = broadcast::channel(1024);
+        let applied = store
+            .get(Kind::LogPosition, "", "")
+            .ok()
+            .flatten()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         Registry {
+            log: OnceLock::new(),
+            applied: AtomicU64::new(applied),
             region: region.to_owned(),
             state: RwLock::new(st),
             store: Mutex::new(store),
@@ -334,6 +359,18 @@ impl Registry {
             provisioning: Mutex::new(HashMap::new()),
         }
     }
+}
+
+/// `ops` and, after them, the log position they take.
+fn at_position(ops: &[Op], position: u64) -> Vec<Op> {
+    let mut out = ops.to_vec();
+    out.push(Op::Put {
+        kind: Kind::LogPosition,
+        account: String::new(),
+        key: String::new(),
+        doc: position.to_string(),
+    });
+    out
 }
 
 /// After a write that memory took but the database refused (and rolled back): memory is put
@@ -767,11 +804,13 @@ impl Registry {
 
     /// Runs a write on one account: `f` changes memory and records its writes in the
     /// transaction, which is then persisted; changes are published after the commit.
-    /// `f` must validate before it mutates, so that an error leaves memory unchanged.
+    /// `f` must validate before it mutates, so that an error leaves memory unchanged. In a
+    /// cluster `f` may run more than once: again, against the newer state, when another node
+    /// wrote first.
     pub(crate) fn write<T>(
         &self,
         account: &str,
-        f: impl FnOnce(&mut Account, &mut Tx) -> Result<T>,
+        f: impl FnMut(&mut Account, &mut Tx) -> Result<T>,
     ) -> Result<T> {
         self.write_checked(account, |_| Ok(()), f)
     }
@@ -781,121 +820,362 @@ impl Registry {
     pub(crate) fn write_checked<T>(
         &self,
         account: &str,
-        check: impl FnOnce(&State) -> Result<()>,
-        f: impl FnOnce(&mut Account, &mut Tx) -> Result<T>,
+        mut check: impl FnMut(&State) -> Result<()>,
+        mut f: impl FnMut(&mut Account, &mut Tx) -> Result<T>,
     ) -> Result<T> {
-        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
-        check(&st)?;
-        let acct = st
-            .accounts
-            .get_mut(account)
-            .ok_or_else(|| RegistryError::NotFound(format!("Account {account} does not exist")))?;
-        let mut tx = Tx::new(account);
-        let out = f(acct, &mut tx)?;
-        if let Some(shared) = st.accounts.get_key_value(account).map(|(k, _)| k.clone()) {
-            for c in tx.certs_added.iter().filter_map(|c| cert_key(c)) {
-                st.cert_accounts
-                    .entry(c)
+        self.transact(account, |st, tx| {
+            check(st)?;
+            let acct = st.accounts.get_mut(account).ok_or_else(|| {
+                RegistryError::NotFound(format!("Account {account} does not exist"))
+            })?;
+            let out = f(acct, tx)?;
+            if let Some(shared) = st.accounts.get_key_value(account).map(|(k, _)| k.clone()) {
+                for c in tx.certs_added.iter().filter_map(|c| cert_key(c)) {
+                    st.cert_accounts
+                        .entry(c)
+                        .or_default()
+                        .insert(shared.clone());
+                }
+            }
+            for c in tx.certs_removed.iter().filter_map(|c| cert_key(c)) {
+                if let Some(s) = st.cert_accounts.get_mut(&c) {
+                    s.remove(account);
+                    if s.is_empty() {
+                        st.cert_accounts.remove(&c);
+                    }
+                }
+            }
+            for c in &tx.cas_added {
+                st.ca_accounts
+                    .entry(c.clone())
                     .or_default()
-                    .insert(shared.clone());
+                    .insert(account.to_owned());
             }
-        }
-        for c in tx.certs_removed.iter().filter_map(|c| cert_key(c)) {
-            if let Some(s) = st.cert_accounts.get_mut(&c) {
-                s.remove(account);
-                if s.is_empty() {
-                    st.cert_accounts.remove(&c);
+            for c in &tx.cas_removed {
+                if let Some(s) = st.ca_accounts.get_mut(c) {
+                    s.remove(account);
+                    if s.is_empty() {
+                        st.ca_accounts.remove(c);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The frame of every write: `f` changes the state under the write lock and records its
+    /// writes in a transaction for `account`, which is committed ([`Registry::commit`]); the
+    /// generation is bumped and the changes published after the commit. When another node of
+    /// the cluster wrote first, memory is put back, the replica catches up, and `f` runs again.
+    fn transact<T>(
+        &self,
+        account: &str,
+        mut f: impl FnMut(&mut State, &mut Tx) -> Result<T>,
+    ) -> Result<T> {
+        for _ in 0..WRITE_TRIES {
+            let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+            let mut tx = Tx::new(account);
+            let out = f(&mut st, &mut tx)?;
+            match self.commit(&mut st, &tx.ops) {
+                Ok(()) => {
+                    drop(st);
+                    if tx.bump {
+                        self.generation.fetch_add(1, Ordering::AcqRel);
+                    }
+                    for c in tx.changes {
+                        let _ = self.feed.send(c);
+                    }
+                    return Ok(out);
+                }
+                Err(Commit::Failed(e)) => {
+                    drop(st);
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    return Err(e);
+                }
+                Err(Commit::Retry) => {
+                    drop(st);
+                    self.catch_up()?;
                 }
             }
         }
-        for c in &tx.cas_added {
-            st.ca_accounts
-                .entry(c.clone())
-                .or_default()
-                .insert(account.to_owned());
+        Err(RegistryError::Unavailable(
+            "The registry is being written by other nodes of the cluster faster than this one \
+             can follow; try again."
+                .into(),
+        ))
+    }
+
+    /// Persists a write whose changes memory holds already. In a cluster the write is first
+    /// appended to the log, on the condition that nobody else appended since this replica's
+    /// last entry; if somebody did, or the log cannot be reached, memory is put back as the
+    /// database holds it. A write the database refused is taken back out of memory too.
+    fn commit(&self, st: &mut State, ops: &[Op]) -> std::result::Result<(), Commit> {
+        if ops.is_empty() {
+            return Ok(());
         }
-        for c in &tx.cas_removed {
-            if let Some(s) = st.ca_accounts.get_mut(c) {
-                s.remove(account);
-                if s.is_empty() {
-                    st.ca_accounts.remove(c);
+        let position = match self.log.get() {
+            None => None,
+            Some(log) => {
+                let entry = replica::encode_entry(ops).map_err(Commit::Failed)?;
+                match log.append(entry, self.applied.load(Ordering::Acquire)) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        self.undo(st, ops);
+                        return Err(match e {
+                            LogError::Conflict => Commit::Retry,
+                            LogError::Unavailable(why) => {
+                                Commit::Failed(RegistryError::Unavailable(format!(
+                                    "The cluster's registry log is unavailable: {why}"
+                                )))
+                            }
+                        });
+                    }
                 }
             }
+        };
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let written = match position {
+            None => store.apply(ops),
+            Some(p) => store.apply(&at_position(ops, p)),
+        };
+        match (written, position) {
+            (Ok(()), Some(p)) => {
+                self.applied.store(p, Ordering::Release);
+                Ok(())
+            }
+            (Ok(()), None) => Ok(()),
+            (Err(e), None) => {
+                restore(&self.region, st, &store, &e);
+                Err(Commit::Failed(e))
+            }
+            (Err(e), Some(p)) => {
+                // The cluster has the write and memory keeps it; this database does not, so
+                // the replica stays before `p` and applies the entry again from the log.
+                tracing::error!(error = %e, position = p, "registry write in the cluster's log but not in this node's database; it is applied again from the log");
+                Err(Commit::Failed(e))
+            }
         }
+    }
+
+    /// Puts memory back as the database holds the documents `ops` touch (a write the log
+    /// did not take).
+    fn undo(&self, st: &mut State, ops: &[Op]) {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ignored = Vec::new();
+        for (kind, account, key) in replica::touched(ops) {
+            let done = store.get(kind, &account, &key).and_then(|doc| {
+                replica::apply_doc(
+                    st,
+                    &self.region,
+                    kind,
+                    &account,
+                    &key,
+                    doc.as_deref(),
+                    &mut ignored,
+                )
+            });
+            if let Err(e) = done {
+                restore(&self.region, st, &store, &e);
+                return;
+            }
+        }
+    }
+
+    /// Waits until this replica holds the cluster's log up to its end.
+    fn catch_up(&self) -> Result<()> {
+        match self.log.get() {
+            Some(log) => log.catch_up().map_err(|e| {
+                RegistryError::Unavailable(format!(
+                    "The cluster's registry log is unavailable: {e:?}"
+                ))
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Cluster mode: from now on every write goes through `log` first. Call once, after the
+    /// replica caught up with the log.
+    pub fn attach_log(&self, log: Arc<dyn Log>) {
+        let _ = self.log.set(log);
+    }
+
+    /// The position of the last log entry this replica holds (0: none).
+    pub fn log_position(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Applies the cluster log's entry at `position`, written by another node (or by this one:
+    /// then it is here already and nothing happens). Entries must come in log order.
+    pub fn apply_entry(&self, position: u64, entry: &[u8]) -> Result<()> {
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let applied = self.applied.load(Ordering::Acquire);
+        if position <= applied {
+            return Ok(());
+        }
+        if position != applied + 1 {
+            return Err(RegistryError::Internal(format!(
+                "registry log: entry {position} after {applied}; entries were skipped"
+            )));
+        }
+        let ops = replica::decode_entry(entry)?;
+        let mut changes = Vec::new();
         {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = store.apply(&tx.ops) {
-                restore(&self.region, &mut st, &store, &e);
-                drop(st);
-                self.generation.fetch_add(1, Ordering::AcqRel);
-                return Err(e);
+            store.apply(&at_position(&ops, position))?;
+            self.applied.store(position, Ordering::Release);
+            for (kind, account, key) in replica::touched(&ops) {
+                let done = store.get(kind, &account, &key).and_then(|doc| {
+                    replica::apply_doc(
+                        &mut st,
+                        &self.region,
+                        kind,
+                        &account,
+                        &key,
+                        doc.as_deref(),
+                        &mut changes,
+                    )
+                });
+                if let Err(e) = done {
+                    // Memory is rebuilt from the database, which holds the entry.
+                    restore(&self.region, &mut st, &store, &e);
+                    break;
+                }
             }
         }
         drop(st);
-        if tx.bump {
-            self.generation.fetch_add(1, Ordering::AcqRel);
-        }
-        for c in tx.changes {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        for c in changes {
             let _ = self.feed.send(c);
+        }
+        Ok(())
+    }
+
+    /// Everything this registry holds (shadows aside), as log entries of at most about
+    /// [`replica::SEED_ENTRY_BYTES`] each: how a cluster's log starts from the node that has
+    /// a registry already.
+    pub fn log_seed(&self) -> Result<Vec<Vec<u8>>> {
+        let _st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut out, mut ops, mut bytes) = (Vec::new(), Vec::new(), 0);
+        for kind in Kind::ALL {
+            if matches!(kind, Kind::Shadow | Kind::LogPosition) {
+                continue;
+            }
+            for row in store.load(kind)? {
+                bytes += row.key.len() + row.doc.len() + row.account.len() + 32;
+                ops.push(Op::Put {
+                    kind,
+                    account: row.account,
+                    key: row.key,
+                    doc: row.doc,
+                });
+                if bytes >= replica::SEED_ENTRY_BYTES {
+                    out.push(replica::encode_entry(&std::mem::take(&mut ops))?);
+                    bytes = 0;
+                }
+            }
+        }
+        if !ops.is_empty() {
+            out.push(replica::encode_entry(&ops)?);
         }
         Ok(out)
     }
 
-    /// Creates an account with a root access key. `name` must be unique.
-    pub fn create_account(&self, name: &str) -> Result<(AccountInfo, AccessKey)> {
-        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
-        if st
-            .accounts
-            .values()
-            .any(|a| a.info.as_ref().is_some_and(|i| i.name == name))
-        {
-            return Err(RegistryError::AlreadyExists {
-                message: format!("Account {name} already exists"),
-                resource_id: name.to_owned(),
-                resource_arn: String::new(),
-            });
-        }
-        let mut id = random_string(b"0123456789", 12);
-        while id.starts_with('0') || st.accounts.contains_key(id.as_str()) {
-            id = random_string(b"0123456789", 12);
-        }
-        let mut prefix = random_string(LOWER_ALNUM, 14);
-        while st.prefixes.contains_key(&prefix) {
-            prefix = random_string(LOWER_ALNUM, 14);
-        }
-        let info = AccountInfo {
-            id: id.clone(),
-            name: name.to_owned(),
-            endpoint_prefix: prefix.clone(),
-            created: now_secs(),
-        };
-        let key = AccessKey {
-            access_key_id: format!("AKIA{}", random_string(UPPER_ALNUM, 16)),
-            secret_access_key: random_string(SECRET, 40),
-            account_id: id.clone(),
-            status: "Active".into(),
-            created: now_secs(),
-            user: None,
-        };
-        let mut tx = Tx::new(&id);
-        tx.put(Kind::Account, &id, &info)?;
-        tx.put(Kind::AccessKey, &key.access_key_id, &key)?;
+    /// Records that this replica holds the log up to `position` (after seeding the log with
+    /// [`Registry::log_seed`]).
+    pub fn set_log_position(&self, position: u64) -> Result<()> {
+        let _st = self.state.write().unwrap_or_else(|p| p.into_inner());
         self.store
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .apply(&tx.ops)?;
-        st.prefixes.insert(prefix, id.clone());
-        st.access_keys
-            .insert(key.access_key_id.clone(), key.clone());
+            .apply(&at_position(&[], position))?;
+        self.applied.store(position, Ordering::Release);
+        Ok(())
+    }
+
+    /// A text form of everything memory holds, to compare replicas (tests).
+    #[doc(hidden)]
+    pub fn memory_digest(&self) -> String {
+        self.read_state(|st| {
+            let sorted = |mut v: Vec<String>| {
+                v.sort();
+                v
+            };
+            let keys = sorted(st.access_keys.values().map(|k| format!("{k:?}")).collect());
+            let prefixes = sorted(st.prefixes.iter().map(|p| format!("{p:?}")).collect());
+            let cas = sorted(st.ca_accounts.iter().map(|c| format!("{c:?}")).collect());
+            let sessions = sorted(st.sessions.values().map(|s| format!("{s:?}")).collect());
+            format!(
+                "{:#?}\n{keys:#?}\n{prefixes:?}\n{:?}\n{cas:?}\n{sessions:#?}",
+                st.accounts, st.cert_accounts
+            )
+        })
+    }
+
+    /// Whether the registry holds nothing at all (no account).
+    pub fn is_empty(&self) -> bool {
+        self.read_state(|st| st.accounts.is_empty())
+    }
+
+    /// Creates an account with a root access key. `name` must be unique.
+    pub fn create_account(&self, name: &str) -> Result<(AccountInfo, AccessKey)> {
+        self.transact("", |st, tx| {
+            if st
+                .accounts
+                .values()
+                .any(|a| a.info.as_ref().is_some_and(|i| i.name == name))
+            {
+                return Err(RegistryError::AlreadyExists {
+                    message: format!("Account {name} already exists"),
+                    resource_id: name.to_owned(),
+                    resource_arn: String::new(),
+                });
+            }
+            let mut id = random_string(b"0123456789", 12);
+            while id.starts_with('0') || st.accounts.contains_key(id.as_str()) {
+                id = random_string(b"0123456789", 12);
+            }
+            let mut prefix = random_string(LOWER_ALNUM, 14);
+            while st.prefixes.contains_key(&prefix) {
+                prefix = random_string(LOWER_ALNUM, 14);
+            }
+            let info = AccountInfo {
+                id: id.clone(),
+                name: name.to_owned(),
+                endpoint_prefix: prefix,
+                created: now_secs(),
+            };
+            let key = AccessKey {
+                access_key_id: format!("AKIA{}", random_string(UPPER_ALNUM, 16)),
+                secret_access_key: random_string(SECRET, 40),
+                account_id: id.clone(),
+                status: "Active".into(),
+                created: now_secs(),
+                user: None,
+            };
+            tx.account = id;
+            tx.put(Kind::Account, &info.id, &info)?;
+            tx.put(Kind::AccessKey, &key.access_key_id, &key)?;
+            self.add_account(st, &info, std::slice::from_ref(&key));
+            Ok((info, key))
+        })
+    }
+
+    /// Puts a new account and its keys in memory.
+    fn add_account(&self, st: &mut State, info: &AccountInfo, keys: &[AccessKey]) {
+        st.prefixes
+            .insert(info.endpoint_prefix.clone(), info.id.clone());
+        for k in keys {
+            st.access_keys.insert(k.access_key_id.clone(), k.clone());
+        }
         st.accounts.insert(
-            id.into(),
+            info.id.as_str().into(),
             Account {
                 arn_prefix: self.arn(&info.id, ""),
                 info: Some(info.clone()),
                 ..Account::default()
             },
         );
-        Ok((info, key))
     }
 
     /// A write that may touch state outside one account (access keys, sessions): `f` gets the
@@ -903,67 +1183,68 @@ impl Registry {
     pub(crate) fn write_global<T>(
         &self,
         account: &str,
-        f: impl FnOnce(&mut State, &mut Tx) -> Result<T>,
+        mut f: impl FnMut(&mut State, &mut Tx) -> Result<T>,
     ) -> Result<T> {
-        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
-        if !st.accounts.contains_key(account) {
-            return Err(RegistryError::NotFound(format!(
-                "Account {account} does not exist"
-            )));
-        }
-        let mut tx = Tx::new(account);
-        let out = f(&mut st, &mut tx)?;
-        {
-            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = store.apply(&tx.ops) {
-                restore(&self.region, &mut st, &store, &e);
-                drop(st);
-                self.generation.fetch_add(1, Ordering::AcqRel);
-                return Err(e);
+        self.transact(account, |st, tx| {
+            if !st.accounts.contains_key(account) {
+                return Err(RegistryError::NotFound(format!(
+                    "Account {account} does not exist"
+                )));
             }
-        }
-        drop(st);
-        if tx.bump {
-            self.generation.fetch_add(1, Ordering::AcqRel);
-        }
-        Ok(out)
+            f(st, tx)
+        })
     }
 
     /// Loads accounts (and their root keys) that another process (`sekisho account create`)
     /// added to the database since this one started. Returns them with their first key.
-    /// New accounts are empty, so nothing else needs loading.
+    /// New accounts are empty, so nothing else needs loading. In a cluster they are written to
+    /// the log, as any write is, so that every node serves them.
     pub fn load_new_accounts(&self) -> Result<Vec<(AccountInfo, AccessKey)>> {
         let (accounts, keys) = {
             let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             (store.load(Kind::Account)?, store.load(Kind::AccessKey)?)
         };
-        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let keys = keys
+            .iter()
+            .map(|k| decode::<AccessKey>(&k.doc))
+            .collect::<Result<Vec<_>>>()?;
         let mut out = Vec::new();
         for row in accounts {
             let info: AccountInfo = decode(&row.doc)?;
-            if st.accounts.contains_key(info.id.as_str()) {
+            if self.read_state(|st| st.accounts.contains_key(info.id.as_str())) {
                 continue;
             }
-            let mut first = None;
-            for k in &keys {
-                let key: AccessKey = decode(&k.doc)?;
-                if key.account_id == info.id && !st.access_keys.contains_key(&key.access_key_id) {
-                    first.get_or_insert_with(|| key.clone());
-                    st.access_keys.insert(key.access_key_id.clone(), key);
+            let added = self.transact(&info.id, |st, tx| {
+                if st.accounts.contains_key(info.id.as_str()) {
+                    return Ok(None);
                 }
-            }
-            st.prefixes
-                .insert(info.endpoint_prefix.clone(), info.id.clone());
-            st.accounts.insert(
-                info.id.as_str().into(),
-                Account {
-                    arn_prefix: self.arn(&info.id, ""),
-                    info: Some(info.clone()),
-                    ..Account::default()
-                },
-            );
-            if let Some(k) = first {
-                out.push((info, k));
+                let new: Vec<AccessKey> = keys
+                    .iter()
+                    .filter(|k| {
+                        k.account_id == info.id && !st.access_keys.contains_key(&k.access_key_id)
+                    })
+                    .cloned()
+                    .collect();
+                tx.put(Kind::Account, &info.id, &info)?;
+                for k in &new {
+                    tx.put(Kind::AccessKey, &k.access_key_id, k)?;
+                }
+                self.add_account(st, &info, &new);
+                Ok(new.into_iter().next())
+            });
+            match added {
+                Ok(Some(k)) => out.push((info, k)),
+                Ok(None) => {}
+                Err(e) => {
+                    // The database had the account before the write (the other process put
+                    // it there), so a write the log refused left it in memory: take it out,
+                    // to be written again at the next look.
+                    let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+                    st.accounts.remove(info.id.as_str());
+                    st.prefixes.remove(&info.endpoint_prefix);
+                    st.access_keys.retain(|_, k| k.account_id != info.id);
+                    return Err(e);
+                }
             }
         }
         Ok(out)

@@ -170,7 +170,7 @@ impl Registry {
             }
             tx.put(Kind::OidcProvider, &p.name, &p)?;
             acct.oidc_providers.insert(p.name.clone(), p.clone());
-            Ok(p)
+            Ok(p.clone())
         })
     }
 
@@ -204,7 +204,7 @@ impl Registry {
         &self,
         account: &str,
         arn: &str,
-        change: impl FnOnce(&mut OidcProvider),
+        mut change: impl FnMut(&mut OidcProvider),
     ) -> Result<OidcProvider> {
         let name = self.oidc_provider(account, arn)?.name;
         self.write(account, |acct, tx| {

@@ -61,7 +61,7 @@ impl Registry {
                 PolicyVersion {
                     document: document.to_owned(),
                     created: now,
-                    parsed: Some(parsed),
+                    parsed: Some(parsed.clone()),
                 },
             );
             let p = IotPolicy {
@@ -146,7 +146,7 @@ impl Registry {
             let mut next = p.clone();
             let v = next.next_version;
             next.next_version += 1;
-            next.versions.insert(v, PolicyVersion { document: document.to_owned(), created: now_secs(), parsed: Some(parsed) });
+            next.versions.insert(v, PolicyVersion { document: document.to_owned(), created: now_secs(), parsed: Some(parsed.clone()) });
             if set_default {
                 next.default_version = v;
                 tx.bump();

@@ -208,19 +208,19 @@ impl Registry {
             let now = now_secs();
             let tpl = ProvisioningTemplate {
                 name: t.name.clone(),
-                description: t.description,
+                description: t.description.clone(),
                 enabled: t.enabled,
-                role_arn: t.role_arn,
+                role_arn: t.role_arn.clone(),
                 kind: t.kind,
                 versions: BTreeMap::from([(
                     1,
                     TemplateVersion {
-                        body: t.body,
+                        body: t.body.clone(),
                         created: now,
                     },
                 )]),
                 default_version: 1,
-                hook: t.hook,
+                hook: t.hook.clone(),
                 created: now,
                 modified: now,
             };
@@ -270,7 +270,7 @@ impl Registry {
                 .get(name)
                 .cloned()
                 .ok_or_else(|| template_not_found(name))?;
-            if let Some(d) = u.description {
+            if let Some(d) = u.description.clone() {
                 t.description = Some(d);
             }
             if let Some(e) = u.enabled {
@@ -284,7 +284,7 @@ impl Registry {
                 }
                 t.default_version = v;
             }
-            if let Some(r) = u.role_arn {
+            if let Some(r) = u.role_arn.clone() {
                 t.role_arn = r;
             }
             if u.remove_hook {

@@ -61,10 +61,13 @@ pub(crate) enum Kind {
     /// Device shadows: keyed `{thing}/{shadow name}` (`{thing}/` for the classic shadow),
     /// never loaded into memory, read and written one by one.
     Shadow,
+    /// In a cluster, the position in the cluster's registry log of the last entry this
+    /// database holds (account and key ""; never loaded into memory).
+    LogPosition,
 }
 
 impl Kind {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Kind::Account => "account",
             Kind::AccessKey => "access_key",
@@ -97,7 +100,49 @@ impl Kind {
             Kind::CognitoIdentity => "cognito_identity",
             Kind::OidcProvider => "oidc_provider",
             Kind::JobWaiting => "job_waiting",
+            Kind::LogPosition => "log_position",
         }
+    }
+
+    /// Every kind.
+    pub(crate) const ALL: [Kind; 32] = [
+        Kind::Account,
+        Kind::AccessKey,
+        Kind::Thing,
+        Kind::ThingType,
+        Kind::Certificate,
+        Kind::Policy,
+        Kind::PolicyAttachment,
+        Kind::ThingPrincipal,
+        Kind::CaCertificate,
+        Kind::RegistrationCode,
+        Kind::IamUser,
+        Kind::IamRole,
+        Kind::ManagedPolicy,
+        Kind::Session,
+        Kind::RoleAlias,
+        Kind::ThingGroup,
+        Kind::ThingGroupMember,
+        Kind::Job,
+        Kind::JobExecution,
+        Kind::JobSeq,
+        Kind::ProvisioningTemplate,
+        Kind::EventConfig,
+        Kind::JobTemplate,
+        Kind::Function,
+        Kind::Authorizer,
+        Kind::DefaultAuthorizer,
+        Kind::IdentityPool,
+        Kind::CognitoIdentity,
+        Kind::OidcProvider,
+        Kind::JobWaiting,
+        Kind::Shadow,
+        Kind::LogPosition,
+    ];
+
+    /// The kind stored under this name.
+    pub(crate) fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 }
 

@@ -115,7 +115,7 @@ impl Registry {
                 name: name.to_owned(),
                 id: ThingId::random(),
                 thing_type: thing_type.map(str::to_owned),
-                attributes,
+                attributes: attributes.clone(),
                 version: 1,
                 created: now_secs(),
             };
@@ -167,7 +167,7 @@ impl Registry {
             if u.remove_thing_type {
                 next.thing_type = None;
             }
-            if let Some(attrs) = u.attributes {
+            if let Some(attrs) = u.attributes.clone() {
                 if u.merge {
                     for (k, v) in attrs {
                         if v.is_empty() {
@@ -316,8 +316,8 @@ impl Registry {
             let t = ThingType {
                 name: name.to_owned(),
                 id: uuid_like(),
-                description,
-                searchable_attributes,
+                description: description.clone(),
+                searchable_attributes: searchable_attributes.clone(),
                 deprecated: false,
                 deprecation_date: None,
                 created: now_secs(),

@@ -1,0 +1,254 @@
+//! Registries as replicas of one log (cluster mode), with the log in memory: whatever a
+//! replica applies leaves its memory as the writer's, and as a fresh load of its database; a
+//! write decided against a stale replica is taken back and decided again.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use sekisho_pki::{Ca, KeyKind};
+use sekisho_registry::*;
+
+const DOC: &str =
+    r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"iot:*","Resource":"*"}}"#;
+
+type Entries = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// A log in memory, shared by the replicas; each has its own handle, which catches it up.
+struct MemLog {
+    entries: Entries,
+    me: Mutex<Weak<Registry>>,
+    conflicts: AtomicUsize,
+}
+
+impl Log for MemLog {
+    fn append(&self, entry: Vec<u8>, expected: u64) -> Result<u64, LogError> {
+        let mut e = self.entries.lock().unwrap();
+        if e.len() as u64 != expected {
+            self.conflicts.fetch_add(1, Ordering::Relaxed);
+            return Err(LogError::Conflict);
+        }
+        e.push(entry);
+        Ok(e.len() as u64)
+    }
+
+    fn catch_up(&self) -> Result<(), LogError> {
+        let r = self.me.lock().unwrap().upgrade().unwrap();
+        sync(&r, &self.entries);
+        Ok(())
+    }
+}
+
+/// Applies the entries `r` does not hold yet.
+fn sync(r: &Registry, entries: &Entries) {
+    let all = entries.lock().unwrap().clone();
+    for (i, e) in all.iter().enumerate().skip(r.log_position() as usize) {
+        r.apply_entry(i as u64 + 1, e).unwrap();
+    }
+}
+
+fn replica(path: &std::path::Path, entries: &Entries) -> (Arc<Registry>, Arc<MemLog>) {
+    let r = Arc::new(Registry::open(path, "us-east-1").unwrap());
+    let log = Arc::new(MemLog {
+        entries: entries.clone(),
+        me: Mutex::new(Arc::downgrade(&r)),
+        conflicts: AtomicUsize::new(0),
+    });
+    sync(&r, entries);
+    r.attach_log(log.clone());
+    (r, log)
+}
+
+fn dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sekisho-replica-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn cert_pem() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let ca = Ca::generate("Test CA", "Test", now).unwrap();
+    ca.issue_device(KeyKind::EcdsaP256, now).unwrap().cert_pem
+}
+
+/// `b`'s memory is `a`'s, and what a fresh load of `b`'s database gives.
+fn same(a: &Registry, b: &Registry, b_path: &std::path::Path) {
+    assert_eq!(a.log_position(), b.log_position());
+    let (ma, mb) = (a.memory_digest(), b.memory_digest());
+    assert!(
+        ma == mb,
+        "replica differs from the writer:\n{ma}\n----\n{mb}"
+    );
+    let fresh = Registry::open(b_path, "us-east-1").unwrap();
+    assert_eq!(fresh.log_position(), b.log_position());
+    let mf = fresh.memory_digest();
+    assert!(
+        mb == mf,
+        "replica differs from its database:\n{mb}\n----\n{mf}"
+    );
+}
+
+#[test]
+fn a_replica_follows_every_kind_of_write_and_its_revocations() {
+    let d = dir("kinds");
+    let entries: Entries = Arc::default();
+    let (a, _) = replica(&d.join("a.db"), &entries);
+    let (b, _) = replica(&d.join("b.db"), &entries);
+    let mut feed = b.subscribe();
+    let (info, _) = a.create_account("default").unwrap();
+    let acct = info.id;
+    a.create_thing_type(&acct, "sensor", Some("d".into()), vec![])
+        .unwrap();
+    let attrs = BTreeMap::from([("floor".to_string(), "3".to_string())]);
+    a.create_thing(&acct, "t1", Some("sensor"), attrs).unwrap();
+    a.create_thing(&acct, "t2", None, BTreeMap::new()).unwrap();
+    let (cert, _) = a
+        .add_certificate(
+            &acct,
+            NewCertificate {
+                pem: cert_pem(),
+                status: CertStatus::Active,
+                ca_certificate_id: None,
+                mode: CertMode::Default,
+                claim_template: None,
+            },
+        )
+        .unwrap();
+    let arn = a.arn(&acct, &format!("cert/{}", cert.id));
+    a.create_policy(&acct, "p", DOC).unwrap();
+    a.create_policy_version(&acct, "p", DOC, true).unwrap();
+    a.attach_policy(&acct, "p", &arn).unwrap();
+    a.attach_thing_principal(&acct, "t1", &arn, ThingPrincipalType::ExclusiveThing)
+        .unwrap();
+    a.create_thing_group(&acct, "g", None, Some("group"), BTreeMap::new())
+        .unwrap();
+    a.create_thing_group(&acct, "child", Some("g"), None, BTreeMap::new())
+        .unwrap();
+    a.add_thing_to_group(&acct, "child", "t1").unwrap();
+    let group_arn = a.arn(&acct, "thinggroup/g");
+    a.attach_policy(&acct, "p", &group_arn).unwrap();
+    a.create_user(&acct, "alice", None).unwrap();
+    a.create_access_key(&acct, Some("alice")).unwrap();
+    sync(&b, &entries);
+    same(&a, &b, &d.join("b.db"));
+    assert_eq!(
+        b.effective_policies(&acct, Some(&arn), Some("t1"))
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A revocation made on one replica reaches the other's change feed.
+    a.update_certificate(&acct, &cert.id, CertStatus::Revoked)
+        .unwrap();
+    let before = b.generation();
+    sync(&b, &entries);
+    assert!(b.generation() > before);
+    let mut seen = Vec::new();
+    while let Ok(c) = feed.try_recv() {
+        seen.push(c);
+    }
+    assert!(
+        seen.contains(&Change::Certificate {
+            account: acct.clone(),
+            certificate_id: cert.id.clone(),
+            status: Some(CertStatus::Revoked),
+        }),
+        "{seen:?}"
+    );
+    same(&a, &b, &d.join("b.db"));
+
+    // Removals.
+    a.detach_policy(&acct, "p", &group_arn).unwrap();
+    a.remove_thing_from_group(&acct, "child", "t1").unwrap();
+    a.delete_thing_group(&acct, "child", None).unwrap();
+    a.detach_policy(&acct, "p", &arn).unwrap();
+    a.detach_thing_principal(&acct, "t1", &arn).unwrap();
+    a.delete_thing(&acct, "t2", None).unwrap();
+    a.delete_certificate(&acct, &cert.id, false).unwrap();
+    sync(&b, &entries);
+    same(&a, &b, &d.join("b.db"));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_write_on_a_stale_replica_is_decided_again_after_catching_up() {
+    let d = dir("stale");
+    let entries: Entries = Arc::default();
+    let (a, _) = replica(&d.join("a.db"), &entries);
+    let (b, b_log) = replica(&d.join("b.db"), &entries);
+    let (info, _) = a.create_account("default").unwrap();
+    let acct = info.id;
+    sync(&b, &entries);
+    // `b` is behind `a` by one thing; its own write still lands, after `a`'s.
+    a.create_thing(&acct, "from-a", None, BTreeMap::new())
+        .unwrap();
+    b.create_thing(&acct, "from-b", None, BTreeMap::new())
+        .unwrap();
+    assert_eq!(b_log.conflicts.load(Ordering::Relaxed), 1);
+    assert!(b.describe_thing(&acct, "from-a").is_ok());
+    sync(&a, &entries);
+    same(&b, &a, &d.join("a.db"));
+
+    // The same name from both sides: the second is decided against the first.
+    let one = BTreeMap::from([("by".to_string(), "a".to_string())]);
+    let two = BTreeMap::from([("by".to_string(), "b".to_string())]);
+    a.create_thing(&acct, "x", None, one).unwrap();
+    let lost = b.create_thing(&acct, "x", None, two).unwrap_err();
+    assert!(
+        matches!(lost, RegistryError::AlreadyExists { .. }),
+        "{lost:?}"
+    );
+    assert_eq!(b_log.conflicts.load(Ordering::Relaxed), 2);
+    let t = b.describe_thing(&acct, "x").unwrap();
+    assert_eq!(t.attributes.get("by").map(String::as_str), Some("a"));
+    sync(&a, &entries);
+    same(&b, &a, &d.join("a.db"));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_reopened_replica_goes_on_from_its_position() {
+    let d = dir("reopen");
+    let entries: Entries = Arc::default();
+    let (a, _) = replica(&d.join("a.db"), &entries);
+    let (info, _) = a.create_account("default").unwrap();
+    let acct = info.id;
+    {
+        let (b, _) = replica(&d.join("b.db"), &entries);
+        assert_eq!(b.log_position(), 1);
+    }
+    a.create_thing(&acct, "later", None, BTreeMap::new())
+        .unwrap();
+    let (b, _) = replica(&d.join("b.db"), &entries);
+    assert_eq!(b.log_position(), 2);
+    same(&a, &b, &d.join("b.db"));
+    // An entry already held is skipped; one after a gap is refused.
+    let first = entries.lock().unwrap()[0].clone();
+    b.apply_entry(1, &first).unwrap();
+    assert!(b.apply_entry(4, &first).is_err());
+    assert!(b.apply_entry(3, b"not json").is_err());
+    assert_eq!(b.log_position(), 2);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_seed_carries_a_registry_into_an_empty_replica() {
+    let d = dir("seed");
+    let single = Registry::open(&d.join("a.db"), "us-east-1").unwrap();
+    let (info, _) = single.create_account("default").unwrap();
+    for i in 0..50 {
+        single
+            .create_thing(&info.id, &format!("t{i}"), None, BTreeMap::new())
+            .unwrap();
+    }
+    let seed = single.log_seed().unwrap();
+    let entries: Entries = Arc::new(Mutex::new(seed.clone()));
+    single.set_log_position(seed.len() as u64).unwrap();
+    let (b, _) = replica(&d.join("b.db"), &entries);
+    same(&single, &b, &d.join("b.db"));
+    std::fs::remove_dir_all(&d).unwrap();
+}
