@@ -778,3 +778,150 @@ def test_a_node_without_nats_does_not_start(workdir):
         node.start()
     assert "cluster: connecting to nats://127.0.0.1" in str(e.value)
     assert BIN.exists()
+
+
+# The registry, replicated through the cluster's log (decision 0013).
+
+def _connect_when_accepted(node, device, deadline=5):
+    """A client on `node` once its registry accepts `device` (a change made elsewhere arrives)."""
+    end = time.time() + deadline
+    while True:
+        c = Paho(node, "localhost", device, unique("rv"), v5=True)
+        c.c.reconnect_delay_set(min_delay=0.01, max_delay=0.05)  # a quick close() once cut
+        try:
+            rc, _, _ = c.connect(timeout=2)
+            if rc == 0:
+                return c
+        except Exception:
+            pass
+        c.close()
+        assert time.time() < end, "the device was not accepted in time"
+        time.sleep(0.02)
+
+
+def test_a_node_that_joins_empty_gets_the_whole_registry(cluster):
+    """A node with a new data directory applies the log before it serves: the things,
+    certificates and policies made on n1, and the accounts with their keys (its profiles)."""
+    node = Server(cluster.workdir / unique("fresh"), config=node_config(cluster.nats, "fresh")).start()
+    try:
+        names = {t["thingName"] for t in node.boto().list_things()["things"]}
+        assert {"whoami", cluster.devices[0].name, cluster.narrow.name} <= names
+        assert node.boto(profile="tenant-b").describe_thing(thingName=cluster.other.name)
+        c = _connect_when_accepted(node, cluster.devices[0], deadline=2)
+        c.close()
+        # Its own writes reach the others.
+        name = unique("made-on-fresh")
+        node.boto().create_thing(thingName=name, attributePayload={"attributes": {"k": "v"}})
+        end = time.time() + 2
+        while True:
+            try:
+                t = cluster.nodes[0].boto().describe_thing(thingName=name)
+                break
+            except Exception:
+                assert time.time() < end
+                time.sleep(0.02)
+        assert t["attributes"] == {"k": "v"}
+    finally:
+        node.stop()
+
+
+def test_a_revocation_on_one_node_cuts_a_device_on_another(cluster):
+    """UpdateCertificate INACTIVE on n1 ends the device's connection on n2: p99 under 500 ms
+    over 200 trials (from before the API call to the device's seeing its connection end)."""
+    a, b = cluster.nodes[0], cluster.nodes[1]
+    iot = a.boto()
+    device = Device(a, iot, unique("revoke"), ALLOW_ALL, cluster.workdir)
+    latencies = []
+    for _ in range(200):
+        c = _connect_when_accepted(b, device)
+        start = time.time()
+        iot.update_certificate(certificateId=device.cert_id, newStatus="INACTIVE")
+        c.disconnects.get(timeout=5)
+        latencies.append(time.time() - start)
+        c.close()
+        iot.update_certificate(certificateId=device.cert_id, newStatus="ACTIVE")
+    latencies.sort()
+    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99) - 1]
+    print(f"revocation across nodes: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms")
+    assert p99 < 0.5, latencies[-10:]
+
+
+def test_a_policy_detached_on_one_node_denies_on_another(cluster):
+    """DetachPolicy on n1: the device's next publish on n2 is refused (MQTT 5: PUBACK 0x87)."""
+    a, b = cluster.nodes[0], cluster.nodes[1]
+    iot = a.boto()
+    device = Device(a, iot, unique("detach"), ALLOW_ALL, cluster.workdir)
+    c = _connect_when_accepted(b, device)
+    try:
+        c.c.publish("cl/detach", b"before", qos=1)
+        _, rc = c.pubacks.get(timeout=5)
+        assert rc == 0, rc
+        iot.detach_policy(policyName=device.policy, target=device.cert_arn)
+        end = time.time() + 2
+        while True:
+            c.c.publish("cl/detach", b"after", qos=1)
+            try:
+                _, rc = c.pubacks.get(timeout=1)
+            except Exception:
+                rc = "no answer"
+            if rc != 0:
+                break
+            assert time.time() < end, "still allowed 2 s after the detach"
+            time.sleep(0.05)
+        assert rc == 0x87 or not c.disconnects.empty(), rc
+    finally:
+        c.close()
+
+
+def test_concurrent_writes_on_two_nodes_are_ordered(cluster):
+    """CreateThing from both nodes at once: every thing lands on both; for one name created
+    on both with different attributes, exactly one wins everywhere and the other is told the
+    name exists."""
+    a, b = cluster.nodes[0].boto(), cluster.nodes[1].boto()
+    prefix = unique("race")
+    outcome = {}
+
+    def make(iot, side):
+        for i in range(25):
+            iot.create_thing(thingName=f"{prefix}-{side}-{i}")
+            try:
+                iot.create_thing(thingName=f"{prefix}-same-{i}", attributePayload={"attributes": {"by": side}})
+                outcome.setdefault(i, []).append(side)
+            except iot.exceptions.ResourceAlreadyExistsException:
+                pass
+
+    threads = [threading.Thread(target=make, args=(a, "a")), threading.Thread(target=make, args=(b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(25):
+        assert len(outcome.get(i, [])) == 1, (i, outcome.get(i))
+    end = time.time() + 2
+    while True:
+        seen = [sorted(t["thingName"] for t in iot.get_paginator("list_things").paginate().build_full_result()["things"]
+                       if t["thingName"].startswith(prefix)) for iot in (a, b)]
+        if seen[0] == seen[1] and len(seen[0]) == 75:
+            break
+        assert time.time() < end, (len(seen[0]), len(seen[1]))
+        time.sleep(0.05)
+    for i in range(25):
+        winner = outcome[i][0]
+        for iot in (a, b):
+            assert iot.describe_thing(thingName=f"{prefix}-same-{i}")["attributes"] == {"by": winner}
+
+
+def test_a_node_whose_registry_is_not_in_the_log_does_not_start(cluster, workdir):
+    """A data directory a single node made (its own default account) cannot join a cluster whose
+    log holds another registry: the node says so and exits, rather than serve a registry the
+    other nodes do not have."""
+    d = workdir / unique("alien")
+    cp = subprocess.run([str(BIN), "account", "create", "alien", "--data-dir", str(d)],
+                        capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    config = d.parent / f"{d.name}.toml"
+    config.write_text(node_config(cluster.nats, "alien"))
+    cp = subprocess.run([str(BIN), "serve", "--data-dir", str(d), "--config", str(config)],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode != 0
+    assert "not in the registry log" in cp.stderr, cp.stderr[-2000:]

@@ -21,7 +21,10 @@
 //! infrastructure: whoever can publish on its subjects can inject messages into any account.
 
 pub mod dedup;
+mod registry;
 pub mod subject;
+
+pub use registry::join_registry;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -179,6 +182,12 @@ pub struct Cluster {
     pub claims: Arc<Owners>,
     client: async_nats::Client,
     groups: async_nats::Client,
+    /// How this node joined.
+    config: Config,
+    /// Told when the main connection (re)connects: the registry log's follower is made again.
+    registry_reconnected: Arc<tokio::sync::Notify>,
+    /// Whether the registry log is followed (the node counts as cut off while it is not).
+    registry_alive: Arc<AtomicBool>,
 }
 
 /// Numbers this node's claims (with its id, each claim's message id).
@@ -749,7 +758,7 @@ async fn connect(
     no_echo: bool,
     stats: Arc<Stats>,
     up: Arc<AtomicBool>,
-    reconnected: Arc<tokio::sync::Notify>,
+    reconnected: Vec<Arc<tokio::sync::Notify>>,
 ) -> anyhow::Result<async_nats::Client> {
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("sekisho {name}"))
@@ -774,7 +783,9 @@ async fn connect(
                     }
                     async_nats::Event::Connected => {
                         up.store(true, Ordering::Relaxed);
-                        reconnected.notify_one();
+                        for r in &reconnected {
+                            r.notify_one();
+                        }
                         tracing::info!(connection = %what, "cluster: connected to NATS");
                     }
                     async_nats::Event::Disconnected => {
@@ -811,13 +822,14 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         Arc::new(AtomicBool::new(true)),
     );
     let reconnected = Arc::new(tokio::sync::Notify::new());
+    let registry_reconnected = Arc::new(tokio::sync::Notify::new());
     let client = connect(
         config,
         &config.node,
         true,
         stats.clone(),
         up.clone(),
-        reconnected.clone(),
+        vec![reconnected.clone(), registry_reconnected.clone()],
     )
     .await?;
     let groups = connect(
@@ -826,7 +838,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         false,
         stats.clone(),
         groups_up.clone(),
-        Arc::new(tokio::sync::Notify::new()),
+        Vec::new(),
     )
     .await?;
     let node_id: u64 = rand::random();
@@ -994,6 +1006,8 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     // The connection's first Connected came before: no reason to make the follower again.
     let _ = futures_util::FutureExt::now_or_never(reconnected.notified());
     let feed_alive = Arc::new(AtomicBool::new(true));
+    // False while the registry log cannot be followed (its replica would miss revocations).
+    let registry_alive = Arc::new(AtomicBool::new(true));
     tokio::spawn(follow_claims(
         feed,
         claims_stream.clone(),
@@ -1042,6 +1056,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         [client.clone(), groups.clone()],
         claims_stream,
         feed_alive,
+        registry_alive.clone(),
         config.isolation,
     ));
     tokio::spawn(answer_status(
@@ -1059,6 +1074,9 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         claims,
         client,
         groups,
+        config: config.clone(),
+        registry_reconnected,
+        registry_alive,
     }))
 }
 
@@ -1143,7 +1161,8 @@ pub async fn status(
 }
 
 /// Ends this node's connections once it has been cut off from NATS for `after`: it can no
-/// longer order client-id claims, so a device's takeover on another node would not reach it.
+/// longer order client-id claims, so a device's takeover on another node would not reach it,
+/// nor follow the registry log, so a revocation made elsewhere would not either.
 /// Once per time it is cut off; CONNECTs are refused meanwhile (their claims fail).
 /// Connected is not enough: the claims stream must answer (a NATS server on the minority
 /// side of a partition has no JetStream quorum) and this node must still follow it.
@@ -1152,6 +1171,7 @@ async fn isolation_watch(
     clients: [async_nats::Client; 2],
     claims: jetstream::stream::Stream,
     feed_alive: Arc<AtomicBool>,
+    registry_alive: Arc<AtomicBool>,
     after: Duration,
 ) {
     let mut since: Option<Instant> = None;
@@ -1163,6 +1183,7 @@ async fn isolation_watch(
             .iter()
             .all(|c| c.connection_state() == async_nats::connection::State::Connected)
             && feed_alive.load(Ordering::Relaxed)
+            && registry_alive.load(Ordering::Relaxed)
             && tokio::time::timeout(Duration::from_millis(1500), claims.get_info())
                 .await
                 .is_ok_and(|r| r.is_ok());

@@ -115,7 +115,9 @@ pub fn open(config: &Config) -> anyhow::Result<(Layout, Material)> {
         write_public(&chain_path, &issued.cert_pem)?;
         write_public(&names_path, &wanted)?;
     }
-    if registry.accounts().is_empty() {
+    // In a cluster the default account comes from the cluster's registry log, or is made
+    // through it once the node has joined (`ensure_default_account`).
+    if config.cluster.is_none() && registry.accounts().is_empty() {
         let (info, key) = registry.create_account("default")?;
         write_profile(&layout, config, &info, &key)?;
         tracing::info!(account = %info.id, "created the default account");

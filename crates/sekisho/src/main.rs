@@ -312,17 +312,6 @@ async fn bind_all(
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let (layout, material) = init::open(&config)?;
-    // Profiles follow the ports this run listens on.
-    for account in material.registry.accounts() {
-        if let Some(key) = material
-            .registry
-            .access_keys_of(&account.id)
-            .into_iter()
-            .find(|k| k.status == "Active")
-        {
-            init::write_profile(&layout, &config, &account, &key)?;
-        }
-    }
     std::fs::write(layout.path("api.port"), config.ports.api.to_string())
         .context("recording the control-plane port")?;
     std::fs::write(layout.path("https.port"), config.ports.https.to_string())
@@ -373,6 +362,30 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    if let Some(c) = &cluster {
+        sekisho_cluster::join_registry(c, registry.clone()).await?;
+        if registry.is_empty() {
+            // The cluster's first node, with nothing to seed it: the default account, made
+            // through the log (a node that raced it to this finds it there).
+            match registry.create_account("default") {
+                Ok((info, _)) => {
+                    tracing::info!(account = %info.id, "created the default account")
+                }
+                Err(sekisho_registry::RegistryError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e).context("creating the default account"),
+            }
+        }
+    }
+    // Profiles follow the ports this run listens on.
+    for account in registry.accounts() {
+        if let Some(key) = registry
+            .access_keys_of(&account.id)
+            .into_iter()
+            .find(|k| k.status == "Active")
+        {
+            init::write_profile(&layout, &config, &account, &key)?;
+        }
+    }
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let tls = Arc::new(tls::TlsConfigs::new(
         registry.clone(),
