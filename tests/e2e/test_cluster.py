@@ -926,3 +926,38 @@ def test_a_node_whose_registry_is_not_in_the_log_does_not_start(cluster, workdir
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode != 0
     assert "not in the registry log" in cp.stderr, cp.stderr[-2000:]
+
+
+def test_a_shadow_updated_on_one_node_is_read_on_another(cluster):
+    """A device on n1 updates its shadow over MQTT; boto3's iot-data on n2 reads it, and an
+    update on n2 continues its version."""
+    a, b = cluster.nodes[0], cluster.nodes[1]
+    device = Device(a, a.boto(), unique("shadowed"), ALLOW_ALL, cluster.workdir)
+    c = _connect_when_accepted(a, device)
+    try:
+        c.subscribe(f"$aws/things/{device.name}/shadow/update/accepted", qos=1)
+        c.c.publish(f"$aws/things/{device.name}/shadow/update",
+                    json.dumps({"state": {"reported": {"temp": 21}}}), qos=1)
+        accepted = json.loads(c.messages.get(timeout=5).payload)
+        assert accepted["version"] == 1
+    finally:
+        c.close()
+    data = b.boto("iot-data")
+    end = time.time() + 2
+    while True:
+        try:
+            doc = json.loads(data.get_thing_shadow(thingName=device.name)["payload"].read())
+            break
+        except data.exceptions.ResourceNotFoundException:
+            assert time.time() < end, "the shadow did not reach n2"
+            time.sleep(0.02)
+    assert doc["state"]["reported"] == {"temp": 21} and doc["version"] == 1
+    data.update_thing_shadow(thingName=device.name, payload=json.dumps({"state": {"desired": {"temp": 19}}}))
+    end = time.time() + 2
+    while True:
+        doc = json.loads(a.boto("iot-data").get_thing_shadow(thingName=device.name)["payload"].read())
+        if doc["version"] == 2:
+            break
+        assert time.time() < end, doc
+        time.sleep(0.02)
+    assert doc["state"]["desired"] == {"temp": 19} and doc["state"]["delta"] == {"temp": 19}

@@ -278,7 +278,22 @@ pub struct Registry {
     log: OnceLock<Arc<dyn Log>>,
     /// In a cluster, the position of the last log entry this replica holds (stored with it).
     applied: AtomicU64,
+    /// The shadow documents the latest entries applied from the log touched, so that a shadow
+    /// write that lost the race to the log can tell whether it still holds.
+    recent_shadows: Mutex<RecentShadows>,
 }
+
+/// Shadow documents touched by the latest entries applied from the log.
+#[derive(Default)]
+struct RecentShadows {
+    /// (position, [(account, key)]) of entries that touched shadows, oldest first.
+    entries: std::collections::VecDeque<(u64, Vec<(String, String)>)>,
+    /// Every entry from this position on is accounted for in `entries`.
+    complete_from: u64,
+}
+
+/// How many shadow-touching entries [`RecentShadows`] remembers.
+const RECENT_SHADOW_ENTRIES: usize = 4096;
 
 /// Why a write was not committed.
 enum Commit {
@@ -349,6 +364,10 @@ impl Registry {
             .unwrap_or(0);
         Registry {
             log: OnceLock::new(),
+            recent_shadows: Mutex::new(RecentShadows {
+                entries: Default::default(),
+                complete_from: applied + 1,
+            }),
             applied: AtomicU64::new(applied),
             region: region.to_owned(),
             state: RwLock::new(st),
@@ -1018,6 +1037,23 @@ impl Registry {
             )));
         }
         let ops = replica::decode_entry(entry)?;
+        let shadows: Vec<(String, String)> = replica::touched(&ops)
+            .into_iter()
+            .filter(|(k, _, _)| *k == Kind::Shadow)
+            .map(|(_, a, k)| (a, k))
+            .collect();
+        if !shadows.is_empty() {
+            let mut recent = self
+                .recent_shadows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if recent.entries.len() == RECENT_SHADOW_ENTRIES
+                && let Some((p, _)) = recent.entries.pop_front()
+            {
+                recent.complete_from = p + 1;
+            }
+            recent.entries.push_back((position, shadows));
+        }
         let mut changes = Vec::new();
         {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
@@ -1050,7 +1086,7 @@ impl Registry {
         Ok(())
     }
 
-    /// Everything this registry holds (shadows aside), as log entries of at most about
+    /// Everything this registry holds, as log entries of at most about
     /// [`replica::SEED_ENTRY_BYTES`] each: how a cluster's log starts from the node that has
     /// a registry already.
     pub fn log_seed(&self) -> Result<Vec<Vec<u8>>> {
@@ -1058,7 +1094,7 @@ impl Registry {
         let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         let (mut out, mut ops, mut bytes) = (Vec::new(), Vec::new(), 0);
         for kind in Kind::ALL {
-            if matches!(kind, Kind::Shadow | Kind::LogPosition) {
+            if kind == Kind::LogPosition {
                 continue;
             }
             for row in store.load(kind)? {

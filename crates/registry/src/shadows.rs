@@ -10,6 +10,8 @@
 //! which can be dropped whole, and all of an account's tombstones a third. Tombstones written before they had keys of their own (under the
 //! live key, marked deleted in the document) are moved to their own keys when the database is
 //! opened (schema 2), and until then still read as deleted shadows.
+use std::sync::atomic::Ordering;
+
 use crate::store::{Kind, Op};
 use crate::*;
 
@@ -68,8 +70,73 @@ impl Registry {
                 key: delete,
             });
         }
-        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.apply(&ops)
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let Some(log) = self.log.get() else {
+            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            return store.apply(&ops);
+        };
+        // In a cluster: through the log, as any registry write. The shadows were decided
+        // against this node's database; if another node wrote first, the write still holds
+        // unless what it wrote meanwhile touched one of these shadows.
+        let entry = crate::replica::encode_entry(&ops)?;
+        for _ in 0..crate::WRITE_TRIES {
+            let st = self.state.write().unwrap_or_else(|p| p.into_inner());
+            let expected = self.applied.load(Ordering::Acquire);
+            match log.append(entry.clone(), expected) {
+                Ok(p) => {
+                    let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+                    store.apply(&crate::at_position(&ops, p))?;
+                    self.applied.store(p, Ordering::Release);
+                    drop(st);
+                    return Ok(());
+                }
+                Err(crate::LogError::Conflict) => {
+                    drop(st);
+                    self.catch_up()?;
+                    if self.shadows_touched_after(expected, &ops) {
+                        return Err(RegistryError::Conflict(
+                            "A shadow was changed on another node at the same time; try again"
+                                .into(),
+                        ));
+                    }
+                }
+                Err(crate::LogError::Unavailable(why)) => {
+                    return Err(RegistryError::Unavailable(format!(
+                        "The cluster's registry log is unavailable: {why}"
+                    )));
+                }
+            }
+        }
+        Err(RegistryError::Unavailable(
+            "The registry is being written by other nodes of the cluster faster than this one \
+             can follow; try again."
+                .into(),
+        ))
+    }
+
+    /// Whether an entry applied from the log after position `after` touched a shadow document
+    /// that `ops` touch (true when that can no longer be told).
+    fn shadows_touched_after(&self, after: u64, ops: &[Op]) -> bool {
+        let recent = self
+            .recent_shadows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let applied = self.applied.load(Ordering::Acquire);
+        // Every position in (after, applied] must be known to have touched no shadow of ours.
+        if applied > after && recent.complete_from > after + 1 {
+            return true;
+        }
+        let ours = crate::replica::touched(ops);
+        recent
+            .entries
+            .iter()
+            .filter(|(p, _)| *p > after)
+            .any(|(_, keys)| {
+                keys.iter()
+                    .any(|(a, k)| ours.iter().any(|(_, oa, ok)| oa == a && ok == k))
+            })
     }
 
     /// How many named shadows of a thing are stored live, counting no further than `limit`.

@@ -252,3 +252,54 @@ fn a_seed_carries_a_registry_into_an_empty_replica() {
     same(&single, &b, &d.join("b.db"));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+fn shadow(account: &str, thing: &str, doc: &str) -> ShadowWrite {
+    ShadowWrite {
+        account: account.into(),
+        thing: thing.into(),
+        name: None,
+        doc: doc.into(),
+        exists: true,
+    }
+}
+
+#[test]
+fn shadows_go_through_the_log_and_a_stale_write_of_the_same_shadow_is_refused() {
+    let d = dir("shadows");
+    let entries: Entries = Arc::default();
+    let (a, _) = replica(&d.join("a.db"), &entries);
+    let (b, b_log) = replica(&d.join("b.db"), &entries);
+    let (info, _) = a.create_account("default").unwrap();
+    let acct = info.id;
+    a.put_shadows(&[shadow(&acct, "t", r#"{"version":1}"#)])
+        .unwrap();
+    sync(&b, &entries);
+    assert_eq!(
+        b.shadow(&acct, "t", None).unwrap().as_deref(),
+        Some(r#"{"version":1}"#)
+    );
+    // `b` is behind by a write of shadow t: its own write of t was decided on the old one.
+    a.put_shadows(&[shadow(&acct, "t", r#"{"version":2}"#)])
+        .unwrap();
+    let lost = b
+        .put_shadows(&[shadow(&acct, "t", r#"{"version":2,"by":"b"}"#)])
+        .unwrap_err();
+    assert!(matches!(lost, RegistryError::Conflict(_)), "{lost:?}");
+    assert_eq!(
+        b.shadow(&acct, "t", None).unwrap().as_deref(),
+        Some(r#"{"version":2}"#)
+    );
+    // Behind by a write of another shadow only: its write holds, after catching up.
+    a.put_shadows(&[shadow(&acct, "u", r#"{"version":1}"#)])
+        .unwrap();
+    b.put_shadows(&[shadow(&acct, "t", r#"{"version":3}"#)])
+        .unwrap();
+    assert_eq!(b_log.conflicts.load(Ordering::Relaxed), 2);
+    sync(&a, &entries);
+    assert_eq!(
+        a.shadow(&acct, "t", None).unwrap().as_deref(),
+        Some(r#"{"version":3}"#)
+    );
+    assert_eq!(a.log_position(), b.log_position());
+    std::fs::remove_dir_all(&d).unwrap();
+}
