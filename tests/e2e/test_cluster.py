@@ -4,6 +4,7 @@ copies of the first node's data directory (its CA material, and a registry repli
 log position); the registry tests at the end also start a node with an empty one, which
 replays the cluster's registry log."""
 
+import configparser
 import json
 import shutil
 import socket
@@ -13,8 +14,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import boto3
 import pytest
 import requests
+from botocore.exceptions import ClientError
 
 from conftest import ALLOW_ALL, BIN, Device, Paho, Server, free_port, unique
 
@@ -822,13 +825,38 @@ def test_a_node_that_joins_empty_gets_the_whole_registry(cluster):
                 assert time.time() < end
                 time.sleep(0.02)
         assert t["attributes"] == {"k": "v"}
+        # `sekisho account create` on the running node's directory: through the log, so that
+        # the other nodes serve the account too (its key works on n1).
+        cp = subprocess.run([str(BIN), "account", "create", "late", "--data-dir", str(node.data_dir)],
+                            capture_output=True, text=True, timeout=30)
+        assert cp.returncode == 0, cp.stderr
+        creds = configparser.ConfigParser()
+        creds.read(node.data_dir / "aws" / "credentials")
+        late = boto3.client("iot", region_name="us-east-1", endpoint_url=f"https://localhost:{cluster.nodes[0].api_port}",
+                            verify=str(cluster.nodes[0].ca), aws_access_key_id=creds["late"]["aws_access_key_id"],
+                            aws_secret_access_key=creds["late"]["aws_secret_access_key"])
+        end = time.time() + 5
+        while True:
+            try:
+                assert late.list_things()["things"] == []
+                break
+            except ClientError:
+                assert time.time() < end, "the account made on the fresh node did not reach n1"
+                time.sleep(0.1)
     finally:
         node.stop()
+    # A replica served alone would write outside the log: refused.
+    cp = subprocess.run([str(BIN), "serve", "--data-dir", str(node.data_dir), "--mqtt-port", "0"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode != 0
+    assert "is a replica of a cluster's registry log" in cp.stderr, cp.stderr[-2000:]
 
 
 def test_a_revocation_on_one_node_cuts_a_device_on_another(cluster):
-    """UpdateCertificate INACTIVE on n1 ends the device's connection on n2: p99 under 500 ms
-    over 200 trials (from before the API call to the device's seeing its connection end)."""
+    """UpdateCertificate INACTIVE on n1 ends the device's connection on n2: p99 under 100 ms
+    over 200 trials (from before the API call to the device's seeing its connection end). The
+    issue asks for 500 ms; 100 ms proves the change feed did it, not the re-check of every
+    connection that any registry change causes within 500 ms."""
     a, b = cluster.nodes[0], cluster.nodes[1]
     iot = a.boto()
     device = Device(a, iot, unique("revoke"), ALLOW_ALL, cluster.workdir)
@@ -844,7 +872,7 @@ def test_a_revocation_on_one_node_cuts_a_device_on_another(cluster):
     latencies.sort()
     p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99) - 1]
     print(f"revocation across nodes: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms")
-    assert p99 < 0.5, latencies[-10:]
+    assert p99 < 0.1, latencies[-10:]
 
 
 def test_a_policy_detached_on_one_node_denies_on_another(cluster):

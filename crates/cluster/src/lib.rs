@@ -184,8 +184,6 @@ pub struct Cluster {
     groups: async_nats::Client,
     /// How this node joined.
     config: Config,
-    /// Told when the main connection (re)connects: the registry log's follower is made again.
-    registry_reconnected: Arc<tokio::sync::Notify>,
     /// Whether the registry log is followed (the node counts as cut off while it is not).
     registry_alive: Arc<AtomicBool>,
 }
@@ -238,6 +236,9 @@ pub struct Owners {
     node_id: u64,
     broker: Arc<Broker>,
     owned: Arc<Mutex<OwnedMap>>,
+    /// Whether this node's registry follows the cluster's log: while it does not, no one is
+    /// let in (a revocation made elsewhere would not be seen).
+    registry_alive: Arc<AtomicBool>,
 }
 
 type OwnedMap = HashMap<(String, String), Owned>;
@@ -321,6 +322,7 @@ impl sekisho_broker::peers::Claims for Owners {
         headers.insert("Nats-Msg-Id", id.as_str());
         let js = self.js.clone();
         let owned = self.owned.clone();
+        let registry_alive = self.registry_alive.clone();
         Box::pin(async move {
             // Within the time allowed, a refusal is tried again: JetStream refuses for a moment
             // while a stream's leader is elected or its subjects reach every server.
@@ -350,6 +352,9 @@ impl sekisho_broker::peers::Claims for Owners {
             let out = match stored {
                 Ok(ack) if o.others > ack.sequence => {
                     Err("a later connection on another node claimed it".to_string())
+                }
+                Ok(_) if !registry_alive.load(Ordering::Relaxed) => {
+                    Err("this node does not follow the cluster's registry log".to_string())
                 }
                 Ok(ack) => {
                     o.mine = o.mine.max(ack.sequence);
@@ -822,14 +827,13 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         Arc::new(AtomicBool::new(true)),
     );
     let reconnected = Arc::new(tokio::sync::Notify::new());
-    let registry_reconnected = Arc::new(tokio::sync::Notify::new());
     let client = connect(
         config,
         &config.node,
         true,
         stats.clone(),
         up.clone(),
-        vec![reconnected.clone(), registry_reconnected.clone()],
+        vec![reconnected.clone()],
     )
     .await?;
     let groups = connect(
@@ -993,12 +997,15 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         .context("cluster: the claims stream")?
         .state
         .last_sequence;
+    // False while the registry log cannot be followed (its replica would miss revocations).
+    let registry_alive = Arc::new(AtomicBool::new(true));
     let claims = Arc::new(Owners {
         js: js.clone(),
         prefix: prefix.clone(),
         node_id,
         broker: broker.clone(),
         owned: Arc::new(Mutex::new(HashMap::new())),
+        registry_alive: registry_alive.clone(),
     });
     let feed = claim_feed(&claims_start, &client, &prefix, last)
         .await
@@ -1006,8 +1013,6 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     // The connection's first Connected came before: no reason to make the follower again.
     let _ = futures_util::FutureExt::now_or_never(reconnected.notified());
     let feed_alive = Arc::new(AtomicBool::new(true));
-    // False while the registry log cannot be followed (its replica would miss revocations).
-    let registry_alive = Arc::new(AtomicBool::new(true));
     tokio::spawn(follow_claims(
         feed,
         claims_stream.clone(),
@@ -1075,7 +1080,6 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         client,
         groups,
         config: config.clone(),
-        registry_reconnected,
         registry_alive,
     }))
 }

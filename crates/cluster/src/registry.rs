@@ -30,27 +30,52 @@ struct RegistryLog {
     stream: String,
     subject: String,
     registry: Weak<Registry>,
+    /// The registry log's own runtime, which drives its NATS connection.
     handle: tokio::runtime::Handle,
 }
 
-/// Runs `f` to completion from synchronous code: on a worker of a multi-threaded runtime
-/// (the control plane's) the worker is handed over while it waits; on a single-threaded one
-/// (a device connection's) or outside any runtime, on a helper thread driven by the cluster's
-/// runtime, whose workers keep the NATS connection going.
-fn block<F>(handle: &tokio::runtime::Handle, f: F) -> F::Output
-where
-    F: std::future::Future + Send,
-    F::Output: Send,
-{
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| h.block_on(f))
+/// The registry log's runtime. Its NATS connection and follower run here, on workers of their
+/// own: a write waits for its append holding the registry's lock, and the threads of the
+/// other runtimes may all be blocked on that lock meanwhile (CONNECTs and API calls read the
+/// registry), so nothing an append needs may depend on them. Never dropped.
+static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+
+fn runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    if RUNTIME.get().is_none() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("registry-log")
+            .enable_all()
+            .build()
+            .context("cluster: the registry log's runtime")?;
+        // A runtime may not be dropped inside another's context: one that lost a race to
+        // be set is leaked instead (start-up runs this once).
+        if let Err(rt) = RUNTIME.set(rt) {
+            std::mem::forget(rt);
         }
-        _ => std::thread::scope(|s| {
-            s.spawn(|| handle.block_on(f))
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        }),
+    }
+    RUNTIME
+        .get()
+        .map(|rt| rt.handle().clone())
+        .context("cluster: the registry log's runtime")
+}
+
+/// How long a caller waits for an answer from the registry log's runtime (its own requests
+/// time out after 2 s).
+const ANSWER: Duration = Duration::from_secs(5);
+
+impl RegistryLog {
+    /// Runs `f` on the log's runtime and waits for it from synchronous code (any thread).
+    fn wait<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv_timeout(ANSWER)
+            .map_err(|_| LogError::Unavailable("the registry log did not answer".into()))
     }
 }
 
@@ -63,12 +88,12 @@ impl Log for RegistryLog {
         }
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Expected-Last-Sequence", expected.to_string().as_str());
-        let sent = block(&self.handle, async {
-            self.js
-                .publish_with_headers(self.subject.clone(), headers, entry.into())
+        let (js, subject) = (self.js.clone(), self.subject.clone());
+        let sent = self.wait(async move {
+            js.publish_with_headers(subject, headers, entry.into())
                 .await?
                 .await
-        });
+        })?;
         match sent {
             Ok(ack) => Ok(ack.sequence),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(LogError::Conflict),
@@ -77,11 +102,13 @@ impl Log for RegistryLog {
     }
 
     fn catch_up(&self) -> Result<(), LogError> {
-        let last = block(&self.handle, async {
-            let stream = self.js.get_stream(&self.stream).await?;
-            Ok::<_, anyhow::Error>(stream.get_info().await?.state.last_sequence)
-        })
-        .map_err(|e| LogError::Unavailable(e.to_string()))?;
+        let (js, name) = (self.js.clone(), self.stream.clone());
+        let last = self
+            .wait(async move {
+                let stream = js.get_stream(&name).await?;
+                Ok::<_, anyhow::Error>(stream.get_info().await?.state.last_sequence)
+            })?
+            .map_err(|e| LogError::Unavailable(e.to_string()))?;
         let deadline = Instant::now() + CATCH_UP;
         loop {
             let Some(registry) = self.registry.upgrade() else {
@@ -123,7 +150,9 @@ async fn feed(
 }
 
 /// Applies the log's entries to `registry` in order, for ever: made again from the replica's
-/// position after an error, a gap, or a reconnection to NATS.
+/// position after an error, a gap, or a reconnection to NATS. `alive` is true only while the
+/// replica is known to hold the log up to its end (after applying an entry with nothing
+/// pending, or finding the log ends where the replica does).
 async fn follow(
     stream: jetstream::stream::Stream,
     client: async_nats::Client,
@@ -134,10 +163,7 @@ async fn follow(
 ) {
     loop {
         let mut entries = match feed(&stream, &client, &subject, registry.log_position()).await {
-            Ok(f) => {
-                alive.store(true, Ordering::Relaxed);
-                f
-            }
+            Ok(f) => f,
             Err(e) => {
                 alive.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %e, "cluster: following the registry log again");
@@ -145,21 +171,38 @@ async fn follow(
                 continue;
             }
         };
+        if let Ok(info) = stream.get_info().await
+            && info.state.last_sequence <= registry.log_position()
+        {
+            alive.store(true, Ordering::Relaxed);
+        }
         loop {
             tokio::select! {
                 _ = reconnected.notified() => break,
                 m = entries.next() => match m {
                     Some(Ok(m)) => {
-                        let position = m.info().map_or(0, |i| i.stream_sequence);
+                        let (position, pending) =
+                            m.info().map_or((0, 1), |i| (i.stream_sequence, i.pending));
                         let r = registry.clone();
-                        let applied = tokio::task::block_in_place(|| r.apply_entry(position, &m.payload));
-                        if let Err(e) = applied {
-                            // Not applied: the replica stands still, and counts as cut off
-                            // until the entry is (its connections end after isolation_seconds).
-                            alive.store(false, Ordering::Relaxed);
-                            tracing::error!(error = %e, position, "cluster: applying a registry log entry");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                            break;
+                        let payload = m.payload.clone();
+                        let applied = tokio::task::spawn_blocking(move || r.apply_entry(position, &payload))
+                            .await
+                            .unwrap_or_else(|e| Err(sekisho_registry::RegistryError::Internal(e.to_string())));
+                        match applied {
+                            Ok(()) => {
+                                if pending == 0 {
+                                    alive.store(true, Ordering::Relaxed);
+                                }
+                            }
+                            Err(e) => {
+                                // Not applied: the replica stands still, and counts as cut off
+                                // until the entry is (CONNECT refused; connections end after
+                                // isolation_seconds).
+                                alive.store(false, Ordering::Relaxed);
+                                tracing::error!(error = %e, position, "cluster: applying a registry log entry");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                break;
+                            }
                         }
                     }
                     Some(Err(e)) => {
@@ -178,12 +221,52 @@ async fn follow(
 /// the start with an empty registry) before it serves. Refuses a registry that holds objects
 /// the log does not (another cluster's, or a single node's made before it joined).
 pub async fn join_registry(cluster: &Cluster, registry: Arc<Registry>) -> anyhow::Result<()> {
-    let config = &cluster.config;
+    let handle = runtime()?;
+    let log = handle
+        .spawn(join(
+            cluster.config.clone(),
+            registry.clone(),
+            cluster.registry_alive.clone(),
+            handle.clone(),
+        ))
+        .await
+        .context("cluster: joining the registry log")??;
+    registry.attach_log(log);
+    Ok(())
+}
+
+/// [`join_registry`] on the log's runtime, with a NATS connection of its own.
+async fn join(
+    config: crate::Config,
+    registry: Arc<Registry>,
+    alive: Arc<AtomicBool>,
+    handle: tokio::runtime::Handle,
+) -> anyhow::Result<Arc<RegistryLog>> {
     let subject = format!("{}.registry", config.name);
     let name = format!("{}_REGISTRY", config.name);
-    let mut js_start = jetstream::new(cluster.client.clone());
+    let reconnected = Arc::new(tokio::sync::Notify::new());
+    let (told, down) = (reconnected.clone(), alive.clone());
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("sekisho {} registry", config.node))
+        .event_callback(move |e| {
+            let (told, down) = (told.clone(), down.clone());
+            async move {
+                match e {
+                    async_nats::Event::Connected => told.notify_one(),
+                    async_nats::Event::Disconnected => {
+                        down.store(false, Ordering::Relaxed);
+                        tracing::warn!("cluster: the registry log's connection to NATS is down");
+                    }
+                    other => tracing::warn!(connection = "registry", "cluster: {other}"),
+                }
+            }
+        })
+        .connect(crate::servers(&config.url))
+        .await
+        .with_context(|| format!("cluster: connecting to {}", config.url))?;
+    let mut js_start = jetstream::new(client.clone());
     js_start.set_timeout(Duration::from_secs(10));
-    let mut js = jetstream::new(cluster.client.clone());
+    let mut js = jetstream::new(client.clone());
     js.set_timeout(Duration::from_secs(2));
     let stream = create_stream(
         &js_start,
@@ -197,21 +280,30 @@ pub async fn join_registry(cluster: &Cluster, registry: Arc<Registry>) -> anyhow
     )
     .await
     .context("cluster: the registry log")?;
-    let last = stream
+    let info = stream
         .get_info()
         .await
-        .context("cluster: the registry log")?
-        .state
-        .last_sequence;
+        .context("cluster: the registry log")?;
+    let last = info.state.last_sequence;
     let applied = registry.log_position();
-    if applied > last {
+    let identity = info.created.unix_timestamp_nanos().to_string();
+    if applied > 0 && registry.log_identity().as_deref() != Some(identity.as_str()) {
         anyhow::bail!(
-            "cluster: this node's registry holds the registry log up to entry {applied}, but \
-             the log of cluster {} ends at {last} (was its stream deleted?); start this node \
-             with an empty registry (move registry.db away) to join",
+            "cluster: this node's registry is a replica of another registry log than the one \
+             cluster {} has now (its stream was made again?); start this node with an empty \
+             registry (move registry.db away) to join",
             config.name
         );
     }
+    if applied > last {
+        anyhow::bail!(
+            "cluster: this node's registry holds the registry log up to entry {applied}, but \
+             the log of cluster {} ends at {last}; start this node with an empty registry \
+             (move registry.db away) to join",
+            config.name
+        );
+    }
+    registry.set_log_identity(&identity)?;
     if applied == 0 && !registry.is_empty() {
         if last > 0 {
             anyhow::bail!(
@@ -243,14 +335,14 @@ pub async fn join_registry(cluster: &Cluster, registry: Arc<Registry>) -> anyhow
         );
     }
     // The connection's first Connected came before: no reason to make the follower again.
-    let _ = futures_util::FutureExt::now_or_never(cluster.registry_reconnected.notified());
+    let _ = futures_util::FutureExt::now_or_never(reconnected.notified());
     tokio::spawn(follow(
         stream,
-        cluster.client.clone(),
+        client.clone(),
         subject.clone(),
         registry.clone(),
-        cluster.registry_reconnected.clone(),
-        cluster.registry_alive.clone(),
+        reconnected,
+        alive,
     ));
     let started = Instant::now();
     while registry.log_position() < last {
@@ -262,18 +354,17 @@ pub async fn join_registry(cluster: &Cluster, registry: Arc<Registry>) -> anyhow
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    registry.attach_log(Arc::new(RegistryLog {
-        client: cluster.client.clone(),
-        js,
-        stream: name,
-        subject,
-        registry: Arc::downgrade(&registry),
-        handle: tokio::runtime::Handle::current(),
-    }));
     tracing::info!(
         position = registry.log_position(),
         seconds = started.elapsed().as_secs_f64(),
         "cluster: the registry follows the cluster's log"
     );
-    Ok(())
+    Ok(Arc::new(RegistryLog {
+        client,
+        js,
+        stream: name,
+        subject,
+        registry: Arc::downgrade(&registry),
+        handle,
+    }))
 }

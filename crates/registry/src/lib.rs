@@ -895,7 +895,7 @@ impl Registry {
             let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
             let mut tx = Tx::new(account);
             let out = f(&mut st, &mut tx)?;
-            match self.commit(&mut st, &tx.ops) {
+            match self.commit(&mut st, &tx.ops, tx.bump) {
                 Ok(()) => {
                     drop(st);
                     if tx.bump {
@@ -928,14 +928,19 @@ impl Registry {
     /// appended to the log, on the condition that nobody else appended since this replica's
     /// last entry; if somebody did, or the log cannot be reached, memory is put back as the
     /// database holds it. A write the database refused is taken back out of memory too.
-    fn commit(&self, st: &mut State, ops: &[Op]) -> std::result::Result<(), Commit> {
+    fn commit(&self, st: &mut State, ops: &[Op], bump: bool) -> std::result::Result<(), Commit> {
         if ops.is_empty() {
             return Ok(());
         }
+        // Some documents are this node's alone (account proposals): not in the log.
+        let logged: Vec<Op> = ops
+            .iter()
+            .filter(|op| !replica::local_only(op))
+            .cloned()
+            .collect();
         let position = match self.log.get() {
-            None => None,
-            Some(log) => {
-                let entry = replica::encode_entry(ops).map_err(Commit::Failed)?;
+            Some(log) if !logged.is_empty() => {
+                let entry = replica::encode_entry(&logged, bump).map_err(Commit::Failed)?;
                 match log.append(entry, self.applied.load(Ordering::Acquire)) {
                     Ok(p) => Some(p),
                     Err(e) => {
@@ -951,6 +956,7 @@ impl Registry {
                     }
                 }
             }
+            _ => None,
         };
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         let written = match position {
@@ -1036,7 +1042,7 @@ impl Registry {
                 "registry log: entry {position} after {applied}; entries were skipped"
             )));
         }
-        let ops = replica::decode_entry(entry)?;
+        let (ops, bump) = replica::decode_entry(entry)?;
         let shadows: Vec<(String, String)> = replica::touched(&ops)
             .into_iter()
             .filter(|(k, _, _)| *k == Kind::Shadow)
@@ -1079,7 +1085,10 @@ impl Registry {
             }
         }
         drop(st);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        // As on the writing node: when effective policies may have changed.
+        if bump || !changes.is_empty() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
         for c in changes {
             let _ = self.feed.send(c);
         }
@@ -1094,7 +1103,7 @@ impl Registry {
         let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         let (mut out, mut ops, mut bytes) = (Vec::new(), Vec::new(), 0);
         for kind in Kind::ALL {
-            if kind == Kind::LogPosition {
+            if matches!(kind, Kind::LogPosition | Kind::AccountProposal) {
                 continue;
             }
             for row in store.load(kind)? {
@@ -1106,13 +1115,13 @@ impl Registry {
                     doc: row.doc,
                 });
                 if bytes >= replica::SEED_ENTRY_BYTES {
-                    out.push(replica::encode_entry(&std::mem::take(&mut ops))?);
+                    out.push(replica::encode_entry(&std::mem::take(&mut ops), true)?);
                     bytes = 0;
                 }
             }
         }
         if !ops.is_empty() {
-            out.push(replica::encode_entry(&ops)?);
+            out.push(replica::encode_entry(&ops, true)?);
         }
         Ok(out)
     }
@@ -1148,13 +1157,41 @@ impl Registry {
         })
     }
 
+    /// Which log this replica follows (what [`Registry::set_log_identity`] stored).
+    pub fn log_identity(&self) -> Option<String> {
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(Kind::LogPosition, "", "identity")
+            .ok()
+            .flatten()
+    }
+
+    /// Records which log this replica follows (the cluster's stream, by its creation time), so
+    /// that a replica is never taken for one of another log that reached the same position.
+    pub fn set_log_identity(&self, identity: &str) -> Result<()> {
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(&[Op::Put {
+                kind: Kind::LogPosition,
+                account: String::new(),
+                key: "identity".into(),
+                doc: identity.to_owned(),
+            }])
+    }
+
     /// Whether the registry holds nothing at all (no account).
     pub fn is_empty(&self) -> bool {
         self.read_state(|st| st.accounts.is_empty())
     }
 
-    /// Creates an account with a root access key. `name` must be unique.
+    /// Creates an account with a root access key. `name` must be unique. On the data
+    /// directory of a cluster node, from another process (no log attached, a log position
+    /// stored), the account is proposed instead: stored apart, for the node to write through
+    /// the cluster's log ([`Registry::load_new_accounts`]).
     pub fn create_account(&self, name: &str) -> Result<(AccountInfo, AccessKey)> {
+        let propose = self.log.get().is_none() && self.log_position() > 0;
         self.transact("", |st, tx| {
             if st
                 .accounts
@@ -1190,6 +1227,10 @@ impl Registry {
                 user: None,
             };
             tx.account = id;
+            if propose {
+                tx.put(Kind::AccountProposal, &info.id, &(&info, &key))?;
+                return Ok((info, key));
+            }
             tx.put(Kind::Account, &info.id, &info)?;
             tx.put(Kind::AccessKey, &key.access_key_id, &key)?;
             self.add_account(st, &info, std::slice::from_ref(&key));
@@ -1233,9 +1274,13 @@ impl Registry {
 
     /// Loads accounts (and their root keys) that another process (`sekisho account create`)
     /// added to the database since this one started. Returns them with their first key.
-    /// New accounts are empty, so nothing else needs loading. In a cluster they are written to
-    /// the log, as any write is, so that every node serves them.
+    /// New accounts are empty, so nothing else needs loading. In a cluster, the accounts that
+    /// process proposed are written through the log, as any write is, so that every node
+    /// serves them.
     pub fn load_new_accounts(&self) -> Result<Vec<(AccountInfo, AccessKey)>> {
+        if self.log.get().is_some() {
+            return self.accept_account_proposals();
+        }
         let (accounts, keys) = {
             let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             (store.load(Kind::Account)?, store.load(Kind::AccessKey)?)
@@ -1244,43 +1289,60 @@ impl Registry {
             .iter()
             .map(|k| decode::<AccessKey>(&k.doc))
             .collect::<Result<Vec<_>>>()?;
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         for row in accounts {
             let info: AccountInfo = decode(&row.doc)?;
-            if self.read_state(|st| st.accounts.contains_key(info.id.as_str())) {
+            if st.accounts.contains_key(info.id.as_str()) {
                 continue;
             }
-            let added = self.transact(&info.id, |st, tx| {
-                if st.accounts.contains_key(info.id.as_str()) {
-                    return Ok(None);
+            let new: Vec<AccessKey> = keys
+                .iter()
+                .filter(|k| {
+                    k.account_id == info.id && !st.access_keys.contains_key(&k.access_key_id)
+                })
+                .cloned()
+                .collect();
+            self.add_account(&mut st, &info, &new);
+            if let Some(k) = new.into_iter().next() {
+                out.push((info, k));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the accounts proposed by another process through the cluster's log (a name
+    /// taken meanwhile drops its proposal).
+    fn accept_account_proposals(&self) -> Result<Vec<(AccountInfo, AccessKey)>> {
+        let proposals = self
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .load(Kind::AccountProposal)?;
+        let mut out = Vec::new();
+        for row in proposals {
+            let (info, key): (AccountInfo, AccessKey) = decode(&row.doc)?;
+            let made = self.transact(&info.id, |st, tx| {
+                tx.delete(Kind::AccountProposal, &info.id);
+                let taken = st.accounts.contains_key(info.id.as_str())
+                    || st.prefixes.contains_key(&info.endpoint_prefix)
+                    || st.access_keys.contains_key(&key.access_key_id)
+                    || st
+                        .accounts
+                        .values()
+                        .any(|a| a.info.as_ref().is_some_and(|i| i.name == info.name));
+                if taken {
+                    return Ok(false);
                 }
-                let new: Vec<AccessKey> = keys
-                    .iter()
-                    .filter(|k| {
-                        k.account_id == info.id && !st.access_keys.contains_key(&k.access_key_id)
-                    })
-                    .cloned()
-                    .collect();
                 tx.put(Kind::Account, &info.id, &info)?;
-                for k in &new {
-                    tx.put(Kind::AccessKey, &k.access_key_id, k)?;
-                }
-                self.add_account(st, &info, &new);
-                Ok(new.into_iter().next())
-            });
-            match added {
-                Ok(Some(k)) => out.push((info, k)),
-                Ok(None) => {}
-                Err(e) => {
-                    // The database had the account before the write (the other process put
-                    // it there), so a write the log refused left it in memory: take it out,
-                    // to be written again at the next look.
-                    let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
-                    st.accounts.remove(info.id.as_str());
-                    st.prefixes.remove(&info.endpoint_prefix);
-                    st.access_keys.retain(|_, k| k.account_id != info.id);
-                    return Err(e);
-                }
+                tx.put(Kind::AccessKey, &key.access_key_id, &key)?;
+                self.add_account(st, &info, std::slice::from_ref(&key));
+                Ok(true)
+            })?;
+            if made {
+                out.push((info, key));
+            } else {
+                tracing::warn!(account = %info.name, "a proposed account's name or id is taken; the proposal is dropped");
             }
         }
         Ok(out)

@@ -48,6 +48,13 @@ pub const SEED_ENTRY_BYTES: usize = 512 * 1024;
 #[derive(Serialize, Deserialize)]
 struct Entry {
     ops: Vec<WireOp>,
+    /// Whether effective policies may have changed (the writer bumped its generation).
+    #[serde(default = "yes")]
+    b: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One operation: `o` is `p` (put), `d` (delete) or `m` (merge patch).
@@ -61,7 +68,7 @@ struct WireOp {
     d: Option<String>,
 }
 
-pub(crate) fn encode_entry(ops: &[Op]) -> Result<Vec<u8>> {
+pub(crate) fn encode_entry(ops: &[Op], bump: bool) -> Result<Vec<u8>> {
     let ops = ops
         .iter()
         .map(|op| match op {
@@ -80,7 +87,7 @@ pub(crate) fn encode_entry(ops: &[Op]) -> Result<Vec<u8>> {
             } => wire('m', *kind, account, key, Some(doc)),
         })
         .collect();
-    serde_json::to_vec(&Entry { ops }).map_err(|e| RegistryError::Internal(e.to_string()))
+    serde_json::to_vec(&Entry { ops, b: bump }).map_err(|e| RegistryError::Internal(e.to_string()))
 }
 
 fn wire(o: char, kind: Kind, account: &str, key: &str, doc: Option<&str>) -> WireOp {
@@ -93,15 +100,16 @@ fn wire(o: char, kind: Kind, account: &str, key: &str, doc: Option<&str>) -> Wir
     }
 }
 
-pub(crate) fn decode_entry(bytes: &[u8]) -> Result<Vec<Op>> {
+pub(crate) fn decode_entry(bytes: &[u8]) -> Result<(Vec<Op>, bool)> {
     let bad = |why: String| RegistryError::Internal(format!("registry log entry: {why}"));
     let entry: Entry = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-    entry
+    let bump = entry.b;
+    let ops = entry
         .ops
         .into_iter()
         .map(|w| {
             let kind = Kind::parse(&w.k)
-                .filter(|k| *k != Kind::LogPosition)
+                .filter(|k| !matches!(k, Kind::LogPosition | Kind::AccountProposal))
                 .ok_or_else(|| bad(format!("unknown kind {:?}", w.k)))?;
             let doc = || {
                 w.d.clone()
@@ -128,7 +136,16 @@ pub(crate) fn decode_entry(bytes: &[u8]) -> Result<Vec<Op>> {
                 other => return Err(bad(format!("unknown operation {other:?}"))),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((ops, bump))
+}
+
+/// Whether an operation concerns this node alone (never in the log).
+pub(crate) fn local_only(op: &Op) -> bool {
+    let kind = match op {
+        Op::Put { kind, .. } | Op::Patch { kind, .. } | Op::Delete { kind, .. } => *kind,
+    };
+    matches!(kind, Kind::LogPosition | Kind::AccountProposal)
 }
 
 /// The documents `ops` touch, each once, in the order first touched.
@@ -168,15 +185,22 @@ pub(crate) fn apply_doc(
 ) -> Result<()> {
     match kind {
         Kind::Account => {
-            if let Some(doc) = doc {
-                let info: crate::AccountInfo = decode(doc)?;
-                st.prefixes
-                    .insert(info.endpoint_prefix.clone(), info.id.clone());
-                let a = st.accounts.entry(info.id.as_str().into()).or_default();
-                a.arn_prefix = format!("arn:aws:iot:{region}:{}:", info.id);
-                a.info = Some(info);
+            match doc {
+                Some(doc) => {
+                    let info: crate::AccountInfo = decode(doc)?;
+                    st.prefixes
+                        .insert(info.endpoint_prefix.clone(), info.id.clone());
+                    let a = st.accounts.entry(info.id.as_str().into()).or_default();
+                    a.arn_prefix = format!("arn:aws:iot:{region}:{}:", info.id);
+                    a.info = Some(info);
+                }
+                // Accounts are never deleted; this is a creation taken back.
+                None => {
+                    if let Some(info) = st.accounts.remove(key).and_then(|a| a.info) {
+                        st.prefixes.remove(&info.endpoint_prefix);
+                    }
+                }
             }
-            // Accounts are never deleted.
             return Ok(());
         }
         Kind::AccessKey => {
@@ -240,7 +264,7 @@ pub(crate) fn apply_doc(
             }
             return Ok(());
         }
-        Kind::LogPosition | Kind::Shadow => return Ok(()),
+        Kind::LogPosition | Kind::Shadow | Kind::AccountProposal => return Ok(()),
         _ => {}
     }
     let a = account_mut(st, account)?;
@@ -377,6 +401,7 @@ pub(crate) fn apply_doc(
         | Kind::Certificate
         | Kind::CaCertificate
         | Kind::LogPosition
+        | Kind::AccountProposal
         | Kind::Shadow => {}
     }
     Ok(())

@@ -80,7 +80,7 @@ impl Registry {
         // In a cluster: through the log, as any registry write. The shadows were decided
         // against this node's database; if another node wrote first, the write still holds
         // unless what it wrote meanwhile touched one of these shadows.
-        let entry = crate::replica::encode_entry(&ops)?;
+        let entry = crate::replica::encode_entry(&ops, false)?;
         for _ in 0..crate::WRITE_TRIES {
             let st = self.state.write().unwrap_or_else(|p| p.into_inner());
             let expected = self.applied.load(Ordering::Acquire);

@@ -64,6 +64,10 @@ pub(crate) enum Kind {
     /// In a cluster, the position in the cluster's registry log of the last entry this
     /// database holds (account and key ""; never loaded into memory).
     LogPosition,
+    /// An account made by another process (`sekisho account create`) on a cluster node's
+    /// data directory, keyed by its id, waiting for the node to write it through the log
+    /// (doc: `[info, root key]`; never loaded into memory).
+    AccountProposal,
 }
 
 impl Kind {
@@ -101,11 +105,12 @@ impl Kind {
             Kind::OidcProvider => "oidc_provider",
             Kind::JobWaiting => "job_waiting",
             Kind::LogPosition => "log_position",
+            Kind::AccountProposal => "account_proposal",
         }
     }
 
     /// Every kind.
-    pub(crate) const ALL: [Kind; 32] = [
+    pub(crate) const ALL: [Kind; 33] = [
         Kind::Account,
         Kind::AccessKey,
         Kind::Thing,
@@ -138,6 +143,7 @@ impl Kind {
         Kind::JobWaiting,
         Kind::Shadow,
         Kind::LogPosition,
+        Kind::AccountProposal,
     ];
 
     /// The kind stored under this name.

@@ -303,3 +303,50 @@ fn shadows_go_through_the_log_and_a_stale_write_of_the_same_shadow_is_refused() 
     assert_eq!(a.log_position(), b.log_position());
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn an_account_made_on_a_stale_replica_leaves_no_trace_of_its_first_try() {
+    let d = dir("accounts");
+    let entries: Entries = Arc::default();
+    let (a, _) = replica(&d.join("a.db"), &entries);
+    let (b, b_log) = replica(&d.join("b.db"), &entries);
+    a.create_account("x").unwrap();
+    // `b` is behind: its first try is taken back (account, prefix, key), its second lands.
+    b.create_account("y").unwrap();
+    assert_eq!(b_log.conflicts.load(Ordering::Relaxed), 1);
+    assert!(matches!(
+        b.create_account("x"),
+        Err(RegistryError::AlreadyExists { .. })
+    ));
+    sync(&a, &entries);
+    same(&b, &a, &d.join("a.db"));
+    same(&a, &b, &d.join("b.db"));
+    assert_eq!(b.accounts().len(), 2);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn an_account_made_by_another_process_on_a_replica_goes_through_the_log() {
+    let d = dir("proposal");
+    let entries: Entries = Arc::default();
+    let (a, _) = replica(&d.join("a.db"), &entries);
+    a.create_account("default").unwrap();
+    let (b, _) = replica(&d.join("b.db"), &entries);
+    // `sekisho account create` on b's directory: a process without the log.
+    let (info, key) = {
+        let cli = Registry::open(&d.join("b.db"), "us-east-1").unwrap();
+        let made = cli.create_account("made-by-cli").unwrap();
+        assert!(cli.accounts().iter().all(|i| i.name != "made-by-cli"));
+        made
+    };
+    assert!(b.accounts().iter().all(|i| i.name != "made-by-cli"));
+    let accepted = b.load_new_accounts().unwrap();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0].0.id, info.id);
+    sync(&a, &entries);
+    assert!(a.access_key(&key.access_key_id).is_some());
+    same(&b, &a, &d.join("a.db"));
+    // Accepted once.
+    assert!(b.load_new_accounts().unwrap().is_empty());
+    std::fs::remove_dir_all(&d).unwrap();
+}

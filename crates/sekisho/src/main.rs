@@ -312,6 +312,15 @@ async fn bind_all(
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let (layout, material) = init::open(&config)?;
+    // Written alone, a replica would differ from the cluster's registry without anything
+    // noticing when it rejoined.
+    anyhow::ensure!(
+        config.cluster.is_some() || material.registry.log_position() == 0,
+        "{} is a replica of a cluster's registry log (entry {}): serve it with [cluster] (or \
+         --cluster), or move it away to start a single node afresh",
+        layout.path("registry.db").display(),
+        material.registry.log_position()
+    );
     std::fs::write(layout.path("api.port"), config.ports.api.to_string())
         .context("recording the control-plane port")?;
     std::fs::write(layout.path("https.port"), config.ports.https.to_string())
