@@ -626,22 +626,26 @@ impl Registry {
             );
         }
         if let Some(t) = &out.thing {
-            // Checked without a certificate above; one attached since is some device's.
-            let taken = self.read(account, |a| {
-                Ok(a.thing_principals
-                    .get(t.as_str())
-                    .is_some_and(|p| p.iter().any(|(c, _)| **c != *cert_arn)))
-            })?;
-            if taken {
-                return Err(failure(format!(
-                    "Thing {t} was given a certificate while it was being provisioned"
-                )));
-            }
-            self.attach_thing_principal(
+            // Checked without a certificate above; one attached since is some device's. In
+            // the attachment's own write: the per-account lock is one node's, and another
+            // node may provision the same thing meanwhile.
+            self.attach_thing_principal_when(
                 account,
                 t,
                 &cert_arn,
                 ThingPrincipalType::NonExclusiveThing,
+                |a| {
+                    let taken = a
+                        .thing_principals
+                        .get(t.as_str())
+                        .is_some_and(|p| p.iter().any(|(c, _)| **c != *cert_arn));
+                    if taken {
+                        return Err(failure(format!(
+                            "Thing {t} was given a certificate while it was being provisioned"
+                        )));
+                    }
+                    Ok(())
+                },
             )?;
         }
         let active = plan.certificate.as_ref().is_some_and(|c| c.active);

@@ -410,10 +410,24 @@ impl Registry {
         principal: &str,
         kind: ThingPrincipalType,
     ) -> Result<()> {
+        self.attach_thing_principal_when(account, thing, principal, kind, |_| Ok(()))
+    }
+
+    /// [`Registry::attach_thing_principal`] if `check` passes on the account in the same write
+    /// (in a cluster: against the state every earlier write of any node left).
+    pub(crate) fn attach_thing_principal_when(
+        &self,
+        account: &str,
+        thing: &str,
+        principal: &str,
+        kind: ThingPrincipalType,
+        check: impl Fn(&Account) -> Result<()>,
+    ) -> Result<()> {
         self.write(account, |a, tx| {
             if !a.things.contains_key(thing) {
                 return Err(RegistryError::NotFound(format!("Thing {thing} cannot be found.")));
             }
+            check(a)?;
             self.check_principal(a, account, principal)?;
             // Counted and looked up, not listed (a principal may have a million things); an
             // exclusive attachment is always its principal's only one.

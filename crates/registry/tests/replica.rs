@@ -350,3 +350,76 @@ fn an_account_made_by_another_process_on_a_replica_goes_through_the_log() {
     assert!(b.load_new_accounts().unwrap().is_empty());
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+fn pending_cert(r: &Registry, acct: &str) -> Certificate {
+    r.add_certificate(
+        acct,
+        NewCertificate {
+            pem: cert_pem(),
+            status: CertStatus::PendingActivation,
+            ca_certificate_id: None,
+            mode: CertMode::Default,
+            claim_template: None,
+        },
+    )
+    .unwrap()
+    .0
+}
+
+/// A template that provisions thing `t` for the certificate `cert`.
+fn plan(cert: &str) -> template::Plan {
+    let body = serde_json::json!({
+        "Parameters": {"AWS::IoT::Certificate::Id": {"Type": "String"}},
+        "Resources": {
+            "thing": {"Type": "AWS::IoT::Thing", "Properties": {"ThingName": "t"}},
+            "certificate": {"Type": "AWS::IoT::Certificate",
+                "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"}}}});
+    let params = BTreeMap::from([("AWS::IoT::Certificate::Id".to_string(), cert.to_string())]);
+    template::evaluate(&body.to_string(), &params).unwrap()
+}
+
+/// Two nodes provisioning one thing at once (their per-account locks are their own): the
+/// thing gets one certificate.
+#[test]
+fn provisionings_of_one_thing_on_two_replicas_give_it_one_certificate() {
+    let d = dir("provisioning");
+    let entries: Entries = Arc::default();
+    let (a, _) = replica(&d.join("a.db"), &entries);
+    let (b, _) = replica(&d.join("b.db"), &entries);
+    let (info, _) = a.create_account("a").unwrap();
+    let acct = info.id;
+    let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"iot.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+    a.create_role(&acct, "prov", None, trust, None, None)
+        .unwrap();
+    a.put_inline_policy(&acct, true, "prov", "all", DOC)
+        .unwrap();
+    let role = format!("arn:aws:iam::{acct}:role/prov");
+    for _ in 0..20 {
+        let _ = a.delete_thing(&acct, "t", None);
+        let (ca, cb) = (pending_cert(&a, &acct), pending_cert(&a, &acct));
+        sync(&b, &entries);
+        let ok: Vec<bool> = std::thread::scope(|s| {
+            let one = s.spawn(|| a.register_thing(&acct, plan(&ca.id), &ca.id, &role).is_ok());
+            let two = s.spawn(|| b.register_thing(&acct, plan(&cb.id), &cb.id, &role).is_ok());
+            vec![one.join().unwrap(), two.join().unwrap()]
+        });
+        sync(&a, &entries);
+        sync(&b, &entries);
+        assert_eq!(ok.iter().filter(|ok| **ok).count(), 1, "{ok:?}");
+        for r in [&a, &b] {
+            let principals = r
+                .list_thing_principals(&acct, "t", None, 100)
+                .unwrap()
+                .items;
+            assert_eq!(principals.len(), 1, "{principals:?}");
+        }
+        for c in [&ca, &cb] {
+            let _ = a.detach_thing_principal(
+                &acct,
+                "t",
+                &format!("arn:aws:iot:us-east-1:{acct}:cert/{}", c.id),
+            );
+        }
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
