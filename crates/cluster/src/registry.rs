@@ -89,15 +89,26 @@ impl Log for RegistryLog {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Expected-Last-Sequence", expected.to_string().as_str());
         let (js, subject) = (self.js.clone(), self.subject.clone());
-        let sent = self.wait(async move {
-            js.publish_with_headers(subject, headers, entry.into())
-                .await?
-                .await
-        })?;
+        let sent = self
+            .wait(async move {
+                js.publish_with_headers(subject, headers, entry.into())
+                    .await?
+                    .await
+            })
+            .map_err(|e| match e {
+                LogError::Unavailable(why) => LogError::Unknown(why),
+                other => other,
+            })?;
         match sent {
             Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(LogError::Conflict),
-            Err(e) => Err(LogError::Unavailable(e.to_string())),
+            Err(e) => Err(match e.kind() {
+                PublishErrorKind::WrongLastSequence => LogError::Conflict,
+                // Sent, perhaps stored, not acknowledged.
+                PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+                    LogError::Unknown(e.to_string())
+                }
+                _ => LogError::Unavailable(e.to_string()),
+            }),
         }
     }
 

@@ -281,6 +281,9 @@ pub struct Registry {
     /// The shadow documents the latest entries applied from the log touched, so that a shadow
     /// write that lost the race to the log can tell whether it still holds.
     recent_shadows: Mutex<RecentShadows>,
+    /// The nonces of the latest entries applied from the log (a write whose append was not
+    /// answered looks for its own there).
+    recent_nonces: Mutex<std::collections::VecDeque<u64>>,
 }
 
 /// Shadow documents touched by the latest entries applied from the log.
@@ -292,6 +295,9 @@ struct RecentShadows {
     complete_from: u64,
 }
 
+/// How many entries' nonces [`Registry::applied_nonce`] remembers.
+const RECENT_NONCES: usize = 4096;
+
 /// How many shadow-touching entries [`RecentShadows`] remembers.
 const RECENT_SHADOW_ENTRIES: usize = 4096;
 
@@ -301,6 +307,9 @@ enum Commit {
     Retry,
     /// Failed; memory holds what the database does.
     Failed(RegistryError),
+    /// The log did not answer: the entry with this nonce may be in it. Memory holds what the
+    /// database does; the follower applies the entry if it is there.
+    Uncertain(u64, String),
 }
 
 /// How many times a write decided against a stale replica is decided again.
@@ -364,6 +373,7 @@ impl Registry {
             .unwrap_or(0);
         Registry {
             log: OnceLock::new(),
+            recent_nonces: Mutex::new(Default::default()),
             recent_shadows: Mutex::new(RecentShadows {
                 entries: Default::default(),
                 complete_from: applied + 1,
@@ -915,6 +925,17 @@ impl Registry {
                     drop(st);
                     self.catch_up()?;
                 }
+                Err(Commit::Uncertain(nonce, why)) => {
+                    // In the log after all? Then the follower applied it, as another node's.
+                    drop(st);
+                    if self.catch_up().is_ok() && self.applied_nonce(nonce) {
+                        return Ok(out);
+                    }
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    return Err(RegistryError::Unavailable(format!(
+                        "The cluster's registry log did not answer: {why}"
+                    )));
+                }
             }
         }
         Err(RegistryError::Unavailable(
@@ -940,13 +961,15 @@ impl Registry {
             .collect();
         let position = match self.log.get() {
             Some(log) if !logged.is_empty() => {
-                let entry = replica::encode_entry(&logged, bump).map_err(Commit::Failed)?;
+                let nonce: u64 = rand::random();
+                let entry = replica::encode_entry(&logged, bump, nonce).map_err(Commit::Failed)?;
                 match log.append(entry, self.applied.load(Ordering::Acquire)) {
                     Ok(p) => Some(p),
                     Err(e) => {
                         self.undo(st, ops);
                         return Err(match e {
                             LogError::Conflict => Commit::Retry,
+                            LogError::Unknown(why) => Commit::Uncertain(nonce, why),
                             LogError::Unavailable(why) => {
                                 Commit::Failed(RegistryError::Unavailable(format!(
                                     "The cluster's registry log is unavailable: {why}"
@@ -1006,6 +1029,14 @@ impl Registry {
         }
     }
 
+    /// Whether an entry with this nonce was applied from the log lately.
+    fn applied_nonce(&self, nonce: u64) -> bool {
+        self.recent_nonces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&nonce)
+    }
+
     /// Waits until this replica holds the cluster's log up to its end.
     fn catch_up(&self) -> Result<()> {
         match self.log.get() {
@@ -1042,7 +1073,14 @@ impl Registry {
                 "registry log: entry {position} after {applied}; entries were skipped"
             )));
         }
-        let (ops, bump) = replica::decode_entry(entry)?;
+        let (ops, bump, nonce) = replica::decode_entry(entry)?;
+        {
+            let mut recent = self.recent_nonces.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() == RECENT_NONCES {
+                recent.pop_front();
+            }
+            recent.push_back(nonce);
+        }
         let shadows: Vec<(String, String)> = replica::touched(&ops)
             .into_iter()
             .filter(|(k, _, _)| *k == Kind::Shadow)
@@ -1115,13 +1153,13 @@ impl Registry {
                     doc: row.doc,
                 });
                 if bytes >= replica::SEED_ENTRY_BYTES {
-                    out.push(replica::encode_entry(&std::mem::take(&mut ops), true)?);
+                    out.push(replica::encode_entry(&std::mem::take(&mut ops), true, 0)?);
                     bytes = 0;
                 }
             }
         }
         if !ops.is_empty() {
-            out.push(replica::encode_entry(&ops, true)?);
+            out.push(replica::encode_entry(&ops, true, 0)?);
         }
         Ok(out)
     }

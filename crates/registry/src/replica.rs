@@ -38,8 +38,10 @@ pub trait Log: Send + Sync {
 pub enum LogError {
     /// The log does not end at the expected position: another node wrote first.
     Conflict,
-    /// The log could not be reached, or refused the entry.
+    /// The log could not be reached, or refused the entry: it is not in the log.
     Unavailable(String),
+    /// No answer came: the entry may be in the log or not.
+    Unknown(String),
 }
 
 /// The most entries' bytes a start-up seed puts in one entry.
@@ -51,6 +53,10 @@ struct Entry {
     /// Whether effective policies may have changed (the writer bumped its generation).
     #[serde(default = "yes")]
     b: bool,
+    /// A number drawn by the writer, by which it finds its entry in the log after an append
+    /// whose outcome it did not learn.
+    #[serde(default)]
+    n: u64,
 }
 
 fn yes() -> bool {
@@ -68,7 +74,7 @@ struct WireOp {
     d: Option<String>,
 }
 
-pub(crate) fn encode_entry(ops: &[Op], bump: bool) -> Result<Vec<u8>> {
+pub(crate) fn encode_entry(ops: &[Op], bump: bool, nonce: u64) -> Result<Vec<u8>> {
     let ops = ops
         .iter()
         .map(|op| match op {
@@ -87,7 +93,12 @@ pub(crate) fn encode_entry(ops: &[Op], bump: bool) -> Result<Vec<u8>> {
             } => wire('m', *kind, account, key, Some(doc)),
         })
         .collect();
-    serde_json::to_vec(&Entry { ops, b: bump }).map_err(|e| RegistryError::Internal(e.to_string()))
+    serde_json::to_vec(&Entry {
+        ops,
+        b: bump,
+        n: nonce,
+    })
+    .map_err(|e| RegistryError::Internal(e.to_string()))
 }
 
 fn wire(o: char, kind: Kind, account: &str, key: &str, doc: Option<&str>) -> WireOp {
@@ -100,10 +111,10 @@ fn wire(o: char, kind: Kind, account: &str, key: &str, doc: Option<&str>) -> Wir
     }
 }
 
-pub(crate) fn decode_entry(bytes: &[u8]) -> Result<(Vec<Op>, bool)> {
+pub(crate) fn decode_entry(bytes: &[u8]) -> Result<(Vec<Op>, bool, u64)> {
     let bad = |why: String| RegistryError::Internal(format!("registry log entry: {why}"));
     let entry: Entry = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-    let bump = entry.b;
+    let (bump, nonce) = (entry.b, entry.n);
     let ops = entry
         .ops
         .into_iter()
@@ -137,7 +148,7 @@ pub(crate) fn decode_entry(bytes: &[u8]) -> Result<(Vec<Op>, bool)> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((ops, bump))
+    Ok((ops, bump, nonce))
 }
 
 /// Whether an operation concerns this node alone (never in the log).

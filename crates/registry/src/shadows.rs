@@ -80,7 +80,8 @@ impl Registry {
         // In a cluster: through the log, as any registry write. The shadows were decided
         // against this node's database; if another node wrote first, the write still holds
         // unless what it wrote meanwhile touched one of these shadows.
-        let entry = crate::replica::encode_entry(&ops, false)?;
+        let nonce: u64 = rand::random();
+        let entry = crate::replica::encode_entry(&ops, false, nonce)?;
         for _ in 0..crate::WRITE_TRIES {
             let st = self.state.write().unwrap_or_else(|p| p.into_inner());
             let expected = self.applied.load(Ordering::Acquire);
@@ -105,6 +106,15 @@ impl Registry {
                 Err(crate::LogError::Unavailable(why)) => {
                     return Err(RegistryError::Unavailable(format!(
                         "The cluster's registry log is unavailable: {why}"
+                    )));
+                }
+                Err(crate::LogError::Unknown(why)) => {
+                    drop(st);
+                    if self.catch_up().is_ok() && self.applied_nonce(nonce) {
+                        return Ok(());
+                    }
+                    return Err(RegistryError::Unavailable(format!(
+                        "The cluster's registry log did not answer: {why}"
                     )));
                 }
             }

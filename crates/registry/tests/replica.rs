@@ -21,6 +21,8 @@ struct MemLog {
     entries: Entries,
     me: Mutex<Weak<Registry>>,
     conflicts: AtomicUsize,
+    /// The next append is answered "no answer": 1 after storing the entry, 2 without.
+    silent: AtomicUsize,
 }
 
 impl Log for MemLog {
@@ -29,6 +31,14 @@ impl Log for MemLog {
         if e.len() as u64 != expected {
             self.conflicts.fetch_add(1, Ordering::Relaxed);
             return Err(LogError::Conflict);
+        }
+        match self.silent.swap(0, Ordering::Relaxed) {
+            1 => {
+                e.push(entry);
+                return Err(LogError::Unknown("stored, the answer lost".into()));
+            }
+            2 => return Err(LogError::Unknown("lost on the way".into())),
+            _ => {}
         }
         e.push(entry);
         Ok(e.len() as u64)
@@ -55,6 +65,7 @@ fn replica(path: &std::path::Path, entries: &Entries) -> (Arc<Registry>, Arc<Mem
         entries: entries.clone(),
         me: Mutex::new(Arc::downgrade(&r)),
         conflicts: AtomicUsize::new(0),
+        silent: AtomicUsize::new(0),
     });
     sync(&r, entries);
     r.attach_log(log.clone());
@@ -421,5 +432,31 @@ fn provisionings_of_one_thing_on_two_replicas_give_it_one_certificate() {
             );
         }
     }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_write_whose_append_was_not_answered_is_found_in_the_log_or_refused() {
+    let d = dir("unanswered");
+    let entries: Entries = Arc::default();
+    let (a, a_log) = replica(&d.join("a.db"), &entries);
+    let (info, _) = a.create_account("default").unwrap();
+    let acct = info.id;
+    // Stored, the answer lost: the write stands, applied from the log.
+    a_log.silent.store(1, Ordering::Relaxed);
+    a.create_thing(&acct, "stored", None, BTreeMap::new())
+        .unwrap();
+    assert!(a.describe_thing(&acct, "stored").is_ok());
+    assert_eq!(a.log_position(), 2);
+    // Lost: refused, and nothing changed.
+    a_log.silent.store(2, Ordering::Relaxed);
+    let e = a
+        .create_thing(&acct, "lost", None, BTreeMap::new())
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Unavailable(_)), "{e:?}");
+    assert!(a.describe_thing(&acct, "lost").is_err());
+    assert_eq!(a.log_position(), 2);
+    let (b, _) = replica(&d.join("b.db"), &entries);
+    same(&a, &b, &d.join("b.db"));
     std::fs::remove_dir_all(&d).unwrap();
 }
