@@ -410,3 +410,133 @@ impl Storage for NoStorage {
 
 /// The QoS a stored queue entry is delivered at: always 1 (only QoS 1 is stored).
 pub const STORED_QOS: QoS = QoS::AtLeastOnce;
+
+/// A session moving between nodes ([`crate::Broker::take_session`]) as bytes: version 1,
+/// account and client id (u16 length each), expiry and the time it was left (epoch ms, u64;
+/// `u64::MAX` for none), the subscriptions (u32 count; u16 length, filter, the MQTT 5 options
+/// byte) and the queue (u32 count; sequence u64, flags u8 (retain, shared, sent, expires),
+/// packet id u16, expiry and publication epoch ms u64, u32 length and the message as the
+/// MQTT 5 PUBLISH our codec writes). All big-endian.
+pub fn encode_loaded(l: &Loaded) -> Option<Vec<u8>> {
+    let mut out = vec![1u8];
+    let text = |out: &mut Vec<u8>, s: &str| -> Option<()> {
+        out.extend_from_slice(&u16::try_from(s.len()).ok()?.to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+        Some(())
+    };
+    text(&mut out, &l.account)?;
+    text(&mut out, &l.client_id)?;
+    out.extend_from_slice(&(l.session.expiry.as_millis() as u64).to_be_bytes());
+    out.extend_from_slice(&l.disconnected_at_ms.unwrap_or(u64::MAX).to_be_bytes());
+    out.extend_from_slice(
+        &u32::try_from(l.session.subscriptions.len())
+            .ok()?
+            .to_be_bytes(),
+    );
+    for (filter, o) in &l.session.subscriptions {
+        text(&mut out, filter)?;
+        out.push(
+            (o.qos as u8)
+                | (u8::from(o.no_local) << 2)
+                | (u8::from(o.retain_as_published) << 3)
+                | ((o.retain_handling & 3) << 4),
+        );
+    }
+    out.extend_from_slice(&u32::try_from(l.queue.len()).ok()?.to_be_bytes());
+    for q in &l.queue {
+        let bytes = q.message.message.to_publish_bytes().ok()?;
+        out.extend_from_slice(&q.seq.to_be_bytes());
+        out.push(
+            u8::from(q.retain)
+                | (u8::from(q.shared) << 1)
+                | (u8::from(q.packet_id.is_some()) << 2)
+                | (u8::from(q.message.expires_at_ms.is_some()) << 3),
+        );
+        out.extend_from_slice(&q.packet_id.unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&q.message.expires_at_ms.unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&q.message.message.timestamp_ms.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(bytes.len()).ok()?.to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    Some(out)
+}
+
+/// [`encode_loaded`]'s bytes back; `None` if they are not such bytes.
+pub fn decode_loaded(mut b: &[u8]) -> Option<Loaded> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Some(head)
+    }
+    fn int<const N: usize>(b: &mut &[u8]) -> Option<[u8; N]> {
+        take(b, N)?.try_into().ok()
+    }
+    fn text(b: &mut &[u8]) -> Option<String> {
+        let n = u16::from_be_bytes(int(b)?) as usize;
+        Some(std::str::from_utf8(take(b, n)?).ok()?.to_owned())
+    }
+    if take(&mut b, 1)? != [1] {
+        return None;
+    }
+    let account = text(&mut b)?;
+    let client_id = text(&mut b)?;
+    let expiry = Duration::from_millis(u64::from_be_bytes(int(&mut b)?));
+    let left = u64::from_be_bytes(int(&mut b)?);
+    let n = u32::from_be_bytes(int(&mut b)?) as usize;
+    let mut subscriptions = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        let filter = text(&mut b)?;
+        let [o] = int::<1>(&mut b)?;
+        subscriptions.push((
+            filter,
+            SubscriptionOptions {
+                qos: if o & 3 == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                },
+                no_local: o & 4 != 0,
+                retain_as_published: o & 8 != 0,
+                retain_handling: (o >> 4) & 3,
+            },
+        ));
+    }
+    let n = u32::from_be_bytes(int(&mut b)?) as usize;
+    let mut queue = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        let seq = u64::from_be_bytes(int(&mut b)?);
+        let [flags] = int::<1>(&mut b)?;
+        let packet_id = u16::from_be_bytes(int(&mut b)?);
+        let expires = u64::from_be_bytes(int(&mut b)?);
+        let timestamp_ms = u64::from_be_bytes(int(&mut b)?);
+        let len = u32::from_be_bytes(int(&mut b)?) as usize;
+        let message = Message::from_publish_bytes(take(&mut b, len)?, timestamp_ms)?;
+        queue.push(LoadedQueued {
+            seq,
+            retain: flags & 1 != 0,
+            shared: flags & 2 != 0,
+            packet_id: (flags & 4 != 0).then_some(packet_id),
+            message: LoadedMessage {
+                message,
+                expires_at_ms: (flags & 8 != 0).then_some(expires),
+            },
+        });
+    }
+    if !b.is_empty() {
+        return None;
+    }
+    Some(Loaded {
+        account,
+        client_id,
+        session: StoredSession {
+            expiry,
+            subscriptions,
+            connected: false,
+        },
+        disconnected_at_ms: (left != u64::MAX).then_some(left),
+        queue,
+    })
+}

@@ -1854,6 +1854,149 @@ impl Broker {
             .is_some_and(|a| a.by_client.contains_key(client_id))
     }
 
+    /// Takes a persistent session that no connection holds out of this broker, to move to
+    /// another node: its expiry, subscriptions (their interest withdrawn) and queue, with
+    /// wall-clock times from `clock`. `None` if the client id has no such session here (none,
+    /// a clean one, one connected, or one expired).
+    pub fn take_session(
+        &self,
+        account: &str,
+        client_id: &str,
+        clock: durable::WallClock,
+    ) -> Option<durable::Loaded> {
+        let mut inner = self.lock();
+        let acct = inner.get_mut(account)?;
+        let id = acct.by_client.get(client_id).copied()?;
+        let s = acct.sessions.get(&id)?;
+        let left = s.disconnected_at?;
+        if s.conn.is_some() || s.expiry.is_zero() || clock.now >= left + s.expiry {
+            return None;
+        }
+        let s = acct.drop_session(id)?;
+        if let Some(j) = self.journal.as_deref().filter(|_| s.stored) {
+            j.record_quietly(durable::Change::DeleteSession {
+                account: acct.name.clone(),
+                client_id: s.client_id.clone(),
+            });
+        }
+        let queue = s
+            .queue
+            .iter()
+            .filter(|d| !d.message.expired(clock.now))
+            .map(|d| durable::LoadedQueued {
+                seq: d.seq,
+                retain: d.retain,
+                shared: d.shared,
+                packet_id: d.resend,
+                message: durable::LoadedMessage {
+                    expires_at_ms: d.message.expires_at.map(|at| clock.ms(at)),
+                    message: Message {
+                        expires_at: None,
+                        origin: None,
+                        ..(*d.message).clone()
+                    },
+                },
+            })
+            .collect();
+        Some(durable::Loaded {
+            account: account.to_owned(),
+            client_id: client_id.to_owned(),
+            session: durable::StoredSession {
+                expiry: s.expiry,
+                subscriptions: s.subscriptions.into_iter().collect(),
+                connected: false,
+            },
+            disconnected_at_ms: Some(clock.ms(left)),
+            queue,
+        })
+    }
+
+    /// Puts a session taken from another node ([`Broker::take_session`]) here, replacing any
+    /// session of its client id, stored if this broker is durable (its messages under this
+    /// broker's sequence numbers). Returns the highest interest number its filters got from
+    /// the cluster (0: none new), for the CONNACK to wait for.
+    pub fn put_session(&self, l: durable::Loaded, clock: durable::WallClock) -> u64 {
+        let mut inner = self.lock();
+        let acct = inner
+            .entry(l.account.clone())
+            .or_insert_with(|| AccountState::new(&l.account, self.peers.get()));
+        if let Some(old) = acct.by_client.get(&l.client_id).copied() {
+            acct.end_session(old, self.journal.as_deref());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let client_id: Arc<str> = Arc::from(l.client_id.as_str());
+        let session = Session {
+            client_id: client_id.clone(),
+            stored: self.journal.is_some() && !l.session.expiry.is_zero(),
+            subscriptions: HashMap::new(),
+            conn: None,
+            epoch: 0,
+            expiry: l.session.expiry,
+            disconnected_at: Some(
+                l.disconnected_at_ms
+                    .map_or(clock.now, |ms| clock.instant(ms)),
+            ),
+            queue: VecDeque::new(),
+        };
+        record_session(self.journal.as_deref(), &acct.name, &session, false);
+        acct.sessions.insert(id, session);
+        acct.by_client.insert(l.client_id.clone(), id);
+        let mut mark = 0;
+        let mut subscriptions = HashMap::new();
+        for (filter, options) in l.session.subscriptions {
+            mark = mark.max(acct.add_subscription(id, &filter, SubEntry { options }));
+            subscriptions.insert(filter, options);
+        }
+        let mut queue = VecDeque::with_capacity(l.queue.len());
+        for q in l.queue {
+            if q.message.expires_at_ms.is_some_and(|ms| ms <= clock.now_ms) {
+                continue;
+            }
+            let message = Arc::new(Message {
+                expires_at: q.message.expires_at_ms.map(|ms| clock.instant(ms)),
+                ..q.message.message
+            });
+            let seq = self.next_id.fetch_add(1, Ordering::Relaxed);
+            acct.offline_bytes += weight(&message);
+            if let Some(j) = self
+                .journal
+                .as_deref()
+                .filter(|_| !l.session.expiry.is_zero())
+            {
+                j.record_quietly(durable::Change::Append {
+                    account: acct.name.clone(),
+                    client_id: client_id.clone(),
+                    seq,
+                    retain: q.retain,
+                    shared: q.shared,
+                    message: message.clone(),
+                });
+                if let Some(packet_id) = q.packet_id {
+                    j.record_quietly(durable::Change::Sent {
+                        account: acct.name.clone(),
+                        client_id: client_id.clone(),
+                        seq,
+                        packet_id,
+                    });
+                }
+            }
+            queue.push_back(Delivery {
+                message,
+                qos: QoS::AtLeastOnce,
+                retain: q.retain,
+                resend: q.packet_id,
+                seq,
+                shared: q.shared,
+            });
+        }
+        if let Some(s) = acct.sessions.get_mut(&id) {
+            s.subscriptions = subscriptions;
+            s.queue = queue;
+            record_session(self.journal.as_deref(), &acct.name, s, false);
+        }
+        mark
+    }
+
     /// Whether a client id is connected now.
     pub fn is_connected(&self, account: &str, client_id: &str) -> bool {
         self.lock().get(account).is_some_and(|a| {
@@ -1979,6 +2122,50 @@ mod tests {
         )
         .unwrap();
         assert!(other.rx.try_recv().is_err());
+    }
+
+    /// A persistent session left on one broker moves to another as bytes: subscriptions,
+    /// its queue in order (a message sent and not acknowledged keeps its packet id), its
+    /// expiry; the first broker no longer has it, and one connected cannot be taken.
+    #[test]
+    fn a_session_moves_between_brokers() {
+        let clock = durable::WallClock::read();
+        let (one, two) = (
+            Broker::new(BrokerConfig::default()),
+            Broker::new(BrokerConfig::default()),
+        );
+        let a = one.connect("acct", "c1", false, Duration::from_secs(3600), clock.now);
+        one.subscribe("acct", a.session, "q/+", opts(QoS::AtLeastOnce));
+        assert!(one.take_session("acct", "c1", clock).is_none(), "connected");
+        leave(&one, &a, clock.now);
+        for i in 0..100u8 {
+            let m = Message {
+                payload: Bytes::from(vec![i]),
+                ..(*msg("q/x", QoS::AtLeastOnce, false, b"")).clone()
+            };
+            one.publish("acct", Arc::new(m), clock.now).unwrap();
+        }
+        assert!(one.take_session("acct", "other", clock).is_none());
+        let taken = one.take_session("acct", "c1", clock).unwrap();
+        assert!(!one.has_session("acct", "c1"));
+        assert_eq!(taken.queue.len(), 100);
+        let bytes = durable::encode_loaded(&taken).unwrap();
+        let back = durable::decode_loaded(&bytes).unwrap();
+        assert_eq!(back, taken);
+        assert!(durable::decode_loaded(&bytes[..bytes.len() - 1]).is_none());
+        two.put_session(back, clock);
+        let mut b = two.connect("acct", "c1", false, Duration::from_secs(3600), clock.now);
+        assert!(b.session_present);
+        let got: Vec<u8> = b.replay.iter().map(|d| d.message.payload[0]).collect();
+        assert_eq!(got, (0..100).collect::<Vec<u8>>());
+        // Its subscription came along.
+        two.publish(
+            "acct",
+            msg("q/y", QoS::AtLeastOnce, false, b"after"),
+            clock.now,
+        )
+        .unwrap();
+        assert_eq!(&b.rx.try_recv().unwrap().message.payload[..], b"after");
     }
 
     #[test]
