@@ -18,6 +18,8 @@ import boto3
 import pytest
 import requests
 from botocore.exceptions import ClientError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from conftest import ALLOW_ALL, BIN, Device, Paho, Server, free_port, unique
 
@@ -989,3 +991,47 @@ def test_a_shadow_updated_on_one_node_is_read_on_another(cluster):
         assert time.time() < end, doc
         time.sleep(0.02)
     assert doc["state"]["desired"] == {"temp": 19} and doc["state"]["delta"] == {"temp": 19}
+
+
+def _persistent(node, device, client_id):
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    c = Paho(node, "localhost", device, client_id, v5=True, clean=False)
+    rc, flags, _ = c.connect(properties=props)
+    assert rc == 0, rc
+    return c, flags.session_present
+
+
+def test_a_persistent_session_moves_between_nodes_with_its_queue(cluster):
+    """A persistent session left on n1 with 1,000 QoS 1 messages queued: the device resumes it
+    on n2 (session present), gets all of them in order, and its subscription came along (a
+    message published on n1 afterwards reaches it on n2). Back on n1, it moves back."""
+    a, b = cluster.nodes[0], cluster.nodes[1]
+    device, cid, topic = cluster.devices[1], unique("mover"), f"cl/move/{unique('t')}"
+    c, present = _persistent(a, device, cid)
+    assert not present
+    assert c.subscribe(topic, qos=1)[0].value == 1
+    c.close()
+    pub = cluster.client(a, device=cluster.devices[2])
+    for i in range(1000):
+        pub.c.publish(topic, str(i).encode(), qos=1)
+    for _ in range(1000):
+        pub.pubacks.get(timeout=10)
+    d, present = _persistent(b, device, cid)
+    try:
+        assert present
+        got = [int(d.messages.get(timeout=10).payload) for _ in range(1000)]
+        assert got == list(range(1000))
+        pub.c.publish(topic, b"after", qos=1)
+        assert d.messages.get(timeout=5).payload == b"after"
+    finally:
+        d.close()
+    # And back: the session is n2's now.
+    e, present = _persistent(a, device, cid)
+    try:
+        assert present
+        pub.c.publish(topic, b"back", qos=1)
+        assert e.messages.get(timeout=5).payload == b"back"
+    finally:
+        e.close()
+        pub.close()

@@ -44,9 +44,36 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 }
 
+/// A claim granted: its number in the cluster's order, and the node that claimed the client id
+/// before, when another (it may hold the client id's persistent session).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// The claim's number.
+    pub number: u64,
+    /// The node (its name) that claimed the client id last before, if not this one and if
+    /// asked for.
+    pub previous: Option<String>,
+}
+
+/// What a claim does about the node that claimed the client id before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Previous {
+    /// Nothing.
+    Ignore,
+    /// Tells it ([`Claimed::previous`]).
+    Tell,
+    /// Refuses the claim when it was another node.
+    Refuse,
+}
+
 /// What [`Claims::claim`] resolves to.
 pub type ClaimFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Claimed, String>> + Send>>;
+
+/// What [`Claims::handover`] resolves to.
+pub type HandoverFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Option<crate::durable::Loaded>> + Send>,
+>;
 
 /// Cluster-wide ownership of client ids: one connection per client id in the whole cluster.
 ///
@@ -58,7 +85,14 @@ pub trait Claims: Send + Sync + std::fmt::Debug {
     /// Claims `client_id` in `account` for a connection about to attach here: its number in the
     /// cluster's order, or why not (the cluster cannot be reached, or a later claim elsewhere
     /// won already); then the connection is refused.
-    fn claim(&self, account: &str, client_id: &str) -> ClaimFuture;
+    /// `previous` says what to do about the node that claimed it last before (one more round
+    /// trip: only a CONNECT that would resume a session, or a provisioning claim's, needs it).
+    fn claim(&self, account: &str, client_id: &str, previous: Previous) -> ClaimFuture;
+
+    /// Asks node `from` for the persistent session of `client_id` (it ends its connection of
+    /// the client id first, and no longer has the session afterwards). `None` when it has
+    /// none, or cannot be asked.
+    fn handover(&self, from: &str, account: &str, client_id: &str) -> HandoverFuture;
 
     /// The connection `epoch` attached under claim `claim`: a later claim elsewhere ends it.
     /// Called once for every claim granted.

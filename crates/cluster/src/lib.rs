@@ -36,7 +36,8 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use sekisho_broker::{Broker, Message, peers::Peers};
+use sekisho_broker::peers::{Peers, Previous};
+use sekisho_broker::{Broker, Message};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::subject::Kind;
@@ -197,8 +198,10 @@ const ROUND_TRIP: Duration = Duration::from_secs(1);
 /// How long a CONNECT waits for its claim to be stored before it is refused.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long the claims stream keeps a claim: only its arrival at every node matters.
-const CLAIM_KEPT: Duration = Duration::from_secs(600);
+/// How long the claims stream keeps a client id's last claim: its arrival at every node
+/// orders takeovers, and the last one names the node that may hold the client id's persistent
+/// session (which lives up to 7 days).
+const CLAIM_KEPT: Duration = Duration::from_secs(8 * 24 * 3600);
 
 /// This node's client-id claims: for each client id connected or connecting here, its claims
 /// on their way, the live connection and its claim, and the latest claim another node made.
@@ -236,6 +239,12 @@ pub struct Owners {
     node_id: u64,
     broker: Arc<Broker>,
     owned: Arc<Mutex<OwnedMap>>,
+    /// The claims stream (the last claim of a client id is read from it).
+    stream: jetstream::stream::Stream,
+    /// This node's name (where sessions are asked for).
+    node: String,
+    /// The main NATS connection (handovers are asked for on it).
+    client: async_nats::Client,
     /// Whether this node's registry follows the cluster's log: while it does not, no one is
     /// let in (a revocation made elsewhere would not be seen).
     registry_alive: Arc<AtomicBool>,
@@ -274,7 +283,7 @@ impl Owners {
     fn seen(&self, subject: &str, payload: &[u8], seq: u64) {
         if std::str::from_utf8(payload)
             .ok()
-            .and_then(|p| u64::from_str_radix(p, 16).ok())
+            .and_then(|p| u64::from_str_radix(p.split(' ').next().unwrap_or(p), 16).ok())
             == Some(self.node_id)
         {
             return;
@@ -304,13 +313,161 @@ impl Owners {
     }
 }
 
+/// The name of the node that made a claim (its payload: `{id:x} {name}`).
+fn claimer(payload: &[u8]) -> Option<String> {
+    let p = std::str::from_utf8(payload).ok()?;
+    let (_, name) = p.split_once(' ')?;
+    Some(name.to_owned())
+}
+
+/// Most bytes of a session sent in one NATS message.
+const HANDOVER_PART: usize = 512 * 1024;
+
+/// How long a CONNECT waits for a session from another node.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Answers other nodes' requests for this node's sessions (`{name}.h.{node}`, payload
+/// `{account}\n{client id}`): ends the client id's connection here, takes its persistent
+/// session out of the broker and sends it in parts to the reply subject, each with headers
+/// `Sekisho-Part` and `Sekisho-Parts` (0 parts: no session here).
+async fn answer_handovers(client: async_nats::Client, broker: Arc<Broker>, subject: String) {
+    let mut requests = match client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cluster: answering session handovers");
+            return;
+        }
+    };
+    while let Some(req) = requests.next().await {
+        let Some(reply) = req.reply.clone() else {
+            continue;
+        };
+        // Only replies to a requester's inbox (not the cluster's own subjects).
+        if !reply.as_str().starts_with("_INBOX.") {
+            continue;
+        }
+        let Some((account, client_id)) = std::str::from_utf8(&req.payload)
+            .ok()
+            .and_then(|p| p.split_once('\n'))
+            .map(|(a, c)| (a.to_owned(), c.to_owned()))
+        else {
+            continue;
+        };
+        let (client, broker) = (client.clone(), broker.clone());
+        tokio::spawn(async move {
+            // Its connection here ends first (its unacknowledged messages go back to the
+            // session's queue as it detaches).
+            broker.kick_client(&account, &client_id, sekisho_broker::Kick::TakenOver);
+            let end = Instant::now() + Duration::from_secs(1);
+            while broker.is_connected(&account, &client_id) && Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let taken = broker.take_session(
+                &account,
+                &client_id,
+                sekisho_broker::durable::WallClock::read(),
+            );
+            let bytes = taken
+                .as_ref()
+                .and_then(sekisho_broker::durable::encode_loaded)
+                .unwrap_or_default();
+            let parts: Vec<&[u8]> = if bytes.is_empty() {
+                Vec::new()
+            } else {
+                bytes.chunks(HANDOVER_PART).collect()
+            };
+            let n = parts.len();
+            let send = |i: usize, body: Bytes| {
+                let mut h = HeaderMap::new();
+                h.insert("Sekisho-Part", i.to_string().as_str());
+                h.insert("Sekisho-Parts", n.to_string().as_str());
+                client.publish_with_headers(reply.clone(), h, body)
+            };
+            let sent = if n == 0 {
+                send(0, Bytes::new()).await.is_ok()
+            } else {
+                let mut ok = true;
+                for (i, p) in parts.iter().enumerate() {
+                    ok &= send(i, Bytes::copy_from_slice(p)).await.is_ok();
+                }
+                ok
+            };
+            if let Some(t) = &taken {
+                tracing::info!(%client_id, queued = t.queue.len(), sent, "cluster: session handed to another node");
+            }
+        });
+    }
+}
+
 impl sekisho_broker::peers::Claims for Owners {
-    fn claim(&self, account: &str, client_id: &str) -> sekisho_broker::peers::ClaimFuture {
+    fn handover(
+        &self,
+        from: &str,
+        account: &str,
+        client_id: &str,
+    ) -> sekisho_broker::peers::HandoverFuture {
+        let subject = subject::handover_subject(&self.prefix, from);
+        let payload = Bytes::from(format!("{account}\n{client_id}"));
+        let (account, client_id) = (account.to_owned(), client_id.to_owned());
+        let client = self.client.clone();
+        Box::pin(async move {
+            let inbox = client.new_inbox();
+            let mut parts = client.subscribe(inbox.clone()).await.ok()?;
+            client
+                .publish_with_reply(subject, inbox, payload)
+                .await
+                .ok()?;
+            let mut got: Vec<Option<Bytes>> = Vec::new();
+            let collected = tokio::time::timeout(HANDOVER_TIMEOUT, async {
+                while let Some(m) = parts.next().await {
+                    // No node listens there (it is down): no session to be had.
+                    if m.status.is_some_and(|s| s == async_nats::StatusCode::NO_RESPONDERS) {
+                        return false;
+                    }
+                    let (Some(i), Some(n)) = (
+                        header_u64(m.headers.as_ref(), "Sekisho-Part", 10),
+                        header_u64(m.headers.as_ref(), "Sekisho-Parts", 10),
+                    ) else {
+                        continue;
+                    };
+                    let (i, n) = (i as usize, n as usize);
+                    if n == 0 {
+                        return false;
+                    }
+                    if got.len() != n {
+                        got = vec![None; n];
+                    }
+                    if let Some(slot) = got.get_mut(i) {
+                        *slot = Some(m.payload);
+                    }
+                    if got.iter().all(Option::is_some) {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if collected != Ok(true) {
+                return None;
+            }
+            let bytes: Vec<u8> = got.into_iter().flatten().flatten().collect();
+            sekisho_broker::durable::decode_loaded(&bytes)
+                .filter(|l| l.account == account && l.client_id == client_id)
+        })
+    }
+
+    fn claim(
+        &self,
+        account: &str,
+        client_id: &str,
+        previous: Previous,
+    ) -> sekisho_broker::peers::ClaimFuture {
         let key = (account.to_owned(), client_id.to_owned());
         // Known before the claim is sent: any later claim elsewhere is then seen.
         self.lock().entry(key.clone()).or_default().pending += 1;
         let subject = subject::claim_subject(&self.prefix, account, client_id);
-        let payload = Bytes::from(format!("{:x}", self.node_id));
+        // Who claims: this node's id (this run's) and name (its sessions' home across runs).
+        let payload = Bytes::from(format!("{:x} {}", self.node_id, self.node));
         // One id per CONNECT: a retry of a claim that was stored after all is the same claim
         // to JetStream (its duplicate window), not a second one.
         let mut headers = HeaderMap::new();
@@ -323,7 +480,39 @@ impl sekisho_broker::peers::Claims for Owners {
         let js = self.js.clone();
         let owned = self.owned.clone();
         let registry_alive = self.registry_alive.clone();
+        let (stream, me) = (self.stream.clone(), self.node.clone());
         Box::pin(async move {
+            // The node that claimed the client id last before ours, read before ours replaces
+            // its claim (the stream keeps one per client id).
+            let before = match previous {
+                Previous::Ignore => None,
+                Previous::Tell | Previous::Refuse => {
+                    match tokio::time::timeout(
+                        CLAIM_TIMEOUT,
+                        stream.get_last_raw_message_by_subject(&subject),
+                    )
+                    .await
+                    {
+                        Ok(Ok(m)) => claimer(&m.payload).filter(|n| *n != me),
+                        Ok(Err(e))
+                            if e.kind()
+                                == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                        {
+                            None
+                        }
+                        Ok(Err(e)) => return Err(format!("reading the last claim: {e}")),
+                        Err(_) => return Err("the cluster did not answer in 2 s".into()),
+                    }
+                }
+            };
+            if previous == Previous::Refuse && before.is_some() {
+                let mut owned = lock_owned(&owned);
+                if let Some(o) = owned.get_mut(&key) {
+                    o.pending = o.pending.saturating_sub(1);
+                }
+                tidy(&mut owned, &key);
+                return Err("the client id is in use on another node".into());
+            }
             // Within the time allowed, a refusal is tried again: JetStream refuses for a moment
             // while a stream's leader is elected or its subjects reach every server.
             let mut last = String::from("the cluster did not answer in 2 s");
@@ -358,7 +547,10 @@ impl sekisho_broker::peers::Claims for Owners {
                 }
                 Ok(ack) => {
                     o.mine = o.mine.max(ack.sequence);
-                    Ok(ack.sequence)
+                    Ok(sekisho_broker::peers::Claimed {
+                        number: ack.sequence,
+                        previous: before,
+                    })
                 }
                 Err(e) => Err(e),
             };
@@ -1005,6 +1197,9 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         node_id,
         broker: broker.clone(),
         owned: Arc::new(Mutex::new(HashMap::new())),
+        stream: claims_stream.clone(),
+        node: config.node.clone(),
+        client: client.clone(),
         registry_alive: registry_alive.clone(),
     });
     let feed = claim_feed(&claims_start, &client, &prefix, last)
@@ -1063,6 +1258,11 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         feed_alive,
         registry_alive.clone(),
         config.isolation,
+    ));
+    tokio::spawn(answer_handovers(
+        client.clone(),
+        broker.clone(),
+        subject::handover_subject(&prefix, &config.node),
     ));
     tokio::spawn(answer_status(
         client.clone(),

@@ -149,6 +149,16 @@ pub fn claim_subject(prefix: &str, account: &str, client_id: &str) -> String {
     s
 }
 
+/// The subject on which node `node` is asked for sessions: `{prefix}.h.{node}`, the name one
+/// token (escaped as a level is).
+pub fn handover_subject(prefix: &str, node: &str) -> String {
+    let mut s = String::with_capacity(prefix.len() + node.len() + 8);
+    s.push_str(prefix);
+    s.push_str(".h.");
+    push_level(&mut s, node);
+    s
+}
+
 /// The account and client id of a subject [`claim_subject`] made.
 pub fn parse_claim(prefix: &str, subject: &str) -> Option<(String, String)> {
     let rest = subject.strip_prefix(prefix)?.strip_prefix(".c.")?;

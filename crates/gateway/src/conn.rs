@@ -75,6 +75,8 @@ struct Port {
     epoch: u64,
     /// In a cluster: the interest mark the next SUBACK waits for (0: none).
     interest_mark: u64,
+    /// A provisioning claim's connection: it may not take a client id over from another node.
+    provisioning_claim: bool,
 }
 
 impl Port {
@@ -432,9 +434,39 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         Ok((admission, mut port)) => {
             port.reauth = custom.map(|(c, d)| Box::new((c, d.refresh_after)));
             // In a cluster, the client id is claimed cluster-wide before the session attaches.
+            // A CONNECT that resumes a session asks who had the client id (its session may be
+            // there); a provisioning claim is refused if another node had it (the claim would
+            // end that device's connection, as on one node).
+            let previous = if port.provisioning_claim {
+                sekisho_broker::peers::Previous::Refuse
+            } else if admission.clean_start() {
+                sekisho_broker::peers::Previous::Ignore
+            } else {
+                sekisho_broker::peers::Previous::Tell
+            };
             let claim = match shared.claims.get() {
-                Some(claims) => match claims.claim(&port.account, &port.client_id).await {
-                    Ok(n) => Some((claims, n)),
+                Some(claims) => match claims
+                    .claim(&port.account, &port.client_id, previous)
+                    .await
+                {
+                    Ok(claimed) => {
+                        // A session to resume may be on the node that had the client id.
+                        if let Some(from) = &claimed.previous
+                            && !shared.broker.has_session(&port.account, &port.client_id)
+                            && let Some(moved) =
+                                claims.handover(from, &port.account, &port.client_id).await
+                        {
+                            let queued = moved.queue.len();
+                            let mark = shared
+                                .broker
+                                .put_session(moved, sekisho_broker::durable::WallClock::read());
+                            if let Some(peers) = shared.broker.peers() {
+                                peers.interest_done(mark).await;
+                            }
+                            tracing::info!(client_id = %port.client_id, from = %from, queued, "session moved here from another node");
+                        }
+                        Some((claims, claimed.number))
+                    }
                     Err(why) => {
                         let refusal = Refusal {
                             version,
@@ -519,6 +551,7 @@ fn accept(
         why: e.to_string(),
     })?;
     principal.ctx.connect_attributes = admission.connect_attributes.clone();
+    let mut provisioning_claim = false;
     // A provisioning claim (CreateProvisioningClaim) may connect with any client id, but not
     // with one whose session is someone else's: it would disconnect that device and,
     // resuming its persistent session, swallow its queued messages (the claim may not receive
@@ -533,6 +566,7 @@ fn accept(
             .is_ok_and(|c| c.claim_template.is_some())
     {
         admission.session_expiry = Duration::ZERO;
+        provisioning_claim = true;
         if shared.broker.has_session(&info.account, &client_id)
             && !shared.connected_with(&info.account, certificate.as_str(), &client_id)
         {
@@ -556,6 +590,7 @@ fn accept(
         reauth: None,
         epoch: 0,
         interest_mark: 0,
+        provisioning_claim,
     };
     let admission = admission.authorize(&mut port, Instant::now())?;
     Ok((admission, port))
