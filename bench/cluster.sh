@@ -7,6 +7,8 @@
 #   same-node   cluster mode on (three nodes, one nats-server): publishers and subscribers on node 1
 #   cross-node  publishers on node 1, subscribers on node 2
 #   fan-out     one publisher on node 1, 30 subscribers of its topic, 10 on each node (1,000 msg/s)
+#   registry    CreateThing with boto3: N sequential, then N from one writer per node at once
+#               (single node: one writer; cluster: through the registry log)
 # CPU is summed over every process that serves (the nodes and nats-server) and reported per
 # million delivered messages. Run by hand; writes bench/results/cluster-<date>/*.json.
 #
@@ -49,20 +51,24 @@ fanout=(--publishers 1 --subscribers 30 --topics shared --rate 1000)
 PIDS=("$SKPID"); PNAMES=(node1)
 for q in 0 1; do run single "$q" "${rate[@]}" --addr 127.0.0.1:18883 --broker-pid "$SKPID"; done
 for q in 0 1; do run single-fanout "$q" "${fanout[@]}" --addr 127.0.0.1:18883 --broker-pid "$SKPID"; done
+echo "== registry writes, single node"
+"${PYTHON:-$ROOT/.venv/bin/python}" bench/registry_writes.py "$SK" "${WRITES:-600}" 19443 > "$OUT/registry-single.json"
 kill -TERM "$SKPID"; wait "$SKPID" || true
 
-# One nats-server with JetStream; three nodes from copies of the one data directory (the
-# registry is not replicated yet), each with its own broker storage.
+# One nats-server with JetStream; three nodes with the first one's CA material. Node 1 seeds the
+# cluster's registry log from its registry; nodes 2 and 3 start with empty registries and
+# apply the log (decision 0013); each has its own broker storage.
 mkdir -p "$WORK/nats"
 "$NATS" -js -sd "$WORK/nats" -a 127.0.0.1 -p 14222 > "$WORK/nats.log" 2>&1 &
 NATSPID=$!
 wait_port 14222
-for n in 2 3; do cp -a "$SK" "$WORK/sekisho$n"; rm -f "$WORK/sekisho$n"/broker.db*; done
+for n in 2 3; do cp -a "$SK" "$WORK/sekisho$n"; rm -f "$WORK/sekisho$n"/broker.db* "$WORK/sekisho$n"/registry.db*; done
 node() { # dir mqtt api https s3
   "$BIN/sekisho" serve --config "$WORK/sekisho.toml" --data-dir "$1" --mqtt-port "$2" --api-port "$3" \
     --https-port "$4" --s3-port "$5" --bind 127.0.0.1 --cluster nats://127.0.0.1:14222 > "$1.log" 2>&1 &
 }
 node "$SK" 18883 19443 18443 19444; P1=$!
+wait_port 19443 || { echo "node 1 did not start"; tail -20 "$SK.log"; exit 1; }
 node "$WORK/sekisho2" 28883 29443 28443 29444; P2=$!
 node "$WORK/sekisho3" 38883 39443 38443 39444; P3=$!
 for p in 19443 29443 39443; do wait_port $p || { echo "a node did not start"; tail -20 "$WORK"/*.log; exit 1; }; done
@@ -74,6 +80,8 @@ for q in 0 1; do
   run three-node-fanout "$q" "${fanout[@]}" --addr 127.0.0.1:18883 --subscriber-addr 127.0.0.1:18883 \
     --subscriber-addr 127.0.0.1:28883 --subscriber-addr 127.0.0.1:38883 "${all[@]}"
 done
+echo "== registry writes, cluster"
+"${PYTHON:-$ROOT/.venv/bin/python}" bench/registry_writes.py "$SK" "${WRITES:-600}" 19443 29443 39443 > "$OUT/registry-cluster.json"
 for p in $P1 $P2 $P3 $NATSPID; do kill -TERM "$p" 2>/dev/null || true; done
 wait || true
 
@@ -90,4 +98,5 @@ print(f"{name:<20} {r['qos']:>4} {r['sent']:>10} {r['delivered']:>10} {r['lost']
       f"{r['latency_us']['p50']:>10.0f} {r['latency_us']['p99']:>10.0f} {cpu if cpu is None else round(cpu, 1):>14}  {by}")
 PY
 done | tee "$OUT/summary.txt"
+for f in "$OUT"/registry-*.json; do echo "$(basename "$f" .json) $(cat "$f")"; done | tee -a "$OUT/summary.txt"
 echo "results: $OUT"

@@ -17,6 +17,7 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
+from botocore.config import Config
 from botocore.exceptions import ClientError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -161,14 +162,23 @@ class NatsCluster:
 class Relay:
     """A TCP relay to `target_port` on loopback that can be cut (every relayed connection
     closed, new ones refused) and healed: a network partition between one node and NATS,
-    while NATS stays up for the others."""
+    while NATS stays up for the others. Or held: nothing passes either way and nothing is
+    closed (a network that drops packets, which TCP notices only by timeouts), until released."""
 
     def __init__(self, target_port):
         self.port = free_ports(1)[0]
         self.target = target_port
         self.conns = []
         self.lock = threading.Lock()
+        self.flowing = threading.Event()
+        self.flowing.set()
         self.heal()
+
+    def hold(self):
+        self.flowing.clear()
+
+    def release(self):
+        self.flowing.set()
 
     def heal(self):
         self.up = True
@@ -194,10 +204,14 @@ class Relay:
             for a, b in ((c, u), (u, c)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(a, b):
+    def _pump(self, a, b):
         try:
-            while data := a.recv(65536):
+            while True:
+                self.flowing.wait()
+                data = a.recv(65536)
+                if not data:
+                    break
+                self.flowing.wait()  # held meanwhile: kept, and passed on once released
                 b.sendall(data)
         except OSError:
             pass
@@ -768,6 +782,81 @@ def test_a_partition_and_its_healing(workdir):
         assert taker.disconnects.empty(), list(taker.disconnects.queue)
         print(f"takeover seen {took:.1f} s after the healing")
     finally:
+        for c in clients:
+            c.close()
+        for node in nodes:
+            node.stop()
+        relay.cut()
+        nats.stop()
+
+
+def test_a_black_hole_between_a_node_and_nats(workdir):
+    """Node a's connections to NATS go silent (a relay stops passing bytes and closes nothing,
+    as a network that drops packets) while NATS and node b stay up. a refuses CONNECT (0x88)
+    and control-plane writes (503) within about 2 s, ends its connections (0x8B) after
+    isolation_seconds (5 here), and serves again by itself once bytes pass again, with what
+    b's registry took meanwhile."""
+    d = workdir / unique("blackhole")
+    d.mkdir()
+    nats = Nats(d / "nats")
+    relay = Relay(nats.port)
+    nodes, clients = [], []
+    try:
+        a = Server(d / "a", config=f'[cluster]\nurl = "nats://127.0.0.1:{relay.port}"\nnode = "a"\n'
+                                   "isolation_seconds = 5\n")
+        nodes.append(a)
+        a.start()
+        dev = Device(a, a.boto(), unique("hole"), ALLOW_ALL, d)
+        a.stop()
+        shutil.copytree(d / "a", d / "b", ignore=shutil.ignore_patterns("broker.db*"))
+        a.start()
+        b = Server(d / "b", config=node_config(nats, "b"))
+        nodes.append(b)
+        b.start()
+
+        def client(node):
+            c = Paho(node, "localhost", dev, unique("c"), v5=True)
+            c.c.reconnect_delay_set(120, 120)
+            clients.append(c)
+            return c, c.connect(timeout=15)[0]
+
+        held, rc = client(a)
+        assert rc == 0
+        once = Config(retries={"total_max_attempts": 1})
+        relay.hold()
+        start = time.time()
+        _, rc = client(a)
+        assert rc.value == 0x88, rc
+        refused = time.time() - start
+        start = time.time()
+        with pytest.raises(ClientError) as e:
+            a.boto(config=once).create_thing(thingName=unique("cut-off"))
+        assert e.value.response["Error"]["Code"] == "ServiceUnavailableException", e.value.response
+        write_refused = time.time() - start
+        b.boto().create_thing(thingName="made-meanwhile")
+        rc = held.disconnects.get(timeout=20)
+        assert rc.value == 0x8B, rc
+        print(f"black hole: CONNECT refused after {refused:.1f} s, a write after {write_refused:.1f} s")
+        assert refused < 3 and write_refused < 3
+
+        relay.release()
+        end = time.time() + 30
+        while True:
+            c, rc = client(a)
+            if rc == 0:
+                break
+            assert time.time() < end, "node a did not come back after the black hole"
+            time.sleep(0.5)
+        end = time.time() + 10
+        while True:
+            try:
+                a.boto(config=once).describe_thing(thingName="made-meanwhile")
+                break
+            except ClientError:
+                assert time.time() < end, "a did not catch up with b's registry"
+                time.sleep(0.2)
+    finally:
+        relay.release()
         for c in clients:
             c.close()
         for node in nodes:

@@ -21,13 +21,21 @@ use crate::{Cluster, create_stream};
 /// wrote first) before it is refused.
 const CATCH_UP: Duration = Duration::from_secs(5);
 
+/// How long a write waits for its append to be acknowledged: a node on the minority side of
+/// a partition (or one whose connection went silent) refuses control-plane writes after
+/// this, and its look for the entry ([`INFO_TIMEOUT`]), about 2 s in all.
+const APPEND_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long a look at the log's end may take.
+const INFO_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// How long start-up waits for the replica to apply the log before it gives up.
 const JOIN: Duration = Duration::from_secs(120);
 
 struct RegistryLog {
     client: async_nats::Client,
     js: jetstream::Context,
-    stream: String,
+    stream: jetstream::stream::Stream,
     subject: String,
     registry: Weak<Registry>,
     /// The registry log's own runtime, which drives its NATS connection.
@@ -113,13 +121,16 @@ impl Log for RegistryLog {
     }
 
     fn catch_up(&self) -> Result<(), LogError> {
-        let (js, name) = (self.js.clone(), self.stream.clone());
+        let stream = self.stream.clone();
         let last = self
             .wait(async move {
-                let stream = js.get_stream(&name).await?;
-                Ok::<_, anyhow::Error>(stream.get_info().await?.state.last_sequence)
+                match tokio::time::timeout(INFO_TIMEOUT, stream.get_info()).await {
+                    Ok(Ok(info)) => Ok(info.state.last_sequence),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("the registry log did not answer".to_string()),
+                }
             })?
-            .map_err(|e| LogError::Unavailable(e.to_string()))?;
+            .map_err(LogError::Unavailable)?;
         let deadline = Instant::now() + CATCH_UP;
         loop {
             let Some(registry) = self.registry.upgrade() else {
@@ -278,7 +289,7 @@ async fn join(
     let mut js_start = jetstream::new(client.clone());
     js_start.set_timeout(Duration::from_secs(10));
     let mut js = jetstream::new(client.clone());
-    js.set_timeout(Duration::from_secs(2));
+    js.set_timeout(APPEND_TIMEOUT);
     let stream = create_stream(
         &js_start,
         jetstream::stream::Config {
@@ -348,7 +359,7 @@ async fn join(
     // The connection's first Connected came before: no reason to make the follower again.
     let _ = futures_util::FutureExt::now_or_never(reconnected.notified());
     tokio::spawn(follow(
-        stream,
+        stream.clone(),
         client.clone(),
         subject.clone(),
         registry.clone(),
@@ -373,7 +384,7 @@ async fn join(
     Ok(Arc::new(RegistryLog {
         client,
         js,
-        stream: name,
+        stream,
         subject,
         registry: Arc::downgrade(&registry),
         handle,
