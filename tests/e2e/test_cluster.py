@@ -1124,3 +1124,52 @@ def test_a_persistent_session_moves_between_nodes_with_its_queue(cluster):
     finally:
         e.close()
         pub.close()
+
+
+def test_a_session_with_unacknowledged_large_messages_moves_from_a_silent_connection(cluster):
+    """The device's connection on n1 stops reading (it has QoS 1 messages of 100 KB sent and not
+    acknowledged, more queued behind them), and the device resumes on n2: n1 ends its
+    connection, the session moves in several parts of 512 KiB, and all 20 messages arrive on
+    n2 in order. A clean start on n1 afterwards finds no session there or on n2."""
+    a, b = cluster.nodes[0], cluster.nodes[1]
+    device, cid, topic = cluster.devices[1], unique("silent"), f"cl/silent/{unique('t')}"
+    c, _ = _persistent(a, device, cid)
+    assert c.subscribe(topic, qos=1)[0].value == 1
+    c.c.loop_stop()  # reads nothing more, acknowledges nothing
+    pub = cluster.client(a, device=cluster.devices[2])
+    try:
+        for i in range(20):
+            pub.c.publish(topic, bytes([i]) * 100_000, qos=1)
+        for _ in range(20):
+            pub.pubacks.get(timeout=10)
+        d, present = _persistent(b, device, cid)
+        try:
+            assert present
+            got = []
+            while len(got) < 20:
+                m = d.messages.get(timeout=10)
+                assert len(m.payload) == 100_000
+                if not got or m.payload[0] != got[-1]:
+                    got.append(m.payload[0])
+            assert got == list(range(20))
+        finally:
+            d.close()
+        # A clean start discards the session where it was: a persistent session left on n1,
+        # then a clean start on n2, then a resumption on n1 finds nothing.
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        e = Paho(a, "localhost", device, cid, v5=True, clean=True)
+        rc, flags, _ = e.connect(properties=props)
+        assert rc == 0 and not flags.session_present
+        e.close()
+        time.sleep(0.5)
+        g = Paho(b, "localhost", device, cid, v5=True, clean=True)
+        assert g.connect()[0] == 0
+        g.close()
+        time.sleep(0.5)
+        h, present = _persistent(a, device, cid)
+        h.close()
+        assert not present, "a clean start on n2 discarded n1's session"
+    finally:
+        c.c.socket() and c.c.socket().close()
+        pub.close()

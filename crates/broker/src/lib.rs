@@ -1879,6 +1879,18 @@ impl Broker {
                 client_id: s.client_id.clone(),
             });
         }
+        // The device resumes elsewhere: its delayed wills here are cancelled, as a connection
+        // of the client id here would (dropping their senders wakes the tasks that hold them).
+        if let Some(wills) = acct.wills.remove(client_id) {
+            for (will, stored, _wake) in wills {
+                if let Some(j) = self.journal.as_deref().filter(|_| stored) {
+                    j.record_quietly(durable::Change::DeleteWill {
+                        account: acct.name.clone(),
+                        id: will,
+                    });
+                }
+            }
+        }
         let queue = s
             .queue
             .iter()
@@ -1947,11 +1959,26 @@ impl Broker {
             mark = mark.max(acct.add_subscription(id, &filter, SubEntry { options }));
             subscriptions.insert(filter, options);
         }
-        let mut queue = VecDeque::with_capacity(l.queue.len());
-        for q in l.queue {
+        // The account's offline quotas hold as for any session: the newest messages are kept.
+        let quotas = *self.config.quotas(&l.account);
+        let mut kept = Vec::new();
+        let mut bytes = 0u64;
+        for q in l.queue.into_iter().rev() {
             if q.message.expires_at_ms.is_some_and(|ms| ms <= clock.now_ms) {
                 continue;
             }
+            let w = weight(&q.message.message);
+            if kept.len() >= quotas.offline_messages
+                || acct.offline_bytes + bytes + w > quotas.offline_bytes
+            {
+                self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            bytes += w;
+            kept.push(q);
+        }
+        let mut queue = VecDeque::with_capacity(kept.len());
+        for q in kept.into_iter().rev() {
             let message = Arc::new(Message {
                 expires_at: q.message.expires_at_ms.map(|ms| clock.instant(ms)),
                 ..q.message.message
@@ -2134,10 +2161,27 @@ mod tests {
             Broker::new(BrokerConfig::default()),
             Broker::new(BrokerConfig::default()),
         );
-        let a = one.connect("acct", "c1", false, Duration::from_secs(3600), clock.now);
+        let mut a = one.connect("acct", "c1", false, Duration::from_secs(3600), clock.now);
         one.subscribe("acct", a.session, "q/+", opts(QoS::AtLeastOnce));
         assert!(one.take_session("acct", "c1", clock).is_none(), "connected");
-        leave(&one, &a, clock.now);
+        // One message sent under packet id 7 and not acknowledged when the connection ends.
+        one.publish(
+            "acct",
+            msg("q/x", QoS::AtLeastOnce, false, b"sent"),
+            clock.now,
+        )
+        .unwrap();
+        let mut sent = a.rx.try_recv().unwrap();
+        sent.resend = Some(7);
+        one.disconnect(
+            "acct",
+            a.session,
+            a.epoch,
+            None,
+            vec![sent],
+            None,
+            clock.now,
+        );
         for i in 0..100u8 {
             let m = Message {
                 payload: Bytes::from(vec![i]),
@@ -2148,7 +2192,8 @@ mod tests {
         assert!(one.take_session("acct", "other", clock).is_none());
         let taken = one.take_session("acct", "c1", clock).unwrap();
         assert!(!one.has_session("acct", "c1"));
-        assert_eq!(taken.queue.len(), 100);
+        assert_eq!(taken.queue.len(), 101);
+        assert_eq!(taken.queue[0].packet_id, Some(7));
         let bytes = durable::encode_loaded(&taken).unwrap();
         let back = durable::decode_loaded(&bytes).unwrap();
         assert_eq!(back, taken);
@@ -2156,7 +2201,14 @@ mod tests {
         two.put_session(back, clock);
         let mut b = two.connect("acct", "c1", false, Duration::from_secs(3600), clock.now);
         assert!(b.session_present);
-        let got: Vec<u8> = b.replay.iter().map(|d| d.message.payload[0]).collect();
+        assert_eq!(b.replay[0].resend, Some(7));
+        assert_eq!(&b.replay[0].message.payload[..], b"sent");
+        let got: Vec<u8> = b
+            .replay
+            .iter()
+            .skip(1)
+            .map(|d| d.message.payload[0])
+            .collect();
         assert_eq!(got, (0..100).collect::<Vec<u8>>());
         // Its subscription came along.
         two.publish(
@@ -2166,6 +2218,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(&b.rx.try_recv().unwrap().message.payload[..], b"after");
+        // A broker whose quota holds 10 offline messages keeps the newest 10.
+        let small = Broker::new(BrokerConfig {
+            quotas: Quotas {
+                offline_messages: 10,
+                ..Quotas::default()
+            },
+            ..BrokerConfig::default()
+        });
+        small.put_session(durable::decode_loaded(&bytes).unwrap(), clock);
+        let c = small.connect("acct", "c1", false, Duration::from_secs(3600), clock.now);
+        let got: Vec<u8> = c.replay.iter().map(|d| d.message.payload[0]).collect();
+        assert_eq!(got, (90..100).collect::<Vec<u8>>());
     }
 
     #[test]

@@ -66,14 +66,34 @@ pub enum Previous {
     Refuse,
 }
 
+/// Why a claim was not granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimError {
+    /// The cluster could not order it (unreachable, or a later claim elsewhere won): the
+    /// CONNECT is refused as Server unavailable.
+    Unavailable(String),
+    /// [`Previous::Refuse`] and another node claimed the client id before: refused as Not
+    /// authorized.
+    Refused(String),
+}
+
 /// What [`Claims::claim`] resolves to.
 pub type ClaimFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Claimed, String>> + Send>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Claimed, ClaimError>> + Send>>;
+
+/// A session moved here ([`Claims::handover`]): how many messages it brought, and the interest
+/// number its filters got (the CONNACK waits until the cluster has them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    /// Messages queued in it.
+    pub queued: usize,
+    /// The highest interest number of its filters.
+    pub mark: u64,
+}
 
 /// What [`Claims::handover`] resolves to.
-pub type HandoverFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Option<crate::durable::Loaded>> + Send>,
->;
+pub type HandoverFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Moved>> + Send>>;
 
 /// Cluster-wide ownership of client ids: one connection per client id in the whole cluster.
 ///
@@ -87,12 +107,25 @@ pub trait Claims: Send + Sync + std::fmt::Debug {
     /// won already); then the connection is refused.
     /// `previous` says what to do about the node that claimed it last before (one more round
     /// trip: only a CONNECT that would resume a session, or a provisioning claim's, needs it).
-    fn claim(&self, account: &str, client_id: &str, previous: Previous) -> ClaimFuture;
+    /// `keep`: the session expiry the connection asked for; the claim is remembered that long
+    /// (plus a margin), since it names where the session lives.
+    fn claim(
+        &self,
+        account: &str,
+        client_id: &str,
+        previous: Previous,
+        keep: std::time::Duration,
+    ) -> ClaimFuture;
 
-    /// Asks node `from` for the persistent session of `client_id` (it ends its connection of
-    /// the client id first, and no longer has the session afterwards). `None` when it has
-    /// none, or cannot be asked.
-    fn handover(&self, from: &str, account: &str, client_id: &str) -> HandoverFuture;
+    /// Asks node `from` for the persistent session of `client_id`, for the connection of
+    /// claim `claim`, and puts it in this node's broker (replacing any here): `from` ends its
+    /// connection of the client id first (unless its own claim is later), and drops the session
+    /// once this node acknowledged it. `None` when it has none, or cannot be asked.
+    fn handover(&self, from: &str, account: &str, client_id: &str, claim: u64) -> HandoverFuture;
+
+    /// Tells node `from` that `client_id` started clean here: its session there, if any, is
+    /// dropped (MQTT: a clean start discards the session). Nothing is waited for.
+    fn discard(&self, from: &str, account: &str, client_id: &str, claim: u64);
 
     /// The connection `epoch` attached under claim `claim`: a later claim elsewhere ends it.
     /// Called once for every claim granted.

@@ -36,7 +36,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use sekisho_broker::peers::{Peers, Previous};
+use sekisho_broker::peers::{ClaimError, Peers, Previous};
 use sekisho_broker::{Broker, Message};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -198,10 +198,13 @@ const ROUND_TRIP: Duration = Duration::from_secs(1);
 /// How long a CONNECT waits for its claim to be stored before it is refused.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long the claims stream keeps a client id's last claim: its arrival at every node
-/// orders takeovers, and the last one names the node that may hold the client id's persistent
-/// session (which lives up to 7 days).
-const CLAIM_KEPT: Duration = Duration::from_secs(8 * 24 * 3600);
+/// How long the claims stream keeps a claim beyond its session's expiry: its arrival at every
+/// node orders takeovers (each claim's own `Nats-TTL`).
+const CLAIM_KEPT: Duration = Duration::from_secs(600);
+
+/// The longest a claim is kept: a claim names the node that may hold the client id's
+/// persistent session, which lives up to 7 days.
+const CLAIM_KEPT_MOST: Duration = Duration::from_secs(7 * 24 * 3600 + 600);
 
 /// This node's client-id claims: for each client id connected or connecting here, its claims
 /// on their way, the live connection and its claim, and the latest claim another node made.
@@ -245,6 +248,8 @@ pub struct Owners {
     node: String,
     /// The main NATS connection (handovers are asked for on it).
     client: async_nats::Client,
+    /// Client ids whose sessions are being moved here now.
+    moving: Arc<Moving>,
     /// Whether this node's registry follows the cluster's log: while it does not, no one is
     /// let in (a revocation made elsewhere would not be seen).
     registry_alive: Arc<AtomicBool>,
@@ -323,14 +328,40 @@ fn claimer(payload: &[u8]) -> Option<String> {
 /// Most bytes of a session sent in one NATS message.
 const HANDOVER_PART: usize = 512 * 1024;
 
-/// How long a CONNECT waits for a session from another node.
+/// Most parts (and so bytes: 512 MiB) a session may come in.
+const HANDOVER_MAX_PARTS: usize = 1024;
+
+/// How long either side of a move waits for the other's next message.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Answers other nodes' requests for this node's sessions (`{name}.h.{node}`, payload
-/// `{account}\n{client id}`): ends the client id's connection here, takes its persistent
-/// session out of the broker and sends it in parts to the reply subject, each with headers
-/// `Sekisho-Part` and `Sekisho-Parts` (0 parts: no session here).
-async fn answer_handovers(client: async_nats::Client, broker: Arc<Broker>, subject: String) {
+/// Moves answered at once; the others wait (each holds a session's bytes twice).
+const HANDOVERS_AT_ONCE: usize = 4;
+
+/// The request of a move or a discard: `{account}\n{client id}`, the requester's claim in
+/// `Sekisho-Claim`, `Sekisho-Discard: 1` for a discard.
+fn handover_request(
+    payload: &[u8],
+    headers: Option<&HeaderMap>,
+) -> Option<((String, String), u64, bool)> {
+    let (a, c) = std::str::from_utf8(payload).ok()?.split_once('\n')?;
+    let claim = header_u64(headers, "Sekisho-Claim", 10)?;
+    let discard = headers
+        .and_then(|h| h.get("Sekisho-Discard"))
+        .is_some_and(|v| v.as_str() == "1");
+    Some(((a.to_owned(), c.to_owned()), claim, discard))
+}
+
+/// Answers other nodes' requests for this node's sessions (`{name}.h.{node}`): unless this
+/// node's own connection of the client id claimed it later than the requester, ends that
+/// connection, takes the persistent session out of the broker and sends it in parts to the
+/// reply subject (headers `Sekisho-Part`, `Sekisho-Parts` (0: none here) and `Sekisho-Ack`,
+/// where the requester acknowledges). Without that acknowledgement the session is put back.
+async fn answer_handovers(
+    client: async_nats::Client,
+    broker: Arc<Broker>,
+    owners: Arc<Owners>,
+    subject: String,
+) {
     let mut requests = match client.subscribe(subject.clone()).await {
         Ok(s) => s,
         Err(e) => {
@@ -338,65 +369,194 @@ async fn answer_handovers(client: async_nats::Client, broker: Arc<Broker>, subje
             return;
         }
     };
+    let permits = Arc::new(tokio::sync::Semaphore::new(HANDOVERS_AT_ONCE));
     while let Some(req) = requests.next().await {
-        let Some(reply) = req.reply.clone() else {
-            continue;
-        };
-        // Only replies to a requester's inbox (not the cluster's own subjects).
-        if !reply.as_str().starts_with("_INBOX.") {
-            continue;
-        }
-        let Some((account, client_id)) = std::str::from_utf8(&req.payload)
-            .ok()
-            .and_then(|p| p.split_once('\n'))
-            .map(|(a, c)| (a.to_owned(), c.to_owned()))
+        let Some((key, claim, discard)) = handover_request(&req.payload, req.headers.as_ref())
         else {
             continue;
         };
-        let (client, broker) = (client.clone(), broker.clone());
+        // A session here that a later claim of this node holds is not the requester's.
+        let newer_here = owners
+            .lock()
+            .get(&key)
+            .is_some_and(|o| o.live.is_some_and(|(c, _)| c > claim));
+        if discard {
+            if !newer_here {
+                broker.take_session(&key.0, &key.1, sekisho_broker::durable::WallClock::read());
+            }
+            continue;
+        }
+        // Only replies to a requester's inbox (not the cluster's own subjects).
+        let Some(reply) = req
+            .reply
+            .clone()
+            .filter(|r| r.as_str().starts_with("_INBOX."))
+        else {
+            continue;
+        };
+        let (client, broker, owners, permits) = (
+            client.clone(),
+            broker.clone(),
+            owners.clone(),
+            permits.clone(),
+        );
         tokio::spawn(async move {
-            // Its connection here ends first (its unacknowledged messages go back to the
-            // session's queue as it detaches).
-            broker.kick_client(&account, &client_id, sekisho_broker::Kick::TakenOver);
-            let end = Instant::now() + Duration::from_secs(1);
-            while broker.is_connected(&account, &client_id) && Instant::now() < end {
+            let Ok(_permit) = permits.acquire().await else {
+                return;
+            };
+            let none = || {
+                let mut h = HeaderMap::new();
+                h.insert("Sekisho-Part", "0");
+                h.insert("Sekisho-Parts", "0");
+                client.publish_with_headers(reply.clone(), h, Bytes::new())
+            };
+            if newer_here {
+                let _ = none().await;
+                return;
+            }
+            // A move of the same client id into this node finishes first.
+            let end = Instant::now() + HANDOVER_TIMEOUT;
+            while owners.moving_in(&key) && Instant::now() < end {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let taken = broker.take_session(
-                &account,
-                &client_id,
-                sekisho_broker::durable::WallClock::read(),
-            );
-            let bytes = taken
-                .as_ref()
-                .and_then(sekisho_broker::durable::encode_loaded)
-                .unwrap_or_default();
-            let parts: Vec<&[u8]> = if bytes.is_empty() {
-                Vec::new()
-            } else {
-                bytes.chunks(HANDOVER_PART).collect()
+            // Its connection here ends first (its unacknowledged messages go back to the
+            // session's queue as it detaches).
+            broker.kick_client(&key.0, &key.1, sekisho_broker::Kick::TakenOver);
+            let end = Instant::now() + Duration::from_secs(1);
+            while broker.is_connected(&key.0, &key.1) && Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let Some(taken) =
+                broker.take_session(&key.0, &key.1, sekisho_broker::durable::WallClock::read())
+            else {
+                let _ = none().await;
+                return;
             };
-            let n = parts.len();
-            let send = |i: usize, body: Bytes| {
+            let queued = taken.queue.len();
+            let Some(bytes) = sekisho_broker::durable::encode_loaded(&taken)
+                .map(Bytes::from)
+                .filter(|b| b.len() <= HANDOVER_PART * HANDOVER_MAX_PARTS)
+            else {
+                tracing::warn!(client_id = %key.1, "cluster: a session too large to move stays here");
+                broker.put_session(taken, sekisho_broker::durable::WallClock::read());
+                let _ = none().await;
+                return;
+            };
+            let ack_inbox = client.new_inbox();
+            let Ok(mut ack) = client.subscribe(ack_inbox.clone()).await else {
+                broker.put_session(taken, sekisho_broker::durable::WallClock::read());
+                return;
+            };
+            let n = bytes.len().div_ceil(HANDOVER_PART);
+            let mut sent = true;
+            for i in 0..n {
+                let part =
+                    bytes.slice(i * HANDOVER_PART..((i + 1) * HANDOVER_PART).min(bytes.len()));
                 let mut h = HeaderMap::new();
                 h.insert("Sekisho-Part", i.to_string().as_str());
                 h.insert("Sekisho-Parts", n.to_string().as_str());
-                client.publish_with_headers(reply.clone(), h, body)
-            };
-            let sent = if n == 0 {
-                send(0, Bytes::new()).await.is_ok()
+                h.insert("Sekisho-Ack", ack_inbox.as_str());
+                sent &= client
+                    .publish_with_headers(reply.clone(), h, part)
+                    .await
+                    .is_ok();
+            }
+            let acked = sent
+                && tokio::time::timeout(HANDOVER_TIMEOUT, ack.next())
+                    .await
+                    .is_ok_and(|m| m.is_some());
+            if acked {
+                tracing::info!(client_id = %key.1, queued, "cluster: session handed to another node");
             } else {
-                let mut ok = true;
-                for (i, p) in parts.iter().enumerate() {
-                    ok &= send(i, Bytes::copy_from_slice(p)).await.is_ok();
-                }
-                ok
-            };
-            if let Some(t) = &taken {
-                tracing::info!(%client_id, queued = t.queue.len(), sent, "cluster: session handed to another node");
+                tracing::warn!(client_id = %key.1, queued, "cluster: a session handover was not acknowledged; the session stays here");
+                broker.put_session(taken, sekisho_broker::durable::WallClock::read());
             }
         });
     }
+}
+
+type Moving = Mutex<HashSet<(String, String)>>;
+
+fn lock_moving(m: &Moving) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Owners {
+    /// Whether a session of this client id is being moved here now.
+    fn moving_in(&self, key: &(String, String)) -> bool {
+        lock_moving(&self.moving).contains(key)
+    }
+}
+
+/// Asks for a session ([`answer_handovers`]) and gathers its parts: the session and where to
+/// acknowledge it; `None` when the other node has none (or nobody listens there).
+async fn fetch_session(
+    client: &async_nats::Client,
+    subject: String,
+    payload: Bytes,
+    claim: u64,
+    key: &(String, String),
+) -> Result<Option<(sekisho_broker::durable::Loaded, String)>, String> {
+    let inbox = client.new_inbox();
+    let mut parts = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut h = HeaderMap::new();
+    h.insert("Sekisho-Claim", claim.to_string().as_str());
+    client
+        .publish_with_reply_and_headers(subject, inbox, h, payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut got: Vec<Option<Bytes>> = Vec::new();
+    let mut ack = None;
+    loop {
+        let m = match tokio::time::timeout(HANDOVER_TIMEOUT, parts.next()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err("the answer ended".into()),
+            Err(_) => return Err("no part came for 3 s".into()),
+        };
+        // No node listens there (it is down): no session to be had.
+        if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            return Ok(None);
+        }
+        let (Some(i), Some(n)) = (
+            header_u64(m.headers.as_ref(), "Sekisho-Part", 10),
+            header_u64(m.headers.as_ref(), "Sekisho-Parts", 10),
+        ) else {
+            continue;
+        };
+        let (i, n) = (i as usize, n as usize);
+        if n == 0 {
+            return Ok(None);
+        }
+        if n > HANDOVER_MAX_PARTS || i >= n || (!got.is_empty() && got.len() != n) {
+            return Err("parts that do not add up".into());
+        }
+        if got.is_empty() {
+            got = vec![None; n];
+        }
+        ack = ack.or_else(|| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get("Sekisho-Ack"))
+                .map(|v| v.as_str().to_owned())
+                .filter(|a| a.starts_with("_INBOX."))
+        });
+        got[i] = Some(m.payload);
+        if got.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let ack = ack.ok_or("no acknowledgement subject")?;
+    let mut bytes = Vec::with_capacity(got.iter().flatten().map(Bytes::len).sum());
+    for p in got.into_iter().flatten() {
+        bytes.extend_from_slice(&p);
+    }
+    let l = sekisho_broker::durable::decode_loaded(&bytes)
+        .filter(|l| l.account == key.0 && l.client_id == key.1)
+        .ok_or("not a session of this client id")?;
+    Ok(Some((l, ack)))
 }
 
 impl sekisho_broker::peers::Claims for Owners {
@@ -405,55 +565,48 @@ impl sekisho_broker::peers::Claims for Owners {
         from: &str,
         account: &str,
         client_id: &str,
+        claim: u64,
     ) -> sekisho_broker::peers::HandoverFuture {
         let subject = subject::handover_subject(&self.prefix, from);
         let payload = Bytes::from(format!("{account}\n{client_id}"));
-        let (account, client_id) = (account.to_owned(), client_id.to_owned());
-        let client = self.client.clone();
+        let key = (account.to_owned(), client_id.to_owned());
+        let (client, broker, moving) = (
+            self.client.clone(),
+            self.broker.clone(),
+            self.moving.clone(),
+        );
+        let from = from.to_owned();
         Box::pin(async move {
-            let inbox = client.new_inbox();
-            let mut parts = client.subscribe(inbox.clone()).await.ok()?;
-            client
-                .publish_with_reply(subject, inbox, payload)
-                .await
-                .ok()?;
-            let mut got: Vec<Option<Bytes>> = Vec::new();
-            let collected = tokio::time::timeout(HANDOVER_TIMEOUT, async {
-                while let Some(m) = parts.next().await {
-                    // No node listens there (it is down): no session to be had.
-                    if m.status.is_some_and(|s| s == async_nats::StatusCode::NO_RESPONDERS) {
-                        return false;
-                    }
-                    let (Some(i), Some(n)) = (
-                        header_u64(m.headers.as_ref(), "Sekisho-Part", 10),
-                        header_u64(m.headers.as_ref(), "Sekisho-Parts", 10),
-                    ) else {
-                        continue;
-                    };
-                    let (i, n) = (i as usize, n as usize);
-                    if n == 0 {
-                        return false;
-                    }
-                    if got.len() != n {
-                        got = vec![None; n];
-                    }
-                    if let Some(slot) = got.get_mut(i) {
-                        *slot = Some(m.payload);
-                    }
-                    if got.iter().all(Option::is_some) {
-                        return true;
-                    }
+            lock_moving(&moving).insert(key.clone());
+            let moved = fetch_session(&client, subject, payload, claim, &key).await;
+            let out = match moved {
+                Ok(Some((l, ack))) => {
+                    let queued = l.queue.len();
+                    let mark = broker.put_session(l, sekisho_broker::durable::WallClock::read());
+                    let _ = client.publish(ack, Bytes::new()).await;
+                    Some(sekisho_broker::peers::Moved { queued, mark })
                 }
-                false
-            })
-            .await;
-            if collected != Ok(true) {
-                return None;
-            }
-            let bytes: Vec<u8> = got.into_iter().flatten().flatten().collect();
-            sekisho_broker::durable::decode_loaded(&bytes)
-                .filter(|l| l.account == account && l.client_id == client_id)
+                Ok(None) => None,
+                Err(why) => {
+                    tracing::warn!(client_id = %key.1, from = %from, %why, "cluster: the session could not be moved here");
+                    None
+                }
+            };
+            lock_moving(&moving).remove(&key);
+            out
         })
+    }
+
+    fn discard(&self, from: &str, account: &str, client_id: &str, claim: u64) {
+        let subject = subject::handover_subject(&self.prefix, from);
+        let payload = Bytes::from(format!("{account}\n{client_id}"));
+        let mut h = HeaderMap::new();
+        h.insert("Sekisho-Claim", claim.to_string().as_str());
+        h.insert("Sekisho-Discard", "1");
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let _ = client.publish_with_headers(subject, h, payload).await;
+        });
     }
 
     fn claim(
@@ -461,6 +614,7 @@ impl sekisho_broker::peers::Claims for Owners {
         account: &str,
         client_id: &str,
         previous: Previous,
+        keep: Duration,
     ) -> sekisho_broker::peers::ClaimFuture {
         let key = (account.to_owned(), client_id.to_owned());
         // Known before the claim is sent: any later claim elsewhere is then seen.
@@ -477,74 +631,89 @@ impl sekisho_broker::peers::Claims for Owners {
             CLAIM_IDS.fetch_add(1, Ordering::Relaxed)
         );
         headers.insert("Nats-Msg-Id", id.as_str());
+        // Kept as long as the session it may name lives, and ten minutes at least (its
+        // arrival at every node orders takeovers).
+        let ttl = (keep + CLAIM_KEPT).min(CLAIM_KEPT_MOST).as_secs();
+        headers.insert("Nats-TTL", format!("{ttl}s").as_str());
         let js = self.js.clone();
         let owned = self.owned.clone();
         let registry_alive = self.registry_alive.clone();
         let (stream, me) = (self.stream.clone(), self.node.clone());
         Box::pin(async move {
-            // The node that claimed the client id last before ours, read before ours replaces
-            // its claim (the stream keeps one per client id).
-            let before = match previous {
-                Previous::Ignore => None,
-                Previous::Tell | Previous::Refuse => {
-                    match tokio::time::timeout(
-                        CLAIM_TIMEOUT,
-                        stream.get_last_raw_message_by_subject(&subject),
-                    )
-                    .await
-                    {
-                        Ok(Ok(m)) => claimer(&m.payload).filter(|n| *n != me),
-                        Ok(Err(e))
-                            if e.kind()
-                                == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-                        {
-                            None
-                        }
-                        Ok(Err(e)) => return Err(format!("reading the last claim: {e}")),
-                        Err(_) => return Err("the cluster did not answer in 2 s".into()),
-                    }
-                }
-            };
-            if previous == Previous::Refuse && before.is_some() {
-                let mut owned = lock_owned(&owned);
-                if let Some(o) = owned.get_mut(&key) {
-                    o.pending = o.pending.saturating_sub(1);
-                }
-                tidy(&mut owned, &key);
-                return Err("the client id is in use on another node".into());
-            }
             // Within the time allowed, a refusal is tried again: JetStream refuses for a moment
-            // while a stream's leader is elected or its subjects reach every server.
+            // while a stream's leader is elected or its subjects reach every server. When the
+            // node that claimed the client id before is wanted, its claim is read first and
+            // ours is stored only if it still follows that one (the stream keeps one claim per
+            // client id): no other claim came between.
             let mut last = String::from("the cluster did not answer in 2 s");
+            let mut before: Option<String> = None;
             let stored = tokio::time::timeout(CLAIM_TIMEOUT, async {
                 loop {
+                    let mut headers = headers.clone();
+                    if previous != Previous::Ignore {
+                        let seq = match stream.get_last_raw_message_by_subject(&subject).await {
+                            Ok(m) => {
+                                before = claimer(&m.payload).filter(|n| *n != me);
+                                m.sequence
+                            }
+                            Err(e)
+                                if e.kind()
+                                    == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                            {
+                                before = None;
+                                0
+                            }
+                            Err(e) => {
+                                last = format!("reading the last claim: {e}");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
+                        };
+                        if previous == Previous::Refuse && before.is_some() {
+                            return Err(true);
+                        }
+                        headers.insert(
+                            "Nats-Expected-Last-Subject-Sequence",
+                            seq.to_string().as_str(),
+                        );
+                    }
                     let r = match js
-                        .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                        .publish_with_headers(subject.clone(), headers, payload.clone())
                         .await
                     {
-                        Ok(ack) => ack.await.map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
+                        Ok(ack) => ack.await,
+                        Err(e) => Err(e),
                     };
                     match r {
-                        Ok(ack) => return ack,
+                        Ok(ack) => return Ok(ack),
+                        // Another claim came between: read again.
+                        Err(e)
+                            if e.kind()
+                                == jetstream::context::PublishErrorKind::WrongLastSequence => {}
                         Err(e) => {
-                            last = e;
+                            last = e.to_string();
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     }
                 }
             })
-            .await
-            .map_err(|_| last);
+            .await;
+            let stored = match stored {
+                Ok(Ok(ack)) => Ok(ack),
+                Ok(Err(_)) => Err(ClaimError::Refused(
+                    "the client id was last used on another node".into(),
+                )),
+                Err(_) => Err(ClaimError::Unavailable(last)),
+            };
             let mut owned = lock_owned(&owned);
             let o = owned.entry(key.clone()).or_default();
             let out = match stored {
-                Ok(ack) if o.others > ack.sequence => {
-                    Err("a later connection on another node claimed it".to_string())
-                }
-                Ok(_) if !registry_alive.load(Ordering::Relaxed) => {
-                    Err("this node does not follow the cluster's registry log".to_string())
-                }
+                Ok(ack) if o.others > ack.sequence => Err(ClaimError::Unavailable(
+                    "a later connection on another node claimed it".to_string(),
+                )),
+                Ok(_) if !registry_alive.load(Ordering::Relaxed) => Err(ClaimError::Unavailable(
+                    "this node does not follow the cluster's registry log".to_string(),
+                )),
                 Ok(ack) => {
                     o.mine = o.mine.max(ack.sequence);
                     Ok(sekisho_broker::peers::Claimed {
@@ -1160,20 +1329,23 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     }
 
     // Client-id claims: followed from now on (earlier ones concern no connection here).
-    create_stream(
-        &js_start,
-        jetstream::stream::Config {
-            name: format!("{}_CLAIMS", config.name),
-            subjects: vec![format!("{prefix}.c.>")],
-            max_messages_per_subject: 1,
-            max_age: CLAIM_KEPT,
-            num_replicas: config.replicas,
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        },
-    )
-    .await
-    .context("cluster: the claims stream")?;
+    let claims_config = jetstream::stream::Config {
+        name: format!("{}_CLAIMS", config.name),
+        subjects: vec![format!("{prefix}.c.>")],
+        max_messages_per_subject: 1,
+        max_age: CLAIM_KEPT_MOST,
+        allow_message_ttl: true,
+        num_replicas: config.replicas,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    create_stream(&js_start, claims_config.clone())
+        .await
+        .context("cluster: the claims stream")?;
+    // A stream an older build made keeps its settings otherwise.
+    if let Err(e) = js_start.update_stream(&claims_config).await {
+        tracing::warn!(error = %e, "cluster: updating the claims stream's settings");
+    }
     // Start-up reads with the patient context; the follower, made again later, with the quick one.
     let claims_start = js_start
         .get_stream(format!("{}_CLAIMS", config.name))
@@ -1200,6 +1372,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         stream: claims_stream.clone(),
         node: config.node.clone(),
         client: client.clone(),
+        moving: Arc::default(),
         registry_alive: registry_alive.clone(),
     });
     let feed = claim_feed(&claims_start, &client, &prefix, last)
@@ -1262,6 +1435,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     tokio::spawn(answer_handovers(
         client.clone(),
         broker.clone(),
+        claims.clone(),
         subject::handover_subject(&prefix, &config.node),
     ));
     tokio::spawn(answer_status(

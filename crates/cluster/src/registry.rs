@@ -82,8 +82,18 @@ impl RegistryLog {
         self.handle.spawn(async move {
             let _ = tx.send(f.await);
         });
-        rx.recv_timeout(ANSWER)
-            .map_err(|_| LogError::Unavailable("the registry log did not answer".into()))
+        let wait = || {
+            rx.recv_timeout(ANSWER)
+                .map_err(|_| LogError::Unavailable("the registry log did not answer".into()))
+        };
+        // A worker of a multi-threaded runtime (the control plane's) hands its other tasks
+        // over while it waits; a device connection's single-threaded runtime just waits.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        }
     }
 }
 

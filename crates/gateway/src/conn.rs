@@ -434,43 +434,61 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         Ok((admission, mut port)) => {
             port.reauth = custom.map(|(c, d)| Box::new((c, d.refresh_after)));
             // In a cluster, the client id is claimed cluster-wide before the session attaches.
-            // A CONNECT that resumes a session asks who had the client id (its session may be
-            // there); a provisioning claim is refused if another node had it (the claim would
-            // end that device's connection, as on one node).
+            // A CONNECT asks who had the client id before: a session to resume may be there,
+            // and a clean start discards it. A provisioning claim is refused if another node
+            // had it (the claim would end that device's connection, as on one node).
             let previous = if port.provisioning_claim {
                 sekisho_broker::peers::Previous::Refuse
-            } else if admission.clean_start() {
-                sekisho_broker::peers::Previous::Ignore
             } else {
                 sekisho_broker::peers::Previous::Tell
             };
+            let resumes = !admission.clean_start();
             let claim = match shared.claims.get() {
                 Some(claims) => match claims
-                    .claim(&port.account, &port.client_id, previous)
+                    .claim(
+                        &port.account,
+                        &port.client_id,
+                        previous,
+                        admission.session_expiry,
+                    )
                     .await
                 {
                     Ok(claimed) => {
-                        // A session to resume may be on the node that had the client id.
-                        if let Some(from) = &claimed.previous
-                            && !shared.broker.has_session(&port.account, &port.client_id)
-                            && let Some(moved) =
-                                claims.handover(from, &port.account, &port.client_id).await
-                        {
-                            let queued = moved.queue.len();
-                            let mark = shared
-                                .broker
-                                .put_session(moved, sekisho_broker::durable::WallClock::read());
-                            if let Some(peers) = shared.broker.peers() {
-                                peers.interest_done(mark).await;
+                        if let Some(from) = &claimed.previous {
+                            if resumes {
+                                // The session there is newer than any here.
+                                if let Some(moved) = claims
+                                    .handover(from, &port.account, &port.client_id, claimed.number)
+                                    .await
+                                {
+                                    if let Some(peers) = shared.broker.peers() {
+                                        peers.interest_done(moved.mark).await;
+                                    }
+                                    tracing::info!(client_id = %port.client_id, from = %from, queued = moved.queued, "session moved here from another node");
+                                }
+                            } else {
+                                claims.discard(
+                                    from,
+                                    &port.account,
+                                    &port.client_id,
+                                    claimed.number,
+                                );
                             }
-                            tracing::info!(client_id = %port.client_id, from = %from, queued, "session moved here from another node");
                         }
                         Some((claims, claimed.number))
                     }
-                    Err(why) => {
+                    Err(e) => {
+                        let (code, why) = match e {
+                            sekisho_broker::peers::ClaimError::Refused(why) => {
+                                (sekisho_mqtt::reason::NOT_AUTHORIZED, why)
+                            }
+                            sekisho_broker::peers::ClaimError::Unavailable(why) => {
+                                (sekisho_mqtt::reason::SERVER_UNAVAILABLE, why)
+                            }
+                        };
                         let refusal = Refusal {
                             version,
-                            code: sekisho_mqtt::reason::SERVER_UNAVAILABLE,
+                            code,
                             why: format!("client id not claimed in the cluster: {why}"),
                         };
                         tracing::info!(peer = %info.peer, code = refusal.code, why = %refusal.why, "CONNECT refused");

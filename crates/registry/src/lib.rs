@@ -929,6 +929,20 @@ impl Registry {
                     // In the log after all? Then the follower applied it, as another node's.
                     drop(st);
                     if self.catch_up().is_ok() && self.applied_nonce(nonce) {
+                        // This node's own documents (not in the log) are written now.
+                        let local: Vec<Op> = tx
+                            .ops
+                            .iter()
+                            .filter(|op| replica::local_only(op))
+                            .cloned()
+                            .collect();
+                        if !local.is_empty() {
+                            let _st = self.state.write().unwrap_or_else(|p| p.into_inner());
+                            self.store
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .apply(&local)?;
+                        }
                         return Ok(out);
                     }
                     self.generation.fetch_add(1, Ordering::AcqRel);
