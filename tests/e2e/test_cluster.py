@@ -943,6 +943,23 @@ def test_a_node_that_joins_empty_gets_the_whole_registry(cluster):
     assert "is a replica of a cluster's registry log" in cp.stderr, cp.stderr[-2000:]
 
 
+def test_a_node_that_joins_empty_starts_from_a_snapshot(cluster):
+    """The nodes write a snapshot of the registry (the first a second after they join); a node
+    that joins with an empty registry starts from it and applies only the log after it: what
+    was written after the snapshot is there too."""
+    name = unique("after-snapshot")
+    cluster.nodes[0].boto().create_thing(thingName=name)
+    node = Server(cluster.workdir / unique("snap"), config=node_config(cluster.nats, "snap")).start()
+    try:
+        assert "the registry starts from a snapshot" in node.log_text()
+        assert node.boto().describe_thing(thingName=name)["thingName"] == name
+        assert node.boto().describe_thing(thingName=cluster.devices[0].name)
+        c = _connect_when_accepted(node, cluster.devices[0], deadline=2)
+        c.close()
+    finally:
+        node.stop()
+
+
 def test_a_revocation_on_one_node_cuts_a_device_on_another(cluster):
     """UpdateCertificate INACTIVE on n1 ends the device's connection on n2: p99 under 100 ms
     over 200 trials (from before the API call to the device's seeing its connection end). The

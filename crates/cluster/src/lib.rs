@@ -57,6 +57,8 @@ pub struct Config {
     /// How long this node may be cut off from NATS before it ends its connections (it can no
     /// longer learn of takeovers elsewhere; decision 0012).
     pub isolation: Duration,
+    /// Registry log entries after which this node writes a new registry snapshot (0: never).
+    pub snapshot_every: u64,
 }
 
 /// Counters of this node's traffic with the others.

@@ -4,6 +4,7 @@
 //! (JetStream refuses the append if anybody appended since), and follows the stream in order
 //! from there, applying the other nodes' entries ([`Registry::apply_entry`]).
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -252,7 +253,11 @@ async fn follow(
 /// node's registry; a node that joins applies the log (from where its replica stopped, or from
 /// the start with an empty registry) before it serves. Refuses a registry that holds objects
 /// the log does not (another cluster's, or a single node's made before it joined).
-pub async fn join_registry(cluster: &Cluster, registry: Arc<Registry>) -> anyhow::Result<()> {
+pub async fn join_registry(
+    cluster: &Cluster,
+    registry: Arc<Registry>,
+    scratch: &Path,
+) -> anyhow::Result<()> {
     let handle = runtime()?;
     let log = handle
         .spawn(join(
@@ -260,6 +265,7 @@ pub async fn join_registry(cluster: &Cluster, registry: Arc<Registry>) -> anyhow
             registry.clone(),
             cluster.registry_alive.clone(),
             handle.clone(),
+            scratch.to_owned(),
         ))
         .await
         .context("cluster: joining the registry log")??;
@@ -273,6 +279,7 @@ async fn join(
     registry: Arc<Registry>,
     alive: Arc<AtomicBool>,
     handle: tokio::runtime::Handle,
+    scratch: PathBuf,
 ) -> anyhow::Result<Arc<RegistryLog>> {
     let subject = format!("{}.registry", config.name);
     let name = format!("{}_REGISTRY", config.name);
@@ -335,8 +342,29 @@ async fn join(
             config.name
         );
     }
+    let snapshots = snapshot_bucket(&js_start, &config).await;
+    // An empty replica of a log that holds entries starts from the latest snapshot, if any.
+    if applied == 0 && registry.is_empty() && last > 0 {
+        match &snapshots {
+            Ok(bucket) => {
+                match restore_snapshot(bucket, &registry, &identity, last, &scratch).await {
+                    Ok(Some(at)) => {
+                        tracing::info!(
+                            position = at,
+                            "cluster: the registry starts from a snapshot"
+                        )
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: no registry snapshot could be used; applying the whole log")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cluster: the registry snapshots"),
+        }
+    }
     registry.set_log_identity(&identity)?;
-    if applied == 0 && !registry.is_empty() {
+    if registry.log_position() == 0 && !registry.is_empty() {
         if last > 0 {
             anyhow::bail!(
                 "cluster: this node's registry holds objects that are not in the registry log \
@@ -391,6 +419,18 @@ async fn join(
         seconds = started.elapsed().as_secs_f64(),
         "cluster: the registry follows the cluster's log"
     );
+    match snapshots {
+        Ok(bucket) if config.snapshot_every > 0 => {
+            tokio::spawn(write_snapshots(
+                bucket,
+                registry.clone(),
+                identity,
+                config.snapshot_every,
+                scratch,
+            ));
+        }
+        _ => {}
+    }
     Ok(Arc::new(RegistryLog {
         client,
         js,
@@ -399,4 +439,128 @@ async fn join(
         registry: Arc::downgrade(&registry),
         handle,
     }))
+}
+
+/// The snapshot object in the bucket `{NAME}_SNAPSHOTS`: the database of a replica (a compact
+/// SQLite copy), with its log position and the log's identity in the object's metadata.
+const SNAPSHOT_OBJECT: &str = "registry";
+
+/// How often a node looks whether a new snapshot is due.
+const SNAPSHOT_CHECK: Duration = Duration::from_secs(10);
+
+async fn snapshot_bucket(
+    js: &jetstream::Context,
+    config: &crate::Config,
+) -> anyhow::Result<jetstream::object_store::ObjectStore> {
+    let bucket = format!("{}_SNAPSHOTS", config.name);
+    if let Ok(b) = js.get_object_store(&bucket).await {
+        return Ok(b);
+    }
+    Ok(js
+        .create_object_store(jetstream::object_store::Config {
+            bucket,
+            description: Some("Sekisho registry snapshots (decision 0013)".into()),
+            num_replicas: config.replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?)
+}
+
+/// A unique file name in `dir` for a snapshot on its way.
+fn scratch_file(dir: &Path, what: &str) -> PathBuf {
+    dir.join(format!(".{what}-{:016x}.db", rand::random::<u64>()))
+}
+
+/// The latest snapshot, into the empty `registry`, if it is of this log and not beyond its
+/// end: the position it holds.
+async fn restore_snapshot(
+    bucket: &jetstream::object_store::ObjectStore,
+    registry: &Arc<Registry>,
+    identity: &str,
+    last: u64,
+    scratch: &Path,
+) -> anyhow::Result<Option<u64>> {
+    let info = match bucket.info(SNAPSHOT_OBJECT).await {
+        Ok(i) => i,
+        Err(e) if e.kind() == jetstream::object_store::InfoErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let position: u64 = info
+        .metadata
+        .get("position")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    if info.metadata.get("identity").map(String::as_str) != Some(identity)
+        || position == 0
+        || position > last
+    {
+        return Ok(None);
+    }
+    let path = scratch_file(scratch, "snapshot-in");
+    let got = async {
+        let mut object = bucket.get(SNAPSHOT_OBJECT).await?;
+        let mut file = tokio::fs::File::create(&path).await?;
+        tokio::io::copy(&mut object, &mut file).await?;
+        file.sync_all().await?;
+        let (r, p) = (registry.clone(), path.clone());
+        Ok::<_, anyhow::Error>(tokio::task::spawn_blocking(move || r.restore_from(&p)).await??)
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&path).await;
+    Ok(Some(got?))
+}
+
+/// Writes a snapshot when none is there, or the registry went `every` entries beyond the one
+/// there (whichever node does it; two at once write two good ones).
+async fn write_snapshots(
+    bucket: jetstream::object_store::ObjectStore,
+    registry: Arc<Registry>,
+    identity: String,
+    every: u64,
+    scratch: PathBuf,
+) {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = SNAPSHOT_CHECK;
+        let stored = match bucket.info(SNAPSHOT_OBJECT).await {
+            Ok(i) if i.metadata.get("identity") == Some(&identity) => i
+                .metadata
+                .get("position")
+                .and_then(|p| p.parse::<u64>().ok())
+                .unwrap_or(0),
+            Ok(_) => 0,
+            Err(e) if e.kind() == jetstream::object_store::InfoErrorKind::NotFound => 0,
+            Err(_) => continue,
+        };
+        let now = registry.log_position();
+        if now == 0 || (stored > 0 && now < stored + every) || now <= stored {
+            continue;
+        }
+        let path = scratch_file(&scratch, "snapshot-out");
+        let written = async {
+            let (r, p) = (registry.clone(), path.clone());
+            let position = tokio::task::spawn_blocking(move || r.snapshot_to(&p)).await??;
+            let mut file = tokio::fs::File::open(&path).await?;
+            let meta = jetstream::object_store::ObjectMetadata {
+                name: SNAPSHOT_OBJECT.into(),
+                description: Some(format!("registry at log position {position}")),
+                metadata: [
+                    ("position".to_string(), position.to_string()),
+                    ("identity".to_string(), identity.clone()),
+                ]
+                .into(),
+                ..Default::default()
+            };
+            bucket.put(meta, &mut file).await?;
+            Ok::<_, anyhow::Error>(position)
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&path).await;
+        match written {
+            Ok(position) => tracing::info!(position, "cluster: a registry snapshot written"),
+            Err(e) => tracing::warn!(error = %e, "cluster: writing a registry snapshot"),
+        }
+    }
 }

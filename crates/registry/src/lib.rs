@@ -1209,6 +1209,46 @@ impl Registry {
         })
     }
 
+    /// Writes a snapshot of the registry (a compact copy of its database) to `path`, which
+    /// must not exist; returns the log position it holds. No write happens meanwhile, so the
+    /// copy is the replica as of that position.
+    pub fn snapshot_to(&self, path: &Path) -> Result<u64> {
+        let _st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .copy_to(path)?;
+        Ok(self.applied.load(Ordering::Acquire))
+    }
+
+    /// Makes this empty registry the snapshot at `path` ([`Registry::snapshot_to`]): its
+    /// documents are copied into this database and memory is loaded from them. Returns the log
+    /// position the snapshot holds, from which this replica goes on.
+    pub fn restore_from(&self, path: &Path) -> Result<u64> {
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if !st.accounts.is_empty() || self.applied.load(Ordering::Acquire) != 0 {
+            return Err(RegistryError::Internal(
+                "a snapshot goes only into an empty registry".into(),
+            ));
+        }
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.copy_from(path)?;
+        *st = load_state(&store, &self.region)?;
+        let position = store
+            .get(Kind::LogPosition, "", "")?
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        self.applied.store(position, Ordering::Release);
+        self.recent_shadows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .complete_from = position + 1;
+        drop(store);
+        drop(st);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(position)
+    }
+
     /// Which log this replica follows (what [`Registry::set_log_identity`] stored).
     pub fn log_identity(&self) -> Option<String> {
         self.store

@@ -482,6 +482,50 @@ impl Store {
         tx.commit().map_err(db_err)
     }
 
+    /// Writes a compact copy of the database to `path` (which must not exist), without this
+    /// node's own documents (account proposals).
+    pub(crate) fn copy_to(&self, path: &Path) -> Result<(), RegistryError> {
+        let target = path
+            .to_str()
+            .ok_or_else(|| RegistryError::Internal("a snapshot path that is not UTF-8".into()))?;
+        self.conn
+            .execute("VACUUM INTO ?1", params![target])
+            .map_err(db_err)?;
+        let copy = Connection::open(path).map_err(db_err)?;
+        copy.execute(
+            "DELETE FROM objects WHERE kind = ?1",
+            params![Kind::AccountProposal.as_str()],
+        )
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Puts every document of the database at `path` (a [`Store::copy_to`] copy) into this
+    /// one, in one transaction.
+    pub(crate) fn copy_from(&mut self, path: &Path) -> Result<(), RegistryError> {
+        let source = path
+            .to_str()
+            .ok_or_else(|| RegistryError::Internal("a snapshot path that is not UTF-8".into()))?;
+        self.conn
+            .execute("ATTACH DATABASE ?1 AS snapshot", params![source])
+            .map_err(db_err)?;
+        let copied = (|| {
+            let tx = self.conn.transaction().map_err(db_err)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO objects (kind, account_id, key, doc)
+                 SELECT kind, account_id, key, doc FROM snapshot.objects",
+                [],
+            )
+            .map_err(db_err)?;
+            tx.commit().map_err(db_err)
+        })();
+        let detached = self
+            .conn
+            .execute("DETACH DATABASE snapshot", [])
+            .map_err(db_err);
+        copied.and(detached.map(|_| ()))
+    }
+
     /// Flushes the write-ahead log into the database file (at shutdown).
     pub(crate) fn checkpoint(&self) -> Result<(), RegistryError> {
         self.conn

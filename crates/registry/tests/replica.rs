@@ -460,3 +460,42 @@ fn a_write_whose_append_was_not_answered_is_found_in_the_log_or_refused() {
     same(&a, &b, &d.join("b.db"));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn a_snapshot_carries_a_replica_into_an_empty_one_which_goes_on_from_its_position() {
+    let d = dir("snapshot");
+    let entries: Entries = Arc::default();
+    let (a, _) = replica(&d.join("a.db"), &entries);
+    let (info, _) = a.create_account("default").unwrap();
+    for i in 0..20 {
+        a.create_thing(&info.id, &format!("t{i}"), None, BTreeMap::new())
+            .unwrap();
+    }
+    a.put_shadows(&[shadow(&info.id, "t1", r#"{"version":1}"#)])
+        .unwrap();
+    let at = a.snapshot_to(&d.join("snap.db")).unwrap();
+    assert_eq!(at, a.log_position());
+    // Written after the snapshot: the new replica gets them from the log.
+    a.create_thing(&info.id, "later", None, BTreeMap::new())
+        .unwrap();
+    let b = Arc::new(Registry::open(&d.join("b.db"), "us-east-1").unwrap());
+    assert_eq!(b.restore_from(&d.join("snap.db")).unwrap(), at);
+    assert!(
+        b.restore_from(&d.join("snap.db")).is_err(),
+        "not empty any more"
+    );
+    let log = Arc::new(MemLog {
+        entries: entries.clone(),
+        me: Mutex::new(Arc::downgrade(&b)),
+        conflicts: AtomicUsize::new(0),
+        silent: AtomicUsize::new(0),
+    });
+    sync(&b, &entries);
+    b.attach_log(log);
+    same(&a, &b, &d.join("b.db"));
+    assert_eq!(
+        b.shadow(&info.id, "t1", None).unwrap().as_deref(),
+        Some(r#"{"version":1}"#)
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

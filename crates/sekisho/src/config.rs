@@ -361,10 +361,18 @@ pub struct ClusterConfig {
     /// (default 30).
     #[serde(default = "default_isolation")]
     pub isolation_seconds: u64,
+    /// A node writes a snapshot of the registry for nodes that join after this many registry
+    /// log entries since the last one (and one as soon as there is none); 0: never.
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
 }
 
 fn default_isolation() -> u64 {
     30
+}
+
+fn default_snapshot_every() -> u64 {
+    1000
 }
 
 fn default_cluster_name() -> String {

@@ -176,6 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             replicas: 1,
                             node: None,
                             isolation_seconds: 30,
+                            snapshot_every: 1000,
                         })
                     }
                 }
@@ -360,6 +361,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     name: c.name.clone(),
                     replicas: c.replicas,
                     isolation: Duration::from_secs(c.isolation_seconds.max(1)),
+                    snapshot_every: c.snapshot_every,
                     node: c
                         .node
                         .clone()
@@ -372,7 +374,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     if let Some(c) = &cluster {
-        sekisho_cluster::join_registry(c, registry.clone()).await?;
+        sekisho_cluster::join_registry(c, registry.clone(), &layout.path("")).await?;
         if registry.is_empty() {
             // The cluster's first node, with nothing to seed it: the default account, made
             // through the log (a node that raced it to this finds it there).
