@@ -225,6 +225,8 @@ struct Owned {
     mine: u64,
     /// The latest claim seen from another node (kept while anything here is pending or live).
     others: u64,
+    /// The session expiry the latest granted claim's connection asked for.
+    keep: Duration,
 }
 
 impl Owned {
@@ -336,8 +338,12 @@ const HANDOVER_MAX_PARTS: usize = 1024;
 /// How long either side of a move waits for the other's next message.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a requester waits for a move's first part (the other node may be answering
+/// others first).
+const HANDOVER_FIRST: Duration = Duration::from_secs(10);
+
 /// Moves answered at once; the others wait (each holds a session's bytes twice).
-const HANDOVERS_AT_ONCE: usize = 4;
+const HANDOVERS_AT_ONCE: usize = 16;
 
 /// The request of a move or a discard: `{account}\n{client id}`, the requester's claim in
 /// `Sekisho-Claim`, `Sekisho-Discard: 1` for a discard.
@@ -377,13 +383,8 @@ async fn answer_handovers(
         else {
             continue;
         };
-        // A session here that a later claim of this node holds is not the requester's.
-        let newer_here = owners
-            .lock()
-            .get(&key)
-            .is_some_and(|o| o.live.is_some_and(|(c, _)| c > claim));
         if discard {
-            if !newer_here {
+            if !owners.newer_here(&key, claim) {
                 broker.take_session(&key.0, &key.1, sekisho_broker::durable::WallClock::read());
             }
             continue;
@@ -403,23 +404,30 @@ async fn answer_handovers(
             permits.clone(),
         );
         tokio::spawn(async move {
+            let asked = Instant::now();
             let Ok(_permit) = permits.acquire().await else {
                 return;
             };
+            // The requester gave up waiting for the first part.
+            if asked.elapsed() > HANDOVER_FIRST - Duration::from_secs(1) {
+                return;
+            }
             let none = || {
                 let mut h = HeaderMap::new();
                 h.insert("Sekisho-Part", "0");
                 h.insert("Sekisho-Parts", "0");
                 client.publish_with_headers(reply.clone(), h, Bytes::new())
             };
-            if newer_here {
-                let _ = none().await;
-                return;
-            }
             // A move of the same client id into this node finishes first.
             let end = Instant::now() + HANDOVER_TIMEOUT;
             while owners.moving_in(&key) && Instant::now() < end {
                 tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // A connection here whose claim is later than the requester's (or one on its
+            // way) keeps the client id, and its session.
+            if owners.newer_here(&key, claim) {
+                let _ = none().await;
+                return;
             }
             // Its connection here ends first (its unacknowledged messages go back to the
             // session's queue as it detaches).
@@ -463,12 +471,17 @@ async fn answer_handovers(
                     .await
                     .is_ok();
             }
+            // Time for the parts to leave and the requester to store them (20 MB/s at least).
+            let allowed = HANDOVER_TIMEOUT + Duration::from_millis(bytes.len() as u64 / 20_000);
             let acked = sent
-                && tokio::time::timeout(HANDOVER_TIMEOUT, ack.next())
+                && tokio::time::timeout(allowed, ack.next())
                     .await
                     .is_ok_and(|m| m.is_some());
             if acked {
                 tracing::info!(client_id = %key.1, queued, "cluster: session handed to another node");
+            } else if broker.has_session(&key.0, &key.1) {
+                // The device came back here meanwhile: its session now is the one it has.
+                tracing::warn!(client_id = %key.1, queued, "cluster: a session handover was not acknowledged; the client id has a newer session here");
             } else {
                 tracing::warn!(client_id = %key.1, queued, "cluster: a session handover was not acknowledged; the session stays here");
                 broker.put_session(taken, sekisho_broker::durable::WallClock::read());
@@ -488,17 +501,33 @@ impl Owners {
     fn moving_in(&self, key: &(String, String)) -> bool {
         lock_moving(&self.moving).contains(key)
     }
+
+    /// Whether this node claimed the client id after `claim`, or has a claim of it on its way.
+    fn newer_here(&self, key: &(String, String), claim: u64) -> bool {
+        self.lock().get(key).is_some_and(|o| {
+            o.pending > 0 || o.mine > claim || o.live.is_some_and(|(c, _)| c > claim)
+        })
+    }
 }
 
-/// Asks for a session ([`answer_handovers`]) and gathers its parts: the session and where to
-/// acknowledge it; `None` when the other node has none (or nobody listens there).
+/// What asking another node for a session came to.
+enum Fetched {
+    /// The session, and where to acknowledge it.
+    Moved(sekisho_broker::durable::Loaded, String),
+    /// The node answered that it has none.
+    None,
+    /// Nobody listens there (the node is down).
+    Unreachable,
+}
+
+/// Asks for a session ([`answer_handovers`]) and gathers its parts.
 async fn fetch_session(
     client: &async_nats::Client,
     subject: String,
     payload: Bytes,
     claim: u64,
     key: &(String, String),
-) -> Result<Option<(sekisho_broker::durable::Loaded, String)>, String> {
+) -> Result<Fetched, String> {
     let inbox = client.new_inbox();
     let mut parts = client
         .subscribe(inbox.clone())
@@ -513,14 +542,19 @@ async fn fetch_session(
     let mut got: Vec<Option<Bytes>> = Vec::new();
     let mut ack = None;
     loop {
-        let m = match tokio::time::timeout(HANDOVER_TIMEOUT, parts.next()).await {
+        let wait = if got.is_empty() {
+            HANDOVER_FIRST
+        } else {
+            HANDOVER_TIMEOUT
+        };
+        let m = match tokio::time::timeout(wait, parts.next()).await {
             Ok(Some(m)) => m,
             Ok(None) => return Err("the answer ended".into()),
             Err(_) => return Err("no part came for 3 s".into()),
         };
         // No node listens there (it is down): no session to be had.
         if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-            return Ok(None);
+            return Ok(Fetched::Unreachable);
         }
         let (Some(i), Some(n)) = (
             header_u64(m.headers.as_ref(), "Sekisho-Part", 10),
@@ -530,7 +564,7 @@ async fn fetch_session(
         };
         let (i, n) = (i as usize, n as usize);
         if n == 0 {
-            return Ok(None);
+            return Ok(Fetched::None);
         }
         if n > HANDOVER_MAX_PARTS || i >= n || (!got.is_empty() && got.len() != n) {
             return Err("parts that do not add up".into());
@@ -558,7 +592,7 @@ async fn fetch_session(
     let l = sekisho_broker::durable::decode_loaded(&bytes)
         .filter(|l| l.account == key.0 && l.client_id == key.1)
         .ok_or("not a session of this client id")?;
-    Ok(Some((l, ack)))
+    Ok(Fetched::Moved(l, ack))
 }
 
 impl sekisho_broker::peers::Claims for Owners {
@@ -582,13 +616,19 @@ impl sekisho_broker::peers::Claims for Owners {
             lock_moving(&moving).insert(key.clone());
             let moved = fetch_session(&client, subject, payload, claim, &key).await;
             let out = match moved {
-                Ok(Some((l, ack))) => {
+                Ok(Fetched::Moved(l, ack)) => {
                     let queued = l.queue.len();
-                    let mark = broker.put_session(l, sekisho_broker::durable::WallClock::read());
                     let _ = client.publish(ack, Bytes::new()).await;
+                    let mark = broker.put_session(l, sekisho_broker::durable::WallClock::read());
                     Some(sekisho_broker::peers::Moved { queued, mark })
                 }
-                Ok(None) => None,
+                Ok(Fetched::None) => {
+                    // The node that had the client id last has no session of it: one left
+                    // here before is older than that, and MQTT ended it then.
+                    broker.take_session(&key.0, &key.1, sekisho_broker::durable::WallClock::read());
+                    None
+                }
+                Ok(Fetched::Unreachable) => None,
                 Err(why) => {
                     tracing::warn!(client_id = %key.1, from = %from, %why, "cluster: the session could not be moved here");
                     None
@@ -655,7 +695,12 @@ impl sekisho_broker::peers::Claims for Owners {
                     if previous != Previous::Ignore {
                         let seq = match stream.get_last_raw_message_by_subject(&subject).await {
                             Ok(m) => {
-                                before = claimer(&m.payload).filter(|n| *n != me);
+                                // Our own first try, stored after all: the claim before ours
+                                // is the one read then.
+                                let read = claimer(&m.payload);
+                                if read.as_deref() != Some(me.as_str()) {
+                                    before = read;
+                                }
                                 m.sequence
                             }
                             Err(e)
@@ -718,6 +763,7 @@ impl sekisho_broker::peers::Claims for Owners {
                 )),
                 Ok(ack) => {
                     o.mine = o.mine.max(ack.sequence);
+                    o.keep = keep;
                     Ok(sekisho_broker::peers::Claimed {
                         number: ack.sequence,
                         previous: before,
@@ -762,12 +808,37 @@ impl sekisho_broker::peers::Claims for Owners {
     fn ended(&self, account: &str, client_id: &str, epoch: u64) {
         let key = (account.to_owned(), client_id.to_owned());
         let mut owned = self.lock();
+        let mut refresh = None;
         if let Some(o) = owned.get_mut(&key)
-            && o.live.is_some_and(|(_, e)| e == epoch)
+            && let Some((claim, e)) = o.live
+            && e == epoch
         {
             o.live = None;
+            // A session outlives its connection: the claim that names its home is kept from
+            // now on for the session's expiry, if no later claim came meanwhile.
+            if !o.keep.is_zero() && o.pending == 0 && claim >= o.mine {
+                refresh = Some((claim, o.keep));
+            }
         }
         tidy(&mut owned, &key);
+        drop(owned);
+        if let (Some((claim, keep)), Ok(rt)) = (refresh, tokio::runtime::Handle::try_current()) {
+            let subject = subject::claim_subject(&self.prefix, account, client_id);
+            let payload = Bytes::from(format!("{:x} {}", self.node_id, self.node));
+            let mut h = HeaderMap::new();
+            let ttl = (keep + CLAIM_KEPT).min(CLAIM_KEPT_MOST).as_secs();
+            h.insert("Nats-TTL", format!("{ttl}s").as_str());
+            h.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                claim.to_string().as_str(),
+            );
+            let js = self.js.clone();
+            rt.spawn(async move {
+                if let Ok(ack) = js.publish_with_headers(subject, h, payload).await {
+                    let _ = ack.await;
+                }
+            });
+        }
     }
 }
 

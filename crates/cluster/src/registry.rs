@@ -204,14 +204,20 @@ async fn follow(
                 continue;
             }
         };
-        if let Ok(info) = stream.get_info().await
-            && info.state.last_sequence <= registry.log_position()
-        {
-            alive.store(true, Ordering::Relaxed);
-        }
+        // Alive again once the replica is seen at the log's end (looked at every second while
+        // it is not: right after a failover the stream may not answer yet, and no entry may
+        // come to say so).
+        let mut look = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = reconnected.notified() => break,
+                _ = look.tick(), if !alive.load(Ordering::Relaxed) => {
+                    if let Ok(Ok(info)) = tokio::time::timeout(INFO_TIMEOUT, stream.get_info()).await
+                        && info.state.last_sequence <= registry.log_position()
+                    {
+                        alive.store(true, Ordering::Relaxed);
+                    }
+                }
                 m = entries.next() => match m {
                     Some(Ok(m)) => {
                         let (position, pending) =
@@ -342,12 +348,26 @@ async fn join(
             config.name
         );
     }
+    // What a crash left of snapshots on their way.
+    if let Ok(mut dir) = tokio::fs::read_dir(&scratch).await {
+        while let Ok(Some(e)) = dir.next_entry().await {
+            if e.file_name().to_string_lossy().starts_with(".snapshot-") {
+                let _ = tokio::fs::remove_file(e.path()).await;
+            }
+        }
+    }
     let snapshots = snapshot_bucket(&js_start, &config).await;
     // An empty replica of a log that holds entries starts from the latest snapshot, if any.
     if applied == 0 && registry.is_empty() && last > 0 {
         match &snapshots {
             Ok(bucket) => {
-                match restore_snapshot(bucket, &registry, &identity, last, &scratch).await {
+                let restored = tokio::time::timeout(
+                    RESTORE_TIMEOUT,
+                    restore_snapshot(bucket, &registry, &identity, last, &scratch),
+                )
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("not restored in {RESTORE_TIMEOUT:?}")));
+                match restored {
                     Ok(Some(at)) => {
                         tracing::info!(
                             position = at,
@@ -445,8 +465,12 @@ async fn join(
 /// SQLite copy), with its log position and the log's identity in the object's metadata.
 const SNAPSHOT_OBJECT: &str = "registry";
 
-/// How often a node looks whether a new snapshot is due.
+/// How often a node looks whether a new snapshot is due (give or take a random half: nodes
+/// seldom write one at the same moment).
 const SNAPSHOT_CHECK: Duration = Duration::from_secs(10);
+
+/// Longest a joining node spends on a snapshot before it applies the whole log instead.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 
 async fn snapshot_bucket(
     js: &jetstream::Context,
@@ -523,7 +547,7 @@ async fn write_snapshots(
     let mut wait = Duration::from_secs(1);
     loop {
         tokio::time::sleep(wait).await;
-        wait = SNAPSHOT_CHECK;
+        wait = SNAPSHOT_CHECK / 2 + SNAPSHOT_CHECK.mul_f64(rand::random::<f64>());
         let stored = match bucket.info(SNAPSHOT_OBJECT).await {
             Ok(i) if i.metadata.get("identity") == Some(&identity) => i
                 .metadata

@@ -276,6 +276,8 @@ pub struct Registry {
     provisioning: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// In a cluster, the log every write goes through first ([`replica`]).
     log: OnceLock<Arc<dyn Log>>,
+    /// The database file (`None` in memory).
+    path: Option<std::path::PathBuf>,
     /// In a cluster, the position of the last log entry this replica holds (stored with it).
     applied: AtomicU64,
     /// The shadow documents the latest entries applied from the log touched, so that a shadow
@@ -350,6 +352,7 @@ impl Registry {
         })?;
         let mut r = Registry::with_state(store, st, region);
         r.reader = Some(Mutex::new(Store::open_reader(path)?));
+        r.path = Some(path.to_owned());
         Ok(r)
     }
 
@@ -373,6 +376,7 @@ impl Registry {
             .unwrap_or(0);
         Registry {
             log: OnceLock::new(),
+            path: None,
             recent_nonces: Mutex::new(Default::default()),
             recent_shadows: Mutex::new(RecentShadows {
                 entries: Default::default(),
@@ -1213,12 +1217,19 @@ impl Registry {
     /// must not exist; returns the log position it holds. No write happens meanwhile, so the
     /// copy is the replica as of that position.
     pub fn snapshot_to(&self, path: &Path) -> Result<u64> {
-        let _st = self.state.read().unwrap_or_else(|p| p.into_inner());
-        self.store
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .copy_to(path)?;
-        Ok(self.applied.load(Ordering::Acquire))
+        let position = match &self.path {
+            // On a connection of its own, without the registry's locks: the copy is one read
+            // transaction, so its documents and the log position stored with them agree.
+            Some(db) => Store::open_for_copy(db)?.copy_to(path)?,
+            None => {
+                let _st = self.state.read().unwrap_or_else(|p| p.into_inner());
+                self.store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .copy_to(path)?
+            }
+        };
+        Ok(position)
     }
 
     /// Makes this empty registry the snapshot at `path` ([`Registry::snapshot_to`]): its

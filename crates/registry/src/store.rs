@@ -217,6 +217,14 @@ impl Store {
     /// A second, read-only connection to the database at `path` (opened by [`Store::open`]
     /// first): in WAL mode its reads see every committed write and do not wait for a
     /// commit in progress on the writer's connection.
+    /// A connection of its own to the database at `path`, for a snapshot
+    /// ([`Store::copy_to`]): `VACUUM INTO` is refused on a `query_only` connection.
+    pub(crate) fn open_for_copy(path: &Path) -> Result<Store, RegistryError> {
+        Ok(Store {
+            conn: Connection::open(path).map_err(db_err)?,
+        })
+    }
+
     pub(crate) fn open_reader(path: &Path) -> Result<Store, RegistryError> {
         let conn = Connection::open(path).map_err(db_err)?;
         conn.pragma_update(None, "query_only", true)
@@ -483,8 +491,8 @@ impl Store {
     }
 
     /// Writes a compact copy of the database to `path` (which must not exist), without this
-    /// node's own documents (account proposals).
-    pub(crate) fn copy_to(&self, path: &Path) -> Result<(), RegistryError> {
+    /// node's own documents (account proposals); returns the log position the copy holds.
+    pub(crate) fn copy_to(&self, path: &Path) -> Result<u64, RegistryError> {
         let target = path
             .to_str()
             .ok_or_else(|| RegistryError::Internal("a snapshot path that is not UTF-8".into()))?;
@@ -497,7 +505,14 @@ impl Store {
             params![Kind::AccountProposal.as_str()],
         )
         .map_err(db_err)?;
-        Ok(())
+        let position: Option<String> = copy
+            .query_row(
+                "SELECT doc FROM objects WHERE kind = ?1 AND account_id = '' AND key = ''",
+                params![Kind::LogPosition.as_str()],
+                |r| r.get(0),
+            )
+            .ok();
+        Ok(position.and_then(|p| p.parse().ok()).unwrap_or(0))
     }
 
     /// Puts every document of the database at `path` (a [`Store::copy_to`] copy) into this
