@@ -6,7 +6,9 @@ replays the cluster's registry log."""
 
 import configparser
 import json
+import queue
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -1190,3 +1192,98 @@ def test_a_session_with_unacknowledged_large_messages_moves_from_a_silent_connec
     finally:
         c.c.socket() and c.c.socket().close()
         pub.close()
+
+
+def _will_props(delay):
+    p = Properties(PacketTypes.WILLMESSAGE)
+    p.WillDelayInterval = delay
+    return p
+
+
+def test_a_node_killed_has_its_wills_and_events_published_by_another(cluster):
+    """n2 is killed with SIGKILL while devices are connected to it. Within 5 s another node
+    publishes, exactly once in the cluster: the disconnection event of each connection that was
+    live (disconnectReason SERVER_ERROR) and its will; a delayed will after its delay; none for
+    a device that disconnected cleanly before, and none for a delayed will whose device came
+    back (on n1) before it was due. A persistent session live on n2 stays n2's: once n2 is
+    back, the device resumes it from n1 (session present)."""
+    if len(cluster.nodes) < 3:
+        cluster.start_third()
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    base = f"cl/will/{unique('w')}"
+    watcher = cluster.client(n1, device=cluster.devices[2])
+    assert watcher.subscribe(f"{base}/#", qos=1)[0].value == 1
+    assert watcher.subscribe("$aws/events/presence/disconnected/+", qos=0)[0].value == 0
+    far = cluster.client(cluster.nodes[2], device=cluster.devices[2])
+    assert far.subscribe(f"{base}/#", qos=1)[0].value == 1
+    clients = [watcher, far]
+    ids = {k: unique(k) for k in ("now", "later", "back", "clean", "home")}
+
+    def on_n2(key, will=None, props=None, clean=True):
+        c = Paho(n2, "localhost", cluster.devices[1], ids[key], v5=True, clean=clean, will=will)
+        clients.append(c)
+        rc, _, _ = c.connect(properties=props)
+        assert rc == 0, rc
+        return c
+
+    session = Properties(PacketTypes.CONNECT)
+    session.SessionExpiryInterval = 600
+    try:
+        on_n2("now", will=(f"{base}/now", b"gone", 1, False))
+        on_n2("later", will=(f"{base}/later", b"late", 1, False, _will_props(2)), props=session, clean=False)
+        on_n2("back", will=(f"{base}/back", b"never", 1, False, _will_props(4)), props=session, clean=False)
+        clean = on_n2("clean", will=(f"{base}/clean", b"never", 1, False))
+        home = on_n2("home", props=session, clean=False)
+        assert home.subscribe(f"{base}/home", qos=1)[0].value == 1
+        clean.close()
+        events = [json.loads(m.payload) for m in drain(watcher.messages, 1.5)
+                  if m.topic.startswith("$aws/events/")]
+        assert [e["clientId"] for e in events] == [ids["clean"]], events
+
+        n2.stop(sig=signal.SIGKILL, check=False)
+        killed = time.time()
+        got, arrived = [], {}
+        while time.time() < killed + 8:
+            try:
+                m = watcher.messages.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            got.append(m)
+            arrived.setdefault(m.topic, time.time() - killed)
+            if m.topic.startswith("$aws/events/") and json.loads(m.payload)["clientId"] == ids["back"]:
+                # Back before its will's delay: the will is cancelled.
+                back = Paho(n1, "localhost", cluster.devices[1], ids["back"], v5=True)
+                clients.append(back)
+                assert back.connect()[0] == 0
+        got += drain(watcher.messages, 2)
+        wills = [(m.topic, m.payload) for m in got if m.topic.startswith(base)]
+        assert sorted(wills) == [(f"{base}/later", b"late"), (f"{base}/now", b"gone")], wills
+        assert arrived[f"{base}/now"] < 5, arrived
+        assert arrived[f"{base}/later"] >= arrived[f"{base}/now"] + 1.5, arrived
+        events = [json.loads(m.payload) for m in got if m.topic.startswith("$aws/events/")]
+        lost = sorted(e["clientId"] for e in events)
+        assert lost == sorted(ids[k] for k in ("now", "later", "back", "home")), events
+        for e in events:
+            assert e["disconnectReason"] == "SERVER_ERROR" and e["clientInitiatedDisconnect"] is False, e
+            assert e["principalIdentifier"] and e["sessionIdentifier"], e
+        assert max(arrived[f"$aws/events/presence/disconnected/{ids[k]}"] for k in ("now", "home")) < 5, arrived
+        far_wills = sorted(m.topic for m in drain(far.messages, 0.5))
+        assert far_wills == [f"{base}/later", f"{base}/now"], far_wills
+        event_at = arrived[f"$aws/events/presence/disconnected/{ids['now']}"]
+        print(f"after SIGKILL: will {arrived[f'{base}/now']:.2f} s, event {event_at:.2f} s")
+
+        # n2 back: its persistent session is still there and moves to n1 when resumed.
+        n2.start()
+        resumed = Paho(n1, "localhost", cluster.devices[1], ids["home"], v5=True, clean=False)
+        clients.append(resumed)
+        rc, flags, _ = resumed.connect(properties=session)
+        assert rc == 0 and flags.session_present
+        pub = cluster.client(n1, device=cluster.devices[2])
+        clients.append(pub)
+        pub.c.publish(f"{base}/home", b"home", qos=1)
+        assert resumed.messages.get(timeout=5).payload == b"home"
+    finally:
+        for c in clients:
+            c.close()
+        if n2.proc is None or n2.proc.poll() is not None:
+            n2.start()

@@ -149,6 +149,9 @@ pub enum Kick {
     Shutdown,
     /// An administrative action (certificate revoked, DeleteConnection).
     Administrative,
+    /// In a cluster, another node adopted the connection as one of a dead node's (this node
+    /// was cut off long enough to look dead): it sent the disconnection event and the will.
+    Adopted,
 }
 
 /// What a new connection gets from [`Broker::connect`].

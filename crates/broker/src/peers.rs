@@ -109,12 +109,15 @@ pub trait Claims: Send + Sync + std::fmt::Debug {
     /// trip: only a CONNECT that would resume a session, or a provisioning claim's, needs it).
     /// `keep`: the session expiry the connection asked for; the claim is remembered that long
     /// (plus a margin), since it names where the session lives.
+    /// `testament`: what the cluster publishes for the connection if this node dies while it
+    /// is connected (see [`Orphans`]).
     fn claim(
         &self,
         account: &str,
         client_id: &str,
         previous: Previous,
         keep: std::time::Duration,
+        testament: Option<Testament>,
     ) -> ClaimFuture;
 
     /// Asks node `from` for the persistent session of `client_id`, for the connection of
@@ -131,6 +134,38 @@ pub trait Claims: Send + Sync + std::fmt::Debug {
     /// Called once for every claim granted.
     fn attached(&self, account: &str, client_id: &str, claim: u64, epoch: u64);
 
-    /// The connection `epoch` ended.
+    /// The connection `epoch` ended: its testament no longer holds.
     fn ended(&self, account: &str, client_id: &str, epoch: u64);
+}
+
+/// What a connection leaves if its node dies while it is connected: AWS's disconnection event
+/// (`disconnectReason` `SERVER_ERROR`) and its will. Kept with its claim; another node
+/// publishes it ([`Orphans`]) once the node is seen dead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Testament {
+    /// The connection's session identifier (lifecycle events).
+    pub session_identifier: String,
+    /// Its principal as lifecycle events name it.
+    pub principal: String,
+    /// The thing exclusively associated with it, if any (lifecycle events' `thingName`).
+    pub thing_name: Option<String>,
+    /// The certificate it authenticated with: a will is published only for a certificate
+    /// principal, authorized again with the certificate's policies when it is sent (as a will
+    /// stored across a restart is).
+    pub certificate: Option<String>,
+    /// Its will: the delay (never past the session's end) and the message.
+    pub will: Option<(std::time::Duration, Message)>,
+    /// Its `iot:ConnectAttributes` (`PersistentConnect`, `LastWill`), for the will's policy.
+    pub connect_attributes: Vec<String>,
+}
+
+/// Publishes what dead nodes' connections left (the gateway's side of [`Testament`]).
+pub trait Orphans: Send + Sync + std::fmt::Debug {
+    /// The disconnection event of a dead node's connection.
+    fn disconnected(&self, account: &str, client_id: &str, testament: &Testament);
+
+    /// Its will, due now and not cancelled by a newer connection of the client id: authorized
+    /// with its certificate's policies as they are now, then published (none for another
+    /// principal).
+    fn will(&self, account: &str, client_id: &str, testament: &Testament);
 }

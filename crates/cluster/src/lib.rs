@@ -20,9 +20,11 @@
 //! receiving connection checks `iot:Receive` as for any delivery. The NATS cluster is trusted
 //! infrastructure: whoever can publish on its subjects can inject messages into any account.
 
+mod adopt;
 pub mod dedup;
 mod registry;
 pub mod subject;
+pub mod testament;
 
 pub use registry::join_registry;
 
@@ -36,7 +38,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use sekisho_broker::peers::{ClaimError, Peers, Previous};
+use sekisho_broker::peers::{ClaimError, Orphans, Peers, Previous, Testament};
 use sekisho_broker::{Broker, Message};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -257,6 +259,10 @@ pub struct Owners {
     /// Whether this node's registry follows the cluster's log: while it does not, no one is
     /// let in (a revocation made elsewhere would not be seen).
     registry_alive: Arc<AtomicBool>,
+    /// Publishes what dead nodes' connections left (set once the gateway is up).
+    orphans: std::sync::OnceLock<Arc<dyn Orphans>>,
+    /// Claims written at disconnections and not yet acknowledged (waited for at shutdown).
+    ending: Arc<AtomicU64>,
 }
 
 type OwnedMap = HashMap<(String, String), Owned>;
@@ -287,16 +293,37 @@ impl Owners {
         self.len() == 0
     }
 
+    /// Who publishes what dead nodes' connections left. Until it is set, nothing is adopted.
+    pub fn set_orphans(&self, orphans: Arc<dyn Orphans>) {
+        let _ = self.orphans.set(orphans);
+    }
+
+    /// Waits (at most `wait`) until the claims written at disconnections are stored: a node
+    /// that stops leaves no claim that another node would take for a dead node's connection.
+    pub async fn settle(&self, wait: Duration) {
+        let end = Instant::now() + wait;
+        while self.ending.load(Ordering::Relaxed) > 0 && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// A claim from the stream: another node's, later than this node's live connection, ends
-    /// it; one while a claim here is on its way decides that claim (see `claim`).
+    /// it; one while a claim here is on its way decides that claim (see `claim`). A claim
+    /// another node made for this node's connection (in this node's name) adopted it: this
+    /// node was cut off long enough to look dead, and the connection ends without its event
+    /// or will, which that node published.
     fn seen(&self, subject: &str, payload: &[u8], seq: u64) {
-        if std::str::from_utf8(payload)
-            .ok()
-            .and_then(|p| u64::from_str_radix(p.split(' ').next().unwrap_or(p), 16).ok())
-            == Some(self.node_id)
-        {
+        let Some(body) = testament::decode(payload) else {
+            return;
+        };
+        if body.run == self.node_id {
             return;
         }
+        let how = if body.node == self.node {
+            sekisho_broker::Kick::Adopted
+        } else {
+            sekisho_broker::Kick::TakenOver
+        };
         let Some(key) = subject::parse_claim(&self.prefix, subject) else {
             return;
         };
@@ -315,18 +342,15 @@ impl Owners {
         tidy(&mut owned, &key);
         drop(owned);
         if let Some(epoch) = kick {
-            tracing::info!(client_id = %key.1, "cluster: client id claimed on another node; taken over");
-            self.broker
-                .kick_connection(&key.0, &key.1, epoch, sekisho_broker::Kick::TakenOver);
+            tracing::info!(client_id = %key.1, ?how, "cluster: client id claimed on another node");
+            self.broker.kick_connection(&key.0, &key.1, epoch, how);
         }
     }
 }
 
-/// The name of the node that made a claim (its payload: `{id:x} {name}`).
+/// The name of the node that made a claim.
 fn claimer(payload: &[u8]) -> Option<String> {
-    let p = std::str::from_utf8(payload).ok()?;
-    let (_, name) = p.split_once(' ')?;
-    Some(name.to_owned())
+    testament::decode(payload).map(|b| b.node)
 }
 
 /// Most bytes of a session sent in one NATS message.
@@ -657,13 +681,19 @@ impl sekisho_broker::peers::Claims for Owners {
         client_id: &str,
         previous: Previous,
         keep: Duration,
+        testament: Option<Testament>,
     ) -> sekisho_broker::peers::ClaimFuture {
         let key = (account.to_owned(), client_id.to_owned());
         // Known before the claim is sent: any later claim elsewhere is then seen.
         self.lock().entry(key.clone()).or_default().pending += 1;
         let subject = subject::claim_subject(&self.prefix, account, client_id);
-        // Who claims: this node's id (this run's) and name (its sessions' home across runs).
-        let payload = Bytes::from(format!("{:x} {}", self.node_id, self.node));
+        // Who claims: this node's id (this run's) and name (its sessions' home across runs),
+        // and what the connection leaves if this node dies.
+        let payload = Bytes::from(testament::encode(
+            self.node_id,
+            &self.node,
+            testament.as_ref().map(|t| (t, keep)),
+        ));
         // One id per CONNECT: a retry of a claim that was stored after all is the same claim
         // to JetStream (its duplicate window), not a second one.
         let mut headers = HeaderMap::new();
@@ -814,9 +844,10 @@ impl sekisho_broker::peers::Claims for Owners {
             && e == epoch
         {
             o.live = None;
-            // A session outlives its connection: the claim that names its home is kept from
-            // now on for the session's expiry, if no later claim came meanwhile.
-            if !o.keep.is_zero() && o.pending == 0 && claim >= o.mine {
+            // The connection's testament no longer holds, and a session outlives its
+            // connection: the claim that names its home is kept from now on for the session's
+            // expiry, if no later claim came meanwhile.
+            if o.pending == 0 && claim >= o.mine {
                 refresh = Some((claim, o.keep));
             }
         }
@@ -824,7 +855,7 @@ impl sekisho_broker::peers::Claims for Owners {
         drop(owned);
         if let (Some((claim, keep)), Ok(rt)) = (refresh, tokio::runtime::Handle::try_current()) {
             let subject = subject::claim_subject(&self.prefix, account, client_id);
-            let payload = Bytes::from(format!("{:x} {}", self.node_id, self.node));
+            let payload = Bytes::from(testament::encode(self.node_id, &self.node, None));
             let mut h = HeaderMap::new();
             let ttl = (keep + CLAIM_KEPT).min(CLAIM_KEPT_MOST).as_secs();
             h.insert("Nats-TTL", format!("{ttl}s").as_str());
@@ -833,10 +864,13 @@ impl sekisho_broker::peers::Claims for Owners {
                 claim.to_string().as_str(),
             );
             let js = self.js.clone();
+            let ending = self.ending.clone();
+            ending.fetch_add(1, Ordering::Relaxed);
             rt.spawn(async move {
                 if let Ok(ack) = js.publish_with_headers(subject, h, payload).await {
                     let _ = ack.await;
                 }
+                ending.fetch_sub(1, Ordering::Relaxed);
             });
         }
     }
@@ -1199,9 +1233,14 @@ async fn connect(
     up: Arc<AtomicBool>,
     reconnected: Vec<Arc<tokio::sync::Notify>>,
 ) -> anyhow::Result<async_nats::Client> {
+    // Back within a second of NATS being back: a node that stays away longer than a few
+    // seconds is taken for dead by the others (see `adopt`).
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("sekisho {name}"))
-        .subscription_capacity(SUBSCRIPTION_BUFFER);
+        .subscription_capacity(SUBSCRIPTION_BUFFER)
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((attempts as u64).saturating_mul(100).min(1000))
+        });
     if no_echo {
         options = options.no_echo();
     }
@@ -1251,6 +1290,12 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
         "cluster.name must be letters, digits, '-' or '_'"
+    );
+    anyhow::ensure!(
+        !config.node.is_empty()
+            && config.node.len() <= 128
+            && !config.node.chars().any(char::is_control),
+        "cluster.node must be 1 to 128 characters, none of them control characters"
     );
     let stats = Arc::new(Stats::default());
     // What this node publishes never comes back to its plain subscriptions (no echo: it
@@ -1447,6 +1492,8 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         client: client.clone(),
         moving: Arc::default(),
         registry_alive: registry_alive.clone(),
+        orphans: std::sync::OnceLock::new(),
+        ending: Arc::default(),
     });
     let feed = claim_feed(&claims_start, &client, &prefix, last)
         .await
@@ -1491,7 +1538,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
             done: done_rx,
             messages: messages_tx,
             queued,
-            up,
+            up: up.clone(),
             groups_up,
             stats: stats.clone(),
         })),
@@ -1510,6 +1557,18 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         broker.clone(),
         claims.clone(),
         subject::handover_subject(&prefix, &config.node),
+    ));
+    tokio::spawn(adopt::heartbeat(
+        client.clone(),
+        format!("{prefix}.hb"),
+        node_id,
+        config.node.clone(),
+    ));
+    tokio::spawn(adopt::watch(
+        client.clone(),
+        up.clone(),
+        claims.clone(),
+        format!("{prefix}.hb"),
     ));
     tokio::spawn(answer_status(
         client.clone(),

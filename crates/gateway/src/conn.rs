@@ -450,6 +450,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
                         &port.client_id,
                         previous,
                         admission.session_expiry,
+                        Some(testament(&port, &admission)),
                     )
                     .await
                 {
@@ -747,6 +748,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 return match k {
                     Ok(Kick::TakenOver) => End::TakenOver,
                     Ok(Kick::Shutdown) => End::Shutdown,
+                    Ok(Kick::Adopted) => End::Adopted,
                     Ok(Kick::Administrative) | Err(_) => End::Administrative,
                 };
             }
@@ -887,7 +889,91 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(w) = closed.will.take() {
         publish_will(shared, &port, w, attached.epoch);
     }
-    events::disconnected(&shared.broker, &port.event_source(), reason);
+    // An adopted connection's event went out from the node that adopted it.
+    if end != End::Adopted {
+        events::disconnected(&shared.broker, &port.event_source(), reason);
+    }
+}
+
+/// What the cluster publishes for this connection if this node dies while it is connected.
+fn testament(port: &Port, admission: &Admission) -> sekisho_broker::peers::Testament {
+    let src = port.event_source();
+    sekisho_broker::peers::Testament {
+        session_identifier: src.session_identifier.to_string(),
+        principal: src.principal.to_string(),
+        thing_name: src.thing_name.map(str::to_string),
+        certificate: port.certificate.as_ref().map(|c| c.to_string()),
+        will: admission.will(),
+        connect_attributes: admission.connect_attributes.clone(),
+    }
+}
+
+/// Publishes what the connections of a dead node of the cluster left: their disconnection
+/// events, and their wills (authorized with their certificates' policies as they are now,
+/// without the connection's source address or VPC endpoint, as a will stored across a
+/// restart is).
+#[derive(Debug)]
+pub struct Orphans(pub Arc<Shared>);
+
+impl sekisho_broker::peers::Orphans for Orphans {
+    fn disconnected(&self, account: &str, client_id: &str, t: &sekisho_broker::peers::Testament) {
+        let src = events::EventSource {
+            account,
+            client_id,
+            thing_name: t.thing_name.as_deref(),
+            session_identifier: &t.session_identifier,
+            principal: &t.principal,
+        };
+        events::disconnected(&self.0.broker, &src, End::Adopted.lifecycle());
+    }
+
+    fn will(&self, account: &str, client_id: &str, t: &sekisho_broker::peers::Testament) {
+        let (Some(certificate), Some((_, will))) = (&t.certificate, &t.will) else {
+            return;
+        };
+        let shared = &self.0;
+        let made = Principal::certificate(
+            shared.registry.clone(),
+            &AccountId::new(account.to_string()),
+            &CertificateId::new(certificate.to_string()),
+            Some(&ClientId::new(client_id.to_string())),
+            None,
+            None,
+        );
+        let mut principal = match made {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::info!(client_id, error = %e, "a dead node's will: its certificate is no longer usable; not published");
+                return;
+            }
+        };
+        principal.ctx.connect_attributes = t.connect_attributes.clone();
+        let (topic, retain) = (&will.topic, will.retain);
+        let allowed = principal.refresh().is_ok()
+            && principal.allowed("iot:publish", "topic", topic)
+            && (!retain || principal.allowed("iot:retainpublish", "topic", topic));
+        if !allowed {
+            tracing::info!(
+                client_id,
+                "a dead node's will is no longer authorized; not published"
+            );
+            return;
+        }
+        let now = Instant::now();
+        let message = Arc::new(Message::from_will(will, now, events::now_ms()));
+        let (broker, account) = (shared.broker.clone(), account.to_string());
+        tokio::spawn(async move {
+            if let Ok(routed) = broker.publish(&account, message, Instant::now()) {
+                sekisho_broker::wait_for_room(
+                    &broker,
+                    &account,
+                    routed.blocked,
+                    tokio::time::Instant::now(),
+                )
+                .await;
+            }
+        });
+    }
 }
 
 /// Publishes a will the session authorized when the connection ended: now, or when its delay

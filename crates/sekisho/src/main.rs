@@ -463,6 +463,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = shared.functions.set(invoker.clone());
     if let Some(c) = &cluster {
         let _ = shared.claims.set(c.claims.clone());
+        c.claims
+            .set_orphans(Arc::new(sekisho_gateway::conn::Orphans(shared.clone())));
     }
     let oidc_keys = Arc::new(sekisho_api::OidcKeys::new(
         config
@@ -672,6 +674,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // connection stuck writing to a dead peer is not waited for longer).
     tokio::time::sleep(Duration::from_millis(50)).await;
     shared.wait_idle(Duration::from_secs(5)).await;
+    // In a cluster, the claims those connections ended are stored: no other node takes them
+    // for a dead node's connections.
+    if let Some(c) = &cluster {
+        c.claims.settle(Duration::from_secs(2)).await;
+    }
     tasks.abort_all();
     // What the connections recorded as they closed is committed before the process ends.
     if let Some(j) = broker.journal() {

@@ -231,6 +231,13 @@ impl Admission {
         self.connect.clean_start
     }
 
+    /// The connection's will, if it has one: its delay and its message, as the session would
+    /// publish it (in a cluster, what another node publishes if this one dies).
+    pub fn will(&self) -> Option<(Duration, sekisho_broker::Message)> {
+        let w = self.connect.will.as_ref()?;
+        Some(crate::session::will_template(w, self.session_expiry))
+    }
+
     /// Authorizes the connection with its principal (in `env`): `iot:Connect` on the client
     /// id, AWS's CONNECT rates (counted only for clients allowed to use the client id, so
     /// nobody can spend another's), the will's `iot:Publish` (and `iot:RetainPublish`), and

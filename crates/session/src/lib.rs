@@ -90,6 +90,10 @@ pub enum End {
     ClientError(u8),
     /// The WebSocket lifetime or the credentials behind it ran out.
     Expired,
+    /// In a cluster, another node took the connection for one of a node that died (this
+    /// one, cut off from the others long enough to look dead): that node published its
+    /// disconnection event and its will already.
+    Adopted,
 }
 
 impl End {
@@ -106,6 +110,7 @@ impl End {
             End::Forbidden => "FORBIDDEN_ACCESS",
             End::ClientError(_) => "CLIENT_ERROR",
             End::Expired => "WEBSOCKET_TTL_EXPIRATION",
+            End::Adopted => "SERVER_ERROR",
         }
     }
 
@@ -114,7 +119,7 @@ impl End {
         match self {
             End::ClientDisconnect { .. } | End::ConnectionLost => None,
             End::KeepAlive => Some(reason::KEEP_ALIVE_TIMEOUT),
-            End::TakenOver => Some(reason::SESSION_TAKEN_OVER),
+            End::TakenOver | End::Adopted => Some(reason::SESSION_TAKEN_OVER),
             End::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
             End::Administrative => Some(reason::ADMINISTRATIVE_ACTION),
             End::AuthError | End::Forbidden => Some(reason::NOT_AUTHORIZED),
@@ -127,6 +132,7 @@ impl End {
     pub fn sends_will(self) -> bool {
         match self {
             End::ClientDisconnect { will } => will,
+            End::Adopted => false,
             _ => true,
         }
     }

@@ -799,29 +799,38 @@ impl Session {
             tracing::info!(client_id = %self.client_id, "will no longer authorized; not published");
             return None;
         }
-        // Never later than the session's end (MQTT 5: the will goes when the session ends).
-        let delay = w
-            .properties
-            .will_delay_interval
-            .unwrap_or(0)
-            .min(self.session_expiry.as_secs() as u32);
-        let mut properties = forwarded(&w.properties);
-        properties.message_expiry_interval = w
-            .properties
-            .message_expiry_interval
-            .map(|e| e.clamp(1, MAX_MESSAGE_EXPIRY));
+        let (delay, template) = will_template(&w, self.session_expiry);
         Some(DueWill {
-            at: now + Duration::from_secs(u64::from(delay)),
-            template: Message {
-                topic: w.topic,
-                payload: w.payload,
-                qos: w.qos,
-                retain: w.retain,
-                properties,
-                expires_at: None,
-                origin: None,
-                timestamp_ms: 0,
-            },
+            at: now + delay,
+            template,
         })
     }
+}
+
+/// A will's delay (its Will Delay Interval, never later than the session's end: MQTT 5 sends
+/// the will when the session ends) and the message it publishes ([`DueWill::template`]).
+pub fn will_template(w: &sekisho_mqtt::Will, session_expiry: Duration) -> (Duration, Message) {
+    let delay = w
+        .properties
+        .will_delay_interval
+        .unwrap_or(0)
+        .min(session_expiry.as_secs().min(u64::from(u32::MAX)) as u32);
+    let mut properties = forwarded(&w.properties);
+    properties.message_expiry_interval = w
+        .properties
+        .message_expiry_interval
+        .map(|e| e.clamp(1, MAX_MESSAGE_EXPIRY));
+    (
+        Duration::from_secs(u64::from(delay)),
+        Message {
+            topic: w.topic.clone(),
+            payload: w.payload.clone(),
+            qos: w.qos,
+            retain: w.retain,
+            properties,
+            expires_at: None,
+            origin: None,
+            timestamp_ms: 0,
+        },
+    )
 }

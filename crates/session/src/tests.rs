@@ -1171,3 +1171,32 @@ fn stored_messages_are_not_discarded_by_the_publish_rate() {
     assert_eq!(stored, 5, "paced by the replay rate only");
     assert!(p.env.acked.is_empty());
 }
+
+#[test]
+fn the_admission_knows_the_will_the_session_would_publish() {
+    // What a cluster keeps for a dead node's connection is what the session itself publishes.
+    for (delay, expiry) in [(None, 300), (Some(30), 300), (Some(600), 300)] {
+        let mut p = Pair::new(ProtocolVersion::V5);
+        let c = with_will(&p, delay, expiry);
+        let admitted = admit(Box::new(c.clone()), &p.config, false, || "x".into()).unwrap();
+        let (wait, template) = admitted.will().expect("a will");
+        p.connect_with(c);
+        p.advance_to(secs(200.0));
+        assert_eq!(p.ended(), Some(End::KeepAlive));
+        let will = p.closed().will.clone().expect("a will");
+        assert_eq!(will.template, template);
+        assert_eq!(will.at, p.t0 + Duration::from_secs(90) + wait);
+    }
+    let p = Pair::new(ProtocolVersion::V5);
+    let admitted = admit(Box::new(p.connect_packet(60)), &p.config, false, || {
+        "x".into()
+    })
+    .unwrap();
+    assert!(admitted.will().is_none());
+    // A connection another node adopted ends without a will (that node sent it).
+    assert!(!End::Adopted.sends_will());
+    assert_eq!(
+        End::Adopted.disconnect_code(),
+        Some(reason::SESSION_TAKEN_OVER)
+    );
+}

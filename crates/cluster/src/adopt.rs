@@ -1,0 +1,274 @@
+//! When a node dies (decision 0012): every node says it is alive on `{name}.hb` every half
+//! second; a node that has not been heard for [`DEAD_AFTER`] (while the listener itself was
+//! connected) is dead. The others then adopt its connections, as its claims name them: each
+//! claim that still carries a testament is replaced by one that carries none, written only
+//! if it still follows the dead node's (`Nats-Expected-Last-Subject-Sequence`), so exactly one
+//! node adopts each connection, and none adopts one whose device connected again meanwhile.
+//! The adopter publishes the connection's disconnection event and its will (after its delay,
+//! unless the client id was claimed again by then).
+//!
+//! The adopting claim keeps the dead node's name: that node's storage still holds the
+//! client id's persistent session, which moves from it when the device resumes after the node
+//! restarted. A node that was only cut off sees the adopting claims when it is back and ends
+//! those connections without a second event or will ([`sekisho_broker::Kick::Adopted`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use sekisho_broker::peers::Testament;
+
+use crate::testament::{self, HEARTBEAT, Liveness};
+use crate::{CLAIM_KEPT, CLAIM_KEPT_MOST, Owners, subject};
+
+/// How often liveness is looked at.
+const CHECK: Duration = Duration::from_millis(250);
+
+/// How many adoptions are on their way at once during a sweep.
+const AT_ONCE: usize = 64;
+
+/// How long a sweep waits for the next claim before it gives up (and tries again later).
+const SWEEP_WAIT: Duration = Duration::from_secs(5);
+
+/// Says this node is alive, every [`HEARTBEAT`], for as long as the process runs.
+pub(crate) async fn heartbeat(client: async_nats::Client, subject: String, run: u64, node: String) {
+    let payload = Bytes::from(testament::encode(run, &node, None));
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let _ = client.publish(subject.clone(), payload.clone()).await;
+    }
+}
+
+/// Hears the other nodes' heartbeats and adopts the connections of those that die. A sweep
+/// of the claims also runs once this node has listened long enough to be sure (it adopts the
+/// connections of nodes that died before it started), and again after a sweep that failed.
+pub(crate) async fn watch(
+    client: async_nats::Client,
+    up: Arc<AtomicBool>,
+    owners: Arc<Owners>,
+    subject: String,
+) {
+    let mut beats = match client.subscribe(subject).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cluster: heartbeats not followed; dead nodes' connections are not adopted here");
+            return;
+        }
+    };
+    let mut live = Liveness::default();
+    let mut tick = tokio::time::interval(CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut swept = false;
+    loop {
+        tokio::select! {
+            m = beats.next() => match m {
+                Some(m) => {
+                    if let Some(b) = testament::decode(&m.payload) {
+                        live.heard(b.run, Instant::now());
+                    }
+                }
+                None => return,
+            },
+            _ = tick.tick() => {
+                let now = Instant::now();
+                live.listening(
+                    up.load(Ordering::Relaxed)
+                        && client.connection_state() == async_nats::connection::State::Connected,
+                    now,
+                );
+                // Listening again after a break: this node's own claims are looked at again
+                // (connections that ended while it was cut off left their testaments).
+                if !live.sure(now) {
+                    swept = false;
+                }
+                let dead = live.newly_dead(now);
+                for run in &dead {
+                    tracing::warn!(run = format!("{run:016x}"), "cluster: a node stopped answering; adopting its connections");
+                }
+                if (!dead.is_empty() || !swept) && live.sure(now) && owners.orphans.get().is_some() {
+                    match sweep(&client, &owners, &live).await {
+                        Ok(n) => {
+                            swept = true;
+                            if n > 0 {
+                                tracing::info!(adopted = n, "cluster: adopted dead nodes' connections");
+                            }
+                        }
+                        Err(e) => {
+                            swept = false;
+                            tracing::warn!(error = %e, "cluster: reading the claims for dead nodes' connections; trying again");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads the last claim of every client id and adopts those of dead runs that still carry a
+/// testament. This node's own claims whose connections ended while it could not say so (cut
+/// off from NATS) lose their testaments. Returns how many this node adopted.
+async fn sweep(
+    client: &async_nats::Client,
+    owners: &Arc<Owners>,
+    live: &Liveness,
+) -> Result<usize, String> {
+    let mut stream = owners.stream.clone();
+    let info = stream.info().await.map_err(|e| e.to_string())?;
+    if info.state.messages == 0 {
+        return Ok(0);
+    }
+    let mut claims = stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{}.c.>", owners.prefix),
+            deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut work = FuturesUnordered::new();
+    let (mut adopted, mut read) = (0, 0usize);
+    loop {
+        let m = match tokio::time::timeout(SWEEP_WAIT, claims.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => return Err("the claims ended".into()),
+            // Nothing under the filter.
+            Err(_) if read == 0 => break,
+            Err(_) => return Err("no claim came for 5 s".into()),
+        };
+        read += 1;
+        let Ok(info) = m.info() else { continue };
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        let published_ns = info.published.unix_timestamp_nanos();
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let age = Duration::from_nanos(now_ns.saturating_sub(published_ns).max(0) as u64);
+        if let Some(body) = testament::decode(&m.payload)
+            && let Some((t, keep)) = body.testament
+        {
+            if body.run == owners.node_id {
+                // Nothing here holds or claims the client id any more.
+                if let Some(key) = subject::parse_claim(&owners.prefix, m.subject.as_str())
+                    && !owners.lock().contains_key(&key)
+                {
+                    tokio::spawn(retire(owners.clone(), m.subject.to_string(), seq, keep));
+                }
+            } else if live.orphaned(body.run, age, Instant::now()) {
+                work.push(adopt(
+                    owners.clone(),
+                    m.subject.to_string(),
+                    seq,
+                    body.node,
+                    t,
+                    keep,
+                ));
+                while work.len() >= AT_ONCE {
+                    adopted += usize::from(work.next().await.unwrap_or(false));
+                }
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    while let Some(done) = work.next().await {
+        adopted += usize::from(done);
+    }
+    Ok(adopted)
+}
+
+/// Takes the testament off this node's claim `seq` of a connection that ended while the node
+/// could not say so, if no later claim came meanwhile.
+async fn retire(owners: Arc<Owners>, subject: String, seq: u64, keep: Duration) {
+    let mut h = HeaderMap::new();
+    h.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        seq.to_string().as_str(),
+    );
+    let ttl = (keep + CLAIM_KEPT).min(CLAIM_KEPT_MOST).as_secs();
+    h.insert("Nats-TTL", format!("{ttl}s").as_str());
+    let payload = Bytes::from(testament::encode(owners.node_id, &owners.node, None));
+    if let Ok(ack) = owners.js.publish_with_headers(subject, h, payload).await {
+        let _ = ack.await;
+    }
+}
+
+/// Adopts one connection of a dead node: replaces its claim `seq` (if it is still the last)
+/// by one that carries no testament, in the dead node's name, then publishes its event and
+/// its will. False if another node adopted it first or the device connected again.
+async fn adopt(
+    owners: Arc<Owners>,
+    subject: String,
+    seq: u64,
+    node: String,
+    t: Testament,
+    keep: Duration,
+) -> bool {
+    let Some((account, client_id)) = subject::parse_claim(&owners.prefix, &subject) else {
+        return false;
+    };
+    let Some(orphans) = owners.orphans.get().cloned() else {
+        return false;
+    };
+    let mut h = HeaderMap::new();
+    h.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        seq.to_string().as_str(),
+    );
+    let ttl = (keep + CLAIM_KEPT).min(CLAIM_KEPT_MOST).as_secs();
+    h.insert("Nats-TTL", format!("{ttl}s").as_str());
+    let payload = Bytes::from(testament::encode(owners.node_id, &node, None));
+    let fence = match owners
+        .js
+        .publish_with_headers(subject.clone(), h, payload)
+        .await
+    {
+        Ok(ack) => match ack.await {
+            Ok(ack) => ack.sequence,
+            Err(_) => return false,
+        },
+        Err(_) => return false,
+    };
+    tracing::info!(%client_id, from = %node, "cluster: a dead node's connection adopted");
+    orphans.disconnected(&account, &client_id, &t);
+    let Some((delay, _)) = &t.will else {
+        return true;
+    };
+    if t.certificate.is_none() {
+        tracing::info!(%client_id, "cluster: a dead node's will of a principal other than a certificate is not published");
+        return true;
+    }
+    if delay.is_zero() {
+        orphans.will(&account, &client_id, &t);
+        return true;
+    }
+    // A delayed will: sent when due, unless the client id was claimed again meanwhile (on
+    // any node: its claim follows this one).
+    let delay = *delay;
+    let stream = owners.stream.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) if m.sequence == fence => orphans.will(&account, &client_id, &t),
+            Ok(_) => {
+                tracing::debug!(%client_id, "cluster: a dead node's delayed will cancelled by a new connection");
+            }
+            Err(e) => {
+                tracing::warn!(%client_id, error = %e, "cluster: a dead node's delayed will: its claim could not be read; not published");
+            }
+        }
+    });
+    true
+}
