@@ -724,7 +724,10 @@ def test_a_partition_and_its_healing(workdir):
     new ones) while NATS and node b stay up. a refuses CONNECT (0x88) within about 2 s; a
     device takes a client id over on b meanwhile. The partition heals before a's
     isolation_seconds: a reconnects by itself, follows the claims again, sees b's later claim
-    and ends its own connection of that client id (0x8E); b's stays, and messages cross again."""
+    and ends its own connection of that client id (0x8E); b's stays, and messages cross again.
+    Cut off for more than 3 s, a looks dead to b, which adopts a's connections: a device's will
+    is published on b once, and a ends that connection (0x8E) when it is back, without sending
+    the will a second time."""
     d = workdir / unique("partition")
     d.mkdir()
     nats = Nats(d / "nats")
@@ -742,8 +745,8 @@ def test_a_partition_and_its_healing(workdir):
         nodes.append(b)
         b.start()
 
-        def client(node, cid=None):
-            c = Paho(node, "localhost", dev, cid or unique("c"), v5=True)
+        def client(node, cid=None, will=None):
+            c = Paho(node, "localhost", dev, cid or unique("c"), v5=True, will=will)
             c.c.reconnect_delay_set(120, 120)
             clients.append(c)
             return c, c.connect()[0]
@@ -753,6 +756,9 @@ def test_a_partition_and_its_healing(workdir):
         assert rc == 0
         sub, _ = client(b)
         sub.subscribe("part/x", qos=1)
+        sub.subscribe("part/will", qos=1)
+        willing, rc = client(a, will=("part/will", b"cut off", 1, False))
+        assert rc == 0
         pub, _ = client(a)
         pub.c.publish("part/x", b"before", qos=1).wait_for_publish(5)
         assert sub.messages.get(timeout=5).payload == b"before"
@@ -765,6 +771,10 @@ def test_a_partition_and_its_healing(workdir):
         taker, rc = client(b, cid)
         assert rc == 0
         assert held.disconnects.empty(), "a cannot know of b's claim while cut off"
+        # a looks dead to b after 3 s: b publishes the will of the device still on a.
+        m = sub.messages.get(timeout=8)
+        assert (m.topic, m.payload) == ("part/will", b"cut off")
+        adopted = time.time() - cut
 
         relay.heal()
         healed = time.time()
@@ -780,9 +790,12 @@ def test_a_partition_and_its_healing(workdir):
             time.sleep(0.5)
         time.sleep(0.5)
         c.c.publish("part/x", b"after", qos=1).wait_for_publish(5)
-        assert b"after" in [m.payload for m in drain(sub.messages, 3)]
+        rest = [(m.topic, m.payload) for m in drain(sub.messages, 3)]
+        assert ("part/x", b"after") in rest
+        assert ("part/will", b"cut off") not in rest, "the will was published twice"
+        assert willing.disconnects.get(timeout=5).value == 0x8E
         assert taker.disconnects.empty(), list(taker.disconnects.queue)
-        print(f"takeover seen {took:.1f} s after the healing")
+        print(f"will adopted {adopted:.1f} s after the cut; takeover seen {took:.1f} s after the healing")
     finally:
         for c in clients:
             c.close()
