@@ -23,8 +23,8 @@ use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use sekisho_broker::peers::Testament;
 
-use crate::testament::{self, HEARTBEAT, Liveness};
-use crate::{CLAIM_KEPT, CLAIM_KEPT_MOST, Owners, subject};
+use crate::testament::{self, HEARTBEAT, Liveness, Verdict};
+use crate::{Owners, claim_ttl, subject};
 
 /// How often liveness is looked at.
 const CHECK: Duration = Duration::from_millis(250);
@@ -34,6 +34,14 @@ const AT_ONCE: usize = 64;
 
 /// How long a sweep waits for the next claim before it gives up (and tries again later).
 const SWEEP_WAIT: Duration = Duration::from_secs(5);
+
+/// How often the claims are swept even when no node died (claims whose adoption or
+/// retirement did not get through).
+const SWEEP_EVERY: Duration = Duration::from_secs(300);
+
+/// A liveness check this much later than due means this node stalled: it listens again from
+/// then on before it declares anyone dead.
+const STALLED: Duration = Duration::from_secs(1);
 
 /// Says this node is alive, every [`HEARTBEAT`], for as long as the process runs.
 pub(crate) async fn heartbeat(client: async_nats::Client, subject: String, run: u64, node: String) {
@@ -48,7 +56,8 @@ pub(crate) async fn heartbeat(client: async_nats::Client, subject: String, run: 
 
 /// Hears the other nodes' heartbeats and adopts the connections of those that die. A sweep
 /// of the claims also runs once this node has listened long enough to be sure (it adopts the
-/// connections of nodes that died before it started), and again after a sweep that failed.
+/// connections of nodes that died before it started, and retires its own stale testaments),
+/// after a sweep that did not finish, and every [`SWEEP_EVERY`].
 pub(crate) async fn watch(
     client: async_nats::Client,
     up: Arc<AtomicBool>,
@@ -65,19 +74,28 @@ pub(crate) async fn watch(
     let mut live = Liveness::default();
     let mut tick = tokio::time::interval(CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut swept = false;
+    let mut swept: Option<Instant> = None;
+    let mut checked = Instant::now();
     loop {
         tokio::select! {
+            // Heartbeats already here count before a check does.
+            biased;
             m = beats.next() => match m {
                 Some(m) => {
-                    if let Some(b) = testament::decode(&m.payload) {
-                        live.heard(b.run, Instant::now());
+                    if let Some((run, _, _)) = testament::head(&m.payload) {
+                        live.heard(run, Instant::now());
                     }
                 }
                 None => return,
             },
             _ = tick.tick() => {
                 let now = Instant::now();
+                // A check much later than due (this node stalled, or a sweep ran): what it
+                // did not hear meanwhile says nothing about the others.
+                if now.saturating_duration_since(checked) > STALLED {
+                    live.listening(false, now);
+                }
+                checked = now;
                 live.listening(
                     up.load(Ordering::Relaxed)
                         && client.connection_state() == async_nats::connection::State::Connected,
@@ -86,22 +104,33 @@ pub(crate) async fn watch(
                 // Listening again after a break: this node's own claims are looked at again
                 // (connections that ended while it was cut off left their testaments).
                 if !live.sure(now) {
-                    swept = false;
+                    swept = None;
                 }
                 let dead = live.newly_dead(now);
                 for run in &dead {
                     tracing::warn!(run = format!("{run:016x}"), "cluster: a node stopped answering; adopting its connections");
                 }
-                if (!dead.is_empty() || !swept) && live.sure(now) && owners.orphans.get().is_some() {
-                    match sweep(&client, &owners, &live).await {
-                        Ok(n) => {
-                            swept = true;
+                let due = swept.is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY);
+                // A node whose registry does not follow the log would authorize wills with
+                // what may be revoked: it leaves adoption to the others.
+                let Some(verdict) = live.verdict(now) else { continue };
+                if (!dead.is_empty() || due)
+                    && owners.orphans.get().is_some()
+                    && owners.registry_alive.load(Ordering::Relaxed)
+                {
+                    match sweep(&client, &owners, &verdict).await {
+                        Ok((n, 0)) => {
+                            swept = Some(Instant::now());
                             if n > 0 {
                                 tracing::info!(adopted = n, "cluster: adopted dead nodes' connections");
                             }
                         }
+                        Ok((n, failed)) => {
+                            swept = None;
+                            tracing::warn!(adopted = n, failed, "cluster: some dead nodes' connections could not be adopted; trying again");
+                        }
                         Err(e) => {
-                            swept = false;
+                            swept = None;
                             tracing::warn!(error = %e, "cluster: reading the claims for dead nodes' connections; trying again");
                         }
                     }
@@ -111,18 +140,20 @@ pub(crate) async fn watch(
     }
 }
 
-/// Reads the last claim of every client id and adopts those of dead runs that still carry a
-/// testament. This node's own claims whose connections ended while it could not say so (cut
-/// off from NATS) lose their testaments. Returns how many this node adopted.
+/// Reads the last claim of every client id and adopts those of runs dead in `verdict` that
+/// still carry a testament. This node's own claims whose connections ended while it could
+/// not say so (cut off from NATS) lose their testaments. Returns how many this node adopted
+/// and how many adoptions failed (to be tried again).
 async fn sweep(
     client: &async_nats::Client,
     owners: &Arc<Owners>,
-    live: &Liveness,
-) -> Result<usize, String> {
+    verdict: &Verdict,
+) -> Result<(usize, usize), String> {
+    let began = SystemTime::now();
     let mut stream = owners.stream.clone();
     let info = stream.info().await.map_err(|e| e.to_string())?;
     if info.state.messages == 0 {
-        return Ok(0);
+        return Ok((0, 0));
     }
     let mut claims = stream
         .create_consumer(jetstream::consumer::push::OrderedConfig {
@@ -137,7 +168,15 @@ async fn sweep(
         .await
         .map_err(|e| e.to_string())?;
     let mut work = FuturesUnordered::new();
-    let (mut adopted, mut read) = (0, 0usize);
+    let (mut adopted, mut failed, mut read) = (0, 0, 0usize);
+    let mut count = |r: Adoption| match r {
+        Adoption::Done => adopted += 1,
+        Adoption::Failed => failed += 1,
+        Adoption::Moot => {}
+    };
+    let began_ns = began
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
     loop {
         let m = match tokio::time::timeout(SWEEP_WAIT, claims.next()).await {
             Ok(Some(Ok(m))) => m,
@@ -150,11 +189,13 @@ async fn sweep(
         read += 1;
         let Ok(info) = m.info() else { continue };
         let (seq, pending) = (info.stream_sequence, info.pending);
-        let published_ns = info.published.unix_timestamp_nanos();
-        let now_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i128);
-        let age = Duration::from_nanos(now_ns.saturating_sub(published_ns).max(0) as u64);
+        // How long before the sweep began the claim was stored (by NATS's clock; a node whose
+        // clock is behind sees claims younger than they are, and adopts them at a later sweep).
+        let age = Duration::from_nanos(
+            began_ns
+                .saturating_sub(info.published.unix_timestamp_nanos())
+                .clamp(0, i128::from(u64::MAX)) as u64,
+        );
         if let Some(body) = testament::decode(&m.payload)
             && let Some((t, keep)) = body.testament
         {
@@ -163,9 +204,15 @@ async fn sweep(
                 if let Some(key) = subject::parse_claim(&owners.prefix, m.subject.as_str())
                     && !owners.lock().contains_key(&key)
                 {
-                    tokio::spawn(retire(owners.clone(), m.subject.to_string(), seq, keep));
+                    tokio::spawn(retire(
+                        owners.js.clone(),
+                        m.subject.to_string(),
+                        seq,
+                        Bytes::from(testament::encode(owners.node_id, &owners.node, None)),
+                        keep,
+                    ));
                 }
-            } else if live.orphaned(body.run, age, Instant::now()) {
+            } else if verdict.orphaned(body.run, age) {
                 work.push(adopt(
                     owners.clone(),
                     m.subject.to_string(),
@@ -175,7 +222,9 @@ async fn sweep(
                     keep,
                 ));
                 while work.len() >= AT_ONCE {
-                    adopted += usize::from(work.next().await.unwrap_or(false));
+                    if let Some(r) = work.next().await {
+                        count(r);
+                    }
                 }
             }
         }
@@ -183,31 +232,46 @@ async fn sweep(
             break;
         }
     }
-    while let Some(done) = work.next().await {
-        adopted += usize::from(done);
+    while let Some(r) = work.next().await {
+        count(r);
     }
-    Ok(adopted)
+    Ok((adopted, failed))
 }
 
-/// Takes the testament off this node's claim `seq` of a connection that ended while the node
-/// could not say so, if no later claim came meanwhile.
-async fn retire(owners: Arc<Owners>, subject: String, seq: u64, keep: Duration) {
+/// Takes the testament off this node's claim `seq` (its connection ended while the node could
+/// not say so, or the claim was refused after it was stored), if no later claim came
+/// meanwhile: `payload` is the claim without it.
+pub(crate) async fn retire(
+    js: jetstream::Context,
+    subject: String,
+    seq: u64,
+    payload: Bytes,
+    keep: Duration,
+) {
     let mut h = HeaderMap::new();
     h.insert(
         "Nats-Expected-Last-Subject-Sequence",
         seq.to_string().as_str(),
     );
-    let ttl = (keep + CLAIM_KEPT).min(CLAIM_KEPT_MOST).as_secs();
-    h.insert("Nats-TTL", format!("{ttl}s").as_str());
-    let payload = Bytes::from(testament::encode(owners.node_id, &owners.node, None));
-    if let Ok(ack) = owners.js.publish_with_headers(subject, h, payload).await {
+    h.insert("Nats-TTL", claim_ttl(keep).as_str());
+    if let Ok(ack) = js.publish_with_headers(subject, h, payload).await {
         let _ = ack.await;
     }
 }
 
+/// What adopting one connection came to.
+enum Adoption {
+    /// This node adopted it and published what it left.
+    Done,
+    /// Another node adopted it first, or the device connected again.
+    Moot,
+    /// Not known (no answer from JetStream): tried again at the next sweep.
+    Failed,
+}
+
 /// Adopts one connection of a dead node: replaces its claim `seq` (if it is still the last)
 /// by one that carries no testament, in the dead node's name, then publishes its event and
-/// its will. False if another node adopted it first or the device connected again.
+/// its will.
 async fn adopt(
     owners: Arc<Owners>,
     subject: String,
@@ -215,44 +279,62 @@ async fn adopt(
     node: String,
     t: Testament,
     keep: Duration,
-) -> bool {
+) -> Adoption {
     let Some((account, client_id)) = subject::parse_claim(&owners.prefix, &subject) else {
-        return false;
+        return Adoption::Moot;
     };
     let Some(orphans) = owners.orphans.get().cloned() else {
-        return false;
+        return Adoption::Failed;
     };
     let mut h = HeaderMap::new();
     h.insert(
         "Nats-Expected-Last-Subject-Sequence",
         seq.to_string().as_str(),
     );
-    let ttl = (keep + CLAIM_KEPT).min(CLAIM_KEPT_MOST).as_secs();
-    h.insert("Nats-TTL", format!("{ttl}s").as_str());
+    h.insert("Nats-TTL", claim_ttl(keep).as_str());
     let payload = Bytes::from(testament::encode(owners.node_id, &node, None));
-    let fence = match owners
+    let stored = match owners
         .js
         .publish_with_headers(subject.clone(), h, payload)
         .await
     {
-        Ok(ack) => match ack.await {
-            Ok(ack) => ack.sequence,
-            Err(_) => return false,
+        Ok(ack) => ack.await,
+        Err(e) => Err(e),
+    };
+    let fence = match stored {
+        Ok(ack) => ack.sequence,
+        Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+            return Adoption::Moot;
+        }
+        // No answer: stored or not? The claim says.
+        Err(_) => match owners
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) if m.sequence == seq => return Adoption::Failed,
+            Ok(m)
+                if testament::head(&m.payload)
+                    .is_some_and(|(run, _, carries)| run == owners.node_id && !carries) =>
+            {
+                m.sequence
+            }
+            Ok(_) => return Adoption::Moot,
+            Err(_) => return Adoption::Failed,
         },
-        Err(_) => return false,
     };
     tracing::info!(%client_id, from = %node, "cluster: a dead node's connection adopted");
     orphans.disconnected(&account, &client_id, &t);
     let Some((delay, _)) = &t.will else {
-        return true;
+        return Adoption::Done;
     };
     if t.certificate.is_none() {
         tracing::info!(%client_id, "cluster: a dead node's will of a principal other than a certificate is not published");
-        return true;
+        return Adoption::Done;
     }
     if delay.is_zero() {
         orphans.will(&account, &client_id, &t);
-        return true;
+        return Adoption::Done;
     }
     // A delayed will: sent when due, unless the client id was claimed again meanwhile (on
     // any node: its claim follows this one).
@@ -260,15 +342,22 @@ async fn adopt(
     let stream = owners.stream.clone();
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(m) if m.sequence == fence => orphans.will(&account, &client_id, &t),
-            Ok(_) => {
-                tracing::debug!(%client_id, "cluster: a dead node's delayed will cancelled by a new connection");
-            }
-            Err(e) => {
-                tracing::warn!(%client_id, error = %e, "cluster: a dead node's delayed will: its claim could not be read; not published");
+        for _ in 0..5 {
+            match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) if m.sequence == fence => {
+                    orphans.will(&account, &client_id, &t);
+                    return;
+                }
+                Ok(_) => {
+                    tracing::debug!(%client_id, "cluster: a dead node's delayed will cancelled by a new connection");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(%client_id, error = %e, "cluster: a dead node's delayed will: reading its claim; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
     });
-    true
+    Adoption::Done
 }

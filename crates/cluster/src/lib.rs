@@ -210,6 +210,16 @@ const CLAIM_KEPT: Duration = Duration::from_secs(600);
 /// persistent session, which lives up to 7 days.
 const CLAIM_KEPT_MOST: Duration = Duration::from_secs(7 * 24 * 3600 + 600);
 
+/// A claim's `Nats-TTL` for a session kept `keep`.
+fn claim_ttl(keep: Duration) -> String {
+    format!(
+        "{}s",
+        keep.saturating_add(CLAIM_KEPT)
+            .min(CLAIM_KEPT_MOST)
+            .as_secs()
+    )
+}
+
 /// This node's client-id claims: for each client id connected or connecting here, its claims
 /// on their way, the live connection and its claim, and the latest claim another node made.
 #[derive(Debug, Default)]
@@ -313,13 +323,15 @@ impl Owners {
     /// node was cut off long enough to look dead, and the connection ends without its event
     /// or will, which that node published.
     fn seen(&self, subject: &str, payload: &[u8], seq: u64) {
-        let Some(body) = testament::decode(payload) else {
+        let Some((run, node, carries)) = testament::head(payload) else {
             return;
         };
-        if body.run == self.node_id {
+        if run == self.node_id {
             return;
         }
-        let how = if body.node == self.node {
+        // An adopting claim carries no testament; another run's connection claim in this
+        // node's name (two runs of one name at once) does, and is a takeover.
+        let how = if node == self.node && !carries {
             sekisho_broker::Kick::Adopted
         } else {
             sekisho_broker::Kick::TakenOver
@@ -350,7 +362,7 @@ impl Owners {
 
 /// The name of the node that made a claim.
 fn claimer(payload: &[u8]) -> Option<String> {
-    testament::decode(payload).map(|b| b.node)
+    testament::head(payload).map(|(_, node, _)| node.to_owned())
 }
 
 /// Most bytes of a session sent in one NATS message.
@@ -705,11 +717,11 @@ impl sekisho_broker::peers::Claims for Owners {
         headers.insert("Nats-Msg-Id", id.as_str());
         // Kept as long as the session it may name lives, and ten minutes at least (its
         // arrival at every node orders takeovers).
-        let ttl = (keep + CLAIM_KEPT).min(CLAIM_KEPT_MOST).as_secs();
-        headers.insert("Nats-TTL", format!("{ttl}s").as_str());
+        headers.insert("Nats-TTL", claim_ttl(keep).as_str());
         let js = self.js.clone();
         let owned = self.owned.clone();
         let registry_alive = self.registry_alive.clone();
+        let run = self.node_id;
         let (stream, me) = (self.stream.clone(), self.node.clone());
         Box::pin(async move {
             // Within the time allowed, a refusal is tried again: JetStream refuses for a moment
@@ -782,6 +794,18 @@ impl sekisho_broker::peers::Claims for Owners {
                 )),
                 Err(_) => Err(ClaimError::Unavailable(last)),
             };
+            // A claim stored and then refused here must not leave its testament behind.
+            if let Ok(ack) = &stored
+                && !registry_alive.load(Ordering::Relaxed)
+            {
+                tokio::spawn(adopt::retire(
+                    js.clone(),
+                    subject.clone(),
+                    ack.sequence,
+                    Bytes::from(testament::encode(run, &me, None)),
+                    keep,
+                ));
+            }
             let mut owned = lock_owned(&owned);
             let o = owned.entry(key.clone()).or_default();
             let out = match stored {
@@ -857,8 +881,7 @@ impl sekisho_broker::peers::Claims for Owners {
             let subject = subject::claim_subject(&self.prefix, account, client_id);
             let payload = Bytes::from(testament::encode(self.node_id, &self.node, None));
             let mut h = HeaderMap::new();
-            let ttl = (keep + CLAIM_KEPT).min(CLAIM_KEPT_MOST).as_secs();
-            h.insert("Nats-TTL", format!("{ttl}s").as_str());
+            h.insert("Nats-TTL", claim_ttl(keep).as_str());
             h.insert(
                 "Nats-Expected-Last-Subject-Sequence",
                 claim.to_string().as_str(),
@@ -867,8 +890,27 @@ impl sekisho_broker::peers::Claims for Owners {
             let ending = self.ending.clone();
             ending.fetch_add(1, Ordering::Relaxed);
             rt.spawn(async move {
-                if let Ok(ack) = js.publish_with_headers(subject, h, payload).await {
-                    let _ = ack.await;
+                // Tried again for a while (a stream electing its leader): a testament left on
+                // a live node's claim would be published if the node died later. A later
+                // claim (wrong last sequence) makes it moot.
+                for _ in 0..5 {
+                    let r = match js
+                        .publish_with_headers(subject.clone(), h.clone(), payload.clone())
+                        .await
+                    {
+                        Ok(ack) => ack.await.map(|_| ()),
+                        Err(e) => Err(e),
+                    };
+                    match r {
+                        Ok(()) => break,
+                        Err(e)
+                            if e.kind()
+                                == jetstream::context::PublishErrorKind::WrongLastSequence =>
+                        {
+                            break;
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    }
                 }
                 ending.fetch_sub(1, Ordering::Relaxed);
             });
@@ -1233,11 +1275,14 @@ async fn connect(
     up: Arc<AtomicBool>,
     reconnected: Vec<Arc<tokio::sync::Notify>>,
 ) -> anyhow::Result<async_nats::Client> {
-    // Back within a second of NATS being back: a node that stays away longer than a few
-    // seconds is taken for dead by the others (see `adopt`).
+    // Back within a second of NATS being back, and a dead NATS server noticed by its missed
+    // pings within about 3 s (NATS's default is minutes): a node that stays away longer than
+    // 3 s is taken for dead by the others (see `adopt`).
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("sekisho {name}"))
         .subscription_capacity(SUBSCRIPTION_BUFFER)
+        .ping_interval(Duration::from_secs(1))
+        .connection_timeout(Duration::from_secs(2))
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((attempts as u64).saturating_mul(100).min(1000))
         });

@@ -7,7 +7,7 @@
 //! MQTT 5 PUBLISH our codec writes. A claim without the second part holds nothing to adopt:
 //! the connection ended (the node wrote it at the disconnection), or another node adopted it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use sekisho_broker::Message;
@@ -62,6 +62,21 @@ pub fn encode(run: u64, node: &str, testament: Option<(&Testament, Duration)>) -
     out
 }
 
+/// The longest a testament's session is kept (a session lives at most 7 days).
+const KEEP_MOST: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A claim's first line only (cheap: what following the claims needs): its run, its node's
+/// name, and whether a testament follows.
+pub fn head(payload: &[u8]) -> Option<(u64, &str, bool)> {
+    let (first, more) = match payload.iter().position(|&b| b == b'\n') {
+        Some(i) => (&payload[..i], true),
+        None => (payload, false),
+    };
+    let first = std::str::from_utf8(first).ok()?;
+    let (run, node) = first.split_once(' ')?;
+    Some((u64::from_str_radix(run, 16).ok()?, node, more))
+}
+
 /// Reads a claim's payload; `None` if it is not one. A testament that cannot be read is
 /// taken as none (nothing is published for it).
 pub fn decode(payload: &[u8]) -> Option<ClaimBody> {
@@ -110,7 +125,7 @@ fn read_testament(rest: &[u8]) -> Option<(Testament, Duration)> {
             will,
             connect_attributes,
         },
-        Duration::from_secs(head.get("k").and_then(Value::as_u64)?),
+        Duration::from_secs(head.get("k").and_then(Value::as_u64)?).min(KEEP_MOST),
     ))
 }
 
@@ -167,17 +182,38 @@ impl Liveness {
         dead
     }
 
-    /// Whether the claim of run `run`, made `age` ago, is a dead node's at `now`: this node is
-    /// sure, and the run was not heard for [`DEAD_AFTER`] (a run never heard counts once its
-    /// claim is that old: it stopped before this node started, or never reached it).
-    pub fn orphaned(&self, run: u64, age: Duration, now: Instant) -> bool {
+    /// Which runs are dead at `now`, fixed for a sweep that may take a while (heartbeats are
+    /// not read meanwhile): `None` unless this node is sure.
+    pub fn verdict(&self, now: Instant) -> Option<Verdict> {
         if !self.sure(now) {
-            return false;
+            return None;
         }
-        match self.heard.get(&run) {
-            Some((last, _)) => now.saturating_duration_since(*last) >= DEAD_AFTER,
-            None => age >= DEAD_AFTER,
+        let mut v = Verdict::default();
+        for (run, (last, _)) in &self.heard {
+            if now.saturating_duration_since(*last) >= DEAD_AFTER {
+                v.dead.insert(*run);
+            } else {
+                v.alive.insert(*run);
+            }
         }
+        Some(v)
+    }
+}
+
+/// Which runs were dead when a sweep began ([`Liveness::verdict`]).
+#[derive(Debug, Default, Clone)]
+pub struct Verdict {
+    dead: HashSet<u64>,
+    alive: HashSet<u64>,
+}
+
+impl Verdict {
+    /// Whether a claim of run `run`, stored `age` before the sweep began, is a dead node's:
+    /// the run was not heard for [`DEAD_AFTER`], or was never heard and its claim is at least
+    /// that old (it stopped before this node started, or never reached it: a live node that
+    /// stored a claim that long ago has been heard since).
+    pub fn orphaned(&self, run: u64, age: Duration) -> bool {
+        self.dead.contains(&run) || (!self.alive.contains(&run) && age >= DEAD_AFTER)
     }
 }
 
@@ -239,6 +275,17 @@ mod tests {
         );
         // What older builds wrote.
         assert_eq!(decode(b"ff n2").unwrap().node, "n2");
+        // The first line alone.
+        let t = testament(true);
+        assert_eq!(
+            head(&encode(0xabc, "node a", Some((&t, Duration::ZERO)))),
+            Some((0xabc, "node a", true))
+        );
+        assert_eq!(head(b"7 n1"), Some((7, "n1", false)));
+        assert_eq!(head(b"x n1"), None);
+        // A session kept longer than any can live is kept 7 days.
+        let long = encode(1, "n", Some((&t, Duration::from_secs(u64::MAX))));
+        assert_eq!(decode(&long).unwrap().testament.unwrap().1, KEEP_MOST);
     }
 
     #[test]
@@ -268,18 +315,21 @@ mod tests {
         l.heard(2, t0);
         // Not sure yet: this node has listened less than 3 s.
         assert!(l.newly_dead(s(2999)).is_empty());
-        assert!(!l.orphaned(9, DEAD_AFTER, s(2999)));
+        assert!(l.verdict(s(2999)).is_none());
         l.heard(2, s(2500));
         assert_eq!(l.newly_dead(s(3000)), vec![1]);
         assert!(l.newly_dead(s(3100)).is_empty(), "once");
-        assert!(l.orphaned(1, Duration::ZERO, s(3000)));
-        assert!(!l.orphaned(2, Duration::from_secs(60), s(3000)));
+        let v = l.verdict(s(3000)).unwrap();
+        assert!(v.orphaned(1, Duration::ZERO));
+        assert!(!v.orphaned(2, Duration::from_secs(60)));
         // Never heard: only a claim at least 3 s old.
-        assert!(!l.orphaned(9, Duration::from_millis(2999), s(3000)));
-        assert!(l.orphaned(9, DEAD_AFTER, s(3000)));
+        assert!(!v.orphaned(9, Duration::from_millis(2999)));
+        assert!(v.orphaned(9, DEAD_AFTER));
+        // The verdict stays what it was however long the sweep takes.
+        assert!(!v.orphaned(2, Duration::from_secs(600)));
         // Heard again: alive.
         l.heard(1, s(3200));
-        assert!(!l.orphaned(1, Duration::ZERO, s(3300)));
+        assert!(!l.verdict(s(3300)).unwrap().orphaned(1, Duration::ZERO));
     }
 
     #[test]
@@ -294,7 +344,7 @@ mod tests {
         l.listening(true, s(20_000));
         // Back: the other node's heartbeat is old, but this one has not listened 3 s yet.
         assert!(l.newly_dead(s(22_000)).is_empty());
-        assert!(!l.orphaned(1, Duration::ZERO, s(22_000)));
+        assert!(l.verdict(s(22_000)).is_none());
         l.heard(1, s(20_400));
         assert!(l.newly_dead(s(23_000)).is_empty());
         assert_eq!(l.newly_dead(s(23_400)), vec![1]);
