@@ -727,7 +727,9 @@ def test_a_partition_and_its_healing(workdir):
     and ends its own connection of that client id (0x8E); b's stays, and messages cross again.
     Cut off for more than 3 s, a looks dead to b, which adopts a's connections: a device's will
     is published on b once, and a ends that connection (0x8E) when it is back, without sending
-    the will a second time."""
+    the will a second time. A device whose connection to a drops during the partition has its
+    will published on b (adopted) and on a for a's own subscribers, and it does not cross to b
+    a second time when the partition heals."""
     d = workdir / unique("partition")
     d.mkdir()
     nats = Nats(d / "nats")
@@ -757,8 +759,14 @@ def test_a_partition_and_its_healing(workdir):
         sub, _ = client(b)
         sub.subscribe("part/x", qos=1)
         sub.subscribe("part/will", qos=1)
+        sub.subscribe("part/dropped", qos=1)
         willing, rc = client(a, will=("part/will", b"cut off", 1, False))
         assert rc == 0
+        dropping, rc = client(a, will=("part/dropped", b"dropped", 1, False))
+        assert rc == 0
+        local, rc = client(a)
+        assert rc == 0
+        local.subscribe("part/dropped", qos=1)
         pub, _ = client(a)
         pub.c.publish("part/x", b"before", qos=1).wait_for_publish(5)
         assert sub.messages.get(timeout=5).payload == b"before"
@@ -771,10 +779,16 @@ def test_a_partition_and_its_healing(workdir):
         taker, rc = client(b, cid)
         assert rc == 0
         assert held.disconnects.empty(), "a cannot know of b's claim while cut off"
-        # a looks dead to b after 3 s: b publishes the will of the device still on a.
-        m = sub.messages.get(timeout=8)
-        assert (m.topic, m.payload) == ("part/will", b"cut off")
+        # a looks dead to b after 3 s: b publishes the wills of the devices still on a.
+        got = sorted((m.topic, m.payload) for m in (sub.messages.get(timeout=8), sub.messages.get(timeout=8)))
+        assert got == [("part/dropped", b"dropped"), ("part/will", b"cut off")], got
         adopted = time.time() - cut
+        # The device's connection to a drops: a publishes its will to its own subscribers.
+        dropping.c.loop_stop()
+        dropping.c.socket().close()
+        m = local.messages.get(timeout=10)
+        assert (m.topic, m.payload) == ("part/dropped", b"dropped")
+        time.sleep(3.5)
 
         relay.heal()
         healed = time.time()
@@ -793,6 +807,7 @@ def test_a_partition_and_its_healing(workdir):
         rest = [(m.topic, m.payload) for m in drain(sub.messages, 3)]
         assert ("part/x", b"after") in rest
         assert ("part/will", b"cut off") not in rest, "the will was published twice"
+        assert ("part/dropped", b"dropped") not in rest, "a's will crossed after the healing"
         assert willing.disconnects.get(timeout=5).value == 0x8E
         assert taker.disconnects.empty(), list(taker.disconnects.queue)
         print(f"will adopted {adopted:.1f} s after the cut; takeover seen {took:.1f} s after the healing")

@@ -86,7 +86,14 @@ pub struct Stats {
     pub retained_reread: AtomicU64,
     /// Messages received that could not be read (subject or payload).
     pub unreadable: AtomicU64,
+    /// Messages not sent because they waited too long for NATS (this node was cut off).
+    pub send_late: AtomicU64,
 }
+
+/// A message that waited this long for NATS (this node cut off) is not sent when NATS is back:
+/// the other nodes took this node for dead by then, and published its devices' wills
+/// themselves (see `adopt`); a will of this side's would reach them a second time.
+const SEND_LATE: Duration = testament::DEAD_AFTER;
 
 /// Bytes of messages waiting to go to NATS (payload and topic). Past it, a message is dropped
 /// and counted.
@@ -112,6 +119,8 @@ struct Outbound {
     account: String,
     message: Arc<Message>,
     weight: u64,
+    /// When the broker handed it over.
+    at: Instant,
 }
 
 /// The broker's [`Peers`]: queues what the broker says for the tasks that talk to NATS.
@@ -158,6 +167,7 @@ impl Peers for Link {
             account: account.to_owned(),
             message: message.clone(),
             weight,
+            at: Instant::now(),
         };
         if queued + weight > OUTBOUND_BYTES || self.messages.send(out).is_err() {
             self.queued.fetch_sub(weight, Ordering::Relaxed);
@@ -970,6 +980,11 @@ impl Cluster {
                 "sekisho_cluster_retained_reread_total",
                 "Retained messages the stream did not take, read back from it.",
                 load(&s.retained_reread),
+            ),
+            (
+                "sekisho_cluster_send_late_total",
+                "Messages not sent: they waited for NATS longer than 3 s (this node was cut off).",
+                load(&s.send_late),
             ),
             (
                 "sekisho_cluster_unreadable_total",
@@ -1885,12 +1900,26 @@ async fn send(
 ) {
     let stats = inbound.stats.clone();
     let mut seq = 0u64;
+    // When the connection to NATS last came back.
+    let mut back: Option<Instant> = None;
     while let Some(Outbound {
         account,
         message,
         weight,
+        at,
     }) = rx.recv().await
     {
+        // Held here, not in NATS's client, while the connection is down: what waited longer
+        // than SEND_LATE is dropped when it is back (retained messages still go to their
+        // stream, whose order decides).
+        if client.connection_state() != async_nats::connection::State::Connected {
+            while client.connection_state() != async_nats::connection::State::Connected {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            back = Some(Instant::now());
+        }
+        // Queued before NATS was back, and long ago.
+        let late = back.is_some_and(|b| at < b) && at.elapsed() > SEND_LATE;
         queued.fetch_sub(weight, Ordering::Relaxed);
         seq += 1;
         let Ok((bytes, headers)) = encode(&message, inbound.node_id, seq) else {
@@ -1921,6 +1950,16 @@ async fn send(
                     inbound.reread(&stream, &account, &topic).await;
                 }
             });
+        }
+        if late {
+            let n = stats.send_late.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    late = n + 1,
+                    "cluster: messages that waited for NATS longer than 3 s were not sent"
+                );
+            }
+            continue;
         }
         let subject =
             subject::topic_subject(&inbound.prefix, Kind::Message, &account, &message.topic);
