@@ -1315,3 +1315,32 @@ def test_a_node_killed_has_its_wills_and_events_published_by_another(cluster):
             c.close()
         if n2.proc is None or n2.proc.poll() is not None:
             n2.start()
+
+
+def test_a_node_stopped_normally_sends_its_wills_once_and_is_not_adopted(cluster):
+    """n2 stopped with SIGTERM ends its connections itself: each device's will and its
+    disconnection event (SERVER_INITIATED_DISCONNECT) arrive once, and no other node adopts
+    those connections afterwards (no SERVER_ERROR event, no second will)."""
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    topic = f"cl/stop/{unique('w')}"
+    watcher = cluster.client(n1, device=cluster.devices[2])
+    clients = [watcher]
+    try:
+        assert watcher.subscribe(topic, qos=1)[0].value == 1
+        assert watcher.subscribe("$aws/events/presence/disconnected/+", qos=0)[0].value == 0
+        cid = unique("stopped")
+        c = Paho(n2, "localhost", cluster.devices[1], cid, v5=True, will=(topic, b"stopped", 1, False))
+        clients.append(c)
+        assert c.connect()[0] == 0
+        n2.stop()
+        got = drain(watcher.messages, 8)
+        wills = [m.payload for m in got if m.topic == topic]
+        events = [json.loads(m.payload) for m in got
+                  if m.topic == f"$aws/events/presence/disconnected/{cid}"]
+        assert wills == [b"stopped"], wills
+        assert [e["disconnectReason"] for e in events] == ["SERVER_INITIATED_DISCONNECT"], events
+    finally:
+        for c in clients:
+            c.close()
+        if n2.proc is None or n2.proc.poll() is not None:
+            n2.start()

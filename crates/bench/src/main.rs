@@ -162,6 +162,9 @@ enum Cmd {
         /// Process id of the broker, to report its RSS while the connections are held.
         #[arg(long)]
         broker_pid: Option<u32>,
+        /// The first device's number (devices `dev-<first>` on).
+        #[arg(long, default_value_t = 0)]
+        first: usize,
     },
     /// Publishers and subscribers.
     Pubsub {
@@ -242,7 +245,18 @@ fn main() -> anyhow::Result<()> {
                 hold,
                 keep_alive,
                 broker_pid,
-            } => run::conn(&common, count, concurrency, hold, keep_alive, broker_pid).await,
+                first,
+            } => {
+                run::conn(
+                    &common,
+                    first..first + count,
+                    concurrency,
+                    hold,
+                    keep_alive,
+                    broker_pid,
+                )
+                .await
+            }
             Cmd::Pubsub {
                 common,
                 publishers,

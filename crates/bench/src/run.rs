@@ -85,13 +85,15 @@ fn percentiles(v: &mut [u64], ps: &[f64]) -> Vec<f64> {
 /// `hold` seconds, and reports rate, CONNACK latency, failures and the broker's memory.
 pub async fn conn(
     c: &Common,
-    count: usize,
+    devices: std::ops::Range<usize>,
     concurrency: usize,
     hold: u64,
     keep_alive: u16,
     pid: Option<u32>,
 ) -> anyhow::Result<Value> {
-    let tls: Vec<_> = (0..count)
+    let first = devices.start;
+    let count = devices.len();
+    let tls: Vec<_> = devices
         .map(|i| tls_for(c, i))
         .collect::<anyhow::Result<_>>()?;
     let t = Arc::new(target(c, keep_alive));
@@ -116,7 +118,7 @@ pub async fn conn(
         tasks.push(tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
             let t0 = Instant::now();
-            let r = client::connect(&t, cfg, &format!("dev-{i}"), src).await;
+            let r = client::connect(&t, cfg, &format!("dev-{}", first + i), src).await;
             let elapsed = t0.elapsed().as_micros() as u64;
             drop(permit);
             let mut conn = match r {

@@ -43,6 +43,14 @@ const SWEEP_EVERY: Duration = Duration::from_secs(300);
 /// then on before it declares anyone dead.
 const STALLED: Duration = Duration::from_secs(1);
 
+/// What a node says when it stops normally (its connections ended, their claims stored): the
+/// others never take it for dead.
+pub(crate) fn leaving(run: u64, node: &str) -> Bytes {
+    let mut b = testament::encode(run, node, None);
+    b.extend_from_slice(b"\nbye");
+    Bytes::from(b)
+}
+
 /// Says this node is alive, every [`HEARTBEAT`], for as long as the process runs.
 pub(crate) async fn heartbeat(client: async_nats::Client, subject: String, run: u64, node: String) {
     let payload = Bytes::from(testament::encode(run, &node, None));
@@ -81,11 +89,11 @@ pub(crate) async fn watch(
             // Heartbeats already here count before a check does.
             biased;
             m = beats.next() => match m {
-                Some(m) => {
-                    if let Some((run, _, _)) = testament::head(&m.payload) {
-                        live.heard(run, Instant::now());
-                    }
-                }
+                Some(m) => match testament::head(&m.payload) {
+                    Some((run, _, true)) => live.left(run),
+                    Some((run, _, false)) => live.heard(run, Instant::now()),
+                    None => {}
+                },
                 None => return,
             },
             _ = tick.tick() => {

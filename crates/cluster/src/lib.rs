@@ -929,6 +929,17 @@ impl sekisho_broker::peers::Claims for Owners {
 }
 
 impl Cluster {
+    /// Tells the other nodes that this one stops normally (after its connections ended and
+    /// [`Owners::settle`]): they do not take it for dead and adopt nothing of it.
+    pub async fn leave(&self) {
+        let bye = adopt::leaving(self.node_id, &self.config.node);
+        let _ = self
+            .client
+            .publish(format!("{}.hb", self.config.name), bye)
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+    }
+
     /// Whether the connection to NATS is up.
     pub fn connected(&self) -> bool {
         [&self.client, &self.groups]

@@ -139,6 +139,9 @@ pub struct Liveness {
     heard: HashMap<u64, (Instant, bool)>,
     /// Since when this node has listened without a break.
     listening: Option<Instant>,
+    /// Runs that said they were leaving (stopped normally): never dead, their connections
+    /// ended on their node. Kept for the process's life (one per node restart).
+    left: HashSet<u64>,
 }
 
 impl Liveness {
@@ -146,6 +149,12 @@ impl Liveness {
     /// healed) is alive again; its connections adopted meanwhile stay adopted.
     pub fn heard(&mut self, run: u64, now: Instant) {
         self.heard.insert(run, (now, false));
+    }
+
+    /// `run` said it is leaving: its node stopped normally, after its connections ended.
+    pub fn left(&mut self, run: u64) {
+        self.heard.remove(&run);
+        self.left.insert(run);
     }
 
     /// Whether this node is connected to NATS at `now` (called often: every check).
@@ -188,7 +197,10 @@ impl Liveness {
         if !self.sure(now) {
             return None;
         }
-        let mut v = Verdict::default();
+        let mut v = Verdict {
+            alive: self.left.clone(),
+            ..Verdict::default()
+        };
         for (run, (last, _)) in &self.heard {
             if now.saturating_duration_since(*last) >= DEAD_AFTER {
                 v.dead.insert(*run);
@@ -330,6 +342,14 @@ mod tests {
         // Heard again: alive.
         l.heard(1, s(3200));
         assert!(!l.verdict(s(3300)).unwrap().orphaned(1, Duration::ZERO));
+        // A run that left normally is never dead, however old its claims.
+        l.left(2);
+        assert!(!l.newly_dead(s(60_000)).contains(&2));
+        assert!(
+            !l.verdict(s(60_000))
+                .unwrap()
+                .orphaned(2, Duration::from_secs(3600))
+        );
     }
 
     #[test]

@@ -678,6 +678,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // for a dead node's connections.
     if let Some(c) = &cluster {
         c.claims.settle(Duration::from_secs(2)).await;
+        c.leave().await;
     }
     tasks.abort_all();
     // What the connections recorded as they closed is committed before the process ends.
