@@ -948,31 +948,40 @@ impl sekisho_broker::peers::Orphans for Orphans {
             }
         };
         principal.ctx.connect_attributes = t.connect_attributes.clone();
-        let (topic, retain) = (&will.topic, will.retain);
-        let allowed = principal.refresh().is_ok()
-            && principal.allowed("iot:publish", "topic", topic)
-            && (!retain || principal.allowed("iot:retainpublish", "topic", topic));
-        if !allowed {
+        if !will_allowed(&mut principal, will) {
             tracing::info!(
                 client_id,
                 "a dead node's will is no longer authorized; not published"
             );
             return;
         }
-        let now = Instant::now();
-        let message = Arc::new(Message::from_will(will, now, events::now_ms()));
-        let (broker, account) = (shared.broker.clone(), account.to_string());
-        tokio::spawn(async move {
-            if let Ok(routed) = broker.publish(&account, message, Instant::now()) {
-                sekisho_broker::wait_for_room(
-                    &broker,
-                    &account,
-                    routed.blocked,
-                    tokio::time::Instant::now(),
-                )
-                .await;
-            }
-        });
+        let message = Message::from_will(will, Instant::now(), events::now_ms());
+        tokio::spawn(publish_now(
+            shared.broker.clone(),
+            account.to_string(),
+            message,
+        ));
+    }
+}
+
+/// Whether `principal` may still publish `will` (its credentials hold, and its policies allow
+/// the topic, and retaining it if it is retained).
+fn will_allowed(principal: &mut Principal, will: &Message) -> bool {
+    principal.refresh().is_ok()
+        && principal.allowed("iot:publish", "topic", &will.topic)
+        && (!will.retain || principal.allowed("iot:retainpublish", "topic", &will.topic))
+}
+
+/// Publishes a will in `account`, waiting (as a publisher does) for room at slow subscribers.
+async fn publish_now(broker: Arc<sekisho_broker::Broker>, account: String, message: Message) {
+    if let Ok(routed) = broker.publish(&account, Arc::new(message), Instant::now()) {
+        sekisho_broker::wait_for_room(
+            &broker,
+            &account,
+            routed.blocked,
+            tokio::time::Instant::now(),
+        )
+        .await;
     }
 }
 
@@ -982,20 +991,12 @@ impl sekisho_broker::peers::Orphans for Orphans {
 fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill, epoch: u64) {
     let now = Instant::now();
     if w.at <= now {
-        let broker = shared.broker.clone();
-        let account = port.account.clone();
-        let m = Arc::new(Message::from_will(&w.template, now, events::now_ms()));
-        tokio::spawn(async move {
-            if let Ok(routed) = broker.publish(&account, m, Instant::now()) {
-                sekisho_broker::wait_for_room(
-                    &broker,
-                    &account,
-                    routed.blocked,
-                    tokio::time::Instant::now(),
-                )
-                .await;
-            }
-        });
+        let m = Message::from_will(&w.template, now, events::now_ms());
+        tokio::spawn(publish_now(
+            shared.broker.clone(),
+            port.account.to_string(),
+            m,
+        ));
         return;
     }
     // Authorized again when it is sent: the certificate, CA or credentials may be revoked, or
@@ -1048,25 +1049,12 @@ fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Prin
         if !broker.claim_will(&will) {
             return;
         }
-        let (topic, retain) = (&will.template.topic, will.template.retain);
-        let allowed = principal.refresh().is_ok()
-            && principal.allowed("iot:publish", "topic", topic)
-            && (!retain || principal.allowed("iot:retainpublish", "topic", topic));
-        if !allowed {
+        if !will_allowed(&mut principal, &will.template) {
             tracing::info!(client_id = %will.client_id, "delayed will no longer authorized; not published");
             return;
         }
-        let now = Instant::now();
-        let message = Arc::new(will.message(now, events::now_ms()));
-        if let Ok(routed) = broker.publish(&will.account, message, now) {
-            sekisho_broker::wait_for_room(
-                &broker,
-                &will.account,
-                routed.blocked,
-                tokio::time::Instant::now(),
-            )
-            .await;
-        }
+        let message = will.message(Instant::now(), events::now_ms());
+        publish_now(broker, will.account.clone(), message).await;
     });
 }
 
