@@ -1317,6 +1317,84 @@ def test_a_node_killed_has_its_wills_and_events_published_by_another(cluster):
             n2.start()
 
 
+def _status(cluster):
+    out = subprocess.run([str(BIN), "cluster", "status", "--cluster", cluster.nats.url, "--json"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return {n["node"]: n for n in map(json.loads, out.stdout.splitlines())}
+
+
+def test_a_killed_nodes_persistent_sessions_resume_elsewhere_with_their_queues(cluster):
+    """n2 dies (SIGKILL) holding two persistent sessions: "away", left with 200 QoS 1 messages
+    queued (published on n2, each acknowledged), and "home", connected. While n2 is down, "away"
+    resumes on n1 (session present) with all 200 in order and its subscription, and "home" on
+    n3 with its own; "fresh", left on n2 too, starts clean on n1, which discards it. Back, n2
+    holds none of the three (its status counts three sessions fewer), and "away" moves from n1
+    to n2 when resumed there."""
+    if len(cluster.nodes) < 3:
+        cluster.start_third()
+    n1, n2, n3 = cluster.nodes[:3]
+    device, topic = cluster.devices[1], f"cl/adopt/{unique('t')}"
+    away, home, fresh = unique("away"), unique("home"), unique("fresh")
+    clients = []
+    try:
+        c, present = _persistent(n2, device, away)
+        clients.append(c)
+        assert not present
+        assert c.subscribe(topic, qos=1)[0].value == 1
+        c.close()
+        f, _ = _persistent(n2, device, fresh)
+        f.close()
+        h, _ = _persistent(n2, device, home)
+        clients.append(h)
+        assert h.subscribe(f"{topic}/home", qos=1)[0].value == 1
+        held = _status(cluster)["n2"]["sessions"]   # these three, and earlier tests' sessions
+        assert held >= 3
+        pub = cluster.client(n2, device=cluster.devices[2])
+        clients.append(pub)
+        for i in range(200):
+            pub.c.publish(topic, str(i).encode(), qos=1)
+        for _ in range(200):
+            pub.pubacks.get(timeout=10)
+
+        n2.stop(sig=signal.SIGKILL, check=False)
+        d, present = _persistent(n1, device, away)
+        clients.append(d)
+        assert present, "the dead node's session was not resumed"
+        got = [int(d.messages.get(timeout=10).payload) for _ in range(200)]
+        assert got == list(range(200))
+        e, present = _persistent(n3, device, home)
+        clients.append(e)
+        assert present
+        p1 = cluster.client(n1, device=cluster.devices[2])
+        clients.append(p1)
+        p1.c.publish(f"{topic}/home", b"home", qos=1)
+        assert e.messages.get(timeout=5).payload == b"home"
+        p1.c.publish(topic, b"away", qos=1)
+        assert d.messages.get(timeout=5).payload == b"away"
+        assert not drain(d.messages, 0.5), "a message came twice"
+        d.close()
+        g = Paho(n1, "localhost", device, fresh, v5=True, clean=True)
+        clients.append(g)
+        rc, flags, _ = g.connect()
+        assert rc == 0 and not flags.session_present
+        g.close()
+        time.sleep(1)   # the discard is not waited for
+
+        n2.start()
+        assert _status(cluster)["n2"]["sessions"] == held - 3, "n2 brought back sessions resumed or ended elsewhere"
+        f, present = _persistent(n2, device, away)
+        clients.append(f)
+        assert present
+        p1.c.publish(topic, b"back", qos=1)
+        assert f.messages.get(timeout=5).payload == b"back"
+    finally:
+        for c in clients:
+            c.close()
+        if n2.proc is None or n2.proc.poll() is not None:
+            n2.start()
+
+
 def test_a_node_stopped_normally_sends_its_wills_once_and_is_not_adopted(cluster):
     """n2 stopped with SIGTERM ends its connections itself: each device's will and its
     disconnection event (SERVER_INITIATED_DISCONNECT) arrive once, and no other node adopts

@@ -267,9 +267,12 @@ pub trait Storage: Send + 'static {
     fn commit(&mut self, changes: &[Change], clock: WallClock) -> Result<(), StorageError>;
 }
 
+/// A change (none for a [`Journal::barrier`]) and its ticket (0: nobody waits for it).
+type Recorded = (u64, Option<Change>);
+
 /// The ordered, group-committed log of changes in front of a [`Storage`].
 pub struct Journal {
-    tx: Mutex<Option<mpsc::Sender<(u64, Change)>>>,
+    tx: Mutex<Option<mpsc::Sender<Recorded>>>,
     next: AtomicU64,
     durable: watch::Receiver<u64>,
     failed: Arc<AtomicBool>,
@@ -289,7 +292,7 @@ impl std::fmt::Debug for Journal {
 impl Journal {
     /// Starts the writer thread over `storage`.
     pub fn start(mut storage: impl Storage) -> Journal {
-        let (tx, rx) = mpsc::channel::<(u64, Change)>();
+        let (tx, rx) = mpsc::channel::<Recorded>();
         let (durable_tx, durable) = watch::channel(0u64);
         let failed = Arc::new(AtomicBool::new(false));
         let commits = Arc::new(AtomicU64::new(0));
@@ -300,12 +303,12 @@ impl Journal {
                 let mut batch: Vec<Change> = Vec::new();
                 while let Ok((ticket, change)) = rx.recv() {
                     let mut last = ticket;
-                    batch.push(change);
+                    batch.extend(change);
                     while batch.len() < MAX_BATCH {
                         match rx.try_recv() {
                             Ok((t, change)) => {
                                 last = last.max(t);
-                                batch.push(change);
+                                batch.extend(change);
                             }
                             Err(_) => break,
                         }
@@ -314,12 +317,15 @@ impl Journal {
                     // would apply changes whose predecessors were lost), and nothing more is
                     // acknowledged as durable.
                     if !f.load(Ordering::SeqCst)
+                        && !batch.is_empty()
                         && let Err(e) = storage.commit(&batch, WallClock::read())
                     {
                         tracing::error!(error = %e, "broker storage failed; nothing more is stored or acknowledged as durable until a restart");
                         f.store(true, Ordering::SeqCst);
                     }
-                    c.fetch_add(1, Ordering::Relaxed);
+                    if !batch.is_empty() {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
                     batch.clear();
                     durable_tx.send_if_modified(|d| {
                         if last > *d {
@@ -346,16 +352,23 @@ impl Journal {
     /// the broker's lock, so tickets are in the order the changes were made.
     pub fn record(&self, change: Change) -> u64 {
         let ticket = self.next.fetch_add(1, Ordering::SeqCst);
-        self.send(ticket, change);
+        self.send(ticket, Some(change));
+        ticket
+    }
+
+    /// A ticket that is durable once everything recorded before it is (no change of its own).
+    pub fn barrier(&self) -> u64 {
+        let ticket = self.next.fetch_add(1, Ordering::SeqCst);
+        self.send(ticket, None);
         ticket
     }
 
     /// Records a change nobody waits for (ticket 0: it does not move the watermark).
     pub fn record_quietly(&self, change: Change) {
-        self.send(0, change);
+        self.send(0, Some(change));
     }
 
-    fn send(&self, ticket: u64, change: Change) {
+    fn send(&self, ticket: u64, change: Option<Change>) {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let sent = tx
             .as_ref()

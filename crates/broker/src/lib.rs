@@ -2633,6 +2633,36 @@ mod tests {
             .collect()
     }
 
+    /// A barrier is durable once what was recorded quietly before it is committed, and adds
+    /// nothing of its own.
+    #[tokio::test]
+    async fn a_barrier_waits_for_what_was_recorded_before_it() {
+        let (b, log) = durable_broker(durable::Snapshot::default(), durable::WallClock::read());
+        let j = b.journal().unwrap().clone();
+        let t = j.barrier();
+        assert!(j.wait(t).await);
+        assert!(kinds(&log).is_empty());
+        let loaded = durable::Loaded {
+            account: "acct".into(),
+            client_id: "moved".into(),
+            session: durable::StoredSession {
+                expiry: Duration::from_secs(60),
+                subscriptions: vec![("t".into(), opts(QoS::AtLeastOnce))],
+                connected: false,
+            },
+            disconnected_at_ms: None,
+            queue: Vec::new(),
+        };
+        b.put_session(loaded, durable::WallClock::read());
+        let t = j.barrier();
+        assert!(j.wait(t).await);
+        let k = kinds(&log);
+        assert!(
+            !k.is_empty() && k.iter().all(|k| k == "put moved off"),
+            "{k:?}"
+        );
+    }
+
     /// What must survive is recorded, with a ticket for what a client waits on; clean
     /// sessions and QoS 0 record nothing.
     #[tokio::test]

@@ -23,6 +23,7 @@
 mod adopt;
 pub mod dedup;
 mod registry;
+pub mod sessions;
 pub mod subject;
 pub mod testament;
 
@@ -283,6 +284,8 @@ pub struct Owners {
     orphans: std::sync::OnceLock<Arc<dyn Orphans>>,
     /// Claims written at disconnections and not yet acknowledged (waited for at shutdown).
     ending: Arc<AtomicU64>,
+    /// Where nodes store their persistent sessions (a dead node's are read from it).
+    replica: sessions::Replica,
 }
 
 type OwnedMap = HashMap<(String, String), Owned>;
@@ -433,6 +436,14 @@ async fn answer_handovers(
             if !owners.newer_here(&key, claim) {
                 broker.take_session(&key.0, &key.1, sekisho_broker::durable::WallClock::read());
             }
+            // Answered, so that the asker knows this node is there.
+            if let Some(reply) = req
+                .reply
+                .as_ref()
+                .filter(|r| r.as_str().starts_with("_INBOX."))
+            {
+                let _ = client.publish(reply.clone(), Bytes::new()).await;
+            }
             continue;
         }
         // Only replies to a requester's inbox (not the cluster's own subjects).
@@ -556,6 +567,36 @@ impl Owners {
     }
 }
 
+/// Resumes here the session that node `from` stored for `key` and that it cannot hand over
+/// (it is down): stored here first, then removed from `from`'s sessions.
+async fn resume_stored(
+    replica: &sessions::Replica,
+    broker: &Broker,
+    from: &str,
+    key: &(String, String),
+) -> Option<sekisho_broker::peers::Moved> {
+    let l = match replica.take(from, &key.0, &key.1).await {
+        Ok(l) => l?,
+        Err(why) => {
+            tracing::warn!(client_id = %key.1, %from, %why, "cluster: the session of a node that does not answer could not be read");
+            return None;
+        }
+    };
+    let queued = l.queue.len();
+    let mark = broker.put_session(l, sekisho_broker::durable::WallClock::read());
+    // Removed from the dead node's only once stored here: a crash in between leaves it in
+    // both (its messages come twice, at least once), never in neither.
+    let stored = match broker.journal() {
+        Some(j) => j.wait(j.barrier()).await,
+        None => true,
+    };
+    if stored && let Err(why) = replica.forget(from, &key.0, &key.1).await {
+        tracing::warn!(client_id = %key.1, %from, %why, "cluster: a resumed session could not be removed from its dead node's");
+    }
+    tracing::info!(client_id = %key.1, %from, queued, "cluster: the session of a node that does not answer resumed here");
+    Some(sekisho_broker::peers::Moved { queued, mark })
+}
+
 /// What asking another node for a session came to.
 enum Fetched {
     /// The session, and where to acknowledge it.
@@ -652,11 +693,13 @@ impl sekisho_broker::peers::Claims for Owners {
         let subject = subject::handover_subject(&self.prefix, from);
         let payload = Bytes::from(format!("{account}\n{client_id}"));
         let key = (account.to_owned(), client_id.to_owned());
-        let (client, broker, moving) = (
+        let (client, broker, moving, replica) = (
             self.client.clone(),
             self.broker.clone(),
             self.moving.clone(),
+            self.replica.clone(),
         );
+        let here = from == self.node;
         let from = from.to_owned();
         Box::pin(async move {
             lock_moving(&moving).insert(key.clone());
@@ -673,6 +716,10 @@ impl sekisho_broker::peers::Claims for Owners {
                     // here before is older than that, and MQTT ended it then.
                     broker.take_session(&key.0, &key.1, sekisho_broker::durable::WallClock::read());
                     None
+                }
+                // The node is down (or cut off): its session is read from the sessions stream.
+                Ok(Fetched::Unreachable) if !here => {
+                    resume_stored(&replica, &broker, &from, &key).await
                 }
                 Ok(Fetched::Unreachable) => None,
                 Err(why) => {
@@ -691,9 +738,21 @@ impl sekisho_broker::peers::Claims for Owners {
         let mut h = HeaderMap::new();
         h.insert("Sekisho-Claim", claim.to_string().as_str());
         h.insert("Sekisho-Discard", "1");
-        let client = self.client.clone();
+        let (client, replica) = (self.client.clone(), self.replica.clone());
+        let (from, key) = (from.to_owned(), (account.to_owned(), client_id.to_owned()));
         tokio::spawn(async move {
-            let _ = client.publish_with_headers(subject, h, payload).await;
+            let asked = async_nats::Request::new()
+                .headers(h)
+                .payload(payload)
+                .timeout(Some(HANDOVER_FIRST));
+            // A node that does not answer (down or cut off): its stored session is dropped
+            // from the sessions stream, or it would come back with the node.
+            if let Err(e) = client.send_request(subject, asked).await
+                && e.kind() == async_nats::client::RequestErrorKind::NoResponders
+                && let Err(why) = replica.forget(&from, &key.0, &key.1).await
+            {
+                tracing::warn!(client_id = %key.1, %from, %why, "cluster: the session of a node that does not answer could not be dropped");
+            }
         });
     }
 
@@ -1350,10 +1409,28 @@ async fn connect(
         .with_context(|| format!("cluster: connecting to {}", config.url))
 }
 
-/// Joins the cluster: connects to NATS, reads the retained stream (up to 10 s) and makes this
-/// node's retained messages agree with it, then attaches to `broker` as its [`Peers`]. Fails
-/// if NATS cannot be reached.
-pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<Cluster>> {
+/// The broker's storage in cluster mode, and what the broker starts with: persistent sessions
+/// and their queues in the sessions stream ([`sessions`]), the rest in `local`. On a NATS
+/// connection of its own (the journal's writer waits on it).
+pub async fn session_storage<S: sekisho_broker::durable::Storage>(
+    config: &Config,
+    local: S,
+) -> anyhow::Result<(sessions::Replicated<S>, sekisho_broker::durable::Snapshot)> {
+    validate(config)?;
+    let client = connect(
+        config,
+        &format!("{} sessions", config.node),
+        false,
+        Arc::new(Stats::default()),
+        Arc::new(AtomicBool::new(true)),
+        Vec::new(),
+    )
+    .await?;
+    let replica = sessions::Replica::open(client, &config.name, config.replicas).await?;
+    sessions::Replicated::open(replica, &config.node, local).await
+}
+
+fn validate(config: &Config) -> anyhow::Result<()> {
     anyhow::ensure!(
         !config.name.is_empty()
             && config
@@ -1368,6 +1445,14 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
             && !config.node.chars().any(char::is_control),
         "cluster.node must be 1 to 128 characters, none of them control characters"
     );
+    Ok(())
+}
+
+/// Joins the cluster: connects to NATS, reads the retained stream (up to 10 s) and makes this
+/// node's retained messages agree with it, then attaches to `broker` as its [`Peers`]. Fails
+/// if NATS cannot be reached.
+pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<Cluster>> {
+    validate(config)?;
     let stats = Arc::new(Stats::default());
     // What this node publishes never comes back to its plain subscriptions (no echo: it
     // routed it already); its shared groups' queue subscriptions are on a second connection,
@@ -1565,6 +1650,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         registry_alive: registry_alive.clone(),
         orphans: std::sync::OnceLock::new(),
         ending: Arc::default(),
+        replica: sessions::Replica::open(client.clone(), &config.name, config.replicas).await?,
     });
     let feed = claim_feed(&claims_start, &client, &prefix, last)
         .await

@@ -149,6 +149,13 @@ pub fn claim_subject(prefix: &str, account: &str, client_id: &str) -> String {
     s
 }
 
+/// `name` as one subject token (escaped as a level is).
+pub fn token(name: &str) -> String {
+    let mut s = String::with_capacity(name.len() + 4);
+    push_level(&mut s, name);
+    s
+}
+
 /// The subject on which node `node` is asked for sessions: `{prefix}.h.{node}`, the name one
 /// token (escaped as a level is).
 pub fn handover_subject(prefix: &str, node: &str) -> String {

@@ -332,16 +332,37 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         sekisho_s3::store::Store::open(&layout.path("s3")).context("opening the object store")?,
     );
     let registry = Arc::new(material.registry);
-    // Persistent sessions, their QoS 1 messages and retained messages survive a restart.
+    let cluster_config = config.cluster.as_ref().map(|c| sekisho_cluster::Config {
+        url: c.url.clone(),
+        name: c.name.clone(),
+        replicas: c.replicas,
+        isolation: Duration::from_secs(c.isolation_seconds.max(1)),
+        snapshot_every: c.snapshot_every,
+        node: c
+            .node
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", hostname(), config.ports.mqtt)),
+    });
+    // Persistent sessions, their QoS 1 messages and retained messages survive a restart; in a
+    // cluster, sessions are in the cluster's sessions stream (another node resumes them if
+    // this one dies).
     let broker = {
         let mut storage = sekisho_store::SqliteStorage::open(&layout.path("broker.db"))
             .context("opening the broker's storage")?;
-        let snapshot = {
-            use sekisho_broker::durable::Storage as _;
-            storage.load().context("loading the broker's storage")?
+        let (journal, snapshot) = match &cluster_config {
+            Some(c) => {
+                let (storage, snapshot) = sekisho_cluster::session_storage(c, storage).await?;
+                (sekisho_broker::durable::Journal::start(storage), snapshot)
+            }
+            None => {
+                let snapshot = {
+                    use sekisho_broker::durable::Storage as _;
+                    storage.load().context("loading the broker's storage")?
+                };
+                (sekisho_broker::durable::Journal::start(storage), snapshot)
+            }
         };
         let (sessions, retained) = (snapshot.sessions.len(), snapshot.retained.len());
-        let journal = sekisho_broker::durable::Journal::start(storage);
         let broker = Broker::durable(
             config.limits.broker(),
             journal,
@@ -353,24 +374,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     // In a cluster, before any listener: the retained messages of the cluster are read and
     // the subscriptions loaded from storage are announced before a client connects.
-    let cluster = match &config.cluster {
-        Some(c) => Some(
-            sekisho_cluster::start(
-                &sekisho_cluster::Config {
-                    url: c.url.clone(),
-                    name: c.name.clone(),
-                    replicas: c.replicas,
-                    isolation: Duration::from_secs(c.isolation_seconds.max(1)),
-                    snapshot_every: c.snapshot_every,
-                    node: c
-                        .node
-                        .clone()
-                        .unwrap_or_else(|| format!("{}:{}", hostname(), config.ports.mqtt)),
-                },
-                broker.clone(),
-            )
-            .await?,
-        ),
+    let cluster = match &cluster_config {
+        Some(c) => Some(sekisho_cluster::start(c, broker.clone()).await?),
         None => None,
     };
     if let Some(c) = &cluster {

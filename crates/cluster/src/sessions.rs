@@ -1,0 +1,674 @@
+//! Persistent sessions in JetStream (decision 0012, "Persistent sessions"): in cluster mode a
+//! node's persistent sessions and their QoS 1 queues are stored in the replicated stream
+//! `{NAME}_SESSIONS` instead of its own disk, so that when the node dies another node resumes
+//! them: a device that reconnects elsewhere asks the dead node for its session, nobody answers,
+//! and the new node reads it from the stream ([`Replica::take`]).
+//!
+//! The stream keeps the last message per subject. Under `{name}.ss.{node}.{account}.{client id}`
+//! (each one token, escaped as a level is):
+//! - `.s`: the session (expiry, subscriptions, when it was left), as [`encode_loaded`] writes
+//!   a session with an empty queue;
+//! - `.q.{seq}`: one queued message, as [`encode_loaded`] writes a session with only it;
+//! - `.p.{seq}`: the packet id a queued message was sent with and not acknowledged (2 bytes).
+//!
+//! An acknowledged message's subjects get an empty message that NATS removes after a second
+//! (`Nats-TTL`); a session that ends is purged whole. `{name}.ss.{node}.seeded` says the node's
+//! sessions live here: a node's first start in cluster mode moves the sessions of its own
+//! storage into the stream. Retained messages and delayed wills stay in the node's storage
+//! (retained messages also have their own stream).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use sekisho_broker::Message;
+use sekisho_broker::durable::{
+    Change, Loaded, LoadedMessage, LoadedQueued, Snapshot, Storage, StorageError, StoredSession,
+    WallClock, decode_loaded, encode_loaded,
+};
+
+use crate::subject::token;
+
+/// How long a commit keeps trying while NATS does not answer before the broker's storage is
+/// declared failed (nothing more is acknowledged until a restart).
+const COMMIT_PATIENCE: Duration = Duration::from_secs(600);
+
+/// How long a read waits for the next message of the stream.
+const READ_WAIT: Duration = Duration::from_secs(5);
+
+/// One write to the stream.
+#[derive(Debug)]
+enum Op {
+    Put(String, Bytes),
+    /// An empty message removed by NATS after a second.
+    Forget(String),
+    /// Everything under a filter.
+    Purge(String),
+}
+
+/// The sessions stream.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    client: async_nats::Client,
+    prefix: String,
+}
+
+impl Replica {
+    /// Makes (or finds) the sessions stream on `client`.
+    pub(crate) async fn open(
+        client: async_nats::Client,
+        name: &str,
+        replicas: usize,
+    ) -> anyhow::Result<Replica> {
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(Duration::from_secs(10));
+        let stream = crate::create_stream(
+            &js,
+            jetstream::stream::Config {
+                name: format!("{name}_SESSIONS"),
+                subjects: vec![format!("{name}.ss.>")],
+                max_messages_per_subject: 1,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                allow_message_ttl: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .context("cluster: the sessions stream")?;
+        Ok(Replica {
+            js,
+            stream,
+            client,
+            prefix: name.to_owned(),
+        })
+    }
+
+    fn node(&self, node: &str) -> String {
+        format!("{}.ss.{}", self.prefix, token(node))
+    }
+
+    fn session(&self, node: &str, account: &str, client_id: &str) -> String {
+        format!(
+            "{}.{}.{}",
+            self.node(node),
+            token(account),
+            token(client_id)
+        )
+    }
+
+    /// Applies `ops` in order; every write acknowledged by JetStream before it returns.
+    async fn apply(&self, ops: &[Op]) -> Result<(), String> {
+        let mut acks = Vec::new();
+        for op in ops {
+            match op {
+                Op::Put(subject, bytes) => acks.push(
+                    self.js
+                        .publish(subject.clone(), bytes.clone())
+                        .await
+                        .map_err(|e| e.to_string())?,
+                ),
+                Op::Forget(subject) => {
+                    let mut h = HeaderMap::new();
+                    h.insert("Nats-TTL", "1s");
+                    acks.push(
+                        self.js
+                            .publish_with_headers(subject.clone(), h, Bytes::new())
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                Op::Purge(filter) => {
+                    // Writes before it land first: a session ended and begun again in one
+                    // batch keeps the new one.
+                    for a in acks.drain(..) {
+                        a.await.map_err(|e| e.to_string())?;
+                    }
+                    self.stream
+                        .purge()
+                        .filter(filter.clone())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        for a in acks {
+            a.await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Whether a non-empty message is stored on `subject`.
+    async fn has(&self, subject: &str) -> Result<bool, String> {
+        match self.stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok(!m.payload.is_empty()),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(false)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The sessions stored under `filter` (a node's `.>`, or one session's when `one`), which
+    /// holds at least one message (checked by the caller: an empty filter delivers nothing).
+    async fn read(&self, filter: String, one: bool) -> Result<Vec<Loaded>, String> {
+        let mut messages = self
+            .stream
+            .create_consumer(jetstream::consumer::push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: filter.clone(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut parts = Parts::default();
+        let base = filter.trim_end_matches(".>").len();
+        loop {
+            let m = match tokio::time::timeout(READ_WAIT, messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(e.to_string()),
+                Ok(None) => return Err("the sessions stream ended".into()),
+                // What was checked for expired meanwhile (an empty message's second).
+                Err(_) if parts.read == 0 => break,
+                Err(_) => return Err("no message of the sessions stream came for 5 s".into()),
+            };
+            parts.read += 1;
+            let pending = m.info().map_or(0, |i| i.pending);
+            if let Some(tail) = m.subject.as_str().get(base..) {
+                parts.add(tail.trim_start_matches('.'), &m.payload, one);
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(parts.sessions())
+    }
+
+    /// Takes the session of `client_id` that node `node` stored (a node that does not answer:
+    /// it is dead or cut off): reads it, for the caller to resume; [`Replica::forget`] removes
+    /// it once the caller stored it.
+    pub(crate) async fn take(
+        &self,
+        node: &str,
+        account: &str,
+        client_id: &str,
+    ) -> Result<Option<Loaded>, String> {
+        let base = self.session(node, account, client_id);
+        if !self.has(&format!("{base}.s")).await? {
+            return Ok(None);
+        }
+        let mut found = self.read(format!("{base}.>"), true).await?;
+        Ok(found
+            .pop()
+            .filter(|l| l.account == account && l.client_id == client_id))
+    }
+
+    /// Removes the session of `client_id` that node `node` stored.
+    pub(crate) async fn forget(
+        &self,
+        node: &str,
+        account: &str,
+        client_id: &str,
+    ) -> Result<(), String> {
+        let base = self.session(node, account, client_id);
+        self.apply(&[Op::Purge(format!("{base}.>"))]).await
+    }
+}
+
+/// Messages of the stream gathered into sessions.
+#[derive(Default)]
+struct Parts {
+    read: usize,
+    /// By (account, client id) tokens: the session and its queue by sequence, with packet ids.
+    sessions: BTreeMap<(String, String), Gathered>,
+}
+
+#[derive(Default)]
+struct Gathered {
+    session: Option<Loaded>,
+    queue: BTreeMap<u64, LoadedQueued>,
+    sent: HashMap<u64, u16>,
+}
+
+impl Parts {
+    /// One message: `tail` is its subject after the node's (`{account}.{client}.{kind}...`),
+    /// or after the session's when `one` (`{kind}...`).
+    fn add(&mut self, tail: &str, payload: &[u8], one: bool) {
+        if payload.is_empty() {
+            return;
+        }
+        let mut t = tail.split('.');
+        let key = if one {
+            (String::new(), String::new())
+        } else {
+            match (t.next(), t.next()) {
+                (Some(a), Some(c)) => (a.to_owned(), c.to_owned()),
+                _ => return,
+            }
+        };
+        let (kind, seq) = (t.next(), t.next().and_then(|s| s.parse::<u64>().ok()));
+        let g = self.sessions.entry(key).or_default();
+        match (kind, seq) {
+            (Some("s"), None) => g.session = decode_loaded(payload),
+            (Some("q"), Some(seq)) => {
+                if let Some(q) = decode_loaded(payload).and_then(|mut l| l.queue.pop()) {
+                    g.queue.insert(seq, q);
+                }
+            }
+            (Some("p"), Some(seq)) => {
+                if let Ok(id) = <[u8; 2]>::try_from(payload) {
+                    g.sent.insert(seq, u16::from_be_bytes(id));
+                }
+            }
+            _ => tracing::warn!(
+                subject = tail,
+                "cluster: an unreadable entry of the sessions stream"
+            ),
+        }
+    }
+
+    /// The sessions (queue entries without their session are left out: it ended).
+    fn sessions(self) -> Vec<Loaded> {
+        self.sessions
+            .into_values()
+            .filter_map(|g| {
+                let mut l = g.session?;
+                l.queue = g
+                    .queue
+                    .into_iter()
+                    .map(|(seq, mut q)| {
+                        q.seq = seq;
+                        q.packet_id = g.sent.get(&seq).copied();
+                        q
+                    })
+                    .collect();
+                Some(l)
+            })
+            .collect()
+    }
+}
+
+/// A node's storage in cluster mode: persistent sessions and queues in the sessions stream,
+/// the rest (retained messages, delayed wills) in `local`.
+pub struct Replicated<S> {
+    local: S,
+    replica: Replica,
+    node: String,
+    runtime: tokio::runtime::Handle,
+    /// When each session not connected was left (a session left earlier keeps its time).
+    left: HashMap<(Arc<str>, Arc<str>), u64>,
+    /// Queued messages with a packet id stored.
+    sent: HashSet<(Arc<str>, Arc<str>, u64)>,
+}
+
+impl<S> std::fmt::Debug for Replicated<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicated")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn session_bytes(
+    account: &str,
+    client_id: &str,
+    s: &StoredSession,
+    left: Option<u64>,
+) -> Option<Bytes> {
+    encode_loaded(&Loaded {
+        account: account.to_owned(),
+        client_id: client_id.to_owned(),
+        session: s.clone(),
+        disconnected_at_ms: left,
+        queue: Vec::new(),
+    })
+    .map(Bytes::from)
+}
+
+fn queued_bytes(account: &str, client_id: &str, q: LoadedQueued) -> Option<Bytes> {
+    encode_loaded(&Loaded {
+        account: account.to_owned(),
+        client_id: client_id.to_owned(),
+        session: StoredSession {
+            expiry: Duration::ZERO,
+            subscriptions: Vec::new(),
+            connected: false,
+        },
+        disconnected_at_ms: None,
+        queue: vec![q],
+    })
+    .map(Bytes::from)
+}
+
+impl<S: Storage> Replicated<S> {
+    /// Opens `local` and this node's sessions in the stream (moving `local`'s sessions there
+    /// on the node's first start in cluster mode); returns what to start the broker with.
+    pub async fn open(
+        replica: Replica,
+        node: &str,
+        mut local: S,
+    ) -> anyhow::Result<(Replicated<S>, Snapshot)> {
+        let mut snapshot = local.load().context("loading the broker's storage")?;
+        let seeded = format!("{}.seeded", replica.node(node));
+        let mine = replica.has(&seeded).await.map_err(anyhow::Error::msg)?;
+        let clock = WallClock::read();
+        let mut s = Replicated {
+            local,
+            replica,
+            node: node.to_owned(),
+            runtime: tokio::runtime::Handle::current(),
+            left: HashMap::new(),
+            sent: HashSet::new(),
+        };
+        let ours = std::mem::take(&mut snapshot.sessions);
+        let sessions = if mine {
+            if !ours.is_empty() {
+                tracing::warn!(
+                    sessions = ours.len(),
+                    "cluster: sessions in this node's own storage are not its sessions (those are in the sessions stream); dropped"
+                );
+            }
+            s.replica
+                .read(format!("{}.>", s.replica.node(node)), false)
+                .await
+                .map_err(anyhow::Error::msg)?
+        } else {
+            let mut ops = Vec::new();
+            for l in &ours {
+                let base = s.replica.session(node, &l.account, &l.client_id);
+                if let Some(b) =
+                    session_bytes(&l.account, &l.client_id, &l.session, l.disconnected_at_ms)
+                {
+                    ops.push(Op::Put(format!("{base}.s"), b));
+                }
+                for q in &l.queue {
+                    if let Some(id) = q.packet_id {
+                        ops.push(Op::Put(
+                            format!("{base}.p.{}", q.seq),
+                            Bytes::copy_from_slice(&id.to_be_bytes()),
+                        ));
+                    }
+                    if let Some(b) = queued_bytes(&l.account, &l.client_id, q.clone()) {
+                        ops.push(Op::Put(format!("{base}.q.{}", q.seq), b));
+                    }
+                }
+            }
+            ops.push(Op::Put(seeded, Bytes::from_static(b"1")));
+            s.replica.apply(&ops).await.map_err(anyhow::Error::msg)?;
+            if !ours.is_empty() {
+                tracing::info!(
+                    sessions = ours.len(),
+                    "cluster: this node's sessions moved into the sessions stream"
+                );
+            }
+            ours.clone()
+        };
+        // Sessions are no longer kept in the node's own storage.
+        let gone: Vec<Change> = ours
+            .iter()
+            .map(|l| Change::DeleteSession {
+                account: Arc::from(l.account.as_str()),
+                client_id: Arc::from(l.client_id.as_str()),
+            })
+            .collect();
+        if !gone.is_empty() {
+            s.local.commit(&gone, clock)?;
+        }
+        for l in &sessions {
+            let key: (Arc<str>, Arc<str>) = (
+                Arc::from(l.account.as_str()),
+                Arc::from(l.client_id.as_str()),
+            );
+            if let Some(at) = l.disconnected_at_ms {
+                s.left.insert(key.clone(), at);
+            }
+            for q in l.queue.iter().filter(|q| q.packet_id.is_some()) {
+                s.sent.insert((key.0.clone(), key.1.clone(), q.seq));
+            }
+        }
+        snapshot.sessions = sessions;
+        Ok((s, snapshot))
+    }
+
+    fn ops(&mut self, changes: &[Change], clock: WallClock, local: &mut Vec<Change>) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for c in changes {
+            match c {
+                Change::PutSession {
+                    account,
+                    client_id,
+                    session,
+                } => {
+                    let key = (account.clone(), client_id.clone());
+                    let left = if session.connected {
+                        self.left.remove(&key);
+                        None
+                    } else {
+                        Some(*self.left.entry(key).or_insert(clock.now_ms))
+                    };
+                    let base = self.replica.session(&self.node, account, client_id);
+                    if let Some(b) = session_bytes(account, client_id, session, left) {
+                        ops.push(Op::Put(format!("{base}.s"), b));
+                    }
+                }
+                Change::DeleteSession { account, client_id } => {
+                    self.left.remove(&(account.clone(), client_id.clone()));
+                    self.sent.retain(|(a, c, _)| a != account || c != client_id);
+                    let base = self.replica.session(&self.node, account, client_id);
+                    ops.push(Op::Purge(format!("{base}.>")));
+                }
+                Change::Append {
+                    account,
+                    client_id,
+                    seq,
+                    retain,
+                    shared,
+                    message,
+                } => {
+                    let q = LoadedQueued {
+                        seq: *seq,
+                        retain: *retain,
+                        shared: *shared,
+                        packet_id: None,
+                        message: LoadedMessage {
+                            message: Message {
+                                expires_at: None,
+                                origin: None,
+                                ..(**message).clone()
+                            },
+                            expires_at_ms: message.expires_at.map(|e| clock.ms(e)),
+                        },
+                    };
+                    let base = self.replica.session(&self.node, account, client_id);
+                    match queued_bytes(account, client_id, q) {
+                        Some(b) => ops.push(Op::Put(format!("{base}.q.{seq}"), b)),
+                        None => {
+                            tracing::warn!(%client_id, seq, "cluster: a message that cannot be encoded is not stored")
+                        }
+                    }
+                }
+                Change::Sent {
+                    account,
+                    client_id,
+                    seq,
+                    packet_id,
+                } => {
+                    self.sent.insert((account.clone(), client_id.clone(), *seq));
+                    let base = self.replica.session(&self.node, account, client_id);
+                    ops.push(Op::Put(
+                        format!("{base}.p.{seq}"),
+                        Bytes::copy_from_slice(&packet_id.to_be_bytes()),
+                    ));
+                }
+                Change::Ack {
+                    account,
+                    client_id,
+                    seq,
+                } => {
+                    let base = self.replica.session(&self.node, account, client_id);
+                    ops.push(Op::Forget(format!("{base}.q.{seq}")));
+                    if self
+                        .sent
+                        .remove(&(account.clone(), client_id.clone(), *seq))
+                    {
+                        ops.push(Op::Forget(format!("{base}.p.{seq}")));
+                    }
+                }
+                Change::PutWill { .. } | Change::DeleteWill { .. } | Change::SetRetained { .. } => {
+                    local.push(c.clone())
+                }
+            }
+        }
+        ops
+    }
+}
+
+impl<S: Storage> Storage for Replicated<S> {
+    /// Loaded when opened ([`Replicated::open`]).
+    fn load(&mut self) -> Result<Snapshot, StorageError> {
+        Err(StorageError("loaded when opened".into()))
+    }
+
+    fn commit(&mut self, changes: &[Change], clock: WallClock) -> Result<(), StorageError> {
+        let mut local = Vec::new();
+        let ops = self.ops(changes, clock, &mut local);
+        if !local.is_empty() {
+            self.local.commit(&local, clock)?;
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        // Writes are idempotent (the last message per subject): a batch is written again whole
+        // until NATS takes it. Meanwhile nothing more is acknowledged (PUBACKs wait).
+        let began = Instant::now();
+        let mut warned = false;
+        loop {
+            match self.runtime.block_on(self.replica.apply(&ops)) {
+                Ok(()) => return Ok(()),
+                Err(e) if began.elapsed() < COMMIT_PATIENCE => {
+                    if !warned {
+                        tracing::warn!(error = %e, "cluster: the sessions stream does not take writes; trying again");
+                        warned = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(StorageError(format!("the sessions stream: {e}"))),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sekisho_mqtt::{QoS, SubscriptionOptions};
+
+    fn message(payload: &'static [u8]) -> Message {
+        Message {
+            topic: Arc::from("t/1"),
+            payload: Bytes::from_static(payload),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            origin: None,
+            timestamp_ms: 7,
+        }
+    }
+
+    fn queued(seq: u64, payload: &'static [u8]) -> LoadedQueued {
+        LoadedQueued {
+            seq,
+            retain: false,
+            shared: seq == 3,
+            packet_id: None,
+            message: LoadedMessage {
+                message: message(payload),
+                expires_at_ms: Some(99),
+            },
+        }
+    }
+
+    #[test]
+    fn stream_entries_gather_into_sessions_in_sequence_order() {
+        let session = StoredSession {
+            expiry: Duration::from_secs(3600),
+            subscriptions: vec![("t/#".into(), SubscriptionOptions::default())],
+            connected: false,
+        };
+        let s = session_bytes("acct", "dev-1", &session, Some(5)).unwrap();
+        let mut parts = Parts::default();
+        // Out of order, with an acknowledged message's empty entries and an ended session's
+        // leftover queue entry.
+        parts.add(
+            "acct.dev~2D1.q.3",
+            &queued_bytes("acct", "dev-1", queued(3, b"c")).unwrap(),
+            false,
+        );
+        parts.add("acct.dev~2D1.s", &s, false);
+        parts.add(
+            "acct.dev~2D1.q.1",
+            &queued_bytes("acct", "dev-1", queued(1, b"a")).unwrap(),
+            false,
+        );
+        parts.add("acct.dev~2D1.q.2", b"", false);
+        parts.add("acct.dev~2D1.p.2", b"", false);
+        parts.add("acct.dev~2D1.p.3", &[0, 9], false);
+        parts.add(
+            "acct.gone.q.4",
+            &queued_bytes("acct", "gone", queued(4, b"d")).unwrap(),
+            false,
+        );
+        parts.add("acct.dev~2D1.p.1", &[1, 2, 3], false);
+        parts.add("acct.dev~2D1.x", b"junk", false);
+        let got = parts.sessions();
+        assert_eq!(got.len(), 1, "the ended session's entry is left out");
+        let l = &got[0];
+        assert_eq!(
+            (l.account.as_str(), l.client_id.as_str()),
+            ("acct", "dev-1")
+        );
+        assert_eq!(l.session, session);
+        assert_eq!(l.disconnected_at_ms, Some(5));
+        let q: Vec<_> = l
+            .queue
+            .iter()
+            .map(|q| (q.seq, q.packet_id, q.shared))
+            .collect();
+        assert_eq!(q, [(1, None, false), (3, Some(9), true)]);
+        assert_eq!(l.queue[1].message.message.payload, Bytes::from_static(b"c"));
+        assert_eq!(l.queue[1].message.expires_at_ms, Some(99));
+    }
+
+    #[test]
+    fn one_sessions_entries_are_read_without_its_names() {
+        let session = StoredSession {
+            expiry: Duration::from_secs(60),
+            subscriptions: Vec::new(),
+            connected: true,
+        };
+        let mut parts = Parts::default();
+        parts.add("s", &session_bytes("a", "c", &session, None).unwrap(), true);
+        parts.add(
+            "q.8",
+            &queued_bytes("a", "c", queued(8, b"x")).unwrap(),
+            true,
+        );
+        let got = parts.sessions();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].disconnected_at_ms, None);
+        assert_eq!(got[0].queue.len(), 1);
+        assert_eq!(got[0].queue[0].seq, 8);
+    }
+}
