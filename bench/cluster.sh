@@ -7,6 +7,8 @@
 #   same-node   cluster mode on (three nodes, one nats-server): publishers and subscribers on node 1
 #   cross-node  publishers on node 1, subscribers on node 2
 #   fan-out     one publisher on node 1, 30 subscribers of its topic, 10 on each node (1,000 msg/s)
+#   *-persistent  QoS 1 to subscribers with persistent sessions: every message is stored until
+#               acknowledged (single node: SQLite; cluster: the sessions stream in nats-server)
 #   registry    CreateThing with boto3: N sequential, then N from one writer per node at once
 #               (single node: one writer; cluster: through the registry log)
 # CPU is summed over every process that serves (the nodes and nats-server) and reported per
@@ -50,6 +52,7 @@ rate=(--publishers 10 --subscribers 10 --rate 10000)
 fanout=(--publishers 1 --subscribers 30 --topics shared --rate 1000)
 PIDS=("$SKPID"); PNAMES=(node1)
 for q in 0 1; do run single "$q" "${rate[@]}" --addr 127.0.0.1:18883 --broker-pid "$SKPID"; done
+run single-persistent 1 "${rate[@]}" --persistent --addr 127.0.0.1:18883 --broker-pid "$SKPID"
 for q in 0 1; do run single-fanout "$q" "${fanout[@]}" --addr 127.0.0.1:18883 --broker-pid "$SKPID"; done
 echo "== registry writes, single node"
 "${PYTHON:-$ROOT/.venv/bin/python}" bench/registry_writes.py "$SK" "${WRITES:-600}" 19443 > "$OUT/registry-single.json"
@@ -76,6 +79,8 @@ all=(--broker-pid "$P1" --also-pid "$P2" --also-pid "$P3" --also-pid "$NATSPID")
 PIDS=("$P1" "$P2" "$P3" "$NATSPID"); PNAMES=(node1 node2 node3 nats)
 for q in 0 1; do run same-node "$q" "${rate[@]}" --addr 127.0.0.1:18883 "${all[@]}"; done
 for q in 0 1; do run cross-node "$q" "${rate[@]}" --addr 127.0.0.1:18883 --subscriber-addr 127.0.0.1:28883 "${all[@]}"; done
+run same-node-persistent 1 "${rate[@]}" --persistent --addr 127.0.0.1:18883 "${all[@]}"
+run cross-node-persistent 1 "${rate[@]}" --persistent --addr 127.0.0.1:18883 --subscriber-addr 127.0.0.1:28883 "${all[@]}"
 for q in 0 1; do
   run three-node-fanout "$q" "${fanout[@]}" --addr 127.0.0.1:18883 --subscriber-addr 127.0.0.1:18883 \
     --subscriber-addr 127.0.0.1:28883 --subscriber-addr 127.0.0.1:38883 "${all[@]}"
