@@ -83,6 +83,16 @@ class Nats:
         return sorted((s["subject"], s.get("qgroup", "")) for c in conns if c.get("name") in names
                       for s in c.get("subscriptions_list_detail", []))
 
+    def stream_state(self, name):
+        """The state (first_seq, last_seq, messages...) of JetStream stream `name`."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/jsz?streams=true", timeout=5) as r:
+            jsz = json.load(r)
+        for acct in jsz.get("account_details") or []:
+            for s in acct.get("stream_detail") or []:
+                if s["name"] == name:
+                    return s["state"]
+        raise AssertionError(f"no stream {name}")
+
     def subjects(self, node):
         """The subjects of node `node`'s plain (not queue) subscriptions."""
         return [s for s, q in self.subscriptions(node) if not q]
@@ -988,6 +998,66 @@ def test_a_node_that_joins_empty_starts_from_a_snapshot(cluster):
         c.close()
     finally:
         node.stop()
+
+
+def test_the_registry_log_is_compacted_and_a_node_behind_it_starts_from_the_snapshot(workdir):
+    """With `snapshot_every = 5` and `log_keep_seconds = 1`, the log's entries that a snapshot
+    holds and every node answering has applied are purged (the stream's first entry moves on),
+    never while a node is missing them: n2, stopped at position A, is behind the log's start
+    when it comes back, so it empties its registry and starts from the snapshot, with what n1
+    wrote meanwhile; `cluster status` shows each node's position."""
+    d = workdir / unique("compact")
+    d.mkdir()
+    nats = Nats(d / "nats")
+    config = lambda node: node_config(nats, node) + "snapshot_every = 5\nlog_keep_seconds = 1\n"  # noqa: E731
+    n1 = Server(d / "n1", config=config("n1"))
+    n2 = None
+    try:
+        n1.start()
+        dev = Device(n1, n1.boto(), unique("cp"), ALLOW_ALL, d)
+        n2 = Server(d / "n2", config=config("n2"))
+        n2.start()
+
+        def positions():
+            out = subprocess.run([str(BIN), "cluster", "status", "--cluster", nats.url, "--json"],
+                                 capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            return {n["node"]: n["registry_position"] for n in map(json.loads, out.stdout.splitlines())}
+
+        end = time.time() + 10
+        while len(set((p := positions()).values())) != 1 or set(p) != {"n1", "n2"}:
+            assert time.time() < end, p
+            time.sleep(0.2)
+        at = p["n2"]
+        assert at and at == nats.stream_state("sekisho_REGISTRY")["last_seq"], p
+        n2.stop()
+        names = [unique("while-away") for _ in range(20)]
+        for name in names:
+            n1.boto().create_thing(thingName=name)
+        # Compacted past n2's position (snapshots and compaction are looked at every 5-15 s).
+        end = time.time() + 60
+        while nats.stream_state("sekisho_REGISTRY")["first_seq"] <= at + 1:
+            assert time.time() < end, nats.stream_state("sekisho_REGISTRY")
+            time.sleep(0.5)
+        assert "registry log compacted" in n1.log_text()
+
+        n2.start()
+        log = n2.log_text()
+        assert "compacted past this replica" in log and "the registry starts from a snapshot" in log, log[-3000:]
+        iot = n2.boto()
+        for name in names:
+            assert iot.describe_thing(thingName=name)["thingName"] == name
+        c = _connect_when_accepted(n2, dev, deadline=5)
+        c.close()
+        end = time.time() + 10
+        while len(set((p := positions()).values())) != 1:
+            assert time.time() < end, p
+            time.sleep(0.2)
+    finally:
+        for n in (n1, n2):
+            if n is not None:
+                n.stop()
+        nats.stop()
 
 
 def test_a_revocation_on_one_node_cuts_a_device_on_another(cluster):

@@ -351,31 +351,37 @@ impl Journal {
     /// Records a change that something will wait for; returns its ticket. Callers record under
     /// the broker's lock, so tickets are in the order the changes were made.
     pub fn record(&self, change: Change) -> u64 {
-        let ticket = self.next.fetch_add(1, Ordering::SeqCst);
-        self.send(ticket, Some(change));
-        ticket
+        self.send(true, Some(change))
     }
 
     /// A ticket that is durable once everything recorded before it is (no change of its own).
+    /// Callable without the broker's lock: tickets are taken under the channel's lock, so
+    /// they reach the writer in their order (a later ticket never moves the watermark past an
+    /// earlier change still on its way).
     pub fn barrier(&self) -> u64 {
-        let ticket = self.next.fetch_add(1, Ordering::SeqCst);
-        self.send(ticket, None);
-        ticket
+        self.send(true, None)
     }
 
     /// Records a change nobody waits for (ticket 0: it does not move the watermark).
     pub fn record_quietly(&self, change: Change) {
-        self.send(0, Some(change));
+        self.send(false, Some(change));
     }
 
-    fn send(&self, ticket: u64, change: Option<Change>) {
+    /// Sends `change` to the writer with a new ticket (`ticketed`) or ticket 0; returns it.
+    fn send(&self, ticketed: bool, change: Option<Change>) -> u64 {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let ticket = if ticketed {
+            self.next.fetch_add(1, Ordering::SeqCst)
+        } else {
+            0
+        };
         let sent = tx
             .as_ref()
             .is_some_and(|tx| tx.send((ticket, change)).is_ok());
         if !sent {
             self.failed.store(true, Ordering::SeqCst);
         }
+        ticket
     }
 
     /// Waits until every change up to `ticket` is durable. False when storage failed.

@@ -62,6 +62,10 @@ pub struct Config {
     pub isolation: Duration,
     /// Registry log entries after which this node writes a new registry snapshot (0: never).
     pub snapshot_every: u64,
+    /// How long the registry log keeps an entry that a snapshot holds and every node has
+    /// applied: a node away for less catches up from the log; away longer, it starts again
+    /// from the snapshot.
+    pub log_keep: Duration,
 }
 
 /// Counters of this node's traffic with the others.
@@ -202,6 +206,8 @@ pub struct Cluster {
     config: Config,
     /// Whether the registry log is followed (the node counts as cut off while it is not).
     registry_alive: Arc<AtomicBool>,
+    /// The registry once it follows the log (its position is in this node's status).
+    registry: Arc<std::sync::OnceLock<std::sync::Weak<sekisho_registry::Registry>>>,
 }
 
 /// Numbers this node's claims (with its id, each claim's message id).
@@ -417,15 +423,8 @@ async fn answer_handovers(
     client: async_nats::Client,
     broker: Arc<Broker>,
     owners: Arc<Owners>,
-    subject: String,
+    mut requests: async_nats::Subscriber,
 ) {
-    let mut requests = match client.subscribe(subject.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cluster: answering session handovers");
-            return;
-        }
-    };
     let permits = Arc::new(tokio::sync::Semaphore::new(HANDOVERS_AT_ONCE));
     while let Some(req) = requests.next().await {
         let Some((key, claim, discard)) = handover_request(&req.payload, req.headers.as_ref())
@@ -567,6 +566,9 @@ impl Owners {
     }
 }
 
+/// Longest a node spends reading a dead node's session from the sessions stream.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Resumes here the session that node `from` stored for `key` and that it cannot hand over
 /// (it is down): stored here first, then removed from `from`'s sessions.
 async fn resume_stored(
@@ -575,7 +577,12 @@ async fn resume_stored(
     from: &str,
     key: &(String, String),
 ) -> Option<sekisho_broker::peers::Moved> {
-    let l = match replica.take(from, &key.0, &key.1).await {
+    // Within the time a node that asks for the session after this one waits for this move
+    // (`answer_handovers`), so that it finds the session here.
+    let taken = tokio::time::timeout(RESUME_TIMEOUT, replica.take(from, &key.0, &key.1))
+        .await
+        .unwrap_or_else(|_| Err(format!("not read in {RESUME_TIMEOUT:?}")));
+    let l = match taken {
         Ok(l) => l?,
         Err(why) => {
             tracing::warn!(client_id = %key.1, %from, %why, "cluster: the session of a node that does not answer could not be read");
@@ -605,6 +612,8 @@ enum Fetched {
     None,
     /// Nobody listens there (the node is down).
     Unreachable,
+    /// The node is starting up: it has its sessions and cannot hand them over yet.
+    Busy,
 }
 
 /// Asks for a session ([`answer_handovers`]) and gathers its parts.
@@ -642,6 +651,13 @@ async fn fetch_session(
         // No node listens there (it is down): no session to be had.
         if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
             return Ok(Fetched::Unreachable);
+        }
+        if m.headers
+            .as_ref()
+            .and_then(|h| h.get("Sekisho-Busy"))
+            .is_some()
+        {
+            return Ok(Fetched::Busy);
         }
         let (Some(i), Some(n)) = (
             header_u64(m.headers.as_ref(), "Sekisho-Part", 10),
@@ -703,7 +719,17 @@ impl sekisho_broker::peers::Claims for Owners {
         let from = from.to_owned();
         Box::pin(async move {
             lock_moving(&moving).insert(key.clone());
-            let moved = fetch_session(&client, subject, payload, claim, &key).await;
+            // A node starting up answers "busy" until it can hand its sessions over.
+            let asked = Instant::now();
+            let moved = loop {
+                match fetch_session(&client, subject.clone(), payload.clone(), claim, &key).await {
+                    Ok(Fetched::Busy) if asked.elapsed() < HANDOVER_FIRST => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Ok(Fetched::Busy) => break Err("the node stayed busy starting up".into()),
+                    other => break other,
+                }
+            };
             let out = match moved {
                 Ok(Fetched::Moved(l, ack)) => {
                     let queued = l.queue.len();
@@ -721,7 +747,7 @@ impl sekisho_broker::peers::Claims for Owners {
                 Ok(Fetched::Unreachable) if !here => {
                     resume_stored(&replica, &broker, &from, &key).await
                 }
-                Ok(Fetched::Unreachable) => None,
+                Ok(Fetched::Unreachable) | Ok(Fetched::Busy) => None,
                 Err(why) => {
                     tracing::warn!(client_id = %key.1, from = %from, %why, "cluster: the session could not be moved here");
                     None
@@ -741,13 +767,29 @@ impl sekisho_broker::peers::Claims for Owners {
         let (client, replica) = (self.client.clone(), self.replica.clone());
         let (from, key) = (from.to_owned(), (account.to_owned(), client_id.to_owned()));
         tokio::spawn(async move {
-            let asked = async_nats::Request::new()
-                .headers(h)
-                .payload(payload)
-                .timeout(Some(HANDOVER_FIRST));
+            // A node starting up answers "busy": asked again until it takes the discard.
+            let began = Instant::now();
+            let answer = loop {
+                let asked = async_nats::Request::new()
+                    .headers(h.clone())
+                    .payload(payload.clone())
+                    .timeout(Some(HANDOVER_FIRST));
+                match client.send_request(subject.clone(), asked).await {
+                    Ok(m)
+                        if m.headers
+                            .as_ref()
+                            .and_then(|h| h.get("Sekisho-Busy"))
+                            .is_some()
+                            && began.elapsed() < HANDOVER_FIRST =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    other => break other,
+                }
+            };
             // A node that does not answer (down or cut off): its stored session is dropped
             // from the sessions stream, or it would come back with the node.
-            if let Err(e) = client.send_request(subject, asked).await
+            if let Err(e) = answer
                 && e.kind() == async_nats::client::RequestErrorKind::NoResponders
                 && let Err(why) = replica.forget(&from, &key.0, &key.1).await
             {
@@ -1426,9 +1468,36 @@ pub async fn session_storage<S: sekisho_broker::durable::Storage>(
         Vec::new(),
     )
     .await?;
+    // Until `start` answers for this node's sessions, a node that asks for one (a device
+    // resuming elsewhere meanwhile) hears "busy" and asks again, rather than taking it from
+    // the sessions stream while this node loads it.
+    let mut asks = client
+        .subscribe(subject::handover_subject(&config.name, &config.node))
+        .await
+        .context("cluster: answering session handovers")?;
+    client
+        .flush()
+        .await
+        .context("cluster: answering session handovers")?;
+    let busy_client = client.clone();
+    let busy = tokio::spawn(async move {
+        while let Some(m) = asks.next().await {
+            if let Some(reply) = m.reply.filter(|r| r.as_str().starts_with("_INBOX.")) {
+                let mut h = HeaderMap::new();
+                h.insert("Sekisho-Busy", "1");
+                let _ = busy_client
+                    .publish_with_headers(reply, h, Bytes::new())
+                    .await;
+            }
+        }
+    });
+    *BUSY.lock().unwrap_or_else(|p| p.into_inner()) = Some(busy.abort_handle());
     let replica = sessions::Replica::open(client, &config.name, config.replicas).await?;
     sessions::Replicated::open(replica, &config.node, local).await
 }
+
+/// The task that answers "busy" for this node's sessions while it starts ([`session_storage`]).
+static BUSY: Mutex<Option<tokio::task::AbortHandle>> = Mutex::new(None);
 
 fn validate(config: &Config) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -1709,12 +1778,24 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         registry_alive.clone(),
         config.isolation,
     ));
+    let requests = client
+        .subscribe(subject::handover_subject(&prefix, &config.node))
+        .await
+        .context("cluster: answering session handovers")?;
+    client
+        .flush()
+        .await
+        .context("cluster: answering session handovers")?;
     tokio::spawn(answer_handovers(
         client.clone(),
         broker.clone(),
         claims.clone(),
-        subject::handover_subject(&prefix, &config.node),
+        requests,
     ));
+    // This node answers for its sessions now, no longer "busy".
+    if let Some(busy) = BUSY.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        busy.abort();
+    }
     tokio::spawn(adopt::heartbeat(
         client.clone(),
         format!("{prefix}.hb"),
@@ -1727,13 +1808,14 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         claims.clone(),
         format!("{prefix}.hb"),
     ));
+    let registry = Arc::new(std::sync::OnceLock::new());
     tokio::spawn(answer_status(
         client.clone(),
         broker.clone(),
         stats.clone(),
         format!("{prefix}.status"),
-        config.node.clone(),
-        node_id,
+        (config.node.clone(), node_id),
+        registry.clone(),
     ));
     tracing::info!(node = %config.node, node_id = format!("{node_id:016x}"), "cluster: joined");
     Ok(Arc::new(Cluster {
@@ -1744,6 +1826,7 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         groups,
         config: config.clone(),
         registry_alive,
+        registry,
     }))
 }
 
@@ -1753,8 +1836,8 @@ async fn answer_status(
     broker: Arc<Broker>,
     stats: Arc<Stats>,
     subject: String,
-    node: String,
-    node_id: u64,
+    (node, node_id): (String, u64),
+    registry: Arc<std::sync::OnceLock<std::sync::Weak<sekisho_registry::Registry>>>,
 ) {
     let started = Instant::now();
     let mut sub = match client.subscribe(subject).await {
@@ -1794,6 +1877,11 @@ async fn answer_status(
             "send_dropped": load(&stats.send_dropped),
             "slow_consumer": load(&stats.slow_consumer),
             "retained_applied": load(&stats.retained_applied),
+            // The registry log entries this node's registry has applied.
+            "registry_position": registry
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .map(|r| r.log_position()),
         });
         let body = Bytes::from(body.to_string());
         cached = Some((Instant::now(), body.clone()));
@@ -1810,6 +1898,15 @@ pub async fn status(
     let client = async_nats::connect(servers(url))
         .await
         .with_context(|| format!("connecting to {url}"))?;
+    ask_status(&client, name, wait).await
+}
+
+/// Every node's status answer within `wait`, by node name.
+pub(crate) async fn ask_status(
+    client: &async_nats::Client,
+    name: &str,
+    wait: Duration,
+) -> anyhow::Result<Vec<serde_json::Value>> {
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await?;
     client

@@ -276,6 +276,7 @@ pub async fn join_registry(
         .await
         .context("cluster: joining the registry log")??;
     registry.attach_log(log);
+    let _ = cluster.registry.set(Arc::downgrade(&registry));
     Ok(())
 }
 
@@ -329,8 +330,8 @@ async fn join(
         .get_info()
         .await
         .context("cluster: the registry log")?;
-    let last = info.state.last_sequence;
-    let applied = registry.log_position();
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut applied = registry.log_position();
     let identity = info.created.unix_timestamp_nanos().to_string();
     if applied > 0 && registry.log_identity().as_deref() != Some(identity.as_str()) {
         anyhow::bail!(
@@ -347,6 +348,18 @@ async fn join(
              (move registry.db away) to join",
             config.name
         );
+    }
+    // The entries after this replica's position were compacted away while it was down: it
+    // starts again from the latest snapshot, as a node that joins empty.
+    if applied > 0 && applied < last && applied + 1 < first {
+        tracing::warn!(
+            applied,
+            first,
+            "cluster: the registry log was compacted past this replica; it starts again from the latest snapshot"
+        );
+        let r = registry.clone();
+        tokio::task::spawn_blocking(move || r.clear_replica()).await??;
+        applied = 0;
     }
     // What a crash left of snapshots on their way.
     if let Ok(mut dir) = tokio::fs::read_dir(&scratch).await {
@@ -447,6 +460,8 @@ async fn join(
                 identity,
                 config.snapshot_every,
                 scratch,
+                (stream.clone(), client.clone(), config.name.clone()),
+                config.log_keep,
             ));
         }
         _ => {}
@@ -535,14 +550,76 @@ async fn restore_snapshot(
     Ok(Some(got?))
 }
 
+/// Removes the registry log's entries that no node needs any more: those up to the stored
+/// snapshot's position (`snapshot`) that every node answering `sekisho cluster status` has
+/// applied. Nothing while a node answers without a position (it is joining, perhaps from the
+/// log's start). A node that was away meanwhile (stopped, or cut off) and comes back behind
+/// the log's first entry starts again from the snapshot ([`join`]). Returns the last entry
+/// removed, if any.
+async fn compact(
+    stream: &jetstream::stream::Stream,
+    client: &async_nats::Client,
+    name: &str,
+    snapshot: u64,
+    keep: Duration,
+) -> anyhow::Result<Option<u64>> {
+    let first = tokio::time::timeout(INFO_TIMEOUT, stream.get_info())
+        .await??
+        .state
+        .first_sequence;
+    if snapshot < first {
+        return Ok(None);
+    }
+    let nodes = crate::ask_status(client, name, COMPACT_ASK).await?;
+    let mut upto = snapshot;
+    for n in &nodes {
+        match n["registry_position"].as_u64() {
+            Some(p) => upto = upto.min(p),
+            None => return Ok(None),
+        }
+    }
+    if nodes.is_empty() || upto < first {
+        return Ok(None);
+    }
+    // Only entries stored more than `keep` ago (by NATS's clock): the last of them, found by
+    // bisection (the log's times grow with its sequence).
+    let before = (std::time::SystemTime::now() - keep)
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    let (mut lo, mut hi, mut found) = (first, upto, None);
+    while lo <= hi {
+        let mid = lo + (hi - lo) / 2;
+        let m = tokio::time::timeout(INFO_TIMEOUT, stream.get_raw_message(mid)).await??;
+        if m.time.unix_timestamp_nanos() < before {
+            found = Some(mid);
+            lo = mid + 1;
+        } else if mid == 0 {
+            break;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let Some(upto) = found else {
+        return Ok(None);
+    };
+    stream.purge().sequence(upto + 1).await?;
+    Ok(Some(upto))
+}
+
+/// How long compaction waits for the nodes' positions.
+const COMPACT_ASK: Duration = Duration::from_secs(1);
+
 /// Writes a snapshot when none is there, or the registry went `every` entries beyond the one
-/// there (whichever node does it; two at once write two good ones).
+/// there (whichever node does it; two at once write two good ones), and compacts the log
+/// ([`compact`]).
 async fn write_snapshots(
     bucket: jetstream::object_store::ObjectStore,
     registry: Arc<Registry>,
     identity: String,
     every: u64,
     scratch: PathBuf,
+    (stream, client, name): (jetstream::stream::Stream, async_nats::Client, String),
+    keep: Duration,
 ) {
     let mut wait = Duration::from_secs(1);
     loop {
@@ -558,6 +635,13 @@ async fn write_snapshots(
             Err(e) if e.kind() == jetstream::object_store::InfoErrorKind::NotFound => 0,
             Err(_) => continue,
         };
+        if stored > 0 {
+            match compact(&stream, &client, &name, stored, keep).await {
+                Ok(Some(upto)) => tracing::info!(upto, "cluster: registry log compacted"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cluster: compacting the registry log"),
+            }
+        }
         let now = registry.log_position();
         if now == 0 || (stored > 0 && now < stored + every) || now <= stored {
             continue;

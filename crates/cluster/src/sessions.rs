@@ -28,15 +28,33 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 use sekisho_broker::Message;
 use sekisho_broker::durable::{
-    Change, Loaded, LoadedMessage, LoadedQueued, Snapshot, Storage, StorageError, StoredSession,
-    WallClock, decode_loaded, encode_loaded,
+    Change, Loaded, LoadedMessage, LoadedQueued, REDELIVERY_WINDOW, Snapshot, Storage,
+    StorageError, StoredSession, WallClock, decode_loaded, encode_loaded,
 };
 
 use crate::subject::token;
 
-/// How long a commit keeps trying while NATS does not answer before the broker's storage is
-/// declared failed (nothing more is acknowledged until a restart).
-const COMMIT_PATIENCE: Duration = Duration::from_secs(600);
+/// Set at shutdown: past it, a commit that NATS does not take is no longer tried again (the
+/// journal fails, so shutdown does not wait for NATS for ever).
+static GIVE_UP_AT: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Commits NATS does not take are tried again for `within` more at most; called at shutdown,
+/// before the journal is closed.
+pub fn shutting_down(within: Duration) {
+    let _ = GIVE_UP_AT.set(Instant::now() + within);
+}
+
+/// How long NATS keeps a stored entry of a session no node touches any more (its node died
+/// for good and its device never came back): beyond the session's expiry (a session held by a
+/// connection: AWS's longest, 7 days), and the redelivery window for a queued message.
+const KEPT_BEYOND: Duration = Duration::from_secs(600);
+const CONNECTED_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
+const QUEUED_KEPT: Duration = REDELIVERY_WINDOW.saturating_add(KEPT_BEYOND);
+
+/// How long NATS keeps a session's entry written now.
+fn session_kept(s: &StoredSession, connected: bool) -> Duration {
+    if connected { CONNECTED_KEPT } else { s.expiry }.saturating_add(KEPT_BEYOND)
+}
 
 /// How long a read waits for the next message of the stream.
 const READ_WAIT: Duration = Duration::from_secs(5);
@@ -44,7 +62,8 @@ const READ_WAIT: Duration = Duration::from_secs(5);
 /// One write to the stream.
 #[derive(Debug)]
 enum Op {
-    Put(String, Bytes),
+    /// A value, kept for at most so long (`None`: until replaced).
+    Put(String, Bytes, Option<Duration>),
     /// An empty message removed by NATS after a second.
     Forget(String),
     /// Everything under a filter.
@@ -107,14 +126,21 @@ impl Replica {
     /// Applies `ops` in order; every write acknowledged by JetStream before it returns.
     async fn apply(&self, ops: &[Op]) -> Result<(), String> {
         let mut acks = Vec::new();
-        for op in ops {
-            match op {
-                Op::Put(subject, bytes) => acks.push(
-                    self.js
-                        .publish(subject.clone(), bytes.clone())
-                        .await
-                        .map_err(|e| e.to_string())?,
-                ),
+        let mut i = 0;
+        while i < ops.len() {
+            match &ops[i] {
+                Op::Put(subject, bytes, ttl) => {
+                    let mut h = HeaderMap::new();
+                    if let Some(ttl) = ttl {
+                        h.insert("Nats-TTL", format!("{}s", ttl.as_secs().max(1)).as_str());
+                    }
+                    acks.push(
+                        self.js
+                            .publish_with_headers(subject.clone(), h, bytes.clone())
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    )
+                }
                 Op::Forget(subject) => {
                     let mut h = HeaderMap::new();
                     h.insert("Nats-TTL", "1s");
@@ -125,19 +151,25 @@ impl Replica {
                             .map_err(|e| e.to_string())?,
                     );
                 }
-                Op::Purge(filter) => {
-                    // Writes before it land first: a session ended and begun again in one
-                    // batch keeps the new one.
+                Op::Purge(_) => {
+                    // Writes before them land first (a session ended and begun again in one
+                    // batch keeps the new one); purges in a row (sessions of different
+                    // client ids) go at once.
                     for a in acks.drain(..) {
                         a.await.map_err(|e| e.to_string())?;
                     }
-                    self.stream
-                        .purge()
-                        .filter(filter.clone())
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let mut purges = futures_util::stream::FuturesUnordered::new();
+                    while let Some(Op::Purge(filter)) = ops.get(i) {
+                        purges.push(self.stream.purge().filter(filter.clone()).into_future());
+                        i += 1;
+                    }
+                    while let Some(r) = purges.next().await {
+                        r.map_err(|e| e.to_string())?;
+                    }
+                    continue;
                 }
             }
+            i += 1;
         }
         for a in acks {
             a.await.map_err(|e| e.to_string())?;
@@ -175,12 +207,12 @@ impl Replica {
         let mut parts = Parts::default();
         let base = filter.trim_end_matches(".>").len();
         loop {
+            // The filter holds a message (the caller saw one): a silence is a failure, never
+            // an empty answer.
             let m = match tokio::time::timeout(READ_WAIT, messages.next()).await {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => return Err(e.to_string()),
                 Ok(None) => return Err("the sessions stream ended".into()),
-                // What was checked for expired meanwhile (an empty message's second).
-                Err(_) if parts.read == 0 => break,
                 Err(_) => return Err("no message of the sessions stream came for 5 s".into()),
             };
             parts.read += 1;
@@ -308,8 +340,8 @@ pub struct Replicated<S> {
     runtime: tokio::runtime::Handle,
     /// When each session not connected was left (a session left earlier keeps its time).
     left: HashMap<(Arc<str>, Arc<str>), u64>,
-    /// Queued messages with a packet id stored.
-    sent: HashSet<(Arc<str>, Arc<str>, u64)>,
+    /// Queued messages with a packet id stored, by session.
+    sent: HashMap<(Arc<str>, Arc<str>), HashSet<u64>>,
 }
 
 impl<S> std::fmt::Debug for Replicated<S> {
@@ -369,7 +401,7 @@ impl<S: Storage> Replicated<S> {
             node: node.to_owned(),
             runtime: tokio::runtime::Handle::current(),
             left: HashMap::new(),
-            sent: HashSet::new(),
+            sent: HashMap::new(),
         };
         let ours = std::mem::take(&mut snapshot.sessions);
         let sessions = if mine {
@@ -390,21 +422,27 @@ impl<S: Storage> Replicated<S> {
                 if let Some(b) =
                     session_bytes(&l.account, &l.client_id, &l.session, l.disconnected_at_ms)
                 {
-                    ops.push(Op::Put(format!("{base}.s"), b));
+                    let connected = l.disconnected_at_ms.is_none();
+                    ops.push(Op::Put(
+                        format!("{base}.s"),
+                        b,
+                        Some(session_kept(&l.session, connected)),
+                    ));
                 }
                 for q in &l.queue {
                     if let Some(id) = q.packet_id {
                         ops.push(Op::Put(
                             format!("{base}.p.{}", q.seq),
                             Bytes::copy_from_slice(&id.to_be_bytes()),
+                            Some(QUEUED_KEPT),
                         ));
                     }
                     if let Some(b) = queued_bytes(&l.account, &l.client_id, q.clone()) {
-                        ops.push(Op::Put(format!("{base}.q.{}", q.seq), b));
+                        ops.push(Op::Put(format!("{base}.q.{}", q.seq), b, Some(QUEUED_KEPT)));
                     }
                 }
             }
-            ops.push(Op::Put(seeded, Bytes::from_static(b"1")));
+            ops.push(Op::Put(seeded, Bytes::from_static(b"1"), None));
             s.replica.apply(&ops).await.map_err(anyhow::Error::msg)?;
             if !ours.is_empty() {
                 tracing::info!(
@@ -433,8 +471,14 @@ impl<S: Storage> Replicated<S> {
             if let Some(at) = l.disconnected_at_ms {
                 s.left.insert(key.clone(), at);
             }
-            for q in l.queue.iter().filter(|q| q.packet_id.is_some()) {
-                s.sent.insert((key.0.clone(), key.1.clone(), q.seq));
+            let sent: HashSet<u64> = l
+                .queue
+                .iter()
+                .filter(|q| q.packet_id.is_some())
+                .map(|q| q.seq)
+                .collect();
+            if !sent.is_empty() {
+                s.sent.insert(key, sent);
             }
         }
         snapshot.sessions = sessions;
@@ -459,12 +503,16 @@ impl<S: Storage> Replicated<S> {
                     };
                     let base = self.replica.session(&self.node, account, client_id);
                     if let Some(b) = session_bytes(account, client_id, session, left) {
-                        ops.push(Op::Put(format!("{base}.s"), b));
+                        ops.push(Op::Put(
+                            format!("{base}.s"),
+                            b,
+                            Some(session_kept(session, session.connected)),
+                        ));
                     }
                 }
                 Change::DeleteSession { account, client_id } => {
                     self.left.remove(&(account.clone(), client_id.clone()));
-                    self.sent.retain(|(a, c, _)| a != account || c != client_id);
+                    self.sent.remove(&(account.clone(), client_id.clone()));
                     let base = self.replica.session(&self.node, account, client_id);
                     ops.push(Op::Purge(format!("{base}.>")));
                 }
@@ -492,7 +540,9 @@ impl<S: Storage> Replicated<S> {
                     };
                     let base = self.replica.session(&self.node, account, client_id);
                     match queued_bytes(account, client_id, q) {
-                        Some(b) => ops.push(Op::Put(format!("{base}.q.{seq}"), b)),
+                        Some(b) => {
+                            ops.push(Op::Put(format!("{base}.q.{seq}"), b, Some(QUEUED_KEPT)))
+                        }
                         None => {
                             tracing::warn!(%client_id, seq, "cluster: a message that cannot be encoded is not stored")
                         }
@@ -504,11 +554,15 @@ impl<S: Storage> Replicated<S> {
                     seq,
                     packet_id,
                 } => {
-                    self.sent.insert((account.clone(), client_id.clone(), *seq));
+                    self.sent
+                        .entry((account.clone(), client_id.clone()))
+                        .or_default()
+                        .insert(*seq);
                     let base = self.replica.session(&self.node, account, client_id);
                     ops.push(Op::Put(
                         format!("{base}.p.{seq}"),
                         Bytes::copy_from_slice(&packet_id.to_be_bytes()),
+                        Some(QUEUED_KEPT),
                     ));
                 }
                 Change::Ack {
@@ -518,10 +572,12 @@ impl<S: Storage> Replicated<S> {
                 } => {
                     let base = self.replica.session(&self.node, account, client_id);
                     ops.push(Op::Forget(format!("{base}.q.{seq}")));
-                    if self
-                        .sent
-                        .remove(&(account.clone(), client_id.clone(), *seq))
-                    {
+                    let key = (account.clone(), client_id.clone());
+                    let had = self.sent.get_mut(&key).is_some_and(|s| s.remove(seq));
+                    if self.sent.get(&key).is_some_and(HashSet::is_empty) {
+                        self.sent.remove(&key);
+                    }
+                    if had {
                         ops.push(Op::Forget(format!("{base}.p.{seq}")));
                     }
                 }
@@ -550,20 +606,30 @@ impl<S: Storage> Storage for Replicated<S> {
             return Ok(());
         }
         // Writes are idempotent (the last message per subject): a batch is written again whole
-        // until NATS takes it. Meanwhile nothing more is acknowledged (PUBACKs wait).
-        let began = Instant::now();
-        let mut warned = false;
+        // until NATS takes it, however long NATS is away (a node cut off from NATS ends its
+        // connections meanwhile, so little more comes in). Meanwhile nothing more is
+        // acknowledged (PUBACKs wait). At shutdown, a batch NATS does not take fails.
+        let mut warned: Option<Instant> = None;
         loop {
             match self.runtime.block_on(self.replica.apply(&ops)) {
-                Ok(()) => return Ok(()),
-                Err(e) if began.elapsed() < COMMIT_PATIENCE => {
-                    if !warned {
+                Ok(()) => {
+                    if warned.is_some() {
+                        tracing::info!("cluster: the sessions stream takes writes again");
+                    }
+                    return Ok(());
+                }
+                Err(e) if GIVE_UP_AT.get().is_some_and(|at| Instant::now() >= *at) => {
+                    return Err(StorageError(format!(
+                        "the sessions stream, at shutdown: {e}"
+                    )));
+                }
+                Err(e) => {
+                    if warned.is_none_or(|w| w.elapsed() > Duration::from_secs(30)) {
                         tracing::warn!(error = %e, "cluster: the sessions stream does not take writes; trying again");
-                        warned = true;
+                        warned = Some(Instant::now());
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                Err(e) => return Err(StorageError(format!("the sessions stream: {e}"))),
             }
         }
     }

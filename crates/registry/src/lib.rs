@@ -1260,6 +1260,21 @@ impl Registry {
         Ok(position)
     }
 
+    /// Empties this replica, memory and database (its account proposals kept), so that it
+    /// starts again from a snapshot: the log was compacted past the position it had applied.
+    /// Only before it serves (nothing may hold what it forgets).
+    pub fn clear_replica(&self) -> Result<()> {
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.clear_replica()?;
+        *st = load_state(&store, &self.region)?;
+        self.applied.store(0, Ordering::Release);
+        drop(store);
+        drop(st);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
     /// Which log this replica follows (what [`Registry::set_log_identity`] stored).
     pub fn log_identity(&self) -> Option<String> {
         self.store

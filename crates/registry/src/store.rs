@@ -541,6 +541,17 @@ impl Store {
         copied.and(detached.map(|_| ()))
     }
 
+    /// Deletes every document but this node's account proposals ([`Registry::clear_replica`]).
+    pub(crate) fn clear_replica(&mut self) -> Result<(), RegistryError> {
+        self.conn
+            .execute(
+                "DELETE FROM objects WHERE kind != ?1",
+                params![Kind::AccountProposal.as_str()],
+            )
+            .map(|_| ())
+            .map_err(db_err)
+    }
+
     /// Flushes the write-ahead log into the database file (at shutdown).
     pub(crate) fn checkpoint(&self) -> Result<(), RegistryError> {
         self.conn

@@ -484,6 +484,20 @@ fn a_snapshot_carries_a_replica_into_an_empty_one_which_goes_on_from_its_positio
         b.restore_from(&d.join("snap.db")).is_err(),
         "not empty any more"
     );
+    // A replica that fell behind a compacted log is emptied and starts again from the
+    // snapshot: nothing of what it held before stays.
+    b.apply_entry(at + 1, &entries.lock().unwrap()[at as usize])
+        .unwrap();
+    assert_eq!(b.log_position(), at + 1);
+    b.clear_replica().unwrap();
+    assert!(b.is_empty());
+    assert_eq!(b.log_position(), 0);
+    assert!(b.describe_thing(&info.id, "t1").is_err());
+    assert_eq!(b.restore_from(&d.join("snap.db")).unwrap(), at);
+    assert!(
+        b.describe_thing(&info.id, "later").is_err(),
+        "not in the snapshot"
+    );
     let log = Arc::new(MemLog {
         entries: entries.clone(),
         me: Mutex::new(Arc::downgrade(&b)),

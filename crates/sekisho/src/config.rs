@@ -365,6 +365,15 @@ pub struct ClusterConfig {
     /// log entries since the last one (and one as soon as there is none); 0: never.
     #[serde(default = "default_snapshot_every")]
     pub snapshot_every: u64,
+    /// Seconds the registry log keeps an entry once a snapshot holds it and every node has
+    /// applied it (default 3,600): a node away for less catches up from the log, one away
+    /// longer starts again from the latest snapshot when it comes back.
+    #[serde(default = "default_log_keep")]
+    pub log_keep_seconds: u64,
+}
+
+fn default_log_keep() -> u64 {
+    3600
 }
 
 fn default_isolation() -> u64 {

@@ -177,6 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             node: None,
                             isolation_seconds: 30,
                             snapshot_every: 1000,
+                            log_keep_seconds: 3600,
                         })
                     }
                 }
@@ -211,11 +212,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             } else {
                 println!(
-                    "NODE\tCONNECTIONS\tSESSIONS\tSUBSCRIPTIONS\tRETAINED\tSENT\tRECEIVED\tSEND_DROPPED\tSLOW_CONSUMER\tUPTIME_S"
+                    "NODE\tCONNECTIONS\tSESSIONS\tSUBSCRIPTIONS\tRETAINED\tSENT\tRECEIVED\tSEND_DROPPED\tSLOW_CONSUMER\tUPTIME_S\tREGISTRY_POSITION"
                 );
                 for n in &nodes {
                     println!(
-                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                         n["node"].as_str().unwrap_or("?"),
                         n["connections"],
                         n["sessions"],
@@ -226,6 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         n["send_dropped"],
                         n["slow_consumer"],
                         n["uptime_seconds"],
+                        n["registry_position"],
                     );
                 }
             }
@@ -338,6 +340,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         replicas: c.replicas,
         isolation: Duration::from_secs(c.isolation_seconds.max(1)),
         snapshot_every: c.snapshot_every,
+        log_keep: Duration::from_secs(c.log_keep_seconds),
         node: c
             .node
             .clone()
@@ -688,6 +691,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tasks.abort_all();
     // What the connections recorded as they closed is committed before the process ends.
     if let Some(j) = broker.journal() {
+        // In a cluster, what NATS does not take within 5 s is given up.
+        sekisho_cluster::sessions::shutting_down(Duration::from_secs(5));
         j.close();
     }
     registry.flush()?;
