@@ -539,11 +539,15 @@ async fn restore_snapshot(
     let path = scratch_file(scratch, "snapshot-in");
     let got = async {
         let mut object = bucket.get(SNAPSHOT_OBJECT).await?;
-        let mut file = tokio::fs::File::create(&path).await?;
+        let mut file =
+            tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::create(&path).await?);
         tokio::io::copy(&mut object, &mut file).await?;
-        file.sync_all().await?;
+        tokio::io::AsyncWriteExt::flush(&mut file).await?;
+        file.get_ref().sync_all().await?;
+        drop(file);
+        // The downloaded file becomes the node's database (no copy of its rows).
         let (r, p) = (registry.clone(), path.clone());
-        Ok::<_, anyhow::Error>(tokio::task::spawn_blocking(move || r.restore_from(&p)).await??)
+        Ok::<_, anyhow::Error>(tokio::task::spawn_blocking(move || r.restore_file(&p)).await??)
     }
     .await;
     let _ = tokio::fs::remove_file(&path).await;

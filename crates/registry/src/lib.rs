@@ -1260,6 +1260,84 @@ impl Registry {
         Ok(position)
     }
 
+    /// Makes this empty registry the snapshot at `snapshot` ([`Registry::snapshot_to`]) by
+    /// taking the file itself as its database (moved into place: it must be on the same file
+    /// system), then loading memory as at start-up; this node's own account proposals are
+    /// kept. Returns the log position the snapshot holds. A registry without a file copies
+    /// the snapshot's documents instead ([`Registry::restore_from`]).
+    pub fn restore_file(&self, snapshot: &Path) -> Result<u64> {
+        let Some(db) = self.path.clone() else {
+            return self.restore_from(snapshot);
+        };
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if !st.accounts.is_empty() || self.applied.load(Ordering::Acquire) != 0 {
+            return Err(RegistryError::Internal(
+                "a snapshot goes only into an empty registry".into(),
+            ));
+        }
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reader = self
+            .reader
+            .as_ref()
+            .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()));
+        let proposals = store.load(Kind::AccountProposal)?;
+        // The database's connections close before its files are replaced.
+        *store = Store::in_memory()?;
+        if let Some(r) = reader.as_deref_mut() {
+            *r = Store::in_memory()?;
+        }
+        for suffix in ["-wal", "-shm", ""] {
+            let mut f = db.clone().into_os_string();
+            f.push(suffix);
+            match std::fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(RegistryError::Internal(format!("registry database: {e}"))),
+            }
+        }
+        std::fs::rename(snapshot, &db)
+            .map_err(|e| RegistryError::Internal(format!("registry snapshot: {e}")))?;
+        *store = Store::open(&db)?;
+        store.apply(
+            &proposals
+                .into_iter()
+                .map(|row| Op::Put {
+                    kind: Kind::AccountProposal,
+                    account: row.account,
+                    key: row.key,
+                    doc: row.doc,
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        *st = std::thread::scope(|s| {
+            let ahead = s.spawn(|| prefetch(&Store::open_reader(&db)?));
+            load_state_with(&store, &self.region, || {
+                ahead.join().unwrap_or_else(|_| {
+                    Err(RegistryError::Internal(
+                        "the registry's loading thread failed".into(),
+                    ))
+                })
+            })
+        })?;
+        if let Some(r) = reader.as_deref_mut() {
+            *r = Store::open_reader(&db)?;
+        }
+        let position = store
+            .get(Kind::LogPosition, "", "")?
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        self.applied.store(position, Ordering::Release);
+        self.recent_shadows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .complete_from = position + 1;
+        drop(reader);
+        drop(store);
+        drop(st);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(position)
+    }
+
     /// Empties this replica, memory and database (its account proposals kept), so that it
     /// starts again from a snapshot: the log was compacted past the position it had applied.
     /// Only before it serves (nothing may hold what it forgets).

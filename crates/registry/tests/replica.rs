@@ -462,6 +462,58 @@ fn a_write_whose_append_was_not_answered_is_found_in_the_log_or_refused() {
 }
 
 #[test]
+fn a_snapshot_file_becomes_an_empty_replicas_database_with_its_proposals_kept() {
+    let d = dir("snapshot-file");
+    let entries: Entries = Arc::default();
+    let (a, _) = replica(&d.join("a.db"), &entries);
+    let (info, _) = a.create_account("default").unwrap();
+    for i in 0..20 {
+        a.create_thing(&info.id, &format!("t{i}"), None, BTreeMap::new())
+            .unwrap();
+    }
+    let at = a.snapshot_to(&d.join("snap.db")).unwrap();
+    a.create_thing(&info.id, "later", None, BTreeMap::new())
+        .unwrap();
+    // An account proposed on the empty replica's directory (no log attached, a position
+    // stored: `sekisho account create` beside a node) stays proposed.
+    let b_path = d.join("b.db");
+    {
+        let b = Registry::open(&b_path, "us-east-1").unwrap();
+        b.set_log_position(1).unwrap();
+        b.create_account("proposed").unwrap();
+    }
+    let b = Arc::new(Registry::open(&b_path, "us-east-1").unwrap());
+    b.set_log_position(0).unwrap();
+    assert!(b.is_empty());
+    assert_eq!(b.restore_file(&d.join("snap.db")).unwrap(), at);
+    assert!(!d.join("snap.db").exists(), "the file was moved into place");
+    assert!(
+        b.restore_file(&d.join("snap.db")).is_err(),
+        "not empty any more"
+    );
+    assert!(b.describe_thing(&info.id, "t19").is_ok());
+    let log = Arc::new(MemLog {
+        entries: entries.clone(),
+        me: Mutex::new(Arc::downgrade(&b)),
+        conflicts: AtomicUsize::new(0),
+        silent: AtomicUsize::new(0),
+    });
+    sync(&b, &entries);
+    b.attach_log(log);
+    same(&a, &b, &b_path);
+    assert_eq!(
+        b.load_new_accounts().unwrap().len(),
+        1,
+        "the proposal was kept"
+    );
+    drop(b);
+    // What it holds is on disk: opened again, the same.
+    let again = Registry::open(&b_path, "us-east-1").unwrap();
+    assert!(again.describe_thing(&info.id, "later").is_ok());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn a_snapshot_carries_a_replica_into_an_empty_one_which_goes_on_from_its_position() {
     let d = dir("snapshot");
     let entries: Entries = Arc::default();
