@@ -1303,7 +1303,9 @@ def test_a_node_killed_has_its_wills_and_events_published_by_another(cluster):
     publishes, exactly once in the cluster: the disconnection event of each connection that was
     live (disconnectReason SERVER_ERROR) and its will; a delayed will after its delay; none for
     a device that disconnected cleanly before, and none for a delayed will whose device came
-    back (on n1) before it was due. A persistent session live on n2 stays n2's: once n2 is
+    back (on n1) before it was due. A device whose connection had dropped before the kill, its
+    event published then and its will delayed 5 s, gets its will once, when due, from another
+    node, and no second event. A persistent session live on n2 stays n2's: once n2 is
     back, the device resumes it from n1 (session present)."""
     if len(cluster.nodes) < 3:
         cluster.start_third()
@@ -1315,7 +1317,7 @@ def test_a_node_killed_has_its_wills_and_events_published_by_another(cluster):
     far = cluster.client(cluster.nodes[2], device=cluster.devices[2])
     assert far.subscribe(f"{base}/#", qos=1)[0].value == 1
     clients = [watcher, far]
-    ids = {k: unique(k) for k in ("now", "later", "back", "clean", "home")}
+    ids = {k: unique(k) for k in ("now", "later", "back", "clean", "home", "gone")}
 
     def on_n2(key, will=None, props=None, clean=True):
         c = Paho(n2, "localhost", cluster.devices[1], ids[key], v5=True, clean=clean, will=will)
@@ -1333,10 +1335,13 @@ def test_a_node_killed_has_its_wills_and_events_published_by_another(cluster):
         clean = on_n2("clean", will=(f"{base}/clean", b"never", 1, False))
         home = on_n2("home", props=session, clean=False)
         assert home.subscribe(f"{base}/home", qos=1)[0].value == 1
+        gone = on_n2("gone", will=(f"{base}/gone", b"due", 1, False, _will_props(5)), props=session, clean=False)
         clean.close()
+        gone.drop()
+        dropped = time.time()
         events = [json.loads(m.payload) for m in drain(watcher.messages, 1.5)
                   if m.topic.startswith("$aws/events/")]
-        assert [e["clientId"] for e in events] == [ids["clean"]], events
+        assert sorted(e["clientId"] for e in events) == sorted([ids["clean"], ids["gone"]]), events
 
         n2.stop(sig=signal.SIGKILL, check=False)
         killed = time.time()
@@ -1354,8 +1359,11 @@ def test_a_node_killed_has_its_wills_and_events_published_by_another(cluster):
                 clients.append(back)
                 assert back.connect()[0] == 0
         got += drain(watcher.messages, 2)
+        got += drain(watcher.messages, max(0.0, dropped + 6 - time.time()))
         wills = [(m.topic, m.payload) for m in got if m.topic.startswith(base)]
-        assert sorted(wills) == [(f"{base}/later", b"late"), (f"{base}/now", b"gone")], wills
+        assert sorted(wills) == [(f"{base}/gone", b"due"), (f"{base}/later", b"late"), (f"{base}/now", b"gone")], wills
+        gone_at = arrived[f"{base}/gone"] + killed - dropped
+        assert 4.5 <= gone_at < 7, f"the dropped device's will came {gone_at:.1f} s after it dropped"
         assert arrived[f"{base}/now"] < 5, arrived
         assert arrived[f"{base}/later"] >= arrived[f"{base}/now"] + 1.5, arrived
         events = [json.loads(m.payload) for m in got if m.topic.startswith("$aws/events/")]
@@ -1366,7 +1374,7 @@ def test_a_node_killed_has_its_wills_and_events_published_by_another(cluster):
             assert e["principalIdentifier"] and e["sessionIdentifier"], e
         assert max(arrived[f"$aws/events/presence/disconnected/{ids[k]}"] for k in ("now", "home")) < 5, arrived
         far_wills = sorted(m.topic for m in drain(far.messages, 0.5))
-        assert far_wills == [f"{base}/later", f"{base}/now"], far_wills
+        assert far_wills == [f"{base}/gone", f"{base}/later", f"{base}/now"], far_wills
         event_at = arrived[f"$aws/events/presence/disconnected/{ids['now']}"]
         print(f"after SIGKILL: will {arrived[f'{base}/now']:.2f} s, event {event_at:.2f} s")
 

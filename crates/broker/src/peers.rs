@@ -91,6 +91,9 @@ pub struct Moved {
     pub mark: u64,
 }
 
+/// What [`Claims::reclaim_will`] resolves to.
+pub type ReclaimFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
 /// What [`Claims::handover`] resolves to.
 pub type HandoverFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Option<Moved>> + Send>>;
@@ -134,8 +137,19 @@ pub trait Claims: Send + Sync + std::fmt::Debug {
     /// Called once for every claim granted.
     fn attached(&self, account: &str, client_id: &str, claim: u64, epoch: u64);
 
-    /// The connection `epoch` ended: its testament no longer holds.
-    fn ended(&self, account: &str, client_id: &str, epoch: u64);
+    /// The connection `epoch` ended: its testament no longer holds, but for `leaves` (what
+    /// waits after it: a delayed will, with [`Testament::will_due_ms`] set).
+    fn ended(&self, account: &str, client_id: &str, epoch: u64, leaves: Option<Testament>);
+
+    /// The delayed will an ended connection left ([`Claims::ended`]) was published or
+    /// cancelled here: no other node is to publish it.
+    fn will_done(&self, account: &str, client_id: &str);
+
+    /// A delayed will this node stored before it stopped, at its start: true if this node is
+    /// still to publish it (its claim still carries it in this node's name, and this node took
+    /// it off, or there is no claim), false if another node adopted it meanwhile or the client
+    /// id was claimed again.
+    fn reclaim_will(&self, account: &str, client_id: &str) -> ReclaimFuture;
 }
 
 /// What a connection leaves if its node dies while it is connected: AWS's disconnection event
@@ -157,6 +171,10 @@ pub struct Testament {
     pub will: Option<(std::time::Duration, Message)>,
     /// Its `iot:ConnectAttributes` (`PersistentConnect`, `LastWill`), for the will's policy.
     pub connect_attributes: Vec<String>,
+    /// Set once the connection has ended (its disconnection event published) and only its
+    /// delayed will waits: when it is due, epoch milliseconds. Another node publishes only
+    /// the will, then, and not before.
+    pub will_due_ms: Option<u64>,
 }
 
 /// Publishes what dead nodes' connections left (the gateway's side of [`Testament`]).

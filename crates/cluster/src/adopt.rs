@@ -208,8 +208,14 @@ async fn sweep(
             && let Some((t, keep)) = body.testament
         {
             if body.run == owners.node_id {
-                // Nothing here holds or claims the client id any more.
+                // Nothing here holds or claims the client id any more (a delayed will that
+                // waits here keeps its testament until it is published or cancelled, or is
+                // a minute overdue).
+                let waits = t
+                    .will_due_ms
+                    .is_some_and(|due| due.saturating_add(60_000) > crate::now_ms());
                 if let Some(key) = subject::parse_claim(&owners.prefix, m.subject.as_str())
+                    && !waits
                     && !owners.lock().contains_key(&key)
                 {
                     tokio::spawn(retire(
@@ -256,15 +262,32 @@ pub(crate) async fn retire(
     payload: Bytes,
     keep: Duration,
 ) {
+    let _ = retire_now(&js, &subject, seq, payload, keep).await;
+}
+
+/// [`retire`], saying how it went: `Err(true)` when a later claim came (the claim was not
+/// replaced), `Err(false)` when JetStream did not answer.
+pub(crate) async fn retire_now(
+    js: &jetstream::Context,
+    subject: &str,
+    seq: u64,
+    payload: Bytes,
+    keep: Duration,
+) -> Result<(), bool> {
     let mut h = HeaderMap::new();
     h.insert(
         "Nats-Expected-Last-Subject-Sequence",
         seq.to_string().as_str(),
     );
     h.insert("Nats-TTL", claim_ttl(keep).as_str());
-    if let Ok(ack) = js.publish_with_headers(subject, h, payload).await {
-        let _ = ack.await;
-    }
+    let r = match js
+        .publish_with_headers(subject.to_owned(), h, payload)
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    r.map_err(|e| e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence)
 }
 
 /// What adopting one connection came to.
@@ -332,9 +355,16 @@ async fn adopt(
         },
     };
     tracing::info!(%client_id, from = %node, "cluster: a dead node's connection adopted");
-    orphans.disconnected(&account, &client_id, &t);
+    // A connection that had ended published its event then: only its delayed will waits.
+    if t.will_due_ms.is_none() {
+        orphans.disconnected(&account, &client_id, &t);
+    }
     let Some((delay, _)) = &t.will else {
         return Adoption::Done;
+    };
+    let delay = match t.will_due_ms {
+        Some(due) => Duration::from_millis(due.saturating_sub(crate::now_ms())),
+        None => *delay,
     };
     if t.certificate.is_none() {
         tracing::info!(%client_id, "cluster: a dead node's will of a principal other than a certificate is not published");
@@ -346,7 +376,6 @@ async fn adopt(
     }
     // A delayed will: sent when due, unless the client id was claimed again meanwhile (on
     // any node: its claim follows this one).
-    let delay = *delay;
     let stream = owners.stream.clone();
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;

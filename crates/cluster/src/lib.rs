@@ -292,6 +292,8 @@ pub struct Owners {
     ending: Arc<AtomicU64>,
     /// Where nodes store their persistent sessions (a dead node's are read from it).
     replica: sessions::Replica,
+    /// Itself (for tasks that outlive a call).
+    self_ref: std::sync::OnceLock<std::sync::Weak<Owners>>,
 }
 
 type OwnedMap = HashMap<(String, String), Owned>;
@@ -758,6 +760,28 @@ impl sekisho_broker::peers::Claims for Owners {
         })
     }
 
+    fn reclaim_will(&self, account: &str, client_id: &str) -> sekisho_broker::peers::ReclaimFuture {
+        let owners = self.self_ref.get().and_then(std::sync::Weak::upgrade);
+        let (account, client_id) = (account.to_owned(), client_id.to_owned());
+        Box::pin(async move {
+            match owners {
+                Some(o) => o.reclaim_will(&account, &client_id).await,
+                None => false,
+            }
+        })
+    }
+
+    fn will_done(&self, account: &str, client_id: &str) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let owners = self.self_ref.get().and_then(std::sync::Weak::upgrade);
+        let (account, client_id) = (account.to_owned(), client_id.to_owned());
+        if let Some(owners) = owners {
+            rt.spawn(async move { owners.retire_will(&account, &client_id).await });
+        }
+    }
+
     fn discard(&self, from: &str, account: &str, client_id: &str, claim: u64) {
         let subject = subject::handover_subject(&self.prefix, from);
         let payload = Bytes::from(format!("{account}\n{client_id}"));
@@ -970,7 +994,7 @@ impl sekisho_broker::peers::Claims for Owners {
         }
     }
 
-    fn ended(&self, account: &str, client_id: &str, epoch: u64) {
+    fn ended(&self, account: &str, client_id: &str, epoch: u64, leaves: Option<Testament>) {
         let key = (account.to_owned(), client_id.to_owned());
         let mut owned = self.lock();
         let mut refresh = None;
@@ -990,7 +1014,13 @@ impl sekisho_broker::peers::Claims for Owners {
         drop(owned);
         if let (Some((claim, keep)), Ok(rt)) = (refresh, tokio::runtime::Handle::try_current()) {
             let subject = subject::claim_subject(&self.prefix, account, client_id);
-            let payload = Bytes::from(testament::encode(self.node_id, &self.node, None));
+            // A delayed will that waits stays on the claim, for another node to publish if
+            // this one dies before it is due.
+            let payload = Bytes::from(testament::encode(
+                self.node_id,
+                &self.node,
+                leaves.as_ref().map(|t| (t, keep)),
+            ));
             let mut h = HeaderMap::new();
             h.insert("Nats-TTL", claim_ttl(keep).as_str());
             h.insert(
@@ -1025,6 +1055,88 @@ impl sekisho_broker::peers::Claims for Owners {
                 }
                 ending.fetch_sub(1, Ordering::Relaxed);
             });
+        }
+    }
+}
+
+impl Owners {
+    /// [`Claims::reclaim_will`]: the claim of `client_id` carries a delayed will in this
+    /// node's name (an earlier run's), taken off conditionally on its sequence (a node adopting
+    /// it at the same moment wins or loses as a whole).
+    async fn reclaim_will(&self, account: &str, client_id: &str) -> bool {
+        let subject = subject::claim_subject(&self.prefix, account, client_id);
+        for _ in 0..10 {
+            let m = match self.stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => m,
+                // No claim: nobody adopted the will (adoption replaces the claim).
+                Err(e)
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    return true;
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let Some(body) = testament::decode(&m.payload) else {
+                return false;
+            };
+            let Some((t, keep)) = body.testament.filter(|_| body.node == self.node) else {
+                return false;
+            };
+            if t.will_due_ms.is_none() {
+                return false;
+            }
+            let payload = Bytes::from(testament::encode(self.node_id, &self.node, None));
+            match adopt::retire_now(&self.js, &subject, m.sequence, payload, keep).await {
+                Ok(()) => return true,
+                Err(true) => continue,
+                Err(false) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+        // Not known: not published here (a will twice is worse than a will an adopter sends).
+        false
+    }
+
+    /// Takes the delayed will off this node's claim of `client_id`, if the claim is still this
+    /// run's and carries one (conditional on its sequence: a later claim stands).
+    async fn retire_will(&self, account: &str, client_id: &str) {
+        self.ending.fetch_add(1, Ordering::Relaxed);
+        self.retire_will_now(account, client_id).await;
+        self.ending.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn retire_will_now(&self, account: &str, client_id: &str) {
+        let subject = subject::claim_subject(&self.prefix, account, client_id);
+        for _ in 0..5 {
+            let m = match self.stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => m,
+                Err(e)
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    return;
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let Some(body) = testament::decode(&m.payload) else {
+                return;
+            };
+            let Some((t, keep)) = body.testament.filter(|_| body.run == self.node_id) else {
+                return;
+            };
+            if t.will_due_ms.is_none() {
+                return;
+            }
+            let payload = Bytes::from(testament::encode(self.node_id, &self.node, None));
+            match adopt::retire_now(&self.js, &subject, m.sequence, payload, keep).await {
+                Ok(()) => return,
+                Err(true) => continue,
+                Err(false) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
         }
     }
 }
@@ -1720,7 +1832,9 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         orphans: std::sync::OnceLock::new(),
         ending: Arc::default(),
         replica: sessions::Replica::open(client.clone(), &config.name, config.replicas).await?,
+        self_ref: std::sync::OnceLock::new(),
     });
+    let _ = claims.self_ref.set(Arc::downgrade(&claims));
     let feed = claim_feed(&claims_start, &client, &prefix, last)
         .await
         .context("cluster: following the claims stream")?;

@@ -52,6 +52,7 @@ pub fn encode(run: u64, node: &str, testament: Option<(&Testament, Duration)>) -
         "a": t.connect_attributes,
         "k": keep.as_secs(),
         "d": will.as_ref().map(|(d, _)| *d),
+        "u": t.will_due_ms,
     });
     out.push(b'\n');
     out.extend_from_slice(head.to_string().as_bytes());
@@ -124,6 +125,7 @@ fn read_testament(rest: &[u8]) -> Option<(Testament, Duration)> {
             certificate: text("c"),
             will,
             connect_attributes,
+            will_due_ms: head.get("u").and_then(Value::as_u64),
         },
         Duration::from_secs(head.get("k").and_then(Value::as_u64)?).min(KEEP_MOST),
     ))
@@ -262,13 +264,15 @@ mod tests {
                 )
             }),
             connect_attributes: vec!["PersistentConnect".into(), "LastWill".into()],
+            will_due_ms: None,
         }
     }
 
     #[test]
     fn a_claim_round_trips_with_and_without_its_testament() {
-        for will in [true, false] {
-            let t = testament(will);
+        let mut ended = testament(true);
+        ended.will_due_ms = Some(1_764_800_000_123);
+        for t in [testament(true), testament(false), ended] {
             let b = decode(&encode(
                 0xabc,
                 "node a",

@@ -870,8 +870,14 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
         &port.client_id,
         attached.epoch,
     );
+    // A delayed will of a certificate principal waits: in a cluster, its claim keeps it, so
+    // that another node publishes it if this one dies first.
+    let waits = closed
+        .will
+        .take()
+        .and_then(|w| publish_will(shared, &port, w, attached.epoch));
     if let Some(claims) = shared.claims.get() {
-        claims.ended(&port.account, &port.client_id, attached.epoch);
+        claims.ended(&port.account, &port.client_id, attached.epoch, waits);
     }
     // The deadline a custom authorizer set has its own reason.
     let reason = match end {
@@ -886,9 +892,6 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
         _ => end.lifecycle(),
     };
     tracing::debug!(client_id = %port.client_id, reason, "disconnected");
-    if let Some(w) = closed.will.take() {
-        publish_will(shared, &port, w, attached.epoch);
-    }
     // An adopted connection's event went out from the node that adopted it.
     if end != End::Adopted {
         events::disconnected(&shared.broker, &port.event_source(), reason);
@@ -905,6 +908,7 @@ fn testament(port: &Port, admission: &Admission) -> sekisho_broker::peers::Testa
         certificate: port.certificate.as_ref().map(|c| c.to_string()),
         will: admission.will(),
         connect_attributes: admission.connect_attributes.clone(),
+        will_due_ms: None,
     }
 }
 
@@ -987,8 +991,14 @@ async fn publish_now(broker: Arc<sekisho_broker::Broker>, account: String, messa
 
 /// Publishes a will the session authorized when the connection ended: now, or when its delay
 /// is over (held by the broker meanwhile, stored for a certificate principal, and cancelled by
-/// a connection of the client id).
-fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill, epoch: u64) {
+/// a connection of the client id). Returns what waits for another node to publish if this one
+/// dies first: a certificate principal's delayed will.
+fn publish_will(
+    shared: &Arc<Shared>,
+    port: &Port,
+    w: DueWill,
+    epoch: u64,
+) -> Option<sekisho_broker::peers::Testament> {
     let now = Instant::now();
     if w.at <= now {
         let m = Message::from_will(&w.template, now, events::now_ms());
@@ -997,13 +1007,26 @@ fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill, epoch: u64) {
             port.account.to_string(),
             m,
         ));
-        return;
+        return None;
     }
     // Authorized again when it is sent: the certificate, CA or credentials may be revoked, or
     // the policy changed, during the delay.
     let Ok(later) = port.principal.fresh() else {
-        return;
+        return None;
     };
+    let waits = port.certificate.as_ref().map(|c| {
+        let src = port.event_source();
+        let delay = w.at.saturating_duration_since(now);
+        sekisho_broker::peers::Testament {
+            session_identifier: src.session_identifier.to_string(),
+            principal: src.principal.to_string(),
+            thing_name: src.thing_name.map(str::to_string),
+            certificate: Some(c.to_string()),
+            will: Some((delay, w.template.clone())),
+            connect_attributes: later.ctx.connect_attributes.clone(),
+            will_due_ms: Some(events::now_ms().saturating_add(delay.as_millis() as u64)),
+        }
+    });
     let mut will = DelayedWill {
         id: 0,
         account: port.account.to_string(),
@@ -1019,6 +1042,9 @@ fn publish_will(shared: &Arc<Shared>, port: &Port, w: DueWill, epoch: u64) {
     will.cancelled = shared.broker.defer_will(&mut will);
     if will.cancelled.is_some() {
         schedule_will(shared.clone(), will, later);
+        waits
+    } else {
+        None
     }
 }
 
@@ -1031,9 +1057,20 @@ fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Prin
         broker.claim_will(&will);
         return;
     };
+    // In a cluster, no other node is to publish it once it is settled here.
+    let done = {
+        let shared = shared.clone();
+        let (account, client_id) = (will.account.clone(), will.client_id.clone());
+        move || {
+            if let Some(c) = shared.claims.get() {
+                c.will_done(&account, &client_id);
+            }
+        }
+    };
     let Some(reservation) = broker.reserve_offline(&will.account, weight(&will.template)) else {
         tracing::info!(client_id = %will.client_id, "offline quota full; delayed will dropped");
         broker.claim_will(&will);
+        done();
         return;
     };
     tokio::spawn(async move {
@@ -1043,7 +1080,8 @@ fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Prin
             _ = tokio::time::sleep_until(will.at.into()) => {}
             // A connection of the client id: the will, its bytes and its quota go now.
             _ = &mut cancelled => return,
-            // Kept in storage for the next start.
+            // Kept in storage for the next start (in a cluster, on its claim too: a node that
+            // adopts it before this one is back publishes it, and this one then does not).
             _ = shutdown.changed() => return,
         }
         if !broker.claim_will(&will) {
@@ -1051,10 +1089,12 @@ fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Prin
         }
         if !will_allowed(&mut principal, &will.template) {
             tracing::info!(client_id = %will.client_id, "delayed will no longer authorized; not published");
+            done();
             return;
         }
         let message = will.message(Instant::now(), events::now_ms());
         publish_now(broker, will.account.clone(), message).await;
+        done();
     });
 }
 
@@ -1080,7 +1120,22 @@ pub(crate) fn resume_wills(shared: &Arc<Shared>) {
                 // What its connection declared (a delayed will needs a persistent session).
                 principal.ctx.connect_attributes =
                     vec!["PersistentConnect".to_string(), "LastWill".to_string()];
-                schedule_will(shared.clone(), will, principal)
+                match shared.claims.get().cloned() {
+                    // In a cluster, another node may have adopted it (this node died) and
+                    // published it: only if its claim still carries it is it this node's.
+                    Some(claims) => {
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            if claims.reclaim_will(&will.account, &will.client_id).await {
+                                schedule_will(shared, will, principal);
+                            } else {
+                                tracing::info!(client_id = %will.client_id, "a stored delayed will was adopted by another node (or its device came back); not published here");
+                                shared.broker.claim_will(&will);
+                            }
+                        });
+                    }
+                    None => schedule_will(shared.clone(), will, principal),
+                }
             }
             Err(e) => {
                 tracing::info!(client_id = %will.client_id, error = %e, "stored will's certificate no longer usable; not published");
