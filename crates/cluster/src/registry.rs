@@ -239,6 +239,15 @@ async fn follow(
                                 // isolation_seconds).
                                 alive.store(false, Ordering::Relaxed);
                                 tracing::error!(error = %e, position, "cluster: applying a registry log entry");
+                                if let Ok(Ok(info)) = tokio::time::timeout(INFO_TIMEOUT, stream.get_info()).await
+                                    && info.state.first_sequence > registry.log_position() + 1
+                                {
+                                    tracing::error!(
+                                        applied = registry.log_position(),
+                                        first = info.state.first_sequence,
+                                        "cluster: the registry log was compacted past this replica while it was cut off; restart this node (it starts again from the latest snapshot)"
+                                    );
+                                }
                                 tokio::time::sleep(Duration::from_millis(500)).await;
                                 break;
                             }
