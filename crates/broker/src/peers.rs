@@ -141,15 +141,21 @@ pub trait Claims: Send + Sync + std::fmt::Debug {
     /// waits after it: a delayed will, with [`Testament::will_due_ms`] set).
     fn ended(&self, account: &str, client_id: &str, epoch: u64, leaves: Option<Testament>);
 
-    /// The delayed will an ended connection left ([`Claims::ended`]) was published or
-    /// cancelled here: no other node is to publish it.
-    fn will_done(&self, account: &str, client_id: &str);
-
-    /// A delayed will this node stored before it stopped, at its start: true if this node is
-    /// still to publish it (its claim still carries it in this node's name, and this node took
-    /// it off, or there is no claim), false if another node adopted it meanwhile or the client
-    /// id was claimed again.
-    fn reclaim_will(&self, account: &str, client_id: &str) -> ReclaimFuture;
+    /// A delayed will this node holds for `client_id` (left by an ended connection,
+    /// [`Claims::ended`], due at `due_ms`): true if this node is to publish it, because its
+    /// claim still carries it in this node's name and this node took it (conditionally on the
+    /// claim's sequence, so that an adopter and this node never both do), or there is no claim
+    /// and the will is not long overdue. False if another node adopted it or the client id
+    /// was claimed again (or the cluster did not answer: a will twice is the worse outcome).
+    /// `hold`: the claim keeps the will in this run's name (at start-up, for a will published
+    /// later); else the will comes off it (just before it is published).
+    fn reclaim_will(
+        &self,
+        account: &str,
+        client_id: &str,
+        due_ms: u64,
+        hold: bool,
+    ) -> ReclaimFuture;
 }
 
 /// What a connection leaves if its node dies while it is connected: AWS's disconnection event

@@ -760,26 +760,21 @@ impl sekisho_broker::peers::Claims for Owners {
         })
     }
 
-    fn reclaim_will(&self, account: &str, client_id: &str) -> sekisho_broker::peers::ReclaimFuture {
+    fn reclaim_will(
+        &self,
+        account: &str,
+        client_id: &str,
+        due_ms: u64,
+        hold: bool,
+    ) -> sekisho_broker::peers::ReclaimFuture {
         let owners = self.self_ref.get().and_then(std::sync::Weak::upgrade);
         let (account, client_id) = (account.to_owned(), client_id.to_owned());
         Box::pin(async move {
             match owners {
-                Some(o) => o.reclaim_will(&account, &client_id).await,
+                Some(o) => o.reclaim_will(&account, &client_id, due_ms, hold).await,
                 None => false,
             }
         })
-    }
-
-    fn will_done(&self, account: &str, client_id: &str) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let owners = self.self_ref.get().and_then(std::sync::Weak::upgrade);
-        let (account, client_id) = (account.to_owned(), client_id.to_owned());
-        if let Some(owners) = owners {
-            rt.spawn(async move { owners.retire_will(&account, &client_id).await });
-        }
     }
 
     fn discard(&self, from: &str, account: &str, client_id: &str, claim: u64) {
@@ -1063,16 +1058,18 @@ impl Owners {
     /// [`Claims::reclaim_will`]: the claim of `client_id` carries a delayed will in this
     /// node's name (an earlier run's), taken off conditionally on its sequence (a node adopting
     /// it at the same moment wins or loses as a whole).
-    async fn reclaim_will(&self, account: &str, client_id: &str) -> bool {
+    async fn reclaim_will(&self, account: &str, client_id: &str, due_ms: u64, hold: bool) -> bool {
         let subject = subject::claim_subject(&self.prefix, account, client_id);
         for _ in 0..10 {
             let m = match self.stream.get_last_raw_message_by_subject(&subject).await {
                 Ok(m) => m,
-                // No claim: nobody adopted the will (adoption replaces the claim).
+                // No claim: nobody adopted the will while its claim was kept (adoption
+                // replaces the claim, kept at least CLAIM_KEPT); long overdue, it may have
+                // been.
                 Err(e)
                     if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
                 {
-                    return true;
+                    return now_ms() < due_ms.saturating_add(CLAIM_KEPT.as_millis() as u64);
                 }
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1082,13 +1079,21 @@ impl Owners {
             let Some(body) = testament::decode(&m.payload) else {
                 return false;
             };
+            // The will on it (left at the disconnection, or still the connection's testament
+            // if that write failed), in this node's name.
             let Some((t, keep)) = body.testament.filter(|_| body.node == self.node) else {
                 return false;
             };
-            if t.will_due_ms.is_none() {
+            if t.will.is_none() {
                 return false;
             }
-            let payload = Bytes::from(testament::encode(self.node_id, &self.node, None));
+            let mut held = t.clone();
+            held.will_due_ms = Some(due_ms);
+            let payload = Bytes::from(testament::encode(
+                self.node_id,
+                &self.node,
+                hold.then_some((&held, keep)),
+            ));
             match adopt::retire_now(&self.js, &subject, m.sequence, payload, keep).await {
                 Ok(()) => return true,
                 Err(true) => continue,
@@ -1097,47 +1102,6 @@ impl Owners {
         }
         // Not known: not published here (a will twice is worse than a will an adopter sends).
         false
-    }
-
-    /// Takes the delayed will off this node's claim of `client_id`, if the claim is still this
-    /// run's and carries one (conditional on its sequence: a later claim stands).
-    async fn retire_will(&self, account: &str, client_id: &str) {
-        self.ending.fetch_add(1, Ordering::Relaxed);
-        self.retire_will_now(account, client_id).await;
-        self.ending.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    async fn retire_will_now(&self, account: &str, client_id: &str) {
-        let subject = subject::claim_subject(&self.prefix, account, client_id);
-        for _ in 0..5 {
-            let m = match self.stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(m) => m,
-                Err(e)
-                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-                {
-                    return;
-                }
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            let Some(body) = testament::decode(&m.payload) else {
-                return;
-            };
-            let Some((t, keep)) = body.testament.filter(|_| body.run == self.node_id) else {
-                return;
-            };
-            if t.will_due_ms.is_none() {
-                return;
-            }
-            let payload = Bytes::from(testament::encode(self.node_id, &self.node, None));
-            match adopt::retire_now(&self.js, &subject, m.sequence, payload, keep).await {
-                Ok(()) => return,
-                Err(true) => continue,
-                Err(false) => tokio::time::sleep(Duration::from_secs(1)).await,
-            }
-        }
     }
 }
 

@@ -396,7 +396,16 @@ async fn join(
                             "cluster: the registry starts from a snapshot"
                         )
                     }
+                    // The log's start was purged: only a snapshot can carry this node there.
+                    Ok(None) if first > 1 => anyhow::bail!(
+                        "cluster: the registry log starts at entry {first} (compacted) and no snapshot of it was found"
+                    ),
                     Ok(None) => {}
+                    Err(e) if first > 1 => {
+                        return Err(e.context(format!(
+                            "cluster: the registry log starts at entry {first} (compacted) and its snapshot could not be restored"
+                        )));
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "cluster: no registry snapshot could be used; applying the whole log")
                     }
@@ -605,8 +614,9 @@ async fn compact(
     }
     // Only entries stored more than `keep` ago (by NATS's clock): the last of them, found by
     // bisection (the log's times grow with its sequence).
-    let before = (std::time::SystemTime::now() - keep)
-        .duration_since(std::time::UNIX_EPOCH)
+    let before = std::time::SystemTime::now()
+        .checked_sub(keep)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos() as i128);
     let (mut lo, mut hi, mut found) = (first, upto, None);
     while lo <= hi {
@@ -672,6 +682,17 @@ async fn write_snapshots(
         let written = async {
             let (r, p) = (registry.clone(), path.clone());
             let position = tokio::task::spawn_blocking(move || r.snapshot_to(&p)).await??;
+            // Another node may have stored a later one meanwhile: never replaced by an older
+            // one (the log may be compacted up to the later one already).
+            if let Ok(i) = bucket.info(SNAPSHOT_OBJECT).await
+                && i.metadata.get("identity") == Some(&identity)
+                && i.metadata
+                    .get("position")
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .is_some_and(|p| p >= position)
+            {
+                return Ok(position);
+            }
             let mut file = tokio::fs::File::open(&path).await?;
             let meta = jetstream::object_store::ObjectMetadata {
                 name: SNAPSHOT_OBJECT.into(),

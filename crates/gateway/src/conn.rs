@@ -1040,8 +1040,7 @@ fn publish_will(
     // None: a newer connection of the client id (one that took the session over while this
     // one was ending) has cancelled it already.
     will.cancelled = shared.broker.defer_will(&mut will);
-    if will.cancelled.is_some() {
-        schedule_will(shared.clone(), will, later);
+    if will.cancelled.is_some() && schedule_will(shared.clone(), will, later) {
         waits
     } else {
         None
@@ -1050,29 +1049,32 @@ fn publish_will(
 
 /// Sends a delayed will when it is due, unless a connection of its client id cancelled it
 /// meanwhile ([MQTT-3.1.3-9]) or its principal may no longer publish it. Its bytes count
-/// against the account's offline quota while it waits, as queued messages do.
-fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Principal) {
+/// against the account's offline quota while it waits, as queued messages do. False when it
+/// was dropped at once (cancelled already, or the quota is full).
+fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Principal) -> bool {
     let broker = shared.broker.clone();
     let Some(mut cancelled) = will.cancelled.take() else {
         broker.claim_will(&will);
-        return;
-    };
-    // In a cluster, no other node is to publish it once it is settled here.
-    let done = {
-        let shared = shared.clone();
-        let (account, client_id) = (will.account.clone(), will.client_id.clone());
-        move || {
-            if let Some(c) = shared.claims.get() {
-                c.will_done(&account, &client_id);
-            }
-        }
+        return false;
     };
     let Some(reservation) = broker.reserve_offline(&will.account, weight(&will.template)) else {
         tracing::info!(client_id = %will.client_id, "offline quota full; delayed will dropped");
         broker.claim_will(&will);
-        done();
-        return;
+        return false;
     };
+    // In a cluster, a certificate's delayed will is also on its claim, for another node to
+    // publish if this one dies first: it is taken off the claim before it is published here,
+    // and not published here if another node adopted it (this node was cut off or stalled).
+    let claims = shared
+        .claims
+        .get()
+        .cloned()
+        .filter(|_| will.certificate.is_some());
+    let due_ms = events::now_ms().saturating_add(
+        will.at
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64,
+    );
     tokio::spawn(async move {
         let _reservation = reservation;
         let mut shutdown = shared.shutdown.clone();
@@ -1087,15 +1089,22 @@ fn schedule_will(shared: Arc<Shared>, mut will: DelayedWill, mut principal: Prin
         if !broker.claim_will(&will) {
             return;
         }
+        if let Some(c) = &claims
+            && !c
+                .reclaim_will(&will.account, &will.client_id, due_ms, false)
+                .await
+        {
+            tracing::info!(client_id = %will.client_id, "a delayed will was adopted by another node (or its device came back); not published here");
+            return;
+        }
         if !will_allowed(&mut principal, &will.template) {
             tracing::info!(client_id = %will.client_id, "delayed will no longer authorized; not published");
-            done();
             return;
         }
         let message = will.message(Instant::now(), events::now_ms());
         publish_now(broker, will.account.clone(), message).await;
-        done();
     });
+    true
 }
 
 /// Schedules the delayed wills stored before a restart, each authorized with its certificate's
@@ -1126,7 +1135,15 @@ pub(crate) fn resume_wills(shared: &Arc<Shared>) {
                     Some(claims) => {
                         let shared = shared.clone();
                         tokio::spawn(async move {
-                            if claims.reclaim_will(&will.account, &will.client_id).await {
+                            let due_ms = events::now_ms().saturating_add(
+                                will.at
+                                    .saturating_duration_since(Instant::now())
+                                    .as_millis() as u64,
+                            );
+                            if claims
+                                .reclaim_will(&will.account, &will.client_id, due_ms, true)
+                                .await
+                            {
                                 schedule_will(shared, will, principal);
                             } else {
                                 tracing::info!(client_id = %will.client_id, "a stored delayed will was adopted by another node (or its device came back); not published here");
@@ -1134,7 +1151,9 @@ pub(crate) fn resume_wills(shared: &Arc<Shared>) {
                             }
                         });
                     }
-                    None => schedule_will(shared.clone(), will, principal),
+                    None => {
+                        schedule_will(shared.clone(), will, principal);
+                    }
                 }
             }
             Err(e) => {

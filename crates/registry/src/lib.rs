@@ -1280,26 +1280,13 @@ impl Registry {
             .reader
             .as_ref()
             .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()));
-        let proposals = store.load(Kind::AccountProposal)?;
-        // The database's connections close before its files are replaced.
-        *store = Store::in_memory()?;
-        if let Some(r) = reader.as_deref_mut() {
-            *r = Store::in_memory()?;
-        }
-        for suffix in ["-wal", "-shm", ""] {
-            let mut f = db.clone().into_os_string();
-            f.push(suffix);
-            match std::fs::remove_file(&f) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(RegistryError::Internal(format!("registry database: {e}"))),
-            }
-        }
-        std::fs::rename(snapshot, &db)
-            .map_err(|e| RegistryError::Internal(format!("registry snapshot: {e}")))?;
-        *store = Store::open(&db)?;
-        store.apply(
-            &proposals
+        // The snapshot is made whole where it lies first (its schema checked by opening it,
+        // this node's account proposals put in, its memory view loaded): nothing of the live
+        // database is touched until it is known good.
+        let prepared = (|| {
+            let mut copy = Store::open(snapshot)?;
+            let proposals: Vec<Op> = store
+                .load(Kind::AccountProposal)?
                 .into_iter()
                 .map(|row| Op::Put {
                     kind: Kind::AccountProposal,
@@ -1307,25 +1294,62 @@ impl Registry {
                     key: row.key,
                     doc: row.doc,
                 })
-                .collect::<Vec<_>>(),
-        )?;
-        *st = std::thread::scope(|s| {
-            let ahead = s.spawn(|| prefetch(&Store::open_reader(&db)?));
-            load_state_with(&store, &self.region, || {
-                ahead.join().unwrap_or_else(|_| {
-                    Err(RegistryError::Internal(
-                        "the registry's loading thread failed".into(),
-                    ))
+                .collect();
+            copy.apply(&proposals)?;
+            let fresh = std::thread::scope(|s| {
+                let ahead = s.spawn(|| prefetch(&Store::open_reader(snapshot)?));
+                load_state_with(&copy, &self.region, || {
+                    ahead.join().unwrap_or_else(|_| {
+                        Err(RegistryError::Internal(
+                            "the registry's loading thread failed".into(),
+                        ))
+                    })
                 })
-            })
-        })?;
+            })?;
+            let position: u64 = copy
+                .get(Kind::LogPosition, "", "")?
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            copy.checkpoint()?;
+            Ok::<_, RegistryError>((fresh, position))
+        })();
+        let (fresh, position) = prepared?;
+        // Then it replaces the database in one rename, its connections closed first (and the
+        // old database's write-ahead files removed, which belong to it alone).
+        *store = Store::in_memory()?;
+        if let Some(r) = reader.as_deref_mut() {
+            *r = Store::in_memory()?;
+        }
+        let swapped = (|| {
+            for suffix in ["-wal", "-shm"] {
+                for base in [&db, &snapshot.to_path_buf()] {
+                    let mut f = base.clone().into_os_string();
+                    f.push(suffix);
+                    match std::fs::remove_file(&f) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(format!("{}: {e}", Path::new(&f).display())),
+                    }
+                }
+            }
+            std::fs::rename(snapshot, &db).map_err(|e| e.to_string())?;
+            if let Some(dir) = db.parent().and_then(|d| std::fs::File::open(d).ok()) {
+                let _ = dir.sync_all();
+            }
+            Ok(())
+        })();
+        // Whatever happened, the database at its path is opened again: the snapshot if it was
+        // moved into place, else the registry as it was (empty).
+        *store = Store::open(&db)?;
         if let Some(r) = reader.as_deref_mut() {
             *r = Store::open_reader(&db)?;
         }
-        let position = store
-            .get(Kind::LogPosition, "", "")?
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
+        if let Err(e) = swapped {
+            return Err(RegistryError::Internal(format!(
+                "registry snapshot not moved into place: {e}"
+            )));
+        }
+        *st = fresh;
         self.applied.store(position, Ordering::Release);
         self.recent_shadows
             .lock()

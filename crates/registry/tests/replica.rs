@@ -485,6 +485,17 @@ fn a_snapshot_file_becomes_an_empty_replicas_database_with_its_proposals_kept() 
     let b = Arc::new(Registry::open(&b_path, "us-east-1").unwrap());
     b.set_log_position(0).unwrap();
     assert!(b.is_empty());
+    // A file that is not a snapshot is refused and changes nothing: the registry is still its
+    // own database, with its proposal.
+    std::fs::write(
+        d.join("junk.db"),
+        b"not a database at all, but long enough to be read",
+    )
+    .unwrap();
+    assert!(b.restore_file(&d.join("junk.db")).is_err());
+    assert!(b.is_empty());
+    assert_eq!(b.log_position(), 0);
+    assert!(b_path.exists());
     assert_eq!(b.restore_file(&d.join("snap.db")).unwrap(), at);
     assert!(!d.join("snap.db").exists(), "the file was moved into place");
     assert!(
