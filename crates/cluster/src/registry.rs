@@ -638,6 +638,9 @@ async fn compact(
     Ok(Some(upto))
 }
 
+/// How long a node waits before it looks again at a log it could not compact.
+const COMPACT_QUIET: Duration = Duration::from_secs(60);
+
 /// How long compaction waits for the nodes' positions.
 const COMPACT_ASK: Duration = Duration::from_secs(1);
 
@@ -653,6 +656,7 @@ async fn write_snapshots(
     (stream, client, name): (jetstream::stream::Stream, async_nats::Client, String),
     keep: Duration,
 ) {
+    let mut quiet: Option<(u64, Instant)> = None;
     let mut wait = Duration::from_secs(1);
     loop {
         tokio::time::sleep(wait).await;
@@ -667,11 +671,17 @@ async fn write_snapshots(
             Err(e) if e.kind() == jetstream::object_store::InfoErrorKind::NotFound => 0,
             Err(_) => continue,
         };
-        if stored > 0 {
+        // Every node's status is asked for (a count under each broker's lock): for the same
+        // snapshot, at most once a minute while nothing comes of it.
+        if stored > 0 && quiet.is_none_or(|(s, t)| s != stored || Instant::now() >= t) {
+            quiet = None;
             match compact(&stream, &client, &name, stored, keep).await {
                 Ok(Some(upto)) => tracing::info!(upto, "cluster: registry log compacted"),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cluster: compacting the registry log"),
+                Ok(None) => quiet = Some((stored, Instant::now() + COMPACT_QUIET)),
+                Err(e) => {
+                    quiet = Some((stored, Instant::now() + COMPACT_QUIET));
+                    tracing::warn!(error = %e, "cluster: compacting the registry log")
+                }
             }
         }
         let now = registry.log_position();
