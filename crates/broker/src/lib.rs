@@ -595,7 +595,7 @@ pub struct Broker {
 /// connection of its client id before it is due cancels it ([`Broker::claim_will`]).
 #[derive(Debug)]
 pub struct DelayedWill {
-    /// Its id (for [`Broker::will_done`]).
+    /// Its id (for [`Broker::claim_will`]).
     pub id: u64,
     /// Account.
     pub account: String,

@@ -1887,11 +1887,21 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         format!("{prefix}.hb"),
     ));
     let registry = Arc::new(std::sync::OnceLock::new());
+    // Subscribed before this node joins the registry log: a node that compacts the log sees
+    // it joining (no position yet) and waits.
+    let asks = client
+        .subscribe(format!("{prefix}.status"))
+        .await
+        .context("cluster: answering status requests")?;
+    client
+        .flush()
+        .await
+        .context("cluster: answering status requests")?;
     tokio::spawn(answer_status(
         client.clone(),
         broker.clone(),
         stats.clone(),
-        format!("{prefix}.status"),
+        asks,
         (config.node.clone(), node_id),
         registry.clone(),
     ));
@@ -1913,18 +1923,11 @@ async fn answer_status(
     client: async_nats::Client,
     broker: Arc<Broker>,
     stats: Arc<Stats>,
-    subject: String,
+    mut sub: async_nats::Subscriber,
     (node, node_id): (String, u64),
     registry: Arc<std::sync::OnceLock<std::sync::Weak<sekisho_registry::Registry>>>,
 ) {
     let started = Instant::now();
-    let mut sub = match client.subscribe(subject).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cluster: status requests not answered");
-            return;
-        }
-    };
     // At most one count every half second, however often anyone asks (a count walks every
     // session under the broker's lock).
     let mut cached: Option<(Instant, Bytes)> = None;
