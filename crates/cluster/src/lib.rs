@@ -1547,14 +1547,12 @@ pub async fn session_storage<S: sekisho_broker::durable::Storage>(
     // Until `start` answers for this node's sessions, a node that asks for one (a device
     // resuming elsewhere meanwhile) hears "busy" and asks again, rather than taking it from
     // the sessions stream while this node loads it.
-    let mut asks = client
-        .subscribe(subject::handover_subject(&config.name, &config.node))
-        .await
-        .context("cluster: answering session handovers")?;
-    client
-        .flush()
-        .await
-        .context("cluster: answering session handovers")?;
+    let mut asks = subscribed(
+        &client,
+        subject::handover_subject(&config.name, &config.node),
+        "cluster: answering session handovers",
+    )
+    .await?;
     let busy_client = client.clone();
     let busy = tokio::spawn(async move {
         while let Some(m) = asks.next().await {
@@ -1574,6 +1572,17 @@ pub async fn session_storage<S: sekisho_broker::durable::Storage>(
 
 /// The task that answers "busy" for this node's sessions while it starts ([`session_storage`]).
 static BUSY: Mutex<Option<tokio::task::AbortHandle>> = Mutex::new(None);
+
+/// A subscription the NATS server has (flushed) when this returns.
+async fn subscribed(
+    client: &async_nats::Client,
+    subject: String,
+    what: &'static str,
+) -> anyhow::Result<async_nats::Subscriber> {
+    let sub = client.subscribe(subject).await.context(what)?;
+    client.flush().await.context(what)?;
+    Ok(sub)
+}
 
 fn validate(config: &Config) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -1856,14 +1865,12 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         registry_alive.clone(),
         config.isolation,
     ));
-    let requests = client
-        .subscribe(subject::handover_subject(&prefix, &config.node))
-        .await
-        .context("cluster: answering session handovers")?;
-    client
-        .flush()
-        .await
-        .context("cluster: answering session handovers")?;
+    let requests = subscribed(
+        &client,
+        subject::handover_subject(&prefix, &config.node),
+        "cluster: answering session handovers",
+    )
+    .await?;
     tokio::spawn(answer_handovers(
         client.clone(),
         broker.clone(),
@@ -1889,14 +1896,12 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
     let registry = Arc::new(std::sync::OnceLock::new());
     // Subscribed before this node joins the registry log: a node that compacts the log sees
     // it joining (no position yet) and waits.
-    let asks = client
-        .subscribe(format!("{prefix}.status"))
-        .await
-        .context("cluster: answering status requests")?;
-    client
-        .flush()
-        .await
-        .context("cluster: answering status requests")?;
+    let asks = subscribed(
+        &client,
+        format!("{prefix}.status"),
+        "cluster: answering status requests",
+    )
+    .await?;
     tokio::spawn(answer_status(
         client.clone(),
         broker.clone(),

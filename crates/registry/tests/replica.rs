@@ -61,15 +61,21 @@ fn sync(r: &Registry, entries: &Entries) {
 
 fn replica(path: &std::path::Path, entries: &Entries) -> (Arc<Registry>, Arc<MemLog>) {
     let r = Arc::new(Registry::open(path, "us-east-1").unwrap());
+    let log = follow(&r, entries);
+    (r, log)
+}
+
+/// Catches `r` up with the log and attaches it.
+fn follow(r: &Arc<Registry>, entries: &Entries) -> Arc<MemLog> {
     let log = Arc::new(MemLog {
         entries: entries.clone(),
-        me: Mutex::new(Arc::downgrade(&r)),
+        me: Mutex::new(Arc::downgrade(r)),
         conflicts: AtomicUsize::new(0),
         silent: AtomicUsize::new(0),
     });
-    sync(&r, entries);
+    sync(r, entries);
     r.attach_log(log.clone());
-    (r, log)
+    log
 }
 
 fn dir(name: &str) -> std::path::PathBuf {
@@ -503,14 +509,7 @@ fn a_snapshot_file_becomes_an_empty_replicas_database_with_its_proposals_kept() 
         "not empty any more"
     );
     assert!(b.describe_thing(&info.id, "t19").is_ok());
-    let log = Arc::new(MemLog {
-        entries: entries.clone(),
-        me: Mutex::new(Arc::downgrade(&b)),
-        conflicts: AtomicUsize::new(0),
-        silent: AtomicUsize::new(0),
-    });
-    sync(&b, &entries);
-    b.attach_log(log);
+    follow(&b, &entries);
     same(&a, &b, &b_path);
     assert_eq!(
         b.load_new_accounts().unwrap().len(),
@@ -561,14 +560,7 @@ fn a_snapshot_carries_a_replica_into_an_empty_one_which_goes_on_from_its_positio
         b.describe_thing(&info.id, "later").is_err(),
         "not in the snapshot"
     );
-    let log = Arc::new(MemLog {
-        entries: entries.clone(),
-        me: Mutex::new(Arc::downgrade(&b)),
-        conflicts: AtomicUsize::new(0),
-        silent: AtomicUsize::new(0),
-    });
-    sync(&b, &entries);
-    b.attach_log(log);
+    follow(&b, &entries);
     same(&a, &b, &d.join("b.db"));
     assert_eq!(
         b.shadow(&info.id, "t1", None).unwrap().as_deref(),
