@@ -5,15 +5,18 @@ log position); the registry tests at the end also start a node with an empty one
 replays the cluster's registry log."""
 
 import configparser
+import io
 import json
 import queue
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import boto3
@@ -252,7 +255,9 @@ class Relay:
 
 
 def node_config(nats, node):
-    return f'[cluster]\nurl = "{nats.url}"\nnode = "{node}"\n'
+    # [cluster] last: tests add keys of their own to it.
+    return (f'[functions]\nenabled = true\npython = "{sys.executable}"\n'
+            f'[cluster]\nurl = "{nats.url}"\nnode = "{node}"\n')
 
 
 class Cluster:
@@ -1197,6 +1202,54 @@ def test_a_shadow_updated_on_one_node_is_read_on_another(cluster):
         assert time.time() < end, doc
         time.sleep(0.02)
     assert doc["state"]["desired"] == {"temp": 19} and doc["state"]["delta"] == {"temp": 19}
+
+
+def _zip(source):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("app.py", source)
+    return buf.getvalue()
+
+
+def test_a_function_stored_on_one_node_runs_on_another(cluster):
+    """Function code is shared through NATS: a function created (and its code updated) on n1
+    runs on n2, which never received the zip, with the code the function names."""
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    name, role_name = unique("fn"), unique("fn-exec")
+    role = n1.boto("iam").create_role(RoleName=role_name, AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"},
+                                                "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+    cfg = Config(retries={"total_max_attempts": 1}, read_timeout=30)
+    lam1, lam2 = n1.boto("lambda", config=cfg), n2.boto("lambda", config=cfg)
+
+    def code(version):
+        return _zip(f"def handler(event, context):\n    return {{'version': {version}, 'event': event}}\n")
+
+    def seen_on_n2(sha):
+        end = time.time() + 5
+        while time.time() < end:
+            try:
+                if lam2.get_function(FunctionName=name)["Configuration"]["CodeSha256"] == sha:
+                    return
+            except ClientError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("n2 never saw the function's code change")
+
+    def run_on_n2(event):
+        out = lam2.invoke(FunctionName=name, Payload=json.dumps(event).encode())
+        assert "FunctionError" not in out, out["Payload"].read()
+        return json.loads(out["Payload"].read())
+
+    created = lam1.create_function(FunctionName=name, Runtime="python3.11", Role=role, Handler="app.handler",
+                                   Code={"ZipFile": code(1)})
+    seen_on_n2(created["CodeSha256"])
+    assert run_on_n2({"n": 1}) == {"version": 1, "event": {"n": 1}}
+    updated = lam1.update_function_code(FunctionName=name, ZipFile=code(2))
+    assert updated["CodeSha256"] != created["CodeSha256"]
+    seen_on_n2(updated["CodeSha256"])
+    assert run_on_n2({"n": 2}) == {"version": 2, "event": {"n": 2}}
+    lam1.delete_function(FunctionName=name)
 
 
 def _persistent(node, device, client_id):

@@ -479,11 +479,38 @@ fn zip_of(
         ));
     }
     // Hashing and unpacking (up to 250 MB) off the runtime's reactor.
-    tokio::task::block_in_place(|| host.host.store_code(&call.account, &zip)).map_err(|e| match e {
-        sekisho_functions::CodeError::Invalid(m) => invalid(m),
-        sekisho_functions::CodeError::TooLarge(m) => err(413, "RequestTooLargeException", m),
-        sekisho_functions::CodeError::Io(e) => err(500, "ServiceException", e.to_string()),
-    })
+    let (sha, size) = tokio::task::block_in_place(|| host.host.store_code(&call.account, &zip))
+        .map_err(|e| match e {
+            sekisho_functions::CodeError::Invalid(m) => invalid(m),
+            sekisho_functions::CodeError::TooLarge(m) => err(413, "RequestTooLargeException", m),
+            sekisho_functions::CodeError::Io(e) => err(500, "ServiceException", e.to_string()),
+        })?;
+    // In a cluster, the code reaches the share before the function naming it is written, so
+    // that every node can run it; what the account no longer names leaves the share later.
+    if let Some(share) = host.host.share() {
+        let put = share.put(&call.account, &sha, zip.into());
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(put)).map_err(
+            |e| {
+                err(
+                    500,
+                    "ServiceException",
+                    format!("The code could not be shared with the cluster: {e}"),
+                )
+            },
+        )?;
+        let (sweep, account) = (
+            share.sweep(&call.account, keep, sekisho_functions::SHARED_CODE_GRACE),
+            call.account.clone(),
+        );
+        tokio::spawn(async move {
+            match sweep.await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(account, removed = n, "shared function code swept"),
+                Err(e) => tracing::warn!(account, error = %e, "sweeping shared function code"),
+            }
+        });
+    }
+    Ok((sha, size))
 }
 
 fn create(state: &ApiState, call: &Call, name: &str) -> Result<Value, ApiError> {

@@ -21,6 +21,7 @@
 //! infrastructure: whoever can publish on its subjects can inject messages into any account.
 
 mod adopt;
+pub mod code;
 pub mod dedup;
 mod registry;
 pub mod sessions;
@@ -1115,6 +1116,11 @@ impl Cluster {
             .publish(format!("{}.hb", self.config.name), bye)
             .await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+    }
+
+    /// The function code the nodes share ([`code`]).
+    pub fn shared_code(&self) -> code::SharedCode {
+        code::SharedCode::new(jetstream::new(self.client.clone()), &self.config)
     }
 
     /// Whether the connection to NATS is up.

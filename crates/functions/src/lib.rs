@@ -21,11 +21,13 @@ mod runtime_api;
 
 pub use invoker::Invoker;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -57,6 +59,35 @@ pub struct Config {
     /// answer (AWS: 300; lower only to test what happens when they pass).
     pub authorizer_min_seconds: u32,
 }
+
+/// A future of a [`CodeShare`] call.
+pub type ShareFuture<T> = Pin<Box<dyn Future<Output = std::io::Result<T>> + Send>>;
+
+/// Where the nodes of a cluster keep function code for one another (cluster mode: a
+/// JetStream object store). A node that stores code puts its zip here before the function
+/// that names it is written; a node asked to run code it does not hold takes the zip from
+/// here, checks it against the hash the function names, and unpacks it as its own.
+pub trait CodeShare: Send + Sync {
+    /// Keeps `zip` (whose SHA-256 is `sha`, hex) for `account`; written again if it is there
+    /// (which makes it recent again for [`CodeShare::sweep`]).
+    fn put(&self, account: &str, sha: &str, zip: Bytes) -> ShareFuture<()>;
+    /// The zip kept for `account` and `sha`, if any (at most `limit` bytes: a larger one is
+    /// an error).
+    fn get(&self, account: &str, sha: &str, limit: usize) -> ShareFuture<Option<Bytes>>;
+    /// Removes `account`'s zips that `keep` does not name and that were last written more
+    /// than `older_than` ago; returns how many it removed.
+    fn sweep(
+        &self,
+        account: &str,
+        keep: BTreeSet<String>,
+        older_than: Duration,
+    ) -> ShareFuture<usize>;
+}
+
+/// How long shared code nobody names is kept: longer than a function's write takes to reach
+/// every node after its code was shared, so that a sweep on one node never removes code that
+/// a function being written on another is about to name.
+pub const SHARED_CODE_GRACE: Duration = Duration::from_secs(3600);
 
 /// Temporary credentials of the execution role.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -181,6 +212,8 @@ pub struct Host {
     /// Each function's generation: bumped when it is deleted or changed, so that instances of
     /// an older one, busy then, are ended when they finish rather than kept.
     generations: Mutex<HashMap<(String, String), u64>>,
+    /// The cluster's shared code, in cluster mode.
+    share: OnceLock<Arc<dyn CodeShare>>,
 }
 
 #[derive(Default)]
@@ -210,7 +243,49 @@ impl Host {
             idle: Mutex::new(HashMap::new()),
             alive: Mutex::new(Alive::default()),
             generations: Mutex::new(HashMap::new()),
+            share: OnceLock::new(),
         })
+    }
+
+    /// Shares code with the other nodes of a cluster through `share` (set once, at start).
+    pub fn set_share(&self, share: Arc<dyn CodeShare>) {
+        let _ = self.share.set(share);
+    }
+
+    /// The cluster's shared code, in cluster mode.
+    pub fn share(&self) -> Option<&Arc<dyn CodeShare>> {
+        self.share.get()
+    }
+
+    /// Makes sure the code `spec` names is unpacked here: in cluster mode, code stored on
+    /// another node is taken from the share, checked against its hash and unpacked.
+    async fn ensure_code(&self, spec: &FunctionSpec) -> Result<(), HostError> {
+        if code::task_dir(&self.cfg.dir, &spec.account, &spec.code_sha).is_dir() {
+            return Ok(());
+        }
+        let Some(share) = self.share.get() else {
+            return Ok(()); // `start` says it is missing
+        };
+        let zip = share
+            .get(&spec.account, &spec.code_sha, MAX_ZIP)
+            .await
+            .map_err(|e| HostError::Spawn(format!("fetching the function's code: {e}")))?
+            .ok_or_else(|| HostError::Spawn("the function's code is missing".into()))?;
+        if code::sha256_hex(&zip) != spec.code_sha {
+            return Err(HostError::Spawn(
+                "the shared code does not match the function's hash".into(),
+            ));
+        }
+        let (dir, account) = (self.cfg.dir.clone(), spec.account.clone());
+        match tokio::task::spawn_blocking(move || code::store(&dir, &account, &zip)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(HostError::Spawn(format!(
+                "unpacking the function's code: {e}"
+            ))),
+            Err(e) => Err(HostError::Spawn(format!(
+                "unpacking the function's code: {e}"
+            ))),
+        }
     }
 
     /// The least `refreshAfterInSeconds` and `disconnectAfterInSeconds` an authorizer may
@@ -302,6 +377,7 @@ impl Host {
         payload: Bytes,
     ) -> Result<(String, Outcome), HostError> {
         self.reap();
+        self.ensure_code(spec).await?;
         let key = (
             spec.account.clone(),
             spec.name.clone(),

@@ -285,3 +285,86 @@ async fn functions_run_only_for_the_accounts_allowed() {
         Err(HostError::Disabled)
     ));
 }
+
+/// A share in memory: (account, sha) → zip.
+#[derive(Default)]
+struct MemoryShare(std::sync::Mutex<BTreeMap<(String, String), Bytes>>);
+
+impl sekisho_functions::CodeShare for MemoryShare {
+    fn put(&self, account: &str, sha: &str, zip: Bytes) -> sekisho_functions::ShareFuture<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .insert((account.into(), sha.into()), zip);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn get(
+        &self,
+        account: &str,
+        sha: &str,
+        _limit: usize,
+    ) -> sekisho_functions::ShareFuture<Option<Bytes>> {
+        let zip = self
+            .0
+            .lock()
+            .unwrap()
+            .get(&(account.into(), sha.into()))
+            .cloned();
+        Box::pin(async move { Ok(zip) })
+    }
+
+    fn sweep(
+        &self,
+        _account: &str,
+        _keep: std::collections::BTreeSet<String>,
+        _older_than: Duration,
+    ) -> sekisho_functions::ShareFuture<usize> {
+        Box::pin(async { Ok(0) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_stored_on_another_node_is_taken_from_the_share_only_if_its_hash_matches() {
+    // Node 1 stores the code; node 2 (its own directory) has only the share.
+    let (one, two) = (host(1), host(1));
+    let share = Arc::new(MemoryShare::default());
+    two.set_share(share.clone());
+    let s = spec(&one, Duration::from_secs(3));
+    let zip = zip_of(&[("bootstrap", BOOTSTRAP, 0o755)]);
+    // Not shared yet: missing, as on a node without a share.
+    match two.invoke(&s, Bytes::from_static(b"{}")).await {
+        Err(HostError::Spawn(m)) => assert!(m.contains("missing"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Shared under its hash, but with other bytes: refused, nothing unpacked.
+    let other = zip_of(&[("bootstrap", "#!/bin/sh\nexit 0\n", 0o755)]);
+    use sekisho_functions::CodeShare as _;
+    share
+        .put(&s.account, &s.code_sha, Bytes::from(other))
+        .await
+        .unwrap();
+    match two.invoke(&s, Bytes::from_static(b"{}")).await {
+        Err(HostError::Spawn(m)) => assert!(m.contains("does not match"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The real code: node 2 unpacks it and runs it.
+    share
+        .put(&s.account, &s.code_sha, Bytes::from(zip))
+        .await
+        .unwrap();
+    let (_, out) = two
+        .invoke(&s, Bytes::from_static(b"{\"n\":7}"))
+        .await
+        .unwrap();
+    assert_eq!(response(&out)["event"], serde_json::json!({"n": 7}));
+    // Another account's function naming the same hash does not get this account's code.
+    let theirs = FunctionSpec {
+        account: "210987654321".into(),
+        ..s.clone()
+    };
+    match two.invoke(&theirs, Bytes::from_static(b"{}")).await {
+        Err(HostError::Spawn(m)) => assert!(m.contains("missing"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}

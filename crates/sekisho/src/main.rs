@@ -470,6 +470,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     );
     let _ = shared.functions.set(invoker.clone());
     if let Some(c) = &cluster {
+        invoker
+            .host
+            .set_share(Arc::new(SharedCode(c.shared_code())));
         let _ = shared.claims.set(c.claims.clone());
         c.claims
             .set_orphans(Arc::new(sekisho_gateway::conn::Orphans(shared.clone())));
@@ -741,5 +744,55 @@ async fn expire_uploads(
         if n > 0 {
             tracing::info!(uploads = n, days, "unfinished multipart uploads expired");
         }
+    }
+}
+
+/// The cluster's shared function code, as the functions host asks for it.
+struct SharedCode(sekisho_cluster::code::SharedCode);
+
+impl sekisho_functions::CodeShare for SharedCode {
+    fn put(
+        &self,
+        account: &str,
+        sha: &str,
+        zip: bytes::Bytes,
+    ) -> sekisho_functions::ShareFuture<()> {
+        let (share, account, sha) = (self.0.clone(), account.to_owned(), sha.to_owned());
+        Box::pin(async move {
+            share
+                .put(&account, &sha, zip)
+                .await
+                .map_err(std::io::Error::other)
+        })
+    }
+
+    fn get(
+        &self,
+        account: &str,
+        sha: &str,
+        limit: usize,
+    ) -> sekisho_functions::ShareFuture<Option<bytes::Bytes>> {
+        let (share, account, sha) = (self.0.clone(), account.to_owned(), sha.to_owned());
+        Box::pin(async move {
+            share
+                .get(&account, &sha, limit)
+                .await
+                .map_err(std::io::Error::other)
+        })
+    }
+
+    fn sweep(
+        &self,
+        account: &str,
+        keep: std::collections::BTreeSet<String>,
+        older_than: Duration,
+    ) -> sekisho_functions::ShareFuture<usize> {
+        let (share, account) = (self.0.clone(), account.to_owned());
+        Box::pin(async move {
+            share
+                .sweep(&account, &keep, older_than)
+                .await
+                .map_err(std::io::Error::other)
+        })
     }
 }
