@@ -486,7 +486,7 @@ fn zip_of(
             sekisho_functions::CodeError::Io(e) => err(500, "ServiceException", e.to_string()),
         })?;
     // In a cluster, the code reaches the share before the function naming it is written, so
-    // that every node can run it; what the account no longer names leaves the share later.
+    // that every node can run it ([`sweep_shared_code`] takes away what nothing names).
     if let Some(share) = host.host.share() {
         let put = share.put(&call.account, &sha, zip.into());
         tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(put)).map_err(
@@ -498,19 +498,31 @@ fn zip_of(
                 )
             },
         )?;
-        let (sweep, account) = (
-            share.sweep(&call.account, keep, sekisho_functions::SHARED_CODE_GRACE),
-            call.account.clone(),
-        );
-        tokio::spawn(async move {
-            match sweep.await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(account, removed = n, "shared function code swept"),
-                Err(e) => tracing::warn!(account, error = %e, "sweeping shared function code"),
-            }
-        });
     }
     Ok((sha, size))
+}
+
+/// After a function's code changed (the write in the log, so this node's registry holds every
+/// function up to it): the account's shared code that none of its functions names and that
+/// was last written more than the grace ago leaves the cluster's share. Nothing is removed if
+/// the functions cannot be listed.
+fn sweep_shared_code(state: &ApiState, account: &str) {
+    let Some(share) = state.functions.as_ref().and_then(|f| f.host.share()) else {
+        return;
+    };
+    let Ok(page) = state.registry.list_functions(account, None, usize::MAX) else {
+        return;
+    };
+    let keep = page.items.into_iter().map(|f| f.code_sha).collect();
+    let sweep = share.sweep(account, keep, sekisho_functions::SHARED_CODE_GRACE);
+    let account = account.to_owned();
+    tokio::spawn(async move {
+        match sweep.await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(account, removed = n, "shared function code swept"),
+            Err(e) => tracing::warn!(account, error = %e, "sweeping shared function code"),
+        }
+    });
 }
 
 fn create(state: &ApiState, call: &Call, name: &str) -> Result<Value, ApiError> {
@@ -568,6 +580,7 @@ fn create(state: &ApiState, call: &Call, name: &str) -> Result<Value, ApiError> 
             },
         )
         .map_err(registry_error)?;
+    sweep_shared_code(state, &call.account);
     Ok(configuration(state, &call.account, &f))
 }
 
@@ -593,6 +606,7 @@ fn update_code(state: &ApiState, call: &Call, name: &str) -> Result<Value, ApiEr
     if let Some(fs) = &state.functions {
         fs.host.retire(&call.account, name);
     }
+    sweep_shared_code(state, &call.account);
     Ok(configuration(state, &call.account, &f))
 }
 

@@ -18,6 +18,13 @@ use tokio::io::AsyncReadExt as _;
 /// Object store chunks (under NATS's default `max_payload` of 1 MiB).
 const CHUNK: usize = 512 * 1024;
 
+/// The most the share holds in all (a put beyond it fails, and so does the function's write):
+/// code never crowds out the registry log and the sessions in JetStream's storage.
+const MAX_BYTES: i64 = 8 << 30;
+
+/// A put of code the share holds, written less than this long ago, writes nothing.
+const FRESH: Duration = Duration::from_secs(1800);
+
 /// The cluster's shared function code.
 #[derive(Clone)]
 pub struct SharedCode {
@@ -32,6 +39,12 @@ impl std::fmt::Debug for SharedCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedCode").finish_non_exhaustive()
     }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn object(account: &str, sha: &str) -> String {
@@ -61,6 +74,7 @@ impl SharedCode {
                             bucket: self.name.clone(),
                             description: Some("Sekisho function code (decision 0014)".into()),
                             num_replicas: self.replicas,
+                            max_bytes: MAX_BYTES,
                             storage: jetstream::stream::StorageType::File,
                             ..Default::default()
                         })
@@ -71,15 +85,27 @@ impl SharedCode {
             .await
     }
 
-    /// Keeps `zip` for `account` under its hash `sha` (written again if it is there: it is
-    /// then recent again for [`SharedCode::sweep`]).
+    /// Keeps `zip` for `account` under its hash `sha`. Written again if it is there but was
+    /// last written more than half an hour ago: it is then recent again for
+    /// [`SharedCode::sweep`], which removes only what is older than its grace (an hour).
     pub async fn put(&self, account: &str, sha: &str, zip: Bytes) -> anyhow::Result<()> {
+        let bucket = self.bucket().await?;
+        if let Ok(i) = bucket.info(object(account, sha)).await
+            && !i.deleted
+            && i.size == zip.len()
+            && i.modified.is_some_and(|m| {
+                let age = now_secs().saturating_sub(m.unix_timestamp());
+                age >= 0 && (age as u64) < FRESH.as_secs()
+            })
+        {
+            return Ok(());
+        }
         let meta = jetstream::object_store::ObjectMetadata {
             name: object(account, sha),
             chunk_size: Some(CHUNK),
             ..Default::default()
         };
-        self.bucket().await?.put(meta, &mut zip.as_ref()).await?;
+        bucket.put(meta, &mut zip.as_ref()).await?;
         Ok(())
     }
 
@@ -120,9 +146,7 @@ impl SharedCode {
         older_than: Duration,
     ) -> anyhow::Result<usize> {
         let prefix = format!("{account}/");
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now = now_secs();
         let due = |modified: Option<i64>| {
             modified.is_some_and(|m| m + older_than.as_secs() as i64 <= now)
         };
@@ -149,8 +173,9 @@ impl SharedCode {
                 Ok(i) if due(i.modified.map(|m| m.unix_timestamp())) => {}
                 _ => continue,
             }
-            if bucket.delete(&name).await.is_ok() {
-                removed += 1;
+            match bucket.delete(&name).await {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!(object = %name, error = %e, "removing shared code"),
             }
         }
         Ok(removed)

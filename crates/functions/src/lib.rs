@@ -214,7 +214,17 @@ pub struct Host {
     generations: Mutex<HashMap<(String, String), u64>>,
     /// The cluster's shared code, in cluster mode.
     share: OnceLock<Arc<dyn CodeShare>>,
+    /// One fetch from the share at a time per (account, code): the others wait for it.
+    fetching: Mutex<HashMap<(String, String), FetchTurn>>,
+    /// Fetches from the share at once, in all.
+    fetch_slots: tokio::sync::Semaphore,
 }
+
+/// Whose turn it is to fetch one code from the share.
+type FetchTurn = Arc<tokio::sync::Mutex<()>>;
+
+/// How many codes are fetched from the share at once.
+const FETCHES: usize = 2;
 
 #[derive(Default)]
 struct Alive {
@@ -244,6 +254,8 @@ impl Host {
             alive: Mutex::new(Alive::default()),
             generations: Mutex::new(HashMap::new()),
             share: OnceLock::new(),
+            fetching: Mutex::new(HashMap::new()),
+            fetch_slots: tokio::sync::Semaphore::new(FETCHES),
         })
     }
 
@@ -258,34 +270,69 @@ impl Host {
     }
 
     /// Makes sure the code `spec` names is unpacked here: in cluster mode, code stored on
-    /// another node is taken from the share, checked against its hash and unpacked.
+    /// another node is taken from the share, checked against its hash and unpacked (one
+    /// fetch per code, a few at once in all, hashed and unpacked off the caller's thread,
+    /// within the function's timeout).
     async fn ensure_code(&self, spec: &FunctionSpec) -> Result<(), HostError> {
-        if code::task_dir(&self.cfg.dir, &spec.account, &spec.code_sha).is_dir() {
+        let here = || code::task_dir(&self.cfg.dir, &spec.account, &spec.code_sha).is_dir();
+        if here() {
             return Ok(());
         }
         let Some(share) = self.share.get() else {
             return Ok(()); // `start` says it is missing
         };
-        let zip = share
-            .get(&spec.account, &spec.code_sha, MAX_ZIP)
-            .await
-            .map_err(|e| HostError::Spawn(format!("fetching the function's code: {e}")))?
-            .ok_or_else(|| HostError::Spawn("the function's code is missing".into()))?;
-        if code::sha256_hex(&zip) != spec.code_sha {
-            return Err(HostError::Spawn(
-                "the shared code does not match the function's hash".into(),
-            ));
-        }
-        let (dir, account) = (self.cfg.dir.clone(), spec.account.clone());
-        match tokio::task::spawn_blocking(move || code::store(&dir, &account, &zip)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(HostError::Spawn(format!(
-                "unpacking the function's code: {e}"
-            ))),
-            Err(e) => Err(HostError::Spawn(format!(
-                "unpacking the function's code: {e}"
-            ))),
-        }
+        let key = (spec.account.clone(), spec.code_sha.clone());
+        let one = self
+            .fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let fetched = tokio::time::timeout(spec.timeout, async {
+            let _one = one.lock().await;
+            if here() {
+                return Ok(()); // fetched by the one before
+            }
+            let _slot = self
+                .fetch_slots
+                .acquire()
+                .await
+                .map_err(|e| HostError::Spawn(e.to_string()))?;
+            let zip = share
+                .get(&spec.account, &spec.code_sha, MAX_ZIP)
+                .await
+                .map_err(|e| HostError::Spawn(format!("fetching the function's code: {e}")))?
+                .ok_or_else(|| HostError::Spawn("the function's code is missing".into()))?;
+            let (dir, account, want) = (
+                self.cfg.dir.clone(),
+                spec.account.clone(),
+                spec.code_sha.clone(),
+            );
+            let unpacked = tokio::task::spawn_blocking(move || {
+                if code::sha256_hex(&zip) != want {
+                    return Err(HostError::Spawn(
+                        "the shared code does not match the function's hash".into(),
+                    ));
+                }
+                code::store(&dir, &account, &zip)
+                    .map(|_| ())
+                    .map_err(|e| HostError::Spawn(format!("unpacking the function's code: {e}")))
+            })
+            .await;
+            unpacked.unwrap_or_else(|e| Err(HostError::Spawn(e.to_string())))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(HostError::Spawn(
+                "fetching the function's code took longer than its timeout".into(),
+            ))
+        });
+        self.fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        fetched
     }
 
     /// The least `refreshAfterInSeconds` and `disconnectAfterInSeconds` an authorizer may
