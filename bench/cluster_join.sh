@@ -7,6 +7,9 @@
 #   N=20000 SKIP_BUILD=1 bench/cluster_join.sh
 #   N=1000000 SKIP_REPLAY=1 bench/cluster_join.sh   (no node 2: replaying a million devices'
 #                                                     log takes longer than a join may)
+#   FROM=DIR ...                          node 1 starts from a copy of DIR, a data directory
+#                                         that `sekisho-bench load-registry` filled with N
+#                                         devices before (at a million, that takes 4 minutes)
 #
 # Node 1's data directory gets the devices from `sekisho-bench load-registry` (as in
 # bench/fleet_registry.sh); node 1 then seeds the cluster's registry log from it. Node 2 joins
@@ -48,9 +51,14 @@ node() {
 rss_mib() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' /proc/$1/status; }
 ca_of_node1() { mkdir -p "$WORK/$1"; cp -a "$WORK"/n1/ca.* "$WORK"/n1/device-ca.* "$WORK"/n1/server.* "$WORK/$1/"; }
 
-"$BIN/sekisho" account list --data-dir "$WORK/n1" > /dev/null   # the data directory, its CAs, its account
-echo "== loading $N devices into node 1's registry"
-"$BENCH" load-registry --data-dir "$WORK/n1" --devices "$N" --keep 10 --out "$WORK/n1.keys" | tee "$OUT/load.json"
+if [ -n "${FROM:-}" ]; then
+  echo "== node 1's registry: a copy of $FROM"
+  cp -a "$FROM" "$WORK/n1"
+else
+  "$BIN/sekisho" account list --data-dir "$WORK/n1" > /dev/null   # the data directory, its CAs, its account
+  echo "== loading $N devices into node 1's registry"
+  "$BENCH" load-registry --data-dir "$WORK/n1" --devices "$N" --keep 10 --out "$WORK/n1.keys" | tee "$OUT/load.json"
+fi
 mkdir -p "$WORK/nats"
 "$NATS" -js -sd "$WORK/nats" -a 127.0.0.1 -p 14222 > "$WORK/nats.log" 2>&1 &
 NATSPID=$!

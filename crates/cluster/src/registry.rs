@@ -495,8 +495,104 @@ async fn join(
 }
 
 /// The snapshot object in the bucket `{NAME}_SNAPSHOTS`: the database of a replica (a compact
-/// SQLite copy), with its log position and the log's identity in the object's metadata.
+/// SQLite copy), with its log position and the log's identity in the object's metadata;
+/// compressed with zstd when its metadata says `encoding: zstd` (a registry's database
+/// shrinks about four times: a joining node downloads a quarter of it, and decompresses
+/// while it downloads).
 const SNAPSHOT_OBJECT: &str = "registry";
+
+/// The zstd level snapshots are written with (the fastest: the writing node serves meanwhile).
+const SNAPSHOT_ZSTD_LEVEL: i32 = 1;
+
+/// Compresses the file `from` into a new file `to` (blocking).
+fn compress(from: &Path, to: &Path) -> std::io::Result<()> {
+    let mut input = std::fs::File::open(from)?;
+    let out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(to)?);
+    let mut encoder = zstd::stream::write::Encoder::new(out, SNAPSHOT_ZSTD_LEVEL)?;
+    std::io::copy(&mut input, &mut encoder)?;
+    let mut out = encoder.finish()?;
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
+
+/// The largest database a snapshot may decompress to.
+const MAX_SNAPSHOT_BYTES: u64 = 256 << 30;
+
+/// What a blocking reader gets from an async download: the chunks sent to it, in order, then
+/// the end.
+struct Chunks {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    current: bytes::Bytes,
+}
+
+impl std::io::Read for Chunks {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(c) => self.current = c,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Downloads `object` into the new file `path` (not synced: [`Registry::restore_file`] syncs
+/// it while it loads it), decompressing it on a thread of its
+/// own while it arrives when `zstd`; the bytes downloaded.
+async fn download(
+    mut object: jetstream::object_store::Object,
+    path: &Path,
+    zstd: bool,
+) -> anyhow::Result<u64> {
+    use tokio::io::AsyncReadExt as _;
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    let to = path.to_owned();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&to)?);
+        let mut chunks = Chunks {
+            rx,
+            current: bytes::Bytes::new(),
+        };
+        let written = if zstd {
+            // A frame cut short is an error, not a shorter database.
+            let decoder = zstd::stream::read::Decoder::new(chunks)?;
+            std::io::copy(
+                &mut std::io::Read::take(decoder, MAX_SNAPSHOT_BYTES + 1),
+                &mut file,
+            )?
+        } else {
+            std::io::copy(&mut chunks, &mut file)?
+        };
+        if written > MAX_SNAPSHOT_BYTES {
+            return Err(std::io::Error::other(format!(
+                "a registry snapshot larger than {MAX_SNAPSHOT_BYTES} bytes"
+            )));
+        }
+        std::io::Write::flush(&mut file)
+    });
+    let mut bytes = 0u64;
+    let read = async {
+        loop {
+            let mut chunk = bytes::BytesMut::with_capacity(SNAPSHOT_CHUNK);
+            if object.read_buf(&mut chunk).await? == 0 {
+                return Ok::<_, anyhow::Error>(());
+            }
+            bytes += chunk.len() as u64;
+            if tx.send(chunk.freeze()).await.is_err() {
+                return Ok(()); // the writer failed: its error is the one told
+            }
+        }
+    }
+    .await;
+    drop(tx);
+    let written = writer.await?;
+    read?;
+    written?;
+    Ok(bytes)
+}
 
 /// How often a node looks whether a new snapshot is due (give or take a random half: nodes
 /// seldom write one at the same moment).
@@ -559,16 +655,23 @@ async fn restore_snapshot(
     }
     let path = scratch_file(scratch, "snapshot-in");
     let got = async {
-        let mut object = bucket.get(SNAPSHOT_OBJECT).await?;
-        let mut file =
-            tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::create(&path).await?);
+        let object = bucket.get(SNAPSHOT_OBJECT).await?;
+        // What was fetched may be a later snapshot than the one looked at: its own metadata
+        // says how to read it (and the database itself says which position it holds).
+        anyhow::ensure!(
+            object.info.metadata.get("identity").map(String::as_str) == Some(identity),
+            "the registry snapshot changed to another log's"
+        );
+        let zstd = match object.info.metadata.get("encoding").map(String::as_str) {
+            None => false,
+            Some("zstd") => true,
+            Some(other) => anyhow::bail!("a registry snapshot in an unknown encoding ({other})"),
+        };
         let began = Instant::now();
-        let bytes = tokio::io::copy(&mut object, &mut file).await?;
-        tokio::io::AsyncWriteExt::flush(&mut file).await?;
-        file.get_ref().sync_all().await?;
-        drop(file);
+        let bytes = download(object, &path, zstd).await?;
         tracing::info!(
             bytes,
+            zstd,
             seconds = began.elapsed().as_secs_f64(),
             "cluster: a registry snapshot downloaded"
         );
@@ -689,9 +792,15 @@ async fn write_snapshots(
             continue;
         }
         let path = scratch_file(&scratch, "snapshot-out");
+        let packed = scratch_file(&scratch, "snapshot-zst");
         let written = async {
-            let (r, p) = (registry.clone(), path.clone());
-            let position = tokio::task::spawn_blocking(move || r.snapshot_to(&p)).await??;
+            let (r, p, z) = (registry.clone(), path.clone(), packed.clone());
+            let position = tokio::task::spawn_blocking(move || {
+                let position = r.snapshot_to(&p)?;
+                compress(&p, &z)?;
+                Ok::<_, anyhow::Error>(position)
+            })
+            .await??;
             // Another node may have stored a later one meanwhile: never replaced by an older
             // one (the log may be compacted up to the later one already).
             if let Ok(i) = bucket.info(SNAPSHOT_OBJECT).await
@@ -703,7 +812,7 @@ async fn write_snapshots(
             {
                 return Ok(position);
             }
-            let mut file = tokio::fs::File::open(&path).await?;
+            let mut file = tokio::fs::File::open(&packed).await?;
             let meta = jetstream::object_store::ObjectMetadata {
                 name: SNAPSHOT_OBJECT.into(),
                 description: Some(format!("registry at log position {position}")),
@@ -713,6 +822,7 @@ async fn write_snapshots(
                 metadata: [
                     ("position".to_string(), position.to_string()),
                     ("identity".to_string(), identity.clone()),
+                    ("encoding".to_string(), "zstd".to_string()),
                 ]
                 .into(),
                 ..Default::default()
@@ -722,9 +832,64 @@ async fn write_snapshots(
         }
         .await;
         let _ = tokio::fs::remove_file(&path).await;
+        let _ = tokio::fs::remove_file(&packed).await;
         match written {
             Ok(position) => tracing::info!(position, "cluster: a registry snapshot written"),
             Err(e) => tracing::warn!(error = %e, "cluster: writing a registry snapshot"),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io::Read as _;
+
+    /// `data`'s chunks through a channel, as a download hands them to the decompressing
+    /// thread.
+    fn chunks_of(data: Vec<u8>, size: usize) -> Chunks {
+        let (tx, rx) = tokio::sync::mpsc::channel(data.len() / size + 2);
+        for c in data.chunks(size) {
+            tx.try_send(bytes::Bytes::copy_from_slice(c)).unwrap();
+        }
+        Chunks {
+            rx,
+            current: bytes::Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn a_compressed_snapshot_comes_back_whole_and_a_cut_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("sekisho-snap-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Pages of a database: repeated structure and random bytes (keys, signatures).
+        let mut data = Vec::new();
+        for i in 0..20_000u32 {
+            data.extend_from_slice(
+                format!("arn:aws:iot:us-east-1:123456789012:cert/{i:064}").as_bytes(),
+            );
+            data.extend((0..32).map(|_| rand::random::<u8>()));
+        }
+        let (raw, packed) = (dir.join("raw"), dir.join("packed"));
+        std::fs::write(&raw, &data).unwrap();
+        compress(&raw, &packed).unwrap();
+        let z = std::fs::read(&packed).unwrap();
+        assert!(z.len() < data.len() / 2, "{} of {}", z.len(), data.len());
+
+        let mut out = Vec::new();
+        zstd::stream::read::Decoder::new(chunks_of(z.clone(), 1000))
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == data);
+
+        let cut = z[..z.len() - 100].to_vec();
+        let mut out = Vec::new();
+        let r = zstd::stream::read::Decoder::new(chunks_of(cut, 1000))
+            .unwrap()
+            .read_to_end(&mut out);
+        assert!(r.is_err(), "a cut frame decoded to {} bytes", out.len());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -438,6 +438,11 @@ impl Certificates {
         self.0.remove(&crate::cert_key(id)?)
     }
 
+    /// The certificates' ids as keys, in order.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8; 32]> {
+        self.0.keys()
+    }
+
     /// The certificates, by id.
     pub fn values(&self) -> impl Iterator<Item = &crate::Certificate> + Clone {
         self.0.values()
