@@ -383,12 +383,9 @@ async fn join(
     if applied == 0 && registry.is_empty() && last > 0 {
         match &snapshots {
             Ok(bucket) => {
-                let restored = tokio::time::timeout(
-                    RESTORE_TIMEOUT,
-                    restore_snapshot(bucket, &registry, &identity, last, &scratch),
-                )
-                .await
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("not restored in {RESTORE_TIMEOUT:?}")));
+                let deadline = tokio::time::Instant::now() + RESTORE_TIMEOUT;
+                let restored =
+                    restore_snapshot(bucket, &registry, &identity, last, &scratch, deadline).await;
                 match restored {
                     Ok(Some(at)) => {
                         tracing::info!(
@@ -601,7 +598,9 @@ const SNAPSHOT_CHECK: Duration = Duration::from_secs(10);
 /// The snapshot object's chunks.
 const SNAPSHOT_CHUNK: usize = 512 * 1024;
 
-/// Longest a joining node spends on a snapshot before it applies the whole log instead.
+/// Longest a joining node spends downloading a snapshot before it applies the whole log
+/// instead (once downloaded, the snapshot is restored to the end: a restore cannot be left
+/// running beside the replay that would follow it).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 
 async fn snapshot_bucket(
@@ -636,8 +635,13 @@ async fn restore_snapshot(
     identity: &str,
     last: u64,
     scratch: &Path,
+    deadline: tokio::time::Instant,
 ) -> anyhow::Result<Option<u64>> {
-    let info = match bucket.info(SNAPSHOT_OBJECT).await {
+    let late = || anyhow::anyhow!("the registry snapshot not downloaded in {RESTORE_TIMEOUT:?}");
+    let info = match tokio::time::timeout_at(deadline, bucket.info(SNAPSHOT_OBJECT))
+        .await
+        .map_err(|_| late())?
+    {
         Ok(i) => i,
         Err(e) if e.kind() == jetstream::object_store::InfoErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -654,7 +658,7 @@ async fn restore_snapshot(
         return Ok(None);
     }
     let path = scratch_file(scratch, "snapshot-in");
-    let got = async {
+    let downloaded = tokio::time::timeout_at(deadline, async {
         let object = bucket.get(SNAPSHOT_OBJECT).await?;
         // What was fetched may be a later snapshot than the one looked at: its own metadata
         // says how to read it (and the database itself says which position it holds).
@@ -675,11 +679,23 @@ async fn restore_snapshot(
             seconds = began.elapsed().as_secs_f64(),
             "cluster: a registry snapshot downloaded"
         );
-        // The downloaded file becomes the node's database (no copy of its rows).
-        let (r, p) = (registry.clone(), path.clone());
-        Ok::<_, anyhow::Error>(tokio::task::spawn_blocking(move || r.restore_file(&p)).await??)
-    }
-    .await;
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .map_err(|_| late())
+    .and_then(|r| r);
+    // The downloaded file becomes the node's database (no copy of its rows), past any
+    // deadline: the restore holds the registry until it is done either way.
+    let got = match downloaded {
+        Ok(()) => {
+            let (r, p) = (registry.clone(), path.clone());
+            tokio::task::spawn_blocking(move || r.restore_file(&p))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r.map_err(anyhow::Error::from))
+        }
+        Err(e) => Err(e),
+    };
     let _ = tokio::fs::remove_file(&path).await;
     Ok(Some(got?))
 }
