@@ -1066,10 +1066,11 @@ def test_the_registry_log_is_compacted_and_a_node_behind_it_starts_from_the_snap
 
 
 def test_a_revocation_on_one_node_cuts_a_device_on_another(cluster):
-    """UpdateCertificate INACTIVE on n1 ends the device's connection on n2: p99 under 100 ms
-    over 200 trials (from before the API call to the device's seeing its connection end). The
-    issue asks for 500 ms; 100 ms proves the change feed did it, not the re-check of every
-    connection that any registry change causes within 500 ms."""
+    """UpdateCertificate INACTIVE on n1 ends the device's connection on n2: p99 under 500 ms
+    over 200 trials, as the issue asks (from before the API call to the device's seeing its
+    connection end), and p50 under 100 ms, which proves the change feed did it rather than the
+    re-check of every connection that any registry change causes within 500 ms. (A p99 bound
+    of 100 ms failed once in CI at 122 ms, with the whole suite sharing two cores.)"""
     a, b = cluster.nodes[0], cluster.nodes[1]
     iot = a.boto()
     device = Device(a, iot, unique("revoke"), ALLOW_ALL, cluster.workdir)
@@ -1085,7 +1086,7 @@ def test_a_revocation_on_one_node_cuts_a_device_on_another(cluster):
     latencies.sort()
     p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99) - 1]
     print(f"revocation across nodes: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms")
-    assert p99 < 0.1, latencies[-10:]
+    assert p50 < 0.1 and p99 < 0.5, (p50, latencies[-10:])
 
 
 def test_a_policy_detached_on_one_node_denies_on_another(cluster):
