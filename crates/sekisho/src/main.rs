@@ -750,6 +750,13 @@ async fn expire_uploads(
 /// The cluster's shared function code, as the functions host asks for it.
 struct SharedCode(sekisho_cluster::code::SharedCode);
 
+/// A call on the share, in the host's terms.
+fn share_call<T>(
+    call: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> sekisho_functions::ShareFuture<T> {
+    Box::pin(async move { call.await.map_err(std::io::Error::other) })
+}
+
 impl sekisho_functions::CodeShare for SharedCode {
     fn put(
         &self,
@@ -758,12 +765,7 @@ impl sekisho_functions::CodeShare for SharedCode {
         zip: bytes::Bytes,
     ) -> sekisho_functions::ShareFuture<()> {
         let (share, account, sha) = (self.0.clone(), account.to_owned(), sha.to_owned());
-        Box::pin(async move {
-            share
-                .put(&account, &sha, zip)
-                .await
-                .map_err(std::io::Error::other)
-        })
+        share_call(async move { share.put(&account, &sha, zip).await })
     }
 
     fn get(
@@ -773,12 +775,7 @@ impl sekisho_functions::CodeShare for SharedCode {
         limit: usize,
     ) -> sekisho_functions::ShareFuture<Option<bytes::Bytes>> {
         let (share, account, sha) = (self.0.clone(), account.to_owned(), sha.to_owned());
-        Box::pin(async move {
-            share
-                .get(&account, &sha, limit)
-                .await
-                .map_err(std::io::Error::other)
-        })
+        share_call(async move { share.get(&account, &sha, limit).await })
     }
 
     fn sweep(
@@ -788,11 +785,6 @@ impl sekisho_functions::CodeShare for SharedCode {
         older_than: Duration,
     ) -> sekisho_functions::ShareFuture<usize> {
         let (share, account) = (self.0.clone(), account.to_owned());
-        Box::pin(async move {
-            share
-                .sweep(&account, &keep, older_than)
-                .await
-                .map_err(std::io::Error::other)
-        })
+        share_call(async move { share.sweep(&account, &keep, older_than).await })
     }
 }
