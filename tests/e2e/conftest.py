@@ -83,6 +83,18 @@ def _kill_group(pgid, sig):
 _SERVERS = []
 
 
+def faketime(spec):
+    """A command prefix that runs its command under libfaketime with `spec` (`+20m`, `+0 x100`):
+    `env` preloading the library, not the `faketime` wrapper. The wrapper makes a named
+    semaphore `/faketime_sem_<its pid>` that outlives it when its group is killed (SIGKILL), so a
+    later wrapper given the same pid fails with "sem_open: File exists" (it did in CI)."""
+    libs = [p for p in ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+                        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+                        "/usr/lib/faketime/libfaketime.so.1") if os.path.exists(p)]
+    assert libs, "libfaketime is not installed (scripts/install-test-deps.sh installs it)"
+    return ("env", f"LD_PRELOAD={libs[0]}", f"FAKETIME={spec}")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -157,7 +169,7 @@ class Server:
             assert_no_panic(cp.stderr, f"sekisho account create {name}")
 
     def start(self, wrapper=(), attempts=3):
-        """`wrapper`: a command that runs the server (e.g. `faketime -f +20m`). The server (and its
+        """`wrapper`: a command that runs the server (e.g. `faketime("+20m")`). The server (and its
         wrapper) run in a process group of their own, which `stop` ends whole. A port taken
         between `free_port` and the server's bind (by another process's ephemeral port) is not
         the server's fault: the ports are chosen again, up to `attempts` times."""

@@ -25,7 +25,7 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from conftest import ALLOW_ALL, Device, Openssl, Paho, Server, unique
+from conftest import ALLOW_ALL, Device, Openssl, Paho, Server, faketime, unique
 from helpers import allow, code, doc, keys, temp
 from test_limits_and_robustness import connect_v311
 
@@ -236,7 +236,7 @@ def test_expired_token_by_protocol_and_credentials_survive_a_restart(workdir):
         assert client(s, "sts", temp(tok)).get_caller_identity()["Arn"].endswith(f":user/{name}")
         client(s, "iot", temp(tok)).list_things()
         s.stop()
-        s.start(wrapper=("faketime", "-f", "+20m"))
+        s.start(wrapper=faketime("+20m"))
         later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=20)
         base = f"https://localhost:{s.api_port}/"
         body = b"Action=GetCallerIdentity&Version=2011-06-15"

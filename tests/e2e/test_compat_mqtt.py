@@ -15,7 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from conftest import ALLOW_ALL, Device, Paho, Server, unique
+from conftest import ALLOW_ALL, Device, Paho, Server, faketime, unique
 from helpers import arn_of, drain
 from test_limits_and_robustness import Raw, connect_v311, connect_v5, packet, s16
 
@@ -574,7 +574,7 @@ def test_mqtt311_persistent_session_lasts_one_hour(workdir):
         devs = [Device(s, iot, unique("sess"), ALLOW_ALL, workdir) for _ in range(2)]
         host = s.endpoint()
         s.stop()
-        s.start(wrapper=("faketime", "-f", "+0 x100"))
+        s.start(wrapper=faketime("+0 x100"))
         for d in devs:
             p = Paho(s, host, d, d.name, clean=False, keepalive=1200)
             rc, flags, _ = p.connect()

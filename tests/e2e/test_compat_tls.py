@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import ALLOW_ALL, Device, FileDevice, Openssl, Paho, Server, unique
+from conftest import ALLOW_ALL, Device, FileDevice, Openssl, Paho, Server, faketime, unique
 from test_limits_and_robustness import connect_v311
 
 TLS12, TLS13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
@@ -268,7 +268,7 @@ def test_not_yet_valid_certificate_gets_certificate_expired(workdir):
     back at the real time, the handshake ends with certificate_expired (RFC 8446: "expired or
     is not currently valid"). Positive control: accepted while the server runs a day ahead."""
     s = Server(workdir / unique("notyet")).start()
-    future = ("faketime", "-f", "+1d")
+    future = faketime("+1d")
     try:
         iot = s.boto()
         pki = Openssl(workdir / unique("notyet-pki"))

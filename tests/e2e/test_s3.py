@@ -22,7 +22,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from conftest import Device, Server, unique
+from conftest import Device, Server, faketime, unique
 
 TRUST_CREDENTIALS = {"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Principal": {"Service": "credentials.iot.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
@@ -764,7 +764,7 @@ def test_expired_credentials_are_refused(workdir):
         assert now.returncode == 0 and now.stdout == "firmware", now.stderr
 
         s.stop()
-        future = ("faketime", "-f", "+20m")
+        future = faketime("+20m")
         s.start(wrapper=future)
         later = subprocess.run([*future, "aws", "s3api", "get-object", "--bucket", "expiry", "--key", "fw.bin",
                                 str(workdir / unique("expired-get"))], env=env, capture_output=True, text=True,
