@@ -126,6 +126,9 @@ pub enum Change {
         topic: Arc<str>,
         /// The message.
         message: Option<Arc<Message>>,
+        /// Set or cleared by a publish on this node (the other nodes of a cluster learn it from
+        /// this node); false for this node's copy following the cluster, or dropped at load.
+        published: bool,
     },
 }
 

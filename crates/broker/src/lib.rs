@@ -774,6 +774,7 @@ impl Broker {
                         account: acct.name.clone(),
                         topic,
                         message: None,
+                        published: false,
                     }),
                 }
             }
@@ -1570,6 +1571,7 @@ impl Broker {
                 account: acct.name.clone(),
                 topic: msg.topic.clone(),
                 message: (!msg.payload.is_empty()).then_some(msg),
+                published: false,
             });
         }
     }
@@ -1607,6 +1609,7 @@ impl Broker {
                             account: acct.name.clone(),
                             topic: msg.topic.clone(),
                             message: None,
+                            published: true,
                         });
                     }
                 }
@@ -1625,6 +1628,7 @@ impl Broker {
                         account: acct.name.clone(),
                         topic: msg.topic.clone(),
                         message: Some(msg.clone()),
+                        published: true,
                     });
                 }
             }

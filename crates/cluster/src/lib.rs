@@ -87,9 +87,8 @@ pub struct Stats {
     pub slow_consumer: AtomicU64,
     /// Retained messages applied from the stream.
     pub retained_applied: AtomicU64,
-    /// Retained messages the stream did not take, for which this node read the stream's
-    /// value back.
-    pub retained_reread: AtomicU64,
+    /// Retained messages (set or cleared) this node wrote to the stream.
+    pub retained_written: AtomicU64,
     /// Messages received that could not be read (subject or payload).
     pub unreadable: AtomicU64,
     /// Messages not sent because they waited too long for NATS (this node was cut off).
@@ -1171,9 +1170,9 @@ impl Cluster {
                 load(&s.retained_applied),
             ),
             (
-                "sekisho_cluster_retained_reread_total",
-                "Retained messages the stream did not take, read back from it.",
-                load(&s.retained_reread),
+                "sekisho_cluster_retained_written_total",
+                "Retained messages set or cleared on this node and written to the cluster's stream.",
+                load(&s.retained_written),
             ),
             (
                 "sekisho_cluster_send_late_total",
@@ -1345,20 +1344,51 @@ impl Inbound {
         self.broker.set_retained_from_peer(&key.0, Arc::new(msg));
         self.stats.retained_applied.fetch_add(1, Ordering::Relaxed);
     }
+}
 
-    /// After a retained write the stream did not take: this node's copy becomes the stream's.
-    async fn reread(&self, stream: &jetstream::stream::Stream, account: &str, topic: &str) {
-        self.stats.retained_reread.fetch_add(1, Ordering::Relaxed);
-        let key = (account.to_owned(), topic.to_owned());
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
-        let subject = subject::topic_subject(&self.prefix, Kind::Retained, account, topic);
-        match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(m) => self.retained(&m.subject, &m.payload, Some(&m.headers)),
-            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                let cleared = Message {
+/// Where the broker's journal writes this node's retained messages to the cluster's retained
+/// stream ([`sessions::Replicated`]): empty until [`start`] has read the stream and fills it.
+/// Writing them in the journal's commit, rather than when they are sent to the other nodes,
+/// makes a PUBACK (which waits for the commit) mean that the stream has the message: a retained
+/// message acknowledged just before its node's NATS server died was once lost.
+#[derive(Debug, Clone, Default)]
+pub struct RetainedLink(Arc<std::sync::OnceLock<RetainedWriter>>);
+
+struct RetainedWriter {
+    inbound: Arc<Inbound>,
+    /// The number of this node's latest retained write (its `Sekisho-Seq`).
+    seq: AtomicU64,
+}
+
+impl std::fmt::Debug for RetainedWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetainedWriter")
+            .field("node_id", &self.inbound.node_id)
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+impl RetainedLink {
+    /// The stream write for a retained message set (`Some`) or cleared (`None`) on this node:
+    /// its subject, headers and bytes, or `None` before the node has joined or if the message
+    /// cannot be encoded. Marks it as this node's latest for its topic, so that an older write
+    /// of this node coming back from the stream is not applied over it. The write carries a
+    /// `Nats-Msg-Id`, so writing it again after a failure that NATS in fact took stores it
+    /// once (within the stream's two-minute duplicate window).
+    pub(crate) fn write(
+        &self,
+        account: &str,
+        topic: &str,
+        message: Option<&Arc<Message>>,
+    ) -> Option<(String, HeaderMap, Bytes)> {
+        let w = self.0.get()?;
+        let inbound = &w.inbound;
+        let cleared;
+        let message = match message {
+            Some(m) => &**m,
+            None => {
+                cleared = Message {
                     topic: topic.into(),
                     payload: Bytes::new(),
                     qos: sekisho_mqtt::QoS::AtMostOnce,
@@ -1368,13 +1398,32 @@ impl Inbound {
                     origin: None,
                     timestamp_ms: now_ms(),
                 };
-                self.broker
-                    .set_retained_from_peer(account, Arc::new(cleared));
+                &cleared
             }
-            Err(e) => {
-                tracing::warn!(error = %e, %topic, "cluster: reading a retained message back")
-            }
+        };
+        let seq = w.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let Ok((bytes, mut headers)) = encode(message, inbound.node_id, seq) else {
+            tracing::warn!(%topic, "cluster: a retained message that cannot be encoded is not written to the stream");
+            return None;
+        };
+        if message.payload.is_empty() {
+            headers.insert("Nats-TTL", TOMBSTONE_TTL);
         }
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{:x}-{seq}", inbound.node_id).as_str(),
+        );
+        inbound
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((account.to_owned(), topic.to_owned()), seq);
+        inbound
+            .stats
+            .retained_written
+            .fetch_add(1, Ordering::Relaxed);
+        let subject = subject::topic_subject(&inbound.prefix, Kind::Retained, account, topic);
+        Some((subject, headers, bytes))
     }
 }
 
@@ -1609,9 +1658,14 @@ fn validate(config: &Config) -> anyhow::Result<()> {
 }
 
 /// Joins the cluster: connects to NATS, reads the retained stream (up to 10 s) and makes this
-/// node's retained messages agree with it, then attaches to `broker` as its [`Peers`]. Fails
-/// if NATS cannot be reached.
-pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<Cluster>> {
+/// node's retained messages agree with it, then attaches to `broker` as its [`Peers`] and
+/// fills `retained_link` (the broker's journal writes retained messages to the stream from then on).
+/// Fails if NATS cannot be reached.
+pub async fn start(
+    config: &Config,
+    broker: Arc<Broker>,
+    retained_link: &RetainedLink,
+) -> anyhow::Result<Arc<Cluster>> {
     validate(config)?;
     let stats = Arc::new(Stats::default());
     // What this node publishes never comes back to its plain subscriptions (no echo: it
@@ -1840,16 +1894,12 @@ pub async fn start(config: &Config, broker: Arc<Broker>) -> anyhow::Result<Arc<C
         interest_rx,
         done_tx,
     ));
-    // Retained writes wait for their acknowledgement as long as start-up does (10 s): one
-    // declared failed while a stream elects its leader would be read back too early.
-    tokio::spawn(send(
-        client.clone(),
-        js_start,
-        stream,
-        inbound,
-        queued.clone(),
-        messages_rx,
-    ));
+    // From now on the broker's journal writes this node's retained messages to the stream.
+    let _ = retained_link.0.set(RetainedWriter {
+        inbound: inbound.clone(),
+        seq: AtomicU64::new(0),
+    });
+    tokio::spawn(send(client.clone(), inbound, queued.clone(), messages_rx));
     anyhow::ensure!(
         broker.attach_peers(Arc::new(Link {
             interest: interest_tx,
@@ -1969,6 +2019,7 @@ async fn answer_status(
             "send_dropped": load(&stats.send_dropped),
             "slow_consumer": load(&stats.slow_consumer),
             "retained_applied": load(&stats.retained_applied),
+            "retained_written": load(&stats.retained_written),
             // The registry log entries this node's registry has applied.
             "registry_position": registry
                 .get()
@@ -2174,12 +2225,10 @@ fn encode(m: &Message, node_id: u64, seq: u64) -> anyhow::Result<(Bytes, HeaderM
     Ok((bytes, headers))
 }
 
-/// Sends what this node publishes: every message on its topic's subject, a retained one also
-/// to the retained stream.
+/// Sends what this node publishes: every message on its topic's subject (a retained one is
+/// written to the retained stream by the broker's journal, [`RetainedLink`]).
 async fn send(
     client: async_nats::Client,
-    js: jetstream::Context,
-    stream: jetstream::stream::Stream,
     inbound: Arc<Inbound>,
     queued: Arc<AtomicU64>,
     mut rx: mpsc::UnboundedReceiver<Outbound>,
@@ -2196,8 +2245,8 @@ async fn send(
     }) = rx.recv().await
     {
         // Held here, not in NATS's client, while the connection is down: what waited longer
-        // than SEND_LATE is dropped when it is back (retained messages still go to their
-        // stream, whose order decides).
+        // than SEND_LATE is dropped when it is back (retained messages are in their stream
+        // already).
         if client.connection_state() != async_nats::connection::State::Connected {
             while client.connection_state() != async_nats::connection::State::Connected {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -2212,31 +2261,6 @@ async fn send(
             stats.send_dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        if message.retain {
-            let topic = message.topic.to_string();
-            inbound
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert((account.clone(), topic.clone()), seq);
-            let subject = subject::topic_subject(&inbound.prefix, Kind::Retained, &account, &topic);
-            let mut h = headers.clone();
-            if message.payload.is_empty() {
-                h.insert("Nats-TTL", TOMBSTONE_TTL);
-            }
-            let sent = js.publish_with_headers(subject, h, bytes.clone()).await;
-            let (inbound, stream, account) = (inbound.clone(), stream.clone(), account.clone());
-            tokio::spawn(async move {
-                let stored = match sent {
-                    Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = stored {
-                    tracing::warn!(error = %e, %topic, "cluster: a retained message was not stored; reading the stream's back");
-                    inbound.reread(&stream, &account, &topic).await;
-                }
-            });
-        }
         if late {
             let n = stats.send_late.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {

@@ -14,8 +14,10 @@
 //! An acknowledged message's subjects get an empty message that NATS removes after a second
 //! (`Nats-TTL`); a session that ends is purged whole. `{name}.ss.{node}.seeded` says the node's
 //! sessions live here: a node's first start in cluster mode moves the sessions of its own
-//! storage into the stream. Retained messages and delayed wills stay in the node's storage
-//! (retained messages also have their own stream).
+//! storage into the stream. Retained messages and delayed wills stay in the node's storage;
+//! retained messages are also written, in the same commit, to the cluster's retained stream
+//! ([`crate::RetainedLink`]), so that a PUBACK (which waits for the commit) means the cluster
+//! has the message, not only this node.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -68,6 +70,8 @@ enum Op {
     Forget(String),
     /// Everything under a filter.
     Purge(String),
+    /// A message with its own headers (a retained message for the retained stream).
+    Publish(String, HeaderMap, Bytes),
 }
 
 /// The sessions stream.
@@ -141,6 +145,12 @@ impl Replica {
                             .map_err(|e| e.to_string())?,
                     )
                 }
+                Op::Publish(subject, headers, bytes) => acks.push(
+                    self.js
+                        .publish_with_headers(subject.clone(), headers.clone(), bytes.clone())
+                        .await
+                        .map_err(|e| e.to_string())?,
+                ),
                 Op::Forget(subject) => {
                     let mut h = HeaderMap::new();
                     h.insert("Nats-TTL", "1s");
@@ -342,6 +352,8 @@ pub struct Replicated<S> {
     left: HashMap<(Arc<str>, Arc<str>), u64>,
     /// Queued messages with a packet id stored, by session.
     sent: HashMap<(Arc<str>, Arc<str>), HashSet<u64>>,
+    /// Where retained messages go once the node has joined ([`crate::start`]).
+    retained: crate::RetainedLink,
 }
 
 impl<S> std::fmt::Debug for Replicated<S> {
@@ -402,6 +414,7 @@ impl<S: Storage> Replicated<S> {
             runtime: tokio::runtime::Handle::current(),
             left: HashMap::new(),
             sent: HashMap::new(),
+            retained: crate::RetainedLink::default(),
         };
         let ours = std::mem::take(&mut snapshot.sessions);
         let sessions = if mine {
@@ -483,6 +496,12 @@ impl<S: Storage> Replicated<S> {
         }
         snapshot.sessions = sessions;
         Ok((s, snapshot))
+    }
+
+    /// Where this storage writes retained messages: handed to [`crate::start`], which fills
+    /// it in when the node joins. Before then no client is served (nothing is written).
+    pub fn retained_link(&self) -> crate::RetainedLink {
+        self.retained.clone()
     }
 
     fn ops(&mut self, changes: &[Change], clock: WallClock, local: &mut Vec<Change>) -> Vec<Op> {
@@ -581,9 +600,22 @@ impl<S: Storage> Replicated<S> {
                         ops.push(Op::Forget(format!("{base}.p.{seq}")));
                     }
                 }
-                Change::PutWill { .. } | Change::DeleteWill { .. } | Change::SetRetained { .. } => {
-                    local.push(c.clone())
+                Change::SetRetained {
+                    account,
+                    topic,
+                    message,
+                    published,
+                } => {
+                    local.push(c.clone());
+                    // Only what a publish here set: a copy following the stream came from it.
+                    if *published
+                        && let Some((subject, headers, bytes)) =
+                            self.retained.write(account, topic, message.as_ref())
+                    {
+                        ops.push(Op::Publish(subject, headers, bytes));
+                    }
                 }
+                Change::PutWill { .. } | Change::DeleteWill { .. } => local.push(c.clone()),
             }
         }
         ops

@@ -349,12 +349,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Persistent sessions, their QoS 1 messages and retained messages survive a restart; in a
     // cluster, sessions are in the cluster's sessions stream (another node resumes them if
     // this one dies).
+    let mut retained_link = None;
     let broker = {
         let mut storage = sekisho_store::SqliteStorage::open(&layout.path("broker.db"))
             .context("opening the broker's storage")?;
         let (journal, snapshot) = match &cluster_config {
             Some(c) => {
                 let (storage, snapshot) = sekisho_cluster::session_storage(c, storage).await?;
+                retained_link = Some(storage.retained_link());
                 (sekisho_broker::durable::Journal::start(storage), snapshot)
             }
             None => {
@@ -378,7 +380,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // In a cluster, before any listener: the retained messages of the cluster are read and
     // the subscriptions loaded from storage are announced before a client connects.
     let cluster = match &cluster_config {
-        Some(c) => Some(sekisho_cluster::start(c, broker.clone()).await?),
+        Some(c) => Some(
+            sekisho_cluster::start(c, broker.clone(), &retained_link.unwrap_or_default()).await?,
+        ),
         None => None,
     };
     if let Some(c) = &cluster {

@@ -478,6 +478,7 @@ impl Storage for SqliteStorage {
                     account,
                     topic,
                     message,
+                    ..
                 } => match message {
                     Some(m) => {
                         let Ok(bytes) = encode_message(m) else {
@@ -621,16 +622,19 @@ mod tests {
                         account: a.clone(),
                         topic: Arc::from("r/1"),
                         message: Some(message("r/1", b"kept", None)),
+                        published: true,
                     },
                     Change::SetRetained {
                         account: a.clone(),
                         topic: Arc::from("r/2"),
                         message: Some(message("r/2", b"cleared", None)),
+                        published: true,
                     },
                     Change::SetRetained {
                         account: a.clone(),
                         topic: Arc::from("r/2"),
                         message: None,
+                        published: true,
                     },
                     Change::PutWill {
                         account: a.clone(),
