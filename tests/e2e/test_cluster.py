@@ -23,7 +23,7 @@ import boto3
 import pytest
 import requests
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -1054,6 +1054,73 @@ def test_a_node_that_joins_empty_starts_from_a_snapshot(cluster):
         node.stop()
 
 
+def registry_positions(nats):
+    """The registry log position each node answering `cluster status` has applied."""
+    out = subprocess.run([str(BIN), "cluster", "status", "--cluster", nats.url, "--json"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return {n["node"]: n["registry_position"] for n in map(json.loads, out.stdout.splitlines())}
+
+
+def test_a_node_cut_off_while_the_log_is_compacted_past_it_starts_again_by_itself(workdir):
+    """n2 reaches NATS through a relay that is cut while n1 writes and the log is compacted past
+    n2's position (n2, silent, no longer holds compaction back). When the relay heals, n2 finds
+    the gap, shuts down and starts again by itself (the same process, exec'd: no operator
+    step), restores the latest snapshot, and serves what n1 wrote meanwhile."""
+    d = workdir / unique("cutcompact")
+    d.mkdir()
+    nats = Nats(d / "nats")
+    relay = Relay(nats.port)
+    keys = "snapshot_every = 5\nlog_keep_seconds = 1\n"
+    n1 = Server(d / "n1", config=node_config(nats, "n1") + keys)
+    n2 = None
+    try:
+        n1.start()
+        dev = Device(n1, n1.boto(), unique("cc"), ALLOW_ALL, d)
+        n2 = Server(d / "n2", config=f'[cluster]\nurl = "nats://127.0.0.1:{relay.port}"\nnode = "n2"\n' + keys)
+        n2.start()
+        end = time.time() + 10
+        while len(set((p := registry_positions(nats)).values())) != 1 or set(p) != {"n1", "n2"}:
+            assert time.time() < end, p
+            time.sleep(0.2)
+        at, pid = p["n2"], n2.proc.pid
+        relay.cut()
+        names = [unique("while-cut") for _ in range(20)]
+        for name in names:
+            n1.boto().create_thing(thingName=name)
+        end = time.time() + 60
+        while nats.stream_state("sekisho_REGISTRY")["first_seq"] <= at + 1:
+            assert time.time() < end, nats.stream_state("sekisho_REGISTRY")
+            time.sleep(0.5)
+        assert "start again" not in n2.log_text()
+        relay.heal()
+        end = time.time() + 60
+        while "the registry starts from a snapshot" not in n2.log_text():
+            assert time.time() < end and n2.proc.poll() is None, n2.log_text()[-3000:]
+            time.sleep(0.5)
+        log = n2.log_text()
+        assert "shutting down to start again from the cluster's latest registry snapshot" in log, log[-3000:]
+        iot = n2.boto(config=Config(retries={"total_max_attempts": 1}))
+        end = time.time() + 30
+        while True:
+            try:
+                found = [iot.describe_thing(thingName=name)["thingName"] for name in names]
+                break
+            except (ClientError, BotoCoreError) as e:
+                assert time.time() < end, e
+                time.sleep(0.5)
+        assert found == names
+        assert n2.proc.poll() is None and n2.proc.pid == pid
+        c = _connect_when_accepted(n2, dev, deadline=10)
+        c.close()
+    finally:
+        for n in (n1, n2):
+            if n is not None:
+                n.stop()
+        relay.cut()
+        nats.stop()
+
+
 def test_the_registry_log_is_compacted_and_a_node_behind_it_starts_from_the_snapshot(workdir):
     """With `snapshot_every = 5` and `log_keep_seconds = 1`, the log's entries that a snapshot
     holds and every node answering has applied are purged (the stream's first entry moves on),
@@ -1073,10 +1140,7 @@ def test_the_registry_log_is_compacted_and_a_node_behind_it_starts_from_the_snap
         n2.start()
 
         def positions():
-            out = subprocess.run([str(BIN), "cluster", "status", "--cluster", nats.url, "--json"],
-                                 capture_output=True, text=True, timeout=30)
-            assert out.returncode == 0, out.stderr
-            return {n["node"]: n["registry_position"] for n in map(json.loads, out.stdout.splitlines())}
+            return registry_positions(nats)
 
         end = time.time() + 10
         while len(set((p := positions()).values())) != 1 or set(p) != {"n1", "n2"}:

@@ -208,6 +208,18 @@ pub struct Cluster {
     registry_alive: Arc<AtomicBool>,
     /// The registry once it follows the log (its position is in this node's status).
     registry: Arc<std::sync::OnceLock<std::sync::Weak<sekisho_registry::Registry>>>,
+    /// Told when this node must start again to catch up ([`Cluster::restart_needed`]).
+    restart: Arc<tokio::sync::Notify>,
+}
+
+impl Cluster {
+    /// Resolves when this node cannot catch up with the cluster while it runs: the registry
+    /// log was compacted past its replica while it was cut off from NATS. The process then
+    /// shuts down as for SIGTERM and starts again (`main`), and at start-up it restores the
+    /// latest snapshot, as a node stopped for as long does; no operator step is needed.
+    pub async fn restart_needed(&self) {
+        self.restart.notified().await
+    }
 }
 
 /// Numbers this node's claims (with its id, each claim's message id).
@@ -1976,6 +1988,7 @@ pub async fn start(
         config: config.clone(),
         registry_alive,
         registry,
+        restart: Arc::new(tokio::sync::Notify::new()),
     }))
 }
 

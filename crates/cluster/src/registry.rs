@@ -182,10 +182,30 @@ async fn feed(
         .await?)
 }
 
+/// Whether the log (its `state`) was compacted past a replica at `position`: its first entry
+/// is beyond the next one the replica needs. If so, says so and tells `restart`.
+fn compacted_past(
+    state: &jetstream::stream::State,
+    position: u64,
+    restart: &tokio::sync::Notify,
+) -> bool {
+    if state.first_sequence <= position + 1 {
+        return false;
+    }
+    tracing::error!(
+        applied = position,
+        first = state.first_sequence,
+        "cluster: the registry log was compacted past this replica while it was cut off; this node starts again (from the latest snapshot)"
+    );
+    restart.notify_one();
+    true
+}
+
 /// Applies the log's entries to `registry` in order, for ever: made again from the replica's
 /// position after an error, a gap, or a reconnection to NATS. `alive` is true only while the
 /// replica is known to hold the log up to its end (after applying an entry with nothing
-/// pending, or finding the log ends where the replica does).
+/// pending, or finding the log ends where the replica does). `restart` is told when the log
+/// was compacted past the replica: only a new start (from the snapshot) catches up.
 async fn follow(
     stream: jetstream::stream::Stream,
     client: async_nats::Client,
@@ -193,6 +213,7 @@ async fn follow(
     registry: Arc<Registry>,
     reconnected: Arc<tokio::sync::Notify>,
     alive: Arc<AtomicBool>,
+    restart: Arc<tokio::sync::Notify>,
 ) {
     loop {
         let mut entries = match feed(&stream, &client, &subject, registry.log_position()).await {
@@ -212,10 +233,13 @@ async fn follow(
             tokio::select! {
                 _ = reconnected.notified() => break,
                 _ = look.tick(), if !alive.load(Ordering::Relaxed) => {
-                    if let Ok(Ok(info)) = tokio::time::timeout(INFO_TIMEOUT, stream.get_info()).await
-                        && info.state.last_sequence <= registry.log_position()
-                    {
-                        alive.store(true, Ordering::Relaxed);
+                    if let Ok(Ok(info)) = tokio::time::timeout(INFO_TIMEOUT, stream.get_info()).await {
+                        if info.state.last_sequence <= registry.log_position() {
+                            alive.store(true, Ordering::Relaxed);
+                        } else if compacted_past(&info.state, registry.log_position(), &restart) {
+                            // Nothing may come to say so: the log may hold no entry at all.
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
                     }
                 }
                 m = entries.next() => match m {
@@ -239,14 +263,8 @@ async fn follow(
                                 // isolation_seconds).
                                 alive.store(false, Ordering::Relaxed);
                                 tracing::error!(error = %e, position, "cluster: applying a registry log entry");
-                                if let Ok(Ok(info)) = tokio::time::timeout(INFO_TIMEOUT, stream.get_info()).await
-                                    && info.state.first_sequence > registry.log_position() + 1
-                                {
-                                    tracing::error!(
-                                        applied = registry.log_position(),
-                                        first = info.state.first_sequence,
-                                        "cluster: the registry log was compacted past this replica while it was cut off; restart this node (it starts again from the latest snapshot)"
-                                    );
+                                if let Ok(Ok(info)) = tokio::time::timeout(INFO_TIMEOUT, stream.get_info()).await {
+                                    compacted_past(&info.state, registry.log_position(), &restart);
                                 }
                                 tokio::time::sleep(Duration::from_millis(500)).await;
                                 break;
@@ -279,6 +297,7 @@ pub async fn join_registry(
             cluster.config.clone(),
             registry.clone(),
             cluster.registry_alive.clone(),
+            cluster.restart.clone(),
             handle.clone(),
             scratch.to_owned(),
         ))
@@ -294,6 +313,7 @@ async fn join(
     config: crate::Config,
     registry: Arc<Registry>,
     alive: Arc<AtomicBool>,
+    restart: Arc<tokio::sync::Notify>,
     handle: tokio::runtime::Handle,
     scratch: PathBuf,
 ) -> anyhow::Result<Arc<RegistryLog>> {
@@ -451,6 +471,7 @@ async fn join(
         registry.clone(),
         reconnected,
         alive,
+        restart,
     ));
     let started = Instant::now();
     while registry.log_position() < last {

@@ -187,7 +187,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(serve(config))
+            let again = rt.block_on(serve(config))?;
+            rt.shutdown_timeout(Duration::from_secs(2));
+            if again {
+                return Err(start_again());
+            }
+            Ok(())
         }
         Command::Cluster {
             command:
@@ -313,7 +318,30 @@ async fn bind_all(
     Ok(out)
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Replaces this process with a new run of the same command (same arguments, environment and
+/// process id), for a node that must start again to catch up with its cluster. Returns only
+/// if that fails.
+fn start_again() -> anyhow::Error {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt as _;
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => return anyhow::Error::new(e).context("starting again: this program's path"),
+        };
+        let e = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .exec();
+        anyhow::Error::new(e).context("starting again")
+    }
+    #[cfg(not(unix))]
+    anyhow::anyhow!(
+        "this node must be started again (it cannot catch up with its cluster otherwise)"
+    )
+}
+
+/// Serves until a signal (false) or until the cluster says this node must start again (true).
+async fn serve(config: Config) -> anyhow::Result<bool> {
     let (layout, material) = init::open(&config)?;
     // Written alone, a replica would differ from the cluster's registry without anything
     // noticing when it rejoined.
@@ -680,8 +708,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     );
     tracing::info!(mqtt = config.ports.mqtt, api = config.ports.api, %endpoint, "ready");
 
-    wait_for_signal().await;
-    tracing::info!("shutting down");
+    let again = match &cluster {
+        Some(c) => tokio::select! {
+            _ = wait_for_signal() => false,
+            _ = c.restart_needed() => true,
+        },
+        None => {
+            wait_for_signal().await;
+            false
+        }
+    };
+    if again {
+        tracing::warn!("shutting down to start again from the cluster's latest registry snapshot");
+    } else {
+        tracing::info!("shutting down");
+    }
     let _ = shutdown_tx.send(true);
     broker.shutdown();
     // Connections send their DISCONNECT, close, and record what they leave (their sessions,
@@ -704,7 +745,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     registry.flush()?;
     tracing::info!("stopped");
-    Ok(())
+    Ok(again)
 }
 
 async fn wait_for_signal() {
