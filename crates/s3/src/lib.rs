@@ -11,6 +11,7 @@
 //! bodies), `error` (S3's error codes), `store` (disk layout, atomic writes, listings), `chunked`
 //! and `checksum` (pure body decoding), `xml` (request bodies and response writers).
 
+pub mod backend;
 mod body;
 mod bucket;
 pub mod checksum;

@@ -248,6 +248,17 @@ pub fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> Vec
     hmac(&k, b"aws4_request")
 }
 
+/// A path (`/bucket/key`, not encoded) encoded as S3 signs it: what a client of an S3 store
+/// sends, so that both sides sign the same bytes.
+pub fn s3_path(unencoded: &str) -> String {
+    utf8_percent_encode(unencoded, PATH).to_string()
+}
+
+/// A query name or value encoded as SigV4 signs it.
+pub fn query_escape(v: &str) -> String {
+    utf8_percent_encode(v, UNRESERVED).to_string()
+}
+
 fn canonical_query(query: &str, drop_token: bool) -> String {
     let mut pairs: Vec<(String, String)> = query_pairs(query)
         .into_iter()
@@ -629,6 +640,50 @@ pub fn sign_header(
     amz_date: &str,
     signed_headers: &[&str],
 ) -> String {
+    sign_header_with(
+        req,
+        access_key,
+        secret,
+        (region, service),
+        amz_date,
+        signed_headers,
+        Options::default(),
+    )
+}
+
+/// [`sign_header`] under S3's rules (the path, already encoded, is not encoded again): for
+/// requests to an S3 store (the object store's backend, decision 0015).
+pub fn sign_s3_header(
+    req: &Request<'_>,
+    access_key: &str,
+    secret: &str,
+    region: &str,
+    amz_date: &str,
+    signed_headers: &[&str],
+) -> String {
+    sign_header_with(
+        req,
+        access_key,
+        secret,
+        (region, "s3"),
+        amz_date,
+        signed_headers,
+        Options {
+            s3: true,
+            ..Options::default()
+        },
+    )
+}
+
+fn sign_header_with(
+    req: &Request<'_>,
+    access_key: &str,
+    secret: &str,
+    (region, service): (&str, &str),
+    amz_date: &str,
+    signed_headers: &[&str],
+    opts: Options,
+) -> String {
     let claim = Claim {
         access_key: access_key.to_owned(),
         date: amz_date.get(..8).unwrap_or_default().to_owned(),
@@ -644,7 +699,7 @@ pub fn sign_header(
     let key = signing_key(secret, &claim.date, region, service);
     let sig = hex::encode(hmac(
         &key,
-        string_to_sign(req, &claim, Options::default(), false).as_bytes(),
+        string_to_sign(req, &claim, opts, false).as_bytes(),
     ));
     format!(
         "AWS4-HMAC-SHA256 Credential={access_key}/{}/{region}/{service}/aws4_request, SignedHeaders={}, Signature={sig}",
