@@ -8,6 +8,7 @@ import configparser
 import io
 import json
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -1364,6 +1365,66 @@ def test_a_function_stored_on_one_node_runs_on_another(cluster):
     seen_on_n2(updated["CodeSha256"])
     assert run_on_n2({"n": 2}) == {"version": 2, "event": {"n": 2}}
     lam1.delete_function(FunctionName=name)
+
+
+def _sized_zip(size, seed):
+    """A zip of exactly `size` bytes (a stored, incompressible file beside the handler)."""
+    def build(n):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("app.py", "def handler(event, context):\n    return 1\n")
+            z.writestr("pad.bin", random.Random(seed).randbytes(n))
+        return buf.getvalue()
+    n = size - (len(build(0)))
+    out = build(n)
+    assert len(out) == size, (len(out), size)
+    return out
+
+
+def test_an_accounts_code_in_the_share_is_bounded(workdir):
+    """`code_bytes_per_account` bounds the zip bytes an account keeps in the cluster's code
+    store: up to the bound exactly, CreateFunction works; one byte more of new code is
+    CodeStorageExceededException (400), and nothing is created; code the account already
+    stored takes nothing more; another account is not affected."""
+    d = workdir / unique("codequota")
+    d.mkdir()
+    nats = Nats(d / "nats")
+    bound = 300_000
+    node = Server(d / "n", config=node_config(nats, "n") + f"code_bytes_per_account = {bound}\n",
+                  accounts=("tenant-b",))
+    try:
+        node.start()
+        trust = json.dumps({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
+        cfg = Config(retries={"total_max_attempts": 1}, read_timeout=30)
+
+        def create(profile, name, zip_bytes):
+            role = node.boto("iam", profile=profile).create_role(
+                RoleName=unique("exec"), AssumeRolePolicyDocument=trust)["Role"]["Arn"]
+            return node.boto("lambda", profile=profile, config=cfg).create_function(
+                FunctionName=name, Runtime="python3.11", Role=role, Handler="app.handler",
+                Code={"ZipFile": zip_bytes})
+
+        def refused(name, zip_bytes):
+            with pytest.raises(ClientError) as e:
+                create("sekisho", name, zip_bytes)
+            assert e.value.response["Error"]["Code"] == "CodeStorageExceededException", e.value.response
+            assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+
+        first = _sized_zip(200_000, 1)
+        create("sekisho", "first", first)
+        refused("second", _sized_zip(bound - 200_000 + 1, 2))  # one byte past the bound
+        create("sekisho", "second", _sized_zip(bound - 200_000, 2))  # exactly at it
+        refused("third", _sized_zip(1_000, 3))
+        lam = node.boto("lambda", config=cfg)
+        assert sorted(f["FunctionName"] for f in lam.list_functions()["Functions"]) == ["first", "second"]
+        create("sekisho", "again", first)  # the same code: nothing more in the store
+        out = lam.invoke(FunctionName="again", Payload=b"{}")
+        assert "FunctionError" not in out and json.loads(out["Payload"].read()) == 1
+        create("tenant-b", "theirs", _sized_zip(250_000, 4))
+    finally:
+        node.stop()
+        nats.stop()
 
 
 def _persistent(node, device, client_id):

@@ -490,12 +490,15 @@ fn zip_of(
     if let Some(share) = host.host.share() {
         let put = share.put(&call.account, &sha, zip.into());
         tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(put)).map_err(
-            |e| {
-                err(
+            |e| match e.kind() {
+                std::io::ErrorKind::QuotaExceeded => {
+                    err(400, "CodeStorageExceededException", e.to_string())
+                }
+                _ => err(
                     500,
                     "ServiceException",
                     format!("The code could not be shared with the cluster: {e}"),
-                )
+                ),
             },
         )?;
     }

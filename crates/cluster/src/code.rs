@@ -22,6 +22,22 @@ const CHUNK: usize = 512 * 1024;
 /// code never crowds out the registry log and the sessions in JetStream's storage.
 const MAX_BYTES: i64 = 8 << 30;
 
+/// The error of a put beyond the account's bound ([`crate::Config::code_bytes_per_account`]).
+#[derive(Debug)]
+pub struct QuotaExceeded(pub u64);
+
+impl std::fmt::Display for QuotaExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the account's function code would take more than {} bytes of the cluster's code store (code no function uses any more is removed an hour after it was last written)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for QuotaExceeded {}
+
 /// A put of code the share holds, written less than this long ago, writes nothing.
 const FRESH: Duration = Duration::from_secs(1800);
 
@@ -31,6 +47,8 @@ pub struct SharedCode {
     js: jetstream::Context,
     name: String,
     replicas: usize,
+    /// The most one account's zips may take.
+    per_account: u64,
     /// Opened (or made) on first use, so that a node starts while JetStream elects a leader.
     bucket: std::sync::Arc<tokio::sync::OnceCell<ObjectStore>>,
 }
@@ -58,6 +76,7 @@ impl SharedCode {
             js,
             name: format!("{}_CODE", config.name),
             replicas: config.replicas,
+            per_account: config.code_bytes_per_account,
             bucket: Default::default(),
         }
     }
@@ -88,17 +107,26 @@ impl SharedCode {
     /// Keeps `zip` for `account` under its hash `sha`. Written again if it is there but was
     /// last written more than half an hour ago: it is then recent again for
     /// [`SharedCode::sweep`], which removes only what is older than its grace (an hour).
+    /// Refused ([`QuotaExceeded`]) if new and the account's zips would then take more than
+    /// its bound: every zip of the account counts, including those no function names that
+    /// the sweep has not removed yet (or creating and deleting functions would get past it).
     pub async fn put(&self, account: &str, sha: &str, zip: Bytes) -> anyhow::Result<()> {
         let bucket = self.bucket().await?;
-        if let Ok(i) = bucket.info(object(account, sha)).await
-            && !i.deleted
-            && i.size == zip.len()
-            && i.modified.is_some_and(|m| {
-                let age = now_secs().saturating_sub(m.unix_timestamp());
-                age >= 0 && (age as u64) < FRESH.as_secs()
-            })
-        {
-            return Ok(());
+        let there = match bucket.info(object(account, sha)).await {
+            Ok(i) if !i.deleted && i.size == zip.len() => {
+                let fresh = i.modified.is_some_and(|m| {
+                    let age = now_secs().saturating_sub(m.unix_timestamp());
+                    age >= 0 && (age as u64) < FRESH.as_secs()
+                });
+                if fresh {
+                    return Ok(());
+                }
+                true
+            }
+            _ => false,
+        };
+        if !there && self.usage(bucket, account).await? + zip.len() as u64 > self.per_account {
+            return Err(QuotaExceeded(self.per_account).into());
         }
         let meta = jetstream::object_store::ObjectMetadata {
             name: object(account, sha),
@@ -107,6 +135,20 @@ impl SharedCode {
         };
         bucket.put(meta, &mut zip.as_ref()).await?;
         Ok(())
+    }
+
+    /// The bytes of `account`'s zips in the share.
+    async fn usage(&self, bucket: &ObjectStore, account: &str) -> anyhow::Result<u64> {
+        let prefix = format!("{account}/");
+        let mut list = bucket.list().await?;
+        let mut total = 0u64;
+        while let Some(info) = list.next().await {
+            let info = info?;
+            if !info.deleted && info.name.starts_with(&prefix) {
+                total = total.saturating_add(info.size as u64);
+            }
+        }
+        Ok(total)
     }
 
     /// The zip kept for `account` under `sha`, if any; an error if it is larger than `limit`.

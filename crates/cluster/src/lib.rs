@@ -67,6 +67,8 @@ pub struct Config {
     /// applied: a node away for less catches up from the log; away longer, it starts again
     /// from the snapshot.
     pub log_keep: Duration,
+    /// The most an account's function code may take in the cluster's share (zip bytes).
+    pub code_bytes_per_account: u64,
 }
 
 /// Counters of this node's traffic with the others.

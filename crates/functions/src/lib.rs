@@ -69,7 +69,8 @@ pub type ShareFuture<T> = Pin<Box<dyn Future<Output = std::io::Result<T>> + Send
 /// here, checks it against the hash the function names, and unpacks it as its own.
 pub trait CodeShare: Send + Sync {
     /// Keeps `zip` (whose SHA-256 is `sha`, hex) for `account`; written again if it is there
-    /// (which makes it recent again for [`CodeShare::sweep`]).
+    /// (which makes it recent again for [`CodeShare::sweep`]). An error of kind
+    /// `QuotaExceeded` if the account's code would take more of the share than it may.
     fn put(&self, account: &str, sha: &str, zip: Bytes) -> ShareFuture<()>;
     /// The zip kept for `account` and `sha`, if any (at most `limit` bytes: a larger one is
     /// an error).

@@ -370,10 +370,21 @@ pub struct ClusterConfig {
     /// longer starts again from the latest snapshot when it comes back.
     #[serde(default = "default_log_keep")]
     pub log_keep_seconds: u64,
+    /// The most an account's function code may take in the cluster's shared code store, in
+    /// zip bytes (default 1 GiB; the store holds 8 GiB in all): beyond it CreateFunction and
+    /// UpdateFunctionCode answer CodeStorageExceededException, so one account cannot fill the
+    /// store for the others.
+    #[serde(default = "default_code_bytes_per_account")]
+    pub code_bytes_per_account: u64,
 }
 
 fn default_log_keep() -> u64 {
     3600
+}
+
+/// 1 GiB.
+pub fn default_code_bytes_per_account() -> u64 {
+    1 << 30
 }
 
 fn default_isolation() -> u64 {

@@ -178,6 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             isolation_seconds: 30,
                             snapshot_every: 1000,
                             log_keep_seconds: 3600,
+                            code_bytes_per_account: config::default_code_bytes_per_account(),
                         })
                     }
                 }
@@ -369,6 +370,7 @@ async fn serve(config: Config) -> anyhow::Result<bool> {
         isolation: Duration::from_secs(c.isolation_seconds.max(1)),
         snapshot_every: c.snapshot_every,
         log_keep: Duration::from_secs(c.log_keep_seconds),
+        code_bytes_per_account: c.code_bytes_per_account,
         node: c
             .node
             .clone()
@@ -799,7 +801,15 @@ struct SharedCode(sekisho_cluster::code::SharedCode);
 fn share_call<T>(
     call: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
 ) -> sekisho_functions::ShareFuture<T> {
-    Box::pin(async move { call.await.map_err(std::io::Error::other) })
+    Box::pin(async move {
+        call.await.map_err(|e| {
+            if e.is::<sekisho_cluster::code::QuotaExceeded>() {
+                std::io::Error::new(std::io::ErrorKind::QuotaExceeded, e.to_string())
+            } else {
+                std::io::Error::other(e)
+            }
+        })
+    })
 }
 
 impl sekisho_functions::CodeShare for SharedCode {
