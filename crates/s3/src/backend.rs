@@ -110,6 +110,19 @@ pub struct Listed {
     pub last_modified: f64,
 }
 
+/// A part of a multipart upload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    /// Its number.
+    pub number: u32,
+    /// Size.
+    pub size: u64,
+    /// ETag without quotes.
+    pub etag: String,
+    /// Epoch seconds.
+    pub last_modified: f64,
+}
+
 /// One page of a listing.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ListPage {
@@ -467,16 +480,21 @@ impl Backend {
         Ok(head_of(&r))
     }
 
-    /// An object (bytes `first..=last` of it with `range`): its metadata and its body, which
+    /// An object (bytes `first..=last` of it with `range`), if its ETag is `if_match` when
+    /// given (else [`BackendError::PreconditionFailed`]): its metadata and its body, which
     /// streams from the backend.
     pub async fn get(
         &self,
         key: &str,
         range: Option<(u64, u64)>,
+        if_match: Option<&str>,
     ) -> Result<(ObjectHead, Incoming), BackendError> {
-        let headers = range
+        let mut headers: Vec<(String, String)> = range
             .map(|(a, b)| vec![("range".to_owned(), format!("bytes={a}-{b}"))])
             .unwrap_or_default();
+        if let Some(etag) = if_match {
+            headers.push(("if-match".into(), format!("\"{}\"", unquote(etag))));
+        }
         let r = self
             .send("GET", Some(key), &[], headers, Out::empty(None))
             .await?;
@@ -684,6 +702,57 @@ impl Backend {
             });
         }
         Ok(unquote(root.text_of("ETag").unwrap_or_default()))
+    }
+
+    /// The parts of an upload so far (every page), by number.
+    pub async fn list_parts(&self, key: &str, upload: &str) -> Result<Vec<Part>, BackendError> {
+        let mut out = Vec::new();
+        let mut marker = 0u32;
+        loop {
+            let after = marker.to_string();
+            let r = self
+                .send(
+                    "GET",
+                    Some(key),
+                    &[
+                        ("max-parts", "1000"),
+                        ("part-number-marker", after.as_str()),
+                        ("uploadId", upload),
+                    ],
+                    Vec::new(),
+                    Out::empty(None),
+                )
+                .await?;
+            if !r.status().is_success() {
+                return Err(refusal(r).await);
+            }
+            let body = small_body(r).await?;
+            let root = xml::parse(&body).map_err(|e| {
+                BackendError::Unreachable(format!("an unreadable part list: {e:?}"))
+            })?;
+            for p in root.all("Part") {
+                let n = p.text_of("PartNumber").and_then(|n| n.parse().ok());
+                let size = p.text_of("Size").and_then(|s| s.parse().ok());
+                if let (Some(number), Some(size)) = (n, size) {
+                    out.push(Part {
+                        number,
+                        size,
+                        etag: unquote(p.text_of("ETag").unwrap_or_default()),
+                        last_modified: p.text_of("LastModified").and_then(epoch_of).unwrap_or(0.0),
+                    });
+                }
+            }
+            let next = root
+                .text_of("NextPartNumberMarker")
+                .and_then(|n| n.parse::<u32>().ok());
+            match next {
+                Some(n) if root.text_of("IsTruncated") == Some("true") && n > marker => marker = n,
+                _ => break,
+            }
+        }
+        out.sort_by_key(|p| p.number);
+        out.dedup_by_key(|p| p.number);
+        Ok(out)
     }
 
     /// Aborts an upload (one that is not there is no error).

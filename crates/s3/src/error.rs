@@ -135,6 +135,13 @@ pub(super) fn store_error(e: StoreError, bucket: &str) -> S3Error {
                 "This account already has {max} multipart uploads in progress (the most it may have); complete or abort some first."
             ),
         ),
+        StoreError::KeyTooLong(max) => S3Error::new(
+            400,
+            "KeyTooLongError",
+            format!(
+                "Your key is too long: this store keeps keys of at most {max} bytes, and at most what its S3 backend keeps."
+            ),
+        ),
         StoreError::Io(e) => internal(e),
     }
 }

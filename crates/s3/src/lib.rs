@@ -20,6 +20,7 @@ mod error;
 mod multipart;
 mod object;
 mod ops;
+pub mod remote;
 pub mod store;
 pub mod xml;
 

@@ -107,6 +107,8 @@ pub enum StoreError {
     NoSuchKey,
     /// The account has as many multipart uploads in progress as it may.
     TooManyUploads(usize),
+    /// The key is longer than the store keeps (an S3 backend's, decision 0015).
+    KeyTooLong(usize),
     /// Disk trouble.
     Io(io::Error),
 }
