@@ -1602,16 +1602,22 @@ impl Broker {
         let mut ticket = 0;
         if msg.retain && matches!(source, Source::Client | Source::Local) {
             if msg.payload.is_empty() {
-                if let Some(old) = acct.retained.remove(&*msg.topic) {
-                    acct.retained_bytes = acct.retained_bytes.saturating_sub(weight(&old));
-                    if let Some(j) = &self.journal {
-                        ticket = j.record(durable::Change::SetRetained {
-                            account: acct.name.clone(),
-                            topic: msg.topic.clone(),
-                            message: None,
-                            published: true,
-                        });
-                    }
+                let old = acct.retained.remove(&*msg.topic);
+                if let Some(old) = &old {
+                    acct.retained_bytes = acct.retained_bytes.saturating_sub(weight(old));
+                }
+                // In a cluster the clear is recorded even with no copy here: another node's
+                // message may not have reached this one yet, and the cluster's stream must
+                // still be cleared (the journal writes it there).
+                if (old.is_some() || acct.peers.is_some())
+                    && let Some(j) = &self.journal
+                {
+                    ticket = j.record(durable::Change::SetRetained {
+                        account: acct.name.clone(),
+                        topic: msg.topic.clone(),
+                        message: None,
+                        published: true,
+                    });
                 }
             } else {
                 let replaced = acct.retained.get(&*msg.topic).map(|m| weight(m));
@@ -2635,6 +2641,59 @@ mod tests {
                 durable::Change::DeleteWill { id, .. } => format!("will done {id}"),
             })
             .collect()
+    }
+
+    /// A retained clear of a topic this node holds nothing for is recorded only in a cluster:
+    /// another node's message may not have reached this one yet, and the cluster's stream
+    /// (written from the journal) must be cleared all the same.
+    #[tokio::test]
+    async fn a_clear_with_no_copy_here_is_recorded_only_in_a_cluster() {
+        #[derive(Debug)]
+        struct Quiet;
+        impl peers::Peers for Quiet {
+            fn interest(&self, _: &str, _: &str, _: bool) -> u64 {
+                0
+            }
+            fn forward(&self, _: &str, _: &Arc<Message>) {}
+            fn routes_groups(&self) -> bool {
+                true
+            }
+            fn interest_done(
+                &self,
+                _: u64,
+            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+                Box::pin(async {})
+            }
+        }
+        let now = Instant::now();
+        let (single, log) =
+            durable_broker(durable::Snapshot::default(), durable::WallClock::read());
+        let r = single
+            .publish("acct", msg("r/none", QoS::AtLeastOnce, true, b""), now)
+            .unwrap();
+        assert_eq!(r.ticket, 0);
+        assert!(
+            single
+                .durable_until(single.journal().unwrap().barrier())
+                .await
+        );
+        assert!(kinds(&log).is_empty());
+
+        let (node, log) = durable_broker(durable::Snapshot::default(), durable::WallClock::read());
+        assert!(node.attach_peers(Arc::new(Quiet)));
+        let r = node
+            .publish("acct", msg("r/none", QoS::AtLeastOnce, true, b""), now)
+            .unwrap();
+        assert!(r.ticket > 0);
+        assert!(node.durable_until(r.ticket).await);
+        assert_eq!(kinds(&log), ["retained r/none false"]);
+        assert!(matches!(
+            log.lock().unwrap()[0],
+            durable::Change::SetRetained {
+                published: true,
+                ..
+            }
+        ));
     }
 
     /// A barrier is durable once what was recorded quietly before it is committed, and adds

@@ -622,6 +622,24 @@ impl<S: Storage> Replicated<S> {
     }
 }
 
+/// `ops` with only the last retained write of each subject: the writes of a batch go out
+/// together and are acknowledged after, so if an earlier one were lost and a later stored,
+/// writing the batch again would put the earlier one back over the later (the later then
+/// counts as a duplicate).
+fn last_retained_write(ops: Vec<Op>) -> Vec<Op> {
+    let mut seen = HashSet::new();
+    let mut kept: Vec<Op> = ops
+        .into_iter()
+        .rev()
+        .filter(|op| match op {
+            Op::Publish(subject, ..) => seen.insert(subject.clone()),
+            _ => true,
+        })
+        .collect();
+    kept.reverse();
+    kept
+}
+
 impl<S: Storage> Storage for Replicated<S> {
     /// Loaded when opened ([`Replicated::open`]).
     fn load(&mut self) -> Result<Snapshot, StorageError> {
@@ -630,7 +648,7 @@ impl<S: Storage> Storage for Replicated<S> {
 
     fn commit(&mut self, changes: &[Change], clock: WallClock) -> Result<(), StorageError> {
         let mut local = Vec::new();
-        let ops = self.ops(changes, clock, &mut local);
+        let ops = last_retained_write(self.ops(changes, clock, &mut local));
         if !local.is_empty() {
             self.local.commit(&local, clock)?;
         }
@@ -671,6 +689,29 @@ impl<S: Storage> Storage for Replicated<S> {
 mod tests {
     use super::*;
     use sekisho_mqtt::{QoS, SubscriptionOptions};
+
+    #[test]
+    fn a_batch_writes_only_the_last_retained_message_of_a_topic() {
+        let publish = |s: &str, b: &'static [u8]| {
+            Op::Publish(s.to_owned(), HeaderMap::new(), Bytes::from_static(b))
+        };
+        let ops = vec![
+            publish("r.a", b"1"),
+            Op::Forget("q.1".into()),
+            publish("r.b", b"x"),
+            publish("r.a", b"2"),
+            Op::Forget("q.1".into()),
+        ];
+        let kept: Vec<String> = last_retained_write(ops)
+            .iter()
+            .map(|op| match op {
+                Op::Publish(s, _, b) => format!("{s}={}", String::from_utf8_lossy(b)),
+                Op::Forget(s) => format!("forget {s}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kept, ["forget q.1", "r.b=x", "r.a=2", "forget q.1"]);
+    }
 
     fn message(payload: &'static [u8]) -> Message {
         Message {

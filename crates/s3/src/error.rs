@@ -142,6 +142,11 @@ pub(super) fn store_error(e: StoreError, bucket: &str) -> S3Error {
                 "Your key is too long: this store keeps keys of at most {max} bytes, and at most what its S3 backend keeps."
             ),
         ),
+        StoreError::UnsupportedKey => S3Error::new(
+            400,
+            "InvalidArgument",
+            "This store does not keep keys with a '.' or '..' segment or an empty segment before the last.",
+        ),
         StoreError::Io(e) => internal(e),
     }
 }

@@ -75,8 +75,18 @@ fn io(e: BackendError) -> StoreError {
     }
 }
 
-fn object_key(incarnation: u64, key: &str) -> String {
-    format!("o/{incarnation:016x}/{key}")
+/// The backend key of an object. Keys with a `.` or `..` segment, or an empty one before
+/// the last (`a//b`, `/a`), are refused: a store or a proxy that collapses path segments
+/// would take them for another object, or for a record (`../../b/{bucket}`).
+fn object_key(incarnation: u64, key: &str) -> Result<String, StoreError> {
+    let mut segments = key.split('/').peekable();
+    while let Some(s) = segments.next() {
+        let last = segments.peek().is_none();
+        if s == "." || s == ".." || (s.is_empty() && !last) {
+            return Err(StoreError::UnsupportedKey);
+        }
+    }
+    Ok(format!("o/{incarnation:016x}/{key}"))
 }
 
 fn upload_key(incarnation: u64, id: &str) -> String {
@@ -336,7 +346,7 @@ impl RemoteStore {
     /// An object's metadata.
     pub async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
         let inc = self.existing(bucket).await?.incarnation;
-        match self.backend.head(&object_key(inc, key)).await {
+        match self.backend.head(&object_key(inc, key)?).await {
             Ok(h) => Ok(Some(meta_of(key, &h))),
             Err(BackendError::NotFound) => Ok(None),
             Err(e) => Err(io(e)),
@@ -355,7 +365,7 @@ impl RemoteStore {
         let inc = self.existing(bucket).await?.incarnation;
         match self
             .backend
-            .get(&object_key(inc, key), range, Some(etag))
+            .get(&object_key(inc, key)?, range, Some(etag))
             .await
         {
             Ok((_, body)) => Ok(Some(body)),
@@ -386,7 +396,7 @@ impl RemoteStore {
         let put = self
             .backend
             .put(
-                &object_key(incarnation, &meta.key),
+                &object_key(incarnation, &meta.key)?,
                 Data {
                     body: crate::backend::file_body(file, meta.size),
                     len: meta.size,
@@ -418,8 +428,8 @@ impl RemoteStore {
     /// `If-Match` on a key that is not there (SeaweedFS answers 412 for both).
     async fn failed(&self, incarnation: u64, key: &str, condition: &Condition) -> StoreError {
         if matches!(condition, Condition::Matches(_))
-            && let Err(BackendError::NotFound) =
-                self.backend.head(&object_key(incarnation, key)).await
+            && let Ok(k) = object_key(incarnation, key)
+            && let Err(BackendError::NotFound) = self.backend.head(&k).await
         {
             return StoreError::NoSuchKey;
         }
@@ -429,7 +439,10 @@ impl RemoteStore {
     /// Deletes an object; deleting a missing key succeeds, as in S3.
     pub async fn delete_object(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
         let inc = self.existing(bucket).await?.incarnation;
-        self.backend.delete(&object_key(inc, key)).await.map_err(io)
+        self.backend
+            .delete(&object_key(inc, key)?)
+            .await
+            .map_err(io)
     }
 
     /// Lists keys after `after` that start with `prefix`, rolling keys up at `delimiter`, at
@@ -447,8 +460,12 @@ impl RemoteStore {
         let delimiter = delimiter.filter(|d| !d.is_empty());
         let start = after.filter(|a| *a >= prefix).map(|a| {
             // After a common prefix, go on past every key in it.
-            match delimiter.and_then(|d| a[prefix.len()..].find(d).map(|i| (i, d))) {
-                Some((i, d)) => past(&format!("{base}{}", &a[..prefix.len() + i + d.len()])),
+            let rolled = a.strip_prefix(prefix).and_then(|rest| {
+                let d = delimiter?;
+                rest.find(d).map(|i| &a[..prefix.len() + i + d.len()])
+            });
+            match rolled {
+                Some(cp) => past(&format!("{base}{cp}")),
                 None => format!("{base}{a}"),
             }
         });
@@ -533,7 +550,7 @@ impl RemoteStore {
         let backend = self
             .backend
             .create_upload(
-                &object_key(inc, &info.key),
+                &object_key(inc, &info.key)?,
                 info.template.content_type.as_deref(),
                 &stored,
             )
@@ -621,7 +638,12 @@ impl RemoteStore {
         };
         match self
             .backend
-            .upload_part(&object_key(r.incarnation, &r.info.key), &r.backend, n, data)
+            .upload_part(
+                &object_key(r.incarnation, &r.info.key)?,
+                &r.backend,
+                n,
+                data,
+            )
             .await
         {
             Ok(_) => Ok(()),
@@ -635,7 +657,7 @@ impl RemoteStore {
         let r = self.upload_record(id).await?;
         let parts = match self
             .backend
-            .list_parts(&object_key(r.incarnation, &r.info.key), &r.backend)
+            .list_parts(&object_key(r.incarnation, &r.info.key)?, &r.backend)
             .await
         {
             Ok(p) => p,
@@ -694,7 +716,7 @@ impl RemoteStore {
             }
             size += p.size;
         }
-        let key = object_key(r.incarnation, &r.info.key);
+        let key = object_key(r.incarnation, &r.info.key)?;
         let etag = match self
             .backend
             .complete_upload(&key, &r.backend, listed, condition)
@@ -736,7 +758,7 @@ impl RemoteStore {
     pub async fn abort(&self, id: &str) -> Result<(), StoreError> {
         let r = self.upload_record(id).await?;
         self.backend
-            .abort_upload(&object_key(r.incarnation, &r.info.key), &r.backend)
+            .abort_upload(&object_key(r.incarnation, &r.info.key)?, &r.backend)
             .await
             .map_err(io)?;
         self.forget_upload(id, &r).await;
@@ -786,6 +808,31 @@ mod tests {
         assert_eq!(incarnation_of(&format!("{id}0")), None);
         assert_eq!(incarnation_of(&id.replace('0', "g")), None);
         assert_eq!(incarnation_of("../../b/x"), None);
+    }
+
+    #[test]
+    fn keys_a_path_could_be_collapsed_out_of_are_refused() {
+        for bad in [
+            "..",
+            "../../b/alpha",
+            "a/../b",
+            "./a",
+            "a/.",
+            "a//b",
+            "/a",
+            "//",
+        ] {
+            assert!(
+                matches!(object_key(1, bad), Err(StoreError::UnsupportedKey)),
+                "{bad}"
+            );
+        }
+        for good in ["a", "dir/", "a.b/..c/...", "a/b/c", ".hidden", "x/.y"] {
+            assert_eq!(
+                object_key(1, good).ok(),
+                Some(format!("o/0000000000000001/{good}"))
+            );
+        }
     }
 
     #[test]

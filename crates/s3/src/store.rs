@@ -109,6 +109,9 @@ pub enum StoreError {
     TooManyUploads(usize),
     /// The key is longer than the store keeps (an S3 backend's, decision 0015).
     KeyTooLong(usize),
+    /// A key with a `.` or `..` segment, or an empty one before the last, which an S3
+    /// backend's path could collapse (decision 0015).
+    UnsupportedKey,
     /// Disk trouble.
     Io(io::Error),
 }

@@ -260,6 +260,16 @@ async fn the_store_on_seaweedfs() {
         "KeyTooLong",
     );
 
+    // Keys a path could be collapsed out of never reach the backend.
+    for bad in ["../../b/alpha", "a/./b", "a//b"] {
+        assert_err(
+            put(&one, dir, "alpha", inc, bad, b"x", &Condition::None).await,
+            "UnsupportedKey",
+        );
+    }
+    let owner_now = two.bucket_ref("alpha").await.expect("read").map(|r| r.0);
+    assert_eq!(owner_now.as_deref(), Some("111111111111"));
+
     // Listings, as the disk store lists: common prefixes, pages that go on past them.
     for k in ["a", "dir/x", "dir/y", "z"] {
         put(&one, dir, "alpha", inc, k, k.as_bytes(), &Condition::None)
@@ -311,6 +321,12 @@ async fn the_store_on_seaweedfs() {
             .objects
             .is_empty()
     );
+    // A marker that is not under the prefix (S3 allows any; byte 4 is inside a character).
+    let odd = two
+        .list("alpha", "dir/", Some("/"), Some("z\u{e9}\u{e9}"), 10)
+        .await
+        .expect("list");
+    assert!(odd.objects.is_empty() && odd.prefixes.is_empty(), "{odd:?}");
 
     // Multipart: any node goes on with an upload; the account's bound holds.
     let info = |key: &str| UploadInfo {

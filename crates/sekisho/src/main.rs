@@ -743,7 +743,9 @@ async fn serve(config: Config) -> anyhow::Result<bool> {
     if let Some(j) = broker.journal() {
         // In a cluster, what NATS does not take within 5 s is given up.
         sekisho_cluster::sessions::shutting_down(Duration::from_secs(5));
-        j.close();
+        // Blocks until the journal's last commit is done, which in a cluster waits on NATS:
+        // off this runtime's workers, so the runtime goes on driving NATS's I/O meanwhile.
+        tokio::task::block_in_place(|| j.close());
     }
     registry.flush()?;
     tracing::info!("stopped");
